@@ -1,0 +1,92 @@
+//! Structured errors. Every variant names what was expected so a user can act on it.
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a file system protection file (bad magic)")]
+    BadMagic { path: PathBuf },
+    #[error("{path}: unsupported fspf format version {version} (this build reads versions 1..={supported})")]
+    UnsupportedVersion {
+        path: PathBuf,
+        version: u16,
+        supported: u16,
+    },
+    #[error("{path}: truncated file system protection file ({len} bytes)")]
+    TruncatedFspf { path: PathBuf, len: usize },
+    #[error(
+        "{path}: the fspf is encrypted; a key is required (--key, --key-file or SCONE_FSPF_KEY)"
+    )]
+    KeyRequired { path: PathBuf },
+    #[error("{path}: tag mismatch: the fspf on disk has tag {actual}, expected {expected} (fspf replaced or rolled back, or wrong tag given)")]
+    TagMismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("{path}: cannot decrypt the fspf: wrong key, or the fspf was modified")]
+    WrongKeyOrCorrupt { path: PathBuf },
+    #[error("{path}: fspf metadata is malformed: {reason}")]
+    MalformedMetadata { path: PathBuf, reason: String },
+    #[error("invalid key: {0}")]
+    InvalidKey(String),
+    #[error("invalid tag: {0}")]
+    InvalidTag(String),
+    #[error("invalid embed path {path:?}: {reason}")]
+    InvalidPath { path: String, reason: &'static str },
+    #[error("region {0} already exists")]
+    DuplicateRegion(String),
+    #[error("invalid region {embed_point}: {reason}")]
+    InvalidRegion { embed_point: String, reason: String },
+    #[error("the fspf has {count} regions but no root region \"/\"; add one with `fspf addr FSPF / --kernel / --not-protected` (or another class) before using it")]
+    MissingRootRegion { count: usize },
+    #[error("the fspf has no regions; add one with `fspf addr`")]
+    NoRegions,
+    #[error("{path}: not inside any region")]
+    NoRegion { path: String },
+    #[error("{path}: region {region} is not protected; there is nothing to record")]
+    NotProtected { path: String, region: String },
+    #[error(
+        "{path}: not listed in the fspf (unlisted files in protected regions cannot be opened)"
+    )]
+    NotListed { path: String },
+    #[error("{path}: region {region} is ephemeral; it has no files on disk")]
+    Ephemeral { path: String, region: String },
+    #[error("{path}: chunk {chunk} failed authentication (file modified, swapped or rolled back)")]
+    ChunkAuth { path: String, chunk: u64 },
+    #[error(
+        "{path}: size on disk is {actual} bytes, expected {expected} (file truncated or extended)"
+    )]
+    SizeMismatch {
+        path: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error(
+        "{path}: file header belongs to another file or version (file swapped or rolled back)"
+    )]
+    HeaderMismatch { path: String },
+    #[error("{path}: listed file is missing on disk")]
+    Missing { path: String },
+    #[error("{path}: {reason}")]
+    Invalid { path: String, reason: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! The metadata sealed inside `fspf.pb`: protobuf wire structs (`*Pb`) and the validated domain
+//! types they parse into. Parsing rejects anything malformed, so later layers never re-check.
+use crate::crypto::{FileId, RegionKey, FILE_ID_LEN};
+use crate::format::layout::{MAX_CHUNK_LEN, MIN_CHUNK_LEN};
+use crate::policy::EmbedPath;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MetadataPb {
+    #[prost(uint32, tag = "1")]
+    pub format_version: u32,
+    #[prost(uint64, tag = "2")]
+    pub generation: u64,
+    #[prost(message, repeated, tag = "3")]
+    pub regions: Vec<RegionPb>,
+    #[prost(message, repeated, tag = "4")]
+    pub files: Vec<FileEntryPb>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RegionPb {
+    #[prost(bytes = "vec", tag = "1")]
+    pub embed_point: Vec<u8>,
+    /// 1 = kernel, 2 = ephemeral
+    #[prost(uint32, tag = "2")]
+    pub kind: u32,
+    #[prost(bytes = "vec", tag = "3")]
+    pub kernel_path: Vec<u8>,
+    /// 1 = not-protected, 2 = authenticated, 3 = encrypted
+    #[prost(uint32, tag = "4")]
+    pub protection: u32,
+    #[prost(bytes = "vec", tag = "5")]
+    pub key: Vec<u8>,
+    #[prost(uint32, tag = "6")]
+    pub chunk_len: u32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FileEntryPb {
+    #[prost(bytes = "vec", tag = "1")]
+    pub path: Vec<u8>,
+    /// 1 = regular file, 2 = directory, 3 = symlink
+    #[prost(uint32, tag = "2")]
+    pub kind: u32,
+    #[prost(bytes = "vec", tag = "3")]
+    pub file_id: Vec<u8>,
+    #[prost(uint64, tag = "4")]
+    pub size: u64,
+    /// authenticated files: 32-byte Merkle root; encrypted files: empty
+    #[prost(bytes = "vec", tag = "5")]
+    pub root: Vec<u8>,
+    #[prost(uint32, tag = "6")]
+    pub mode: u32,
+    /// symlinks: target bytes
+    #[prost(bytes = "vec", tag = "7")]
+    pub target: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protection {
+    NotProtected,
+    Authenticated,
+    Encrypted,
+}
+impl Protection {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protection::NotProtected => "not-protected",
+            Protection::Authenticated => "authenticated",
+            Protection::Encrypted => "encrypted",
+        }
+    }
+    fn code(self) -> u32 {
+        match self {
+            Protection::NotProtected => 1,
+            Protection::Authenticated => 2,
+            Protection::Encrypted => 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegionKind {
+    /// Files live on disk under this directory.
+    Kernel(PathBuf),
+    /// Files live in the process's memory, empty at start.
+    Ephemeral,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Region {
+    pub embed_point: EmbedPath,
+    pub kind: RegionKind,
+    pub protection: Protection,
+    /// `None` exactly for not-protected regions.
+    pub key: Option<RegionKey>,
+    pub chunk_len: u32,
+}
+impl Region {
+    pub fn class(&self) -> String {
+        let k = match self.kind {
+            RegionKind::Kernel(_) => "kernel",
+            RegionKind::Ephemeral => "ephemeral",
+        };
+        format!("{k} {}", self.protection.name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileKind {
+    File {
+        id: FileId,
+        size: u64,
+        root: Option<[u8; 32]>,
+    },
+    Dir,
+    Symlink(Vec<u8>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileEntry {
+    pub kind: FileKind,
+    /// Permission bits (st_mode & 0o7777).
+    pub mode: u32,
+}
+
+/// Validated content of an fspf.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metadata {
+    pub generation: u64,
+    /// Sorted by embed point; embed points are unique.
+    pub regions: Vec<Region>,
+    pub files: BTreeMap<EmbedPath, FileEntry>,
+}
+
+impl Metadata {
+    pub fn to_pb(&self) -> MetadataPb {
+        MetadataPb {
+            format_version: 1,
+            generation: self.generation,
+            regions: self
+                .regions
+                .iter()
+                .map(|r| RegionPb {
+                    embed_point: r.embed_point.as_bytes().to_vec(),
+                    kind: match r.kind {
+                        RegionKind::Kernel(_) => 1,
+                        RegionKind::Ephemeral => 2,
+                    },
+                    kernel_path: match &r.kind {
+                        RegionKind::Kernel(p) => p.as_os_str().as_encoded_bytes().to_vec(),
+                        RegionKind::Ephemeral => Vec::new(),
+                    },
+                    protection: r.protection.code(),
+                    key: r
+                        .key
+                        .as_ref()
+                        .map(|k| k.as_bytes().to_vec())
+                        .unwrap_or_default(),
+                    chunk_len: r.chunk_len,
+                })
+                .collect(),
+            files: self
+                .files
+                .iter()
+                .map(|(p, e)| {
+                    let mut pb = FileEntryPb {
+                        path: p.as_bytes().to_vec(),
+                        mode: e.mode,
+                        ..Default::default()
+                    };
+                    match &e.kind {
+                        FileKind::File { id, size, root } => {
+                            pb.kind = 1;
+                            pb.file_id = id.0.to_vec();
+                            pb.size = *size;
+                            pb.root = root.map(|r| r.to_vec()).unwrap_or_default();
+                        }
+                        FileKind::Dir => pb.kind = 2,
+                        FileKind::Symlink(t) => {
+                            pb.kind = 3;
+                            pb.target = t.clone();
+                        }
+                    }
+                    pb
+                })
+                .collect(),
+        }
+    }
+
+    pub fn from_pb(pb: MetadataPb) -> Result<Metadata, String> {
+        if pb.format_version != 1 {
+            return Err(format!(
+                "metadata format version {} (expected 1)",
+                pb.format_version
+            ));
+        }
+        let mut regions = Vec::with_capacity(pb.regions.len());
+        for r in pb.regions {
+            let embed_point = EmbedPath::from_bytes(&r.embed_point).map_err(|e| e.to_string())?;
+            let kind = match r.kind {
+                1 => {
+                    if r.kernel_path.first() != Some(&b'/') {
+                        return Err(format!("region {embed_point}: kernel path is not absolute"));
+                    }
+                    use std::os::unix::ffi::OsStringExt;
+                    RegionKind::Kernel(PathBuf::from(std::ffi::OsString::from_vec(r.kernel_path)))
+                }
+                2 => RegionKind::Ephemeral,
+                k => return Err(format!("region {embed_point}: unknown kind {k}")),
+            };
+            let protection = match r.protection {
+                1 => Protection::NotProtected,
+                2 => Protection::Authenticated,
+                3 => Protection::Encrypted,
+                p => return Err(format!("region {embed_point}: unknown protection {p}")),
+            };
+            let key = match (protection, r.key.len()) {
+                (Protection::NotProtected, 0) => None,
+                (Protection::NotProtected, _) => {
+                    return Err(format!(
+                        "region {embed_point}: key on a not-protected region"
+                    ))
+                }
+                (_, 16 | 24 | 32) => Some(RegionKey::from_bytes(r.key).map_err(|e| e.to_string())?),
+                (_, n) => return Err(format!("region {embed_point}: key of {n} bytes")),
+            };
+            if !(MIN_CHUNK_LEN..=MAX_CHUNK_LEN).contains(&r.chunk_len) {
+                return Err(format!(
+                    "region {embed_point}: chunk length {} out of range",
+                    r.chunk_len
+                ));
+            }
+            regions.push(Region {
+                embed_point,
+                kind,
+                protection,
+                key,
+                chunk_len: r.chunk_len,
+            });
+        }
+        regions.sort_by(|a, b| a.embed_point.cmp(&b.embed_point));
+        if regions
+            .windows(2)
+            .any(|w| w[0].embed_point == w[1].embed_point)
+        {
+            return Err("duplicate region".into());
+        }
+        let mut files = BTreeMap::new();
+        for f in pb.files {
+            let path = EmbedPath::from_bytes(&f.path).map_err(|e| e.to_string())?;
+            let kind = match f.kind {
+                1 => {
+                    let id: [u8; FILE_ID_LEN] = f
+                        .file_id
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| format!("{path}: bad file id"))?;
+                    let root = match f.root.len() {
+                        0 => None,
+                        32 => {
+                            let mut r = [0u8; 32];
+                            r.copy_from_slice(&f.root);
+                            Some(r)
+                        }
+                        _ => return Err(format!("{path}: bad root length")),
+                    };
+                    FileKind::File {
+                        id: FileId(id),
+                        size: f.size,
+                        root,
+                    }
+                }
+                2 => FileKind::Dir,
+                3 => FileKind::Symlink(f.target),
+                k => return Err(format!("{path}: unknown file kind {k}")),
+            };
+            if files
+                .insert(
+                    path.clone(),
+                    FileEntry {
+                        kind,
+                        mode: f.mode & 0o7777,
+                    },
+                )
+                .is_some()
+            {
+                return Err(format!("{path}: listed twice"));
+            }
+        }
+        Ok(Metadata {
+            generation: pb.generation,
+            regions,
+            files,
+        })
+    }
+
+    /// Index of the region that owns `path` (longest embed-point prefix, by whole components).
+    pub fn region_index(&self, path: &EmbedPath) -> Option<usize> {
+        let mut best: Option<usize> = None;
+        for (i, r) in self.regions.iter().enumerate() {
+            if path.starts_with(&r.embed_point)
+                && best.is_none_or(|b| {
+                    r.embed_point.as_bytes().len() > self.regions[b].embed_point.as_bytes().len()
+                })
+            {
+                best = Some(i);
+            }
+        }
+        best
+    }
+
+    pub fn region_for(&self, path: &EmbedPath) -> Option<&Region> {
+        self.region_index(path).map(|i| &self.regions[i])
+    }
+
+    /// The fspf is usable once it has a region, and a root region when it has more than one.
+    pub fn check_usable(&self) -> crate::Result<()> {
+        if self.regions.is_empty() {
+            return Err(crate::Error::NoRegions);
+        }
+        if self.regions.len() > 1 && !self.regions.iter().any(|r| r.embed_point.is_root()) {
+            return Err(crate::Error::MissingRootRegion {
+                count: self.regions.len(),
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,21 @@
+//! fspf-core: the file-system protection file (`fspf.pb`), its cryptography, the region policy,
+//! the chunked file codec and the volume API that every frontend (CLI, preload shim, FUSE) uses.
+//!
+//! Layers, bottom up: [`format`] (bytes only, no I/O) → [`crypto`] (the one place that names
+//! aws-lc-rs) → [`policy`] (embed path → region) → [`codec`] (chunked reader/writer over
+//! positioned I/O) → [`volume`] (opens an fspf with key + tag, serves files, commits updates).
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used)]
+
+pub mod codec;
+pub mod crypto;
+pub mod error;
+pub mod format;
+pub mod policy;
+pub mod volume;
+
+pub use crypto::{FileId, RegionKey, Tag, VolumeKey};
+pub use error::{Error, Result};
+pub use format::metadata::{FileEntry, FileKind, Protection, Region, RegionKind};
+pub use policy::EmbedPath;
+pub use volume::Volume;

@@ -1,0 +1,306 @@
+//! `addf`: record a source tree under an embed point, sealing files in parallel.
+//!
+//! Decisions (docs/FORMAT.md §addf): regular files are sealed; directories are recorded (so empty
+//! ones survive and listings come from the fspf); symlinks are recorded with their target, never
+//! followed; hard links are recorded as independent files; FIFOs, sockets and devices are skipped
+//! and reported; names are bytes (non-UTF-8 is fine); permission bits are recorded.
+use super::commit::{seal_version, shadow_path, Change, StagedFile};
+use super::Volume;
+use crate::crypto::FileId;
+use crate::error::{Error, Result};
+use crate::format::metadata::{FileEntry, FileKind, Protection, RegionKind};
+use crate::policy::EmbedPath;
+use rayon::prelude::*;
+use std::fs::{self, File};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct ImportOptions {
+    pub embed_point: EmbedPath,
+    pub source: PathBuf,
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ImportReport {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+    /// Source paths not recorded, with the reason.
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+enum Job {
+    File {
+        rel: PathBuf,
+        path: EmbedPath,
+        size: u64,
+        mode: u32,
+    },
+    Dir {
+        rel: PathBuf,
+        path: EmbedPath,
+        mode: u32,
+    },
+    Symlink {
+        rel: PathBuf,
+        path: EmbedPath,
+        target: Vec<u8>,
+    },
+}
+
+impl Volume {
+    /// Plan what `addf` would record: total bytes and the number of files (for progress bars).
+    pub fn import_size(source: &Path) -> (u64, u64) {
+        walkdir::WalkDir::new(source)
+            .into_iter()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_file())
+            .fold((0, 0), |(b, n), e| {
+                (b + e.metadata().map(|m| m.len()).unwrap_or(0), n + 1)
+            })
+    }
+
+    /// Record every file below `opts.source` at `opts.embed_point/REL` and commit the fspf.
+    pub fn import(
+        &mut self,
+        opts: &ImportOptions,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<ImportReport> {
+        self.meta.check_usable()?;
+        let src_meta = fs::metadata(&opts.source).map_err(|e| Error::io(&opts.source, e))?;
+        if !src_meta.is_dir() {
+            return Err(Error::Invalid {
+                path: opts.source.display().to_string(),
+                reason: "source is not a directory".into(),
+            });
+        }
+        if let Some(out) = &opts.output {
+            fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+            let (a, b) = (fs::canonicalize(&opts.source), fs::canonicalize(out));
+            if let (Ok(a), Ok(b)) = (a, b) {
+                if a == b {
+                    return Err(Error::Invalid {
+                        path: out.display().to_string(),
+                        reason: "the output directory must differ from the source directory (it would overwrite the plaintext)".into(),
+                    });
+                }
+            }
+        }
+        let mut report = ImportReport::default();
+        let mut jobs = Vec::new();
+        for ent in walkdir::WalkDir::new(&opts.source)
+            .follow_links(false)
+            .sort_by_file_name()
+        {
+            let ent = ent.map_err(|e| Error::Other(format!("{}: {e}", opts.source.display())))?;
+            let rel = ent
+                .path()
+                .strip_prefix(&opts.source)
+                .unwrap_or(Path::new(""))
+                .to_path_buf();
+            let path = opts.embed_point.join(rel.as_os_str().as_encoded_bytes())?;
+            let md = ent
+                .metadata()
+                .map_err(|e| Error::Other(format!("{}: {e}", ent.path().display())))?;
+            let ft = ent.file_type();
+            let mode = md.mode() & 0o7777;
+            if ft.is_dir() {
+                jobs.push(Job::Dir { rel, path, mode });
+            } else if ft.is_file() {
+                jobs.push(Job::File {
+                    rel,
+                    path,
+                    size: md.len(),
+                    mode,
+                });
+            } else if ft.is_symlink() {
+                let t = fs::read_link(ent.path()).map_err(|e| Error::io(ent.path(), e))?;
+                jobs.push(Job::Symlink {
+                    rel,
+                    path,
+                    target: t.into_os_string().into_encoded_bytes(),
+                });
+            } else {
+                report.skipped.push((
+                    ent.path().to_path_buf(),
+                    "special file (FIFO, socket or device) not recorded".into(),
+                ));
+            }
+        }
+        // Every path must land in a protected kernel region.
+        let mut any_protected = false;
+        for j in &jobs {
+            let (Job::File { path, .. } | Job::Dir { path, .. } | Job::Symlink { path, .. }) = j;
+            let region = self.region_for(path).ok_or_else(|| Error::NoRegion {
+                path: path.to_string(),
+            })?;
+            if matches!(region.kind, RegionKind::Ephemeral) {
+                return Err(Error::Ephemeral {
+                    path: path.to_string(),
+                    region: region.embed_point.to_string(),
+                });
+            }
+            match region.protection {
+                Protection::NotProtected => {}
+                Protection::Encrypted if opts.output.is_none() && matches!(j, Job::File { .. }) => {
+                    return Err(Error::Invalid {
+                        path: path.to_string(),
+                        reason: format!(
+                            "region {} is encrypted: give OUTPUT_DIR for the ciphertext",
+                            region.embed_point
+                        ),
+                    });
+                }
+                _ => any_protected = true,
+            }
+        }
+        if !any_protected {
+            let region = self
+                .region_for(&opts.embed_point)
+                .map(|r| r.embed_point.to_string())
+                .unwrap_or_default();
+            return Err(Error::NotProtected {
+                path: opts.embed_point.to_string(),
+                region,
+            });
+        }
+        // Output directories first (sequential), then files in parallel.
+        if let Some(out) = &opts.output {
+            for j in &jobs {
+                if let Job::Dir { rel, mode, .. } = j {
+                    let d = out.join(rel);
+                    fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+                    let _ = fs::set_permissions(&d, fs::Permissions::from_mode(*mode | 0o700));
+                }
+            }
+        }
+        let results: Vec<Result<Option<Change>>> = jobs
+            .par_iter()
+            .map(|j| -> Result<Option<Change>> {
+                match j {
+                    Job::Dir { path, mode, .. } => {
+                        let r = self.region_for(path).map(|r| r.protection);
+                        if r == Some(Protection::NotProtected)
+                            || self.meta.regions.iter().any(|r| &r.embed_point == path)
+                        {
+                            return Ok(None);
+                        }
+                        Ok(Some(Change::PutEntry(
+                            path.clone(),
+                            FileEntry {
+                                kind: FileKind::Dir,
+                                mode: *mode,
+                            },
+                        )))
+                    }
+                    Job::Symlink { rel, path, target } => {
+                        if self.region_for(path).map(|r| r.protection)
+                            == Some(Protection::NotProtected)
+                        {
+                            return Ok(None);
+                        }
+                        if let Some(out) = &opts.output {
+                            let l = out.join(rel);
+                            if fs::symlink_metadata(&l).is_err() {
+                                use std::os::unix::ffi::OsStrExt;
+                                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &l)
+                                    .map_err(|e| Error::io(&l, e))?;
+                            }
+                        }
+                        Ok(Some(Change::PutEntry(
+                            path.clone(),
+                            FileEntry {
+                                kind: FileKind::Symlink(target.clone()),
+                                mode: 0o777,
+                            },
+                        )))
+                    }
+                    Job::File {
+                        rel,
+                        path,
+                        size,
+                        mode,
+                    } => {
+                        let Some(region) = self.region_for(path) else {
+                            return Ok(None);
+                        };
+                        if region.protection == Protection::NotProtected {
+                            return Ok(None);
+                        }
+                        let src_path = opts.source.join(rel);
+                        let mut src = File::open(&src_path).map_err(|e| Error::io(&src_path, e))?;
+                        let id = FileId::random()?;
+                        let target = opts.output.as_ref().map(|o| o.join(rel));
+                        let shadow = target.as_ref().map(|t| shadow_path(t, &id));
+                        let (entry, outboard) = seal_version(
+                            self,
+                            region,
+                            path,
+                            id,
+                            *size,
+                            *mode,
+                            &mut src,
+                            shadow.as_deref(),
+                        )
+                        .inspect_err(|_| {
+                            if let Some(s) = &shadow {
+                                let _ = fs::remove_file(s);
+                            }
+                        })?;
+                        progress(*size);
+                        Ok(Some(match (target, shadow) {
+                            (Some(kernel), Some(shadow)) => Change::Put(StagedFile {
+                                path: path.clone(),
+                                entry,
+                                shadow,
+                                kernel,
+                                outboard,
+                            }),
+                            _ => Change::PutEntry(path.clone(), entry),
+                        }))
+                    }
+                }
+            })
+            .collect();
+        let mut changes = Vec::new();
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok(Some(c)) => changes.push(c),
+                Ok(None) => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            for c in &changes {
+                if let Change::Put(s) = c {
+                    let _ = fs::remove_file(&s.shadow);
+                }
+            }
+            return Err(e);
+        }
+        for c in &changes {
+            match c {
+                Change::Put(StagedFile { entry, .. }) | Change::PutEntry(_, entry) => {
+                    match &entry.kind {
+                        FileKind::File { size, .. } => {
+                            report.files += 1;
+                            report.bytes += size;
+                        }
+                        FileKind::Dir => report.dirs += 1,
+                        FileKind::Symlink(_) => report.symlinks += 1,
+                    }
+                }
+                _ => {}
+            }
+        }
+        let tag = self.tag();
+        self.commit(changes, Some(tag))?;
+        Ok(report)
+    }
+}

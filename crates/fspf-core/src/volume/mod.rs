@@ -1,0 +1,263 @@
+//! The volume API: open an fspf with key + tag, resolve embed paths, read verified files,
+//! import trees, verify, and commit updates atomically. Frontends (CLI, preload, FUSE) use only this.
+mod commit;
+mod import;
+mod store;
+mod verify;
+
+pub use commit::{Change, StagedFile};
+pub use import::{ImportOptions, ImportReport};
+pub use store::FspfLock;
+pub use verify::Finding;
+
+use crate::codec::{FileCodec, ProtectedReader};
+use crate::crypto::{self, RegionKey, Tag, VolumeKey};
+use crate::error::{Error, Result};
+use crate::format::layout::{DEFAULT_CHUNK_LEN, MAX_CHUNK_LEN, MIN_CHUNK_LEN};
+use crate::format::metadata::{FileEntry, FileKind, Metadata, Protection, Region, RegionKind};
+use crate::policy::EmbedPath;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Reader over a kernel file (the outboard, when present, is a file too).
+pub type KernelReader = ProtectedReader<File, File>;
+
+/// An opened file system protection file.
+#[derive(Debug)]
+pub struct Volume {
+    path: PathBuf,
+    key: Option<VolumeKey>,
+    tag: Tag,
+    pub meta: Metadata,
+}
+
+/// Parameters of `addr`.
+#[derive(Debug, Clone)]
+pub struct RegionSpec {
+    pub embed_point: EmbedPath,
+    pub kind: RegionKind,
+    pub protection: Protection,
+    /// Key length in bytes (16/24/32); `None` = default 32 (protected) or none (not-protected).
+    pub key_len: Option<usize>,
+    pub chunk_len: Option<u32>,
+}
+
+impl Volume {
+    /// Create an empty, unencrypted fspf. Refuses to replace an existing file unless `force`.
+    pub fn create(path: &Path, force: bool) -> Result<Tag> {
+        let mut v = Volume {
+            path: path.to_path_buf(),
+            key: None,
+            tag: Tag::default(),
+            meta: Metadata::default(),
+        };
+        store::write_new(&mut v, force)?;
+        Ok(v.tag)
+    }
+
+    /// Read the tag of an fspf without any key.
+    pub fn read_tag(path: &Path) -> Result<Tag> {
+        store::read_tag(path)
+    }
+
+    /// Open and authenticate an fspf. `key` is required once it is encrypted; `expected_tag`,
+    /// when given, must equal the tag on disk (freshness: an older fspf has another tag).
+    pub fn open(path: &Path, key: Option<VolumeKey>, expected_tag: Option<Tag>) -> Result<Volume> {
+        store::open(path, key, expected_tag)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn tag(&self) -> Tag {
+        self.tag
+    }
+    pub fn is_encrypted(&self) -> bool {
+        self.key.is_some()
+    }
+    pub fn key(&self) -> Option<&VolumeKey> {
+        self.key.as_ref()
+    }
+
+    /// Take the update lock (`FSPF.lock`); commands that modify the fspf hold it throughout.
+    pub fn lock(path: &Path) -> Result<FspfLock> {
+        FspfLock::acquire(path)
+    }
+
+    /// Seal and atomically replace the fspf on disk; returns the new tag.
+    pub fn save(&mut self) -> Result<Tag> {
+        self.meta.generation += 1;
+        store::write(self)?;
+        Ok(self.tag)
+    }
+
+    /// Encrypt the fspf under a fresh random key (rotating the key if it already was encrypted).
+    pub fn encrypt(&mut self) -> Result<(Tag, VolumeKey)> {
+        let k = VolumeKey::random()?;
+        self.key = Some(k.clone());
+        let t = self.save()?;
+        Ok((t, k))
+    }
+
+    /// Directory beside the fspf that holds Merkle outboards of authenticated multi-chunk files.
+    pub fn tree_dir(&self) -> PathBuf {
+        store::tree_dir(&self.path)
+    }
+
+    /// Add a region (`addr`). Keys come from the OS CSPRNG.
+    pub fn add_region(&mut self, spec: RegionSpec) -> Result<()> {
+        let ep = spec.embed_point.to_string();
+        if self
+            .meta
+            .regions
+            .iter()
+            .any(|r| r.embed_point == spec.embed_point)
+        {
+            return Err(Error::DuplicateRegion(ep));
+        }
+        let invalid = |reason: String| Error::InvalidRegion {
+            embed_point: ep.clone(),
+            reason,
+        };
+        if let RegionKind::Kernel(k) = &spec.kind {
+            if !k.is_absolute() {
+                return Err(invalid(format!(
+                    "kernel path {} must be absolute",
+                    k.display()
+                )));
+            }
+        }
+        let key = match spec.protection {
+            Protection::NotProtected => {
+                if spec.key_len.is_some() || spec.chunk_len.is_some() {
+                    return Err(invalid(
+                        "--key-length/--chunk-length make no sense for a not-protected region"
+                            .into(),
+                    ));
+                }
+                None
+            }
+            _ => {
+                let l = spec.key_len.unwrap_or(32);
+                if ![16, 24, 32].contains(&l) {
+                    return Err(invalid(format!(
+                        "key length must be 16, 24 or 32 bytes, got {l}"
+                    )));
+                }
+                Some(RegionKey::random(l)?)
+            }
+        };
+        let chunk_len = spec.chunk_len.unwrap_or(DEFAULT_CHUNK_LEN);
+        if !(MIN_CHUNK_LEN..=MAX_CHUNK_LEN).contains(&chunk_len) {
+            return Err(invalid(format!("chunk length must be between {MIN_CHUNK_LEN} and {MAX_CHUNK_LEN} bytes, got {chunk_len}")));
+        }
+        let region = Region {
+            embed_point: spec.embed_point.clone(),
+            kind: spec.kind,
+            protection: spec.protection,
+            key,
+            chunk_len,
+        };
+        // A new region must not take over files already sealed under another region's key.
+        let mut probe = self.meta.clone();
+        probe.regions.push(region.clone());
+        probe
+            .regions
+            .sort_by(|a, b| a.embed_point.cmp(&b.embed_point));
+        let moved = self
+            .meta
+            .files
+            .keys()
+            .filter(|p| probe.region_for(p).map(|r| &r.embed_point) == Some(&spec.embed_point))
+            .count();
+        if moved > 0 {
+            return Err(invalid(format!("{moved} file(s) already recorded under another region lie below it; they would become unreadable")));
+        }
+        self.meta.regions = probe.regions;
+        Ok(())
+    }
+
+    pub fn region_for(&self, path: &EmbedPath) -> Option<&Region> {
+        self.meta.region_for(path)
+    }
+
+    pub fn entry(&self, path: &EmbedPath) -> Option<&FileEntry> {
+        self.meta.files.get(path)
+    }
+
+    /// Open a listed regular file of a kernel region for verified reading.
+    pub fn open_file(&self, path: &EmbedPath) -> Result<KernelReader> {
+        let region = self.region_for(path).ok_or_else(|| Error::NoRegion {
+            path: path.to_string(),
+        })?;
+        if region.protection == Protection::NotProtected {
+            return Err(Error::NotProtected {
+                path: path.to_string(),
+                region: region.embed_point.to_string(),
+            });
+        }
+        let kernel = path.kernel_path(region).ok_or_else(|| Error::Ephemeral {
+            path: path.to_string(),
+            region: region.embed_point.to_string(),
+        })?;
+        let entry = self.entry(path).ok_or_else(|| Error::NotListed {
+            path: path.to_string(),
+        })?;
+        let FileKind::File { id, size, root } = &entry.kind else {
+            return Err(Error::Invalid {
+                path: path.to_string(),
+                reason: "not a regular file".into(),
+            });
+        };
+        commit::roll_forward(&kernel, id);
+        let data = File::open(&kernel).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::Missing {
+                path: path.to_string(),
+            },
+            _ => Error::io(&kernel, e),
+        })?;
+        self.reader_over(region, path, id, *size, root.as_ref(), data)
+    }
+
+    /// Verified reader over `data` holding file version `id` of `region`.
+    pub fn reader_over(
+        &self,
+        region: &Region,
+        path: &EmbedPath,
+        id: &crypto::FileId,
+        size: u64,
+        root: Option<&[u8; 32]>,
+        data: File,
+    ) -> Result<KernelReader> {
+        let key = region.key.as_ref().ok_or_else(|| Error::NotProtected {
+            path: path.to_string(),
+            region: region.embed_point.to_string(),
+        })?;
+        let codec = match region.protection {
+            Protection::Encrypted => FileCodec::Encrypted {
+                key: crypto::file_chunk_key(key, id)?,
+                id: *id,
+                data,
+            },
+            _ => {
+                let root = root.ok_or_else(|| Error::Invalid {
+                    path: path.to_string(),
+                    reason: "authenticated file has no root in the fspf".into(),
+                })?;
+                let tree = self.tree_dir().join(id.to_hex());
+                let outboard = match File::open(&tree) {
+                    Ok(f) => Some(f),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => return Err(Error::io(&tree, e)),
+                };
+                FileCodec::Authenticated {
+                    key: crypto::file_mac_key(key, id)?,
+                    root: *root,
+                    data,
+                    outboard,
+                }
+            }
+        };
+        ProtectedReader::new(codec, size, region.chunk_len, path.to_string())
+    }
+}

@@ -1,0 +1,223 @@
+//! Reading, authenticating and atomically replacing `fspf.pb`, and the update lock.
+use super::Volume;
+use crate::crypto::{AeadKey, Tag, VolumeKey, NONCE_LEN, TAG_LEN};
+use crate::error::{Error, Result};
+use crate::format::header::{self, Header, HeaderError, CURRENT_VERSION, HEADER_LEN, PUBLIC_KEY};
+use crate::format::metadata::{Metadata, MetadataPb};
+use prost::Message;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+pub(crate) fn tree_dir(fspf: &Path) -> PathBuf {
+    let mut name = fspf
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".trees");
+    fspf.with_file_name(name)
+}
+
+fn sibling(fspf: &Path, suffix: &str) -> PathBuf {
+    let mut name = fspf
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(suffix);
+    fspf.with_file_name(name)
+}
+
+/// Is `p` one of the files fspf keeps beside `fspf` (the fspf itself, its lock, temp files, trees)?
+pub fn is_fspf_internal(fspf: &Path, p: &Path) -> bool {
+    if p == fspf || p.starts_with(tree_dir(fspf)) {
+        return true;
+    }
+    let (Some(dir), Some(name)) = (fspf.parent(), fspf.file_name()) else {
+        return false;
+    };
+    if p.parent() != Some(dir) {
+        return false;
+    }
+    let n = p
+        .file_name()
+        .map(|n| n.as_encoded_bytes())
+        .unwrap_or_default();
+    n.starts_with(name.as_encoded_bytes())
+        && (n.ends_with(b".lock") || n.windows(5).any(|w| w == b".tmp-"))
+}
+
+fn header_err(path: &Path, e: HeaderError) -> Error {
+    match e {
+        HeaderError::BadMagic | HeaderError::UnknownFlags(_) => {
+            Error::BadMagic { path: path.into() }
+        }
+        HeaderError::Truncated(len) => Error::TruncatedFspf {
+            path: path.into(),
+            len,
+        },
+        HeaderError::UnsupportedVersion(v) => Error::UnsupportedVersion {
+            path: path.into(),
+            version: v,
+            supported: CURRENT_VERSION,
+        },
+    }
+}
+
+pub(crate) fn read_tag(path: &Path) -> Result<Tag> {
+    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    header::tag_of(&bytes)
+        .map(Tag)
+        .map_err(|e| header_err(path, e))
+}
+
+pub(crate) fn open(path: &Path, key: Option<VolumeKey>, expected: Option<Tag>) -> Result<Volume> {
+    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let h = Header::decode(&bytes).map_err(|e| header_err(path, e))?;
+    let mut tag = [0u8; TAG_LEN];
+    tag.copy_from_slice(&bytes[bytes.len() - TAG_LEN..]);
+    let tag = Tag(tag);
+    if let Some(exp) = expected {
+        if !crate::crypto::ct_eq(&exp.0, &tag.0) {
+            return Err(Error::TagMismatch {
+                path: path.into(),
+                expected: exp.to_hex(),
+                actual: tag.to_hex(),
+            });
+        }
+    }
+    let key = if h.sealed {
+        Some(key.ok_or_else(|| Error::KeyRequired { path: path.into() })?)
+    } else {
+        None
+    };
+    let aead = AeadKey::new(key.as_ref().map_or(&PUBLIC_KEY[..], |k| k.as_bytes()))?;
+    let mut body = bytes[HEADER_LEN..].to_vec();
+    let n = aead
+        .open(h.nonce, &bytes[..HEADER_LEN], &mut body)
+        .ok_or_else(|| Error::WrongKeyOrCorrupt { path: path.into() })?;
+    let pb = MetadataPb::decode(&body[..n]).map_err(|e| Error::MalformedMetadata {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    zeroize::Zeroize::zeroize(&mut body);
+    let meta = Metadata::from_pb(pb).map_err(|reason| Error::MalformedMetadata {
+        path: path.into(),
+        reason,
+    })?;
+    Ok(Volume {
+        path: path.into(),
+        key,
+        tag,
+        meta,
+    })
+}
+
+fn seal(v: &Volume) -> Result<(Vec<u8>, Tag)> {
+    let mut nonce = [0u8; NONCE_LEN];
+    crate::crypto::random_bytes(&mut nonce)?;
+    let h = Header {
+        version: CURRENT_VERSION,
+        sealed: v.key.is_some(),
+        nonce,
+    };
+    let hb = h.encode();
+    let aead = AeadKey::new(v.key.as_ref().map_or(&PUBLIC_KEY[..], |k| k.as_bytes()))?;
+    let mut body = v.meta.to_pb().encode_to_vec();
+    let tag = aead.seal(nonce, &hb, &mut body)?;
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len() + TAG_LEN);
+    out.extend_from_slice(&hb);
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&tag);
+    Ok((out, Tag(tag)))
+}
+
+/// fsync the directory holding `p` so a rename in it is durable.
+pub(crate) fn sync_dir(p: &Path) -> Result<()> {
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+fn write_temp(v: &Volume) -> Result<(PathBuf, Tag)> {
+    let (bytes, tag) = seal(v)?;
+    let mut rnd = [0u8; 6];
+    crate::crypto::random_bytes(&mut rnd)?;
+    let tmp = sibling(&v.path, &format!(".tmp-{}", hex::encode(rnd)));
+    let res = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = res {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e));
+    }
+    Ok((tmp, tag))
+}
+
+/// Atomically replace the fspf: temp file, fsync, rename, fsync directory.
+pub(crate) fn write(v: &mut Volume) -> Result<()> {
+    let (tmp, tag) = write_temp(v)?;
+    if let Err(e) = fs::rename(&tmp, &v.path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(&v.path, e));
+    }
+    sync_dir(&v.path)?;
+    v.tag = tag;
+    Ok(())
+}
+
+/// Write a new fspf; without `force` an existing file is never replaced (link fails on EEXIST).
+pub(crate) fn write_new(v: &mut Volume, force: bool) -> Result<()> {
+    if force {
+        return write(v);
+    }
+    let (tmp, tag) = write_temp(v)?;
+    let r = fs::hard_link(&tmp, &v.path);
+    let _ = fs::remove_file(&tmp);
+    match r {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(Error::Invalid {
+                path: v.path.display().to_string(),
+                reason: "already exists; use --force to replace it".into(),
+            })
+        }
+        Err(e) => return Err(Error::io(&v.path, e)),
+    }
+    sync_dir(&v.path)?;
+    v.tag = tag;
+    Ok(())
+}
+
+/// Exclusive lock on `FSPF.lock` (flock), released on drop. Serialises updaters across processes
+/// and threads (each acquisition opens its own file description).
+#[derive(Debug)]
+pub struct FspfLock {
+    _file: File,
+}
+
+impl FspfLock {
+    pub fn acquire(fspf: &Path) -> Result<FspfLock> {
+        let lp = sibling(fspf, ".lock");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lp)
+            .map_err(|e| Error::io(&lp, e))?;
+        f.lock().map_err(|e| Error::io(&lp, e))?;
+        Ok(FspfLock { _file: f })
+    }
+}

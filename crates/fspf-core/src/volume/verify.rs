@@ -1,0 +1,103 @@
+//! `verify`: check every listed file against the fspf and find unlisted files on disk.
+use super::{store, Volume};
+use crate::format::metadata::{FileKind, Protection, RegionKind};
+use crate::policy::EmbedPath;
+use rayon::prelude::*;
+
+/// One problem found by [`Volume::verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub path: String,
+    pub problem: String,
+}
+
+fn is_shadow(name: &[u8]) -> bool {
+    name.starts_with(b".") && name.windows(6).any(|w| w == b".fspf-")
+}
+
+impl Volume {
+    /// Verify every listed file of every protected kernel region, chunk by chunk, and report files
+    /// on disk that the fspf does not list. Empty result = everything verified.
+    pub fn verify(&self) -> Vec<Finding> {
+        let mut findings: Vec<Finding> = Vec::new();
+        if let Err(e) = self.meta.check_usable() {
+            findings.push(Finding {
+                path: self.path().display().to_string(),
+                problem: e.to_string(),
+            });
+            return findings;
+        }
+        let listed: Vec<(&EmbedPath, &crate::FileEntry)> = self.meta.files.iter().collect();
+        let mut per_file: Vec<Finding> = listed
+            .par_iter()
+            .filter_map(|(path, entry)| {
+                let region = self.region_for(path)?;
+                if region.protection == Protection::NotProtected {
+                    return None;
+                }
+                let kernel = path.kernel_path(region)?;
+                let problem = match &entry.kind {
+                    FileKind::File { .. } => {
+                        match self.open_file(path).and_then(|mut r| r.verify_all()) {
+                            Ok(()) => return None,
+                            Err(e) => e.to_string(),
+                        }
+                    }
+                    FileKind::Dir => match std::fs::metadata(&kernel) {
+                        Ok(m) if m.is_dir() => return None,
+                        Ok(_) => format!("{path}: listed directory is not a directory on disk"),
+                        Err(_) => format!("{path}: listed directory is missing on disk"),
+                    },
+                    FileKind::Symlink(t) => match std::fs::read_link(&kernel) {
+                        Ok(l) if l.as_os_str().as_encoded_bytes() == &t[..] => return None,
+                        Ok(_) => format!("{path}: symlink target changed on disk"),
+                        Err(_) => format!("{path}: listed symlink is missing on disk"),
+                    },
+                };
+                Some(Finding {
+                    path: path.to_string(),
+                    problem,
+                })
+            })
+            .collect();
+        findings.append(&mut per_file);
+        // Unlisted files in protected kernel regions.
+        for (ri, region) in self.meta.regions.iter().enumerate() {
+            let RegionKind::Kernel(base) = &region.kind else {
+                continue;
+            };
+            if region.protection == Protection::NotProtected {
+                continue;
+            }
+            let walker = walkdir::WalkDir::new(base)
+                .follow_links(false)
+                .sort_by_file_name()
+                .into_iter();
+            let walker = walker.filter_entry(|e| {
+                let rel = e.path().strip_prefix(base).unwrap_or(e.path());
+                let Ok(p) = region.embed_point.join(rel.as_os_str().as_encoded_bytes()) else {
+                    return false;
+                };
+                self.meta.region_index(&p) == Some(ri)
+                    && !store::is_fspf_internal(self.path(), e.path())
+            });
+            for e in walker.flatten() {
+                if e.file_type().is_dir() || is_shadow(e.file_name().as_encoded_bytes()) {
+                    continue;
+                }
+                let rel = e.path().strip_prefix(base).unwrap_or(e.path());
+                let Ok(p) = region.embed_point.join(rel.as_os_str().as_encoded_bytes()) else {
+                    continue;
+                };
+                if !self.meta.files.contains_key(&p) {
+                    findings.push(Finding {
+                        path: p.to_string(),
+                        problem: format!("{p}: unlisted file in protected region {} (added on disk, not in the fspf)", region.embed_point),
+                    });
+                }
+            }
+        }
+        findings.sort_by(|a, b| a.path.cmp(&b.path));
+        findings
+    }
+}
