@@ -5,7 +5,7 @@
 //! aws-lc-rs) → [`policy`] (embed path → region) → [`codec`] (chunked reader/writer over
 //! positioned I/O) → [`volume`] (opens an fspf with key + tag, serves files, commits updates).
 #![forbid(unsafe_code)]
-#![deny(clippy::unwrap_used)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod codec;
 pub mod crypto;

@@ -1,1 +1,129 @@
-fn main() {}
+//! `fspf`: the command line. Parses flags once into validated values and calls fspf-core; all the
+//! work happens in the library. One module per sub-command under `cmd/`.
+#![forbid(unsafe_code)]
+
+mod anchor;
+mod cmd;
+mod run;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fspf",
+    version,
+    about = "Transparent file protection: regions, keys and per-file metadata in an fspf"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Key and expected tag of an existing fspf.
+#[derive(Args, Debug, Clone, Default)]
+pub struct KeyTagArgs {
+    /// fspf key as 64 hex digits (or SCONE_FSPF_KEY)
+    #[arg(
+        long,
+        value_name = "HEX",
+        env = "SCONE_FSPF_KEY",
+        hide_env_values = true
+    )]
+    pub key: Option<String>,
+    /// file holding the key (hex, or the line printed by `fspf encrypt`)
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
+    /// expected fspf tag (or SCONE_FSPF_TAG): an older or replaced fspf is refused
+    #[arg(long, value_name = "HEX", env = "SCONE_FSPF_TAG")]
+    pub tag: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create an empty file system protection file
+    Create {
+        fspf: PathBuf,
+        /// format version (only 1 exists)
+        version: Option<String>,
+        /// replace an existing file
+        #[arg(long)]
+        force: bool,
+    },
+    /// Add a region
+    Addr(cmd::addr::AddrArgs),
+    /// Add the files of SOURCE_DIR under EMBEDPOINT
+    Addf(cmd::addf::AddfArgs),
+    /// Encrypt the fspf with a fresh random key (rotates the key if already encrypted)
+    Encrypt {
+        fspf: PathBuf,
+        #[command(flatten)]
+        kt: KeyTagArgs,
+    },
+    /// Show the tag, or the regions and files
+    Show(cmd::show::ShowArgs),
+    /// Check every listed file on disk; exit 1 on any problem
+    Verify {
+        fspf: PathBuf,
+        #[command(flatten)]
+        kt: KeyTagArgs,
+        /// print findings as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write one file's verified plaintext to stdout
+    Cat {
+        fspf: PathBuf,
+        embed_path: String,
+        #[command(flatten)]
+        kt: KeyTagArgs,
+    },
+    /// Restore the verified plaintext tree below EMBEDPOINT into OUTDIR
+    Export {
+        fspf: PathBuf,
+        embed_point: String,
+        outdir: PathBuf,
+        #[command(flatten)]
+        kt: KeyTagArgs,
+    },
+    /// Create a one-region encrypted or authenticated volume in a directory
+    CreateVolume(cmd::volume::CreateVolumeArgs),
+    /// Run a program under the in-process shield (LD_PRELOAD)
+    Run(run::RunArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Create {
+            fspf,
+            version,
+            force,
+        } => cmd::create(&fspf, version.as_deref(), force),
+        Command::Addr(a) => cmd::addr::run(a),
+        Command::Addf(a) => cmd::addf::run(a),
+        Command::Encrypt { fspf, kt } => cmd::encrypt(&fspf, &kt),
+        Command::Show(a) => cmd::show::run(a),
+        Command::Verify { fspf, kt, json } => cmd::verify(&fspf, &kt, json),
+        Command::Cat {
+            fspf,
+            embed_path,
+            kt,
+        } => cmd::cat(&fspf, &embed_path, &kt),
+        Command::Export {
+            fspf,
+            embed_point,
+            outdir,
+            kt,
+        } => cmd::export(&fspf, &embed_point, &outdir, &kt),
+        Command::CreateVolume(a) => cmd::volume::run(a),
+        Command::Run(a) => run::run(a),
+    };
+    match res {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("fspf: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! Positioned reads over files and in-memory buffers (ephemeral regions, tests).
 use std::io;
 
+#[allow(clippy::len_without_is_empty)]
 pub trait ReadAt {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
     fn len(&self) -> io::Result<u64>;

@@ -7,6 +7,7 @@ mod verify;
 
 pub use commit::{Change, StagedFile};
 pub use import::{ImportOptions, ImportReport};
+pub use store::is_fspf_internal;
 pub use store::FspfLock;
 pub use verify::Finding;
 

@@ -71,7 +71,20 @@ pub(crate) fn read_tag(path: &Path) -> Result<Tag> {
         .map_err(|e| header_err(path, e))
 }
 
+/// Absolute form of an fspf path (parent canonicalised), so internal files are recognised on disk.
+pub(crate) fn absolute(path: &Path) -> PathBuf {
+    let parent = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match (fs::canonicalize(parent), path.file_name()) {
+        (Ok(d), Some(n)) => d.join(n),
+        _ => path.to_path_buf(),
+    }
+}
+
 pub(crate) fn open(path: &Path, key: Option<VolumeKey>, expected: Option<Tag>) -> Result<Volume> {
+    let path = &absolute(path);
     let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
     let h = Header::decode(&bytes).map_err(|e| header_err(path, e))?;
     let mut tag = [0u8; TAG_LEN];

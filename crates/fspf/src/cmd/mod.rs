@@ -1,0 +1,204 @@
+//! Sub-commands. Each validates its flags, calls fspf-core and prints the reference's lines.
+pub mod addf;
+pub mod addr;
+pub mod show;
+pub mod volume;
+
+use crate::KeyTagArgs;
+use anyhow::{bail, Context, Result};
+use fspf_core::format::metadata::{FileKind, Protection, RegionKind};
+use fspf_core::{EmbedPath, Volume};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+pub fn create(fspf: &Path, version: Option<&str>, force: bool) -> Result<i32> {
+    if let Some(v) = version {
+        if !matches!(v, "1" | "v1") {
+            bail!("unsupported fspf format version {v:?}: this build writes version 1");
+        }
+    }
+    let tag = Volume::create(fspf, force)?;
+    println!(
+        "Created empty file system protection file in {}. AES-GCM tag: {tag}",
+        fspf.display()
+    );
+    Ok(0)
+}
+
+/// Lock, open (with key + tag), let `f` change the volume, save. Returns the new tag.
+pub fn update(
+    fspf: &Path,
+    kt: &KeyTagArgs,
+    f: impl FnOnce(&mut Volume) -> Result<()>,
+) -> Result<fspf_core::Tag> {
+    let _lock = Volume::lock(fspf)?;
+    let mut v = kt.open(fspf)?;
+    f(&mut v)?;
+    Ok(v.save()?)
+}
+
+pub fn encrypt(fspf: &Path, kt: &KeyTagArgs) -> Result<i32> {
+    let _lock = Volume::lock(fspf)?;
+    let mut v = kt.open(fspf)?;
+    let (tag, key) = v.encrypt()?;
+    println!(
+        "Encrypted file system protection file {} AES-GCM tag: {tag} key: {}",
+        fspf.display(),
+        &*key.to_hex()
+    );
+    Ok(0)
+}
+
+pub fn verify(fspf: &Path, kt: &KeyTagArgs, json: bool) -> Result<i32> {
+    let v = kt.open(fspf)?;
+    let findings = v.verify();
+    let listed = v
+        .meta
+        .files
+        .values()
+        .filter(|e| matches!(e.kind, FileKind::File { .. }))
+        .count();
+    if json {
+        let arr: Vec<_> = findings
+            .iter()
+            .map(|f| serde_json::json!({"path": f.path, "problem": f.problem}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"files": listed, "ok": findings.is_empty(), "findings": arr})
+        );
+    } else {
+        for f in &findings {
+            println!("FAILED {}", f.problem);
+        }
+        if findings.is_empty() {
+            println!("OK: {listed} files verified against tag {}", v.tag());
+        } else {
+            println!("{} problem(s) found in {}", findings.len(), fspf.display());
+        }
+    }
+    Ok(if findings.is_empty() { 0 } else { 1 })
+}
+
+pub fn cat(fspf: &Path, embed_path: &str, kt: &KeyTagArgs) -> Result<i32> {
+    let v = kt.open(fspf)?;
+    v.meta.check_usable()?;
+    let p = EmbedPath::parse(embed_path)?;
+    let region = v.region_for(&p).ok_or_else(|| fspf_core::Error::NoRegion {
+        path: p.to_string(),
+    })?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if region.protection == Protection::NotProtected {
+        let RegionKind::Kernel(_) = region.kind else {
+            bail!("{p}: region {} is ephemeral", region.embed_point)
+        };
+        let k = p.kernel_path(region).context("kernel path")?;
+        let mut f = std::fs::File::open(&k).with_context(|| format!("{}", k.display()))?;
+        std::io::copy(&mut f, &mut out)?;
+    } else {
+        let mut r = v.open_file(&p)?;
+        // Verify everything before the first byte leaves: never emit a prefix of a bad file.
+        r.verify_all()?;
+        r.copy_to(&mut out)?;
+    }
+    out.flush()?;
+    Ok(0)
+}
+
+pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) -> Result<i32> {
+    let v = kt.open(fspf)?;
+    v.meta.check_usable()?;
+    let ep = EmbedPath::parse(embed_point)?;
+    std::fs::create_dir_all(outdir).with_context(|| format!("{}", outdir.display()))?;
+    let mut failures = 0;
+    let mut files = 0;
+    for (p, e) in v
+        .meta
+        .files
+        .range(ep.clone()..)
+        .take_while(|(p, _)| p.starts_with(&ep))
+    {
+        let rel = p.strip_prefix(&ep).unwrap_or_default();
+        let dest = if rel.is_empty() {
+            outdir.to_path_buf()
+        } else {
+            outdir.join(
+                EmbedPath::root()
+                    .join(rel)?
+                    .to_path_buf()
+                    .strip_prefix("/")?,
+            )
+        };
+        let res: Result<()> = (|| {
+            match &e.kind {
+                FileKind::Dir => {
+                    std::fs::create_dir_all(&dest)?;
+                    std::fs::set_permissions(
+                        &dest,
+                        std::fs::Permissions::from_mode(e.mode | 0o700),
+                    )?;
+                }
+                FileKind::Symlink(t) => {
+                    if let Some(d) = dest.parent() {
+                        std::fs::create_dir_all(d)?;
+                    }
+                    let _ = std::fs::remove_file(&dest);
+                    std::os::unix::fs::symlink(
+                        std::ffi::OsStr::new(&String::from_utf8_lossy(t).into_owned()),
+                        &dest,
+                    )?;
+                }
+                FileKind::File { .. } => {
+                    if let Some(d) = dest.parent() {
+                        std::fs::create_dir_all(d)?;
+                    }
+                    let mut r = v.open_file(p)?;
+                    let tmp = dest.with_file_name(format!(
+                        ".{}.fspf-export",
+                        dest.file_name().unwrap_or_default().to_string_lossy()
+                    ));
+                    let res = (|| -> Result<()> {
+                        let f = std::fs::OpenOptions::new()
+                            .write(true)
+                            .create(true)
+                            .truncate(true)
+                            .mode(0o600)
+                            .open(&tmp)?;
+                        let mut w = std::io::BufWriter::new(f);
+                        r.copy_to(&mut w)?;
+                        let f = w.into_inner().map_err(|e| e.into_error())?;
+                        f.set_permissions(std::fs::Permissions::from_mode(if e.mode == 0 {
+                            0o600
+                        } else {
+                            e.mode
+                        }))?;
+                        f.sync_all()?;
+                        std::fs::rename(&tmp, &dest)?;
+                        Ok(())
+                    })();
+                    if res.is_err() {
+                        let _ = std::fs::remove_file(&tmp);
+                    }
+                    res?;
+                    files += 1;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(err) = res {
+            failures += 1;
+            eprintln!("fspf: error: {p}: {err:#}");
+        }
+    }
+    if failures > 0 {
+        eprintln!(
+            "fspf: {failures} entr{} could not be exported",
+            if failures == 1 { "y" } else { "ies" }
+        );
+        return Ok(1);
+    }
+    println!("Exported {files} files below {ep} to {}", outdir.display());
+    Ok(0)
+}

@@ -1,0 +1,159 @@
+//! `fspf show [-t|--tag] FSPF [KEY]`
+use anyhow::{Context, Result};
+use clap::Args;
+use fspf_core::format::metadata::{FileKind, RegionKind};
+use fspf_core::{Tag, Volume, VolumeKey};
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct ShowArgs {
+    /// print only the current tag (no key needed)
+    #[arg(short = 't', long = "tag")]
+    pub tag_only: bool,
+    pub fspf: PathBuf,
+    /// fspf key (64 hex digits); also --key, --key-file or SCONE_FSPF_KEY
+    #[arg(value_name = "KEY")]
+    pub key_pos: Option<String>,
+    #[arg(
+        long,
+        value_name = "HEX",
+        env = "SCONE_FSPF_KEY",
+        hide_env_values = true
+    )]
+    pub key: Option<String>,
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
+    /// refuse an fspf whose tag differs (not read from SCONE_FSPF_TAG: show must work after updates)
+    #[arg(long, value_name = "HEX")]
+    pub expect_tag: Option<String>,
+    /// machine-readable output
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: ShowArgs) -> Result<i32> {
+    if a.tag_only {
+        let t = Volume::read_tag(&a.fspf)?;
+        if a.json {
+            println!("{}", serde_json::json!({ "tag": t.to_hex() }));
+        } else {
+            println!("{t}");
+        }
+        return Ok(0);
+    }
+    let key = if let Some(f) = &a.key_file {
+        Some(crate::anchor::key_from_file(f)?)
+    } else {
+        match a.key_pos.as_ref().or(a.key.as_ref()) {
+            Some(k) if !k.trim().is_empty() => Some(VolumeKey::from_hex(k).context("KEY")?),
+            _ => None,
+        }
+    };
+    let expect = a.expect_tag.as_deref().map(Tag::from_hex).transpose()?;
+    let v = Volume::open(&a.fspf, key, expect)?;
+    let count = |ep: &fspf_core::EmbedPath| {
+        v.meta
+            .files
+            .iter()
+            .filter(|(p, e)| {
+                matches!(e.kind, FileKind::File { .. })
+                    && v.meta.region_for(p).map(|r| &r.embed_point) == Some(ep)
+            })
+            .count()
+    };
+    if a.json {
+        let regions: Vec<_> = v
+            .meta
+            .regions
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "embed_point": r.embed_point.to_string(),
+                    "kind": match r.kind { RegionKind::Kernel(_) => "kernel", RegionKind::Ephemeral => "ephemeral" },
+                    "kernel_path": match &r.kind { RegionKind::Kernel(k) => Some(k.display().to_string()), RegionKind::Ephemeral => None },
+                    "protection": r.protection.name(),
+                    "key_length": r.key.as_ref().map(|k| k.len()),
+                    "chunk_length": r.chunk_len,
+                    "files": count(&r.embed_point),
+                })
+            })
+            .collect();
+        let files: Vec<_> = v
+            .meta
+            .files
+            .iter()
+            .map(|(p, e)| {
+                let (kind, size, target) = match &e.kind {
+                    FileKind::File { size, .. } => ("file", Some(*size), None),
+                    FileKind::Dir => ("dir", None, None),
+                    FileKind::Symlink(t) => ("symlink", None, Some(String::from_utf8_lossy(t).into_owned())),
+                };
+                serde_json::json!({"path": p.to_string(), "kind": kind, "size": size, "mode": format!("{:o}", e.mode), "target": target,
+                    "region": v.meta.region_for(p).map(|r| r.embed_point.to_string())})
+            })
+            .collect();
+        let out = serde_json::json!({
+            "path": a.fspf.display().to_string(), "tag": v.tag().to_hex(), "encrypted": v.is_encrypted(),
+            "generation": v.meta.generation, "regions": regions, "files": files,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(0);
+    }
+    println!("file system protection file {}", a.fspf.display());
+    println!("  tag:        {}", v.tag());
+    println!(
+        "  encrypted:  {}",
+        if v.is_encrypted() {
+            "yes"
+        } else {
+            "no (run `fspf encrypt`)"
+        }
+    );
+    println!("  generation: {}", v.meta.generation);
+    println!("regions:");
+    if v.meta.regions.is_empty() {
+        println!("  (none)");
+    }
+    for r in &v.meta.regions {
+        let kernel = match &r.kind {
+            RegionKind::Kernel(k) => format!("kernel {}", k.display()),
+            RegionKind::Ephemeral => "ephemeral".into(),
+        };
+        let key = r
+            .key
+            .as_ref()
+            .map_or("-".to_string(), |k| format!("{}-byte key", k.len()));
+        println!(
+            "  {:<20} {:<28} {:<14} {:<12} chunk {:>8}  {} files",
+            r.embed_point.to_string(),
+            kernel,
+            r.protection.name(),
+            key,
+            r.chunk_len,
+            count(&r.embed_point)
+        );
+    }
+    println!("files:");
+    for (p, e) in &v.meta.files {
+        match &e.kind {
+            FileKind::File { size, .. } => println!(
+                "  {:<40} file     {:>12} bytes  mode {:o}",
+                p.to_string(),
+                size,
+                e.mode
+            ),
+            FileKind::Dir => println!(
+                "  {:<40} dir      {:>12}        mode {:o}",
+                p.to_string(),
+                "",
+                e.mode
+            ),
+            FileKind::Symlink(t) => println!(
+                "  {:<40} symlink -> {}",
+                p.to_string(),
+                String::from_utf8_lossy(t)
+            ),
+        }
+    }
+    Ok(0)
+}
