@@ -101,7 +101,9 @@ pub(crate) fn seal_version(
             let k = crypto::file_chunk_key(key, &id)?;
             codec::seal_encrypted(&k, &id, region.chunk_len, size, src, &mut w, &label)?;
             let f = w.into_inner().map_err(|e| Error::io(out, e.into_error()))?;
-            f.sync_all().map_err(|e| Error::io(out, e))?;
+            if vol.sync_each_file {
+                f.sync_all().map_err(|e| Error::io(out, e))?;
+            }
             Ok((
                 FileEntry {
                     kind: FileKind::File {
@@ -129,7 +131,9 @@ pub(crate) fn seal_version(
                         &label,
                     )?;
                     let f = w.into_inner().map_err(|e| Error::io(o, e.into_error()))?;
-                    f.sync_all().map_err(|e| Error::io(o, e))?;
+                    if vol.sync_each_file {
+                        f.sync_all().map_err(|e| Error::io(o, e))?;
+                    }
                     r
                 }
                 None => codec::seal_authenticated(&k, region.chunk_len, size, src, None, &label)?,
@@ -231,7 +235,11 @@ impl Volume {
                 });
             };
             match store::open(&self.path, self.key.clone(), Some(trusted)) {
-                Ok(v) => *self = v,
+                Ok(v) => {
+                    let sync = self.sync_each_file;
+                    *self = v;
+                    self.sync_each_file = sync;
+                }
                 Err(e) => {
                     cleanup(&changes);
                     return Err(e);

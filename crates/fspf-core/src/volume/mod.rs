@@ -30,6 +30,9 @@ pub struct Volume {
     key: Option<VolumeKey>,
     tag: Tag,
     pub meta: Metadata,
+    /// When false, staged files are not fsync'd one by one: the caller makes them durable (e.g.
+    /// one `syncfs`) before [`Volume::commit`]. The preload shield batches commits this way.
+    pub sync_each_file: bool,
 }
 
 /// Parameters of `addr`.
