@@ -50,10 +50,11 @@ impl Volume {
     /// Create an empty, unencrypted fspf. Refuses to replace an existing file unless `force`.
     pub fn create(path: &Path, force: bool) -> Result<Tag> {
         let mut v = Volume {
-            path: path.to_path_buf(),
+            path: store::absolute(path),
             key: None,
             tag: Tag::default(),
             meta: Metadata::default(),
+            sync_each_file: true,
         };
         store::write_new(&mut v, force)?;
         Ok(v.tag)

@@ -123,6 +123,7 @@ pub(crate) fn open(path: &Path, key: Option<VolumeKey>, expected: Option<Tag>) -
         key,
         tag,
         meta,
+        sync_each_file: true,
     })
 }
 
