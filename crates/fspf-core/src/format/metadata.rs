@@ -315,6 +315,17 @@ impl Metadata {
         self.region_index(path).map(|i| &self.regions[i])
     }
 
+    /// `path` and every listed path below it, in order. (Byte order puts `/a-x` between `/a` and
+    /// `/a/b`, so the scan runs over the whole byte-prefix range and filters by component.)
+    pub fn paths_below(&self, path: &EmbedPath) -> Vec<EmbedPath> {
+        self.files
+            .range(path.clone()..)
+            .take_while(|(k, _)| k.as_bytes().starts_with(path.as_bytes()))
+            .filter(|(k, _)| k.starts_with(path))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     /// The fspf is usable once it has a region, and a root region when it has more than one.
     pub fn check_usable(&self) -> crate::Result<()> {
         if self.regions.is_empty() {
@@ -326,5 +337,30 @@ impl Metadata {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn paths_below_is_component_wise_despite_byte_order() {
+        let mut m = Metadata::default();
+        for p in ["/a", "/a-x", "/a/b", "/a/b/c", "/ab", "/b"] {
+            m.files.insert(
+                EmbedPath::parse(p).unwrap(),
+                FileEntry {
+                    kind: FileKind::Dir,
+                    mode: 0,
+                },
+            );
+        }
+        let got: Vec<String> = m
+            .paths_below(&EmbedPath::parse("/a").unwrap())
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(got, ["/a", "/a/b", "/a/b/c"]);
+        assert_eq!(m.paths_below(&EmbedPath::root()).len(), 6);
     }
 }

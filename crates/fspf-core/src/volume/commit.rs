@@ -274,14 +274,7 @@ impl Volume {
                     }
                 }
                 Change::Remove(p) => {
-                    let below: Vec<EmbedPath> = self
-                        .meta
-                        .files
-                        .range(p.clone()..)
-                        .take_while(|(k, _)| k.starts_with(p))
-                        .map(|(k, _)| k.clone())
-                        .collect();
-                    for k in below {
+                    for k in self.meta.paths_below(p) {
                         if let Some(FileEntry {
                             kind: FileKind::File { id, .. },
                             ..
@@ -292,14 +285,7 @@ impl Volume {
                     }
                 }
                 Change::Rename { from, to } => {
-                    let below: Vec<EmbedPath> = self
-                        .meta
-                        .files
-                        .range(from.clone()..)
-                        .take_while(|(k, _)| k.starts_with(from))
-                        .map(|(k, _)| k.clone())
-                        .collect();
-                    for k in below {
+                    for k in self.meta.paths_below(from) {
                         let rest = k.strip_prefix(from).unwrap_or_default().to_vec();
                         let dest = if rest.is_empty() {
                             to.clone()

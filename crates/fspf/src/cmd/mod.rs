@@ -114,12 +114,9 @@ pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) ->
     std::fs::create_dir_all(outdir).with_context(|| format!("{}", outdir.display()))?;
     let mut failures = 0;
     let mut files = 0;
-    for (p, e) in v
-        .meta
-        .files
-        .range(ep.clone()..)
-        .take_while(|(p, _)| p.starts_with(&ep))
-    {
+    for p in v.meta.paths_below(&ep) {
+        let e = &v.meta.files[&p];
+        let p = &p;
         let rel = p.strip_prefix(&ep).unwrap_or_default();
         let dest = if rel.is_empty() {
             outdir.to_path_buf()
