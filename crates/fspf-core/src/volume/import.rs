@@ -177,14 +177,17 @@ impl Volume {
                 }
             }
         }
+        // Files are made durable together (one syncfs per filesystem) before the commit.
+        let sync_each = std::mem::replace(&mut self.sync_each_file, false);
+        let this = &*self;
         let results: Vec<Result<Option<Change>>> = jobs
             .par_iter()
             .map(|j| -> Result<Option<Change>> {
                 match j {
                     Job::Dir { path, mode, .. } => {
-                        let r = self.region_for(path).map(|r| r.protection);
+                        let r = this.region_for(path).map(|r| r.protection);
                         if r == Some(Protection::NotProtected)
-                            || self.meta.regions.iter().any(|r| &r.embed_point == path)
+                            || this.meta.regions.iter().any(|r| &r.embed_point == path)
                         {
                             return Ok(None);
                         }
@@ -197,7 +200,7 @@ impl Volume {
                         )))
                     }
                     Job::Symlink { rel, path, target } => {
-                        if self.region_for(path).map(|r| r.protection)
+                        if this.region_for(path).map(|r| r.protection)
                             == Some(Protection::NotProtected)
                         {
                             return Ok(None);
@@ -224,7 +227,7 @@ impl Volume {
                         size,
                         mode,
                     } => {
-                        let Some(region) = self.region_for(path) else {
+                        let Some(region) = this.region_for(path) else {
                             return Ok(None);
                         };
                         if region.protection == Protection::NotProtected {
@@ -265,6 +268,7 @@ impl Volume {
                 }
             })
             .collect();
+        self.sync_each_file = sync_each;
         let mut changes = Vec::new();
         let mut first_err = None;
         for r in results {
@@ -298,6 +302,16 @@ impl Volume {
                 }
                 _ => {}
             }
+        }
+        let mut dirs: Vec<PathBuf> = vec![self.tree_dir()];
+        dirs.extend(opts.output.iter().cloned());
+        if let Err(e) = super::sync_filesystems(dirs.iter().map(|d| d.as_path())) {
+            for c in &changes {
+                if let Change::Put(s) = c {
+                    let _ = fs::remove_file(&s.shadow);
+                }
+            }
+            return Err(e);
         }
         let tag = self.tag();
         self.commit(changes, Some(tag))?;

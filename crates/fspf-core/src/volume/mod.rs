@@ -7,8 +7,8 @@ mod verify;
 
 pub use commit::{Change, StagedFile};
 pub use import::{ImportOptions, ImportReport};
-pub use store::is_fspf_internal;
 pub use store::FspfLock;
+pub use store::{is_fspf_internal, sync_filesystems};
 pub use verify::Finding;
 
 use crate::codec::{FileCodec, ProtectedReader};
