@@ -266,3 +266,55 @@ impl Volume {
         ProtectedReader::new(codec, size, region.chunk_len, path.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unencrypted_fspf_is_refused_when_a_key_is_given() {
+        // An attacker can forge an unencrypted fspf with any chosen tag (the key is public), so a
+        // caller that holds a key must never accept one, even when the tag matches.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("fspf.pb");
+        let tag = Volume::create(&p, false).unwrap();
+        let key = VolumeKey::random().unwrap();
+        let e = Volume::open(&p, Some(key), Some(tag)).unwrap_err();
+        assert!(matches!(e, Error::NotEncrypted { .. }), "{e}");
+        assert!(Volume::open(&p, None, Some(tag)).is_ok());
+    }
+
+    #[test]
+    fn encrypted_fspf_needs_the_right_key_and_tag() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("fspf.pb");
+        Volume::create(&p, false).unwrap();
+        let mut v = Volume::open(&p, None, None).unwrap();
+        let (tag, key) = v.encrypt().unwrap();
+        assert!(matches!(
+            Volume::open(&p, None, None).unwrap_err(),
+            Error::KeyRequired { .. }
+        ));
+        let other = VolumeKey::random().unwrap();
+        assert!(matches!(
+            Volume::open(&p, Some(other), Some(tag)).unwrap_err(),
+            Error::WrongKeyOrCorrupt { .. }
+        ));
+        let stale = Tag([0; 16]);
+        assert!(matches!(
+            Volume::open(&p, Some(key.clone()), Some(stale)).unwrap_err(),
+            Error::TagMismatch { .. }
+        ));
+        assert!(Volume::open(&p, Some(key), Some(tag)).is_ok());
+    }
+
+    #[test]
+    fn create_refuses_to_overwrite_without_force() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("fspf.pb");
+        let t1 = Volume::create(&p, false).unwrap();
+        assert!(Volume::create(&p, false).is_err());
+        assert_eq!(Volume::read_tag(&p).unwrap(), t1);
+        assert_ne!(Volume::create(&p, true).unwrap(), t1);
+    }
+}

@@ -99,10 +99,13 @@ pub(crate) fn open(path: &Path, key: Option<VolumeKey>, expected: Option<Tag>) -
             });
         }
     }
-    let key = if h.sealed {
-        Some(key.ok_or_else(|| Error::KeyRequired { path: path.into() })?)
-    } else {
-        None
+    // A caller holding a key expects a sealed fspf: an unsealed one uses the public key, so its
+    // tag (even one equal to the expected tag) proves nothing and must not be accepted.
+    let key = match (h.sealed, key) {
+        (true, Some(k)) => Some(k),
+        (true, None) => return Err(Error::KeyRequired { path: path.into() }),
+        (false, Some(_)) => return Err(Error::NotEncrypted { path: path.into() }),
+        (false, None) => None,
     };
     let aead = AeadKey::new(key.as_ref().map_or(&PUBLIC_KEY[..], |k| k.as_bytes()))?;
     let mut body = bytes[HEADER_LEN..].to_vec();
