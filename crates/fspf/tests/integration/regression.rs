@@ -36,3 +36,48 @@ fn create_volume_authenticated_failed_on_top_level_files() {
         .collect();
     assert_eq!(names, ["v"], "{names:?}");
 }
+
+/// `fspf verify` missed flips in outboard bytes that no chunk verification reads (the last node of
+/// an odd-width Merkle level, e.g. leaf 2 of a 3-chunk file).
+#[test]
+fn verify_missed_flips_in_unpaired_outboard_nodes() {
+    let env = Env::new();
+    env.write("a/three", pattern(2 * CHUNK + 7, 1));
+    env.write("a/five", pattern(4 * CHUNK + 1, 2));
+    env.ok(["create", "fspf.pb"]);
+    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
+    env.ok([
+        "addr",
+        "fspf.pb",
+        "/a",
+        "-a",
+        "--kernel",
+        &env.p("a"),
+        "-c",
+        "4096",
+    ]);
+    env.ok(["addf", "fspf.pb", "/a", "a"]);
+    let trees: Vec<_> = fs::read_dir(env.path("fspf.pb.trees"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(trees.len(), 2);
+    for t in trees {
+        let good = fs::read(&t).unwrap();
+        // Flip one byte in every node.
+        for node in 0..good.len() / 32 {
+            let off = node * 32 + 5;
+            flip(&t, off, 0x02);
+            let o = env.run(["verify", "fspf.pb"]);
+            assert_eq!(o.status.code(), Some(1), "{t:?} node {node} flipped");
+            for name in ["/a/three", "/a/five"] {
+                let c = env.run(["cat", "fspf.pb", name]);
+                if !c.status.success() {
+                    assert!(c.stdout.is_empty());
+                }
+            }
+            fs::write(&t, &good).unwrap();
+        }
+    }
+    env.ok(["verify", "fspf.pb"]);
+}
