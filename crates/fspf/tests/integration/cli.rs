@@ -716,3 +716,87 @@ fn fspf_file_is_mode_0600() {
     let mode = fs::metadata(env.path("fspf.pb")).unwrap().mode() & 0o777;
     assert_eq!(mode, 0o600, "after addf: {mode:o}");
 }
+
+/// Copy a directory tree, keeping symlinks as symlinks.
+fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        let ft = e.file_type().unwrap();
+        if ft.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(&src).unwrap(), &dst).unwrap();
+        } else if ft.is_dir() {
+            copy_tree(&src, &dst);
+        } else {
+            fs::copy(&src, &dst).unwrap();
+        }
+    }
+}
+
+/// The frozen v1 fixture through the CLI: copied to the kernel paths it records (see
+/// testdata/fspf/v1/README), under a lock so concurrent runs do not trip over each other.
+#[test]
+fn v1_fixture_is_readable_by_the_cli_at_its_recorded_place() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/fspf/v1");
+    let base = Path::new("/tmp/fspf-fixture-v1");
+    let _lock = fspf_core::Volume::lock(base).expect("fixture lock");
+    let _ = fs::remove_dir_all(base);
+    let run = |copy_from: &Path| {
+        let _ = fs::remove_dir_all(base);
+        for part in ["fspf.pb", "fspf.pb.trees", "enc", "auth"] {
+            let (s, d) = (copy_from.join(part), base.join(part));
+            if s.is_dir() {
+                copy_tree(&s, &d);
+            } else {
+                fs::create_dir_all(base).unwrap();
+                fs::copy(&s, &d).unwrap();
+            }
+        }
+    };
+    let env = Env::new();
+    let keytag = fixture.join("keytag");
+    let kt = parse_encrypt_line(fs::read_to_string(&keytag).unwrap().trim());
+    let f = base.join("fspf.pb");
+    let f = f.to_str().unwrap();
+    let kf = keytag.to_str().unwrap();
+    run(&fixture);
+    let out = env.ok([
+        "cat",
+        f,
+        "/enc/hello.txt",
+        "--key-file",
+        kf,
+        "--tag",
+        &kt.tag,
+    ]);
+    assert_eq!(out, "Hello World\n");
+    let out = env.ok([
+        "cat",
+        f,
+        "/auth/readme.txt",
+        "--key",
+        &kt.key,
+        "--tag",
+        &kt.tag,
+    ]);
+    assert_eq!(out, "authenticated readme\n");
+    let out = env.ok(["verify", f, "--key-file", kf, "--tag", &kt.tag]);
+    assert_line(
+        &out,
+        &format!("OK: 6 files verified against tag {}", kt.tag),
+    );
+    for (defect, embed) in [
+        ("fspf_rolled_back", "/enc/hello.txt"),
+        ("chunk_flipped", "/enc/sub/data.bin"),
+        ("files_swapped", "/enc/hello.txt"),
+        ("auth_tree_flipped", "/auth/lib/libx.so"),
+    ] {
+        run(&fixture.join("broken").join(defect));
+        let o = env.fails(["verify", f, "--key-file", kf, "--tag", &kt.tag]);
+        assert!(!stdout(&o).starts_with("OK"), "{defect}");
+        let o = env.fails(["cat", f, embed, "--key-file", kf, "--tag", &kt.tag]);
+        assert!(o.stdout.is_empty(), "{defect}");
+    }
+    let _ = fs::remove_dir_all(base);
+}
