@@ -20,8 +20,8 @@ struct Cli {
     command: Command,
 }
 
-/// Key and expected tag of an existing fspf.
-#[derive(Args, Debug, Clone, Default)]
+/// Key and expected tag of an existing fspf. `Debug` redacts the key (P10).
+#[derive(Args, Clone, Default)]
 pub struct KeyTagArgs {
     /// fspf key as 64 hex digits (or SCONE_FSPF_KEY)
     #[arg(
@@ -37,6 +37,16 @@ pub struct KeyTagArgs {
     /// expected fspf tag (or SCONE_FSPF_TAG): an older or replaced fspf is refused
     #[arg(long, value_name = "HEX", env = "SCONE_FSPF_TAG")]
     pub tag: Option<String>,
+}
+
+impl std::fmt::Debug for KeyTagArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyTagArgs")
+            .field("key", &self.key.as_ref().map(|_| "**redacted**"))
+            .field("key_file", &self.key_file)
+            .field("tag", &self.tag)
+            .finish()
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -122,8 +132,47 @@ fn main() {
     match res {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("fspf: error: {e:#}");
+            eprintln!("fspf: error: {}", error_message(&e));
             std::process::exit(1);
+        }
+    }
+}
+
+/// The error and its causes joined by ": ", skipping a cause whose text the message already
+/// holds (fspf-core's `Io` errors print their source themselves, so `{:#}` would repeat it).
+fn error_message(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: `Debug` of the parsed command line (derived) printed `--key` / `KEY` values.
+    #[test]
+    fn parsed_args_debug_showed_the_key() {
+        let key = "ab".repeat(32);
+        for argv in [
+            vec!["fspf", "cat", "f.pb", "/x", "--key", &key],
+            vec!["fspf", "verify", "f.pb", "--key", &key, "--tag", "00"],
+            vec!["fspf", "addf", "f.pb", "/x", "src", "--key", &key],
+            vec!["fspf", "show", "f.pb", &key],
+            vec!["fspf", "show", "f.pb", "--key", &key],
+        ] {
+            let cli = Cli::try_parse_from(&argv).expect("parses");
+            let dbg = format!("{cli:?}");
+            assert!(!dbg.contains(&key[..16]), "{argv:?}: {dbg}");
         }
     }
 }

@@ -193,6 +193,8 @@ pub struct ProtectedReader<R: ReadAt, O: ReadAt> {
     label: String,
     cached: Option<u64>,
     buf: Vec<u8>,
+    /// Leaf of the chunk last loaded (authenticated files), collected by `verify_all`.
+    last_leaf: Option<[u8; 32]>,
 }
 
 impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
@@ -259,6 +261,7 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
             label,
             cached: None,
             buf: Vec::new(),
+            last_leaf: None,
         })
     }
 
@@ -311,6 +314,7 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
                     data.read_exact_at(&mut self.buf, index * self.chunk_len as u64)
                         .map_err(io)?;
                     let leaf = key.leaf(index, last, &self.buf);
+                    self.last_leaf = Some(leaf);
                     let ok =
                         verify_leaf(key, root, n, index, leaf, outboard.as_ref()).map_err(io)?;
                     if !ok {
@@ -346,11 +350,36 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
         Ok(done)
     }
 
-    /// Verify every chunk (for `fspf verify`), in order.
+    /// Verify every chunk (for `fspf verify`), in order, and for authenticated files every byte of
+    /// the outboard: the last node of an odd-width level is never read as a sibling, so random
+    /// reads cannot notice a change there, but a full verification must.
     pub fn verify_all(&mut self) -> Result<()> {
         let n = layout::chunk_count(self.size, self.chunk_len);
+        self.cached = None;
+        let mut leaves = Vec::new();
         for i in 0..n {
             self.chunk(i)?;
+            leaves.extend(self.last_leaf.take());
+        }
+        if let FileCodec::Authenticated {
+            key,
+            outboard: Some(o),
+            ..
+        } = &self.codec
+        {
+            let (_, expected) = merkle_root_and_outboard(key, &leaves);
+            let mut stored = vec![0u8; expected.len()];
+            o.read_exact_at(&mut stored, 0).map_err(|e| Error::Io {
+                path: self.label.clone().into(),
+                source: e,
+            })?;
+            if !crate::crypto::ct_eq(&stored, &expected) {
+                return Err(Error::Invalid {
+                    path: self.label.clone(),
+                    reason: "integrity tree does not match the verified contents (tree modified)"
+                        .into(),
+                });
+            }
         }
         Ok(())
     }

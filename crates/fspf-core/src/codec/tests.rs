@@ -75,3 +75,39 @@ fn authenticated_roundtrip_and_tamper() {
         }
     }
 }
+
+/// Regression: the last node of an odd-width Merkle level is never read as a sibling, so a flip
+/// there went unnoticed by `verify_all`. Every outboard byte must now be checked.
+#[test]
+fn verify_all_checks_every_outboard_byte() {
+    for chunks in [2usize, 3, 4, 5, 7, 9] {
+        let size = (chunks - 1) * 512 + 100;
+        let rk = RegionKey::random(32).unwrap();
+        let id = FileId::random().unwrap();
+        let k = file_mac_key(&rk, &id).unwrap();
+        let plain: Vec<u8> = (0..size).map(|i| (i * 13) as u8).collect();
+        let (root, ob) =
+            seal_authenticated(&k, 512, size as u64, &mut &plain[..], None, "t").unwrap();
+        assert_eq!(ob.len() as u64, layout::outboard_len(chunks as u64));
+        for off in 0..ob.len() {
+            let mut bad = ob.clone();
+            bad[off] ^= 0x40;
+            let mut r = ProtectedReader::<Vec<u8>, Vec<u8>>::new(
+                FileCodec::Authenticated {
+                    key: k.clone(),
+                    root,
+                    data: plain.clone(),
+                    outboard: Some(bad),
+                },
+                size as u64,
+                512,
+                "t".into(),
+            )
+            .unwrap();
+            assert!(
+                r.verify_all().is_err(),
+                "{chunks} chunks: outboard byte {off} flipped went unnoticed"
+            );
+        }
+    }
+}

@@ -11,8 +11,18 @@ pub struct Finding {
     pub problem: String,
 }
 
+/// Exactly the names `commit::shadow_path` writes, `.NAME.fspf-<32 lowercase hex>`: leftovers of
+/// an interrupted commit are not findings. Any other name is reported (it could hide a planted file).
 fn is_shadow(name: &[u8]) -> bool {
-    name.starts_with(b".") && name.windows(6).any(|w| w == b".fspf-")
+    let Some(rest) = name.strip_prefix(b".") else {
+        return false;
+    };
+    let id_hex = crate::crypto::FILE_ID_LEN * 2;
+    if rest.len() <= b".fspf-".len() + id_hex {
+        return false;
+    }
+    let (head, id) = rest.split_at(rest.len() - id_hex);
+    head.ends_with(b".fspf-") && id.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 impl Volume {

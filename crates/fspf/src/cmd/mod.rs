@@ -143,7 +143,8 @@ pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) ->
                     }
                     let _ = std::fs::remove_file(&dest);
                     std::os::unix::fs::symlink(
-                        std::ffi::OsStr::new(&String::from_utf8_lossy(t).into_owned()),
+                        // Targets are bytes: a non-UTF-8 target must come back unchanged.
+                        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(t),
                         &dest,
                     )?;
                 }

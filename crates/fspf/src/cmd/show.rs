@@ -5,7 +5,7 @@ use fspf_core::format::metadata::{FileKind, RegionKind};
 use fspf_core::{Tag, Volume, VolumeKey};
 use std::path::PathBuf;
 
-#[derive(Args, Debug)]
+#[derive(Args)]
 pub struct ShowArgs {
     /// print only the current tag (no key needed)
     #[arg(short = 't', long = "tag")]
@@ -29,6 +29,22 @@ pub struct ShowArgs {
     /// machine-readable output
     #[arg(long)]
     pub json: bool,
+}
+
+/// Redacts the key (P10).
+impl std::fmt::Debug for ShowArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = |k: &Option<String>| k.as_ref().map(|_| "**redacted**");
+        f.debug_struct("ShowArgs")
+            .field("tag_only", &self.tag_only)
+            .field("fspf", &self.fspf)
+            .field("key_pos", &redact(&self.key_pos))
+            .field("key", &redact(&self.key))
+            .field("key_file", &self.key_file)
+            .field("expect_tag", &self.expect_tag)
+            .field("json", &self.json)
+            .finish()
+    }
 }
 
 pub fn run(a: ShowArgs) -> Result<i32> {

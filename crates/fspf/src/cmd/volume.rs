@@ -106,22 +106,31 @@ fn tempdir_listing(dir: &std::path::Path, fspf: &std::path::Path) -> Result<Path
         dir.file_name().unwrap_or_default().to_string_lossy(),
         hex::encode(rnd)
     ));
-    for e in walk(dir)? {
-        let rel = e.strip_prefix(dir)?;
-        if e == fspf || fspf_core::volume::is_fspf_internal(fspf, &e) {
-            continue;
+    // The stage root must exist before the first top-level entry is linked into it.
+    std::fs::create_dir_all(&stage).with_context(|| format!("{}", stage.display()))?;
+    let res = (|| -> Result<()> {
+        for e in walk(dir)? {
+            let rel = e.strip_prefix(dir)?;
+            if e == fspf || fspf_core::volume::is_fspf_internal(fspf, &e) {
+                continue;
+            }
+            let t = stage.join(rel);
+            let md = std::fs::symlink_metadata(&e).with_context(|| format!("{}", e.display()))?;
+            if md.is_dir() {
+                std::fs::create_dir_all(&t)
+            } else if md.file_type().is_symlink() {
+                std::fs::read_link(&e).and_then(|l| std::os::unix::fs::symlink(l, &t))
+            } else {
+                std::fs::hard_link(&e, &t).or_else(|_| std::fs::copy(&e, &t).map(|_| ()))
+            }
+            .with_context(|| format!("staging {} as {}", e.display(), t.display()))?;
         }
-        let t = stage.join(rel);
-        let md = std::fs::symlink_metadata(&e)?;
-        if md.is_dir() {
-            std::fs::create_dir_all(&t)?;
-        } else if md.file_type().is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(&e)?, &t)?;
-        } else {
-            std::fs::hard_link(&e, &t).or_else(|_| std::fs::copy(&e, &t).map(|_| ()))?;
-        }
+        Ok(())
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_dir_all(&stage);
+        return Err(e);
     }
-    std::fs::create_dir_all(&stage)?;
     Ok(stage)
 }
 

@@ -1,0 +1,191 @@
+//! Frozen format-v1 fixtures (`testdata/fspf/v1/`, never regenerated): the good tree must keep
+//! opening with its recorded key and tag and serve the same plaintext; every `broken/<defect>/`
+//! copy must keep failing, in the way its name says.
+//!
+//! The fixture's regions record absolute kernel paths below `/tmp/fspf-fixture-v1` (where it was
+//! made). The library test re-points those regions at the checked-out copy in memory (the fspf
+//! on disk is untouched, and the outboard trees are found beside the fspf, as always).
+use fspf_core::format::metadata::RegionKind;
+use fspf_core::volume::Finding;
+use fspf_core::{EmbedPath, Error, FileKind, Tag, Volume, VolumeKey};
+use std::path::{Path, PathBuf};
+
+const RECORDED_BASE: &str = "/tmp/fspf-fixture-v1";
+
+fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/fspf/v1")
+}
+
+/// Key and tag from `keytag` (the `fspf encrypt` line: awk `$11` and `$9`).
+fn keytag() -> (VolumeKey, Tag) {
+    let line = std::fs::read_to_string(fixture_dir().join("keytag")).expect("keytag");
+    let w: Vec<&str> = line.split_whitespace().collect();
+    (
+        VolumeKey::from_hex(w[10]).expect("key"),
+        Tag::from_hex(w[8]).expect("tag"),
+    )
+}
+
+/// Open the fixture copy in `dir` with the recorded anchor; kernel regions re-pointed at `dir`.
+fn open_at(dir: &Path) -> fspf_core::Result<Volume> {
+    let (key, tag) = keytag();
+    let mut v = Volume::open(&dir.join("fspf.pb"), Some(key), Some(tag))?;
+    for r in &mut v.meta.regions {
+        if let RegionKind::Kernel(k) = &r.kind {
+            if let Ok(rest) = k.strip_prefix(RECORDED_BASE) {
+                r.kind = RegionKind::Kernel(dir.join(rest));
+            }
+        }
+    }
+    Ok(v)
+}
+
+fn read(v: &Volume, path: &str) -> fspf_core::Result<Vec<u8>> {
+    let mut r = v.open_file(&EmbedPath::parse(path).unwrap())?;
+    r.verify_all()?;
+    let mut out = Vec::new();
+    r.copy_to(&mut out)?;
+    Ok(out)
+}
+
+fn data_bin() -> Vec<u8> {
+    (0..10000u32).map(|i| ((i * 131 + 7) % 251) as u8).collect()
+}
+fn libx() -> Vec<u8> {
+    (0..9000u32).map(|i| ((i * 17 + 3) % 253) as u8).collect()
+}
+
+#[test]
+fn v1_fixture_opens_with_its_recorded_key_and_tag_and_serves_the_same_plaintext() {
+    let dir = fixture_dir();
+    let (_, tag) = keytag();
+    assert_eq!(Volume::read_tag(&dir.join("fspf.pb")).unwrap(), tag);
+    let v = open_at(&dir).expect("v1 fixture must stay readable");
+    assert!(v.is_encrypted());
+    let regions: Vec<String> = v
+        .meta
+        .regions
+        .iter()
+        .map(|r| format!("{} {} {}", r.embed_point, r.class(), r.chunk_len))
+        .collect();
+    assert_eq!(
+        regions,
+        [
+            "/ kernel not-protected 65536",
+            "/auth kernel authenticated 4096",
+            "/enc kernel encrypted 4096"
+        ]
+    );
+    assert_eq!(read(&v, "/enc/hello.txt").unwrap(), b"Hello World\n");
+    assert_eq!(read(&v, "/enc/empty").unwrap(), b"");
+    assert_eq!(read(&v, "/enc/sub/data.bin").unwrap(), data_bin());
+    assert_eq!(
+        read(&v, "/auth/readme.txt").unwrap(),
+        b"authenticated readme\n"
+    );
+    assert_eq!(read(&v, "/auth/lib/libx.so").unwrap(), libx());
+    assert_eq!(
+        read(&v, "/auth/late.txt").unwrap(),
+        b"added after the first encrypt\n"
+    );
+    match &v
+        .entry(&EmbedPath::parse("/auth/libx-link").unwrap())
+        .unwrap()
+        .kind
+    {
+        FileKind::Symlink(t) => assert_eq!(t, b"lib/libx.so"),
+        k => panic!("libx-link: {k:?}"),
+    }
+    let findings = v.verify();
+    assert!(findings.is_empty(), "{findings:?}");
+}
+
+fn has_finding(f: &[Finding], path: &str, needle: &str) -> bool {
+    f.iter()
+        .any(|x| x.path == path && x.problem.contains(needle))
+}
+
+#[test]
+fn every_broken_v1_copy_fails_as_its_name_says() {
+    let broken = fixture_dir().join("broken");
+    let mut seen: Vec<String> = std::fs::read_dir(&broken)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    seen.sort();
+    let mut checked = Vec::new();
+    let mut case = |name: &str, check: &dyn Fn(&Path)| {
+        check(&broken.join(name));
+        checked.push(name.to_string());
+    };
+    case("fspf_byte_flipped", &|d| {
+        assert!(matches!(open_at(d), Err(Error::WrongKeyOrCorrupt { .. })));
+    });
+    case("fspf_rolled_back", &|d| {
+        assert!(matches!(open_at(d), Err(Error::TagMismatch { .. })));
+        // It is an older, once-valid fspf: its own tag would open it (freshness is the tag's job).
+        let (key, _) = keytag();
+        let old = Volume::read_tag(&d.join("fspf.pb")).unwrap();
+        assert!(Volume::open(&d.join("fspf.pb"), Some(key), Some(old)).is_ok());
+    });
+    case("chunk_flipped", &|d| {
+        let v = open_at(d).unwrap();
+        assert!(matches!(
+            read(&v, "/enc/sub/data.bin"),
+            Err(Error::ChunkAuth { chunk: 1, .. })
+        ));
+        assert!(has_finding(&v.verify(), "/enc/sub/data.bin", "chunk 1"));
+        assert_eq!(read(&v, "/enc/hello.txt").unwrap(), b"Hello World\n");
+    });
+    case("file_truncated", &|d| {
+        let v = open_at(d).unwrap();
+        assert!(matches!(
+            read(&v, "/enc/sub/data.bin"),
+            Err(Error::SizeMismatch { .. })
+        ));
+        assert!(has_finding(&v.verify(), "/enc/sub/data.bin", "truncated"));
+    });
+    case("unlisted_file", &|d| {
+        let v = open_at(d).unwrap();
+        assert!(matches!(
+            read(&v, "/enc/unlisted.txt"),
+            Err(Error::NotListed { .. })
+        ));
+        let f = v.verify();
+        assert!(has_finding(&f, "/enc/unlisted.txt", "unlisted"), "{f:?}");
+        assert_eq!(f.len(), 1, "{f:?}");
+    });
+    case("auth_file_modified", &|d| {
+        let v = open_at(d).unwrap();
+        assert!(matches!(
+            read(&v, "/auth/readme.txt"),
+            Err(Error::ChunkAuth { chunk: 0, .. })
+        ));
+        assert!(has_finding(&v.verify(), "/auth/readme.txt", "chunk 0"));
+    });
+    case("auth_tree_flipped", &|d| {
+        let v = open_at(d).unwrap();
+        assert!(matches!(
+            read(&v, "/auth/lib/libx.so"),
+            Err(Error::ChunkAuth { chunk: 0, .. })
+        ));
+        assert!(has_finding(&v.verify(), "/auth/lib/libx.so", "chunk 0"));
+    });
+    case("file_deleted", &|d| {
+        let v = open_at(d).unwrap();
+        assert!(matches!(read(&v, "/enc/empty"), Err(Error::Missing { .. })));
+        assert!(has_finding(&v.verify(), "/enc/empty", "missing"));
+    });
+    case("files_swapped", &|d| {
+        let v = open_at(d).unwrap();
+        for p in ["/enc/hello.txt", "/enc/empty"] {
+            assert!(
+                matches!(read(&v, p), Err(Error::HeaderMismatch { .. })),
+                "{p}"
+            );
+        }
+        assert_eq!(v.verify().len(), 2);
+    });
+    checked.sort();
+    assert_eq!(checked, seen, "every broken copy has a check");
+}
