@@ -77,6 +77,29 @@ mod tests {
         assert_eq!(enc_file_len(1 << 30, 65536), 24 + (1 << 30) + 16384 * 16);
     }
     #[test]
+    fn worked_sizes_at_default_chunk_len_match_format_md() {
+        // docs/FORMAT.md §4 "Worked sizes", C = 65536
+        let c = DEFAULT_CHUNK_LEN;
+        assert_eq!(c, 65536);
+        let gib = 1u64 << 30;
+        assert_eq!(
+            [0, 1, 65536, 65537, gib].map(|s| chunk_count(s, c)),
+            [1, 1, 1, 2, 16384]
+        );
+        assert_eq!(enc_file_len(0, c), 40);
+        assert_eq!(enc_file_len(1, c), 41);
+        assert_eq!(enc_file_len(65536, c), 65576);
+        assert_eq!(enc_file_len(65537, c), 65593);
+        assert_eq!(enc_file_len(gib, c), 1_074_003_992);
+        assert_eq!(chunk_plain_len(65537, c, 1), 1);
+        assert_eq!(outboard_len(chunk_count(65536, c)), 0);
+        assert_eq!(outboard_len(chunk_count(65537, c)), 64);
+        assert_eq!(outboard_len(chunk_count(gib, c)), 32766 * 32);
+        assert_eq!(outboard_len(chunk_count(gib, c)), 1_048_512);
+        // a random read of a 10 GiB file needs one 32-byte sibling per level
+        assert_eq!(merkle_levels(chunk_count(10 * gib, c)).len(), 18);
+    }
+    #[test]
     fn chunk_counts_and_lengths() {
         assert_eq!(chunk_count(0, C), 1);
         assert_eq!(chunk_count(1, C), 1);

@@ -112,11 +112,12 @@ pub(crate) fn open(path: &Path, key: Option<VolumeKey>, expected: Option<Tag>) -
     let n = aead
         .open(h.nonce, &bytes[..HEADER_LEN], &mut body)
         .ok_or_else(|| Error::WrongKeyOrCorrupt { path: path.into() })?;
-    let pb = MetadataPb::decode(&body[..n]).map_err(|e| Error::MalformedMetadata {
+    let pb = MetadataPb::decode(&body[..n]);
+    zeroize::Zeroize::zeroize(&mut body);
+    let pb = pb.map_err(|e| Error::MalformedMetadata {
         path: path.into(),
         reason: e.to_string(),
     })?;
-    zeroize::Zeroize::zeroize(&mut body);
     let meta = Metadata::from_pb(pb).map_err(|reason| Error::MalformedMetadata {
         path: path.into(),
         reason,
@@ -140,7 +141,12 @@ fn seal(v: &Volume) -> Result<(Vec<u8>, Tag)> {
     };
     let hb = h.encode();
     let aead = AeadKey::new(v.key.as_ref().map_or(&PUBLIC_KEY[..], |k| k.as_bytes()))?;
-    let mut body = v.meta.to_pb().encode_to_vec();
+    let mut pb = v.meta.to_pb();
+    // `body` holds the region keys only until it is encrypted in place below; `pb` holds copies.
+    let mut body = pb.encode_to_vec();
+    for r in &mut pb.regions {
+        zeroize::Zeroize::zeroize(&mut r.key);
+    }
     let tag = aead.seal(nonce, &hb, &mut body)?;
     let mut out = Vec::with_capacity(HEADER_LEN + body.len() + TAG_LEN);
     out.extend_from_slice(&hb);
