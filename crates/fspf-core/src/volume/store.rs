@@ -99,10 +99,13 @@ pub(crate) fn open(path: &Path, key: Option<VolumeKey>, expected: Option<Tag>) -
             });
         }
     }
-    let key = if h.sealed {
-        Some(key.ok_or_else(|| Error::KeyRequired { path: path.into() })?)
-    } else {
-        None
+    let key = match (h.sealed, key) {
+        (true, Some(k)) => Some(k),
+        (true, None) => return Err(Error::KeyRequired { path: path.into() }),
+        (false, None) => None,
+        // The public key authenticates nothing against an attacker (who can also make its tag
+        // match any given tag): whoever holds a key must never accept an unencrypted fspf.
+        (false, Some(_)) => return Err(Error::NotEncrypted { path: path.into() }),
     };
     let aead = AeadKey::new(key.as_ref().map_or(&PUBLIC_KEY[..], |k| k.as_bytes()))?;
     let mut body = bytes[HEADER_LEN..].to_vec();
