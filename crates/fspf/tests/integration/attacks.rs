@@ -728,3 +728,157 @@ fn written_secrets_are_private() {
     assert_eq!(mode(&p.env.path("fspf.pb.lock")), 0o600);
     assert_eq!(mode(&p.tree_of("big")), 0o600);
 }
+
+#[test]
+fn a_whole_older_state_put_back_is_rejected_given_the_current_tag() {
+    // Snapshot everything on disk (fspf, ciphertexts, plaintexts, trees), update, restore all.
+    let mut p = Protected::new();
+    let snapshot = |p: &Protected| -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        for d in ["vol", "authvol", "fspf.pb.trees"] {
+            for e in fs::read_dir(p.env.path(d)).unwrap() {
+                let path = e.unwrap().path();
+                out.push((path.clone(), fs::read(&path).unwrap()));
+            }
+        }
+        out.push((p.env.fspf_path(), p.env.read("fspf.pb")));
+        out
+    };
+    let old = snapshot(&p);
+    let old_tag = p.kt.tag.clone();
+    let mut changed = p.plain("big").to_vec();
+    changed[0] ^= 1;
+    p.env.write("orig/big", &changed);
+    p.env.write("authvol/big", &changed);
+    let f = p.env.p("fspf.pb");
+    for (region, src, out) in [
+        ("/data", p.env.p("orig"), Some(p.env.p("vol"))),
+        ("/auth", p.env.p("authvol"), None),
+    ] {
+        let mut args = vec!["addf".to_string(), f.clone(), region.into(), src];
+        args.extend(out);
+        args.extend(p.kt_args());
+        p.kt.tag = last_word(&p.env.ok(&args));
+    }
+    for (path, bytes) in &old {
+        fs::write(path, bytes).unwrap();
+    }
+    for embed in ["/data/big", "/auth/big", "/data/one"] {
+        let c = p.cat(embed);
+        assert_eq!(c.status.code(), Some(1), "{embed}");
+        assert!(c.stdout.is_empty());
+        assert!(stderr(&c).contains("tag mismatch"), "{}", stderr(&c));
+    }
+    assert_eq!(p.verify().status.code(), Some(1));
+    // The old state is self-consistent: only the tag tells it is old.
+    p.kt.tag = old_tag;
+    p.assert_intact();
+}
+
+#[test]
+fn authenticated_symlinks_and_directories_are_checked_by_verify() {
+    let env = Env::new();
+    env.write("a/real.txt", "real");
+    env.write("a/other.txt", "other");
+    env.mkdir("a/dir/empty");
+    std::os::unix::fs::symlink("real.txt", env.path("a/link")).unwrap();
+    env.ok(["create", "fspf.pb"]);
+    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
+    env.ok(["addr", "fspf.pb", "/a", "-a", "--kernel", &env.p("a")]);
+    env.ok(["addf", "fspf.pb", "/a", "a"]);
+    let kt = env.encrypt(None);
+    let verify = || env.run(["verify", "fspf.pb", "--key", &kt.key, "--tag", &kt.tag]);
+    assert!(verify().status.success());
+    // Symlink re-pointed.
+    fs::remove_file(env.path("a/link")).unwrap();
+    std::os::unix::fs::symlink("other.txt", env.path("a/link")).unwrap();
+    let o = verify();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).contains("/a/link: symlink target changed"),
+        "{}",
+        stdout(&o)
+    );
+    fs::remove_file(env.path("a/link")).unwrap();
+    std::os::unix::fs::symlink("real.txt", env.path("a/link")).unwrap();
+    // Listed directory removed, or replaced by a file.
+    fs::remove_dir(env.path("a/dir/empty")).unwrap();
+    let o = verify();
+    assert!(
+        stdout(&o).contains("/a/dir/empty: listed directory is missing"),
+        "{}",
+        stdout(&o)
+    );
+    env.write("a/dir/empty", "now a file");
+    let o = verify();
+    assert_eq!(o.status.code(), Some(1));
+    fs::remove_file(env.path("a/dir/empty")).unwrap();
+    fs::create_dir(env.path("a/dir/empty")).unwrap();
+    assert!(verify().status.success());
+    // `cat` of a symlink or directory entry is an error, not an empty file.
+    for p in ["/a/link", "/a/dir"] {
+        let o = env.fails(["cat", "fspf.pb", p, "--key", &kt.key, "--tag", &kt.tag]);
+        assert!(o.stdout.is_empty());
+    }
+    // A regular file replaced by a symlink to another listed file with other content.
+    fs::remove_file(env.path("a/real.txt")).unwrap();
+    std::os::unix::fs::symlink("other.txt", env.path("a/real.txt")).unwrap();
+    let o = env.fails([
+        "cat",
+        "fspf.pb",
+        "/a/real.txt",
+        "--key",
+        &kt.key,
+        "--tag",
+        &kt.tag,
+    ]);
+    assert!(o.stdout.is_empty());
+    assert_eq!(verify().status.code(), Some(1));
+}
+
+#[test]
+fn every_file_version_gets_a_fresh_file_id_so_no_key_nonce_pair_repeats() {
+    // P8: chunk nonces are the chunk index; safety rests on a fresh file id (hence key) per version.
+    let env = Env::new();
+    for i in 0..5 {
+        env.write(format!("orig/f{i}"), pattern(CHUNK + i, i as u8));
+    }
+    env.write("orig/same1", "same");
+    env.write("orig/same2", "same");
+    env.mkdir("vol");
+    env.ok(["create", "fspf.pb"]);
+    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
+    env.ok([
+        "addr",
+        "fspf.pb",
+        "/d",
+        "-e",
+        "--kernel",
+        &env.p("vol"),
+        "-c",
+        "4096",
+    ]);
+    let mut seen = std::collections::HashSet::new();
+    for round in 0..4 {
+        env.ok(["addf", "fspf.pb", "/d", "orig", &env.p("vol")]);
+        let v = fspf_core::Volume::open(&env.fspf_path(), None, None).unwrap();
+        let mut n = 0;
+        for e in v.meta.files.values() {
+            if let fspf_core::FileKind::File { id, .. } = &e.kind {
+                assert!(seen.insert(*id), "round {round}: file id {id:?} reused");
+                n += 1;
+            }
+        }
+        assert_eq!(n, 7);
+        // The id on disk is the one the fspf lists (header bytes 8..24).
+        for name in ["f0", "same1"] {
+            let ct = env.read(format!("vol/{name}"));
+            let p = fspf_core::EmbedPath::parse(&format!("/d/{name}")).unwrap();
+            let fspf_core::FileKind::File { id, .. } = &v.entry(&p).unwrap().kind else {
+                panic!()
+            };
+            assert_eq!(&ct[8..24], &id.0[..]);
+        }
+    }
+    assert_eq!(seen.len(), 28);
+}

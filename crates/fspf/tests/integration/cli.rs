@@ -800,3 +800,54 @@ fn v1_fixture_is_readable_by_the_cli_at_its_recorded_place() {
     }
     let _ = fs::remove_dir_all(base);
 }
+
+#[test]
+fn chunk_length_out_of_range_is_refused() {
+    let env = Env::new();
+    fresh_with_root(&env);
+    let before = env.read("fspf.pb");
+    for c in ["0", "100", "511", "16777217"] {
+        let o = env.fails(["addr", "fspf.pb", "/x", "-e", "--ephemeral", "-c", c]);
+        assert!(
+            stderr(&o).contains("chunk length"),
+            "-c {c}: {}",
+            stderr(&o)
+        );
+    }
+    assert_eq!(env.read("fspf.pb"), before);
+    env.ok(["addr", "fspf.pb", "/x", "-e", "--ephemeral", "-c", "512"]);
+}
+
+#[test]
+fn concurrent_updaters_lose_no_update() {
+    let env = Env::new();
+    fresh_with_root(&env);
+    let children: Vec<_> = (0..8)
+        .map(|i| {
+            std::process::Command::new(FSPF)
+                .args(["addr", "fspf.pb", &format!("/r{i}"), "-a", "--ephemeral"])
+                .current_dir(env.root())
+                .env_remove("SCONE_FSPF_KEY")
+                .env_remove("SCONE_FSPF_TAG")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let j: serde_json::Value =
+        serde_json::from_str(&env.ok(["show", "fspf.pb", "--json"])).unwrap();
+    assert_eq!(j["regions"].as_array().unwrap().len(), 9, "{j}");
+    assert_eq!(j["generation"], 9, "one generation per update");
+    // No temp files left behind.
+    let leftovers: Vec<_> = fs::read_dir(env.root())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
