@@ -293,3 +293,39 @@ fn unencrypted_fspf_was_accepted_when_a_key_was_given() {
         env.fails(&args);
     }
 }
+
+/// With a kernel path that is a symlink to the real directory, `verify` reported the region root
+/// itself and the fspf's own files (fspf.pb, its lock, its trees) as unlisted files.
+#[test]
+fn verify_reported_fspf_files_when_the_kernel_path_is_a_symlink() {
+    let env = Env::new();
+    env.mkdir("real");
+    std::os::unix::fs::symlink("real", env.path("link")).unwrap();
+    env.write("src/x", "x");
+    env.write("src/big", pattern(3 * 512, 1));
+    let f = env.p("link/fspf.pb");
+    env.ok(["create", &f]);
+    env.ok(["addr", &f, "/", "--kernel", "/", "-n"]);
+    env.ok([
+        "addr",
+        &f,
+        "/v",
+        "-a",
+        "--kernel",
+        &env.p("link"),
+        "-c",
+        "512",
+    ]);
+    env.ok(["addf", &f, "/v", "src", &env.p("link")]);
+    let o = env.run(["verify", &f]);
+    assert!(o.status.success(), "{}", stdout(&o));
+    env.write("real/planted", "p");
+    let o = env.fails(["verify", &f]);
+    assert!(
+        stdout(&o).contains("/v/planted: unlisted"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(!stdout(&o).contains("FAILED /v/fspf.pb"), "{}", stdout(&o));
+    assert!(!stdout(&o).contains("FAILED /v:"), "{}", stdout(&o));
+}
