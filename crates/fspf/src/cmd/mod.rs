@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use fspf_core::format::metadata::{FileKind, Protection, RegionKind};
 use fspf_core::{EmbedPath, Volume};
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
@@ -122,7 +123,11 @@ pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) ->
     {
         let rel = p.strip_prefix(&ep).unwrap_or_default();
         let dest = if rel.is_empty() {
-            outdir.to_path_buf()
+            match e.kind {
+                // A single file or symlink exported by its own path lands inside OUTDIR.
+                FileKind::Dir => outdir.to_path_buf(),
+                _ => outdir.join(std::ffi::OsStr::from_bytes(p.file_name())),
+            }
         } else {
             outdir.join(
                 EmbedPath::root()
@@ -190,7 +195,12 @@ pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) ->
         })();
         if let Err(err) = res {
             failures += 1;
-            eprintln!("fspf: error: {p}: {err:#}");
+            let msg = crate::error_message(&err);
+            if msg.starts_with(&p.to_string()) {
+                eprintln!("fspf: error: {msg}");
+            } else {
+                eprintln!("fspf: error: {p}: {msg}");
+            }
         }
     }
     if failures > 0 {

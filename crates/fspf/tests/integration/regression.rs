@@ -329,3 +329,33 @@ fn verify_reported_fspf_files_when_the_kernel_path_is_a_symlink() {
     assert!(!stdout(&o).contains("FAILED /v/fspf.pb"), "{}", stdout(&o));
     assert!(!stdout(&o).contains("FAILED /v:"), "{}", stdout(&o));
 }
+
+/// `fspf export FSPF /region/file OUTDIR` tried to write the file over OUTDIR itself ("Is a
+/// directory"); a single exported file now lands in OUTDIR under its own name. Export errors also
+/// named the path twice ("/d/a: /d/a: chunk 0 failed ...").
+#[test]
+fn export_of_a_single_file_wrote_onto_the_output_directory() {
+    let env = Env::new();
+    env.write("src/a", "a\n");
+    env.write("src/b", "b\n");
+    env.mkdir("vol");
+    env.ok(["create", "fspf.pb"]);
+    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
+    env.ok(["addr", "fspf.pb", "/d", "-e", "--kernel", &env.p("vol")]);
+    env.ok(["addf", "fspf.pb", "/d", "src", &env.p("vol")]);
+    env.ok(["export", "fspf.pb", "/d/b", "one"]);
+    assert_eq!(env.read("one/b"), b"b\n");
+    // A tampered file is not exported; the others are; the error names the path once.
+    flip(&env.path("vol/a"), 30, 1);
+    let o = env.fails(["export", "fspf.pb", "/d", "out"]);
+    assert!(!env.path("out/a").exists());
+    assert_eq!(env.read("out/b"), b"b\n");
+    let e = stderr(&o);
+    assert_eq!(e.matches("/d/a").count(), 1, "{e}");
+    assert!(e.contains("chunk 0 failed authentication"), "{e}");
+    let leftovers: Vec<_> = fs::read_dir(env.path("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers, ["b"], "temp files left: {leftovers:?}");
+}
