@@ -1,6 +1,19 @@
 //! Attacks on the properties of DESIGN.md §2. Each attack changes bytes on disk the way an attacker
 //! with full control of storage could, then requires BOTH `fspf verify` and `fspf cat` to fail,
 //! with `cat` printing nothing (never a prefix, never the tampered bytes).
+//!
+//! | property | tests here (plus elsewhere) |
+//! |---|---|
+//! | P1 confidentiality | `equal_plaintexts_encrypt_differently_and_no_plaintext_leaks`, cli `ciphertext_on_disk_differs_and_holds_no_plaintext` |
+//! | P2 integrity | `bit_flips_anywhere_in_{encrypted,authenticated}_files_are_detected`, `bit_flips_in_outboard_trees_are_detected`, `a_flip_of_every_byte_of_a_small_fspf_makes_open_fail`; fspf-core `codec_props`, `vectors` |
+//! | P3 position binding | `chunks_swapped_within_a_file_are_detected`, `same_chunk_index_swapped_between_two_files_is_detected`, `whole_files_swapped_between_paths_are_detected` |
+//! | P4 size binding | `truncated_and_extended_{encrypted,authenticated}_files_are_detected_also_at_chunk_boundaries` |
+//! | P5 per-file freshness | `an_older_valid_version_of_a_file_is_rejected` |
+//! | P6 volume freshness | `an_older_valid_fspf_is_rejected_given_the_current_tag`, `a_whole_older_state_put_back_is_rejected_given_the_current_tag`, regression `unencrypted_fspf_was_accepted_when_a_key_was_given` |
+//! | P7 completeness | `an_unlisted_file_in_a_protected_region_is_reported_and_unreadable`, `a_deleted_listed_file_is_an_error_not_empty_output`, `authenticated_symlinks_and_directories_are_checked_by_verify` |
+//! | P8 nonce safety | `every_file_version_gets_a_fresh_file_id_so_no_key_nonce_pair_repeats` |
+//! | P9 crash safety | `kill_9_during_addf_leaves_the_old_or_the_new_state_and_both_verify`, cli `concurrent_updaters_lose_no_update` |
+//! | P10 key hygiene | `the_key_never_appears_in_error_output`, `debug_output_of_an_open_volume_shows_no_key_material`, `written_secrets_are_private` |
 use crate::harness::*;
 use std::fs;
 use std::path::Path;
