@@ -863,21 +863,41 @@ fn reference_extended_example_with_ephemeral_root() {
     let (auth, enc) = (env.p("mnt/authenticated"), env.p("mnt/encrypted"));
     env.ok(["create", "fspf.pb"]);
     env.ok(["addr", "fspf.pb", "/", "-e", "--ephemeral"]);
-    env.ok(["addr", "fspf.pb", "/mnt/authenticated", "-a", "--kernel", &auth]);
+    env.ok([
+        "addr",
+        "fspf.pb",
+        "/mnt/authenticated",
+        "-a",
+        "--kernel",
+        &auth,
+    ]);
     env.ok(["addr", "fspf.pb", "/mnt/encrypted", "-e", "--kernel", &enc]);
     env.ok(["addf", "fspf.pb", "/mnt/authenticated", "./original"]);
-    env.ok(["addf", "fspf.pb", "/mnt/encrypted", "./original", "./mnt/encrypted"]);
+    env.ok([
+        "addf",
+        "fspf.pb",
+        "/mnt/encrypted",
+        "./original",
+        "./mnt/encrypted",
+    ]);
     let kt = env.encrypt(None);
     let out = env.ok(["verify", "fspf.pb", "--key", &kt.key, "--tag", &kt.tag]);
-    assert_line(&out, &format!("OK: 2 files verified against tag {}", kt.tag));
+    assert_line(
+        &out,
+        &format!("OK: 2 files verified against tag {}", kt.tag),
+    );
     for p in ["/mnt/authenticated/hello", "/mnt/encrypted/hello"] {
         let out = env.ok(["cat", "fspf.pb", p, "--key", &kt.key, "--tag", &kt.tag]);
         assert_eq!(out, "hello world\n");
     }
     // Files in the ephemeral root have no kernel copy to read.
-    let o = env.fails(["cat", "fspf.pb", "/etc/x", "--key", &kt.key, "--tag", &kt.tag]);
+    let o = env.fails([
+        "cat", "fspf.pb", "/etc/x", "--key", &kt.key, "--tag", &kt.tag,
+    ]);
     assert!(stderr(&o).contains("ephemeral"), "{}", stderr(&o));
     // addf into an ephemeral region is refused.
-    let o = env.fails(["addf", "fspf.pb", "/", "original", "--key", &kt.key, "--tag", &kt.tag]);
+    let o = env.fails([
+        "addf", "fspf.pb", "/", "original", "--key", &kt.key, "--tag", &kt.tag,
+    ]);
     assert!(stderr(&o).contains("ephemeral"), "{}", stderr(&o));
 }

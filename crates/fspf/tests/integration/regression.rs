@@ -359,3 +359,34 @@ fn export_of_a_single_file_wrote_onto_the_output_directory() {
         .collect();
     assert_eq!(leftovers, ["b"], "temp files left: {leftovers:?}");
 }
+
+/// Re-running `addf` with OUTPUT_DIR after a symlink's target changed recorded the new target but
+/// left the old link in OUTPUT_DIR (it was only created when absent), so `verify` failed.
+#[test]
+fn re_addf_left_a_changed_symlink_stale_in_the_output() {
+    let env = Env::new();
+    env.write("src/a", "a");
+    env.write("src/b", "b");
+    std::os::unix::fs::symlink("a", env.path("src/l")).unwrap();
+    env.write("src/was-file", "f");
+    env.mkdir("out");
+    env.ok(["create", "fspf.pb"]);
+    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
+    env.ok(["addr", "fspf.pb", "/d", "-e", "--kernel", &env.p("out")]);
+    env.ok(["addf", "fspf.pb", "/d", "src", &env.p("out")]);
+    fs::remove_file(env.path("src/l")).unwrap();
+    std::os::unix::fs::symlink("b", env.path("src/l")).unwrap();
+    fs::remove_file(env.path("src/was-file")).unwrap();
+    std::os::unix::fs::symlink("a", env.path("src/was-file")).unwrap();
+    env.ok(["addf", "fspf.pb", "/d", "src", &env.p("out")]);
+    assert_eq!(
+        fs::read_link(env.path("out/l")).unwrap().to_str(),
+        Some("b")
+    );
+    assert_eq!(
+        fs::read_link(env.path("out/was-file")).unwrap().to_str(),
+        Some("a")
+    );
+    let o = env.run(["verify", "fspf.pb"]);
+    assert!(o.status.success(), "{}", stdout(&o));
+}
