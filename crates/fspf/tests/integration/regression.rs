@@ -292,6 +292,14 @@ fn unencrypted_fspf_was_accepted_when_a_key_was_given() {
         args.extend(kt_args.iter().copied());
         env.fails(&args);
     }
+    // Residual risk, by design: without a key an unencrypted fspf is all there is to trust, and
+    // its tag is forgeable. The CLI says so instead of staying silent.
+    let o = env.run(["cat", "fspf.pb", "/data/hello.txt", "--tag", &kt.tag]);
+    assert!(
+        stderr(&o).contains("not encrypted: its tag guards against accidents, not attackers"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// With a kernel path that is a symlink to the real directory, `verify` reported the region root
