@@ -114,6 +114,7 @@ pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) ->
     let ep = EmbedPath::parse(embed_point)?;
     std::fs::create_dir_all(outdir).with_context(|| format!("{}", outdir.display()))?;
     let mut failures = 0;
+    let mut dir_modes: Vec<(std::path::PathBuf, u32)> = Vec::new();
     let mut files = 0;
     for (p, e) in v
         .meta
@@ -140,10 +141,12 @@ pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) ->
             match &e.kind {
                 FileKind::Dir => {
                     std::fs::create_dir_all(&dest)?;
+                    // Writable while its entries are restored; the recorded mode comes last.
                     std::fs::set_permissions(
                         &dest,
                         std::fs::Permissions::from_mode(e.mode | 0o700),
                     )?;
+                    dir_modes.push((dest.clone(), e.mode));
                 }
                 FileKind::Symlink(t) => {
                     if let Some(d) = dest.parent() {
@@ -201,6 +204,13 @@ pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) ->
             } else {
                 eprintln!("fspf: error: {p}: {msg}");
             }
+        }
+    }
+    // Deepest first, so a read-only parent does not block its children.
+    for (d, mode) in dir_modes.iter().rev() {
+        if let Err(err) = std::fs::set_permissions(d, std::fs::Permissions::from_mode(*mode)) {
+            failures += 1;
+            eprintln!("fspf: error: {}: {err}", d.display());
         }
     }
     if failures > 0 {

@@ -447,6 +447,8 @@ fn rich_tree(root: &Path) {
     fs::create_dir_all(root.join("emptydir")).unwrap();
     fs::create_dir_all(root.join("private")).unwrap();
     fs::set_permissions(root.join("private"), fs::Permissions::from_mode(0o750)).unwrap();
+    w("readonly/inside.txt", b"inside", 0o444);
+    fs::set_permissions(root.join("readonly"), fs::Permissions::from_mode(0o555)).unwrap();
     symlink("sub/deeper/file.txt", root.join("link")).unwrap();
     symlink("/nonexistent/target", root.join("dangling")).unwrap();
     let bad_name = std::ffi::OsStr::from_bytes(b"caf\xe9-\xff.bin");
@@ -461,6 +463,21 @@ fn fingerprint(d: &[u8]) -> String {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     });
     format!("{} bytes fnv {h:016x}", d.len())
+}
+
+/// Give every directory below `root` owner rwx again, so the temp dir can be removed.
+fn make_writable(root: &Path) {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let _ = fs::set_permissions(&d, fs::Permissions::from_mode(0o755));
+        if let Ok(rd) = fs::read_dir(&d) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
 }
 
 /// Every entry below `root`: relative path (lossy), type, mode, content fingerprint or target.
@@ -515,6 +532,7 @@ fn export_restores_an_identical_tree_from_an_encrypted_region() {
     ]);
     assert!(out.contains("Exported"), "{out}");
     assert_eq!(snapshot(&env.path("out")), snapshot(&env.path("src")));
+    make_writable(env.root());
     // The ciphertext tree has the same shape but other bytes.
     assert_eq!(
         fs::metadata(env.path("vol/chunk_plus_one")).unwrap().len(),
@@ -549,6 +567,7 @@ fn export_restores_an_identical_tree_from_an_authenticated_region() {
         "export", "fspf.pb", "/auth", "out", "--key", &kt.key, "--tag", &kt.tag,
     ]);
     assert_eq!(snapshot(&env.path("out")), snapshot(&env.path("auth")));
+    make_writable(env.root());
 }
 
 #[test]

@@ -398,3 +398,24 @@ fn re_addf_left_a_changed_symlink_stale_in_the_output() {
     let o = env.run(["verify", "fspf.pb"]);
     assert!(o.status.success(), "{}", stdout(&o));
 }
+
+/// `fspf export` restored directories with `mode | 0o700`, so a recorded 0555 directory came back
+/// as 0755. The recorded mode is now applied last, deepest directory first.
+#[test]
+fn export_widened_read_only_directory_modes() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let env = Env::new();
+    env.write("src/ro/f", "f");
+    fs::set_permissions(env.path("src/ro"), fs::Permissions::from_mode(0o555)).unwrap();
+    env.ok(["create", "fspf.pb"]);
+    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
+    env.ok(["addr", "fspf.pb", "/a", "-a", "--kernel", &env.p("src")]);
+    env.ok(["addf", "fspf.pb", "/a", "src"]);
+    env.ok(["export", "fspf.pb", "/a", "out"]);
+    let mode = fs::metadata(env.path("out/ro")).unwrap().mode() & 0o7777;
+    assert_eq!(mode, 0o555, "{mode:o}");
+    assert_eq!(env.read("out/ro/f"), b"f");
+    for d in ["src/ro", "out/ro"] {
+        fs::set_permissions(env.path(d), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
