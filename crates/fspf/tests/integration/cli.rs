@@ -920,3 +920,48 @@ fn reference_extended_example_with_ephemeral_root() {
     ]);
     assert!(stderr(&o).contains("ephemeral"), "{}", stderr(&o));
 }
+
+#[test]
+fn not_protected_region_files_are_read_as_they_are() {
+    let env = Env::new();
+    let kt = walkthrough(&env);
+    // `/` is kernel `/`, not-protected: cat reads the kernel file unchanged, verify ignores it.
+    env.write("plain.txt", "as is\n");
+    let p = env.p("plain.txt");
+    let out = env.ok(["cat", "fspf.pb", &p, "--key", &kt.key, "--tag", &kt.tag]);
+    assert_eq!(out, "as is\n");
+    env.ok(["verify", "fspf.pb", "--key", &kt.key, "--tag", &kt.tag]);
+}
+
+#[test]
+fn a_bad_key_file_is_named_in_the_error() {
+    let env = Env::new();
+    let kt = walkthrough(&env);
+    env.write("empty-key", "");
+    env.write("bad-key", "key: not-hex\n");
+    for f in ["empty-key", "bad-key", "missing-key"] {
+        let o = env.fails([
+            "cat",
+            "fspf.pb",
+            "/data/hello.txt",
+            "--key-file",
+            f,
+            "--tag",
+            &kt.tag,
+        ]);
+        assert!(stderr(&o).contains(f), "{f}: {}", stderr(&o));
+        assert!(o.stdout.is_empty());
+    }
+    // A key file holding just the hex key works too.
+    env.write("hex-key", format!("{}\n", kt.key));
+    let out = env.ok([
+        "cat",
+        "fspf.pb",
+        "/data/hello.txt",
+        "--key-file",
+        "hex-key",
+        "--tag",
+        &kt.tag,
+    ]);
+    assert_eq!(out, "Hello World\n");
+}
