@@ -529,6 +529,13 @@ fn an_unlisted_file_in_a_protected_region_is_reported_and_unreadable() {
         assert_eq!(c.status.code(), Some(1), "{rel}");
         assert!(c.stdout.is_empty(), "{rel}");
         assert!(stderr(&c).contains("not listed"), "{}", stderr(&c));
+        let mut args = vec!["verify".to_string(), p.env.p("fspf.pb"), "--json".into()];
+        args.extend(p.kt_args());
+        let j = p.env.run(&args);
+        assert_eq!(j.status.code(), Some(1));
+        let j: serde_json::Value = serde_json::from_slice(&j.stdout).expect("verify --json");
+        assert_eq!(j["ok"], false);
+        assert_eq!(j["findings"][0]["path"], embed, "{j}");
         fs::remove_file(p.env.path(rel)).unwrap();
     }
     let _ = fs::remove_dir_all(p.env.path("vol/sub"));
