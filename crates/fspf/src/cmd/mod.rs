@@ -155,7 +155,7 @@ pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) ->
                     let _ = std::fs::remove_file(&dest);
                     std::os::unix::fs::symlink(
                         // Targets are bytes: a non-UTF-8 target must come back unchanged.
-                        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(t),
+                        std::ffi::OsStr::from_bytes(t),
                         &dest,
                     )?;
                 }
