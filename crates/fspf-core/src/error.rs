@@ -26,7 +26,7 @@ pub enum Error {
         "{path}: the fspf is encrypted; a key is required (--key, --key-file or SCONE_FSPF_KEY)"
     )]
     KeyRequired { path: PathBuf },
-    #[error("{path}: a key was given but this fspf is not encrypted (run `fspf encrypt`, or unset SCONE_FSPF_KEY); refusing it, since anyone can forge an unencrypted fspf")]
+    #[error("{path}: a key was given but this fspf is not encrypted; refusing it (an encrypted fspf replaced by a forged unencrypted one looks exactly like this). Give no key for an fspf that was never encrypted")]
     NotEncrypted { path: PathBuf },
     #[error("{path}: tag mismatch: the fspf on disk has tag {actual}, expected {expected} (fspf replaced or rolled back, or wrong tag given)")]
     TagMismatch {

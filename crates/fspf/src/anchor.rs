@@ -47,7 +47,15 @@ impl KeyTagArgs {
     /// Open `fspf` with the given key and, when given, check its tag.
     pub fn open(&self, fspf: &Path) -> Result<Volume> {
         let v = Volume::open(fspf, self.volume_key()?, self.expected_tag()?)?;
-        if v.is_encrypted() && self.tag.as_deref().is_none_or(|t| t.trim().is_empty()) {
+        let tag_given = self.tag.as_deref().is_some_and(|t| !t.trim().is_empty());
+        if !v.is_encrypted() && tag_given {
+            // Sealed under the public key, the tag can be forged by anyone (GHASH is linear).
+            eprintln!(
+                "fspf: warning: {} is not encrypted: its tag guards against accidents, not attackers (run `fspf encrypt`)",
+                fspf.display()
+            );
+        }
+        if v.is_encrypted() && !tag_given {
             eprintln!(
                 "fspf: warning: no --tag (or SCONE_FSPF_TAG) given: freshness of {} is not checked",
                 fspf.display()

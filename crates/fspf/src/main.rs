@@ -140,7 +140,7 @@ fn main() {
 
 /// The error and its causes joined by ": ", skipping a cause whose text the message already
 /// holds (fspf-core's `Io` errors print their source themselves, so `{:#}` would repeat it).
-fn error_message(e: &anyhow::Error) -> String {
+pub(crate) fn error_message(e: &anyhow::Error) -> String {
     let mut msg = String::new();
     for cause in e.chain() {
         let text = cause.to_string();

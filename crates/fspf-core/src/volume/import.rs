@@ -207,10 +207,25 @@ impl Volume {
                         }
                         if let Some(out) = &opts.output {
                             let l = out.join(rel);
-                            if fs::symlink_metadata(&l).is_err() {
+                            let current = fs::read_link(&l).ok();
+                            let same = current
+                                .as_ref()
+                                .is_some_and(|c| c.as_os_str().as_encoded_bytes() == &target[..]);
+                            if !same {
+                                // A new link under a shadow name, renamed over whatever was
+                                // there (an older link, or a file): re-adding a changed link
+                                // must update it.
                                 use std::os::unix::ffi::OsStrExt;
-                                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &l)
-                                    .map_err(|e| Error::io(&l, e))?;
+                                let tmp = shadow_path(&l, &FileId::random()?);
+                                std::os::unix::fs::symlink(
+                                    std::ffi::OsStr::from_bytes(target),
+                                    &tmp,
+                                )
+                                .map_err(|e| Error::io(&tmp, e))?;
+                                fs::rename(&tmp, &l).map_err(|e| {
+                                    let _ = fs::remove_file(&tmp);
+                                    Error::io(&l, e)
+                                })?;
                             }
                         }
                         Ok(Some(Change::PutEntry(

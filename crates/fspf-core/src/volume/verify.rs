@@ -79,6 +79,10 @@ impl Volume {
             if region.protection == Protection::NotProtected {
                 continue;
             }
+            // Walk the real directory: a symlinked kernel path would otherwise show up as an
+            // unlisted file itself, and the fspf's own files (known by their canonical path)
+            // would not be recognised below it.
+            let base = &std::fs::canonicalize(base).unwrap_or_else(|_| base.clone());
             let walker = walkdir::WalkDir::new(base)
                 .follow_links(false)
                 .sort_by_file_name()

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use fspf_core::format::metadata::{FileKind, Protection, RegionKind};
 use fspf_core::{EmbedPath, Volume};
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
@@ -113,13 +114,18 @@ pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) ->
     let ep = EmbedPath::parse(embed_point)?;
     std::fs::create_dir_all(outdir).with_context(|| format!("{}", outdir.display()))?;
     let mut failures = 0;
+    let mut dir_modes: Vec<(std::path::PathBuf, u32)> = Vec::new();
     let mut files = 0;
     for p in v.meta.paths_below(&ep) {
         let e = &v.meta.files[&p];
         let p = &p;
         let rel = p.strip_prefix(&ep).unwrap_or_default();
         let dest = if rel.is_empty() {
-            outdir.to_path_buf()
+            match e.kind {
+                // A single file or symlink exported by its own path lands inside OUTDIR.
+                FileKind::Dir => outdir.to_path_buf(),
+                _ => outdir.join(std::ffi::OsStr::from_bytes(p.file_name())),
+            }
         } else {
             outdir.join(
                 EmbedPath::root()
@@ -132,10 +138,12 @@ pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) ->
             match &e.kind {
                 FileKind::Dir => {
                     std::fs::create_dir_all(&dest)?;
+                    // Writable while its entries are restored; the recorded mode comes last.
                     std::fs::set_permissions(
                         &dest,
                         std::fs::Permissions::from_mode(e.mode | 0o700),
                     )?;
+                    dir_modes.push((dest.clone(), e.mode));
                 }
                 FileKind::Symlink(t) => {
                     if let Some(d) = dest.parent() {
@@ -144,7 +152,7 @@ pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) ->
                     let _ = std::fs::remove_file(&dest);
                     std::os::unix::fs::symlink(
                         // Targets are bytes: a non-UTF-8 target must come back unchanged.
-                        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(t),
+                        std::ffi::OsStr::from_bytes(t),
                         &dest,
                     )?;
                 }
@@ -187,7 +195,19 @@ pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) ->
         })();
         if let Err(err) = res {
             failures += 1;
-            eprintln!("fspf: error: {p}: {err:#}");
+            let msg = crate::error_message(&err);
+            if msg.starts_with(&p.to_string()) {
+                eprintln!("fspf: error: {msg}");
+            } else {
+                eprintln!("fspf: error: {p}: {msg}");
+            }
+        }
+    }
+    // Deepest first, so a read-only parent does not block its children.
+    for (d, mode) in dir_modes.iter().rev() {
+        if let Err(err) = std::fs::set_permissions(d, std::fs::Permissions::from_mode(*mode)) {
+            failures += 1;
+            eprintln!("fspf: error: {}: {err}", d.display());
         }
     }
     if failures > 0 {

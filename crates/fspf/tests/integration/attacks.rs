@@ -1,6 +1,19 @@
 //! Attacks on the properties of DESIGN.md §2. Each attack changes bytes on disk the way an attacker
 //! with full control of storage could, then requires BOTH `fspf verify` and `fspf cat` to fail,
 //! with `cat` printing nothing (never a prefix, never the tampered bytes).
+//!
+//! | property | tests here (plus elsewhere) |
+//! |---|---|
+//! | P1 confidentiality | `equal_plaintexts_encrypt_differently_and_no_plaintext_leaks`, cli `ciphertext_on_disk_differs_and_holds_no_plaintext` |
+//! | P2 integrity | `bit_flips_anywhere_in_{encrypted,authenticated}_files_are_detected`, `bit_flips_in_outboard_trees_are_detected`, `a_flip_of_every_byte_of_a_small_fspf_makes_open_fail`; fspf-core `codec_props`, `vectors` |
+//! | P3 position binding | `chunks_swapped_within_a_file_are_detected`, `same_chunk_index_swapped_between_two_files_is_detected`, `whole_files_swapped_between_paths_are_detected` |
+//! | P4 size binding | `truncated_and_extended_{encrypted,authenticated}_files_are_detected_also_at_chunk_boundaries` |
+//! | P5 per-file freshness | `an_older_valid_version_of_a_file_is_rejected` |
+//! | P6 volume freshness | `an_older_valid_fspf_is_rejected_given_the_current_tag`, `a_whole_older_state_put_back_is_rejected_given_the_current_tag`, regression `unencrypted_fspf_was_accepted_when_a_key_was_given` |
+//! | P7 completeness | `an_unlisted_file_in_a_protected_region_is_reported_and_unreadable`, `a_deleted_listed_file_is_an_error_not_empty_output`, `authenticated_symlinks_and_directories_are_checked_by_verify` |
+//! | P8 nonce safety | `every_file_version_gets_a_fresh_file_id_so_no_key_nonce_pair_repeats` |
+//! | P9 crash safety | `kill_9_during_addf_leaves_the_old_or_the_new_state_and_both_verify`, cli `concurrent_updaters_lose_no_update` |
+//! | P10 key hygiene | `the_key_never_appears_in_error_output`, `debug_output_of_an_open_volume_shows_no_key_material`, `written_secrets_are_private` |
 use crate::harness::*;
 use std::fs;
 use std::path::Path;
@@ -516,6 +529,13 @@ fn an_unlisted_file_in_a_protected_region_is_reported_and_unreadable() {
         assert_eq!(c.status.code(), Some(1), "{rel}");
         assert!(c.stdout.is_empty(), "{rel}");
         assert!(stderr(&c).contains("not listed"), "{}", stderr(&c));
+        let mut args = vec!["verify".to_string(), p.env.p("fspf.pb"), "--json".into()];
+        args.extend(p.kt_args());
+        let j = p.env.run(&args);
+        assert_eq!(j.status.code(), Some(1));
+        let j: serde_json::Value = serde_json::from_slice(&j.stdout).expect("verify --json");
+        assert_eq!(j["ok"], false);
+        assert_eq!(j["findings"][0]["path"], embed, "{j}");
         fs::remove_file(p.env.path(rel)).unwrap();
     }
     let _ = fs::remove_dir_all(p.env.path("vol/sub"));
@@ -727,4 +747,236 @@ fn written_secrets_are_private() {
     assert_eq!(mode(&p.env.fspf_path()), 0o600);
     assert_eq!(mode(&p.env.path("fspf.pb.lock")), 0o600);
     assert_eq!(mode(&p.tree_of("big")), 0o600);
+}
+
+#[test]
+fn a_whole_older_state_put_back_is_rejected_given_the_current_tag() {
+    // Snapshot everything on disk (fspf, ciphertexts, plaintexts, trees), update, restore all.
+    let mut p = Protected::new();
+    let snapshot = |p: &Protected| -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        for d in ["vol", "authvol", "fspf.pb.trees"] {
+            for e in fs::read_dir(p.env.path(d)).unwrap() {
+                let path = e.unwrap().path();
+                out.push((path.clone(), fs::read(&path).unwrap()));
+            }
+        }
+        out.push((p.env.fspf_path(), p.env.read("fspf.pb")));
+        out
+    };
+    let old = snapshot(&p);
+    let old_tag = p.kt.tag.clone();
+    let mut changed = p.plain("big").to_vec();
+    changed[0] ^= 1;
+    p.env.write("orig/big", &changed);
+    p.env.write("authvol/big", &changed);
+    let f = p.env.p("fspf.pb");
+    for (region, src, out) in [
+        ("/data", p.env.p("orig"), Some(p.env.p("vol"))),
+        ("/auth", p.env.p("authvol"), None),
+    ] {
+        let mut args = vec!["addf".to_string(), f.clone(), region.into(), src];
+        args.extend(out);
+        args.extend(p.kt_args());
+        p.kt.tag = last_word(&p.env.ok(&args));
+    }
+    for (path, bytes) in &old {
+        fs::write(path, bytes).unwrap();
+    }
+    for embed in ["/data/big", "/auth/big", "/data/one"] {
+        let c = p.cat(embed);
+        assert_eq!(c.status.code(), Some(1), "{embed}");
+        assert!(c.stdout.is_empty());
+        assert!(stderr(&c).contains("tag mismatch"), "{}", stderr(&c));
+    }
+    assert_eq!(p.verify().status.code(), Some(1));
+    // The old state is self-consistent: only the tag tells it is old.
+    p.kt.tag = old_tag;
+    p.assert_intact();
+}
+
+#[test]
+fn authenticated_symlinks_and_directories_are_checked_by_verify() {
+    let env = Env::new();
+    env.write("a/real.txt", "real");
+    env.write("a/other.txt", "other");
+    env.mkdir("a/dir/empty");
+    std::os::unix::fs::symlink("real.txt", env.path("a/link")).unwrap();
+    env.ok(["create", "fspf.pb"]);
+    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
+    env.ok(["addr", "fspf.pb", "/a", "-a", "--kernel", &env.p("a")]);
+    env.ok(["addf", "fspf.pb", "/a", "a"]);
+    let kt = env.encrypt(None);
+    let verify = || env.run(["verify", "fspf.pb", "--key", &kt.key, "--tag", &kt.tag]);
+    assert!(verify().status.success());
+    // Symlink re-pointed.
+    fs::remove_file(env.path("a/link")).unwrap();
+    std::os::unix::fs::symlink("other.txt", env.path("a/link")).unwrap();
+    let o = verify();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).contains("/a/link: symlink target changed"),
+        "{}",
+        stdout(&o)
+    );
+    fs::remove_file(env.path("a/link")).unwrap();
+    std::os::unix::fs::symlink("real.txt", env.path("a/link")).unwrap();
+    // Listed directory removed, or replaced by a file.
+    fs::remove_dir(env.path("a/dir/empty")).unwrap();
+    let o = verify();
+    assert!(
+        stdout(&o).contains("/a/dir/empty: listed directory is missing"),
+        "{}",
+        stdout(&o)
+    );
+    env.write("a/dir/empty", "now a file");
+    let o = verify();
+    assert_eq!(o.status.code(), Some(1));
+    fs::remove_file(env.path("a/dir/empty")).unwrap();
+    fs::create_dir(env.path("a/dir/empty")).unwrap();
+    assert!(verify().status.success());
+    // `cat` of a symlink or directory entry is an error, not an empty file.
+    for p in ["/a/link", "/a/dir"] {
+        let o = env.fails(["cat", "fspf.pb", p, "--key", &kt.key, "--tag", &kt.tag]);
+        assert!(o.stdout.is_empty());
+    }
+    // A regular file replaced by a symlink to another listed file with other content.
+    fs::remove_file(env.path("a/real.txt")).unwrap();
+    std::os::unix::fs::symlink("other.txt", env.path("a/real.txt")).unwrap();
+    let o = env.fails([
+        "cat",
+        "fspf.pb",
+        "/a/real.txt",
+        "--key",
+        &kt.key,
+        "--tag",
+        &kt.tag,
+    ]);
+    assert!(o.stdout.is_empty());
+    assert_eq!(verify().status.code(), Some(1));
+}
+
+#[test]
+fn every_file_version_gets_a_fresh_file_id_so_no_key_nonce_pair_repeats() {
+    // P8: chunk nonces are the chunk index; safety rests on a fresh file id (hence key) per version.
+    let env = Env::new();
+    for i in 0..5 {
+        env.write(format!("orig/f{i}"), pattern(CHUNK + i, i as u8));
+    }
+    env.write("orig/same1", "same");
+    env.write("orig/same2", "same");
+    env.mkdir("vol");
+    env.ok(["create", "fspf.pb"]);
+    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
+    env.ok([
+        "addr",
+        "fspf.pb",
+        "/d",
+        "-e",
+        "--kernel",
+        &env.p("vol"),
+        "-c",
+        "4096",
+    ]);
+    let mut seen = std::collections::HashSet::new();
+    for round in 0..4 {
+        env.ok(["addf", "fspf.pb", "/d", "orig", &env.p("vol")]);
+        let v = fspf_core::Volume::open(&env.fspf_path(), None, None).unwrap();
+        let mut n = 0;
+        for e in v.meta.files.values() {
+            if let fspf_core::FileKind::File { id, .. } = &e.kind {
+                assert!(seen.insert(*id), "round {round}: file id {id:?} reused");
+                n += 1;
+            }
+        }
+        assert_eq!(n, 7);
+        // The id on disk is the one the fspf lists (header bytes 8..24).
+        for name in ["f0", "same1"] {
+            let ct = env.read(format!("vol/{name}"));
+            let p = fspf_core::EmbedPath::parse(&format!("/d/{name}")).unwrap();
+            let fspf_core::FileKind::File { id, .. } = &v.entry(&p).unwrap().kind else {
+                panic!()
+            };
+            assert_eq!(&ct[8..24], &id.0[..]);
+        }
+    }
+    assert_eq!(seen.len(), 28);
+}
+
+#[test]
+fn kill_9_during_addf_leaves_the_old_or_the_new_state_and_both_verify() {
+    // P9: SIGKILL at spread-out moments of an import; the next run sees a verifiable state.
+    let env = Env::new();
+    for i in 0..40 {
+        env.write(
+            format!("orig/d{}/f{i}", i % 4),
+            pattern(20_000 + i * 37, i as u8),
+        );
+    }
+    env.write("auth/x", pattern(9000, 9));
+    env.mkdir("vol");
+    env.ok(["create", "fspf.pb"]);
+    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
+    env.ok([
+        "addr",
+        "fspf.pb",
+        "/d",
+        "-e",
+        "--kernel",
+        &env.p("vol"),
+        "-c",
+        "4096",
+    ]);
+    env.ok([
+        "addr",
+        "fspf.pb",
+        "/a",
+        "-a",
+        "--kernel",
+        &env.p("auth"),
+        "-c",
+        "4096",
+    ]);
+    env.ok(["addf", "fspf.pb", "/d", "orig", &env.p("vol")]);
+    env.ok(["addf", "fspf.pb", "/a", "auth"]);
+    let start = std::time::Instant::now();
+    env.ok(["addf", "fspf.pb", "/d", "orig", &env.p("vol")]);
+    let full = start.elapsed();
+    let mut states = std::collections::HashSet::new();
+    for step in 0..12u32 {
+        let before = env.ok(["show", "--tag", "fspf.pb"]);
+        let mut child = std::process::Command::new(FSPF)
+            .args(["addf", "fspf.pb", "/d", "orig", &env.p("vol")])
+            .current_dir(env.root())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Spread over the run; the last steps wait long enough to land after the commit point
+        // even on a loaded machine.
+        std::thread::sleep(if step < 10 { full * step / 8 } else { full * 4 });
+        let _ = child.kill();
+        let _ = child.wait();
+        let after = env.ok(["show", "--tag", "fspf.pb"]);
+        states.insert(before == after);
+        let v = env.run(["verify", "fspf.pb"]);
+        assert!(
+            v.status.success(),
+            "step {step}: state after kill does not verify:\n{}{}",
+            stdout(&v),
+            stderr(&v)
+        );
+        let c = env.run(["cat", "fspf.pb", "/d/d1/f5"]);
+        assert!(c.status.success(), "step {step}: {}", stderr(&c));
+        assert!(
+            c.stdout == pattern(20_000 + 5 * 37, 5),
+            "step {step}: wrong plaintext"
+        );
+    }
+    // Both outcomes happened at least once (killed before and after the commit point).
+    assert_eq!(
+        states.len(),
+        2,
+        "kill timing never hit both sides: {states:?}"
+    );
 }

@@ -447,6 +447,8 @@ fn rich_tree(root: &Path) {
     fs::create_dir_all(root.join("emptydir")).unwrap();
     fs::create_dir_all(root.join("private")).unwrap();
     fs::set_permissions(root.join("private"), fs::Permissions::from_mode(0o750)).unwrap();
+    w("readonly/inside.txt", b"inside", 0o444);
+    fs::set_permissions(root.join("readonly"), fs::Permissions::from_mode(0o555)).unwrap();
     symlink("sub/deeper/file.txt", root.join("link")).unwrap();
     symlink("/nonexistent/target", root.join("dangling")).unwrap();
     let bad_name = std::ffi::OsStr::from_bytes(b"caf\xe9-\xff.bin");
@@ -461,6 +463,21 @@ fn fingerprint(d: &[u8]) -> String {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     });
     format!("{} bytes fnv {h:016x}", d.len())
+}
+
+/// Give every directory below `root` owner rwx again, so the temp dir can be removed.
+fn make_writable(root: &Path) {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let _ = fs::set_permissions(&d, fs::Permissions::from_mode(0o755));
+        if let Ok(rd) = fs::read_dir(&d) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
 }
 
 /// Every entry below `root`: relative path (lossy), type, mode, content fingerprint or target.
@@ -515,6 +532,7 @@ fn export_restores_an_identical_tree_from_an_encrypted_region() {
     ]);
     assert!(out.contains("Exported"), "{out}");
     assert_eq!(snapshot(&env.path("out")), snapshot(&env.path("src")));
+    make_writable(env.root());
     // The ciphertext tree has the same shape but other bytes.
     assert_eq!(
         fs::metadata(env.path("vol/chunk_plus_one")).unwrap().len(),
@@ -549,6 +567,7 @@ fn export_restores_an_identical_tree_from_an_authenticated_region() {
         "export", "fspf.pb", "/auth", "out", "--key", &kt.key, "--tag", &kt.tag,
     ]);
     assert_eq!(snapshot(&env.path("out")), snapshot(&env.path("auth")));
+    make_writable(env.root());
 }
 
 #[test]
@@ -799,4 +818,150 @@ fn v1_fixture_is_readable_by_the_cli_at_its_recorded_place() {
         assert!(o.stdout.is_empty(), "{defect}");
     }
     let _ = fs::remove_dir_all(base);
+}
+
+#[test]
+fn chunk_length_out_of_range_is_refused() {
+    let env = Env::new();
+    fresh_with_root(&env);
+    let before = env.read("fspf.pb");
+    for c in ["0", "100", "511", "16777217"] {
+        let o = env.fails(["addr", "fspf.pb", "/x", "-e", "--ephemeral", "-c", c]);
+        assert!(
+            stderr(&o).contains("chunk length"),
+            "-c {c}: {}",
+            stderr(&o)
+        );
+    }
+    assert_eq!(env.read("fspf.pb"), before);
+    env.ok(["addr", "fspf.pb", "/x", "-e", "--ephemeral", "-c", "512"]);
+}
+
+#[test]
+fn concurrent_updaters_lose_no_update() {
+    let env = Env::new();
+    fresh_with_root(&env);
+    let children: Vec<_> = (0..8)
+        .map(|i| {
+            std::process::Command::new(FSPF)
+                .args(["addr", "fspf.pb", &format!("/r{i}"), "-a", "--ephemeral"])
+                .current_dir(env.root())
+                .env_remove("SCONE_FSPF_KEY")
+                .env_remove("SCONE_FSPF_TAG")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let j: serde_json::Value =
+        serde_json::from_str(&env.ok(["show", "fspf.pb", "--json"])).unwrap();
+    assert_eq!(j["regions"].as_array().unwrap().len(), 9, "{j}");
+    assert_eq!(j["generation"], 9, "one generation per update");
+    // No temp files left behind.
+    let leftovers: Vec<_> = fs::read_dir(env.root())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// The reference's "Extended Example": ephemeral encrypted root, an authenticated and an
+/// encrypted kernel region, key and tag taken with awk from the encrypt line.
+#[test]
+fn reference_extended_example_with_ephemeral_root() {
+    let env = Env::new();
+    env.write("original/hello", "hello world\n");
+    env.write("mnt/authenticated/hello", "hello world\n");
+    env.mkdir("mnt/encrypted");
+    let (auth, enc) = (env.p("mnt/authenticated"), env.p("mnt/encrypted"));
+    env.ok(["create", "fspf.pb"]);
+    env.ok(["addr", "fspf.pb", "/", "-e", "--ephemeral"]);
+    env.ok([
+        "addr",
+        "fspf.pb",
+        "/mnt/authenticated",
+        "-a",
+        "--kernel",
+        &auth,
+    ]);
+    env.ok(["addr", "fspf.pb", "/mnt/encrypted", "-e", "--kernel", &enc]);
+    env.ok(["addf", "fspf.pb", "/mnt/authenticated", "./original"]);
+    env.ok([
+        "addf",
+        "fspf.pb",
+        "/mnt/encrypted",
+        "./original",
+        "./mnt/encrypted",
+    ]);
+    let kt = env.encrypt(None);
+    let out = env.ok(["verify", "fspf.pb", "--key", &kt.key, "--tag", &kt.tag]);
+    assert_line(
+        &out,
+        &format!("OK: 2 files verified against tag {}", kt.tag),
+    );
+    for p in ["/mnt/authenticated/hello", "/mnt/encrypted/hello"] {
+        let out = env.ok(["cat", "fspf.pb", p, "--key", &kt.key, "--tag", &kt.tag]);
+        assert_eq!(out, "hello world\n");
+    }
+    // Files in the ephemeral root have no kernel copy to read.
+    let o = env.fails([
+        "cat", "fspf.pb", "/etc/x", "--key", &kt.key, "--tag", &kt.tag,
+    ]);
+    assert!(stderr(&o).contains("ephemeral"), "{}", stderr(&o));
+    // addf into an ephemeral region is refused.
+    let o = env.fails([
+        "addf", "fspf.pb", "/", "original", "--key", &kt.key, "--tag", &kt.tag,
+    ]);
+    assert!(stderr(&o).contains("ephemeral"), "{}", stderr(&o));
+}
+
+#[test]
+fn not_protected_region_files_are_read_as_they_are() {
+    let env = Env::new();
+    let kt = walkthrough(&env);
+    // `/` is kernel `/`, not-protected: cat reads the kernel file unchanged, verify ignores it.
+    env.write("plain.txt", "as is\n");
+    let p = env.p("plain.txt");
+    let out = env.ok(["cat", "fspf.pb", &p, "--key", &kt.key, "--tag", &kt.tag]);
+    assert_eq!(out, "as is\n");
+    env.ok(["verify", "fspf.pb", "--key", &kt.key, "--tag", &kt.tag]);
+}
+
+#[test]
+fn a_bad_key_file_is_named_in_the_error() {
+    let env = Env::new();
+    let kt = walkthrough(&env);
+    env.write("empty-key", "");
+    env.write("bad-key", "key: not-hex\n");
+    for f in ["empty-key", "bad-key", "missing-key"] {
+        let o = env.fails([
+            "cat",
+            "fspf.pb",
+            "/data/hello.txt",
+            "--key-file",
+            f,
+            "--tag",
+            &kt.tag,
+        ]);
+        assert!(stderr(&o).contains(f), "{f}: {}", stderr(&o));
+        assert!(o.stdout.is_empty());
+    }
+    // A key file holding just the hex key works too.
+    env.write("hex-key", format!("{}\n", kt.key));
+    let out = env.ok([
+        "cat",
+        "fspf.pb",
+        "/data/hello.txt",
+        "--key-file",
+        "hex-key",
+        "--tag",
+        &kt.tag,
+    ]);
+    assert_eq!(out, "Hello World\n");
 }

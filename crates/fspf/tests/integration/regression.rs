@@ -139,3 +139,283 @@ fn verify_ignored_any_dot_name_containing_fspf() {
 // Also fixed: `Debug` of the parsed command line printed the key (`KeyTagArgs`, `ShowArgs`); the
 // regression test needs the binary's private types, so it lives in crates/fspf/src/main.rs
 // (`parsed_args_debug_showed_the_key`).
+
+/// Multiplication in GF(2^128) with GCM's bit order (NIST SP 800-38D, algorithm 1).
+fn gf_mul(x: u128, y: u128) -> u128 {
+    let r = 0xe1u128 << 120;
+    let (mut z, mut v) = (0u128, y);
+    for i in 0..128 {
+        if (x >> (127 - i)) & 1 == 1 {
+            z ^= v;
+        }
+        v = if v & 1 == 1 { (v >> 1) ^ r } else { v >> 1 };
+    }
+    z
+}
+
+fn gf_inv(a: u128) -> u128 {
+    // a^(2^128 - 2); the multiplicative identity is x^0 = the top bit.
+    let (mut result, mut base, mut e) = (1u128 << 127, a, u128::MAX - 1);
+    while e > 0 {
+        if e & 1 == 1 {
+            result = gf_mul(result, base);
+        }
+        base = gf_mul(base, base);
+        e >>= 1;
+    }
+    result
+}
+
+/// An unencrypted fspf (sealed under the public key) with attacker-chosen metadata whose GCM tag
+/// equals `target`: with a known key, GHASH is linear, so one free ciphertext block fixes the tag.
+fn forge_unencrypted_fspf(
+    meta: &fspf_core::format::metadata::MetadataPb,
+    target: [u8; 16],
+) -> Vec<u8> {
+    use fspf_core::format::header::{Header, PUBLIC_KEY};
+    use prost::Message;
+    let mut body = meta.encode_to_vec();
+    // An unknown length-delimited field (number 15) whose last 16 bytes are one aligned block.
+    let pad = (16 - (body.len() + 2) % 16) % 16;
+    body.push((15 << 3) | 2);
+    body.push((pad + 16) as u8);
+    body.extend(std::iter::repeat_n(0u8, pad + 16));
+    assert_eq!(body.len() % 16, 0);
+    let nonce = [7u8; 12];
+    let hdr = Header {
+        version: 1,
+        sealed: false,
+        nonce,
+    }
+    .encode();
+    let aead = fspf_core::crypto::AeadKey::new(&PUBLIC_KEY).unwrap();
+    let t0 = aead.seal(nonce, &hdr, &mut body).unwrap();
+    // H = AES_K(0^128); the last ciphertext block is multiplied by H^2 (the length block follows).
+    let ecb = aws_lc_rs::cipher::EncryptingKey::ecb(
+        aws_lc_rs::cipher::UnboundCipherKey::new(&aws_lc_rs::cipher::AES_256, &PUBLIC_KEY).unwrap(),
+    )
+    .unwrap();
+    let mut h = [0u8; 16];
+    ecb.encrypt(&mut h).unwrap();
+    let h = u128::from_be_bytes(h);
+    let want = u128::from_be_bytes(t0) ^ u128::from_be_bytes(target);
+    let delta = gf_mul(want, gf_inv(gf_mul(h, h)));
+    let n = body.len();
+    let last = u128::from_be_bytes(body[n - 16..].try_into().unwrap()) ^ delta;
+    body[n - 16..].copy_from_slice(&last.to_be_bytes());
+    let mut out = hdr.to_vec();
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&target);
+    out
+}
+
+/// Downgrade: an fspf whose header says "not encrypted" was opened with the public key even when
+/// the caller gave a key, so an attacker could replace an encrypted fspf by a forged unencrypted
+/// one (any metadata, region keys of the attacker's choosing) with the victim's tag, and `cat`
+/// printed the attacker's bytes with exit 0. A key now requires an encrypted fspf.
+#[test]
+fn unencrypted_fspf_was_accepted_when_a_key_was_given() {
+    use fspf_core::format::metadata::{FileEntryPb, MetadataPb, RegionPb};
+    let env = Env::new();
+    env.write("orig/hello.txt", "Hello World\n");
+    env.mkdir("vol");
+    env.ok(["create", "fspf.pb"]);
+    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
+    env.ok(["addr", "fspf.pb", "/data", "-e", "--kernel", &env.p("vol")]);
+    env.ok(["addf", "fspf.pb", "/data", "orig", &env.p("vol")]);
+    let kt = env.encrypt(None);
+    // The attacker: own region key, own file id, own ciphertext, forged fspf with the victim's tag.
+    let rk = fspf_core::RegionKey::from_bytes(vec![0x42; 32]).unwrap();
+    let id = fspf_core::FileId([0x24; 16]);
+    let evil = b"attacker-controlled\n";
+    let mut ct = Vec::new();
+    let k = fspf_core::crypto::file_chunk_key(&rk, &id).unwrap();
+    fspf_core::codec::seal_encrypted(
+        &k,
+        &id,
+        65536,
+        evil.len() as u64,
+        &mut &evil[..],
+        &mut ct,
+        "x",
+    )
+    .unwrap();
+    fs::write(env.path("vol/hello.txt"), ct).unwrap();
+    let meta = MetadataPb {
+        format_version: 1,
+        generation: 99,
+        regions: vec![
+            RegionPb {
+                embed_point: b"/".to_vec(),
+                kind: 1,
+                kernel_path: b"/".to_vec(),
+                protection: 1,
+                key: vec![],
+                chunk_len: 65536,
+            },
+            RegionPb {
+                embed_point: b"/data".to_vec(),
+                kind: 1,
+                kernel_path: env.p("vol").into_bytes(),
+                protection: 3,
+                key: rk.as_bytes().to_vec(),
+                chunk_len: 65536,
+            },
+        ],
+        files: vec![FileEntryPb {
+            path: b"/data/hello.txt".to_vec(),
+            kind: 1,
+            file_id: id.0.to_vec(),
+            size: evil.len() as u64,
+            root: vec![],
+            mode: 0o644,
+            target: vec![],
+        }],
+    };
+    let tag = fspf_core::Tag::from_hex(&kt.tag).unwrap();
+    fs::write(env.fspf_path(), forge_unencrypted_fspf(&meta, tag.0)).unwrap();
+    assert_eq!(
+        env.ok(["show", "--tag", "fspf.pb"]).trim(),
+        kt.tag,
+        "forged tag"
+    );
+    for kt_args in [
+        vec!["--key", kt.key.as_str(), "--tag", kt.tag.as_str()],
+        vec!["--key", kt.key.as_str()],
+    ] {
+        let mut args = vec!["cat", "fspf.pb", "/data/hello.txt"];
+        args.extend(kt_args.iter().copied());
+        let o = env.fails(&args);
+        assert!(o.stdout.is_empty(), "{kt_args:?}: printed {:?}", stdout(&o));
+        assert!(stderr(&o).contains("not encrypted"), "{}", stderr(&o));
+        let mut args = vec!["verify", "fspf.pb"];
+        args.extend(kt_args.iter().copied());
+        env.fails(&args);
+    }
+    // Residual risk, by design: without a key an unencrypted fspf is all there is to trust, and
+    // its tag is forgeable. The CLI says so instead of staying silent.
+    let o = env.run(["cat", "fspf.pb", "/data/hello.txt", "--tag", &kt.tag]);
+    assert!(
+        stderr(&o).contains("not encrypted: its tag guards against accidents, not attackers"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// With a kernel path that is a symlink to the real directory, `verify` reported the region root
+/// itself and the fspf's own files (fspf.pb, its lock, its trees) as unlisted files.
+#[test]
+fn verify_reported_fspf_files_when_the_kernel_path_is_a_symlink() {
+    let env = Env::new();
+    env.mkdir("real");
+    std::os::unix::fs::symlink("real", env.path("link")).unwrap();
+    env.write("src/x", "x");
+    env.write("src/big", pattern(3 * 512, 1));
+    let f = env.p("link/fspf.pb");
+    env.ok(["create", &f]);
+    env.ok(["addr", &f, "/", "--kernel", "/", "-n"]);
+    env.ok([
+        "addr",
+        &f,
+        "/v",
+        "-a",
+        "--kernel",
+        &env.p("link"),
+        "-c",
+        "512",
+    ]);
+    env.ok(["addf", &f, "/v", "src", &env.p("link")]);
+    let o = env.run(["verify", &f]);
+    assert!(o.status.success(), "{}", stdout(&o));
+    env.write("real/planted", "p");
+    let o = env.fails(["verify", &f]);
+    assert!(
+        stdout(&o).contains("/v/planted: unlisted"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(!stdout(&o).contains("FAILED /v/fspf.pb"), "{}", stdout(&o));
+    assert!(!stdout(&o).contains("FAILED /v:"), "{}", stdout(&o));
+}
+
+/// `fspf export FSPF /region/file OUTDIR` tried to write the file over OUTDIR itself ("Is a
+/// directory"); a single exported file now lands in OUTDIR under its own name. Export errors also
+/// named the path twice ("/d/a: /d/a: chunk 0 failed ...").
+#[test]
+fn export_of_a_single_file_wrote_onto_the_output_directory() {
+    let env = Env::new();
+    env.write("src/a", "a\n");
+    env.write("src/b", "b\n");
+    env.mkdir("vol");
+    env.ok(["create", "fspf.pb"]);
+    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
+    env.ok(["addr", "fspf.pb", "/d", "-e", "--kernel", &env.p("vol")]);
+    env.ok(["addf", "fspf.pb", "/d", "src", &env.p("vol")]);
+    env.ok(["export", "fspf.pb", "/d/b", "one"]);
+    assert_eq!(env.read("one/b"), b"b\n");
+    // A tampered file is not exported; the others are; the error names the path once.
+    flip(&env.path("vol/a"), 30, 1);
+    let o = env.fails(["export", "fspf.pb", "/d", "out"]);
+    assert!(!env.path("out/a").exists());
+    assert_eq!(env.read("out/b"), b"b\n");
+    let e = stderr(&o);
+    assert_eq!(e.matches("/d/a").count(), 1, "{e}");
+    assert!(e.contains("chunk 0 failed authentication"), "{e}");
+    let leftovers: Vec<_> = fs::read_dir(env.path("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers, ["b"], "temp files left: {leftovers:?}");
+}
+
+/// Re-running `addf` with OUTPUT_DIR after a symlink's target changed recorded the new target but
+/// left the old link in OUTPUT_DIR (it was only created when absent), so `verify` failed.
+#[test]
+fn re_addf_left_a_changed_symlink_stale_in_the_output() {
+    let env = Env::new();
+    env.write("src/a", "a");
+    env.write("src/b", "b");
+    std::os::unix::fs::symlink("a", env.path("src/l")).unwrap();
+    env.write("src/was-file", "f");
+    env.mkdir("out");
+    env.ok(["create", "fspf.pb"]);
+    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
+    env.ok(["addr", "fspf.pb", "/d", "-e", "--kernel", &env.p("out")]);
+    env.ok(["addf", "fspf.pb", "/d", "src", &env.p("out")]);
+    fs::remove_file(env.path("src/l")).unwrap();
+    std::os::unix::fs::symlink("b", env.path("src/l")).unwrap();
+    fs::remove_file(env.path("src/was-file")).unwrap();
+    std::os::unix::fs::symlink("a", env.path("src/was-file")).unwrap();
+    env.ok(["addf", "fspf.pb", "/d", "src", &env.p("out")]);
+    assert_eq!(
+        fs::read_link(env.path("out/l")).unwrap().to_str(),
+        Some("b")
+    );
+    assert_eq!(
+        fs::read_link(env.path("out/was-file")).unwrap().to_str(),
+        Some("a")
+    );
+    let o = env.run(["verify", "fspf.pb"]);
+    assert!(o.status.success(), "{}", stdout(&o));
+}
+
+/// `fspf export` restored directories with `mode | 0o700`, so a recorded 0555 directory came back
+/// as 0755. The recorded mode is now applied last, deepest directory first.
+#[test]
+fn export_widened_read_only_directory_modes() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let env = Env::new();
+    env.write("src/ro/f", "f");
+    fs::set_permissions(env.path("src/ro"), fs::Permissions::from_mode(0o555)).unwrap();
+    env.ok(["create", "fspf.pb"]);
+    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
+    env.ok(["addr", "fspf.pb", "/a", "-a", "--kernel", &env.p("src")]);
+    env.ok(["addf", "fspf.pb", "/a", "src"]);
+    env.ok(["export", "fspf.pb", "/a", "out"]);
+    let mode = fs::metadata(env.path("out/ro")).unwrap().mode() & 0o7777;
+    assert_eq!(mode, 0o555, "{mode:o}");
+    assert_eq!(env.read("out/ro/f"), b"f");
+    for d in ["src/ro", "out/ro"] {
+        fs::set_permissions(env.path(d), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
