@@ -99,24 +99,25 @@ pub(crate) fn open(path: &Path, key: Option<VolumeKey>, expected: Option<Tag>) -
             });
         }
     }
+    // A caller holding a key expects a sealed fspf: an unsealed one uses the public key, so its
+    // tag (even one equal to the expected tag) proves nothing and must not be accepted.
     let key = match (h.sealed, key) {
         (true, Some(k)) => Some(k),
         (true, None) => return Err(Error::KeyRequired { path: path.into() }),
-        (false, None) => None,
-        // The public key authenticates nothing against an attacker (who can also make its tag
-        // match any given tag): whoever holds a key must never accept an unencrypted fspf.
         (false, Some(_)) => return Err(Error::NotEncrypted { path: path.into() }),
+        (false, None) => None,
     };
     let aead = AeadKey::new(key.as_ref().map_or(&PUBLIC_KEY[..], |k| k.as_bytes()))?;
     let mut body = bytes[HEADER_LEN..].to_vec();
     let n = aead
         .open(h.nonce, &bytes[..HEADER_LEN], &mut body)
         .ok_or_else(|| Error::WrongKeyOrCorrupt { path: path.into() })?;
-    let pb = MetadataPb::decode(&body[..n]).map_err(|e| Error::MalformedMetadata {
+    let pb = MetadataPb::decode(&body[..n]);
+    zeroize::Zeroize::zeroize(&mut body);
+    let pb = pb.map_err(|e| Error::MalformedMetadata {
         path: path.into(),
         reason: e.to_string(),
     })?;
-    zeroize::Zeroize::zeroize(&mut body);
     let meta = Metadata::from_pb(pb).map_err(|reason| Error::MalformedMetadata {
         path: path.into(),
         reason,
@@ -140,7 +141,12 @@ fn seal(v: &Volume) -> Result<(Vec<u8>, Tag)> {
     };
     let hb = h.encode();
     let aead = AeadKey::new(v.key.as_ref().map_or(&PUBLIC_KEY[..], |k| k.as_bytes()))?;
-    let mut body = v.meta.to_pb().encode_to_vec();
+    let mut pb = v.meta.to_pb();
+    // `body` holds the region keys only until it is encrypted in place below; `pb` holds copies.
+    let mut body = pb.encode_to_vec();
+    for r in &mut pb.regions {
+        zeroize::Zeroize::zeroize(&mut r.key);
+    }
     let tag = aead.seal(nonce, &hb, &mut body)?;
     let mut out = Vec::with_capacity(HEADER_LEN + body.len() + TAG_LEN);
     out.extend_from_slice(&hb);
@@ -158,6 +164,21 @@ pub(crate) fn sync_dir(p: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(dir, e))
+}
+
+/// Make everything written on the filesystems holding `paths` durable: one `syncfs` per
+/// filesystem (st_dev) instead of one fsync per file, which is what makes batched commits cheap.
+pub fn sync_filesystems<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    for p in paths {
+        let Ok(md) = fs::metadata(p) else { continue };
+        if seen.insert(md.dev()) {
+            let f = File::open(p).map_err(|e| Error::io(p, e))?;
+            rustix::fs::syncfs(&f).map_err(|e| Error::io(p, e.into()))?;
+        }
+    }
+    Ok(())
 }
 
 fn write_temp(v: &Volume) -> Result<(PathBuf, Tag)> {
