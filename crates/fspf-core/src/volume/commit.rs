@@ -147,7 +147,13 @@ pub(crate) fn seal_version(
                 let p = dir.join(id.to_hex());
                 let mut f = create_file(&p, 0o600)?;
                 f.write_all(&outboard)
-                    .and_then(|_| f.sync_all())
+                    .and_then(|_| {
+                        if vol.sync_each_file {
+                            f.sync_all()
+                        } else {
+                            Ok(())
+                        }
+                    })
                     .map_err(|e| Error::io(&p, e))?;
                 Some(p)
             };

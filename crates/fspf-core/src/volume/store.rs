@@ -163,6 +163,25 @@ pub(crate) fn sync_dir(p: &Path) -> Result<()> {
         .map_err(|e| Error::io(dir, e))
 }
 
+/// Make everything written below `dirs` durable: one `syncfs` per distinct file system (data,
+/// inodes and directory entries alike), however many files were written there.
+pub(crate) fn sync_filesystems<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen_dirs = std::collections::HashSet::new();
+    let mut seen_devs = std::collections::HashSet::new();
+    for d in dirs {
+        if !seen_dirs.insert(d) {
+            continue;
+        }
+        let dev = fs::metadata(d).map_err(|e| Error::io(d, e))?.dev();
+        if seen_devs.insert(dev) {
+            let f = File::open(d).map_err(|e| Error::io(d, e))?;
+            rustix::fs::syncfs(&f).map_err(|e| Error::io(d, e.into()))?;
+        }
+    }
+    Ok(())
+}
+
 fn write_temp(v: &Volume) -> Result<(PathBuf, Tag)> {
     let (bytes, tag) = seal(v)?;
     let mut rnd = [0u8; 6];
@@ -239,5 +258,20 @@ impl FspfLock {
             .map_err(|e| Error::io(&lp, e))?;
         f.lock().map_err(|e| Error::io(&lp, e))?;
         Ok(FspfLock { _file: f })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn sync_filesystems_syncs_each_dir_once_and_names_a_missing_one() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a");
+        fs::create_dir(&a).unwrap();
+        sync_filesystems([d.path(), a.as_path(), d.path()]).unwrap();
+        let missing = d.path().join("missing");
+        let e = sync_filesystems([missing.as_path()]).unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
     }
 }
