@@ -85,7 +85,7 @@ pub(crate) fn absolute(path: &Path) -> PathBuf {
 
 pub(crate) fn open(path: &Path, key: Option<VolumeKey>, expected: Option<Tag>) -> Result<Volume> {
     let path = &absolute(path);
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
     let h = Header::decode(&bytes).map_err(|e| header_err(path, e))?;
     let mut tag = [0u8; TAG_LEN];
     tag.copy_from_slice(&bytes[bytes.len() - TAG_LEN..]);
@@ -105,12 +105,13 @@ pub(crate) fn open(path: &Path, key: Option<VolumeKey>, expected: Option<Tag>) -
         None
     };
     let aead = AeadKey::new(key.as_ref().map_or(&PUBLIC_KEY[..], |k| k.as_bytes()))?;
-    let mut body = bytes[HEADER_LEN..].to_vec();
-    let n = aead
-        .open(h.nonce, &bytes[..HEADER_LEN], &mut body)
-        .ok_or_else(|| Error::WrongKeyOrCorrupt { path: path.into() })?;
-    let pb = MetadataPb::decode(&body[..n]);
-    zeroize::Zeroize::zeroize(&mut body);
+    // Decrypted in place: no second copy of the (possibly multi-MB) metadata, one buffer to wipe.
+    let mut aad = [0u8; HEADER_LEN];
+    aad.copy_from_slice(&bytes[..HEADER_LEN]);
+    let opened = aead.open(h.nonce, &aad, &mut bytes[HEADER_LEN..]);
+    let pb = opened.map(|n| MetadataPb::decode(&bytes[HEADER_LEN..HEADER_LEN + n]));
+    zeroize::Zeroize::zeroize(&mut bytes);
+    let pb = pb.ok_or_else(|| Error::WrongKeyOrCorrupt { path: path.into() })?;
     let pb = pb.map_err(|e| Error::MalformedMetadata {
         path: path.into(),
         reason: e.to_string(),
