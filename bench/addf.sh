@@ -9,6 +9,7 @@
 #                                   BENCH_BASE=/var/tmp measures ext4 on this VM's virtio disk.
 #               RESULTS_FILE=<path> (also write the final table there)
 #               SKIP_BUILD=1        (use target/release/fspf as is)
+#               STAT=median|min     statistic over RUNS (min = fastest run; use it on a shared machine)
 #
 # What is measured (medians of RUNS; every output is fresh and removed after its run):
 #   addf-enc    fspf create + addr /data --encrypted --kernel OUT; timed: fspf addf F /data SRC OUT
@@ -87,11 +88,17 @@ trap 'exit 130' INT TERM
 
 now() { date +%s.%N; }
 el()  { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.6f", b-a}'; }
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{ if(NR==0){print "n/a"} else if(NR%2){print a[(NR+1)/2]} else {printf "%.6g\n",(a[NR/2]+a[NR/2+1])/2} }'; }
+median() {  # or the fastest run with STAT=min (more robust when other work shares the machine)
+  if [[ ${STAT:-median} == min ]]; then printf '%s\n' "$@" | sort -g | head -1; return; fi
+  printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{ if(NR==0){print "n/a"} else if(NR%2){print a[(NR+1)/2]} else {printf "%.6g\n",(a[NR/2]+a[NR/2+1])/2} }'
+}
 mbps() { awk -v s="$1" -v mb="$SIZE_MB" 'BEGIN{printf "%.0f", mb*1.048576/s}'; }   # MB = 1e6 bytes
 rate() { awk -v s="$1" -v n="$2" 'BEGIN{printf "%.0f", n/s}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b+0 == 0 || a == "n/a" || b == "n/a") print "n/a"; else printf "%.2f", a/b }'; }
 timeit() { local t0 t1; t0=$(now); "$@" >/dev/null; t1=$(now); el "$t0" "$t1"; }   # prints seconds
+
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
+awk -v l="${LOAD0%% *}" 'BEGIN{exit !(l > 0.5)}' && log "WARNING: load average $LOAD0: other work on this machine will skew the numbers"
 
 # ---------------------------------------------------------------- source trees
 log "source in $SRC ($(findmnt -n -o FSTYPE --target "$SRC" | head -1)), outputs in $W ($(findmnt -n -o FSTYPE --target "$W" | head -1))"
@@ -201,21 +208,21 @@ done
 verdict() { awk -v a="$1" -v t="$2" 'BEGIN{ if (a == "n/a") print "n/a"; else if (a+0 >= t+0) print "MET"; else print "MISSED" }'; }
 {
 echo
-echo "addf.sh  $(date -u +%FT%TZ)  host: $NPROC cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(uname -r)"
+echo "addf.sh  $(date -u +%FT%TZ)  host: $NPROC cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(uname -r), load at start $LOAD0, at end $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "fspf $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null) | $(openssl version | cut -d' ' -f1-2) | b3sum $(b3sum --version 2>/dev/null | awk '{print $2}') | gocryptfs $(gocryptfs -version 2>/dev/null | awk '{print $2}' | tr -d ';')"
-echo "source: $SRC_BASE ($(findmnt -n -o FSTYPE --target "$SRC_BASE" | head -1)); outputs: $BENCH_BASE ($(findmnt -n -o FSTYPE --target "$BENCH_BASE" | head -1)); size=${SIZE_MB}MiB files=${NFILES} (${SMALL_MB} MiB) runs=${RUNS}; medians; MB = 1e6 B"
+echo "source: $SRC_BASE ($(findmnt -n -o FSTYPE --target "$SRC_BASE" | head -1)); outputs: $BENCH_BASE ($(findmnt -n -o FSTYPE --target "$BENCH_BASE" | head -1)); size=${SIZE_MB}MiB files=${NFILES} (${SMALL_MB} MiB) runs=${RUNS}; ${STAT:-median} of runs; MB = 1e6 B"
 echo
-printf '%-22s | %10s | %10s %10s\n' tool "${SIZE_MB}MiB file" "${NFILES} files" ""
-printf '%-22s | %10s | %10s %10s\n' "" MB/s files/s MB/s
-echo "-----------------------+------------+----------------------"
-row() { printf '%-22s | %10s | %10s %10s\n' "$1" "${B[$2]}" "${S[$2]}" "${SM[$2]}"; }
+printf '%-22s | %12s | %10s %10s\n' tool "${SIZE_MB}MiB file" "${NFILES} files" ""
+printf '%-22s | %12s | %10s %10s\n' "" MB/s files/s MB/s
+echo "-----------------------+--------------+----------------------"
+row() { printf '%-22s | %12s | %10s %10s\n' "$1" "${B[$2]}" "${S[$2]}" "${SM[$2]}"; }
 row "fspf addf encrypted" ae
 row "fspf addf authentic." aa
 row "cp -r" cr
 row "gocryptfs cp -r" gc
 row "b3sum" b3
 row "sha256sum" sh
-echo "-----------------------+------------+----------------------"
+echo "-----------------------+--------------+----------------------"
 printf 'codec in memory (no file system): enc %s MB/s, auth %s MB/s; dd if=/dev/zero of=new file: %s MB/s\n' "$CODEC_ENC" "$CODEC_AUTH" "$DDW"
 printf 'openssl speed -evp aes-256-gcm, 1 core: %s MB/s @64 KiB, %s MB/s @16 KiB; ceiling = 64 KiB x %s cores = %s MB/s\n' "$GCM64K" "$GCM16K" "$NPROC" "$CEIL"
 echo

@@ -76,6 +76,73 @@ fn authenticated_roundtrip_and_tamper() {
     }
 }
 
+#[test]
+fn pipelined_seal_of_many_batches_roundtrips() {
+    // 3 full batches of 64 chunks plus a partial chunk: exercises the writer thread.
+    let size = 512 * 64 * 3 + 100;
+    let (k, id, plain, out) = enc(size, 512);
+    assert_eq!(out.len() as u64, layout::enc_file_len(size as u64, 512));
+    let mut r = ProtectedReader::<Vec<u8>, Vec<u8>>::new(
+        FileCodec::Encrypted {
+            key: k,
+            id,
+            data: out,
+        },
+        size as u64,
+        512,
+        "t".into(),
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    r.copy_to(&mut got).unwrap();
+    assert_eq!(got, plain);
+}
+
+#[test]
+fn pipelined_seal_reports_a_source_that_shrank() {
+    let rk = RegionKey::random(32).unwrap();
+    let id = FileId::random().unwrap();
+    let k = file_chunk_key(&rk, &id).unwrap();
+    let plain = vec![7u8; 512 * 200];
+    let mut out = Vec::new();
+    let claimed = plain.len() as u64 + 1;
+    let e = seal_encrypted(&k, &id, 512, claimed, &mut &plain[..], &mut out, "/f").unwrap_err();
+    assert!(e.to_string().contains("changed size"), "{e}");
+}
+
+#[test]
+fn pipelined_seal_reports_a_failing_writer() {
+    struct Full(usize);
+    impl std::io::Write for Full {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            if self.0 < b.len() {
+                return Err(std::io::Error::other("disk full"));
+            }
+            self.0 -= b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let rk = RegionKey::random(32).unwrap();
+    let id = FileId::random().unwrap();
+    let k = file_chunk_key(&rk, &id).unwrap();
+    let plain = vec![7u8; 512 * 64 * 10];
+    let mut w = Full(100_000);
+    let e = seal_encrypted(
+        &k,
+        &id,
+        512,
+        plain.len() as u64,
+        &mut &plain[..],
+        &mut w,
+        "/f",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("disk full"), "{e}");
+}
+
 /// Regression: the last node of an odd-width Merkle level is never read as a sibling, so a flip
 /// there went unnoticed by `verify_all`. Every outboard byte must now be checked.
 #[test]

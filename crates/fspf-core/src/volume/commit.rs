@@ -11,6 +11,7 @@ use crate::crypto::{self, FileId, Tag};
 use crate::error::{Error, Result};
 use crate::format::metadata::{FileEntry, FileKind, Protection, Region};
 use crate::policy::EmbedPath;
+use rayon::prelude::*;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -146,7 +147,13 @@ pub(crate) fn seal_version(
                 let p = dir.join(id.to_hex());
                 let mut f = create_file(&p, 0o600)?;
                 f.write_all(&outboard)
-                    .and_then(|_| f.sync_all())
+                    .and_then(|_| {
+                        if vol.sync_each_file {
+                            f.sync_all()
+                        } else {
+                            Ok(())
+                        }
+                    })
                     .map_err(|e| Error::io(&p, e))?;
                 Some(p)
             };
@@ -248,7 +255,8 @@ impl Volume {
         }
         let before = self.meta.clone();
         let mut garbage: Vec<FileId> = Vec::new();
-        let mut post: Vec<Box<dyn FnOnce()>> = Vec::new();
+        // Shadows to move into place once the commit is durable: (shadow, kernel path).
+        let mut post: Vec<(&Path, &Path)> = Vec::new();
         for c in &changes {
             match c {
                 Change::Put(s) => {
@@ -259,10 +267,7 @@ impl Volume {
                     {
                         garbage.push(id);
                     }
-                    let (sh, k) = (s.shadow.clone(), s.kernel.clone());
-                    post.push(Box::new(move || {
-                        let _ = fs::rename(&sh, &k);
-                    }));
+                    post.push((&s.shadow, &s.kernel));
                 }
                 Change::PutEntry(p, e) => {
                     if let Some(FileEntry {
@@ -310,9 +315,12 @@ impl Volume {
             cleanup(&changes);
             return Err(e);
         }
-        for p in post {
-            p();
-        }
+        // Independent renames; in parallel because a large `addf` moves tens of thousands of
+        // shadows and this is otherwise its longest serial step. A failed rename is harmless:
+        // the committed shadow stays and `roll_forward` moves it on the next open.
+        post.par_iter().for_each(|(sh, k)| {
+            let _ = fs::rename(sh, k);
+        });
         // Outboards of versions no longer referenced are garbage now that the commit is durable.
         let live: std::collections::HashSet<FileId> = self
             .meta

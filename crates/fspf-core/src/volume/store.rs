@@ -85,7 +85,7 @@ pub(crate) fn absolute(path: &Path) -> PathBuf {
 
 pub(crate) fn open(path: &Path, key: Option<VolumeKey>, expected: Option<Tag>) -> Result<Volume> {
     let path = &absolute(path);
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
     let h = Header::decode(&bytes).map_err(|e| header_err(path, e))?;
     let mut tag = [0u8; TAG_LEN];
     tag.copy_from_slice(&bytes[bytes.len() - TAG_LEN..]);
@@ -108,12 +108,13 @@ pub(crate) fn open(path: &Path, key: Option<VolumeKey>, expected: Option<Tag>) -
         (false, None) => None,
     };
     let aead = AeadKey::new(key.as_ref().map_or(&PUBLIC_KEY[..], |k| k.as_bytes()))?;
-    let mut body = bytes[HEADER_LEN..].to_vec();
-    let n = aead
-        .open(h.nonce, &bytes[..HEADER_LEN], &mut body)
-        .ok_or_else(|| Error::WrongKeyOrCorrupt { path: path.into() })?;
-    let pb = MetadataPb::decode(&body[..n]);
-    zeroize::Zeroize::zeroize(&mut body);
+    // Decrypted in place: no second copy of the (possibly multi-MB) metadata, one buffer to wipe.
+    let mut aad = [0u8; HEADER_LEN];
+    aad.copy_from_slice(&bytes[..HEADER_LEN]);
+    let opened = aead.open(h.nonce, &aad, &mut bytes[HEADER_LEN..]);
+    let pb = opened.map(|n| MetadataPb::decode(&bytes[HEADER_LEN..HEADER_LEN + n]));
+    zeroize::Zeroize::zeroize(&mut bytes);
+    let pb = pb.ok_or_else(|| Error::WrongKeyOrCorrupt { path: path.into() })?;
     let pb = pb.map_err(|e| Error::MalformedMetadata {
         path: path.into(),
         reason: e.to_string(),
@@ -166,16 +167,20 @@ pub(crate) fn sync_dir(p: &Path) -> Result<()> {
         .map_err(|e| Error::io(dir, e))
 }
 
-/// Make everything written on the filesystems holding `paths` durable: one `syncfs` per
-/// filesystem (st_dev) instead of one fsync per file, which is what makes batched commits cheap.
-pub fn sync_filesystems<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Result<()> {
+/// Make everything written below `dirs` durable: one `syncfs` per distinct file system (data,
+/// inodes and directory entries alike), however many files were written there.
+pub fn sync_filesystems<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let mut seen = std::collections::HashSet::new();
-    for p in paths {
-        let Ok(md) = fs::metadata(p) else { continue };
-        if seen.insert(md.dev()) {
-            let f = File::open(p).map_err(|e| Error::io(p, e))?;
-            rustix::fs::syncfs(&f).map_err(|e| Error::io(p, e.into()))?;
+    let mut seen_dirs = std::collections::HashSet::new();
+    let mut seen_devs = std::collections::HashSet::new();
+    for d in dirs {
+        if !seen_dirs.insert(d) {
+            continue;
+        }
+        let dev = fs::metadata(d).map_err(|e| Error::io(d, e))?.dev();
+        if seen_devs.insert(dev) {
+            let f = File::open(d).map_err(|e| Error::io(d, e))?;
+            rustix::fs::syncfs(&f).map_err(|e| Error::io(d, e.into()))?;
         }
     }
     Ok(())
@@ -257,5 +262,20 @@ impl FspfLock {
             .map_err(|e| Error::io(&lp, e))?;
         f.lock().map_err(|e| Error::io(&lp, e))?;
         Ok(FspfLock { _file: f })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn sync_filesystems_syncs_each_dir_once_and_names_a_missing_one() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a");
+        fs::create_dir(&a).unwrap();
+        sync_filesystems([d.path(), a.as_path(), d.path()]).unwrap();
+        let missing = d.path().join("missing");
+        let e = sync_filesystems([missing.as_path()]).unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
     }
 }
