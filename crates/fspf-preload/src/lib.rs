@@ -1,1 +1,122 @@
+//! `libfspf_preload.so`: the in-process file-protection shield (LD_PRELOAD).
+//!
+//! Inert unless `SCONE_FSPF` is set. Then the constructor opens the fspf with the key and tag
+//! (or the run's trust anchor), and the hooks in [`hooks`] translate the program's paths (embed
+//! paths) to regions: pass-through, translated kernel paths, or shielded files whose verified
+//! plaintext is served from [`files`]. All crypto and format work is fspf-core's; this crate only
+//! interposes libc. Semantics, errno choices and limits: `docs/SHIELD.md`.
+#![allow(clippy::missing_safety_doc)]
 
+mod files;
+mod hooks;
+mod real;
+mod shield;
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set once the constructor loaded a shield; every hook checks it first (one relaxed load).
+pub(crate) static ACTIVE: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// True while this thread runs shield code: libc calls made by std / fspf-core from inside a
+    /// hook must reach the real functions, not the hooks again.
+    static IN_SHIELD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Proof that this thread is inside the shield; leaving the scope re-arms the hooks.
+pub(crate) struct Guard(());
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        IN_SHIELD.with(|c| c.set(false));
+    }
+}
+
+/// `Some` when the hooks should act: the shield is active and this thread is not already in it.
+#[inline]
+pub(crate) fn enter() -> Option<Guard> {
+    if !ACTIVE.load(Ordering::Relaxed) {
+        return None;
+    }
+    IN_SHIELD.with(|c| {
+        if c.get() {
+            None
+        } else {
+            c.set(true);
+            Some(Guard(()))
+        }
+    })
+}
+
+/// Enter the shield unconditionally (constructor, exit handler, stdio cookies).
+pub(crate) fn enter_always() -> Option<Guard> {
+    IN_SHIELD.with(|c| {
+        if c.get() {
+            None
+        } else {
+            c.set(true);
+            Some(Guard(()))
+        }
+    })
+}
+
+pub(crate) fn set_errno(e: libc::c_int) {
+    // SAFETY: __errno_location returns this thread's errno slot, always valid.
+    unsafe { *libc::__errno_location() = e };
+}
+
+pub(crate) fn errno() -> libc::c_int {
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() }
+}
+
+static LOG: AtomicBool = AtomicBool::new(false);
+
+/// One line to stderr when `FSPF_LOG=1` (reasons for EIO/EACCES; never key material).
+pub(crate) fn log(msg: impl std::fmt::Display) {
+    if LOG.load(Ordering::Relaxed) {
+        say(msg);
+    }
+}
+
+/// One line to stderr, always (fatal setup problems).
+pub(crate) fn say(msg: impl std::fmt::Display) {
+    let line = format!("fspf-preload[{}]: {msg}\n", std::process::id());
+    // SAFETY: writing an owned buffer to fd 2; errors are ignored (nowhere to report them).
+    unsafe { real::write(2, line.as_ptr().cast(), line.len()) };
+}
+
+extern "C" fn constructor(
+    _argc: libc::c_int,
+    _argv: *mut *mut libc::c_char,
+    _env: *mut *mut libc::c_char,
+) {
+    if std::env::var_os("SCONE_FSPF").is_none() {
+        return;
+    }
+    let Some(_g) = enter_always() else { return };
+    LOG.store(
+        std::env::var_os("FSPF_LOG").is_some_and(|v| v == "1"),
+        Ordering::Relaxed,
+    );
+    if shield::init() {
+        ACTIVE.store(true, Ordering::Release);
+        // SAFETY: registering a plain extern "C" fn with no arguments.
+        unsafe { libc::atexit(at_exit) };
+    }
+}
+
+extern "C" fn at_exit() {
+    // Flush stdio first: glibc flushes streams only after the atexit handlers, and unflushed
+    // data of a protected FILE* (fopencookie) would otherwise miss the final commit.
+    // SAFETY: fflush(NULL) flushes all streams; it is called outside any stream lock.
+    unsafe { libc::fflush(std::ptr::null_mut()) };
+    let Some(_g) = enter_always() else { return };
+    shield::at_exit();
+}
+
+#[used]
+#[link_section = ".init_array"]
+static INIT: extern "C" fn(libc::c_int, *mut *mut libc::c_char, *mut *mut libc::c_char) =
+    constructor;

@@ -19,6 +19,18 @@ use crate::format::layout::{self, ENC_HEADER_LEN, ENC_MAGIC};
 use rayon::prelude::*;
 use std::io::{Read, Write};
 
+static SEQUENTIAL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Seal on the calling thread only (no rayon pool). The preload shield sets this: a thread pool
+/// in an interposed process does not survive `fork`, and a forked child that seals would hang.
+pub fn set_sequential(on: bool) {
+    SEQUENTIAL.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn sequential() -> bool {
+    SEQUENTIAL.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Chunks sealed per parallel batch when importing (64 × 64 KiB = 4 MiB).
 const BATCH_CHUNKS: usize = 64;
 
@@ -89,23 +101,38 @@ pub fn seal_encrypted(
         }
         let first = index;
         let out_len = want as usize + batch * TAG_LEN;
-        out[..out_len]
-            .par_chunks_mut(c + TAG_LEN)
-            .zip(
-                plain[..want as usize]
-                    .par_chunks(c.max(1))
-                    .chain(rayon::iter::once(&[][..]))
-                    .take(batch),
-            )
-            .enumerate()
-            .try_for_each(|(i, (slot, p))| -> Result<()> {
-                let idx = first + i as u64;
-                let (body, tag) = slot.split_at_mut(p.len());
-                body.copy_from_slice(p);
-                let t = key.seal(chunk_nonce(idx, idx + 1 == n), &id.0, body)?;
-                tag[..TAG_LEN].copy_from_slice(&t);
-                Ok(())
-            })?;
+        let seal = |(i, (slot, p)): (usize, (&mut [u8], &[u8]))| -> Result<()> {
+            let idx = first + i as u64;
+            let (body, tag) = slot.split_at_mut(p.len());
+            body.copy_from_slice(p);
+            let t = key.seal(chunk_nonce(idx, idx + 1 == n), &id.0, body)?;
+            tag[..TAG_LEN].copy_from_slice(&t);
+            Ok(())
+        };
+        let plain_chunks = || {
+            plain[..want as usize]
+                .chunks(c.max(1))
+                .chain(std::iter::once(&[][..]))
+                .take(batch)
+        };
+        if sequential() {
+            out[..out_len]
+                .chunks_mut(c + TAG_LEN)
+                .zip(plain_chunks())
+                .enumerate()
+                .try_for_each(seal)?;
+        } else {
+            out[..out_len]
+                .par_chunks_mut(c + TAG_LEN)
+                .zip(
+                    plain[..want as usize]
+                        .par_chunks(c.max(1))
+                        .chain(rayon::iter::once(&[][..]))
+                        .take(batch),
+                )
+                .enumerate()
+                .try_for_each(seal)?;
+        }
         dst.write_all(&out[..out_len]).map_err(io)?;
         index += batch as u64;
     }
@@ -148,14 +175,23 @@ pub fn seal_authenticated(
         let mut batch_leaves: Vec<[u8; 32]> = if want == 0 {
             vec![key.leaf(first, true, &[])]
         } else {
-            plain[..want as usize]
-                .par_chunks(c)
-                .enumerate()
-                .map(|(i, p)| {
-                    let idx = first + i as u64;
-                    key.leaf(idx, idx + 1 == n, p)
-                })
-                .collect()
+            let leaf = |(i, p): (usize, &[u8])| {
+                let idx = first + i as u64;
+                key.leaf(idx, idx + 1 == n, p)
+            };
+            if sequential() {
+                plain[..want as usize]
+                    .chunks(c)
+                    .enumerate()
+                    .map(leaf)
+                    .collect()
+            } else {
+                plain[..want as usize]
+                    .par_chunks(c)
+                    .enumerate()
+                    .map(leaf)
+                    .collect()
+            }
         };
         leaves.append(&mut batch_leaves);
         if let Some(w) = copy.as_mut() {
