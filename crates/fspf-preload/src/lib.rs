@@ -102,8 +102,74 @@ extern "C" fn constructor(
     );
     if shield::init() {
         ACTIVE.store(true, Ordering::Release);
+    }
+}
+
+type MainFn = unsafe extern "C" fn(
+    libc::c_int,
+    *mut *mut libc::c_char,
+    *mut *mut libc::c_char,
+) -> libc::c_int;
+type StartMainFn = unsafe extern "C" fn(
+    MainFn,
+    libc::c_int,
+    *mut *mut libc::c_char,
+    *mut libc::c_void,
+    *mut libc::c_void,
+    *mut libc::c_void,
+    *mut libc::c_void,
+) -> libc::c_int;
+
+static REAL_MAIN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Runs as the program's `main`: registers the exit handler now, after `__libc_start_main`
+/// registered the dynamic linker's finaliser, so the final commit runs before any library
+/// (including the crypto library linked into this one) is finalised.
+unsafe extern "C" fn main_trampoline(
+    argc: libc::c_int,
+    argv: *mut *mut libc::c_char,
+    envp: *mut *mut libc::c_char,
+) -> libc::c_int {
+    if ACTIVE.load(Ordering::Acquire) {
         // SAFETY: registering a plain extern "C" fn with no arguments.
         unsafe { libc::atexit(at_exit) };
+    }
+    // SAFETY: REAL_MAIN holds the program's main, stored just before this call.
+    let m: MainFn = unsafe { std::mem::transmute(REAL_MAIN.load(Ordering::Relaxed)) };
+    // SAFETY: calling the program's main with its own arguments.
+    unsafe { m(argc, argv, envp) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn __libc_start_main(
+    main: MainFn,
+    argc: libc::c_int,
+    argv: *mut *mut libc::c_char,
+    init: *mut libc::c_void,
+    fini: *mut libc::c_void,
+    rtld_fini: *mut libc::c_void,
+    stack_end: *mut libc::c_void,
+) -> libc::c_int {
+    // SAFETY: dlsym with a NUL-terminated literal.
+    let p = unsafe { libc::dlsym(libc::RTLD_NEXT, c"__libc_start_main".as_ptr()) };
+    if p.is_null() {
+        // SAFETY: nothing sensible can run without libc's start routine.
+        unsafe { libc::abort() };
+    }
+    // SAFETY: glibc's __libc_start_main has this signature on x86_64.
+    let real: StartMainFn = unsafe { std::mem::transmute(p) };
+    REAL_MAIN.store(main as usize, Ordering::Relaxed);
+    // SAFETY: forwarding the start-up arguments with our trampoline as main.
+    unsafe {
+        real(
+            main_trampoline,
+            argc,
+            argv,
+            init,
+            fini,
+            rtld_fini,
+            stack_end,
+        )
     }
 }
 

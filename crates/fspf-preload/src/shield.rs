@@ -472,7 +472,7 @@ impl Shield {
                 kind: NodeKind::File,
                 size: b.data.len() as u64,
                 mode: b.mode,
-                kernel: None,
+                kernel,
                 mtime: Some(b.mtime),
             });
         }
