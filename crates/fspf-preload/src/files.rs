@@ -173,7 +173,9 @@ impl OpenFile {
             Body::Dir => return Err(libc::EISDIR),
         };
         r.map_err(|e| {
-            log(format!("read refused: {e}"));
+            let m = e.to_string();
+            log(format!("read refused: {m}"));
+            crate::integrity_failure(&m);
             libc::EIO
         })
     }

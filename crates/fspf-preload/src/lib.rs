@@ -73,6 +73,20 @@ pub(crate) fn errno() -> libc::c_int {
 
 static LOG: AtomicBool = AtomicBool::new(false);
 
+/// Set when the shield refused data that failed verification. Such a process never exits 0:
+/// programs that treat a read error as end of file (Python reading its script through stdio)
+/// must not report success on a tampered input.
+static INTEGRITY_FAILED: AtomicBool = AtomicBool::new(false);
+static FIRST_FAILURE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+pub(crate) fn integrity_failure(reason: &str) {
+    if !INTEGRITY_FAILED.swap(true, Ordering::Relaxed) {
+        if let Ok(mut g) = FIRST_FAILURE.lock() {
+            *g = Some(reason.to_string());
+        }
+    }
+}
+
 /// One line to stderr when `FSPF_LOG=1` (reasons for EIO/EACCES; never key material).
 pub(crate) fn log(msg: impl std::fmt::Display) {
     if LOG.load(Ordering::Relaxed) {
@@ -180,6 +194,18 @@ extern "C" fn at_exit() {
     unsafe { libc::fflush(std::ptr::null_mut()) };
     let Some(_g) = enter_always() else { return };
     shield::at_exit();
+    if INTEGRITY_FAILED.load(Ordering::Relaxed) {
+        let reason = FIRST_FAILURE
+            .lock()
+            .ok()
+            .and_then(|g| g.clone())
+            .unwrap_or_default();
+        say(format!(
+            "integrity violation detected ({reason}); exit status forced to 1"
+        ));
+        // SAFETY: terminating the process; stdio was flushed above.
+        unsafe { libc::_exit(1) };
+    }
 }
 
 #[used]

@@ -23,15 +23,24 @@ pub fn init_umask() {
 
 fn map_core(ep: &EmbedPath, e: fspf_core::Error) -> c_int {
     use fspf_core::Error as E;
-    log(format!("{ep}: {e}"));
+    let m = format!("{ep}: {e}");
+    log(&m);
     match e {
         E::NotListed { .. } => libc::ENOENT,
         E::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
             libc::EACCES
         }
-        _ => libc::EIO,
+        _ => {
+            crate::integrity_failure(&m);
+            libc::EIO
+        }
     }
 }
+
+/// Files opened through stdio up to this size are verified completely at open: a program
+/// reading through a FILE* may take a read error for end of file (Python parsing its script)
+/// and must not act on a verified prefix of a tampered file.
+const VERIFY_AT_OPEN_MAX: u64 = 4 << 20;
 
 /// Verified plaintext of the current version of `ep` (for opening it for writing).
 fn load_plain(sh: &Shield, inner: &Inner, ep: &EmbedPath) -> Result<Vec<u8>, c_int> {
@@ -69,8 +78,8 @@ fn read_all(
     Ok(v)
 }
 
-/// Read-only body for `ep`.
-fn read_body(inner: &Inner, ep: &EmbedPath) -> Result<Body, c_int> {
+/// Read-only body for `ep`; `verify` checks every chunk now (small files only).
+fn read_body(inner: &Inner, ep: &EmbedPath, verify: bool) -> Result<Body, c_int> {
     if let Some(b) = inner.live.get(ep) {
         return Ok(Body::Buf(b.clone()));
     }
@@ -83,10 +92,16 @@ fn read_body(inner: &Inner, ep: &EmbedPath) -> Result<Body, c_int> {
         if region.protection == Protection::NotProtected {
             return Ok(Body::Plain(sealed.data.clone()));
         }
-        let r = memory::open_in_memory(region, ep, sealed).map_err(|e| map_core(ep, e))?;
+        let mut r = memory::open_in_memory(region, ep, sealed).map_err(|e| map_core(ep, e))?;
+        if verify && r.size() <= VERIFY_AT_OPEN_MAX {
+            r.verify_all().map_err(|e| map_core(ep, e))?;
+        }
         return Ok(Body::Mem(Box::new(r)));
     }
-    let r = vol.open_file(ep).map_err(|e| map_core(ep, e))?;
+    let mut r = vol.open_file(ep).map_err(|e| map_core(ep, e))?;
+    if verify && r.size() <= VERIFY_AT_OPEN_MAX {
+        r.verify_all().map_err(|e| map_core(ep, e))?;
+    }
     Ok(Body::Kernel(Box::new(r)))
 }
 
@@ -128,7 +143,17 @@ fn dir_placeholder(
 
 /// Open `ep` in the shielded view; returns a real fd registered in the fd table.
 pub fn shield_open(sh: &Shield, ep: EmbedPath, flags: c_int, mode: mode_t) -> Result<c_int, c_int> {
-    shield_open_depth(sh, ep, flags, mode, 0)
+    shield_open_depth(sh, ep, flags, mode, 0, false)
+}
+
+/// As [`shield_open`], for a stdio stream (small files verified completely at open).
+pub fn shield_open_stdio(
+    sh: &Shield,
+    ep: EmbedPath,
+    flags: c_int,
+    mode: mode_t,
+) -> Result<c_int, c_int> {
+    shield_open_depth(sh, ep, flags, mode, 0, true)
 }
 
 fn shield_open_depth(
@@ -137,6 +162,7 @@ fn shield_open_depth(
     flags: c_int,
     mode: mode_t,
     depth: u32,
+    stdio: bool,
 ) -> Result<c_int, c_int> {
     let mut inner = sh.lock();
     let acc = flags & libc::O_ACCMODE;
@@ -189,7 +215,9 @@ fn shield_open_depth(
                     let r = sh.route_bytes(&inner, libc::AT_FDCWD, &target);
                     drop(inner);
                     return match r {
-                        Route::Shield(ep2) => shield_open_depth(sh, ep2, flags, mode, depth + 1),
+                        Route::Shield(ep2) => {
+                            shield_open_depth(sh, ep2, flags, mode, depth + 1, stdio)
+                        }
                         Route::Kernel(c, _) => {
                             // SAFETY: NUL-terminated path.
                             let fd = unsafe { real::open(c.as_ptr(), flags, mode) };
@@ -253,7 +281,7 @@ fn shield_open_depth(
                 }
                 (Body::Buf(buf), n.mode, n.kernel, true)
             } else {
-                (read_body(&inner, &ep)?, n.mode, n.kernel, false)
+                (read_body(&inner, &ep, stdio)?, n.mode, n.kernel, false)
             }
         }
         Err(libc::ENOENT) if flags & libc::O_CREAT != 0 => {
@@ -576,7 +604,7 @@ unsafe fn fopen_common(
             let Some(flags) = mode_flags(m) else {
                 return fail_ptr(libc::EINVAL);
             };
-            match shield_open(sh, ep, flags, 0o666) {
+            match shield_open_stdio(sh, ep, flags, 0o666) {
                 // SAFETY: fd is our fresh placeholder; mode is valid.
                 Ok(fd) => unsafe { cookie_file(fd, mode) },
                 Err(e) => fail_ptr(e),

@@ -1,0 +1,786 @@
+//! End-to-end tests of the in-process shield: real programs (cc-compiled C, python3, coreutils,
+//! sqlite3, sh) under `fspf run` / `LD_PRELOAD=libfspf_preload.so`. Each test has its own temp
+//! dir. A missing tool fails the test (CI installs them), it never skips.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+fn fspf_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fspf"))
+}
+
+/// `libfspf_preload.so` beside the fspf binary, (re)built once per test run.
+fn preload() -> &'static Path {
+    static SO: OnceLock<PathBuf> = OnceLock::new();
+    SO.get_or_init(|| {
+        let exe = fspf_bin();
+        let dir = exe.parent().expect("bin dir").to_path_buf();
+        let target = dir.parent().expect("target dir").to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut c = Command::new(cargo);
+        c.args(["build", "-q", "-p", "fspf-preload", "--target-dir"])
+            .arg(&target)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if dir.file_name().is_some_and(|n| n == "release") {
+            c.arg("--release");
+        }
+        let st = c.status().expect("running cargo build -p fspf-preload");
+        assert!(st.success(), "cargo build -p fspf-preload failed");
+        let so = dir.join("libfspf_preload.so");
+        assert!(so.is_file(), "{} missing after build", so.display());
+        so
+    })
+}
+
+/// Fail (not skip) when a tool the suite needs is not installed.
+fn need(tool: &str) -> PathBuf {
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .expect("sh");
+    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success() && !p.is_empty(),
+        "required tool `{tool}` is not installed (apt-get install -y sqlite3 python3 gcc; .ci/run does this)"
+    );
+    PathBuf::from(p)
+}
+
+fn ok(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed ({:?})\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// One test's world: a temp dir holding an fspf, its key and current tag.
+struct World {
+    dir: tempfile::TempDir,
+    fspf: PathBuf,
+    key: String,
+    tag: String,
+}
+
+impl World {
+    fn new() -> World {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fspf = dir.path().join("fspf.pb");
+        World {
+            dir,
+            fspf,
+            key: String::new(),
+            tag: String::new(),
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn p(&self, rel: &str) -> String {
+        self.path(rel).display().to_string()
+    }
+
+    /// Run the fspf CLI; must succeed.
+    fn cli(&self, args: &[&str]) -> String {
+        let o = Command::new(fspf_bin())
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_remove("SCONE_FSPF_KEY")
+            .env_remove("SCONE_FSPF_TAG")
+            .env_remove("SCONE_FSPF")
+            .output()
+            .expect("fspf");
+        ok(&o, &format!("fspf {args:?}"));
+        stdout(&o)
+    }
+
+    fn create(&self) {
+        self.cli(&["create", "fspf.pb"]);
+    }
+
+    fn addr(&self, args: &[&str]) {
+        let mut a = vec!["addr", "fspf.pb"];
+        a.extend_from_slice(args);
+        self.cli(&a);
+    }
+
+    /// `fspf encrypt`; remembers key and tag (awk $9 / $11 as in the reference).
+    fn encrypt(&mut self) {
+        let out = self.cli(&["encrypt", "fspf.pb"]);
+        let w: Vec<&str> = out.split_whitespace().collect();
+        self.tag = w[8].to_string();
+        self.key = w[10].to_string();
+    }
+
+    fn tag_on_disk(&self) -> String {
+        self.cli(&["show", "--tag", "fspf.pb"]).trim().to_string()
+    }
+
+    fn write(&self, rel: &str, data: &[u8]) {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, data).expect("write");
+    }
+
+    /// `fspf run` with this world's key and tag; `mutable` adds --mutable.
+    fn run_opts(&self, mutable: bool, tag: &str, argv: &[&str]) -> Output {
+        let mut c = Command::new(fspf_bin());
+        c.current_dir(self.dir.path())
+            .env("FSPF_PRELOAD", preload())
+            .env_remove("SCONE_FSPF_KEY")
+            .env_remove("SCONE_FSPF_TAG")
+            .env_remove("SCONE_FSPF")
+            .env_remove("SCONE_FSPF_MUTABLE")
+            .arg("run")
+            .arg("--fspf")
+            .arg(&self.fspf);
+        if !self.key.is_empty() {
+            c.args(["--key", &self.key]);
+        }
+        if !tag.is_empty() {
+            c.args(["--tag", tag]);
+        }
+        if mutable {
+            c.arg("--mutable");
+        }
+        c.arg("--").args(argv).stdin(Stdio::null());
+        c.output().expect("fspf run")
+    }
+
+    fn run(&self, argv: &[&str]) -> Output {
+        self.run_opts(false, &self.tag, argv)
+    }
+
+    /// Mutable run; afterwards the world's tag is the one on disk.
+    fn run_mut(&mut self, argv: &[&str]) -> Output {
+        let o = self.run_opts(true, &self.tag.clone(), argv);
+        self.tag = self.tag_on_disk();
+        o
+    }
+
+    /// The shielded program under plain LD_PRELOAD + SCONE_FSPF_* (the reference's way).
+    fn preload_env(&self, argv: &[&str], mutable: bool) -> Output {
+        let mut c = Command::new(argv[0]);
+        c.args(&argv[1..])
+            .current_dir(self.dir.path())
+            .env("LD_PRELOAD", preload())
+            .env("SCONE_FSPF", &self.fspf)
+            .env("SCONE_FSPF_KEY", &self.key)
+            .env("SCONE_FSPF_TAG", &self.tag)
+            .env_remove("FSPF_ANCHOR_FD")
+            .stdin(Stdio::null());
+        if mutable {
+            c.env("SCONE_FSPF_MUTABLE", "1");
+        }
+        c.output().expect("spawn")
+    }
+
+    /// Compile a C program into the temp dir (at test time, with cc).
+    fn cc(&self, name: &str, src: &str, extra: &[&str]) -> String {
+        need("cc");
+        let c = self.path(&format!("{name}.c"));
+        std::fs::write(&c, src).expect("write c");
+        let exe = self.p(name);
+        let o = Command::new("cc")
+            .arg(&c)
+            .arg("-o")
+            .arg(&exe)
+            .args(extra)
+            .output()
+            .expect("cc");
+        ok(&o, "cc");
+        exe
+    }
+
+    /// Flip one byte in the middle of a kernel file.
+    fn tamper(&self, rel: &str) {
+        let p = self.path(rel);
+        let mut b = std::fs::read(&p).expect("read for tamper");
+        let i = b.len() / 2 + 8;
+        let i = i.min(b.len() - 1);
+        b[i] ^= 0x20;
+        std::fs::write(&p, b).expect("tamper");
+    }
+}
+
+const HELLO: &str = "Hello World\n";
+const WORLD_PY: &str = "f = open('/data/hello.txt', 'r')\nprint(str(f.read()))\n";
+
+/// The reference's first example: /data encrypted, kernel dir `vol` (embed path /data does not
+/// exist on the host).
+fn data_world() -> World {
+    let mut w = World::new();
+    w.write("data-original/hello.txt", HELLO.as_bytes());
+    w.write("data-original/world.py", WORLD_PY.as_bytes());
+    std::fs::create_dir_all(w.path("vol")).expect("vol");
+    w.create();
+    w.addr(&["/", "--kernel", "/", "--not-protected"]);
+    w.addr(&["/data", "--encrypted", "--kernel", &w.p("vol")]);
+    w.cli(&["addf", "fspf.pb", "/data", "data-original", &w.p("vol")]);
+    w.encrypt();
+    w
+}
+
+const EXAMPLE_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+
+void printfile(const char* fn) {
+    FILE *fp = fopen(fn, "r");
+    if (!fp) { perror(fn); exit(1); }
+    int c;
+    while((c=fgetc(fp))!=EOF){
+        printf("%c",c);
+    }
+    if (ferror(fp)) { perror(fn); exit(2); }
+    fclose(fp);
+}
+
+int main() {
+    printfile("/data/hello.txt");
+    printfile("/data/world.py");
+}
+"#;
+
+#[test]
+fn reference_c_example_prints_plaintext_only_under_the_shield() {
+    let w = data_world();
+    let exe = w.cc("example", EXAMPLE_C, &[]);
+    let o = w.run(&[&exe]);
+    ok(&o, "shielded example");
+    assert_eq!(stdout(&o), format!("{HELLO}{WORLD_PY}"));
+    // Same program via plain env vars, as in the reference.
+    let o = w.preload_env(&[&exe], false);
+    ok(&o, "LD_PRELOAD example");
+    assert_eq!(stdout(&o), format!("{HELLO}{WORLD_PY}"));
+    // Without the shield /data does not exist here; the kernel files are ciphertext.
+    let o = Command::new(&exe).output().expect("run");
+    assert!(!o.status.success());
+    let raw = std::fs::read(w.path("vol/hello.txt")).expect("cipher");
+    assert!(
+        !raw.windows(5).any(|x| x == b"Hello"),
+        "ciphertext leaks plaintext"
+    );
+}
+
+#[test]
+fn reference_c_example_fails_on_tampered_ciphertext() {
+    let w = data_world();
+    let exe = w.cc("example", EXAMPLE_C, &[]);
+    w.tamper("vol/hello.txt");
+    let o = w.run(&[&exe]);
+    assert!(!o.status.success(), "tampered file was read");
+    assert!(
+        !stdout(&o).contains("Hello"),
+        "wrong bytes printed: {}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn python_runs_an_encrypted_script_reading_an_encrypted_file() {
+    need("python3");
+    let w = data_world();
+    let o = w.run(&["python3", "/data/world.py"]);
+    ok(&o, "python3 /data/world.py");
+    assert_eq!(stdout(&o), "Hello World\n\n");
+    w.tamper("vol/world.py");
+    let o = w.run(&["python3", "/data/world.py"]);
+    assert!(!o.status.success());
+    assert!(!stdout(&o).contains("Hello"));
+}
+
+#[test]
+fn bad_key_or_old_tag_is_refused() {
+    need("cat");
+    let w = data_world();
+    let o = w.run_opts(
+        false,
+        "00112233445566778899aabbccddeeff",
+        &["cat", "/data/hello.txt"],
+    );
+    assert!(!o.status.success());
+    assert!(!stdout(&o).contains("Hello"));
+    // Directly under LD_PRELOAD with a wrong tag: fail safe (EACCES), one clear line.
+    let mut bad = World {
+        dir: tempfile::tempdir().expect("tmp"),
+        fspf: w.fspf.clone(),
+        key: w.key.clone(),
+        tag: "00112233445566778899aabbccddeeff".into(),
+    };
+    bad.dir = tempfile::tempdir().expect("tmp");
+    let o = bad.preload_env(&["cat", "/data/hello.txt"], false);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("tag mismatch"));
+}
+
+#[test]
+fn coreutils_read_through_the_shield() {
+    for t in [
+        "cat",
+        "cp",
+        "ls",
+        "sha256sum",
+        "head",
+        "tail",
+        "dd",
+        "mv",
+        "rm",
+    ] {
+        need(t);
+    }
+    let mut w = data_world();
+    let o = w.run(&["cat", "/data/hello.txt"]);
+    ok(&o, "cat");
+    assert_eq!(stdout(&o), HELLO);
+    let o = w.run(&["sha256sum", "/data/hello.txt"]);
+    ok(&o, "sha256sum");
+    assert!(
+        stdout(&o).starts_with("d2a84f4b8b650937ec8f73cd8be2c74add5a911ba64df27458ed8229da804a26")
+    );
+    let o = w.run(&["head", "-c", "5", "/data/hello.txt"]);
+    assert_eq!(stdout(&o), "Hello");
+    let o = w.run(&["tail", "-c", "6", "/data/hello.txt"]);
+    assert_eq!(stdout(&o), "World\n");
+    let o = w.run(&["dd", "if=/data/hello.txt", "bs=3", "status=none"]);
+    ok(&o, "dd");
+    assert_eq!(stdout(&o), HELLO);
+    let o = w.run(&["ls", "-l", "/data"]);
+    ok(&o, "ls -l");
+    let s = stdout(&o);
+    assert!(
+        s.contains(" 12 ") && s.contains("hello.txt") && s.contains("world.py"),
+        "{s}"
+    );
+    // cp out of the region yields plaintext; cp/mv/rm inside it need --mutable.
+    let out = w.p("plain-copy.txt");
+    ok(&w.run(&["cp", "/data/hello.txt", &out]), "cp out");
+    assert_eq!(std::fs::read_to_string(&out).expect("copy"), HELLO);
+    let o = w.run(&["cp", "/data/hello.txt", "/data/copy.txt"]);
+    assert!(
+        !o.status.success(),
+        "write to a read-only protected region succeeded"
+    );
+    let o = w.run_mut(&[
+        "sh",
+        "-c",
+        "cp /data/hello.txt /data/copy.txt && mv /data/copy.txt /data/moved.txt && rm /data/world.py && ls /data && cat /data/moved.txt",
+    ]);
+    ok(&o, "cp/mv/rm");
+    assert_eq!(stdout(&o), format!("hello.txt\nmoved.txt\n{HELLO}"));
+    let raw = std::fs::read(w.path("vol/moved.txt")).expect("moved on disk");
+    assert!(!raw.windows(5).any(|x| x == b"Hello"));
+    assert!(!w.path("vol/world.py").exists());
+    let o = w.run(&["cat", "/data/moved.txt"]);
+    assert_eq!(stdout(&o), HELLO);
+    // Tampered: every tool fails rather than printing wrong bytes.
+    w.tamper("vol/hello.txt");
+    for argv in [
+        vec!["cat", "/data/hello.txt"],
+        vec!["sha256sum", "/data/hello.txt"],
+        vec!["head", "-c", "5", "/data/hello.txt"],
+        vec!["dd", "if=/data/hello.txt", "status=none"],
+    ] {
+        let o = w.run(&argv);
+        assert!(!o.status.success(), "{argv:?} succeeded on a tampered file");
+        assert!(
+            !stdout(&o).contains("Hello"),
+            "{argv:?} printed bytes of a tampered file"
+        );
+    }
+    let o = w.run(&["cp", "/data/hello.txt", &w.p("bad-copy")]);
+    assert!(!o.status.success());
+}
+
+#[test]
+fn python_stdlib_copy_listdir_and_readonly_mmap() {
+    need("python3");
+    let w = data_world();
+    let script = format!(
+        r#"
+import os, shutil, mmap
+print(sorted(os.listdir('/data')))
+shutil.copyfile('/data/hello.txt', '{out}')
+with open('/data/hello.txt', 'rb') as f:
+    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    print(m[:11].decode())
+print(os.path.getsize('/data/world.py'))
+"#,
+        out = w.p("copied.txt")
+    );
+    let o = w.run(&["python3", "-c", &script]);
+    ok(&o, "python stdlib");
+    assert_eq!(
+        stdout(&o),
+        format!(
+            "['hello.txt', 'world.py']\nHello World\n{}\n",
+            WORLD_PY.len()
+        )
+    );
+    assert_eq!(
+        std::fs::read_to_string(w.path("copied.txt")).expect("copy"),
+        HELLO
+    );
+    w.tamper("vol/hello.txt");
+    let o = w.run(&["python3", "-c", &script]);
+    assert!(!o.status.success());
+    assert!(!stdout(&o).contains("Hello"));
+}
+
+#[test]
+fn python_writes_a_new_file_then_a_second_run_reads_it_with_the_new_tag() {
+    need("python3");
+    let mut w = data_world();
+    let old_tag = w.tag.clone();
+    let o = w.run_mut(&[
+        "python3",
+        "-c",
+        "f = open('/data/helloworld.py', 'w')\nf.write('print(\"Hello World\")\\n')\nf.close()",
+    ]);
+    ok(&o, "writer");
+    assert_ne!(w.tag, old_tag);
+    let o = w.run(&["python3", "/data/helloworld.py"]);
+    ok(&o, "reader with new tag");
+    assert_eq!(stdout(&o), "Hello World\n");
+    // The old tag is refused: the fspf on disk is newer than what it vouches for.
+    let o = w.run_opts(false, &old_tag, &["python3", "/data/helloworld.py"]);
+    assert!(!o.status.success());
+    let o = w.preload_env(&["cat", "/data/hello.txt"], false);
+    ok(&o, "new tag via env");
+    let mut stale = World {
+        dir: tempfile::tempdir().expect("tmp"),
+        fspf: w.fspf.clone(),
+        key: w.key.clone(),
+        tag: old_tag,
+    };
+    stale.tag = stale.tag.clone();
+    let o = stale.preload_env(&["cat", "/data/hello.txt"], false);
+    assert!(!o.status.success(), "stale tag accepted");
+    assert!(!stdout(&o).contains("Hello"));
+    // Tampered new file: refused.
+    w.tamper("vol/helloworld.py");
+    let o = w.run(&["python3", "/data/helloworld.py"]);
+    assert!(!o.status.success());
+}
+
+#[test]
+fn authenticated_region_refuses_unlisted_files_and_runs_listed_ones() {
+    need("python3");
+    let mut w = World::new();
+    w.write("app/helloworld.py", b"print(\"Hello World\")\n");
+    w.create();
+    w.addr(&["/", "--kernel", "/", "--not-protected"]);
+    w.addr(&["/app", "--authenticated", "--kernel", &w.p("app")]);
+    w.cli(&["addf", "fspf.pb", "/app", "app"]);
+    w.encrypt();
+    // Added after the fspf was sealed: not listed.
+    w.write("app/helloworld-manual.py", b"print(\"Hello World\")\n");
+    let o = w.run(&["python3", "/app/helloworld-manual.py"]);
+    assert!(!o.status.success(), "unlisted file ran");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("No such file"));
+    let o = w.run(&["python3", "/app/helloworld.py"]);
+    ok(&o, "listed script");
+    assert_eq!(stdout(&o), "Hello World\n");
+    // Plaintext stays on disk in authenticated regions.
+    assert!(std::fs::read_to_string(w.path("app/helloworld.py"))
+        .expect("read")
+        .contains("Hello"));
+    // A mutable run adds a file the shield then accepts.
+    let o = w.run_mut(&[
+        "python3",
+        "-c",
+        "open('/app/added.py','w').write('print(\"added\")\\n')",
+    ]);
+    ok(&o, "add file");
+    let o = w.run(&["python3", "/app/added.py"]);
+    assert_eq!(stdout(&o), "added\n");
+    w.tamper("app/helloworld.py");
+    let o = w.run(&["python3", "/app/helloworld.py"]);
+    assert!(!o.status.success(), "tampered authenticated file ran");
+}
+
+const WRITER_C: &str = r#"
+#include <stdio.h>
+int main() {
+    FILE *fp = fopen("/mnt/authenticated/hello", "w");
+    if (!fp) { perror("authenticated"); return 1; }
+    fprintf(fp, "hello world\n");
+    fclose(fp);
+
+    fp = fopen("/mnt/encrypted/hello", "w");
+    if (!fp) { perror("encrypted"); return 1; }
+    fprintf(fp, "hello world\n");
+    fclose(fp);
+    return 0;
+}
+"#;
+
+const CAT_C: &str = r#"
+#include <stdio.h>
+int main() {
+    char buf[80];
+    FILE *fp = fopen("/mnt/authenticated/hello", "r");
+    if (!fp || !fgets(buf, sizeof(buf), fp)) { perror("authenticated"); return 1; }
+    fclose(fp);
+    printf("read: '%s'\n", buf);
+
+    fp = fopen("/mnt/encrypted/hello", "r");
+    if (!fp || !fgets(buf, sizeof(buf), fp)) { perror("encrypted"); return 1; }
+    fclose(fp);
+    printf("read: '%s'\n", buf);
+    return 0;
+}
+"#;
+
+const EPHEMERAL_C: &str = r#"
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+int main() {
+    if (mkdir("/scratch", 0755)) { perror("mkdir"); return 1; }
+    FILE *fp = fopen("/scratch/note", "w");
+    if (!fp) { perror("open"); return 1; }
+    fprintf(fp, "in memory\n");
+    fclose(fp);
+    char b[64] = {0};
+    fp = fopen("/scratch/note", "r");
+    if (!fp || !fgets(b, sizeof b, fp)) { perror("read"); return 1; }
+    fclose(fp);
+    printf("%s", b);
+    struct stat st;
+    if (stat("/scratch/note", &st) || st.st_size != 10) return 2;
+    return 0;
+}
+"#;
+
+#[test]
+fn reference_extended_example_ephemeral_root_with_kernel_regions() {
+    need("cat");
+    let mut w = World::new();
+    std::fs::create_dir_all(w.path("original")).expect("orig");
+    std::fs::create_dir_all(w.path("mnt/authenticated")).expect("a");
+    std::fs::create_dir_all(w.path("mnt/encrypted")).expect("e");
+    w.create();
+    w.addr(&["/", "-e", "--ephemeral"]);
+    w.addr(&[
+        "/mnt/authenticated",
+        "-a",
+        "--kernel",
+        &w.p("mnt/authenticated"),
+    ]);
+    w.addr(&["/mnt/encrypted", "-e", "--kernel", &w.p("mnt/encrypted")]);
+    w.cli(&["addf", "fspf.pb", "/mnt/authenticated", "./original"]);
+    w.cli(&[
+        "addf",
+        "fspf.pb",
+        "/mnt/encrypted",
+        "./original",
+        "./mnt/encrypted",
+    ]);
+    w.encrypt();
+    let writer = w.cc("sgxex", WRITER_C, &[]);
+    let reader = w.cc("sgxcat", CAT_C, &[]);
+    let eph = w.cc("eph", EPHEMERAL_C, &[]);
+    // The reference's way: env vars + SCONE_FSPF_MUTABLE=1.
+    let o = w.preload_env(&[&writer], true);
+    ok(&o, "writer");
+    w.tag = w.tag_on_disk();
+    let auth = std::fs::read_to_string(w.path("mnt/authenticated/hello")).expect("auth on disk");
+    assert_eq!(auth, "hello world\n", "authenticated files stay plaintext");
+    let enc = std::fs::read(w.path("mnt/encrypted/hello")).expect("enc on disk");
+    assert!(
+        !enc.windows(5).any(|x| x == b"hello"),
+        "encrypted file is plaintext"
+    );
+    let o = w.run(&[&reader]);
+    ok(&o, "shielded reader");
+    assert_eq!(stdout(&o), "read: 'hello world\n'\nread: 'hello world\n'\n");
+    // Ephemeral root: starts empty, lives in memory, gone at exit.
+    for _ in 0..2 {
+        let o = w.run(&[&eph]);
+        ok(&o, "ephemeral");
+        assert_eq!(stdout(&o), "in memory\n");
+    }
+    w.tamper("mnt/encrypted/hello");
+    let o = w.run(&[&reader]);
+    assert!(!o.status.success());
+    assert!(!stdout(&o).contains("read: 'hello world\n'\nread: 'hello world"));
+}
+
+const SQL_FILL: &str = "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);
+BEGIN;
+WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x<10000)
+  INSERT INTO t SELECT x, 'row-' || x FROM c;
+COMMIT;
+SELECT count(*) FROM t;
+PRAGMA integrity_check;
+";
+
+#[test]
+fn sqlite3_database_in_an_encrypted_mutable_region() {
+    need("sqlite3");
+    let mut w = data_world();
+    let o = w.run_mut(&["sqlite3", "/data/db.sqlite", SQL_FILL]);
+    ok(&o, "sqlite fill");
+    assert_eq!(stdout(&o), "10000\nok\n");
+    let raw = std::fs::read(w.path("vol/db.sqlite")).expect("db on disk");
+    assert!(
+        !raw.windows(6).any(|x| x == b"row-42"),
+        "database is plaintext on disk"
+    );
+    assert!(
+        !w.path("vol/db.sqlite-journal").exists(),
+        "journal left behind"
+    );
+    let o = w.run_mut(&[
+        "sqlite3",
+        "/data/db.sqlite",
+        "INSERT INTO t(v) VALUES('more'); SELECT count(*), max(id) FROM t WHERE v LIKE 'row-9999' OR v='more'; PRAGMA integrity_check;",
+    ]);
+    ok(&o, "sqlite second run");
+    assert_eq!(stdout(&o), "2|10001\nok\n");
+    let o = w.run(&[
+        "sqlite3",
+        "/data/db.sqlite",
+        "SELECT v FROM t WHERE id=1234;",
+    ]);
+    ok(&o, "sqlite read-only run");
+    assert_eq!(stdout(&o), "row-1234\n");
+    w.tamper("vol/db.sqlite");
+    let o = w.run(&[
+        "sqlite3",
+        "/data/db.sqlite",
+        "SELECT count(*) FROM t; PRAGMA integrity_check;",
+    ]);
+    assert!(
+        !o.status.success() || !stdout(&o).contains("10001"),
+        "tampered db read: {}",
+        stdout(&o)
+    );
+}
+
+const THREADS_C: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <fcntl.h>
+#include <unistd.h>
+static int bad = 0;
+static void *worker(void *arg) {
+    (void)arg;
+    for (int i = 0; i < 200; i++) {
+        char b[64] = {0};
+        int fd = open("/data/hello.txt", O_RDONLY);
+        if (fd < 0) { bad = 1; return NULL; }
+        ssize_t n = pread(fd, b, sizeof b - 1, 0);
+        close(fd);
+        if (n != 12 || strcmp(b, "Hello World\n")) { bad = 1; return NULL; }
+    }
+    return NULL;
+}
+int main() {
+    pthread_t t[8];
+    for (int i = 0; i < 8; i++) pthread_create(&t[i], NULL, worker, NULL);
+    for (int i = 0; i < 8; i++) pthread_join(t[i], NULL);
+    puts(bad ? "bad" : "ok");
+    return bad;
+}
+"#;
+
+#[test]
+fn multithreaded_reader() {
+    let w = data_world();
+    let exe = w.cc("threads", THREADS_C, &["-pthread"]);
+    let o = w.run(&[&exe]);
+    ok(&o, "threads");
+    assert_eq!(stdout(&o), "ok\n");
+    w.tamper("vol/hello.txt");
+    let o = w.run(&[&exe]);
+    assert!(!o.status.success());
+}
+
+#[test]
+fn shell_pipeline_of_shielded_children() {
+    need("sh");
+    let w = data_world();
+    let o = w.run(&[
+        "sh",
+        "-c",
+        "cat /data/hello.txt | tr a-z A-Z | sed 's/WORLD/THERE/'; wc -c < /data/world.py",
+    ]);
+    ok(&o, "pipeline");
+    assert_eq!(stdout(&o), format!("HELLO THERE\n{}\n", WORLD_PY.len()));
+    w.tamper("vol/hello.txt");
+    let o = w.run(&[
+        "sh",
+        "-c",
+        "set -e; cat /data/hello.txt | tr a-z A-Z; exit ${PIPESTATUS:-0}",
+    ]);
+    assert!(!stdout(&o).contains("HELLO"));
+}
+
+#[test]
+fn python_writer_then_subprocess_cat_sees_the_new_file() {
+    need("python3");
+    need("cat");
+    let mut w = data_world();
+    let o = w.run_mut(&[
+        "python3",
+        "-c",
+        "import subprocess\nwith open('/data/fresh.txt','w') as f: f.write('fresh data\\n')\nr = subprocess.run(['cat', '/data/fresh.txt'], capture_output=True, check=True)\nprint(r.stdout.decode(), end='')\n",
+    ]);
+    ok(&o, "writer + subprocess");
+    assert_eq!(stdout(&o), "fresh data\n");
+    let o = w.run(&["cat", "/data/fresh.txt"]);
+    assert_eq!(stdout(&o), "fresh data\n");
+}
+
+#[test]
+fn two_concurrent_writers_both_survive() {
+    need("sh");
+    need("python3");
+    let mut w = data_world();
+    let o = w.run_mut(&[
+        "sh",
+        "-c",
+        "python3 -c \"open('/data/w1.txt','w').write('one\\n')\" & python3 -c \"open('/data/w2.txt','w').write('two\\n')\" & wait",
+    ]);
+    ok(&o, "two writers");
+    let o = w.run(&["cat", "/data/w1.txt", "/data/w2.txt"]);
+    ok(&o, "both files");
+    assert_eq!(stdout(&o), "one\ntwo\n");
+}
+
+#[test]
+fn key_file_is_passed_by_memfd_not_environment() {
+    need("sh");
+    let w = data_world();
+    let kf = w.path("keytag");
+    std::fs::write(&kf, format!("tag: {} key: {}\n", w.tag, w.key)).expect("keyfile");
+    let o = Command::new(fspf_bin())
+        .current_dir(w.dir.path())
+        .env("FSPF_PRELOAD", preload())
+        .env_remove("SCONE_FSPF_KEY")
+        .args(["run", "--fspf", "fspf.pb", "--key-file"])
+        .arg(&kf)
+        .args([
+            "--tag",
+            &w.tag,
+            "--",
+            "sh",
+            "-c",
+            "env | grep -c SCONE_FSPF_KEY; cat /data/hello.txt",
+        ])
+        .output()
+        .expect("run");
+    ok(&o, "key file run");
+    assert_eq!(stdout(&o), format!("0\n{HELLO}"));
+}
