@@ -23,6 +23,8 @@ pub struct WriteBuf {
     pub mtime: i64,
     /// Unlinked or replaced while open: never sealed again.
     pub detached: bool,
+    /// Its latest version is staged but not committed: reads must come from this buffer.
+    pub pending: bool,
 }
 
 pub enum Body {

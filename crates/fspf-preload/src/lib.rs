@@ -193,7 +193,10 @@ extern "C" fn at_exit() {
     // SAFETY: fflush(NULL) flushes all streams; it is called outside any stream lock.
     unsafe { libc::fflush(std::ptr::null_mut()) };
     let Some(_g) = enter_always() else { return };
-    shield::at_exit();
+    if !shield::at_exit() {
+        // SAFETY: terminating the process; stdio was flushed above.
+        unsafe { libc::_exit(1) };
+    }
     if INTEGRITY_FAILED.load(Ordering::Relaxed) {
         let reason = FIRST_FAILURE
             .lock()

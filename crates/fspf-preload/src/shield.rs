@@ -268,7 +268,11 @@ pub fn init() -> bool {
             cwd_virtual: false,
         }),
     };
-    SHIELD.set(sh).is_ok()
+    let ok = SHIELD.set(sh).is_ok();
+    if ok {
+        crate::hooks::process::adopt_inherited();
+    }
+    ok
 }
 
 /// Node kinds in the shielded view.
@@ -652,6 +656,7 @@ impl Shield {
         inner.staged_bytes += b.data.len() as u64;
         inner.queue.push(Change::Put(staged));
         b.dirty = false;
+        b.pending = true;
         Ok(())
     }
 
@@ -665,8 +670,11 @@ impl Shield {
         let r = self.finish(&mut inner, &mut b);
         let eph = self.is_ephemeral(&inner, &b.path);
         let path = b.path.clone();
+        let clean = !b.dirty && !b.pending;
         drop(b);
-        if eph {
+        // Ephemeral files now live sealed in the tree; a clean kernel buffer nobody holds may
+        // go stale (another process of the run may commit the path): drop both from `live`.
+        if eph || (clean && Arc::strong_count(buf) <= 2) {
             if inner.live.get(&path).is_some_and(|x| Arc::ptr_eq(x, buf)) {
                 inner.live.remove(&path);
             }
@@ -738,6 +746,9 @@ impl Shield {
         }
         drop(lock);
         inner.new_dirs.clear();
+        for b in inner.live.values() {
+            b.lock().unwrap_or_else(|e| e.into_inner()).pending = false;
+        }
         inner
             .live
             .retain(|_, b| Arc::strong_count(b) > 1 || b.lock().map(|g| g.dirty).unwrap_or(true));
@@ -759,9 +770,9 @@ impl Shield {
     }
 }
 
-/// At exit: finish every open writer (exit closes its fds) and commit.
-pub fn at_exit() {
-    let Some(sh) = SHIELD.get() else { return };
+/// At exit: finish every open writer (exit closes its fds) and commit. False if that failed.
+pub fn at_exit() -> bool {
+    let Some(sh) = SHIELD.get() else { return true };
     let handles = files::all_handles();
     for h in handles {
         let buf = {
@@ -779,6 +790,10 @@ pub fn at_exit() {
     }
     let mut inner = sh.lock();
     if let Err(e) = sh.commit(&mut inner) {
-        say(format!("final commit failed (errno {e})"));
+        say(format!(
+            "final commit failed (errno {e}): this process's changes are lost"
+        ));
+        return false;
     }
+    true
 }

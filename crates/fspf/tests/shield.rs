@@ -784,3 +784,26 @@ fn key_file_is_passed_by_memfd_not_environment() {
     ok(&o, "key file run");
     assert_eq!(stdout(&o), format!("0\n{HELLO}"));
 }
+
+#[test]
+fn shell_redirections_into_and_out_of_protected_files() {
+    need("sh");
+    need("tr");
+    need("python3");
+    let mut w = data_world();
+    let o = w.run_mut(&[
+        "sh",
+        "-c",
+        "tr a-z A-Z < /data/hello.txt > /data/up.txt; tr A-Z a-z < /data/hello.txt >> /data/up.txt; echo done >> /data/up.txt; python3 -c 'print(input()[::-1])' < /data/hello.txt > /data/rev.txt; wc -c < /data/up.txt",
+    ]);
+    ok(&o, "redirections");
+    assert_eq!(stdout(&o), "29\n");
+    let o = w.run(&["cat", "/data/up.txt", "/data/rev.txt"]);
+    ok(&o, "read back");
+    assert_eq!(stdout(&o), "HELLO WORLD\nhello world\ndone\ndlroW olleH\n");
+    let raw = std::fs::read(w.path("vol/up.txt")).expect("on disk");
+    assert!(!raw.windows(5).any(|x| x == b"HELLO"));
+    w.tamper("vol/hello.txt");
+    let o = w.run(&["sh", "-c", "wc -c < /data/hello.txt"]);
+    assert!(!o.status.success() || stdout(&o).trim() != "12");
+}

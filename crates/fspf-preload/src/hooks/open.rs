@@ -164,6 +164,10 @@ fn shield_open_depth(
     depth: u32,
     stdio: bool,
 ) -> Result<c_int, c_int> {
+    if flags & libc::O_TMPFILE == libc::O_TMPFILE {
+        // Unnamed temporary files cannot be listed in the fspf; callers fall back to a name.
+        return Err(libc::EOPNOTSUPP);
+    }
     let mut inner = sh.lock();
     let acc = flags & libc::O_ACCMODE;
     let wants_write = acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
@@ -263,6 +267,7 @@ fn shield_open_depth(
                             writers: 0,
                             mtime: n.mtime.unwrap_or(sh.started),
                             detached: false,
+                            pending: false,
                         }));
                         inner.live.insert(ep.clone(), b.clone());
                         b
@@ -301,6 +306,7 @@ fn shield_open_depth(
                 writers: 1,
                 mtime: sh.started.max(now()),
                 detached: false,
+                pending: false,
             }));
             inner.live.insert(ep.clone(), b.clone());
             (Body::Buf(b), m, None, true)
@@ -352,6 +358,8 @@ pub fn release(h: Handle) {
             _ => None,
         }
     };
+    // Drop the description first: its reference to the buffer must not count as a holder.
+    drop(h);
     if let Some(b) = buf {
         let last = {
             let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
@@ -502,19 +510,24 @@ extern "C" {
 
 unsafe extern "C" fn ck_read(c: *mut c_void, buf: *mut c_char, n: size_t) -> ssize_t {
     let _g = enter_always();
-    let Some(h) = files::get(c as usize as c_int) else {
-        return super::fail_isize(libc::EBADF);
+    let fd = c as usize as c_int;
+    let Some(h) = files::get(fd) else {
+        // The fd was re-pointed (dup2 onto it): the stream now reads the kernel fd.
+        // SAFETY: stdio's buffer of n bytes.
+        return unsafe { real::read(fd, buf.cast(), n) };
     };
     // SAFETY: stdio hands us its buffer of n bytes.
     unsafe { super::io::do_read(&h, buf.cast(), n, None) }
 }
 unsafe extern "C" fn ck_write(c: *mut c_void, buf: *const c_char, n: size_t) -> ssize_t {
     let _g = enter_always();
-    let Some(h) = files::get(c as usize as c_int) else {
-        return super::fail_isize(libc::EBADF);
+    let fd = c as usize as c_int;
+    let r = match files::get(fd) {
+        // SAFETY: stdio hands us n bytes of its buffer.
+        Some(h) => unsafe { super::io::do_write(&h, buf.cast(), n, None) },
+        // SAFETY: as above; the fd was re-pointed at a kernel file.
+        None => unsafe { real::write(fd, buf.cast(), n) },
     };
-    // SAFETY: stdio hands us n bytes of its buffer.
-    let r = unsafe { super::io::do_write(&h, buf.cast(), n, None) };
     // stdio treats a 0 return as an error; short writes cannot happen on buffers.
     if r < 0 {
         0
@@ -524,12 +537,14 @@ unsafe extern "C" fn ck_write(c: *mut c_void, buf: *const c_char, n: size_t) -> 
 }
 unsafe extern "C" fn ck_seek(c: *mut c_void, off: *mut i64, whence: c_int) -> c_int {
     let _g = enter_always();
-    let Some(h) = files::get(c as usize as c_int) else {
-        return fail(libc::EBADF);
-    };
+    let fd = c as usize as c_int;
     // SAFETY: stdio passes a valid pointer to the requested offset.
     let o = unsafe { *off };
-    let r = super::io::do_seek(&h, o, whence);
+    let r = match files::get(fd) {
+        Some(h) => super::io::do_seek(&h, o, whence),
+        // SAFETY: plain lseek on the re-pointed kernel fd.
+        None => unsafe { real::lseek(fd, o, whence) },
+    };
     if r < 0 {
         return -1;
     }
@@ -552,7 +567,7 @@ unsafe extern "C" fn ck_close(c: *mut c_void) -> c_int {
 const FILENO_OFFSET: usize = 112;
 
 /// A FILE* whose I/O goes through the shield (fopencookie), owning `fd`.
-unsafe fn cookie_file(fd: c_int, mode: *const c_char) -> *mut FILE {
+pub(crate) unsafe fn cookie_file(fd: c_int, mode: *const c_char) -> *mut FILE {
     let io = CookieIo {
         read: Some(ck_read),
         write: Some(ck_write),

@@ -17,10 +17,12 @@ fn commit_for_child() {
     }
 }
 
-/// Fill the placeholder memfd of every inherited (non-CLOEXEC) shielded fd with its verified
-/// plaintext and offset, so a program exec'd without the shield's table still reads the right
-/// bytes. Writes the child makes through such an fd are not captured (docs/SHIELD.md).
-fn materialise_inherited() {
+/// Hand every inherited (non-CLOEXEC) shielded fd over to the exec'd program: fill its memfd
+/// with the current plaintext and offset (so even a program without the shield reads the right
+/// bytes) and describe it in `FSPF_INHERIT` (`fd:mode:hex-embed-path`, `;`-separated) so a
+/// shielded program adopts it as a shielded file, including writes (`sh -c 'cmd > /data/f'`).
+fn materialise_inherited() -> Option<CString> {
+    let mut desc: Vec<String> = Vec::new();
     for fd in files::all_fds() {
         // SAFETY: querying fd flags.
         let fl = unsafe { real::fcntl(fd, libc::F_GETFD, 0) };
@@ -29,13 +31,17 @@ fn materialise_inherited() {
         }
         let Some(h) = files::get(fd) else { continue };
         let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
-        if matches!(f.body, Body::Dir) || !f.read {
+        if matches!(f.body, Body::Dir) {
             continue;
         }
         let size = f.size();
+        let was_readable = f.read;
+        f.read = true;
         let mut off = 0u64;
         let mut buf = vec![0u8; 1 << 16];
         let mut ok = true;
+        // SAFETY: emptying our placeholder before refilling it.
+        unsafe { real::ftruncate(fd, 0) };
         while off < size {
             match f.read_at(&mut buf, off) {
                 Ok(0) => break,
@@ -54,20 +60,133 @@ fn materialise_inherited() {
                 }
             }
         }
-        if ok {
-            // SAFETY: positioning our placeholder at the shared offset.
-            unsafe { real::lseek(fd, f.offset as i64, libc::SEEK_SET) };
-        } else {
+        f.read = was_readable;
+        if !ok {
             // Never hand a child a prefix of a file that failed verification.
             // SAFETY: truncating our placeholder.
             unsafe { real::ftruncate(fd, 0) };
+            continue;
+        }
+        // SAFETY: positioning our placeholder at the shared offset.
+        unsafe { real::lseek(fd, f.offset as i64, libc::SEEK_SET) };
+        let mode = format!(
+            "{}{}{}",
+            if f.read { "r" } else { "" },
+            if f.write { "w" } else { "" },
+            if f.append { "a" } else { "" }
+        );
+        let hex: String = f
+            .path
+            .as_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        desc.push(format!("{fd}:{mode}:{hex}"));
+    }
+    if desc.is_empty() {
+        return None;
+    }
+    CString::new(format!("FSPF_INHERIT={}", desc.join(";"))).ok()
+}
+
+/// In a freshly exec'd shielded program: adopt the shielded fds described in `FSPF_INHERIT`.
+pub fn adopt_inherited() {
+    let Ok(v) = std::env::var("FSPF_INHERIT") else {
+        return;
+    };
+    std::env::remove_var("FSPF_INHERIT");
+    let sh = shield::get();
+    for item in v.split(';') {
+        let mut it = item.splitn(3, ':');
+        let (Some(fd), Some(mode), Some(hex)) = (it.next(), it.next(), it.next()) else {
+            continue;
+        };
+        let Ok(fd) = fd.parse::<c_int>() else {
+            continue;
+        };
+        let bytes: Option<Vec<u8>> = (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect();
+        let Some(ep) = bytes.and_then(|b| fspf_core::EmbedPath::from_bytes(&b).ok()) else {
+            continue;
+        };
+        // SAFETY: reading the size and offset of the inherited memfd.
+        let (offset, size) = unsafe {
+            (
+                real::lseek(fd, 0, libc::SEEK_CUR),
+                real::lseek(fd, 0, libc::SEEK_END),
+            )
+        };
+        if size < 0 {
+            continue;
+        }
+        let mut data = vec![0u8; size as usize];
+        let mut got = 0usize;
+        while got < data.len() {
+            // SAFETY: reading into our own buffer.
+            let n = unsafe {
+                real::pread(
+                    fd,
+                    data[got..].as_mut_ptr().cast(),
+                    data.len() - got,
+                    got as i64,
+                )
+            };
+            if n <= 0 {
+                break;
+            }
+            got += n as usize;
+        }
+        if got != data.len() {
+            continue;
+        }
+        // Where the parent left the offset (restored after the size probe).
+        let off = {
+            // SAFETY: repositioning the inherited fd.
+            unsafe { real::lseek(fd, offset, libc::SEEK_SET) }
+        };
+        let write = mode.contains('w');
+        let body = if write {
+            let mut inner = sh.lock();
+            let m = sh.lookup(&inner, &ep).map(|n| n.mode).unwrap_or(0o644);
+            let b = std::sync::Arc::new(std::sync::Mutex::new(files::WriteBuf {
+                path: ep.clone(),
+                data,
+                mode: m,
+                dirty: false,
+                writers: 1,
+                mtime: sh.started,
+                detached: false,
+                pending: false,
+            }));
+            inner.live.insert(ep.clone(), b.clone());
+            Body::Buf(b)
+        } else {
+            Body::Plain(std::sync::Arc::new(data))
+        };
+        let f = files::OpenFile {
+            path: ep,
+            offset: off.max(0) as u64,
+            read: mode.contains('r'),
+            write,
+            append: mode.contains('a'),
+            body,
+            mode: 0o644,
+            kernel: None,
+        };
+        files::insert(fd, std::sync::Arc::new(std::sync::Mutex::new(f)));
+        if (0..=2).contains(&fd) {
+            rebind_std_stream(fd, write);
         }
     }
 }
 
 /// The environment for an exec'd child: `envp` plus the anchor and key fds (only when the
 /// child is shielded, i.e. `SCONE_FSPF` is in `envp`). Clears CLOEXEC on the key fd.
-unsafe fn child_env(envp: *const *const c_char) -> (Vec<CString>, Vec<*const c_char>) {
+unsafe fn child_env(
+    envp: *const *const c_char,
+    inherit: Option<CString>,
+) -> (Vec<CString>, Vec<*const c_char>) {
     let sh = shield::get();
     let mut out: Vec<CString> = Vec::new();
     let mut shielded = false;
@@ -85,7 +204,10 @@ unsafe fn child_env(envp: *const *const c_char) -> (Vec<CString>, Vec<*const c_c
             if b.starts_with(b"SCONE_FSPF=") {
                 shielded = true;
             }
-            if !b.starts_with(b"FSPF_KEY_FD=") && !b.starts_with(b"FSPF_ANCHOR_FD=") {
+            if !b.starts_with(b"FSPF_KEY_FD=")
+                && !b.starts_with(b"FSPF_ANCHOR_FD=")
+                && !b.starts_with(b"FSPF_INHERIT=")
+            {
                 out.push(s.to_owned());
             }
             i += 1;
@@ -100,6 +222,7 @@ unsafe fn child_env(envp: *const *const c_char) -> (Vec<CString>, Vec<*const c_c
             unsafe { real::fcntl(sh.key_fd, libc::F_SETFD, 0) };
             out.extend(CString::new(format!("FSPF_KEY_FD={}", sh.key_fd)));
         }
+        out.extend(inherit);
     }
     let mut ptrs: Vec<*const c_char> = out.iter().map(|c| c.as_ptr()).collect();
     ptrs.push(std::ptr::null());
@@ -116,6 +239,32 @@ fn restore_key_cloexec() {
 
 extern "C" {
     static environ: *const *const c_char;
+    static mut stdin: *mut FILE;
+    static mut stdout: *mut FILE;
+    static mut stderr: *mut FILE;
+}
+
+/// glibc's standard streams write with internal calls that bypass the hooks: when fd 0/1/2 is
+/// an adopted shielded file (a redirection), replace the stream by one over the shield.
+fn rebind_std_stream(fd: c_int, write: bool) {
+    let mode: &CStr = if write { c"w" } else { c"r" };
+    // SAFETY: fd is a registered shielded fd; the new stream owns it.
+    let f = unsafe { super::open::cookie_file(fd, mode.as_ptr()) };
+    if f.is_null() {
+        return;
+    }
+    // SAFETY: assigning the process-wide standard stream pointers (constructor, one thread;
+    // the executable's copy-relocated variables are the ones this symbol resolves to).
+    unsafe {
+        match fd {
+            0 => stdin = f,
+            1 => stdout = f,
+            _ => {
+                libc::setvbuf(f, std::ptr::null_mut(), libc::_IONBF, 0);
+                stderr = f;
+            }
+        }
+    }
 }
 
 fn current_env() -> *const *const c_char {
@@ -180,9 +329,9 @@ pub unsafe extern "C" fn execve(
         Err(e) => return fail(e),
     };
     commit_for_child();
-    materialise_inherited();
+    let inherit = materialise_inherited();
     // SAFETY: envp from the program.
-    let (_keep, env) = unsafe { child_env(envp) };
+    let (_keep, env) = unsafe { child_env(envp, inherit) };
     let pp = path.as_ref().map_or(p, |c| c.as_ptr());
     // SAFETY: forwarding with our environment copy.
     let r = unsafe { real::execve(pp, argv, env.as_ptr()) };
@@ -215,9 +364,9 @@ pub unsafe extern "C" fn execvpe(
         None
     };
     commit_for_child();
-    materialise_inherited();
+    let inherit = materialise_inherited();
     // SAFETY: envp from the program.
-    let (_keep, env) = unsafe { child_env(envp) };
+    let (_keep, env) = unsafe { child_env(envp, inherit) };
     let pp = path.as_ref().map_or(p, |c| c.as_ptr());
     // SAFETY: forwarding with our environment copy.
     let r = unsafe { real::execvpe(pp, argv, env.as_ptr()) };
@@ -238,14 +387,15 @@ unsafe fn spawn_common(
         return call(envp);
     };
     commit_for_child();
-    materialise_inherited();
+    // The spawning process keeps its fds: the child gets the plaintext, not ownership.
+    let _ = materialise_inherited();
     let e = if envp.is_null() {
         current_env()
     } else {
         envp.cast()
     };
     // SAFETY: envp from the program.
-    let (_keep, env) = unsafe { child_env(e) };
+    let (_keep, env) = unsafe { child_env(e, None) };
     let r = call(env.as_ptr().cast());
     restore_key_cloexec();
     r
