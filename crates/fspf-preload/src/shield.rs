@@ -143,7 +143,8 @@ pub fn init() -> bool {
     };
     fspf_core::codec::set_sequential(true);
     crate::hooks::open::init_umask();
-    let fspf = PathBuf::from(fspf);
+    // Absolute now: the program may chdir before the shield reloads or commits.
+    let fspf = std::path::absolute(PathBuf::from(&fspf)).unwrap_or_else(|_| PathBuf::from(fspf));
     let mutable = env_nonempty("SCONE_FSPF_MUTABLE").is_some_and(|v| v == "1");
     let mut problem: Option<String> = None;
     let mut key_from_fd = false;

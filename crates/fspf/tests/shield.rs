@@ -807,3 +807,60 @@ fn shell_redirections_into_and_out_of_protected_files() {
     let o = w.run(&["sh", "-c", "wc -c < /data/hello.txt"]);
     assert!(!o.status.success() || stdout(&o).trim() != "12");
 }
+
+#[test]
+fn rollback_of_the_fspf_during_a_run_is_refused() {
+    need("sh");
+    need("cp");
+    let mut w = data_world();
+    let old = w.p("fspf-old.pb");
+    std::fs::copy(&w.fspf, &old).expect("save old fspf");
+    // A writer commits (the anchor moves), then the attacker swaps the old fspf back in.
+    let script = format!(
+        "echo new > /data/new.txt && cp {old} {fspf} && cat /data/hello.txt",
+        fspf = w.fspf.display()
+    );
+    let o = w.run_mut(&["sh", "-c", &script]);
+    assert!(!o.status.success(), "rolled-back fspf accepted");
+    assert!(!stdout(&o).contains("Hello"));
+}
+
+#[test]
+fn ephemeral_region_lives_in_memory_and_forked_children_get_a_copy() {
+    need("python3");
+    let mut w = World::new();
+    w.create();
+    w.addr(&["/", "--kernel", "/", "--not-protected"]);
+    w.addr(&["/scratch", "--encrypted", "--ephemeral"]);
+    w.encrypt();
+    let script = r#"
+import os
+os.makedirs('/scratch/a/b')
+with open('/scratch/a/b/f.txt', 'w') as f:
+    f.write('secret\n')
+os.rename('/scratch/a/b/f.txt', '/scratch/a/g.txt')
+print(sorted(os.listdir('/scratch/a')), os.path.getsize('/scratch/a/g.txt'))
+pid = os.fork()
+if pid == 0:
+    with open('/scratch/a/g.txt', 'a') as f:
+        f.write('child\n')
+    print('child sees', open('/scratch/a/g.txt').read().split())
+    os._exit(0)
+os.waitpid(pid, 0)
+print('parent sees', open('/scratch/a/g.txt').read().split())
+os.remove('/scratch/a/g.txt')
+os.rmdir('/scratch/a/b')
+print(os.listdir('/scratch/a'))
+"#;
+    let o = w.run(&["python3", "-c", script]);
+    ok(&o, "ephemeral");
+    assert_eq!(
+        stdout(&o),
+        "['b', 'g.txt'] 7\nchild sees ['secret', 'child']\nparent sees ['secret']\n[]\n"
+    );
+    // Nothing of it reached the disk or the fspf, and the next run starts empty.
+    let o = w.run(&["python3", "-c", "import os; print(os.listdir('/scratch'))"]);
+    ok(&o, "second run");
+    assert_eq!(stdout(&o), "[]\n");
+    w.tag = w.tag_on_disk();
+}
