@@ -6,6 +6,7 @@
 //! plaintext is served from [`files`]. All crypto and format work is fspf-core's; this crate only
 //! interposes libc. Semantics, errno choices and limits: `docs/SHIELD.md`.
 #![allow(clippy::missing_safety_doc)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 mod files;
 mod hooks;

@@ -864,3 +864,55 @@ print(os.listdir('/scratch/a'))
     assert_eq!(stdout(&o), "[]\n");
     w.tag = w.tag_on_disk();
 }
+
+#[test]
+fn unencrypted_fspf_needs_no_key_and_trusts_the_tag_on_disk() {
+    need("cat");
+    let w = {
+        let w = World::new();
+        w.write("src/readme.txt", b"plain but authenticated\n");
+        w.create();
+        w.addr(&["/", "--kernel", "/", "--not-protected"]);
+        w.addr(&["/docs", "--authenticated", "--kernel", &w.p("src")]);
+        w.cli(&["addf", "fspf.pb", "/docs", "src"]);
+        w
+    };
+    let o = w.run_opts(false, "", &["cat", "/docs/readme.txt"]);
+    ok(&o, "unencrypted run");
+    assert_eq!(stdout(&o), "plain but authenticated\n");
+    w.tamper("src/readme.txt");
+    let o = w.run_opts(false, "", &["cat", "/docs/readme.txt"]);
+    assert!(!o.status.success());
+    assert!(!stdout(&o).contains("plain"));
+}
+
+#[test]
+fn fspf_log_names_the_reason_and_writable_shared_mmap_is_refused() {
+    need("python3");
+    need("cat");
+    let mut w = data_world();
+    let o = w.run_mut(&[
+        "python3",
+        "-c",
+        "import mmap\nf = open('/data/hello.txt', 'r+b')\ntry:\n    mmap.mmap(f.fileno(), 0)\n    print('mapped')\nexcept PermissionError:\n    print('refused')\nm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)\nprint(m[:5].decode())",
+    ]);
+    ok(&o, "mmap");
+    assert_eq!(stdout(&o), "refused\nHello\n");
+    w.tamper("vol/hello.txt");
+    let o = Command::new(fspf_bin())
+        .current_dir(w.dir.path())
+        .env("FSPF_PRELOAD", preload())
+        .env("FSPF_LOG", "1")
+        .args([
+            "run", "--fspf", "fspf.pb", "--key", &w.key, "--tag", &w.tag, "--",
+        ])
+        .args(["cat", "/data/hello.txt"])
+        .output()
+        .expect("run");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("/data/hello.txt") && err.contains("failed authentication"),
+        "{err}"
+    );
+}

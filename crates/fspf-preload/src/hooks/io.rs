@@ -1,7 +1,7 @@
 //! fd-based hooks: read/write families, lseek, close/dup/fcntl, truncate, fsync, copies
 //! between fds (sendfile, copy_file_range, splice: emulated when a side is shielded) and mmap.
 use super::open::release;
-use super::{fail, fail_isize, fail_ptr};
+use super::{fail, fail_isize};
 use crate::files::{self, Body, Handle};
 use crate::{enter, log, real, set_errno, shield};
 use libc::{c_int, c_uint, c_ulong, c_void, off_t, size_t, ssize_t};
@@ -737,6 +737,12 @@ pub unsafe extern "C" fn splice(
     unsafe { real::splice(i, io, o, oo, n, f) }
 }
 
+/// mmap reports failure as MAP_FAILED, not NULL.
+fn map_failed(e: c_int) -> *mut c_void {
+    set_errno(e);
+    libc::MAP_FAILED
+}
+
 unsafe fn mmap_shielded(
     h: &Handle,
     addr: *mut c_void,
@@ -750,10 +756,10 @@ unsafe fn mmap_shielded(
         log(format!(
             "{path}: writable shared mmap of a protected file is refused (EACCES)"
         ));
-        return fail_ptr(libc::EACCES);
+        return map_failed(libc::EACCES);
     }
     if off < 0 || len == 0 {
-        return fail_ptr(libc::EINVAL);
+        return map_failed(libc::EINVAL);
     }
     let fl = libc::MAP_PRIVATE
         | libc::MAP_ANONYMOUS
@@ -775,7 +781,7 @@ unsafe fn mmap_shielded(
             Err(e) => {
                 // SAFETY: unmapping the mapping we just made.
                 unsafe { libc::munmap(p, len) };
-                return fail_ptr(e);
+                return map_failed(e);
             }
         }
     }
