@@ -136,6 +136,43 @@ fn real_cwd() -> Option<EmbedPath> {
         .and_then(|p| EmbedPath::from_path(&p).ok())
 }
 
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `FSPF_CWD` value for a child: the kernel cwd (hex) and the embed cwd it stands for, or
+/// `None` when the cwd is not virtual. Without it a child of a process that did `cd /data`
+/// would resolve relative names against the kernel directory (ciphertext) instead of `/data`.
+pub fn cwd_for_child(inner: &Inner) -> Option<String> {
+    if !inner.cwd_virtual {
+        return None;
+    }
+    let real = std::env::current_dir().ok()?;
+    Some(format!(
+        "{}:{}",
+        hex(real.as_os_str().as_bytes()),
+        hex(inner.cwd.as_bytes())
+    ))
+}
+
+/// The virtual cwd handed down by the parent, if the kernel cwd is still the one it recorded.
+fn inherited_cwd() -> Option<EmbedPath> {
+    let v = std::env::var("FSPF_CWD").ok()?;
+    std::env::remove_var("FSPF_CWD");
+    let unhex = |h: &str| -> Option<Vec<u8>> {
+        (0..h.len() / 2)
+            .map(|i| u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect()
+    };
+    let (real, embed) = v.split_once(':')?;
+    let real = unhex(real)?;
+    let now = std::env::current_dir().ok()?;
+    if now.as_os_str().as_bytes() != real.as_slice() {
+        return None;
+    }
+    EmbedPath::from_bytes(&unhex(embed)?).ok()
+}
+
 /// Load the shield from the environment. Returns false when the library should stay inert.
 pub fn init() -> bool {
     let Some(fspf) = std::env::var_os("SCONE_FSPF") else {
@@ -250,7 +287,9 @@ pub fn init() -> bool {
         (Some(k), true) => memfd_with(c"fspf-key", k.to_hex().as_bytes(), true),
         _ => -1,
     };
-    let cwd = real_cwd().unwrap_or_else(EmbedPath::root);
+    let (cwd, cwd_virtual) = inherited_cwd()
+        .map(|c| (c, true))
+        .unwrap_or_else(|| (real_cwd().unwrap_or_else(EmbedPath::root), false));
     let sh = Shield {
         fspf,
         key,
@@ -266,7 +305,7 @@ pub fn init() -> bool {
             queue: Vec::new(),
             staged_bytes: 0,
             cwd,
-            cwd_virtual: false,
+            cwd_virtual,
         }),
     };
     let ok = SHIELD.set(sh).is_ok();
@@ -388,7 +427,10 @@ impl Shield {
         match (&region.kind, region.protection) {
             (RegionKind::Kernel(k), Protection::NotProtected) => {
                 let identity = k.as_os_str().as_bytes() == region.embed_point.as_bytes();
-                if identity && base_real {
+                // `..` is resolved lexically in embed paths (`/data/..` is `/` even when `/data`
+                // exists only in the fspf), so such paths go to the kernel normalised.
+                let dotdot = abs.windows(2).any(|w| w == b"..");
+                if identity && base_real && !dotdot {
                     return Route::Pass;
                 }
                 match ep.kernel_path(region) {

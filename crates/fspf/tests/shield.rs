@@ -809,6 +809,23 @@ fn shell_redirections_into_and_out_of_protected_files() {
 }
 
 #[test]
+fn cd_into_a_protected_region_is_inherited_by_children() {
+    need("sh");
+    need("python3");
+    let w = data_world();
+    let o = w.run(&[
+        "sh",
+        "-c",
+        "cd /data && cat hello.txt && cat ../data/world.py && python3 -c 'import os; print(os.getcwd(), sorted(os.listdir(\".\")))'",
+    ]);
+    ok(&o, "cd /data");
+    assert_eq!(
+        stdout(&o),
+        format!("{HELLO}{WORLD_PY}/data ['hello.txt', 'world.py']\n")
+    );
+}
+
+#[test]
 fn rollback_of_the_fspf_during_a_run_is_refused() {
     need("sh");
     need("cp");

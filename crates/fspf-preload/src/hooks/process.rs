@@ -207,6 +207,7 @@ unsafe fn child_env(
             if !b.starts_with(b"FSPF_KEY_FD=")
                 && !b.starts_with(b"FSPF_ANCHOR_FD=")
                 && !b.starts_with(b"FSPF_INHERIT=")
+                && !b.starts_with(b"FSPF_CWD=")
             {
                 out.push(s.to_owned());
             }
@@ -223,6 +224,9 @@ unsafe fn child_env(
             out.extend(CString::new(format!("FSPF_KEY_FD={}", sh.key_fd)));
         }
         out.extend(inherit);
+        if let Some(c) = shield::cwd_for_child(&sh.lock()) {
+            out.extend(CString::new(format!("FSPF_CWD={c}")));
+        }
     }
     let mut ptrs: Vec<*const c_char> = out.iter().map(|c| c.as_ptr()).collect();
     ptrs.push(std::ptr::null());
@@ -434,7 +438,14 @@ fn with_key_env<T>(f: impl FnOnce() -> T) -> T {
         unsafe { real::fcntl(sh.key_fd, libc::F_SETFD, 0) };
         std::env::set_var("FSPF_KEY_FD", sh.key_fd.to_string());
     }
+    let cwd = shield::cwd_for_child(&sh.lock());
+    if let Some(c) = &cwd {
+        std::env::set_var("FSPF_CWD", c);
+    }
     let r = f();
+    if cwd.is_some() {
+        std::env::remove_var("FSPF_CWD");
+    }
     if sh.key_fd >= 0 {
         std::env::remove_var("FSPF_KEY_FD");
         restore_key_cloexec();
