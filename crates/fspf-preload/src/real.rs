@@ -168,3 +168,9 @@ reals! {
 impl Fail for () {
     fn fail() -> Self {}
 }
+reals! {
+    fn link(a: *const c_char, b: *const c_char) -> c_int;
+    fn linkat(da: c_int, a: *const c_char, db: c_int, b: *const c_char, f: c_int) -> c_int;
+    fn symlink(t: *const c_char, p: *const c_char) -> c_int;
+    fn symlinkat(t: *const c_char, d: c_int, p: *const c_char) -> c_int;
+}

@@ -590,3 +590,115 @@ pub unsafe extern "C" fn getcwd(buf: *mut c_char, size: size_t) -> *mut c_char {
 
 #[allow(dead_code)]
 fn _arc(_: Arc<()>) {}
+
+/// Hard links cannot be expressed in the fspf (each entry is its own version): `EPERM`, the
+/// errno of file systems without hard links.
+unsafe fn link_common(da: c_int, a: *const c_char, db: c_int, b: *const c_char, f: c_int) -> c_int {
+    let Some(g) = enter() else {
+        // SAFETY: forwarding.
+        return unsafe { real::linkat(da, a, db, b, f) };
+    };
+    let sh = shield::get();
+    match (sh.route(da, a), sh.route(db, b)) {
+        (Route::Deny(e), _) | (_, Route::Deny(e)) => fail(e),
+        (Route::Shield(_), _) | (_, Route::Shield(_)) => fail(libc::EPERM),
+        (Route::Pass, Route::Pass) => {
+            drop(g);
+            // SAFETY: forwarding.
+            unsafe { real::linkat(da, a, db, b, f) }
+        }
+        (x, y) => {
+            let (da, a) = match &x {
+                Route::Kernel(k, _) => (libc::AT_FDCWD, k.as_ptr()),
+                _ => (da, a),
+            };
+            let (db, b) = match &y {
+                Route::Kernel(k, _) => (libc::AT_FDCWD, k.as_ptr()),
+                _ => (db, b),
+            };
+            // SAFETY: forwarding with translated paths.
+            unsafe { real::linkat(da, a, db, b, f) }
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn link(a: *const c_char, b: *const c_char) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { link_common(libc::AT_FDCWD, a, libc::AT_FDCWD, b, 0) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn linkat(
+    da: c_int,
+    a: *const c_char,
+    db: c_int,
+    b: *const c_char,
+    f: c_int,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { link_common(da, a, db, b, f) }
+}
+
+/// A symlink in a kernel region is an fspf entry (committed at once; nothing is written next to
+/// protected files); ephemeral regions do not hold symlinks (`EPERM`).
+fn do_symlink(sh: &Shield, target: &[u8], ep: EmbedPath) -> Result<(), c_int> {
+    let mut inner = sh.lock();
+    if sh.is_ephemeral(&inner, &ep) {
+        return Err(libc::EPERM);
+    }
+    sh.refresh(&mut inner)?;
+    if sh.lookup(&inner, &ep).is_ok() {
+        return Err(libc::EEXIST);
+    }
+    let parent = ep.parent().ok_or(libc::EEXIST)?;
+    match sh.lookup(&inner, &parent)?.kind {
+        NodeKind::Dir => {}
+        _ => return Err(libc::ENOTDIR),
+    }
+    sh.check_writable(&inner, &ep)?;
+    let entry = FileEntry {
+        kind: FileKind::Symlink(target.to_vec()),
+        mode: 0o777,
+    };
+    sh.commit_now(&mut inner, Change::PutEntry(ep, entry), || {})
+}
+
+unsafe fn symlink_common(t: *const c_char, d: c_int, p: *const c_char) -> c_int {
+    let Some(g) = enter() else {
+        // SAFETY: forwarding.
+        return unsafe { real::symlinkat(t, d, p) };
+    };
+    if t.is_null() {
+        return fail(libc::EFAULT);
+    }
+    let sh = shield::get();
+    match sh.route(d, p) {
+        Route::Pass => {
+            drop(g);
+            // SAFETY: forwarding.
+            unsafe { real::symlinkat(t, d, p) }
+        }
+        // SAFETY: forwarding with the translated path.
+        Route::Kernel(k, _) => unsafe { real::symlinkat(t, libc::AT_FDCWD, k.as_ptr()) },
+        Route::Deny(e) => fail(e),
+        Route::Shield(ep) => {
+            // SAFETY: the program's NUL-terminated target (non-null checked).
+            let target = unsafe { std::ffi::CStr::from_ptr(t) }.to_bytes();
+            match do_symlink(sh, target, ep) {
+                Ok(()) => 0,
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn symlink(t: *const c_char, p: *const c_char) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { symlink_common(t, libc::AT_FDCWD, p) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn symlinkat(t: *const c_char, d: c_int, p: *const c_char) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { symlink_common(t, d, p) }
+}
