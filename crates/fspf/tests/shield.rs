@@ -933,3 +933,43 @@ fn fspf_log_names_the_reason_and_writable_shared_mmap_is_refused() {
         "{err}"
     );
 }
+
+const HELLO_C: &str = r#"
+#include <stdio.h>
+int main(int argc, char **argv) { printf("hello from %s\n", argc > 1 ? argv[1] : "c"); return 0; }
+"#;
+
+#[test]
+fn programs_in_a_protected_region_run_from_verified_copies() {
+    need("sh");
+    need("python3");
+    let mut w = World::new();
+    let exe = w.cc("hello", HELLO_C, &[]);
+    w.write("tools/hello.sh", b"#!/bin/sh\necho \"script says $1\"\n");
+    std::fs::copy(&exe, w.path("tools/hello")).expect("copy exe");
+    for f in ["tools/hello", "tools/hello.sh"] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(w.path(f), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    std::fs::create_dir_all(w.path("enc")).expect("enc");
+    w.create();
+    w.addr(&["/", "--kernel", "/", "--not-protected"]);
+    w.addr(&["/opt/tools", "--authenticated", "--kernel", &w.p("tools")]);
+    w.addr(&["/opt/enc", "--encrypted", "--kernel", &w.p("enc")]);
+    w.cli(&["addf", "fspf.pb", "/opt/tools", "tools"]);
+    w.cli(&["addf", "fspf.pb", "/opt/enc", "tools", &w.p("enc")]);
+    w.encrypt();
+    let script = "/opt/tools/hello x; /opt/tools/hello.sh y; /opt/enc/hello z; PATH=/opt/enc:$PATH; hello.sh w; python3 -c \"import subprocess; subprocess.run(['/opt/enc/hello', 'py'], check=True)\"";
+    let o = w.run(&["sh", "-c", script]);
+    ok(&o, "protected programs");
+    assert_eq!(
+        stdout(&o),
+        "hello from x\nscript says y\nhello from z\nscript says w\nhello from py\n"
+    );
+    // A tampered program is not run.
+    w.tamper("tools/hello");
+    let o = w.run(&["sh", "-c", "/opt/tools/hello x"]);
+    assert!(!o.status.success());
+    assert!(!stdout(&o).contains("hello from"));
+    w.tag = w.tag_on_disk();
+}

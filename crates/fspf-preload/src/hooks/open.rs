@@ -43,7 +43,7 @@ fn map_core(ep: &EmbedPath, e: fspf_core::Error) -> c_int {
 const VERIFY_AT_OPEN_MAX: u64 = 4 << 20;
 
 /// Verified plaintext of the current version of `ep` (for opening it for writing).
-fn load_plain(sh: &Shield, inner: &Inner, ep: &EmbedPath) -> Result<Vec<u8>, c_int> {
+pub(crate) fn load_plain(sh: &Shield, inner: &Inner, ep: &EmbedPath) -> Result<Vec<u8>, c_int> {
     let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
     let region = vol.region_for(ep).ok_or(libc::ENOENT)?;
     let _ = sh;

@@ -3,8 +3,9 @@
 //! shielded fds they inherit (redirections such as `cmd < /data/file`).
 use super::fail;
 use crate::files::{self, Body};
-use crate::shield::{self, Route};
+use crate::shield::{self, NodeKind, Route};
 use crate::{enter, enter_always, log, real};
+use fspf_core::EmbedPath;
 use libc::{c_char, c_int, c_void, pid_t, FILE};
 use std::ffi::{CStr, CString};
 
@@ -302,20 +303,145 @@ pub unsafe extern "C" fn vfork() -> pid_t {
     unsafe { fork() }
 }
 
-/// Exec of a file inside a protected region is refused: the kernel would run the unverified
-/// (or encrypted) bytes. Run interpreters on protected scripts instead.
+/// A program file of a protected or ephemeral region is executed from a sealed memfd holding
+/// its verified plaintext, named `/proc/self/fd/N` (inherited, so `#!` scripts work too): the
+/// kernel never runs the unverified (or encrypted) bytes on disk, and nothing can change them
+/// between verification and exec.
+fn exec_shielded(ep: EmbedPath, depth: u32) -> Result<CString, c_int> {
+    let sh = shield::get();
+    let mut inner = sh.lock();
+    if !sh.is_ephemeral(&inner, &ep) {
+        sh.refresh(&mut inner)?;
+    }
+    let node = sh.lookup(&inner, &ep)?;
+    match node.kind {
+        NodeKind::File => {}
+        NodeKind::Dir => return Err(libc::EACCES),
+        NodeKind::Symlink(t) => {
+            if depth > 8 {
+                return Err(libc::ELOOP);
+            }
+            let target = if t.first() == Some(&b'/') {
+                t
+            } else {
+                let mut v = ep
+                    .parent()
+                    .unwrap_or_else(EmbedPath::root)
+                    .as_bytes()
+                    .to_vec();
+                v.push(b'/');
+                v.extend_from_slice(&t);
+                v
+            };
+            let r = sh.route_bytes(&inner, libc::AT_FDCWD, &target);
+            drop(inner);
+            return match r {
+                Route::Shield(e2) => exec_shielded(e2, depth + 1),
+                Route::Kernel(k, _) => Ok(k),
+                Route::Pass => CString::new(target).map_err(|_| libc::EINVAL),
+                Route::Deny(e) => Err(e),
+            };
+        }
+    }
+    if node.mode & 0o111 == 0 {
+        return Err(libc::EACCES);
+    }
+    let data = super::open::load_plain(sh, &inner, &ep)?;
+    drop(inner);
+    let mut name = b"fspf-exec:".to_vec();
+    name.extend(ep.file_name().iter().copied().filter(|&c| c != 0).take(200));
+    let name = CString::new(name).map_err(|_| libc::EINVAL)?;
+    // SAFETY: NUL-terminated name; the fd is ours (inherited by the exec'd program on purpose).
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(crate::errno());
+    }
+    let mut off = 0usize;
+    while off < data.len() {
+        // SAFETY: writing our buffer to our memfd.
+        let n = unsafe {
+            real::pwrite(
+                fd,
+                data[off..].as_ptr().cast(),
+                data.len() - off,
+                off as i64,
+            )
+        };
+        if n <= 0 {
+            // SAFETY: closing our memfd.
+            unsafe { real::close(fd) };
+            return Err(libc::EIO);
+        }
+        off += n as usize;
+    }
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    // SAFETY: sealing our memfd against changes.
+    unsafe { real::fcntl(fd, libc::F_ADD_SEALS, seals as libc::c_ulong) };
+    CString::new(format!("/proc/self/fd/{fd}")).map_err(|_| libc::EINVAL)
+}
+
+/// Where to exec `path` from: `None` = as given; a translated kernel path; or a verified copy.
 fn exec_route(path: *const c_char) -> Result<Option<CString>, c_int> {
     match shield::get().route(libc::AT_FDCWD, path) {
         Route::Pass => Ok(None),
         Route::Kernel(k, _) => Ok(Some(k)),
         Route::Deny(e) => Err(e),
-        Route::Shield(ep) => {
-            log(format!(
-                "{ep}: executing a file of a protected region is not supported"
-            ));
-            Err(libc::EACCES)
+        Route::Shield(ep) => exec_shielded(ep, 0).map(Some).inspect_err(|e| {
+            log(format!("exec refused (errno {e})"));
+        }),
+    }
+}
+
+/// PATH search for execvp/posix_spawnp done here, so that program files found in protected
+/// regions are run from verified copies (glibc's own search would exec them directly).
+fn search_path(file: &CStr) -> Result<Option<CString>, c_int> {
+    let name = file.to_bytes();
+    if name.is_empty() {
+        return Err(libc::ENOENT);
+    }
+    if name.contains(&b'/') {
+        return exec_route(file.as_ptr());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/bin:/usr/bin".into());
+    let mut last = libc::ENOENT;
+    for dir in path.as_encoded_bytes().split(|&c| c == b':') {
+        let dir: &[u8] = if dir.is_empty() { b"." } else { dir };
+        let mut cand = dir.to_vec();
+        cand.push(b'/');
+        cand.extend_from_slice(name);
+        let Ok(c) = CString::new(cand) else { continue };
+        let sh = shield::get();
+        match sh.route(libc::AT_FDCWD, c.as_ptr()) {
+            Route::Shield(ep) => {
+                let found = {
+                    let inner = sh.lock();
+                    sh.lookup(&inner, &ep).is_ok()
+                };
+                if found {
+                    return exec_shielded(ep, 0).map(Some);
+                }
+            }
+            Route::Deny(e) => last = e,
+            r => {
+                let k = match &r {
+                    Route::Kernel(k, _) => k.as_c_str(),
+                    _ => c.as_c_str(),
+                };
+                // SAFETY: NUL-terminated candidate path.
+                if unsafe {
+                    real::faccessat(libc::AT_FDCWD, k.as_ptr(), libc::X_OK, libc::AT_EACCESS)
+                } == 0
+                {
+                    return Ok(Some(k.to_owned()));
+                }
+                let e = crate::errno();
+                if e == libc::EACCES {
+                    last = e;
+                }
+            }
         }
     }
+    Err(last)
 }
 
 #[no_mangle]
@@ -339,6 +465,7 @@ pub unsafe extern "C" fn execve(
     let pp = path.as_ref().map_or(p, |c| c.as_ptr());
     // SAFETY: forwarding with our environment copy.
     let r = unsafe { real::execve(pp, argv, env.as_ptr()) };
+    close_exec_copy(path.as_ref());
     restore_key_cloexec();
     r
 }
@@ -357,15 +484,13 @@ pub unsafe extern "C" fn execvpe(
         // SAFETY: forwarding.
         return unsafe { real::execvpe(p, argv, envp) };
     };
-    // SAFETY: p is the program's NUL-terminated file name.
-    let has_slash = !p.is_null() && unsafe { CStr::from_ptr(p) }.to_bytes().contains(&b'/');
-    let path = if has_slash {
-        match exec_route(p) {
-            Ok(k) => k,
-            Err(e) => return fail(e),
-        }
-    } else {
-        None
+    if p.is_null() {
+        return fail(libc::EFAULT);
+    }
+    // SAFETY: p is the program's NUL-terminated file name (non-null checked).
+    let path = match search_path(unsafe { CStr::from_ptr(p) }) {
+        Ok(k) => k,
+        Err(e) => return fail(e),
     };
     commit_for_child();
     let inherit = materialise_inherited();
@@ -374,6 +499,7 @@ pub unsafe extern "C" fn execvpe(
     let pp = path.as_ref().map_or(p, |c| c.as_ptr());
     // SAFETY: forwarding with our environment copy.
     let r = unsafe { real::execvpe(pp, argv, env.as_ptr()) };
+    close_exec_copy(path.as_ref());
     restore_key_cloexec();
     r
 }
@@ -383,12 +509,31 @@ pub unsafe extern "C" fn execvp(p: *const c_char, argv: *const *const c_char) ->
     unsafe { execvpe(p, argv, current_env()) }
 }
 
+/// posix_spawn[p]: commit, resolve the program (verified copy for protected files), pass the
+/// anchor/key/cwd in the environment. `search` = posix_spawnp's PATH search.
 unsafe fn spawn_common(
+    p: *const c_char,
+    search: bool,
     envp: *const *mut c_char,
-    call: impl Fn(*const *mut c_char) -> c_int,
+    call: impl Fn(*const c_char, bool, *const *mut c_char) -> c_int,
 ) -> c_int {
     let Some(_g) = enter() else {
-        return call(envp);
+        return call(p, search, envp);
+    };
+    if p.is_null() {
+        return libc::EFAULT;
+    }
+    // SAFETY: the program's NUL-terminated path (non-null checked).
+    let file = unsafe { CStr::from_ptr(p) };
+    let resolved = if search {
+        search_path(file)
+    } else {
+        exec_route(p)
+    };
+    let resolved = match resolved {
+        Ok(r) => r,
+        // posix_spawn reports errors as its return value.
+        Err(e) => return e,
     };
     commit_for_child();
     // The spawning process keeps its fds: the child gets the plaintext, not ownership.
@@ -400,9 +545,27 @@ unsafe fn spawn_common(
     };
     // SAFETY: envp from the program.
     let (_keep, env) = unsafe { child_env(e, None) };
-    let r = call(env.as_ptr().cast());
+    let r = match &resolved {
+        Some(k) => call(k.as_ptr(), false, env.as_ptr().cast()),
+        None => call(p, search, env.as_ptr().cast()),
+    };
+    close_exec_copy(resolved.as_ref());
     restore_key_cloexec();
     r
+}
+
+/// Close the memfd of a verified program copy once the exec happened (or failed).
+fn close_exec_copy(path: Option<&CString>) {
+    let Some(p) = path else { return };
+    if let Some(n) = p.to_bytes().strip_prefix(b"/proc/self/fd/") {
+        if let Some(fd) = std::str::from_utf8(n)
+            .ok()
+            .and_then(|s| s.parse::<c_int>().ok())
+        {
+            // SAFETY: closing the memfd exec_shielded created.
+            unsafe { real::close(fd) };
+        }
+    }
 }
 
 #[no_mangle]
@@ -415,7 +578,15 @@ pub unsafe extern "C" fn posix_spawn(
     envp: *const *mut c_char,
 ) -> c_int {
     // SAFETY: forwarding.
-    unsafe { spawn_common(envp, |e| real::posix_spawn(pid, p, fa, at, argv, e)) }
+    unsafe {
+        spawn_common(p, false, envp, |p, search, e| {
+            if search {
+                real::posix_spawnp(pid, p, fa, at, argv, e)
+            } else {
+                real::posix_spawn(pid, p, fa, at, argv, e)
+            }
+        })
+    }
 }
 #[no_mangle]
 pub unsafe extern "C" fn posix_spawnp(
@@ -427,7 +598,15 @@ pub unsafe extern "C" fn posix_spawnp(
     envp: *const *mut c_char,
 ) -> c_int {
     // SAFETY: forwarding.
-    unsafe { spawn_common(envp, |e| real::posix_spawnp(pid, p, fa, at, argv, e)) }
+    unsafe {
+        spawn_common(p, true, envp, |p, search, e| {
+            if search {
+                real::posix_spawnp(pid, p, fa, at, argv, e)
+            } else {
+                real::posix_spawn(pid, p, fa, at, argv, e)
+            }
+        })
+    }
 }
 
 /// system/popen run `/bin/sh` with `environ`: publish the key fd there for the duration.
