@@ -973,3 +973,46 @@ fn programs_in_a_protected_region_run_from_verified_copies() {
     assert!(!stdout(&o).contains("hello from"));
     w.tag = w.tag_on_disk();
 }
+
+const EXECL_C: &str = r#"
+#include <unistd.h>
+#include <stdio.h>
+#include <sys/wait.h>
+extern char **environ;
+static int waitok(void) { int st; wait(&st); return WIFEXITED(st) && WEXITSTATUS(st) == 0; }
+int main() {
+    if (fork() == 0) { execlp("cat", "cat", "/data/hello.txt", (char*)0); perror("execlp"); _exit(1); }
+    if (!waitok()) return 1;
+    if (fork() == 0) {
+        execl("/bin/sh", "sh", "-c", "cat /data/world.py; echo $0 $1 $2 $3 $4 $5 $6",
+              "a1", "a2", "a3", "a4", "a5", "a6", "a7", (char*)0);
+        perror("execl"); _exit(1);
+    }
+    if (!waitok()) return 1;
+    if (fork() == 0) { execle("/bin/cat", "cat", "/data/hello.txt", (char*)0, environ); perror("execle"); _exit(1); }
+    if (!waitok()) return 1;
+    return 0;
+}
+"#;
+
+#[test]
+fn execl_family_children_keep_the_key_passed_by_key_file() {
+    let w = data_world();
+    let exe = w.cc("execl", EXECL_C, &[]);
+    let kf = w.path("keytag");
+    std::fs::write(&kf, format!("{}\n", w.key)).expect("keyfile");
+    let o = Command::new(fspf_bin())
+        .current_dir(w.dir.path())
+        .env("FSPF_PRELOAD", preload())
+        .env_remove("SCONE_FSPF_KEY")
+        .args(["run", "--fspf", "fspf.pb", "--key-file"])
+        .arg(&kf)
+        .args(["--tag", &w.tag, "--", &exe])
+        .output()
+        .expect("run");
+    ok(&o, "execl family");
+    assert_eq!(
+        stdout(&o),
+        format!("{HELLO}{WORLD_PY}a1 a2 a3 a4 a5 a6 a7\n{HELLO}")
+    );
+}

@@ -657,3 +657,69 @@ pub unsafe extern "C" fn popen(c: *const c_char, m: *const c_char) -> *mut FILE 
 fn _unused() {
     let _ = enter_always;
 }
+
+// --- execl, execlp, execle -------------------------------------------------------------------
+// glibc builds their argv and calls execve internally (not through the PLT), so without these
+// hooks the child would lose the trust anchor, the key fd and the virtual cwd. They are
+// C-variadic, which stable Rust cannot define; a naked trampoline lays the variadic arguments
+// out as an argv array on the stack (x86_64 SysV: arg0..arg4 arrive in rsi, rdx, rcx, r8, r9,
+// the rest on the stack right above the return address) and calls a Rust function with it.
+
+/// Build the argv slice starting at `argv` (NULL-terminated); returns its length.
+///
+/// # Safety
+/// `argv` points at the NULL-terminated variadic argument list laid out by the trampoline.
+unsafe fn argv_len(argv: *const *const c_char) -> usize {
+    let mut n = 0;
+    // SAFETY: the caller of execl* terminates the list with NULL (required by POSIX).
+    while !unsafe { *argv.add(n) }.is_null() {
+        n += 1;
+    }
+    n
+}
+
+unsafe extern "C" fn fspf_execl(path: *const c_char, argv: *const *const c_char) -> c_int {
+    // SAFETY: argv laid out by the trampoline; execve is our own hook.
+    unsafe { execve(path, argv, current_env()) }
+}
+
+unsafe extern "C" fn fspf_execlp(file: *const c_char, argv: *const *const c_char) -> c_int {
+    // SAFETY: argv laid out by the trampoline; execvpe is our own hook.
+    unsafe { execvpe(file, argv, current_env()) }
+}
+
+unsafe extern "C" fn fspf_execle(path: *const c_char, argv: *const *const c_char) -> c_int {
+    // SAFETY: execle passes envp right after the terminating NULL of the argument list.
+    let envp = unsafe { *argv.add(argv_len(argv) + 1) } as *const *const c_char;
+    // SAFETY: argv laid out by the trampoline; execve is our own hook.
+    unsafe { execve(path, argv, envp) }
+}
+
+macro_rules! variadic_exec {
+    ($name:ident, $target:ident) => {
+        #[unsafe(naked)]
+        #[no_mangle]
+        pub unsafe extern "C" fn $name() {
+            core::arch::naked_asm!(
+                "pop r11",
+                "push r9",
+                "push r8",
+                "push rcx",
+                "push rdx",
+                "push rsi",
+                "mov rsi, rsp",
+                "push r11",
+                "call {f}",
+                "pop r11",
+                "add rsp, 40",
+                "push r11",
+                "ret",
+                f = sym $target,
+            )
+        }
+    };
+}
+
+variadic_exec!(execl, fspf_execl);
+variadic_exec!(execlp, fspf_execlp);
+variadic_exec!(execle, fspf_execle);
