@@ -445,7 +445,7 @@ impl Shield {
         }
     }
 
-    /// Resolve `path` against `dirfd` into an embed path without routing (for rename targets).
+    /// The region `ep` lies in.
     pub fn region_of<'a>(&self, inner: &'a Inner, ep: &EmbedPath) -> Option<&'a Region> {
         inner.vol.as_ref()?.region_for(ep)
     }

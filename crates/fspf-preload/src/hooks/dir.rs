@@ -3,7 +3,7 @@
 use super::fail_ptr;
 use super::open::{release, shield_open};
 use crate::files::{self, Body};
-use crate::shield::{self, NodeKind, Route};
+use crate::shield::{self, Route};
 use crate::{enter, real};
 use fspf_core::EmbedPath;
 use libc::{c_char, c_int, c_long};
@@ -228,6 +228,3 @@ pub unsafe extern "C" fn seekdir(d: *mut libc::DIR, pos: c_long) {
     // SAFETY: forwarding.
     unsafe { real::seekdir(d, pos) };
 }
-
-#[allow(dead_code)]
-fn _kinds(_: NodeKind) {}

@@ -10,7 +10,6 @@ use fspf_core::format::metadata::{FileEntry, FileKind};
 use fspf_core::volume::Change;
 use fspf_core::EmbedPath;
 use libc::{c_char, c_int, c_uint, mode_t, off_t, size_t};
-use std::sync::Arc;
 
 fn remove_tree<V>(
     m: &mut std::collections::BTreeMap<EmbedPath, V>,
@@ -587,9 +586,6 @@ pub unsafe extern "C" fn getcwd(buf: *mut c_char, size: size_t) -> *mut c_char {
     }
     out
 }
-
-#[allow(dead_code)]
-fn _arc(_: Arc<()>) {}
 
 /// Hard links cannot be expressed in the fspf (each entry is its own version): `EPERM`, the
 /// errno of file systems without hard links.

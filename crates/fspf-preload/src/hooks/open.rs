@@ -43,10 +43,9 @@ fn map_core(ep: &EmbedPath, e: fspf_core::Error) -> c_int {
 const VERIFY_AT_OPEN_MAX: u64 = 4 << 20;
 
 /// Verified plaintext of the current version of `ep` (for opening it for writing).
-pub(crate) fn load_plain(sh: &Shield, inner: &Inner, ep: &EmbedPath) -> Result<Vec<u8>, c_int> {
+pub(crate) fn load_plain(inner: &Inner, ep: &EmbedPath) -> Result<Vec<u8>, c_int> {
     let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
     let region = vol.region_for(ep).ok_or(libc::ENOENT)?;
-    let _ = sh;
     if region.kind == RegionKind::Ephemeral {
         let Some(EphNode::File { sealed, .. }) = inner.eph.get(ep) else {
             return Err(libc::ENOENT);
@@ -257,7 +256,7 @@ fn shield_open_depth(
                         let data = if flags & libc::O_TRUNC != 0 {
                             Vec::new()
                         } else {
-                            load_plain(sh, &inner, &ep)?
+                            load_plain(&inner, &ep)?
                         };
                         let b = Arc::new(Mutex::new(WriteBuf {
                             path: ep.clone(),

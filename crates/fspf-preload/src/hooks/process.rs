@@ -4,7 +4,7 @@
 use super::fail;
 use crate::files::{self, Body};
 use crate::shield::{self, NodeKind, Route};
-use crate::{enter, enter_always, log, real};
+use crate::{enter, log, real};
 use fspf_core::EmbedPath;
 use libc::{c_char, c_int, c_void, pid_t, FILE};
 use std::ffi::{CStr, CString};
@@ -346,7 +346,7 @@ fn exec_shielded(ep: EmbedPath, depth: u32) -> Result<CString, c_int> {
     if node.mode & 0o111 == 0 {
         return Err(libc::EACCES);
     }
-    let data = super::open::load_plain(sh, &inner, &ep)?;
+    let data = super::open::load_plain(&inner, &ep)?;
     drop(inner);
     let mut name = b"fspf-exec:".to_vec();
     name.extend(ep.file_name().iter().copied().filter(|&c| c != 0).take(200));
@@ -651,11 +651,6 @@ pub unsafe extern "C" fn popen(c: *const c_char, m: *const c_char) -> *mut FILE 
     commit_for_child();
     // SAFETY: forwarding.
     with_key_env(|| unsafe { real::popen(c, m) })
-}
-
-#[allow(dead_code)]
-fn _unused() {
-    let _ = enter_always;
 }
 
 // --- execl, execlp, execle -------------------------------------------------------------------
