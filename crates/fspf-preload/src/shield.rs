@@ -130,6 +130,13 @@ fn memfd_with(name: &CStr, content: &[u8], cloexec: bool) -> c_int {
     }
 }
 
+/// Is `fd` a memfd created as a trust anchor (not some file that reused the fd number after an
+/// unshielded process closed the anchor)?
+fn is_anchor_memfd(fd: c_int) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .is_ok_and(|t| t.as_os_str().as_bytes().starts_with(b"/memfd:fspf-anchor"))
+}
+
 fn real_cwd() -> Option<EmbedPath> {
     std::env::current_dir()
         .ok()
@@ -238,6 +245,7 @@ pub fn init() -> bool {
             .trim()
             .parse::<c_int>()
             .ok()
+            .filter(|fd| is_anchor_memfd(*fd))
             .and_then(|fd| read_fd(fd).map(|b| (fd, b)))
         {
             Some((fd, b)) if b.len() == 16 => {
