@@ -166,7 +166,7 @@ pub unsafe extern "C" fn closedir(d: *mut libc::DIR) -> c_int {
             N_STREAMS.fetch_sub(1, Ordering::Relaxed);
             if let Some(s) = s {
                 if let Some(h) = files::remove(s.fd) {
-                    release(h);
+                    let _ = release(h);
                 }
                 // SAFETY: the stream owned this placeholder fd.
                 unsafe { real::close(s.fd) };

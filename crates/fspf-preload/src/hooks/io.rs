@@ -288,9 +288,14 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
             return 0;
         }
         files::forget_translated(fd);
-        if let Some(h) = files::remove(fd) {
-            release(h);
-        }
+        let sealed = files::remove(fd).map_or(Ok(()), release);
+        // SAFETY: closing the placeholder.
+        let r = unsafe { real::close(fd) };
+        // A version that could not be sealed is reported by close, like a failed write-back.
+        return match sealed {
+            Ok(()) => r,
+            Err(e) => fail(e),
+        };
     }
     // SAFETY: forwarding.
     unsafe { real::close(fd) }
@@ -313,7 +318,7 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
         for fd in files::all_fds() {
             if (first..=last).contains(&(fd as c_uint)) && !is_own_fd(fd) {
                 if let Some(h) = files::remove(fd) {
-                    release(h);
+                    let _ = release(h);
                 }
             }
         }
@@ -340,7 +345,8 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
 
 fn dup_into(old: c_int, new: c_int) {
     if let Some(h) = files::remove(new) {
-        release(h);
+        // dup2 closes `new` silently, as the kernel does.
+        let _ = release(h);
     }
     files::forget_translated(new);
     if let Some(h) = files::get(old) {

@@ -447,7 +447,7 @@ unsafe fn truncate_common(
                 None => Err(libc::EBADF),
             };
             if let Some(h) = files::remove(fd) {
-                release(h);
+                let _ = release(h);
             }
             // SAFETY: closing our placeholder.
             unsafe { real::close(fd) };

@@ -346,9 +346,10 @@ fn now() -> i64 {
 }
 
 /// Drop one fd's reference to its open file description; seal when the last writer goes.
-pub fn release(h: Handle) {
+/// An error (the new version could not be sealed) is what `close` reports.
+pub fn release(h: Handle) -> Result<(), c_int> {
     if Arc::strong_count(&h) != 1 {
-        return;
+        return Ok(());
     }
     let buf = {
         let f = h.lock().unwrap_or_else(|e| e.into_inner());
@@ -366,9 +367,10 @@ pub fn release(h: Handle) {
             g.writers == 0
         };
         if last {
-            let _ = shield::get().last_writer_closed(&b);
+            return shield::get().last_writer_closed(&b);
         }
     }
+    Ok(())
 }
 
 /// Shared body of every open variant. `real_open` is called with the (possibly translated) path.
@@ -554,11 +556,13 @@ unsafe extern "C" fn ck_seek(c: *mut c_void, off: *mut i64, whence: c_int) -> c_
 unsafe extern "C" fn ck_close(c: *mut c_void) -> c_int {
     let _g = enter_always();
     let fd = c as usize as c_int;
-    if let Some(h) = files::remove(fd) {
-        release(h);
-    }
+    let sealed = files::remove(fd).map_or(Ok(()), release);
     // SAFETY: closing the placeholder fd this stream owned.
-    unsafe { real::close(fd) }
+    let r = unsafe { real::close(fd) };
+    match sealed {
+        Ok(()) => r,
+        Err(e) => fail(e),
+    }
 }
 
 /// Offset of `_fileno` in glibc's `struct _IO_FILE` on x86_64.
@@ -585,7 +589,7 @@ pub(crate) unsafe fn cookie_file(fd: c_int, mode: *const c_char) -> *mut FILE {
     }
     if f.is_null() {
         if let Some(h) = files::remove(fd) {
-            release(h);
+            let _ = release(h);
         }
         // SAFETY: closing our own placeholder.
         unsafe { real::close(fd) };
