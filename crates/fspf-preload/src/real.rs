@@ -174,3 +174,12 @@ reals! {
     fn symlink(t: *const c_char, p: *const c_char) -> c_int;
     fn symlinkat(t: *const c_char, d: c_int, p: *const c_char) -> c_int;
 }
+type DirFilter = Option<unsafe extern "C" fn(*const libc::dirent64) -> c_int>;
+type DirCompar =
+    Option<unsafe extern "C" fn(*mut *const libc::dirent64, *mut *const libc::dirent64) -> c_int>;
+reals! {
+    fn scandir(d: *const c_char, nl: *mut *mut *mut libc::dirent64, f: DirFilter, c: DirCompar) -> c_int;
+    fn scandir64(d: *const c_char, nl: *mut *mut *mut libc::dirent64, f: DirFilter, c: DirCompar) -> c_int;
+    fn glob(p: *const c_char, f: c_int, e: *mut c_void, g: *mut c_void) -> c_int;
+    fn glob64(p: *const c_char, f: c_int, e: *mut c_void, g: *mut c_void) -> c_int;
+}

@@ -1043,3 +1043,34 @@ fn kill_9_keeps_what_was_fsynced_and_nothing_half_written() {
     let v = w.cli(&["verify", "fspf.pb", "--key", &w.key, "--tag", &w.tag]);
     assert!(v.contains("OK"), "{v}");
 }
+
+const SCANDIR_GLOB_C: &str = r#"
+#include <dirent.h>
+#include <glob.h>
+#include <stdio.h>
+#include <stdlib.h>
+static int nodot(const struct dirent *d) { return d->d_name[0] != '.'; }
+int main() {
+    struct dirent **nl;
+    int n = scandir("/data", &nl, nodot, alphasort);
+    if (n < 0) { perror("scandir"); return 1; }
+    for (int i = 0; i < n; i++) { printf("%s\n", nl[i]->d_name); free(nl[i]); }
+    free(nl);
+    glob_t g;
+    if (glob("/data/*.py", 0, NULL, &g)) { puts("glob failed"); return 1; }
+    for (size_t i = 0; i < g.gl_pathc; i++) printf("glob: %s\n", g.gl_pathv[i]);
+    globfree(&g);
+    return 0;
+}
+"#;
+
+#[test]
+fn scandir_and_glob_list_the_fspf_not_the_kernel_directory() {
+    let w = data_world();
+    // An unlisted file on disk must stay invisible.
+    w.write("vol/intruder.txt", b"not listed\n");
+    let exe = w.cc("scan", SCANDIR_GLOB_C, &[]);
+    let o = w.run(&[&exe]);
+    ok(&o, "scandir/glob");
+    assert_eq!(stdout(&o), "hello.txt\nworld.py\nglob: /data/world.py\n");
+}

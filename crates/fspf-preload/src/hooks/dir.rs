@@ -228,3 +228,184 @@ pub unsafe extern "C" fn seekdir(d: *mut libc::DIR, pos: c_long) {
     // SAFETY: forwarding.
     unsafe { real::seekdir(d, pos) };
 }
+
+type DirFilter = Option<unsafe extern "C" fn(*const libc::dirent64) -> c_int>;
+type DirCompar =
+    Option<unsafe extern "C" fn(*mut *const libc::dirent64, *mut *const libc::dirent64) -> c_int>;
+
+/// scandir: glibc's uses internal opendir/readdir, so shielded directories are listed here.
+unsafe fn scandir_common(
+    p: *const c_char,
+    list: *mut *mut *mut libc::dirent64,
+    filter: DirFilter,
+    compar: DirCompar,
+    real_call: impl Fn(*const c_char) -> c_int,
+) -> c_int {
+    let Some(g) = enter() else {
+        return real_call(p);
+    };
+    let sh = shield::get();
+    let ep = match sh.route(libc::AT_FDCWD, p) {
+        Route::Pass => {
+            drop(g);
+            return real_call(p);
+        }
+        Route::Kernel(k, _) => return real_call(k.as_ptr()),
+        Route::Deny(e) => return super::fail(e),
+        Route::Shield(ep) => ep,
+    };
+    let fd = match shield_open(
+        sh,
+        ep.clone(),
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        0,
+    ) {
+        Ok(fd) => fd,
+        Err(e) => return super::fail(e),
+    };
+    let d = make_stream(fd, ep);
+    // The filter and comparator are the program's code: run them outside the shield.
+    drop(g);
+    let mut out: Vec<*mut libc::dirent64> = Vec::new();
+    loop {
+        // SAFETY: d is our stream.
+        let e = unsafe { next(d) };
+        if e.is_null() {
+            break;
+        }
+        let size = std::mem::size_of::<libc::dirent64>();
+        // SAFETY: malloc'd copies are handed to the caller, who frees them (scandir contract).
+        let copy = unsafe { libc::malloc(size) }.cast::<libc::dirent64>();
+        if copy.is_null() {
+            break;
+        }
+        // SAFETY: both point at a dirent64.
+        unsafe { std::ptr::copy_nonoverlapping(e, copy, 1) };
+        let keep = match filter {
+            Some(f) => {
+                // SAFETY: calling the program's filter on our entry.
+                unsafe { f(copy) != 0 }
+            }
+            None => true,
+        };
+        if keep {
+            out.push(copy);
+        } else {
+            // SAFETY: freeing our own copy.
+            unsafe { libc::free(copy.cast()) };
+        }
+    }
+    // SAFETY: d is our stream; closedir releases its fd.
+    unsafe { closedir(d) };
+    let n = out.len();
+    let bytes = std::mem::size_of::<*mut libc::dirent64>() * n.max(1);
+    // SAFETY: malloc'd array handed to the caller (scandir contract).
+    let arr = unsafe { libc::malloc(bytes) }.cast::<*mut libc::dirent64>();
+    if arr.is_null() {
+        return super::fail(libc::ENOMEM);
+    }
+    // SAFETY: arr has room for n pointers.
+    unsafe { std::ptr::copy_nonoverlapping(out.as_ptr(), arr, n) };
+    if let Some(c) = compar {
+        // SAFETY: qsort over n pointers with the program's comparator, whose arguments are
+        // pointers to the elements (const struct dirent **), as scandir specifies.
+        unsafe {
+            libc::qsort(
+                arr.cast(),
+                n,
+                std::mem::size_of::<*mut libc::dirent64>(),
+                Some(std::mem::transmute::<
+                    unsafe extern "C" fn(
+                        *mut *const libc::dirent64,
+                        *mut *const libc::dirent64,
+                    ) -> c_int,
+                    unsafe extern "C" fn(*const libc::c_void, *const libc::c_void) -> c_int,
+                >(c)),
+            )
+        };
+    }
+    // SAFETY: list is the program's out-pointer.
+    unsafe { *list = arr };
+    n as c_int
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn scandir(
+    p: *const c_char,
+    list: *mut *mut *mut libc::dirent64,
+    f: DirFilter,
+    c: DirCompar,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { scandir_common(p, list, f, c, |p| real::scandir(p, list, f, c)) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn scandir64(
+    p: *const c_char,
+    list: *mut *mut *mut libc::dirent64,
+    f: DirFilter,
+    c: DirCompar,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { scandir_common(p, list, f, c, |p| real::scandir64(p, list, f, c)) }
+}
+
+/// glibc's `glob_t` (x86_64): the GLOB_ALTDIRFUNC callbacks follow the public fields.
+#[repr(C)]
+struct GlobT {
+    pathc: usize,
+    pathv: *mut *mut c_char,
+    offs: usize,
+    flags: c_int,
+    closedir: *mut libc::c_void,
+    readdir: *mut libc::c_void,
+    opendir: *mut libc::c_void,
+    lstat: *mut libc::c_void,
+    stat: *mut libc::c_void,
+}
+
+/// glob: glibc's walks directories with internal calls; GLOB_ALTDIRFUNC routes them through
+/// the shield's hooks (which pass unprotected paths through unchanged).
+unsafe fn glob_common(
+    pat: *const c_char,
+    flags: c_int,
+    errf: *mut libc::c_void,
+    g: *mut libc::c_void,
+    real_call: impl Fn(c_int) -> c_int,
+) -> c_int {
+    let _ = (pat, errf);
+    if enter().is_none() || g.is_null() || flags & libc::GLOB_ALTDIRFUNC != 0 {
+        return real_call(flags);
+    }
+    let g = g.cast::<GlobT>();
+    // SAFETY: g is the program's glob_t; we fill the callback fields GLOB_ALTDIRFUNC reads.
+    unsafe {
+        (*g).closedir = closedir as *mut libc::c_void;
+        (*g).readdir = readdir64 as *mut libc::c_void;
+        (*g).opendir = opendir as *mut libc::c_void;
+        (*g).lstat = super::stat::lstat as *mut libc::c_void;
+        (*g).stat = super::stat::stat as *mut libc::c_void;
+    }
+    real_call(flags | libc::GLOB_ALTDIRFUNC)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn glob(
+    p: *const c_char,
+    f: c_int,
+    e: *mut libc::c_void,
+    g: *mut libc::c_void,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { glob_common(p, f, e, g, |f| real::glob(p, f, e, g)) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn glob64(
+    p: *const c_char,
+    f: c_int,
+    e: *mut libc::c_void,
+    g: *mut libc::c_void,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { glob_common(p, f, e, g, |f| real::glob64(p, f, e, g)) }
+}
