@@ -183,3 +183,16 @@ reals! {
     fn glob(p: *const c_char, f: c_int, e: *mut c_void, g: *mut c_void) -> c_int;
     fn glob64(p: *const c_char, f: c_int, e: *mut c_void, g: *mut c_void) -> c_int;
 }
+reals! {
+    fn mkstemp(t: *mut c_char) -> c_int;
+    fn mkstemp64(t: *mut c_char) -> c_int;
+    fn mkostemp(t: *mut c_char, f: c_int) -> c_int;
+    fn mkostemp64(t: *mut c_char, f: c_int) -> c_int;
+    fn mkstemps(t: *mut c_char, s: c_int) -> c_int;
+    fn mkstemps64(t: *mut c_char, s: c_int) -> c_int;
+    fn mkostemps(t: *mut c_char, s: c_int, f: c_int) -> c_int;
+    fn mkostemps64(t: *mut c_char, s: c_int, f: c_int) -> c_int;
+    fn mkdtemp(t: *mut c_char) -> *mut c_char;
+    fn tmpfile() -> *mut FILE;
+    fn tmpfile64() -> *mut FILE;
+}

@@ -1074,3 +1074,53 @@ fn scandir_and_glob_list_the_fspf_not_the_kernel_directory() {
     ok(&o, "scandir/glob");
     assert_eq!(stdout(&o), "hello.txt\nworld.py\nglob: /data/world.py\n");
 }
+
+const MKSTEMP_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+int main() {
+    char t[] = "/data/tmpXXXXXX";
+    int fd = mkstemp(t);
+    if (fd < 0) { perror("mkstemp"); return 1; }
+    if (write(fd, "temporary secret\n", 17) != 17) { perror("write"); return 1; }
+    close(fd);
+    if (rename(t, "/data/final.txt")) { perror("rename"); return 1; }
+    char d[] = "/data/dirXXXXXX";
+    if (!mkdtemp(d)) { perror("mkdtemp"); return 1; }
+    FILE *f = tmpfile();
+    if (!f) { perror("tmpfile"); return 1; }
+    fputs("scratch\n", f);
+    rewind(f);
+    char b[32] = {0};
+    fgets(b, sizeof b, f);
+    fclose(f);
+    printf("%s", b);
+    return 0;
+}
+"#;
+
+#[test]
+fn mkstemp_and_mkdtemp_create_shielded_files() {
+    let mut w = data_world();
+    let exe = w.cc("mkstemp", MKSTEMP_C, &[]);
+    let o = w.run_mut(&[&exe]);
+    ok(&o, "mkstemp");
+    assert_eq!(stdout(&o), "scratch\n");
+    let o = w.run(&["cat", "/data/final.txt"]);
+    assert_eq!(stdout(&o), "temporary secret\n");
+    for e in std::fs::read_dir(w.path("vol")).expect("vol") {
+        let p = e.expect("entry").path();
+        if p.is_file() {
+            let b = std::fs::read(&p).expect("read");
+            assert!(
+                !b.windows(9).any(|x| x == b"temporary"),
+                "plaintext in {}",
+                p.display()
+            );
+        }
+    }
+    let o = w.run(&["sh", "-c", "ls -d /data/dir*"]);
+    ok(&o, "mkdtemp dir listed");
+}

@@ -6,6 +6,7 @@ pub mod ns;
 pub mod open;
 pub mod process;
 pub mod stat;
+pub mod temp;
 
 use crate::set_errno;
 use libc::c_int;

@@ -698,3 +698,13 @@ pub unsafe extern "C" fn symlinkat(t: *const c_char, d: c_int, p: *const c_char)
     // SAFETY: forwarding.
     unsafe { symlink_common(t, d, p) }
 }
+
+/// mkdir in the shielded view (for mkdtemp).
+pub(crate) fn do_mkdir_pub(sh: &Shield, ep: EmbedPath, mode: mode_t) -> Result<(), c_int> {
+    do_mkdir(sh, ep, mode)
+}
+
+/// unlink in the shielded view (for tmpfile).
+pub(crate) fn do_unlink_pub(sh: &Shield, ep: EmbedPath) -> Result<(), c_int> {
+    do_unlink(sh, ep, false)
+}
