@@ -196,3 +196,9 @@ reals! {
     fn tmpfile() -> *mut FILE;
     fn tmpfile64() -> *mut FILE;
 }
+reals! {
+    fn statfs(p: *const c_char, b: *mut libc::statfs) -> c_int;
+    fn statfs64(p: *const c_char, b: *mut libc::statfs) -> c_int;
+    fn statvfs(p: *const c_char, b: *mut libc::statvfs) -> c_int;
+    fn statvfs64(p: *const c_char, b: *mut libc::statvfs) -> c_int;
+}

@@ -568,3 +568,69 @@ pub unsafe extern "C" fn futimens(fd: c_int, t: *const libc::timespec) -> c_int 
     // SAFETY: forwarding.
     unsafe { real::futimens(fd, t) }
 }
+
+/// statfs/statvfs of a shielded path describe the file system holding the region's kernel
+/// directory (ephemeral regions: the one holding the fspf).
+unsafe fn fs_common(p: *const c_char, real_call: impl Fn(*const c_char) -> c_int) -> c_int {
+    let Some(g) = enter() else {
+        return real_call(p);
+    };
+    let sh = shield::get();
+    match sh.route(libc::AT_FDCWD, p) {
+        Route::Pass => {
+            drop(g);
+            real_call(p)
+        }
+        Route::Kernel(k, _) => real_call(k.as_ptr()),
+        Route::Deny(e) => fail(e),
+        Route::Shield(ep) => {
+            let base = {
+                let inner = sh.lock();
+                if let Err(e) = sh.lookup(&inner, &ep) {
+                    return fail(e);
+                }
+                match sh.region_of(&inner, &ep).map(|r| &r.kind) {
+                    Some(fspf_core::RegionKind::Kernel(k)) => k.clone(),
+                    _ => sh
+                        .fspf
+                        .parent()
+                        .map(|d| d.to_path_buf())
+                        .unwrap_or_default(),
+                }
+            };
+            use std::os::unix::ffi::OsStrExt;
+            let mut b = base;
+            while !b.exists() {
+                match b.parent() {
+                    Some(p) => b = p.to_path_buf(),
+                    None => break,
+                }
+            }
+            match std::ffi::CString::new(b.as_os_str().as_bytes()) {
+                Ok(c) => real_call(c.as_ptr()),
+                Err(_) => fail(libc::EINVAL),
+            }
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn statfs(p: *const c_char, b: *mut libc::statfs) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { fs_common(p, |p| real::statfs(p, b)) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn statfs64(p: *const c_char, b: *mut libc::statfs) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { fs_common(p, |p| real::statfs64(p, b)) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn statvfs(p: *const c_char, b: *mut libc::statvfs) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { fs_common(p, |p| real::statvfs(p, b)) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn statvfs64(p: *const c_char, b: *mut libc::statvfs) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { fs_common(p, |p| real::statvfs64(p, b)) }
+}
