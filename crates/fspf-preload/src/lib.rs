@@ -188,16 +188,10 @@ pub unsafe extern "C" fn __libc_start_main(
     }
 }
 
-extern "C" fn at_exit() {
-    // Flush stdio first: glibc flushes streams only after the atexit handlers, and unflushed
-    // data of a protected FILE* (fopencookie) would otherwise miss the final commit.
-    // SAFETY: fflush(NULL) flushes all streams; it is called outside any stream lock.
-    unsafe { libc::fflush(std::ptr::null_mut()) };
-    let Some(_g) = enter_always() else { return };
-    if !shield::at_exit() {
-        // SAFETY: terminating the process; stdio was flushed above.
-        unsafe { libc::_exit(1) };
-    }
+/// The final commit and the integrity verdict. Returns false when the process must not report
+/// success (its changes could not be committed, or it was handed data that failed verification).
+fn finish_process() -> bool {
+    let committed = shield::at_exit();
     if INTEGRITY_FAILED.load(Ordering::Relaxed) {
         let reason = FIRST_FAILURE
             .lock()
@@ -207,9 +201,43 @@ extern "C" fn at_exit() {
         say(format!(
             "integrity violation detected ({reason}); exit status forced to 1"
         ));
-        // SAFETY: terminating the process; stdio was flushed above.
-        unsafe { libc::_exit(1) };
+        return false;
     }
+    committed
+}
+
+extern "C" fn at_exit() {
+    // Flush stdio first: glibc flushes streams only after the atexit handlers, and unflushed
+    // data of a protected FILE* (fopencookie) would otherwise miss the final commit.
+    // SAFETY: fflush(NULL) flushes all streams; it is called outside any stream lock.
+    unsafe { libc::fflush(std::ptr::null_mut()) };
+    let Some(_g) = enter_always() else { return };
+    if !finish_process() {
+        // SAFETY: terminating the process; stdio was flushed above.
+        unsafe { real::_exit(1) };
+    }
+}
+
+/// `_exit` skips atexit handlers (dash ends this way), so the final commit happens here too.
+/// stdio is not flushed, as `_exit` specifies.
+#[no_mangle]
+pub unsafe extern "C" fn _exit(status: libc::c_int) -> ! {
+    let mut status = status;
+    if let Some(_g) = enter() {
+        if !finish_process() && status == 0 {
+            status = 1;
+        }
+    }
+    // SAFETY: terminating the process.
+    unsafe { real::_exit(status) };
+    // SAFETY: unreachable unless glibc's _exit is missing; never return from _exit.
+    unsafe { libc::abort() }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn _Exit(status: libc::c_int) -> ! {
+    // SAFETY: same contract as _exit.
+    unsafe { _exit(status) }
 }
 
 #[used]

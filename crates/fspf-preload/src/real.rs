@@ -202,3 +202,6 @@ reals! {
     fn statvfs(p: *const c_char, b: *mut libc::statvfs) -> c_int;
     fn statvfs64(p: *const c_char, b: *mut libc::statvfs) -> c_int;
 }
+reals! {
+    fn _exit(s: c_int) -> ();
+}

@@ -1124,3 +1124,29 @@ fn mkstemp_and_mkdtemp_create_shielded_files() {
     let o = w.run(&["sh", "-c", "ls -d /data/dir*"]);
     ok(&o, "mkdtemp dir listed");
 }
+
+#[test]
+fn swapped_or_rolled_back_files_are_refused() {
+    need("sh");
+    let mut w = data_world();
+    // Swap: one valid encrypted file copied over another.
+    std::fs::copy(w.path("vol/hello.txt"), w.path("vol/world.py")).expect("swap");
+    let o = w.run(&["cat", "/data/world.py"]);
+    assert!(!o.status.success(), "swapped file accepted");
+    assert!(!stdout(&o).contains("Hello"));
+    // Per-file rollback: an older, once valid version of the same file.
+    let o = w.run_mut(&["sh", "-c", "echo version1 > /data/v.txt"]);
+    ok(&o, "v1");
+    let v1 = std::fs::read(w.path("vol/v.txt")).expect("v1");
+    let o = w.run_mut(&["sh", "-c", "echo version2 > /data/v.txt"]);
+    ok(&o, "v2");
+    std::fs::write(w.path("vol/v.txt"), v1).expect("roll back");
+    let o = w.run(&["cat", "/data/v.txt"]);
+    assert!(!o.status.success(), "rolled-back file accepted");
+    assert!(!stdout(&o).contains("version"));
+    // Deleted listed file: an error, not an empty file.
+    std::fs::remove_file(w.path("vol/hello.txt")).expect("rm");
+    let o = w.run(&["cat", "/data/hello.txt"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Input/output error"));
+}
