@@ -21,8 +21,8 @@ pub struct RunArgs {
     pub fspf: Option<PathBuf>,
     #[command(flatten)]
     pub kt: KeyTagArgs,
-    /// allow updates of protected kernel regions (SCONE_FSPF_MUTABLE=1)
-    #[arg(long)]
+    /// allow updates of protected kernel regions (or SCONE_FSPF_MUTABLE=1)
+    #[arg(long, env = "SCONE_FSPF_MUTABLE", value_parser = clap::builder::FalseyValueParser::new())]
     pub mutable: bool,
     /// after the program exits, write the run's final fspf tag (hex) to this file
     #[arg(long, value_name = "PATH")]
