@@ -19,6 +19,18 @@ use crate::format::layout::{self, ENC_HEADER_LEN, ENC_MAGIC};
 use rayon::prelude::*;
 use std::io::{Read, Write};
 
+static SEQUENTIAL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Seal on the calling thread only (no rayon pool). The preload shield sets this: a thread pool
+/// in an interposed process does not survive `fork`, and a forked child that seals would hang.
+pub fn set_sequential(on: bool) {
+    SEQUENTIAL.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub(crate) fn sequential() -> bool {
+    SEQUENTIAL.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Chunks sealed per parallel batch when importing (64 × 64 KiB = 4 MiB).
 const BATCH_CHUNKS: usize = 64;
 
@@ -93,6 +105,16 @@ pub fn seal_encrypted<W: Write + Send>(
         let mut out = vec![0u8; (layout::enc_file_len(size, chunk_len) - ENC_HEADER_LEN) as usize];
         let len = sealer.fill(src, &mut out, 0, n)?;
         dst.write_all(&out[..len]).map_err(io)?;
+    } else if sequential() {
+        // No helper threads in the preload shield (see `set_sequential`).
+        let mut buf = vec![0u8; slot * BATCH_CHUNKS];
+        let mut first = 0u64;
+        while first < n {
+            let batch = (n - first).min(BATCH_CHUNKS as u64);
+            let len = sealer.fill(src, &mut buf, first, batch)?;
+            dst.write_all(&buf[..len]).map_err(io)?;
+            first += BATCH_CHUNKS as u64;
+        }
     } else {
         std::thread::scope(|s| -> Result<()> {
             let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(1);
@@ -170,18 +192,23 @@ impl BatchSealer<'_> {
             }
             len += plen + TAG_LEN;
         }
-        out[..len]
-            .par_chunks_mut(slot)
-            .enumerate()
-            .try_for_each(|(i, s)| -> Result<()> {
-                let idx = first + i as u64;
-                let (body, tag) = s.split_at_mut(s.len() - TAG_LEN);
-                let t = self
-                    .key
-                    .seal(chunk_nonce(idx, idx + 1 == self.n), &self.id.0, body)?;
-                tag.copy_from_slice(&t);
-                Ok(())
-            })?;
+        let seal = |(i, s): (usize, &mut [u8])| -> Result<()> {
+            let idx = first + i as u64;
+            let (body, tag) = s.split_at_mut(s.len() - TAG_LEN);
+            let t = self
+                .key
+                .seal(chunk_nonce(idx, idx + 1 == self.n), &self.id.0, body)?;
+            tag.copy_from_slice(&t);
+            Ok(())
+        };
+        if sequential() {
+            out[..len].chunks_mut(slot).enumerate().try_for_each(seal)?;
+        } else {
+            out[..len]
+                .par_chunks_mut(slot)
+                .enumerate()
+                .try_for_each(seal)?;
+        }
         Ok(len)
     }
 }
@@ -218,14 +245,23 @@ pub fn seal_authenticated(
         let mut batch_leaves: Vec<[u8; 32]> = if want == 0 {
             vec![key.leaf(first, true, &[])]
         } else {
-            plain[..want as usize]
-                .par_chunks(c)
-                .enumerate()
-                .map(|(i, p)| {
-                    let idx = first + i as u64;
-                    key.leaf(idx, idx + 1 == n, p)
-                })
-                .collect()
+            let leaf = |(i, p): (usize, &[u8])| {
+                let idx = first + i as u64;
+                key.leaf(idx, idx + 1 == n, p)
+            };
+            if sequential() {
+                plain[..want as usize]
+                    .chunks(c)
+                    .enumerate()
+                    .map(leaf)
+                    .collect()
+            } else {
+                plain[..want as usize]
+                    .par_chunks(c)
+                    .enumerate()
+                    .map(leaf)
+                    .collect()
+            }
         };
         leaves.append(&mut batch_leaves);
         if let Some(w) = copy.as_mut() {

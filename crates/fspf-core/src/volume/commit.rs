@@ -318,9 +318,15 @@ impl Volume {
         // Independent renames; in parallel because a large `addf` moves tens of thousands of
         // shadows and this is otherwise its longest serial step. A failed rename is harmless:
         // the committed shadow stays and `roll_forward` moves it on the next open.
-        post.par_iter().for_each(|(sh, k)| {
+        // Not in the preload shield: its processes fork, and a rayon pool does not survive fork.
+        let rename = |(sh, k): &(PathBuf, PathBuf)| {
             let _ = fs::rename(sh, k);
-        });
+        };
+        if crate::codec::sequential() {
+            post.iter().for_each(rename);
+        } else {
+            post.par_iter().for_each(rename);
+        }
         // Outboards of versions no longer referenced are garbage now that the commit is durable.
         let live: std::collections::HashSet<FileId> = self
             .meta

@@ -2,6 +2,7 @@
 //! import trees, verify, and commit updates atomically. Frontends (CLI, preload, FUSE) use only this.
 mod commit;
 mod import;
+pub mod memory;
 mod store;
 mod verify;
 

@@ -1,0 +1,828 @@
+//! fd-based hooks: read/write families, lseek, close/dup/fcntl, truncate, fsync, copies
+//! between fds (sendfile, copy_file_range, splice: emulated when a side is shielded) and mmap.
+use super::open::release;
+use super::{fail, fail_isize};
+use crate::files::{self, Body, Handle};
+use crate::{enter, log, real, set_errno, shield};
+use libc::{c_int, c_uint, c_ulong, c_void, off_t, size_t, ssize_t};
+
+/// Read at `off` (or the shared offset, advancing it).
+pub unsafe fn do_read(h: &Handle, buf: *mut u8, n: size_t, off: Option<u64>) -> ssize_t {
+    let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
+    let pos = off.unwrap_or(f.offset);
+    if n == 0 {
+        return 0;
+    }
+    // SAFETY: the program passed a buffer of n writable bytes.
+    let out = unsafe { std::slice::from_raw_parts_mut(buf, n) };
+    match f.read_at(out, pos) {
+        Ok(k) => {
+            if off.is_none() {
+                f.offset = pos + k as u64;
+            }
+            k as ssize_t
+        }
+        Err(e) => fail_isize(e),
+    }
+}
+
+pub unsafe fn do_write(h: &Handle, buf: *const u8, n: size_t, off: Option<u64>) -> ssize_t {
+    let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
+    if !f.write {
+        return fail_isize(libc::EBADF);
+    }
+    let pos = off.unwrap_or(f.offset);
+    let data: &[u8] = if n == 0 {
+        &[]
+    } else {
+        // SAFETY: the program passed n readable bytes.
+        unsafe { std::slice::from_raw_parts(buf, n) }
+    };
+    match f.write_at(data, pos) {
+        Ok(k) => {
+            if off.is_none() {
+                f.offset = if f.append { f.size() } else { pos + k as u64 };
+            }
+            k as ssize_t
+        }
+        Err(e) => fail_isize(e),
+    }
+}
+
+pub fn do_seek(h: &Handle, off: i64, whence: c_int) -> i64 {
+    let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
+    let size = f.size() as i64;
+    let new = match whence {
+        libc::SEEK_SET => off,
+        libc::SEEK_CUR => f.offset as i64 + off,
+        libc::SEEK_END => size + off,
+        libc::SEEK_DATA => {
+            if off >= size {
+                set_errno(libc::ENXIO);
+                return -1;
+            }
+            off
+        }
+        libc::SEEK_HOLE => {
+            if off > size {
+                set_errno(libc::ENXIO);
+                return -1;
+            }
+            size
+        }
+        _ => {
+            set_errno(libc::EINVAL);
+            return -1;
+        }
+    };
+    if new < 0 {
+        set_errno(libc::EINVAL);
+        return -1;
+    }
+    f.offset = new as u64;
+    new
+}
+
+macro_rules! shielded {
+    ($fd:expr) => {
+        match enter() {
+            Some(g) => files::get($fd).map(|h| (g, h)),
+            None => None,
+        }
+    };
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
+    if let Some((_g, h)) = shielded!(fd) {
+        // SAFETY: the program's buffer.
+        return unsafe { do_read(&h, buf.cast(), n, None) };
+    }
+    // SAFETY: forwarding the program's arguments.
+    unsafe { real::read(fd, buf, n) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, bl: size_t) -> ssize_t {
+    if let Some((_g, h)) = shielded!(fd) {
+        if n > bl {
+            // SAFETY: fortify contract: abort on overflow like glibc.
+            unsafe { libc::abort() };
+        }
+        // SAFETY: the program's buffer.
+        return unsafe { do_read(&h, buf.cast(), n, None) };
+    }
+    // SAFETY: forwarding the program's arguments.
+    unsafe { real::__read_chk(fd, buf, n, bl) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn pread(fd: c_int, buf: *mut c_void, n: size_t, o: off_t) -> ssize_t {
+    if let Some((_g, h)) = shielded!(fd) {
+        if o < 0 {
+            return fail_isize(libc::EINVAL);
+        }
+        // SAFETY: the program's buffer.
+        return unsafe { do_read(&h, buf.cast(), n, Some(o as u64)) };
+    }
+    // SAFETY: forwarding the program's arguments.
+    unsafe { real::pread(fd, buf, n, o) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn pread64(fd: c_int, buf: *mut c_void, n: size_t, o: off_t) -> ssize_t {
+    if let Some((_g, h)) = shielded!(fd) {
+        if o < 0 {
+            return fail_isize(libc::EINVAL);
+        }
+        // SAFETY: the program's buffer.
+        return unsafe { do_read(&h, buf.cast(), n, Some(o as u64)) };
+    }
+    // SAFETY: forwarding the program's arguments.
+    unsafe { real::pread64(fd, buf, n, o) }
+}
+
+unsafe fn vec_io(
+    h: &Handle,
+    v: *const libc::iovec,
+    cnt: c_int,
+    off: Option<u64>,
+    write: bool,
+) -> ssize_t {
+    if cnt < 0 {
+        return fail_isize(libc::EINVAL);
+    }
+    let mut total: ssize_t = 0;
+    for i in 0..cnt as usize {
+        // SAFETY: the program passed cnt iovecs.
+        let io = unsafe { *v.add(i) };
+        let o = off.map(|o| o + total as u64);
+        let r = if write {
+            // SAFETY: iovec describes the program's buffer.
+            unsafe { do_write(h, io.iov_base.cast(), io.iov_len, o) }
+        } else {
+            // SAFETY: iovec describes the program's buffer.
+            unsafe { do_read(h, io.iov_base.cast(), io.iov_len, o) }
+        };
+        if r < 0 {
+            return if total > 0 { total } else { r };
+        }
+        total += r;
+        if (r as usize) < io.iov_len {
+            break;
+        }
+    }
+    total
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn readv(fd: c_int, v: *const libc::iovec, n: c_int) -> ssize_t {
+    if let Some((_g, h)) = shielded!(fd) {
+        // SAFETY: program-provided iovecs.
+        return unsafe { vec_io(&h, v, n, None, false) };
+    }
+    // SAFETY: forwarding.
+    unsafe { real::readv(fd, v, n) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn preadv(fd: c_int, v: *const libc::iovec, n: c_int, o: off_t) -> ssize_t {
+    if let Some((_g, h)) = shielded!(fd) {
+        // SAFETY: program-provided iovecs.
+        return unsafe { vec_io(&h, v, n, Some(o.max(0) as u64), false) };
+    }
+    // SAFETY: forwarding.
+    unsafe { real::preadv(fd, v, n, o) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn preadv64(fd: c_int, v: *const libc::iovec, n: c_int, o: off_t) -> ssize_t {
+    if let Some((_g, h)) = shielded!(fd) {
+        // SAFETY: program-provided iovecs.
+        return unsafe { vec_io(&h, v, n, Some(o.max(0) as u64), false) };
+    }
+    // SAFETY: forwarding.
+    unsafe { real::preadv64(fd, v, n, o) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
+    if let Some((_g, h)) = shielded!(fd) {
+        // SAFETY: the program's buffer.
+        return unsafe { do_write(&h, buf.cast(), n, None) };
+    }
+    // SAFETY: forwarding.
+    unsafe { real::write(fd, buf, n) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn pwrite(fd: c_int, buf: *const c_void, n: size_t, o: off_t) -> ssize_t {
+    if let Some((_g, h)) = shielded!(fd) {
+        // SAFETY: the program's buffer.
+        return unsafe { do_write(&h, buf.cast(), n, Some(o.max(0) as u64)) };
+    }
+    // SAFETY: forwarding.
+    unsafe { real::pwrite(fd, buf, n, o) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn pwrite64(fd: c_int, buf: *const c_void, n: size_t, o: off_t) -> ssize_t {
+    if let Some((_g, h)) = shielded!(fd) {
+        // SAFETY: the program's buffer.
+        return unsafe { do_write(&h, buf.cast(), n, Some(o.max(0) as u64)) };
+    }
+    // SAFETY: forwarding.
+    unsafe { real::pwrite64(fd, buf, n, o) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn writev(fd: c_int, v: *const libc::iovec, n: c_int) -> ssize_t {
+    if let Some((_g, h)) = shielded!(fd) {
+        // SAFETY: program-provided iovecs.
+        return unsafe { vec_io(&h, v, n, None, true) };
+    }
+    // SAFETY: forwarding.
+    unsafe { real::writev(fd, v, n) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn pwritev(fd: c_int, v: *const libc::iovec, n: c_int, o: off_t) -> ssize_t {
+    if let Some((_g, h)) = shielded!(fd) {
+        // SAFETY: program-provided iovecs.
+        return unsafe { vec_io(&h, v, n, Some(o.max(0) as u64), true) };
+    }
+    // SAFETY: forwarding.
+    unsafe { real::pwritev(fd, v, n, o) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn pwritev64(
+    fd: c_int,
+    v: *const libc::iovec,
+    n: c_int,
+    o: off_t,
+) -> ssize_t {
+    if let Some((_g, h)) = shielded!(fd) {
+        // SAFETY: program-provided iovecs.
+        return unsafe { vec_io(&h, v, n, Some(o.max(0) as u64), true) };
+    }
+    // SAFETY: forwarding.
+    unsafe { real::pwritev64(fd, v, n, o) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn lseek(fd: c_int, o: off_t, w: c_int) -> off_t {
+    if let Some((_g, h)) = shielded!(fd) {
+        return do_seek(&h, o, w);
+    }
+    // SAFETY: forwarding.
+    unsafe { real::lseek(fd, o, w) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn lseek64(fd: c_int, o: off_t, w: c_int) -> off_t {
+    if let Some((_g, h)) = shielded!(fd) {
+        return do_seek(&h, o, w);
+    }
+    // SAFETY: forwarding.
+    unsafe { real::lseek64(fd, o, w) }
+}
+
+/// The shield's own inherited fds (anchor, key) survive programs that close "all other" fds.
+fn is_own_fd(fd: c_int) -> bool {
+    let sh = shield::get();
+    fd >= 0 && (fd == sh.anchor_fd || fd == sh.key_fd)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    if let Some(_g) = enter() {
+        if is_own_fd(fd) {
+            return 0;
+        }
+        files::forget_translated(fd);
+        let sealed = files::remove(fd).map_or(Ok(()), release);
+        // SAFETY: closing the placeholder.
+        let r = unsafe { real::close(fd) };
+        // A version that could not be sealed is reported by close, like a failed write-back.
+        return match sealed {
+            Ok(()) => r,
+            Err(e) => fail(e),
+        };
+    }
+    // SAFETY: forwarding.
+    unsafe { real::close(fd) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
+    let Some(_g) = enter() else {
+        // SAFETY: forwarding.
+        return unsafe { real::close_range(first, last, flags) };
+    };
+    let sh = shield::get();
+    let mut own: Vec<c_uint> = [sh.anchor_fd, sh.key_fd]
+        .into_iter()
+        .filter(|&f| f >= 0 && (first..=last).contains(&(f as c_uint)))
+        .map(|f| f as c_uint)
+        .collect();
+    own.sort_unstable();
+    if flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
+        for fd in files::all_fds() {
+            if (first..=last).contains(&(fd as c_uint)) && !is_own_fd(fd) {
+                if let Some(h) = files::remove(fd) {
+                    let _ = release(h);
+                }
+            }
+        }
+    }
+    // Close around the shield's own fds.
+    let mut lo = first;
+    let mut r = 0;
+    for o in own {
+        if o > lo {
+            // SAFETY: closing a range of the program's fds.
+            r |= unsafe { real::close_range(lo, o - 1, flags) };
+        }
+        lo = o.saturating_add(1);
+        if o == c_uint::MAX {
+            return r;
+        }
+    }
+    if lo <= last {
+        // SAFETY: as above.
+        r |= unsafe { real::close_range(lo, last, flags) };
+    }
+    r
+}
+
+fn dup_into(old: c_int, new: c_int) {
+    if let Some(h) = files::remove(new) {
+        // dup2 closes `new` silently, as the kernel does.
+        let _ = release(h);
+    }
+    files::forget_translated(new);
+    if let Some(h) = files::get(old) {
+        files::insert(new, h);
+    } else if let Some(ep) = files::translated_path(old) {
+        files::track_translated(new, ep);
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
+    // SAFETY: forwarding.
+    let r = unsafe { real::dup(fd) };
+    if r >= 0 {
+        if let Some(_g) = enter() {
+            dup_into(fd, r);
+        }
+    }
+    r
+}
+#[no_mangle]
+pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    // SAFETY: forwarding.
+    let r = unsafe { real::dup2(old, new) };
+    if r >= 0 && old != new {
+        if let Some(_g) = enter() {
+            dup_into(old, new);
+        }
+    }
+    r
+}
+#[no_mangle]
+pub unsafe extern "C" fn dup3(old: c_int, new: c_int, fl: c_int) -> c_int {
+    // SAFETY: forwarding.
+    let r = unsafe { real::dup3(old, new, fl) };
+    if r >= 0 {
+        if let Some(_g) = enter() {
+            dup_into(old, new);
+        }
+    }
+    r
+}
+
+unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: c_ulong, is64: bool) -> c_int {
+    let call = |fd, cmd, arg| {
+        if is64 {
+            // SAFETY: forwarding.
+            unsafe { real::fcntl64(fd, cmd, arg) }
+        } else {
+            // SAFETY: forwarding.
+            unsafe { real::fcntl(fd, cmd, arg) }
+        }
+    };
+    let Some(_g) = enter() else {
+        return call(fd, cmd, arg);
+    };
+    match cmd {
+        libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => {
+            let r = call(fd, cmd, arg);
+            if r >= 0 {
+                dup_into(fd, r);
+            }
+            r
+        }
+        libc::F_GETFL => match files::get(fd) {
+            Some(h) => {
+                let f = h.lock().unwrap_or_else(|e| e.into_inner());
+                let acc = match (f.read, f.write) {
+                    (true, true) => libc::O_RDWR,
+                    (false, true) => libc::O_WRONLY,
+                    _ => libc::O_RDONLY,
+                };
+                acc | if f.append { libc::O_APPEND } else { 0 } | libc::O_LARGEFILE
+            }
+            None => call(fd, cmd, arg),
+        },
+        libc::F_SETFL => {
+            if let Some(h) = files::get(fd) {
+                h.lock().unwrap_or_else(|e| e.into_inner()).append =
+                    arg as c_int & libc::O_APPEND != 0;
+            }
+            call(fd, cmd, arg)
+        }
+        _ => call(fd, cmd, arg),
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { fcntl_common(fd, cmd, arg, false) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { fcntl_common(fd, cmd, arg, true) }
+}
+
+const FICLONE: c_ulong = 0x4004_9409;
+const FICLONERANGE: c_ulong = 0x4020_940d;
+
+#[no_mangle]
+pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: c_ulong) -> c_int {
+    if let Some(_g) = enter() {
+        let src_shielded = req == FICLONE && files::is_shielded(arg as c_int);
+        if (req == FICLONE || req == FICLONERANGE) && (files::is_shielded(fd) || src_shielded) {
+            // Reflinking would copy ciphertext (or unverified bytes): make the caller copy.
+            return fail(libc::EOPNOTSUPP);
+        }
+        if req == libc::FIONREAD as c_ulong {
+            if let Some(h) = files::get(fd) {
+                let f = h.lock().unwrap_or_else(|e| e.into_inner());
+                let n = f.size().saturating_sub(f.offset).min(c_int::MAX as u64) as c_int;
+                // SAFETY: FIONREAD's argument is an int*.
+                unsafe { *(arg as *mut c_int) = n };
+                return 0;
+            }
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe { real::ioctl(fd, req, arg) }
+}
+
+fn truncate_fd(h: &Handle, len: off_t) -> c_int {
+    if len < 0 {
+        return fail(libc::EINVAL);
+    }
+    let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
+    match f.set_len(len as u64) {
+        Ok(()) => 0,
+        Err(e) => fail(e),
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn ftruncate(fd: c_int, len: off_t) -> c_int {
+    if let Some((_g, h)) = shielded!(fd) {
+        return truncate_fd(&h, len);
+    }
+    // SAFETY: forwarding.
+    unsafe { real::ftruncate(fd, len) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn ftruncate64(fd: c_int, len: off_t) -> c_int {
+    if let Some((_g, h)) = shielded!(fd) {
+        return truncate_fd(&h, len);
+    }
+    // SAFETY: forwarding.
+    unsafe { real::ftruncate64(fd, len) }
+}
+
+fn allocate(h: &Handle, off: off_t, len: off_t) -> c_int {
+    if off < 0 || len <= 0 {
+        return libc::EINVAL;
+    }
+    let end = (off + len) as u64;
+    let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
+    if f.size() < end {
+        if let Err(e) = f.set_len(end) {
+            return e;
+        }
+    }
+    0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fallocate(fd: c_int, mode: c_int, off: off_t, len: off_t) -> c_int {
+    if let Some((_g, h)) = shielded!(fd) {
+        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+            return fail(libc::EOPNOTSUPP);
+        }
+        if mode != 0 {
+            return 0;
+        }
+        let e = allocate(&h, off, len);
+        return if e == 0 { 0 } else { fail(e) };
+    }
+    // SAFETY: forwarding.
+    unsafe { real::fallocate(fd, mode, off, len) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn fallocate64(fd: c_int, mode: c_int, off: off_t, len: off_t) -> c_int {
+    // SAFETY: same function.
+    unsafe { fallocate(fd, mode, off, len) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn posix_fallocate(fd: c_int, off: off_t, len: off_t) -> c_int {
+    if let Some((_g, h)) = shielded!(fd) {
+        return allocate(&h, off, len);
+    }
+    // SAFETY: forwarding.
+    unsafe { real::posix_fallocate(fd, off, len) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn posix_fallocate64(fd: c_int, off: off_t, len: off_t) -> c_int {
+    // SAFETY: same function.
+    unsafe { posix_fallocate(fd, off, len) }
+}
+
+/// fsync of a shielded fd is a commit point: stage dirty buffers, commit, publish the tag.
+fn sync_fd(h: &Handle) -> c_int {
+    let relevant = {
+        let f = h.lock().unwrap_or_else(|e| e.into_inner());
+        f.write || matches!(f.body, Body::Dir)
+    };
+    if !relevant {
+        return 0;
+    }
+    let sh = shield::get();
+    let mut inner = sh.lock();
+    match sh.commit(&mut inner) {
+        Ok(()) => 0,
+        Err(e) => fail(e),
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
+    if let Some((_g, h)) = shielded!(fd) {
+        return sync_fd(&h);
+    }
+    // SAFETY: forwarding.
+    unsafe { real::fsync(fd) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
+    if let Some((_g, h)) = shielded!(fd) {
+        return sync_fd(&h);
+    }
+    // SAFETY: forwarding.
+    unsafe { real::fdatasync(fd) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn syncfs(fd: c_int) -> c_int {
+    if let Some(_g) = enter() {
+        let sh = shield::get();
+        let mut inner = sh.lock();
+        if let Err(e) = sh.commit(&mut inner) {
+            return fail(e);
+        }
+        if files::is_shielded(fd) {
+            return 0;
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe { real::syncfs(fd) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn posix_fadvise(fd: c_int, o: off_t, l: off_t, a: c_int) -> c_int {
+    if let Some((_g, _h)) = shielded!(fd) {
+        return 0;
+    }
+    // SAFETY: forwarding.
+    unsafe { real::posix_fadvise(fd, o, l, a) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn posix_fadvise64(fd: c_int, o: off_t, l: off_t, a: c_int) -> c_int {
+    if let Some((_g, _h)) = shielded!(fd) {
+        return 0;
+    }
+    // SAFETY: forwarding.
+    unsafe { real::posix_fadvise64(fd, o, l, a) }
+}
+
+/// Read from any fd (shielded or not); `off` = positional.
+unsafe fn any_read(fd: c_int, buf: &mut [u8], off: Option<u64>) -> ssize_t {
+    match files::get(fd) {
+        // SAFETY: our own buffer.
+        Some(h) => unsafe { do_read(&h, buf.as_mut_ptr(), buf.len(), off) },
+        None => match off {
+            // SAFETY: our own buffer.
+            Some(o) => unsafe { real::pread(fd, buf.as_mut_ptr().cast(), buf.len(), o as off_t) },
+            // SAFETY: our own buffer.
+            None => unsafe { real::read(fd, buf.as_mut_ptr().cast(), buf.len()) },
+        },
+    }
+}
+
+unsafe fn any_write_all(fd: c_int, mut buf: &[u8], mut off: Option<u64>) -> Result<(), c_int> {
+    while !buf.is_empty() {
+        let r = match files::get(fd) {
+            // SAFETY: our own buffer.
+            Some(h) => unsafe { do_write(&h, buf.as_ptr(), buf.len(), off) },
+            None => match off {
+                // SAFETY: our own buffer.
+                Some(o) => unsafe { real::pwrite(fd, buf.as_ptr().cast(), buf.len(), o as off_t) },
+                // SAFETY: our own buffer.
+                None => unsafe { real::write(fd, buf.as_ptr().cast(), buf.len()) },
+            },
+        };
+        if r < 0 {
+            let e = crate::errno();
+            if e == libc::EINTR {
+                continue;
+            }
+            return Err(e);
+        }
+        buf = &buf[r as usize..];
+        off = off.map(|o| o + r as u64);
+    }
+    Ok(())
+}
+
+/// Copy up to `n` bytes from `i` to `o` through the shield; offsets as in copy_file_range.
+unsafe fn emulate_copy(i: c_int, io: *mut off_t, o: c_int, oo: *mut off_t, n: size_t) -> ssize_t {
+    let mut buf = vec![0u8; n.clamp(1, 1 << 20)];
+    let mut total: usize = 0;
+    while total < n {
+        let want = (n - total).min(buf.len());
+        // SAFETY: io/oo are null or valid pointers provided by the program.
+        let in_off = (!io.is_null()).then(|| unsafe { *io } as u64);
+        // SAFETY: our own buffer.
+        let r = unsafe { any_read(i, &mut buf[..want], in_off) };
+        if r < 0 {
+            return if total > 0 { total as ssize_t } else { -1 };
+        }
+        if r == 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let out_off = (!oo.is_null()).then(|| unsafe { *oo } as u64);
+        // SAFETY: our own buffer.
+        if let Err(e) = unsafe { any_write_all(o, &buf[..r as usize], out_off) } {
+            set_errno(e);
+            return if total > 0 { total as ssize_t } else { -1 };
+        }
+        if !io.is_null() {
+            // SAFETY: valid pointer (checked).
+            unsafe { *io += r as off_t };
+        }
+        if !oo.is_null() {
+            // SAFETY: valid pointer (checked).
+            unsafe { *oo += r as off_t };
+        }
+        total += r as usize;
+        if (r as usize) < want {
+            break;
+        }
+    }
+    total as ssize_t
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn sendfile(o: c_int, i: c_int, off: *mut off_t, n: size_t) -> ssize_t {
+    if let Some(_g) = enter() {
+        if files::is_shielded(o) || files::is_shielded(i) {
+            // SAFETY: program-provided pointers.
+            return unsafe { emulate_copy(i, off, o, std::ptr::null_mut(), n) };
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe { real::sendfile(o, i, off, n) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn sendfile64(o: c_int, i: c_int, off: *mut off_t, n: size_t) -> ssize_t {
+    // SAFETY: same function.
+    unsafe { sendfile(o, i, off, n) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn copy_file_range(
+    i: c_int,
+    io: *mut off_t,
+    o: c_int,
+    oo: *mut off_t,
+    n: size_t,
+    f: c_uint,
+) -> ssize_t {
+    if let Some(_g) = enter() {
+        if files::is_shielded(o) || files::is_shielded(i) {
+            // SAFETY: program-provided pointers.
+            return unsafe { emulate_copy(i, io, o, oo, n) };
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe { real::copy_file_range(i, io, o, oo, n, f) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn splice(
+    i: c_int,
+    io: *mut off_t,
+    o: c_int,
+    oo: *mut off_t,
+    n: size_t,
+    f: c_uint,
+) -> ssize_t {
+    if let Some(_g) = enter() {
+        if files::is_shielded(o) || files::is_shielded(i) {
+            // SAFETY: program-provided pointers.
+            return unsafe { emulate_copy(i, io, o, oo, n.min(1 << 16)) };
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe { real::splice(i, io, o, oo, n, f) }
+}
+
+/// mmap reports failure as MAP_FAILED, not NULL.
+fn map_failed(e: c_int) -> *mut c_void {
+    set_errno(e);
+    libc::MAP_FAILED
+}
+
+unsafe fn mmap_shielded(
+    h: &Handle,
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    off: off_t,
+) -> *mut c_void {
+    let path = h.lock().unwrap_or_else(|e| e.into_inner()).path.clone();
+    if flags & libc::MAP_SHARED != 0 && prot & libc::PROT_WRITE != 0 {
+        log(format!(
+            "{path}: writable shared mmap of a protected file is refused (EACCES)"
+        ));
+        return map_failed(libc::EACCES);
+    }
+    if off < 0 || len == 0 {
+        return map_failed(libc::EINVAL);
+    }
+    let fl = libc::MAP_PRIVATE
+        | libc::MAP_ANONYMOUS
+        | (flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE));
+    // SAFETY: an anonymous private mapping; addr/len come from the program.
+    let p = unsafe { real::mmap(addr, len, libc::PROT_READ | libc::PROT_WRITE, fl, -1, 0) };
+    if p == libc::MAP_FAILED {
+        return p;
+    }
+    let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
+    let avail = f.size().saturating_sub(off as u64).min(len as u64) as usize;
+    // SAFETY: p is a fresh writable mapping of len >= avail bytes.
+    let dst = unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), avail) };
+    let mut done = 0;
+    while done < avail {
+        match f.read_at(&mut dst[done..], off as u64 + done as u64) {
+            Ok(0) => break,
+            Ok(k) => done += k,
+            Err(e) => {
+                // SAFETY: unmapping the mapping we just made.
+                unsafe { libc::munmap(p, len) };
+                return map_failed(e);
+            }
+        }
+    }
+    // SAFETY: restoring the requested protection on our mapping.
+    unsafe { libc::mprotect(p, len, prot) };
+    p
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn mmap(
+    a: *mut c_void,
+    l: size_t,
+    p: c_int,
+    f: c_int,
+    fd: c_int,
+    o: off_t,
+) -> *mut c_void {
+    if f & libc::MAP_ANONYMOUS == 0 {
+        if let Some((_g, h)) = shielded!(fd) {
+            // SAFETY: program-provided arguments.
+            return unsafe { mmap_shielded(&h, a, l, p, f, o) };
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe { real::mmap(a, l, p, f, fd, o) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn mmap64(
+    a: *mut c_void,
+    l: size_t,
+    p: c_int,
+    f: c_int,
+    fd: c_int,
+    o: off_t,
+) -> *mut c_void {
+    // SAFETY: same function.
+    unsafe { mmap(a, l, p, f, fd, o) }
+}

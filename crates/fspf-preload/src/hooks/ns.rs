@@ -1,0 +1,710 @@
+//! Namespace changes (unlink, rename, mkdir, rmdir, truncate by path) and the current directory.
+//! In kernel regions each change is committed at once, then applied to the kernel side; in
+//! ephemeral regions it changes the in-memory tree.
+use super::open::{release, shield_open};
+use super::{fail, fail_ptr};
+use crate::files;
+use crate::shield::{self, EphNode, Inner, NodeKind, Route, Shield};
+use crate::{enter, real};
+use fspf_core::format::metadata::{FileEntry, FileKind};
+use fspf_core::volume::Change;
+use fspf_core::EmbedPath;
+use libc::{c_char, c_int, c_uint, mode_t, off_t, size_t};
+
+fn remove_tree<V>(
+    m: &mut std::collections::BTreeMap<EmbedPath, V>,
+    ep: &EmbedPath,
+) -> Vec<(EmbedPath, V)> {
+    let keys: Vec<EmbedPath> = m
+        .range(ep.clone()..)
+        .take_while(|(k, _)| k.as_bytes().starts_with(ep.as_bytes()))
+        .filter(|(k, _)| k.starts_with(ep))
+        .map(|(k, _)| k.clone())
+        .collect();
+    keys.into_iter()
+        .filter_map(|k| m.remove(&k).map(|v| (k, v)))
+        .collect()
+}
+
+/// Detach live buffers at or below `ep` (unlinked: they must never be sealed again).
+fn detach_live(inner: &mut Inner, ep: &EmbedPath) {
+    let keys: Vec<EmbedPath> = inner
+        .live
+        .keys()
+        .filter(|k| k.starts_with(ep))
+        .cloned()
+        .collect();
+    for k in keys {
+        if let Some(b) = inner.live.remove(&k) {
+            let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+            g.detached = true;
+            g.dirty = false;
+        }
+    }
+}
+
+fn do_unlink(sh: &Shield, ep: EmbedPath, dir: bool) -> Result<(), c_int> {
+    let mut inner = sh.lock();
+    let eph = sh.is_ephemeral(&inner, &ep);
+    if !eph {
+        sh.refresh(&mut inner)?;
+    }
+    let node = sh.lookup(&inner, &ep)?;
+    match (&node.kind, dir) {
+        (NodeKind::Dir, false) => return Err(libc::EISDIR),
+        (NodeKind::Dir, true) => {
+            if sh
+                .region_of(&inner, &ep)
+                .is_some_and(|r| r.embed_point == ep)
+            {
+                return Err(libc::EBUSY);
+            }
+            if !sh.children(&inner, &ep).is_empty() {
+                return Err(libc::ENOTEMPTY);
+            }
+        }
+        (_, true) => return Err(libc::ENOTDIR),
+        _ => {}
+    }
+    sh.check_writable(&inner, &ep)?;
+    detach_live(&mut inner, &ep);
+    if eph {
+        remove_tree(&mut inner.eph, &ep);
+        return Ok(());
+    }
+    inner.new_dirs.remove(&ep);
+    let kernel = node.kernel.clone();
+    sh.commit_now(&mut inner, Change::Remove(ep), || {
+        if let Some(k) = kernel {
+            let _ = if dir {
+                std::fs::remove_dir(&k)
+            } else {
+                std::fs::remove_file(&k)
+            };
+        }
+    })
+}
+
+unsafe fn unlink_common(
+    d: c_int,
+    p: *const c_char,
+    flags: c_int,
+    real_call: impl Fn(c_int, *const c_char) -> c_int,
+) -> c_int {
+    let Some(g) = enter() else {
+        return real_call(d, p);
+    };
+    let sh = shield::get();
+    match sh.route(d, p) {
+        Route::Pass => {
+            drop(g);
+            real_call(d, p)
+        }
+        Route::Kernel(k, _) => real_call(libc::AT_FDCWD, k.as_ptr()),
+        Route::Deny(e) => fail(e),
+        Route::Shield(ep) => match do_unlink(sh, ep, flags & libc::AT_REMOVEDIR != 0) {
+            Ok(()) => 0,
+            Err(e) => fail(e),
+        },
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn unlink(p: *const c_char) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { unlink_common(libc::AT_FDCWD, p, 0, |d, p| real::unlinkat(d, p, 0)) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn unlinkat(d: c_int, p: *const c_char, f: c_int) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { unlink_common(d, p, f, |d, p| real::unlinkat(d, p, f)) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn rmdir(p: *const c_char) -> c_int {
+    let f = libc::AT_REMOVEDIR;
+    // SAFETY: forwarding.
+    unsafe { unlink_common(libc::AT_FDCWD, p, f, |d, p| real::unlinkat(d, p, f)) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn remove(p: *const c_char) -> c_int {
+    let Some(g) = enter() else {
+        // SAFETY: forwarding.
+        return unsafe { real::remove(p) };
+    };
+    let sh = shield::get();
+    match sh.route(libc::AT_FDCWD, p) {
+        Route::Pass => {
+            drop(g);
+            // SAFETY: forwarding.
+            unsafe { real::remove(p) }
+        }
+        // SAFETY: translated path.
+        Route::Kernel(k, _) => unsafe { real::remove(k.as_ptr()) },
+        Route::Deny(e) => fail(e),
+        Route::Shield(ep) => {
+            let r = match do_unlink(sh, ep.clone(), false) {
+                Err(libc::EISDIR) => do_unlink(sh, ep, true),
+                r => r,
+            };
+            match r {
+                Ok(()) => 0,
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
+fn do_mkdir(sh: &Shield, ep: EmbedPath, mode: mode_t) -> Result<(), c_int> {
+    let mut inner = sh.lock();
+    let eph = sh.is_ephemeral(&inner, &ep);
+    if !eph {
+        sh.refresh(&mut inner)?;
+    }
+    if sh.lookup(&inner, &ep).is_ok() {
+        return Err(libc::EEXIST);
+    }
+    let parent = ep.parent().ok_or(libc::EEXIST)?;
+    match sh.lookup(&inner, &parent)?.kind {
+        NodeKind::Dir => {}
+        _ => return Err(libc::ENOTDIR),
+    }
+    sh.check_writable(&inner, &ep)?;
+    let mode = mode & 0o7777;
+    if eph {
+        inner.eph.insert(
+            ep,
+            EphNode::Dir {
+                mode,
+                mtime: sh.started,
+            },
+        );
+        return Ok(());
+    }
+    if let Some(k) = sh.region_of(&inner, &ep).and_then(|r| ep.kernel_path(r)) {
+        let _ = std::fs::create_dir_all(k);
+    }
+    inner.new_dirs.insert(ep.clone());
+    inner.queue.push(Change::PutEntry(
+        ep,
+        FileEntry {
+            kind: FileKind::Dir,
+            mode,
+        },
+    ));
+    Ok(())
+}
+
+unsafe fn mkdir_common(
+    d: c_int,
+    p: *const c_char,
+    mode: mode_t,
+    real_call: impl Fn(c_int, *const c_char) -> c_int,
+) -> c_int {
+    let Some(g) = enter() else {
+        return real_call(d, p);
+    };
+    let sh = shield::get();
+    match sh.route(d, p) {
+        Route::Pass => {
+            drop(g);
+            real_call(d, p)
+        }
+        Route::Kernel(k, _) => real_call(libc::AT_FDCWD, k.as_ptr()),
+        Route::Deny(e) => fail(e),
+        Route::Shield(ep) => match do_mkdir(sh, ep, mode) {
+            Ok(()) => 0,
+            Err(e) => fail(e),
+        },
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn mkdir(p: *const c_char, m: mode_t) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { mkdir_common(libc::AT_FDCWD, p, m, |d, p| real::mkdirat(d, p, m)) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn mkdirat(d: c_int, p: *const c_char, m: mode_t) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { mkdir_common(d, p, m, |d, p| real::mkdirat(d, p, m)) }
+}
+
+const RENAME_NOREPLACE: c_uint = 1;
+
+fn do_rename(sh: &Shield, from: EmbedPath, to: EmbedPath, flags: c_uint) -> Result<(), c_int> {
+    if flags & !RENAME_NOREPLACE != 0 {
+        return Err(libc::EINVAL);
+    }
+    let mut inner = sh.lock();
+    let (rf, rt) = (
+        sh.region_of(&inner, &from).map(|r| r.embed_point.clone()),
+        sh.region_of(&inner, &to).map(|r| r.embed_point.clone()),
+    );
+    if rf != rt {
+        return Err(libc::EXDEV);
+    }
+    let eph = sh.is_ephemeral(&inner, &from);
+    if !eph {
+        sh.refresh(&mut inner)?;
+    }
+    let node = sh.lookup(&inner, &from)?;
+    if from == to {
+        return Ok(());
+    }
+    if to.starts_with(&from) {
+        return Err(libc::EINVAL);
+    }
+    if rf.as_ref() == Some(&from) {
+        return Err(libc::EBUSY);
+    }
+    match sh.lookup(&inner, &to) {
+        Ok(t) => {
+            if flags & RENAME_NOREPLACE != 0 {
+                return Err(libc::EEXIST);
+            }
+            match (&node.kind, &t.kind) {
+                (NodeKind::Dir, NodeKind::Dir) if !sh.children(&inner, &to).is_empty() => {
+                    return Err(libc::ENOTEMPTY)
+                }
+                (NodeKind::Dir, NodeKind::Dir) => {}
+                (NodeKind::Dir, _) => return Err(libc::ENOTDIR),
+                (_, NodeKind::Dir) => return Err(libc::EISDIR),
+                _ => {}
+            }
+        }
+        Err(libc::ENOENT) => {
+            let parent = to.parent().ok_or(libc::EBUSY)?;
+            match sh.lookup(&inner, &parent)?.kind {
+                NodeKind::Dir => {}
+                _ => return Err(libc::ENOTDIR),
+            }
+        }
+        Err(e) => return Err(e),
+    }
+    sh.check_writable(&inner, &from)?;
+    let rekey = |inner: &mut Inner| {
+        detach_live(inner, &to);
+        let keys: Vec<EmbedPath> = inner
+            .live
+            .keys()
+            .filter(|k| k.starts_with(&from))
+            .cloned()
+            .collect();
+        for k in keys {
+            if let Some(b) = inner.live.remove(&k) {
+                let rest = k.strip_prefix(&from).unwrap_or_default().to_vec();
+                let dest = if rest.is_empty() {
+                    to.clone()
+                } else {
+                    to.join(&rest).unwrap_or_else(|_| to.clone())
+                };
+                b.lock().unwrap_or_else(|e| e.into_inner()).path = dest.clone();
+                inner.live.insert(dest, b);
+            }
+        }
+    };
+    if eph {
+        remove_tree(&mut inner.eph, &to);
+        let moved = remove_tree(&mut inner.eph, &from);
+        for (k, v) in moved {
+            let rest = k.strip_prefix(&from).unwrap_or_default().to_vec();
+            let dest = if rest.is_empty() {
+                to.clone()
+            } else {
+                to.join(&rest).map_err(|_| libc::EINVAL)?
+            };
+            inner.eph.insert(dest, v);
+        }
+        rekey(&mut inner);
+        return Ok(());
+    }
+    // Everything queued before the rename is committed under the old names first.
+    sh.commit(&mut inner)?;
+    rekey(&mut inner);
+    let moved_dirs: Vec<EmbedPath> = inner
+        .new_dirs
+        .iter()
+        .filter(|d| d.starts_with(&from))
+        .cloned()
+        .collect();
+    for d in moved_dirs {
+        inner.new_dirs.remove(&d);
+    }
+    let region = sh.region_of(&inner, &from).cloned();
+    let (kf, kt) = match &region {
+        Some(r) => (from.kernel_path(r), to.kernel_path(r)),
+        None => (None, None),
+    };
+    sh.commit_now(&mut inner, Change::Rename { from, to }, || {
+        if let (Some(a), Some(b)) = (kf, kt) {
+            if let Some(p) = b.parent() {
+                let _ = std::fs::create_dir_all(p);
+            }
+            let _ = std::fs::rename(a, b);
+        }
+    })
+}
+
+unsafe fn rename_common(
+    da: c_int,
+    a: *const c_char,
+    db: c_int,
+    b: *const c_char,
+    flags: c_uint,
+) -> c_int {
+    let call = |da, a, db, b| {
+        if flags == 0 {
+            // SAFETY: forwarding.
+            unsafe { real::renameat(da, a, db, b) }
+        } else {
+            // SAFETY: forwarding.
+            unsafe { real::renameat2(da, a, db, b, flags) }
+        }
+    };
+    let Some(g) = enter() else {
+        return call(da, a, db, b);
+    };
+    let sh = shield::get();
+    let (ra, rb) = (sh.route(da, a), sh.route(db, b));
+    match (ra, rb) {
+        (Route::Deny(e), _) | (_, Route::Deny(e)) => fail(e),
+        (Route::Shield(x), Route::Shield(y)) => match do_rename(sh, x, y, flags) {
+            Ok(()) => 0,
+            Err(e) => fail(e),
+        },
+        (Route::Shield(_), _) | (_, Route::Shield(_)) => fail(libc::EXDEV),
+        (Route::Pass, Route::Pass) => {
+            drop(g);
+            call(da, a, db, b)
+        }
+        (x, y) => {
+            let (da, a) = match &x {
+                Route::Kernel(k, _) => (libc::AT_FDCWD, k.as_ptr()),
+                _ => (da, a),
+            };
+            let (db, b) = match &y {
+                Route::Kernel(k, _) => (libc::AT_FDCWD, k.as_ptr()),
+                _ => (db, b),
+            };
+            call(da, a, db, b)
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn rename(a: *const c_char, b: *const c_char) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { rename_common(libc::AT_FDCWD, a, libc::AT_FDCWD, b, 0) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn renameat(
+    da: c_int,
+    a: *const c_char,
+    db: c_int,
+    b: *const c_char,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { rename_common(da, a, db, b, 0) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn renameat2(
+    da: c_int,
+    a: *const c_char,
+    db: c_int,
+    b: *const c_char,
+    f: c_uint,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { rename_common(da, a, db, b, f) }
+}
+
+unsafe fn truncate_common(
+    p: *const c_char,
+    len: off_t,
+    real_call: impl Fn(*const c_char) -> c_int,
+) -> c_int {
+    let Some(g) = enter() else {
+        return real_call(p);
+    };
+    let sh = shield::get();
+    match sh.route(libc::AT_FDCWD, p) {
+        Route::Pass => {
+            drop(g);
+            real_call(p)
+        }
+        Route::Kernel(k, _) => real_call(k.as_ptr()),
+        Route::Deny(e) => fail(e),
+        Route::Shield(ep) => {
+            let fd = match shield_open(sh, ep, libc::O_WRONLY | libc::O_CLOEXEC, 0) {
+                Ok(fd) => fd,
+                Err(e) => return fail(e),
+            };
+            let r = match files::get(fd) {
+                Some(h) => {
+                    let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
+                    f.set_len(len.max(0) as u64)
+                }
+                None => Err(libc::EBADF),
+            };
+            if let Some(h) = files::remove(fd) {
+                let _ = release(h);
+            }
+            // SAFETY: closing our placeholder.
+            unsafe { real::close(fd) };
+            match r {
+                Ok(()) => 0,
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn truncate(p: *const c_char, l: off_t) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { truncate_common(p, l, |p| real::truncate(p, l)) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn truncate64(p: *const c_char, l: off_t) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { truncate_common(p, l, |p| real::truncate64(p, l)) }
+}
+
+fn refresh_real_cwd(inner: &mut Inner) {
+    if let Ok(p) = std::env::current_dir() {
+        if let Ok(ep) = EmbedPath::from_path(&p) {
+            inner.cwd = ep;
+            inner.cwd_virtual = false;
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn chdir(p: *const c_char) -> c_int {
+    let Some(_g) = enter() else {
+        // SAFETY: forwarding.
+        return unsafe { real::chdir(p) };
+    };
+    let sh = shield::get();
+    match sh.route(libc::AT_FDCWD, p) {
+        Route::Pass => {
+            // SAFETY: forwarding.
+            let r = unsafe { real::chdir(p) };
+            if r == 0 {
+                refresh_real_cwd(&mut sh.lock());
+            }
+            r
+        }
+        Route::Kernel(k, ep) => {
+            // SAFETY: translated path.
+            let r = unsafe { real::chdir(k.as_ptr()) };
+            if r == 0 {
+                let mut inner = sh.lock();
+                inner.cwd = ep;
+                inner.cwd_virtual = true;
+            }
+            r
+        }
+        Route::Deny(e) => fail(e),
+        Route::Shield(ep) => {
+            let mut inner = sh.lock();
+            match sh.lookup(&inner, &ep) {
+                Ok(n) if matches!(n.kind, NodeKind::Dir) => {
+                    if let Some(k) = &n.kernel {
+                        let _ = std::env::set_current_dir(k);
+                    }
+                    inner.cwd = ep;
+                    inner.cwd_virtual = true;
+                    0
+                }
+                Ok(_) => fail(libc::ENOTDIR),
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fchdir(fd: c_int) -> c_int {
+    let Some(_g) = enter() else {
+        // SAFETY: forwarding.
+        return unsafe { real::fchdir(fd) };
+    };
+    let sh = shield::get();
+    if let Some(ep) = files::dir_path(fd).or_else(|| files::translated_path(fd)) {
+        // SAFETY: the placeholder may be the kernel directory; ignore failure (memfd).
+        unsafe { real::fchdir(fd) };
+        let mut inner = sh.lock();
+        inner.cwd = ep;
+        inner.cwd_virtual = true;
+        return 0;
+    }
+    // SAFETY: forwarding.
+    let r = unsafe { real::fchdir(fd) };
+    if r == 0 {
+        refresh_real_cwd(&mut sh.lock());
+    }
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn getcwd(buf: *mut c_char, size: size_t) -> *mut c_char {
+    let Some(_g) = enter() else {
+        // SAFETY: forwarding.
+        return unsafe { real::getcwd(buf, size) };
+    };
+    let sh = shield::get();
+    let cwd = {
+        let inner = sh.lock();
+        if !inner.cwd_virtual {
+            None
+        } else {
+            Some(inner.cwd.as_bytes().to_vec())
+        }
+    };
+    let Some(c) = cwd else {
+        // SAFETY: forwarding.
+        return unsafe { real::getcwd(buf, size) };
+    };
+    let need = c.len() + 1;
+    let out = if buf.is_null() {
+        // SAFETY: malloc for the caller to free (glibc extension getcwd(NULL, n)).
+        unsafe { libc::malloc(need.max(size)) }.cast::<c_char>()
+    } else {
+        if size < need {
+            return fail_ptr(libc::ERANGE);
+        }
+        buf
+    };
+    if out.is_null() {
+        return fail_ptr(libc::ENOMEM);
+    }
+    // SAFETY: out has room for need bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(c.as_ptr(), out.cast(), c.len());
+        *out.add(c.len()) = 0;
+    }
+    out
+}
+
+/// Hard links cannot be expressed in the fspf (each entry is its own version): `EPERM`, the
+/// errno of file systems without hard links.
+unsafe fn link_common(da: c_int, a: *const c_char, db: c_int, b: *const c_char, f: c_int) -> c_int {
+    let Some(g) = enter() else {
+        // SAFETY: forwarding.
+        return unsafe { real::linkat(da, a, db, b, f) };
+    };
+    let sh = shield::get();
+    match (sh.route(da, a), sh.route(db, b)) {
+        (Route::Deny(e), _) | (_, Route::Deny(e)) => fail(e),
+        (Route::Shield(_), _) | (_, Route::Shield(_)) => fail(libc::EPERM),
+        (Route::Pass, Route::Pass) => {
+            drop(g);
+            // SAFETY: forwarding.
+            unsafe { real::linkat(da, a, db, b, f) }
+        }
+        (x, y) => {
+            let (da, a) = match &x {
+                Route::Kernel(k, _) => (libc::AT_FDCWD, k.as_ptr()),
+                _ => (da, a),
+            };
+            let (db, b) = match &y {
+                Route::Kernel(k, _) => (libc::AT_FDCWD, k.as_ptr()),
+                _ => (db, b),
+            };
+            // SAFETY: forwarding with translated paths.
+            unsafe { real::linkat(da, a, db, b, f) }
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn link(a: *const c_char, b: *const c_char) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { link_common(libc::AT_FDCWD, a, libc::AT_FDCWD, b, 0) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn linkat(
+    da: c_int,
+    a: *const c_char,
+    db: c_int,
+    b: *const c_char,
+    f: c_int,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { link_common(da, a, db, b, f) }
+}
+
+/// A symlink in a kernel region is an fspf entry (committed at once; nothing is written next to
+/// protected files); ephemeral regions do not hold symlinks (`EPERM`).
+fn do_symlink(sh: &Shield, target: &[u8], ep: EmbedPath) -> Result<(), c_int> {
+    let mut inner = sh.lock();
+    if sh.is_ephemeral(&inner, &ep) {
+        return Err(libc::EPERM);
+    }
+    sh.refresh(&mut inner)?;
+    if sh.lookup(&inner, &ep).is_ok() {
+        return Err(libc::EEXIST);
+    }
+    let parent = ep.parent().ok_or(libc::EEXIST)?;
+    match sh.lookup(&inner, &parent)?.kind {
+        NodeKind::Dir => {}
+        _ => return Err(libc::ENOTDIR),
+    }
+    sh.check_writable(&inner, &ep)?;
+    let entry = FileEntry {
+        kind: FileKind::Symlink(target.to_vec()),
+        mode: 0o777,
+    };
+    sh.commit_now(&mut inner, Change::PutEntry(ep, entry), || {})
+}
+
+unsafe fn symlink_common(t: *const c_char, d: c_int, p: *const c_char) -> c_int {
+    let Some(g) = enter() else {
+        // SAFETY: forwarding.
+        return unsafe { real::symlinkat(t, d, p) };
+    };
+    if t.is_null() {
+        return fail(libc::EFAULT);
+    }
+    let sh = shield::get();
+    match sh.route(d, p) {
+        Route::Pass => {
+            drop(g);
+            // SAFETY: forwarding.
+            unsafe { real::symlinkat(t, d, p) }
+        }
+        // SAFETY: forwarding with the translated path.
+        Route::Kernel(k, _) => unsafe { real::symlinkat(t, libc::AT_FDCWD, k.as_ptr()) },
+        Route::Deny(e) => fail(e),
+        Route::Shield(ep) => {
+            // SAFETY: the program's NUL-terminated target (non-null checked).
+            let target = unsafe { std::ffi::CStr::from_ptr(t) }.to_bytes();
+            match do_symlink(sh, target, ep) {
+                Ok(()) => 0,
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn symlink(t: *const c_char, p: *const c_char) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { symlink_common(t, libc::AT_FDCWD, p) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn symlinkat(t: *const c_char, d: c_int, p: *const c_char) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { symlink_common(t, d, p) }
+}
+
+/// mkdir in the shielded view (for mkdtemp).
+pub(crate) fn do_mkdir_pub(sh: &Shield, ep: EmbedPath, mode: mode_t) -> Result<(), c_int> {
+    do_mkdir(sh, ep, mode)
+}
+
+/// unlink in the shielded view (for tmpfile).
+pub(crate) fn do_unlink_pub(sh: &Shield, ep: EmbedPath) -> Result<(), c_int> {
+    do_unlink(sh, ep, false)
+}

@@ -1,0 +1,720 @@
+//! Process hooks: commit before fork/exec/spawn so children see this process's changes, hand
+//! the trust anchor and key fd to exec'd children, and give exec'd programs the plaintext of
+//! shielded fds they inherit (redirections such as `cmd < /data/file`).
+use super::fail;
+use crate::files::{self, Body};
+use crate::shield::{self, NodeKind, Route};
+use crate::{enter, log, real};
+use fspf_core::EmbedPath;
+use libc::{c_char, c_int, c_void, pid_t, FILE};
+use std::ffi::{CStr, CString};
+
+/// Commit everything queued (children must see it), logging failures.
+fn commit_for_child() {
+    let sh = shield::get();
+    let mut inner = sh.lock();
+    if let Err(e) = sh.commit(&mut inner) {
+        log(format!("commit before fork/exec failed (errno {e})"));
+    }
+}
+
+/// Hand every inherited (non-CLOEXEC) shielded fd over to the exec'd program: fill its memfd
+/// with the current plaintext and offset (so even a program without the shield reads the right
+/// bytes) and describe it in `FSPF_INHERIT` (`fd:mode:hex-embed-path`, `;`-separated) so a
+/// shielded program adopts it as a shielded file, including writes (`sh -c 'cmd > /data/f'`).
+fn materialise_inherited() -> Option<CString> {
+    let mut desc: Vec<String> = Vec::new();
+    for fd in files::all_fds() {
+        // SAFETY: querying fd flags.
+        let fl = unsafe { real::fcntl(fd, libc::F_GETFD, 0) };
+        if fl < 0 || fl & libc::FD_CLOEXEC != 0 {
+            continue;
+        }
+        let Some(h) = files::get(fd) else { continue };
+        let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(f.body, Body::Dir) {
+            continue;
+        }
+        let size = f.size();
+        let was_readable = f.read;
+        f.read = true;
+        let mut off = 0u64;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut ok = true;
+        // SAFETY: emptying our placeholder before refilling it.
+        unsafe { real::ftruncate(fd, 0) };
+        while off < size {
+            match f.read_at(&mut buf, off) {
+                Ok(0) => break,
+                Ok(k) => {
+                    // SAFETY: writing our buffer into our placeholder memfd.
+                    let w = unsafe { real::pwrite(fd, buf.as_ptr().cast(), k, off as i64) };
+                    if w != k as isize {
+                        ok = false;
+                        break;
+                    }
+                    off += k as u64;
+                }
+                Err(_) => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        f.read = was_readable;
+        if !ok {
+            // Never hand a child a prefix of a file that failed verification.
+            // SAFETY: truncating our placeholder.
+            unsafe { real::ftruncate(fd, 0) };
+            continue;
+        }
+        // SAFETY: positioning our placeholder at the shared offset.
+        unsafe { real::lseek(fd, f.offset as i64, libc::SEEK_SET) };
+        let mode = format!(
+            "{}{}{}",
+            if f.read { "r" } else { "" },
+            if f.write { "w" } else { "" },
+            if f.append { "a" } else { "" }
+        );
+        let hex: String = f
+            .path
+            .as_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        desc.push(format!("{fd}:{mode}:{hex}"));
+    }
+    if desc.is_empty() {
+        return None;
+    }
+    CString::new(format!("FSPF_INHERIT={}", desc.join(";"))).ok()
+}
+
+/// In a freshly exec'd shielded program: adopt the shielded fds described in `FSPF_INHERIT`.
+pub fn adopt_inherited() {
+    let Ok(v) = std::env::var("FSPF_INHERIT") else {
+        return;
+    };
+    std::env::remove_var("FSPF_INHERIT");
+    let sh = shield::get();
+    for item in v.split(';') {
+        let mut it = item.splitn(3, ':');
+        let (Some(fd), Some(mode), Some(hex)) = (it.next(), it.next(), it.next()) else {
+            continue;
+        };
+        let Ok(fd) = fd.parse::<c_int>() else {
+            continue;
+        };
+        let bytes: Option<Vec<u8>> = (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect();
+        let Some(ep) = bytes.and_then(|b| fspf_core::EmbedPath::from_bytes(&b).ok()) else {
+            continue;
+        };
+        // SAFETY: reading the size and offset of the inherited memfd.
+        let (offset, size) = unsafe {
+            (
+                real::lseek(fd, 0, libc::SEEK_CUR),
+                real::lseek(fd, 0, libc::SEEK_END),
+            )
+        };
+        if size < 0 {
+            continue;
+        }
+        let mut data = vec![0u8; size as usize];
+        let mut got = 0usize;
+        while got < data.len() {
+            // SAFETY: reading into our own buffer.
+            let n = unsafe {
+                real::pread(
+                    fd,
+                    data[got..].as_mut_ptr().cast(),
+                    data.len() - got,
+                    got as i64,
+                )
+            };
+            if n <= 0 {
+                break;
+            }
+            got += n as usize;
+        }
+        if got != data.len() {
+            continue;
+        }
+        // Where the parent left the offset (restored after the size probe).
+        let off = {
+            // SAFETY: repositioning the inherited fd.
+            unsafe { real::lseek(fd, offset, libc::SEEK_SET) }
+        };
+        let write = mode.contains('w');
+        let body = if write {
+            let mut inner = sh.lock();
+            let m = sh.lookup(&inner, &ep).map(|n| n.mode).unwrap_or(0o644);
+            let b = std::sync::Arc::new(std::sync::Mutex::new(files::WriteBuf {
+                path: ep.clone(),
+                data,
+                mode: m,
+                dirty: false,
+                writers: 1,
+                mtime: sh.started,
+                detached: false,
+                pending: false,
+            }));
+            inner.live.insert(ep.clone(), b.clone());
+            Body::Buf(b)
+        } else {
+            Body::Plain(std::sync::Arc::new(data))
+        };
+        let f = files::OpenFile {
+            path: ep,
+            offset: off.max(0) as u64,
+            read: mode.contains('r'),
+            write,
+            append: mode.contains('a'),
+            body,
+            mode: 0o644,
+            kernel: None,
+        };
+        files::insert(fd, std::sync::Arc::new(std::sync::Mutex::new(f)));
+        if (0..=2).contains(&fd) {
+            rebind_std_stream(fd, write);
+        }
+    }
+}
+
+/// The environment for an exec'd child: `envp` plus the anchor and key fds (only when the
+/// child is shielded, i.e. `SCONE_FSPF` is in `envp`). Clears CLOEXEC on the key fd.
+unsafe fn child_env(
+    envp: *const *const c_char,
+    inherit: Option<CString>,
+) -> (Vec<CString>, Vec<*const c_char>) {
+    let sh = shield::get();
+    let mut out: Vec<CString> = Vec::new();
+    let mut shielded = false;
+    if !envp.is_null() {
+        let mut i = 0;
+        loop {
+            // SAFETY: envp is a NULL-terminated array of C strings.
+            let p = unsafe { *envp.add(i) };
+            if p.is_null() {
+                break;
+            }
+            // SAFETY: each entry is NUL-terminated.
+            let s = unsafe { CStr::from_ptr(p) };
+            let b = s.to_bytes();
+            if b.starts_with(b"SCONE_FSPF=") {
+                shielded = true;
+            }
+            if !b.starts_with(b"FSPF_KEY_FD=")
+                && !b.starts_with(b"FSPF_ANCHOR_FD=")
+                && !b.starts_with(b"FSPF_INHERIT=")
+                && !b.starts_with(b"FSPF_CWD=")
+            {
+                out.push(s.to_owned());
+            }
+            i += 1;
+        }
+    }
+    if shielded {
+        if sh.anchor_fd >= 0 {
+            out.extend(CString::new(format!("FSPF_ANCHOR_FD={}", sh.anchor_fd)));
+        }
+        if sh.key_fd >= 0 {
+            // SAFETY: clearing CLOEXEC on our key fd for the child.
+            unsafe { real::fcntl(sh.key_fd, libc::F_SETFD, 0) };
+            out.extend(CString::new(format!("FSPF_KEY_FD={}", sh.key_fd)));
+        }
+        out.extend(inherit);
+        if let Some(c) = shield::cwd_for_child(&sh.lock()) {
+            out.extend(CString::new(format!("FSPF_CWD={c}")));
+        }
+    }
+    let mut ptrs: Vec<*const c_char> = out.iter().map(|c| c.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    (out, ptrs)
+}
+
+fn restore_key_cloexec() {
+    let sh = shield::get();
+    if sh.key_fd >= 0 {
+        // SAFETY: setting CLOEXEC on our key fd.
+        unsafe { real::fcntl(sh.key_fd, libc::F_SETFD, libc::FD_CLOEXEC as libc::c_ulong) };
+    }
+}
+
+extern "C" {
+    static environ: *const *const c_char;
+    static mut stdin: *mut FILE;
+    static mut stdout: *mut FILE;
+    static mut stderr: *mut FILE;
+}
+
+/// glibc's standard streams write with internal calls that bypass the hooks: when fd 0/1/2 is
+/// an adopted shielded file (a redirection), replace the stream by one over the shield.
+fn rebind_std_stream(fd: c_int, write: bool) {
+    let mode: &CStr = if write { c"w" } else { c"r" };
+    // SAFETY: fd is a registered shielded fd; the new stream owns it.
+    let f = unsafe { super::open::cookie_file(fd, mode.as_ptr()) };
+    if f.is_null() {
+        return;
+    }
+    // SAFETY: assigning the process-wide standard stream pointers (constructor, one thread;
+    // the executable's copy-relocated variables are the ones this symbol resolves to).
+    unsafe {
+        match fd {
+            0 => stdin = f,
+            1 => stdout = f,
+            _ => {
+                libc::setvbuf(f, std::ptr::null_mut(), libc::_IONBF, 0);
+                stderr = f;
+            }
+        }
+    }
+}
+
+fn current_env() -> *const *const c_char {
+    // SAFETY: reading the process's environ pointer.
+    unsafe { environ }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fork() -> pid_t {
+    let Some(_g) = enter() else {
+        // SAFETY: forwarding.
+        return unsafe { real::fork() };
+    };
+    commit_for_child();
+    let sh = shield::get();
+    // Hold the shield's locks across fork so the child never inherits them mid-update.
+    let inner = sh.lock();
+    let table = files::table_write();
+    // SAFETY: plain fork.
+    let pid = unsafe { real::fork() };
+    drop(table);
+    drop(inner);
+    pid
+}
+
+/// vfork is served by fork: a vfork child would run shield code (commit, env set-up) on the
+/// parent's memory and stack.
+#[no_mangle]
+pub unsafe extern "C" fn vfork() -> pid_t {
+    // SAFETY: as fork.
+    unsafe { fork() }
+}
+
+/// A program file of a protected or ephemeral region is executed from a sealed memfd holding
+/// its verified plaintext, named `/proc/self/fd/N` (inherited, so `#!` scripts work too): the
+/// kernel never runs the unverified (or encrypted) bytes on disk, and nothing can change them
+/// between verification and exec.
+fn exec_shielded(ep: EmbedPath, depth: u32) -> Result<CString, c_int> {
+    let sh = shield::get();
+    let mut inner = sh.lock();
+    if !sh.is_ephemeral(&inner, &ep) {
+        sh.refresh(&mut inner)?;
+    }
+    let node = sh.lookup(&inner, &ep)?;
+    match node.kind {
+        NodeKind::File => {}
+        NodeKind::Dir => return Err(libc::EACCES),
+        NodeKind::Symlink(t) => {
+            if depth > 8 {
+                return Err(libc::ELOOP);
+            }
+            let target = if t.first() == Some(&b'/') {
+                t
+            } else {
+                let mut v = ep
+                    .parent()
+                    .unwrap_or_else(EmbedPath::root)
+                    .as_bytes()
+                    .to_vec();
+                v.push(b'/');
+                v.extend_from_slice(&t);
+                v
+            };
+            let r = sh.route_bytes(&inner, libc::AT_FDCWD, &target);
+            drop(inner);
+            return match r {
+                Route::Shield(e2) => exec_shielded(e2, depth + 1),
+                Route::Kernel(k, _) => Ok(k),
+                Route::Pass => CString::new(target).map_err(|_| libc::EINVAL),
+                Route::Deny(e) => Err(e),
+            };
+        }
+    }
+    if node.mode & 0o111 == 0 {
+        return Err(libc::EACCES);
+    }
+    let data = super::open::load_plain(&inner, &ep)?;
+    drop(inner);
+    let mut name = b"fspf-exec:".to_vec();
+    name.extend(ep.file_name().iter().copied().filter(|&c| c != 0).take(200));
+    let name = CString::new(name).map_err(|_| libc::EINVAL)?;
+    // SAFETY: NUL-terminated name; the fd is ours (inherited by the exec'd program on purpose).
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(crate::errno());
+    }
+    let mut off = 0usize;
+    while off < data.len() {
+        // SAFETY: writing our buffer to our memfd.
+        let n = unsafe {
+            real::pwrite(
+                fd,
+                data[off..].as_ptr().cast(),
+                data.len() - off,
+                off as i64,
+            )
+        };
+        if n <= 0 {
+            // SAFETY: closing our memfd.
+            unsafe { real::close(fd) };
+            return Err(libc::EIO);
+        }
+        off += n as usize;
+    }
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    // SAFETY: sealing our memfd against changes.
+    unsafe { real::fcntl(fd, libc::F_ADD_SEALS, seals as libc::c_ulong) };
+    CString::new(format!("/proc/self/fd/{fd}")).map_err(|_| libc::EINVAL)
+}
+
+/// Where to exec `path` from: `None` = as given; a translated kernel path; or a verified copy.
+fn exec_route(path: *const c_char) -> Result<Option<CString>, c_int> {
+    match shield::get().route(libc::AT_FDCWD, path) {
+        Route::Pass => Ok(None),
+        Route::Kernel(k, _) => Ok(Some(k)),
+        Route::Deny(e) => Err(e),
+        Route::Shield(ep) => exec_shielded(ep, 0).map(Some).inspect_err(|e| {
+            log(format!("exec refused (errno {e})"));
+        }),
+    }
+}
+
+/// PATH search for execvp/posix_spawnp done here, so that program files found in protected
+/// regions are run from verified copies (glibc's own search would exec them directly).
+fn search_path(file: &CStr) -> Result<Option<CString>, c_int> {
+    let name = file.to_bytes();
+    if name.is_empty() {
+        return Err(libc::ENOENT);
+    }
+    if name.contains(&b'/') {
+        return exec_route(file.as_ptr());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/bin:/usr/bin".into());
+    let mut last = libc::ENOENT;
+    for dir in path.as_encoded_bytes().split(|&c| c == b':') {
+        let dir: &[u8] = if dir.is_empty() { b"." } else { dir };
+        let mut cand = dir.to_vec();
+        cand.push(b'/');
+        cand.extend_from_slice(name);
+        let Ok(c) = CString::new(cand) else { continue };
+        let sh = shield::get();
+        match sh.route(libc::AT_FDCWD, c.as_ptr()) {
+            Route::Shield(ep) => {
+                let found = {
+                    let inner = sh.lock();
+                    sh.lookup(&inner, &ep).is_ok()
+                };
+                if found {
+                    return exec_shielded(ep, 0).map(Some);
+                }
+            }
+            Route::Deny(e) => last = e,
+            r => {
+                let k = match &r {
+                    Route::Kernel(k, _) => k.as_c_str(),
+                    _ => c.as_c_str(),
+                };
+                // SAFETY: NUL-terminated candidate path.
+                if unsafe {
+                    real::faccessat(libc::AT_FDCWD, k.as_ptr(), libc::X_OK, libc::AT_EACCESS)
+                } == 0
+                {
+                    return Ok(Some(k.to_owned()));
+                }
+                let e = crate::errno();
+                if e == libc::EACCES {
+                    last = e;
+                }
+            }
+        }
+    }
+    Err(last)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn execve(
+    p: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    let Some(_g) = enter() else {
+        // SAFETY: forwarding.
+        return unsafe { real::execve(p, argv, envp) };
+    };
+    let path = match exec_route(p) {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
+    commit_for_child();
+    let inherit = materialise_inherited();
+    // SAFETY: envp from the program.
+    let (_keep, env) = unsafe { child_env(envp, inherit) };
+    let pp = path.as_ref().map_or(p, |c| c.as_ptr());
+    // SAFETY: forwarding with our environment copy.
+    let r = unsafe { real::execve(pp, argv, env.as_ptr()) };
+    close_exec_copy(path.as_ref());
+    restore_key_cloexec();
+    r
+}
+#[no_mangle]
+pub unsafe extern "C" fn execv(p: *const c_char, argv: *const *const c_char) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { execve(p, argv, current_env()) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn execvpe(
+    p: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    let Some(_g) = enter() else {
+        // SAFETY: forwarding.
+        return unsafe { real::execvpe(p, argv, envp) };
+    };
+    if p.is_null() {
+        return fail(libc::EFAULT);
+    }
+    // SAFETY: p is the program's NUL-terminated file name (non-null checked).
+    let path = match search_path(unsafe { CStr::from_ptr(p) }) {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
+    commit_for_child();
+    let inherit = materialise_inherited();
+    // SAFETY: envp from the program.
+    let (_keep, env) = unsafe { child_env(envp, inherit) };
+    let pp = path.as_ref().map_or(p, |c| c.as_ptr());
+    // SAFETY: forwarding with our environment copy.
+    let r = unsafe { real::execvpe(pp, argv, env.as_ptr()) };
+    close_exec_copy(path.as_ref());
+    restore_key_cloexec();
+    r
+}
+#[no_mangle]
+pub unsafe extern "C" fn execvp(p: *const c_char, argv: *const *const c_char) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { execvpe(p, argv, current_env()) }
+}
+
+/// posix_spawn[p]: commit, resolve the program (verified copy for protected files), pass the
+/// anchor/key/cwd in the environment. `search` = posix_spawnp's PATH search.
+unsafe fn spawn_common(
+    p: *const c_char,
+    search: bool,
+    envp: *const *mut c_char,
+    call: impl Fn(*const c_char, bool, *const *mut c_char) -> c_int,
+) -> c_int {
+    let Some(_g) = enter() else {
+        return call(p, search, envp);
+    };
+    if p.is_null() {
+        return libc::EFAULT;
+    }
+    // SAFETY: the program's NUL-terminated path (non-null checked).
+    let file = unsafe { CStr::from_ptr(p) };
+    let resolved = if search {
+        search_path(file)
+    } else {
+        exec_route(p)
+    };
+    let resolved = match resolved {
+        Ok(r) => r,
+        // posix_spawn reports errors as its return value.
+        Err(e) => return e,
+    };
+    commit_for_child();
+    // The spawning process keeps its fds: the child gets the plaintext, not ownership.
+    let _ = materialise_inherited();
+    let e = if envp.is_null() {
+        current_env()
+    } else {
+        envp.cast()
+    };
+    // SAFETY: envp from the program.
+    let (_keep, env) = unsafe { child_env(e, None) };
+    let r = match &resolved {
+        Some(k) => call(k.as_ptr(), false, env.as_ptr().cast()),
+        None => call(p, search, env.as_ptr().cast()),
+    };
+    close_exec_copy(resolved.as_ref());
+    restore_key_cloexec();
+    r
+}
+
+/// Close the memfd of a verified program copy once the exec happened (or failed).
+fn close_exec_copy(path: Option<&CString>) {
+    let Some(p) = path else { return };
+    if let Some(n) = p.to_bytes().strip_prefix(b"/proc/self/fd/") {
+        if let Some(fd) = std::str::from_utf8(n)
+            .ok()
+            .and_then(|s| s.parse::<c_int>().ok())
+        {
+            // SAFETY: closing the memfd exec_shielded created.
+            unsafe { real::close(fd) };
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawn(
+    pid: *mut pid_t,
+    p: *const c_char,
+    fa: *const c_void,
+    at: *const c_void,
+    argv: *const *mut c_char,
+    envp: *const *mut c_char,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe {
+        spawn_common(p, false, envp, |p, search, e| {
+            if search {
+                real::posix_spawnp(pid, p, fa, at, argv, e)
+            } else {
+                real::posix_spawn(pid, p, fa, at, argv, e)
+            }
+        })
+    }
+}
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawnp(
+    pid: *mut pid_t,
+    p: *const c_char,
+    fa: *const c_void,
+    at: *const c_void,
+    argv: *const *mut c_char,
+    envp: *const *mut c_char,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe {
+        spawn_common(p, true, envp, |p, search, e| {
+            if search {
+                real::posix_spawnp(pid, p, fa, at, argv, e)
+            } else {
+                real::posix_spawn(pid, p, fa, at, argv, e)
+            }
+        })
+    }
+}
+
+/// system/popen run `/bin/sh` with `environ`: publish the key fd there for the duration.
+fn with_key_env<T>(f: impl FnOnce() -> T) -> T {
+    let sh = shield::get();
+    if sh.key_fd >= 0 {
+        // SAFETY: clearing CLOEXEC on our key fd for the child.
+        unsafe { real::fcntl(sh.key_fd, libc::F_SETFD, 0) };
+        std::env::set_var("FSPF_KEY_FD", sh.key_fd.to_string());
+    }
+    let cwd = shield::cwd_for_child(&sh.lock());
+    if let Some(c) = &cwd {
+        std::env::set_var("FSPF_CWD", c);
+    }
+    let r = f();
+    if cwd.is_some() {
+        std::env::remove_var("FSPF_CWD");
+    }
+    if sh.key_fd >= 0 {
+        std::env::remove_var("FSPF_KEY_FD");
+        restore_key_cloexec();
+    }
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn system(c: *const c_char) -> c_int {
+    let Some(_g) = enter() else {
+        // SAFETY: forwarding.
+        return unsafe { real::system(c) };
+    };
+    commit_for_child();
+    // SAFETY: forwarding.
+    with_key_env(|| unsafe { real::system(c) })
+}
+#[no_mangle]
+pub unsafe extern "C" fn popen(c: *const c_char, m: *const c_char) -> *mut FILE {
+    let Some(_g) = enter() else {
+        // SAFETY: forwarding.
+        return unsafe { real::popen(c, m) };
+    };
+    commit_for_child();
+    // SAFETY: forwarding.
+    with_key_env(|| unsafe { real::popen(c, m) })
+}
+
+// --- execl, execlp, execle -------------------------------------------------------------------
+// glibc builds their argv and calls execve internally (not through the PLT), so without these
+// hooks the child would lose the trust anchor, the key fd and the virtual cwd. They are
+// C-variadic, which stable Rust cannot define; a naked trampoline lays the variadic arguments
+// out as an argv array on the stack (x86_64 SysV: arg0..arg4 arrive in rsi, rdx, rcx, r8, r9,
+// the rest on the stack right above the return address) and calls a Rust function with it.
+
+/// Build the argv slice starting at `argv` (NULL-terminated); returns its length.
+///
+/// # Safety
+/// `argv` points at the NULL-terminated variadic argument list laid out by the trampoline.
+unsafe fn argv_len(argv: *const *const c_char) -> usize {
+    let mut n = 0;
+    // SAFETY: the caller of execl* terminates the list with NULL (required by POSIX).
+    while !unsafe { *argv.add(n) }.is_null() {
+        n += 1;
+    }
+    n
+}
+
+unsafe extern "C" fn fspf_execl(path: *const c_char, argv: *const *const c_char) -> c_int {
+    // SAFETY: argv laid out by the trampoline; execve is our own hook.
+    unsafe { execve(path, argv, current_env()) }
+}
+
+unsafe extern "C" fn fspf_execlp(file: *const c_char, argv: *const *const c_char) -> c_int {
+    // SAFETY: argv laid out by the trampoline; execvpe is our own hook.
+    unsafe { execvpe(file, argv, current_env()) }
+}
+
+unsafe extern "C" fn fspf_execle(path: *const c_char, argv: *const *const c_char) -> c_int {
+    // SAFETY: execle passes envp right after the terminating NULL of the argument list.
+    let envp = unsafe { *argv.add(argv_len(argv) + 1) } as *const *const c_char;
+    // SAFETY: argv laid out by the trampoline; execve is our own hook.
+    unsafe { execve(path, argv, envp) }
+}
+
+macro_rules! variadic_exec {
+    ($name:ident, $target:ident) => {
+        #[unsafe(naked)]
+        #[no_mangle]
+        pub unsafe extern "C" fn $name() {
+            core::arch::naked_asm!(
+                "pop r11",
+                "push r9",
+                "push r8",
+                "push rcx",
+                "push rdx",
+                "push rsi",
+                "mov rsi, rsp",
+                "push r11",
+                "call {f}",
+                "pop r11",
+                "add rsp, 40",
+                "push r11",
+                "ret",
+                f = sym $target,
+            )
+        }
+    };
+}
+
+variadic_exec!(execl, fspf_execl);
+variadic_exec!(execlp, fspf_execlp);
+variadic_exec!(execle, fspf_execle);

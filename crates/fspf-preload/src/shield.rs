@@ -1,0 +1,850 @@
+//! Shield state: the volume and the run's trust anchor, path routing (embed path → region), the
+//! node view (fspf + this process's uncommitted changes + ephemeral regions) and the commit
+//! protocol. One mutex ([`Inner`]) guards it; file contents live in `files`.
+use crate::files::{self, WriteBuf};
+use crate::{log, real, say};
+use fspf_core::format::metadata::{FileKind, Protection, Region, RegionKind};
+use fspf_core::volume::memory::{self, SealedMem};
+use fspf_core::volume::Change;
+use fspf_core::{EmbedPath, Tag, Volume, VolumeKey};
+use libc::c_int;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::{CStr, CString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+/// Commit after this many staged file versions even without fsync (bounds memory and shadows).
+const COMMIT_EVERY_FILES: usize = 500;
+const COMMIT_EVERY_BYTES: u64 = 256 << 20;
+/// Lowest fd number for the shield's own inherited fds (anchor, key), out of the way of shells.
+const HIGH_FD: c_int = 700;
+
+pub struct Shield {
+    pub fspf: PathBuf,
+    key: Option<VolumeKey>,
+    pub mutable: bool,
+    /// Inherited memfd holding the run's current 16-byte tag; -1 when the shield failed.
+    pub anchor_fd: c_int,
+    /// Private CLOEXEC memfd with the hex key, handed to exec'd children (FSPF_KEY_FD); or -1.
+    pub key_fd: c_int,
+    pub started: i64,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+pub enum EphNode {
+    Dir { mode: u32, mtime: i64 },
+    File { sealed: SealedMem, mtime: i64 },
+}
+
+pub struct Inner {
+    /// `None` when the fspf could not be opened or authenticated (fail-safe: refuse everything).
+    pub vol: Option<Volume>,
+    /// Ephemeral regions: embed path → sealed node; gone at exit.
+    pub eph: BTreeMap<EmbedPath, EphNode>,
+    /// Plaintext of files open for writing, and of kernel files staged but not yet committed.
+    pub live: HashMap<EmbedPath, Arc<Mutex<WriteBuf>>>,
+    /// Directories created in kernel regions, not yet committed.
+    pub new_dirs: BTreeSet<EmbedPath>,
+    /// Changes staged for the next commit, in order.
+    pub queue: Vec<Change>,
+    pub staged_bytes: u64,
+    /// Current directory as an embed path, and whether it differs from the kernel's cwd.
+    pub cwd: EmbedPath,
+    pub cwd_virtual: bool,
+}
+
+static SHIELD: OnceLock<Shield> = OnceLock::new();
+
+/// The shield; only called from hooks after [`crate::ACTIVE`] was set, which happens after init.
+pub fn get() -> &'static Shield {
+    match SHIELD.get() {
+        Some(s) => s,
+        // ACTIVE is stored (Release) only after SHIELD.set succeeded.
+        None => std::process::abort(),
+    }
+}
+
+/// Where a path goes.
+pub enum Route {
+    /// Call the real function with the program's own arguments.
+    Pass,
+    /// Not-protected kernel region whose kernel path differs: call the real function on this.
+    Kernel(CString, EmbedPath),
+    /// Protected (or ephemeral) region: the shield serves it.
+    Shield(EmbedPath),
+    /// Refuse with this errno.
+    Deny(c_int),
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|s| !s.trim().is_empty())
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Read up to 256 bytes at offset 0 of `fd`.
+fn read_fd(fd: c_int) -> Option<Vec<u8>> {
+    let mut b = vec![0u8; 256];
+    // SAFETY: `b` is a valid writable buffer of its length.
+    let n = unsafe { real::pread(fd, b.as_mut_ptr().cast(), b.len(), 0) };
+    if n < 0 {
+        return None;
+    }
+    b.truncate(n as usize);
+    Some(b)
+}
+
+/// A new memfd holding `content`, moved to a high fd number.
+fn memfd_with(name: &CStr, content: &[u8], cloexec: bool) -> c_int {
+    // SAFETY: name is NUL-terminated; the returned fd is owned by us.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return -1;
+    }
+    // SAFETY: writing an owned buffer to our own fd.
+    unsafe { real::pwrite(fd, content.as_ptr().cast(), content.len(), 0) };
+    let cmd = if cloexec {
+        libc::F_DUPFD_CLOEXEC
+    } else {
+        libc::F_DUPFD
+    };
+    // SAFETY: plain fcntl on our own fds.
+    let high = unsafe { real::fcntl(fd, cmd, HIGH_FD as libc::c_ulong) };
+    if high >= 0 {
+        // SAFETY: closing the original, now duplicated, fd.
+        unsafe { real::close(fd) };
+        high
+    } else {
+        if !cloexec {
+            // SAFETY: clearing FD_CLOEXEC on our own fd.
+            unsafe { real::fcntl(fd, libc::F_SETFD, 0) };
+        }
+        fd
+    }
+}
+
+/// Is `fd` a memfd created as a trust anchor (not some file that reused the fd number after an
+/// unshielded process closed the anchor)?
+fn is_anchor_memfd(fd: c_int) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .is_ok_and(|t| t.as_os_str().as_bytes().starts_with(b"/memfd:fspf-anchor"))
+}
+
+fn real_cwd() -> Option<EmbedPath> {
+    std::env::current_dir()
+        .ok()
+        .and_then(|p| EmbedPath::from_path(&p).ok())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `FSPF_CWD` value for a child: the kernel cwd (hex) and the embed cwd it stands for, or
+/// `None` when the cwd is not virtual. Without it a child of a process that did `cd /data`
+/// would resolve relative names against the kernel directory (ciphertext) instead of `/data`.
+pub fn cwd_for_child(inner: &Inner) -> Option<String> {
+    if !inner.cwd_virtual {
+        return None;
+    }
+    let real = std::env::current_dir().ok()?;
+    Some(format!(
+        "{}:{}",
+        hex(real.as_os_str().as_bytes()),
+        hex(inner.cwd.as_bytes())
+    ))
+}
+
+/// The virtual cwd handed down by the parent, if the kernel cwd is still the one it recorded.
+fn inherited_cwd() -> Option<EmbedPath> {
+    let v = std::env::var("FSPF_CWD").ok()?;
+    std::env::remove_var("FSPF_CWD");
+    let unhex = |h: &str| -> Option<Vec<u8>> {
+        (0..h.len() / 2)
+            .map(|i| u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect()
+    };
+    let (real, embed) = v.split_once(':')?;
+    let real = unhex(real)?;
+    let now = std::env::current_dir().ok()?;
+    if now.as_os_str().as_bytes() != real.as_slice() {
+        return None;
+    }
+    EmbedPath::from_bytes(&unhex(embed)?).ok()
+}
+
+/// Load the shield from the environment. Returns false when the library should stay inert.
+pub fn init() -> bool {
+    let Some(fspf) = std::env::var_os("SCONE_FSPF") else {
+        return false;
+    };
+    fspf_core::codec::set_sequential(true);
+    crate::hooks::open::init_umask();
+    // Absolute now: the program may chdir before the shield reloads or commits.
+    let fspf = std::path::absolute(PathBuf::from(&fspf)).unwrap_or_else(|_| PathBuf::from(fspf));
+    let mutable = env_nonempty("SCONE_FSPF_MUTABLE").is_some_and(|v| v == "1");
+    let mut problem: Option<String> = None;
+    let mut key_from_fd = false;
+    let key = if let Some(v) = env_nonempty("FSPF_KEY_FD") {
+        key_from_fd = true;
+        std::env::remove_var("FSPF_KEY_FD");
+        match v.trim().parse::<c_int>() {
+            Ok(fd) => {
+                let bytes = read_fd(fd);
+                // SAFETY: the fd was handed to us for this purpose; nobody else uses it.
+                unsafe { real::close(fd) };
+                match bytes.map(|b| String::from_utf8_lossy(&b).trim().to_string()) {
+                    Some(hex) => match VolumeKey::from_hex(&hex) {
+                        Ok(k) => Some(k),
+                        Err(e) => {
+                            problem = Some(format!("FSPF_KEY_FD: {e}"));
+                            None
+                        }
+                    },
+                    None => {
+                        problem = Some(format!("FSPF_KEY_FD={fd}: cannot read the key"));
+                        None
+                    }
+                }
+            }
+            Err(_) => {
+                problem = Some(format!("FSPF_KEY_FD={v:?} is not a file descriptor"));
+                None
+            }
+        }
+    } else if let Some(k) = env_nonempty("SCONE_FSPF_KEY") {
+        match VolumeKey::from_hex(k.trim()) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                problem = Some(format!("SCONE_FSPF_KEY: {e}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let env_tag = match env_nonempty("SCONE_FSPF_TAG").map(|t| Tag::from_hex(t.trim())) {
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => {
+            problem.get_or_insert(format!("SCONE_FSPF_TAG: {e}"));
+            None
+        }
+        None => None,
+    };
+    let mut anchor_fd = -1;
+    let mut anchor_tag = None;
+    if let Some(v) = env_nonempty("FSPF_ANCHOR_FD") {
+        match v
+            .trim()
+            .parse::<c_int>()
+            .ok()
+            .filter(|fd| is_anchor_memfd(*fd))
+            .and_then(|fd| read_fd(fd).map(|b| (fd, b)))
+        {
+            Some((fd, b)) if b.len() == 16 => {
+                let mut t = [0u8; 16];
+                t.copy_from_slice(&b);
+                anchor_fd = fd;
+                anchor_tag = Some(Tag(t));
+            }
+            _ => {
+                problem.get_or_insert(format!(
+                    "FSPF_ANCHOR_FD={v}: not a readable trust anchor (16-byte tag)"
+                ));
+            }
+        }
+    }
+    let trusted = anchor_tag.or(env_tag);
+    let vol = match problem {
+        Some(p) => Err(p),
+        None => Volume::open(&fspf, key.clone(), trusted)
+            .and_then(|v| v.meta.check_usable().map(|_| v))
+            .map_err(|e| e.to_string()),
+    };
+    let vol = match vol {
+        Ok(mut v) => {
+            v.sync_each_file = false;
+            if trusted.is_none() && v.is_encrypted() {
+                say(format!(
+                    "warning: no SCONE_FSPF_TAG: freshness of {} is not checked (trusting tag {})",
+                    fspf.display(),
+                    v.tag()
+                ));
+            }
+            if anchor_fd < 0 {
+                anchor_fd = memfd_with(c"fspf-anchor", &v.tag().0, false);
+                std::env::set_var("FSPF_ANCHOR_FD", anchor_fd.to_string());
+            }
+            Some(v)
+        }
+        Err(e) => {
+            say(format!(
+                "{e}; the shield refuses every file access outside /proc, /sys and /dev (EACCES)"
+            ));
+            None
+        }
+    };
+    let key_fd = match (&key, key_from_fd) {
+        (Some(k), true) => memfd_with(c"fspf-key", k.to_hex().as_bytes(), true),
+        _ => -1,
+    };
+    let (cwd, cwd_virtual) = inherited_cwd()
+        .map(|c| (c, true))
+        .unwrap_or_else(|| (real_cwd().unwrap_or_else(EmbedPath::root), false));
+    let sh = Shield {
+        fspf,
+        key,
+        mutable,
+        anchor_fd,
+        key_fd,
+        started: now(),
+        inner: Mutex::new(Inner {
+            vol,
+            eph: BTreeMap::new(),
+            live: HashMap::new(),
+            new_dirs: BTreeSet::new(),
+            queue: Vec::new(),
+            staged_bytes: 0,
+            cwd,
+            cwd_virtual,
+        }),
+    };
+    let ok = SHIELD.set(sh).is_ok();
+    if ok {
+        crate::hooks::process::adopt_inherited();
+    }
+    ok
+}
+
+/// Node kinds in the shielded view.
+#[derive(Debug, Clone)]
+pub enum NodeKind {
+    File,
+    Dir,
+    Symlink(Vec<u8>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub kind: NodeKind,
+    pub size: u64,
+    pub mode: u32,
+    /// Kernel object backing it (for times), when the region is a kernel region.
+    pub kernel: Option<PathBuf>,
+    pub mtime: Option<i64>,
+}
+
+fn is_special(abs: &[u8]) -> bool {
+    for p in [&b"/proc"[..], b"/sys", b"/dev"] {
+        if abs.starts_with(p) && (abs.len() == p.len() || abs[p.len()] == b'/') {
+            return true;
+        }
+    }
+    false
+}
+
+/// Keys of `map` strictly below `dir` (byte-prefix scan; stops at the first key past it).
+fn below<'a, V>(
+    map: &'a BTreeMap<EmbedPath, V>,
+    dir: &'a EmbedPath,
+) -> impl Iterator<Item = (&'a EmbedPath, &'a V)> + 'a {
+    map.range(dir.clone()..)
+        .take_while(move |(k, _)| k.as_bytes().starts_with(dir.as_bytes()))
+        .filter(move |(k, _)| *k != dir && k.starts_with(dir))
+}
+
+/// First component of `k` below `dir`, and whether more components follow.
+fn first_component<'a>(k: &'a EmbedPath, dir: &EmbedPath) -> Option<(&'a [u8], bool)> {
+    let rest = k.strip_prefix(dir)?;
+    if rest.is_empty() {
+        return None;
+    }
+    Some(match rest.iter().position(|&c| c == b'/') {
+        Some(i) => (&rest[..i], true),
+        None => (rest, false),
+    })
+}
+
+impl Shield {
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Route `path` (relative paths against `dirfd` or the cwd).
+    pub fn route(&self, dirfd: c_int, path: *const libc::c_char) -> Route {
+        if path.is_null() {
+            return Route::Pass;
+        }
+        // SAFETY: the program passed a NUL-terminated path (non-null checked above).
+        let p = unsafe { CStr::from_ptr(path) }.to_bytes();
+        let inner = self.lock();
+        self.route_bytes(&inner, dirfd, p)
+    }
+
+    pub fn route_bytes(&self, inner: &Inner, dirfd: c_int, p: &[u8]) -> Route {
+        if p.is_empty() {
+            return Route::Pass;
+        }
+        let absolute = p[0] == b'/';
+        let (abs, base_real) = if absolute {
+            (p.to_vec(), true)
+        } else {
+            let (base, real_base) = if dirfd == libc::AT_FDCWD {
+                (inner.cwd.as_bytes().to_vec(), !inner.cwd_virtual)
+            } else if let Some(ep) = files::dir_path(dirfd) {
+                (ep.as_bytes().to_vec(), false)
+            } else if let Some(ep) = files::translated_path(dirfd) {
+                (ep.as_bytes().to_vec(), false)
+            } else {
+                match std::fs::read_link(format!("/proc/self/fd/{dirfd}")) {
+                    Ok(t) => (t.as_os_str().as_bytes().to_vec(), true),
+                    Err(_) => return Route::Pass,
+                }
+            };
+            let mut v = base;
+            v.push(b'/');
+            v.extend_from_slice(p);
+            (v, real_base)
+        };
+        if is_special(&abs) {
+            return if absolute || base_real {
+                Route::Pass
+            } else {
+                match (CString::new(abs.clone()), EmbedPath::from_bytes(&abs)) {
+                    (Ok(c), Ok(ep)) => Route::Kernel(c, ep),
+                    _ => Route::Pass,
+                }
+            };
+        }
+        let Ok(ep) = EmbedPath::from_bytes(&abs) else {
+            return Route::Pass;
+        };
+        let Some(vol) = inner.vol.as_ref() else {
+            return Route::Deny(libc::EACCES);
+        };
+        let Some(region) = vol.region_for(&ep) else {
+            return Route::Pass;
+        };
+        match (&region.kind, region.protection) {
+            (RegionKind::Kernel(k), Protection::NotProtected) => {
+                let identity = k.as_os_str().as_bytes() == region.embed_point.as_bytes();
+                // `..` is resolved lexically in embed paths (`/data/..` is `/` even when `/data`
+                // exists only in the fspf), so such paths go to the kernel normalised.
+                let dotdot = abs.windows(2).any(|w| w == b"..");
+                if identity && base_real && !dotdot {
+                    return Route::Pass;
+                }
+                match ep.kernel_path(region) {
+                    Some(kp) => match CString::new(kp.into_os_string().into_vec()) {
+                        Ok(c) => Route::Kernel(c, ep),
+                        Err(_) => Route::Deny(libc::EINVAL),
+                    },
+                    None => Route::Deny(libc::EACCES),
+                }
+            }
+            _ => Route::Shield(ep),
+        }
+    }
+
+    /// The region `ep` lies in.
+    pub fn region_of<'a>(&self, inner: &'a Inner, ep: &EmbedPath) -> Option<&'a Region> {
+        inner.vol.as_ref()?.region_for(ep)
+    }
+
+    /// If the anchor moved (another process of this run committed), reload the fspf requiring
+    /// exactly the anchor's tag. Errors mean the fspf on disk is not the one the run trusts.
+    pub fn refresh(&self, inner: &mut Inner) -> Result<(), c_int> {
+        let Some(vol) = inner.vol.as_ref() else {
+            return Err(libc::EACCES);
+        };
+        let Some(anchor) = self.read_anchor() else {
+            return Ok(());
+        };
+        if anchor == vol.tag() {
+            return Ok(());
+        }
+        let reopen = |t: Tag| Volume::open(&self.fspf, self.key.clone(), Some(t));
+        let v = match reopen(anchor) {
+            Ok(v) => v,
+            Err(_) => {
+                // A torn read of the anchor or a commit in flight: retry under the update lock.
+                let _l = Volume::lock(&self.fspf).map_err(|_| libc::EACCES)?;
+                let a = self.read_anchor().unwrap_or(anchor);
+                reopen(a).map_err(|e| {
+                    log(format!("refusing the fspf on disk: {e}"));
+                    libc::EACCES
+                })?
+            }
+        };
+        let mut v = v;
+        v.sync_each_file = false;
+        inner.vol = Some(v);
+        Ok(())
+    }
+
+    pub fn read_anchor(&self) -> Option<Tag> {
+        if self.anchor_fd < 0 {
+            return None;
+        }
+        let mut t = [0u8; 16];
+        // SAFETY: reading into a local buffer of its size from our own anchor fd.
+        let n = unsafe { real::pread(self.anchor_fd, t.as_mut_ptr().cast(), 16, 0) };
+        (n == 16).then_some(Tag(t))
+    }
+
+    fn write_anchor(&self, t: Tag) {
+        if self.anchor_fd >= 0 {
+            // SAFETY: writing a local 16-byte buffer to our own anchor fd.
+            unsafe { real::pwrite(self.anchor_fd, t.0.as_ptr().cast(), 16, 0) };
+        }
+    }
+
+    /// Is `ep` an ancestor of some region's embed point (a directory that must exist)?
+    fn region_ancestor(inner: &Inner, ep: &EmbedPath) -> bool {
+        inner.vol.as_ref().is_some_and(|v| {
+            v.meta
+                .regions
+                .iter()
+                .any(|r| &r.embed_point != ep && r.embed_point.starts_with(ep))
+        })
+    }
+
+    /// What is at `ep` in the shielded view.
+    pub fn lookup(&self, inner: &Inner, ep: &EmbedPath) -> Result<Node, c_int> {
+        let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
+        let region = vol.region_for(ep).ok_or(libc::ENOENT)?;
+        let kernel = ep.kernel_path(region);
+        if let Some(b) = inner.live.get(ep) {
+            let b = b.lock().unwrap_or_else(|e| e.into_inner());
+            return Ok(Node {
+                kind: NodeKind::File,
+                size: b.data.len() as u64,
+                mode: b.mode,
+                kernel,
+                mtime: Some(b.mtime),
+            });
+        }
+        let dir = |kernel: Option<PathBuf>| Node {
+            kind: NodeKind::Dir,
+            size: 4096,
+            mode: 0o755,
+            kernel,
+            mtime: None,
+        };
+        if region.kind == RegionKind::Ephemeral {
+            return match inner.eph.get(ep) {
+                Some(EphNode::Dir { mode, mtime }) => Ok(Node {
+                    mode: *mode,
+                    mtime: Some(*mtime),
+                    ..dir(None)
+                }),
+                Some(EphNode::File { sealed, mtime }) => Ok(Node {
+                    kind: NodeKind::File,
+                    size: match &sealed.entry.kind {
+                        FileKind::File { size, .. } => *size,
+                        _ => 0,
+                    },
+                    mode: sealed.entry.mode,
+                    kernel: None,
+                    mtime: Some(*mtime),
+                }),
+                None if ep == &region.embed_point
+                    || Self::region_ancestor(inner, ep)
+                    || below(&inner.eph, ep).next().is_some() =>
+                {
+                    Ok(dir(None))
+                }
+                None => Err(libc::ENOENT),
+            };
+        }
+        if inner.new_dirs.contains(ep) {
+            return Ok(dir(kernel));
+        }
+        match vol.meta.files.get(ep) {
+            Some(e) => Ok(match &e.kind {
+                FileKind::File { size, .. } => Node {
+                    kind: NodeKind::File,
+                    size: *size,
+                    mode: e.mode,
+                    kernel,
+                    mtime: None,
+                },
+                FileKind::Dir => Node {
+                    mode: e.mode,
+                    ..dir(kernel)
+                },
+                FileKind::Symlink(t) => Node {
+                    kind: NodeKind::Symlink(t.clone()),
+                    size: t.len() as u64,
+                    mode: 0o777,
+                    kernel,
+                    mtime: None,
+                },
+            }),
+            None if ep == &region.embed_point
+                || Self::region_ancestor(inner, ep)
+                || below(&vol.meta.files, ep).next().is_some()
+                || inner.new_dirs.iter().any(|d| d.starts_with(ep))
+                || inner.live.keys().any(|k| k.starts_with(ep) && k != ep) =>
+            {
+                Ok(dir(kernel))
+            }
+            None => Err(libc::ENOENT),
+        }
+    }
+
+    /// Entries of directory `ep` (name, d_type), sorted by name, without `.`/`..`.
+    pub fn children(&self, inner: &Inner, ep: &EmbedPath) -> Vec<(Vec<u8>, u8)> {
+        let mut m: BTreeMap<Vec<u8>, u8> = BTreeMap::new();
+        let Some(vol) = inner.vol.as_ref() else {
+            return Vec::new();
+        };
+        for r in &vol.meta.regions {
+            if let Some((c, _)) = first_component(&r.embed_point, ep) {
+                m.insert(c.to_vec(), libc::DT_DIR);
+            }
+        }
+        let eph = vol
+            .region_for(ep)
+            .is_some_and(|r| r.kind == RegionKind::Ephemeral);
+        if eph {
+            for (k, n) in below(&inner.eph, ep) {
+                if let Some((c, more)) = first_component(k, ep) {
+                    let t = match (more, n) {
+                        (true, _) | (false, EphNode::Dir { .. }) => libc::DT_DIR,
+                        (false, EphNode::File { .. }) => libc::DT_REG,
+                    };
+                    m.entry(c.to_vec()).or_insert(t);
+                }
+            }
+        } else {
+            for (k, e) in below(&vol.meta.files, ep) {
+                if let Some((c, more)) = first_component(k, ep) {
+                    let t = match (more, &e.kind) {
+                        (true, _) | (false, FileKind::Dir) => libc::DT_DIR,
+                        (false, FileKind::File { .. }) => libc::DT_REG,
+                        (false, FileKind::Symlink(_)) => libc::DT_LNK,
+                    };
+                    m.entry(c.to_vec()).or_insert(t);
+                }
+            }
+            for d in &inner.new_dirs {
+                if let Some((c, _)) = first_component(d, ep) {
+                    m.insert(c.to_vec(), libc::DT_DIR);
+                }
+            }
+        }
+        for k in inner.live.keys() {
+            if let Some((c, more)) = first_component(k, ep) {
+                m.entry(c.to_vec())
+                    .or_insert(if more { libc::DT_DIR } else { libc::DT_REG });
+            }
+        }
+        m.into_iter().collect()
+    }
+
+    pub fn is_ephemeral(&self, inner: &Inner, ep: &EmbedPath) -> bool {
+        self.region_of(inner, ep)
+            .is_some_and(|r| r.kind == RegionKind::Ephemeral)
+    }
+
+    /// May the program change `ep`? Ephemeral regions always; kernel regions in mutable mode.
+    pub fn check_writable(&self, inner: &Inner, ep: &EmbedPath) -> Result<(), c_int> {
+        if self.is_ephemeral(inner, ep) || self.mutable {
+            Ok(())
+        } else {
+            log(format!(
+                "{ep}: protected region is read-only (set SCONE_FSPF_MUTABLE=1 to allow updates)"
+            ));
+            Err(libc::EROFS)
+        }
+    }
+
+    /// Seal a finished buffer: into memory for ephemeral regions, as a staged version otherwise.
+    pub fn finish(&self, inner: &mut Inner, b: &mut WriteBuf) -> Result<(), c_int> {
+        if !b.dirty || b.detached {
+            return Ok(());
+        }
+        let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
+        let region = vol.region_for(&b.path).ok_or(libc::EACCES)?.clone();
+        if region.kind == RegionKind::Ephemeral {
+            let sealed =
+                memory::seal_in_memory(&region, &b.path, b.mode, &b.data).map_err(|e| {
+                    log(format!("{}: {e}", b.path));
+                    libc::EIO
+                })?;
+            inner.eph.insert(
+                b.path.clone(),
+                EphNode::File {
+                    sealed,
+                    mtime: b.mtime,
+                },
+            );
+            b.dirty = false;
+            return Ok(());
+        }
+        if let Some(parent) = b
+            .path
+            .kernel_path(&region)
+            .as_deref()
+            .and_then(Path::parent)
+        {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let staged = vol
+            .stage_file(&b.path, b.data.len() as u64, b.mode, &mut &b.data[..])
+            .map_err(|e| {
+                log(format!("{}: staging failed: {e}", b.path));
+                libc::EIO
+            })?;
+        inner.staged_bytes += b.data.len() as u64;
+        inner.queue.push(Change::Put(staged));
+        b.dirty = false;
+        b.pending = true;
+        Ok(())
+    }
+
+    /// Called when the last writer of `buf` closed it.
+    pub fn last_writer_closed(&self, buf: &Arc<Mutex<WriteBuf>>) -> Result<(), c_int> {
+        let mut inner = self.lock();
+        let mut b = buf.lock().unwrap_or_else(|e| e.into_inner());
+        if b.writers > 0 {
+            return Ok(());
+        }
+        let r = self.finish(&mut inner, &mut b);
+        let eph = self.is_ephemeral(&inner, &b.path);
+        let path = b.path.clone();
+        let clean = !b.dirty && !b.pending;
+        drop(b);
+        // Ephemeral files now live sealed in the tree; a clean kernel buffer nobody holds may
+        // go stale (another process of the run may commit the path): drop both from `live`.
+        if eph || (clean && Arc::strong_count(buf) <= 2) {
+            if inner.live.get(&path).is_some_and(|x| Arc::ptr_eq(x, buf)) {
+                inner.live.remove(&path);
+            }
+        } else if inner.queue.len() >= COMMIT_EVERY_FILES
+            || inner.staged_bytes >= COMMIT_EVERY_BYTES
+        {
+            self.commit(&mut inner)?;
+        }
+        r
+    }
+
+    /// Stage every dirty kernel buffer and commit the queue (fsync, fork/exec, exit, batches).
+    ///
+    /// Protocol: one syncfs per kernel region touched (shadows durable), then under the fspf
+    /// lock: read the anchor, commit merging onto the fspf only if its tag is the anchor's,
+    /// publish the new tag in the anchor.
+    pub fn commit(&self, inner: &mut Inner) -> Result<(), c_int> {
+        let bufs: Vec<_> = inner.live.values().cloned().collect();
+        let mut res = Ok(());
+        for b in bufs {
+            let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+            if g.dirty && !self.is_ephemeral(inner, &g.path) {
+                if let Err(e) = self.finish(inner, &mut g) {
+                    res = Err(e);
+                }
+            }
+        }
+        if inner.queue.is_empty() {
+            return res;
+        }
+        let changes = std::mem::take(&mut inner.queue);
+        inner.staged_bytes = 0;
+        let Some(vol) = inner.vol.as_mut() else {
+            return Err(libc::EACCES);
+        };
+        let mut roots: BTreeSet<PathBuf> = BTreeSet::new();
+        for c in &changes {
+            if let Change::Put(s) = c {
+                if let Some(r) = vol.region_for(&s.path) {
+                    if let RegionKind::Kernel(k) = &r.kind {
+                        roots.insert(k.clone());
+                    }
+                }
+            }
+        }
+        for r in roots {
+            if let Ok(f) = std::fs::File::open(&r) {
+                use std::os::fd::AsRawFd;
+                // SAFETY: syncfs on an fd we own for the duration of the call.
+                unsafe { real::syncfs(f.as_raw_fd()) };
+            }
+        }
+        let lock = match Volume::lock(&self.fspf) {
+            Ok(l) => l,
+            Err(e) => {
+                say(format!("commit failed: {e}"));
+                return Err(libc::EIO);
+            }
+        };
+        let anchor = self.read_anchor().unwrap_or(vol.tag());
+        let r = vol.commit(changes, Some(anchor));
+        match r {
+            Ok(t) => self.write_anchor(t),
+            Err(e) => {
+                drop(lock);
+                say(format!("commit failed, changes lost: {e}"));
+                return Err(libc::EIO);
+            }
+        }
+        drop(lock);
+        inner.new_dirs.clear();
+        for b in inner.live.values() {
+            b.lock().unwrap_or_else(|e| e.into_inner()).pending = false;
+        }
+        inner
+            .live
+            .retain(|_, b| Arc::strong_count(b) > 1 || b.lock().map(|g| g.dirty).unwrap_or(true));
+        res
+    }
+
+    /// Commit a namespace change right away (after everything queued before it), then apply
+    /// its kernel side effect.
+    pub fn commit_now(
+        &self,
+        inner: &mut Inner,
+        change: Change,
+        kernel_effect: impl FnOnce(),
+    ) -> Result<(), c_int> {
+        inner.queue.push(change);
+        self.commit(inner)?;
+        kernel_effect();
+        Ok(())
+    }
+}
+
+/// At exit: finish every open writer (exit closes its fds) and commit. False if that failed.
+pub fn at_exit() -> bool {
+    let Some(sh) = SHIELD.get() else { return true };
+    let handles = files::all_handles();
+    for h in handles {
+        let buf = {
+            let f = h.lock().unwrap_or_else(|e| e.into_inner());
+            match (&f.body, f.write) {
+                (files::Body::Buf(b), true) => Some(b.clone()),
+                _ => None,
+            }
+        };
+        if let Some(b) = buf {
+            let mut inner = sh.lock();
+            let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = sh.finish(&mut inner, &mut g);
+        }
+    }
+    let mut inner = sh.lock();
+    if let Err(e) = sh.commit(&mut inner) {
+        say(format!(
+            "final commit failed (errno {e}): this process's changes are lost"
+        ));
+        return false;
+    }
+    true
+}

@@ -1,0 +1,1152 @@
+//! End-to-end tests of the in-process shield: real programs (cc-compiled C, python3, coreutils,
+//! sqlite3, sh) under `fspf run` / `LD_PRELOAD=libfspf_preload.so`. Each test has its own temp
+//! dir. A missing tool fails the test (CI installs them), it never skips.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+fn fspf_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fspf"))
+}
+
+/// `libfspf_preload.so` beside the fspf binary, (re)built once per test run.
+fn preload() -> &'static Path {
+    static SO: OnceLock<PathBuf> = OnceLock::new();
+    SO.get_or_init(|| {
+        let exe = fspf_bin();
+        let dir = exe.parent().expect("bin dir").to_path_buf();
+        let target = dir.parent().expect("target dir").to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut c = Command::new(cargo);
+        c.args(["build", "-q", "-p", "fspf-preload", "--target-dir"])
+            .arg(&target)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if dir.file_name().is_some_and(|n| n == "release") {
+            c.arg("--release");
+        }
+        let st = c.status().expect("running cargo build -p fspf-preload");
+        assert!(st.success(), "cargo build -p fspf-preload failed");
+        let so = dir.join("libfspf_preload.so");
+        assert!(so.is_file(), "{} missing after build", so.display());
+        so
+    })
+}
+
+/// Fail (not skip) when a tool the suite needs is not installed.
+fn need(tool: &str) -> PathBuf {
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .expect("sh");
+    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success() && !p.is_empty(),
+        "required tool `{tool}` is not installed (apt-get install -y sqlite3 python3 gcc; .ci/run does this)"
+    );
+    PathBuf::from(p)
+}
+
+fn ok(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed ({:?})\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// One test's world: a temp dir holding an fspf, its key and current tag.
+struct World {
+    dir: tempfile::TempDir,
+    fspf: PathBuf,
+    key: String,
+    tag: String,
+}
+
+impl World {
+    fn new() -> World {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fspf = dir.path().join("fspf.pb");
+        World {
+            dir,
+            fspf,
+            key: String::new(),
+            tag: String::new(),
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn p(&self, rel: &str) -> String {
+        self.path(rel).display().to_string()
+    }
+
+    /// Run the fspf CLI; must succeed.
+    fn cli(&self, args: &[&str]) -> String {
+        let o = Command::new(fspf_bin())
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_remove("SCONE_FSPF_KEY")
+            .env_remove("SCONE_FSPF_TAG")
+            .env_remove("SCONE_FSPF")
+            .output()
+            .expect("fspf");
+        ok(&o, &format!("fspf {args:?}"));
+        stdout(&o)
+    }
+
+    fn create(&self) {
+        self.cli(&["create", "fspf.pb"]);
+    }
+
+    fn addr(&self, args: &[&str]) {
+        let mut a = vec!["addr", "fspf.pb"];
+        a.extend_from_slice(args);
+        self.cli(&a);
+    }
+
+    /// `fspf encrypt`; remembers key and tag (awk $9 / $11 as in the reference).
+    fn encrypt(&mut self) {
+        let out = self.cli(&["encrypt", "fspf.pb"]);
+        let w: Vec<&str> = out.split_whitespace().collect();
+        self.tag = w[8].to_string();
+        self.key = w[10].to_string();
+    }
+
+    fn tag_on_disk(&self) -> String {
+        self.cli(&["show", "--tag", "fspf.pb"]).trim().to_string()
+    }
+
+    fn write(&self, rel: &str, data: &[u8]) {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, data).expect("write");
+    }
+
+    /// `fspf run` with this world's key and tag; `mutable` adds --mutable.
+    fn run_opts(&self, mutable: bool, tag: &str, argv: &[&str]) -> Output {
+        let mut c = Command::new(fspf_bin());
+        c.current_dir(self.dir.path())
+            .env("FSPF_PRELOAD", preload())
+            .env_remove("SCONE_FSPF_KEY")
+            .env_remove("SCONE_FSPF_TAG")
+            .env_remove("SCONE_FSPF")
+            .env_remove("SCONE_FSPF_MUTABLE")
+            .arg("run")
+            .arg("--fspf")
+            .arg(&self.fspf);
+        if !self.key.is_empty() {
+            c.args(["--key", &self.key]);
+        }
+        if !tag.is_empty() {
+            c.args(["--tag", tag]);
+        }
+        if mutable {
+            c.arg("--mutable");
+        }
+        c.arg("--").args(argv).stdin(Stdio::null());
+        c.output().expect("fspf run")
+    }
+
+    fn run(&self, argv: &[&str]) -> Output {
+        self.run_opts(false, &self.tag, argv)
+    }
+
+    /// Mutable run; afterwards the world's tag is the one on disk.
+    fn run_mut(&mut self, argv: &[&str]) -> Output {
+        let o = self.run_opts(true, &self.tag.clone(), argv);
+        self.tag = self.tag_on_disk();
+        o
+    }
+
+    /// The shielded program under plain LD_PRELOAD + SCONE_FSPF_* (the reference's way).
+    fn preload_env(&self, argv: &[&str], mutable: bool) -> Output {
+        let mut c = Command::new(argv[0]);
+        c.args(&argv[1..])
+            .current_dir(self.dir.path())
+            .env("LD_PRELOAD", preload())
+            .env("SCONE_FSPF", &self.fspf)
+            .env("SCONE_FSPF_KEY", &self.key)
+            .env("SCONE_FSPF_TAG", &self.tag)
+            .env_remove("FSPF_ANCHOR_FD")
+            .stdin(Stdio::null());
+        if mutable {
+            c.env("SCONE_FSPF_MUTABLE", "1");
+        }
+        c.output().expect("spawn")
+    }
+
+    /// Compile a C program into the temp dir (at test time, with cc).
+    fn cc(&self, name: &str, src: &str, extra: &[&str]) -> String {
+        need("cc");
+        let c = self.path(&format!("{name}.c"));
+        std::fs::write(&c, src).expect("write c");
+        let exe = self.p(name);
+        let o = Command::new("cc")
+            .arg(&c)
+            .arg("-o")
+            .arg(&exe)
+            .args(extra)
+            .output()
+            .expect("cc");
+        ok(&o, "cc");
+        exe
+    }
+
+    /// Flip one byte in the middle of a kernel file.
+    fn tamper(&self, rel: &str) {
+        let p = self.path(rel);
+        let mut b = std::fs::read(&p).expect("read for tamper");
+        let i = b.len() / 2 + 8;
+        let i = i.min(b.len() - 1);
+        b[i] ^= 0x20;
+        std::fs::write(&p, b).expect("tamper");
+    }
+}
+
+const HELLO: &str = "Hello World\n";
+const WORLD_PY: &str = "f = open('/data/hello.txt', 'r')\nprint(str(f.read()))\n";
+
+/// The reference's first example: /data encrypted, kernel dir `vol` (embed path /data does not
+/// exist on the host).
+fn data_world() -> World {
+    let mut w = World::new();
+    w.write("data-original/hello.txt", HELLO.as_bytes());
+    w.write("data-original/world.py", WORLD_PY.as_bytes());
+    std::fs::create_dir_all(w.path("vol")).expect("vol");
+    w.create();
+    w.addr(&["/", "--kernel", "/", "--not-protected"]);
+    w.addr(&["/data", "--encrypted", "--kernel", &w.p("vol")]);
+    w.cli(&["addf", "fspf.pb", "/data", "data-original", &w.p("vol")]);
+    w.encrypt();
+    w
+}
+
+const EXAMPLE_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+
+void printfile(const char* fn) {
+    FILE *fp = fopen(fn, "r");
+    if (!fp) { perror(fn); exit(1); }
+    int c;
+    while((c=fgetc(fp))!=EOF){
+        printf("%c",c);
+    }
+    if (ferror(fp)) { perror(fn); exit(2); }
+    fclose(fp);
+}
+
+int main() {
+    printfile("/data/hello.txt");
+    printfile("/data/world.py");
+}
+"#;
+
+#[test]
+fn reference_c_example_prints_plaintext_only_under_the_shield() {
+    let w = data_world();
+    let exe = w.cc("example", EXAMPLE_C, &[]);
+    let o = w.run(&[&exe]);
+    ok(&o, "shielded example");
+    assert_eq!(stdout(&o), format!("{HELLO}{WORLD_PY}"));
+    // Same program via plain env vars, as in the reference.
+    let o = w.preload_env(&[&exe], false);
+    ok(&o, "LD_PRELOAD example");
+    assert_eq!(stdout(&o), format!("{HELLO}{WORLD_PY}"));
+    // Without the shield /data does not exist here; the kernel files are ciphertext.
+    let o = Command::new(&exe).output().expect("run");
+    assert!(!o.status.success());
+    let raw = std::fs::read(w.path("vol/hello.txt")).expect("cipher");
+    assert!(
+        !raw.windows(5).any(|x| x == b"Hello"),
+        "ciphertext leaks plaintext"
+    );
+}
+
+#[test]
+fn reference_c_example_fails_on_tampered_ciphertext() {
+    let w = data_world();
+    let exe = w.cc("example", EXAMPLE_C, &[]);
+    w.tamper("vol/hello.txt");
+    let o = w.run(&[&exe]);
+    assert!(!o.status.success(), "tampered file was read");
+    assert!(
+        !stdout(&o).contains("Hello"),
+        "wrong bytes printed: {}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn python_runs_an_encrypted_script_reading_an_encrypted_file() {
+    need("python3");
+    let w = data_world();
+    let o = w.run(&["python3", "/data/world.py"]);
+    ok(&o, "python3 /data/world.py");
+    assert_eq!(stdout(&o), "Hello World\n\n");
+    w.tamper("vol/world.py");
+    let o = w.run(&["python3", "/data/world.py"]);
+    assert!(!o.status.success());
+    assert!(!stdout(&o).contains("Hello"));
+}
+
+#[test]
+fn bad_key_or_old_tag_is_refused() {
+    need("cat");
+    let w = data_world();
+    let o = w.run_opts(
+        false,
+        "00112233445566778899aabbccddeeff",
+        &["cat", "/data/hello.txt"],
+    );
+    assert!(!o.status.success());
+    assert!(!stdout(&o).contains("Hello"));
+    // Directly under LD_PRELOAD with a wrong tag: fail safe (EACCES), one clear line.
+    let mut bad = World {
+        dir: tempfile::tempdir().expect("tmp"),
+        fspf: w.fspf.clone(),
+        key: w.key.clone(),
+        tag: "00112233445566778899aabbccddeeff".into(),
+    };
+    bad.dir = tempfile::tempdir().expect("tmp");
+    let o = bad.preload_env(&["cat", "/data/hello.txt"], false);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("tag mismatch"));
+}
+
+#[test]
+fn coreutils_read_through_the_shield() {
+    for t in [
+        "cat",
+        "cp",
+        "ls",
+        "sha256sum",
+        "head",
+        "tail",
+        "dd",
+        "mv",
+        "rm",
+    ] {
+        need(t);
+    }
+    let mut w = data_world();
+    let o = w.run(&["cat", "/data/hello.txt"]);
+    ok(&o, "cat");
+    assert_eq!(stdout(&o), HELLO);
+    let o = w.run(&["sha256sum", "/data/hello.txt"]);
+    ok(&o, "sha256sum");
+    assert!(
+        stdout(&o).starts_with("d2a84f4b8b650937ec8f73cd8be2c74add5a911ba64df27458ed8229da804a26")
+    );
+    let o = w.run(&["head", "-c", "5", "/data/hello.txt"]);
+    assert_eq!(stdout(&o), "Hello");
+    let o = w.run(&["tail", "-c", "6", "/data/hello.txt"]);
+    assert_eq!(stdout(&o), "World\n");
+    let o = w.run(&["dd", "if=/data/hello.txt", "bs=3", "status=none"]);
+    ok(&o, "dd");
+    assert_eq!(stdout(&o), HELLO);
+    let o = w.run(&["ls", "-l", "/data"]);
+    ok(&o, "ls -l");
+    let s = stdout(&o);
+    assert!(
+        s.contains(" 12 ") && s.contains("hello.txt") && s.contains("world.py"),
+        "{s}"
+    );
+    // cp out of the region yields plaintext; cp/mv/rm inside it need --mutable.
+    let out = w.p("plain-copy.txt");
+    ok(&w.run(&["cp", "/data/hello.txt", &out]), "cp out");
+    assert_eq!(std::fs::read_to_string(&out).expect("copy"), HELLO);
+    let o = w.run(&["cp", "/data/hello.txt", "/data/copy.txt"]);
+    assert!(
+        !o.status.success(),
+        "write to a read-only protected region succeeded"
+    );
+    let o = w.run_mut(&[
+        "sh",
+        "-c",
+        "cp /data/hello.txt /data/copy.txt && mv /data/copy.txt /data/moved.txt && rm /data/world.py && ls /data && cat /data/moved.txt",
+    ]);
+    ok(&o, "cp/mv/rm");
+    assert_eq!(stdout(&o), format!("hello.txt\nmoved.txt\n{HELLO}"));
+    let raw = std::fs::read(w.path("vol/moved.txt")).expect("moved on disk");
+    assert!(!raw.windows(5).any(|x| x == b"Hello"));
+    assert!(!w.path("vol/world.py").exists());
+    let o = w.run(&["cat", "/data/moved.txt"]);
+    assert_eq!(stdout(&o), HELLO);
+    // Tampered: every tool fails rather than printing wrong bytes.
+    w.tamper("vol/hello.txt");
+    for argv in [
+        vec!["cat", "/data/hello.txt"],
+        vec!["sha256sum", "/data/hello.txt"],
+        vec!["head", "-c", "5", "/data/hello.txt"],
+        vec!["dd", "if=/data/hello.txt", "status=none"],
+    ] {
+        let o = w.run(&argv);
+        assert!(!o.status.success(), "{argv:?} succeeded on a tampered file");
+        assert!(
+            !stdout(&o).contains("Hello"),
+            "{argv:?} printed bytes of a tampered file"
+        );
+    }
+    let o = w.run(&["cp", "/data/hello.txt", &w.p("bad-copy")]);
+    assert!(!o.status.success());
+}
+
+#[test]
+fn python_stdlib_copy_listdir_and_readonly_mmap() {
+    need("python3");
+    let w = data_world();
+    let script = format!(
+        r#"
+import os, shutil, mmap
+print(sorted(os.listdir('/data')))
+shutil.copyfile('/data/hello.txt', '{out}')
+with open('/data/hello.txt', 'rb') as f:
+    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    print(m[:11].decode())
+print(os.path.getsize('/data/world.py'))
+"#,
+        out = w.p("copied.txt")
+    );
+    let o = w.run(&["python3", "-c", &script]);
+    ok(&o, "python stdlib");
+    assert_eq!(
+        stdout(&o),
+        format!(
+            "['hello.txt', 'world.py']\nHello World\n{}\n",
+            WORLD_PY.len()
+        )
+    );
+    assert_eq!(
+        std::fs::read_to_string(w.path("copied.txt")).expect("copy"),
+        HELLO
+    );
+    w.tamper("vol/hello.txt");
+    let o = w.run(&["python3", "-c", &script]);
+    assert!(!o.status.success());
+    assert!(!stdout(&o).contains("Hello"));
+}
+
+#[test]
+fn python_writes_a_new_file_then_a_second_run_reads_it_with_the_new_tag() {
+    need("python3");
+    let mut w = data_world();
+    let old_tag = w.tag.clone();
+    let o = w.run_mut(&[
+        "python3",
+        "-c",
+        "f = open('/data/helloworld.py', 'w')\nf.write('print(\"Hello World\")\\n')\nf.close()",
+    ]);
+    ok(&o, "writer");
+    assert_ne!(w.tag, old_tag);
+    let o = w.run(&["python3", "/data/helloworld.py"]);
+    ok(&o, "reader with new tag");
+    assert_eq!(stdout(&o), "Hello World\n");
+    // The old tag is refused: the fspf on disk is newer than what it vouches for.
+    let o = w.run_opts(false, &old_tag, &["python3", "/data/helloworld.py"]);
+    assert!(!o.status.success());
+    let o = w.preload_env(&["cat", "/data/hello.txt"], false);
+    ok(&o, "new tag via env");
+    let mut stale = World {
+        dir: tempfile::tempdir().expect("tmp"),
+        fspf: w.fspf.clone(),
+        key: w.key.clone(),
+        tag: old_tag,
+    };
+    stale.tag = stale.tag.clone();
+    let o = stale.preload_env(&["cat", "/data/hello.txt"], false);
+    assert!(!o.status.success(), "stale tag accepted");
+    assert!(!stdout(&o).contains("Hello"));
+    // Tampered new file: refused.
+    w.tamper("vol/helloworld.py");
+    let o = w.run(&["python3", "/data/helloworld.py"]);
+    assert!(!o.status.success());
+}
+
+#[test]
+fn authenticated_region_refuses_unlisted_files_and_runs_listed_ones() {
+    need("python3");
+    let mut w = World::new();
+    w.write("app/helloworld.py", b"print(\"Hello World\")\n");
+    w.create();
+    w.addr(&["/", "--kernel", "/", "--not-protected"]);
+    w.addr(&["/app", "--authenticated", "--kernel", &w.p("app")]);
+    w.cli(&["addf", "fspf.pb", "/app", "app"]);
+    w.encrypt();
+    // Added after the fspf was sealed: not listed.
+    w.write("app/helloworld-manual.py", b"print(\"Hello World\")\n");
+    let o = w.run(&["python3", "/app/helloworld-manual.py"]);
+    assert!(!o.status.success(), "unlisted file ran");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("No such file"));
+    let o = w.run(&["python3", "/app/helloworld.py"]);
+    ok(&o, "listed script");
+    assert_eq!(stdout(&o), "Hello World\n");
+    // Plaintext stays on disk in authenticated regions.
+    assert!(std::fs::read_to_string(w.path("app/helloworld.py"))
+        .expect("read")
+        .contains("Hello"));
+    // A mutable run adds a file the shield then accepts.
+    let o = w.run_mut(&[
+        "python3",
+        "-c",
+        "open('/app/added.py','w').write('print(\"added\")\\n')",
+    ]);
+    ok(&o, "add file");
+    let o = w.run(&["python3", "/app/added.py"]);
+    assert_eq!(stdout(&o), "added\n");
+    w.tamper("app/helloworld.py");
+    let o = w.run(&["python3", "/app/helloworld.py"]);
+    assert!(!o.status.success(), "tampered authenticated file ran");
+}
+
+const WRITER_C: &str = r#"
+#include <stdio.h>
+int main() {
+    FILE *fp = fopen("/mnt/authenticated/hello", "w");
+    if (!fp) { perror("authenticated"); return 1; }
+    fprintf(fp, "hello world\n");
+    fclose(fp);
+
+    fp = fopen("/mnt/encrypted/hello", "w");
+    if (!fp) { perror("encrypted"); return 1; }
+    fprintf(fp, "hello world\n");
+    fclose(fp);
+    return 0;
+}
+"#;
+
+const CAT_C: &str = r#"
+#include <stdio.h>
+int main() {
+    char buf[80];
+    FILE *fp = fopen("/mnt/authenticated/hello", "r");
+    if (!fp || !fgets(buf, sizeof(buf), fp)) { perror("authenticated"); return 1; }
+    fclose(fp);
+    printf("read: '%s'\n", buf);
+
+    fp = fopen("/mnt/encrypted/hello", "r");
+    if (!fp || !fgets(buf, sizeof(buf), fp)) { perror("encrypted"); return 1; }
+    fclose(fp);
+    printf("read: '%s'\n", buf);
+    return 0;
+}
+"#;
+
+const EPHEMERAL_C: &str = r#"
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+int main() {
+    if (mkdir("/scratch", 0755)) { perror("mkdir"); return 1; }
+    FILE *fp = fopen("/scratch/note", "w");
+    if (!fp) { perror("open"); return 1; }
+    fprintf(fp, "in memory\n");
+    fclose(fp);
+    char b[64] = {0};
+    fp = fopen("/scratch/note", "r");
+    if (!fp || !fgets(b, sizeof b, fp)) { perror("read"); return 1; }
+    fclose(fp);
+    printf("%s", b);
+    struct stat st;
+    if (stat("/scratch/note", &st) || st.st_size != 10) return 2;
+    return 0;
+}
+"#;
+
+#[test]
+fn reference_extended_example_ephemeral_root_with_kernel_regions() {
+    need("cat");
+    let mut w = World::new();
+    std::fs::create_dir_all(w.path("original")).expect("orig");
+    std::fs::create_dir_all(w.path("mnt/authenticated")).expect("a");
+    std::fs::create_dir_all(w.path("mnt/encrypted")).expect("e");
+    w.create();
+    w.addr(&["/", "-e", "--ephemeral"]);
+    w.addr(&[
+        "/mnt/authenticated",
+        "-a",
+        "--kernel",
+        &w.p("mnt/authenticated"),
+    ]);
+    w.addr(&["/mnt/encrypted", "-e", "--kernel", &w.p("mnt/encrypted")]);
+    w.cli(&["addf", "fspf.pb", "/mnt/authenticated", "./original"]);
+    w.cli(&[
+        "addf",
+        "fspf.pb",
+        "/mnt/encrypted",
+        "./original",
+        "./mnt/encrypted",
+    ]);
+    w.encrypt();
+    let writer = w.cc("sgxex", WRITER_C, &[]);
+    let reader = w.cc("sgxcat", CAT_C, &[]);
+    let eph = w.cc("eph", EPHEMERAL_C, &[]);
+    // The reference's way: env vars + SCONE_FSPF_MUTABLE=1.
+    let o = w.preload_env(&[&writer], true);
+    ok(&o, "writer");
+    w.tag = w.tag_on_disk();
+    let auth = std::fs::read_to_string(w.path("mnt/authenticated/hello")).expect("auth on disk");
+    assert_eq!(auth, "hello world\n", "authenticated files stay plaintext");
+    let enc = std::fs::read(w.path("mnt/encrypted/hello")).expect("enc on disk");
+    assert!(
+        !enc.windows(5).any(|x| x == b"hello"),
+        "encrypted file is plaintext"
+    );
+    let o = w.run(&[&reader]);
+    ok(&o, "shielded reader");
+    assert_eq!(stdout(&o), "read: 'hello world\n'\nread: 'hello world\n'\n");
+    // Ephemeral root: starts empty, lives in memory, gone at exit.
+    for _ in 0..2 {
+        let o = w.run(&[&eph]);
+        ok(&o, "ephemeral");
+        assert_eq!(stdout(&o), "in memory\n");
+    }
+    w.tamper("mnt/encrypted/hello");
+    let o = w.run(&[&reader]);
+    assert!(!o.status.success());
+    assert!(!stdout(&o).contains("read: 'hello world\n'\nread: 'hello world"));
+}
+
+const SQL_FILL: &str = "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);
+BEGIN;
+WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x<10000)
+  INSERT INTO t SELECT x, 'row-' || x FROM c;
+COMMIT;
+SELECT count(*) FROM t;
+PRAGMA integrity_check;
+";
+
+#[test]
+fn sqlite3_database_in_an_encrypted_mutable_region() {
+    need("sqlite3");
+    let mut w = data_world();
+    let o = w.run_mut(&["sqlite3", "/data/db.sqlite", SQL_FILL]);
+    ok(&o, "sqlite fill");
+    assert_eq!(stdout(&o), "10000\nok\n");
+    let raw = std::fs::read(w.path("vol/db.sqlite")).expect("db on disk");
+    assert!(
+        !raw.windows(6).any(|x| x == b"row-42"),
+        "database is plaintext on disk"
+    );
+    assert!(
+        !w.path("vol/db.sqlite-journal").exists(),
+        "journal left behind"
+    );
+    let o = w.run_mut(&[
+        "sqlite3",
+        "/data/db.sqlite",
+        "INSERT INTO t(v) VALUES('more'); SELECT count(*), max(id) FROM t WHERE v LIKE 'row-9999' OR v='more'; PRAGMA integrity_check;",
+    ]);
+    ok(&o, "sqlite second run");
+    assert_eq!(stdout(&o), "2|10001\nok\n");
+    let o = w.run(&[
+        "sqlite3",
+        "/data/db.sqlite",
+        "SELECT v FROM t WHERE id=1234;",
+    ]);
+    ok(&o, "sqlite read-only run");
+    assert_eq!(stdout(&o), "row-1234\n");
+    w.tamper("vol/db.sqlite");
+    let o = w.run(&[
+        "sqlite3",
+        "/data/db.sqlite",
+        "SELECT count(*) FROM t; PRAGMA integrity_check;",
+    ]);
+    assert!(!o.status.success(), "tampered db read: {}", stdout(&o));
+    assert!(!stdout(&o).contains("10001"));
+}
+
+const THREADS_C: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <fcntl.h>
+#include <unistd.h>
+static int bad = 0;
+static void *worker(void *arg) {
+    (void)arg;
+    for (int i = 0; i < 200; i++) {
+        char b[64] = {0};
+        int fd = open("/data/hello.txt", O_RDONLY);
+        if (fd < 0) { bad = 1; return NULL; }
+        ssize_t n = pread(fd, b, sizeof b - 1, 0);
+        close(fd);
+        if (n != 12 || strcmp(b, "Hello World\n")) { bad = 1; return NULL; }
+    }
+    return NULL;
+}
+int main() {
+    pthread_t t[8];
+    for (int i = 0; i < 8; i++) pthread_create(&t[i], NULL, worker, NULL);
+    for (int i = 0; i < 8; i++) pthread_join(t[i], NULL);
+    puts(bad ? "bad" : "ok");
+    return bad;
+}
+"#;
+
+#[test]
+fn multithreaded_reader() {
+    let w = data_world();
+    let exe = w.cc("threads", THREADS_C, &["-pthread"]);
+    let o = w.run(&[&exe]);
+    ok(&o, "threads");
+    assert_eq!(stdout(&o), "ok\n");
+    w.tamper("vol/hello.txt");
+    let o = w.run(&[&exe]);
+    assert!(!o.status.success());
+}
+
+#[test]
+fn shell_pipeline_of_shielded_children() {
+    need("sh");
+    let w = data_world();
+    let o = w.run(&[
+        "sh",
+        "-c",
+        "cat /data/hello.txt | tr a-z A-Z | sed 's/WORLD/THERE/'; wc -c < /data/world.py",
+    ]);
+    ok(&o, "pipeline");
+    assert_eq!(stdout(&o), format!("HELLO THERE\n{}\n", WORLD_PY.len()));
+    w.tamper("vol/hello.txt");
+    let o = w.run(&[
+        "sh",
+        "-c",
+        "set -e; cat /data/hello.txt | tr a-z A-Z; exit ${PIPESTATUS:-0}",
+    ]);
+    assert!(!stdout(&o).contains("HELLO"));
+}
+
+#[test]
+fn python_writer_then_subprocess_cat_sees_the_new_file() {
+    need("python3");
+    need("cat");
+    let mut w = data_world();
+    let o = w.run_mut(&[
+        "python3",
+        "-c",
+        "import subprocess\nwith open('/data/fresh.txt','w') as f: f.write('fresh data\\n')\nr = subprocess.run(['cat', '/data/fresh.txt'], capture_output=True, check=True)\nprint(r.stdout.decode(), end='')\n",
+    ]);
+    ok(&o, "writer + subprocess");
+    assert_eq!(stdout(&o), "fresh data\n");
+    let o = w.run(&["cat", "/data/fresh.txt"]);
+    assert_eq!(stdout(&o), "fresh data\n");
+    w.tamper("vol/fresh.txt");
+    let o = w.run(&[
+        "python3",
+        "-c",
+        "import subprocess, sys\nr = subprocess.run(['cat', '/data/fresh.txt'], capture_output=True)\nsys.stdout.write(r.stdout.decode())\nsys.exit(r.returncode)",
+    ]);
+    assert!(!o.status.success());
+    assert!(!stdout(&o).contains("fresh"));
+}
+
+#[test]
+fn two_concurrent_writers_both_survive() {
+    need("sh");
+    need("python3");
+    let mut w = data_world();
+    let o = w.run_mut(&[
+        "sh",
+        "-c",
+        "python3 -c \"open('/data/w1.txt','w').write('one\\n')\" & python3 -c \"open('/data/w2.txt','w').write('two\\n')\" & wait",
+    ]);
+    ok(&o, "two writers");
+    let o = w.run(&["cat", "/data/w1.txt", "/data/w2.txt"]);
+    ok(&o, "both files");
+    assert_eq!(stdout(&o), "one\ntwo\n");
+}
+
+#[test]
+fn key_file_is_passed_by_memfd_not_environment() {
+    need("sh");
+    let w = data_world();
+    let kf = w.path("keytag");
+    std::fs::write(&kf, format!("tag: {} key: {}\n", w.tag, w.key)).expect("keyfile");
+    let o = Command::new(fspf_bin())
+        .current_dir(w.dir.path())
+        .env("FSPF_PRELOAD", preload())
+        .env_remove("SCONE_FSPF_KEY")
+        .args(["run", "--fspf", "fspf.pb", "--key-file"])
+        .arg(&kf)
+        .args([
+            "--tag",
+            &w.tag,
+            "--",
+            "sh",
+            "-c",
+            "env | grep -c SCONE_FSPF_KEY; cat /data/hello.txt",
+        ])
+        .output()
+        .expect("run");
+    ok(&o, "key file run");
+    assert_eq!(stdout(&o), format!("0\n{HELLO}"));
+}
+
+#[test]
+fn shell_redirections_into_and_out_of_protected_files() {
+    need("sh");
+    need("tr");
+    need("python3");
+    let mut w = data_world();
+    let o = w.run_mut(&[
+        "sh",
+        "-c",
+        "tr a-z A-Z < /data/hello.txt > /data/up.txt; tr A-Z a-z < /data/hello.txt >> /data/up.txt; echo done >> /data/up.txt; python3 -c 'print(input()[::-1])' < /data/hello.txt > /data/rev.txt; wc -c < /data/up.txt",
+    ]);
+    ok(&o, "redirections");
+    assert_eq!(stdout(&o), "29\n");
+    let o = w.run(&["cat", "/data/up.txt", "/data/rev.txt"]);
+    ok(&o, "read back");
+    assert_eq!(stdout(&o), "HELLO WORLD\nhello world\ndone\ndlroW olleH\n");
+    let raw = std::fs::read(w.path("vol/up.txt")).expect("on disk");
+    assert!(!raw.windows(5).any(|x| x == b"HELLO"));
+    w.tamper("vol/hello.txt");
+    let o = w.run(&["sh", "-c", "wc -c < /data/hello.txt"]);
+    assert!(!o.status.success() || stdout(&o).trim() != "12");
+}
+
+#[test]
+fn cd_into_a_protected_region_is_inherited_by_children() {
+    need("sh");
+    need("python3");
+    let w = data_world();
+    let o = w.run(&[
+        "sh",
+        "-c",
+        "cd /data && cat hello.txt && cat ../data/world.py && python3 -c 'import os; print(os.getcwd(), sorted(os.listdir(\".\")))'",
+    ]);
+    ok(&o, "cd /data");
+    assert_eq!(
+        stdout(&o),
+        format!("{HELLO}{WORLD_PY}/data ['hello.txt', 'world.py']\n")
+    );
+}
+
+#[test]
+fn rollback_of_the_fspf_during_a_run_is_refused() {
+    need("sh");
+    need("cp");
+    let mut w = data_world();
+    let old = w.p("fspf-old.pb");
+    std::fs::copy(&w.fspf, &old).expect("save old fspf");
+    // A writer commits (the anchor moves), then the attacker swaps the old fspf back in.
+    let script = format!(
+        "echo new > /data/new.txt && cp {old} {fspf} && cat /data/hello.txt",
+        fspf = w.fspf.display()
+    );
+    let o = w.run_mut(&["sh", "-c", &script]);
+    assert!(!o.status.success(), "rolled-back fspf accepted");
+    assert!(!stdout(&o).contains("Hello"));
+}
+
+#[test]
+fn ephemeral_region_lives_in_memory_and_forked_children_get_a_copy() {
+    need("python3");
+    let mut w = World::new();
+    w.create();
+    w.addr(&["/", "--kernel", "/", "--not-protected"]);
+    w.addr(&["/scratch", "--encrypted", "--ephemeral"]);
+    w.encrypt();
+    let script = r#"
+import os
+os.makedirs('/scratch/a/b')
+with open('/scratch/a/b/f.txt', 'w') as f:
+    f.write('secret\n')
+os.rename('/scratch/a/b/f.txt', '/scratch/a/g.txt')
+print(sorted(os.listdir('/scratch/a')), os.path.getsize('/scratch/a/g.txt'))
+pid = os.fork()
+if pid == 0:
+    with open('/scratch/a/g.txt', 'a') as f:
+        f.write('child\n')
+    print('child sees', open('/scratch/a/g.txt').read().split())
+    os._exit(0)
+os.waitpid(pid, 0)
+print('parent sees', open('/scratch/a/g.txt').read().split())
+os.remove('/scratch/a/g.txt')
+os.rmdir('/scratch/a/b')
+print(os.listdir('/scratch/a'))
+"#;
+    let o = w.run(&["python3", "-c", script]);
+    ok(&o, "ephemeral");
+    assert_eq!(
+        stdout(&o),
+        "['b', 'g.txt'] 7\nchild sees ['secret', 'child']\nparent sees ['secret']\n[]\n"
+    );
+    // Nothing of it reached the disk or the fspf, and the next run starts empty.
+    let o = w.run(&["python3", "-c", "import os; print(os.listdir('/scratch'))"]);
+    ok(&o, "second run");
+    assert_eq!(stdout(&o), "[]\n");
+    w.tag = w.tag_on_disk();
+}
+
+#[test]
+fn unencrypted_fspf_needs_no_key_and_trusts_the_tag_on_disk() {
+    need("cat");
+    let w = {
+        let w = World::new();
+        w.write("src/readme.txt", b"plain but authenticated\n");
+        w.create();
+        w.addr(&["/", "--kernel", "/", "--not-protected"]);
+        w.addr(&["/docs", "--authenticated", "--kernel", &w.p("src")]);
+        w.cli(&["addf", "fspf.pb", "/docs", "src"]);
+        w
+    };
+    let o = w.run_opts(false, "", &["cat", "/docs/readme.txt"]);
+    ok(&o, "unencrypted run");
+    assert_eq!(stdout(&o), "plain but authenticated\n");
+    w.tamper("src/readme.txt");
+    let o = w.run_opts(false, "", &["cat", "/docs/readme.txt"]);
+    assert!(!o.status.success());
+    assert!(!stdout(&o).contains("plain"));
+}
+
+#[test]
+fn fspf_log_names_the_reason_and_writable_shared_mmap_is_refused() {
+    need("python3");
+    need("cat");
+    let mut w = data_world();
+    let o = w.run_mut(&[
+        "python3",
+        "-c",
+        "import mmap\nf = open('/data/hello.txt', 'r+b')\ntry:\n    mmap.mmap(f.fileno(), 0)\n    print('mapped')\nexcept PermissionError:\n    print('refused')\nm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)\nprint(m[:5].decode())",
+    ]);
+    ok(&o, "mmap");
+    assert_eq!(stdout(&o), "refused\nHello\n");
+    w.tamper("vol/hello.txt");
+    let o = Command::new(fspf_bin())
+        .current_dir(w.dir.path())
+        .env("FSPF_PRELOAD", preload())
+        .env("FSPF_LOG", "1")
+        .args([
+            "run", "--fspf", "fspf.pb", "--key", &w.key, "--tag", &w.tag, "--",
+        ])
+        .args(["cat", "/data/hello.txt"])
+        .output()
+        .expect("run");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("/data/hello.txt") && err.contains("failed authentication"),
+        "{err}"
+    );
+}
+
+const HELLO_C: &str = r#"
+#include <stdio.h>
+int main(int argc, char **argv) { printf("hello from %s\n", argc > 1 ? argv[1] : "c"); return 0; }
+"#;
+
+#[test]
+fn programs_in_a_protected_region_run_from_verified_copies() {
+    need("sh");
+    need("python3");
+    let mut w = World::new();
+    let exe = w.cc("hello", HELLO_C, &[]);
+    w.write("tools/hello.sh", b"#!/bin/sh\necho \"script says $1\"\n");
+    std::fs::copy(&exe, w.path("tools/hello")).expect("copy exe");
+    for f in ["tools/hello", "tools/hello.sh"] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(w.path(f), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    std::fs::create_dir_all(w.path("enc")).expect("enc");
+    w.create();
+    w.addr(&["/", "--kernel", "/", "--not-protected"]);
+    w.addr(&["/opt/tools", "--authenticated", "--kernel", &w.p("tools")]);
+    w.addr(&["/opt/enc", "--encrypted", "--kernel", &w.p("enc")]);
+    w.cli(&["addf", "fspf.pb", "/opt/tools", "tools"]);
+    w.cli(&["addf", "fspf.pb", "/opt/enc", "tools", &w.p("enc")]);
+    w.encrypt();
+    let script = "/opt/tools/hello x; /opt/tools/hello.sh y; /opt/enc/hello z; PATH=/opt/enc:$PATH; hello.sh w; python3 -c \"import subprocess; subprocess.run(['/opt/enc/hello', 'py'], check=True)\"";
+    let o = w.run(&["sh", "-c", script]);
+    ok(&o, "protected programs");
+    assert_eq!(
+        stdout(&o),
+        "hello from x\nscript says y\nhello from z\nscript says w\nhello from py\n"
+    );
+    // A tampered program is not run.
+    w.tamper("tools/hello");
+    let o = w.run(&["sh", "-c", "/opt/tools/hello x"]);
+    assert!(!o.status.success());
+    assert!(!stdout(&o).contains("hello from"));
+    w.tag = w.tag_on_disk();
+}
+
+const EXECL_C: &str = r#"
+#include <unistd.h>
+#include <stdio.h>
+#include <sys/wait.h>
+extern char **environ;
+static int waitok(void) { int st; wait(&st); return WIFEXITED(st) && WEXITSTATUS(st) == 0; }
+int main() {
+    if (fork() == 0) { execlp("cat", "cat", "/data/hello.txt", (char*)0); perror("execlp"); _exit(1); }
+    if (!waitok()) return 1;
+    if (fork() == 0) {
+        execl("/bin/sh", "sh", "-c", "cat /data/world.py; echo $0 $1 $2 $3 $4 $5 $6",
+              "a1", "a2", "a3", "a4", "a5", "a6", "a7", (char*)0);
+        perror("execl"); _exit(1);
+    }
+    if (!waitok()) return 1;
+    if (fork() == 0) { execle("/bin/cat", "cat", "/data/hello.txt", (char*)0, environ); perror("execle"); _exit(1); }
+    if (!waitok()) return 1;
+    return 0;
+}
+"#;
+
+#[test]
+fn execl_family_children_keep_the_key_passed_by_key_file() {
+    let w = data_world();
+    let exe = w.cc("execl", EXECL_C, &[]);
+    let kf = w.path("keytag");
+    std::fs::write(&kf, format!("{}\n", w.key)).expect("keyfile");
+    let o = Command::new(fspf_bin())
+        .current_dir(w.dir.path())
+        .env("FSPF_PRELOAD", preload())
+        .env_remove("SCONE_FSPF_KEY")
+        .args(["run", "--fspf", "fspf.pb", "--key-file"])
+        .arg(&kf)
+        .args(["--tag", &w.tag, "--", &exe])
+        .output()
+        .expect("run");
+    ok(&o, "execl family");
+    assert_eq!(
+        stdout(&o),
+        format!("{HELLO}{WORLD_PY}a1 a2 a3 a4 a5 a6 a7\n{HELLO}")
+    );
+}
+
+#[test]
+fn kill_9_keeps_what_was_fsynced_and_nothing_half_written() {
+    need("python3");
+    let mut w = data_world();
+    let o = w.run_mut(&[
+        "python3",
+        "-c",
+        "import os, signal\nf = open('/data/log.txt', 'w')\nf.write('durable\\n'); f.flush(); os.fsync(f.fileno())\nf.write('lost\\n'); f.flush()\ng = open('/data/other.txt', 'w'); g.write('never committed\\n'); g.close()\nos.kill(os.getpid(), signal.SIGKILL)",
+    ]);
+    assert!(!o.status.success());
+    let o = w.run(&["cat", "/data/log.txt"]);
+    ok(&o, "after kill -9");
+    assert_eq!(stdout(&o), "durable\n");
+    let o = w.run(&["cat", "/data/other.txt"]);
+    assert!(
+        !o.status.success(),
+        "uncommitted file visible after a crash"
+    );
+    let v = w.cli(&["verify", "fspf.pb", "--key", &w.key, "--tag", &w.tag]);
+    assert!(v.contains("OK"), "{v}");
+}
+
+const SCANDIR_GLOB_C: &str = r#"
+#include <dirent.h>
+#include <glob.h>
+#include <stdio.h>
+#include <stdlib.h>
+static int nodot(const struct dirent *d) { return d->d_name[0] != '.'; }
+int main() {
+    struct dirent **nl;
+    int n = scandir("/data", &nl, nodot, alphasort);
+    if (n < 0) { perror("scandir"); return 1; }
+    for (int i = 0; i < n; i++) { printf("%s\n", nl[i]->d_name); free(nl[i]); }
+    free(nl);
+    glob_t g;
+    if (glob("/data/*.py", 0, NULL, &g)) { puts("glob failed"); return 1; }
+    for (size_t i = 0; i < g.gl_pathc; i++) printf("glob: %s\n", g.gl_pathv[i]);
+    globfree(&g);
+    return 0;
+}
+"#;
+
+#[test]
+fn scandir_and_glob_list_the_fspf_not_the_kernel_directory() {
+    let w = data_world();
+    // An unlisted file on disk must stay invisible.
+    w.write("vol/intruder.txt", b"not listed\n");
+    let exe = w.cc("scan", SCANDIR_GLOB_C, &[]);
+    let o = w.run(&[&exe]);
+    ok(&o, "scandir/glob");
+    assert_eq!(stdout(&o), "hello.txt\nworld.py\nglob: /data/world.py\n");
+}
+
+const MKSTEMP_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+int main() {
+    char t[] = "/data/tmpXXXXXX";
+    int fd = mkstemp(t);
+    if (fd < 0) { perror("mkstemp"); return 1; }
+    if (write(fd, "temporary secret\n", 17) != 17) { perror("write"); return 1; }
+    close(fd);
+    if (rename(t, "/data/final.txt")) { perror("rename"); return 1; }
+    char d[] = "/data/dirXXXXXX";
+    if (!mkdtemp(d)) { perror("mkdtemp"); return 1; }
+    FILE *f = tmpfile();
+    if (!f) { perror("tmpfile"); return 1; }
+    fputs("scratch\n", f);
+    rewind(f);
+    char b[32] = {0};
+    fgets(b, sizeof b, f);
+    fclose(f);
+    printf("%s", b);
+    return 0;
+}
+"#;
+
+#[test]
+fn mkstemp_and_mkdtemp_create_shielded_files() {
+    let mut w = data_world();
+    let exe = w.cc("mkstemp", MKSTEMP_C, &[]);
+    let o = w.run_mut(&[&exe]);
+    ok(&o, "mkstemp");
+    assert_eq!(stdout(&o), "scratch\n");
+    let o = w.run(&["cat", "/data/final.txt"]);
+    assert_eq!(stdout(&o), "temporary secret\n");
+    for e in std::fs::read_dir(w.path("vol")).expect("vol") {
+        let p = e.expect("entry").path();
+        if p.is_file() {
+            let b = std::fs::read(&p).expect("read");
+            assert!(
+                !b.windows(9).any(|x| x == b"temporary"),
+                "plaintext in {}",
+                p.display()
+            );
+        }
+    }
+    let o = w.run(&["sh", "-c", "ls -d /data/dir*"]);
+    ok(&o, "mkdtemp dir listed");
+}
+
+#[test]
+fn swapped_or_rolled_back_files_are_refused() {
+    need("sh");
+    let mut w = data_world();
+    // Swap: one valid encrypted file copied over another.
+    std::fs::copy(w.path("vol/hello.txt"), w.path("vol/world.py")).expect("swap");
+    let o = w.run(&["cat", "/data/world.py"]);
+    assert!(!o.status.success(), "swapped file accepted");
+    assert!(!stdout(&o).contains("Hello"));
+    // Per-file rollback: an older, once valid version of the same file.
+    let o = w.run_mut(&["sh", "-c", "echo version1 > /data/v.txt"]);
+    ok(&o, "v1");
+    let v1 = std::fs::read(w.path("vol/v.txt")).expect("v1");
+    let o = w.run_mut(&["sh", "-c", "echo version2 > /data/v.txt"]);
+    ok(&o, "v2");
+    std::fs::write(w.path("vol/v.txt"), v1).expect("roll back");
+    let o = w.run(&["cat", "/data/v.txt"]);
+    assert!(!o.status.success(), "rolled-back file accepted");
+    assert!(!stdout(&o).contains("version"));
+    // Deleted listed file: an error, not an empty file.
+    std::fs::remove_file(w.path("vol/hello.txt")).expect("rm");
+    let o = w.run(&["cat", "/data/hello.txt"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Input/output error"));
+}
