@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{CStr, CString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// Commit after this many staged file versions even without fsync (bounds memory and shadows).
@@ -25,9 +26,10 @@ pub struct Shield {
     key: Option<VolumeKey>,
     pub mutable: bool,
     /// Inherited memfd holding the run's current 16-byte tag; -1 when the shield failed.
-    pub anchor_fd: c_int,
+    /// Atomic: it moves when the program dup2()s onto its number.
+    anchor: AtomicI32,
     /// Private CLOEXEC memfd with the hex key, handed to exec'd children (FSPF_KEY_FD); or -1.
-    pub key_fd: c_int,
+    key_fd_slot: AtomicI32,
     pub started: i64,
     inner: Mutex<Inner>,
 }
@@ -135,6 +137,26 @@ fn memfd_with(name: &CStr, content: &[u8], cloexec: bool) -> c_int {
 fn is_anchor_memfd(fd: c_int) -> bool {
     std::fs::read_link(format!("/proc/self/fd/{fd}"))
         .is_ok_and(|t| t.as_os_str().as_bytes().starts_with(b"/memfd:fspf-anchor"))
+}
+
+/// Move `fd` to the lowest free number >= HIGH_FD (closing the old one). None on failure.
+fn relocate(fd: c_int, cloexec: bool) -> Option<c_int> {
+    if fd >= HIGH_FD {
+        return Some(fd);
+    }
+    let cmd = if cloexec {
+        libc::F_DUPFD_CLOEXEC
+    } else {
+        libc::F_DUPFD
+    };
+    // SAFETY: duplicating our own fd.
+    let n = unsafe { real::fcntl(fd, cmd, HIGH_FD as libc::c_ulong) };
+    if n < 0 {
+        return None;
+    }
+    // SAFETY: closing the old number of our own fd.
+    unsafe { real::close(fd) };
+    Some(n)
 }
 
 fn real_cwd() -> Option<EmbedPath> {
@@ -251,7 +273,11 @@ pub fn init() -> bool {
             Some((fd, b)) if b.len() == 16 => {
                 let mut t = [0u8; 16];
                 t.copy_from_slice(&b);
-                anchor_fd = fd;
+                // Move it out of the way of shells (`exec 3>file`) and give its number back.
+                anchor_fd = relocate(fd, false).unwrap_or(fd);
+                if anchor_fd != fd {
+                    std::env::set_var("FSPF_ANCHOR_FD", anchor_fd.to_string());
+                }
                 anchor_tag = Some(Tag(t));
             }
             _ => {
@@ -302,8 +328,8 @@ pub fn init() -> bool {
         fspf,
         key,
         mutable,
-        anchor_fd,
-        key_fd,
+        anchor: AtomicI32::new(anchor_fd),
+        key_fd_slot: AtomicI32::new(key_fd),
         started: now(),
         inner: Mutex::new(Inner {
             vol,
@@ -489,20 +515,57 @@ impl Shield {
         Ok(())
     }
 
+    pub fn anchor_fd(&self) -> c_int {
+        self.anchor.load(Ordering::Relaxed)
+    }
+
+    pub fn key_fd(&self) -> c_int {
+        self.key_fd_slot.load(Ordering::Relaxed)
+    }
+
+    /// Before the program dup2()s onto `target`: if that is one of the shield's own fds, move
+    /// ours elsewhere first (a shell's `exec 3>file` must not replace the trust anchor).
+    pub fn protect_own_fd(&self, target: c_int) {
+        if target < 0 {
+            return;
+        }
+        if target == self.anchor_fd() {
+            // SAFETY: duplicating our own anchor fd.
+            let n = unsafe { real::fcntl(target, libc::F_DUPFD, (target + 1) as libc::c_ulong) };
+            if n >= 0 {
+                self.anchor.store(n, Ordering::Relaxed);
+                if std::env::var_os("FSPF_ANCHOR_FD").is_some() {
+                    std::env::set_var("FSPF_ANCHOR_FD", n.to_string());
+                }
+            }
+        }
+        if target == self.key_fd() {
+            // SAFETY: duplicating our own key fd.
+            let n = unsafe {
+                real::fcntl(target, libc::F_DUPFD_CLOEXEC, (target + 1) as libc::c_ulong)
+            };
+            if n >= 0 {
+                self.key_fd_slot.store(n, Ordering::Relaxed);
+            }
+        }
+    }
+
     pub fn read_anchor(&self) -> Option<Tag> {
-        if self.anchor_fd < 0 {
+        let fd = self.anchor_fd();
+        if fd < 0 {
             return None;
         }
         let mut t = [0u8; 16];
         // SAFETY: reading into a local buffer of its size from our own anchor fd.
-        let n = unsafe { real::pread(self.anchor_fd, t.as_mut_ptr().cast(), 16, 0) };
+        let n = unsafe { real::pread(fd, t.as_mut_ptr().cast(), 16, 0) };
         (n == 16).then_some(Tag(t))
     }
 
     fn write_anchor(&self, t: Tag) {
-        if self.anchor_fd >= 0 {
+        let fd = self.anchor_fd();
+        if fd >= 0 {
             // SAFETY: writing a local 16-byte buffer to our own anchor fd.
-            unsafe { real::pwrite(self.anchor_fd, t.0.as_ptr().cast(), 16, 0) };
+            unsafe { real::pwrite(fd, t.0.as_ptr().cast(), 16, 0) };
         }
     }
 

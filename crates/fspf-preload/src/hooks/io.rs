@@ -278,7 +278,7 @@ pub unsafe extern "C" fn lseek64(fd: c_int, o: off_t, w: c_int) -> off_t {
 /// The shield's own inherited fds (anchor, key) survive programs that close "all other" fds.
 fn is_own_fd(fd: c_int) -> bool {
     let sh = shield::get();
-    fd >= 0 && (fd == sh.anchor_fd || fd == sh.key_fd)
+    fd >= 0 && (fd == sh.anchor_fd() || fd == sh.key_fd())
 }
 
 #[no_mangle]
@@ -308,7 +308,7 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
         return unsafe { real::close_range(first, last, flags) };
     };
     let sh = shield::get();
-    let mut own: Vec<c_uint> = [sh.anchor_fd, sh.key_fd]
+    let mut own: Vec<c_uint> = [sh.anchor_fd(), sh.key_fd()]
         .into_iter()
         .filter(|&f| f >= 0 && (first..=last).contains(&(f as c_uint)))
         .map(|f| f as c_uint)
@@ -369,6 +369,9 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
 }
 #[no_mangle]
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    if let Some(_g) = enter() {
+        shield::get().protect_own_fd(new);
+    }
     // SAFETY: forwarding.
     let r = unsafe { real::dup2(old, new) };
     if r >= 0 && old != new {
@@ -380,6 +383,9 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 }
 #[no_mangle]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, fl: c_int) -> c_int {
+    if let Some(_g) = enter() {
+        shield::get().protect_own_fd(new);
+    }
     // SAFETY: forwarding.
     let r = unsafe { real::dup3(old, new, fl) };
     if r >= 0 {

@@ -216,13 +216,13 @@ unsafe fn child_env(
         }
     }
     if shielded {
-        if sh.anchor_fd >= 0 {
-            out.extend(CString::new(format!("FSPF_ANCHOR_FD={}", sh.anchor_fd)));
+        if sh.anchor_fd() >= 0 {
+            out.extend(CString::new(format!("FSPF_ANCHOR_FD={}", sh.anchor_fd())));
         }
-        if sh.key_fd >= 0 {
+        if sh.key_fd() >= 0 {
             // SAFETY: clearing CLOEXEC on our key fd for the child.
-            unsafe { real::fcntl(sh.key_fd, libc::F_SETFD, 0) };
-            out.extend(CString::new(format!("FSPF_KEY_FD={}", sh.key_fd)));
+            unsafe { real::fcntl(sh.key_fd(), libc::F_SETFD, 0) };
+            out.extend(CString::new(format!("FSPF_KEY_FD={}", sh.key_fd())));
         }
         out.extend(inherit);
         if let Some(c) = shield::cwd_for_child(&sh.lock()) {
@@ -236,9 +236,9 @@ unsafe fn child_env(
 
 fn restore_key_cloexec() {
     let sh = shield::get();
-    if sh.key_fd >= 0 {
+    if sh.key_fd() >= 0 {
         // SAFETY: setting CLOEXEC on our key fd.
-        unsafe { real::fcntl(sh.key_fd, libc::F_SETFD, libc::FD_CLOEXEC as libc::c_ulong) };
+        unsafe { real::fcntl(sh.key_fd(), libc::F_SETFD, libc::FD_CLOEXEC as libc::c_ulong) };
     }
 }
 
@@ -612,10 +612,10 @@ pub unsafe extern "C" fn posix_spawnp(
 /// system/popen run `/bin/sh` with `environ`: publish the key fd there for the duration.
 fn with_key_env<T>(f: impl FnOnce() -> T) -> T {
     let sh = shield::get();
-    if sh.key_fd >= 0 {
+    if sh.key_fd() >= 0 {
         // SAFETY: clearing CLOEXEC on our key fd for the child.
-        unsafe { real::fcntl(sh.key_fd, libc::F_SETFD, 0) };
-        std::env::set_var("FSPF_KEY_FD", sh.key_fd.to_string());
+        unsafe { real::fcntl(sh.key_fd(), libc::F_SETFD, 0) };
+        std::env::set_var("FSPF_KEY_FD", sh.key_fd().to_string());
     }
     let cwd = shield::cwd_for_child(&sh.lock());
     if let Some(c) = &cwd {
@@ -625,7 +625,7 @@ fn with_key_env<T>(f: impl FnOnce() -> T) -> T {
     if cwd.is_some() {
         std::env::remove_var("FSPF_CWD");
     }
-    if sh.key_fd >= 0 {
+    if sh.key_fd() >= 0 {
         std::env::remove_var("FSPF_KEY_FD");
         restore_key_cloexec();
     }
