@@ -588,7 +588,7 @@ impl Shield {
             let b = b.lock().unwrap_or_else(|e| e.into_inner());
             return Ok(Node {
                 kind: NodeKind::File,
-                size: b.data.len() as u64,
+                size: b.len(),
                 mode: b.mode,
                 kernel,
                 mtime: Some(b.mtime),
@@ -730,19 +730,20 @@ impl Shield {
         }
     }
 
-    /// Seal a finished buffer: into memory for ephemeral regions, as a staged version otherwise.
+    /// Seal a buffer whose content changed: into memory for ephemeral regions, as a staged
+    /// version otherwise.
     pub fn finish(&self, inner: &mut Inner, b: &mut WriteBuf) -> Result<(), c_int> {
-        if !b.dirty || b.detached {
+        if !b.needs_seal() {
             return Ok(());
         }
+        let data = b.contents()?;
         let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
         let region = vol.region_for(&b.path).ok_or(libc::EACCES)?.clone();
         if region.kind == RegionKind::Ephemeral {
-            let sealed =
-                memory::seal_in_memory(&region, &b.path, b.mode, &b.data).map_err(|e| {
-                    log(format!("{}: {e}", b.path));
-                    libc::EIO
-                })?;
+            let sealed = memory::seal_in_memory(&region, &b.path, b.mode, &data).map_err(|e| {
+                log(format!("{}: {e}", b.path));
+                libc::EIO
+            })?;
             inner.eph.insert(
                 b.path.clone(),
                 EphNode::File {
@@ -750,7 +751,7 @@ impl Shield {
                     mtime: b.mtime,
                 },
             );
-            b.dirty = false;
+            b.mark_sealed(&data);
             return Ok(());
         }
         if let Some(parent) = b
@@ -762,14 +763,14 @@ impl Shield {
             let _ = std::fs::create_dir_all(parent);
         }
         let staged = vol
-            .stage_file(&b.path, b.data.len() as u64, b.mode, &mut &b.data[..])
+            .stage_file(&b.path, data.len() as u64, b.mode, &mut &data[..])
             .map_err(|e| {
                 log(format!("{}: staging failed: {e}", b.path));
                 libc::EIO
             })?;
-        inner.staged_bytes += b.data.len() as u64;
+        inner.staged_bytes += data.len() as u64;
         inner.queue.push(Change::Put(staged));
-        b.dirty = false;
+        b.mark_sealed(&data);
         b.pending = true;
         Ok(())
     }
@@ -784,7 +785,7 @@ impl Shield {
         let r = self.finish(&mut inner, &mut b);
         let eph = self.is_ephemeral(&inner, &b.path);
         let path = b.path.clone();
-        let clean = !b.dirty && !b.pending;
+        let clean = !b.pending && !b.touched.load(std::sync::atomic::Ordering::Relaxed);
         drop(b);
         // Ephemeral files now live sealed in the tree; a clean kernel buffer nobody holds may
         // go stale (another process of the run may commit the path): drop both from `live`.
@@ -810,7 +811,7 @@ impl Shield {
         let mut res = Ok(());
         for b in bufs {
             let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
-            if g.dirty && !self.is_ephemeral(inner, &g.path) {
+            if !self.is_ephemeral(inner, &g.path) {
                 if let Err(e) = self.finish(inner, &mut g) {
                     res = Err(e);
                 }
@@ -863,9 +864,7 @@ impl Shield {
         for b in inner.live.values() {
             b.lock().unwrap_or_else(|e| e.into_inner()).pending = false;
         }
-        inner
-            .live
-            .retain(|_, b| Arc::strong_count(b) > 1 || b.lock().map(|g| g.dirty).unwrap_or(true));
+        inner.live.retain(|_, b| Arc::strong_count(b) > 1);
         res
     }
 
