@@ -1169,3 +1169,53 @@ fn bash_builtins_write_through_redirected_fds() {
     let raw = std::fs::read(w.path("vol/b.txt")).expect("on disk");
     assert!(!raw.windows(4).any(|x| x == b"y\na\n"));
 }
+
+const THREAD_WRITERS_C: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <stdlib.h>
+static void *worker(void *arg) {
+    long id = (long)arg;
+    char p[64], b[64];
+    for (int i = 0; i < 50; i++) {
+        snprintf(p, sizeof p, "/data/t%ld-%d.txt", id, i);
+        int fd = open(p, O_WRONLY|O_CREAT|O_TRUNC, 0644);
+        if (fd < 0) { perror(p); exit(1); }
+        int n = snprintf(b, sizeof b, "thread %ld file %d\n", id, i);
+        if (write(fd, b, n) != n) { perror("write"); exit(1); }
+        if (i % 10 == 0 && fsync(fd)) { perror("fsync"); exit(1); }
+        close(fd);
+        fd = open(p, O_RDONLY);
+        char r[64] = {0};
+        if (read(fd, r, sizeof r) != n || memcmp(r, b, n)) { fprintf(stderr, "mismatch %s\n", p); exit(1); }
+        close(fd);
+    }
+    return NULL;
+}
+int main() {
+    pthread_t t[8];
+    for (long i = 0; i < 8; i++) pthread_create(&t[i], NULL, worker, (void*)i);
+    for (int i = 0; i < 8; i++) pthread_join(t[i], NULL);
+        puts("ok");
+    return 0;
+}
+"#;
+
+#[test]
+fn multithreaded_writers_with_fsync() {
+    let mut w = data_world();
+    let exe = w.cc("twriters", THREAD_WRITERS_C, &["-pthread"]);
+    let o = w.run_mut(&[&exe]);
+    ok(&o, "threaded writers");
+    assert_eq!(stdout(&o), "ok\n");
+    let o = w.run(&[
+        "sh",
+        "-c",
+        "ls /data | grep -c '^t'; cat /data/t3-17.txt /data/t7-49.txt",
+    ]);
+    ok(&o, "read back");
+    assert_eq!(stdout(&o), "400\nthread 3 file 17\nthread 7 file 49\n");
+}
