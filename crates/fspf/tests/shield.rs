@@ -1219,3 +1219,31 @@ fn multithreaded_writers_with_fsync() {
     ok(&o, "read back");
     assert_eq!(stdout(&o), "400\nthread 3 file 17\nthread 7 file 49\n");
 }
+
+const STDIN_C: &str = r#"
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+int main() {
+    int fd = open("/data/hello.txt", O_RDONLY);
+    if (fd < 0 || dup2(fd, 0) < 0) { perror("open/dup2"); return 1; }
+    close(fd);
+    char b[64];
+    if (!fgets(b, sizeof b, stdin)) { puts("empty"); return 1; }
+    printf("stdin: %s", b);
+    return 0;
+}
+"#;
+
+#[test]
+fn stdio_reads_a_protected_file_dup2ed_onto_stdin() {
+    let w = data_world();
+    let exe = w.cc("stdin", STDIN_C, &[]);
+    let o = w.run(&[&exe]);
+    ok(&o, "stdin");
+    assert_eq!(stdout(&o), format!("stdin: {HELLO}"));
+    w.tamper("vol/hello.txt");
+    let o = w.run(&[&exe]);
+    assert!(!o.status.success());
+    assert!(!stdout(&o).contains("Hello"));
+}

@@ -367,6 +367,43 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
     r
 }
 
+/// Fill the read-only placeholder behind `fd` with the verified plaintext of `f`, position it
+/// at `f`'s offset and switch `f` to kernel reads. Returns false (placeholder left empty) when
+/// the plaintext does not verify.
+pub fn materialise_placeholder(fd: c_int, f: &mut crate::files::OpenFile) -> bool {
+    let size = f.size();
+    let mut off = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    // SAFETY: emptying our placeholder before refilling it.
+    unsafe { real::ftruncate(fd, 0) };
+    while off < size {
+        match f.read_at(&mut buf, off) {
+            Ok(0) => break,
+            Ok(k) => {
+                // SAFETY: writing our buffer into our placeholder memfd.
+                let w = unsafe { real::pwrite(fd, buf.as_ptr().cast(), k, off as i64) };
+                if w != k as isize {
+                    // SAFETY: never leave a prefix behind.
+                    unsafe { real::ftruncate(fd, 0) };
+                    return false;
+                }
+                off += k as u64;
+            }
+            Err(_) => {
+                // SAFETY: never leave a prefix of a file that failed verification.
+                unsafe { real::ftruncate(fd, 0) };
+                return false;
+            }
+        }
+    }
+    // SAFETY: positioning our placeholder at the shared offset.
+    unsafe { real::lseek(fd, f.offset as i64, libc::SEEK_SET) };
+    f.touched = Some(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(
+        false,
+    )));
+    true
+}
+
 fn dup_into(old: c_int, new: c_int) {
     if let Some(h) = files::remove(new) {
         // dup2 closes `new` silently, as the kernel does.
@@ -374,6 +411,15 @@ fn dup_into(old: c_int, new: c_int) {
     }
     files::forget_translated(new);
     if let Some(h) = files::get(old) {
+        if (0..=2).contains(&new) {
+            // stdin/stdout/stderr are read by glibc's stdio with internal calls that bypass
+            // the hooks: give a read-only placeholder the verified plaintext and let the
+            // kernel serve it from now on.
+            let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
+            if f.touched.is_none() && !matches!(f.body, Body::Dir) {
+                let _ = materialise_placeholder(new, &mut f);
+            }
+        }
         files::insert(new, h);
     } else if let Some(ep) = files::translated_path(old) {
         files::track_translated(new, ep);

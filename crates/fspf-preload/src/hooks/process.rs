@@ -48,42 +48,9 @@ fn materialise_inherited() -> Option<CString> {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        if matches!(f.body, Body::Buf(_)) {
-            desc.push(format!("{fd}:{mode}:{hex}"));
+        if f.touched.is_none() && !super::io::materialise_placeholder(fd, &mut f) {
             continue;
         }
-        let size = f.size();
-        let mut off = 0u64;
-        let mut buf = vec![0u8; 1 << 16];
-        let mut ok = true;
-        // SAFETY: emptying our placeholder before refilling it.
-        unsafe { real::ftruncate(fd, 0) };
-        while off < size {
-            match f.read_at(&mut buf, off) {
-                Ok(0) => break,
-                Ok(k) => {
-                    // SAFETY: writing our buffer into our placeholder memfd.
-                    let w = unsafe { real::pwrite(fd, buf.as_ptr().cast(), k, off as i64) };
-                    if w != k as isize {
-                        ok = false;
-                        break;
-                    }
-                    off += k as u64;
-                }
-                Err(_) => {
-                    ok = false;
-                    break;
-                }
-            }
-        }
-        if !ok {
-            // Never hand a child a prefix of a file that failed verification.
-            // SAFETY: truncating our placeholder.
-            unsafe { real::ftruncate(fd, 0) };
-            continue;
-        }
-        // SAFETY: positioning our placeholder at the shared offset.
-        unsafe { real::lseek(fd, f.offset as i64, libc::SEEK_SET) };
         desc.push(format!("{fd}:{mode}:{hex}"));
     }
     if desc.is_empty() {
