@@ -135,6 +135,7 @@ impl World {
         let mut c = Command::new(fspf_bin());
         c.current_dir(self.dir.path())
             .env("FSPF_PRELOAD", preload())
+            .env("LC_ALL", "C")
             .env_remove("SCONE_FSPF_KEY")
             .env_remove("SCONE_FSPF_TAG")
             .env_remove("SCONE_FSPF")
@@ -172,6 +173,7 @@ impl World {
         c.args(&argv[1..])
             .current_dir(self.dir.path())
             .env("LD_PRELOAD", preload())
+            .env("LC_ALL", "C")
             .env("SCONE_FSPF", &self.fspf)
             .env("SCONE_FSPF_KEY", &self.key)
             .env("SCONE_FSPF_TAG", &self.tag)
