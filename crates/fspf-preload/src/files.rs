@@ -562,3 +562,19 @@ pub fn fill_statx(ep: &EmbedPath, node: &Node, sx: &mut libc::statx) {
     sx.stx_dev_major = (SHIELD_DEV >> 8) as u32;
     sx.stx_dev_minor = (SHIELD_DEV & 0xff) as u32;
 }
+
+/// Hold every fd-table lock across `fork` (after the shield lock), so the child never inherits
+/// one mid-update.
+pub struct ForkGuards {
+    _table: std::sync::RwLockWriteGuard<'static, BTreeMap<c_int, Handle>>,
+    _translated: std::sync::RwLockWriteGuard<'static, BTreeMap<c_int, EmbedPath>>,
+    _own: std::sync::MutexGuard<'static, BTreeMap<c_int, Weak<Mutex<WriteBuf>>>>,
+}
+
+pub fn fork_guards() -> ForkGuards {
+    ForkGuards {
+        _table: table_write(),
+        _translated: TRANSLATED.write().unwrap_or_else(|e| e.into_inner()),
+        _own: own_map(),
+    }
+}

@@ -198,10 +198,12 @@ pub unsafe extern "C" fn fork() -> pid_t {
     let sh = shield::get();
     // Hold the shield's locks across fork so the child never inherits them mid-update.
     let inner = sh.lock();
-    let table = files::table_write();
+    let tables = files::fork_guards();
+    let streams = super::dir::streams();
     // SAFETY: plain fork.
     let pid = unsafe { real::fork() };
-    drop(table);
+    drop(streams);
+    drop(tables);
     drop(inner);
     pid
 }
