@@ -904,3 +904,11 @@ pub unsafe extern "C" fn mmap64(
     // SAFETY: same function.
     unsafe { mmap(a, l, p, f, fd, o) }
 }
+
+/// glibc's closefrom issues close_range itself (not through the PLT); route it through ours so
+/// the shield's own fds survive.
+#[no_mangle]
+pub unsafe extern "C" fn closefrom(low: c_int) {
+    // SAFETY: same contract as close_range over [low, max].
+    unsafe { close_range(low.max(0) as c_uint, c_uint::MAX, 0) };
+}
