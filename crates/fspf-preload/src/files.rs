@@ -1,23 +1,30 @@
 //! Open shielded files: the fd table (fd → shared open-file description), verified readers,
 //! write buffers, and the stat structures the shield synthesises.
-use crate::log;
 use crate::shield::{Node, NodeKind};
+use crate::{log, real};
 use fspf_core::volume::memory::MemReader;
 use fspf_core::volume::KernelReader;
 use fspf_core::EmbedPath;
 use libc::c_int;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
-/// Plaintext of a file being written (or written but not yet committed). Shared by every fd of
-/// this process that has the path open, so they all see the same bytes.
+/// Plaintext of a file being written (or written but not yet committed), held in a memfd.
+///
+/// Every fd of the program that has the file open is a separate open description of this memfd
+/// (reopened through `/proc/self/fd`), so the kernel keeps offsets, `O_APPEND`, and sharing
+/// across `dup`/`fork` exactly as for a real file, and writes that bypass the hooks (glibc
+/// stdio writing a redirected stdout with internal calls) land in it too. At the last close the
+/// content is sealed as a new version.
 pub struct WriteBuf {
     pub path: EmbedPath,
-    pub data: Vec<u8>,
+    /// Backing memfd (close-on-exec, owned).
+    pub fd: c_int,
     pub mode: u32,
-    pub dirty: bool,
+    /// Set by every hooked write/truncate: the content may differ from the last sealed version.
+    pub touched: Arc<AtomicBool>,
     /// Open write descriptions; the version is sealed when this drops to 0.
     pub writers: usize,
     pub mtime: i64,
@@ -25,6 +32,252 @@ pub struct WriteBuf {
     pub detached: bool,
     /// Its latest version is staged but not committed: reads must come from this buffer.
     pub pending: bool,
+    /// (size, hash) of the content when last loaded or sealed; catches writes that bypassed
+    /// the hooks.
+    pub print: (u64, u64),
+}
+
+impl WriteBuf {
+    /// An empty buffer for `path`.
+    pub fn create(path: EmbedPath, mode: u32, mtime: i64) -> Result<WriteBuf, c_int> {
+        let mut name = b"fspf-buf:".to_vec();
+        name.extend(
+            path.file_name()
+                .iter()
+                .copied()
+                .filter(|&c| c != 0)
+                .take(200),
+        );
+        name.push(0);
+        // SAFETY: `name` is NUL-terminated; the fd is owned by the new WriteBuf.
+        let fd = unsafe { libc::memfd_create(name.as_ptr().cast(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(crate::errno());
+        }
+        let fd = move_high(fd, true);
+        Ok(WriteBuf {
+            path,
+            fd,
+            mode,
+            touched: Arc::new(AtomicBool::new(false)),
+            writers: 0,
+            mtime,
+            detached: false,
+            pending: false,
+            print: (0, fingerprint_bytes(&[])),
+        })
+    }
+
+    /// Adopt an inherited memfd (a dup of it is kept).
+    pub fn adopt(path: EmbedPath, fd: c_int, mode: u32, mtime: i64) -> Result<WriteBuf, c_int> {
+        // SAFETY: duplicating the inherited fd out of the program's way.
+        let own = unsafe { real::fcntl(fd, libc::F_DUPFD_CLOEXEC, OWN_FD_BASE as libc::c_ulong) };
+        if own < 0 {
+            return Err(crate::errno());
+        }
+        let mut b = WriteBuf {
+            path,
+            fd: own,
+            mode,
+            touched: Arc::new(AtomicBool::new(false)),
+            writers: 0,
+            mtime,
+            detached: false,
+            pending: false,
+            print: (0, 0),
+        };
+        b.print = b.fingerprint()?;
+        Ok(b)
+    }
+
+    pub fn len(&self) -> u64 {
+        // SAFETY: fstat of our own fd into a local buffer.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { real::fstat(self.fd, &mut st) } == 0 {
+            st.st_size as u64
+        } else {
+            0
+        }
+    }
+
+    pub fn read_at(&self, out: &mut [u8], off: u64) -> Result<usize, c_int> {
+        // SAFETY: reading into the caller's buffer from our own fd.
+        let n = unsafe { real::pread(self.fd, out.as_mut_ptr().cast(), out.len(), off as i64) };
+        if n < 0 {
+            Err(crate::errno())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Append `data` at `off` (loading content).
+    pub fn write_all_at(&self, mut data: &[u8], mut off: u64) -> Result<(), c_int> {
+        while !data.is_empty() {
+            // SAFETY: writing our buffer to our own fd.
+            let n = unsafe { real::pwrite(self.fd, data.as_ptr().cast(), data.len(), off as i64) };
+            if n <= 0 {
+                return Err(if n < 0 { crate::errno() } else { libc::EIO });
+            }
+            data = &data[n as usize..];
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    pub fn set_len(&self, len: u64) -> Result<(), c_int> {
+        // SAFETY: truncating our own fd.
+        if unsafe { real::ftruncate(self.fd, len as i64) } != 0 {
+            return Err(crate::errno());
+        }
+        self.touched.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The whole plaintext.
+    pub fn contents(&self) -> Result<Vec<u8>, c_int> {
+        let len = usize::try_from(self.len()).map_err(|_| libc::EFBIG)?;
+        let mut v = vec![0u8; len];
+        let mut done = 0;
+        while done < len {
+            let n = self.read_at(&mut v[done..], done as u64)?;
+            if n == 0 {
+                v.truncate(done);
+                break;
+            }
+            done += n;
+        }
+        Ok(v)
+    }
+
+    pub fn fingerprint(&self) -> Result<(u64, u64), c_int> {
+        let c = self.contents()?;
+        Ok((c.len() as u64, fingerprint_bytes(&c)))
+    }
+
+    /// Does the content need sealing (changed since it was loaded or last sealed)?
+    pub fn needs_seal(&self) -> bool {
+        if self.detached {
+            return false;
+        }
+        if self.touched.load(Ordering::Relaxed) {
+            return true;
+        }
+        self.fingerprint().ok().is_none_or(|p| p != self.print)
+    }
+
+    /// Record `content` as the sealed (or loaded) state.
+    pub fn mark_sealed(&mut self, content: &[u8]) {
+        self.touched.store(false, Ordering::Relaxed);
+        self.print = (content.len() as u64, fingerprint_bytes(content));
+    }
+
+    /// A new open description of the buffer for the program (`flags`: access mode, O_APPEND,
+    /// O_CLOEXEC).
+    pub fn reopen(&self, flags: c_int) -> Result<c_int, c_int> {
+        let p = std::ffi::CString::new(format!("/proc/self/fd/{}", self.fd))
+            .map_err(|_| libc::EINVAL)?;
+        let fl = flags & (libc::O_ACCMODE | libc::O_APPEND | libc::O_CLOEXEC);
+        // SAFETY: NUL-terminated path to our own memfd.
+        let fd = unsafe { real::open(p.as_ptr(), fl, 0) };
+        if fd < 0 {
+            Err(crate::errno())
+        } else {
+            Ok(fd)
+        }
+    }
+}
+
+impl Drop for WriteBuf {
+    fn drop(&mut self) {
+        forget_own(self.fd);
+        // SAFETY: closing the memfd this buffer owns.
+        unsafe { real::close(self.fd) };
+    }
+}
+
+/// Buffers' backing fds live from here up, out of the way of programs (and protected from
+/// their `close`, `close_range` and `dup2`).
+const OWN_FD_BASE: c_int = 800;
+
+static OWN: Mutex<BTreeMap<c_int, Weak<Mutex<WriteBuf>>>> = Mutex::new(BTreeMap::new());
+static N_OWN: AtomicUsize = AtomicUsize::new(0);
+
+fn own_map() -> std::sync::MutexGuard<'static, BTreeMap<c_int, Weak<Mutex<WriteBuf>>>> {
+    OWN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Move `fd` to a free number >= OWN_FD_BASE (the original is closed). Keeps `fd` on failure.
+fn move_high(fd: c_int, cloexec: bool) -> c_int {
+    let cmd = if cloexec {
+        libc::F_DUPFD_CLOEXEC
+    } else {
+        libc::F_DUPFD
+    };
+    // SAFETY: duplicating our own fd.
+    let n = unsafe { real::fcntl(fd, cmd, OWN_FD_BASE as libc::c_ulong) };
+    if n < 0 {
+        return fd;
+    }
+    // SAFETY: closing the low number of our own fd.
+    unsafe { real::close(fd) };
+    n
+}
+
+/// Register a buffer's backing fd as the shield's own.
+pub fn register_own(b: &Arc<Mutex<WriteBuf>>) {
+    let fd = b.lock().unwrap_or_else(|e| e.into_inner()).fd;
+    if own_map().insert(fd, Arc::downgrade(b)).is_none() {
+        N_OWN.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn forget_own(fd: c_int) {
+    if own_map().remove(&fd).is_some() {
+        N_OWN.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Is `fd` the backing fd of a buffer?
+pub fn is_own(fd: c_int) -> bool {
+    N_OWN.load(Ordering::Relaxed) > 0 && own_map().contains_key(&fd)
+}
+
+/// Backing fds in `first..=last`.
+pub fn own_in(first: c_int, last: c_int) -> Vec<c_int> {
+    if N_OWN.load(Ordering::Relaxed) == 0 {
+        return Vec::new();
+    }
+    own_map().range(first..=last).map(|(k, _)| *k).collect()
+}
+
+/// Before the program dup2()s onto `target`: if it is a buffer's backing fd, move the buffer
+/// to another number first.
+pub fn protect_own(target: c_int) {
+    if !is_own(target) {
+        return;
+    }
+    let Some(b) = own_map().get(&target).and_then(Weak::upgrade) else {
+        return;
+    };
+    let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: duplicating our own fd to a new high number.
+    let n = unsafe { real::fcntl(g.fd, libc::F_DUPFD_CLOEXEC, (target + 1) as libc::c_ulong) };
+    if n < 0 {
+        return;
+    }
+    forget_own(target);
+    g.fd = n;
+    drop(g);
+    register_own(&b);
+    // The old number is about to be replaced by the program's dup2.
+}
+
+fn fingerprint_bytes(b: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    b.hash(&mut h);
+    h.finish()
 }
 
 pub enum Body {
@@ -47,6 +300,9 @@ pub struct OpenFile {
     pub body: Body,
     pub mode: u32,
     pub kernel: Option<PathBuf>,
+    /// For buffers (`Body::Buf`): I/O on the program's fd goes straight to the kernel (it is a
+    /// description of the buffer's memfd); writes set this flag.
+    pub touched: Option<Arc<AtomicBool>>,
 }
 
 pub type Handle = Arc<Mutex<OpenFile>>;
@@ -153,7 +409,7 @@ impl OpenFile {
             Body::Kernel(r) => r.size(),
             Body::Mem(r) => r.size(),
             Body::Plain(v) => v.len() as u64,
-            Body::Buf(b) => b.lock().map(|g| g.data.len() as u64).unwrap_or(0),
+            Body::Buf(b) => b.lock().map(|g| g.len()).unwrap_or(0),
             Body::Dir => 0,
         }
     }
@@ -167,11 +423,12 @@ impl OpenFile {
             Body::Kernel(r) => r.read_at(out, off),
             Body::Mem(r) => r.read_at(out, off),
             Body::Plain(v) => Ok(copy_from(v, out, off)),
-            Body::Buf(b) => Ok(copy_from(
-                &b.lock().unwrap_or_else(|e| e.into_inner()).data,
-                out,
-                off,
-            )),
+            Body::Buf(b) => {
+                return b
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read_at(out, off)
+            }
             Body::Dir => return Err(libc::EISDIR),
         };
         r.map_err(|e| {
@@ -182,29 +439,6 @@ impl OpenFile {
         })
     }
 
-    pub fn write_at(&mut self, data: &[u8], off: u64) -> Result<usize, c_int> {
-        let Body::Buf(b) = &self.body else {
-            return Err(libc::EBADF);
-        };
-        if !self.write {
-            return Err(libc::EBADF);
-        }
-        let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
-        let off = if self.append {
-            g.data.len()
-        } else {
-            usize::try_from(off).map_err(|_| libc::EFBIG)?
-        };
-        let end = off.checked_add(data.len()).ok_or(libc::EFBIG)?;
-        if g.data.len() < end {
-            g.data.resize(end, 0);
-        }
-        g.data[off..end].copy_from_slice(data);
-        g.dirty = true;
-        g.mtime = crate::shield::get().started.max(now());
-        Ok(data.len())
-    }
-
     pub fn set_len(&mut self, len: u64) -> Result<(), c_int> {
         let Body::Buf(b) = &self.body else {
             return Err(libc::EINVAL);
@@ -212,11 +446,8 @@ impl OpenFile {
         if !self.write {
             return Err(libc::EINVAL);
         }
-        let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
-        g.data
-            .resize(usize::try_from(len).map_err(|_| libc::EFBIG)?, 0);
-        g.dirty = true;
-        Ok(())
+        let g = b.lock().unwrap_or_else(|e| e.into_inner());
+        g.set_len(len)
     }
 
     pub fn node(&self) -> Node {
@@ -235,13 +466,6 @@ impl OpenFile {
             },
         }
     }
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 fn copy_from(v: &[u8], out: &mut [u8], off: u64) -> usize {
@@ -337,4 +561,20 @@ pub fn fill_statx(ep: &EmbedPath, node: &Node, sx: &mut libc::statx) {
     sx.stx_btime = ts(st.st_ctime);
     sx.stx_dev_major = (SHIELD_DEV >> 8) as u32;
     sx.stx_dev_minor = (SHIELD_DEV & 0xff) as u32;
+}
+
+/// Hold every fd-table lock across `fork` (after the shield lock), so the child never inherits
+/// one mid-update.
+pub struct ForkGuards {
+    _table: std::sync::RwLockWriteGuard<'static, BTreeMap<c_int, Handle>>,
+    _translated: std::sync::RwLockWriteGuard<'static, BTreeMap<c_int, EmbedPath>>,
+    _own: std::sync::MutexGuard<'static, BTreeMap<c_int, Weak<Mutex<WriteBuf>>>>,
+}
+
+pub fn fork_guards() -> ForkGuards {
+    ForkGuards {
+        _table: table_write(),
+        _translated: TRANSLATED.write().unwrap_or_else(|e| e.into_inner()),
+        _own: own_map(),
+    }
 }

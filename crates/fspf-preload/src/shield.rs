@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{CStr, CString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// Commit after this many staged file versions even without fsync (bounds memory and shadows).
@@ -25,9 +26,10 @@ pub struct Shield {
     key: Option<VolumeKey>,
     pub mutable: bool,
     /// Inherited memfd holding the run's current 16-byte tag; -1 when the shield failed.
-    pub anchor_fd: c_int,
+    /// Atomic: it moves when the program dup2()s onto its number.
+    anchor: AtomicI32,
     /// Private CLOEXEC memfd with the hex key, handed to exec'd children (FSPF_KEY_FD); or -1.
-    pub key_fd: c_int,
+    key_fd_slot: AtomicI32,
     pub started: i64,
     inner: Mutex<Inner>,
 }
@@ -135,6 +137,26 @@ fn memfd_with(name: &CStr, content: &[u8], cloexec: bool) -> c_int {
 fn is_anchor_memfd(fd: c_int) -> bool {
     std::fs::read_link(format!("/proc/self/fd/{fd}"))
         .is_ok_and(|t| t.as_os_str().as_bytes().starts_with(b"/memfd:fspf-anchor"))
+}
+
+/// Move `fd` to the lowest free number >= HIGH_FD (closing the old one). None on failure.
+fn relocate(fd: c_int, cloexec: bool) -> Option<c_int> {
+    if fd >= HIGH_FD {
+        return Some(fd);
+    }
+    let cmd = if cloexec {
+        libc::F_DUPFD_CLOEXEC
+    } else {
+        libc::F_DUPFD
+    };
+    // SAFETY: duplicating our own fd.
+    let n = unsafe { real::fcntl(fd, cmd, HIGH_FD as libc::c_ulong) };
+    if n < 0 {
+        return None;
+    }
+    // SAFETY: closing the old number of our own fd.
+    unsafe { real::close(fd) };
+    Some(n)
 }
 
 fn real_cwd() -> Option<EmbedPath> {
@@ -251,7 +273,11 @@ pub fn init() -> bool {
             Some((fd, b)) if b.len() == 16 => {
                 let mut t = [0u8; 16];
                 t.copy_from_slice(&b);
-                anchor_fd = fd;
+                // Move it out of the way of shells (`exec 3>file`) and give its number back.
+                anchor_fd = relocate(fd, false).unwrap_or(fd);
+                if anchor_fd != fd {
+                    std::env::set_var("FSPF_ANCHOR_FD", anchor_fd.to_string());
+                }
                 anchor_tag = Some(Tag(t));
             }
             _ => {
@@ -302,8 +328,8 @@ pub fn init() -> bool {
         fspf,
         key,
         mutable,
-        anchor_fd,
-        key_fd,
+        anchor: AtomicI32::new(anchor_fd),
+        key_fd_slot: AtomicI32::new(key_fd),
         started: now(),
         inner: Mutex::new(Inner {
             vol,
@@ -489,20 +515,57 @@ impl Shield {
         Ok(())
     }
 
+    pub fn anchor_fd(&self) -> c_int {
+        self.anchor.load(Ordering::Relaxed)
+    }
+
+    pub fn key_fd(&self) -> c_int {
+        self.key_fd_slot.load(Ordering::Relaxed)
+    }
+
+    /// Before the program dup2()s onto `target`: if that is one of the shield's own fds, move
+    /// ours elsewhere first (a shell's `exec 3>file` must not replace the trust anchor).
+    pub fn protect_own_fd(&self, target: c_int) {
+        if target < 0 {
+            return;
+        }
+        if target == self.anchor_fd() {
+            // SAFETY: duplicating our own anchor fd.
+            let n = unsafe { real::fcntl(target, libc::F_DUPFD, (target + 1) as libc::c_ulong) };
+            if n >= 0 {
+                self.anchor.store(n, Ordering::Relaxed);
+                if std::env::var_os("FSPF_ANCHOR_FD").is_some() {
+                    std::env::set_var("FSPF_ANCHOR_FD", n.to_string());
+                }
+            }
+        }
+        if target == self.key_fd() {
+            // SAFETY: duplicating our own key fd.
+            let n = unsafe {
+                real::fcntl(target, libc::F_DUPFD_CLOEXEC, (target + 1) as libc::c_ulong)
+            };
+            if n >= 0 {
+                self.key_fd_slot.store(n, Ordering::Relaxed);
+            }
+        }
+    }
+
     pub fn read_anchor(&self) -> Option<Tag> {
-        if self.anchor_fd < 0 {
+        let fd = self.anchor_fd();
+        if fd < 0 {
             return None;
         }
         let mut t = [0u8; 16];
         // SAFETY: reading into a local buffer of its size from our own anchor fd.
-        let n = unsafe { real::pread(self.anchor_fd, t.as_mut_ptr().cast(), 16, 0) };
+        let n = unsafe { real::pread(fd, t.as_mut_ptr().cast(), 16, 0) };
         (n == 16).then_some(Tag(t))
     }
 
     fn write_anchor(&self, t: Tag) {
-        if self.anchor_fd >= 0 {
+        let fd = self.anchor_fd();
+        if fd >= 0 {
             // SAFETY: writing a local 16-byte buffer to our own anchor fd.
-            unsafe { real::pwrite(self.anchor_fd, t.0.as_ptr().cast(), 16, 0) };
+            unsafe { real::pwrite(fd, t.0.as_ptr().cast(), 16, 0) };
         }
     }
 
@@ -525,7 +588,7 @@ impl Shield {
             let b = b.lock().unwrap_or_else(|e| e.into_inner());
             return Ok(Node {
                 kind: NodeKind::File,
-                size: b.data.len() as u64,
+                size: b.len(),
                 mode: b.mode,
                 kernel,
                 mtime: Some(b.mtime),
@@ -667,19 +730,20 @@ impl Shield {
         }
     }
 
-    /// Seal a finished buffer: into memory for ephemeral regions, as a staged version otherwise.
+    /// Seal a buffer whose content changed: into memory for ephemeral regions, as a staged
+    /// version otherwise.
     pub fn finish(&self, inner: &mut Inner, b: &mut WriteBuf) -> Result<(), c_int> {
-        if !b.dirty || b.detached {
+        if !b.needs_seal() {
             return Ok(());
         }
+        let data = b.contents()?;
         let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
         let region = vol.region_for(&b.path).ok_or(libc::EACCES)?.clone();
         if region.kind == RegionKind::Ephemeral {
-            let sealed =
-                memory::seal_in_memory(&region, &b.path, b.mode, &b.data).map_err(|e| {
-                    log(format!("{}: {e}", b.path));
-                    libc::EIO
-                })?;
+            let sealed = memory::seal_in_memory(&region, &b.path, b.mode, &data).map_err(|e| {
+                log(format!("{}: {e}", b.path));
+                libc::EIO
+            })?;
             inner.eph.insert(
                 b.path.clone(),
                 EphNode::File {
@@ -687,7 +751,7 @@ impl Shield {
                     mtime: b.mtime,
                 },
             );
-            b.dirty = false;
+            b.mark_sealed(&data);
             return Ok(());
         }
         if let Some(parent) = b
@@ -699,14 +763,14 @@ impl Shield {
             let _ = std::fs::create_dir_all(parent);
         }
         let staged = vol
-            .stage_file(&b.path, b.data.len() as u64, b.mode, &mut &b.data[..])
+            .stage_file(&b.path, data.len() as u64, b.mode, &mut &data[..])
             .map_err(|e| {
                 log(format!("{}: staging failed: {e}", b.path));
                 libc::EIO
             })?;
-        inner.staged_bytes += b.data.len() as u64;
+        inner.staged_bytes += data.len() as u64;
         inner.queue.push(Change::Put(staged));
-        b.dirty = false;
+        b.mark_sealed(&data);
         b.pending = true;
         Ok(())
     }
@@ -721,7 +785,7 @@ impl Shield {
         let r = self.finish(&mut inner, &mut b);
         let eph = self.is_ephemeral(&inner, &b.path);
         let path = b.path.clone();
-        let clean = !b.dirty && !b.pending;
+        let clean = !b.pending && !b.touched.load(std::sync::atomic::Ordering::Relaxed);
         drop(b);
         // Ephemeral files now live sealed in the tree; a clean kernel buffer nobody holds may
         // go stale (another process of the run may commit the path): drop both from `live`.
@@ -747,7 +811,7 @@ impl Shield {
         let mut res = Ok(());
         for b in bufs {
             let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
-            if g.dirty && !self.is_ephemeral(inner, &g.path) {
+            if !self.is_ephemeral(inner, &g.path) {
                 if let Err(e) = self.finish(inner, &mut g) {
                     res = Err(e);
                 }
@@ -800,9 +864,7 @@ impl Shield {
         for b in inner.live.values() {
             b.lock().unwrap_or_else(|e| e.into_inner()).pending = false;
         }
-        inner
-            .live
-            .retain(|_, b| Arc::strong_count(b) > 1 || b.lock().map(|g| g.dirty).unwrap_or(true));
+        inner.live.retain(|_, b| Arc::strong_count(b) > 1);
         res
     }
 

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-struct DirStream {
+pub(crate) struct DirStream {
     fd: c_int,
     path: EmbedPath,
     entries: Vec<(Vec<u8>, u8)>,
@@ -22,7 +22,7 @@ struct DirStream {
 static STREAMS: Mutex<BTreeMap<usize, Box<DirStream>>> = Mutex::new(BTreeMap::new());
 static N_STREAMS: AtomicUsize = AtomicUsize::new(0);
 
-fn streams() -> std::sync::MutexGuard<'static, BTreeMap<usize, Box<DirStream>>> {
+pub(crate) fn streams() -> std::sync::MutexGuard<'static, BTreeMap<usize, Box<DirStream>>> {
     STREAMS.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -5,10 +5,20 @@ use super::{fail, fail_isize};
 use crate::files::{self, Body, Handle};
 use crate::{enter, log, real, set_errno, shield};
 use libc::{c_int, c_uint, c_ulong, c_void, off_t, size_t, ssize_t};
+use std::sync::atomic::Ordering;
 
-/// Read at `off` (or the shared offset, advancing it).
-pub unsafe fn do_read(h: &Handle, buf: *mut u8, n: size_t, off: Option<u64>) -> ssize_t {
+/// Read at `off` (or the shared offset, advancing it). Buffers are read by the kernel.
+pub unsafe fn do_read(fd: c_int, h: &Handle, buf: *mut u8, n: size_t, off: Option<u64>) -> ssize_t {
     let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
+    if f.touched.is_some() {
+        drop(f);
+        return match off {
+            // SAFETY: the program's buffer of n bytes; fd is a description of the buffer.
+            Some(o) => unsafe { real::pread(fd, buf.cast(), n, o as off_t) },
+            // SAFETY: as above.
+            None => unsafe { real::read(fd, buf.cast(), n) },
+        };
+    }
     let pos = off.unwrap_or(f.offset);
     if n == 0 {
         return 0;
@@ -26,31 +36,40 @@ pub unsafe fn do_read(h: &Handle, buf: *mut u8, n: size_t, off: Option<u64>) -> 
     }
 }
 
-pub unsafe fn do_write(h: &Handle, buf: *const u8, n: size_t, off: Option<u64>) -> ssize_t {
-    let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
-    if !f.write {
-        return fail_isize(libc::EBADF);
-    }
-    let pos = off.unwrap_or(f.offset);
-    let data: &[u8] = if n == 0 {
-        &[]
-    } else {
-        // SAFETY: the program passed n readable bytes.
-        unsafe { std::slice::from_raw_parts(buf, n) }
-    };
-    match f.write_at(data, pos) {
-        Ok(k) => {
-            if off.is_none() {
-                f.offset = if f.append { f.size() } else { pos + k as u64 };
-            }
-            k as ssize_t
+/// Write through a buffer's description (the kernel keeps offset and O_APPEND).
+pub unsafe fn do_write(
+    fd: c_int,
+    h: &Handle,
+    buf: *const u8,
+    n: size_t,
+    off: Option<u64>,
+) -> ssize_t {
+    let touched = {
+        let f = h.lock().unwrap_or_else(|e| e.into_inner());
+        if !f.write {
+            return fail_isize(libc::EBADF);
         }
-        Err(e) => fail_isize(e),
+        f.touched.clone()
+    };
+    let Some(t) = touched else {
+        return fail_isize(libc::EBADF);
+    };
+    t.store(true, Ordering::Relaxed);
+    match off {
+        // SAFETY: the program's n bytes; fd is a description of the buffer.
+        Some(o) => unsafe { real::pwrite(fd, buf.cast(), n, o as off_t) },
+        // SAFETY: as above.
+        None => unsafe { real::write(fd, buf.cast(), n) },
     }
 }
 
-pub fn do_seek(h: &Handle, off: i64, whence: c_int) -> i64 {
+pub fn do_seek(fd: c_int, h: &Handle, off: i64, whence: c_int) -> i64 {
     let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
+    if f.touched.is_some() {
+        drop(f);
+        // SAFETY: seeking the program's description of the buffer.
+        return unsafe { real::lseek(fd, off, whence) };
+    }
     let size = f.size() as i64;
     let new = match whence {
         libc::SEEK_SET => off,
@@ -96,7 +115,7 @@ macro_rules! shielded {
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
     if let Some((_g, h)) = shielded!(fd) {
         // SAFETY: the program's buffer.
-        return unsafe { do_read(&h, buf.cast(), n, None) };
+        return unsafe { do_read(fd, &h, buf.cast(), n, None) };
     }
     // SAFETY: forwarding the program's arguments.
     unsafe { real::read(fd, buf, n) }
@@ -109,7 +128,7 @@ pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, bl: 
             unsafe { libc::abort() };
         }
         // SAFETY: the program's buffer.
-        return unsafe { do_read(&h, buf.cast(), n, None) };
+        return unsafe { do_read(fd, &h, buf.cast(), n, None) };
     }
     // SAFETY: forwarding the program's arguments.
     unsafe { real::__read_chk(fd, buf, n, bl) }
@@ -121,7 +140,7 @@ pub unsafe extern "C" fn pread(fd: c_int, buf: *mut c_void, n: size_t, o: off_t)
             return fail_isize(libc::EINVAL);
         }
         // SAFETY: the program's buffer.
-        return unsafe { do_read(&h, buf.cast(), n, Some(o as u64)) };
+        return unsafe { do_read(fd, &h, buf.cast(), n, Some(o as u64)) };
     }
     // SAFETY: forwarding the program's arguments.
     unsafe { real::pread(fd, buf, n, o) }
@@ -133,13 +152,14 @@ pub unsafe extern "C" fn pread64(fd: c_int, buf: *mut c_void, n: size_t, o: off_
             return fail_isize(libc::EINVAL);
         }
         // SAFETY: the program's buffer.
-        return unsafe { do_read(&h, buf.cast(), n, Some(o as u64)) };
+        return unsafe { do_read(fd, &h, buf.cast(), n, Some(o as u64)) };
     }
     // SAFETY: forwarding the program's arguments.
     unsafe { real::pread64(fd, buf, n, o) }
 }
 
 unsafe fn vec_io(
+    fd: c_int,
     h: &Handle,
     v: *const libc::iovec,
     cnt: c_int,
@@ -156,10 +176,10 @@ unsafe fn vec_io(
         let o = off.map(|o| o + total as u64);
         let r = if write {
             // SAFETY: iovec describes the program's buffer.
-            unsafe { do_write(h, io.iov_base.cast(), io.iov_len, o) }
+            unsafe { do_write(fd, h, io.iov_base.cast(), io.iov_len, o) }
         } else {
             // SAFETY: iovec describes the program's buffer.
-            unsafe { do_read(h, io.iov_base.cast(), io.iov_len, o) }
+            unsafe { do_read(fd, h, io.iov_base.cast(), io.iov_len, o) }
         };
         if r < 0 {
             return if total > 0 { total } else { r };
@@ -176,7 +196,7 @@ unsafe fn vec_io(
 pub unsafe extern "C" fn readv(fd: c_int, v: *const libc::iovec, n: c_int) -> ssize_t {
     if let Some((_g, h)) = shielded!(fd) {
         // SAFETY: program-provided iovecs.
-        return unsafe { vec_io(&h, v, n, None, false) };
+        return unsafe { vec_io(fd, &h, v, n, None, false) };
     }
     // SAFETY: forwarding.
     unsafe { real::readv(fd, v, n) }
@@ -185,7 +205,7 @@ pub unsafe extern "C" fn readv(fd: c_int, v: *const libc::iovec, n: c_int) -> ss
 pub unsafe extern "C" fn preadv(fd: c_int, v: *const libc::iovec, n: c_int, o: off_t) -> ssize_t {
     if let Some((_g, h)) = shielded!(fd) {
         // SAFETY: program-provided iovecs.
-        return unsafe { vec_io(&h, v, n, Some(o.max(0) as u64), false) };
+        return unsafe { vec_io(fd, &h, v, n, Some(o.max(0) as u64), false) };
     }
     // SAFETY: forwarding.
     unsafe { real::preadv(fd, v, n, o) }
@@ -194,7 +214,7 @@ pub unsafe extern "C" fn preadv(fd: c_int, v: *const libc::iovec, n: c_int, o: o
 pub unsafe extern "C" fn preadv64(fd: c_int, v: *const libc::iovec, n: c_int, o: off_t) -> ssize_t {
     if let Some((_g, h)) = shielded!(fd) {
         // SAFETY: program-provided iovecs.
-        return unsafe { vec_io(&h, v, n, Some(o.max(0) as u64), false) };
+        return unsafe { vec_io(fd, &h, v, n, Some(o.max(0) as u64), false) };
     }
     // SAFETY: forwarding.
     unsafe { real::preadv64(fd, v, n, o) }
@@ -203,7 +223,7 @@ pub unsafe extern "C" fn preadv64(fd: c_int, v: *const libc::iovec, n: c_int, o:
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
     if let Some((_g, h)) = shielded!(fd) {
         // SAFETY: the program's buffer.
-        return unsafe { do_write(&h, buf.cast(), n, None) };
+        return unsafe { do_write(fd, &h, buf.cast(), n, None) };
     }
     // SAFETY: forwarding.
     unsafe { real::write(fd, buf, n) }
@@ -212,7 +232,7 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssiz
 pub unsafe extern "C" fn pwrite(fd: c_int, buf: *const c_void, n: size_t, o: off_t) -> ssize_t {
     if let Some((_g, h)) = shielded!(fd) {
         // SAFETY: the program's buffer.
-        return unsafe { do_write(&h, buf.cast(), n, Some(o.max(0) as u64)) };
+        return unsafe { do_write(fd, &h, buf.cast(), n, Some(o.max(0) as u64)) };
     }
     // SAFETY: forwarding.
     unsafe { real::pwrite(fd, buf, n, o) }
@@ -221,7 +241,7 @@ pub unsafe extern "C" fn pwrite(fd: c_int, buf: *const c_void, n: size_t, o: off
 pub unsafe extern "C" fn pwrite64(fd: c_int, buf: *const c_void, n: size_t, o: off_t) -> ssize_t {
     if let Some((_g, h)) = shielded!(fd) {
         // SAFETY: the program's buffer.
-        return unsafe { do_write(&h, buf.cast(), n, Some(o.max(0) as u64)) };
+        return unsafe { do_write(fd, &h, buf.cast(), n, Some(o.max(0) as u64)) };
     }
     // SAFETY: forwarding.
     unsafe { real::pwrite64(fd, buf, n, o) }
@@ -230,7 +250,7 @@ pub unsafe extern "C" fn pwrite64(fd: c_int, buf: *const c_void, n: size_t, o: o
 pub unsafe extern "C" fn writev(fd: c_int, v: *const libc::iovec, n: c_int) -> ssize_t {
     if let Some((_g, h)) = shielded!(fd) {
         // SAFETY: program-provided iovecs.
-        return unsafe { vec_io(&h, v, n, None, true) };
+        return unsafe { vec_io(fd, &h, v, n, None, true) };
     }
     // SAFETY: forwarding.
     unsafe { real::writev(fd, v, n) }
@@ -239,7 +259,7 @@ pub unsafe extern "C" fn writev(fd: c_int, v: *const libc::iovec, n: c_int) -> s
 pub unsafe extern "C" fn pwritev(fd: c_int, v: *const libc::iovec, n: c_int, o: off_t) -> ssize_t {
     if let Some((_g, h)) = shielded!(fd) {
         // SAFETY: program-provided iovecs.
-        return unsafe { vec_io(&h, v, n, Some(o.max(0) as u64), true) };
+        return unsafe { vec_io(fd, &h, v, n, Some(o.max(0) as u64), true) };
     }
     // SAFETY: forwarding.
     unsafe { real::pwritev(fd, v, n, o) }
@@ -253,7 +273,7 @@ pub unsafe extern "C" fn pwritev64(
 ) -> ssize_t {
     if let Some((_g, h)) = shielded!(fd) {
         // SAFETY: program-provided iovecs.
-        return unsafe { vec_io(&h, v, n, Some(o.max(0) as u64), true) };
+        return unsafe { vec_io(fd, &h, v, n, Some(o.max(0) as u64), true) };
     }
     // SAFETY: forwarding.
     unsafe { real::pwritev64(fd, v, n, o) }
@@ -261,7 +281,7 @@ pub unsafe extern "C" fn pwritev64(
 #[no_mangle]
 pub unsafe extern "C" fn lseek(fd: c_int, o: off_t, w: c_int) -> off_t {
     if let Some((_g, h)) = shielded!(fd) {
-        return do_seek(&h, o, w);
+        return do_seek(fd, &h, o, w);
     }
     // SAFETY: forwarding.
     unsafe { real::lseek(fd, o, w) }
@@ -269,7 +289,7 @@ pub unsafe extern "C" fn lseek(fd: c_int, o: off_t, w: c_int) -> off_t {
 #[no_mangle]
 pub unsafe extern "C" fn lseek64(fd: c_int, o: off_t, w: c_int) -> off_t {
     if let Some((_g, h)) = shielded!(fd) {
-        return do_seek(&h, o, w);
+        return do_seek(fd, &h, o, w);
     }
     // SAFETY: forwarding.
     unsafe { real::lseek64(fd, o, w) }
@@ -278,7 +298,7 @@ pub unsafe extern "C" fn lseek64(fd: c_int, o: off_t, w: c_int) -> off_t {
 /// The shield's own inherited fds (anchor, key) survive programs that close "all other" fds.
 fn is_own_fd(fd: c_int) -> bool {
     let sh = shield::get();
-    fd >= 0 && (fd == sh.anchor_fd || fd == sh.key_fd)
+    fd >= 0 && (fd == sh.anchor_fd() || fd == sh.key_fd() || files::is_own(fd))
 }
 
 #[no_mangle]
@@ -308,12 +328,16 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
         return unsafe { real::close_range(first, last, flags) };
     };
     let sh = shield::get();
-    let mut own: Vec<c_uint> = [sh.anchor_fd, sh.key_fd]
+    let hi = c_int::try_from(last).unwrap_or(c_int::MAX);
+    let lo = c_int::try_from(first).unwrap_or(c_int::MAX);
+    let mut own: Vec<c_uint> = [sh.anchor_fd(), sh.key_fd()]
         .into_iter()
+        .chain(files::own_in(lo, hi))
         .filter(|&f| f >= 0 && (first..=last).contains(&(f as c_uint)))
         .map(|f| f as c_uint)
         .collect();
     own.sort_unstable();
+    own.dedup();
     if flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
         for fd in files::all_fds() {
             if (first..=last).contains(&(fd as c_uint)) && !is_own_fd(fd) {
@@ -343,6 +367,43 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
     r
 }
 
+/// Fill the read-only placeholder behind `fd` with the verified plaintext of `f`, position it
+/// at `f`'s offset and switch `f` to kernel reads. Returns false (placeholder left empty) when
+/// the plaintext does not verify.
+pub fn materialise_placeholder(fd: c_int, f: &mut crate::files::OpenFile) -> bool {
+    let size = f.size();
+    let mut off = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    // SAFETY: emptying our placeholder before refilling it.
+    unsafe { real::ftruncate(fd, 0) };
+    while off < size {
+        match f.read_at(&mut buf, off) {
+            Ok(0) => break,
+            Ok(k) => {
+                // SAFETY: writing our buffer into our placeholder memfd.
+                let w = unsafe { real::pwrite(fd, buf.as_ptr().cast(), k, off as i64) };
+                if w != k as isize {
+                    // SAFETY: never leave a prefix behind.
+                    unsafe { real::ftruncate(fd, 0) };
+                    return false;
+                }
+                off += k as u64;
+            }
+            Err(_) => {
+                // SAFETY: never leave a prefix of a file that failed verification.
+                unsafe { real::ftruncate(fd, 0) };
+                return false;
+            }
+        }
+    }
+    // SAFETY: positioning our placeholder at the shared offset.
+    unsafe { real::lseek(fd, f.offset as i64, libc::SEEK_SET) };
+    f.touched = Some(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(
+        false,
+    )));
+    true
+}
+
 fn dup_into(old: c_int, new: c_int) {
     if let Some(h) = files::remove(new) {
         // dup2 closes `new` silently, as the kernel does.
@@ -350,6 +411,15 @@ fn dup_into(old: c_int, new: c_int) {
     }
     files::forget_translated(new);
     if let Some(h) = files::get(old) {
+        if (0..=2).contains(&new) {
+            // stdin/stdout/stderr are read by glibc's stdio with internal calls that bypass
+            // the hooks: give a read-only placeholder the verified plaintext and let the
+            // kernel serve it from now on.
+            let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
+            if f.touched.is_none() && !matches!(f.body, Body::Dir) {
+                let _ = materialise_placeholder(new, &mut f);
+            }
+        }
         files::insert(new, h);
     } else if let Some(ep) = files::translated_path(old) {
         files::track_translated(new, ep);
@@ -369,6 +439,10 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
 }
 #[no_mangle]
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    if let Some(_g) = enter() {
+        shield::get().protect_own_fd(new);
+        files::protect_own(new);
+    }
     // SAFETY: forwarding.
     let r = unsafe { real::dup2(old, new) };
     if r >= 0 && old != new {
@@ -380,6 +454,10 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 }
 #[no_mangle]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, fl: c_int) -> c_int {
+    if let Some(_g) = enter() {
+        shield::get().protect_own_fd(new);
+        files::protect_own(new);
+    }
     // SAFETY: forwarding.
     let r = unsafe { real::dup3(old, new, fl) };
     if r >= 0 {
@@ -616,7 +694,7 @@ pub unsafe extern "C" fn posix_fadvise64(fd: c_int, o: off_t, l: off_t, a: c_int
 unsafe fn any_read(fd: c_int, buf: &mut [u8], off: Option<u64>) -> ssize_t {
     match files::get(fd) {
         // SAFETY: our own buffer.
-        Some(h) => unsafe { do_read(&h, buf.as_mut_ptr(), buf.len(), off) },
+        Some(h) => unsafe { do_read(fd, &h, buf.as_mut_ptr(), buf.len(), off) },
         None => match off {
             // SAFETY: our own buffer.
             Some(o) => unsafe { real::pread(fd, buf.as_mut_ptr().cast(), buf.len(), o as off_t) },
@@ -630,7 +708,7 @@ unsafe fn any_write_all(fd: c_int, mut buf: &[u8], mut off: Option<u64>) -> Resu
     while !buf.is_empty() {
         let r = match files::get(fd) {
             // SAFETY: our own buffer.
-            Some(h) => unsafe { do_write(&h, buf.as_ptr(), buf.len(), off) },
+            Some(h) => unsafe { do_write(fd, &h, buf.as_ptr(), buf.len(), off) },
             None => match off {
                 // SAFETY: our own buffer.
                 Some(o) => unsafe { real::pwrite(fd, buf.as_ptr().cast(), buf.len(), o as off_t) },
@@ -825,4 +903,12 @@ pub unsafe extern "C" fn mmap64(
 ) -> *mut c_void {
     // SAFETY: same function.
     unsafe { mmap(a, l, p, f, fd, o) }
+}
+
+/// glibc's closefrom issues close_range itself (not through the PLT); route it through ours so
+/// the shield's own fds survive.
+#[no_mangle]
+pub unsafe extern "C" fn closefrom(low: c_int) {
+    // SAFETY: same contract as close_range over [low, max].
+    unsafe { close_range(low.max(0) as c_uint, c_uint::MAX, 0) };
 }

@@ -38,7 +38,6 @@ fn detach_live(inner: &mut Inner, ep: &EmbedPath) {
         if let Some(b) = inner.live.remove(&k) {
             let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
             g.detached = true;
-            g.dirty = false;
         }
     }
 }

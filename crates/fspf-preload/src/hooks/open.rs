@@ -77,9 +77,38 @@ fn read_all(
     Ok(v)
 }
 
+/// A live buffer is authoritative while someone writes it or its version is not committed;
+/// a clean, committed one may be older than what another process of the run committed since.
+fn live_is_current(b: &Arc<Mutex<WriteBuf>>) -> bool {
+    let g = b.lock().unwrap_or_else(|e| e.into_inner());
+    g.writers > 0 || g.pending || g.touched.load(Ordering::Relaxed)
+}
+
+/// Fill a new buffer for `ep` with its current verified plaintext (streamed chunk by chunk).
+fn load_buffer(inner: &Inner, ep: &EmbedPath, b: &WriteBuf) -> Result<(), c_int> {
+    let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
+    let region = vol.region_for(ep).ok_or(libc::ENOENT)?;
+    if region.kind == RegionKind::Ephemeral || region.protection == Protection::NotProtected {
+        let data = load_plain(inner, ep)?;
+        return b.write_all_at(&data, 0);
+    }
+    let mut r = vol.open_file(ep).map_err(|e| map_core(ep, e))?;
+    let mut chunk = vec![0u8; r.chunk_len() as usize];
+    let mut off = 0u64;
+    while off < r.size() {
+        let n = r.read_at(&mut chunk, off).map_err(|e| map_core(ep, e))?;
+        if n == 0 {
+            return Err(libc::EIO);
+        }
+        b.write_all_at(&chunk[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
 /// Read-only body for `ep`; `verify` checks every chunk now (small files only).
 fn read_body(inner: &Inner, ep: &EmbedPath, verify: bool) -> Result<Body, c_int> {
-    if let Some(b) = inner.live.get(ep) {
+    if let Some(b) = inner.live.get(ep).filter(|b| live_is_current(b)) {
         return Ok(Body::Buf(b.clone()));
     }
     let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
@@ -195,6 +224,7 @@ fn shield_open_depth(
                         body: Body::Dir,
                         mode: n.mode,
                         kernel: n.kernel,
+                        touched: None,
                     };
                     files::insert(fd, Arc::new(Mutex::new(f)));
                     return Ok(fd);
@@ -250,38 +280,29 @@ fn shield_open_depth(
             }
             if wants_write {
                 sh.check_writable(&inner, &ep)?;
-                let buf = match inner.live.get(&ep) {
+                let buf = match inner.live.get(&ep).filter(|b| live_is_current(b)) {
                     Some(b) => b.clone(),
                     None => {
-                        let data = if flags & libc::O_TRUNC != 0 {
-                            Vec::new()
-                        } else {
-                            load_plain(&inner, &ep)?
-                        };
-                        let b = Arc::new(Mutex::new(WriteBuf {
-                            path: ep.clone(),
-                            data,
-                            mode: n.mode,
-                            dirty: false,
-                            writers: 0,
-                            mtime: n.mtime.unwrap_or(sh.started),
-                            detached: false,
-                            pending: false,
-                        }));
+                        let b =
+                            WriteBuf::create(ep.clone(), n.mode, n.mtime.unwrap_or(sh.started))?;
+                        if flags & libc::O_TRUNC == 0 {
+                            load_buffer(&inner, &ep, &b)?;
+                        }
+                        let mut b = b;
+                        let c = b.contents()?;
+                        b.mark_sealed(&c);
+                        let b = Arc::new(Mutex::new(b));
+                        files::register_own(&b);
                         inner.live.insert(ep.clone(), b.clone());
                         b
                     }
                 };
                 {
                     let mut g = buf.lock().unwrap_or_else(|e| e.into_inner());
-                    g.writers += 1;
-                    if flags & libc::O_TRUNC != 0 && !g.data.is_empty() {
-                        g.data.clear();
-                        g.dirty = true;
-                    }
                     if flags & libc::O_TRUNC != 0 {
-                        g.dirty = true;
+                        g.set_len(0)?;
                     }
+                    g.writers += 1;
                 }
                 (Body::Buf(buf), n.mode, n.kernel, true)
             } else {
@@ -297,23 +318,30 @@ fn shield_open_depth(
             }
             sh.check_writable(&inner, &ep)?;
             let m = mode & 0o7777 & !UMASK.load(Ordering::Relaxed);
-            let b = Arc::new(Mutex::new(WriteBuf {
-                path: ep.clone(),
-                data: Vec::new(),
-                mode: m,
-                dirty: true,
-                writers: 1,
-                mtime: sh.started.max(now()),
-                detached: false,
-                pending: false,
-            }));
+            let mut b = WriteBuf::create(ep.clone(), m, sh.started.max(now()))?;
+            // A new file exists (empty) once it is closed, even if nothing was written.
+            b.touched.store(true, Ordering::Relaxed);
+            b.writers = 1;
+            let b = Arc::new(Mutex::new(b));
+            files::register_own(&b);
             inner.live.insert(ep.clone(), b.clone());
             (Body::Buf(b), m, None, true)
         }
         Err(e) => return Err(e),
     };
     drop(inner);
-    let fd = match placeholder(&ep, cloexec) {
+    // Buffers: the program's fd is a description of the buffer's memfd. Everything else: an
+    // empty memfd placeholder.
+    let (fd, touched) = match &body {
+        Body::Buf(b) => {
+            let g = b.lock().unwrap_or_else(|e| e.into_inner());
+            let access = if write { acc } else { libc::O_RDONLY };
+            let fl = access | (flags & (libc::O_APPEND | libc::O_CLOEXEC));
+            (g.reopen(fl), Some(g.touched.clone()))
+        }
+        _ => (placeholder(&ep, cloexec), None),
+    };
+    let fd = match fd {
         Ok(fd) => fd,
         Err(e) => {
             if let Body::Buf(b) = &body {
@@ -333,6 +361,7 @@ fn shield_open_depth(
         body,
         mode: node_mode,
         kernel,
+        touched,
     };
     files::insert(fd, Arc::new(Mutex::new(f)));
     Ok(fd)
@@ -518,14 +547,14 @@ unsafe extern "C" fn ck_read(c: *mut c_void, buf: *mut c_char, n: size_t) -> ssi
         return unsafe { real::read(fd, buf.cast(), n) };
     };
     // SAFETY: stdio hands us its buffer of n bytes.
-    unsafe { super::io::do_read(&h, buf.cast(), n, None) }
+    unsafe { super::io::do_read(fd, &h, buf.cast(), n, None) }
 }
 unsafe extern "C" fn ck_write(c: *mut c_void, buf: *const c_char, n: size_t) -> ssize_t {
     let _g = enter_always();
     let fd = c as usize as c_int;
     let r = match files::get(fd) {
         // SAFETY: stdio hands us n bytes of its buffer.
-        Some(h) => unsafe { super::io::do_write(&h, buf.cast(), n, None) },
+        Some(h) => unsafe { super::io::do_write(fd, &h, buf.cast(), n, None) },
         // SAFETY: as above; the fd was re-pointed at a kernel file.
         None => unsafe { real::write(fd, buf.cast(), n) },
     };
@@ -542,7 +571,7 @@ unsafe extern "C" fn ck_seek(c: *mut c_void, off: *mut i64, whence: c_int) -> c_
     // SAFETY: stdio passes a valid pointer to the requested offset.
     let o = unsafe { *off };
     let r = match files::get(fd) {
-        Some(h) => super::io::do_seek(&h, o, whence),
+        Some(h) => super::io::do_seek(fd, &h, o, whence),
         // SAFETY: plain lseek on the re-pointed kernel fd.
         None => unsafe { real::lseek(fd, o, whence) },
     };

@@ -18,10 +18,11 @@ fn commit_for_child() {
     }
 }
 
-/// Hand every inherited (non-CLOEXEC) shielded fd over to the exec'd program: fill its memfd
-/// with the current plaintext and offset (so even a program without the shield reads the right
-/// bytes) and describe it in `FSPF_INHERIT` (`fd:mode:hex-embed-path`, `;`-separated) so a
-/// shielded program adopts it as a shielded file, including writes (`sh -c 'cmd > /data/f'`).
+/// Hand every inherited (non-CLOEXEC) shielded fd over to the exec'd program. Buffers already
+/// are memfds holding the plaintext at the right offset; read-only placeholders are filled with
+/// the verified plaintext now (so even a program without the shield reads the right bytes).
+/// `FSPF_INHERIT` (`fd:mode:hex-embed-path`, `;`-separated) tells a shielded program to adopt
+/// them as shielded files, including writes (`sh -c 'cmd > /data/f'`).
 fn materialise_inherited() -> Option<CString> {
     let mut desc: Vec<String> = Vec::new();
     for fd in files::all_fds() {
@@ -35,41 +36,6 @@ fn materialise_inherited() -> Option<CString> {
         if matches!(f.body, Body::Dir) {
             continue;
         }
-        let size = f.size();
-        let was_readable = f.read;
-        f.read = true;
-        let mut off = 0u64;
-        let mut buf = vec![0u8; 1 << 16];
-        let mut ok = true;
-        // SAFETY: emptying our placeholder before refilling it.
-        unsafe { real::ftruncate(fd, 0) };
-        while off < size {
-            match f.read_at(&mut buf, off) {
-                Ok(0) => break,
-                Ok(k) => {
-                    // SAFETY: writing our buffer into our placeholder memfd.
-                    let w = unsafe { real::pwrite(fd, buf.as_ptr().cast(), k, off as i64) };
-                    if w != k as isize {
-                        ok = false;
-                        break;
-                    }
-                    off += k as u64;
-                }
-                Err(_) => {
-                    ok = false;
-                    break;
-                }
-            }
-        }
-        f.read = was_readable;
-        if !ok {
-            // Never hand a child a prefix of a file that failed verification.
-            // SAFETY: truncating our placeholder.
-            unsafe { real::ftruncate(fd, 0) };
-            continue;
-        }
-        // SAFETY: positioning our placeholder at the shared offset.
-        unsafe { real::lseek(fd, f.offset as i64, libc::SEEK_SET) };
         let mode = format!(
             "{}{}{}",
             if f.read { "r" } else { "" },
@@ -82,6 +48,9 @@ fn materialise_inherited() -> Option<CString> {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
+        if f.touched.is_none() && !super::io::materialise_placeholder(fd, &mut f) {
+            continue;
+        }
         desc.push(format!("{fd}:{mode}:{hex}"));
     }
     if desc.is_empty() {
@@ -91,6 +60,8 @@ fn materialise_inherited() -> Option<CString> {
 }
 
 /// In a freshly exec'd shielded program: adopt the shielded fds described in `FSPF_INHERIT`.
+/// Each is a memfd holding the plaintext (a buffer of the parent, or a filled placeholder); it
+/// becomes a buffer of this process, sealed at its last close if it was opened for writing.
 pub fn adopt_inherited() {
     let Ok(v) = std::env::var("FSPF_INHERIT") else {
         return;
@@ -111,74 +82,34 @@ pub fn adopt_inherited() {
         let Some(ep) = bytes.and_then(|b| fspf_core::EmbedPath::from_bytes(&b).ok()) else {
             continue;
         };
-        // SAFETY: reading the size and offset of the inherited memfd.
-        let (offset, size) = unsafe {
-            (
-                real::lseek(fd, 0, libc::SEEK_CUR),
-                real::lseek(fd, 0, libc::SEEK_END),
-            )
-        };
-        if size < 0 {
-            continue;
-        }
-        let mut data = vec![0u8; size as usize];
-        let mut got = 0usize;
-        while got < data.len() {
-            // SAFETY: reading into our own buffer.
-            let n = unsafe {
-                real::pread(
-                    fd,
-                    data[got..].as_mut_ptr().cast(),
-                    data.len() - got,
-                    got as i64,
-                )
-            };
-            if n <= 0 {
-                break;
-            }
-            got += n as usize;
-        }
-        if got != data.len() {
-            continue;
-        }
-        // Where the parent left the offset (restored after the size probe).
-        let off = {
-            // SAFETY: repositioning the inherited fd.
-            unsafe { real::lseek(fd, offset, libc::SEEK_SET) }
-        };
         let write = mode.contains('w');
-        let body = if write {
-            let mut inner = sh.lock();
-            let m = sh.lookup(&inner, &ep).map(|n| n.mode).unwrap_or(0o644);
-            let b = std::sync::Arc::new(std::sync::Mutex::new(files::WriteBuf {
-                path: ep.clone(),
-                data,
-                mode: m,
-                dirty: false,
-                writers: 1,
-                mtime: sh.started,
-                detached: false,
-                pending: false,
-            }));
-            inner.live.insert(ep.clone(), b.clone());
-            Body::Buf(b)
-        } else {
-            Body::Plain(std::sync::Arc::new(data))
+        let mut inner = sh.lock();
+        let m = sh.lookup(&inner, &ep).map(|n| n.mode).unwrap_or(0o644);
+        let Ok(mut b) = files::WriteBuf::adopt(ep.clone(), fd, m, sh.started) else {
+            continue;
         };
+        let touched = b.touched.clone();
+        if write {
+            b.writers = 1;
+        }
+        let b = std::sync::Arc::new(std::sync::Mutex::new(b));
+        files::register_own(&b);
+        if write {
+            inner.live.insert(ep.clone(), b.clone());
+        }
+        drop(inner);
         let f = files::OpenFile {
             path: ep,
-            offset: off.max(0) as u64,
+            offset: 0,
             read: mode.contains('r'),
             write,
             append: mode.contains('a'),
-            body,
-            mode: 0o644,
+            body: Body::Buf(b),
+            mode: m,
             kernel: None,
+            touched: Some(touched),
         };
         files::insert(fd, std::sync::Arc::new(std::sync::Mutex::new(f)));
-        if (0..=2).contains(&fd) {
-            rebind_std_stream(fd, write);
-        }
     }
 }
 
@@ -216,13 +147,13 @@ unsafe fn child_env(
         }
     }
     if shielded {
-        if sh.anchor_fd >= 0 {
-            out.extend(CString::new(format!("FSPF_ANCHOR_FD={}", sh.anchor_fd)));
+        if sh.anchor_fd() >= 0 {
+            out.extend(CString::new(format!("FSPF_ANCHOR_FD={}", sh.anchor_fd())));
         }
-        if sh.key_fd >= 0 {
+        if sh.key_fd() >= 0 {
             // SAFETY: clearing CLOEXEC on our key fd for the child.
-            unsafe { real::fcntl(sh.key_fd, libc::F_SETFD, 0) };
-            out.extend(CString::new(format!("FSPF_KEY_FD={}", sh.key_fd)));
+            unsafe { real::fcntl(sh.key_fd(), libc::F_SETFD, 0) };
+            out.extend(CString::new(format!("FSPF_KEY_FD={}", sh.key_fd())));
         }
         out.extend(inherit);
         if let Some(c) = shield::cwd_for_child(&sh.lock()) {
@@ -236,40 +167,20 @@ unsafe fn child_env(
 
 fn restore_key_cloexec() {
     let sh = shield::get();
-    if sh.key_fd >= 0 {
+    if sh.key_fd() >= 0 {
         // SAFETY: setting CLOEXEC on our key fd.
-        unsafe { real::fcntl(sh.key_fd, libc::F_SETFD, libc::FD_CLOEXEC as libc::c_ulong) };
+        unsafe {
+            real::fcntl(
+                sh.key_fd(),
+                libc::F_SETFD,
+                libc::FD_CLOEXEC as libc::c_ulong,
+            )
+        };
     }
 }
 
 extern "C" {
     static environ: *const *const c_char;
-    static mut stdin: *mut FILE;
-    static mut stdout: *mut FILE;
-    static mut stderr: *mut FILE;
-}
-
-/// glibc's standard streams write with internal calls that bypass the hooks: when fd 0/1/2 is
-/// an adopted shielded file (a redirection), replace the stream by one over the shield.
-fn rebind_std_stream(fd: c_int, write: bool) {
-    let mode: &CStr = if write { c"w" } else { c"r" };
-    // SAFETY: fd is a registered shielded fd; the new stream owns it.
-    let f = unsafe { super::open::cookie_file(fd, mode.as_ptr()) };
-    if f.is_null() {
-        return;
-    }
-    // SAFETY: assigning the process-wide standard stream pointers (constructor, one thread;
-    // the executable's copy-relocated variables are the ones this symbol resolves to).
-    unsafe {
-        match fd {
-            0 => stdin = f,
-            1 => stdout = f,
-            _ => {
-                libc::setvbuf(f, std::ptr::null_mut(), libc::_IONBF, 0);
-                stderr = f;
-            }
-        }
-    }
 }
 
 fn current_env() -> *const *const c_char {
@@ -287,10 +198,12 @@ pub unsafe extern "C" fn fork() -> pid_t {
     let sh = shield::get();
     // Hold the shield's locks across fork so the child never inherits them mid-update.
     let inner = sh.lock();
-    let table = files::table_write();
+    let tables = files::fork_guards();
+    let streams = super::dir::streams();
     // SAFETY: plain fork.
     let pid = unsafe { real::fork() };
-    drop(table);
+    drop(streams);
+    drop(tables);
     drop(inner);
     pid
 }
@@ -612,10 +525,10 @@ pub unsafe extern "C" fn posix_spawnp(
 /// system/popen run `/bin/sh` with `environ`: publish the key fd there for the duration.
 fn with_key_env<T>(f: impl FnOnce() -> T) -> T {
     let sh = shield::get();
-    if sh.key_fd >= 0 {
+    if sh.key_fd() >= 0 {
         // SAFETY: clearing CLOEXEC on our key fd for the child.
-        unsafe { real::fcntl(sh.key_fd, libc::F_SETFD, 0) };
-        std::env::set_var("FSPF_KEY_FD", sh.key_fd.to_string());
+        unsafe { real::fcntl(sh.key_fd(), libc::F_SETFD, 0) };
+        std::env::set_var("FSPF_KEY_FD", sh.key_fd().to_string());
     }
     let cwd = shield::cwd_for_child(&sh.lock());
     if let Some(c) = &cwd {
@@ -625,7 +538,7 @@ fn with_key_env<T>(f: impl FnOnce() -> T) -> T {
     if cwd.is_some() {
         std::env::remove_var("FSPF_CWD");
     }
-    if sh.key_fd >= 0 {
+    if sh.key_fd() >= 0 {
         std::env::remove_var("FSPF_KEY_FD");
         restore_key_cloexec();
     }
