@@ -319,7 +319,7 @@ impl Volume {
         // shadows and this is otherwise its longest serial step. A failed rename is harmless:
         // the committed shadow stays and `roll_forward` moves it on the next open.
         // Not in the preload shield: its processes fork, and a rayon pool does not survive fork.
-        let rename = |(sh, k): &(PathBuf, PathBuf)| {
+        let rename = |(sh, k): &(&Path, &Path)| {
             let _ = fs::rename(sh, k);
         };
         if crate::codec::sequential() {
