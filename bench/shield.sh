@@ -23,8 +23,9 @@
 # For fspf every program runs under the shield, in one encrypted mutable kernel region whose kernel
 # path is the directory the program writes to (embed path = kernel path, like `fspf create-volume`).
 # Times are wall-clock around the whole process, so a commit at exit is counted. After each
-# mutating step the new tag is read with `fspf show --tag` (fine for a benchmark; see
-# docs/THREAT-MODEL.md on where a real run should take its tag from).
+# mutating step the new tag is taken from `fspf run --tag-file` (the run's own report) when that
+# option exists, else read with `fspf show --tag` (fine for a benchmark; see docs/THREAT-MODEL.md
+# on where a real run should take its tag from).
 #
 # Targets (DESIGN.md §5): warm seq read >= 5x gocryptfs and >= 0.35x native; warm random 4 KiB
 # >= 10x gocryptfs (and >= 0.40x native IOPS); seq write >= 5x gocryptfs; small-file create and
@@ -144,15 +145,18 @@ fio_iops() {  # $1 file $2 invalidate(0/1); run through $WRAP
 # ---------------------------------------------------------------- per-fs setup
 # Each setup sets M (where the programs read and write) and WRAP (the command prefix they run under).
 F=""; KEY=""; TAG=""
+TAGFILE=""      # set when `fspf run --tag-file` exists: the run itself reports its final tag
 fspf_wrap() {   # refresh WRAP with the current tag
   if [[ $SHIELD_MODE == run ]]; then
-    WRAP="$FSPF run --fspf $F --key $KEY --tag $TAG --mutable --"
+    WRAP="$FSPF run --fspf $F --key $KEY --tag $TAG --mutable ${TAGFILE:+--tag-file $TAGFILE} --"
   else
     WRAP="env LD_PRELOAD=$PRELOAD SCONE_FSPF=$F SCONE_FSPF_KEY=$KEY SCONE_FSPF_TAG=$TAG SCONE_FSPF_MUTABLE=1"
   fi
 }
 after_write() {  # the shield committed: take the new tag (see header comment)
-  if [[ $1 == fspf ]]; then TAG=$("$FSPF" show --tag "$F"); fspf_wrap; fi
+  [[ $1 == fspf ]] || return 0
+  if [[ -n $TAGFILE && -s $TAGFILE ]]; then TAG=$(tr -d ' \n' < "$TAGFILE"); else TAG=$("$FSPF" show --tag "$F"); fi
+  fspf_wrap
 }
 setup_plain() { M="$W/plain"; mkdir -p "$M"; WRAP=""; }
 setup_gocryptfs() {
@@ -183,6 +187,9 @@ setup_fspf() {
   TAG=$(awk '{for (i=1;i<NF;i++) if ($i=="tag:") print $(i+1)}' <<<"$out")
   KEY=$(awk '{for (i=1;i<NF;i++) if ($i=="key:") print $(i+1)}' <<<"$out")
   [[ ${#KEY} -eq 64 && ${#TAG} -eq 32 ]] || die "could not parse key/tag from: fspf encrypt"
+  if [[ $SHIELD_MODE == run ]] && "$FSPF" run --help 2>/dev/null | grep -q -- '--tag-file'; then
+    TAGFILE="$W/run.tag"
+  fi
   fspf_wrap
   # Sanity: the shield must be active, or the numbers below would be plaintext numbers.
   printf 'shield-sanity-plaintext\n' > "$W/sanity.txt"
