@@ -256,7 +256,7 @@ v() { echo "${R[$1,$2]:-n/a}"; }
 {
 echo
 echo "shield.sh  $(date -u +%FT%TZ)  host: $(nproc) cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "fspf $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null) ($SHIELD_MODE) | gocryptfs $(gocryptfs -version 2>/dev/null | awk '{print $2}' | tr -d ';') | $(fio --version)"
+echo "fspf $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "(not a git checkout)") ($SHIELD_MODE) | gocryptfs $(gocryptfs -version 2>/dev/null | awk '{print $2}' | tr -d ';') | $(fio --version)"
 echo "backing fs: $(findmnt -n -o FSTYPE,SOURCE --target "$BENCH_BASE" | head -1 | tr -s ' ')  size=${SIZE_MB}MiB files=${NFILES} runs=${RUNS}/${SMALL_RUNS} drop_caches=${DROP}"
 echo "MB/s = 1e6 B/s; rrW = fio 4 KiB random-read IOPS, warm; small files in files/s; medians"
 echo
