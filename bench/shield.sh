@@ -10,6 +10,8 @@
 #               SHIELD_MODE=run|env   run: fspf run --fspf F --key K --tag T --mutable -- PROG
 #                                     env: LD_PRELOAD=libfspf_preload.so SCONE_FSPF=F
 #                                          SCONE_FSPF_KEY=K SCONE_FSPF_TAG=T SCONE_FSPF_MUTABLE=1 PROG
+#               CHUNK_LEN=<bytes>     chunk length of the fspf region (default: fspf's, 65536);
+#                                     4096 shows the random-read / throughput trade-off
 #               RESULTS_FILE=<path>   (also write the final table there)
 #               SKIP_BUILD=1          (use target/release as is)
 #
@@ -181,7 +183,7 @@ setup_fspf() {
   mkdir -p "$M"
   "$FSPF" create "$F" >/dev/null
   "$FSPF" addr "$F" / --kernel / --not-protected >/dev/null
-  "$FSPF" addr "$F" "$M" --encrypted --kernel "$M" >/dev/null
+  "$FSPF" addr "$F" "$M" --encrypted --kernel "$M" ${CHUNK_LEN:+--chunk-length "$CHUNK_LEN"} >/dev/null
   local out
   out=$("$FSPF" encrypt "$F")
   TAG=$(awk '{for (i=1;i<NF;i++) if ($i=="tag:") print $(i+1)}' <<<"$out")
@@ -257,7 +259,7 @@ v() { echo "${R[$1,$2]:-n/a}"; }
 echo
 echo "shield.sh  $(date -u +%FT%TZ)  host: $(nproc) cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "fspf $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "(not a git checkout)") ($SHIELD_MODE) | gocryptfs $(gocryptfs -version 2>/dev/null | awk '{print $2}' | tr -d ';') | $(fio --version)"
-echo "backing fs: $(findmnt -n -o FSTYPE,SOURCE --target "$BENCH_BASE" | head -1 | tr -s ' ')  size=${SIZE_MB}MiB files=${NFILES} runs=${RUNS}/${SMALL_RUNS} drop_caches=${DROP}"
+echo "backing fs: $(findmnt -n -o FSTYPE,SOURCE --target "$BENCH_BASE" | head -1 | tr -s ' ')  size=${SIZE_MB}MiB files=${NFILES} runs=${RUNS}/${SMALL_RUNS} drop_caches=${DROP} fspf chunk=${CHUNK_LEN:-default}"
 echo "MB/s = 1e6 B/s; rrW = fio 4 KiB random-read IOPS, warm; small files in files/s; medians"
 echo
 printf '%-10s | %7s %7s %7s | %8s | %8s %8s\n' fs seqW seqRc seqRw rrW smCreate smRdWarm
