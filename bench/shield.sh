@@ -10,6 +10,8 @@
 #               SHIELD_MODE=run|env   run: fspf run --fspf F --key K --tag T --mutable -- PROG
 #                                     env: LD_PRELOAD=libfspf_preload.so SCONE_FSPF=F
 #                                          SCONE_FSPF_KEY=K SCONE_FSPF_TAG=T SCONE_FSPF_MUTABLE=1 PROG
+#               CHUNK_LEN=<bytes>     chunk length of the fspf region (default: fspf's, 65536);
+#                                     4096 shows the random-read / throughput trade-off
 #               RESULTS_FILE=<path>   (also write the final table there)
 #               SKIP_BUILD=1          (use target/release as is)
 #
@@ -23,8 +25,9 @@
 # For fspf every program runs under the shield, in one encrypted mutable kernel region whose kernel
 # path is the directory the program writes to (embed path = kernel path, like `fspf create-volume`).
 # Times are wall-clock around the whole process, so a commit at exit is counted. After each
-# mutating step the new tag is read with `fspf show --tag` (fine for a benchmark; see
-# docs/THREAT-MODEL.md on where a real run should take its tag from).
+# mutating step the new tag is taken from `fspf run --tag-file` (the run's own report) when that
+# option exists, else read with `fspf show --tag` (fine for a benchmark; see docs/THREAT-MODEL.md
+# on where a real run should take its tag from).
 #
 # Targets (DESIGN.md §5): warm seq read >= 5x gocryptfs and >= 0.35x native; warm random 4 KiB
 # >= 10x gocryptfs (and >= 0.40x native IOPS); seq write >= 5x gocryptfs; small-file create and
@@ -144,15 +147,18 @@ fio_iops() {  # $1 file $2 invalidate(0/1); run through $WRAP
 # ---------------------------------------------------------------- per-fs setup
 # Each setup sets M (where the programs read and write) and WRAP (the command prefix they run under).
 F=""; KEY=""; TAG=""
+TAGFILE=""      # set when `fspf run --tag-file` exists: the run itself reports its final tag
 fspf_wrap() {   # refresh WRAP with the current tag
   if [[ $SHIELD_MODE == run ]]; then
-    WRAP="$FSPF run --fspf $F --key $KEY --tag $TAG --mutable --"
+    WRAP="$FSPF run --fspf $F --key $KEY --tag $TAG --mutable ${TAGFILE:+--tag-file $TAGFILE} --"
   else
     WRAP="env LD_PRELOAD=$PRELOAD SCONE_FSPF=$F SCONE_FSPF_KEY=$KEY SCONE_FSPF_TAG=$TAG SCONE_FSPF_MUTABLE=1"
   fi
 }
 after_write() {  # the shield committed: take the new tag (see header comment)
-  if [[ $1 == fspf ]]; then TAG=$("$FSPF" show --tag "$F"); fspf_wrap; fi
+  [[ $1 == fspf ]] || return 0
+  if [[ -n $TAGFILE && -s $TAGFILE ]]; then TAG=$(tr -d ' \n' < "$TAGFILE"); else TAG=$("$FSPF" show --tag "$F"); fi
+  fspf_wrap
 }
 setup_plain() { M="$W/plain"; mkdir -p "$M"; WRAP=""; }
 setup_gocryptfs() {
@@ -177,16 +183,20 @@ setup_fspf() {
   mkdir -p "$M"
   "$FSPF" create "$F" >/dev/null
   "$FSPF" addr "$F" / --kernel / --not-protected >/dev/null
-  "$FSPF" addr "$F" "$M" --encrypted --kernel "$M" >/dev/null
+  "$FSPF" addr "$F" "$M" --encrypted --kernel "$M" ${CHUNK_LEN:+--chunk-length "$CHUNK_LEN"} >/dev/null
   local out
   out=$("$FSPF" encrypt "$F")
   TAG=$(awk '{for (i=1;i<NF;i++) if ($i=="tag:") print $(i+1)}' <<<"$out")
   KEY=$(awk '{for (i=1;i<NF;i++) if ($i=="key:") print $(i+1)}' <<<"$out")
   [[ ${#KEY} -eq 64 && ${#TAG} -eq 32 ]] || die "could not parse key/tag from: fspf encrypt"
+  if [[ $SHIELD_MODE == run ]] && "$FSPF" run --help 2>/dev/null | grep -q -- '--tag-file'; then
+    TAGFILE="$W/run.tag"
+  fi
   fspf_wrap
   # Sanity: the shield must be active, or the numbers below would be plaintext numbers.
   printf 'shield-sanity-plaintext\n' > "$W/sanity.txt"
-  $WRAP cp "$W/sanity.txt" "$M/sanity.txt" || die "cp under the shield failed"
+  # dd: plain open/read/write (cp would take copy_file_range, a separate hook to get right)
+  $WRAP dd if="$W/sanity.txt" of="$M/sanity.txt" status=none || die "dd under the shield failed"
   after_write fspf
   if grep -q 'shield-sanity-plaintext' "$M/sanity.txt" 2>/dev/null; then
     die "$M/sanity.txt holds plaintext on disk: the shield did not intercept the write"
@@ -248,8 +258,8 @@ v() { echo "${R[$1,$2]:-n/a}"; }
 {
 echo
 echo "shield.sh  $(date -u +%FT%TZ)  host: $(nproc) cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "fspf $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null) ($SHIELD_MODE) | gocryptfs $(gocryptfs -version 2>/dev/null | awk '{print $2}' | tr -d ';') | $(fio --version)"
-echo "backing fs: $(findmnt -n -o FSTYPE,SOURCE --target "$BENCH_BASE" | head -1 | tr -s ' ')  size=${SIZE_MB}MiB files=${NFILES} runs=${RUNS}/${SMALL_RUNS} drop_caches=${DROP}"
+echo "fspf $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "(not a git checkout)") ($SHIELD_MODE) | gocryptfs $(gocryptfs -version 2>/dev/null | awk '{print $2}' | tr -d ';') | $(fio --version)"
+echo "backing fs: $(findmnt -n -o FSTYPE,SOURCE --target "$BENCH_BASE" | head -1 | tr -s ' ')  size=${SIZE_MB}MiB files=${NFILES} runs=${RUNS}/${SMALL_RUNS} drop_caches=${DROP} fspf chunk=${CHUNK_LEN:-default}"
 echo "MB/s = 1e6 B/s; rrW = fio 4 KiB random-read IOPS, warm; small files in files/s; medians"
 echo
 printf '%-10s | %7s %7s %7s | %8s | %8s %8s\n' fs seqW seqRc seqRw rrW smCreate smRdWarm
