@@ -63,11 +63,13 @@ int main() {
     printfile("/data/world.py");
 }
 EOT
-  # The program opens /data/..., which does not exist on this host: without the shield we show
-  # what it would read, i.e. the ciphertext in the kernel directory.
   step cc example.c -o example
-  printf '\n# without the shield, the files under /data are ciphertext:\n'
-  head -c 48 volume/hello.txt | od -A n -c | head -3
+  # /data does not exist on this host: the same program pointed at the kernel directory shows
+  # what an unshielded program reads there, i.e. ciphertext (rendered with cat -v).
+  sed "s#/data/#$DEMO/volume/#g" example.c > example-unshielded.c
+  cc example-unshielded.c -o example-unshielded
+  printf '\n\033[1m$ ./example   # without the shield (paths pointed at the kernel directory)\033[0m\n'
+  ./example-unshielded | cat -v | head -c 300; echo
   step fspf run -- ./example
   step fspf run -- python3 /data/world.py
 fi
