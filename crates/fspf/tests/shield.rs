@@ -1249,3 +1249,53 @@ fn stdio_reads_a_protected_file_dup2ed_onto_stdin() {
     assert!(!o.status.success());
     assert!(!stdout(&o).contains("Hello"));
 }
+
+#[test]
+fn tag_file_receives_the_new_tag_and_never_the_programs_stdout() {
+    let w = data_world();
+    let tag_file = w.path("newtag");
+    let o = Command::new(fspf_bin())
+        .current_dir(w.dir.path())
+        .env("FSPF_PRELOAD", preload())
+        .env_remove("SCONE_FSPF_KEY")
+        .env_remove("SCONE_FSPF_TAG")
+        .env_remove("SCONE_FSPF")
+        .args([
+            "run",
+            "--fspf",
+            "fspf.pb",
+            "--key",
+            &w.key,
+            "--tag",
+            &w.tag,
+            "--mutable",
+        ])
+        .arg("--tag-file")
+        .arg(&tag_file)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo appended >> /data/hello.txt; cat /data/hello.txt",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("fspf run");
+    ok(&o, "mutable run with --tag-file");
+    assert_eq!(stdout(&o), "Hello World\nappended\n", "program output only");
+    let written = std::fs::read_to_string(&tag_file).expect("tag file");
+    let on_disk = w.tag_on_disk();
+    assert_eq!(
+        written.trim(),
+        on_disk,
+        "--tag-file holds the committed tag"
+    );
+    assert_ne!(on_disk, w.tag, "the run committed a new fspf");
+    // The new tag opens the new state; the old tag is now a rollback and is refused.
+    let o = w.run_opts(false, &on_disk, &["cat", "/data/hello.txt"]);
+    ok(&o, "read with the new tag");
+    assert_eq!(stdout(&o), "Hello World\nappended\n");
+    let o = w.run_opts(false, &w.tag, &["cat", "/data/hello.txt"]);
+    assert!(!o.status.success(), "old tag must be refused");
+    assert!(stdout(&o).is_empty(), "nothing read under the old tag");
+}
