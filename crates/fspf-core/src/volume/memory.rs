@@ -1,6 +1,6 @@
 //! Ephemeral files: sealed in memory with the same codec as kernel files, so an ephemeral
 //! encrypted/authenticated region never holds plaintext outside a verified reader (preload shield).
-use crate::codec::{self, FileCodec, ProtectedReader};
+use crate::codec::{self, ProtectedReader};
 use crate::crypto::{self, FileId};
 use crate::error::{Error, Result};
 use crate::format::metadata::{FileEntry, FileKind, Protection, Region};
@@ -105,26 +105,9 @@ pub fn open_in_memory(region: &Region, path: &EmbedPath, sealed: &SealedMem) -> 
             reason: "not a regular file".into(),
         });
     };
-    let key = region.key.as_ref().ok_or_else(|| Error::NotProtected {
-        path: label.clone(),
-        region: region.embed_point.to_string(),
+    let codec = super::codec_for(region, path, id, root.as_ref(), sealed.data.clone(), || {
+        Ok(sealed.outboard.clone())
     })?;
-    let codec = match region.protection {
-        Protection::Encrypted => FileCodec::Encrypted {
-            key: crypto::file_chunk_key(key, id)?,
-            id: *id,
-            data: sealed.data.clone(),
-        },
-        _ => FileCodec::Authenticated {
-            key: crypto::file_mac_key(key, id)?,
-            root: root.ok_or_else(|| Error::Invalid {
-                path: label.clone(),
-                reason: "authenticated file has no root".into(),
-            })?,
-            data: sealed.data.clone(),
-            outboard: sealed.outboard.clone(),
-        },
-    };
     ProtectedReader::new(codec, *size, region.chunk_len, label)
 }
 

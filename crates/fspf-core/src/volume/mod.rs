@@ -235,37 +235,46 @@ impl Volume {
         root: Option<&[u8; 32]>,
         data: File,
     ) -> Result<KernelReader> {
-        let key = region.key.as_ref().ok_or_else(|| Error::NotProtected {
-            path: path.to_string(),
-            region: region.embed_point.to_string(),
+        let tree = self.tree_dir().join(id.to_hex());
+        let codec = codec_for(region, path, id, root, data, || match File::open(&tree) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(&tree, e)),
         })?;
-        let codec = match region.protection {
-            Protection::Encrypted => FileCodec::Encrypted {
-                key: crypto::file_chunk_key(key, id)?,
-                id: *id,
-                data,
-            },
-            _ => {
-                let root = root.ok_or_else(|| Error::Invalid {
-                    path: path.to_string(),
-                    reason: "authenticated file has no root in the fspf".into(),
-                })?;
-                let tree = self.tree_dir().join(id.to_hex());
-                let outboard = match File::open(&tree) {
-                    Ok(f) => Some(f),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                    Err(e) => return Err(Error::io(&tree, e)),
-                };
-                FileCodec::Authenticated {
-                    key: crypto::file_mac_key(key, id)?,
-                    root: *root,
-                    data,
-                    outboard,
-                }
-            }
-        };
         ProtectedReader::new(codec, size, region.chunk_len, path.to_string())
     }
+}
+
+/// The codec that checks version `id` of a file of `region`: the one place that derives file keys
+/// for reading. `outboard` is consulted only for authenticated files.
+pub(crate) fn codec_for<R: crate::codec::ReadAt, O: crate::codec::ReadAt>(
+    region: &Region,
+    path: &EmbedPath,
+    id: &crypto::FileId,
+    root: Option<&[u8; 32]>,
+    data: R,
+    outboard: impl FnOnce() -> Result<Option<O>>,
+) -> Result<FileCodec<R, O>> {
+    let key = region.key.as_ref().ok_or_else(|| Error::NotProtected {
+        path: path.to_string(),
+        region: region.embed_point.to_string(),
+    })?;
+    Ok(match region.protection {
+        Protection::Encrypted => FileCodec::Encrypted {
+            key: crypto::file_chunk_key(key, id)?,
+            id: *id,
+            data,
+        },
+        _ => FileCodec::Authenticated {
+            key: crypto::file_mac_key(key, id)?,
+            root: *root.ok_or_else(|| Error::Invalid {
+                path: path.to_string(),
+                reason: "authenticated file has no root in the fspf".into(),
+            })?,
+            data,
+            outboard: outboard()?,
+        },
+    })
 }
 
 #[cfg(test)]
