@@ -36,9 +36,11 @@ pub enum Change {
     Put(StagedFile),
     /// A directory or symlink entry (the caller made the kernel-side object).
     PutEntry(EmbedPath, FileEntry),
-    /// Remove the entry at a path and, for kernel regions, its kernel file after the commit.
+    /// Remove the entry at a path (and everything below it). The caller removes the kernel file
+    /// after the commit: until then the old state must stay readable (P9).
     Remove(EmbedPath),
-    /// Move an entry (and, for a directory, everything below it).
+    /// Move an entry (and, for a directory, everything below it). The file id, hence the key,
+    /// is kept: a rename re-encrypts nothing. The caller renames the kernel object after the commit.
     Rename { from: EmbedPath, to: EmbedPath },
 }
 
