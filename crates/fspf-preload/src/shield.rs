@@ -11,7 +11,7 @@ use libc::c_int;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{CStr, CString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -32,6 +32,8 @@ pub struct Shield {
     key_fd_slot: AtomicI32,
     pub started: i64,
     inner: Mutex<Inner>,
+    /// Kernel directories known to exist (see [`Shield::ensure_parent`]).
+    dirs_made: Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 #[derive(Debug)]
@@ -341,6 +343,7 @@ pub fn init() -> bool {
             cwd,
             cwd_virtual,
         }),
+        dirs_made: Mutex::new(std::collections::HashSet::new()),
     };
     let ok = SHIELD.set(sh).is_ok();
     if ok {
@@ -736,9 +739,19 @@ impl Shield {
         if !b.needs_seal() {
             return Ok(());
         }
-        let data = b.contents()?;
         let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
         let region = vol.region_for(&b.path).ok_or(libc::EACCES)?.clone();
+        if region.kind != RegionKind::Ephemeral && b.len() > files::HASH_MAX {
+            // Large kernel file: seal straight from the memfd (no copy of the whole file).
+            let print = b.fingerprint()?;
+            let staged = self.stage(vol, &region, &b.path, print.0, b.mode, || b.reader())?;
+            inner.staged_bytes += print.0;
+            inner.queue.push(Change::Put(staged));
+            b.mark_sealed_print(print);
+            b.pending = true;
+            return Ok(());
+        }
+        let data = b.contents()?;
         if region.kind == RegionKind::Ephemeral {
             let sealed = memory::seal_in_memory(&region, &b.path, b.mode, &data).map_err(|e| {
                 log(format!("{}: {e}", b.path));
@@ -754,25 +767,61 @@ impl Shield {
             b.mark_sealed(&data);
             return Ok(());
         }
-        if let Some(parent) = b
-            .path
-            .kernel_path(&region)
-            .as_deref()
-            .and_then(Path::parent)
-        {
-            let _ = std::fs::create_dir_all(parent);
-        }
-        let staged = vol
-            .stage_file(&b.path, data.len() as u64, b.mode, &mut &data[..])
-            .map_err(|e| {
-                log(format!("{}: staging failed: {e}", b.path));
-                libc::EIO
-            })?;
+        let staged = self.stage(
+            vol,
+            &region,
+            &b.path,
+            data.len() as u64,
+            b.mode,
+            || &data[..],
+        )?;
         inner.staged_bytes += data.len() as u64;
         inner.queue.push(Change::Put(staged));
         b.mark_sealed(&data);
         b.pending = true;
         Ok(())
+    }
+
+    /// Make sure the kernel directory of `path` exists (once per directory and process: a
+    /// stat and a failing mkdir per staged file otherwise).
+    fn ensure_parent(&self, region: &Region, path: &EmbedPath) {
+        let Some(kp) = path.kernel_path(region) else {
+            return;
+        };
+        let Some(parent) = kp.parent() else { return };
+        let mut known = self.dirs_made.lock().unwrap_or_else(|e| e.into_inner());
+        if known.contains(parent) {
+            return;
+        }
+        if std::fs::create_dir_all(parent).is_ok() {
+            known.insert(parent.to_path_buf());
+        }
+    }
+
+    /// `Volume::stage_file` in a kernel directory made if needed; when it fails (the directory
+    /// may have been removed since it was made), once more after making the directory again.
+    fn stage<R: std::io::Read>(
+        &self,
+        vol: &Volume,
+        region: &Region,
+        path: &EmbedPath,
+        size: u64,
+        mode: u32,
+        src: impl Fn() -> R,
+    ) -> Result<fspf_core::volume::StagedFile, c_int> {
+        self.ensure_parent(region, path);
+        let r = vol.stage_file(path, size, mode, &mut src()).or_else(|_| {
+            self.dirs_made
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+            self.ensure_parent(region, path);
+            vol.stage_file(path, size, mode, &mut src())
+        });
+        r.map_err(|e| {
+            log(format!("{path}: staging failed: {e}"));
+            libc::EIO
+        })
     }
 
     /// Called when the last writer of `buf` closed it.
