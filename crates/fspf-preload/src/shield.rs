@@ -15,8 +15,24 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-/// Commit after this many staged file versions even without fsync (bounds memory and shadows).
-const COMMIT_EVERY_FILES: usize = 500;
+/// Commit after this many staged file versions even without fsync (bounds memory, shadows and
+/// the buffer fds a batch keeps open): 500, or up to 4096 when the fd limit leaves room (four
+/// fds per staged version). Each commit costs a `syncfs` and an fspf rewrite, which dominated
+/// the time of small-file creation at 500 per batch (bench/RESULTS.md).
+fn commit_every_files() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(|| {
+        // SAFETY: getrlimit into a local struct.
+        let mut r: libc::rlimit = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 {
+            r.rlim_cur
+        } else {
+            1024
+        };
+        ((soft / 4).min(4096) as usize).max(500)
+    })
+}
 const COMMIT_EVERY_BYTES: u64 = 256 << 20;
 /// Lowest fd number for the shield's own inherited fds (anchor, key), out of the way of shells.
 const HIGH_FD: c_int = 700;
@@ -741,7 +757,8 @@ impl Shield {
         }
         let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
         let region = vol.region_for(&b.path).ok_or(libc::EACCES)?.clone();
-        if region.kind != RegionKind::Ephemeral && b.len() > files::HASH_MAX {
+        let len = b.len();
+        if region.kind != RegionKind::Ephemeral && len > files::HASH_MAX {
             // Large kernel file: seal straight from the memfd (no copy of the whole file).
             let print = b.fingerprint()?;
             let staged = self.stage(vol, &region, &b.path, print.0, b.mode, || b.reader())?;
@@ -842,7 +859,7 @@ impl Shield {
             if inner.live.get(&path).is_some_and(|x| Arc::ptr_eq(x, buf)) {
                 inner.live.remove(&path);
             }
-        } else if inner.queue.len() >= COMMIT_EVERY_FILES
+        } else if inner.queue.len() >= commit_every_files()
             || inner.staged_bytes >= COMMIT_EVERY_BYTES
         {
             self.commit(&mut inner)?;
