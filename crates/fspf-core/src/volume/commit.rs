@@ -102,7 +102,7 @@ pub(crate) fn seal_version(
                 reason: "encrypted files need an output directory for the ciphertext".into(),
             })?;
             let k = crypto::file_chunk_key(key, &id)?;
-            let f = if size >= DIRECT_MIN {
+            let f = if size >= DIRECT_MIN && super::direct::worthwhile(out) {
                 let mut w = DirectWriter::create(out, file_mode).map_err(|e| Error::io(out, e))?;
                 codec::seal_encrypted(&k, &id, region.chunk_len, size, src, &mut w, &label)?;
                 w.finish().map_err(|e| Error::io(out, e))?

@@ -137,6 +137,23 @@ impl Write for DirectWriter {
 
 const EINVAL: i32 = 22;
 
+/// Is direct I/O worth it for a new file at `p`? Not on tmpfs and ramfs, where the "device" is
+/// the page cache (direct writes there would only add a copy into the aligned buffer).
+pub fn worthwhile(p: &Path) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let dir = p.parent().unwrap_or(Path::new("."));
+    match rustix::fs::statfs(dir) {
+        // f_type's width differs between targets.
+        #[allow(clippy::unnecessary_cast)]
+        Ok(st) => {
+            let t = st.f_type as i64;
+            t != TMPFS_MAGIC && t != RAMFS_MAGIC
+        }
+        Err(_) => true,
+    }
+}
+
 fn libc_o_direct() -> i32 {
     rustix::fs::OFlags::DIRECT.bits() as i32
 }
@@ -168,6 +185,15 @@ mod tests {
             }
             w.finish().unwrap();
             assert_eq!(std::fs::read(&p).unwrap(), data, "size {size}");
+        }
+    }
+
+    #[test]
+    #[allow(clippy::unnecessary_cast)]
+    fn not_worthwhile_on_tmpfs() {
+        let shm = Path::new("/dev/shm/x");
+        if rustix::fs::statfs(Path::new("/dev/shm")).is_ok_and(|s| s.f_type as i64 == 0x0102_1994) {
+            assert!(!worthwhile(shm));
         }
     }
 }
