@@ -8,7 +8,7 @@ use fspf_core::volume::memory::{self, SealedMem};
 use fspf_core::volume::Change;
 use fspf_core::{EmbedPath, Tag, Volume, VolumeKey};
 use libc::c_int;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CStr, CString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
@@ -64,7 +64,8 @@ pub struct Inner {
     /// Ephemeral regions: embed path → sealed node; gone at exit.
     pub eph: BTreeMap<EmbedPath, EphNode>,
     /// Plaintext of files open for writing, and of kernel files staged but not yet committed.
-    pub live: HashMap<EmbedPath, Arc<Mutex<WriteBuf>>>,
+    /// Sorted, so "is anything live below this directory" is a range query, not a scan.
+    pub live: BTreeMap<EmbedPath, Arc<Mutex<WriteBuf>>>,
     /// Directories created in kernel regions, not yet committed.
     pub new_dirs: BTreeSet<EmbedPath>,
     /// Changes staged for the next commit, in order.
@@ -352,7 +353,7 @@ pub fn init() -> bool {
         inner: Mutex::new(Inner {
             vol,
             eph: BTreeMap::new(),
-            live: HashMap::new(),
+            live: BTreeMap::new(),
             new_dirs: BTreeSet::new(),
             queue: Vec::new(),
             staged_bytes: 0,
@@ -674,7 +675,7 @@ impl Shield {
                 || Self::region_ancestor(inner, ep)
                 || below(&vol.meta.files, ep).next().is_some()
                 || inner.new_dirs.iter().any(|d| d.starts_with(ep))
-                || inner.live.keys().any(|k| k.starts_with(ep) && k != ep) =>
+                || below(&inner.live, ep).next().is_some() =>
             {
                 Ok(dir(kernel))
             }
@@ -723,7 +724,7 @@ impl Shield {
                 }
             }
         }
-        for k in inner.live.keys() {
+        for (k, _) in below(&inner.live, ep) {
             if let Some((c, more)) = first_component(k, ep) {
                 m.entry(c.to_vec())
                     .or_insert(if more { libc::DT_DIR } else { libc::DT_REG });
