@@ -150,9 +150,25 @@ impl WriteBuf {
         Ok(v)
     }
 
+    /// (size, hash) identifying the current content. Buffers up to [`HASH_MAX`] bytes hash
+    /// their content; larger ones their size and the memfd's modification and change times,
+    /// O(1) instead of a read and hash of the whole buffer at every close and commit. Every
+    /// write to a memfd, also one that bypasses the hooks, updates those times, and the kernel
+    /// hands out fine-grained times to files whose times were queried (multigrain timestamps),
+    /// so a write after a fingerprint changes it.
     pub fn fingerprint(&self) -> Result<(u64, u64), c_int> {
-        let c = self.contents()?;
-        Ok((c.len() as u64, fingerprint_bytes(&c)))
+        // SAFETY: fstat of our own fd into a local buffer.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { real::fstat(self.fd, &mut st) } != 0 {
+            return Err(crate::errno());
+        }
+        let size = st.st_size as u64;
+        if size <= HASH_MAX {
+            let c = self.contents()?;
+            return Ok((c.len() as u64, fingerprint_bytes(&c)));
+        }
+        Ok((size, stat_print(&st)))
     }
 
     /// Does the content need sealing (changed since it was loaded or last sealed)?
@@ -169,7 +185,26 @@ impl WriteBuf {
     /// Record `content` as the sealed (or loaded) state.
     pub fn mark_sealed(&mut self, content: &[u8]) {
         self.touched.store(false, Ordering::Relaxed);
-        self.print = (content.len() as u64, fingerprint_bytes(content));
+        if content.len() as u64 <= HASH_MAX {
+            self.print = (content.len() as u64, fingerprint_bytes(content));
+        } else {
+            self.print = self.fingerprint().unwrap_or((u64::MAX, 0));
+        }
+    }
+
+    /// Record `print` (taken before the content was read for sealing) as the sealed state.
+    pub fn mark_sealed_print(&mut self, print: (u64, u64)) {
+        self.touched.store(false, Ordering::Relaxed);
+        self.print = print;
+    }
+
+    /// A reader of the buffer's content from offset 0 (pread on the memfd: no copy of the
+    /// whole file in memory).
+    pub fn reader(&self) -> BufReader {
+        BufReader {
+            fd: self.fd,
+            off: 0,
+        }
     }
 
     /// A new open description of the buffer for the program (`flags`: access mode, O_APPEND,
@@ -271,6 +306,42 @@ pub fn protect_own(target: c_int) {
     drop(g);
     register_own(&b);
     // The old number is about to be replaced by the program's dup2.
+}
+
+/// Buffers up to this size are fingerprinted by content, larger ones by their times.
+pub const HASH_MAX: u64 = 1 << 20;
+
+/// Sequential reader over a buffer's memfd.
+pub struct BufReader {
+    fd: c_int,
+    off: u64,
+}
+
+impl std::io::Read for BufReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        // SAFETY: reading into the caller's buffer from the buffer's own fd.
+        let n =
+            unsafe { real::pread(self.fd, out.as_mut_ptr().cast(), out.len(), self.off as i64) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        self.off += n as u64;
+        Ok(n as usize)
+    }
+}
+
+fn stat_print(st: &libc::stat) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (
+        st.st_mtime,
+        st.st_mtime_nsec,
+        st.st_ctime,
+        st.st_ctime_nsec,
+        st.st_ino,
+    )
+        .hash(&mut h);
+    h.finish()
 }
 
 fn fingerprint_bytes(b: &[u8]) -> u64 {

@@ -8,15 +8,31 @@ use fspf_core::volume::memory::{self, SealedMem};
 use fspf_core::volume::Change;
 use fspf_core::{EmbedPath, Tag, Volume, VolumeKey};
 use libc::c_int;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CStr, CString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-/// Commit after this many staged file versions even without fsync (bounds memory and shadows).
-const COMMIT_EVERY_FILES: usize = 500;
+/// Commit after this many staged file versions even without fsync (bounds memory, shadows and
+/// the buffer fds a batch keeps open): 500, or up to 4096 when the fd limit leaves room (four
+/// fds per staged version). Each commit costs a `syncfs` and an fspf rewrite, which dominated
+/// the time of small-file creation at 500 per batch (bench/RESULTS.md).
+fn commit_every_files() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(|| {
+        // SAFETY: getrlimit into a local struct.
+        let mut r: libc::rlimit = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 {
+            r.rlim_cur
+        } else {
+            1024
+        };
+        ((soft / 4).min(4096) as usize).max(500)
+    })
+}
 const COMMIT_EVERY_BYTES: u64 = 256 << 20;
 /// Lowest fd number for the shield's own inherited fds (anchor, key), out of the way of shells.
 const HIGH_FD: c_int = 700;
@@ -32,6 +48,8 @@ pub struct Shield {
     key_fd_slot: AtomicI32,
     pub started: i64,
     inner: Mutex<Inner>,
+    /// Kernel directories known to exist (see [`Shield::ensure_parent`]).
+    dirs_made: Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 #[derive(Debug)]
@@ -46,7 +64,8 @@ pub struct Inner {
     /// Ephemeral regions: embed path → sealed node; gone at exit.
     pub eph: BTreeMap<EmbedPath, EphNode>,
     /// Plaintext of files open for writing, and of kernel files staged but not yet committed.
-    pub live: HashMap<EmbedPath, Arc<Mutex<WriteBuf>>>,
+    /// Sorted, so "is anything live below this directory" is a range query, not a scan.
+    pub live: BTreeMap<EmbedPath, Arc<Mutex<WriteBuf>>>,
     /// Directories created in kernel regions, not yet committed.
     pub new_dirs: BTreeSet<EmbedPath>,
     /// Changes staged for the next commit, in order.
@@ -334,13 +353,14 @@ pub fn init() -> bool {
         inner: Mutex::new(Inner {
             vol,
             eph: BTreeMap::new(),
-            live: HashMap::new(),
+            live: BTreeMap::new(),
             new_dirs: BTreeSet::new(),
             queue: Vec::new(),
             staged_bytes: 0,
             cwd,
             cwd_virtual,
         }),
+        dirs_made: Mutex::new(std::collections::HashSet::new()),
     };
     let ok = SHIELD.set(sh).is_ok();
     if ok {
@@ -655,7 +675,7 @@ impl Shield {
                 || Self::region_ancestor(inner, ep)
                 || below(&vol.meta.files, ep).next().is_some()
                 || inner.new_dirs.iter().any(|d| d.starts_with(ep))
-                || inner.live.keys().any(|k| k.starts_with(ep) && k != ep) =>
+                || below(&inner.live, ep).next().is_some() =>
             {
                 Ok(dir(kernel))
             }
@@ -704,7 +724,7 @@ impl Shield {
                 }
             }
         }
-        for k in inner.live.keys() {
+        for (k, _) in below(&inner.live, ep) {
             if let Some((c, more)) = first_component(k, ep) {
                 m.entry(c.to_vec())
                     .or_insert(if more { libc::DT_DIR } else { libc::DT_REG });
@@ -736,9 +756,20 @@ impl Shield {
         if !b.needs_seal() {
             return Ok(());
         }
-        let data = b.contents()?;
         let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
         let region = vol.region_for(&b.path).ok_or(libc::EACCES)?.clone();
+        let len = b.len();
+        if region.kind != RegionKind::Ephemeral && len > files::HASH_MAX {
+            // Large kernel file: seal straight from the memfd (no copy of the whole file).
+            let print = b.fingerprint()?;
+            let staged = self.stage(vol, &region, &b.path, print.0, b.mode, || b.reader())?;
+            inner.staged_bytes += print.0;
+            inner.queue.push(Change::Put(staged));
+            b.mark_sealed_print(print);
+            b.pending = true;
+            return Ok(());
+        }
+        let data = b.contents()?;
         if region.kind == RegionKind::Ephemeral {
             let sealed = memory::seal_in_memory(&region, &b.path, b.mode, &data).map_err(|e| {
                 log(format!("{}: {e}", b.path));
@@ -754,25 +785,61 @@ impl Shield {
             b.mark_sealed(&data);
             return Ok(());
         }
-        if let Some(parent) = b
-            .path
-            .kernel_path(&region)
-            .as_deref()
-            .and_then(Path::parent)
-        {
-            let _ = std::fs::create_dir_all(parent);
-        }
-        let staged = vol
-            .stage_file(&b.path, data.len() as u64, b.mode, &mut &data[..])
-            .map_err(|e| {
-                log(format!("{}: staging failed: {e}", b.path));
-                libc::EIO
-            })?;
+        let staged = self.stage(
+            vol,
+            &region,
+            &b.path,
+            data.len() as u64,
+            b.mode,
+            || &data[..],
+        )?;
         inner.staged_bytes += data.len() as u64;
         inner.queue.push(Change::Put(staged));
         b.mark_sealed(&data);
         b.pending = true;
         Ok(())
+    }
+
+    /// Make sure the kernel directory of `path` exists (once per directory and process: a
+    /// stat and a failing mkdir per staged file otherwise).
+    fn ensure_parent(&self, region: &Region, path: &EmbedPath) {
+        let Some(kp) = path.kernel_path(region) else {
+            return;
+        };
+        let Some(parent) = kp.parent() else { return };
+        let mut known = self.dirs_made.lock().unwrap_or_else(|e| e.into_inner());
+        if known.contains(parent) {
+            return;
+        }
+        if std::fs::create_dir_all(parent).is_ok() {
+            known.insert(parent.to_path_buf());
+        }
+    }
+
+    /// `Volume::stage_file` in a kernel directory made if needed; when it fails (the directory
+    /// may have been removed since it was made), once more after making the directory again.
+    fn stage<R: std::io::Read>(
+        &self,
+        vol: &Volume,
+        region: &Region,
+        path: &EmbedPath,
+        size: u64,
+        mode: u32,
+        src: impl Fn() -> R,
+    ) -> Result<fspf_core::volume::StagedFile, c_int> {
+        self.ensure_parent(region, path);
+        let r = vol.stage_file(path, size, mode, &mut src()).or_else(|_| {
+            self.dirs_made
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+            self.ensure_parent(region, path);
+            vol.stage_file(path, size, mode, &mut src())
+        });
+        r.map_err(|e| {
+            log(format!("{path}: staging failed: {e}"));
+            libc::EIO
+        })
     }
 
     /// Called when the last writer of `buf` closed it.
@@ -793,7 +860,7 @@ impl Shield {
             if inner.live.get(&path).is_some_and(|x| Arc::ptr_eq(x, buf)) {
                 inner.live.remove(&path);
             }
-        } else if inner.queue.len() >= COMMIT_EVERY_FILES
+        } else if inner.queue.len() >= commit_every_files()
             || inner.staged_bytes >= COMMIT_EVERY_BYTES
         {
             self.commit(&mut inner)?;

@@ -1250,6 +1250,84 @@ fn stdio_reads_a_protected_file_dup2ed_onto_stdin() {
     assert!(!stdout(&o).contains("Hello"));
 }
 
+/// Large files (> 1 MiB: sealed straight from the buffer, fingerprinted by times; >= 8 MiB:
+/// written with O_DIRECT): sequential write + fsync, then a seek back and an overwrite in the
+/// middle, a bypassing-size change by truncate, and a second run reading it all back; kill -9
+/// during a large rewrite leaves the committed version.
+#[test]
+fn large_files_round_trip_and_survive_kill_9_mid_rewrite() {
+    need("python3");
+    let mut w = data_world();
+    let script = r#"
+import hashlib, os
+blk = bytes(range(256)) * 4096            # 1 MiB
+data = bytearray()
+with open('/data/big.bin', 'wb') as f:
+    for i in range(20):
+        b = bytes([i]) + blk[1:]
+        f.write(b); data += b
+    f.write(b'tail' * 1000); data += b'tail' * 1000
+    f.flush(); os.fsync(f.fileno())
+    f.seek(5 * 1048576 + 7)
+    f.write(b'X' * 70000); data[5 * 1048576 + 7:5 * 1048576 + 7 + 70000] = b'X' * 70000
+with open('/data/mid.bin', 'wb') as f:
+    f.write(blk * 3)
+os.truncate('/data/mid.bin', 2 * 1048576 + 5)
+print(hashlib.sha256(data).hexdigest(), hashlib.sha256((blk * 3)[:2 * 1048576 + 5]).hexdigest())
+"#;
+    let o = w.run_mut(&["python3", "-c", script]);
+    ok(&o, "large write");
+    let want = stdout(&o);
+    let check = "import hashlib\nprint(hashlib.sha256(open('/data/big.bin','rb').read()).hexdigest(), hashlib.sha256(open('/data/mid.bin','rb').read()).hexdigest())";
+    let o = w.run(&["python3", "-c", check]);
+    ok(&o, "large read back");
+    assert_eq!(stdout(&o), want);
+    let v = w.cli(&["verify", "fspf.pb", "--key", &w.key, "--tag", &w.tag]);
+    assert!(v.contains("OK"), "{v}");
+    // Rewrite big.bin with 30 MiB of other bytes and die before any commit point.
+    let o = w.run_mut(&[
+        "python3",
+        "-c",
+        "import os, signal\nf = open('/data/big.bin', 'wb')\nfor i in range(30): f.write(b'Z' * 1048576)\nf.flush()\nos.kill(os.getpid(), signal.SIGKILL)",
+    ]);
+    assert!(!o.status.success());
+    let o = w.run(&["python3", "-c", check]);
+    ok(&o, "after kill -9");
+    assert_eq!(
+        stdout(&o),
+        want,
+        "old version must survive a crash before commit"
+    );
+}
+
+/// A same-size overwrite of a large (> 1 MiB, fingerprinted by times) buffer that bypasses the
+/// hooks (a raw pwrite64 system call) after a commit point is still sealed at close.
+#[test]
+fn large_buffer_bypassing_write_after_fsync_is_sealed() {
+    need("python3");
+    let mut w = data_world();
+    let script = r#"
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+fd = os.open('/data/raw.bin', os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+os.write(fd, b'a' * (3 << 20))
+os.fsync(fd)
+buf = ctypes.create_string_buffer(b'Q' * 10)
+n = libc.syscall(18, fd, buf, ctypes.c_size_t(10), ctypes.c_long(100))
+assert n == 10, n
+os.close(fd)
+"#;
+    let o = w.run_mut(&["python3", "-c", script]);
+    ok(&o, "raw write");
+    let o = w.run(&[
+        "python3",
+        "-c",
+        "d = open('/data/raw.bin','rb').read(); print(len(d), d[95:115])",
+    ]);
+    ok(&o, "read back");
+    assert_eq!(stdout(&o).trim(), "3145728 b'aaaaaQQQQQQQQQQaaaaa'");
+}
+
 #[test]
 fn tag_file_receives_the_new_tag_and_never_the_programs_stdout() {
     let w = data_world();

@@ -33,6 +33,8 @@ pub(crate) fn sequential() -> bool {
 
 /// Chunks sealed per parallel batch when importing (64 × 64 KiB = 4 MiB).
 const BATCH_CHUNKS: usize = 64;
+/// In sequential mode, batches of at least this many chunks are sealed on two scoped threads.
+const PAR_MIN_CHUNKS: usize = 8;
 
 /// Nonce of chunk `index`: 8-byte big-endian index at bytes 3..11, last-chunk flag in byte 11.
 pub fn chunk_nonce(index: u64, last: bool) -> [u8; NONCE_LEN] {
@@ -105,17 +107,9 @@ pub fn seal_encrypted<W: Write + Send>(
         let mut out = vec![0u8; (layout::enc_file_len(size, chunk_len) - ENC_HEADER_LEN) as usize];
         let len = sealer.fill(src, &mut out, 0, n)?;
         dst.write_all(&out[..len]).map_err(io)?;
-    } else if sequential() {
-        // No helper threads in the preload shield (see `set_sequential`).
-        let mut buf = vec![0u8; slot * BATCH_CHUNKS];
-        let mut first = 0u64;
-        while first < n {
-            let batch = (n - first).min(BATCH_CHUNKS as u64);
-            let len = sealer.fill(src, &mut buf, first, batch)?;
-            dst.write_all(&buf[..len]).map_err(io)?;
-            first += BATCH_CHUNKS as u64;
-        }
     } else {
+        // Scoped threads (also in sequential mode): they are joined before this returns, so
+        // unlike a pool they leave nothing behind that a later `fork` could lose.
         std::thread::scope(|s| -> Result<()> {
             let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(1);
             let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
@@ -202,7 +196,29 @@ impl BatchSealer<'_> {
             Ok(())
         };
         if sequential() {
-            out[..len].chunks_mut(slot).enumerate().try_for_each(seal)?;
+            // No pool (see `set_sequential`): a batch of several chunks is split in two halves,
+            // the second sealed on a scoped thread (joined here, so nothing survives a fork).
+            let chunks = len.div_ceil(slot);
+            if chunks >= PAR_MIN_CHUNKS {
+                let mid = chunks / 2 * slot;
+                let (a, b) = out[..len].split_at_mut(mid);
+                let half = chunks / 2;
+                let rb = std::thread::scope(|s| {
+                    let h = s.spawn(|| {
+                        b.chunks_mut(slot)
+                            .enumerate()
+                            .try_for_each(|(i, c)| seal((i + half, c)))
+                    });
+                    let ra = a.chunks_mut(slot).enumerate().try_for_each(seal);
+                    let rb = h
+                        .join()
+                        .unwrap_or_else(|_| Err(changed("sealing thread panicked")));
+                    ra.and(rb)
+                });
+                rb?;
+            } else {
+                out[..len].chunks_mut(slot).enumerate().try_for_each(seal)?;
+            }
         } else {
             out[..len]
                 .par_chunks_mut(slot)

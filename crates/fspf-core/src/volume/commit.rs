@@ -5,6 +5,7 @@
 //! kernel path. A crash before the commit leaves the old fspf and an ignored shadow; a crash after
 //! it leaves a shadow whose name is the committed file id, which `roll_forward` renames into place
 //! on the next open. Every version has a fresh file id, hence a fresh key: no nonce is ever reused.
+use super::direct::DirectWriter;
 use super::{store, Volume};
 use crate::codec;
 use crate::crypto::{self, FileId, Tag};
@@ -16,6 +17,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+/// Encrypted versions of at least this size are written with direct I/O ([`DirectWriter`]).
+pub const DIRECT_MIN: u64 = 8 << 20;
 
 /// A file version written to disk but not yet committed.
 #[derive(Debug, Clone)]
@@ -99,11 +103,17 @@ pub(crate) fn seal_version(
                 path: label.clone(),
                 reason: "encrypted files need an output directory for the ciphertext".into(),
             })?;
-            let f = create_file(out, file_mode)?;
-            let mut w = BufWriter::with_capacity(1 << 20, f);
             let k = crypto::file_chunk_key(key, &id)?;
-            codec::seal_encrypted(&k, &id, region.chunk_len, size, src, &mut w, &label)?;
-            let f = w.into_inner().map_err(|e| Error::io(out, e.into_error()))?;
+            let f = if size >= DIRECT_MIN && super::direct::worthwhile(out) {
+                let mut w = DirectWriter::create(out, file_mode).map_err(|e| Error::io(out, e))?;
+                codec::seal_encrypted(&k, &id, region.chunk_len, size, src, &mut w, &label)?;
+                w.finish().map_err(|e| Error::io(out, e))?
+            } else {
+                let f = create_file(out, file_mode)?;
+                let mut w = BufWriter::with_capacity(1 << 20, f);
+                codec::seal_encrypted(&k, &id, region.chunk_len, size, src, &mut w, &label)?;
+                w.into_inner().map_err(|e| Error::io(out, e.into_error()))?
+            };
             if vol.sync_each_file {
                 f.sync_all().map_err(|e| Error::io(out, e))?;
             }

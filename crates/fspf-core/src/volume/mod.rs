@@ -1,6 +1,7 @@
 //! The volume API: open an fspf with key + tag, resolve embed paths, read verified files,
 //! import trees, verify, and commit updates atomically. Frontends (CLI, preload, FUSE) use only this.
 mod commit;
+pub mod direct;
 mod import;
 pub mod memory;
 mod store;
