@@ -31,8 +31,13 @@ pub(crate) fn sequential() -> bool {
     SEQUENTIAL.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Chunks sealed per parallel batch when importing (64 × 64 KiB = 4 MiB).
-const BATCH_CHUNKS: usize = 64;
+/// Plaintext bytes sealed per parallel batch when importing (64 × 64 KiB, 1024 × 4 KiB).
+const BATCH_BYTES: usize = 4 << 20;
+
+/// Chunks per batch: 4 MiB worth, at least one.
+fn batch_chunks(chunk_len: u32) -> usize {
+    (BATCH_BYTES / chunk_len as usize).max(1)
+}
 
 /// Nonce of chunk `index`: 8-byte big-endian index at bytes 3..11, last-chunk flag in byte 11.
 pub fn chunk_nonce(index: u64, last: bool) -> [u8; NONCE_LEN] {
@@ -92,6 +97,7 @@ pub fn seal_encrypted<W: Write + Send>(
     dst.write_all(&enc_header(id)).map_err(io)?;
     let n = layout::chunk_count(size, chunk_len);
     let slot = chunk_len as usize + TAG_LEN;
+    let batch_n = batch_chunks(chunk_len);
     let sealer = BatchSealer {
         key,
         id,
@@ -100,20 +106,20 @@ pub fn seal_encrypted<W: Write + Send>(
         n,
         label,
     };
-    if n <= BATCH_CHUNKS as u64 {
+    if n <= batch_n as u64 {
         // Exactly the bytes to write: small files must not pay for zeroing a whole chunk.
         let mut out = vec![0u8; (layout::enc_file_len(size, chunk_len) - ENC_HEADER_LEN) as usize];
         let len = sealer.fill(src, &mut out, 0, n)?;
         dst.write_all(&out[..len]).map_err(io)?;
     } else if sequential() {
         // No helper threads in the preload shield (see `set_sequential`).
-        let mut buf = vec![0u8; slot * BATCH_CHUNKS];
+        let mut buf = vec![0u8; slot * batch_n];
         let mut first = 0u64;
         while first < n {
-            let batch = (n - first).min(BATCH_CHUNKS as u64);
+            let batch = (n - first).min(batch_n as u64);
             let len = sealer.fill(src, &mut buf, first, batch)?;
             dst.write_all(&buf[..len]).map_err(io)?;
-            first += BATCH_CHUNKS as u64;
+            first += batch_n as u64;
         }
     } else {
         std::thread::scope(|s| -> Result<()> {
@@ -127,14 +133,14 @@ pub fn seal_encrypted<W: Write + Send>(
                 }
                 Ok(())
             });
-            let mut spare = vec![vec![0u8; slot * BATCH_CHUNKS]; 2];
+            let mut spare = vec![vec![0u8; slot * batch_n]; 2];
             let mut sealed = Ok(());
             let mut first = 0u64;
             while first < n {
                 let Some(mut buf) = spare.pop().or_else(|| empty_rx.recv().ok()) else {
                     break; // writer failed; its error is returned below
                 };
-                let batch = (n - first).min(BATCH_CHUNKS as u64);
+                let batch = (n - first).min(batch_n as u64);
                 match sealer.fill(src, &mut buf, first, batch) {
                     Ok(len) => {
                         if full_tx.send((buf, len)).is_err() {
@@ -146,7 +152,7 @@ pub fn seal_encrypted<W: Write + Send>(
                         break;
                     }
                 }
-                first += BATCH_CHUNKS as u64;
+                first += batch_n as u64;
             }
             drop(full_tx);
             let written = writer
@@ -230,10 +236,11 @@ pub fn seal_authenticated(
     let c = chunk_len as usize;
     let n = layout::chunk_count(size, chunk_len);
     let mut leaves: Vec<[u8; 32]> = Vec::with_capacity(n as usize);
-    let mut plain = vec![0u8; c * BATCH_CHUNKS.min(n as usize)];
+    let batch_n = batch_chunks(chunk_len);
+    let mut plain = vec![0u8; c * batch_n.min(n as usize)];
     let mut index = 0u64;
     while index < n {
-        let batch = (n - index).min(BATCH_CHUNKS as u64) as usize;
+        let batch = (n - index).min(batch_n as u64) as usize;
         let want: u64 = (0..batch as u64)
             .map(|i| layout::chunk_plain_len(size, chunk_len, index + i))
             .sum();
@@ -297,9 +304,10 @@ const WINDOW_MIN: u64 = 128 * 1024;
 const WINDOW_MAX: u64 = 1024 * 1024;
 /// Spans of at least this many bytes are verified on two threads (scoped, joined before return).
 const PARALLEL_MIN: usize = 256 * 1024;
-/// A request covering at least this many bytes of whole chunks is decrypted straight into the
-/// caller's buffer instead of through the window.
-const DIRECT_MIN: u64 = 64 * 1024;
+/// A sequential request covering at least this many bytes of whole chunks is decrypted straight
+/// into the caller's buffer (on two threads); smaller sequential requests (`cat` reads 128 KiB)
+/// are served from the readahead window, which is verified on two threads once it has grown.
+const DIRECT_MIN: u64 = WINDOW_MAX;
 
 static READ_THREADS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
@@ -328,7 +336,7 @@ struct Span {
 /// the chunk right after the last one served is sequential access: the reader then loads a window
 /// of many chunks with one `pread` (128 KiB, doubling up to 1 MiB, like kernel readahead); any
 /// other miss loads only the chunks the request touches. A request that covers whole chunks
-/// worth at least 64 KiB (or any whole chunk on random access) is decrypted straight into the
+/// worth at least 1 MiB (or any whole chunk on random access) is decrypted straight into the
 /// caller's buffer. Every chunk is verified before any of its bytes are returned; a chunk that
 /// fails is zeroed in the destination, and the window keeps only the chunks before it.
 pub struct ProtectedReader<R: ReadAt, O: ReadAt> {
@@ -682,7 +690,7 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
             } else {
                 rest / c
             };
-            if whole > 0 && (whole * c >= DIRECT_MIN || !sequential) {
+            if whole > 0 && (!sequential || whole * c >= DIRECT_MIN) {
                 let bytes = self.span_bytes(index, whole) as usize;
                 let span = self.load_span(index, whole, &mut out[done..done + bytes], None);
                 if let Some(e) = span.err {

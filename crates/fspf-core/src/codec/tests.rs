@@ -78,8 +78,8 @@ fn authenticated_roundtrip_and_tamper() {
 
 #[test]
 fn pipelined_seal_of_many_batches_roundtrips() {
-    // 3 full batches of 64 chunks plus a partial chunk: exercises the writer thread.
-    let size = 512 * 64 * 3 + 100;
+    // 3 full batches (4 MiB each) plus a partial chunk: exercises the writer thread.
+    let size = BATCH_BYTES * 3 + 100;
     let (k, id, plain, out) = enc(size, 512);
     assert_eq!(out.len() as u64, layout::enc_file_len(size as u64, 512));
     let mut r = ProtectedReader::<Vec<u8>, Vec<u8>>::new(
@@ -103,7 +103,7 @@ fn pipelined_seal_reports_a_source_that_shrank() {
     let rk = RegionKey::random(32).unwrap();
     let id = FileId::random().unwrap();
     let k = file_chunk_key(&rk, &id).unwrap();
-    let plain = vec![7u8; 512 * 200];
+    let plain = vec![7u8; BATCH_BYTES * 2 + 512 * 8];
     let mut out = Vec::new();
     let claimed = plain.len() as u64 + 1;
     let e = seal_encrypted(&k, &id, 512, claimed, &mut &plain[..], &mut out, "/f").unwrap_err();
@@ -128,7 +128,7 @@ fn pipelined_seal_reports_a_failing_writer() {
     let rk = RegionKey::random(32).unwrap();
     let id = FileId::random().unwrap();
     let k = file_chunk_key(&rk, &id).unwrap();
-    let plain = vec![7u8; 512 * 64 * 10];
+    let plain = vec![7u8; BATCH_BYTES * 3];
     let mut w = Full(100_000);
     let e = seal_encrypted(
         &k,
