@@ -303,10 +303,13 @@ const WINDOW_MIN: u64 = 128 * 1024;
 /// ...and doubles on every sequential miss up to this many, read with one `pread`.
 const WINDOW_MAX: u64 = 1024 * 1024;
 /// Spans of at least this many bytes are verified on two threads (scoped, joined before return).
-const PARALLEL_MIN: usize = 256 * 1024;
+/// AES-GCM runs at about 5 GB/s on one core here, so a 1 MiB window costs about 200 us; a second
+/// thread saved less than its start and, on a shared machine, its wait for a core (measured with
+/// `cat`, bench/RESULTS.md), so only larger requests are split.
+const PARALLEL_MIN: usize = 2 << 20;
 /// A sequential request covering at least this many bytes of whole chunks is decrypted straight
-/// into the caller's buffer (on two threads); smaller sequential requests (`cat` reads 128 KiB)
-/// are served from the readahead window, which is verified on two threads once it has grown.
+/// into the caller's buffer; smaller sequential requests (`cat` reads 128 KiB) are served from
+/// the readahead window.
 const DIRECT_MIN: u64 = WINDOW_MAX;
 
 static READ_THREADS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);

@@ -296,8 +296,9 @@ fn window_crossing_eof_is_clipped() {
 #[test]
 fn tampered_chunk_inside_a_window_fails_without_leaking_bytes() {
     let c = 512usize;
-    let size = c * 3000;
-    let bad = 700usize;
+    // > 2 MiB: a read of the whole file is verified on two threads, the bad chunk in the second half
+    let size = c * 6000;
+    let bad = 4000usize;
     let (_, plain, ct) = enc_reader(size, c as u32);
     // encrypted: flip a ciphertext bit of chunk `bad`; authenticated: a plaintext bit
     let enc_bad = {
