@@ -523,6 +523,9 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
         scratch: &mut Vec<u8>,
         mut leaves: Option<&mut Vec<[u8; 32]>>,
     ) -> Span {
+        if count == 0 {
+            return Span { ok: 0, err: None };
+        }
         let n = self.chunks();
         let c = self.chunk_len as usize;
         let io = |e| Span {
