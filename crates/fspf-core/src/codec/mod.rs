@@ -302,6 +302,11 @@ pub enum FileCodec<R: ReadAt, O: ReadAt> {
 const WINDOW_MIN: u64 = 128 * 1024;
 /// ...and doubles on every sequential miss up to this many, read with one `pread`.
 const WINDOW_MAX: u64 = 1024 * 1024;
+/// Authenticated files: windows stop growing at 128 KiB, and sequential requests of 128 KiB are
+/// read straight into the caller's buffer and hashed there. A 1 MiB window (plaintext read into
+/// it, hashed, copied out: it leaves the core's L2 between the steps) made warm `cat` of a 1 GiB
+/// file 10 % slower than the old one-chunk reader; this is as fast as it.
+const WINDOW_MAX_AUTHENTICATED: u64 = 128 * 1024;
 /// Spans of at least this many bytes are verified on two threads (scoped, joined before return).
 /// AES-GCM runs at about 5 GB/s on one core here, so a 1 MiB window costs about 200 us; a second
 /// thread saved less than its start and, on a shared machine, its wait for a core (measured with
@@ -310,7 +315,7 @@ const PARALLEL_MIN: usize = 2 << 20;
 /// A sequential request covering at least this many bytes of whole chunks is decrypted straight
 /// into the caller's buffer; smaller sequential requests (`cat` reads 128 KiB) are served from
 /// the readahead window.
-const DIRECT_MIN: u64 = WINDOW_MAX;
+const DIRECT_MIN: u64 = 1024 * 1024;
 
 static READ_THREADS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
@@ -696,7 +701,11 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
             } else {
                 rest / c
             };
-            if whole > 0 && (!sequential || whole * c >= DIRECT_MIN) {
+            let direct_min = match self.codec {
+                FileCodec::Encrypted { .. } => DIRECT_MIN,
+                FileCodec::Authenticated { .. } => WINDOW_MAX_AUTHENTICATED,
+            };
+            if whole > 0 && (!sequential || whole * c >= direct_min) {
                 let bytes = self.span_bytes(index, whole) as usize;
                 let span = self.load_span(index, whole, &mut out[done..done + bytes], None);
                 if let Some(e) = span.err {
@@ -708,7 +717,11 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
             }
             let needed = (pos % c + rest).div_ceil(c);
             let count = if sequential {
-                let (lo, hi) = ((WINDOW_MIN / c).max(1), (WINDOW_MAX / c).max(1));
+                let max = match self.codec {
+                    FileCodec::Encrypted { .. } => WINDOW_MAX,
+                    FileCodec::Authenticated { .. } => WINDOW_MAX_AUTHENTICATED,
+                };
+                let (lo, hi) = ((WINDOW_MIN.min(max) / c).max(1), (max / c).max(1));
                 self.ra = if self.ra == 0 {
                     lo
                 } else {
