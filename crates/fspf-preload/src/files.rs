@@ -485,6 +485,23 @@ impl OpenFile {
         }
     }
 
+    /// The whole verified plaintext handed to `sink` block by block (see
+    /// `ProtectedReader::for_each_verified`); `None` for bodies that are not verified readers.
+    pub fn for_each_verified(
+        &mut self,
+        block: usize,
+        sink: impl Fn(u64, &[u8]) -> std::io::Result<()> + Sync,
+    ) -> Option<fspf_core::Result<()>> {
+        if !self.read {
+            return None;
+        }
+        match &mut self.body {
+            Body::Kernel(r) => Some(r.for_each_verified(block, sink)),
+            Body::Mem(r) => Some(r.for_each_verified(block, sink)),
+            _ => None,
+        }
+    }
+
     /// Verified plaintext at `off`; EIO (and a log line) when verification fails.
     pub fn read_at(&mut self, out: &mut [u8], off: u64) -> Result<usize, c_int> {
         if !self.read {

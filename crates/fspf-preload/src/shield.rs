@@ -227,6 +227,10 @@ pub fn init() -> bool {
         return false;
     };
     fspf_core::codec::set_sequential(true);
+    // Large reads are verified on a second, scoped thread unless FSPF_READ_THREADS=0.
+    if std::env::var_os("FSPF_READ_THREADS").is_some_and(|v| v == "0") {
+        fspf_core::codec::set_read_threads(false);
+    }
     crate::hooks::open::init_umask();
     // Absolute now: the program may chdir before the shield reloads or commits.
     let fspf = std::path::absolute(PathBuf::from(&fspf)).unwrap_or_else(|_| PathBuf::from(fspf));

@@ -1,8 +1,9 @@
 //! Positioned reads over files and in-memory buffers (ephemeral regions, tests).
 use std::io;
 
+/// `Sync` because a large read may be verified on two threads at once (`ProtectedReader`).
 #[allow(clippy::len_without_is_empty)]
-pub trait ReadAt {
+pub trait ReadAt: Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
     fn len(&self) -> io::Result<u64>;
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
@@ -61,7 +62,7 @@ impl ReadAt for Vec<u8> {
     }
 }
 
-impl<T: ReadAt + ?Sized> ReadAt for std::sync::Arc<T> {
+impl<T: ReadAt + Send + ?Sized> ReadAt for std::sync::Arc<T> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         (**self).read_at(buf, offset)
     }

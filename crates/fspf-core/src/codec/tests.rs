@@ -78,8 +78,8 @@ fn authenticated_roundtrip_and_tamper() {
 
 #[test]
 fn pipelined_seal_of_many_batches_roundtrips() {
-    // 3 full batches of 64 chunks plus a partial chunk: exercises the writer thread.
-    let size = 512 * 64 * 3 + 100;
+    // 3 full batches (4 MiB each) plus a partial chunk: exercises the writer thread.
+    let size = BATCH_BYTES * 3 + 100;
     let (k, id, plain, out) = enc(size, 512);
     assert_eq!(out.len() as u64, layout::enc_file_len(size as u64, 512));
     let mut r = ProtectedReader::<Vec<u8>, Vec<u8>>::new(
@@ -103,7 +103,7 @@ fn pipelined_seal_reports_a_source_that_shrank() {
     let rk = RegionKey::random(32).unwrap();
     let id = FileId::random().unwrap();
     let k = file_chunk_key(&rk, &id).unwrap();
-    let plain = vec![7u8; 512 * 200];
+    let plain = vec![7u8; BATCH_BYTES * 2 + 512 * 8];
     let mut out = Vec::new();
     let claimed = plain.len() as u64 + 1;
     let e = seal_encrypted(&k, &id, 512, claimed, &mut &plain[..], &mut out, "/f").unwrap_err();
@@ -128,7 +128,7 @@ fn pipelined_seal_reports_a_failing_writer() {
     let rk = RegionKey::random(32).unwrap();
     let id = FileId::random().unwrap();
     let k = file_chunk_key(&rk, &id).unwrap();
-    let plain = vec![7u8; 512 * 64 * 10];
+    let plain = vec![7u8; BATCH_BYTES * 3];
     let mut w = Full(100_000);
     let e = seal_encrypted(
         &k,
@@ -177,4 +177,253 @@ fn verify_all_checks_every_outboard_byte() {
             );
         }
     }
+}
+
+/// A tiny deterministic generator for offsets and lengths.
+fn lcg(state: &mut u64) -> u64 {
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *state >> 33
+}
+
+type MemReader = ProtectedReader<Vec<u8>, Vec<u8>>;
+
+fn enc_reader(size: usize, c: u32) -> (MemReader, Vec<u8>, Vec<u8>) {
+    let (k, id, plain, out) = enc(size, c);
+    let r = ProtectedReader::new(
+        FileCodec::Encrypted {
+            key: k,
+            id,
+            data: out.clone(),
+        },
+        size as u64,
+        c,
+        "t".into(),
+    )
+    .unwrap();
+    (r, plain, out)
+}
+
+fn auth_reader(plain: &[u8], c: u32) -> impl Fn(Vec<u8>) -> ProtectedReader<Vec<u8>, Vec<u8>> {
+    let rk = RegionKey::random(32).unwrap();
+    let id = FileId::random().unwrap();
+    let k = file_mac_key(&rk, &id).unwrap();
+    let (root, ob) =
+        seal_authenticated(&k, c, plain.len() as u64, &mut &plain[..], None, "t").unwrap();
+    move |data: Vec<u8>| {
+        let size = data.len() as u64;
+        ProtectedReader::new(
+            FileCodec::Authenticated {
+                key: k.clone(),
+                root,
+                data,
+                outboard: (!ob.is_empty()).then(|| ob.clone()),
+            },
+            size,
+            c,
+            "t".into(),
+        )
+        .unwrap()
+    }
+}
+
+/// Sequential reads of several sizes (growing windows, parallel spans, direct reads into the
+/// caller's buffer), then random reads (spanning chunk boundaries, after and inside the cached
+/// window, across EOF): every byte equals the plaintext.
+#[test]
+fn windowed_reads_sequential_then_random_return_the_plaintext() {
+    for (size, c) in [
+        (512 * 3000 + 77, 512u32),
+        (4096 * 700, 4096),
+        (65536 * 40 + 1, 65536),
+    ] {
+        let (mut r, plain, _) = enc_reader(size, c);
+        let mk = auth_reader(&plain, c);
+        let mut a = mk(plain.clone());
+        for r in [&mut r, &mut a] {
+            for step in [1000usize, 4096, 128 * 1024, 1 << 20, 3 << 20] {
+                let mut got = Vec::with_capacity(size);
+                let mut buf = vec![0u8; step];
+                loop {
+                    let n = r.read_at(&mut buf, got.len() as u64).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                assert_eq!(got.len(), plain.len(), "step {step}");
+                assert!(got == plain, "step {step}, chunk {c}");
+            }
+            let mut st = size as u64;
+            for _ in 0..300 {
+                let off = lcg(&mut st) % (size as u64 + 100);
+                let len = (lcg(&mut st) % (3 * c as u64 + 10)) as usize;
+                let mut buf = vec![0xAAu8; len];
+                let n = r.read_at(&mut buf, off).unwrap();
+                let exp = (size as u64).saturating_sub(off).min(len as u64) as usize;
+                assert_eq!(n, exp, "off {off} len {len}");
+                assert_eq!(&buf[..n], &plain[off as usize..off as usize + n]);
+            }
+        }
+    }
+}
+
+/// A sequential window that would extend past the end of the file stops at the last chunk, and
+/// reads at and past EOF return 0.
+#[test]
+fn window_crossing_eof_is_clipped() {
+    let size = 512 * 10 + 3;
+    let (mut r, plain, _) = enc_reader(size, 512);
+    let mut buf = [0u8; 700];
+    let mut off = 0;
+    while off < size {
+        let n = r.read_at(&mut buf, off as u64).unwrap();
+        assert_eq!(&buf[..n], &plain[off..off + n]);
+        off += n;
+    }
+    assert_eq!(r.read_at(&mut buf, size as u64).unwrap(), 0);
+    assert_eq!(r.read_at(&mut buf, size as u64 + 5000).unwrap(), 0);
+    let mut all = vec![0u8; size + 100];
+    assert_eq!(r.read_at(&mut all, 0).unwrap(), size);
+    assert_eq!(&all[..size], &plain[..]);
+}
+
+/// A tampered chunk inside a window: reads before it succeed (readahead over the bad chunk does
+/// not fail them), every read touching it fails, and none of its bytes reach the caller's buffer
+/// (it is left as it was or zeroed), in the window path and in direct large reads alike; chunks
+/// after it stay readable.
+#[test]
+fn tampered_chunk_inside_a_window_fails_without_leaking_bytes() {
+    let c = 512usize;
+    // > 2 MiB: a read of the whole file is verified on two threads, the bad chunk in the second half
+    let size = c * 6000;
+    let bad = 4000usize;
+    let (_, plain, ct) = enc_reader(size, c as u32);
+    // encrypted: flip a ciphertext bit of chunk `bad`; authenticated: a plaintext bit
+    let enc_bad = {
+        let (k, id, plain2, mut out) = enc(size, c as u32);
+        out[layout::enc_chunk_offset(c as u32, bad as u64) as usize + 5] ^= 1;
+        let r = ProtectedReader::<Vec<u8>, Vec<u8>>::new(
+            FileCodec::Encrypted {
+                key: k,
+                id,
+                data: out,
+            },
+            size as u64,
+            c as u32,
+            "t".into(),
+        )
+        .unwrap();
+        (r, plain2)
+    };
+    let _ = ct;
+    let mut tampered = plain.clone();
+    tampered[bad * c + 5] ^= 1;
+    let auth_bad = (
+        auth_reader(&plain, c as u32)(tampered.clone()),
+        plain.clone(),
+    );
+    for (mut r, plain) in [enc_bad, auth_bad] {
+        let bad_range = bad * c..(bad + 1) * c;
+        let no_leak = |buf: &[u8], base: usize| {
+            let lo = bad_range.start.max(base) - base;
+            let hi = (bad_range.end.min(base + buf.len())).saturating_sub(base);
+            if lo < hi {
+                let region = &buf[lo..hi];
+                assert!(
+                    region.iter().all(|&b| b == 0xAA) || region.iter().all(|&b| b == 0),
+                    "bytes of the tampered chunk reached the caller"
+                );
+            }
+        };
+        // sequential small reads up to the bad chunk
+        let mut off = 0;
+        let mut buf = vec![0xAAu8; 1000];
+        loop {
+            buf.fill(0xAA);
+            match r.read_at(&mut buf, off as u64) {
+                Ok(n) => {
+                    assert!(
+                        off + n <= bad_range.start,
+                        "read over the bad chunk succeeded"
+                    );
+                    assert_eq!(&buf[..n], &plain[off..off + n]);
+                    off += n;
+                }
+                Err(e) => {
+                    assert!(e.to_string().contains(&format!("chunk {bad}")), "{e}");
+                    assert!(off + buf.len() > bad_range.start);
+                    no_leak(&buf, off);
+                    break;
+                }
+            }
+        }
+        // direct large reads spanning it (the whole file; and from the bad chunk on)
+        for start in [0usize, bad * c, (bad - 3) * c] {
+            let mut big = vec![0xAAu8; size - start];
+            let e = r.read_at(&mut big, start as u64).unwrap_err();
+            assert!(e.to_string().contains(&format!("chunk {bad}")), "{e}");
+            no_leak(&big, start);
+        }
+        // after it, and just before it
+        let mut after = vec![0u8; 5000];
+        let n = r.read_at(&mut after, ((bad + 1) * c) as u64).unwrap();
+        assert_eq!(&after[..n], &plain[(bad + 1) * c..(bad + 1) * c + n]);
+        let mut before = vec![0u8; 100];
+        r.read_at(&mut before, (bad * c - 100) as u64).unwrap();
+        assert_eq!(&before[..], &plain[bad * c - 100..bad * c]);
+        assert!(r.verify_all().is_err());
+        assert!(r.copy_to(&mut Vec::new()).is_err());
+    }
+}
+
+/// `for_each_verified` (the shield's placeholder fill, two threads) hands out exactly the
+/// plaintext; with a tampered chunk it fails and never hands out a block holding that chunk.
+#[test]
+fn for_each_verified_fills_in_parallel_and_stops_at_a_bad_chunk() {
+    let c = 512usize;
+    let size = c * 5000 + 9;
+    let rk = RegionKey::random(32).unwrap();
+    let id = FileId::random().unwrap();
+    let plain: Vec<u8> = (0..size).map(|i| (i * 31) as u8).collect();
+    let mut ct = Vec::new();
+    let k = file_chunk_key(&rk, &id).unwrap();
+    seal_encrypted(
+        &k,
+        &id,
+        c as u32,
+        size as u64,
+        &mut &plain[..],
+        &mut ct,
+        "t",
+    )
+    .unwrap();
+    let collect = |data: Vec<u8>| {
+        let mut r = MemReader::new(
+            FileCodec::Encrypted {
+                key: file_chunk_key(&rk, &id).unwrap(),
+                id,
+                data,
+            },
+            size as u64,
+            c as u32,
+            "t".into(),
+        )
+        .unwrap();
+        let got = std::sync::Mutex::new(vec![0xAAu8; size]);
+        let res = r.for_each_verified(64 * 1024, |off, b| {
+            got.lock().unwrap()[off as usize..off as usize + b.len()].copy_from_slice(b);
+            Ok(())
+        });
+        (res, got.into_inner().unwrap())
+    };
+    let (res, got) = collect(ct.clone());
+    res.unwrap();
+    assert!(got == plain);
+    let bad = 4000usize;
+    ct[layout::enc_chunk_offset(c as u32, bad as u64) as usize] ^= 1;
+    let (res, got) = collect(ct);
+    assert!(res.unwrap_err().to_string().contains("chunk 4000"));
+    assert!(got[bad * c..(bad + 1) * c].iter().all(|&b| b == 0xAA));
 }

@@ -195,6 +195,34 @@ impl AeadKey {
             .ok()
             .map(|p| p.len())
     }
+    /// Decrypt `ct` (ciphertext without its tag) into `out` (same length) after checking `tag`.
+    /// Returns `false` when authentication fails; `out` is then zeroed, so no unverified
+    /// plaintext is left in it.
+    pub fn open_to(
+        &self,
+        nonce: [u8; NONCE_LEN],
+        aad: &[u8],
+        ct: &[u8],
+        tag: &[u8],
+        out: &mut [u8],
+    ) -> bool {
+        let ok = ct.len() == out.len()
+            && tag.len() == TAG_LEN
+            && self
+                .0
+                .open_separate_gather(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(aad),
+                    ct,
+                    tag,
+                    out,
+                )
+                .is_ok();
+        if !ok {
+            out.fill(0);
+        }
+        ok
+    }
 }
 impl std::fmt::Debug for AeadKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

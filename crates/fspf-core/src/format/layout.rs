@@ -10,8 +10,15 @@ use crate::crypto::{FILE_ID_LEN, TAG_LEN};
 pub const ENC_MAGIC: [u8; 8] = *b"fspfE\x01\0\0";
 /// Encrypted file header: magic + file id.
 pub const ENC_HEADER_LEN: u64 = (ENC_MAGIC.len() + FILE_ID_LEN) as u64;
-/// Default chunk length: 64 KiB (4 KiB chunks cost ~25% of AES-GCM throughput here).
+/// Default chunk length of authenticated (and not-protected) regions: 64 KiB. Verifying a chunk
+/// costs one leaf hash plus one 32-byte outboard read per tree level, so small chunks would make
+/// sequential reads of authenticated files pay those reads 16 times as often.
 pub const DEFAULT_CHUNK_LEN: u32 = 64 * 1024;
+/// Default chunk length of encrypted regions: 4 KiB. A random 4 KiB read then decrypts 4 KiB, not
+/// 64 KiB; sequential reads keep their speed because the reader loads many consecutive chunks
+/// with one `pread` and verifies them on two threads (`codec::ProtectedReader`). Costs 16 bytes
+/// of tag per 4 KiB on disk (0.39 %). Measured in bench/RESULTS.md.
+pub const DEFAULT_CHUNK_LEN_ENCRYPTED: u32 = 4 * 1024;
 pub const MIN_CHUNK_LEN: u32 = 512;
 pub const MAX_CHUNK_LEN: u32 = 16 * 1024 * 1024;
 /// Merkle node size for authenticated files.
@@ -77,8 +84,23 @@ mod tests {
         assert_eq!(enc_file_len(1 << 30, 65536), 24 + (1 << 30) + 16384 * 16);
     }
     #[test]
+    fn worked_sizes_at_default_encrypted_chunk_len_match_format_md() {
+        // docs/FORMAT.md §4 "Worked sizes", encrypted, C = 4096
+        let c = DEFAULT_CHUNK_LEN_ENCRYPTED;
+        assert_eq!(c, 4096);
+        let gib = 1u64 << 30;
+        assert_eq!(
+            [0, 4096, 4097, gib].map(|s| chunk_count(s, c)),
+            [1, 1, 2, 262_144]
+        );
+        assert_eq!(enc_file_len(0, c), 40);
+        assert_eq!(enc_file_len(4096, c), 4136);
+        assert_eq!(enc_file_len(4097, c), 4153);
+        assert_eq!(enc_file_len(gib, c), 1_077_936_152);
+    }
+    #[test]
     fn worked_sizes_at_default_chunk_len_match_format_md() {
-        // docs/FORMAT.md §4 "Worked sizes", C = 65536
+        // docs/FORMAT.md §4 "Worked sizes", C = 65536 (authenticated default)
         let c = DEFAULT_CHUNK_LEN;
         assert_eq!(c, 65536);
         let gib = 1u64 << 30;

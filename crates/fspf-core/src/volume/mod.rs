@@ -16,7 +16,9 @@ pub use verify::Finding;
 use crate::codec::{FileCodec, ProtectedReader};
 use crate::crypto::{self, RegionKey, Tag, VolumeKey};
 use crate::error::{Error, Result};
-use crate::format::layout::{DEFAULT_CHUNK_LEN, MAX_CHUNK_LEN, MIN_CHUNK_LEN};
+use crate::format::layout::{
+    DEFAULT_CHUNK_LEN, DEFAULT_CHUNK_LEN_ENCRYPTED, MAX_CHUNK_LEN, MIN_CHUNK_LEN,
+};
 use crate::format::metadata::{FileEntry, FileKind, Metadata, Protection, Region, RegionKind};
 use crate::policy::EmbedPath;
 use std::fs::File;
@@ -154,7 +156,10 @@ impl Volume {
                 Some(RegionKey::random(l)?)
             }
         };
-        let chunk_len = spec.chunk_len.unwrap_or(DEFAULT_CHUNK_LEN);
+        let chunk_len = spec.chunk_len.unwrap_or(match spec.protection {
+            Protection::Encrypted => DEFAULT_CHUNK_LEN_ENCRYPTED,
+            _ => DEFAULT_CHUNK_LEN,
+        });
         if !(MIN_CHUNK_LEN..=MAX_CHUNK_LEN).contains(&chunk_len) {
             return Err(invalid(format!("chunk length must be between {MIN_CHUNK_LEN} and {MAX_CHUNK_LEN} bytes, got {chunk_len}")));
         }

@@ -28,7 +28,7 @@ pub struct AddrArgs {
     /// region key length in bytes: 16, 24 or 32 (128/192/256 read as bits); default 32
     #[arg(short = 'k', long, value_name = "LEN")]
     pub key_length: Option<u32>,
-    /// chunk length in bytes (default 65536)
+    /// chunk length in bytes (default 4096 for encrypted, 65536 for authenticated regions)
     #[arg(short = 'c', long, value_name = "BYTES")]
     pub chunk_length: Option<u32>,
     #[command(flatten)]
