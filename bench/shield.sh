@@ -10,7 +10,7 @@
 #               SHIELD_MODE=run|env   run: fspf run --fspf F --key K --tag T --mutable -- PROG
 #                                     env: LD_PRELOAD=libfspf_preload.so SCONE_FSPF=F
 #                                          SCONE_FSPF_KEY=K SCONE_FSPF_TAG=T SCONE_FSPF_MUTABLE=1 PROG
-#               CHUNK_LEN=<bytes>     chunk length of the fspf region (default: fspf's, 65536);
+#               CHUNK_LEN=<bytes>     chunk length of the fspf region (default: fspf's, 4096 for encrypted regions);
 #                                     4096 shows the random-read / throughput trade-off
 #               RESULTS_FILE=<path>   (also write the final table there)
 #               SKIP_BUILD=1          (use target/release as is)
