@@ -9,7 +9,36 @@ pub mod stat;
 pub mod temp;
 
 use crate::set_errno;
-use libc::c_int;
+use crate::shield::{self, Route, Shield};
+use fspf_core::EmbedPath;
+use libc::{c_char, c_int};
+
+/// The shape shared by path calls that return an int: outside the shield, or for paths that
+/// pass through, call `real(dirfd, path)`; in a not-protected region with another kernel path,
+/// call it on that path; refuse denied paths; otherwise `shielded` serves the embed path.
+///
+/// # Safety
+/// `path` must be what the program passed to the hook (a C string, or null).
+pub(crate) unsafe fn by_route(
+    dirfd: c_int,
+    path: *const c_char,
+    real: impl Fn(c_int, *const c_char) -> c_int,
+    shielded: impl FnOnce(&'static Shield, EmbedPath) -> c_int,
+) -> c_int {
+    let Some(g) = crate::enter() else {
+        return real(dirfd, path);
+    };
+    let sh = shield::get();
+    match sh.route(dirfd, path) {
+        Route::Pass => {
+            drop(g);
+            real(dirfd, path)
+        }
+        Route::Kernel(k, _) => real(libc::AT_FDCWD, k.as_ptr()),
+        Route::Deny(e) => fail(e),
+        Route::Shield(ep) => shielded(sh, ep),
+    }
+}
 
 /// Return -1 with `errno = e`.
 pub(crate) fn fail(e: c_int) -> c_int {

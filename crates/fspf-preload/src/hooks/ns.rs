@@ -90,21 +90,14 @@ unsafe fn unlink_common(
     flags: c_int,
     real_call: impl Fn(c_int, *const c_char) -> c_int,
 ) -> c_int {
-    let Some(g) = enter() else {
-        return real_call(d, p);
-    };
-    let sh = shield::get();
-    match sh.route(d, p) {
-        Route::Pass => {
-            drop(g);
-            real_call(d, p)
-        }
-        Route::Kernel(k, _) => real_call(libc::AT_FDCWD, k.as_ptr()),
-        Route::Deny(e) => fail(e),
-        Route::Shield(ep) => match do_unlink(sh, ep, flags & libc::AT_REMOVEDIR != 0) {
-            Ok(()) => 0,
-            Err(e) => fail(e),
-        },
+    // SAFETY: `p` is the program's argument.
+    unsafe {
+        super::by_route(d, p, real_call, |sh, ep| {
+            match do_unlink(sh, ep, flags & libc::AT_REMOVEDIR != 0) {
+                Ok(()) => 0,
+                Err(e) => fail(e),
+            }
+        })
     }
 }
 
@@ -199,21 +192,12 @@ unsafe fn mkdir_common(
     mode: mode_t,
     real_call: impl Fn(c_int, *const c_char) -> c_int,
 ) -> c_int {
-    let Some(g) = enter() else {
-        return real_call(d, p);
-    };
-    let sh = shield::get();
-    match sh.route(d, p) {
-        Route::Pass => {
-            drop(g);
-            real_call(d, p)
-        }
-        Route::Kernel(k, _) => real_call(libc::AT_FDCWD, k.as_ptr()),
-        Route::Deny(e) => fail(e),
-        Route::Shield(ep) => match do_mkdir(sh, ep, mode) {
+    // SAFETY: `p` is the program's argument.
+    unsafe {
+        super::by_route(d, p, real_call, |sh, ep| match do_mkdir(sh, ep, mode) {
             Ok(()) => 0,
             Err(e) => fail(e),
-        },
+        })
     }
 }
 

@@ -249,34 +249,28 @@ unsafe fn access_common(
     flags: c_int,
     real_access: impl Fn(c_int, *const c_char) -> c_int,
 ) -> c_int {
-    let Some(g) = enter() else {
-        return real_access(d, p);
-    };
-    let sh = shield::get();
-    match sh.route(d, p) {
-        Route::Pass => {
-            drop(g);
-            real_access(d, p)
-        }
-        Route::Kernel(k, _) => real_access(libc::AT_FDCWD, k.as_ptr()),
-        Route::Deny(e) => fail(e),
-        Route::Shield(ep) => match resolve(ep, flags & libc::AT_SYMLINK_NOFOLLOW == 0) {
-            Ok((ep, Ok(node))) => {
-                if mode & libc::W_OK != 0 {
-                    let inner = sh.lock();
-                    if let Err(e) = sh.check_writable(&inner, &ep) {
-                        return fail(e);
+    let real_kernel = |k: &std::ffi::CStr| real_access(libc::AT_FDCWD, k.as_ptr());
+    // SAFETY: `p` is the program's argument.
+    unsafe {
+        super::by_route(d, p, &real_access, |sh, ep| {
+            match resolve(ep, flags & libc::AT_SYMLINK_NOFOLLOW == 0) {
+                Ok((ep, Ok(node))) => {
+                    if mode & libc::W_OK != 0 {
+                        let inner = sh.lock();
+                        if let Err(e) = sh.check_writable(&inner, &ep) {
+                            return fail(e);
+                        }
                     }
+                    if mode & libc::X_OK != 0 && node.mode & 0o111 == 0 {
+                        return fail(libc::EACCES);
+                    }
+                    0
                 }
-                if mode & libc::X_OK != 0 && node.mode & 0o111 == 0 {
-                    return fail(libc::EACCES);
-                }
-                0
+                Ok((_, Err(Route::Kernel(k, _)))) => real_kernel(&k),
+                Ok(_) => fail(libc::ENOENT),
+                Err(e) => fail(e),
             }
-            Ok((_, Err(Route::Kernel(k, _)))) => real_access(libc::AT_FDCWD, k.as_ptr()),
-            Ok(_) => fail(libc::ENOENT),
-            Err(e) => fail(e),
-        },
+        })
     }
 }
 
