@@ -83,6 +83,21 @@ impl Volume {
             // unlisted file itself, and the fspf's own files (known by their canonical path)
             // would not be recognised below it.
             let base = &std::fs::canonicalize(base).unwrap_or_else(|_| base.clone());
+            // Kernel directories of other regions that lie below this one hold *their* files
+            // (e.g. `/` authenticated at `/`, `/data` encrypted at `/srv/vol`): not unlisted here.
+            let other_storage: Vec<std::path::PathBuf> = self
+                .meta
+                .regions
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != ri)
+                .filter_map(|(_, r)| match &r.kind {
+                    RegionKind::Kernel(k) => {
+                        Some(std::fs::canonicalize(k).unwrap_or_else(|_| k.clone()))
+                    }
+                    RegionKind::Ephemeral => None,
+                })
+                .collect();
             let walker = walkdir::WalkDir::new(base)
                 .follow_links(false)
                 .sort_by_file_name()
@@ -94,6 +109,7 @@ impl Volume {
                 };
                 self.meta.region_index(&p) == Some(ri)
                     && !store::is_fspf_internal(self.path(), e.path())
+                    && (e.depth() == 0 || !other_storage.iter().any(|o| o == e.path()))
             });
             for e in walker.flatten() {
                 if e.file_type().is_dir() || is_shadow(e.file_name().as_encoded_bytes()) {

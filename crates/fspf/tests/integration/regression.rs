@@ -419,3 +419,36 @@ fn export_widened_read_only_directory_modes() {
         fs::set_permissions(env.path(d), fs::Permissions::from_mode(0o755)).unwrap();
     }
 }
+
+/// `fspf verify` walked into the kernel directory of a nested region (`/` authenticated at
+/// `root/`, `/data` encrypted at `root/srv/vol`) and called that region's ciphertext "unlisted
+/// file in protected region /".
+#[test]
+fn verify_reported_a_nested_regions_storage_as_unlisted() {
+    let env = Env::new();
+    env.write("root/etc/app.conf", "conf");
+    env.write("plain/hello.txt", "Hello World\n");
+    env.mkdir("root/srv/vol");
+    env.ok(["create", "fspf.pb"]);
+    env.ok(["addr", "fspf.pb", "/", "-a", "--kernel", &env.p("root")]);
+    env.ok([
+        "addr",
+        "fspf.pb",
+        "/data",
+        "-e",
+        "--kernel",
+        &env.p("root/srv/vol"),
+    ]);
+    // Record only the root region's own files (not its srv/ subtree, which is storage).
+    env.write("rootsrc/etc/app.conf", "conf");
+    env.ok(["addf", "fspf.pb", "/", "rootsrc"]);
+    env.ok(["addf", "fspf.pb", "/data", "plain", &env.p("root/srv/vol")]);
+    let out = env.ok(["verify", "fspf.pb"]);
+    assert!(out.starts_with("OK:"), "{out}");
+    // A file planted in the root region itself is still reported.
+    env.write("root/etc/planted", "x");
+    let o = env.fails(["verify", "fspf.pb"]);
+    let s = stdout(&o);
+    assert!(s.contains("/etc/planted: unlisted"), "{s}");
+    assert!(!s.contains("hello.txt"), "{s}");
+}
