@@ -63,4 +63,18 @@ impl KeyTagArgs {
         }
         Ok(v)
     }
+
+    /// Open `fspf` for a change. An encrypted fspf needs its current tag: without it a rolled-back
+    /// fspf would be built upon, and the new tag would then bless the attacker's older state.
+    pub fn open_for_update(&self, fspf: &Path) -> Result<Volume> {
+        let tag_given = self.tag.as_deref().is_some_and(|t| !t.trim().is_empty());
+        let v = Volume::open(fspf, self.volume_key()?, self.expected_tag()?)?;
+        if v.is_encrypted() && !tag_given {
+            bail!(
+                "{} is encrypted: give its current tag (--tag or SCONE_FSPF_TAG; `fspf show --tag` prints it) so that a replaced or rolled-back fspf is never built upon",
+                fspf.display()
+            );
+        }
+        Ok(v)
+    }
 }

@@ -22,7 +22,7 @@ pub struct AddfArgs {
 pub fn run(a: AddfArgs) -> Result<i32> {
     let embed_point = EmbedPath::parse(&a.embed_point)?;
     let _lock = Volume::lock(&a.fspf)?;
-    let mut v = a.kt.open(&a.fspf)?;
+    let mut v = a.kt.open_for_update(&a.fspf)?;
     let bar = if std::io::stderr().is_terminal() {
         let (bytes, _) = Volume::import_size(&a.source_dir);
         let b = ProgressBar::with_draw_target(Some(bytes), ProgressDrawTarget::stderr());

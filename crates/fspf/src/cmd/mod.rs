@@ -34,14 +34,14 @@ pub fn update(
     f: impl FnOnce(&mut Volume) -> Result<()>,
 ) -> Result<fspf_core::Tag> {
     let _lock = Volume::lock(fspf)?;
-    let mut v = kt.open(fspf)?;
+    let mut v = kt.open_for_update(fspf)?;
     f(&mut v)?;
     Ok(v.save()?)
 }
 
 pub fn encrypt(fspf: &Path, kt: &KeyTagArgs) -> Result<i32> {
     let _lock = Volume::lock(fspf)?;
-    let mut v = kt.open(fspf)?;
+    let mut v = kt.open_for_update(fspf)?;
     let (tag, key) = v.encrypt()?;
     println!(
         "Encrypted file system protection file {} AES-GCM tag: {tag} key: {}",

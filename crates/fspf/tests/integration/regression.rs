@@ -452,3 +452,37 @@ fn verify_reported_a_nested_regions_storage_as_unlisted() {
     assert!(s.contains("/etc/planted: unlisted"), "{s}");
     assert!(!s.contains("hello.txt"), "{s}");
 }
+
+/// Changing an encrypted fspf with only its key (no tag) built on whatever fspf was on disk: an
+/// attacker's rolled-back fspf would have been extended and then blessed with a fresh tag.
+#[test]
+fn update_without_tag_could_bless_a_rolled_back_fspf() {
+    let env = Env::new();
+    env.write("src/a.txt", "A");
+    env.write("src2/b.txt", "B");
+    env.mkdir("vol");
+    env.ok(["create", "fspf.pb"]);
+    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
+    env.ok(["addr", "fspf.pb", "/d", "-e", "--kernel", &env.p("vol")]);
+    let kt = env.encrypt(None);
+    let before = env.read("fspf.pb");
+    for args in [
+        vec!["addf", "fspf.pb", "/d", "src2", "vol", "--key", &kt.key],
+        vec![
+            "addr", "fspf.pb", "/e", "-a", "--kernel", "/tmp", "--key", &kt.key,
+        ],
+        vec!["encrypt", "fspf.pb", "--key", &kt.key],
+    ] {
+        let o = env.fails(&args);
+        assert!(
+            stderr(&o).contains("give its current tag"),
+            "{}",
+            stderr(&o)
+        );
+        assert_eq!(env.read("fspf.pb"), before, "{args:?} changed the fspf");
+    }
+    // With the tag, the same change goes through.
+    env.ok([
+        "addf", "fspf.pb", "/d", "src2", "vol", "--key", &kt.key, "--tag", &kt.tag,
+    ]);
+}
