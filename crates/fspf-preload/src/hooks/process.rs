@@ -371,16 +371,8 @@ pub unsafe extern "C" fn execve(
         Ok(k) => k,
         Err(e) => return fail(e),
     };
-    commit_for_child();
-    let inherit = materialise_inherited();
-    // SAFETY: envp from the program.
-    let (_keep, env) = unsafe { child_env(envp, inherit) };
-    let pp = path.as_ref().map_or(p, |c| c.as_ptr());
-    // SAFETY: forwarding with our environment copy.
-    let r = unsafe { real::execve(pp, argv, env.as_ptr()) };
-    close_exec_copy(path.as_ref());
-    restore_key_cloexec();
-    r
+    // SAFETY: the program's arguments.
+    unsafe { exec_resolved(p, path, argv, envp, |pp, a, e| real::execve(pp, a, e)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn execv(p: *const c_char, argv: *const *const c_char) -> c_int {
@@ -405,21 +397,34 @@ pub unsafe extern "C" fn execvpe(
         Ok(k) => k,
         Err(e) => return fail(e),
     };
-    commit_for_child();
-    let inherit = materialise_inherited();
-    // SAFETY: envp from the program.
-    let (_keep, env) = unsafe { child_env(envp, inherit) };
-    let pp = path.as_ref().map_or(p, |c| c.as_ptr());
-    // SAFETY: forwarding with our environment copy.
-    let r = unsafe { real::execvpe(pp, argv, env.as_ptr()) };
-    close_exec_copy(path.as_ref());
-    restore_key_cloexec();
-    r
+    // SAFETY: the program's arguments.
+    unsafe { exec_resolved(p, path, argv, envp, |pp, a, e| real::execvpe(pp, a, e)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn execvp(p: *const c_char, argv: *const *const c_char) -> c_int {
     // SAFETY: forwarding.
     unsafe { execvpe(p, argv, current_env()) }
+}
+
+/// The common end of `execve`/`execvpe` once the program is resolved (`path`: a kernel path or a
+/// verified copy, `None` = the program's own): commit, hand shielded fds and the anchor/key to
+/// the child's environment, exec, and undo what a failed exec leaves behind.
+unsafe fn exec_resolved(
+    p: *const c_char,
+    path: Option<CString>,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+    real_exec: impl Fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int,
+) -> c_int {
+    commit_for_child();
+    let inherit = materialise_inherited();
+    // SAFETY: envp from the program.
+    let (_keep, env) = unsafe { child_env(envp, inherit) };
+    let pp = path.as_ref().map_or(p, |c| c.as_ptr());
+    let r = real_exec(pp, argv, env.as_ptr());
+    close_exec_copy(path.as_ref());
+    restore_key_cloexec();
+    r
 }
 
 /// posix_spawn[p]: commit, resolve the program (verified copy for protected files), pass the

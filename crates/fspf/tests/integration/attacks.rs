@@ -585,18 +585,7 @@ fn equal_plaintexts_encrypt_differently_and_no_plaintext_leaks() {
     env.write("orig/zeros", vec![0u8; 2 * CHUNK]);
     env.write("orig/zeros2", vec![0u8; 2 * CHUNK]);
     env.mkdir("vol");
-    env.ok(["create", "fspf.pb"]);
-    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
-    env.ok([
-        "addr",
-        "fspf.pb",
-        "/d",
-        "-e",
-        "--kernel",
-        &env.p("vol"),
-        "-c",
-        "4096",
-    ]);
+    env.two_regions("/d", "-e", "vol");
     env.ok(["addf", "fspf.pb", "/d", "orig", &env.p("vol")]);
     let a = env.read("vol/a");
     let b = env.read("vol/b");
@@ -866,18 +855,7 @@ fn every_file_version_gets_a_fresh_file_id_so_no_key_nonce_pair_repeats() {
     env.write("orig/same1", "same");
     env.write("orig/same2", "same");
     env.mkdir("vol");
-    env.ok(["create", "fspf.pb"]);
-    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
-    env.ok([
-        "addr",
-        "fspf.pb",
-        "/d",
-        "-e",
-        "--kernel",
-        &env.p("vol"),
-        "-c",
-        "4096",
-    ]);
+    env.two_regions("/d", "-e", "vol");
     let mut seen = std::collections::HashSet::new();
     for round in 0..4 {
         env.ok(["addf", "fspf.pb", "/d", "orig", &env.p("vol")]);
@@ -915,18 +893,7 @@ fn kill_9_during_addf_leaves_the_old_or_the_new_state_and_both_verify() {
     }
     env.write("auth/x", pattern(9000, 9));
     env.mkdir("vol");
-    env.ok(["create", "fspf.pb"]);
-    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
-    env.ok([
-        "addr",
-        "fspf.pb",
-        "/d",
-        "-e",
-        "--kernel",
-        &env.p("vol"),
-        "-c",
-        "4096",
-    ]);
+    env.two_regions("/d", "-e", "vol");
     env.ok([
         "addr",
         "fspf.pb",

@@ -180,6 +180,17 @@ impl Env {
     }
 
     /// `fspf encrypt` with an optional current key/tag; returns the new trust anchor.
+    /// `fspf.pb` with `/` not-protected and one protected region `embed` (`class`: `-e` or `-a`)
+    /// stored in `kernel_rel`, with 4 KiB chunks so small test files span several chunks.
+    pub fn two_regions(&self, embed: &str, class: &str, kernel_rel: &str) {
+        self.ok(["create", "fspf.pb"]);
+        self.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
+        let kernel = self.p(kernel_rel);
+        self.ok([
+            "addr", "fspf.pb", embed, class, "--kernel", &kernel, "-c", "4096",
+        ]);
+    }
+
     pub fn encrypt(&self, current: Option<&KeyTag>) -> KeyTag {
         let f = self.p("fspf.pb");
         let mut args = vec!["encrypt".to_string(), f];

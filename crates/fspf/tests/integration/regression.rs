@@ -44,18 +44,7 @@ fn verify_missed_flips_in_unpaired_outboard_nodes() {
     let env = Env::new();
     env.write("a/three", pattern(2 * CHUNK + 7, 1));
     env.write("a/five", pattern(4 * CHUNK + 1, 2));
-    env.ok(["create", "fspf.pb"]);
-    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
-    env.ok([
-        "addr",
-        "fspf.pb",
-        "/a",
-        "-a",
-        "--kernel",
-        &env.p("a"),
-        "-c",
-        "4096",
-    ]);
+    env.two_regions("/a", "-a", "a");
     env.ok(["addf", "fspf.pb", "/a", "a"]);
     let trees: Vec<_> = fs::read_dir(env.path("fspf.pb.trees"))
         .unwrap()
