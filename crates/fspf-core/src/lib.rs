@@ -18,4 +18,4 @@ pub use crypto::{FileId, RegionKey, Tag, VolumeKey};
 pub use error::{Error, Result};
 pub use format::metadata::{FileEntry, FileKind, Protection, Region, RegionKind};
 pub use policy::EmbedPath;
-pub use volume::Volume;
+pub use volume::{write_file_durably, Volume};

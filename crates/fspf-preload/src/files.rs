@@ -68,10 +68,21 @@ impl WriteBuf {
         })
     }
 
-    /// Adopt an inherited memfd (a dup of it is kept).
+    /// Adopt an inherited memfd. The buffer keeps its own read-write open of it: the inherited
+    /// fd may be write-only (`cmd > /data/f` hands the program an `O_WRONLY` stdout), and the
+    /// final seal must read the plaintext back.
     pub fn adopt(path: EmbedPath, fd: c_int, mode: u32, mtime: i64) -> Result<WriteBuf, c_int> {
-        // SAFETY: duplicating the inherited fd out of the program's way.
-        let own = unsafe { real::fcntl(fd, libc::F_DUPFD_CLOEXEC, OWN_FD_BASE as libc::c_ulong) };
+        let proc_path =
+            std::ffi::CString::new(format!("/proc/self/fd/{fd}")).map_err(|_| libc::EINVAL)?;
+        // SAFETY: reopening the inherited memfd by its /proc name; NUL-terminated path.
+        let rw = unsafe { real::open(proc_path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC, 0) };
+        if rw < 0 {
+            return Err(crate::errno());
+        }
+        // SAFETY: moving our fresh descriptor out of the program's way.
+        let own = unsafe { real::fcntl(rw, libc::F_DUPFD_CLOEXEC, OWN_FD_BASE as libc::c_ulong) };
+        // SAFETY: closing the temporary descriptor we just opened.
+        unsafe { real::close(rw) };
         if own < 0 {
             return Err(crate::errno());
         }

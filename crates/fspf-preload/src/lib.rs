@@ -8,6 +8,7 @@
 #![allow(clippy::missing_safety_doc)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod anchor;
 mod files;
 mod hooks;
 mod real;
@@ -85,6 +86,24 @@ pub(crate) fn integrity_failure(reason: &str) {
         if let Ok(mut g) = FIRST_FAILURE.lock() {
             *g = Some(reason.to_string());
         }
+    }
+}
+
+/// Set when a commit failed and this process's changes were lost (e.g. before a fork or exec,
+/// where the error could only fail that call). Such a process never exits 0 either.
+static COMMIT_FAILED: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn commit_failure(reason: &str) {
+    COMMIT_FAILED.store(true, Ordering::Relaxed);
+    log(reason);
+}
+
+/// In a forked child: failures of the parent are the parent's (its exit status reports them).
+pub(crate) fn forget_failures() {
+    INTEGRITY_FAILED.store(false, Ordering::Relaxed);
+    COMMIT_FAILED.store(false, Ordering::Relaxed);
+    if let Ok(mut g) = FIRST_FAILURE.lock() {
+        *g = None;
     }
 }
 
@@ -201,6 +220,10 @@ fn finish_process() -> bool {
         say(format!(
             "integrity violation detected ({reason}); exit status forced to 1"
         ));
+        return false;
+    }
+    if COMMIT_FAILED.load(Ordering::Relaxed) {
+        say("a commit of this process failed earlier, its changes were lost; exit status forced to 1");
         return false;
     }
     committed

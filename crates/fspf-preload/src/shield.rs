@@ -1,6 +1,7 @@
 //! Shield state: the volume and the run's trust anchor, path routing (embed path → region), the
 //! node view (fspf + this process's uncommitted changes + ephemeral regions) and the commit
 //! protocol. One mutex ([`Inner`]) guards it; file contents live in `files`.
+use crate::anchor::{Anchor, AnchorState};
 use crate::files::{self, WriteBuf};
 use crate::{log, real, say};
 use fspf_core::format::metadata::{FileKind, Protection, Region, RegionKind};
@@ -41,9 +42,8 @@ pub struct Shield {
     pub fspf: PathBuf,
     key: Option<VolumeKey>,
     pub mutable: bool,
-    /// Inherited memfd holding the run's current 16-byte tag; -1 when the shield failed.
-    /// Atomic: it moves when the program dup2()s onto its number.
-    anchor: AtomicI32,
+    /// The run's trust anchor (an inherited memfd) and its commit lock.
+    anchor: Anchor,
     /// Private CLOEXEC memfd with the hex key, handed to exec'd children (FSPF_KEY_FD); or -1.
     key_fd_slot: AtomicI32,
     pub started: i64,
@@ -292,25 +292,34 @@ pub fn init() -> bool {
             .ok()
             .filter(|fd| is_anchor_memfd(*fd))
             .and_then(|fd| read_fd(fd).map(|b| (fd, b)))
+            .and_then(|(fd, b)| AnchorState::parse(&b).map(|st| (fd, st)))
         {
-            Some((fd, b)) if b.len() == 16 => {
-                let mut t = [0u8; 16];
-                t.copy_from_slice(&b);
+            Some((fd, st)) => {
                 // Move it out of the way of shells (`exec 3>file`) and give its number back.
                 anchor_fd = relocate(fd, false).unwrap_or(fd);
                 if anchor_fd != fd {
                     std::env::set_var("FSPF_ANCHOR_FD", anchor_fd.to_string());
                 }
-                anchor_tag = Some(Tag(t));
+                anchor_tag = Some(st);
             }
-            _ => {
+            None => {
                 problem.get_or_insert(format!(
-                    "FSPF_ANCHOR_FD={v}: not a readable trust anchor (16-byte tag)"
+                    "FSPF_ANCHOR_FD={v}: not a readable trust anchor (16 or 32 bytes of tags)"
                 ));
             }
         }
     }
-    let trusted = anchor_tag.or(env_tag);
+    // A committer of this run killed inside its commit window leaves two trusted tags: the one
+    // on disk is the one to open (either is a state the run committed).
+    let trusted = match anchor_tag {
+        Some(st) => Some(
+            Volume::read_tag(&fspf)
+                .ok()
+                .and_then(|d| st.accepts(d))
+                .unwrap_or(st.current),
+        ),
+        None => env_tag,
+    };
     let vol = match problem {
         Some(p) => Err(p),
         None => Volume::open(&fspf, key.clone(), trusted)
@@ -351,7 +360,12 @@ pub fn init() -> bool {
         fspf,
         key,
         mutable,
-        anchor: AtomicI32::new(anchor_fd),
+        anchor: Anchor::new(
+            anchor_fd,
+            std::env::var_os("FSPF_TAG_FILE")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+        ),
         key_fd_slot: AtomicI32::new(key_fd),
         started: now(),
         inner: Mutex::new(Inner {
@@ -514,20 +528,24 @@ impl Shield {
         let Some(vol) = inner.vol.as_ref() else {
             return Err(libc::EACCES);
         };
-        let Some(anchor) = self.read_anchor() else {
-            return Ok(());
+        // Fail closed: without a readable anchor nothing on disk can be trusted.
+        let Some(anchor) = self.anchor.read() else {
+            log("the run's trust anchor is unreadable");
+            return Err(libc::EACCES);
         };
-        if anchor == vol.tag() {
+        if anchor.current == vol.tag() && anchor.pending.is_none() {
             return Ok(());
         }
         let reopen = |t: Tag| Volume::open(&self.fspf, self.key.clone(), Some(t));
-        let v = match reopen(anchor) {
-            Ok(v) => v,
-            Err(_) => {
-                // A torn read of the anchor or a commit in flight: retry under the update lock.
-                let _l = Volume::lock(&self.fspf).map_err(|_| libc::EACCES)?;
-                let a = self.read_anchor().unwrap_or(anchor);
-                reopen(a).map_err(|e| {
+        let v = match reopen(anchor.current) {
+            Ok(v) if anchor.pending.is_none() => v,
+            _ => {
+                // A commit in flight, or a committer that died inside its commit window: decide
+                // under the run's commit lock which of the anchor's tags is on disk.
+                let _l = self.anchor.lock()?;
+                self.settle_anchor()?;
+                let a = self.anchor.read().ok_or(libc::EACCES)?;
+                reopen(a.current).map_err(|e| {
                     log(format!("refusing the fspf on disk: {e}"));
                     libc::EACCES
                 })?
@@ -540,7 +558,29 @@ impl Shield {
     }
 
     pub fn anchor_fd(&self) -> c_int {
-        self.anchor.load(Ordering::Relaxed)
+        self.anchor.fd()
+    }
+
+    /// Under the anchor lock: if a committer died after announcing a tag and that tag is now on
+    /// disk (it passed the commit point), make it the current one. Err when the disk holds
+    /// neither trusted tag (a rollback or a forgery).
+    fn settle_anchor(&self) -> Result<Tag, c_int> {
+        let st = self.anchor.read().ok_or(libc::EACCES)?;
+        let disk = Volume::read_tag(&self.fspf).map_err(|e| {
+            log(format!("cannot read the fspf's tag: {e}"));
+            libc::EACCES
+        })?;
+        let Some(t) = st.accepts(disk) else {
+            log(format!(
+                "the fspf on disk (tag {disk}) is not the one this run trusts ({})",
+                st.current
+            ));
+            return Err(libc::EACCES);
+        };
+        if st.pending.is_some() || t != st.current {
+            self.anchor.publish(t)?;
+        }
+        Ok(t)
     }
 
     pub fn key_fd(&self) -> c_int {
@@ -554,10 +594,13 @@ impl Shield {
             return;
         }
         if target == self.anchor_fd() {
+            // No commit of this process may hold the anchor's record lock while its old number
+            // is closed (closing any fd of the memfd drops the process's locks on it).
+            let _inner = self.lock();
             // SAFETY: duplicating our own anchor fd.
             let n = unsafe { real::fcntl(target, libc::F_DUPFD, (target + 1) as libc::c_ulong) };
             if n >= 0 {
-                self.anchor.store(n, Ordering::Relaxed);
+                self.anchor.set_fd(n);
                 if std::env::var_os("FSPF_ANCHOR_FD").is_some() {
                     std::env::set_var("FSPF_ANCHOR_FD", n.to_string());
                 }
@@ -571,25 +614,6 @@ impl Shield {
             if n >= 0 {
                 self.key_fd_slot.store(n, Ordering::Relaxed);
             }
-        }
-    }
-
-    pub fn read_anchor(&self) -> Option<Tag> {
-        let fd = self.anchor_fd();
-        if fd < 0 {
-            return None;
-        }
-        let mut t = [0u8; 16];
-        // SAFETY: reading into a local buffer of its size from our own anchor fd.
-        let n = unsafe { real::pread(fd, t.as_mut_ptr().cast(), 16, 0) };
-        (n == 16).then_some(Tag(t))
-    }
-
-    fn write_anchor(&self, t: Tag) {
-        let fd = self.anchor_fd();
-        if fd >= 0 {
-            // SAFETY: writing a local 16-byte buffer to our own anchor fd.
-            unsafe { real::pwrite(fd, t.0.as_ptr().cast(), 16, 0) };
         }
     }
 
@@ -913,24 +937,58 @@ impl Shield {
                 unsafe { real::syncfs(f.as_raw_fd()) };
             }
         }
+        // The run's committers serialise on the anchor's lock (storage cannot remove it); the
+        // fspf's lock file still keeps out other runs and the CLI.
+        let alock = match self.anchor.lock() {
+            Ok(l) => l,
+            Err(e) => {
+                cleanup_staged(&changes);
+                say("commit failed, changes lost: the run's trust anchor cannot be locked");
+                return Err(e);
+            }
+        };
+        let trusted = match self.settle_anchor() {
+            Ok(t) => t,
+            Err(e) => {
+                cleanup_staged(&changes);
+                say("commit failed, changes lost: the fspf on disk is not the one this run trusts");
+                return Err(e);
+            }
+        };
         let lock = match Volume::lock(&self.fspf) {
             Ok(l) => l,
             Err(e) => {
-                say(format!("commit failed: {e}"));
+                cleanup_staged(&changes);
+                say(format!("commit failed, changes lost: {e}"));
                 return Err(libc::EIO);
             }
         };
-        let anchor = self.read_anchor().unwrap_or(vol.tag());
-        let r = vol.commit(changes, Some(anchor));
+        let anchor = &self.anchor;
+        let mut announce = |next: Tag| {
+            anchor
+                .announce(trusted, next)
+                .map_err(|e| fspf_core::Error::io(&self.fspf, std::io::Error::from_raw_os_error(e)))
+        };
+        let r = vol.commit_announced(changes, Some(trusted), &mut announce);
         match r {
-            Ok(t) => self.write_anchor(t),
+            Ok(t) => {
+                crash_point_for_tests();
+                if let Err(e) = self.anchor.publish(t) {
+                    // The new fspf is committed and announced: a later settle promotes it.
+                    say(format!("cannot publish the new tag (errno {e})"));
+                }
+            }
             Err(e) => {
+                // If the error came after the commit point (the directory fsync), the announced
+                // tag is on disk and the next settle promotes it; otherwise it never appears.
                 drop(lock);
+                drop(alock);
                 say(format!("commit failed, changes lost: {e}"));
                 return Err(libc::EIO);
             }
         }
         drop(lock);
+        drop(alock);
         inner.new_dirs.clear();
         for b in inner.live.values() {
             b.lock().unwrap_or_else(|e| e.into_inner()).pending = false;
@@ -951,6 +1009,28 @@ impl Shield {
         self.commit(inner)?;
         kernel_effect();
         Ok(())
+    }
+}
+
+/// Remove the shadows of changes that will not be committed.
+fn cleanup_staged(changes: &[Change]) {
+    for c in changes {
+        if let Change::Put(s) = c {
+            let _ = std::fs::remove_file(&s.shadow);
+            if let Some(o) = &s.outboard {
+                let _ = std::fs::remove_file(o);
+            }
+        }
+    }
+}
+
+/// Fault injection for the crash tests: `FSPF_TEST_CRASH=after-commit-point` kills this
+/// process with SIGKILL right after the new fspf replaced the old one and before the anchor
+/// and tag file name it, the window in which a crash used to leave the run's tag stale.
+fn crash_point_for_tests() {
+    if std::env::var_os("FSPF_TEST_CRASH").is_some_and(|v| v == "after-commit-point") {
+        // SAFETY: killing this process; nothing after this runs.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }
 }
 

@@ -100,6 +100,12 @@ enum Command {
     CreateVolume(cmd::volume::CreateVolumeArgs),
     /// Run a program under the in-process shield (LD_PRELOAD)
     Run(run::RunArgs),
+    /// (internal) exec a program through the shield: used by `fspf run`
+    #[command(name = run::EXEC_SHIELDED, hide = true)]
+    ExecShielded {
+        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        argv: Vec<String>,
+    },
 }
 
 fn main() {
@@ -128,6 +134,7 @@ fn main() {
         } => cmd::export(&fspf, &embed_point, &outdir, &kt),
         Command::CreateVolume(a) => cmd::volume::run(a),
         Command::Run(a) => run::run(a),
+        Command::ExecShielded { argv } => run::exec_shielded(&argv),
     };
     match res {
         Ok(code) => std::process::exit(code),

@@ -24,12 +24,84 @@ pub struct RunArgs {
     /// allow updates of protected kernel regions (or SCONE_FSPF_MUTABLE=1)
     #[arg(long, env = "SCONE_FSPF_MUTABLE", value_parser = clap::builder::FalseyValueParser::new())]
     pub mutable: bool,
-    /// after the program exits, write the run's final fspf tag (hex) to this file
+    /// keep the run's current fspf tag (hex) in this file: written at the start, by every
+    /// commit of the run (both tags while a commit is in flight) and at the end
     #[arg(long, value_name = "PATH")]
     pub tag_file: Option<PathBuf>,
     /// program and arguments
     #[arg(trailing_var_arg = true, required = true, value_name = "PROG")]
     pub argv: Vec<String>,
+}
+
+/// The hidden sub-command that `exec`s its arguments from inside the shield.
+pub const EXEC_SHIELDED: &str = "__exec-shielded";
+
+/// Is `p` in a protected kernel region (where the kernel must not load it by path)? The
+/// program named to `fspf run` in an ephemeral region is the host's file, as in the reference
+/// (an ephemeral `/` starts empty, yet the program runs).
+fn shielded_path(vol: &Volume, p: &Path) -> bool {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    match fspf_core::EmbedPath::from_path(&abs) {
+        Ok(ep) => vol.region_for(&ep).is_some_and(|r| {
+            r.protection != fspf_core::Protection::NotProtected
+                && matches!(r.kind, fspf_core::RegionKind::Kernel(_))
+        }),
+        Err(_) => true,
+    }
+}
+
+/// Does `file` start with a `#!` line naming an interpreter in a protected region?
+fn shebang_shielded(vol: &Volume, file: &Path) -> bool {
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(file)
+        .and_then(|mut f| f.read(&mut head))
+        .unwrap_or(0);
+    let Some(line) = head[..n].strip_prefix(b"#!") else {
+        return false;
+    };
+    let line = line.split(|&c| c == b'\n').next().unwrap_or(line);
+    let interp = line
+        .split(|&c| c == b' ' || c == b'\t')
+        .find(|w| !w.is_empty())
+        .unwrap_or_default();
+    use std::os::unix::ffi::OsStrExt;
+    !interp.is_empty() && shielded_path(vol, Path::new(std::ffi::OsStr::from_bytes(interp)))
+}
+
+/// Must `prog` be started under the shield (see [`EXEC_SHIELDED`])? Resolves it like `execvp`;
+/// when in doubt, yes.
+fn needs_shielded_exec(vol: &Volume, prog: &str) -> bool {
+    let check = |p: &Path| shielded_path(vol, p) || shebang_shielded(vol, p);
+    if prog.contains('/') {
+        return check(Path::new(prog));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/bin:/usr/bin".into());
+    for dir in std::env::split_paths(&path) {
+        let cand = dir.join(prog);
+        if shielded_path(vol, &cand) {
+            return true;
+        }
+        if cand.is_file() {
+            return shebang_shielded(vol, &cand);
+        }
+    }
+    true
+}
+
+/// `fspf __exec-shielded -- PROG ARGS…`, run with the preload library: replace this process
+/// by PROG through the shield's `execvp` hook (verified copy, `#!` interpreters included).
+pub fn exec_shielded(argv: &[String]) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let Some(prog) = argv.first() else {
+        bail!("nothing to execute");
+    };
+    let e = Command::new(prog).args(&argv[1..]).exec();
+    eprintln!("fspf: cannot execute {prog}: {e}");
+    Ok(if e.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    })
 }
 
 /// Where the preload library is: `FSPF_PRELOAD`, next to this executable, or `../lib/fspf/`.
@@ -68,6 +140,36 @@ fn memfd(name: &str, content: &[u8]) -> Result<OwnedFd> {
     Ok(f.into())
 }
 
+/// The run's final tag from its anchor: the current tag, or, when a committer was killed inside
+/// its commit window (the anchor holds two tags), whichever of the two is on disk.
+fn settle(fspf: &Path, anchor: OwnedFd) -> Result<Tag> {
+    let mut f = std::fs::File::from(anchor);
+    f.rewind()?;
+    let mut b = Vec::new();
+    f.read_to_end(&mut b).context("reading the trust anchor")?;
+    let tag = |s: &[u8]| {
+        let mut t = [0u8; 16];
+        t.copy_from_slice(s);
+        Tag(t)
+    };
+    match b.len() {
+        16 => Ok(tag(&b)),
+        32 => {
+            let (cur, next) = (tag(&b[..16]), tag(&b[16..]));
+            let disk = Volume::read_tag(fspf)?;
+            if disk == next || disk == cur {
+                Ok(disk)
+            } else {
+                bail!(
+                    "{}: the fspf on disk (tag {disk}) is neither of the run's trusted tags ({cur}, {next})",
+                    fspf.display()
+                )
+            }
+        }
+        n => bail!("the run's trust anchor holds {n} bytes, not 16 or 32"),
+    }
+}
+
 pub fn run(a: RunArgs) -> Result<i32> {
     let Some(fspf) = a.fspf.clone() else {
         bail!("no fspf given: use --fspf FSPF or set SCONE_FSPF");
@@ -85,8 +187,14 @@ pub fn run(a: RunArgs) -> Result<i32> {
     }
     // Without a tag, the tag on disk now becomes the run's trust anchor.
     let tag: Tag = vol.tag();
-    drop(vol);
     let preload = find_preload()?;
+    let tag_file = a
+        .tag_file
+        .as_ref()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+    if let Some(p) = &tag_file {
+        fspf_core::write_file_durably(p, format!("{tag}\n").as_bytes(), 0o600)?;
+    }
     let anchor = memfd("fspf-anchor", &tag.0)?;
     let key_fd = match &key {
         Some(k) => Some(memfd("fspf-key", k.to_hex().as_bytes())?),
@@ -101,7 +209,17 @@ pub fn run(a: RunArgs) -> Result<i32> {
         }
         None => preload.clone().into_os_string(),
     };
-    let mut cmd = Command::new(&a.argv[0]);
+    // A program (or its `#!` interpreter) in a protected region must not be loaded from disk by
+    // the kernel: start it through this binary under the shield, whose exec hook runs it from a
+    // verified copy.
+    let mut cmd = if needs_shielded_exec(&vol, &a.argv[0]) {
+        let mut c = Command::new(std::env::current_exe().context("locating fspf")?);
+        c.arg(EXEC_SHIELDED).arg("--").arg(&a.argv[0]);
+        c
+    } else {
+        Command::new(&a.argv[0])
+    };
+    drop(vol);
     cmd.args(&a.argv[1..])
         .env("LD_PRELOAD", ld)
         .env("SCONE_FSPF", &fspf)
@@ -115,18 +233,17 @@ pub fn run(a: RunArgs) -> Result<i32> {
     if a.mutable {
         cmd.env("SCONE_FSPF_MUTABLE", "1");
     }
+    match &tag_file {
+        Some(p) => cmd.env("FSPF_TAG_FILE", p),
+        None => cmd.env_remove("FSPF_TAG_FILE"),
+    };
     let status = cmd
         .status()
         .with_context(|| format!("starting {}", a.argv[0]))?;
     drop(key_fd);
-    let mut f = std::fs::File::from(anchor);
-    f.rewind()?;
-    let mut t = [0u8; 16];
-    f.read_exact(&mut t).context("reading the trust anchor")?;
-    let final_tag = Tag(t);
-    if let Some(p) = &a.tag_file {
-        std::fs::write(p, format!("{final_tag}\n"))
-            .with_context(|| format!("writing {}", p.display()))?;
+    let final_tag = settle(&fspf, anchor)?;
+    if let Some(p) = &tag_file {
+        fspf_core::write_file_durably(p, format!("{final_tag}\n").as_bytes(), 0o600)?;
     }
     Ok(match (status.code(), status.signal()) {
         (Some(c), _) => c,

@@ -1377,3 +1377,356 @@ fn tag_file_receives_the_new_tag_and_never_the_programs_stdout() {
     assert!(!o.status.success(), "old tag must be refused");
     assert!(stdout(&o).is_empty(), "nothing read under the old tag");
 }
+
+// --- Regressions from the attacker's report and the data-loss reports (issues 6 and 9) -------
+
+/// The real interpreter behind `python3` (this machine's `python3` may be a launcher script).
+fn python_bin() -> String {
+    need("python3");
+    let o = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3");
+    ok(&o, "python3 sys.executable");
+    stdout(&o).trim().to_string()
+}
+
+impl World {
+    /// `fspf run --mutable --tag-file TAGFILE` with extra environment; the world's tag is then
+    /// read from the tag file (the trusted channel), not from disk.
+    fn run_tagged(&mut self, env: &[(&str, &str)], argv: &[&str]) -> Output {
+        let tf = self.path("run.tag");
+        let mut c = Command::new(fspf_bin());
+        c.current_dir(self.dir.path())
+            .env("FSPF_PRELOAD", preload())
+            .env("LC_ALL", "C")
+            .env_remove("SCONE_FSPF_KEY")
+            .env_remove("SCONE_FSPF_TAG")
+            .env_remove("SCONE_FSPF")
+            .env_remove("SCONE_FSPF_MUTABLE")
+            .envs(env.iter().copied())
+            .args(["run", "--fspf"])
+            .arg(&self.fspf)
+            .args([
+                "--key",
+                &self.key,
+                "--tag",
+                &self.tag,
+                "--mutable",
+                "--tag-file",
+            ])
+            .arg(&tf)
+            .arg("--")
+            .args(argv)
+            .stdin(Stdio::null());
+        let o = c.output().expect("fspf run");
+        let t = std::fs::read_to_string(&tf).expect("tag file");
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 1, "the run settled on one tag: {t:?}");
+        self.tag = lines[0].to_string();
+        o
+    }
+
+    fn big_world() -> World {
+        let mut w = World::new();
+        let big: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
+        w.write("data-original/big.txt", big.as_bytes());
+        w.write("data-original/hello.txt", HELLO.as_bytes());
+        std::fs::create_dir_all(w.path("vol")).expect("vol");
+        w.create();
+        w.addr(&["/", "--kernel", "/", "--not-protected"]);
+        w.addr(&["/data", "--encrypted", "--kernel", &w.p("vol")]);
+        w.cli(&["addf", "fspf.pb", "/data", "data-original", &w.p("vol")]);
+        w.encrypt();
+        w
+    }
+}
+
+#[test]
+fn tampered_file_redirected_to_stdin_is_not_read_as_empty_with_exit_0() {
+    need("bash");
+    let py = python_bin();
+    let w = World::big_world();
+    w.tamper("vol/big.txt");
+    for argv in [
+        vec!["sh", "-c", "wc -c < /data/big.txt"],
+        vec!["bash", "-c", "wc -c < /data/big.txt"],
+        vec!["sh", "-c", "exec 3</data/big.txt; cat <&3"],
+        vec![
+            &py,
+            "-c",
+            "import subprocess; subprocess.run(['wc','-c'], stdin=open('/data/big.txt'))",
+        ],
+    ] {
+        let o = w.run(&argv);
+        assert!(!o.status.success(), "{argv:?} must fail: {o:?}");
+        assert!(!stdout(&o).contains("line 1"), "{argv:?}: no plaintext");
+    }
+}
+
+#[test]
+fn tampered_input_piped_through_tr_into_a_protected_file_fails_the_run() {
+    let mut w = World::big_world();
+    w.tamper("vol/big.txt");
+    let o = w.run_tagged(
+        &[],
+        &["sh", "-c", "tr a-z A-Z < /data/big.txt > /data/out.txt"],
+    );
+    assert!(!o.status.success(), "{o:?}");
+}
+
+#[test]
+fn write_only_stdout_inherited_by_an_exec_is_committed() {
+    need("bash");
+    let mut w = data_world();
+    let o = w.run_tagged(
+        &[],
+        &[
+            "bash",
+            "-c",
+            "cat /data/hello.txt > /data/x; /bin/echo appended >> /data/x; printf 'a\\nb\\n' | cat > /data/y",
+        ],
+    );
+    ok(&o, "bash redirections into execs");
+    let o = w.run(&["cat", "/data/x", "/data/y"]);
+    ok(&o, "read back");
+    assert_eq!(stdout(&o), "Hello World\nappended\na\nb\n");
+}
+
+#[test]
+fn fsync_of_a_read_only_fd_commits_what_an_earlier_writer_closed() {
+    let py = python_bin();
+    let mut w = data_world();
+    let script = "import os\n\
+        f = open('/data/synced.txt', 'w'); f.write('durable\\n'); f.close()\n\
+        fd = os.open('/data/synced.txt', os.O_RDONLY); os.fsync(fd)\n\
+        os.kill(os.getpid(), 9)\n";
+    let o = w.run_tagged(&[], &[&py, "-c", script]);
+    assert_eq!(o.status.code(), Some(137), "killed: {o:?}");
+    let o = w.run(&["cat", "/data/synced.txt"]);
+    ok(&o, "fsync'd file survives kill -9");
+    assert_eq!(stdout(&o), "durable\n");
+}
+
+#[test]
+fn crash_after_the_commit_point_leaves_a_tag_file_that_opens_the_fspf() {
+    let mut w = data_world();
+    let before = w.tag.clone();
+    let o = w.run_tagged(
+        &[("FSPF_TEST_CRASH", "after-commit-point")],
+        &["sh", "-c", "echo new > /data/n1; echo new > /data/n2"],
+    );
+    assert!(!o.status.success(), "the committer was killed: {o:?}");
+    assert_ne!(w.tag, before, "the commit passed its commit point");
+    let o = w.run(&["cat", "/data/n1", "/data/n2"]);
+    ok(&o, "the tag from --tag-file opens the committed state");
+    assert_eq!(stdout(&o), "new\nnew\n");
+}
+
+#[test]
+fn the_committing_process_writes_the_tag_file_both_tags_across_the_window() {
+    // Kill the whole run (the `fspf run` parent too) right after the commit point: the tag file
+    // was written by the committer itself and names the state on disk.
+    let w = data_world();
+    let tf = w.path("run.tag");
+    let o = Command::new("sh")
+        .current_dir(w.dir.path())
+        .env("FSPF_PRELOAD", preload())
+        .args([
+            "-c",
+            &format!(
+                "{} run --fspf fspf.pb --key {} --tag {} --mutable --tag-file {} -- sh -c 'echo a > /data/a; kill -9 $PPID; echo b > /data/b; sleep 5'",
+                fspf_bin().display(),
+                w.key,
+                w.tag,
+                tf.display()
+            ),
+        ])
+        .env("FSPF_TEST_CRASH", "after-commit-point")
+        .env_remove("SCONE_FSPF")
+        .output()
+        .expect("sh");
+    assert!(!o.status.success());
+    let t = std::fs::read_to_string(&tf).expect("tag file");
+    let disk = w.tag_on_disk();
+    assert!(
+        t.lines().any(|l| l == disk),
+        "the tag file {t:?} names the fspf on disk {disk}"
+    );
+}
+
+#[test]
+fn a_failed_commit_before_exec_fails_the_run_instead_of_dropping_changes() {
+    let w = data_world();
+    // A directory where the lock file should be: every commit of the run fails.
+    let _ = std::fs::remove_file(w.path("fspf.pb.lock"));
+    std::fs::create_dir(w.path("fspf.pb.lock")).expect("lock dir");
+    let o = w.run_opts(
+        true,
+        &w.tag,
+        &["sh", "-c", "echo x > /data/lost; /bin/true; echo after"],
+    );
+    assert!(!o.status.success(), "changes were lost: {o:?}");
+}
+
+#[test]
+fn forked_child_of_a_process_that_got_eio_can_exit_0() {
+    let py = python_bin();
+    let w = World::big_world();
+    w.tamper("vol/big.txt");
+    let script = "import os\n\
+        try:\n    open('/data/big.txt').read()\nexcept OSError as e:\n    print('caught', e.errno)\n\
+        pid = os.fork()\n\
+        if pid == 0:\n    os._exit(0)\n\
+        print('child', os.waitpid(pid, 0)[1])\n";
+    let o = w.run(&[&py, "-c", script]);
+    assert_eq!(stdout(&o), "caught 5\nchild 0\n", "{o:?}");
+    assert!(!o.status.success(), "the parent itself got EIO");
+}
+
+#[test]
+fn unlinking_the_lock_file_does_not_lose_fsynced_files_of_concurrent_writers() {
+    let py = python_bin();
+    let mut w = data_world();
+    let writer = "import os, sys\n\
+        n = sys.argv[1]\n\
+        for i in range(25):\n\
+        \x20   p = '/data/%s-%d' % (n, i)\n\
+        \x20   f = open(p, 'w'); f.write(p); f.flush(); os.fsync(f.fileno()); f.close()\n\
+        \x20   print(p, flush=True)\n";
+    w.write("writer.py", writer.as_bytes());
+    let lock = w.path("fspf.pb.lock");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s2 = stop.clone();
+    let attacker = std::thread::spawn(move || {
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = std::fs::remove_file(&lock);
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    });
+    let cmd = format!("{py} writer.py a & {py} writer.py b & {py} writer.py c & wait");
+    let o = w.run_tagged(&[], &["sh", "-c", &cmd]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    attacker.join().expect("attacker");
+    ok(&o, "three writers");
+    let acked: Vec<String> = stdout(&o).lines().map(String::from).collect();
+    assert_eq!(acked.len(), 75, "every write was acknowledged");
+    let mut argv = vec!["cat"];
+    argv.extend(acked.iter().map(|s| s.as_str()));
+    let o = w.run(&argv);
+    ok(&o, "every fsync'd file is present");
+    assert_eq!(stdout(&o), acked.concat());
+}
+
+const EVIL_C: &str = r#"
+#include <stdio.h>
+int main() { puts("EVIL interpreter ran"); return 0; }
+"#;
+
+#[test]
+fn shebang_interpreter_in_an_authenticated_region_is_verified_before_it_runs() {
+    // An authenticated region in place (kernel path = embed point, as when `/` is protected):
+    // the script's `#!` interpreter lies in the region too and must be verified like the script.
+    let mut w = World::new();
+    let tools = w.path("tools");
+    std::fs::create_dir_all(&tools).expect("tools");
+    let sh = std::fs::canonicalize(need("sh")).expect("sh");
+    std::fs::copy(&sh, tools.join("myshell")).expect("copy sh");
+    let script = format!(
+        "#!{}/myshell -e\necho \"script ran with $1\"\n",
+        tools.display()
+    );
+    w.write("tools/script.sh", script.as_bytes());
+    for f in ["tools/myshell", "tools/script.sh"] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(w.path(f), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let region = tools.display().to_string();
+    w.create();
+    w.addr(&["/", "--kernel", "/", "--not-protected"]);
+    w.addr(&[&region, "--authenticated", "--kernel", &region]);
+    w.cli(&["addf", "fspf.pb", &region, &region]);
+    w.encrypt();
+    // An unprotected script (outside the region) whose interpreter is protected.
+    let outside = w.path("outside.sh");
+    std::fs::write(&outside, script.as_bytes()).expect("outside script");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let outside = outside.display().to_string();
+    let o = w.run(&[&outside, "out1"]);
+    ok(&o, "unprotected script, verified interpreter");
+    assert_eq!(stdout(&o), "script ran with out1\n");
+    let target = format!("{region}/script.sh");
+    let o = w.run(&[&target, "arg1"]);
+    ok(&o, "verified script with a verified interpreter");
+    assert_eq!(stdout(&o), "script ran with arg1\n");
+    let o = w.run(&["sh", "-c", &format!("{target} arg2")]);
+    ok(&o, "the same through a shell's exec");
+    assert_eq!(stdout(&o), "script ran with arg2\n");
+    // The attacker swaps the interpreter on disk.
+    let evil = w.cc("evil", EVIL_C, &[]);
+    std::fs::copy(&evil, tools.join("myshell")).expect("swap interpreter");
+    let o = w.run(&[&target, "arg3"]);
+    assert!(
+        !o.status.success(),
+        "a swapped interpreter must not run: {o:?}"
+    );
+    assert!(
+        !stdout(&o).contains("EVIL"),
+        "the swapped interpreter ran: {o:?}"
+    );
+    let o = w.run(&["sh", "-c", &target]);
+    assert!(!o.status.success());
+    assert!(!stdout(&o).contains("EVIL"), "{o:?}");
+    for argv in [vec![outside.as_str()], vec!["sh", "-c", outside.as_str()]] {
+        let o = w.run(&argv);
+        assert!(!o.status.success(), "{argv:?}: {o:?}");
+        assert!(!stdout(&o).contains("EVIL"), "{argv:?}: {o:?}");
+    }
+}
+
+#[test]
+fn shebang_chains_and_arguments_are_expanded_as_the_kernel_does() {
+    let mut w = World::new();
+    let tools = w.path("tools");
+    std::fs::create_dir_all(&tools).expect("tools");
+    let sh = std::fs::canonicalize(need("sh")).expect("sh");
+    std::fs::copy(&sh, tools.join("myshell")).expect("copy sh");
+    // argv printer in the region, as the interpreter of a script.
+    w.write(
+        "tools/show.sh",
+        format!(
+            "#!{}/myshell\nfor a in \"$@\"; do echo \"[$a]\"; done\n",
+            tools.display()
+        )
+        .as_bytes(),
+    );
+    w.write(
+        "tools/prog",
+        format!("#!{}/show.sh  one arg  \nbody\n", tools.display()).as_bytes(),
+    );
+    for f in ["tools/myshell", "tools/show.sh", "tools/prog"] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(w.path(f), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let region = tools.display().to_string();
+    w.create();
+    w.addr(&["/", "--kernel", "/", "--not-protected"]);
+    w.addr(&[&region, "--authenticated", "--kernel", &region]);
+    w.cli(&["addf", "fspf.pb", &region, &region]);
+    w.encrypt();
+    let o = w.run(&[&format!("{region}/prog"), "x"]);
+    ok(&o, "chained #!");
+    // Kernel semantics: show.sh gets "one arg" (one argument), the script path, then x.
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines[0], "[one arg]");
+    assert!(
+        lines[1].starts_with("[/proc/self/fd/"),
+        "the verified copy of prog: {out}"
+    );
+    assert_eq!(lines[2], "[x]");
+}

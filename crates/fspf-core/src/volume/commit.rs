@@ -227,6 +227,19 @@ impl Volume {
     /// If another process committed since this volume was opened, the on-disk fspf is accepted only
     /// when its tag equals `trusted_tag` (the run's trust anchor); changes are merged onto it.
     pub fn commit(&mut self, changes: Vec<Change>, trusted_tag: Option<Tag>) -> Result<Tag> {
+        self.commit_announced(changes, trusted_tag, &mut |_| Ok(()))
+    }
+
+    /// [`Volume::commit`], calling `announce(new_tag)` once the new fspf is durable in its temp
+    /// file and before it replaces the old one (the commit point). A trust anchor records the
+    /// new tag there beside the old one, so that a crash between the commit point and the
+    /// anchor's update leaves a state the anchor accepts (P9); an `Err` aborts the commit.
+    pub fn commit_announced(
+        &mut self,
+        changes: Vec<Change>,
+        trusted_tag: Option<Tag>,
+        announce: &mut dyn FnMut(Tag) -> Result<()>,
+    ) -> Result<Tag> {
         let cleanup = |changes: &[Change]| {
             for c in changes {
                 if let Change::Put(s) = c {
@@ -322,7 +335,7 @@ impl Volume {
                 }
             }
         }
-        if let Err(e) = self.save() {
+        if let Err(e) = self.save_announced(announce) {
             self.meta = before;
             cleanup(&changes);
             return Err(e);

@@ -10,7 +10,7 @@ mod verify;
 pub use commit::{Change, StagedFile};
 pub use import::{ImportOptions, ImportReport};
 pub use store::FspfLock;
-pub use store::{is_fspf_internal, sync_filesystems};
+pub use store::{is_fspf_internal, sync_filesystems, write_file_durably};
 pub use verify::Finding;
 
 use crate::codec::{FileCodec, ProtectedReader};
@@ -95,8 +95,19 @@ impl Volume {
 
     /// Seal and atomically replace the fspf on disk; returns the new tag.
     pub fn save(&mut self) -> Result<Tag> {
+        self.save_announced(&mut |_| Ok(()))
+    }
+
+    /// [`Volume::save`], telling `announce` the new tag just before the commit point.
+    pub(crate) fn save_announced(
+        &mut self,
+        announce: &mut dyn FnMut(Tag) -> Result<()>,
+    ) -> Result<Tag> {
         self.meta.generation += 1;
-        store::write(self)?;
+        if let Err(e) = store::write(self, announce) {
+            self.meta.generation -= 1;
+            return Err(e);
+        }
         Ok(self.tag)
     }
 

@@ -207,9 +207,39 @@ fn write_temp(v: &Volume) -> Result<(PathBuf, Tag)> {
     Ok((tmp, tag))
 }
 
-/// Atomically replace the fspf: temp file, fsync, rename, fsync directory.
-pub(crate) fn write(v: &mut Volume) -> Result<()> {
+/// Replace `path` atomically and durably by `content` (temp file beside it, fsync, rename,
+/// directory fsync), created with `mode`. For small trusted files such as a tag file.
+pub fn write_file_durably(path: &Path, content: &[u8], mode: u32) -> Result<()> {
+    let mut rnd = [0u8; 6];
+    crate::crypto::random_bytes(&mut rnd)?;
+    let tmp = sibling(path, &format!(".tmp-{}", hex::encode(rnd)));
+    let res = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(content)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = res {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    sync_dir(path)
+}
+
+/// Atomically replace the fspf: temp file, fsync, rename, fsync directory. `announce` learns
+/// the new tag after the temp file is durable and before the rename (the commit point), so a
+/// trust anchor can hold both tags across a crash in the window; if it fails, nothing changes.
+pub(crate) fn write(v: &mut Volume, announce: &mut dyn FnMut(Tag) -> Result<()>) -> Result<()> {
     let (tmp, tag) = write_temp(v)?;
+    if let Err(e) = announce(tag) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     if let Err(e) = fs::rename(&tmp, &v.path) {
         let _ = fs::remove_file(&tmp);
         return Err(Error::io(&v.path, e));
@@ -222,7 +252,7 @@ pub(crate) fn write(v: &mut Volume) -> Result<()> {
 /// Write a new fspf; without `force` an existing file is never replaced (link fails on EEXIST).
 pub(crate) fn write_new(v: &mut Volume, force: bool) -> Result<()> {
     if force {
-        return write(v);
+        return write(v, &mut |_| Ok(()));
     }
     let (tmp, tag) = write_temp(v)?;
     let r = fs::hard_link(&tmp, &v.path);

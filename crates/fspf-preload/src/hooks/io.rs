@@ -436,7 +436,11 @@ fn fill_written(fd: c_int, f: &mut crate::files::OpenFile, size: u64) -> bool {
     true
 }
 
-fn dup_into(old: c_int, new: c_int) {
+/// Track `new` as a duplicate of `old` after the kernel duplicated it. Err(errno) when `new`
+/// is a standard stream whose plaintext failed verification: `new` is then closed, so the
+/// program reads neither an empty file nor anything else from it (a tampered file redirected
+/// to stdin must not read as empty with exit status 0).
+fn dup_into(old: c_int, new: c_int) -> Result<(), c_int> {
     if let Some(h) = files::remove(new) {
         // dup2 closes `new` silently, as the kernel does.
         let _ = release(h);
@@ -448,13 +452,28 @@ fn dup_into(old: c_int, new: c_int) {
             // the hooks: give a read-only placeholder the verified plaintext and let the
             // kernel serve it from now on.
             let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
-            if f.touched.is_none() && !matches!(f.body, Body::Dir) {
-                let _ = materialise_placeholder(new, &mut f);
+            if f.touched.is_none()
+                && !matches!(f.body, Body::Dir)
+                && !materialise_placeholder(new, &mut f)
+            {
+                drop(f);
+                // SAFETY: closing the program's duplicate, which holds no verified bytes.
+                unsafe { real::close(new) };
+                return Err(libc::EIO);
             }
         }
         files::insert(new, h);
     } else if let Some(ep) = files::translated_path(old) {
         files::track_translated(new, ep);
+    }
+    Ok(())
+}
+
+/// The end of a successful dup: track it, or fail the call as a whole.
+fn dup_result(old: c_int, new: c_int) -> c_int {
+    match dup_into(old, new) {
+        Ok(()) => new,
+        Err(e) => fail(e),
     }
 }
 
@@ -464,7 +483,7 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
     let r = unsafe { real::dup(fd) };
     if r >= 0 {
         if let Some(_g) = enter() {
-            dup_into(fd, r);
+            return dup_result(fd, r);
         }
     }
     r
@@ -479,7 +498,7 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
     let r = unsafe { real::dup2(old, new) };
     if r >= 0 && old != new {
         if let Some(_g) = enter() {
-            dup_into(old, new);
+            return dup_result(old, new);
         }
     }
     r
@@ -494,7 +513,7 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, fl: c_int) -> c_int {
     let r = unsafe { real::dup3(old, new, fl) };
     if r >= 0 {
         if let Some(_g) = enter() {
-            dup_into(old, new);
+            return dup_result(old, new);
         }
     }
     r
@@ -517,7 +536,7 @@ unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: c_ulong, is64: bool) -> c_int
         libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => {
             let r = call(fd, cmd, arg);
             if r >= 0 {
-                dup_into(fd, r);
+                return dup_result(fd, r);
             }
             r
         }
@@ -657,14 +676,10 @@ pub unsafe extern "C" fn posix_fallocate64(fd: c_int, off: off_t, len: off_t) ->
 }
 
 /// fsync of a shielded fd is a commit point: stage dirty buffers, commit, publish the tag.
-fn sync_fd(h: &Handle) -> c_int {
-    let relevant = {
-        let f = h.lock().unwrap_or_else(|e| e.into_inner());
-        f.write || matches!(f.body, Body::Dir)
-    };
-    if !relevant {
-        return 0;
-    }
+/// fsync/fdatasync of any shielded fd, read-only ones included, commits everything queued:
+/// POSIX makes the file's data durable whichever descriptor is synced, and a writer that closed
+/// its fd may have left the file's new version queued (only staged, not committed).
+fn sync_fd(_h: &Handle) -> c_int {
     let sh = shield::get();
     let mut inner = sh.lock();
     match sh.commit(&mut inner) {

@@ -4,18 +4,22 @@
 use super::fail;
 use crate::files::{self, Body};
 use crate::shield::{self, NodeKind, Route};
-use crate::{enter, log, real};
+use crate::{enter, log, real, say, set_errno};
 use fspf_core::EmbedPath;
 use libc::{c_char, c_int, c_void, pid_t, FILE};
 use std::ffi::{CStr, CString};
 
-/// Commit everything queued (children must see it), logging failures.
-fn commit_for_child() {
+/// Commit everything queued (children must see it). A failure fails the fork/exec/spawn that
+/// asked for it and marks this process as failed: its changes are lost, so neither its children
+/// nor its exit status may pretend otherwise.
+fn commit_for_child() -> Result<(), c_int> {
     let sh = shield::get();
     let mut inner = sh.lock();
-    if let Err(e) = sh.commit(&mut inner) {
-        log(format!("commit before fork/exec failed (errno {e})"));
-    }
+    sh.commit(&mut inner).inspect_err(|e| {
+        let m = format!("commit before fork/exec failed (errno {e}); changes were lost");
+        say(&m);
+        crate::commit_failure(&m);
+    })
 }
 
 /// Hand every inherited (non-CLOEXEC) shielded fd over to the exec'd program. Buffers already
@@ -23,7 +27,7 @@ fn commit_for_child() {
 /// the verified plaintext now (so even a program without the shield reads the right bytes).
 /// `FSPF_INHERIT` (`fd:mode:hex-embed-path`, `;`-separated) tells a shielded program to adopt
 /// them as shielded files, including writes (`sh -c 'cmd > /data/f'`).
-fn materialise_inherited() -> Option<CString> {
+fn materialise_inherited() -> Result<Option<CString>, c_int> {
     let mut desc: Vec<String> = Vec::new();
     for fd in files::all_fds() {
         // SAFETY: querying fd flags.
@@ -49,14 +53,16 @@ fn materialise_inherited() -> Option<CString> {
             .map(|b| format!("{b:02x}"))
             .collect();
         if f.touched.is_none() && !super::io::materialise_placeholder(fd, &mut f) {
-            continue;
+            // An empty placeholder would read as an empty file (`wc -c < tampered` = 0 with
+            // exit status 0): refuse the exec instead.
+            return Err(libc::EIO);
         }
         desc.push(format!("{fd}:{mode}:{hex}"));
     }
     if desc.is_empty() {
-        return None;
+        return Ok(None);
     }
-    CString::new(format!("FSPF_INHERIT={}", desc.join(";"))).ok()
+    Ok(CString::new(format!("FSPF_INHERIT={}", desc.join(";"))).ok())
 }
 
 /// In a freshly exec'd shielded program: adopt the shielded fds described in `FSPF_INHERIT`.
@@ -100,7 +106,10 @@ pub fn adopt_inherited() {
         drop(inner);
         let f = files::OpenFile {
             path: ep,
-            offset: 0,
+            // The position the parent left in the shared description (`>>` or a partly
+            // written file); 0 when it cannot be read.
+            // SAFETY: querying the position of an inherited fd.
+            offset: unsafe { real::lseek(fd, 0, libc::SEEK_CUR) }.max(0) as u64,
             read: mode.contains('r'),
             write,
             append: mode.contains('a'),
@@ -194,7 +203,9 @@ pub unsafe extern "C" fn fork() -> pid_t {
         // SAFETY: forwarding.
         return unsafe { real::fork() };
     };
-    commit_for_child();
+    if let Err(e) = commit_for_child() {
+        return fail(e);
+    }
     let sh = shield::get();
     // Hold the shield's locks across fork so the child never inherits them mid-update.
     let inner = sh.lock();
@@ -205,6 +216,11 @@ pub unsafe extern "C" fn fork() -> pid_t {
     drop(streams);
     drop(tables);
     drop(inner);
+    if pid == 0 {
+        // The child starts with a clean verdict: data refused to its parent was never handed to
+        // it (a `multiprocessing` worker forked after a caught EIO may exit 0).
+        crate::forget_failures();
+    }
     pid
 }
 
@@ -216,11 +232,91 @@ pub unsafe extern "C" fn vfork() -> pid_t {
     unsafe { fork() }
 }
 
+/// How to exec a resolved program.
+pub struct ExecPlan {
+    /// What to hand to the kernel: a kernel path or `/proc/self/fd/N` of a verified copy.
+    path: CString,
+    /// Replaces the program's `argv[0]` (the rest follows): set when the shield resolved a
+    /// `#!` line itself, as the kernel would (`interpreter [arg] script`).
+    argv_prefix: Option<Vec<CString>>,
+    /// The memfds of verified copies, closed if the exec fails.
+    fds: Vec<c_int>,
+}
+
+impl ExecPlan {
+    fn kernel(path: CString) -> ExecPlan {
+        ExecPlan {
+            path,
+            argv_prefix: None,
+            fds: Vec::new(),
+        }
+    }
+
+    /// After a failed exec (a successful one never returns): close the verified copies.
+    fn discard(&self) {
+        for &fd in &self.fds {
+            // SAFETY: closing a memfd exec_shielded created for this exec.
+            unsafe { real::close(fd) };
+        }
+    }
+
+    /// The argv to exec with: the program's own, or the `#!` expansion followed by its
+    /// arguments after `argv[0]`.
+    ///
+    /// # Safety
+    /// `argv` is NULL or a NULL-terminated array of C strings.
+    unsafe fn argv<T>(&self, argv: *const *const T) -> Option<Vec<*const T>> {
+        let prefix = self.argv_prefix.as_ref()?;
+        let mut out: Vec<*const T> = prefix.iter().map(|c| c.as_ptr().cast()).collect();
+        if !argv.is_null() {
+            let mut i = 1;
+            // SAFETY: argv[0] exists when argv is non-NULL and not empty; the list is
+            // NULL-terminated.
+            if !unsafe { *argv }.is_null() {
+                loop {
+                    // SAFETY: as above.
+                    let a = unsafe { *argv.add(i) };
+                    if a.is_null() {
+                        break;
+                    }
+                    out.push(a);
+                    i += 1;
+                }
+            }
+        }
+        out.push(std::ptr::null());
+        Some(out)
+    }
+}
+
+/// The interpreter and optional argument of a `#!` line, split as the kernel does
+/// (`binfmt_script`: the first line, at most 256 bytes; one optional argument, not split).
+fn parse_shebang(data: &[u8]) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
+    let head = data.strip_prefix(b"#!")?;
+    let head = &head[..head.len().min(254)];
+    let line = head.split(|&c| c == b'\n').next().unwrap_or(head);
+    let is_ws = |c: &u8| *c == b' ' || *c == b'\t';
+    let start = line.iter().position(|c| !is_ws(c))?;
+    let line = &line[start..];
+    let end = line.iter().rposition(|c| !is_ws(c)).map_or(0, |e| e + 1);
+    let line = &line[..end];
+    let split = line.iter().position(is_ws).unwrap_or(line.len());
+    let interp = line[..split].to_vec();
+    let rest = &line[split..];
+    let arg = rest
+        .iter()
+        .position(|c| !is_ws(c))
+        .map(|i| rest[i..].to_vec());
+    (!interp.is_empty()).then_some((interp, arg))
+}
+
 /// A program file of a protected or ephemeral region is executed from a sealed memfd holding
-/// its verified plaintext, named `/proc/self/fd/N` (inherited, so `#!` scripts work too): the
-/// kernel never runs the unverified (or encrypted) bytes on disk, and nothing can change them
-/// between verification and exec.
-fn exec_shielded(ep: EmbedPath, depth: u32) -> Result<CString, c_int> {
+/// its verified plaintext, named `/proc/self/fd/N` (inherited, so `#!` scripts can read it):
+/// the kernel never runs the unverified (or encrypted) bytes on disk, and nothing can change
+/// them between verification and exec. A `#!` script whose interpreter lies in a protected
+/// region is expanded here, not by the kernel, so that the interpreter is verified as well
+/// (the kernel would load it from disk by path); chains are followed up to 4 levels (ELOOP).
+fn exec_shielded(ep: EmbedPath, depth: u32) -> Result<ExecPlan, c_int> {
     let sh = shield::get();
     let mut inner = sh.lock();
     if !sh.is_ephemeral(&inner, &ep) {
@@ -250,8 +346,10 @@ fn exec_shielded(ep: EmbedPath, depth: u32) -> Result<CString, c_int> {
             drop(inner);
             return match r {
                 Route::Shield(e2) => exec_shielded(e2, depth + 1),
-                Route::Kernel(k, _) => Ok(k),
-                Route::Pass => CString::new(target).map_err(|_| libc::EINVAL),
+                Route::Kernel(k, _) => Ok(ExecPlan::kernel(k)),
+                Route::Pass => CString::new(target)
+                    .map(ExecPlan::kernel)
+                    .map_err(|_| libc::EINVAL),
                 Route::Deny(e) => Err(e),
             };
         }
@@ -290,14 +388,66 @@ fn exec_shielded(ep: EmbedPath, depth: u32) -> Result<CString, c_int> {
     let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
     // SAFETY: sealing our memfd against changes.
     unsafe { real::fcntl(fd, libc::F_ADD_SEALS, seals as libc::c_ulong) };
-    CString::new(format!("/proc/self/fd/{fd}")).map_err(|_| libc::EINVAL)
+    let own = ExecPlan {
+        path: CString::new(format!("/proc/self/fd/{fd}")).map_err(|_| libc::EINVAL)?,
+        argv_prefix: None,
+        fds: vec![fd],
+    };
+    let Some((interp, arg)) = parse_shebang(&data) else {
+        return Ok(own);
+    };
+    let route = {
+        let inner = sh.lock();
+        sh.route_bytes(&inner, libc::AT_FDCWD, &interp)
+    };
+    let ip = match route {
+        // Not protected: the kernel loads it by path, as it would without the shield.
+        Route::Pass | Route::Kernel(..) => return Ok(own),
+        Route::Deny(e) => {
+            own.discard();
+            return Err(e);
+        }
+        Route::Shield(iep) if depth < 4 => match exec_shielded(iep, depth + 1) {
+            Ok(ip) => ip,
+            Err(e) => {
+                own.discard();
+                return Err(e);
+            }
+        },
+        Route::Shield(_) => {
+            own.discard();
+            return Err(libc::ELOOP);
+        }
+    };
+    let as_c = |b: Vec<u8>| CString::new(b).map_err(|_| libc::ENOEXEC);
+    let mut prefix = match ip.argv_prefix {
+        Some(p) => p,
+        None => vec![as_c(interp)?],
+    };
+    if let Some(a) = arg {
+        prefix.push(as_c(a)?);
+    }
+    prefix.push(own.path);
+    let mut fds = ip.fds;
+    fds.extend(own.fds);
+    Ok(ExecPlan {
+        path: ip.path,
+        argv_prefix: Some(prefix),
+        fds,
+    })
 }
 
 /// Where to exec `path` from: `None` = as given; a translated kernel path; or a verified copy.
-fn exec_route(path: *const c_char) -> Result<Option<CString>, c_int> {
+fn exec_route(path: *const c_char) -> Result<Option<ExecPlan>, c_int> {
     match shield::get().route(libc::AT_FDCWD, path) {
-        Route::Pass => Ok(None),
-        Route::Kernel(k, _) => Ok(Some(k)),
+        Route::Pass => {
+            // SAFETY: the program's NUL-terminated path (route() refused NULL).
+            let p = unsafe { CStr::from_ptr(path) };
+            Ok(expand_script(p.to_owned(), p.to_owned())?)
+        }
+        Route::Kernel(k, _) => Ok(Some(
+            expand_script(k.clone(), k.clone())?.unwrap_or(ExecPlan::kernel(k)),
+        )),
         Route::Deny(e) => Err(e),
         Route::Shield(ep) => exec_shielded(ep, 0).map(Some).inspect_err(|e| {
             log(format!("exec refused (errno {e})"));
@@ -305,9 +455,57 @@ fn exec_route(path: *const c_char) -> Result<Option<CString>, c_int> {
     }
 }
 
+/// An unprotected script whose `#!` interpreter lies in a protected region: expand the `#!`
+/// here so that the interpreter runs from a verified copy (the kernel would load it from disk).
+/// `None`: not such a script, let the kernel run `exec_path` as it is.
+fn expand_script(kernel: CString, exec_path: CString) -> Result<Option<ExecPlan>, c_int> {
+    let mut head = [0u8; 256];
+    // SAFETY: opening a NUL-terminated kernel path read-only; closed below.
+    let fd = unsafe {
+        real::open(
+            kernel.as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Ok(None);
+    }
+    // SAFETY: reading into a local buffer from our own fd.
+    let n = unsafe { real::pread(fd, head.as_mut_ptr().cast(), head.len(), 0) };
+    // SAFETY: closing our own fd.
+    unsafe { real::close(fd) };
+    let Some((interp, arg)) = parse_shebang(&head[..n.max(0) as usize]) else {
+        return Ok(None);
+    };
+    let sh = shield::get();
+    let route = {
+        let inner = sh.lock();
+        sh.route_bytes(&inner, libc::AT_FDCWD, &interp)
+    };
+    let Route::Shield(iep) = route else {
+        return Ok(None);
+    };
+    let ip = exec_shielded(iep, 1)?;
+    let as_c = |b: Vec<u8>| CString::new(b).map_err(|_| libc::ENOEXEC);
+    let mut prefix = match ip.argv_prefix {
+        Some(p) => p,
+        None => vec![as_c(interp)?],
+    };
+    if let Some(a) = arg {
+        prefix.push(as_c(a)?);
+    }
+    prefix.push(exec_path);
+    Ok(Some(ExecPlan {
+        path: ip.path,
+        argv_prefix: Some(prefix),
+        fds: ip.fds,
+    }))
+}
+
 /// PATH search for execvp/posix_spawnp done here, so that program files found in protected
 /// regions are run from verified copies (glibc's own search would exec them directly).
-fn search_path(file: &CStr) -> Result<Option<CString>, c_int> {
+fn search_path(file: &CStr) -> Result<Option<ExecPlan>, c_int> {
     let name = file.to_bytes();
     if name.is_empty() {
         return Err(libc::ENOENT);
@@ -345,7 +543,8 @@ fn search_path(file: &CStr) -> Result<Option<CString>, c_int> {
                     real::faccessat(libc::AT_FDCWD, k.as_ptr(), libc::X_OK, libc::AT_EACCESS)
                 } == 0
                 {
-                    return Ok(Some(k.to_owned()));
+                    let plan = expand_script(k.to_owned(), c.clone())?;
+                    return Ok(Some(plan.unwrap_or(ExecPlan::kernel(k.to_owned()))));
                 }
                 let e = crate::errno();
                 if e == libc::EACCES {
@@ -411,18 +610,31 @@ pub unsafe extern "C" fn execvp(p: *const c_char, argv: *const *const c_char) ->
 /// the child's environment, exec, and undo what a failed exec leaves behind.
 unsafe fn exec_resolved(
     p: *const c_char,
-    path: Option<CString>,
+    plan: Option<ExecPlan>,
     argv: *const *const c_char,
     envp: *const *const c_char,
     real_exec: impl Fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int,
 ) -> c_int {
-    commit_for_child();
-    let inherit = materialise_inherited();
+    let discard = || plan.as_ref().inspect(|p| p.discard());
+    if let Err(e) = commit_for_child() {
+        discard();
+        return fail(e);
+    }
+    let inherit = match materialise_inherited() {
+        Ok(i) => i,
+        Err(e) => {
+            discard();
+            return fail(e);
+        }
+    };
     // SAFETY: envp from the program.
     let (_keep, env) = unsafe { child_env(envp, inherit) };
-    let pp = path.as_ref().map_or(p, |c| c.as_ptr());
-    let r = real_exec(pp, argv, env.as_ptr());
-    close_exec_copy(path.as_ref());
+    let pp = plan.as_ref().map_or(p, |c| c.path.as_ptr());
+    // SAFETY: argv from the program.
+    let expanded = plan.as_ref().and_then(|c| unsafe { c.argv(argv) });
+    let av = expanded.as_ref().map_or(argv, |v| v.as_ptr());
+    let r = real_exec(pp, av, env.as_ptr());
+    discard();
     restore_key_cloexec();
     r
 }
@@ -432,11 +644,12 @@ unsafe fn exec_resolved(
 unsafe fn spawn_common(
     p: *const c_char,
     search: bool,
+    argv: *const *mut c_char,
     envp: *const *mut c_char,
-    call: impl Fn(*const c_char, bool, *const *mut c_char) -> c_int,
+    call: impl Fn(*const c_char, bool, *const *mut c_char, *const *mut c_char) -> c_int,
 ) -> c_int {
     let Some(_g) = enter() else {
-        return call(p, search, envp);
+        return call(p, search, argv, envp);
     };
     if p.is_null() {
         return libc::EFAULT;
@@ -453,9 +666,11 @@ unsafe fn spawn_common(
         // posix_spawn reports errors as its return value.
         Err(e) => return e,
     };
-    commit_for_child();
     // The spawning process keeps its fds: the child gets the plaintext, not ownership.
-    let _ = materialise_inherited();
+    if let Err(e) = commit_for_child().and_then(|_| materialise_inherited()) {
+        resolved.as_ref().inspect(|p| p.discard());
+        return e;
+    }
     let e = if envp.is_null() {
         current_env()
     } else {
@@ -464,26 +679,20 @@ unsafe fn spawn_common(
     // SAFETY: envp from the program.
     let (_keep, env) = unsafe { child_env(e, None) };
     let r = match &resolved {
-        Some(k) => call(k.as_ptr(), false, env.as_ptr().cast()),
-        None => call(p, search, env.as_ptr().cast()),
+        Some(k) => {
+            // SAFETY: argv from the program.
+            let expanded = unsafe { k.argv(argv.cast::<*const c_char>()) };
+            let av = expanded
+                .as_ref()
+                .map_or(argv, |v| v.as_ptr().cast::<*mut c_char>());
+            call(k.path.as_ptr(), false, av, env.as_ptr().cast())
+        }
+        None => call(p, search, argv, env.as_ptr().cast()),
     };
-    close_exec_copy(resolved.as_ref());
+    // The spawned child has its own copies of the fds (or failed); ours are not needed.
+    resolved.as_ref().inspect(|p| p.discard());
     restore_key_cloexec();
     r
-}
-
-/// Close the memfd of a verified program copy once the exec happened (or failed).
-fn close_exec_copy(path: Option<&CString>) {
-    let Some(p) = path else { return };
-    if let Some(n) = p.to_bytes().strip_prefix(b"/proc/self/fd/") {
-        if let Some(fd) = std::str::from_utf8(n)
-            .ok()
-            .and_then(|s| s.parse::<c_int>().ok())
-        {
-            // SAFETY: closing the memfd exec_shielded created.
-            unsafe { real::close(fd) };
-        }
-    }
 }
 
 #[no_mangle]
@@ -497,11 +706,11 @@ pub unsafe extern "C" fn posix_spawn(
 ) -> c_int {
     // SAFETY: forwarding.
     unsafe {
-        spawn_common(p, false, envp, |p, search, e| {
+        spawn_common(p, false, argv, envp, |p, search, av, e| {
             if search {
-                real::posix_spawnp(pid, p, fa, at, argv, e)
+                real::posix_spawnp(pid, p, fa, at, av, e)
             } else {
-                real::posix_spawn(pid, p, fa, at, argv, e)
+                real::posix_spawn(pid, p, fa, at, av, e)
             }
         })
     }
@@ -517,11 +726,11 @@ pub unsafe extern "C" fn posix_spawnp(
 ) -> c_int {
     // SAFETY: forwarding.
     unsafe {
-        spawn_common(p, true, envp, |p, search, e| {
+        spawn_common(p, true, argv, envp, |p, search, av, e| {
             if search {
-                real::posix_spawnp(pid, p, fa, at, argv, e)
+                real::posix_spawnp(pid, p, fa, at, av, e)
             } else {
-                real::posix_spawn(pid, p, fa, at, argv, e)
+                real::posix_spawn(pid, p, fa, at, av, e)
             }
         })
     }
@@ -556,7 +765,10 @@ pub unsafe extern "C" fn system(c: *const c_char) -> c_int {
         // SAFETY: forwarding.
         return unsafe { real::system(c) };
     };
-    commit_for_child();
+    if let Err(e) = commit_for_child() {
+        set_errno(e);
+        return -1;
+    }
     // SAFETY: forwarding.
     with_key_env(|| unsafe { real::system(c) })
 }
@@ -566,7 +778,10 @@ pub unsafe extern "C" fn popen(c: *const c_char, m: *const c_char) -> *mut FILE 
         // SAFETY: forwarding.
         return unsafe { real::popen(c, m) };
     };
-    commit_for_child();
+    if let Err(e) = commit_for_child() {
+        set_errno(e);
+        return std::ptr::null_mut();
+    }
     // SAFETY: forwarding.
     with_key_env(|| unsafe { real::popen(c, m) })
 }

@@ -1,0 +1,205 @@
+//! The run's trust anchor: an inherited memfd (`FSPF_ANCHOR_FD`) that every process of one run
+//! shares, holding the tag the run trusts, and the lock that serialises the run's committers.
+//!
+//! Layout: 16 bytes, the current tag; during a commit, 32 bytes: the current tag, then the tag
+//! of the fspf about to replace it (announced after the new fspf is durable in its temp file,
+//! before the rename that is the commit point). A committer killed inside that window leaves
+//! both, and the next process accepts whichever of the two is on disk (old or new state, P9),
+//! never a third. The same two states go to `FSPF_TAG_FILE` (`fspf run --tag-file`), so the tag
+//! a user keeps after a crashed run is never stale.
+//!
+//! The lock is a POSIX record lock on the memfd: storage cannot remove or replace it (unlike
+//! `FSPF.lock`, which an attacker can unlink), it is not inherited across `fork` and it is
+//! released when its holder dies. Threads of one process are serialised by the shield's mutex,
+//! which every committer holds.
+use crate::real;
+use fspf_core::Tag;
+use libc::c_int;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// What the anchor holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnchorState {
+    pub current: Tag,
+    /// Announced by a committer that has not (yet) confirmed its commit.
+    pub pending: Option<Tag>,
+}
+
+impl AnchorState {
+    /// Parse the memfd's bytes (16 or 32).
+    pub fn parse(b: &[u8]) -> Option<AnchorState> {
+        let tag = |s: &[u8]| {
+            let mut t = [0u8; 16];
+            t.copy_from_slice(s);
+            Tag(t)
+        };
+        match b.len() {
+            16 => Some(AnchorState {
+                current: tag(b),
+                pending: None,
+            }),
+            32 => Some(AnchorState {
+                current: tag(&b[..16]),
+                pending: Some(tag(&b[16..])),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The trusted tag among the two that equals `disk`, if any.
+    pub fn accepts(&self, disk: Tag) -> Option<Tag> {
+        if disk == self.current || self.pending == Some(disk) {
+            Some(disk)
+        } else {
+            None
+        }
+    }
+}
+
+pub struct Anchor {
+    /// -1 when the shield failed to load. Atomic: it moves when the program dup2()s onto it.
+    fd: AtomicI32,
+    /// `FSPF_TAG_FILE`: where the run's current tag is kept for the user (`--tag-file`).
+    tag_file: Option<PathBuf>,
+}
+
+/// Held while a process commits; unlocks on drop.
+pub struct AnchorLock {
+    fd: c_int,
+}
+
+fn record_lock(fd: c_int, kind: c_int, wait: bool) -> c_int {
+    // SAFETY: a zeroed flock is a valid "whole file" lock request once l_type is set.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    let cmd = if wait { libc::F_SETLKW } else { libc::F_SETLK };
+    loop {
+        // SAFETY: fcntl record lock on our own anchor fd with a local flock struct.
+        let r = unsafe { real::fcntl(fd, cmd, &mut fl as *mut libc::flock as libc::c_ulong) };
+        if r == 0 || crate::errno() != libc::EINTR {
+            return r;
+        }
+    }
+}
+
+impl Drop for AnchorLock {
+    fn drop(&mut self) {
+        record_lock(self.fd, libc::F_UNLCK, false);
+    }
+}
+
+impl Anchor {
+    pub fn new(fd: c_int, tag_file: Option<PathBuf>) -> Anchor {
+        Anchor {
+            fd: AtomicI32::new(fd),
+            tag_file,
+        }
+    }
+
+    pub fn fd(&self) -> c_int {
+        self.fd.load(Ordering::Relaxed)
+    }
+
+    pub fn set_fd(&self, fd: c_int) {
+        self.fd.store(fd, Ordering::Relaxed);
+    }
+
+    /// Read the anchor; `None` when there is none or it is unreadable (callers fail closed).
+    pub fn read(&self) -> Option<AnchorState> {
+        let fd = self.fd();
+        if fd < 0 {
+            return None;
+        }
+        let mut b = [0u8; 33];
+        // SAFETY: reading into a local buffer of its size from our own anchor fd.
+        let n = unsafe { real::pread(fd, b.as_mut_ptr().cast(), b.len(), 0) };
+        if n < 0 {
+            return None;
+        }
+        AnchorState::parse(&b[..n as usize])
+    }
+
+    /// Exclusive: the run's committers one at a time (blocks).
+    pub fn lock(&self) -> Result<AnchorLock, c_int> {
+        let fd = self.fd();
+        if fd < 0 {
+            return Err(libc::EACCES);
+        }
+        if record_lock(fd, libc::F_WRLCK, true) != 0 {
+            let e = crate::errno();
+            crate::say(format!("cannot lock the run's trust anchor (errno {e})"));
+            return Err(libc::EACCES);
+        }
+        Ok(AnchorLock { fd })
+    }
+
+    fn write_bytes(&self, b: &[u8]) -> Result<(), c_int> {
+        let fd = self.fd();
+        if fd < 0 {
+            return Err(libc::EACCES);
+        }
+        // SAFETY: writing a local buffer to our own anchor fd.
+        let n = unsafe { real::pwrite(fd, b.as_ptr().cast(), b.len(), 0) };
+        if n != b.len() as isize {
+            return Err(libc::EIO);
+        }
+        // SAFETY: cutting our own anchor memfd to the length just written.
+        if unsafe { real::ftruncate(fd, b.len() as i64) } != 0 {
+            return Err(libc::EIO);
+        }
+        Ok(())
+    }
+
+    /// Before the commit point: trust `next` as well as `current` (under [`Anchor::lock`]).
+    pub fn announce(&self, current: Tag, next: Tag) -> Result<(), c_int> {
+        let mut b = [0u8; 32];
+        b[..16].copy_from_slice(&current.0);
+        b[16..].copy_from_slice(&next.0);
+        self.write_tag_file(&[current, next])?;
+        self.write_bytes(&b)
+    }
+
+    /// After the commit point (or on finding a crashed committer's commit on disk): `t` alone.
+    pub fn publish(&self, t: Tag) -> Result<(), c_int> {
+        self.write_bytes(&t.0)?;
+        self.write_tag_file(&[t])
+    }
+
+    /// Replace the tag file atomically and durably with one tag per line. A user who finds two
+    /// lines after a crash may trust either (old or new state); `fspf … --tag-file` accepts both.
+    fn write_tag_file(&self, tags: &[Tag]) -> Result<(), c_int> {
+        let Some(p) = &self.tag_file else {
+            return Ok(());
+        };
+        let text: String = tags.iter().map(|t| format!("{t}\n")).collect();
+        fspf_core::write_file_durably(p, text.as_bytes(), 0o600).map_err(|e| {
+            crate::say(format!("cannot write the tag file: {e}"));
+            libc::EIO
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anchor_state_parses_one_or_two_tags_and_accepts_only_those() {
+        let a = Tag([1; 16]);
+        let b = Tag([2; 16]);
+        let one = AnchorState::parse(&a.0).unwrap();
+        assert_eq!(one.pending, None);
+        assert_eq!(one.accepts(a), Some(a));
+        assert_eq!(one.accepts(b), None);
+        let mut both = a.0.to_vec();
+        both.extend_from_slice(&b.0);
+        let two = AnchorState::parse(&both).unwrap();
+        assert_eq!(two.accepts(b), Some(b));
+        assert_eq!(two.accepts(a), Some(a));
+        assert_eq!(two.accepts(Tag([3; 16])), None);
+        assert_eq!(AnchorState::parse(&[0; 17]), None);
+        assert_eq!(AnchorState::parse(&[]), None);
+    }
+}
