@@ -205,3 +205,20 @@ reals! {
 reals! {
     fn _exit(s: c_int) -> ();
 }
+reals! {
+    fn chown(p: *const c_char, u: libc::uid_t, g: libc::gid_t) -> c_int;
+    fn lchown(p: *const c_char, u: libc::uid_t, g: libc::gid_t) -> c_int;
+    fn fchown(fd: c_int, u: libc::uid_t, g: libc::gid_t) -> c_int;
+    fn fchownat(d: c_int, p: *const c_char, u: libc::uid_t, g: libc::gid_t, f: c_int) -> c_int;
+    fn setxattr(p: *const c_char, n: *const c_char, v: *const c_void, s: size_t, f: c_int) -> c_int;
+    fn lsetxattr(p: *const c_char, n: *const c_char, v: *const c_void, s: size_t, f: c_int) -> c_int;
+    fn fsetxattr(fd: c_int, n: *const c_char, v: *const c_void, s: size_t, f: c_int) -> c_int;
+    fn removexattr(p: *const c_char, n: *const c_char) -> c_int;
+    fn lremovexattr(p: *const c_char, n: *const c_char) -> c_int;
+    fn fremovexattr(fd: c_int, n: *const c_char) -> c_int;
+    fn mkfifo(p: *const c_char, m: mode_t) -> c_int;
+    fn mkfifoat(d: c_int, p: *const c_char, m: mode_t) -> c_int;
+    fn mknod(p: *const c_char, m: mode_t, dev: libc::dev_t) -> c_int;
+    fn mknodat(d: c_int, p: *const c_char, m: mode_t, dev: libc::dev_t) -> c_int;
+    fn bind(fd: c_int, a: *const libc::sockaddr, l: libc::socklen_t) -> c_int;
+}

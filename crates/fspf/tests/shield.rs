@@ -1730,3 +1730,65 @@ fn shebang_chains_and_arguments_are_expanded_as_the_kernel_does() {
     );
     assert_eq!(lines[2], "[x]");
 }
+
+#[test]
+fn xattr_chown_mkfifo_mknod_and_bind_do_not_reach_the_kernel_directory() {
+    let py = python_bin();
+    let mut w = data_world();
+    let script = "import os, socket, errno\n\
+        os.chdir('/data')\n\
+        def code(f):\n\
+        \x20   try:\n\
+        \x20       f(); return 0\n\
+        \x20   except OSError as e:\n\
+        \x20       return e.errno\n\
+        print(code(lambda: os.setxattr('hello.txt', 'user.leak', b'secret')) == errno.ENOTSUP)\n\
+        print(code(lambda: os.setxattr('/data/hello.txt', 'user.leak', b'secret')) == errno.ENOTSUP)\n\
+        print(code(lambda: os.removexattr('hello.txt', 'user.leak')) == errno.ENOTSUP)\n\
+        print(code(lambda: os.chown('hello.txt', 1234, 1234)) == errno.EPERM)\n\
+        print(code(lambda: os.lchown('hello.txt', -1, -1)) == 0)\n\
+        print(code(lambda: os.mkfifo('fifo')) == errno.EPERM)\n\
+        print(code(lambda: os.mknod('node')) == errno.EPERM)\n\
+        s = socket.socket(socket.AF_UNIX)\n\
+        print(code(lambda: s.bind('sock')) == errno.EPERM)\n";
+    let o = w.run_tagged(&[], &[&py, "-c", script]);
+    ok(&o, "refused calls");
+    assert_eq!(stdout(&o), "True\n".repeat(8), "{o:?}");
+    let vol = w.path("vol");
+    for name in ["fifo", "node", "sock"] {
+        assert!(
+            !vol.join(name).exists(),
+            "{name} created in the kernel directory"
+        );
+    }
+    let o = Command::new(&py)
+        .args(["-c", "import os,sys; print(os.listxattr(sys.argv[1]))"])
+        .arg(vol.join("hello.txt"))
+        .output()
+        .expect("listxattr");
+    ok(&o, "listxattr");
+    assert_eq!(stdout(&o), "[]\n", "no attribute on the ciphertext");
+}
+
+#[test]
+fn cd_into_a_directory_a_child_just_created_works_under_dash() {
+    need("dash");
+    let mut w = data_world();
+    let o = w.run_tagged(
+        &[],
+        &[
+            "dash",
+            "-c",
+            "mkdir /data/src && cd /data/src && echo 'int main;' > main.c && pwd",
+        ],
+    );
+    ok(&o, "mkdir && cd");
+    assert_eq!(stdout(&o), "/data/src\n");
+    let o = w.run(&["cat", "/data/src/main.c"]);
+    ok(&o, "written inside the region");
+    assert_eq!(stdout(&o), "int main;\n");
+    assert!(
+        !w.path("main.c").exists(),
+        "nothing written in plaintext in the host directory"
+    );
+}

@@ -491,6 +491,13 @@ pub unsafe extern "C" fn chdir(p: *const c_char) -> c_int {
         Route::Deny(e) => fail(e),
         Route::Shield(ep) => {
             let mut inner = sh.lock();
+            // Another process of the run may just have committed this directory (`mkdir d &&
+            // cd d` under dash runs mkdir as a child): look at the run's current state.
+            if !sh.is_ephemeral(&inner, &ep) {
+                if let Err(e) = sh.refresh(&mut inner) {
+                    return fail(e);
+                }
+            }
             match sh.lookup(&inner, &ep) {
                 Ok(n) if matches!(n.kind, NodeKind::Dir) => {
                     if let Some(k) = &n.kernel {

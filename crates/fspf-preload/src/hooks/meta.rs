@@ -1,0 +1,260 @@
+//! Calls that change what the fspf does not record, or create what it cannot hold: extended
+//! attribute writes, ownership, FIFOs and device nodes, Unix socket names. In a protected region
+//! they are refused with an errno (before, they acted on the kernel directory behind the shield:
+//! an xattr set through a relative path landed in plaintext on the ciphertext file); elsewhere
+//! they pass through, translated in not-protected regions whose kernel path differs.
+use super::{by_route, fail};
+use crate::shield::{self, Shield};
+use crate::{enter, files, real};
+use fspf_core::EmbedPath;
+use libc::{c_char, c_int, c_void, gid_t, mode_t, size_t, uid_t};
+use std::os::unix::fs::MetadataExt;
+
+/// Owner and group `stat` shows for a shielded node (see `files::fill_stat`).
+fn shown_owner(sh: &Shield, ep: &EmbedPath) -> Result<(uid_t, gid_t), c_int> {
+    let inner = sh.lock();
+    let n = sh.lookup(&inner, ep)?;
+    if let Some(m) = n
+        .kernel
+        .as_ref()
+        .and_then(|k| std::fs::symlink_metadata(k).ok())
+    {
+        return Ok((m.uid(), m.gid()));
+    }
+    // SAFETY: plain id queries.
+    Ok(unsafe { (libc::getuid(), libc::getgid()) })
+}
+
+/// The fspf records no owners: a change is refused (EPERM), a no-op (ids -1 or equal to what
+/// `stat` shows, as `cp -a` and `tar -x` of one's own files request) succeeds.
+fn chown_shielded(sh: &Shield, ep: EmbedPath, uid: uid_t, gid: gid_t) -> c_int {
+    match shown_owner(sh, &ep) {
+        Ok((u, g)) if (uid == uid_t::MAX || uid == u) && (gid == gid_t::MAX || gid == g) => 0,
+        Ok(_) => fail(libc::EPERM),
+        Err(e) => fail(e),
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn chown(p: *const c_char, uid: uid_t, gid: gid_t) -> c_int {
+    // SAFETY: the program's path.
+    unsafe {
+        by_route(
+            libc::AT_FDCWD,
+            p,
+            |_, pp| real::chown(pp, uid, gid),
+            |sh, ep| chown_shielded(sh, ep, uid, gid),
+        )
+    }
+}
+#[no_mangle]
+pub unsafe extern "C" fn lchown(p: *const c_char, uid: uid_t, gid: gid_t) -> c_int {
+    // SAFETY: the program's path.
+    unsafe {
+        by_route(
+            libc::AT_FDCWD,
+            p,
+            |_, pp| real::lchown(pp, uid, gid),
+            |sh, ep| chown_shielded(sh, ep, uid, gid),
+        )
+    }
+}
+#[no_mangle]
+pub unsafe extern "C" fn fchownat(
+    d: c_int,
+    p: *const c_char,
+    uid: uid_t,
+    gid: gid_t,
+    fl: c_int,
+) -> c_int {
+    if fl & libc::AT_EMPTY_PATH != 0 {
+        // SAFETY: the program's path (an empty path names `d` itself).
+        if !p.is_null() && unsafe { *p } == 0 {
+            // SAFETY: forwarding to our own fchown hook.
+            return unsafe { fchown(d, uid, gid) };
+        }
+    }
+    // SAFETY: the program's path.
+    unsafe {
+        by_route(
+            d,
+            p,
+            |dd, pp| real::fchownat(dd, pp, uid, gid, fl),
+            |sh, ep| chown_shielded(sh, ep, uid, gid),
+        )
+    }
+}
+#[no_mangle]
+pub unsafe extern "C" fn fchown(fd: c_int, uid: uid_t, gid: gid_t) -> c_int {
+    if let Some(_g) = enter() {
+        if let Some(h) = files::get(fd) {
+            let ep = h.lock().unwrap_or_else(|e| e.into_inner()).path.clone();
+            return chown_shielded(shield::get(), ep, uid, gid);
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe { real::fchown(fd, uid, gid) }
+}
+
+/// xattr writes on shielded files: the fspf holds no attributes, and the kernel file's would
+/// be plaintext beside the ciphertext (and unauthenticated).
+fn xattr_shielded(sh: &Shield, ep: EmbedPath) -> c_int {
+    let inner = sh.lock();
+    match sh.lookup(&inner, &ep) {
+        Ok(_) => fail(libc::ENOTSUP),
+        Err(e) => fail(e),
+    }
+}
+
+macro_rules! xattr_path_hook {
+    ($name:ident, ($($a:ident : $t:ty),*)) => {
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(p: *const c_char, $($a: $t),*) -> c_int {
+            // SAFETY: the program's path.
+            unsafe {
+                by_route(libc::AT_FDCWD, p, |_, pp| real::$name(pp, $($a),*), xattr_shielded)
+            }
+        }
+    };
+}
+xattr_path_hook!(setxattr, (n: *const c_char, v: *const c_void, s: size_t, f: c_int));
+xattr_path_hook!(lsetxattr, (n: *const c_char, v: *const c_void, s: size_t, f: c_int));
+xattr_path_hook!(removexattr, (n: *const c_char));
+xattr_path_hook!(lremovexattr, (n: *const c_char));
+
+#[no_mangle]
+pub unsafe extern "C" fn fsetxattr(
+    fd: c_int,
+    n: *const c_char,
+    v: *const c_void,
+    s: size_t,
+    f: c_int,
+) -> c_int {
+    if let Some(_g) = enter() {
+        if files::is_shielded(fd) {
+            return fail(libc::ENOTSUP);
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe { real::fsetxattr(fd, n, v, s, f) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn fremovexattr(fd: c_int, n: *const c_char) -> c_int {
+    if let Some(_g) = enter() {
+        if files::is_shielded(fd) {
+            return fail(libc::ENOTSUP);
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe { real::fremovexattr(fd, n) }
+}
+
+/// FIFOs, sockets and device nodes cannot be listed in an fspf: refuse them in protected regions
+/// (EPERM, as a file system without special files does) instead of creating them on disk.
+fn special_shielded(sh: &Shield, ep: EmbedPath) -> c_int {
+    let inner = sh.lock();
+    match sh.lookup(&inner, &ep) {
+        Ok(_) => fail(libc::EEXIST),
+        Err(libc::ENOENT) => fail(libc::EPERM),
+        Err(e) => fail(e),
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn mkfifo(p: *const c_char, m: mode_t) -> c_int {
+    // SAFETY: the program's path.
+    unsafe {
+        by_route(
+            libc::AT_FDCWD,
+            p,
+            |_, pp| real::mkfifo(pp, m),
+            special_shielded,
+        )
+    }
+}
+#[no_mangle]
+pub unsafe extern "C" fn mkfifoat(d: c_int, p: *const c_char, m: mode_t) -> c_int {
+    // SAFETY: the program's path.
+    unsafe { by_route(d, p, |dd, pp| real::mkfifoat(dd, pp, m), special_shielded) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn mknod(p: *const c_char, m: mode_t, dev: libc::dev_t) -> c_int {
+    // SAFETY: the program's path.
+    unsafe {
+        by_route(
+            libc::AT_FDCWD,
+            p,
+            |_, pp| real::mknod(pp, m, dev),
+            special_shielded,
+        )
+    }
+}
+#[no_mangle]
+pub unsafe extern "C" fn mknodat(d: c_int, p: *const c_char, m: mode_t, dev: libc::dev_t) -> c_int {
+    // SAFETY: the program's path.
+    unsafe {
+        by_route(
+            d,
+            p,
+            |dd, pp| real::mknodat(dd, pp, m, dev),
+            special_shielded,
+        )
+    }
+}
+
+/// `bind` of a Unix socket to a path: refused in protected regions, translated in not-protected
+/// regions with another kernel path; abstract and unnamed sockets and other families pass.
+#[no_mangle]
+pub unsafe extern "C" fn bind(
+    fd: c_int,
+    addr: *const libc::sockaddr,
+    len: libc::socklen_t,
+) -> c_int {
+    let Some(_g) = enter() else {
+        // SAFETY: forwarding.
+        return unsafe { real::bind(fd, addr, len) };
+    };
+    let path_off = std::mem::offset_of!(libc::sockaddr_un, sun_path);
+    // SAFETY: the program's address of `len` bytes; only read when it is AF_UNIX with a path.
+    let is_named_unix = !addr.is_null()
+        && len as usize > path_off
+        && unsafe { (*addr).sa_family } == libc::AF_UNIX as libc::sa_family_t
+        && unsafe { *(addr as *const u8).add(path_off) } != 0;
+    if !is_named_unix {
+        // SAFETY: forwarding.
+        return unsafe { real::bind(fd, addr, len) };
+    }
+    // SAFETY: a NUL-terminated path inside the program's sockaddr_un (copied, bounded by len).
+    let path: Vec<u8> = unsafe {
+        std::slice::from_raw_parts((addr as *const u8).add(path_off), len as usize - path_off)
+    }
+    .iter()
+    .copied()
+    .take_while(|&c| c != 0)
+    .collect();
+    let Ok(cpath) = std::ffi::CString::new(path) else {
+        return fail(libc::EINVAL);
+    };
+    let sh = shield::get();
+    match sh.route(libc::AT_FDCWD, cpath.as_ptr()) {
+        // SAFETY: forwarding.
+        shield::Route::Pass => unsafe { real::bind(fd, addr, len) },
+        shield::Route::Deny(e) => fail(e),
+        shield::Route::Shield(ep) => special_shielded(sh, ep),
+        shield::Route::Kernel(k, _) => {
+            // SAFETY: a zeroed sockaddr_un is valid; we fill family and path.
+            let mut un: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+            un.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            let kb = k.as_bytes();
+            if kb.len() >= un.sun_path.len() {
+                return fail(libc::ENAMETOOLONG);
+            }
+            for (d, s) in un.sun_path.iter_mut().zip(kb) {
+                *d = *s as c_char;
+            }
+            let l = (path_off + kb.len() + 1) as libc::socklen_t;
+            // SAFETY: binding the program's socket to the translated path.
+            unsafe { real::bind(fd, (&un as *const libc::sockaddr_un).cast(), l) }
+        }
+    }
+}
