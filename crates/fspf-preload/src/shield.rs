@@ -35,6 +35,8 @@ fn commit_every_files() -> usize {
     })
 }
 const COMMIT_EVERY_BYTES: u64 = 256 << 20;
+/// Symlinks followed while resolving one path before `ELOOP` (Linux: 40).
+pub const MAX_SYMLINKS: u32 = 40;
 /// Lowest fd number for the shield's own inherited fds (anchor, key), out of the way of shells.
 const HIGH_FD: c_int = 700;
 
@@ -453,6 +455,90 @@ impl Shield {
     }
 
     pub fn route_bytes(&self, inner: &Inner, dirfd: c_int, p: &[u8]) -> Route {
+        self.route_depth(inner, dirfd, p, 0)
+    }
+
+    /// A symlink in a directory position of a shielded path (`l/f` with `l -> d`): the path with
+    /// the link's target substituted, `Err(ENOTDIR)` when a file is in a directory position, or
+    /// `None` when every ancestor is a directory (or not listed).
+    fn substitute_dir_link(
+        inner: &Inner,
+        vol: &Volume,
+        region: &Region,
+        ep: &EmbedPath,
+    ) -> Option<Result<Vec<u8>, c_int>> {
+        let b = ep.as_bytes();
+        let start = region.embed_point.as_bytes().len();
+        let mut i = start;
+        while let Some(off) = b
+            .get(i + 1..)
+            .and_then(|r| r.iter().position(|&c| c == b'/'))
+        {
+            let end = i + 1 + off;
+            i = end;
+            let Ok(anc) = EmbedPath::from_bytes(&b[..end]) else {
+                continue;
+            };
+            if inner.live.contains_key(&anc) {
+                return Some(Err(libc::ENOTDIR));
+            }
+            match vol.meta.files.get(&anc).map(|e| &e.kind) {
+                Some(FileKind::Symlink(t)) => {
+                    let mut v = if t.first() == Some(&b'/') {
+                        t.clone()
+                    } else {
+                        let mut v = anc
+                            .parent()
+                            .unwrap_or_else(EmbedPath::root)
+                            .as_bytes()
+                            .to_vec();
+                        v.push(b'/');
+                        v.extend_from_slice(t);
+                        v
+                    };
+                    v.extend_from_slice(&b[end..]);
+                    return Some(Ok(v));
+                }
+                Some(FileKind::File { .. }) => return Some(Err(libc::ENOTDIR)),
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Does `ep` (following symlinks of the last component) name something other than a
+    /// directory? Used for a trailing slash, which only a directory accepts.
+    fn names_non_dir(&self, inner: &Inner, ep: &EmbedPath, depth: u32) -> Option<c_int> {
+        match self.lookup(inner, ep) {
+            Ok(n) => match n.kind {
+                NodeKind::Dir => None,
+                NodeKind::File => Some(libc::ENOTDIR),
+                NodeKind::Symlink(t) if depth < MAX_SYMLINKS => {
+                    let target = if t.first() == Some(&b'/') {
+                        t
+                    } else {
+                        let mut v = ep
+                            .parent()
+                            .unwrap_or_else(EmbedPath::root)
+                            .as_bytes()
+                            .to_vec();
+                        v.push(b'/');
+                        v.extend_from_slice(&t);
+                        v
+                    };
+                    match self.route_depth(inner, libc::AT_FDCWD, &target, depth + 1) {
+                        Route::Shield(e2) => self.names_non_dir(inner, &e2, depth + 1),
+                        Route::Deny(e) => Some(e),
+                        _ => None,
+                    }
+                }
+                NodeKind::Symlink(_) => Some(libc::ELOOP),
+            },
+            Err(_) => None,
+        }
+    }
+
+    fn route_depth(&self, inner: &Inner, dirfd: c_int, p: &[u8], depth: u32) -> Route {
         if p.is_empty() {
             return Route::Pass;
         }
@@ -513,7 +599,31 @@ impl Shield {
                     None => Route::Deny(libc::EACCES),
                 }
             }
-            _ => Route::Shield(ep),
+            _ => {
+                match Self::substitute_dir_link(inner, vol, region, &ep) {
+                    Some(Ok(_)) if depth >= MAX_SYMLINKS => return Route::Deny(libc::ELOOP),
+                    Some(Ok(next)) => {
+                        return match self.route_depth(inner, libc::AT_FDCWD, &next, depth + 1) {
+                            // The program's own path is not the one to use any more.
+                            Route::Pass => {
+                                match (CString::new(next.clone()), EmbedPath::from_bytes(&next)) {
+                                    (Ok(c), Ok(e)) => Route::Kernel(c, e),
+                                    _ => Route::Deny(libc::EINVAL),
+                                }
+                            }
+                            r => r,
+                        };
+                    }
+                    Some(Err(e)) => return Route::Deny(e),
+                    None => {}
+                }
+                if p.len() > 1 && p.ends_with(b"/") {
+                    if let Some(e) = self.names_non_dir(inner, &ep, depth) {
+                        return Route::Deny(e);
+                    }
+                }
+                Route::Shield(ep)
+            }
         }
     }
 

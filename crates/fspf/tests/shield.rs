@@ -1792,3 +1792,35 @@ fn cd_into_a_directory_a_child_just_created_works_under_dash() {
         "nothing written in plaintext in the host directory"
     );
 }
+
+#[test]
+fn symlinks_to_directories_are_followed_mid_path_loops_give_eloop_and_trailing_slashes_need_dirs() {
+    let py = python_bin();
+    let mut w = data_world();
+    let script = "import os, errno\n\
+        os.chdir('/data')\n\
+        def code(f):\n\
+        \x20   try:\n\
+        \x20       f(); return 0\n\
+        \x20   except OSError as e:\n\
+        \x20       return errno.errorcode[e.errno]\n\
+        os.mkdir('d'); open('d/f', 'w').write('through the link\\n')\n\
+        os.symlink('d', 'l'); os.symlink('/data/d', 'abs')\n\
+        print(open('l/f').read(), end='')\n\
+        print(open('/data/abs/f').read(), end='')\n\
+        print(sorted(os.listdir('l')))\n\
+        os.symlink('b', 'a'); os.symlink('a', 'b')\n\
+        print(code(lambda: open('a/x')))\n\
+        print(code(lambda: open('a')))\n\
+        print(code(lambda: os.stat('hello.txt/')))\n\
+        print(code(lambda: open('hello.txt/x')))\n\
+        print(code(lambda: os.open('nx/', os.O_CREAT | os.O_WRONLY)))\n\
+        print(os.path.exists('nx'))\n\
+        print(code(lambda: os.stat('d/')))\n";
+    let o = w.run_tagged(&[], &[&py, "-c", script]);
+    ok(&o, "symlink semantics");
+    assert_eq!(
+        stdout(&o),
+        "through the link\nthrough the link\n['f']\nELOOP\nELOOP\nENOTDIR\nENOTDIR\nEISDIR\nFalse\n0\n"
+    );
+}

@@ -84,7 +84,13 @@ pub unsafe extern "C" fn opendir(p: *const c_char) -> *mut libc::DIR {
                 libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
                 0,
             ) {
-                Ok(fd) => make_stream(fd, ep),
+                Ok(fd) => {
+                    // List what the fd names: a symlink to a directory was followed.
+                    let path = files::get(fd)
+                        .map(|h| h.lock().unwrap_or_else(|e| e.into_inner()).path.clone())
+                        .unwrap_or(ep);
+                    make_stream(fd, path)
+                }
                 Err(e) => fail_ptr(e),
             }
         }

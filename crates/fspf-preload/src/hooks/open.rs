@@ -8,6 +8,7 @@ use fspf_core::format::metadata::{Protection, RegionKind};
 use fspf_core::volume::memory;
 use fspf_core::EmbedPath;
 use libc::{c_char, c_int, c_void, mode_t, size_t, ssize_t, FILE};
+use std::ffi::CStr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -233,7 +234,7 @@ fn shield_open_depth(
                     if flags & libc::O_NOFOLLOW != 0 {
                         return Err(libc::ELOOP);
                     }
-                    if depth > 8 {
+                    if depth > crate::shield::MAX_SYMLINKS {
                         return Err(libc::ELOOP);
                     }
                     let base = ep.parent().unwrap_or_else(EmbedPath::root);
@@ -427,7 +428,15 @@ unsafe fn open_common(
             fd
         }
         Route::Deny(e) => fail(e),
-        Route::Shield(ep) => ret(shield_open(sh, ep, flags, mode)),
+        Route::Shield(ep) => {
+            // SAFETY: route() returned Shield, so `path` is a non-null C string.
+            let slash = unsafe { CStr::from_ptr(path) }.to_bytes().ends_with(b"/");
+            if slash && flags & libc::O_CREAT != 0 {
+                // Only a directory takes a trailing slash, and O_CREAT makes files.
+                return fail(libc::EISDIR);
+            }
+            ret(shield_open(sh, ep, flags, mode))
+        }
     }
 }
 

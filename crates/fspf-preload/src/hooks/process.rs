@@ -327,7 +327,7 @@ fn exec_shielded(ep: EmbedPath, depth: u32) -> Result<ExecPlan, c_int> {
         NodeKind::File => {}
         NodeKind::Dir => return Err(libc::EACCES),
         NodeKind::Symlink(t) => {
-            if depth > 8 {
+            if depth > crate::shield::MAX_SYMLINKS {
                 return Err(libc::ELOOP);
             }
             let target = if t.first() == Some(&b'/') {

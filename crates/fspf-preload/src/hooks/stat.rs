@@ -29,7 +29,7 @@ fn resolve(ep: EmbedPath, follow: bool) -> Result<(EmbedPath, Result<Node, Route
         sh.refresh(&mut inner)?;
     }
     let mut ep = ep;
-    for _ in 0..8 {
+    for _ in 0..crate::shield::MAX_SYMLINKS {
         let n = sh.lookup(&inner, &ep)?;
         match (&n.kind, follow) {
             (NodeKind::Symlink(t), true) => {
