@@ -1824,3 +1824,46 @@ fn symlinks_to_directories_are_followed_mid_path_loops_give_eloop_and_trailing_s
         "through the link\nthrough the link\n['f']\nELOOP\nELOOP\nENOTDIR\nENOTDIR\nEISDIR\nFalse\n0\n"
     );
 }
+
+const STDIN_SUM_C: &str = r#"
+#include <stdio.h>
+#include <fcntl.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int fd = open(argv[1], O_RDONLY);
+    if (fd < 0 || dup2(fd, 0) != 0) { perror("dup2"); return 2; }
+    close(fd);
+    char buf[4096]; size_t n, total = 0; unsigned long sum = 0;
+    while ((n = fread(buf, 1, sizeof buf, stdin)) > 0) {
+        for (size_t i = 0; i < n; i++) sum = sum * 31 + (unsigned char)buf[i];
+        total += n;
+    }
+    if (ferror(stdin)) { perror("fread"); return 1; }
+    printf("%zu %lu\n", total, sum);
+    return 0;
+}
+"#;
+
+#[test]
+fn a_protected_file_dup2ed_onto_stdin_is_read_lazily_through_stdio_and_dd() {
+    let w = World::big_world();
+    let prog = w.cc("stdin_sum", STDIN_SUM_C, &[]);
+    let plain = std::fs::read(w.path("data-original/big.txt")).expect("plaintext");
+    let mut sum: u64 = 0;
+    for b in &plain {
+        sum = sum.wrapping_mul(31).wrapping_add(u64::from(*b));
+    }
+    let o = w.run(&[&prog, "/data/big.txt"]);
+    ok(&o, "fread(stdin) after dup2");
+    assert_eq!(stdout(&o), format!("{} {sum}\n", plain.len()));
+    let out = w.path("dd.out");
+    let of = format!("of={}", out.display());
+    let o = w.run(&["dd", "if=/data/big.txt", &of, "bs=64k"]);
+    ok(&o, "dd if=");
+    assert_eq!(std::fs::read(&out).expect("dd output"), plain);
+    w.tamper("vol/big.txt");
+    let o = w.run(&[&prog, "/data/big.txt"]);
+    assert!(!o.status.success(), "{o:?}");
+    let o = w.run(&["dd", "if=/data/big.txt", &of, "bs=64k"]);
+    assert!(!o.status.success(), "{o:?}");
+}

@@ -447,7 +447,9 @@ fn dup_into(old: c_int, new: c_int) -> Result<(), c_int> {
     }
     files::forget_translated(new);
     if let Some(h) = files::get(old) {
-        if (0..=2).contains(&new) {
+        if new == 0 && lazy_stdin(&h) {
+            // `dd if=F`, `prog < F` handled in-process: reads stay lazy and verified.
+        } else if (0..=2).contains(&new) {
             // stdin/stdout/stderr are read by glibc's stdio with internal calls that bypass
             // the hooks: give a read-only placeholder the verified plaintext and let the
             // kernel serve it from now on.
@@ -467,6 +469,45 @@ fn dup_into(old: c_int, new: c_int) -> Result<(), c_int> {
         files::track_translated(new, ep);
     }
     Ok(())
+}
+
+extern "C" {
+    static mut stdin: *mut libc::FILE;
+}
+
+/// A read-only shielded file becomes fd 0: instead of filling its placeholder with the whole
+/// plaintext (1 GiB for `dd if=` of a 1 GiB file, before the first byte is read), point glibc's
+/// `stdin` at a stream whose reads go through the shield (the same cookie stream `fopen` uses),
+/// so hooked `read(0)` and stdio both read verified chunks on demand. An `exec` still fills the
+/// placeholder for the new program (`materialise_inherited`). False when not applicable.
+fn lazy_stdin(h: &Handle) -> bool {
+    static SWAPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    {
+        let f = h.lock().unwrap_or_else(|e| e.into_inner());
+        if f.touched.is_some() || f.write || matches!(f.body, Body::Dir) {
+            return false;
+        }
+    }
+    if SWAPPED.load(Ordering::Relaxed) {
+        return true;
+    }
+    // SAFETY: reading glibc's `stdin` pointer (written only here and by the program).
+    let old = unsafe { stdin };
+    // SAFETY: a NUL-terminated mode; the stream reads fd 0 through the shield's hooks and, if fd
+    // 0 later stops being shielded, through the kernel.
+    let f = unsafe { super::open::stdin_cookie() };
+    if f.is_null() {
+        return false;
+    }
+    if !old.is_null() {
+        // Anything already buffered in the old stream belonged to the previous fd 0.
+        // SAFETY: the program's own stdin stream.
+        unsafe { libc::fflush(old) };
+    }
+    // SAFETY: replacing glibc's `stdin` pointer, as `freopen` would.
+    unsafe { stdin = f };
+    SWAPPED.store(true, Ordering::Relaxed);
+    true
 }
 
 /// The end of a successful dup: track it, or fail the call as a whole.

@@ -603,6 +603,24 @@ unsafe extern "C" fn ck_close(c: *mut c_void) -> c_int {
     }
 }
 
+/// A read stream over fd 0 through the shield that does not own fd 0's table entry: closing it
+/// closes fd 0 like `fclose(stdin)` does.
+pub(crate) unsafe fn stdin_cookie() -> *mut FILE {
+    let io = CookieIo {
+        read: Some(ck_read),
+        write: None,
+        seek: Some(ck_seek),
+        close: Some(ck_close),
+    };
+    // SAFETY: literal NUL-terminated mode; the cookie is fd number 0.
+    let f = unsafe { fopencookie(std::ptr::null_mut(), c"r".as_ptr(), io) };
+    if !f.is_null() {
+        // SAFETY: as in cookie_file: `_fileno` of glibc's FILE on x86_64.
+        unsafe { *f.cast::<u8>().add(FILENO_OFFSET).cast::<c_int>() = 0 };
+    }
+    f
+}
+
 /// Offset of `_fileno` in glibc's `struct _IO_FILE` on x86_64.
 #[cfg(all(target_arch = "x86_64", target_env = "gnu"))]
 const FILENO_OFFSET: usize = 112;
