@@ -76,6 +76,8 @@ pub enum Error {
         "{path}: file header belongs to another file or version (file swapped or rolled back)"
     )]
     HeaderMismatch { path: String },
+    #[error("{path}: listed size {size} bytes does not fit the on-disk format (metadata corrupt or forged)")]
+    FileTooLarge { path: String, size: u64 },
     #[error("{path}: listed file is missing on disk")]
     Missing { path: String },
     #[error("{path}: {reason}")]
