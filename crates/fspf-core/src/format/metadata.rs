@@ -88,6 +88,16 @@ pub enum RegionKind {
     Ephemeral,
 }
 
+impl RegionKind {
+    /// The kernel directory of a kernel region.
+    pub fn kernel_dir(&self) -> Option<&std::path::Path> {
+        match self {
+            RegionKind::Kernel(p) => Some(p),
+            RegionKind::Ephemeral => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Region {
     pub embed_point: EmbedPath,

@@ -475,3 +475,165 @@ fn update_without_tag_could_bless_a_rolled_back_fspf() {
         "addf", "fspf.pb", "/d", "src2", "vol", "--key", &kt.key, "--tag", &kt.tag,
     ]);
 }
+
+/// The storage attacker replaced `vol/sub`, a directory of an encrypted kernel region, by a
+/// symlink to a victim directory holding a valid copy: reads went through it (`verify` said OK),
+/// and commits wrote shadows into the victim directory and renamed them over its files.
+#[test]
+fn symlinked_region_directory_redirected_writes_outside_the_region() {
+    let env = Env::new();
+    env.write("src/sub/a", pattern(5000, 1));
+    env.write("src/sub/b", "b\n");
+    env.write("src/top", "t\n");
+    env.mkdir("vol");
+    env.two_regions("/data", "-e", "vol");
+    env.ok(["addf", "fspf.pb", "/data", "src", &env.p("vol")]);
+    let kt = env.encrypt(None);
+    let k = ["--key", &kt.key, "--tag", &kt.tag];
+    // A valid copy in the victim directory, and the region's directory swapped for a link to it.
+    fs::rename(env.path("vol/sub"), env.path("victim")).unwrap();
+    std::os::unix::fs::symlink(env.path("victim"), env.path("vol/sub")).unwrap();
+    let victim_before: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|n| env.read(format!("victim/{n}")))
+        .collect();
+
+    let mut a = vec!["cat", "fspf.pb", "/data/sub/a"];
+    a.extend(k);
+    let o = env.fails(&a);
+    assert!(o.stdout.is_empty());
+    assert!(
+        stderr(&o).contains("/data/sub/a: a symbolic link on disk"),
+        "{}",
+        stderr(&o)
+    );
+
+    let mut a = vec!["verify", "fspf.pb"];
+    a.extend(k);
+    let o = env.fails(&a);
+    let out = stdout(&o);
+    for p in ["/data/sub:", "/data/sub/a:", "/data/sub/b:"] {
+        assert!(
+            out.contains(&format!("FAILED {p} a symbolic link")),
+            "{p}: {out}"
+        );
+    }
+
+    let mut a = vec!["export", "fspf.pb", "/data", "out"];
+    a.extend(k);
+    let o = env.fails(&a);
+    assert!(
+        stderr(&o).contains("/data/sub: a symbolic link"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A commit that rewrites the files must not write into the victim directory.
+    env.write("src/sub/a", "new a\n");
+    let mut a = vec!["addf", "fspf.pb", "/data", "src"];
+    let vol = env.p("vol");
+    a.push(&vol);
+    a.extend(k);
+    let o = env.fails(&a);
+    assert!(stderr(&o).contains("symbolic link"), "{}", stderr(&o));
+    let names: Vec<_> = fs::read_dir(env.path("victim"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        names.len(),
+        2,
+        "files added to the victim directory: {names:?}"
+    );
+    for (n, before) in ["a", "b"].iter().zip(&victim_before) {
+        assert_eq!(
+            &env.read(format!("victim/{n}")),
+            before,
+            "victim/{n} changed"
+        );
+    }
+    // The tag did not move (nothing was committed), and the rest still reads.
+    let mut a = vec!["cat", "fspf.pb", "/data/top"];
+    a.extend(k);
+    assert_eq!(env.ok(&a), "t\n");
+}
+
+/// A FIFO put in place of a listed file made `fspf cat` and `fspf verify` block forever in
+/// `open` (nobody ever writes to it).
+#[test]
+fn fifo_in_place_of_a_listed_file_hung_cat_and_verify() {
+    let env = Env::new();
+    env.write("src/a", pattern(3000, 1));
+    env.write("src/b", "b");
+    env.mkdir("vol");
+    env.two_regions("/data", "-e", "vol");
+    env.ok(["addf", "fspf.pb", "/data", "src", &env.p("vol")]);
+    env.mkfifo("vol/a");
+    let o = env.run_bounded(["cat", "fspf.pb", "/data/a"], 30);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(o.stdout.is_empty());
+    assert!(
+        stderr(&o).contains("/data/a: is a FIFO, not a regular file"),
+        "{}",
+        stderr(&o)
+    );
+    let o = env.run_bounded(["verify", "fspf.pb"], 30);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("FAILED /data/a: is a FIFO"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+/// A FIFO put in place of an outboard (`FSPF.trees/<id>`) made reads of the authenticated file
+/// block forever.
+#[test]
+fn fifo_in_place_of_an_outboard_hung_cat_and_verify() {
+    let env = Env::new();
+    env.write("auth/big", pattern(3 * CHUNK + 5, 2));
+    env.two_regions("/a", "-a", "auth");
+    env.ok(["addf", "fspf.pb", "/a", "auth"]);
+    let trees: Vec<_> = fs::read_dir(env.path("fspf.pb.trees"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(trees.len(), 1);
+    env.mkfifo(&trees[0]);
+    for args in [
+        ["cat", "fspf.pb", "/a/big"].as_slice(),
+        &["verify", "fspf.pb"],
+    ] {
+        let o = env.run_bounded(args, 30);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        let all = format!("{}{}", stdout(&o), stderr(&o));
+        assert!(
+            all.contains("is a FIFO, not a regular file"),
+            "{args:?}: {all}"
+        );
+    }
+}
+
+/// `fspf.pb` replaced by a symlink to `/dev/zero` was read until memory ran out; a FIFO in its
+/// place blocked forever. The fspf must be a regular file of at most 1 GiB, checked before reading.
+#[test]
+fn fspf_as_a_symlink_to_dev_zero_was_read_until_memory_ran_out() {
+    let env = Env::new();
+    std::os::unix::fs::symlink("/dev/zero", env.path("fspf.pb")).unwrap();
+    env.mkfifo("fifo.pb");
+    for (f, kind) in [("fspf.pb", "symbolic link"), ("fifo.pb", "FIFO")] {
+        for args in [
+            vec!["show", "--tag", f],
+            vec!["verify", f],
+            vec!["cat", f, "/x"],
+        ] {
+            let o = env.run_bounded(&args, 30);
+            assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+            assert!(
+                stderr(&o).contains(&format!("{f}: is a {kind}, not a regular file")),
+                "{args:?}: {}",
+                stderr(&o)
+            );
+        }
+    }
+}
