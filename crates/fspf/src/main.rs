@@ -23,19 +23,16 @@ struct Cli {
 /// Key and expected tag of an existing fspf. `Debug` redacts the key (P10).
 #[derive(Args, Clone, Default)]
 pub struct KeyTagArgs {
-    /// fspf key as 64 hex digits (or SCONE_FSPF_KEY)
-    #[arg(
-        long,
-        value_name = "HEX",
-        env = "SCONE_FSPF_KEY",
-        hide_env_values = true
-    )]
+    /// fspf key as 64 hex digits (or SCONE_FSPF_KEY, which applies to the fspf SCONE_FSPF names,
+    /// or to any fspf when SCONE_FSPF is unset)
+    #[arg(long, value_name = "HEX")]
     pub key: Option<String>,
     /// file holding the key (hex, or the line printed by `fspf encrypt`)
     #[arg(long, value_name = "PATH")]
     pub key_file: Option<PathBuf>,
-    /// expected fspf tag (or SCONE_FSPF_TAG): an older or replaced fspf is refused
-    #[arg(long, value_name = "HEX", env = "SCONE_FSPF_TAG")]
+    /// expected fspf tag (or SCONE_FSPF_TAG, like SCONE_FSPF_KEY): an older or replaced fspf is
+    /// refused
+    #[arg(long, value_name = "HEX")]
     pub tag: Option<String>,
 }
 

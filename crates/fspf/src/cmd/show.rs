@@ -14,12 +14,8 @@ pub struct ShowArgs {
     /// fspf key (64 hex digits); also --key, --key-file or SCONE_FSPF_KEY
     #[arg(value_name = "KEY")]
     pub key_pos: Option<String>,
-    #[arg(
-        long,
-        value_name = "HEX",
-        env = "SCONE_FSPF_KEY",
-        hide_env_values = true
-    )]
+    /// fspf key (or SCONE_FSPF_KEY, for the fspf SCONE_FSPF names or any when it is unset)
+    #[arg(long, value_name = "HEX")]
     pub key: Option<String>,
     #[arg(long, value_name = "PATH")]
     pub key_file: Option<PathBuf>,
@@ -57,13 +53,14 @@ pub fn run(a: ShowArgs) -> Result<i32> {
         }
         return Ok(0);
     }
-    let key = if let Some(f) = &a.key_file {
-        Some(crate::anchor::key_from_file(f)?)
-    } else {
-        match a.key_pos.as_ref().or(a.key.as_ref()) {
-            Some(k) if !k.trim().is_empty() => Some(VolumeKey::from_hex(k).context("KEY")?),
-            _ => None,
+    let key = match a.key_pos.as_ref().filter(|k| !k.trim().is_empty()) {
+        Some(k) => Some(VolumeKey::from_hex(k).context("KEY")?),
+        None => crate::KeyTagArgs {
+            key: a.key.clone(),
+            key_file: a.key_file.clone(),
+            tag: None,
         }
+        .volume_key(&a.fspf)?,
     };
     let expect = a.expect_tag.as_deref().map(Tag::from_hex).transpose()?;
     let v = Volume::open(&a.fspf, key, expect)?;

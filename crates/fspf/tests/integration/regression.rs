@@ -637,3 +637,41 @@ fn fspf_as_a_symlink_to_dev_zero_was_read_until_memory_ran_out() {
         }
     }
 }
+
+/// With `SCONE_FSPF`, `SCONE_FSPF_KEY` and `SCONE_FSPF_TAG` exported for one fspf (as the
+/// reference's walkthrough does), commands on another fspf used that key and tag and failed
+/// ("tag mismatch"). The variables apply only to the fspf `SCONE_FSPF` names.
+#[test]
+fn scone_fspf_variables_were_applied_to_another_fspf() {
+    let env = Env::new();
+    env.write("src/x", "x\n");
+    env.two_regions("/d", "-e", "vol");
+    env.ok(["addf", "fspf.pb", "/d", "src", "vol"]);
+    let kt = env.encrypt(None);
+    let a = env.p("fspf.pb");
+    let vars = [
+        ("SCONE_FSPF", a.as_str()),
+        ("SCONE_FSPF_KEY", kt.key.as_str()),
+        ("SCONE_FSPF_TAG", kt.tag.as_str()),
+    ];
+    for args in [
+        vec!["create", "b.pb"],
+        vec!["addr", "b.pb", "/", "--kernel", "/", "-n"],
+        vec!["show", "b.pb"],
+        vec!["verify", "b.pb"],
+    ] {
+        let o = env.run_env(&args, &vars);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    }
+    // They still apply to the fspf SCONE_FSPF names, however it is spelled.
+    for f in ["fspf.pb", "./fspf.pb", a.as_str(), "vol/../fspf.pb"] {
+        let o = env.run_env(["cat", f, "/d/x"], &vars);
+        assert_eq!(stdout(&o), "x\n", "{f}: {}", stderr(&o));
+    }
+    // Without SCONE_FSPF they apply to any fspf, as before.
+    let o = env.run_env(
+        ["cat", "fspf.pb", "/d/x"],
+        &[("SCONE_FSPF_KEY", &kt.key), ("SCONE_FSPF_TAG", &kt.tag)],
+    );
+    assert_eq!(stdout(&o), "x\n", "{}", stderr(&o));
+}
