@@ -2,13 +2,63 @@
 use crate::KeyTagArgs;
 use anyhow::{bail, Context, Result};
 use fspf_core::{Tag, Volume, VolumeKey};
+use std::io::Read;
 use std::path::Path;
 
-/// Parse a key file: 64 hex digits, or the `... key: HEX` line printed by `fspf encrypt`.
+/// Longest key text read from a file, stdin or a descriptor (the `fspf encrypt` line is ~180).
+const MAX_KEY_TEXT: u64 = 4096;
+
+/// The key text of `r`: its first line (a key file, stdin or an inherited fd), at most
+/// [`MAX_KEY_TEXT`] bytes. Read byte by byte so nothing after the line is consumed: with
+/// `--key-file -`, the rest of stdin stays for the program `fspf run` starts.
+fn read_key_text(mut r: impl Read) -> std::io::Result<zeroize::Zeroizing<String>> {
+    let mut buf = zeroize::Zeroizing::new(Vec::new());
+    let mut b = [0u8; 1];
+    while (buf.len() as u64) < MAX_KEY_TEXT {
+        match r.read(&mut b) {
+            Ok(0) => break,
+            Ok(_) if b[0] == b'\n' && !buf.iter().all(u8::is_ascii_whitespace) => break,
+            Ok(_) => buf.push(b[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(zeroize::Zeroizing::new(
+        String::from_utf8_lossy(&buf).into_owned(),
+    ))
+}
+
+/// An inherited descriptor (`--key-fd N`, or 0 for `--key-file -`), opened anew through
+/// `/proc/self/fd` (no unsafe adoption of a raw fd; a pipe, file or memfd all work).
+fn open_fd(n: u32) -> std::io::Result<std::fs::File> {
+    std::fs::File::open(format!("/proc/self/fd/{n}"))
+}
+
+/// Parse a key file: 64 hex digits, or the `... key: HEX` line printed by `fspf encrypt`;
+/// `-` is stdin.
 pub fn key_from_file(p: &Path) -> Result<VolumeKey> {
-    let s = zeroize::Zeroizing::new(
-        std::fs::read_to_string(p).with_context(|| format!("reading key file {}", p.display()))?,
-    );
+    if p == Path::new("-") {
+        let s = open_fd(0)
+            .and_then(read_key_text)
+            .context("reading the key from stdin (--key-file -)")?;
+        return parse_key_text(&s, "stdin (--key-file -)");
+    }
+    let s = std::fs::File::open(p)
+        .and_then(read_key_text)
+        .with_context(|| format!("reading key file {}", p.display()))?;
+    parse_key_text(&s, &format!("key file {}", p.display()))
+}
+
+/// The key read from the inherited descriptor `n` (`--key-fd N`).
+pub fn key_from_fd(n: u32) -> Result<VolumeKey> {
+    let s = open_fd(n)
+        .and_then(read_key_text)
+        .with_context(|| format!("reading the key from file descriptor {n} (--key-fd)"))?;
+    parse_key_text(&s, &format!("file descriptor {n} (--key-fd)"))
+}
+
+/// 64 hex digits, or the `... key: HEX` line printed by `fspf encrypt`.
+fn parse_key_text(s: &str, what: &str) -> Result<VolumeKey> {
     let mut it = s.split_whitespace();
     let mut last = None;
     while let Some(w) = it.next() {
@@ -19,9 +69,9 @@ pub fn key_from_file(p: &Path) -> Result<VolumeKey> {
         last = Some(w);
     }
     let Some(hex) = last else {
-        bail!("key file {} is empty", p.display())
+        bail!("{what} is empty")
     };
-    VolumeKey::from_hex(hex).with_context(|| format!("key file {}", p.display()))
+    VolumeKey::from_hex(hex).with_context(|| what.to_string())
 }
 
 /// Do `SCONE_FSPF_KEY` / `SCONE_FSPF_TAG` apply to `fspf`? Only when `SCONE_FSPF` is unset or
@@ -64,6 +114,9 @@ impl KeyTagArgs {
     pub fn volume_key(&self, fspf: &Path) -> Result<Option<VolumeKey>> {
         if let Some(f) = &self.key_file {
             return key_from_file(f).map(Some);
+        }
+        if let Some(n) = self.key_fd {
+            return key_from_fd(n).map(Some);
         }
         match &self.key {
             Some(k) if !k.trim().is_empty() => {

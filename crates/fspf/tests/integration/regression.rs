@@ -3,6 +3,7 @@ use crate::harness::*;
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
+use std::process::Command;
 
 /// `fspf export` rebuilt symlink targets through `String::from_utf8_lossy`, turning a target like
 /// `b"t-\xfe"` into `"t-\u{fffd}"`.
@@ -674,4 +675,101 @@ fn scone_fspf_variables_were_applied_to_another_fspf() {
         &[("SCONE_FSPF_KEY", &kt.key), ("SCONE_FSPF_TAG", &kt.tag)],
     );
     assert_eq!(stdout(&o), "x\n", "{}", stderr(&o));
+}
+
+/// `fspf run --key HEX` kept the key in its world-readable `/proc/PID/cmdline` for the whole
+/// run (and `fspf show FSPF KEY`, `--key` elsewhere, briefly). The key is now scrubbed from the
+/// process's argument area at start, a warning names the non-leaking forms, and those forms
+/// (`--key-file PATH`, `--key-file -`, `--key-fd N`) exist.
+#[test]
+fn key_on_the_command_line_stayed_visible_in_proc_cmdline() {
+    let env = Env::new();
+    env.write("src/x", "x\n");
+    env.two_regions("/d", "-e", "vol");
+    env.ok(["addf", "fspf.pb", "/d", "src", "vol"]);
+    let kt = env.encrypt(None);
+    // Any file will do as the preload: the test looks at the parent, not at the shielded child.
+    let fake = env.write("fake.so", "");
+    let mut run = Command::new(FSPF)
+        .args([
+            "run", "--key", &kt.key, "--tag", &kt.tag, "--fspf", "fspf.pb",
+        ])
+        .args(["--", "sleep", "3"])
+        .current_dir(env.root())
+        .env("FSPF_PRELOAD", &fake)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = run.id();
+    // Wait until fspf run has started its child: it is past its own start-up by then.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let has_child = || {
+        fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            let stat = fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            rest.split_whitespace().nth(1) == Some(&pid.to_string())
+        })
+    };
+    while !has_child() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fspf run started no child"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let _ = run.kill();
+    let out = run.wait_with_output().unwrap();
+    let shown = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(shown.contains("run --key"), "{shown}");
+    assert!(!shown.contains(&kt.key[..16]), "key visible: {shown}");
+    assert!(
+        stderr(&out)
+            .contains("the key is visible to other users in /proc/PID/cmdline; use --key-file"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The forms that never put the key on the command line, without the warning.
+    env.write("key", format!("{}\n", kt.key));
+    let cat = |extra: &[&str], stdin: Option<&str>| {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(format!(
+                "exec \"$0\" cat fspf.pb /d/x --tag {} {}",
+                kt.tag,
+                extra.join(" ")
+            ))
+            .arg(FSPF)
+            .current_dir(env.root())
+            .env_remove("SCONE_FSPF_KEY")
+            .env_remove("SCONE_FSPF_TAG")
+            .env_remove("SCONE_FSPF");
+        if let Some(s) = stdin {
+            c.stdin(fs::File::open(env.path(s)).unwrap());
+        }
+        c.output().unwrap()
+    };
+    for (extra, stdin) in [
+        (vec!["--key-file", "key"], None),
+        (vec!["--key-file", "-"], Some("key")),
+        (vec!["--key-fd", "3", "3<key"], None),
+    ] {
+        let o = cat(&extra, stdin);
+        assert_eq!(stdout(&o), "x\n", "{extra:?}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("visible"), "{extra:?}: {}", stderr(&o));
+    }
+    // A positional KEY (show) and --key elsewhere warn.
+    for args in [
+        vec!["show", "fspf.pb", kt.key.as_str()],
+        vec!["cat", "fspf.pb", "/d/x", "--key", &kt.key, "--tag", &kt.tag],
+    ] {
+        let o = env.run(&args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("/proc/PID/cmdline"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
 }
