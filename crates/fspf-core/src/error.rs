@@ -76,6 +76,14 @@ pub enum Error {
         "{path}: file header belongs to another file or version (file swapped or rolled back)"
     )]
     HeaderMismatch { path: String },
+    #[error("{path}: listed size {size} bytes does not fit the on-disk format (metadata corrupt or forged)")]
+    FileTooLarge { path: String, size: u64 },
+    #[error("{path}: is a {kind}, not a regular file (refusing to read it)")]
+    NotRegular { path: String, kind: &'static str },
+    #[error("{path}: a symbolic link on disk where the fspf lists a directory or file (fspf does not follow it)")]
+    SymlinkInPath { path: String },
+    #[error("{path}: {len} bytes, more than the {max} bytes an fspf may have")]
+    FspfTooLarge { path: PathBuf, len: u64, max: u64 },
     #[error("{path}: listed file is missing on disk")]
     Missing { path: String },
     #[error("{path}: {reason}")]
@@ -89,6 +97,36 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// An error of kernel-side access to the listed entry `label` (an embed path) at `disk`: a
+    /// refused symlink below the region's kernel directory is [`Error::SymlinkInPath`].
+    pub(crate) fn kernel(label: &str, disk: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        if crate::volume::kernel_fs::is_symlink_refusal(&source) {
+            Error::SymlinkInPath { path: label.into() }
+        } else {
+            Error::io(disk, source)
+        }
+    }
+
+    /// [`Error::kernel`] for [`kernel_fs::open_regular`](crate::volume::kernel_fs::open_regular)
+    /// and friends; a missing entry is [`Error::Missing`].
+    pub(crate) fn kernel_open(
+        label: &str,
+        disk: impl Into<PathBuf>,
+        e: crate::volume::kernel_fs::OpenError,
+    ) -> Self {
+        use crate::volume::kernel_fs::OpenError;
+        match e {
+            OpenError::NotRegular(kind) => Error::NotRegular {
+                path: label.into(),
+                kind,
+            },
+            OpenError::Io(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Error::Missing { path: label.into() }
+            }
+            OpenError::Io(e) => Error::kernel(label, disk, e),
         }
     }
 }

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod anchor;
+mod argv;
 mod cmd;
 mod run;
 
@@ -23,19 +24,20 @@ struct Cli {
 /// Key and expected tag of an existing fspf. `Debug` redacts the key (P10).
 #[derive(Args, Clone, Default)]
 pub struct KeyTagArgs {
-    /// fspf key as 64 hex digits (or SCONE_FSPF_KEY)
-    #[arg(
-        long,
-        value_name = "HEX",
-        env = "SCONE_FSPF_KEY",
-        hide_env_values = true
-    )]
-    pub key: Option<String>,
-    /// file holding the key (hex, or the line printed by `fspf encrypt`)
-    #[arg(long, value_name = "PATH")]
+    /// file holding the key (hex, or the line printed by `fspf encrypt`); `-` reads it from stdin
+    #[arg(long, value_name = "PATH", group = "key_source")]
     pub key_file: Option<PathBuf>,
-    /// expected fspf tag (or SCONE_FSPF_TAG): an older or replaced fspf is refused
-    #[arg(long, value_name = "HEX", env = "SCONE_FSPF_TAG")]
+    /// read the key (hex, or the `fspf encrypt` line) from the inherited file descriptor N
+    #[arg(long, value_name = "N", group = "key_source")]
+    pub key_fd: Option<u32>,
+    /// fspf key as 64 hex digits; visible to other users in /proc/PID/cmdline, prefer
+    /// --key-file or --key-fd (also SCONE_FSPF_KEY, which applies to the fspf SCONE_FSPF names,
+    /// or to any fspf when SCONE_FSPF is unset)
+    #[arg(long, value_name = "HEX", group = "key_source")]
+    pub key: Option<String>,
+    /// expected fspf tag (or SCONE_FSPF_TAG, like SCONE_FSPF_KEY): an older or replaced fspf is
+    /// refused
+    #[arg(long, value_name = "HEX")]
     pub tag: Option<String>,
 }
 
@@ -44,6 +46,7 @@ impl std::fmt::Debug for KeyTagArgs {
         f.debug_struct("KeyTagArgs")
             .field("key", &self.key.as_ref().map(|_| "**redacted**"))
             .field("key_file", &self.key_file)
+            .field("key_fd", &self.key_fd)
             .field("tag", &self.tag)
             .finish()
     }
@@ -108,8 +111,33 @@ enum Command {
     },
 }
 
+/// The key as given on the command line (`--key HEX`, or `fspf show FSPF KEY`), if any.
+fn key_in_argv(c: &Command) -> Option<&str> {
+    let kt = match c {
+        Command::Encrypt { kt, .. }
+        | Command::Verify { kt, .. }
+        | Command::Cat { kt, .. }
+        | Command::Export { kt, .. } => kt,
+        Command::Addr(a) => &a.kt,
+        Command::Addf(a) => &a.kt,
+        Command::Run(a) => &a.kt,
+        Command::Show(a) => return a.key_pos.as_deref().or(a.key.as_deref()),
+        Command::Create { .. } | Command::CreateVolume(_) | Command::ExecShielded { .. } => {
+            return None
+        }
+    };
+    kt.key.as_deref()
+}
+
 fn main() {
     let cli = Cli::parse();
+    if let Some(k) = key_in_argv(&cli.command).filter(|k| !k.trim().is_empty()) {
+        eprintln!("fspf: warning: the key is visible to other users in /proc/PID/cmdline; use --key-file PATH, --key-file - (stdin) or --key-fd N");
+        // Hidden from here on, for a long `fspf run` above all; it was visible until now.
+        if let Err(e) = argv::scrub(k) {
+            eprintln!("fspf: warning: could not hide the key in /proc/PID/cmdline: {e}");
+        }
+    }
     let res = match cli.command {
         Command::Create {
             fspf,

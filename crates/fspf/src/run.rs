@@ -175,8 +175,8 @@ pub fn run(a: RunArgs) -> Result<i32> {
         bail!("no fspf given: use --fspf FSPF or set SCONE_FSPF");
     };
     let fspf = std::path::absolute(&fspf).unwrap_or(fspf);
-    let key = a.kt.volume_key()?;
-    let tag = a.kt.expected_tag()?;
+    let key = a.kt.volume_key(&fspf)?;
+    let tag = a.kt.expected_tag(&fspf)?;
     let vol = Volume::open(&fspf, key.clone(), tag)?;
     vol.meta.check_usable()?;
     if tag.is_none() && vol.is_encrypted() {

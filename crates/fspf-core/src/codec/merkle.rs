@@ -8,8 +8,8 @@ pub fn merkle_root_and_outboard(key: &MacKey, leaves: &[[u8; 32]]) -> ([u8; 32],
     if leaves.len() == 1 {
         return (leaves[0], Vec::new());
     }
-    let mut outboard =
-        Vec::with_capacity(crate::format::layout::outboard_len(leaves.len() as u64) as usize);
+    let cap = crate::format::layout::outboard_len(leaves.len() as u64).unwrap_or(0);
+    let mut outboard = Vec::with_capacity(cap as usize);
     let mut level: Vec<[u8; 32]> = leaves.to_vec();
     while level.len() > 1 {
         for n in &level {

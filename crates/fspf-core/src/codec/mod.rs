@@ -111,7 +111,12 @@ pub fn seal_encrypted<W: Write + Send>(
     };
     if n <= batch_n as u64 {
         // Exactly the bytes to write: small files must not pay for zeroing a whole chunk.
-        let mut out = vec![0u8; (layout::enc_file_len(size, chunk_len) - ENC_HEADER_LEN) as usize];
+        // At most one batch of chunks (a few MiB): the length fits, and so does the buffer.
+        let total = layout::enc_file_len(size, chunk_len).ok_or_else(|| Error::FileTooLarge {
+            path: label.into(),
+            size,
+        })?;
+        let mut out = vec![0u8; (total - ENC_HEADER_LEN) as usize];
         let len = sealer.fill(src, &mut out, 0, n)?;
         dst.write_all(&out[..len]).map_err(io)?;
     } else {
@@ -385,7 +390,11 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
     pub fn new(codec: FileCodec<R, O>, size: u64, chunk_len: u32, label: String) -> Result<Self> {
         match &codec {
             FileCodec::Encrypted { id, data, .. } => {
-                let expected = layout::enc_file_len(size, chunk_len);
+                let expected =
+                    layout::enc_file_len(size, chunk_len).ok_or_else(|| Error::FileTooLarge {
+                        path: label.clone(),
+                        size,
+                    })?;
                 let actual = data.len().map_err(|e| Error::Io {
                     path: label.clone().into(),
                     source: e,
@@ -421,7 +430,10 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
                     });
                 }
                 let leaves = layout::chunk_count(size, chunk_len);
-                let need = layout::outboard_len(leaves);
+                let need = layout::outboard_len(leaves).ok_or_else(|| Error::FileTooLarge {
+                    path: label.clone(),
+                    size,
+                })?;
                 let have = match outboard {
                     Some(o) => o.len().map_err(|e| Error::Io {
                         path: label.clone().into(),
@@ -568,9 +580,9 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
             FileCodec::Encrypted { key, id, data } => {
                 let ct_len = dest.len() + count as usize * TAG_LEN;
                 scratch.resize(ct_len, 0);
-                if let Err(e) =
-                    data.read_exact_at(scratch, layout::enc_chunk_offset(self.chunk_len, first))
-                {
+                // `first` is a chunk of a file whose whole length was checked in `new`.
+                let at = layout::enc_chunk_offset(self.chunk_len, first).unwrap_or(u64::MAX);
+                if let Err(e) = data.read_exact_at(scratch, at) {
                     return io(e);
                 }
                 let mut off = 0;

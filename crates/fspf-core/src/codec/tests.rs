@@ -15,7 +15,10 @@ fn enc(size: usize, c: u32) -> (AeadKey, FileId, Vec<u8>, Vec<u8>) {
 fn encrypted_roundtrip_at_chunk_boundaries() {
     for size in [0usize, 1, 511, 512, 513, 4096, 5000] {
         let (k, id, plain, out) = enc(size, 512);
-        assert_eq!(out.len() as u64, layout::enc_file_len(size as u64, 512));
+        assert_eq!(
+            out.len() as u64,
+            layout::enc_file_len(size as u64, 512).unwrap()
+        );
         let mut r = ProtectedReader::<Vec<u8>, Vec<u8>>::new(
             FileCodec::Encrypted {
                 key: k,
@@ -81,7 +84,10 @@ fn pipelined_seal_of_many_batches_roundtrips() {
     // 3 full batches (4 MiB each) plus a partial chunk: exercises the writer thread.
     let size = BATCH_BYTES * 3 + 100;
     let (k, id, plain, out) = enc(size, 512);
-    assert_eq!(out.len() as u64, layout::enc_file_len(size as u64, 512));
+    assert_eq!(
+        out.len() as u64,
+        layout::enc_file_len(size as u64, 512).unwrap()
+    );
     let mut r = ProtectedReader::<Vec<u8>, Vec<u8>>::new(
         FileCodec::Encrypted {
             key: k,
@@ -155,7 +161,10 @@ fn verify_all_checks_every_outboard_byte() {
         let plain: Vec<u8> = (0..size).map(|i| (i * 13) as u8).collect();
         let (root, ob) =
             seal_authenticated(&k, 512, size as u64, &mut &plain[..], None, "t").unwrap();
-        assert_eq!(ob.len() as u64, layout::outboard_len(chunks as u64));
+        assert_eq!(
+            ob.len() as u64,
+            layout::outboard_len(chunks as u64).unwrap()
+        );
         for off in 0..ob.len() {
             let mut bad = ob.clone();
             bad[off] ^= 0x40;
@@ -303,7 +312,7 @@ fn tampered_chunk_inside_a_window_fails_without_leaking_bytes() {
     // encrypted: flip a ciphertext bit of chunk `bad`; authenticated: a plaintext bit
     let enc_bad = {
         let (k, id, plain2, mut out) = enc(size, c as u32);
-        out[layout::enc_chunk_offset(c as u32, bad as u64) as usize + 5] ^= 1;
+        out[layout::enc_chunk_offset(c as u32, bad as u64).unwrap() as usize + 5] ^= 1;
         let r = ProtectedReader::<Vec<u8>, Vec<u8>>::new(
             FileCodec::Encrypted {
                 key: k,
@@ -422,8 +431,29 @@ fn for_each_verified_fills_in_parallel_and_stops_at_a_bad_chunk() {
     res.unwrap();
     assert!(got == plain);
     let bad = 4000usize;
-    ct[layout::enc_chunk_offset(c as u32, bad as u64) as usize] ^= 1;
+    ct[layout::enc_chunk_offset(c as u32, bad as u64).unwrap() as usize] ^= 1;
     let (res, got) = collect(ct);
     assert!(res.unwrap_err().to_string().contains("chunk 4000"));
     assert!(got[bad * c..(bad + 1) * c].iter().all(|&b| b == 0xAA));
+}
+
+/// Regression: a reader given a huge listed size computed the expected on-disk length with
+/// unchecked arithmetic (`enc_file_len` overflowed: a panic in debug builds, a wrapped and
+/// possibly matching length in release builds).
+#[test]
+fn reader_over_a_huge_listed_size_overflowed_enc_file_len() {
+    for size in [u64::MAX, u64::MAX - 40, u64::MAX / 33 * 32] {
+        let (key, id, _, data) = enc(10, 512);
+        let r = ProtectedReader::<Vec<u8>, Vec<u8>>::new(
+            FileCodec::Encrypted { key, id, data },
+            size,
+            512,
+            "t".into(),
+        );
+        assert!(
+            matches!(r, Err(Error::FileTooLarge { .. })),
+            "{size}: {:?}",
+            r.err()
+        );
+    }
 }

@@ -15,6 +15,9 @@ pub const VERSION_1: u16 = 1;
 pub const CURRENT_VERSION: u16 = VERSION_1;
 pub const HEADER_LEN: usize = 20;
 pub const FLAG_SEALED: u16 = 1;
+/// Largest `fspf.pb` readers accept and writers produce: 1 GiB (about 20 million entries). Checked
+/// against the file's length before it is read, so a huge or endless file is refused up front.
+pub const MAX_FSPF_LEN: u64 = 1 << 30;
 
 /// Key used before `fspf encrypt`: public on purpose, so `show --tag` and the tag chain work from
 /// `create` on. Metadata sealed with it is authenticated against accidents, not against attackers.

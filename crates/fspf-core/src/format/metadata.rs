@@ -1,7 +1,7 @@
 //! The metadata sealed inside `fspf.pb`: protobuf wire structs (`*Pb`) and the validated domain
 //! types they parse into. Parsing rejects anything malformed, so later layers never re-check.
 use crate::crypto::{FileId, RegionKey, FILE_ID_LEN};
-use crate::format::layout::{MAX_CHUNK_LEN, MIN_CHUNK_LEN};
+use crate::format::layout::{self, MAX_CHUNK_LEN, MIN_CHUNK_LEN};
 use crate::policy::EmbedPath;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -86,6 +86,16 @@ pub enum RegionKind {
     Kernel(PathBuf),
     /// Files live in the process's memory, empty at start.
     Ephemeral,
+}
+
+impl RegionKind {
+    /// The kernel directory of a kernel region.
+    pub fn kernel_dir(&self) -> Option<&std::path::Path> {
+        match self {
+            RegionKind::Kernel(p) => Some(p),
+            RegionKind::Ephemeral => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -269,6 +279,21 @@ impl Metadata {
                         }
                         _ => return Err(format!("{path}: bad root length")),
                     };
+                    // Every size up to 2^62 fits at any chunk length; above, check with the
+                    // chunk length of the file's region (the smallest one if it has none).
+                    if f.size > 1 << 62 {
+                        let chunk_len = regions
+                            .iter()
+                            .filter(|r| path.starts_with(&r.embed_point))
+                            .max_by_key(|r| r.embed_point.as_bytes().len())
+                            .map_or(MIN_CHUNK_LEN, |r| r.chunk_len);
+                        if !layout::size_fits(f.size, chunk_len) {
+                            return Err(format!(
+                                "{path}: size {} bytes does not fit the on-disk format",
+                                f.size
+                            ));
+                        }
+                    }
                     FileKind::File {
                         id: FileId(id),
                         size: f.size,
@@ -356,6 +381,40 @@ mod tests {
             mode: 0o644,
             ..Default::default()
         }
+    }
+
+    /// Regression: a listed size whose on-disk size (header + size + 16 per chunk) does not fit
+    /// in a u64 was accepted, and `layout::enc_file_len` then overflowed when the file was opened.
+    #[test]
+    fn a_file_size_overflowing_its_on_disk_size_was_accepted() {
+        for (size, chunk_len) in [
+            (u64::MAX, 4096),
+            (u64::MAX - 8, 16 * 1024 * 1024),
+            ((u64::MAX / 528 + 1) * 512, 512),
+        ] {
+            let mut pb = MetadataPb {
+                format_version: 1,
+                ..Default::default()
+            };
+            pb.regions = vec![RegionPb {
+                embed_point: b"/".to_vec(),
+                kind: 2,
+                protection: 3,
+                key: vec![1; 32],
+                chunk_len,
+                ..Default::default()
+            }];
+            pb.files = vec![file_pb("/a", size)];
+            let e = Metadata::from_pb(pb).unwrap_err();
+            assert!(e.contains("/a: size"), "{e}");
+        }
+        // The largest sizes that still fit are accepted.
+        let mut pb = MetadataPb {
+            format_version: 1,
+            ..Default::default()
+        };
+        pb.files = vec![file_pb("/a", 1 << 62)];
+        assert!(Metadata::from_pb(pb).is_ok());
     }
 
     #[test]

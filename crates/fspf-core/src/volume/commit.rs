@@ -6,6 +6,7 @@
 //! it leaves a shadow whose name is the committed file id, which `roll_forward` renames into place
 //! on the next open. Every version has a fresh file id, hence a fresh key: no nonce is ever reused.
 use super::direct::DirectWriter;
+use super::kernel_fs::{self, KernelPath};
 use super::{store, Volume};
 use crate::codec;
 use crate::crypto::{self, FileId, Tag};
@@ -13,9 +14,11 @@ use crate::error::{Error, Result};
 use crate::format::metadata::{FileEntry, FileKind, Protection, Region};
 use crate::policy::EmbedPath;
 use rayon::prelude::*;
-use std::fs::{self, File, OpenOptions};
+use rustix::fs::{AtFlags, FileType, OFlags};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io::{BufWriter, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 /// Encrypted versions of at least this size are written with direct I/O ([`DirectWriter`]).
@@ -29,8 +32,35 @@ pub struct StagedFile {
     /// Shadow to rename onto `kernel` after the commit.
     pub shadow: PathBuf,
     pub kernel: PathBuf,
+    /// `kernel` as its trusted base directory (the region's kernel directory, or `addf`'s
+    /// output directory) and the part below it: every access resolves no symlink below the base.
+    pub loc: KernelPath,
     /// Outboard written for this version (removed again if the commit fails).
     pub outboard: Option<PathBuf>,
+}
+
+impl StagedFile {
+    fn shadow_name(&self) -> &OsStr {
+        self.shadow.file_name().unwrap_or_default()
+    }
+
+    /// Remove the shadow and the outboard of a version that will not be committed.
+    pub fn discard(&self, fspf: &Path) {
+        if let Ok((dir, _)) = self.loc.parent() {
+            let _ = rustix::fs::unlinkat(&dir, self.shadow_name(), AtFlags::empty());
+        }
+        if let (Some(_), FileKind::File { id, .. }) = (&self.outboard, &self.entry.kind) {
+            store::remove_tree(fspf, id);
+        }
+    }
+
+    /// Rename the shadow over the kernel file (after the commit); a failure is left to
+    /// [`roll_forward_at`].
+    fn publish(&self) {
+        if let Ok((dir, name)) = self.loc.parent() {
+            let _ = kernel_fs::rename_at(&dir, self.shadow_name(), &name);
+        }
+    }
 }
 
 /// One change to the fspf.
@@ -48,30 +78,43 @@ pub enum Change {
     Rename { from: EmbedPath, to: EmbedPath },
 }
 
-/// Shadow path of file version `id` for kernel path `kernel`.
-pub fn shadow_path(kernel: &Path, id: &FileId) -> PathBuf {
-    let mut name = std::ffi::OsString::from(".");
-    name.push(kernel.file_name().unwrap_or_default());
-    name.push(format!(".fspf-{}", id.to_hex()));
-    kernel.with_file_name(name)
+/// Shadow name of file version `id` of the file named `name`: `.NAME.fspf-<id hex>`.
+pub fn shadow_name(name: &OsStr, id: &FileId) -> OsString {
+    let mut s = OsString::from(".");
+    s.push(name);
+    s.push(format!(".fspf-{}", id.to_hex()));
+    s
 }
 
-/// If a committed shadow for `id` is still beside `kernel`, rename it into place (crash recovery).
-pub fn roll_forward(kernel: &Path, id: &FileId) {
-    let sh = shadow_path(kernel, id);
-    if sh.exists() && fs::rename(&sh, kernel).is_ok() {
-        let _ = store::sync_dir(kernel);
+/// If a committed shadow for `id` is still beside `name` in `dir`, rename it into place (crash
+/// recovery). Only a regular file is moved.
+pub(crate) fn roll_forward_at(dir: &OwnedFd, name: &OsStr, id: &FileId) {
+    let sh = shadow_name(name, id);
+    let regular = rustix::fs::statat(dir, &sh, AtFlags::SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile);
+    if regular && kernel_fs::rename_at(dir, &sh, name).is_ok() {
+        let _ = kernel_fs::sync_dir_fd(dir);
     }
 }
 
-fn create_file(p: &Path, mode: u32) -> Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(p)
-        .map_err(|e| Error::io(p, e))
+/// Where a new version is written: a new file `name` in the directory `dir` (opened without
+/// following symlinks below its base); `label` names it in errors.
+pub(crate) struct Output<'a> {
+    pub dir: &'a OwnedFd,
+    pub name: &'a OsStr,
+    pub label: &'a Path,
+}
+
+impl Output<'_> {
+    fn create(&self, mode: u32) -> Result<File> {
+        kernel_fs::create_new_at(self.dir, self.name, mode, OFlags::empty())
+            .map_err(|e| Error::io(self.label, e))
+    }
+
+    /// Remove the file again (a failed seal).
+    pub fn remove(&self) {
+        let _ = rustix::fs::unlinkat(self.dir, self.name, AtFlags::empty());
+    }
 }
 
 /// Seal `size` bytes of `src` as a new version of `path` in `region`, writing the on-disk form to
@@ -85,7 +128,7 @@ pub(crate) fn seal_version(
     size: u64,
     mode: u32,
     src: &mut impl Read,
-    out: Option<&Path>,
+    out: Option<&Output>,
 ) -> Result<(FileEntry, Option<PathBuf>)> {
     let label = path.to_string();
     let key = region.key.as_ref().ok_or_else(|| Error::NotProtected {
@@ -104,18 +147,29 @@ pub(crate) fn seal_version(
                 reason: "encrypted files need an output directory for the ciphertext".into(),
             })?;
             let k = crypto::file_chunk_key(key, &id)?;
-            let f = if size >= DIRECT_MIN && super::direct::worthwhile(out) {
-                let mut w = DirectWriter::create(out, file_mode).map_err(|e| Error::io(out, e))?;
+            let p = out.label;
+            let f = if size >= DIRECT_MIN && super::direct::worthwhile_at(out.dir) {
+                let open = |direct: bool| {
+                    let extra = if direct {
+                        OFlags::DIRECT
+                    } else {
+                        // A refused O_DIRECT open may have created the file already.
+                        let _ = rustix::fs::unlinkat(out.dir, out.name, AtFlags::empty());
+                        OFlags::empty()
+                    };
+                    kernel_fs::create_new_at(out.dir, out.name, file_mode, extra)
+                };
+                let mut w = DirectWriter::create_with(open).map_err(|e| Error::io(p, e))?;
                 codec::seal_encrypted(&k, &id, region.chunk_len, size, src, &mut w, &label)?;
-                w.finish().map_err(|e| Error::io(out, e))?
+                w.finish().map_err(|e| Error::io(p, e))?
             } else {
-                let f = create_file(out, file_mode)?;
+                let f = out.create(file_mode)?;
                 let mut w = BufWriter::with_capacity(1 << 20, f);
                 codec::seal_encrypted(&k, &id, region.chunk_len, size, src, &mut w, &label)?;
-                w.into_inner().map_err(|e| Error::io(out, e.into_error()))?
+                w.into_inner().map_err(|e| Error::io(p, e.into_error()))?
             };
             if vol.sync_each_file {
-                f.sync_all().map_err(|e| Error::io(out, e))?;
+                f.sync_all().map_err(|e| Error::io(p, e))?;
             }
             Ok((
                 FileEntry {
@@ -133,7 +187,7 @@ pub(crate) fn seal_version(
             let k = crypto::file_mac_key(key, &id)?;
             let (root, outboard) = match out {
                 Some(o) => {
-                    let f = create_file(o, file_mode)?;
+                    let f = o.create(file_mode)?;
                     let mut w = BufWriter::with_capacity(1 << 20, f);
                     let r = codec::seal_authenticated(
                         &k,
@@ -143,9 +197,11 @@ pub(crate) fn seal_version(
                         Some(&mut w),
                         &label,
                     )?;
-                    let f = w.into_inner().map_err(|e| Error::io(o, e.into_error()))?;
+                    let f = w
+                        .into_inner()
+                        .map_err(|e| Error::io(o.label, e.into_error()))?;
                     if vol.sync_each_file {
-                        f.sync_all().map_err(|e| Error::io(o, e))?;
+                        f.sync_all().map_err(|e| Error::io(o.label, e))?;
                     }
                     r
                 }
@@ -154,10 +210,7 @@ pub(crate) fn seal_version(
             let tree = if outboard.is_empty() {
                 None
             } else {
-                let dir = vol.tree_dir();
-                fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-                let p = dir.join(id.to_hex());
-                let mut f = create_file(&p, 0o600)?;
+                let (mut f, p) = store::create_tree(&vol.path, &id)?;
                 f.write_all(&outboard)
                     .and_then(|_| {
                         if vol.sync_each_file {
@@ -201,23 +254,29 @@ impl Volume {
         let region = self.region_for(path).ok_or_else(|| Error::NoRegion {
             path: path.to_string(),
         })?;
-        let kernel = path.kernel_path(region).ok_or_else(|| Error::Ephemeral {
+        let loc = KernelPath::of(region, path).ok_or_else(|| Error::Ephemeral {
             path: path.to_string(),
             region: region.embed_point.to_string(),
         })?;
         let id = FileId::random()?;
-        let shadow = shadow_path(&kernel, &id);
-        let (entry, outboard) =
-            seal_version(self, region, path, id, size, mode, src, Some(&shadow)).inspect_err(
-                |_| {
-                    let _ = fs::remove_file(&shadow);
-                },
-            )?;
+        let (dir, name) = loc
+            .parent()
+            .map_err(|e| Error::kernel(&path.to_string(), loc.full(), e))?;
+        let sh = shadow_name(&name, &id);
+        let shadow = loc.with_file_name(&sh).full();
+        let out = Output {
+            dir: &dir,
+            name: &sh,
+            label: &shadow,
+        };
+        let (entry, outboard) = seal_version(self, region, path, id, size, mode, src, Some(&out))
+            .inspect_err(|_| out.remove())?;
         Ok(StagedFile {
             path: path.clone(),
             entry,
             shadow,
-            kernel,
+            kernel: loc.full(),
+            loc,
             outboard,
         })
     }
@@ -240,13 +299,11 @@ impl Volume {
         trusted_tag: Option<Tag>,
         announce: &mut dyn FnMut(Tag) -> Result<()>,
     ) -> Result<Tag> {
+        let fspf = self.path.clone();
         let cleanup = |changes: &[Change]| {
             for c in changes {
                 if let Change::Put(s) = c {
-                    let _ = fs::remove_file(&s.shadow);
-                    if let Some(o) = &s.outboard {
-                        let _ = fs::remove_file(o);
-                    }
+                    s.discard(&fspf);
                 }
             }
         };
@@ -280,8 +337,8 @@ impl Volume {
         }
         let before = self.meta.clone();
         let mut garbage: Vec<FileId> = Vec::new();
-        // Shadows to move into place once the commit is durable: (shadow, kernel path).
-        let mut post: Vec<(&Path, &Path)> = Vec::new();
+        // Shadows to move into place once the commit is durable.
+        let mut post: Vec<&StagedFile> = Vec::new();
         for c in &changes {
             match c {
                 Change::Put(s) => {
@@ -292,7 +349,7 @@ impl Volume {
                     {
                         garbage.push(id);
                     }
-                    post.push((&s.shadow, &s.kernel));
+                    post.push(s);
                 }
                 Change::PutEntry(p, e) => {
                     if let Some(FileEntry {
@@ -344,9 +401,7 @@ impl Volume {
         // shadows and this is otherwise its longest serial step. A failed rename is harmless:
         // the committed shadow stays and `roll_forward` moves it on the next open.
         // Not in the preload shield: its processes fork, and a rayon pool does not survive fork.
-        let rename = |(sh, k): &(&Path, &Path)| {
-            let _ = fs::rename(sh, k);
-        };
+        let rename = |s: &&StagedFile| s.publish();
         if crate::codec::sequential() {
             post.iter().for_each(rename);
         } else {
@@ -366,7 +421,7 @@ impl Volume {
             })
             .collect();
         for id in garbage.into_iter().filter(|i| !live.contains(i)) {
-            let _ = fs::remove_file(self.tree_dir().join(id.to_hex()));
+            store::remove_tree(&self.path, &id);
         }
         Ok(self.tag)
     }

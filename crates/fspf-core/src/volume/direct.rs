@@ -32,18 +32,23 @@ pub struct DirectWriter {
 impl DirectWriter {
     /// Create (truncate) `p` with `mode`, opened with `O_DIRECT` when the file system allows it.
     pub fn create(p: &Path, mode: u32) -> io::Result<DirectWriter> {
-        let open = |flags: i32| {
+        Self::create_with(|direct| {
             OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(true)
                 .mode(mode)
-                .custom_flags(flags)
+                .custom_flags(if direct { libc_o_direct() } else { 0 })
                 .open(p)
-        };
-        let (file, direct) = match open(libc_o_direct()) {
+        })
+    }
+
+    /// Like [`DirectWriter::create`] with the file opened by `open(direct)`: first with
+    /// `direct = true` (add `O_DIRECT`), again with `false` if that open fails with `EINVAL`.
+    pub fn create_with(open: impl Fn(bool) -> io::Result<File>) -> io::Result<DirectWriter> {
+        let (file, direct) = match open(true) {
             Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(EINVAL) => (open(0)?, false),
+            Err(e) if e.raw_os_error() == Some(EINVAL) => (open(false)?, false),
             Err(e) => return Err(e),
         };
         let mem = vec![0u8; BLOCK + 2 * ALIGN];
@@ -144,6 +149,21 @@ pub fn worthwhile(p: &Path) -> bool {
     const RAMFS_MAGIC: i64 = 0x8584_58f6;
     let dir = p.parent().unwrap_or(Path::new("."));
     match rustix::fs::statfs(dir) {
+        // f_type's width differs between targets.
+        #[allow(clippy::unnecessary_cast)]
+        Ok(st) => {
+            let t = st.f_type as i64;
+            t != TMPFS_MAGIC && t != RAMFS_MAGIC
+        }
+        Err(_) => true,
+    }
+}
+
+/// [`worthwhile`] for a new file in the directory `dir`.
+pub fn worthwhile_at(dir: &std::os::fd::OwnedFd) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    match rustix::fs::fstatfs(dir) {
         // f_type's width differs between targets.
         #[allow(clippy::unnecessary_cast)]
         Ok(st) => {

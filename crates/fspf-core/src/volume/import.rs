@@ -4,7 +4,8 @@
 //! ones survive and listings come from the fspf); symlinks are recorded with their target, never
 //! followed; hard links are recorded as independent files; FIFOs, sockets and devices are skipped
 //! and reported; names are bytes (non-UTF-8 is fine); permission bits are recorded.
-use super::commit::{seal_version, shadow_path, Change, StagedFile};
+use super::commit::{seal_version, shadow_name, Change, Output, StagedFile};
+use super::kernel_fs::{self, KernelPath};
 use super::{store, Volume};
 use crate::crypto::FileId;
 use crate::error::{Error, Result};
@@ -12,7 +13,7 @@ use crate::format::metadata::{FileEntry, FileKind, Protection, RegionKind};
 use crate::policy::EmbedPath;
 use rayon::prelude::*;
 use std::fs::{self, File};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
@@ -167,13 +168,14 @@ impl Volume {
                 region,
             });
         }
-        // Output directories first (sequential), then files in parallel.
+        // Output directories first (sequential), then files in parallel. Nothing below the
+        // output directory is reached through a symlink (kernel_fs).
         if let Some(out) = &opts.output {
             for j in &jobs {
-                if let Job::Dir { rel, mode, .. } = j {
-                    let d = out.join(rel);
-                    fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
-                    let _ = fs::set_permissions(&d, fs::Permissions::from_mode(*mode | 0o700));
+                if let Job::Dir { rel, mode, path } = j {
+                    let d = kernel_fs::create_dirs_beneath(out, rel, 0o700)
+                        .map_err(|e| Error::kernel(&path.to_string(), out.join(rel), e))?;
+                    let _ = kernel_fs::chmod_dir(&d, *mode | 0o700);
                 }
             }
         }
@@ -206,25 +208,27 @@ impl Volume {
                             return Ok(None);
                         }
                         if let Some(out) = &opts.output {
-                            let l = out.join(rel);
-                            let current = fs::read_link(&l).ok();
-                            let same = current
-                                .as_ref()
-                                .is_some_and(|c| c.as_os_str().as_encoded_bytes() == &target[..]);
+                            let l = KernelPath::new(out, rel);
+                            let label = path.to_string();
+                            let (dir, name) =
+                                l.parent().map_err(|e| Error::kernel(&label, l.full(), e))?;
+                            let current = rustix::fs::readlinkat(&dir, &name, Vec::new()).ok();
+                            let same = current.is_some_and(|c| c.as_bytes() == &target[..]);
                             if !same {
                                 // A new link under a shadow name, renamed over whatever was
                                 // there (an older link, or a file): re-adding a changed link
                                 // must update it.
-                                use std::os::unix::ffi::OsStrExt;
-                                let tmp = shadow_path(&l, &FileId::random()?);
-                                std::os::unix::fs::symlink(
-                                    std::ffi::OsStr::from_bytes(target),
-                                    &tmp,
-                                )
-                                .map_err(|e| Error::io(&tmp, e))?;
-                                fs::rename(&tmp, &l).map_err(|e| {
-                                    let _ = fs::remove_file(&tmp);
-                                    Error::io(&l, e)
+                                let tmp = shadow_name(&name, &FileId::random()?);
+                                rustix::fs::symlinkat(&target[..], &dir, &tmp).map_err(|e| {
+                                    Error::io(l.with_file_name(&tmp).full(), e.into())
+                                })?;
+                                kernel_fs::rename_at(&dir, &tmp, &name).map_err(|e| {
+                                    let _ = rustix::fs::unlinkat(
+                                        &dir,
+                                        &tmp,
+                                        rustix::fs::AtFlags::empty(),
+                                    );
+                                    Error::kernel(&label, l.full(), e)
                                 })?;
                             }
                         }
@@ -251,8 +255,23 @@ impl Volume {
                         let src_path = opts.source.join(rel);
                         let mut src = File::open(&src_path).map_err(|e| Error::io(&src_path, e))?;
                         let id = FileId::random()?;
-                        let target = opts.output.as_ref().map(|o| o.join(rel));
-                        let shadow = target.as_ref().map(|t| shadow_path(t, &id));
+                        let Some(out) = &opts.output else {
+                            let (entry, _) =
+                                seal_version(self, region, path, id, *size, *mode, &mut src, None)?;
+                            progress(*size);
+                            return Ok(Some(Change::PutEntry(path.clone(), entry)));
+                        };
+                        let loc = KernelPath::new(out, rel);
+                        let (dir, name) = loc
+                            .parent()
+                            .map_err(|e| Error::kernel(&path.to_string(), loc.full(), e))?;
+                        let sh = shadow_name(&name, &id);
+                        let shadow = loc.with_file_name(&sh).full();
+                        let target = Output {
+                            dir: &dir,
+                            name: &sh,
+                            label: &shadow,
+                        };
                         let (entry, outboard) = seal_version(
                             self,
                             region,
@@ -261,24 +280,18 @@ impl Volume {
                             *size,
                             *mode,
                             &mut src,
-                            shadow.as_deref(),
+                            Some(&target),
                         )
-                        .inspect_err(|_| {
-                            if let Some(s) = &shadow {
-                                let _ = fs::remove_file(s);
-                            }
-                        })?;
+                        .inspect_err(|_| target.remove())?;
                         progress(*size);
-                        Ok(Some(match (target, shadow) {
-                            (Some(kernel), Some(shadow)) => Change::Put(StagedFile {
-                                path: path.clone(),
-                                entry,
-                                shadow,
-                                kernel,
-                                outboard,
-                            }),
-                            _ => Change::PutEntry(path.clone(), entry),
-                        }))
+                        Ok(Some(Change::Put(StagedFile {
+                            path: path.clone(),
+                            entry,
+                            shadow,
+                            kernel: loc.full(),
+                            loc,
+                            outboard,
+                        })))
                     }
                 }
             })
@@ -298,7 +311,7 @@ impl Volume {
         if let Some(e) = first_err {
             for c in &changes {
                 if let Change::Put(s) = c {
-                    let _ = fs::remove_file(&s.shadow);
+                    s.discard(self.path());
                 }
             }
             return Err(e);
@@ -333,7 +346,7 @@ impl Volume {
             if let Err(e) = store::sync_filesystems(dirs) {
                 for c in &changes {
                     if let Change::Put(s) = c {
-                        let _ = fs::remove_file(&s.shadow);
+                        s.discard(self.path());
                     }
                 }
                 return Err(e);

@@ -3,12 +3,14 @@
 mod commit;
 pub mod direct;
 mod import;
+pub mod kernel_fs;
 pub mod memory;
 mod store;
 mod verify;
 
 pub use commit::{Change, StagedFile};
 pub use import::{ImportOptions, ImportReport};
+pub use kernel_fs::KernelPath;
 pub use store::FspfLock;
 pub use store::{is_fspf_internal, sync_filesystems, write_file_durably};
 pub use verify::Finding;
@@ -219,7 +221,7 @@ impl Volume {
                 region: region.embed_point.to_string(),
             });
         }
-        let kernel = path.kernel_path(region).ok_or_else(|| Error::Ephemeral {
+        let kernel = KernelPath::of(region, path).ok_or_else(|| Error::Ephemeral {
             path: path.to_string(),
             region: region.embed_point.to_string(),
         })?;
@@ -232,13 +234,18 @@ impl Volume {
                 reason: "not a regular file".into(),
             });
         };
-        commit::roll_forward(&kernel, id);
-        let data = File::open(&kernel).map_err(|e| match e.kind() {
+        let label = path.to_string();
+        // The directory is opened without following symlinks below the region's kernel
+        // directory; the file, in it, without following one and only if it is a regular file.
+        let (dir, name) = kernel.parent().map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::Missing {
-                path: path.to_string(),
+                path: label.clone(),
             },
-            _ => Error::io(&kernel, e),
+            _ => Error::kernel(&label, kernel.full(), e),
         })?;
+        commit::roll_forward_at(&dir, &name, id);
+        let data = kernel_fs::open_regular_at(&dir, &name)
+            .map_err(|e| Error::kernel_open(&label, kernel.full(), e))?;
         self.reader_over(region, path, id, *size, root.as_ref(), data)
     }
 
@@ -252,11 +259,9 @@ impl Volume {
         root: Option<&[u8; 32]>,
         data: File,
     ) -> Result<KernelReader> {
-        let tree = self.tree_dir().join(id.to_hex());
-        let codec = codec_for(region, path, id, root, data, || match File::open(&tree) {
-            Ok(f) => Ok(Some(f)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(&tree, e)),
+        let label = path.to_string();
+        let codec = codec_for(region, path, id, root, data, || {
+            store::open_tree(&self.path, id, &label)
         })?;
         ProtectedReader::new(codec, size, region.chunk_len, path.to_string())
     }
@@ -333,6 +338,56 @@ mod tests {
             Error::TagMismatch { .. }
         ));
         assert!(Volume::open(&p, Some(key), Some(tag)).is_ok());
+    }
+
+    /// Regression: with `vol/sub` (a directory of a kernel region) replaced by a symlink to a
+    /// victim directory, staging a new version of `/data/sub/a` wrote its shadow into the victim
+    /// directory and the commit renamed it over the victim's file; reads followed the link.
+    #[test]
+    fn symlinked_region_directory_redirected_staged_writes_outside_it() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("fspf.pb");
+        let vol = d.path().join("vol");
+        let victim = d.path().join("victim");
+        std::fs::create_dir_all(vol.join("sub")).unwrap();
+        std::fs::create_dir_all(&victim).unwrap();
+        std::fs::write(victim.join("a"), "victim's file").unwrap();
+        Volume::create(&p, false).unwrap();
+        let _l = Volume::lock(&p).unwrap();
+        let mut v = Volume::open(&p, None, None).unwrap();
+        v.add_region(RegionSpec {
+            embed_point: EmbedPath::root(),
+            kind: RegionKind::Kernel(vol.clone()),
+            protection: Protection::Encrypted,
+            key_len: None,
+            chunk_len: None,
+        })
+        .unwrap();
+        v.save().unwrap();
+        let a = EmbedPath::parse("/sub/a").unwrap();
+        let s = v.stage_file(&a, 3, 0o644, &mut &b"old"[..]).unwrap();
+        let tag = v.tag();
+        v.commit(vec![Change::Put(s)], Some(tag)).unwrap();
+        assert!(v.open_file(&a).is_ok());
+
+        std::fs::remove_dir_all(vol.join("sub")).unwrap();
+        std::os::unix::fs::symlink(&victim, vol.join("sub")).unwrap();
+        let e = v.stage_file(&a, 3, 0o644, &mut &b"new"[..]).unwrap_err();
+        assert!(matches!(e, Error::SymlinkInPath { .. }), "{e}");
+        let e = v.open_file(&a).err();
+        assert!(matches!(e, Some(Error::SymlinkInPath { .. })), "{e:?}");
+        let rel = Path::new("sub/a");
+        assert!(kernel_fs::remove_beneath(&vol, rel, false).is_err());
+        let names: Vec<_> = std::fs::read_dir(&victim).unwrap().collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert_eq!(std::fs::read(victim.join("a")).unwrap(), b"victim's file");
+        let findings = v.verify();
+        assert!(
+            findings
+                .iter()
+                .any(|f| f.path == "/sub/a" && f.problem.contains("a symbolic link on disk")),
+            "{findings:?}"
+        );
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! Reading, authenticating and atomically replacing `fspf.pb`, and the update lock.
+use super::kernel_fs::{self, KernelPath};
 use super::Volume;
-use crate::crypto::{AeadKey, Tag, VolumeKey, NONCE_LEN, TAG_LEN};
+use crate::crypto::{AeadKey, FileId, Tag, VolumeKey, NONCE_LEN, TAG_LEN};
 use crate::error::{Error, Result};
-use crate::format::header::{self, Header, HeaderError, CURRENT_VERSION, HEADER_LEN, PUBLIC_KEY};
+use crate::format::header::{
+    self, Header, HeaderError, CURRENT_VERSION, HEADER_LEN, MAX_FSPF_LEN, PUBLIC_KEY,
+};
 use crate::format::metadata::{Metadata, MetadataPb};
 use prost::Message;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 pub(crate) fn tree_dir(fspf: &Path) -> PathBuf {
@@ -17,6 +20,53 @@ pub(crate) fn tree_dir(fspf: &Path) -> PathBuf {
         .unwrap_or_default();
     name.push(".trees");
     fspf.with_file_name(name)
+}
+
+/// Outboard `FSPF.trees/<id hex>` of file version `id`, below the fspf's directory.
+pub(crate) fn tree_path(fspf: &Path, id: &FileId) -> KernelPath {
+    let mut name = fspf
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".trees");
+    let dir = match fspf.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    KernelPath::new(dir, Path::new(&name).join(id.to_hex()))
+}
+
+/// Open the outboard of version `id` (none yet: `Ok(None)`); only a regular file is accepted.
+pub(crate) fn open_tree(fspf: &Path, id: &FileId, label: &str) -> Result<Option<File>> {
+    let t = tree_path(fspf, id);
+    match kernel_fs::open_regular(t.base(), t.rel()) {
+        Ok(f) => Ok(Some(f)),
+        Err(kernel_fs::OpenError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(kernel_fs::OpenError::NotRegular(kind)) => Err(Error::NotRegular {
+            path: format!("{label}: integrity tree {}", t.full().display()),
+            kind,
+        }),
+        Err(kernel_fs::OpenError::Io(e)) => Err(Error::kernel(label, t.full(), e)),
+    }
+}
+
+/// Create the outboard of version `id` (`FSPF.trees/` made if needed; no symlinks followed).
+pub(crate) fn create_tree(fspf: &Path, id: &FileId) -> Result<(File, PathBuf)> {
+    let t = tree_path(fspf, id);
+    let full = t.full();
+    let trees = t.rel().parent().unwrap_or(Path::new(""));
+    let dir = kernel_fs::create_dirs_beneath(t.base(), trees, 0o700)
+        .map_err(|e| Error::io(t.base().join(trees), e))?;
+    let name = t.rel().file_name().unwrap_or_default();
+    let f = kernel_fs::create_new_at(&dir, name, 0o600, rustix::fs::OFlags::empty())
+        .map_err(|e| Error::io(&full, e))?;
+    Ok((f, full))
+}
+
+/// Remove the outboard of version `id`, if any.
+pub(crate) fn remove_tree(fspf: &Path, id: &FileId) {
+    let t = tree_path(fspf, id);
+    let _ = kernel_fs::remove_beneath(t.base(), t.rel(), false);
 }
 
 fn sibling(fspf: &Path, suffix: &str) -> PathBuf {
@@ -64,8 +114,55 @@ fn header_err(path: &Path, e: HeaderError) -> Error {
     }
 }
 
+/// Open the fspf itself: a regular file (no FIFO, device or symlink in its place) of at most
+/// [`MAX_FSPF_LEN`] bytes. Returns the file and its length.
+fn open_fspf(path: &Path) -> Result<(File, u64)> {
+    let f = kernel_fs::open_regular_path(path).map_err(|e| match e {
+        kernel_fs::OpenError::NotRegular(kind) => Error::NotRegular {
+            path: path.display().to_string(),
+            kind,
+        },
+        kernel_fs::OpenError::Io(e) if kernel_fs::is_symlink_refusal(&e) => Error::NotRegular {
+            path: path.display().to_string(),
+            kind: "symbolic link",
+        },
+        kernel_fs::OpenError::Io(e) => Error::io(path, e),
+    })?;
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len > MAX_FSPF_LEN {
+        return Err(Error::FspfTooLarge {
+            path: path.into(),
+            len,
+            max: MAX_FSPF_LEN,
+        });
+    }
+    Ok((f, len))
+}
+
+/// Read the whole fspf, at most the length `open_fspf` saw (a file that grows meanwhile is
+/// not read past it; one that shrinks is read short and fails authentication).
+fn read_fspf(path: &Path) -> Result<Vec<u8>> {
+    let (f, len) = open_fspf(path)?;
+    // `len` <= MAX_FSPF_LEN (1 GiB) fits in usize on every target fspf builds for.
+    let mut bytes = Vec::with_capacity(len as usize);
+    f.take(len)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(bytes)
+}
+
+/// The tag on disk: the header and the last 16 bytes, not the whole file.
 pub(crate) fn read_tag(path: &Path) -> Result<Tag> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (f, len) = open_fspf(path)?;
+    let short = (HEADER_LEN + TAG_LEN) as u64;
+    let mut bytes = vec![0u8; len.min(short) as usize];
+    let res = if len <= short {
+        f.read_exact_at(&mut bytes, 0)
+    } else {
+        f.read_exact_at(&mut bytes[..HEADER_LEN], 0)
+            .and_then(|()| f.read_exact_at(&mut bytes[HEADER_LEN..], len - TAG_LEN as u64))
+    };
+    res.map_err(|e| Error::io(path, e))?;
     header::tag_of(&bytes)
         .map(Tag)
         .map_err(|e| header_err(path, e))
@@ -85,7 +182,7 @@ pub(crate) fn absolute(path: &Path) -> PathBuf {
 
 pub(crate) fn open(path: &Path, key: Option<VolumeKey>, expected: Option<Tag>) -> Result<Volume> {
     let path = &absolute(path);
-    let mut bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = read_fspf(path)?;
     let h = Header::decode(&bytes).map_err(|e| header_err(path, e))?;
     let mut tag = [0u8; TAG_LEN];
     tag.copy_from_slice(&bytes[bytes.len() - TAG_LEN..]);
@@ -149,6 +246,15 @@ fn seal(v: &Volume) -> Result<(Vec<u8>, Tag)> {
         zeroize::Zeroize::zeroize(&mut r.key);
     }
     let tag = aead.seal(nonce, &hb, &mut body)?;
+    let total = (HEADER_LEN + body.len() + TAG_LEN) as u64;
+    if total > MAX_FSPF_LEN {
+        zeroize::Zeroize::zeroize(&mut body);
+        return Err(Error::FspfTooLarge {
+            path: v.path.clone(),
+            len: total,
+            max: MAX_FSPF_LEN,
+        });
+    }
     let mut out = Vec::with_capacity(HEADER_LEN + body.len() + TAG_LEN);
     out.extend_from_slice(&hb);
     out.extend_from_slice(&body);
@@ -196,6 +302,7 @@ fn write_temp(v: &Volume) -> Result<(PathBuf, Tag)> {
             .write(true)
             .create_new(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
         f.write_all(&bytes)?;
         f.sync_all()
@@ -282,14 +389,23 @@ pub struct FspfLock {
 impl FspfLock {
     pub fn acquire(fspf: &Path) -> Result<FspfLock> {
         let lp = sibling(fspf, ".lock");
-        let f = OpenOptions::new()
+        // Not through a symlink, not a FIFO or device (O_NONBLOCK: a FIFO must not block here).
+        let fd = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&lp)
             .map_err(|e| Error::io(&lp, e))?;
+        let f = kernel_fs::require_regular(fd.into()).map_err(|e| match e {
+            kernel_fs::OpenError::NotRegular(kind) => Error::NotRegular {
+                path: lp.display().to_string(),
+                kind,
+            },
+            kernel_fs::OpenError::Io(e) => Error::io(&lp, e),
+        })?;
         f.lock().map_err(|e| Error::io(&lp, e))?;
         Ok(FspfLock { _file: f })
     }

@@ -1,8 +1,11 @@
 //! `verify`: check every listed file against the fspf and find unlisted files on disk.
+use super::kernel_fs::{self, KernelPath};
 use super::{store, Volume};
-use crate::format::metadata::{FileKind, Protection, RegionKind};
+use crate::error::{Error, Result};
+use crate::format::metadata::{FileEntry, FileKind, Protection, RegionKind};
 use crate::policy::EmbedPath;
 use rayon::prelude::*;
+use rustix::fs::FileType;
 
 /// One problem found by [`Volume::verify`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +29,50 @@ fn is_shadow(name: &[u8]) -> bool {
 }
 
 impl Volume {
+    /// Check the kernel-side object of the listed directory or symlink `path`: a directory must
+    /// be a directory (not a symlink to one), a symlink must have the recorded target, and no
+    /// directory on the way below the region's kernel directory may be a symlink. Regular files
+    /// are checked by opening them ([`Volume::open_file`]).
+    pub fn check_kernel_node(&self, path: &EmbedPath, entry: &FileEntry) -> Result<()> {
+        let Some(region) = self.region_for(path) else {
+            return Ok(());
+        };
+        let Some(kp) = KernelPath::of(region, path) else {
+            return Ok(());
+        };
+        let label = path.to_string();
+        let problem = |reason: &str| Error::Invalid {
+            path: label.clone(),
+            reason: reason.into(),
+        };
+        let refused = |e: std::io::Error, missing: &str| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                problem(missing)
+            } else {
+                Error::kernel(&label, kp.full(), e)
+            }
+        };
+        match &entry.kind {
+            FileKind::File { .. } => Ok(()),
+            FileKind::Dir => match kernel_fs::file_type_beneath(kp.base(), kp.rel()) {
+                Ok(FileType::Directory) => Ok(()),
+                Ok(FileType::Symlink) => Err(Error::SymlinkInPath {
+                    path: label.clone(),
+                }),
+                Ok(_) => Err(problem("listed directory is not a directory on disk")),
+                Err(e) => Err(refused(e, "listed directory is missing on disk")),
+            },
+            FileKind::Symlink(t) => match kernel_fs::read_link_beneath(kp.base(), kp.rel()) {
+                Ok(l) if l == *t => Ok(()),
+                Ok(_) => Err(problem("symlink target changed on disk")),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    Err(problem("listed symlink is not a symlink on disk"))
+                }
+                Err(e) => Err(refused(e, "listed symlink is missing on disk")),
+            },
+        }
+    }
+
     /// Verify every listed file of every protected kernel region, chunk by chunk, and report files
     /// on disk that the fspf does not list. Empty result = everything verified.
     pub fn verify(&self) -> Vec<Finding> {
@@ -45,28 +92,14 @@ impl Volume {
                 if region.protection == Protection::NotProtected {
                     return None;
                 }
-                let kernel = path.kernel_path(region)?;
-                let problem = match &entry.kind {
-                    FileKind::File { .. } => {
-                        match self.open_file(path).and_then(|mut r| r.verify_all()) {
-                            Ok(()) => return None,
-                            Err(e) => e.to_string(),
-                        }
-                    }
-                    FileKind::Dir => match std::fs::metadata(&kernel) {
-                        Ok(m) if m.is_dir() => return None,
-                        Ok(_) => format!("{path}: listed directory is not a directory on disk"),
-                        Err(_) => format!("{path}: listed directory is missing on disk"),
-                    },
-                    FileKind::Symlink(t) => match std::fs::read_link(&kernel) {
-                        Ok(l) if l.as_os_str().as_encoded_bytes() == &t[..] => return None,
-                        Ok(_) => format!("{path}: symlink target changed on disk"),
-                        Err(_) => format!("{path}: listed symlink is missing on disk"),
-                    },
+                region.kind.kernel_dir()?;
+                let res = match &entry.kind {
+                    FileKind::File { .. } => self.open_file(path).and_then(|mut r| r.verify_all()),
+                    _ => self.check_kernel_node(path, entry),
                 };
-                Some(Finding {
+                res.err().map(|e| Finding {
                     path: path.to_string(),
-                    problem,
+                    problem: e.to_string(),
                 })
             })
             .collect();

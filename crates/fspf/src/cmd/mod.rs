@@ -137,6 +137,8 @@ pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) ->
         let res: Result<()> = (|| {
             match &e.kind {
                 FileKind::Dir => {
+                    // A listed directory replaced by a symlink on disk is an error, even empty.
+                    v.check_kernel_node(p, e)?;
                     std::fs::create_dir_all(&dest)?;
                     // Writable while its entries are restored; the recorded mode comes last.
                     std::fs::set_permissions(

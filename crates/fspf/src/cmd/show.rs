@@ -11,18 +11,20 @@ pub struct ShowArgs {
     #[arg(short = 't', long = "tag")]
     pub tag_only: bool,
     pub fspf: PathBuf,
-    /// fspf key (64 hex digits); also --key, --key-file or SCONE_FSPF_KEY
-    #[arg(value_name = "KEY")]
+    /// fspf key (64 hex digits), visible to other users in /proc/PID/cmdline: prefer
+    /// --key-file or --key-fd (or SCONE_FSPF_KEY)
+    #[arg(value_name = "KEY", group = "key_source")]
     pub key_pos: Option<String>,
-    #[arg(
-        long,
-        value_name = "HEX",
-        env = "SCONE_FSPF_KEY",
-        hide_env_values = true
-    )]
-    pub key: Option<String>,
-    #[arg(long, value_name = "PATH")]
+    /// file holding the key (hex, or the `fspf encrypt` line); `-` reads it from stdin
+    #[arg(long, value_name = "PATH", group = "key_source")]
     pub key_file: Option<PathBuf>,
+    /// read the key from the inherited file descriptor N
+    #[arg(long, value_name = "N", group = "key_source")]
+    pub key_fd: Option<u32>,
+    /// fspf key (or SCONE_FSPF_KEY, for the fspf SCONE_FSPF names or any when it is unset);
+    /// visible in /proc/PID/cmdline
+    #[arg(long, value_name = "HEX", group = "key_source")]
+    pub key: Option<String>,
     /// refuse an fspf whose tag differs (not read from SCONE_FSPF_TAG: show must work after updates)
     #[arg(long, value_name = "HEX")]
     pub expect_tag: Option<String>,
@@ -41,6 +43,7 @@ impl std::fmt::Debug for ShowArgs {
             .field("key_pos", &redact(&self.key_pos))
             .field("key", &redact(&self.key))
             .field("key_file", &self.key_file)
+            .field("key_fd", &self.key_fd)
             .field("expect_tag", &self.expect_tag)
             .field("json", &self.json)
             .finish()
@@ -57,13 +60,15 @@ pub fn run(a: ShowArgs) -> Result<i32> {
         }
         return Ok(0);
     }
-    let key = if let Some(f) = &a.key_file {
-        Some(crate::anchor::key_from_file(f)?)
-    } else {
-        match a.key_pos.as_ref().or(a.key.as_ref()) {
-            Some(k) if !k.trim().is_empty() => Some(VolumeKey::from_hex(k).context("KEY")?),
-            _ => None,
+    let key = match a.key_pos.as_ref().filter(|k| !k.trim().is_empty()) {
+        Some(k) => Some(VolumeKey::from_hex(k).context("KEY")?),
+        None => crate::KeyTagArgs {
+            key: a.key.clone(),
+            key_file: a.key_file.clone(),
+            key_fd: a.key_fd,
+            tag: None,
         }
+        .volume_key(&a.fspf)?,
     };
     let expect = a.expect_tag.as_deref().map(Tag::from_hex).transpose()?;
     let v = Volume::open(&a.fspf, key, expect)?;

@@ -112,6 +112,47 @@ impl Env {
         c.output().expect("spawn fspf")
     }
 
+    /// Run `fspf ARGS` like [`Env::run`], but with at most 2 GiB of address space and killed
+    /// after `secs` seconds: a hang or an unbounded read fails the test instead of the machine.
+    #[track_caller]
+    pub fn run_bounded<I, S>(&self, args: I, secs: u64) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg("ulimit -v 2097152; exec \"$0\" \"$@\"")
+            .arg(FSPF)
+            .args(args)
+            .current_dir(self.root())
+            .env_remove("SCONE_FSPF_KEY")
+            .env_remove("SCONE_FSPF_TAG")
+            .env_remove("SCONE_FSPF")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().expect("spawn fspf");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while child.try_wait().expect("wait").is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("fspf did not finish within {secs} s (hangs)");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child.wait_with_output().expect("output")
+    }
+
+    /// Make a FIFO at `rel` (replacing whatever is there).
+    pub fn mkfifo(&self, rel: impl AsRef<Path>) {
+        let p = self.path(rel);
+        let _ = fs::remove_file(&p);
+        let st = Command::new("mkfifo").arg(&p).status().expect("mkfifo");
+        assert!(st.success(), "mkfifo {}", p.display());
+    }
+
     /// Run and require success; returns stdout.
     #[track_caller]
     pub fn ok<I, S>(&self, args: I) -> String

@@ -3,6 +3,7 @@ use crate::harness::*;
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
+use std::process::Command;
 
 /// `fspf export` rebuilt symlink targets through `String::from_utf8_lossy`, turning a target like
 /// `b"t-\xfe"` into `"t-\u{fffd}"`.
@@ -474,4 +475,301 @@ fn update_without_tag_could_bless_a_rolled_back_fspf() {
     env.ok([
         "addf", "fspf.pb", "/d", "src2", "vol", "--key", &kt.key, "--tag", &kt.tag,
     ]);
+}
+
+/// The storage attacker replaced `vol/sub`, a directory of an encrypted kernel region, by a
+/// symlink to a victim directory holding a valid copy: reads went through it (`verify` said OK),
+/// and commits wrote shadows into the victim directory and renamed them over its files.
+#[test]
+fn symlinked_region_directory_redirected_writes_outside_the_region() {
+    let env = Env::new();
+    env.write("src/sub/a", pattern(5000, 1));
+    env.write("src/sub/b", "b\n");
+    env.write("src/top", "t\n");
+    env.mkdir("vol");
+    env.two_regions("/data", "-e", "vol");
+    env.ok(["addf", "fspf.pb", "/data", "src", &env.p("vol")]);
+    let kt = env.encrypt(None);
+    let k = ["--key", &kt.key, "--tag", &kt.tag];
+    // A valid copy in the victim directory, and the region's directory swapped for a link to it.
+    fs::rename(env.path("vol/sub"), env.path("victim")).unwrap();
+    std::os::unix::fs::symlink(env.path("victim"), env.path("vol/sub")).unwrap();
+    let victim_before: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|n| env.read(format!("victim/{n}")))
+        .collect();
+
+    let mut a = vec!["cat", "fspf.pb", "/data/sub/a"];
+    a.extend(k);
+    let o = env.fails(&a);
+    assert!(o.stdout.is_empty());
+    assert!(
+        stderr(&o).contains("/data/sub/a: a symbolic link on disk"),
+        "{}",
+        stderr(&o)
+    );
+
+    let mut a = vec!["verify", "fspf.pb"];
+    a.extend(k);
+    let o = env.fails(&a);
+    let out = stdout(&o);
+    for p in ["/data/sub:", "/data/sub/a:", "/data/sub/b:"] {
+        assert!(
+            out.contains(&format!("FAILED {p} a symbolic link")),
+            "{p}: {out}"
+        );
+    }
+
+    let mut a = vec!["export", "fspf.pb", "/data", "out"];
+    a.extend(k);
+    let o = env.fails(&a);
+    assert!(
+        stderr(&o).contains("/data/sub: a symbolic link"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A commit that rewrites the files must not write into the victim directory.
+    env.write("src/sub/a", "new a\n");
+    let mut a = vec!["addf", "fspf.pb", "/data", "src"];
+    let vol = env.p("vol");
+    a.push(&vol);
+    a.extend(k);
+    let o = env.fails(&a);
+    assert!(stderr(&o).contains("symbolic link"), "{}", stderr(&o));
+    let names: Vec<_> = fs::read_dir(env.path("victim"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        names.len(),
+        2,
+        "files added to the victim directory: {names:?}"
+    );
+    for (n, before) in ["a", "b"].iter().zip(&victim_before) {
+        assert_eq!(
+            &env.read(format!("victim/{n}")),
+            before,
+            "victim/{n} changed"
+        );
+    }
+    // The tag did not move (nothing was committed), and the rest still reads.
+    let mut a = vec!["cat", "fspf.pb", "/data/top"];
+    a.extend(k);
+    assert_eq!(env.ok(&a), "t\n");
+}
+
+/// A FIFO put in place of a listed file made `fspf cat` and `fspf verify` block forever in
+/// `open` (nobody ever writes to it).
+#[test]
+fn fifo_in_place_of_a_listed_file_hung_cat_and_verify() {
+    let env = Env::new();
+    env.write("src/a", pattern(3000, 1));
+    env.write("src/b", "b");
+    env.mkdir("vol");
+    env.two_regions("/data", "-e", "vol");
+    env.ok(["addf", "fspf.pb", "/data", "src", &env.p("vol")]);
+    env.mkfifo("vol/a");
+    let o = env.run_bounded(["cat", "fspf.pb", "/data/a"], 30);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(o.stdout.is_empty());
+    assert!(
+        stderr(&o).contains("/data/a: is a FIFO, not a regular file"),
+        "{}",
+        stderr(&o)
+    );
+    let o = env.run_bounded(["verify", "fspf.pb"], 30);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("FAILED /data/a: is a FIFO"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+/// A FIFO put in place of an outboard (`FSPF.trees/<id>`) made reads of the authenticated file
+/// block forever.
+#[test]
+fn fifo_in_place_of_an_outboard_hung_cat_and_verify() {
+    let env = Env::new();
+    env.write("auth/big", pattern(3 * CHUNK + 5, 2));
+    env.two_regions("/a", "-a", "auth");
+    env.ok(["addf", "fspf.pb", "/a", "auth"]);
+    let trees: Vec<_> = fs::read_dir(env.path("fspf.pb.trees"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(trees.len(), 1);
+    env.mkfifo(&trees[0]);
+    for args in [
+        ["cat", "fspf.pb", "/a/big"].as_slice(),
+        &["verify", "fspf.pb"],
+    ] {
+        let o = env.run_bounded(args, 30);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        let all = format!("{}{}", stdout(&o), stderr(&o));
+        assert!(
+            all.contains("is a FIFO, not a regular file"),
+            "{args:?}: {all}"
+        );
+    }
+}
+
+/// `fspf.pb` replaced by a symlink to `/dev/zero` was read until memory ran out; a FIFO in its
+/// place blocked forever. The fspf must be a regular file of at most 1 GiB, checked before reading.
+#[test]
+fn fspf_as_a_symlink_to_dev_zero_was_read_until_memory_ran_out() {
+    let env = Env::new();
+    std::os::unix::fs::symlink("/dev/zero", env.path("fspf.pb")).unwrap();
+    env.mkfifo("fifo.pb");
+    for (f, kind) in [("fspf.pb", "symbolic link"), ("fifo.pb", "FIFO")] {
+        for args in [
+            vec!["show", "--tag", f],
+            vec!["verify", f],
+            vec!["cat", f, "/x"],
+        ] {
+            let o = env.run_bounded(&args, 30);
+            assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+            assert!(
+                stderr(&o).contains(&format!("{f}: is a {kind}, not a regular file")),
+                "{args:?}: {}",
+                stderr(&o)
+            );
+        }
+    }
+}
+
+/// With `SCONE_FSPF`, `SCONE_FSPF_KEY` and `SCONE_FSPF_TAG` exported for one fspf (as the
+/// reference's walkthrough does), commands on another fspf used that key and tag and failed
+/// ("tag mismatch"). The variables apply only to the fspf `SCONE_FSPF` names.
+#[test]
+fn scone_fspf_variables_were_applied_to_another_fspf() {
+    let env = Env::new();
+    env.write("src/x", "x\n");
+    env.two_regions("/d", "-e", "vol");
+    env.ok(["addf", "fspf.pb", "/d", "src", "vol"]);
+    let kt = env.encrypt(None);
+    let a = env.p("fspf.pb");
+    let vars = [
+        ("SCONE_FSPF", a.as_str()),
+        ("SCONE_FSPF_KEY", kt.key.as_str()),
+        ("SCONE_FSPF_TAG", kt.tag.as_str()),
+    ];
+    for args in [
+        vec!["create", "b.pb"],
+        vec!["addr", "b.pb", "/", "--kernel", "/", "-n"],
+        vec!["show", "b.pb"],
+        vec!["verify", "b.pb"],
+    ] {
+        let o = env.run_env(&args, &vars);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    }
+    // They still apply to the fspf SCONE_FSPF names, however it is spelled.
+    for f in ["fspf.pb", "./fspf.pb", a.as_str(), "vol/../fspf.pb"] {
+        let o = env.run_env(["cat", f, "/d/x"], &vars);
+        assert_eq!(stdout(&o), "x\n", "{f}: {}", stderr(&o));
+    }
+    // Without SCONE_FSPF they apply to any fspf, as before.
+    let o = env.run_env(
+        ["cat", "fspf.pb", "/d/x"],
+        &[("SCONE_FSPF_KEY", &kt.key), ("SCONE_FSPF_TAG", &kt.tag)],
+    );
+    assert_eq!(stdout(&o), "x\n", "{}", stderr(&o));
+}
+
+/// `fspf run --key HEX` kept the key in its world-readable `/proc/PID/cmdline` for the whole
+/// run (and `fspf show FSPF KEY`, `--key` elsewhere, briefly). The key is now scrubbed from the
+/// process's argument area at start, a warning names the non-leaking forms, and those forms
+/// (`--key-file PATH`, `--key-file -`, `--key-fd N`) exist.
+#[test]
+fn key_on_the_command_line_stayed_visible_in_proc_cmdline() {
+    let env = Env::new();
+    env.write("src/x", "x\n");
+    env.two_regions("/d", "-e", "vol");
+    env.ok(["addf", "fspf.pb", "/d", "src", "vol"]);
+    let kt = env.encrypt(None);
+    // Any file will do as the preload: the test looks at the parent, not at the shielded child.
+    let fake = env.write("fake.so", "");
+    let mut run = Command::new(FSPF)
+        .args([
+            "run", "--key", &kt.key, "--tag", &kt.tag, "--fspf", "fspf.pb",
+        ])
+        .args(["--", "sleep", "3"])
+        .current_dir(env.root())
+        .env("FSPF_PRELOAD", &fake)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = run.id();
+    // Wait until fspf run has started its child: it is past its own start-up by then.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let has_child = || {
+        fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            let stat = fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            rest.split_whitespace().nth(1) == Some(&pid.to_string())
+        })
+    };
+    while !has_child() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fspf run started no child"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let _ = run.kill();
+    let out = run.wait_with_output().unwrap();
+    let shown = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(shown.contains("run --key"), "{shown}");
+    assert!(!shown.contains(&kt.key[..16]), "key visible: {shown}");
+    assert!(
+        stderr(&out)
+            .contains("the key is visible to other users in /proc/PID/cmdline; use --key-file"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The forms that never put the key on the command line, without the warning.
+    env.write("key", format!("{}\n", kt.key));
+    let cat = |extra: &[&str], stdin: Option<&str>| {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(format!(
+                "exec \"$0\" cat fspf.pb /d/x --tag {} {}",
+                kt.tag,
+                extra.join(" ")
+            ))
+            .arg(FSPF)
+            .current_dir(env.root())
+            .env_remove("SCONE_FSPF_KEY")
+            .env_remove("SCONE_FSPF_TAG")
+            .env_remove("SCONE_FSPF");
+        if let Some(s) = stdin {
+            c.stdin(fs::File::open(env.path(s)).unwrap());
+        }
+        c.output().unwrap()
+    };
+    for (extra, stdin) in [
+        (vec!["--key-file", "key"], None),
+        (vec!["--key-file", "-"], Some("key")),
+        (vec!["--key-fd", "3", "3<key"], None),
+    ] {
+        let o = cat(&extra, stdin);
+        assert_eq!(stdout(&o), "x\n", "{extra:?}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("visible"), "{extra:?}: {}", stderr(&o));
+    }
+    // A positional KEY (show) and --key elsewhere warn.
+    for args in [
+        vec!["show", "fspf.pb", kt.key.as_str()],
+        vec!["cat", "fspf.pb", "/d/x", "--key", &kt.key, "--tag", &kt.tag],
+    ] {
+        let o = env.run(&args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("/proc/PID/cmdline"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
 }
