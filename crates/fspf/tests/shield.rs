@@ -718,11 +718,16 @@ fn shell_pipeline_of_shielded_children() {
     ok(&o, "pipeline");
     assert_eq!(stdout(&o), format!("HELLO THERE\n{}\n", WORLD_PY.len()));
     w.tamper("vol/hello.txt");
+    need("bash");
     let o = w.run(&[
-        "sh",
+        "bash",
         "-c",
-        "set -e; cat /data/hello.txt | tr a-z A-Z; exit ${PIPESTATUS:-0}",
+        "set -o pipefail; cat /data/hello.txt | tr a-z A-Z",
     ]);
+    assert!(
+        !o.status.success(),
+        "the tampered read fails the pipeline: {o:?}"
+    );
     assert!(!stdout(&o).contains("HELLO"));
 }
 

@@ -211,9 +211,14 @@ mod tests {
     #[test]
     #[allow(clippy::unnecessary_cast)]
     fn not_worthwhile_on_tmpfs() {
+        // The precondition is checked, not assumed: a machine without a tmpfs at /dev/shm fails
+        // this test instead of passing it without looking.
         let shm = Path::new("/dev/shm/x");
-        if rustix::fs::statfs(Path::new("/dev/shm")).is_ok_and(|s| s.f_type as i64 == 0x0102_1994) {
-            assert!(!worthwhile(shm));
-        }
+        let fs = rustix::fs::statfs(Path::new("/dev/shm")).expect("statfs /dev/shm");
+        assert_eq!(
+            fs.f_type as i64, 0x0102_1994,
+            "/dev/shm must be a tmpfs for this test"
+        );
+        assert!(!worthwhile(shm));
     }
 }
