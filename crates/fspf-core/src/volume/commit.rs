@@ -20,6 +20,7 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Encrypted versions of at least this size are written with direct I/O ([`DirectWriter`]).
 pub const DIRECT_MIN: u64 = 8 << 20;
@@ -37,6 +38,9 @@ pub struct StagedFile {
     pub loc: KernelPath,
     /// Outboard written for this version (removed again if the commit fails).
     pub outboard: Option<PathBuf>,
+    /// Held from before the shadow was created until this version is committed or dropped,
+    /// so the orphan cleanup never takes the shadow for an orphan.
+    pub(crate) _writer: Arc<store::WriterGuard>,
 }
 
 impl StagedFile {
@@ -259,6 +263,7 @@ impl Volume {
             region: region.embed_point.to_string(),
         })?;
         let id = FileId::random()?;
+        let writer = self.writer_guard()?;
         let (dir, name) = loc
             .parent()
             .map_err(|e| Error::kernel(&path.to_string(), loc.full(), e))?;
@@ -278,6 +283,7 @@ impl Volume {
             kernel: loc.full(),
             loc,
             outboard,
+            _writer: writer,
         })
     }
 
