@@ -7,7 +7,6 @@ use fspf_core::volume::KernelReader;
 use fspf_core::EmbedPath;
 use libc::c_int;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
@@ -381,7 +380,7 @@ pub struct OpenFile {
     pub append: bool,
     pub body: Body,
     pub mode: u32,
-    pub kernel: Option<PathBuf>,
+    pub kernel: Option<fspf_core::volume::KernelPath>,
     /// For buffers (`Body::Buf`): I/O on the program's fd goes straight to the kernel (it is a
     /// description of the buffer's memfd); writes set this flag.
     pub touched: Option<Arc<AtomicBool>>,
@@ -599,11 +598,10 @@ pub fn fill_stat(ep: &EmbedPath, node: &Node, st: &mut libc::stat) {
     *st = unsafe { std::mem::zeroed() };
     let mut times = None;
     if let Some(k) = &node.kernel {
-        use std::os::unix::fs::MetadataExt;
-        if let Ok(m) = std::fs::symlink_metadata(k) {
-            st.st_uid = m.uid();
-            st.st_gid = m.gid();
-            times = Some((m.atime(), m.mtime(), m.ctime()));
+        if let Ok(m) = fspf_core::volume::kernel_fs::stat_beneath(k.base(), k.rel()) {
+            st.st_uid = m.st_uid;
+            st.st_gid = m.st_gid;
+            times = Some((m.st_atime, m.st_mtime, m.st_ctime));
         }
     }
     if times.is_none() {

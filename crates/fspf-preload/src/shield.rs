@@ -5,8 +5,9 @@ use crate::anchor::{Anchor, AnchorState};
 use crate::files::{self, WriteBuf};
 use crate::{log, real, say};
 use fspf_core::format::metadata::{FileKind, Protection, Region, RegionKind};
+use fspf_core::volume::kernel_fs;
 use fspf_core::volume::memory::{self, SealedMem};
-use fspf_core::volume::Change;
+use fspf_core::volume::{Change, KernelPath};
 use fspf_core::{EmbedPath, Tag, Volume, VolumeKey};
 use libc::c_int;
 use std::collections::{BTreeMap, BTreeSet};
@@ -402,8 +403,10 @@ pub struct Node {
     pub kind: NodeKind,
     pub size: u64,
     pub mode: u32,
-    /// Kernel object backing it (for times), when the region is a kernel region.
-    pub kernel: Option<PathBuf>,
+    /// Kernel object backing it (for times), when the region is a kernel region: its region's
+    /// kernel directory and the part below it, resolved without following symlinks
+    /// (`fspf_core::volume::kernel_fs`).
+    pub kernel: Option<KernelPath>,
     pub mtime: Option<i64>,
 }
 
@@ -741,7 +744,7 @@ impl Shield {
     pub fn lookup(&self, inner: &Inner, ep: &EmbedPath) -> Result<Node, c_int> {
         let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
         let region = vol.region_for(ep).ok_or(libc::ENOENT)?;
-        let kernel = ep.kernel_path(region);
+        let kernel = KernelPath::of(region, ep);
         if let Some(b) = inner.live.get(ep) {
             let b = b.lock().unwrap_or_else(|e| e.into_inner());
             return Ok(Node {
@@ -752,7 +755,7 @@ impl Shield {
                 mtime: Some(b.mtime),
             });
         }
-        let dir = |kernel: Option<PathBuf>| Node {
+        let dir = |kernel: Option<KernelPath>| Node {
             kind: NodeKind::Dir,
             size: 4096,
             mode: 0o755,
@@ -941,16 +944,21 @@ impl Shield {
     /// Make sure the kernel directory of `path` exists (once per directory and process: a
     /// stat and a failing mkdir per staged file otherwise).
     fn ensure_parent(&self, region: &Region, path: &EmbedPath) {
-        let Some(kp) = path.kernel_path(region) else {
+        let Some(kp) = KernelPath::of(region, path) else {
             return;
         };
-        let Some(parent) = kp.parent() else { return };
+        let Some(parent) = kp.rel().parent() else {
+            return;
+        };
+        let full = kp.base().join(parent);
         let mut known = self.dirs_made.lock().unwrap_or_else(|e| e.into_inner());
-        if known.contains(parent) {
+        if known.contains(&full) {
             return;
         }
-        if std::fs::create_dir_all(parent).is_ok() {
-            known.insert(parent.to_path_buf());
+        // No symlink below the region's directory is followed: a directory the attacker
+        // replaced by a link to elsewhere makes this fail (ELOOP), it creates nothing there.
+        if kernel_fs::create_dirs_beneath(kp.base(), parent, 0o755).is_ok() {
+            known.insert(full);
         }
     }
 

@@ -83,6 +83,10 @@ enum Command {
         /// print findings as JSON
         #[arg(long)]
         json: bool,
+        /// first remove leftovers of interrupted writers (uncommitted shadows, fspf temporaries,
+        /// unreferenced trees) and roll committed shadows forward; needs the tag like an update
+        #[arg(long)]
+        clean: bool,
     },
     /// Write one file's verified plaintext to stdout
     Cat {
@@ -148,7 +152,12 @@ fn main() {
         Command::Addf(a) => cmd::addf::run(a),
         Command::Encrypt { fspf, kt } => cmd::encrypt(&fspf, &kt),
         Command::Show(a) => cmd::show::run(a),
-        Command::Verify { fspf, kt, json } => cmd::verify(&fspf, &kt, json),
+        Command::Verify {
+            fspf,
+            kt,
+            json,
+            clean,
+        } => cmd::verify(&fspf, &kt, json, clean),
         Command::Cat {
             fspf,
             embed_path,

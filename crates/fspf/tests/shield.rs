@@ -1872,3 +1872,85 @@ fn a_protected_file_dup2ed_onto_stdin_is_read_lazily_through_stdio_and_dd() {
     let o = w.run(&["dd", "if=/data/big.txt", &of, "bs=64k"]);
     assert!(!o.status.success(), "{o:?}");
 }
+
+#[test]
+fn rm_r_of_a_directory_holding_leftovers_frees_the_name_for_a_file() {
+    let mut w = data_world();
+    let o = w.run_tagged(
+        &[],
+        &["sh", "-c", "mkdir -p /data/T/sub && echo x > /data/T/sub/f"],
+    );
+    ok(&o, "make the tree");
+    // A writer killed mid-commit leaves its shadow; an attacker may add unlisted junk too.
+    w.write(
+        "vol/T/sub/.g.fspf-0123456789abcdef0123456789abcdef",
+        b"leftover",
+    );
+    w.write("vol/T/junk", b"unlisted");
+    let o = w.run_tagged(
+        &[],
+        &[
+            "sh",
+            "-c",
+            "rm -rf /data/T && echo data > /data/T && cat /data/T",
+        ],
+    );
+    ok(&o, "rm -rf, then a file at the same name");
+    assert_eq!(stdout(&o), "data\n");
+    let o = w.run(&["cat", "/data/T"]);
+    ok(&o, "the file is readable in the next run");
+    assert_eq!(stdout(&o), "data\n");
+}
+
+#[test]
+fn a_symlinked_region_directory_never_lets_the_shield_write_or_delete_outside_the_region() {
+    let mut w = data_world();
+    let o = w.run_tagged(
+        &[],
+        &[
+            "sh",
+            "-c",
+            "mkdir /data/sub && echo one > /data/sub/a && echo two > /data/sub/b",
+        ],
+    );
+    ok(&o, "make /data/sub");
+    // The attacker swaps the kernel directory for a link to a victim directory holding a copy.
+    let victim = w.path("victim");
+    std::fs::create_dir_all(&victim).expect("victim");
+    for f in ["a", "b"] {
+        std::fs::copy(w.path(&format!("vol/sub/{f}")), victim.join(f)).expect("copy");
+    }
+    std::fs::write(victim.join("precious"), "keep me").expect("precious");
+    std::fs::remove_dir_all(w.path("vol/sub")).expect("rm sub");
+    std::os::unix::fs::symlink(&victim, w.path("vol/sub")).expect("symlink");
+    let before: Vec<_> = {
+        let mut v: Vec<_> = std::fs::read_dir(&victim)
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let _ = w.run_opts(
+        true,
+        &w.tag.clone(),
+        &[
+            "sh",
+            "-c",
+            "cat /data/sub/a; echo new > /data/sub/c; mv /data/sub/a /data/sub/z; rm -f /data/sub/b; mkdir /data/sub/d; rm -rf /data/sub",
+        ],
+    );
+    let mut after: Vec<_> = std::fs::read_dir(&victim)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    after.sort();
+    assert_eq!(
+        before, after,
+        "nothing created, renamed or deleted in the victim directory"
+    );
+    assert_eq!(
+        std::fs::read_to_string(victim.join("precious")).expect("precious"),
+        "keep me"
+    );
+}

@@ -20,6 +20,7 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Encrypted versions of at least this size are written with direct I/O ([`DirectWriter`]).
 pub const DIRECT_MIN: u64 = 8 << 20;
@@ -37,6 +38,9 @@ pub struct StagedFile {
     pub loc: KernelPath,
     /// Outboard written for this version (removed again if the commit fails).
     pub outboard: Option<PathBuf>,
+    /// Held from before the shadow was created until this version is committed or dropped,
+    /// so the orphan cleanup never takes the shadow for an orphan.
+    pub(crate) _writer: Arc<store::WriterGuard>,
 }
 
 impl StagedFile {
@@ -58,7 +62,12 @@ impl StagedFile {
     /// [`roll_forward_at`].
     fn publish(&self) {
         if let Ok((dir, name)) = self.loc.parent() {
-            let _ = kernel_fs::rename_at(&dir, self.shadow_name(), &name);
+            if kernel_fs::rename_at(&dir, self.shadow_name(), &name).is_err() {
+                // A directory the fspf no longer lists may still hold the name (its removal
+                // was interrupted): the committed file takes precedence.
+                let _ = kernel_fs::clear_stale_dir(self.loc.base(), self.loc.rel());
+                let _ = kernel_fs::rename_at(&dir, self.shadow_name(), &name);
+            }
         }
     }
 }
@@ -259,6 +268,7 @@ impl Volume {
             region: region.embed_point.to_string(),
         })?;
         let id = FileId::random()?;
+        let writer = self.writer_guard()?;
         let (dir, name) = loc
             .parent()
             .map_err(|e| Error::kernel(&path.to_string(), loc.full(), e))?;
@@ -278,6 +288,7 @@ impl Volume {
             kernel: loc.full(),
             loc,
             outboard,
+            _writer: writer,
         })
     }
 

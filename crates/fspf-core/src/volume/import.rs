@@ -179,6 +179,7 @@ impl Volume {
                 }
             }
         }
+        let writer = self.writer_guard()?;
         // One syncfs per file system after staging instead of one fsync per file: on ext4 each
         // fsync waits for its own journal commit (about 1 000 small files/s on this VM's disk).
         let durable = std::mem::replace(&mut self.sync_each_file, false);
@@ -291,6 +292,7 @@ impl Volume {
                             kernel: loc.full(),
                             loc,
                             outboard,
+                            _writer: writer.clone(),
                         })))
                     }
                 }

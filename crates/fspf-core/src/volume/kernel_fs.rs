@@ -336,6 +336,104 @@ pub fn remove_beneath(base: &Path, rel: &Path, dir: bool) -> io::Result<()> {
     Ok(rustix::fs::unlinkat(&d, &name, flags)?)
 }
 
+/// Is `name` one of the files fspf itself leaves beside kernel files: a shadow
+/// (`.NAME.fspf-<32 hex>`, a staged or interrupted version) or a stale directory moved aside
+/// (`.NAME.fspf-stale-<hex>`)?
+pub fn is_fspf_leftover(name: &OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let b = name.as_bytes();
+    if !b.starts_with(b".") {
+        return false;
+    }
+    let Some(i) = b.windows(6).rposition(|w| w == b".fspf-") else {
+        return false;
+    };
+    let tail = &b[i + 6..];
+    let hex = |t: &[u8]| !t.is_empty() && t.iter().all(u8::is_ascii_hexdigit);
+    (tail.len() == 32 && hex(tail)) || tail.strip_prefix(b"stale-").is_some_and(hex)
+}
+
+/// Delete the directory `name` in `dir` and everything below it, following no symlink (a link
+/// inside is removed, not followed). Best effort: the first error is returned.
+fn remove_tree_at(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
+    let d = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut names: Vec<(OsString, bool)> = Vec::new();
+    for e in rustix::fs::Dir::read_from(&d)? {
+        let e = e?;
+        let n = e.file_name().to_bytes();
+        if n == b"." || n == b".." {
+            continue;
+        }
+        use std::os::unix::ffi::OsStrExt;
+        names.push((
+            OsStr::from_bytes(n).to_owned(),
+            e.file_type() == FileType::Directory,
+        ));
+    }
+    let mut first: Option<io::Error> = None;
+    for (n, is_dir) in names {
+        let r = if is_dir {
+            remove_tree_at(&d, &n)
+        } else {
+            rustix::fs::unlinkat(&d, &n, AtFlags::empty()).map_err(io::Error::from)
+        };
+        if let Err(e) = r {
+            first.get_or_insert(e);
+        }
+    }
+    rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR).map_err(io::Error::from)?;
+    first.map_or(Ok(()), Err)
+}
+
+/// Move `name` in `dir` out of the way (`.NAME.fspf-stale-<random>`) and delete it there.
+fn move_aside_and_remove(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
+    let mut rnd = [0u8; 8];
+    crate::crypto::random_bytes(&mut rnd).map_err(io::Error::other)?;
+    let mut stale = OsString::from(".");
+    stale.push(name);
+    stale.push(format!(".fspf-stale-{}", hex::encode(rnd)));
+    rustix::fs::renameat(dir, name, dir, &stale)?;
+    // The name is free now; what was below it is deleted as far as possible (a failure leaves
+    // a stale directory that `fspf verify` reports and `verify --clean` removes).
+    let _ = remove_tree_at(dir, &stale);
+    Ok(())
+}
+
+/// Remove the kernel directory `rel` below `base` that the fspf no longer lists (`rmdir`, `rm
+/// -r` under the shield). Programs saw it empty, yet the kernel directory may still hold fspf's
+/// leftovers (the shadow of a writer killed mid-commit) or unlisted files: those are invisible
+/// and must not keep the name taken, or a file created there later could never be moved into
+/// place (EIO on that path forever). So leftovers are removed first, and a directory that is
+/// still not empty is moved aside and deleted. Follows no symlink below `base`.
+pub fn remove_unlisted_dir(base: &Path, rel: &Path) -> io::Result<()> {
+    let (parent, name) = KernelPath::new(base, rel).parent()?;
+    match rustix::fs::unlinkat(&parent, &name, AtFlags::REMOVEDIR) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::NOTEMPTY) | Err(rustix::io::Errno::EXIST) => {
+            move_aside_and_remove(&parent, &name)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Make the name `rel` below `base` free for a file being moved there: an unlisted directory
+/// left at that name (see [`remove_unlisted_dir`]) is moved aside and deleted. Anything else is
+/// left alone (a rename replaces files and symlinks itself).
+pub fn clear_stale_dir(base: &Path, rel: &Path) -> io::Result<()> {
+    let (parent, name) = KernelPath::new(base, rel).parent()?;
+    match rustix::fs::statat(&parent, &name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+            move_aside_and_remove(&parent, &name)
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Rename `from` to `to`, both below `base`, following no symlink below `base`; `to`'s parent
 /// directories are created first (as [`create_dirs_beneath`]).
 pub fn rename_beneath(base: &Path, from: &Path, to: &Path) -> io::Result<()> {

@@ -5,13 +5,15 @@ pub mod direct;
 mod import;
 pub mod kernel_fs;
 pub mod memory;
+mod orphans;
 mod store;
 mod verify;
 
 pub use commit::{Change, StagedFile};
 pub use import::{ImportOptions, ImportReport};
 pub use kernel_fs::KernelPath;
-pub use store::FspfLock;
+pub use orphans::{CleanReport, Orphan, OrphanKind};
+pub use store::{held_fds, FspfLock, WriterGuard, WRITER_FD_BASE};
 pub use store::{is_fspf_internal, sync_filesystems, write_file_durably};
 pub use verify::Finding;
 
@@ -39,6 +41,8 @@ pub struct Volume {
     /// When false, staged files are not fsync'd one by one: the caller makes them durable (e.g.
     /// one `syncfs`) before [`Volume::commit`]. The preload shield batches commits this way.
     pub sync_each_file: bool,
+    /// The writer lock shared by the versions this volume stages (see [`WriterGuard`]).
+    writer: std::sync::Mutex<std::sync::Weak<WriterGuard>>,
 }
 
 /// Parameters of `addr`.
@@ -61,7 +65,10 @@ impl Volume {
             tag: Tag::default(),
             meta: Metadata::default(),
             sync_each_file: true,
+            writer: Default::default(),
         };
+        // Under the update lock: the orphan cleanup removes temporaries only while holding it.
+        let _lock = FspfLock::acquire(&v.path)?;
         store::write_new(&mut v, force)?;
         Ok(v.tag)
     }
@@ -88,6 +95,18 @@ impl Volume {
     }
     pub fn key(&self) -> Option<&VolumeKey> {
         self.key.as_ref()
+    }
+
+    /// The shared writer lock for a new staged version: one per volume while any of its staged
+    /// versions is alive.
+    pub(crate) fn writer_guard(&self) -> Result<std::sync::Arc<WriterGuard>> {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(g) = w.upgrade() {
+            return Ok(g);
+        }
+        let g = std::sync::Arc::new(WriterGuard::acquire(&self.path)?);
+        *w = std::sync::Arc::downgrade(&g);
+        Ok(g)
     }
 
     /// Take the update lock (`FSPF.lock`); commands that modify the fspf hold it throughout.

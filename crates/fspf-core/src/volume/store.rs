@@ -226,6 +226,7 @@ pub(crate) fn open(path: &Path, key: Option<VolumeKey>, expected: Option<Tag>) -
         tag,
         meta,
         sync_each_file: true,
+        writer: Default::default(),
     })
 }
 
@@ -379,6 +380,29 @@ pub(crate) fn write_new(v: &mut Volume, force: bool) -> Result<()> {
     Ok(())
 }
 
+/// Open (create) the lock file `FSPF<suffix>`: not through a symlink, and only a regular file
+/// (O_NONBLOCK: a FIFO in its place must not block the open).
+fn open_lock_file(fspf: &Path, suffix: &str) -> Result<(File, PathBuf)> {
+    let lp = sibling(fspf, suffix);
+    let fd = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&lp)
+        .map_err(|e| Error::io(&lp, e))?;
+    let f = kernel_fs::require_regular(fd.into()).map_err(|e| match e {
+        kernel_fs::OpenError::NotRegular(kind) => Error::NotRegular {
+            path: lp.display().to_string(),
+            kind,
+        },
+        kernel_fs::OpenError::Io(e) => Error::io(&lp, e),
+    })?;
+    Ok((f, lp))
+}
+
 /// Exclusive lock on `FSPF.lock` (flock), released on drop. Serialises updaters across processes
 /// and threads (each acquisition opens its own file description).
 #[derive(Debug)]
@@ -388,27 +412,82 @@ pub struct FspfLock {
 
 impl FspfLock {
     pub fn acquire(fspf: &Path) -> Result<FspfLock> {
-        let lp = sibling(fspf, ".lock");
-        // Not through a symlink, not a FIFO or device (O_NONBLOCK: a FIFO must not block here).
-        let fd = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&lp)
-            .map_err(|e| Error::io(&lp, e))?;
-        let f = kernel_fs::require_regular(fd.into()).map_err(|e| match e {
-            kernel_fs::OpenError::NotRegular(kind) => Error::NotRegular {
-                path: lp.display().to_string(),
-                kind,
-            },
-            kernel_fs::OpenError::Io(e) => Error::io(&lp, e),
-        })?;
+        let (f, lp) = open_lock_file(fspf, ".lock")?;
         f.lock().map_err(|e| Error::io(&lp, e))?;
         Ok(FspfLock { _file: f })
     }
+}
+
+/// A shared lock on `FSPF.writers.lock`, held by every process that has staged a file version
+/// (a shadow, an outboard) that is not yet committed or discarded: each [`super::StagedFile`]
+/// keeps one alive. The orphan cleanup ([`Volume::clean_orphans`](super::Volume::clean_orphans)) removes uncommitted
+/// shadows only when it can take this lock exclusively, i.e. when no such writer exists.
+///
+/// Its descriptor outlives the call that staged the version; in a shielded program the program
+/// runs in between. It is therefore moved to a number >= [`WRITER_FD_BASE`], out of the way of
+/// `dup2(x, 4)`-style redirections, and listed by [`held_fds`] so that a frontend that
+/// interposes `close`/`dup2` can keep the program from closing it.
+#[derive(Debug)]
+pub struct WriterGuard {
+    file: File,
+}
+
+/// Lowest descriptor number a [`WriterGuard`] uses.
+pub const WRITER_FD_BASE: i32 = 900;
+
+static HELD: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+
+/// Descriptors fspf-core holds open across calls (the writer locks of staged versions).
+pub fn held_fds() -> Vec<i32> {
+    HELD.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+impl WriterGuard {
+    pub(crate) fn acquire(fspf: &Path) -> Result<WriterGuard> {
+        use std::os::fd::AsRawFd;
+        let (f, lp) = open_lock_file(fspf, ".writers.lock")?;
+        f.lock_shared().map_err(|e| Error::io(&lp, e))?;
+        // Same open file description, hence the same lock; the low number is closed.
+        let file = match rustix::io::fcntl_dupfd_cloexec(&f, WRITER_FD_BASE) {
+            Ok(high) => File::from(high),
+            Err(_) => f,
+        };
+        HELD.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(file.as_raw_fd());
+        Ok(WriterGuard { file })
+    }
+}
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = held.iter().position(|&h| h == fd) {
+            held.swap_remove(i);
+        }
+    }
+}
+
+/// The exclusive side of [`WriterGuard`], without waiting: `None` while any writer holds it.
+pub(crate) fn no_writers(fspf: &Path) -> Result<Option<File>> {
+    let (f, lp) = open_lock_file(fspf, ".writers.lock")?;
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&lp, e)),
+    }
+}
+
+/// Is `name` (in the fspf's directory) one of the fspf's commit temporaries, `FSPF.tmp-<12 hex>`?
+pub(crate) fn is_temp_name(fspf: &Path, name: &[u8]) -> bool {
+    let Some(base) = fspf.file_name() else {
+        return false;
+    };
+    name.strip_prefix(base.as_encoded_bytes())
+        .and_then(|r| r.strip_prefix(b".tmp-"))
+        .is_some_and(|h| h.len() == 12 && h.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! `verify`: check every listed file against the fspf and find unlisted files on disk.
 use super::kernel_fs::{self, KernelPath};
 use super::{store, Volume};
+use crate::crypto::FileId;
 use crate::error::{Error, Result};
 use crate::format::metadata::{FileEntry, FileKind, Protection, RegionKind};
 use crate::policy::EmbedPath;
@@ -14,21 +15,112 @@ pub struct Finding {
     pub problem: String,
 }
 
-/// Exactly the names `commit::shadow_path` writes, `.NAME.fspf-<32 lowercase hex>`: leftovers of
-/// an interrupted commit are not findings. Any other name is reported (it could hide a planted file).
-fn is_shadow(name: &[u8]) -> bool {
-    let Some(rest) = name.strip_prefix(b".") else {
-        return false;
-    };
+/// Exactly the names `commit::shadow_name` writes, `.NAME.fspf-<32 lowercase hex>`: leftovers of
+/// an interrupted commit are not findings (`fspf verify` warns about them separately). Any other
+/// name is reported (it could hide a planted file).
+pub(crate) fn is_shadow(name: &[u8]) -> bool {
+    parse_shadow(name).is_some()
+}
+
+/// `NAME` and the file id of the shadow name `.NAME.fspf-<32 lowercase hex>`.
+pub(crate) fn parse_shadow(name: &[u8]) -> Option<(&[u8], FileId)> {
+    let rest = name.strip_prefix(b".")?;
     let id_hex = crate::crypto::FILE_ID_LEN * 2;
     if rest.len() <= b".fspf-".len() + id_hex {
-        return false;
+        return None;
     }
     let (head, id) = rest.split_at(rest.len() - id_hex);
-    head.ends_with(b".fspf-") && id.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+    let target = head.strip_suffix(b".fspf-")?;
+    if !id.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let mut bytes = [0u8; crate::crypto::FILE_ID_LEN];
+    hex::decode_to_slice(id, &mut bytes).ok()?;
+    Some((target, FileId(bytes)))
+}
+
+/// One entry on disk below the kernel directory of a protected kernel region.
+pub(crate) struct RegionEntry {
+    /// Index of the region in `meta.regions`.
+    pub region: usize,
+    /// Its embed path.
+    pub path: EmbedPath,
+    /// Where it is: the region's kernel directory (canonicalised) and the part below it.
+    pub disk: KernelPath,
+    pub is_dir: bool,
+}
+
+impl RegionEntry {
+    pub fn name(&self) -> &[u8] {
+        self.disk
+            .rel()
+            .file_name()
+            .unwrap_or_default()
+            .as_encoded_bytes()
+    }
 }
 
 impl Volume {
+    /// Every entry below the kernel directories of the protected kernel regions that belongs to
+    /// that region: not the fspf's own files, not the storage of another (nested) region.
+    /// Symlinks are listed, never followed.
+    pub(crate) fn region_entries(&self) -> Vec<RegionEntry> {
+        let mut out = Vec::new();
+        for (ri, region) in self.meta.regions.iter().enumerate() {
+            let RegionKind::Kernel(base) = &region.kind else {
+                continue;
+            };
+            if region.protection == Protection::NotProtected {
+                continue;
+            }
+            // Walk the real directory: a symlinked kernel path would otherwise show up as an
+            // unlisted file itself, and the fspf's own files (known by their canonical path)
+            // would not be recognised below it.
+            let base = &std::fs::canonicalize(base).unwrap_or_else(|_| base.clone());
+            // Kernel directories of other regions that lie below this one hold *their* files
+            // (e.g. `/` authenticated at `/`, `/data` encrypted at `/srv/vol`): not this one's.
+            let other_storage: Vec<std::path::PathBuf> = self
+                .meta
+                .regions
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != ri)
+                .filter_map(|(_, r)| match &r.kind {
+                    RegionKind::Kernel(k) => {
+                        Some(std::fs::canonicalize(k).unwrap_or_else(|_| k.clone()))
+                    }
+                    RegionKind::Ephemeral => None,
+                })
+                .collect();
+            let walker = walkdir::WalkDir::new(base)
+                .follow_links(false)
+                .sort_by_file_name()
+                .into_iter();
+            let walker = walker.filter_entry(|e| {
+                let rel = e.path().strip_prefix(base).unwrap_or(e.path());
+                let Ok(p) = region.embed_point.join(rel.as_os_str().as_encoded_bytes()) else {
+                    return false;
+                };
+                self.meta.region_index(&p) == Some(ri)
+                    && !store::is_fspf_internal(self.path(), e.path())
+                    && (e.depth() == 0 || !other_storage.iter().any(|o| o == e.path()))
+            });
+            for e in walker.flatten() {
+                let rel = e.path().strip_prefix(base).unwrap_or(e.path());
+                let Ok(p) = region.embed_point.join(rel.as_os_str().as_encoded_bytes()) else {
+                    continue;
+                };
+                out.push(RegionEntry {
+                    region: ri,
+                    path: p,
+                    disk: KernelPath::new(base, rel),
+                    is_dir: e.file_type().is_dir(),
+                });
+            }
+        }
+        out
+    }
+
     /// Check the kernel-side object of the listed directory or symlink `path`: a directory must
     /// be a directory (not a symlink to one), a symlink must have the recorded target, and no
     /// directory on the way below the region's kernel directory may be a symlink. Regular files
@@ -105,59 +197,19 @@ impl Volume {
             .collect();
         findings.append(&mut per_file);
         // Unlisted files in protected kernel regions.
-        for (ri, region) in self.meta.regions.iter().enumerate() {
-            let RegionKind::Kernel(base) = &region.kind else {
-                continue;
-            };
-            if region.protection == Protection::NotProtected {
+        for e in self.region_entries() {
+            if e.is_dir || is_shadow(e.name()) {
                 continue;
             }
-            // Walk the real directory: a symlinked kernel path would otherwise show up as an
-            // unlisted file itself, and the fspf's own files (known by their canonical path)
-            // would not be recognised below it.
-            let base = &std::fs::canonicalize(base).unwrap_or_else(|_| base.clone());
-            // Kernel directories of other regions that lie below this one hold *their* files
-            // (e.g. `/` authenticated at `/`, `/data` encrypted at `/srv/vol`): not unlisted here.
-            let other_storage: Vec<std::path::PathBuf> = self
-                .meta
-                .regions
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != ri)
-                .filter_map(|(_, r)| match &r.kind {
-                    RegionKind::Kernel(k) => {
-                        Some(std::fs::canonicalize(k).unwrap_or_else(|_| k.clone()))
-                    }
-                    RegionKind::Ephemeral => None,
-                })
-                .collect();
-            let walker = walkdir::WalkDir::new(base)
-                .follow_links(false)
-                .sort_by_file_name()
-                .into_iter();
-            let walker = walker.filter_entry(|e| {
-                let rel = e.path().strip_prefix(base).unwrap_or(e.path());
-                let Ok(p) = region.embed_point.join(rel.as_os_str().as_encoded_bytes()) else {
-                    return false;
-                };
-                self.meta.region_index(&p) == Some(ri)
-                    && !store::is_fspf_internal(self.path(), e.path())
-                    && (e.depth() == 0 || !other_storage.iter().any(|o| o == e.path()))
-            });
-            for e in walker.flatten() {
-                if e.file_type().is_dir() || is_shadow(e.file_name().as_encoded_bytes()) {
-                    continue;
-                }
-                let rel = e.path().strip_prefix(base).unwrap_or(e.path());
-                let Ok(p) = region.embed_point.join(rel.as_os_str().as_encoded_bytes()) else {
-                    continue;
-                };
-                if !self.meta.files.contains_key(&p) {
-                    findings.push(Finding {
-                        path: p.to_string(),
-                        problem: format!("{p}: unlisted file in protected region {} (added on disk, not in the fspf)", region.embed_point),
-                    });
-                }
+            if !self.meta.files.contains_key(&e.path) {
+                let region = &self.meta.regions[e.region].embed_point;
+                findings.push(Finding {
+                    path: e.path.to_string(),
+                    problem: format!(
+                        "{}: unlisted file in protected region {region} (added on disk, not in the fspf)",
+                        e.path
+                    ),
+                });
             }
         }
         findings.sort_by(|a, b| a.path.cmp(&b.path));

@@ -295,10 +295,16 @@ pub unsafe extern "C" fn lseek64(fd: c_int, o: off_t, w: c_int) -> off_t {
     unsafe { real::lseek64(fd, o, w) }
 }
 
-/// The shield's own inherited fds (anchor, key) survive programs that close "all other" fds.
+/// The shield's own fds (anchor, key, buffers, and fspf-core's writer locks held while staged
+/// versions await their commit) survive programs that close "all other" fds.
 fn is_own_fd(fd: c_int) -> bool {
     let sh = shield::get();
-    fd >= 0 && (fd == sh.anchor_fd() || fd == sh.key_fd() || files::is_own(fd))
+    fd >= 0
+        && (fd == sh.anchor_fd()
+            || fd == sh.key_fd()
+            || files::is_own(fd)
+            || (fd >= fspf_core::volume::WRITER_FD_BASE
+                && fspf_core::volume::held_fds().contains(&fd)))
 }
 
 #[no_mangle]
@@ -333,6 +339,7 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
     let mut own: Vec<c_uint> = [sh.anchor_fd(), sh.key_fd()]
         .into_iter()
         .chain(files::own_in(lo, hi))
+        .chain(fspf_core::volume::held_fds())
         .filter(|&f| f >= 0 && (first..=last).contains(&(f as c_uint)))
         .map(|f| f as c_uint)
         .collect();

@@ -8,7 +8,6 @@ use crate::shield::{self, Shield};
 use crate::{enter, files, real};
 use fspf_core::EmbedPath;
 use libc::{c_char, c_int, c_void, gid_t, mode_t, size_t, uid_t};
-use std::os::unix::fs::MetadataExt;
 
 /// Owner and group `stat` shows for a shielded node (see `files::fill_stat`).
 fn shown_owner(sh: &Shield, ep: &EmbedPath) -> Result<(uid_t, gid_t), c_int> {
@@ -17,9 +16,9 @@ fn shown_owner(sh: &Shield, ep: &EmbedPath) -> Result<(uid_t, gid_t), c_int> {
     if let Some(m) = n
         .kernel
         .as_ref()
-        .and_then(|k| std::fs::symlink_metadata(k).ok())
+        .and_then(|k| fspf_core::volume::kernel_fs::stat_beneath(k.base(), k.rel()).ok())
     {
-        return Ok((m.uid(), m.gid()));
+        return Ok((m.st_uid, m.st_gid));
     }
     // SAFETY: plain id queries.
     Ok(unsafe { (libc::getuid(), libc::getgid()) })

@@ -7,7 +7,7 @@ use crate::files;
 use crate::shield::{self, EphNode, Inner, NodeKind, Route, Shield};
 use crate::{enter, real};
 use fspf_core::format::metadata::{FileEntry, FileKind};
-use fspf_core::volume::Change;
+use fspf_core::volume::{kernel_fs, Change, KernelPath};
 use fspf_core::EmbedPath;
 use libc::{c_char, c_int, c_uint, mode_t, off_t, size_t};
 
@@ -75,10 +75,12 @@ fn do_unlink(sh: &Shield, ep: EmbedPath, dir: bool) -> Result<(), c_int> {
     let kernel = node.kernel.clone();
     sh.commit_now(&mut inner, Change::Remove(ep), || {
         if let Some(k) = kernel {
+            // Below the region's directory, following no symlink; a directory is emptied of
+            // fspf's own leftovers first and otherwise moved aside, so the name is free again.
             let _ = if dir {
-                std::fs::remove_dir(&k)
+                kernel_fs::remove_unlisted_dir(k.base(), k.rel())
             } else {
-                std::fs::remove_file(&k)
+                kernel_fs::remove_beneath(k.base(), k.rel(), false)
             };
         }
     })
@@ -172,8 +174,11 @@ fn do_mkdir(sh: &Shield, ep: EmbedPath, mode: mode_t) -> Result<(), c_int> {
         );
         return Ok(());
     }
-    if let Some(k) = sh.region_of(&inner, &ep).and_then(|r| ep.kernel_path(r)) {
-        let _ = std::fs::create_dir_all(k);
+    if let Some(k) = sh
+        .region_of(&inner, &ep)
+        .and_then(|r| KernelPath::of(r, &ep))
+    {
+        let _ = kernel_fs::create_dirs_beneath(k.base(), k.rel(), 0o755);
     }
     inner.new_dirs.insert(ep.clone());
     inner.queue.push(Change::PutEntry(
@@ -315,15 +320,13 @@ fn do_rename(sh: &Shield, from: EmbedPath, to: EmbedPath, flags: c_uint) -> Resu
     }
     let region = sh.region_of(&inner, &from).cloned();
     let (kf, kt) = match &region {
-        Some(r) => (from.kernel_path(r), to.kernel_path(r)),
+        Some(r) => (KernelPath::of(r, &from), KernelPath::of(r, &to)),
         None => (None, None),
     };
     sh.commit_now(&mut inner, Change::Rename { from, to }, || {
         if let (Some(a), Some(b)) = (kf, kt) {
-            if let Some(p) = b.parent() {
-                let _ = std::fs::create_dir_all(p);
-            }
-            let _ = std::fs::rename(a, b);
+            // Same region, same base; creates b's parents; follows no symlink below the base.
+            let _ = kernel_fs::rename_beneath(a.base(), a.rel(), b.rel());
         }
     })
 }
@@ -501,7 +504,12 @@ pub unsafe extern "C" fn chdir(p: *const c_char) -> c_int {
             match sh.lookup(&inner, &ep) {
                 Ok(n) if matches!(n.kind, NodeKind::Dir) => {
                     if let Some(k) = &n.kernel {
-                        let _ = std::env::set_current_dir(k);
+                        // The kernel cwd follows, without following a symlink below the region.
+                        if let Ok(d) = kernel_fs::open_dir_beneath(k.base(), k.rel()) {
+                            use std::os::fd::AsRawFd;
+                            // SAFETY: fchdir to a directory fd we own for this call.
+                            unsafe { real::fchdir(d.as_raw_fd()) };
+                        }
                     }
                     inner.cwd = ep;
                     inner.cwd_virtual = true;

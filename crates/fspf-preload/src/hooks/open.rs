@@ -152,19 +152,22 @@ pub fn placeholder(ep: &EmbedPath, cloexec: bool) -> Result<c_int, c_int> {
 }
 
 fn dir_placeholder(
-    kernel: Option<&std::path::Path>,
+    kernel: Option<&fspf_core::volume::KernelPath>,
     ep: &EmbedPath,
     cloexec: bool,
 ) -> Result<c_int, c_int> {
     if let Some(k) = kernel {
-        use std::os::unix::ffi::OsStrExt;
-        if let Ok(c) = std::ffi::CString::new(k.as_os_str().as_bytes()) {
-            let fl = libc::O_RDONLY | libc::O_DIRECTORY | if cloexec { libc::O_CLOEXEC } else { 0 };
-            // SAFETY: NUL-terminated path.
-            let fd = unsafe { real::open(c.as_ptr(), fl, 0) };
-            if fd >= 0 {
-                return Ok(fd);
+        use std::os::fd::IntoRawFd;
+        let fl = libc::O_RDONLY | libc::O_DIRECTORY;
+        // No symlink below the region's directory is followed (a swapped-in link to a victim
+        // directory must not become the program's directory fd).
+        if let Ok(fd) = fspf_core::volume::kernel_fs::open_beneath(k.base(), k.rel(), fl, 0) {
+            let fd = fd.into_raw_fd();
+            if !cloexec {
+                // SAFETY: clearing FD_CLOEXEC on the fd we just opened.
+                unsafe { real::fcntl(fd, libc::F_SETFD, 0) };
             }
+            return Ok(fd);
         }
     }
     placeholder(ep, cloexec)
@@ -215,7 +218,7 @@ fn shield_open_depth(
                     if wants_write {
                         return Err(libc::EISDIR);
                     }
-                    let fd = dir_placeholder(n.kernel.as_deref(), &ep, cloexec)?;
+                    let fd = dir_placeholder(n.kernel.as_ref(), &ep, cloexec)?;
                     let f = OpenFile {
                         path: ep,
                         offset: 0,

@@ -51,9 +51,27 @@ pub fn encrypt(fspf: &Path, kt: &KeyTagArgs) -> Result<i32> {
     Ok(0)
 }
 
-pub fn verify(fspf: &Path, kt: &KeyTagArgs, json: bool) -> Result<i32> {
+/// `verify --clean`: remove the leftovers of interrupted writers under the update lock.
+fn clean(fspf: &Path, kt: &KeyTagArgs) -> Result<fspf_core::volume::CleanReport> {
+    let lock = Volume::lock(fspf)?;
+    // It changes the disk by what this fspf names: an older fspf must not decide.
+    let v = kt.open_for_update(fspf)?;
+    Ok(v.clean_orphans(&lock)?)
+}
+
+/// Leftovers listed in a warning at most (the rest is counted).
+const LEFTOVERS_SHOWN: usize = 10;
+
+pub fn verify(fspf: &Path, kt: &KeyTagArgs, json: bool, clean_first: bool) -> Result<i32> {
+    let cleaned = if clean_first {
+        Some(clean(fspf, kt)?)
+    } else {
+        None
+    };
     let v = kt.open(fspf)?;
     let findings = v.verify();
+    // After verify: opening the listed files rolled committed shadows forward already.
+    let leftovers = v.orphans();
     let listed = v
         .meta
         .files
@@ -65,11 +83,31 @@ pub fn verify(fspf: &Path, kt: &KeyTagArgs, json: bool) -> Result<i32> {
             .iter()
             .map(|f| serde_json::json!({"path": f.path, "problem": f.problem}))
             .collect();
-        println!(
-            "{}",
-            serde_json::json!({"files": listed, "ok": findings.is_empty(), "findings": arr})
-        );
+        let left: Vec<_> = leftovers
+            .iter()
+            .map(|o| serde_json::json!({"path": o.disk.full(), "kind": o.kind.name()}))
+            .collect();
+        let mut out = serde_json::json!({"files": listed, "ok": findings.is_empty(), "findings": arr, "leftovers": left});
+        if let Some(c) = &cleaned {
+            out["cleaned"] = serde_json::json!({
+                "removed": c.removed, "rolled_forward": c.rolled_forward, "kept": c.kept,
+                "failed": c.failed.iter().map(|(p, e)| serde_json::json!({"path": p, "error": e})).collect::<Vec<_>>(),
+            });
+        }
+        println!("{out}");
     } else {
+        if let Some(c) = &cleaned {
+            println!(
+                "Cleaned {}: removed {}, rolled forward {}, kept {} (staged by a writer of this fspf that is still running)",
+                fspf.display(),
+                c.removed.len(),
+                c.rolled_forward.len(),
+                c.kept.len()
+            );
+            for (p, e) in &c.failed {
+                eprintln!("fspf: warning: could not clean {}: {e}", p.display());
+            }
+        }
         for f in &findings {
             println!("FAILED {}", f.problem);
         }
@@ -77,6 +115,25 @@ pub fn verify(fspf: &Path, kt: &KeyTagArgs, json: bool) -> Result<i32> {
             println!("OK: {listed} files verified against tag {}", v.tag());
         } else {
             println!("{} problem(s) found in {}", findings.len(), fspf.display());
+        }
+        if !leftovers.is_empty() {
+            eprintln!(
+                "fspf: warning: {} leftovers of interrupted writers (not in the fspf, not an integrity problem; `fspf verify --clean` removes them):",
+                leftovers.len()
+            );
+            for o in leftovers.iter().take(LEFTOVERS_SHOWN) {
+                eprintln!(
+                    "fspf: warning:   {} ({})",
+                    o.disk.full().display(),
+                    o.kind.name()
+                );
+            }
+            if leftovers.len() > LEFTOVERS_SHOWN {
+                eprintln!(
+                    "fspf: warning:   ... and {} more",
+                    leftovers.len() - LEFTOVERS_SHOWN
+                );
+            }
         }
     }
     Ok(if findings.is_empty() { 0 } else { 1 })

@@ -773,3 +773,111 @@ fn key_on_the_command_line_stayed_visible_in_proc_cmdline() {
         );
     }
 }
+
+/// Shadows (`.NAME.fspf-<id>`) and `FSPF.tmp-*` temporaries left by crashed writers were never
+/// removed (106 203 of them after 60 kills). `fspf verify` now warns about them (not an integrity
+/// failure) and `fspf verify --clean` removes them: committed shadows are rolled forward, and
+/// uncommitted ones are kept while a writer of the fspf holds `FSPF.writers.lock`.
+#[test]
+fn crashed_writers_left_shadows_and_temporaries_forever() {
+    let env = Env::new();
+    env.write("src/a", "a\n");
+    env.write("src/sub/b", pattern(3 * CHUNK, 3));
+    env.write("auth/big", pattern(3 * CHUNK + 5, 4));
+    env.mkdir("vol");
+    env.ok(["create", "fspf.pb"]);
+    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
+    env.ok([
+        "addr",
+        "fspf.pb",
+        "/d",
+        "-e",
+        "--kernel",
+        &env.p("vol"),
+        "-c",
+        "4096",
+    ]);
+    env.ok([
+        "addr",
+        "fspf.pb",
+        "/au",
+        "-a",
+        "--kernel",
+        &env.p("auth"),
+        "-c",
+        "4096",
+    ]);
+    env.ok(["addf", "fspf.pb", "/d", "src", &env.p("vol")]);
+    env.ok(["addf", "fspf.pb", "/au", "auth"]);
+    let kt = env.encrypt(None);
+    let k = ["--key", &kt.key, "--tag", &kt.tag];
+    let hex = |c: char| c.to_string().repeat(32);
+    // What crashed writers leave: uncommitted shadows, a commit temporary, an outboard.
+    let junk = [
+        format!("vol/.a.fspf-{}", hex('1')),
+        format!("vol/sub/.b.fspf-{}", hex('2')),
+        format!("auth/.big.fspf-{}", hex('3')),
+        "fspf.pb.tmp-0123456789ab".to_string(),
+        format!("fspf.pb.trees/{}", hex('4')),
+    ];
+    for j in &junk {
+        env.write(j, "junk");
+    }
+    let mut a = vec!["verify", "fspf.pb"];
+    a.extend(k);
+    let o = env.run(&a);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).starts_with("OK:"), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("5 leftovers of interrupted writers"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A writer of this fspf is active (holds the writers lock): its possible shadows are kept.
+    let writers = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(env.path("fspf.pb.writers.lock"))
+        .unwrap();
+    writers.lock_shared().unwrap();
+    // A crash after the commit point: the committed version still under its shadow name.
+    let v = fspf_core::Volume::open(
+        &env.fspf_path(),
+        Some(fspf_core::VolumeKey::from_hex(&kt.key).unwrap()),
+        None,
+    )
+    .unwrap();
+    let b = fspf_core::EmbedPath::parse("/d/sub/b").unwrap();
+    let fspf_core::FileKind::File { id, .. } = &v.entry(&b).unwrap().kind else {
+        panic!("not a file")
+    };
+    let committed = format!("vol/sub/.b.fspf-{}", id.to_hex());
+    fs::rename(env.path("vol/sub/b"), env.path(&committed)).unwrap();
+    a.push("--clean");
+    let o = env.run(&a);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("rolled forward 1"), "{}", stdout(&o));
+    assert!(!env.path(&committed).exists());
+    assert!(stdout(&o).contains("removed 1"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("kept 4"), "{}", stdout(&o));
+    assert!(!env.path(&junk[3]).exists());
+    assert!(env.path(&junk[0]).exists());
+    drop(writers);
+
+    let o = env.run(&a);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("removed 4"), "{}", stdout(&o));
+    for j in &junk {
+        assert!(!env.path(j).exists(), "{j} left");
+    }
+    a.pop();
+    let o = env.run(&a);
+    assert!(o.status.success(), "{}", stdout(&o));
+    assert!(!stderr(&o).contains("leftover"), "{}", stderr(&o));
+    let mut c = vec!["cat", "fspf.pb", "/d/a"];
+    c.extend(k);
+    assert_eq!(env.ok(&c), "a\n");
+}
