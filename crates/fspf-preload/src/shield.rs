@@ -38,6 +38,8 @@ fn commit_every_files() -> usize {
 const COMMIT_EVERY_BYTES: u64 = 256 << 20;
 /// Symlinks followed while resolving one path before `ELOOP` (Linux: 40).
 pub const MAX_SYMLINKS: u32 = 40;
+/// Lowest fd number for the files verified readers keep open (see `kernel_fs::set_fd_floor`).
+const READER_FD_FLOOR: c_int = 600;
 /// Lowest fd number for the shield's own inherited fds (anchor, key), out of the way of shells.
 const HIGH_FD: c_int = 700;
 
@@ -230,6 +232,9 @@ pub fn init() -> bool {
         return false;
     };
     fspf_core::codec::set_sequential(true);
+    // Files the shield's readers keep open live at high fd numbers, out of the way of a shell's
+    // `exec 3<F` / `dup2(x, 3)` and listed so that `close_range(3, ~0)` leaves them alone.
+    fspf_core::volume::kernel_fs::set_fd_floor(READER_FD_FLOOR);
     // Large reads are verified on a second, scoped thread unless FSPF_READ_THREADS=0.
     if std::env::var_os("FSPF_READ_THREADS").is_some_and(|v| v == "0") {
         fspf_core::codec::set_read_threads(false);

@@ -1954,3 +1954,32 @@ fn a_symlinked_region_directory_never_lets_the_shield_write_or_delete_outside_th
         "keep me"
     );
 }
+
+#[test]
+fn shell_fd_3_and_close_fds_never_close_the_readers_own_file() {
+    let py = python_bin();
+    let w = data_world();
+    for argv in [
+        vec![
+            "sh",
+            "-c",
+            "exec 3</data/hello.txt; cat <&3; exec 3<&-; echo closed",
+        ],
+        vec![
+            "bash",
+            "-c",
+            "exec 3</data/hello.txt; cat <&3; exec 3<&-; echo closed",
+        ],
+    ] {
+        let o = w.run(&argv);
+        ok(&o, &format!("{argv:?}"));
+        assert_eq!(stdout(&o), format!("{HELLO}closed\n"));
+    }
+    let o = w.run(&[
+        &py,
+        "-c",
+        "import subprocess; subprocess.run(['cat'], stdin=open('/data/hello.txt', 'rb'), check=True)",
+    ]);
+    ok(&o, "python subprocess with close_fds");
+    assert_eq!(stdout(&o), HELLO);
+}

@@ -501,6 +501,96 @@ pub fn is_symlink_refusal(e: &io::Error) -> bool {
     e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error())
 }
 
+/// Lowest fd number for files a [`KernelReader`](super::KernelReader) keeps open (0: no floor).
+static FD_FLOOR: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// Fds of open [`TrackedFile`]s.
+static TRACKED: std::sync::Mutex<std::collections::BTreeSet<i32>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+static N_TRACKED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Move the files verified readers keep open to fd numbers `>= floor`. An in-process frontend
+/// sets it: a shell's `exec 3<F` or `dup2(x, 3)` must not land on the reader's own fd, which
+/// the kernel would close under it (the program never sees these fds). They are also listed by
+/// [`is_tracked`], so the frontend can keep a program's `close_range(3, ~0)` off them.
+pub fn set_fd_floor(floor: i32) {
+    FD_FLOOR.store(floor, Ordering::Relaxed);
+}
+
+/// Is `fd` a file a verified reader holds open?
+pub fn is_tracked(fd: i32) -> bool {
+    N_TRACKED.load(Ordering::Relaxed) > 0
+        && TRACKED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&fd)
+}
+
+/// The tracked fds (see [`is_tracked`]).
+pub fn tracked_fds() -> Vec<i32> {
+    if N_TRACKED.load(Ordering::Relaxed) == 0 {
+        return Vec::new();
+    }
+    TRACKED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .copied()
+        .collect()
+}
+
+/// A file kept open by a verified reader: moved above the fd floor and listed while it lives.
+#[derive(Debug)]
+pub struct TrackedFile {
+    file: File,
+}
+
+impl TrackedFile {
+    pub fn new(file: File) -> TrackedFile {
+        use std::os::fd::AsRawFd;
+        let floor = FD_FLOOR.load(Ordering::Relaxed);
+        let file = if floor > 0 && file.as_raw_fd() < floor {
+            // Same open file description at a high number; the low one is closed on drop.
+            match rustix::io::fcntl_dupfd_cloexec(&file, floor) {
+                Ok(high) => File::from(high),
+                Err(_) => file,
+            }
+        } else {
+            file
+        };
+        if floor > 0 {
+            TRACKED
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(file.as_raw_fd());
+            N_TRACKED.fetch_add(1, Ordering::Relaxed);
+        }
+        TrackedFile { file }
+    }
+}
+
+impl Drop for TrackedFile {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        if FD_FLOOR.load(Ordering::Relaxed) > 0
+            && TRACKED
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&self.file.as_raw_fd())
+        {
+            N_TRACKED.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl crate::codec::ReadAt for TrackedFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        std::os::unix::fs::FileExt::read_at(&self.file, buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

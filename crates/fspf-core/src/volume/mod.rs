@@ -29,7 +29,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 /// Reader over a kernel file (the outboard, when present, is a file too).
-pub type KernelReader = ProtectedReader<File, File>;
+/// Verified reader over a kernel file (and its outboard), both kept open as [`kernel_fs::TrackedFile`]s.
+pub type KernelReader = ProtectedReader<kernel_fs::TrackedFile, kernel_fs::TrackedFile>;
 
 /// An opened file system protection file.
 #[derive(Debug)]
@@ -279,9 +280,14 @@ impl Volume {
         data: File,
     ) -> Result<KernelReader> {
         let label = path.to_string();
-        let codec = codec_for(region, path, id, root, data, || {
-            store::open_tree(&self.path, id, &label)
-        })?;
+        let codec = codec_for(
+            region,
+            path,
+            id,
+            root,
+            kernel_fs::TrackedFile::new(data),
+            || store::open_tree(&self.path, id, &label).map(|o| o.map(kernel_fs::TrackedFile::new)),
+        )?;
         ProtectedReader::new(codec, size, region.chunk_len, path.to_string())
     }
 }

@@ -304,7 +304,8 @@ fn is_own_fd(fd: c_int) -> bool {
             || fd == sh.key_fd()
             || files::is_own(fd)
             || (fd >= fspf_core::volume::WRITER_FD_BASE
-                && fspf_core::volume::held_fds().contains(&fd)))
+                && fspf_core::volume::held_fds().contains(&fd))
+            || fspf_core::volume::kernel_fs::is_tracked(fd))
 }
 
 #[no_mangle]
@@ -340,6 +341,7 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
         .into_iter()
         .chain(files::own_in(lo, hi))
         .chain(fspf_core::volume::held_fds())
+        .chain(fspf_core::volume::kernel_fs::tracked_fds())
         .filter(|&f| f >= 0 && (first..=last).contains(&(f as c_uint)))
         .map(|f| f as c_uint)
         .collect();
