@@ -93,6 +93,36 @@ pub enum Error {
 }
 
 impl Error {
+    /// Did data on storage fail verification (tampered, swapped, truncated, rolled back,
+    /// missing, or of the wrong kind)? As opposed to an I/O error of the machine (a full disk,
+    /// a permission) or a usage error. Frontends report the former as `EIO` and never let such
+    /// a process exit 0; the latter keep their own errno.
+    pub fn is_integrity(&self) -> bool {
+        matches!(
+            self,
+            Error::BadMagic { .. }
+                | Error::TruncatedFspf { .. }
+                | Error::TagMismatch { .. }
+                | Error::WrongKeyOrCorrupt { .. }
+                | Error::MalformedMetadata { .. }
+                | Error::ChunkAuth { .. }
+                | Error::SizeMismatch { .. }
+                | Error::HeaderMismatch { .. }
+                | Error::NotRegular { .. }
+                | Error::SymlinkInPath { .. }
+                | Error::FspfTooLarge { .. }
+                | Error::Missing { .. }
+        )
+    }
+
+    /// The OS error number behind an I/O error, if this is one.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

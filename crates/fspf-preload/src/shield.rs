@@ -989,7 +989,11 @@ impl Shield {
         });
         r.map_err(|e| {
             log(format!("{path}: staging failed: {e}"));
-            libc::EIO
+            // A full disk or quota is the program's to see (ENOSPC), not an integrity failure.
+            match e.raw_os_error() {
+                Some(n @ (libc::ENOSPC | libc::EDQUOT | libc::EFBIG)) => n,
+                _ => libc::EIO,
+            }
         })
     }
 
@@ -1045,8 +1049,15 @@ impl Shield {
         };
         let mut roots: BTreeSet<PathBuf> = BTreeSet::new();
         for c in &changes {
-            if let Change::Put(s) = c {
-                if let Some(r) = vol.region_for(&s.path) {
+            let p = match c {
+                Change::Put(s) => Some(&s.path),
+                // Removals and renames of files moved the kernel file to a shadow name before
+                // this commit: that rename must be durable before the fspf names the new state.
+                Change::Remove(p) | Change::Rename { from: p, .. } => Some(p),
+                Change::PutEntry(..) => None,
+            };
+            if let Some(p) = p {
+                if let Some(r) = vol.region_for(p) {
                     if let RegionKind::Kernel(k) = &r.kind {
                         roots.insert(k.clone());
                     }
@@ -1107,7 +1118,10 @@ impl Shield {
                 drop(lock);
                 drop(alock);
                 say(format!("commit failed, changes lost: {e}"));
-                return Err(libc::EIO);
+                return Err(match e.raw_os_error() {
+                    Some(n @ (libc::ENOSPC | libc::EDQUOT)) => n,
+                    _ => libc::EIO,
+                });
             }
         }
         drop(lock);

@@ -72,6 +72,33 @@ fn do_unlink(sh: &Shield, ep: EmbedPath, dir: bool) -> Result<(), c_int> {
         return Ok(());
     }
     inner.new_dirs.remove(&ep);
+    if !dir {
+        // Everything queued before is committed first, then the kernel file is moved to its
+        // shadow name around the commit of the removal (crash-safe, fspf-core `moves`).
+        sh.commit(&mut inner)?;
+        let prep = inner
+            .vol
+            .as_ref()
+            .ok_or(libc::EACCES)?
+            .prepare_remove(&ep)
+            .map_err(|e| {
+                crate::log(format!("{ep}: {e}"));
+                libc::EIO
+            })?;
+        if let Some(p) = prep {
+            inner.queue.push(Change::Remove(ep));
+            return match sh.commit(&mut inner) {
+                Ok(()) => {
+                    p.finish();
+                    Ok(())
+                }
+                Err(e) => {
+                    p.abort();
+                    Err(e)
+                }
+            };
+        }
+    }
     let kernel = node.kernel.clone();
     sh.commit_now(&mut inner, Change::Remove(ep), || {
         if let Some(k) = kernel {
@@ -317,6 +344,30 @@ fn do_rename(sh: &Shield, from: EmbedPath, to: EmbedPath, flags: c_uint) -> Resu
         .collect();
     for d in moved_dirs {
         inner.new_dirs.remove(&d);
+    }
+    // A file: linked to its new name's shadow and moved to its own around the commit
+    // (crash-safe, fspf-core `moves`); a directory is renamed after the commit.
+    let prep = inner
+        .vol
+        .as_ref()
+        .ok_or(libc::EACCES)?
+        .prepare_rename(&from, &to)
+        .map_err(|e| {
+            crate::log(format!("{from}: {e}"));
+            libc::EIO
+        })?;
+    if let Some(p) = prep {
+        inner.queue.push(Change::Rename { from, to });
+        return match sh.commit(&mut inner) {
+            Ok(()) => {
+                p.finish();
+                Ok(())
+            }
+            Err(e) => {
+                p.abort();
+                Err(e)
+            }
+        };
     }
     let region = sh.region_of(&inner, &from).cloned();
     let (kf, kt) = match &region {
