@@ -88,6 +88,8 @@ pub enum Error {
     Missing { path: String },
     #[error("{path}: {reason}")]
     Invalid { path: String, reason: String },
+    #[error(transparent)]
+    Index(#[from] crate::format::index::IndexError),
     #[error("{0}")]
     Other(String),
 }

@@ -113,6 +113,15 @@ impl EmbedPath {
         })
     }
 
+    /// The bytes every path strictly below `self` starts with: `/` for the root, else `self/`.
+    pub fn child_prefix(&self) -> Vec<u8> {
+        let mut p = self.0.to_vec();
+        if !self.is_root() {
+            p.push(b'/');
+        }
+        p
+    }
+
     pub fn file_name(&self) -> &[u8] {
         let i = self.0.iter().rposition(|&c| c == b'/').map_or(0, |i| i + 1);
         &self.0[i..]
@@ -129,6 +138,15 @@ impl EmbedPath {
         }
         use std::os::unix::ffi::OsStrExt;
         Some(base.join(std::ffi::OsStr::from_bytes(rel)))
+    }
+}
+
+/// Maps keyed by `EmbedPath` can be searched with byte strings that are not embed paths (the
+/// prefix `/a/` of a subtree). Sound because `Eq`, `Ord` and `Hash` are those of the bytes; an
+/// order other than byte order (e.g. the frozen index's, `/` lowest) would break this.
+impl std::borrow::Borrow<[u8]> for EmbedPath {
+    fn borrow(&self) -> &[u8] {
+        &self.0
     }
 }
 

@@ -2,8 +2,10 @@
 //! types they parse into. Parsing rejects anything malformed, so later layers never re-check.
 use crate::crypto::{FileId, RegionKey, FILE_ID_LEN};
 use crate::format::layout::{self, MAX_CHUNK_LEN, MIN_CHUNK_LEN};
+use crate::format::view::{ChildKind, Children};
 use crate::policy::EmbedPath;
 use std::collections::BTreeMap;
+use std::ops::Bound::{Included, Unbounded};
 use std::path::PathBuf;
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -149,28 +151,7 @@ impl Metadata {
         MetadataPb {
             format_version: 1,
             generation: self.generation,
-            regions: self
-                .regions
-                .iter()
-                .map(|r| RegionPb {
-                    embed_point: r.embed_point.as_bytes().to_vec(),
-                    kind: match r.kind {
-                        RegionKind::Kernel(_) => 1,
-                        RegionKind::Ephemeral => 2,
-                    },
-                    kernel_path: match &r.kind {
-                        RegionKind::Kernel(p) => p.as_os_str().as_encoded_bytes().to_vec(),
-                        RegionKind::Ephemeral => Vec::new(),
-                    },
-                    protection: r.protection.code(),
-                    key: r
-                        .key
-                        .as_ref()
-                        .map(|k| k.as_bytes().to_vec())
-                        .unwrap_or_default(),
-                    chunk_len: r.chunk_len,
-                })
-                .collect(),
+            regions: self.regions_pb(),
             files: self
                 .files
                 .iter()
@@ -197,6 +178,31 @@ impl Metadata {
                 })
                 .collect(),
         }
+    }
+
+    /// The regions as wire structs (what the frozen index carries besides the files).
+    pub fn regions_pb(&self) -> Vec<RegionPb> {
+        self.regions
+            .iter()
+            .map(|r| RegionPb {
+                embed_point: r.embed_point.as_bytes().to_vec(),
+                kind: match r.kind {
+                    RegionKind::Kernel(_) => 1,
+                    RegionKind::Ephemeral => 2,
+                },
+                kernel_path: match &r.kind {
+                    RegionKind::Kernel(p) => p.as_os_str().as_encoded_bytes().to_vec(),
+                    RegionKind::Ephemeral => Vec::new(),
+                },
+                protection: r.protection.code(),
+                key: r
+                    .key
+                    .as_ref()
+                    .map(|k| k.as_bytes().to_vec())
+                    .unwrap_or_default(),
+                chunk_len: r.chunk_len,
+            })
+            .collect()
     }
 
     pub fn from_pb(pb: MetadataPb) -> Result<Metadata, String> {
@@ -326,21 +332,64 @@ impl Metadata {
 
     /// Index of the region that owns `path` (longest embed-point prefix, by whole components).
     pub fn region_index(&self, path: &EmbedPath) -> Option<usize> {
-        let mut best: Option<usize> = None;
-        for (i, r) in self.regions.iter().enumerate() {
-            if path.starts_with(&r.embed_point)
-                && best.is_none_or(|b| {
-                    r.embed_point.as_bytes().len() > self.regions[b].embed_point.as_bytes().len()
-                })
-            {
-                best = Some(i);
-            }
-        }
-        best
+        region_index_in(&self.regions, path)
     }
 
     pub fn region_for(&self, path: &EmbedPath) -> Option<&Region> {
         self.region_index(path).map(|i| &self.regions[i])
+    }
+
+    /// Direct children of `dir` (rules: [`crate::format::view::MetaView`]), in name order.
+    ///
+    /// The map is in byte order, where a subtree is not contiguous with its root: `/a-b` and
+    /// `/a.b` sort between `/a` and `/a/x`. Each child `c` therefore shows up as at most two runs,
+    /// the entry `dir/c` and the block `dir/c/…`; a block is jumped over with one range search, so
+    /// the cost is O(log n) per child that has descendants and O(1) per other child. A directory
+    /// implied only by its block is met after the names that extend it with a byte below `/`,
+    /// so the result is sorted at the end (it is sorted but for those, which stable sort handles
+    /// in linear time).
+    pub fn children(&self, dir: &EmbedPath) -> Children<'_> {
+        let prefix = dir.child_prefix();
+        let mut out: Vec<(&[u8], ChildKind)> = Vec::new();
+        let mut probe: Vec<u8> = Vec::new();
+        let mut range = self
+            .files
+            .range::<[u8], _>((Included(&prefix[..]), Unbounded));
+        while let Some((k, e)) = range.next() {
+            let Some(rest) = k.as_bytes().strip_prefix(&prefix[..]) else {
+                break;
+            };
+            match rest.iter().position(|&c| c == b'/') {
+                // `/` itself, when listing the root.
+                None if rest.is_empty() => {}
+                None => out.push((rest, ChildKind::of(&e.kind))),
+                Some(i) => {
+                    let name = &rest[..i];
+                    probe.clear();
+                    probe.extend_from_slice(&prefix);
+                    probe.extend_from_slice(name);
+                    // A listed `dir/name` sorts before its block and was reported there.
+                    if !self.files.contains_key(&probe[..]) {
+                        out.push((name, ChildKind::Dir));
+                    }
+                    probe.push(b'/' + 1);
+                    range = self
+                        .files
+                        .range::<[u8], _>((Included(&probe[..]), Unbounded));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(b.0));
+        Children::listed(out)
+    }
+
+    /// Is any path listed strictly below `dir`? O(log n).
+    pub fn has_below(&self, dir: &EmbedPath) -> bool {
+        let prefix = dir.child_prefix();
+        self.files
+            .range::<[u8], _>((Included(&prefix[..]), Unbounded))
+            .find(|(k, _)| k.as_bytes() != prefix)
+            .is_some_and(|(k, _)| k.as_bytes().starts_with(&prefix))
     }
 
     /// `path` and every listed path below it, in order. (Byte order puts `/a-x` between `/a` and
@@ -366,6 +415,19 @@ impl Metadata {
         }
         Ok(())
     }
+}
+
+/// Index in `regions` of the region that owns `path` (longest embed-point prefix, by whole
+/// components).
+pub fn region_index_in(regions: &[Region], path: &EmbedPath) -> Option<usize> {
+    let mut best: Option<(usize, usize)> = None;
+    for (i, r) in regions.iter().enumerate() {
+        let len = r.embed_point.as_bytes().len();
+        if path.starts_with(&r.embed_point) && best.is_none_or(|(_, b)| len > b) {
+            best = Some((i, len));
+        }
+    }
+    best.map(|(i, _)| i)
 }
 
 #[cfg(test)]
@@ -460,5 +522,36 @@ mod tests {
             .collect();
         assert_eq!(got, ["/a", "/a/b", "/a/b/c"]);
         assert_eq!(m.paths_below(&EmbedPath::root()).len(), 6);
+    }
+
+    #[test]
+    fn children_are_listed_once_in_name_order_despite_byte_order() {
+        // Byte order: /a, /a-x, /a.y, /a/b, /c-d, /c/e. `/c` is implied by `/c/e` alone and is
+        // met after `/c-d`; `/a` is listed and its block comes after `/a-x`.
+        let mut m = Metadata::default();
+        for p in ["/a", "/a-x", "/a.y", "/a/b", "/c-d", "/c/e"] {
+            let kind = if p == "/a" {
+                FileKind::Dir
+            } else {
+                FileKind::Symlink(b"t".to_vec())
+            };
+            m.files
+                .insert(EmbedPath::parse(p).unwrap(), FileEntry { kind, mode: 0 });
+        }
+        let got: Vec<(String, ChildKind)> = m
+            .children(&EmbedPath::root())
+            .map(|(n, k)| (String::from_utf8_lossy(n).into_owned(), k))
+            .collect();
+        let want = [
+            ("a", ChildKind::Dir),
+            ("a-x", ChildKind::Symlink),
+            ("a.y", ChildKind::Symlink),
+            ("c", ChildKind::Dir),
+            ("c-d", ChildKind::Symlink),
+        ];
+        assert_eq!(got, want.map(|(n, k)| (n.to_string(), k)));
+        assert!(m.has_below(&EmbedPath::parse("/c").unwrap()));
+        assert!(!m.has_below(&EmbedPath::parse("/c-d").unwrap()));
+        assert!(!m.has_below(&EmbedPath::parse("/a/b").unwrap()));
     }
 }
