@@ -11,6 +11,7 @@
 mod anchor;
 mod files;
 mod hooks;
+mod index_fd;
 mod real;
 mod shield;
 

@@ -5,6 +5,7 @@ use crate::anchor::{Anchor, AnchorState};
 use crate::files::{self, WriteBuf};
 use crate::{log, real, say};
 use fspf_core::format::metadata::{FileKind, Protection, Region, RegionKind};
+use fspf_core::format::view::ChildKind;
 use fspf_core::volume::kernel_fs;
 use fspf_core::volume::memory::{self, SealedMem};
 use fspf_core::volume::{Change, KernelPath};
@@ -51,10 +52,15 @@ pub struct Shield {
     anchor: Anchor,
     /// Private CLOEXEC memfd with the hex key, handed to exec'd children (FSPF_KEY_FD); or -1.
     key_fd_slot: AtomicI32,
+    /// Sealed memfd with the frozen index of the state this process last handed to children
+    /// (`FSPF_INDEX_FD`); -1 when none. Rebuilt for children after a commit moved the tag.
+    index_fd_slot: AtomicI32,
     pub started: i64,
     inner: Mutex<Inner>,
     /// Kernel directories known to exist (see [`Shield::ensure_parent`]).
     dirs_made: Mutex<std::collections::HashSet<PathBuf>>,
+    /// The tag the index in `index_fd_slot` was built from (when this process built it).
+    index_tag: Mutex<Option<Tag>>,
 }
 
 #[derive(Debug)]
@@ -320,17 +326,28 @@ pub fn init() -> bool {
     // A committer of this run killed inside its commit window leaves two trusted tags: the one
     // on disk is the one to open (either is a state the run committed).
     let trusted = match anchor_tag {
-        Some(st) => Some(
+        Some(st) if st.pending.is_some() => Some(
             Volume::read_tag(&fspf)
                 .ok()
                 .and_then(|d| st.accepts(d))
                 .unwrap_or(st.current),
         ),
+        Some(st) => Some(st.current),
         None => env_tag,
     };
-    let vol = match problem {
-        Some(p) => Err(p),
-        None => Volume::open(&fspf, key.clone(), trusted)
+    // The run's frozen index, when it matches the trusted tag: nothing to parse (O(1) start).
+    let mut index_fd = -1;
+    let inherited = match (&problem, trusted) {
+        (None, Some(t)) => crate::index_fd::inherited(&fspf, key.clone(), t),
+        _ => None,
+    };
+    let vol = match (problem, inherited) {
+        (Some(p), _) => Err(p),
+        (None, Some((v, fd))) => {
+            index_fd = fd;
+            v.meta.check_usable().map(|_| v).map_err(|e| e.to_string())
+        }
+        (None, None) => Volume::open(&fspf, key.clone(), trusted)
             .and_then(|v| v.meta.check_usable().map(|_| v))
             .map_err(|e| e.to_string()),
     };
@@ -375,6 +392,7 @@ pub fn init() -> bool {
                 .map(PathBuf::from),
         ),
         key_fd_slot: AtomicI32::new(key_fd),
+        index_fd_slot: AtomicI32::new(index_fd),
         started: now(),
         inner: Mutex::new(Inner {
             vol,
@@ -387,6 +405,7 @@ pub fn init() -> bool {
             cwd_virtual,
         }),
         dirs_made: Mutex::new(std::collections::HashSet::new()),
+        index_tag: Mutex::new(None),
     };
     let ok = SHIELD.set(sh).is_ok();
     if ok {
@@ -490,7 +509,7 @@ impl Shield {
             if inner.live.contains_key(&anc) {
                 return Some(Err(libc::ENOTDIR));
             }
-            match vol.meta.files.get(&anc).map(|e| &e.kind) {
+            match vol.lookup(&anc).map(|e| e.into_owned().kind) {
                 Some(FileKind::Symlink(t)) => {
                     let mut v = if t.first() == Some(&b'/') {
                         t.clone()
@@ -501,7 +520,7 @@ impl Shield {
                             .as_bytes()
                             .to_vec();
                         v.push(b'/');
-                        v.extend_from_slice(t);
+                        v.extend_from_slice(&t);
                         v
                     };
                     v.extend_from_slice(&b[end..]);
@@ -705,6 +724,44 @@ impl Shield {
         self.key_fd_slot.load(Ordering::Relaxed)
     }
 
+    pub fn index_fd(&self) -> c_int {
+        self.index_fd_slot.load(Ordering::Relaxed)
+    }
+
+    /// The index fd to hand to a child about to be exec'd: the inherited one while the volume
+    /// is still the state it describes, else a new one built from this process's volume (O(n),
+    /// once per commit that a child follows). -1 when there is no usable volume.
+    pub fn index_fd_for_child(&self, inner: &Inner) -> c_int {
+        let Some(vol) = inner.vol.as_ref() else {
+            return -1;
+        };
+        let cur = self.index_fd();
+        if cur >= 0 && vol.is_indexed() {
+            return cur;
+        }
+        if cur >= 0
+            && self
+                .index_tag
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                == Some(&vol.tag())
+        {
+            return cur;
+        }
+        let fd = crate::index_fd::create(vol);
+        if fd >= 0 {
+            if cur >= 0 {
+                // SAFETY: closing our own previous index memfd.
+                unsafe { real::close(cur) };
+            }
+            self.index_fd_slot.store(fd, Ordering::Relaxed);
+            *self.index_tag.lock().unwrap_or_else(|e| e.into_inner()) = Some(vol.tag());
+            std::env::set_var("FSPF_INDEX_FD", fd.to_string());
+        }
+        fd
+    }
+
     /// Before the program dup2()s onto `target`: if that is one of the shield's own fds, move
     /// ours elsewhere first (a shell's `exec 3>file` must not replace the trust anchor).
     pub fn protect_own_fd(&self, target: c_int) {
@@ -722,6 +779,14 @@ impl Shield {
                 if std::env::var_os("FSPF_ANCHOR_FD").is_some() {
                     std::env::set_var("FSPF_ANCHOR_FD", n.to_string());
                 }
+            }
+        }
+        if target == self.index_fd() {
+            // SAFETY: duplicating our own index fd (inheritable, like the anchor).
+            let n = unsafe { real::fcntl(target, libc::F_DUPFD, (target + 1) as libc::c_ulong) };
+            if n >= 0 {
+                self.index_fd_slot.store(n, Ordering::Relaxed);
+                std::env::set_var("FSPF_INDEX_FD", n.to_string());
             }
         }
         if target == self.key_fd() {
@@ -796,7 +861,7 @@ impl Shield {
         if inner.new_dirs.contains(ep) {
             return Ok(dir(kernel));
         }
-        match vol.meta.files.get(ep) {
+        match vol.lookup(ep) {
             Some(e) => Ok(match &e.kind {
                 FileKind::File { size, .. } => Node {
                     kind: NodeKind::File,
@@ -819,7 +884,7 @@ impl Shield {
             }),
             None if ep == &region.embed_point
                 || Self::region_ancestor(inner, ep)
-                || below(&vol.meta.files, ep).next().is_some()
+                || vol.has_below(ep)
                 || inner.new_dirs.iter().any(|d| d.starts_with(ep))
                 || below(&inner.live, ep).next().is_some() =>
             {
@@ -854,15 +919,14 @@ impl Shield {
                 }
             }
         } else {
-            for (k, e) in below(&vol.meta.files, ep) {
-                if let Some((c, more)) = first_component(k, ep) {
-                    let t = match (more, &e.kind) {
-                        (true, _) | (false, FileKind::Dir) => libc::DT_DIR,
-                        (false, FileKind::File { .. }) => libc::DT_REG,
-                        (false, FileKind::Symlink(_)) => libc::DT_LNK,
-                    };
-                    m.entry(c.to_vec()).or_insert(t);
-                }
+            // O(log n + k) in the volume's index, never a scan of all entries.
+            for (c, kind) in vol.children(ep) {
+                let t = match kind {
+                    ChildKind::Dir => libc::DT_DIR,
+                    ChildKind::File => libc::DT_REG,
+                    ChildKind::Symlink => libc::DT_LNK,
+                };
+                m.entry(c.to_vec()).or_insert(t);
             }
             for d in &inner.new_dirs {
                 if let Some((c, _)) = first_component(d, ep) {

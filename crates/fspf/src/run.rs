@@ -131,6 +131,21 @@ fn find_preload() -> Result<PathBuf> {
     )
 }
 
+/// An inheritable memfd holding `content`, sealed against any change.
+fn sealed_memfd(name: &str, content: &[u8]) -> Result<OwnedFd> {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let fd = rustix::fs::memfd_create(name, MemfdFlags::ALLOW_SEALING)
+        .with_context(|| format!("memfd_create({name})"))?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(content)?;
+    rustix::fs::fcntl_add_seals(
+        &f,
+        SealFlags::SEAL | SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE,
+    )
+    .with_context(|| format!("sealing {name}"))?;
+    Ok(f.into())
+}
+
 /// An inheritable memfd holding `content`.
 fn memfd(name: &str, content: &[u8]) -> Result<OwnedFd> {
     let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::empty())
@@ -153,7 +168,19 @@ fn settle(fspf: &Path, anchor: OwnedFd) -> Result<Tag> {
         Tag(t)
     };
     match b.len() {
-        16 => Ok(tag(&b)),
+        16 => {
+            // The run's processes read from the trusted state they hold (the frozen index), not
+            // from the disk: a fspf swapped in during the run is caught here at the latest.
+            let t = tag(&b);
+            let disk = Volume::read_tag(fspf)?;
+            if disk != t {
+                bail!(
+                    "{}: the fspf on disk (tag {disk}) is not the one the run ended with ({t}): replaced or rolled back during the run",
+                    fspf.display()
+                );
+            }
+            Ok(t)
+        }
         32 => {
             let (cur, next) = (tag(&b[..16]), tag(&b[16..]));
             let disk = Volume::read_tag(fspf)?;
@@ -196,6 +223,9 @@ pub fn run(a: RunArgs) -> Result<i32> {
         fspf_core::write_file_durably(p, format!("{tag}\n").as_bytes(), 0o600)?;
     }
     let anchor = memfd("fspf-anchor", &tag.0)?;
+    // The frozen index of this state: the run's shielded processes map it instead of parsing
+    // the fspf each (their start then costs nothing in the volume's size).
+    let index = sealed_memfd("fspf-index", &vol.build_index()?)?;
     let key_fd = match &key {
         Some(k) => Some(memfd("fspf-key", k.to_hex().as_bytes())?),
         None => None,
@@ -225,6 +255,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
         .env("SCONE_FSPF", &fspf)
         .env("SCONE_FSPF_TAG", tag.to_hex())
         .env("FSPF_ANCHOR_FD", anchor.as_raw_fd().to_string())
+        .env("FSPF_INDEX_FD", index.as_raw_fd().to_string())
         .env_remove("SCONE_FSPF_KEY")
         .env_remove("FSPF_KEY_FD");
     if let Some(k) = &key_fd {

@@ -850,8 +850,14 @@ fn rollback_of_the_fspf_during_a_run_is_refused() {
         fspf = w.fspf.display()
     );
     let o = w.run_mut(&["sh", "-c", &script]);
+    // The run's processes keep reading the state the run trusts (its frozen index), never the
+    // swapped-in fspf; the swap itself is reported when the run ends (and refused by the next
+    // commit of the run, and by the next run under the run's tag).
     assert!(!o.status.success(), "rolled-back fspf accepted");
-    assert!(!stdout(&o).contains("Hello"));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("replaced or rolled back during the run"),
+        "{o:?}"
+    );
 }
 
 #[test]
@@ -1982,4 +1988,28 @@ fn shell_fd_3_and_close_fds_never_close_the_readers_own_file() {
     ]);
     ok(&o, "python subprocess with close_fds");
     assert_eq!(stdout(&o), HELLO);
+}
+
+#[test]
+fn the_runs_processes_start_from_the_frozen_index_without_parsing_the_fspf() {
+    // Children started after the fspf on disk became unreadable still open protected files:
+    // they map the run's frozen index (FSPF_INDEX_FD) instead of parsing the fspf. The damage is
+    // reported when the run ends.
+    let w = data_world();
+    let garbage = w.path("garbage");
+    std::fs::write(&garbage, b"not an fspf").expect("garbage");
+    let script = format!(
+        "cat /data/hello.txt; cp {g} {f}; cat /data/hello.txt; sh -c 'cat /data/world.py'; ls /data",
+        g = garbage.display(),
+        f = w.fspf.display()
+    );
+    let o = w.run(&["sh", "-c", &script]);
+    assert_eq!(
+        stdout(&o),
+        format!("{HELLO}{HELLO}{WORLD_PY}hello.txt\nworld.py\n")
+    );
+    assert!(
+        !o.status.success(),
+        "the damaged fspf is reported at the end"
+    );
 }

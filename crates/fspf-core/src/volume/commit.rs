@@ -310,6 +310,8 @@ impl Volume {
         trusted_tag: Option<Tag>,
         announce: &mut dyn FnMut(Tag) -> Result<()>,
     ) -> Result<Tag> {
+        // Changes apply to the whole metadata: an index-backed volume parses it now.
+        self.ensure_loaded()?;
         let fspf = self.path.clone();
         let cleanup = |changes: &[Change]| {
             for c in changes {

@@ -70,6 +70,7 @@ impl Volume {
         opts: &ImportOptions,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<ImportReport> {
+        self.ensure_loaded()?;
         self.meta.check_usable()?;
         let src_meta = fs::metadata(&opts.source).map_err(|e| Error::io(&opts.source, e))?;
         if !src_meta.is_dir() {

@@ -40,7 +40,12 @@ pub struct Volume {
     path: PathBuf,
     key: Option<VolumeKey>,
     tag: Tag,
+    /// The parsed metadata. While [`Volume::index`] is set, only its regions and generation
+    /// are filled in; [`Volume::ensure_loaded`] parses the rest from the index when needed.
     pub meta: Metadata,
+    /// A frozen index of this fspf shared by the processes of a run (see
+    /// [`Volume::from_index`]): lookups and listings read it, nothing is parsed.
+    index: Option<crate::format::index::FrozenIndex<'static>>,
     /// When false, staged files are not fsync'd one by one: the caller makes them durable (e.g.
     /// one `syncfs`) before [`Volume::commit`]. The preload shield batches commits this way.
     pub sync_each_file: bool,
@@ -67,6 +72,7 @@ impl Volume {
             key: None,
             tag: Tag::default(),
             meta: Metadata::default(),
+            index: None,
             sync_each_file: true,
             writer: Default::default(),
         };
@@ -85,6 +91,96 @@ impl Volume {
     /// when given, must equal the tag on disk (freshness: an older fspf has another tag).
     pub fn open(path: &Path, key: Option<VolumeKey>, expected_tag: Option<Tag>) -> Result<Volume> {
         store::open(path, key, expected_tag)
+    }
+
+    /// A volume over a frozen index (`format::index`) that a process of the same run built
+    /// from the fspf with tag `index.tag()` and that the caller trusts as it trusts that tag
+    /// (the preload checks it against the run's anchor). O(#regions): nothing is parsed, so a
+    /// process starts in time independent of the volume's size. The first change parses the
+    /// index into [`Metadata`] (O(n)).
+    pub fn from_index(path: &Path, key: Option<VolumeKey>, bytes: &'static [u8]) -> Result<Volume> {
+        let ix = crate::format::index::FrozenIndex::open(bytes)?;
+        let meta = Metadata {
+            generation: ix.generation(),
+            regions: ix.regions().to_vec(),
+            files: Default::default(),
+        };
+        Ok(Volume {
+            path: store::absolute(path),
+            key,
+            tag: ix.tag(),
+            meta,
+            index: Some(ix),
+            sync_each_file: true,
+            writer: Default::default(),
+        })
+    }
+
+    /// The frozen index of this volume's current state, for the processes it starts (the
+    /// bytes hold the region keys: keep them in memory the run trusts, like the key).
+    pub fn build_index(&self) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+        match &self.index {
+            Some(ix) => {
+                let m = ix.to_metadata()?;
+                Ok(crate::format::index::build_index(&m, self.tag)?)
+            }
+            None => Ok(crate::format::index::build_index(&self.meta, self.tag)?),
+        }
+    }
+
+    /// An index-backed volume as a parsed one (for whole-volume walks: verify, orphans).
+    pub(crate) fn parsed_copy(&self) -> Result<Option<Volume>> {
+        let Some(ix) = &self.index else {
+            return Ok(None);
+        };
+        Ok(Some(Volume {
+            path: self.path.clone(),
+            key: self.key.clone(),
+            tag: self.tag,
+            meta: ix.to_metadata()?,
+            index: None,
+            sync_each_file: self.sync_each_file,
+            writer: Default::default(),
+        }))
+    }
+
+    /// Is this volume backed by a frozen index (nothing parsed yet)?
+    pub fn is_indexed(&self) -> bool {
+        self.index.is_some()
+    }
+
+    /// Parse the frozen index into `meta` (before any change, or a caller that needs all of
+    /// it). A no-op for a volume opened from its fspf.
+    pub fn ensure_loaded(&mut self) -> Result<()> {
+        if let Some(ix) = self.index.take() {
+            let m = ix.to_metadata()?;
+            self.meta = m;
+        }
+        Ok(())
+    }
+
+    /// What is listed at `path`. O(log n) for either backing.
+    pub fn lookup(&self, path: &EmbedPath) -> Option<std::borrow::Cow<'_, FileEntry>> {
+        match &self.index {
+            Some(ix) => ix.get(path).map(std::borrow::Cow::Owned),
+            None => self.meta.files.get(path).map(std::borrow::Cow::Borrowed),
+        }
+    }
+
+    /// Direct children of `dir` (name, kind), in name order. O(log n + k).
+    pub fn children(&self, dir: &EmbedPath) -> crate::format::view::Children<'_> {
+        match &self.index {
+            Some(ix) => ix.children(dir),
+            None => self.meta.children(dir),
+        }
+    }
+
+    /// Is anything listed strictly below `dir`? O(log n).
+    pub fn has_below(&self, dir: &EmbedPath) -> bool {
+        match &self.index {
+            Some(ix) => ix.has_below(dir),
+            None => self.meta.has_below(dir),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -127,6 +223,7 @@ impl Volume {
         &mut self,
         announce: &mut dyn FnMut(Tag) -> Result<()>,
     ) -> Result<Tag> {
+        self.ensure_loaded()?;
         self.meta.generation += 1;
         if let Err(e) = store::write(self, announce) {
             self.meta.generation -= 1;
@@ -150,6 +247,7 @@ impl Volume {
 
     /// Add a region (`addr`). Keys come from the OS CSPRNG.
     pub fn add_region(&mut self, spec: RegionSpec) -> Result<()> {
+        self.ensure_loaded()?;
         let ep = spec.embed_point.to_string();
         if self
             .meta
@@ -228,6 +326,7 @@ impl Volume {
         self.meta.region_for(path)
     }
 
+    /// The entry at `path` of a parsed volume; see [`Volume::lookup`] for either backing.
     pub fn entry(&self, path: &EmbedPath) -> Option<&FileEntry> {
         self.meta.files.get(path)
     }
@@ -247,7 +346,7 @@ impl Volume {
             path: path.to_string(),
             region: region.embed_point.to_string(),
         })?;
-        let entry = self.entry(path).ok_or_else(|| Error::NotListed {
+        let entry = self.lookup(path).ok_or_else(|| Error::NotListed {
             path: path.to_string(),
         })?;
         let FileKind::File { id, size, root } = &entry.kind else {
@@ -328,6 +427,54 @@ pub(crate) fn codec_for<R: crate::codec::ReadAt, O: crate::codec::ReadAt>(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_volume_over_a_frozen_index_reads_lists_commits_and_verifies_like_the_parsed_one() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("fspf.pb");
+        let vol = d.path().join("vol");
+        std::fs::create_dir_all(&vol).unwrap();
+        Volume::create(&p, false).unwrap();
+        let mut v = Volume::open(&p, None, None).unwrap();
+        v.add_region(RegionSpec {
+            embed_point: EmbedPath::root(),
+            kind: RegionKind::Kernel(vol.clone()),
+            protection: Protection::Encrypted,
+            key_len: None,
+            chunk_len: None,
+        })
+        .unwrap();
+        v.save().unwrap();
+        let a = EmbedPath::parse("/d/a").unwrap();
+        std::fs::create_dir_all(vol.join("d")).unwrap();
+        let s = v.stage_file(&a, 3, 0o644, &mut &b"abc"[..]).unwrap();
+        let tag = v.tag();
+        v.commit(vec![Change::Put(s)], Some(tag)).unwrap();
+        let bytes: &'static [u8] = Box::leak(v.build_index().unwrap().to_vec().into_boxed_slice());
+        let mut ix = Volume::from_index(&p, None, bytes).unwrap();
+        assert!(ix.is_indexed());
+        assert_eq!(ix.tag(), v.tag());
+        assert!(ix.lookup(&a).is_some());
+        assert!(ix.has_below(&EmbedPath::parse("/d").unwrap()));
+        let names: Vec<_> = ix
+            .children(&EmbedPath::parse("/d").unwrap())
+            .map(|(n, _)| n.to_vec())
+            .collect();
+        assert_eq!(names, vec![b"a".to_vec()]);
+        let mut r = ix.open_file(&a).unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(r.read_at(&mut buf, 0).unwrap(), 3);
+        assert_eq!(&buf[..3], b"abc");
+        assert!(ix.verify().is_empty(), "{:?}", ix.verify());
+        // The first change parses the index; nothing listed is lost.
+        let b = EmbedPath::parse("/b").unwrap();
+        let s = ix.stage_file(&b, 1, 0o644, &mut &b"b"[..]).unwrap();
+        let tag = ix.tag();
+        ix.commit(vec![Change::Put(s)], Some(tag)).unwrap();
+        assert!(!ix.is_indexed());
+        let v2 = Volume::open(&p, None, Some(ix.tag())).unwrap();
+        assert!(v2.lookup(&a).is_some() && v2.lookup(&b).is_some());
+    }
     use super::*;
 
     #[test]

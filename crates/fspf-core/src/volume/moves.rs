@@ -60,7 +60,7 @@ impl Volume {
     /// The listed regular file at `path`: its kernel location (directory and name) and version.
     fn kernel_file(&self, path: &EmbedPath) -> Option<(KernelPath, crate::crypto::FileId)> {
         let region = self.region_for(path)?;
-        let FileKind::File { id, .. } = &self.entry(path)?.kind else {
+        let FileKind::File { id, .. } = &self.lookup(path)?.kind else {
             return None;
         };
         Some((KernelPath::of(region, path)?, *id))

@@ -75,6 +75,9 @@ fn is_id_hex(name: &[u8]) -> Option<FileId> {
 impl Volume {
     /// Leftovers of interrupted writers (see the module documentation). Read-only.
     pub fn orphans(&self) -> Vec<Orphan> {
+        if let Ok(Some(v)) = self.parsed_copy() {
+            return v.orphans();
+        }
         let mut out = Vec::new();
         for e in self.region_entries() {
             if e.is_dir {

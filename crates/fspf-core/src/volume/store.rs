@@ -225,6 +225,7 @@ pub(crate) fn open(path: &Path, key: Option<VolumeKey>, expected: Option<Tag>) -
         key,
         tag,
         meta,
+        index: None,
         sync_each_file: true,
         writer: Default::default(),
     })

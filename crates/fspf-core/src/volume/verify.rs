@@ -168,6 +168,16 @@ impl Volume {
     /// Verify every listed file of every protected kernel region, chunk by chunk, and report files
     /// on disk that the fspf does not list. Empty result = everything verified.
     pub fn verify(&self) -> Vec<Finding> {
+        match self.parsed_copy() {
+            Ok(Some(v)) => return v.verify(),
+            Ok(None) => {}
+            Err(e) => {
+                return vec![Finding {
+                    path: self.path().display().to_string(),
+                    problem: e.to_string(),
+                }]
+            }
+        }
         let mut findings: Vec<Finding> = Vec::new();
         if let Err(e) = self.meta.check_usable() {
             findings.push(Finding {

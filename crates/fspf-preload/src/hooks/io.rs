@@ -302,6 +302,7 @@ fn is_own_fd(fd: c_int) -> bool {
     fd >= 0
         && (fd == sh.anchor_fd()
             || fd == sh.key_fd()
+            || fd == sh.index_fd()
             || files::is_own(fd)
             || (fd >= fspf_core::volume::WRITER_FD_BASE
                 && fspf_core::volume::held_fds().contains(&fd))
@@ -337,7 +338,7 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
     let sh = shield::get();
     let hi = c_int::try_from(last).unwrap_or(c_int::MAX);
     let lo = c_int::try_from(first).unwrap_or(c_int::MAX);
-    let mut own: Vec<c_uint> = [sh.anchor_fd(), sh.key_fd()]
+    let mut own: Vec<c_uint> = [sh.anchor_fd(), sh.key_fd(), sh.index_fd()]
         .into_iter()
         .chain(files::own_in(lo, hi))
         .chain(fspf_core::volume::held_fds())

@@ -147,6 +147,7 @@ unsafe fn child_env(
             }
             if !b.starts_with(b"FSPF_KEY_FD=")
                 && !b.starts_with(b"FSPF_ANCHOR_FD=")
+                && !b.starts_with(b"FSPF_INDEX_FD=")
                 && !b.starts_with(b"FSPF_INHERIT=")
                 && !b.starts_with(b"FSPF_CWD=")
             {
@@ -158,6 +159,10 @@ unsafe fn child_env(
     if shielded {
         if sh.anchor_fd() >= 0 {
             out.extend(CString::new(format!("FSPF_ANCHOR_FD={}", sh.anchor_fd())));
+        }
+        let ix = sh.index_fd_for_child(&sh.lock());
+        if ix >= 0 {
+            out.extend(CString::new(format!("FSPF_INDEX_FD={ix}")));
         }
         if sh.key_fd() >= 0 {
             // SAFETY: clearing CLOEXEC on our key fd for the child.
@@ -748,6 +753,8 @@ fn with_key_env<T>(f: impl FnOnce() -> T) -> T {
     if let Some(c) = &cwd {
         std::env::set_var("FSPF_CWD", c);
     }
+    // Sets FSPF_INDEX_FD in this process's environment, which /bin/sh inherits.
+    let _ = sh.index_fd_for_child(&sh.lock());
     let r = f();
     if cwd.is_some() {
         std::env::remove_var("FSPF_CWD");

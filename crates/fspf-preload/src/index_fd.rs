@@ -1,0 +1,134 @@
+//! The run's frozen metadata index (`fspf_core::format::index`) in a sealed memfd named
+//! `fspf-index` (`FSPF_INDEX_FD`), so that a shielded process starts without parsing the fspf:
+//! it maps the index built by `fspf run` (or by the process that exec'd it) and reads it in
+//! place. Trusted like the anchor it is checked against: only a process of the run can have
+//! made it, the seals forbid any change after it was written, and it names the tag it was built
+//! from, which must be the tag the run trusts now (otherwise the fspf is parsed as before).
+use crate::real;
+use fspf_core::{Tag, Volume, VolumeKey};
+use libc::c_int;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+const NAME: &std::ffi::CStr = c"fspf-index";
+const SEALS: c_int =
+    libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+/// Lowest fd number for the index memfd (next to the anchor's, out of the way of shells).
+const INDEX_FD_BASE: c_int = 750;
+
+/// Is `fd` a sealed `fspf-index` memfd? Returns its size.
+fn sealed_index(fd: c_int) -> Option<usize> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+    if !link
+        .as_os_str()
+        .as_bytes()
+        .starts_with(b"/memfd:fspf-index")
+    {
+        return None;
+    }
+    // SAFETY: querying the seals of an fd.
+    let seals = unsafe { real::fcntl(fd, libc::F_GET_SEALS, 0) };
+    if seals < 0 || seals & SEALS != SEALS {
+        return None;
+    }
+    // SAFETY: fstat into a local buffer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { real::fstat(fd, &mut st) } != 0 || st.st_size <= 0 {
+        return None;
+    }
+    usize::try_from(st.st_size).ok()
+}
+
+/// Map the inherited index read-only for the life of the process.
+fn map(fd: c_int, len: usize) -> Option<&'static [u8]> {
+    // SAFETY: a fresh read-only shared mapping of a sealed memfd of `len` bytes: the seals
+    // guarantee its content and size never change, so the slice stays valid and immutable.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    // SAFETY: the mapping above is never unmapped, hence 'static; see above for immutability.
+    Some(unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) })
+}
+
+/// A volume over the inherited index, when there is one, it is sealed, and it was built from
+/// the fspf whose tag is `trusted`. Returns the volume and the (relocated) fd.
+pub fn inherited(fspf: &Path, key: Option<VolumeKey>, trusted: Tag) -> Option<(Volume, c_int)> {
+    let v = std::env::var("FSPF_INDEX_FD").ok()?;
+    let fd: c_int = v.trim().parse().ok()?;
+    let len = sealed_index(fd)?;
+    let bytes = map(fd, len)?;
+    let vol = Volume::from_index(fspf, key, bytes).ok()?;
+    if vol.tag() != trusted {
+        return None;
+    }
+    let moved = relocate(fd);
+    if moved != fd {
+        // Only when it moved: a program may bring its own setenv (bash does), which must not
+        // run before the program itself started.
+        std::env::set_var("FSPF_INDEX_FD", moved.to_string());
+    }
+    Some((vol, moved))
+}
+
+/// Move `fd` to a number >= INDEX_FD_BASE (inheritable), closing the old one.
+fn relocate(fd: c_int) -> c_int {
+    if fd >= INDEX_FD_BASE {
+        return fd;
+    }
+    // SAFETY: duplicating our own fd.
+    let n = unsafe { real::fcntl(fd, libc::F_DUPFD, INDEX_FD_BASE as libc::c_ulong) };
+    if n < 0 {
+        return fd;
+    }
+    // SAFETY: closing the old number of our own fd.
+    unsafe { real::close(fd) };
+    n
+}
+
+/// A new sealed index memfd for `vol` (inheritable); -1 on failure (children then parse).
+pub fn create(vol: &Volume) -> c_int {
+    let Ok(bytes) = vol.build_index() else {
+        return -1;
+    };
+    // SAFETY: NUL-terminated name; the fd is ours.
+    let fd = unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return -1;
+    }
+    let mut off = 0usize;
+    while off < bytes.len() {
+        // SAFETY: writing our buffer to our memfd.
+        let n = unsafe {
+            real::pwrite(
+                fd,
+                bytes[off..].as_ptr().cast(),
+                bytes.len() - off,
+                off as i64,
+            )
+        };
+        if n <= 0 {
+            // SAFETY: closing our memfd.
+            unsafe { real::close(fd) };
+            return -1;
+        }
+        off += n as usize;
+    }
+    // SAFETY: sealing our memfd against any change.
+    if unsafe { real::fcntl(fd, libc::F_ADD_SEALS, SEALS as libc::c_ulong) } != 0 {
+        // SAFETY: closing our memfd.
+        unsafe { real::close(fd) };
+        return -1;
+    }
+    relocate(fd)
+}
