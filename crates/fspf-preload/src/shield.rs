@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 /// the buffer fds a batch keeps open): 500, or up to 4096 when the fd limit leaves room (four
 /// fds per staged version). Each commit costs a `syncfs` and an fspf rewrite, which dominated
 /// the time of small-file creation at 500 per batch (bench/RESULTS.md).
-fn commit_every_files() -> usize {
+pub fn commit_every_files() -> usize {
     static N: OnceLock<usize> = OnceLock::new();
     *N.get_or_init(|| {
         // SAFETY: getrlimit into a local struct.
@@ -79,6 +79,9 @@ pub struct Inner {
     pub live: BTreeMap<EmbedPath, Arc<Mutex<WriteBuf>>>,
     /// Directories created in kernel regions, not yet committed.
     pub new_dirs: BTreeSet<EmbedPath>,
+    /// Paths removed since the last commit (value: was a directory), queued as `Remove`s and
+    /// hidden from lookups and listings until the commit makes them part of the volume.
+    pub removed: BTreeMap<EmbedPath, bool>,
     /// Changes staged for the next commit, in order.
     pub queue: Vec<Change>,
     pub staged_bytes: u64,
@@ -399,6 +402,7 @@ pub fn init() -> bool {
             eph: BTreeMap::new(),
             live: BTreeMap::new(),
             new_dirs: BTreeSet::new(),
+            removed: BTreeMap::new(),
             queue: Vec::new(),
             staged_bytes: 0,
             cwd,
@@ -800,6 +804,21 @@ impl Shield {
         }
     }
 
+    /// Was `ep`, or a directory above it, removed since the last commit (queued)?
+    fn hidden(inner: &Inner, ep: &EmbedPath) -> bool {
+        if inner.removed.is_empty() {
+            return false;
+        }
+        let mut p = Some(ep.clone());
+        while let Some(q) = p {
+            if inner.removed.contains_key(&q) {
+                return true;
+            }
+            p = q.parent();
+        }
+        false
+    }
+
     /// Is `ep` an ancestor of some region's embed point (a directory that must exist)?
     fn region_ancestor(inner: &Inner, ep: &EmbedPath) -> bool {
         inner.vol.as_ref().is_some_and(|v| {
@@ -861,6 +880,9 @@ impl Shield {
         if inner.new_dirs.contains(ep) {
             return Ok(dir(kernel));
         }
+        if Self::hidden(inner, ep) {
+            return Err(libc::ENOENT);
+        }
         match vol.lookup(ep) {
             Some(e) => Ok(match &e.kind {
                 FileKind::File { size, .. } => Node {
@@ -921,6 +943,11 @@ impl Shield {
         } else {
             // O(log n + k) in the volume's index, never a scan of all entries.
             for (c, kind) in vol.children(ep) {
+                if !inner.removed.is_empty()
+                    && ep.join(c).is_ok_and(|p| inner.removed.contains_key(&p))
+                {
+                    continue;
+                }
                 let t = match kind {
                     ChildKind::Dir => libc::DT_DIR,
                     ChildKind::File => libc::DT_REG,
@@ -1111,6 +1138,26 @@ impl Shield {
         let Some(vol) = inner.vol.as_mut() else {
             return Err(libc::EACCES);
         };
+        // Kernel side of queued removals: files move to their shadow names now (crash-safe,
+        // `fspf_core::volume::moves`), directories are removed once the commit is durable.
+        let mut preps = Vec::new();
+        let mut gone_dirs: Vec<(EmbedPath, KernelPath)> = Vec::new();
+        for c in &changes {
+            if let Change::Remove(p) = c {
+                if inner.removed.get(p) == Some(&true) {
+                    if let Some(k) = vol.region_for(p).and_then(|r| KernelPath::of(r, p)) {
+                        gone_dirs.push((p.clone(), k));
+                    }
+                } else if let Ok(Some(m)) = vol.prepare_remove(p) {
+                    preps.push(m);
+                }
+            }
+        }
+        let abort = |preps: Vec<fspf_core::volume::PreparedMove>| {
+            for m in preps.into_iter().rev() {
+                m.abort();
+            }
+        };
         let mut roots: BTreeSet<PathBuf> = BTreeSet::new();
         for c in &changes {
             let p = match c {
@@ -1140,6 +1187,7 @@ impl Shield {
         let alock = match self.anchor.lock() {
             Ok(l) => l,
             Err(e) => {
+                abort(preps);
                 cleanup_staged(&changes);
                 say("commit failed, changes lost: the run's trust anchor cannot be locked");
                 return Err(e);
@@ -1148,6 +1196,7 @@ impl Shield {
         let trusted = match self.settle_anchor() {
             Ok(t) => t,
             Err(e) => {
+                abort(preps);
                 cleanup_staged(&changes);
                 say("commit failed, changes lost: the fspf on disk is not the one this run trusts");
                 return Err(e);
@@ -1156,6 +1205,7 @@ impl Shield {
         let lock = match Volume::lock(&self.fspf) {
             Ok(l) => l,
             Err(e) => {
+                abort(preps);
                 cleanup_staged(&changes);
                 say(format!("commit failed, changes lost: {e}"));
                 return Err(libc::EIO);
@@ -1181,6 +1231,7 @@ impl Shield {
                 // tag is on disk and the next settle promotes it; otherwise it never appears.
                 drop(lock);
                 drop(alock);
+                abort(preps);
                 say(format!("commit failed, changes lost: {e}"));
                 return Err(match e.raw_os_error() {
                     Some(n @ (libc::ENOSPC | libc::EDQUOT)) => n,
@@ -1190,6 +1241,22 @@ impl Shield {
         }
         drop(lock);
         drop(alock);
+        for m in preps {
+            m.finish();
+        }
+        // Deepest first: a directory's subdirectories go before it. One made again in the same
+        // batch (`rm -r d; mkdir d`) is listed once more and stays.
+        gone_dirs.sort_by_key(|(_, k)| std::cmp::Reverse(k.rel().as_os_str().len()));
+        for (p, k) in gone_dirs {
+            let again = inner
+                .vol
+                .as_ref()
+                .is_some_and(|v| v.lookup(&p).is_some() || v.has_below(&p));
+            if !again {
+                let _ = kernel_fs::remove_unlisted_dir(k.base(), k.rel());
+            }
+        }
+        inner.removed.clear();
         inner.new_dirs.clear();
         for b in inner.live.values() {
             b.lock().unwrap_or_else(|e| e.into_inner()).pending = false;

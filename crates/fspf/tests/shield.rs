@@ -2013,3 +2013,48 @@ fn the_runs_processes_start_from_the_frozen_index_without_parsing_the_fspf() {
         "the damaged fspf is reported at the end"
     );
 }
+
+#[test]
+fn removals_are_queued_to_the_next_commit_point_and_rm_r_commits_once() {
+    let py = python_bin();
+    let mut w = data_world();
+    let make = "import os\n\
+        for d in range(5):\n\
+        \x20   os.makedirs('/data/t/d%d' % d)\n\
+        \x20   for i in range(40):\n\
+        \x20       open('/data/t/d%d/f%d' % (d, i), 'w').write('x')\n";
+    let o = w.run_tagged(&[], &[&py, "-c", make]);
+    ok(&o, "make 200 files");
+    let before = w.tag.clone();
+    // rm -r, then in the same process: the tree is gone, a file of the same name can be made.
+    let script = "import os, shutil\n\
+        shutil.rmtree('/data/t')\n\
+        print(os.path.exists('/data/t'), os.listdir('/data'))\n\
+        os.makedirs('/data/t/d1'); open('/data/t/d1/f1', 'w').write('again')\n\
+        print(open('/data/t/d1/f1').read())\n";
+    let o = w.run_tagged(&[], &[&py, "-c", script]);
+    ok(&o, "rmtree");
+    assert_eq!(stdout(&o), "False ['hello.txt', 'world.py']\nagain\n");
+    assert_ne!(w.tag, before);
+    let o = w.run(&["sh", "-c", "find /data | sort; cat /data/t/d1/f1"]);
+    ok(&o, "next run");
+    assert_eq!(
+        stdout(&o),
+        "/data\n/data/hello.txt\n/data/t\n/data/t/d1\n/data/t/d1/f1\n/data/world.py\nagain"
+    );
+    // Exit 0 (asserted by `cli`): every listed file verifies, nothing unlisted is left behind.
+    w.cli(&["verify", "fspf.pb", "--key", &w.key, "--tag", &w.tag]);
+    // A removal not yet committed when the process is killed is not applied, and nothing is lost.
+    let o = w.run_tagged(
+        &[],
+        &[
+            &py,
+            "-c",
+            "import os; os.remove('/data/hello.txt'); os.kill(os.getpid(), 9)",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(137));
+    let o = w.run(&["cat", "/data/hello.txt"]);
+    ok(&o, "uncommitted removal");
+    assert_eq!(stdout(&o), HELLO);
+}

@@ -352,6 +352,8 @@ impl Volume {
         let mut garbage: Vec<FileId> = Vec::new();
         // Shadows to move into place once the commit is durable.
         let mut post: Vec<&StagedFile> = Vec::new();
+        // Versions staged and then removed within this batch: never published, shadows dropped.
+        let mut dropped: Vec<&StagedFile> = Vec::new();
         for c in &changes {
             match c {
                 Change::Put(s) => {
@@ -374,6 +376,13 @@ impl Volume {
                     }
                 }
                 Change::Remove(p) => {
+                    post.retain(|s| {
+                        let keep = !s.path.starts_with(p);
+                        if !keep {
+                            dropped.push(s);
+                        }
+                        keep
+                    });
                     for k in self.meta.paths_below(p) {
                         if let Some(FileEntry {
                             kind: FileKind::File { id, .. },
@@ -419,6 +428,9 @@ impl Volume {
             post.iter().for_each(rename);
         } else {
             post.par_iter().for_each(rename);
+        }
+        for s in dropped {
+            s.discard(&self.path);
         }
         // Outboards of versions no longer referenced are garbage now that the commit is durable.
         let live: std::collections::HashSet<FileId> = self

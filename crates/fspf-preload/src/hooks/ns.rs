@@ -72,45 +72,15 @@ fn do_unlink(sh: &Shield, ep: EmbedPath, dir: bool) -> Result<(), c_int> {
         return Ok(());
     }
     inner.new_dirs.remove(&ep);
-    if !dir {
-        // Everything queued before is committed first, then the kernel file is moved to its
-        // shadow name around the commit of the removal (crash-safe, fspf-core `moves`).
+    // Queued like writes and committed at the same points (fsync, fork/exec, exit, batches):
+    // `rm -r` of N files costs one commit, not N. Until then the path is hidden from this
+    // process's view; the kernel side happens around the commit (`Shield::commit`).
+    inner.removed.insert(ep.clone(), dir);
+    inner.queue.push(Change::Remove(ep));
+    if inner.queue.len() >= crate::shield::commit_every_files() {
         sh.commit(&mut inner)?;
-        let prep = inner
-            .vol
-            .as_ref()
-            .ok_or(libc::EACCES)?
-            .prepare_remove(&ep)
-            .map_err(|e| {
-                crate::log(format!("{ep}: {e}"));
-                libc::EIO
-            })?;
-        if let Some(p) = prep {
-            inner.queue.push(Change::Remove(ep));
-            return match sh.commit(&mut inner) {
-                Ok(()) => {
-                    p.finish();
-                    Ok(())
-                }
-                Err(e) => {
-                    p.abort();
-                    Err(e)
-                }
-            };
-        }
     }
-    let kernel = node.kernel.clone();
-    sh.commit_now(&mut inner, Change::Remove(ep), || {
-        if let Some(k) = kernel {
-            // Below the region's directory, following no symlink; a directory is emptied of
-            // fspf's own leftovers first and otherwise moved aside, so the name is free again.
-            let _ = if dir {
-                kernel_fs::remove_unlisted_dir(k.base(), k.rel())
-            } else {
-                kernel_fs::remove_beneath(k.base(), k.rel(), false)
-            };
-        }
-    })
+    Ok(())
 }
 
 unsafe fn unlink_common(
