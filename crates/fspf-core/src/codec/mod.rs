@@ -383,6 +383,19 @@ pub struct ProtectedReader<R: ReadAt, O: ReadAt> {
 impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
     /// Checks the on-disk length (and, for encrypted files, the header) before any read.
     pub fn new(codec: FileCodec<R, O>, size: u64, chunk_len: u32, label: String) -> Result<Self> {
+        // Keeps every length and offset below in range (parsing refuses such values too).
+        if size > layout::MAX_FILE_SIZE {
+            return Err(Error::Invalid {
+                path: label,
+                reason: format!("size {size} is larger than any file can be"),
+            });
+        }
+        if !(layout::MIN_CHUNK_LEN..=layout::MAX_CHUNK_LEN).contains(&chunk_len) {
+            return Err(Error::Invalid {
+                path: label,
+                reason: format!("chunk length {chunk_len} out of range"),
+            });
+        }
         match &codec {
             FileCodec::Encrypted { id, data, .. } => {
                 let expected = layout::enc_file_len(size, chunk_len);

@@ -427,3 +427,23 @@ fn for_each_verified_fills_in_parallel_and_stops_at_a_bad_chunk() {
     assert!(res.unwrap_err().to_string().contains("chunk 4000"));
     assert!(got[bad * c..(bad + 1) * c].iter().all(|&b| b == 0xAA));
 }
+
+/// Found by the `fspf_metadata` fuzz target: a size near `u64::MAX` (taken from an fspf entry)
+/// overflowed `enc_file_len` in the open-time length check and panicked.
+#[test]
+fn reader_over_a_huge_size_overflowed_the_length_check() {
+    for size in [u64::MAX, u64::MAX - 1, layout::MAX_FILE_SIZE + 1] {
+        let (k, id, _, out) = enc(10, 512);
+        let r = ProtectedReader::<Vec<u8>, Vec<u8>>::new(
+            FileCodec::Encrypted {
+                key: k,
+                id,
+                data: out,
+            },
+            size,
+            512,
+            "t".into(),
+        );
+        assert!(matches!(r, Err(Error::Invalid { .. })), "size {size}");
+    }
+}
