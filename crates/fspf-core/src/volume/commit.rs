@@ -269,6 +269,12 @@ impl Volume {
         let mut garbage: Vec<FileId> = Vec::new();
         // Shadows to move into place once the commit is durable: (shadow, kernel path).
         let mut post: Vec<(&Path, &Path)> = Vec::new();
+        // Index into `post` by kernel path, and the shadows of versions that a later version of
+        // the same path in this batch superseded: the renames below run in parallel, in no
+        // order, so only the last version of a path may be among them.
+        let mut post_index: std::collections::HashMap<&Path, usize> =
+            std::collections::HashMap::new();
+        let mut superseded: Vec<&Path> = Vec::new();
         for c in &changes {
             match c {
                 Change::Put(s) => {
@@ -279,7 +285,17 @@ impl Volume {
                     {
                         garbage.push(id);
                     }
-                    post.push((&s.shadow, &s.kernel));
+                    match post_index.entry(&s.kernel) {
+                        std::collections::hash_map::Entry::Occupied(o) => {
+                            let slot = &mut post[*o.get()];
+                            superseded.push(slot.0);
+                            slot.0 = &s.shadow;
+                        }
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(post.len());
+                            post.push((&s.shadow, &s.kernel));
+                        }
+                    }
                 }
                 Change::PutEntry(p, e) => {
                     if let Some(FileEntry {
@@ -338,6 +354,9 @@ impl Volume {
             post.iter().for_each(rename);
         } else {
             post.par_iter().for_each(rename);
+        }
+        for sh in superseded {
+            let _ = fs::remove_file(sh);
         }
         // Outboards of versions no longer referenced are garbage now that the commit is durable.
         let live: std::collections::HashSet<FileId> = self
