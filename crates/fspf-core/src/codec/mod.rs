@@ -388,6 +388,16 @@ pub struct ProtectedReader<R: ReadAt, O: ReadAt> {
 impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
     /// Checks the on-disk length (and, for encrypted files, the header) before any read.
     pub fn new(codec: FileCodec<R, O>, size: u64, chunk_len: u32, label: String) -> Result<Self> {
+        // Keeps every length and offset below in range (parsing refuses such values too).
+        if size > layout::MAX_FILE_SIZE {
+            return Err(Error::FileTooLarge { path: label, size });
+        }
+        if !(layout::MIN_CHUNK_LEN..=layout::MAX_CHUNK_LEN).contains(&chunk_len) {
+            return Err(Error::Invalid {
+                path: label,
+                reason: format!("chunk length {chunk_len} out of range"),
+            });
+        }
         match &codec {
             FileCodec::Encrypted { id, data, .. } => {
                 let expected =
@@ -703,6 +713,11 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
 
     /// Read verified plaintext at `offset` into `out`; returns bytes read (0 at end of file).
     pub fn read_at(&mut self, out: &mut [u8], offset: u64) -> Result<usize> {
+        // An empty file still has one (empty) chunk; no read below touches it, so check it here,
+        // or a modified tag of an empty encrypted file would pass every read.
+        if self.size == 0 && self.win_count == 0 {
+            self.load_window(0, 1)?;
+        }
         let c = self.chunk_len as u64;
         let want = (out.len() as u64).min(self.size.saturating_sub(offset)) as usize;
         let mut done = 0usize;

@@ -457,3 +457,45 @@ fn reader_over_a_huge_listed_size_overflowed_enc_file_len() {
         );
     }
 }
+
+/// Found by `random_changes_to_a_committed_file_on_disk_are_detected`: a read of an empty file
+/// returned end-of-file without checking its only chunk, so a modified tag of an empty encrypted
+/// file went unnoticed by every read (only `verify_all` saw it).
+#[test]
+fn tampered_tag_of_an_empty_encrypted_file_went_unnoticed_by_reads() {
+    for at in [24usize, 31, 39] {
+        let (k, id, _, mut out) = enc(0, 512);
+        out[at] ^= 1;
+        let mut r = ProtectedReader::<Vec<u8>, Vec<u8>>::new(
+            FileCodec::Encrypted {
+                key: k,
+                id,
+                data: out,
+            },
+            0,
+            512,
+            "t".into(),
+        )
+        .unwrap();
+        let mut buf = [0u8; 16];
+        assert!(
+            matches!(
+                r.read_at(&mut buf, 0),
+                Err(Error::ChunkAuth { chunk: 0, .. })
+            ),
+            "byte {at}"
+        );
+        assert!(r.read_at(&mut buf, 5).is_err(), "byte {at}, past the end");
+    }
+    // an intact empty file reads as empty, also past its end
+    let (k, id, _, out) = enc(0, 512);
+    let codec = FileCodec::Encrypted {
+        key: k,
+        id,
+        data: out,
+    };
+    let mut r = ProtectedReader::<Vec<u8>, Vec<u8>>::new(codec, 0, 512, "t".into()).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(r.read_at(&mut buf, 0).unwrap(), 0);
+    assert_eq!(r.read_at(&mut buf, 7).unwrap(), 0);
+}

@@ -1,7 +1,7 @@
 //! The metadata sealed inside `fspf.pb`: protobuf wire structs (`*Pb`) and the validated domain
 //! types they parse into. Parsing rejects anything malformed, so later layers never re-check.
 use crate::crypto::{FileId, RegionKey, FILE_ID_LEN};
-use crate::format::layout::{self, MAX_CHUNK_LEN, MIN_CHUNK_LEN};
+use crate::format::layout::{self, MAX_CHUNK_LEN, MAX_FILE_SIZE, MIN_CHUNK_LEN};
 use crate::format::view::{ChildKind, Children};
 use crate::policy::EmbedPath;
 use std::collections::BTreeMap;
@@ -285,6 +285,12 @@ impl Metadata {
                         }
                         _ => return Err(format!("{path}: bad root length")),
                     };
+                    if f.size > MAX_FILE_SIZE {
+                        return Err(format!(
+                            "{path}: size {} is larger than any file can be",
+                            f.size
+                        ));
+                    }
                     // Every size up to 2^62 fits at any chunk length; above, check with the
                     // chunk length of the file's region (the smallest one if it has none).
                     if f.size > 1 << 62 {
@@ -501,6 +507,27 @@ mod tests {
         pb.files = vec![file_pb("/a/b", 1), file_pb("/x", 1), file_pb("/a//b/", 2)];
         let e = Metadata::from_pb(pb).unwrap_err();
         assert!(e.contains("/a/b: listed twice"), "{e}");
+    }
+
+    /// Found by the `fspf_metadata` fuzzer: an entry whose size no file can have (above
+    /// `i64::MAX`, the largest `off_t`) was accepted, and the reader's length check overflowed.
+    #[test]
+    fn huge_file_size_in_metadata_overflowed_the_length_check() {
+        for size in [u64::MAX, crate::format::layout::MAX_FILE_SIZE + 1] {
+            let pb = MetadataPb {
+                format_version: 1,
+                files: vec![file_pb("/huge", size)],
+                ..Default::default()
+            };
+            let e = Metadata::from_pb(pb).unwrap_err();
+            assert!(e.contains("/huge: size"), "{e}");
+        }
+        let pb = MetadataPb {
+            format_version: 1,
+            files: vec![file_pb("/largest", crate::format::layout::MAX_FILE_SIZE)],
+            ..Default::default()
+        };
+        assert!(Metadata::from_pb(pb).is_ok());
     }
 
     #[test]

@@ -354,6 +354,10 @@ impl Volume {
         let mut post: Vec<&StagedFile> = Vec::new();
         // Versions staged and then removed within this batch: never published, shadows dropped.
         let mut dropped: Vec<&StagedFile> = Vec::new();
+        // Index into `post` by path: the renames below run in parallel, in no order, so only
+        // the last version of a path in this batch may be among them; earlier ones are dropped.
+        let mut post_index: std::collections::HashMap<&EmbedPath, usize> =
+            std::collections::HashMap::new();
         for c in &changes {
             match c {
                 Change::Put(s) => {
@@ -364,7 +368,17 @@ impl Volume {
                     {
                         garbage.push(id);
                     }
-                    post.push(s);
+                    match post_index.entry(&s.path) {
+                        std::collections::hash_map::Entry::Occupied(o) => {
+                            let slot = &mut post[*o.get()];
+                            dropped.push(*slot);
+                            *slot = s;
+                        }
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(post.len());
+                            post.push(s);
+                        }
+                    }
                 }
                 Change::PutEntry(p, e) => {
                     if let Some(FileEntry {
@@ -383,6 +397,7 @@ impl Volume {
                         }
                         keep
                     });
+                    post_index = post.iter().enumerate().map(|(i, s)| (&s.path, i)).collect();
                     for k in self.meta.paths_below(p) {
                         if let Some(FileEntry {
                             kind: FileKind::File { id, .. },
