@@ -21,6 +21,12 @@ impl Fail for i64 {
         -1
     }
 }
+/// `umask` cannot fail; a missing symbol reports the conventional default.
+impl Fail for mode_t {
+    fn fail() -> Self {
+        0o022
+    }
+}
 impl<T> Fail for *mut T {
     fn fail() -> Self {
         std::ptr::null_mut()
@@ -204,6 +210,7 @@ reals! {
 }
 reals! {
     fn _exit(s: c_int) -> ();
+    fn umask(m: mode_t) -> mode_t;
 }
 reals! {
     fn chown(p: *const c_char, u: libc::uid_t, g: libc::gid_t) -> c_int;

@@ -78,7 +78,10 @@ pub struct Inner {
     /// Sorted, so "is anything live below this directory" is a range query, not a scan.
     pub live: BTreeMap<EmbedPath, Arc<Mutex<WriteBuf>>>,
     /// Directories created in kernel regions, not yet committed.
-    pub new_dirs: BTreeSet<EmbedPath>,
+    /// Directories created in kernel regions, not yet committed, with their mode.
+    pub new_dirs: BTreeMap<EmbedPath, u32>,
+    /// Modes changed by `chmod` since the last commit (queued as entries), for lookups.
+    pub modes: BTreeMap<EmbedPath, u32>,
     /// Paths removed since the last commit (value: was a directory), queued as `Remove`s and
     /// hidden from lookups and listings until the commit makes them part of the volume.
     pub removed: BTreeMap<EmbedPath, bool>,
@@ -401,7 +404,8 @@ pub fn init() -> bool {
             vol,
             eph: BTreeMap::new(),
             live: BTreeMap::new(),
-            new_dirs: BTreeSet::new(),
+            new_dirs: BTreeMap::new(),
+            modes: BTreeMap::new(),
             removed: BTreeMap::new(),
             queue: Vec::new(),
             staged_bytes: 0,
@@ -804,6 +808,95 @@ impl Shield {
         }
     }
 
+    /// The node of a listed entry (no overlay applied).
+    fn node_of(e: &fspf_core::FileEntry, kernel: Option<KernelPath>) -> Node {
+        match &e.kind {
+            FileKind::File { size, .. } => Node {
+                kind: NodeKind::File,
+                size: *size,
+                mode: e.mode,
+                kernel,
+                mtime: None,
+            },
+            FileKind::Dir => Node {
+                kind: NodeKind::Dir,
+                size: 4096,
+                mode: e.mode,
+                kernel,
+                mtime: None,
+            },
+            FileKind::Symlink(t) => Node {
+                kind: NodeKind::Symlink(t.clone()),
+                size: t.len() as u64,
+                mode: 0o777,
+                kernel,
+                mtime: None,
+            },
+        }
+    }
+
+    /// `chmod` of `ep` (symlinks already followed): ephemeral nodes change at once; in kernel
+    /// regions the new mode is queued as an entry (or set on the staged version or the open
+    /// buffer) and committed at the next commit point like a write.
+    pub fn chmod(&self, inner: &mut Inner, ep: &EmbedPath, mode: u32) -> Result<(), c_int> {
+        let mode = mode & 0o7777;
+        let node = self.lookup(inner, ep)?;
+        if matches!(node.kind, NodeKind::Symlink(_)) {
+            return Err(libc::EOPNOTSUPP);
+        }
+        if self.is_ephemeral(inner, ep) {
+            match inner.eph.get_mut(ep) {
+                Some(EphNode::Dir { mode: m, .. }) => *m = mode,
+                Some(EphNode::File { sealed, .. }) => sealed.entry.mode = mode,
+                None => return Err(libc::EPERM),
+            }
+            return Ok(());
+        }
+        self.check_writable(inner, ep)?;
+        if let Some(b) = inner.live.get(ep) {
+            b.lock().unwrap_or_else(|e| e.into_inner()).mode = mode;
+        }
+        let mut staged = false;
+        for c in inner.queue.iter_mut().rev() {
+            match c {
+                Change::Put(s) if &s.path == ep => {
+                    s.entry.mode = mode;
+                    staged = true;
+                    break;
+                }
+                Change::PutEntry(p, e) if p == ep => {
+                    e.mode = mode;
+                    staged = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if let Some(m) = inner.new_dirs.get_mut(ep) {
+            *m = mode;
+        }
+        if !staged && !inner.live.contains_key(ep) {
+            let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
+            let Some(e) = vol.lookup(ep) else {
+                // An implied directory (only paths below it are listed): record it.
+                inner.queue.push(Change::PutEntry(
+                    ep.clone(),
+                    fspf_core::FileEntry {
+                        kind: FileKind::Dir,
+                        mode,
+                    },
+                ));
+                inner.modes.insert(ep.clone(), mode);
+                return Ok(());
+            };
+            let mut e = e.into_owned();
+            e.mode = mode;
+            inner.queue.push(Change::PutEntry(ep.clone(), e));
+        }
+        inner.modes.insert(ep.clone(), mode);
+        Ok(())
+    }
+
     /// Was `ep`, or a directory above it, removed since the last commit (queued)?
     fn hidden(inner: &Inner, ep: &EmbedPath) -> bool {
         if inner.removed.is_empty() {
@@ -877,14 +970,23 @@ impl Shield {
                 None => Err(libc::ENOENT),
             };
         }
-        if inner.new_dirs.contains(ep) {
-            return Ok(dir(kernel));
+        if let Some(&mode) = inner.new_dirs.get(ep) {
+            return Ok(Node {
+                mode,
+                ..dir(kernel)
+            });
         }
         if Self::hidden(inner, ep) {
             return Err(libc::ENOENT);
         }
+        let changed = inner.modes.get(ep).copied();
         match vol.lookup(ep) {
             Some(e) => Ok(match &e.kind {
+                _ if changed.is_some() && !matches!(e.kind, FileKind::Symlink(_)) => {
+                    let mut n = Self::node_of(&e, kernel);
+                    n.mode = changed.unwrap_or(e.mode);
+                    n
+                }
                 FileKind::File { size, .. } => Node {
                     kind: NodeKind::File,
                     size: *size,
@@ -907,7 +1009,7 @@ impl Shield {
             None if ep == &region.embed_point
                 || Self::region_ancestor(inner, ep)
                 || vol.has_below(ep)
-                || inner.new_dirs.iter().any(|d| d.starts_with(ep))
+                || inner.new_dirs.keys().any(|d| d.starts_with(ep))
                 || below(&inner.live, ep).next().is_some() =>
             {
                 Ok(dir(kernel))
@@ -955,7 +1057,7 @@ impl Shield {
                 };
                 m.entry(c.to_vec()).or_insert(t);
             }
-            for d in &inner.new_dirs {
+            for d in inner.new_dirs.keys() {
                 if let Some((c, _)) = first_component(d, ep) {
                     m.insert(c.to_vec(), libc::DT_DIR);
                 }
@@ -1257,6 +1359,7 @@ impl Shield {
             }
         }
         inner.removed.clear();
+        inner.modes.clear();
         inner.new_dirs.clear();
         for b in inner.live.values() {
             b.lock().unwrap_or_else(|e| e.into_inner()).pending = false;

@@ -2058,3 +2058,35 @@ fn removals_are_queued_to_the_next_commit_point_and_rm_r_commits_once() {
     ok(&o, "uncommitted removal");
     assert_eq!(stdout(&o), HELLO);
 }
+
+#[test]
+fn chmod_umask_and_mkdir_modes_are_recorded_and_honoured() {
+    let py = python_bin();
+    let mut w = data_world();
+    let script = "import os, stat\n\
+        os.umask(0o027)\n\
+        os.mkdir('/data/d', 0o777)\n\
+        fd = os.open('/data/d/new', os.O_CREAT | os.O_WRONLY, 0o666); os.write(fd, b'#!/bin/sh\\necho ran\\n'); os.close(fd)\n\
+        m = lambda p: oct(stat.S_IMODE(os.stat(p).st_mode))\n\
+        print(m('/data/d'), m('/data/d/new'))\n\
+        os.chmod('/data/d/new', 0o755)\n\
+        fd = os.open('/data/hello.txt', os.O_RDONLY); os.fchmod(fd, 0o600); os.close(fd)\n\
+        print(m('/data/d/new'), m('/data/hello.txt'))\n";
+    let o = w.run_tagged(&[], &[&py, "-c", script]);
+    ok(&o, "modes");
+    assert_eq!(stdout(&o), "0o750 0o640\n0o755 0o600\n");
+    // The next run sees the modes, finds the executable and runs it.
+    let o = w.run(&[
+        "sh",
+        "-c",
+        "stat -c '%a %n' /data/d /data/d/new /data/hello.txt; find /data -perm -u+x -type f; /data/d/new",
+    ]);
+    ok(&o, "next run");
+    assert_eq!(
+        stdout(&o),
+        "750 /data/d\n755 /data/d/new\n600 /data/hello.txt\n/data/d/new\nran\n"
+    );
+    // Read-only runs refuse chmod of protected files.
+    let o = w.run(&["chmod", "644", "/data/hello.txt"]);
+    assert!(!o.status.success());
+}

@@ -160,7 +160,7 @@ fn do_mkdir(sh: &Shield, ep: EmbedPath, mode: mode_t) -> Result<(), c_int> {
         _ => return Err(libc::ENOTDIR),
     }
     sh.check_writable(&inner, &ep)?;
-    let mode = mode & 0o7777;
+    let mode = mode & 0o7777 & !super::open::umask_now();
     if eph {
         inner.eph.insert(
             ep,
@@ -177,7 +177,7 @@ fn do_mkdir(sh: &Shield, ep: EmbedPath, mode: mode_t) -> Result<(), c_int> {
     {
         let _ = kernel_fs::create_dirs_beneath(k.base(), k.rel(), 0o755);
     }
-    inner.new_dirs.insert(ep.clone());
+    inner.new_dirs.insert(ep.clone(), mode);
     inner.queue.push(Change::PutEntry(
         ep,
         FileEntry {
@@ -308,7 +308,7 @@ fn do_rename(sh: &Shield, from: EmbedPath, to: EmbedPath, flags: c_uint) -> Resu
     rekey(&mut inner);
     let moved_dirs: Vec<EmbedPath> = inner
         .new_dirs
-        .iter()
+        .keys()
         .filter(|d| d.starts_with(&from))
         .cloned()
         .collect();

@@ -14,6 +14,19 @@ use std::sync::{Arc, Mutex};
 
 static UMASK: AtomicU32 = AtomicU32::new(0o022);
 
+/// The process's umask as the shield tracks it (the `umask` hook keeps it current).
+pub fn umask_now() -> u32 {
+    UMASK.load(Ordering::Relaxed)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn umask(m: mode_t) -> mode_t {
+    // SAFETY: forwarding.
+    let old = unsafe { real::umask(m) };
+    UMASK.store(m & 0o777, Ordering::Relaxed);
+    old
+}
+
 pub fn init_umask() {
     // SAFETY: umask is always safe; we restore the value immediately (constructor, one thread).
     let m = unsafe { libc::umask(0o022) };

@@ -517,21 +517,66 @@ unsafe fn meta_path(
     }
 }
 
+/// `chmod` in the shielded view: follows symlinks (unless `nofollow`, which a symlink refuses
+/// with `EOPNOTSUPP`, as Linux does), then records the mode (`Shield::chmod`).
+fn chmod_shielded(ep: EmbedPath, m: mode_t, nofollow: bool) -> c_int {
+    let target = match resolve(ep, !nofollow) {
+        Ok((ep, Ok(_))) => ep,
+        // A symlink out of the shield: the kernel object is not protected.
+        Ok((_, Err(Route::Kernel(k, _)))) => {
+            // SAFETY: a NUL-terminated kernel path.
+            return unsafe { real::fchmodat(libc::AT_FDCWD, k.as_ptr(), m, 0) };
+        }
+        Ok((_, Err(Route::Deny(e)))) | Err(e) => return fail(e),
+        Ok((_, Err(_))) => return fail(libc::EACCES),
+    };
+    let sh = shield::get();
+    let mut inner = sh.lock();
+    match sh.chmod(&mut inner, &target, m) {
+        Ok(()) => 0,
+        Err(e) => fail(e),
+    }
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn chmod(p: *const c_char, m: mode_t) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { meta_path(libc::AT_FDCWD, p, |d, p| real::fchmodat(d, p, m, 0)) }
+    // SAFETY: the program's path.
+    unsafe {
+        super::by_route(
+            libc::AT_FDCWD,
+            p,
+            |d, p| real::fchmodat(d, p, m, 0),
+            |_, ep| chmod_shielded(ep, m, false),
+        )
+    }
 }
 #[no_mangle]
 pub unsafe extern "C" fn fchmodat(d: c_int, p: *const c_char, m: mode_t, f: c_int) -> c_int {
-    // SAFETY: forwarding.
-    unsafe { meta_path(d, p, |d, p| real::fchmodat(d, p, m, f)) }
+    // SAFETY: the program's path.
+    unsafe {
+        super::by_route(
+            d,
+            p,
+            |d, p| real::fchmodat(d, p, m, f),
+            |_, ep| chmod_shielded(ep, m, f & libc::AT_SYMLINK_NOFOLLOW != 0),
+        )
+    }
 }
 #[no_mangle]
 pub unsafe extern "C" fn fchmod(fd: c_int, m: mode_t) -> c_int {
     if let Some(_g) = enter() {
-        if files::is_shielded(fd) {
-            return 0;
+        if let Some(h) = files::get(fd) {
+            let ep = {
+                let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
+                f.mode = m & 0o7777;
+                f.path.clone()
+            };
+            let sh = shield::get();
+            let mut inner = sh.lock();
+            return match sh.chmod(&mut inner, &ep, m) {
+                Ok(()) => 0,
+                Err(e) => fail(e),
+            };
         }
     }
     // SAFETY: forwarding.
