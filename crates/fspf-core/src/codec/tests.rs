@@ -499,3 +499,23 @@ fn tampered_tag_of_an_empty_encrypted_file_went_unnoticed_by_reads() {
     assert_eq!(r.read_at(&mut buf, 0).unwrap(), 0);
     assert_eq!(r.read_at(&mut buf, 7).unwrap(), 0);
 }
+
+/// Found by the `fspf_metadata` fuzz target: a size near `u64::MAX` (taken from an fspf entry)
+/// overflowed `enc_file_len` in the open-time length check and panicked.
+#[test]
+fn reader_over_a_huge_size_overflowed_the_length_check() {
+    for size in [u64::MAX, u64::MAX - 1, layout::MAX_FILE_SIZE + 1] {
+        let (k, id, _, out) = enc(10, 512);
+        let r = ProtectedReader::<Vec<u8>, Vec<u8>>::new(
+            FileCodec::Encrypted {
+                key: k,
+                id,
+                data: out,
+            },
+            size,
+            512,
+            "t".into(),
+        );
+        assert!(matches!(r, Err(Error::FileTooLarge { .. })), "size {size}");
+    }
+}
