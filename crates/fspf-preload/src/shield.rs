@@ -353,9 +353,12 @@ pub fn init() -> bool {
             index_fd = fd;
             v.meta.check_usable().map(|_| v).map_err(|e| e.to_string())
         }
-        (None, None) => Volume::open(&fspf, key.clone(), trusted)
-            .and_then(|v| v.meta.check_usable().map(|_| v))
-            .map_err(|e| e.to_string()),
+        (None, None) => match (&key, trusted) {
+            (Some(k), Some(t)) => Volume::open_cached(&fspf, k.clone(), t),
+            _ => Volume::open(&fspf, key.clone(), trusted),
+        }
+        .and_then(|v| v.meta.check_usable().map(|_| v))
+        .map_err(|e| e.to_string()),
     };
     let vol = match vol {
         Ok(mut v) => {

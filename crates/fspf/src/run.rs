@@ -204,7 +204,11 @@ pub fn run(a: RunArgs) -> Result<i32> {
     let fspf = std::path::absolute(&fspf).unwrap_or(fspf);
     let key = a.kt.volume_key(&fspf)?;
     let tag = a.kt.expected_tag(&fspf)?;
-    let vol = Volume::open(&fspf, key.clone(), tag)?;
+    // With the key and the tag, the sealed index cache beside the fspf spares the parse.
+    let vol = match (&key, tag) {
+        (Some(k), Some(t)) => Volume::open_cached(&fspf, k.clone(), t)?,
+        _ => Volume::open(&fspf, key.clone(), tag)?,
+    };
     vol.meta.check_usable()?;
     if tag.is_none() && vol.is_encrypted() {
         eprintln!(

@@ -3,6 +3,7 @@
 mod commit;
 pub mod direct;
 mod import;
+pub mod index_cache;
 pub mod kernel_fs;
 pub mod memory;
 mod moves;
@@ -46,6 +47,8 @@ pub struct Volume {
     /// A frozen index of this fspf shared by the processes of a run (see
     /// [`Volume::from_index`]): lookups and listings read it, nothing is parsed.
     index: Option<crate::format::index::FrozenIndex<'static>>,
+    /// The bytes `index` reads (handed on unchanged by [`Volume::build_index`]).
+    index_bytes: Option<&'static [u8]>,
     /// When false, staged files are not fsync'd one by one: the caller makes them durable (e.g.
     /// one `syncfs`) before [`Volume::commit`]. The preload shield batches commits this way.
     pub sync_each_file: bool,
@@ -73,6 +76,7 @@ impl Volume {
             tag: Tag::default(),
             meta: Metadata::default(),
             index: None,
+            index_bytes: None,
             sync_each_file: true,
             writer: Default::default(),
         };
@@ -111,6 +115,7 @@ impl Volume {
             tag: ix.tag(),
             meta,
             index: Some(ix),
+            index_bytes: Some(bytes),
             sync_each_file: true,
             writer: Default::default(),
         })
@@ -119,12 +124,13 @@ impl Volume {
     /// The frozen index of this volume's current state, for the processes it starts (the
     /// bytes hold the region keys: keep them in memory the run trusts, like the key).
     pub fn build_index(&self) -> Result<zeroize::Zeroizing<Vec<u8>>> {
-        match &self.index {
-            Some(ix) => {
+        match (&self.index, self.index_bytes) {
+            (Some(_), Some(b)) => Ok(zeroize::Zeroizing::new(b.to_vec())),
+            (Some(ix), None) => {
                 let m = ix.to_metadata()?;
                 Ok(crate::format::index::build_index(&m, self.tag)?)
             }
-            None => Ok(crate::format::index::build_index(&self.meta, self.tag)?),
+            (None, _) => Ok(crate::format::index::build_index(&self.meta, self.tag)?),
         }
     }
 
@@ -139,9 +145,15 @@ impl Volume {
             tag: self.tag,
             meta: ix.to_metadata()?,
             index: None,
+            index_bytes: None,
             sync_each_file: self.sync_each_file,
             writer: Default::default(),
         }))
+    }
+
+    /// Number of regions.
+    pub fn regions_len(&self) -> usize {
+        self.meta.regions.len()
     }
 
     /// Is this volume backed by a frozen index (nothing parsed yet)?
@@ -153,6 +165,7 @@ impl Volume {
     /// it). A no-op for a volume opened from its fspf.
     pub fn ensure_loaded(&mut self) -> Result<()> {
         if let Some(ix) = self.index.take() {
+            self.index_bytes = None;
             let m = ix.to_metadata()?;
             self.meta = m;
         }

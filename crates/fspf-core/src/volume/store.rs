@@ -94,7 +94,7 @@ pub fn is_fspf_internal(fspf: &Path, p: &Path) -> bool {
         .map(|n| n.as_encoded_bytes())
         .unwrap_or_default();
     n.starts_with(name.as_encoded_bytes())
-        && (n.ends_with(b".lock") || n.windows(5).any(|w| w == b".tmp-"))
+        && (n.ends_with(b".lock") || n.ends_with(b".index") || n.windows(5).any(|w| w == b".tmp-"))
 }
 
 fn header_err(path: &Path, e: HeaderError) -> Error {
@@ -226,6 +226,7 @@ pub(crate) fn open(path: &Path, key: Option<VolumeKey>, expected: Option<Tag>) -
         tag,
         meta,
         index: None,
+        index_bytes: None,
         sync_each_file: true,
         writer: Default::default(),
     })
