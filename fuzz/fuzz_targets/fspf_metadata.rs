@@ -141,7 +141,8 @@ fn check_readers(m: &Metadata) {
             h.copy_from_slice(&fspf_core::codec::enc_header(id));
         }
         let outboard = if *size <= 1 << 16 {
-            let need = layout::outboard_len(layout::chunk_count(*size, region.chunk_len));
+            let need =
+                layout::outboard_len(layout::chunk_count(*size, region.chunk_len)).unwrap_or(0);
             (need > 0).then(|| Arc::new(vec![0u8; need as usize]))
         } else {
             None

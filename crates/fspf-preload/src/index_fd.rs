@@ -101,10 +101,19 @@ pub fn create(vol: &Volume) -> c_int {
     let Ok(bytes) = vol.build_index() else {
         return -1;
     };
+    match sealed_memfd(NAME, &bytes) {
+        Ok(fd) => relocate(fd),
+        Err(_) => -1,
+    }
+}
+
+/// A new inheritable memfd named `name` holding `bytes`, sealed against any change (the
+/// index, or a verified copy of a program to exec).
+pub fn sealed_memfd(name: &std::ffi::CStr, bytes: &[u8]) -> Result<c_int, c_int> {
     // SAFETY: NUL-terminated name; the fd is ours.
-    let fd = unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_ALLOW_SEALING) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
-        return -1;
+        return Err(crate::errno());
     }
     let mut off = 0usize;
     while off < bytes.len() {
@@ -120,7 +129,7 @@ pub fn create(vol: &Volume) -> c_int {
         if n <= 0 {
             // SAFETY: closing our memfd.
             unsafe { real::close(fd) };
-            return -1;
+            return Err(libc::EIO);
         }
         off += n as usize;
     }
@@ -128,7 +137,7 @@ pub fn create(vol: &Volume) -> c_int {
     if unsafe { real::fcntl(fd, libc::F_ADD_SEALS, SEALS as libc::c_ulong) } != 0 {
         // SAFETY: closing our memfd.
         unsafe { real::close(fd) };
-        return -1;
+        return Err(libc::EIO);
     }
-    relocate(fd)
+    Ok(fd)
 }

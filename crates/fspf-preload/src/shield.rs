@@ -425,6 +425,22 @@ pub fn init() -> bool {
     ok
 }
 
+/// The path a symlink at `link` with target `t` names: `t` itself when absolute, else `t`
+/// relative to the link's directory (resolved further by routing).
+pub fn link_target(link: &EmbedPath, t: &[u8]) -> Vec<u8> {
+    if t.first() == Some(&b'/') {
+        return t.to_vec();
+    }
+    let mut v = link
+        .parent()
+        .unwrap_or_else(EmbedPath::root)
+        .as_bytes()
+        .to_vec();
+    v.push(b'/');
+    v.extend_from_slice(t);
+    v
+}
+
 /// Node kinds in the shielded view.
 #[derive(Debug, Clone)]
 pub enum NodeKind {
@@ -522,18 +538,7 @@ impl Shield {
             }
             match vol.lookup(&anc).map(|e| e.into_owned().kind) {
                 Some(FileKind::Symlink(t)) => {
-                    let mut v = if t.first() == Some(&b'/') {
-                        t.clone()
-                    } else {
-                        let mut v = anc
-                            .parent()
-                            .unwrap_or_else(EmbedPath::root)
-                            .as_bytes()
-                            .to_vec();
-                        v.push(b'/');
-                        v.extend_from_slice(&t);
-                        v
-                    };
+                    let mut v = link_target(&anc, &t);
                     v.extend_from_slice(&b[end..]);
                     return Some(Ok(v));
                 }
@@ -552,18 +557,7 @@ impl Shield {
                 NodeKind::Dir => None,
                 NodeKind::File => Some(libc::ENOTDIR),
                 NodeKind::Symlink(t) if depth < MAX_SYMLINKS => {
-                    let target = if t.first() == Some(&b'/') {
-                        t
-                    } else {
-                        let mut v = ep
-                            .parent()
-                            .unwrap_or_else(EmbedPath::root)
-                            .as_bytes()
-                            .to_vec();
-                        v.push(b'/');
-                        v.extend_from_slice(&t);
-                        v
-                    };
+                    let target = link_target(ep, &t);
                     match self.route_depth(inner, libc::AT_FDCWD, &target, depth + 1) {
                         Route::Shield(e2) => self.names_non_dir(inner, &e2, depth + 1),
                         Route::Deny(e) => Some(e),

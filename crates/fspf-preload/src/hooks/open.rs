@@ -253,15 +253,7 @@ fn shield_open_depth(
                     if depth > crate::shield::MAX_SYMLINKS {
                         return Err(libc::ELOOP);
                     }
-                    let base = ep.parent().unwrap_or_else(EmbedPath::root);
-                    let target = if t.first() == Some(&b'/') {
-                        t
-                    } else {
-                        let mut v = base.as_bytes().to_vec();
-                        v.push(b'/');
-                        v.extend_from_slice(&t);
-                        v
-                    };
+                    let target = crate::shield::link_target(&ep, &t);
                     let r = sh.route_bytes(&inner, libc::AT_FDCWD, &target);
                     drop(inner);
                     return match r {

@@ -335,18 +335,7 @@ fn exec_shielded(ep: EmbedPath, depth: u32) -> Result<ExecPlan, c_int> {
             if depth > crate::shield::MAX_SYMLINKS {
                 return Err(libc::ELOOP);
             }
-            let target = if t.first() == Some(&b'/') {
-                t
-            } else {
-                let mut v = ep
-                    .parent()
-                    .unwrap_or_else(EmbedPath::root)
-                    .as_bytes()
-                    .to_vec();
-                v.push(b'/');
-                v.extend_from_slice(&t);
-                v
-            };
+            let target = shield::link_target(&ep, &t);
             let r = sh.route_bytes(&inner, libc::AT_FDCWD, &target);
             drop(inner);
             return match r {
@@ -368,31 +357,7 @@ fn exec_shielded(ep: EmbedPath, depth: u32) -> Result<ExecPlan, c_int> {
     name.extend(ep.file_name().iter().copied().filter(|&c| c != 0).take(200));
     let name = CString::new(name).map_err(|_| libc::EINVAL)?;
     // SAFETY: NUL-terminated name; the fd is ours (inherited by the exec'd program on purpose).
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(crate::errno());
-    }
-    let mut off = 0usize;
-    while off < data.len() {
-        // SAFETY: writing our buffer to our memfd.
-        let n = unsafe {
-            real::pwrite(
-                fd,
-                data[off..].as_ptr().cast(),
-                data.len() - off,
-                off as i64,
-            )
-        };
-        if n <= 0 {
-            // SAFETY: closing our memfd.
-            unsafe { real::close(fd) };
-            return Err(libc::EIO);
-        }
-        off += n as usize;
-    }
-    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
-    // SAFETY: sealing our memfd against changes.
-    unsafe { real::fcntl(fd, libc::F_ADD_SEALS, seals as libc::c_ulong) };
+    let fd = crate::index_fd::sealed_memfd(&name, &data)?;
     let own = ExecPlan {
         path: CString::new(format!("/proc/self/fd/{fd}")).map_err(|_| libc::EINVAL)?,
         argv_prefix: None,
@@ -424,6 +389,18 @@ fn exec_shielded(ep: EmbedPath, depth: u32) -> Result<ExecPlan, c_int> {
             return Err(libc::ELOOP);
         }
     };
+    interpreted_by(ip, interp, arg, own.path, own.fds)
+}
+
+/// The plan that runs `script` (named `script_ref` in the interpreter's argv) with the verified
+/// interpreter `ip`, as `binfmt_script` would: `interpreter [arg] script_ref args...`.
+fn interpreted_by(
+    ip: ExecPlan,
+    interp: Vec<u8>,
+    arg: Option<Vec<u8>>,
+    script_ref: CString,
+    script_fds: Vec<c_int>,
+) -> Result<ExecPlan, c_int> {
     let as_c = |b: Vec<u8>| CString::new(b).map_err(|_| libc::ENOEXEC);
     let mut prefix = match ip.argv_prefix {
         Some(p) => p,
@@ -432,9 +409,9 @@ fn exec_shielded(ep: EmbedPath, depth: u32) -> Result<ExecPlan, c_int> {
     if let Some(a) = arg {
         prefix.push(as_c(a)?);
     }
-    prefix.push(own.path);
+    prefix.push(script_ref);
     let mut fds = ip.fds;
-    fds.extend(own.fds);
+    fds.extend(script_fds);
     Ok(ExecPlan {
         path: ip.path,
         argv_prefix: Some(prefix),
@@ -492,20 +469,7 @@ fn expand_script(kernel: CString, exec_path: CString) -> Result<Option<ExecPlan>
         return Ok(None);
     };
     let ip = exec_shielded(iep, 1)?;
-    let as_c = |b: Vec<u8>| CString::new(b).map_err(|_| libc::ENOEXEC);
-    let mut prefix = match ip.argv_prefix {
-        Some(p) => p,
-        None => vec![as_c(interp)?],
-    };
-    if let Some(a) = arg {
-        prefix.push(as_c(a)?);
-    }
-    prefix.push(exec_path);
-    Ok(Some(ExecPlan {
-        path: ip.path,
-        argv_prefix: Some(prefix),
-        fds: ip.fds,
-    }))
+    interpreted_by(ip, interp, arg, exec_path, Vec::new()).map(Some)
 }
 
 /// PATH search for execvp/posix_spawnp done here, so that program files found in protected

@@ -33,18 +33,7 @@ fn resolve(ep: EmbedPath, follow: bool) -> Result<(EmbedPath, Result<Node, Route
         let n = sh.lookup(&inner, &ep)?;
         match (&n.kind, follow) {
             (NodeKind::Symlink(t), true) => {
-                let target = if t.first() == Some(&b'/') {
-                    t.clone()
-                } else {
-                    let mut v = ep
-                        .parent()
-                        .unwrap_or_else(EmbedPath::root)
-                        .as_bytes()
-                        .to_vec();
-                    v.push(b'/');
-                    v.extend_from_slice(t);
-                    v
-                };
+                let target = shield::link_target(&ep, t);
                 match sh.route_bytes(&inner, libc::AT_FDCWD, &target) {
                     Route::Shield(e2) => ep = e2,
                     Route::Pass => {
