@@ -172,6 +172,7 @@ fuzz_target!(|input: Input| {
             FileEntry {
                 kind: FileKind::Dir,
                 mode: 0,
+                mtime_ns: 0,
             },
         );
     }

@@ -112,8 +112,14 @@ fn metadata(n: usize) -> Result<Metadata, Box<dyn std::error::Error>> {
             size: 4096 + i as u64,
             root: None,
         };
-        meta.files
-            .insert(EmbedPath::parse(&p)?, FileEntry { kind, mode: 0o644 });
+        meta.files.insert(
+            EmbedPath::parse(&p)?,
+            FileEntry {
+                kind,
+                mode: 0o644,
+                mtime_ns: 0,
+            },
+        );
     }
     Ok(meta)
 }

@@ -30,7 +30,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             size: 4096 + i as u64,
             root: None,
         };
-        v.meta.files.insert(p, FileEntry { kind, mode: 0o644 });
+        v.meta.files.insert(
+            p,
+            FileEntry {
+                kind,
+                mode: 0o644,
+                mtime_ns: 0,
+            },
+        );
     }
     let (_, key) = v.encrypt()?;
     let tag = v.tag();

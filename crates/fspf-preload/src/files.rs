@@ -26,7 +26,10 @@ pub struct WriteBuf {
     pub touched: Arc<AtomicBool>,
     /// Open write descriptions; the version is sealed when this drops to 0.
     pub writers: usize,
+    /// Modification time (ns since the epoch).
     pub mtime: i64,
+    /// `mtime` was set by `futimens`/`utimensat` and is what the sealed version records.
+    pub mtime_set: bool,
     /// Unlinked or replaced while open: never sealed again.
     pub detached: bool,
     /// Its latest version is staged but not committed: reads must come from this buffer.
@@ -61,6 +64,7 @@ impl WriteBuf {
             touched: Arc::new(AtomicBool::new(false)),
             writers: 0,
             mtime,
+            mtime_set: false,
             detached: false,
             pending: false,
             print: (0, fingerprint_bytes(&[])),
@@ -92,6 +96,7 @@ impl WriteBuf {
             touched: Arc::new(AtomicBool::new(false)),
             writers: 0,
             mtime,
+            mtime_set: false,
             detached: false,
             pending: false,
             print: (0, 0),
@@ -601,7 +606,11 @@ pub fn fill_stat(ep: &EmbedPath, node: &Node, st: &mut libc::stat) {
         if let Ok(m) = fspf_core::volume::kernel_fs::stat_beneath(k.base(), k.rel()) {
             st.st_uid = m.st_uid;
             st.st_gid = m.st_gid;
-            times = Some((m.st_atime, m.st_mtime, m.st_ctime));
+            times = Some((
+                (m.st_atime, m.st_atime_nsec as i64),
+                (m.st_mtime, m.st_mtime_nsec as i64),
+                (m.st_ctime, m.st_ctime_nsec as i64),
+            ));
         }
     }
     if times.is_none() {
@@ -611,12 +620,18 @@ pub fn fill_stat(ep: &EmbedPath, node: &Node, st: &mut libc::stat) {
             st.st_gid = libc::getgid();
         }
     }
-    let t = node.mtime.unwrap_or(crate::shield::get().started);
-    let (a, m, c) = times.unwrap_or((t, t, t));
-    let m = node.mtime.unwrap_or(m);
-    st.st_atime = a;
-    st.st_mtime = m;
-    st.st_ctime = c.max(m);
+    // Times the fspf (or a buffer) records are nanoseconds; the kernel object's are the fallback.
+    let ns = |t: i64| (t.div_euclid(1_000_000_000), t.rem_euclid(1_000_000_000));
+    let (ks, ksn) = ns(crate::shield::get().started);
+    let (a, m, c) = times.unwrap_or(((ks, ksn), (ks, ksn), (ks, ksn)));
+    let m = node.mtime.map(ns).unwrap_or(m);
+    st.st_atime = a.0;
+    st.st_atime_nsec = a.1;
+    st.st_mtime = m.0;
+    st.st_mtime_nsec = m.1;
+    let c = c.max(m);
+    st.st_ctime = c.0;
+    st.st_ctime_nsec = c.1;
     st.st_dev = SHIELD_DEV;
     st.st_ino = ino_of(ep);
     let (ty, nlink) = match node.kind {
@@ -646,16 +661,17 @@ pub fn fill_statx(ep: &EmbedPath, node: &Node, sx: &mut libc::statx) {
     sx.stx_ino = st.st_ino;
     sx.stx_size = st.st_size as u64;
     sx.stx_blocks = st.st_blocks as u64;
-    let ts = |s: i64| {
+    let ts = |s: i64, n: i64| {
         // SAFETY: statx_timestamp is plain old data; all-zero is valid.
         let mut t: libc::statx_timestamp = unsafe { std::mem::zeroed() };
         t.tv_sec = s;
+        t.tv_nsec = n as u32;
         t
     };
-    sx.stx_atime = ts(st.st_atime);
-    sx.stx_mtime = ts(st.st_mtime);
-    sx.stx_ctime = ts(st.st_ctime);
-    sx.stx_btime = ts(st.st_ctime);
+    sx.stx_atime = ts(st.st_atime, st.st_atime_nsec);
+    sx.stx_mtime = ts(st.st_mtime, st.st_mtime_nsec);
+    sx.stx_ctime = ts(st.st_ctime, st.st_ctime_nsec);
+    sx.stx_btime = ts(st.st_ctime, st.st_ctime_nsec);
     sx.stx_dev_major = (SHIELD_DEV >> 8) as u32;
     sx.stx_dev_minor = (SHIELD_DEV & 0xff) as u32;
 }

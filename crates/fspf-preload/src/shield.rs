@@ -55,6 +55,7 @@ pub struct Shield {
     /// Sealed memfd with the frozen index of the state this process last handed to children
     /// (`FSPF_INDEX_FD`); -1 when none. Rebuilt for children after a commit moved the tag.
     index_fd_slot: AtomicI32,
+    /// When the shield started (ns since the epoch).
     pub started: i64,
     inner: Mutex<Inner>,
     /// Kernel directories known to exist (see [`Shield::ensure_parent`]).
@@ -82,6 +83,8 @@ pub struct Inner {
     pub new_dirs: BTreeMap<EmbedPath, u32>,
     /// Modes changed by `chmod` since the last commit (queued as entries), for lookups.
     pub modes: BTreeMap<EmbedPath, u32>,
+    /// Modification times set by `utimensat` since the last commit (queued as entries).
+    pub times: BTreeMap<EmbedPath, i64>,
     /// Paths removed since the last commit (value: was a directory), queued as `Remove`s and
     /// hidden from lookups and listings until the commit makes them part of the volume.
     pub removed: BTreeMap<EmbedPath, bool>,
@@ -120,11 +123,9 @@ fn env_nonempty(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|s| !s.trim().is_empty())
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+/// Now, in nanoseconds since the epoch: every time the shield keeps is in nanoseconds.
+pub fn now() -> i64 {
+    fspf_core::format::metadata::now_ns()
 }
 
 /// Read up to 256 bytes at offset 0 of `fd`.
@@ -409,6 +410,7 @@ pub fn init() -> bool {
             live: BTreeMap::new(),
             new_dirs: BTreeMap::new(),
             modes: BTreeMap::new(),
+            times: BTreeMap::new(),
             removed: BTreeMap::new(),
             queue: Vec::new(),
             staged_bytes: 0,
@@ -454,6 +456,8 @@ pub struct Node {
     pub kind: NodeKind,
     pub size: u64,
     pub mode: u32,
+    /// Modification time (ns since the epoch): the fspf's record, a buffer's or an ephemeral
+    /// node's; `None` = take the kernel object's (entries written before times were recorded).
     /// Kernel object backing it (for times), when the region is a kernel region: its region's
     /// kernel directory and the part below it, resolved without following symlinks
     /// (`fspf_core::volume::kernel_fs`).
@@ -813,23 +817,83 @@ impl Shield {
                 size: *size,
                 mode: e.mode,
                 kernel,
-                mtime: None,
+                mtime: (e.mtime_ns != 0).then_some(e.mtime_ns),
             },
             FileKind::Dir => Node {
                 kind: NodeKind::Dir,
                 size: 4096,
                 mode: e.mode,
                 kernel,
-                mtime: None,
+                mtime: (e.mtime_ns != 0).then_some(e.mtime_ns),
             },
             FileKind::Symlink(t) => Node {
                 kind: NodeKind::Symlink(t.clone()),
                 size: t.len() as u64,
                 mode: 0o777,
                 kernel,
-                mtime: None,
+                mtime: (e.mtime_ns != 0).then_some(e.mtime_ns),
             },
         }
+    }
+
+    /// `utimensat`/`futimens` of `ep` (symlinks already followed): the modification time is
+    /// recorded like a mode (`Shield::chmod`); access times are not kept.
+    pub fn set_mtime(&self, inner: &mut Inner, ep: &EmbedPath, ns: i64) -> Result<(), c_int> {
+        let node = self.lookup(inner, ep)?;
+        if matches!(node.kind, NodeKind::Symlink(_)) {
+            return Ok(());
+        }
+        if self.is_ephemeral(inner, ep) {
+            match inner.eph.get_mut(ep) {
+                Some(EphNode::Dir { mtime, .. }) => *mtime = ns,
+                Some(EphNode::File { sealed, mtime }) => {
+                    *mtime = ns;
+                    sealed.entry.mtime_ns = ns;
+                }
+                None => {}
+            }
+            return Ok(());
+        }
+        self.check_writable(inner, ep)?;
+        if let Some(b) = inner.live.get(ep) {
+            let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+            g.mtime = ns;
+            g.mtime_set = true;
+        }
+        let mut staged = false;
+        for c in inner.queue.iter_mut().rev() {
+            match c {
+                Change::Put(s) if &s.path == ep => {
+                    s.entry.mtime_ns = ns;
+                    staged = true;
+                    break;
+                }
+                Change::PutEntry(p, e) if p == ep => {
+                    e.mtime_ns = ns;
+                    staged = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if !staged && !inner.live.contains_key(ep) {
+            let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
+            let mut e = match vol.lookup(ep) {
+                Some(e) => e.into_owned(),
+                None => fspf_core::FileEntry {
+                    kind: FileKind::Dir,
+                    mode: node.mode,
+                    mtime_ns: ns,
+                },
+            };
+            if let Some(m) = inner.modes.get(ep) {
+                e.mode = *m;
+            }
+            e.mtime_ns = ns;
+            inner.queue.push(Change::PutEntry(ep.clone(), e));
+        }
+        inner.times.insert(ep.clone(), ns);
+        Ok(())
     }
 
     /// `chmod` of `ep` (symlinks already followed): ephemeral nodes change at once; in kernel
@@ -881,6 +945,7 @@ impl Shield {
                     fspf_core::FileEntry {
                         kind: FileKind::Dir,
                         mode,
+                        mtime_ns: now(),
                     },
                 ));
                 inner.modes.insert(ep.clone(), mode);
@@ -977,31 +1042,18 @@ impl Shield {
             return Err(libc::ENOENT);
         }
         let changed = inner.modes.get(ep).copied();
+        let touched = inner.times.get(ep).copied();
         match vol.lookup(ep) {
             Some(e) => Ok(match &e.kind {
-                _ if changed.is_some() && !matches!(e.kind, FileKind::Symlink(_)) => {
+                _ if (changed.is_some() || touched.is_some())
+                    && !matches!(e.kind, FileKind::Symlink(_)) =>
+                {
                     let mut n = Self::node_of(&e, kernel);
                     n.mode = changed.unwrap_or(e.mode);
+                    n.mtime = touched.or(n.mtime);
                     n
                 }
-                FileKind::File { size, .. } => Node {
-                    kind: NodeKind::File,
-                    size: *size,
-                    mode: e.mode,
-                    kernel,
-                    mtime: None,
-                },
-                FileKind::Dir => Node {
-                    mode: e.mode,
-                    ..dir(kernel)
-                },
-                FileKind::Symlink(t) => Node {
-                    kind: NodeKind::Symlink(t.clone()),
-                    size: t.len() as u64,
-                    mode: 0o777,
-                    kernel,
-                    mtime: None,
-                },
+                _ => Self::node_of(&e, kernel),
             }),
             None if ep == &region.embed_point
                 || Self::region_ancestor(inner, ep)
@@ -1098,7 +1150,8 @@ impl Shield {
         if region.kind != RegionKind::Ephemeral && len > files::HASH_MAX {
             // Large kernel file: seal straight from the memfd (no copy of the whole file).
             let print = b.fingerprint()?;
-            let staged = self.stage(vol, &region, &b.path, print.0, b.mode, || b.reader())?;
+            let mut staged = self.stage(vol, &region, &b.path, print.0, b.mode, || b.reader())?;
+            Self::stamp(b, &mut staged);
             inner.staged_bytes += print.0;
             inner.queue.push(Change::Put(staged));
             b.mark_sealed_print(print);
@@ -1121,19 +1174,31 @@ impl Shield {
             b.mark_sealed(&data);
             return Ok(());
         }
-        let staged = self.stage(
-            vol,
-            &region,
-            &b.path,
-            data.len() as u64,
-            b.mode,
-            || &data[..],
-        )?;
+        let mut staged =
+            self.stage(
+                vol,
+                &region,
+                &b.path,
+                data.len() as u64,
+                b.mode,
+                || &data[..],
+            )?;
+        Self::stamp(b, &mut staged);
         inner.staged_bytes += data.len() as u64;
         inner.queue.push(Change::Put(staged));
         b.mark_sealed(&data);
         b.pending = true;
         Ok(())
+    }
+
+    /// The modification time a staged version records: the one `futimens`/`utimensat` set on
+    /// its buffer, else now (the buffer keeps it for `stat`).
+    fn stamp(b: &mut WriteBuf, staged: &mut fspf_core::volume::StagedFile) {
+        if b.mtime_set {
+            staged.entry.mtime_ns = b.mtime;
+        } else {
+            b.mtime = staged.entry.mtime_ns;
+        }
     }
 
     /// Make sure the kernel directory of `path` exists (once per directory and process: a
@@ -1357,6 +1422,7 @@ impl Shield {
         }
         inner.removed.clear();
         inner.modes.clear();
+        inner.times.clear();
         inner.new_dirs.clear();
         for b in inner.live.values() {
             b.lock().unwrap_or_else(|e| e.into_inner()).pending = false;

@@ -1604,7 +1604,7 @@ fn unlinking_the_lock_file_does_not_lose_fsynced_files_of_concurrent_writers() {
         for i in range(25):\n\
         \x20   p = '/data/%s-%d' % (n, i)\n\
         \x20   f = open(p, 'w'); f.write(p); f.flush(); os.fsync(f.fileno()); f.close()\n\
-        \x20   print(p, flush=True)\n";
+        \x20   sys.stdout.write(p + '\\n'); sys.stdout.flush()\n";
     w.write("writer.py", writer.as_bytes());
     let lock = w.path("fspf.pb.lock");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -2089,4 +2089,39 @@ fn chmod_umask_and_mkdir_modes_are_recorded_and_honoured() {
     // Read-only runs refuse chmod of protected files.
     let o = w.run(&["chmod", "644", "/data/hello.txt"]);
     assert!(!o.status.success());
+}
+
+#[test]
+fn touch_and_utimensat_are_recorded_with_nanoseconds_and_make_rebuilds() {
+    need("make");
+    let py = python_bin();
+    let mut w = data_world();
+    let setup = "mkdir -p /data/p && cd /data/p && printf 'out: in\\n\\tcp in out\\n' > Makefile && echo one > in && make -s && cat out";
+    let o = w.run_tagged(&[], &["sh", "-c", setup]);
+    ok(&o, "first make");
+    assert_eq!(stdout(&o), "one\n");
+    // Up to date in the next run; after touch (in the same second) make rebuilds.
+    let o = w.run_tagged(
+        &[],
+        &[
+            "sh",
+            "-c",
+            "cd /data/p && make -q; echo up-to-date=$?; echo two > in; touch in; make -s && cat out",
+        ],
+    );
+    ok(&o, "touch then make");
+    assert_eq!(stdout(&o), "up-to-date=0\ntwo\n");
+    let script = "import os\n\
+        os.utime('/data/p/in', ns=(1, 1234567890123456789))\n\
+        print(os.stat('/data/p/in').st_mtime_ns)\n";
+    let o = w.run_tagged(&[], &[&py, "-c", script]);
+    ok(&o, "utime ns");
+    assert_eq!(stdout(&o), "1234567890123456789\n");
+    let o = w.run(&[
+        &py,
+        "-c",
+        "import os; print(os.stat('/data/p/in').st_mtime_ns)",
+    ]);
+    ok(&o, "recorded in the fspf");
+    assert_eq!(stdout(&o), "1234567890123456789\n");
 }

@@ -7,7 +7,7 @@
 //!
 //! ```text
 //!  0  magic        "FSPFIDX\0"
-//!  8  version      u32 = 1
+//!  8  version      u32 = 2 (1 had no mtime_ns)
 //! 12  entry_count  u32
 //! 16  tag          [16]  tag of the fspf the index was built from
 //! 32  regions_len  u32
@@ -17,6 +17,7 @@
 //!     offsets      entry_count x u32: where entry i's record starts within `records`
 //!     records      one per entry, in tree order:
 //!                  path_len u32 | path | kind u8 (1 file, 2 dir, 3 symlink) | mode u16 |
+//!                    mtime_ns i64 |
 //!                    file:    file id [16] | size u64 | root_len u8 (0 or 32) | root
 //!                    symlink: target_len u32 | target
 //! ```
@@ -41,7 +42,7 @@ use std::collections::BTreeMap;
 use zeroize::{Zeroize, Zeroizing};
 
 pub const INDEX_MAGIC: [u8; 8] = *b"FSPFIDX\0";
-pub const INDEX_VERSION: u32 = 1;
+pub const INDEX_VERSION: u32 = 2;
 const HEADER_LEN: usize = 48;
 const KIND_FILE: u8 = 1;
 const KIND_DIR: u8 = 2;
@@ -130,6 +131,7 @@ pub fn build_index(meta: &Metadata, tag: Tag) -> Result<Zeroizing<Vec<u8>>, Inde
         records.push(kind);
         // Parsing masks modes to permission bits, so they fit 16 bits.
         records.extend_from_slice(&((e.mode & 0o7777) as u16).to_le_bytes());
+        records.extend_from_slice(&e.mtime_ns.to_le_bytes());
         match &e.kind {
             FileKind::File { id, size, root } => {
                 records.extend_from_slice(&id.0);
@@ -510,6 +512,7 @@ impl<'a> Iterator for FrozenChildren<'a> {
 fn parse_entry(c: &mut Cursor<'_>) -> Option<FileEntry> {
     let kind = c.u8()?;
     let mode = u32::from(c.u16()?);
+    let mtime_ns = c.u64()? as i64;
     let kind = match kind {
         KIND_FILE => {
             let mut id = [0u8; FILE_ID_LEN];
@@ -540,7 +543,11 @@ fn parse_entry(c: &mut Cursor<'_>) -> Option<FileEntry> {
     if mode & !0o7777 != 0 {
         return None;
     }
-    Some(FileEntry { kind, mode })
+    Some(FileEntry {
+        kind,
+        mode,
+        mtime_ns,
+    })
 }
 
 /// Reads from the front of a byte slice; every read checks the bounds.
@@ -601,6 +608,7 @@ mod tests {
         FileEntry {
             kind: FileKind::Dir,
             mode: 0o755,
+            mtime_ns: 1,
         }
     }
     fn file(n: u8) -> FileEntry {
@@ -611,6 +619,7 @@ mod tests {
                 root: n.is_multiple_of(2).then_some([n; ROOT_LEN]),
             },
             mode: 0o644,
+            mtime_ns: -5,
         }
     }
     fn regions() -> Vec<Region> {
@@ -668,6 +677,7 @@ mod tests {
             FileEntry {
                 kind: FileKind::Symlink(b"/a/b/c".to_vec()),
                 mode: 0o777,
+                mtime_ns: 0,
             },
         );
         m
@@ -992,7 +1002,11 @@ mod tests {
             Just(FileKind::Dir),
             prop::collection::vec(any::<u8>(), 0..12).prop_map(FileKind::Symlink),
         ];
-        (kind, 0u32..0o10000).prop_map(|(kind, mode)| FileEntry { kind, mode })
+        (kind, 0u32..0o10000, any::<i64>()).prop_map(|(kind, mode, mtime_ns)| FileEntry {
+            kind,
+            mode,
+            mtime_ns,
+        })
     }
     fn metadata() -> impl Strategy<Value = Metadata> {
         prop::collection::btree_map(path(), entry(), 0..80).prop_map(meta)

@@ -57,6 +57,9 @@ pub struct FileEntryPb {
     /// symlinks: target bytes
     #[prost(bytes = "vec", tag = "7")]
     pub target: Vec<u8>,
+    /// Modification time, nanoseconds since the epoch; 0 = not recorded (older writers).
+    #[prost(int64, tag = "8")]
+    pub mtime_ns: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,11 +133,21 @@ pub enum FileKind {
     Symlink(Vec<u8>),
 }
 
+/// Now, in nanoseconds since the epoch (the `mtime_ns` of a version written now).
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileEntry {
     pub kind: FileKind,
     /// Permission bits (st_mode & 0o7777).
     pub mode: u32,
+    /// Modification time in nanoseconds since the epoch, as the fspf records it (protected by
+    /// the fspf's seal, unlike the kernel file's times); 0 = not recorded.
+    pub mtime_ns: i64,
 }
 
 /// Validated content of an fspf.
@@ -159,6 +172,7 @@ impl Metadata {
                     let mut pb = FileEntryPb {
                         path: p.as_bytes().to_vec(),
                         mode: e.mode,
+                        mtime_ns: e.mtime_ns,
                         ..Default::default()
                     };
                     match &e.kind {
@@ -321,6 +335,7 @@ impl Metadata {
                 FileEntry {
                     kind,
                     mode: f.mode & 0o7777,
+                    mtime_ns: f.mtime_ns,
                 },
             ));
         }
@@ -539,6 +554,7 @@ mod tests {
                 FileEntry {
                     kind: FileKind::Dir,
                     mode: 0,
+                    mtime_ns: 0,
                 },
             );
         }
@@ -562,8 +578,14 @@ mod tests {
             } else {
                 FileKind::Symlink(b"t".to_vec())
             };
-            m.files
-                .insert(EmbedPath::parse(p).unwrap(), FileEntry { kind, mode: 0 });
+            m.files.insert(
+                EmbedPath::parse(p).unwrap(),
+                FileEntry {
+                    kind,
+                    mode: 0,
+                    mtime_ns: 0,
+                },
+            );
         }
         let got: Vec<(String, ChildKind)> = m
             .children(&EmbedPath::root())

@@ -188,6 +188,7 @@ pub(crate) fn seal_version(
                         root: None,
                     },
                     mode: mode & 0o7777,
+                    mtime_ns: crate::format::metadata::now_ns(),
                 },
                 None,
             ))
@@ -239,6 +240,7 @@ pub(crate) fn seal_version(
                         root: Some(root),
                     },
                     mode: mode & 0o7777,
+                    mtime_ns: crate::format::metadata::now_ns(),
                 },
                 tree,
             ))

@@ -200,6 +200,7 @@ impl Volume {
                             FileEntry {
                                 kind: FileKind::Dir,
                                 mode: *mode,
+                                mtime_ns: crate::format::metadata::now_ns(),
                             },
                         )))
                     }
@@ -239,6 +240,7 @@ impl Volume {
                             FileEntry {
                                 kind: FileKind::Symlink(target.clone()),
                                 mode: 0o777,
+                                mtime_ns: crate::format::metadata::now_ns(),
                             },
                         )))
                     }

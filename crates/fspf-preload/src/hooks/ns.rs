@@ -183,6 +183,7 @@ fn do_mkdir(sh: &Shield, ep: EmbedPath, mode: mode_t) -> Result<(), c_int> {
         FileEntry {
             kind: FileKind::Dir,
             mode,
+            mtime_ns: crate::shield::now(),
         },
     ));
     Ok(())
@@ -674,6 +675,7 @@ fn do_symlink(sh: &Shield, target: &[u8], ep: EmbedPath) -> Result<(), c_int> {
     let entry = FileEntry {
         kind: FileKind::Symlink(target.to_vec()),
         mode: 0o777,
+        mtime_ns: crate::shield::now(),
     };
     sh.commit_now(&mut inner, Change::PutEntry(ep, entry), || {})
 }

@@ -481,31 +481,6 @@ pub unsafe extern "C" fn flistxattr(fd: c_int, l: *mut c_char, s: size_t) -> ssi
     unsafe { real::flistxattr(fd, l, s) }
 }
 
-/// Permission bits and times of protected files come from the fspf; changing them is accepted
-/// and ignored (documented in docs/SHIELD.md).
-unsafe fn meta_path(
-    d: c_int,
-    p: *const c_char,
-    real_call: impl Fn(c_int, *const c_char) -> c_int,
-) -> c_int {
-    let Some(g) = enter() else {
-        return real_call(d, p);
-    };
-    match shield::get().route(d, p) {
-        Route::Pass => {
-            drop(g);
-            real_call(d, p)
-        }
-        Route::Kernel(k, _) => real_call(libc::AT_FDCWD, k.as_ptr()),
-        Route::Deny(e) => fail(e),
-        Route::Shield(ep) => match resolve(ep, true) {
-            Ok((_, Ok(_))) => 0,
-            Ok(_) => 0,
-            Err(e) => fail(e),
-        },
-    }
-}
-
 /// `chmod` in the shielded view: follows symlinks (unless `nofollow`, which a symlink refuses
 /// with `EOPNOTSUPP`, as Linux does), then records the mode (`Shield::chmod`).
 fn chmod_shielded(ep: EmbedPath, m: mode_t, nofollow: bool) -> c_int {
@@ -583,14 +558,68 @@ pub unsafe extern "C" fn utimensat(
         // SAFETY: forwarding.
         return unsafe { futimens(d, t) };
     }
-    // SAFETY: forwarding.
-    unsafe { meta_path(d, p, |d, p| real::utimensat(d, p, t, f)) }
+    // SAFETY: the program's path and times.
+    let mtime = unsafe { requested_mtime(t) };
+    // SAFETY: the program's path.
+    unsafe {
+        super::by_route(
+            d,
+            p,
+            |d, p| real::utimensat(d, p, t, f),
+            |_, ep| {
+                let Some(ns) = mtime else { return 0 };
+                let target = match resolve(ep, f & libc::AT_SYMLINK_NOFOLLOW == 0) {
+                    Ok((ep, Ok(_))) => ep,
+                    Ok((_, Err(Route::Kernel(k, _)))) => {
+                        return real::utimensat(libc::AT_FDCWD, k.as_ptr(), t, 0);
+                    }
+                    Ok((_, Err(Route::Deny(e)))) | Err(e) => return fail(e),
+                    Ok((_, Err(_))) => return fail(libc::EACCES),
+                };
+                let sh = shield::get();
+                let mut inner = sh.lock();
+                match sh.set_mtime(&mut inner, &target, ns) {
+                    Ok(()) => 0,
+                    Err(e) => fail(e),
+                }
+            },
+        )
+    }
 }
+
+/// The modification time `times` asks for (ns): `None` for `UTIME_OMIT`, now for a NULL
+/// `times` or `UTIME_NOW`. Access times are not recorded.
+///
+/// # Safety
+/// `t` is NULL or points at two `timespec`s (the program's argument).
+unsafe fn requested_mtime(t: *const libc::timespec) -> Option<i64> {
+    if t.is_null() {
+        return Some(shield::now());
+    }
+    // SAFETY: utimensat's contract: two timespecs.
+    let m = unsafe { *t.add(1) };
+    match m.tv_nsec {
+        libc::UTIME_OMIT => None,
+        libc::UTIME_NOW => Some(shield::now()),
+        n => Some(m.tv_sec.saturating_mul(1_000_000_000).saturating_add(n)),
+    }
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn futimens(fd: c_int, t: *const libc::timespec) -> c_int {
     if let Some(_g) = enter() {
-        if files::is_shielded(fd) {
-            return 0;
+        if let Some(h) = files::get(fd) {
+            // SAFETY: the program's times.
+            let Some(ns) = (unsafe { requested_mtime(t) }) else {
+                return 0;
+            };
+            let ep = h.lock().unwrap_or_else(|e| e.into_inner()).path.clone();
+            let sh = shield::get();
+            let mut inner = sh.lock();
+            return match sh.set_mtime(&mut inner, &ep, ns) {
+                Ok(()) => 0,
+                Err(e) => fail(e),
+            };
         }
     }
     // SAFETY: forwarding.

@@ -260,6 +260,7 @@ fn unencrypted_fspf_was_accepted_when_a_key_was_given() {
             root: vec![],
             mode: 0o644,
             target: vec![],
+            mtime_ns: 0,
         }],
     };
     let tag = fspf_core::Tag::from_hex(&kt.tag).unwrap();
