@@ -923,8 +923,12 @@ mod tests {
         };
         assert_eq!(with(0, b"X"), IndexError::BadMagic);
         assert_eq!(
-            with(8, &2u32.to_le_bytes()),
-            IndexError::UnsupportedVersion(2)
+            with(8, &1u32.to_le_bytes()),
+            IndexError::UnsupportedVersion(1)
+        );
+        assert_eq!(
+            with(8, &3u32.to_le_bytes()),
+            IndexError::UnsupportedVersion(3)
         );
         assert!(matches!(
             with(12, &u32::MAX.to_le_bytes()),
