@@ -30,6 +30,16 @@ pub struct WriteBuf {
     pub mtime: i64,
     /// `mtime` was set by `futimens`/`utimensat` and is what the sealed version records.
     pub mtime_set: bool,
+    /// The committed version this buffer was loaded from (file id, length), when it was; with
+    /// `append_only`, what another process of the run committed meanwhile can be kept (the
+    /// appended bytes are rebased onto it at commit: two processes appending to one log).
+    pub base: Option<(fspf_core::FileId, u64)>,
+    /// No hooked write or truncation touched the first `base` bytes since the load.
+    pub append_only: AtomicBool,
+    /// Another process may write this buffer's memfd (it was inherited across `fork`, `exec`
+    /// or `posix_spawn`): writes no longer all pass this process's hooks, so appends are not
+    /// tracked (and never rebased) for it.
+    pub shared: bool,
     /// Unlinked or replaced while open: never sealed again.
     pub detached: bool,
     /// Its latest version is staged but not committed: reads must come from this buffer.
@@ -65,6 +75,9 @@ impl WriteBuf {
             writers: 0,
             mtime,
             mtime_set: false,
+            base: None,
+            append_only: AtomicBool::new(false),
+            shared: false,
             detached: false,
             pending: false,
             print: (0, fingerprint_bytes(&[])),
@@ -97,6 +110,9 @@ impl WriteBuf {
             writers: 0,
             mtime,
             mtime_set: false,
+            base: None,
+            append_only: AtomicBool::new(false),
+            shared: true,
             detached: false,
             pending: false,
             print: (0, 0),
@@ -128,6 +144,9 @@ impl WriteBuf {
 
     /// Append `data` at `off` (loading content).
     pub fn write_all_at(&self, mut data: &[u8], mut off: u64) -> Result<(), c_int> {
+        if self.base.is_some_and(|(_, len)| off < len) {
+            self.append_only.store(false, Ordering::Relaxed);
+        }
         while !data.is_empty() {
             // SAFETY: writing our buffer to our own fd.
             let n = unsafe { real::pwrite(self.fd, data.as_ptr().cast(), data.len(), off as i64) };
@@ -141,6 +160,9 @@ impl WriteBuf {
     }
 
     pub fn set_len(&self, len: u64) -> Result<(), c_int> {
+        if self.base.is_some_and(|(_, base)| len < base) {
+            self.append_only.store(false, Ordering::Relaxed);
+        }
         // SAFETY: truncating our own fd.
         if unsafe { real::ftruncate(self.fd, len as i64) } != 0 {
             return Err(crate::errno());

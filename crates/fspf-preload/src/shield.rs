@@ -85,6 +85,9 @@ pub struct Inner {
     pub modes: BTreeMap<EmbedPath, u32>,
     /// Modification times set by `utimensat` since the last commit (queued as entries).
     pub times: BTreeMap<EmbedPath, i64>,
+    /// Staged versions that only appended to the version they were loaded from: rebased at
+    /// commit onto what another process of the run committed meanwhile.
+    pub appends: BTreeMap<EmbedPath, AppendDelta>,
     /// Paths removed since the last commit (value: was a directory), queued as `Remove`s and
     /// hidden from lookups and listings until the commit makes them part of the volume.
     pub removed: BTreeMap<EmbedPath, bool>,
@@ -411,6 +414,7 @@ pub fn init() -> bool {
             new_dirs: BTreeMap::new(),
             modes: BTreeMap::new(),
             times: BTreeMap::new(),
+            appends: BTreeMap::new(),
             removed: BTreeMap::new(),
             queue: Vec::new(),
             staged_bytes: 0,
@@ -442,6 +446,15 @@ pub fn link_target(link: &EmbedPath, t: &[u8]) -> Vec<u8> {
     v.extend_from_slice(t);
     v
 }
+
+/// What a staged, append-only version added to the version it was loaded from.
+pub struct AppendDelta {
+    pub base: fspf_core::FileId,
+    pub delta: Vec<u8>,
+}
+
+/// Appends larger than this are not kept for a rebase (the later committer then wins).
+const APPEND_REBASE_MAX: u64 = 64 << 20;
 
 /// Node kinds in the shielded view.
 #[derive(Debug, Clone)]
@@ -1152,6 +1165,7 @@ impl Shield {
             let print = b.fingerprint()?;
             let mut staged = self.stage(vol, &region, &b.path, print.0, b.mode, || b.reader())?;
             Self::stamp(b, &mut staged);
+            Self::note_appends(inner, b);
             inner.staged_bytes += print.0;
             inner.queue.push(Change::Put(staged));
             b.mark_sealed_print(print);
@@ -1184,11 +1198,115 @@ impl Shield {
                 || &data[..],
             )?;
         Self::stamp(b, &mut staged);
+        Self::note_appends(inner, b);
         inner.staged_bytes += data.len() as u64;
         inner.queue.push(Change::Put(staged));
         b.mark_sealed(&data);
         b.pending = true;
         Ok(())
+    }
+
+    /// Before a `fork`, `exec` or `posix_spawn`: the children inherit the buffers' memfds, so
+    /// their appends can no longer be told from this process's own.
+    pub fn share_buffers(inner: &Inner) {
+        for b in inner.live.values() {
+            let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+            g.shared = true;
+            g.base = None;
+            g.append_only
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Remember what an append-only buffer added (for a rebase at commit), or forget it.
+    fn note_appends(inner: &mut Inner, b: &WriteBuf) {
+        let len = b.len();
+        match b.base {
+            Some((id, base_len))
+                if !b.shared
+                    && b.append_only.load(std::sync::atomic::Ordering::Relaxed)
+                    && len >= base_len
+                    && len - base_len <= APPEND_REBASE_MAX =>
+            {
+                let mut delta = vec![0u8; (len - base_len) as usize];
+                let mut off = 0usize;
+                while off < delta.len() {
+                    match b.read_at(&mut delta[off..], base_len + off as u64) {
+                        Ok(0) | Err(_) => {
+                            inner.appends.remove(&b.path);
+                            return;
+                        }
+                        Ok(n) => off += n,
+                    }
+                }
+                inner
+                    .appends
+                    .insert(b.path.clone(), AppendDelta { base: id, delta });
+            }
+            _ => {
+                inner.appends.remove(&b.path);
+            }
+        }
+    }
+
+    /// Under the commit locks, with `vol` at the run's current state: a queued append-only
+    /// version whose base another process replaced is re-staged as that version plus the
+    /// appended bytes (both writers' appends survive). Returns the merged contents by path.
+    fn rebase_appends(
+        &self,
+        vol: &Volume,
+        changes: &mut [Change],
+        appends: &BTreeMap<EmbedPath, AppendDelta>,
+    ) -> BTreeMap<EmbedPath, Vec<u8>> {
+        let mut merged = BTreeMap::new();
+        for c in changes.iter_mut() {
+            let Change::Put(s) = c else { continue };
+            let Some(d) = appends.get(&s.path) else {
+                continue;
+            };
+            let cur = match vol.lookup(&s.path).map(|e| e.into_owned().kind) {
+                Some(FileKind::File { id, .. }) if id != d.base => id,
+                _ => continue,
+            };
+            let Ok(mut r) = vol.open_file(&s.path) else {
+                continue;
+            };
+            let mut data = vec![0u8; r.size() as usize];
+            let mut off = 0usize;
+            let mut ok = true;
+            while off < data.len() {
+                match r.read_at(&mut data[off..], off as u64) {
+                    Ok(0) | Err(_) => {
+                        ok = false;
+                        break;
+                    }
+                    Ok(n) => off += n,
+                }
+            }
+            if !ok {
+                continue;
+            }
+            data.extend_from_slice(&d.delta);
+            let Some(region) = vol.region_for(&s.path).cloned() else {
+                continue;
+            };
+            let mode = s.entry.mode;
+            if let Ok(mut new) =
+                self.stage(vol, &region, &s.path, data.len() as u64, mode, || &data[..])
+            {
+                log(format!(
+                    "{}: appended {} bytes onto the version another process committed ({})",
+                    s.path,
+                    d.delta.len(),
+                    cur.to_hex()
+                ));
+                new.entry.mtime_ns = s.entry.mtime_ns;
+                let old = std::mem::replace(s, new);
+                old.discard(vol.path());
+                merged.insert(s.path.clone(), data);
+            }
+        }
+        merged
     }
 
     /// The modification time a staged version records: the one `futimens`/`utimensat` set on
@@ -1297,7 +1415,8 @@ impl Shield {
         if inner.queue.is_empty() {
             return res;
         }
-        let changes = std::mem::take(&mut inner.queue);
+        let mut changes = std::mem::take(&mut inner.queue);
+        let appends = std::mem::take(&mut inner.appends);
         inner.staged_bytes = 0;
         let Some(vol) = inner.vol.as_mut() else {
             return Err(libc::EACCES);
@@ -1375,6 +1494,28 @@ impl Shield {
                 return Err(libc::EIO);
             }
         };
+        // Appends onto a file another process of the run changed since this one loaded it:
+        // look at the run's current state and rebase them onto it.
+        let mut merged = BTreeMap::new();
+        if !appends.is_empty() {
+            if vol.tag() != trusted {
+                if let Ok(mut v) = Volume::open(&self.fspf, self.key.clone(), Some(trusted)) {
+                    v.sync_each_file = false;
+                    *vol = v;
+                }
+            }
+            merged = self.rebase_appends(vol, &mut changes, &appends);
+        }
+        let committed: Vec<(EmbedPath, fspf_core::FileId, u64)> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Put(s) => match &s.entry.kind {
+                    FileKind::File { id, size, .. } => Some((s.path.clone(), *id, *size)),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
         let anchor = &self.anchor;
         let mut announce = |next: Tag| {
             anchor
@@ -1418,6 +1559,26 @@ impl Shield {
                 .is_some_and(|v| v.lookup(&p).is_some() || v.has_below(&p));
             if !again {
                 let _ = kernel_fs::remove_unlisted_dir(k.base(), k.rel());
+            }
+        }
+        // Buffers still open go on from what was committed: a rebased one takes the merged
+        // contents, and each records its committed version as its new base.
+        for (path, id, size) in committed {
+            let Some(b) = inner.live.get(&path).cloned() else {
+                continue;
+            };
+            let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(data) = merged.remove(&path) {
+                if g.set_len(0).is_err() || g.write_all_at(&data, 0).is_err() {
+                    continue;
+                }
+                let c = data;
+                g.mark_sealed(&c);
+            }
+            if !g.shared {
+                g.base = Some((id, size));
+                g.append_only
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
         inner.removed.clear();

@@ -2125,3 +2125,26 @@ fn touch_and_utimensat_are_recorded_with_nanoseconds_and_make_rebuilds() {
     ok(&o, "recorded in the fspf");
     assert_eq!(stdout(&o), "1234567890123456789\n");
 }
+
+#[test]
+fn two_processes_appending_to_one_log_keep_all_lines() {
+    need("bash");
+    let mut w = data_world();
+    let o = w.run_tagged(&[], &["sh", "-c", "echo start > /data/log"]);
+    ok(&o, "make the log");
+    let script = "for i in $(seq 200); do echo A$i >> /data/log; done & \
+                  for i in $(seq 200); do echo B$i >> /data/log; done & wait";
+    let o = w.run_tagged(&[], &["bash", "-c", script]);
+    ok(&o, "two appenders");
+    let o = w.run(&["cat", "/data/log"]);
+    ok(&o, "read the log");
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 401, "every appended line is kept");
+    assert_eq!(lines[0], "start");
+    for p in ["A", "B"] {
+        let mine: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with(p)).collect();
+        let want: Vec<String> = (1..=200).map(|i| format!("{p}{i}")).collect();
+        assert_eq!(mine, want, "{p}'s lines, in order");
+    }
+}

@@ -4,7 +4,7 @@ use super::{fail, fail_ptr, ret};
 use crate::files::{self, Body, Handle, OpenFile, WriteBuf};
 use crate::shield::{self, EphNode, Inner, NodeKind, Route, Shield};
 use crate::{enter, enter_always, log, real};
-use fspf_core::format::metadata::{Protection, RegionKind};
+use fspf_core::format::metadata::{FileKind, Protection, RegionKind};
 use fspf_core::volume::memory;
 use fspf_core::EmbedPath;
 use libc::{c_char, c_int, c_void, mode_t, size_t, ssize_t, FILE};
@@ -294,10 +294,21 @@ fn shield_open_depth(
                     None => {
                         let b =
                             WriteBuf::create(ep.clone(), n.mode, n.mtime.unwrap_or(sh.started))?;
+                        let mut b = b;
                         if flags & libc::O_TRUNC == 0 {
                             load_buffer(&inner, &ep, &b)?;
+                            // The version it starts from: appends to it can be rebased onto a
+                            // version another process of the run commits meanwhile.
+                            if let Some(FileKind::File { id, size, .. }) = inner
+                                .vol
+                                .as_ref()
+                                .and_then(|v| v.lookup(&ep))
+                                .map(|e| e.into_owned().kind)
+                            {
+                                b.base = Some((id, size));
+                                b.append_only.store(true, Ordering::Relaxed);
+                            }
                         }
-                        let mut b = b;
                         let c = b.contents()?;
                         b.mark_sealed(&c);
                         let b = Arc::new(Mutex::new(b));
@@ -327,7 +338,7 @@ fn shield_open_depth(
             }
             sh.check_writable(&inner, &ep)?;
             let m = mode & 0o7777 & !UMASK.load(Ordering::Relaxed);
-            let mut b = WriteBuf::create(ep.clone(), m, sh.started.max(now()))?;
+            let mut b = WriteBuf::create(ep.clone(), m, crate::shield::now())?;
             // A new file exists (empty) once it is closed, even if nothing was written.
             b.touched.store(true, Ordering::Relaxed);
             b.writers = 1;
@@ -374,13 +385,6 @@ fn shield_open_depth(
     };
     files::insert(fd, Arc::new(Mutex::new(f)));
     Ok(fd)
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// Drop one fd's reference to its open file description; seal when the last writer goes.

@@ -15,6 +15,7 @@ use std::ffi::{CStr, CString};
 fn commit_for_child() -> Result<(), c_int> {
     let sh = shield::get();
     let mut inner = sh.lock();
+    shield::Shield::share_buffers(&inner);
     sh.commit(&mut inner).inspect_err(|e| {
         let m = format!("commit before fork/exec failed (errno {e}); changes were lost");
         say(&m);
