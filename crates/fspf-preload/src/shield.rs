@@ -6,6 +6,7 @@ use crate::files::{self, WriteBuf};
 use crate::{log, real, say};
 use fspf_core::format::metadata::{FileKind, Protection, Region, RegionKind};
 use fspf_core::format::view::ChildKind;
+use fspf_core::view::{EphemeralNode, Frontend, OpenFile, Pending, View, ViewError};
 use fspf_core::volume::kernel_fs;
 use fspf_core::volume::memory::{self, SealedMem};
 use fspf_core::volume::{Change, KernelPath};
@@ -37,8 +38,7 @@ pub fn commit_every_files() -> usize {
     })
 }
 const COMMIT_EVERY_BYTES: u64 = 256 << 20;
-/// Symlinks followed while resolving one path before `ELOOP` (Linux: 40).
-pub const MAX_SYMLINKS: u32 = 40;
+pub use fspf_core::view::MAX_SYMLINKS;
 /// Lowest fd number for the files verified readers keep open (see `kernel_fs::set_fd_floor`).
 const READER_FD_FLOOR: c_int = 600;
 /// Lowest fd number for the shield's own inherited fds (anchor, key), out of the way of shells.
@@ -78,19 +78,12 @@ pub struct Inner {
     /// Plaintext of files open for writing, and of kernel files staged but not yet committed.
     /// Sorted, so "is anything live below this directory" is a range query, not a scan.
     pub live: BTreeMap<EmbedPath, Arc<Mutex<WriteBuf>>>,
-    /// Directories created in kernel regions, not yet committed.
-    /// Directories created in kernel regions, not yet committed, with their mode.
-    pub new_dirs: BTreeMap<EmbedPath, u32>,
-    /// Modes changed by `chmod` since the last commit (queued as entries), for lookups.
-    pub modes: BTreeMap<EmbedPath, u32>,
-    /// Modification times set by `utimensat` since the last commit (queued as entries).
-    pub times: BTreeMap<EmbedPath, i64>,
+    /// Queued namespace and metadata changes the view shows before they are committed (new
+    /// directories, removals, modes, times): `fspf_core::view::Pending`.
+    pub pending: Pending,
     /// Staged versions that only appended to the version they were loaded from: rebased at
     /// commit onto what another process of the run committed meanwhile.
     pub appends: BTreeMap<EmbedPath, AppendDelta>,
-    /// Paths removed since the last commit (value: was a directory), queued as `Remove`s and
-    /// hidden from lookups and listings until the commit makes them part of the volume.
-    pub removed: BTreeMap<EmbedPath, bool>,
     /// Changes staged for the next commit, in order.
     pub queue: Vec<Change>,
     pub staged_bytes: u64,
@@ -411,11 +404,8 @@ pub fn init() -> bool {
             vol,
             eph: BTreeMap::new(),
             live: BTreeMap::new(),
-            new_dirs: BTreeMap::new(),
-            modes: BTreeMap::new(),
-            times: BTreeMap::new(),
+            pending: Pending::default(),
             appends: BTreeMap::new(),
-            removed: BTreeMap::new(),
             queue: Vec::new(),
             staged_bytes: 0,
             cwd,
@@ -431,21 +421,7 @@ pub fn init() -> bool {
     ok
 }
 
-/// The path a symlink at `link` with target `t` names: `t` itself when absolute, else `t`
-/// relative to the link's directory (resolved further by routing).
-pub fn link_target(link: &EmbedPath, t: &[u8]) -> Vec<u8> {
-    if t.first() == Some(&b'/') {
-        return t.to_vec();
-    }
-    let mut v = link
-        .parent()
-        .unwrap_or_else(EmbedPath::root)
-        .as_bytes()
-        .to_vec();
-    v.push(b'/');
-    v.extend_from_slice(t);
-    v
-}
+pub use fspf_core::view::link_target;
 
 /// What a staged, append-only version added to the version it was loaded from.
 pub struct AppendDelta {
@@ -456,26 +432,54 @@ pub struct AppendDelta {
 /// Appends larger than this are not kept for a rebase (the later committer then wins).
 const APPEND_REBASE_MAX: u64 = 64 << 20;
 
-/// Node kinds in the shielded view.
-#[derive(Debug, Clone)]
-pub enum NodeKind {
-    File,
-    Dir,
-    Symlink(Vec<u8>),
+pub use fspf_core::view::{Node, NodeKind};
+
+/// The one place a view error becomes an errno.
+pub fn errno_of(e: ViewError) -> c_int {
+    match e {
+        ViewError::NotFound => libc::ENOENT,
+        ViewError::NotDir => libc::ENOTDIR,
+        ViewError::Loop => libc::ELOOP,
+    }
 }
 
-#[derive(Debug, Clone)]
-pub struct Node {
-    pub kind: NodeKind,
-    pub size: u64,
-    pub mode: u32,
-    /// Modification time (ns since the epoch): the fspf's record, a buffer's or an ephemeral
-    /// node's; `None` = take the kernel object's (entries written before times were recorded).
-    /// Kernel object backing it (for times), when the region is a kernel region: its region's
-    /// kernel directory and the part below it, resolved without following symlinks
-    /// (`fspf_core::volume::kernel_fs`).
-    pub kernel: Option<KernelPath>,
-    pub mtime: Option<i64>,
+/// This process's buffers and ephemeral regions, as the view sees them.
+struct Buffers<'a>(&'a Inner);
+
+impl Frontend for Buffers<'_> {
+    fn open_file(&self, ep: &EmbedPath) -> Option<OpenFile> {
+        let b = self.0.live.get(ep)?;
+        let b = b.lock().unwrap_or_else(|e| e.into_inner());
+        Some(OpenFile {
+            size: b.len(),
+            mode: b.mode,
+            mtime: b.mtime,
+        })
+    }
+    fn open_below(&self, dir: &EmbedPath) -> Vec<EmbedPath> {
+        below(&self.0.live, dir).map(|(k, _)| k.clone()).collect()
+    }
+    fn ephemeral(&self, ep: &EmbedPath) -> Option<EphemeralNode> {
+        Some(match self.0.eph.get(ep)? {
+            EphNode::Dir { mode, mtime } => EphemeralNode::Dir {
+                mode: *mode,
+                mtime: *mtime,
+            },
+            EphNode::File { sealed, mtime } => EphemeralNode::File {
+                size: match &sealed.entry.kind {
+                    FileKind::File { size, .. } => *size,
+                    _ => 0,
+                },
+                mode: sealed.entry.mode,
+                mtime: *mtime,
+            },
+        })
+    }
+    fn ephemeral_below(&self, dir: &EmbedPath) -> Vec<(EmbedPath, bool)> {
+        below(&self.0.eph, dir)
+            .map(|(k, n)| (k.clone(), matches!(n, EphNode::Dir { .. })))
+            .collect()
+    }
 }
 
 fn is_special(abs: &[u8]) -> bool {
@@ -497,18 +501,6 @@ fn below<'a, V>(
         .filter(move |(k, _)| *k != dir && k.starts_with(dir))
 }
 
-/// First component of `k` below `dir`, and whether more components follow.
-fn first_component<'a>(k: &'a EmbedPath, dir: &EmbedPath) -> Option<(&'a [u8], bool)> {
-    let rest = k.strip_prefix(dir)?;
-    if rest.is_empty() {
-        return None;
-    }
-    Some(match rest.iter().position(|&c| c == b'/') {
-        Some(i) => (&rest[..i], true),
-        None => (rest, false),
-    })
-}
-
 impl Shield {
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -527,43 +519,6 @@ impl Shield {
 
     pub fn route_bytes(&self, inner: &Inner, dirfd: c_int, p: &[u8]) -> Route {
         self.route_depth(inner, dirfd, p, 0)
-    }
-
-    /// A symlink in a directory position of a shielded path (`l/f` with `l -> d`): the path with
-    /// the link's target substituted, `Err(ENOTDIR)` when a file is in a directory position, or
-    /// `None` when every ancestor is a directory (or not listed).
-    fn substitute_dir_link(
-        inner: &Inner,
-        vol: &Volume,
-        region: &Region,
-        ep: &EmbedPath,
-    ) -> Option<Result<Vec<u8>, c_int>> {
-        let b = ep.as_bytes();
-        let start = region.embed_point.as_bytes().len();
-        let mut i = start;
-        while let Some(off) = b
-            .get(i + 1..)
-            .and_then(|r| r.iter().position(|&c| c == b'/'))
-        {
-            let end = i + 1 + off;
-            i = end;
-            let Ok(anc) = EmbedPath::from_bytes(&b[..end]) else {
-                continue;
-            };
-            if inner.live.contains_key(&anc) {
-                return Some(Err(libc::ENOTDIR));
-            }
-            match vol.lookup(&anc).map(|e| e.into_owned().kind) {
-                Some(FileKind::Symlink(t)) => {
-                    let mut v = link_target(&anc, &t);
-                    v.extend_from_slice(&b[end..]);
-                    return Some(Ok(v));
-                }
-                Some(FileKind::File { .. }) => return Some(Err(libc::ENOTDIR)),
-                _ => {}
-            }
-        }
-        None
     }
 
     /// Does `ep` (following symlinks of the last component) name something other than a
@@ -649,7 +604,13 @@ impl Shield {
                 }
             }
             _ => {
-                match Self::substitute_dir_link(inner, vol, region, &ep) {
+                let fe = Buffers(inner);
+                let view = View {
+                    vol,
+                    pending: &inner.pending,
+                    frontend: &fe,
+                };
+                match view.dir_link(region, &ep).map(|r| r.map_err(errno_of)) {
                     Some(Ok(_)) if depth >= MAX_SYMLINKS => return Route::Deny(libc::ELOOP),
                     Some(Ok(next)) => {
                         return match self.route_depth(inner, libc::AT_FDCWD, &next, depth + 1) {
@@ -822,33 +783,6 @@ impl Shield {
         }
     }
 
-    /// The node of a listed entry (no overlay applied).
-    fn node_of(e: &fspf_core::FileEntry, kernel: Option<KernelPath>) -> Node {
-        match &e.kind {
-            FileKind::File { size, .. } => Node {
-                kind: NodeKind::File,
-                size: *size,
-                mode: e.mode,
-                kernel,
-                mtime: (e.mtime_ns != 0).then_some(e.mtime_ns),
-            },
-            FileKind::Dir => Node {
-                kind: NodeKind::Dir,
-                size: 4096,
-                mode: e.mode,
-                kernel,
-                mtime: (e.mtime_ns != 0).then_some(e.mtime_ns),
-            },
-            FileKind::Symlink(t) => Node {
-                kind: NodeKind::Symlink(t.clone()),
-                size: t.len() as u64,
-                mode: 0o777,
-                kernel,
-                mtime: (e.mtime_ns != 0).then_some(e.mtime_ns),
-            },
-        }
-    }
-
     /// `utimensat`/`futimens` of `ep` (symlinks already followed): the modification time is
     /// recorded like a mode (`Shield::chmod`); access times are not kept.
     pub fn set_mtime(&self, inner: &mut Inner, ep: &EmbedPath, ns: i64) -> Result<(), c_int> {
@@ -899,13 +833,13 @@ impl Shield {
                     mtime_ns: ns,
                 },
             };
-            if let Some(m) = inner.modes.get(ep) {
+            if let Some(m) = inner.pending.modes.get(ep) {
                 e.mode = *m;
             }
             e.mtime_ns = ns;
             inner.queue.push(Change::PutEntry(ep.clone(), e));
         }
-        inner.times.insert(ep.clone(), ns);
+        inner.pending.times.insert(ep.clone(), ns);
         Ok(())
     }
 
@@ -946,7 +880,7 @@ impl Shield {
                 _ => {}
             }
         }
-        if let Some(m) = inner.new_dirs.get_mut(ep) {
+        if let Some(m) = inner.pending.new_dirs.get_mut(ep) {
             *m = mode;
         }
         if !staged && !inner.live.contains_key(ep) {
@@ -961,177 +895,51 @@ impl Shield {
                         mtime_ns: now(),
                     },
                 ));
-                inner.modes.insert(ep.clone(), mode);
+                inner.pending.modes.insert(ep.clone(), mode);
                 return Ok(());
             };
             let mut e = e.into_owned();
             e.mode = mode;
             inner.queue.push(Change::PutEntry(ep.clone(), e));
         }
-        inner.modes.insert(ep.clone(), mode);
+        inner.pending.modes.insert(ep.clone(), mode);
         Ok(())
     }
 
-    /// Was `ep`, or a directory above it, removed since the last commit (queued)?
-    fn hidden(inner: &Inner, ep: &EmbedPath) -> bool {
-        if inner.removed.is_empty() {
-            return false;
-        }
-        let mut p = Some(ep.clone());
-        while let Some(q) = p {
-            if inner.removed.contains_key(&q) {
-                return true;
-            }
-            p = q.parent();
-        }
-        false
-    }
-
-    /// Is `ep` an ancestor of some region's embed point (a directory that must exist)?
-    fn region_ancestor(inner: &Inner, ep: &EmbedPath) -> bool {
-        inner.vol.as_ref().is_some_and(|v| {
-            v.meta
-                .regions
-                .iter()
-                .any(|r| &r.embed_point != ep && r.embed_point.starts_with(ep))
-        })
-    }
-
-    /// What is at `ep` in the shielded view.
+    /// What is at `ep` in the shielded view (`fspf_core::view`, which decides it).
     pub fn lookup(&self, inner: &Inner, ep: &EmbedPath) -> Result<Node, c_int> {
         let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
-        let region = vol.region_for(ep).ok_or(libc::ENOENT)?;
-        let kernel = KernelPath::of(region, ep);
-        if let Some(b) = inner.live.get(ep) {
-            let b = b.lock().unwrap_or_else(|e| e.into_inner());
-            return Ok(Node {
-                kind: NodeKind::File,
-                size: b.len(),
-                mode: b.mode,
-                kernel,
-                mtime: Some(b.mtime),
-            });
-        }
-        let dir = |kernel: Option<KernelPath>| Node {
-            kind: NodeKind::Dir,
-            size: 4096,
-            mode: 0o755,
-            kernel,
-            mtime: None,
+        let fe = Buffers(inner);
+        let view = View {
+            vol,
+            pending: &inner.pending,
+            frontend: &fe,
         };
-        if region.kind == RegionKind::Ephemeral {
-            return match inner.eph.get(ep) {
-                Some(EphNode::Dir { mode, mtime }) => Ok(Node {
-                    mode: *mode,
-                    mtime: Some(*mtime),
-                    ..dir(None)
-                }),
-                Some(EphNode::File { sealed, mtime }) => Ok(Node {
-                    kind: NodeKind::File,
-                    size: match &sealed.entry.kind {
-                        FileKind::File { size, .. } => *size,
-                        _ => 0,
-                    },
-                    mode: sealed.entry.mode,
-                    kernel: None,
-                    mtime: Some(*mtime),
-                }),
-                None if ep == &region.embed_point
-                    || Self::region_ancestor(inner, ep)
-                    || below(&inner.eph, ep).next().is_some() =>
-                {
-                    Ok(dir(None))
-                }
-                None => Err(libc::ENOENT),
-            };
-        }
-        if let Some(&mode) = inner.new_dirs.get(ep) {
-            return Ok(Node {
-                mode,
-                ..dir(kernel)
-            });
-        }
-        if Self::hidden(inner, ep) {
-            return Err(libc::ENOENT);
-        }
-        let changed = inner.modes.get(ep).copied();
-        let touched = inner.times.get(ep).copied();
-        match vol.lookup(ep) {
-            Some(e) => Ok(match &e.kind {
-                _ if (changed.is_some() || touched.is_some())
-                    && !matches!(e.kind, FileKind::Symlink(_)) =>
-                {
-                    let mut n = Self::node_of(&e, kernel);
-                    n.mode = changed.unwrap_or(e.mode);
-                    n.mtime = touched.or(n.mtime);
-                    n
-                }
-                _ => Self::node_of(&e, kernel),
-            }),
-            None if ep == &region.embed_point
-                || Self::region_ancestor(inner, ep)
-                || vol.has_below(ep)
-                || inner.new_dirs.keys().any(|d| d.starts_with(ep))
-                || below(&inner.live, ep).next().is_some() =>
-            {
-                Ok(dir(kernel))
-            }
-            None => Err(libc::ENOENT),
-        }
+        view.lookup(ep).map_err(errno_of)
     }
 
     /// Entries of directory `ep` (name, d_type), sorted by name, without `.`/`..`.
     pub fn children(&self, inner: &Inner, ep: &EmbedPath) -> Vec<(Vec<u8>, u8)> {
-        let mut m: BTreeMap<Vec<u8>, u8> = BTreeMap::new();
         let Some(vol) = inner.vol.as_ref() else {
             return Vec::new();
         };
-        for r in &vol.meta.regions {
-            if let Some((c, _)) = first_component(&r.embed_point, ep) {
-                m.insert(c.to_vec(), libc::DT_DIR);
-            }
-        }
-        let eph = vol
-            .region_for(ep)
-            .is_some_and(|r| r.kind == RegionKind::Ephemeral);
-        if eph {
-            for (k, n) in below(&inner.eph, ep) {
-                if let Some((c, more)) = first_component(k, ep) {
-                    let t = match (more, n) {
-                        (true, _) | (false, EphNode::Dir { .. }) => libc::DT_DIR,
-                        (false, EphNode::File { .. }) => libc::DT_REG,
-                    };
-                    m.entry(c.to_vec()).or_insert(t);
-                }
-            }
-        } else {
-            // O(log n + k) in the volume's index, never a scan of all entries.
-            for (c, kind) in vol.children(ep) {
-                if !inner.removed.is_empty()
-                    && ep.join(c).is_ok_and(|p| inner.removed.contains_key(&p))
-                {
-                    continue;
-                }
-                let t = match kind {
+        let fe = Buffers(inner);
+        let view = View {
+            vol,
+            pending: &inner.pending,
+            frontend: &fe,
+        };
+        view.children(ep)
+            .into_iter()
+            .map(|(n, k)| {
+                let t = match k {
                     ChildKind::Dir => libc::DT_DIR,
                     ChildKind::File => libc::DT_REG,
                     ChildKind::Symlink => libc::DT_LNK,
                 };
-                m.entry(c.to_vec()).or_insert(t);
-            }
-            for d in inner.new_dirs.keys() {
-                if let Some((c, _)) = first_component(d, ep) {
-                    m.insert(c.to_vec(), libc::DT_DIR);
-                }
-            }
-        }
-        for (k, _) in below(&inner.live, ep) {
-            if let Some((c, more)) = first_component(k, ep) {
-                m.entry(c.to_vec())
-                    .or_insert(if more { libc::DT_DIR } else { libc::DT_REG });
-            }
-        }
-        m.into_iter().collect()
+                (n, t)
+            })
+            .collect()
     }
 
     pub fn is_ephemeral(&self, inner: &Inner, ep: &EmbedPath) -> bool {
@@ -1427,7 +1235,7 @@ impl Shield {
         let mut gone_dirs: Vec<(EmbedPath, KernelPath)> = Vec::new();
         for c in &changes {
             if let Change::Remove(p) = c {
-                if inner.removed.get(p) == Some(&true) {
+                if inner.pending.removed.get(p) == Some(&true) {
                     if let Some(k) = vol.region_for(p).and_then(|r| KernelPath::of(r, p)) {
                         gone_dirs.push((p.clone(), k));
                     }
@@ -1581,10 +1389,7 @@ impl Shield {
                     .store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
-        inner.removed.clear();
-        inner.modes.clear();
-        inner.times.clear();
-        inner.new_dirs.clear();
+        inner.pending.clear();
         for b in inner.live.values() {
             b.lock().unwrap_or_else(|e| e.into_inner()).pending = false;
         }

@@ -71,11 +71,11 @@ fn do_unlink(sh: &Shield, ep: EmbedPath, dir: bool) -> Result<(), c_int> {
         remove_tree(&mut inner.eph, &ep);
         return Ok(());
     }
-    inner.new_dirs.remove(&ep);
+    inner.pending.new_dirs.remove(&ep);
     // Queued like writes and committed at the same points (fsync, fork/exec, exit, batches):
     // `rm -r` of N files costs one commit, not N. Until then the path is hidden from this
     // process's view; the kernel side happens around the commit (`Shield::commit`).
-    inner.removed.insert(ep.clone(), dir);
+    inner.pending.removed.insert(ep.clone(), dir);
     inner.queue.push(Change::Remove(ep));
     if inner.queue.len() >= crate::shield::commit_every_files() {
         sh.commit(&mut inner)?;
@@ -177,7 +177,7 @@ fn do_mkdir(sh: &Shield, ep: EmbedPath, mode: mode_t) -> Result<(), c_int> {
     {
         let _ = kernel_fs::create_dirs_beneath(k.base(), k.rel(), 0o755);
     }
-    inner.new_dirs.insert(ep.clone(), mode);
+    inner.pending.new_dirs.insert(ep.clone(), mode);
     inner.queue.push(Change::PutEntry(
         ep,
         FileEntry {
@@ -308,13 +308,14 @@ fn do_rename(sh: &Shield, from: EmbedPath, to: EmbedPath, flags: c_uint) -> Resu
     sh.commit(&mut inner)?;
     rekey(&mut inner);
     let moved_dirs: Vec<EmbedPath> = inner
+        .pending
         .new_dirs
         .keys()
         .filter(|d| d.starts_with(&from))
         .cloned()
         .collect();
     for d in moved_dirs {
-        inner.new_dirs.remove(&d);
+        inner.pending.new_dirs.remove(&d);
     }
     // A file: linked to its new name's shadow and moved to its own around the commit
     // (crash-safe, fspf-core `moves`); a directory is renamed after the commit.
