@@ -35,19 +35,24 @@ pub fn init_umask() {
     UMASK.store(m, Ordering::Relaxed);
 }
 
+/// The errno for a core error while opening or reading `ep`. Only data that failed
+/// verification marks the process (it then cannot exit 0); a machine error keeps its errno.
 fn map_core(ep: &EmbedPath, e: fspf_core::Error) -> c_int {
     use fspf_core::Error as E;
     let m = format!("{ep}: {e}");
     log(&m);
+    if e.is_integrity() {
+        crate::integrity_failure(&m);
+        return libc::EIO;
+    }
     match e {
         E::NotListed { .. } => libc::ENOENT,
-        E::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
-            libc::EACCES
-        }
-        _ => {
-            crate::integrity_failure(&m);
-            libc::EIO
-        }
+        E::Io { source, .. } => match source.raw_os_error() {
+            Some(n) => n,
+            None if source.kind() == std::io::ErrorKind::PermissionDenied => libc::EACCES,
+            None => libc::EIO,
+        },
+        _ => libc::EIO,
     }
 }
 
