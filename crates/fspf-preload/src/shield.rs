@@ -52,6 +52,8 @@ pub struct Shield {
     anchor: Anchor,
     /// Private CLOEXEC memfd with the hex key, handed to exec'd children (FSPF_KEY_FD); or -1.
     key_fd_slot: AtomicI32,
+    /// The key came in a memfd (`FSPF_KEY_FD`) and goes to exec'd children the same way.
+    key_handoff: bool,
     /// Sealed memfd with the frozen index of the state this process last handed to children
     /// (`FSPF_INDEX_FD`); -1 when none. Rebuilt for children after a commit moved the tag.
     index_fd_slot: AtomicI32,
@@ -380,10 +382,10 @@ pub fn init() -> bool {
             None
         }
     };
-    let key_fd = match (&key, key_from_fd) {
-        (Some(k), true) => memfd_with(c"fspf-key", k.to_hex().as_bytes(), true),
-        _ => -1,
-    };
+    // The key memfd for exec'd children is made when the first child needs it (most shielded
+    // processes exec nothing).
+    let key_fd = -1;
+    let key_handoff = key.is_some() && key_from_fd;
     let (cwd, cwd_virtual) = inherited_cwd()
         .map(|c| (c, true))
         .unwrap_or_else(|| (real_cwd().unwrap_or_else(EmbedPath::root), false));
@@ -398,6 +400,7 @@ pub fn init() -> bool {
                 .map(PathBuf::from),
         ),
         key_fd_slot: AtomicI32::new(key_fd),
+        key_handoff,
         index_fd_slot: AtomicI32::new(index_fd),
         started: now(),
         inner: Mutex::new(Inner {
@@ -705,6 +708,21 @@ impl Shield {
 
     pub fn key_fd(&self) -> c_int {
         self.key_fd_slot.load(Ordering::Relaxed)
+    }
+
+    /// The key memfd to hand to an exec'd child (made on first use); -1 when the key is not
+    /// handed on that way.
+    pub fn key_fd_for_child(&self) -> c_int {
+        let cur = self.key_fd();
+        if cur >= 0 || !self.key_handoff {
+            return cur;
+        }
+        let Some(k) = self.key.as_ref() else {
+            return -1;
+        };
+        let fd = memfd_with(c"fspf-key", k.to_hex().as_bytes(), true);
+        self.key_fd_slot.store(fd, Ordering::Relaxed);
+        fd
     }
 
     pub fn index_fd(&self) -> c_int {

@@ -43,8 +43,13 @@ pub fn key_from_file(p: &Path) -> Result<VolumeKey> {
             .context("reading the key from stdin (--key-file -)")?;
         return parse_key_text(&s, "stdin (--key-file -)");
     }
+    // A file is read at once (nothing after the key line belongs to anyone else, unlike stdin).
     let s = std::fs::File::open(p)
-        .and_then(read_key_text)
+        .and_then(|f| {
+            let mut all = zeroize::Zeroizing::new(Vec::new());
+            f.take(MAX_KEY_TEXT).read_to_end(&mut all)?;
+            read_key_text(&all[..])
+        })
         .with_context(|| format!("reading key file {}", p.display()))?;
     parse_key_text(&s, &format!("key file {}", p.display()))
 }

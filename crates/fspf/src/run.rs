@@ -229,7 +229,10 @@ pub fn run(a: RunArgs) -> Result<i32> {
     let anchor = memfd("fspf-anchor", &tag.0)?;
     // The frozen index of this state: the run's shielded processes map it instead of parsing
     // the fspf each (their start then costs nothing in the volume's size).
-    let index = sealed_memfd("fspf-index", &vol.build_index()?)?;
+    let index = match vol.index_bytes() {
+        Some(b) => sealed_memfd("fspf-index", b)?,
+        None => sealed_memfd("fspf-index", &vol.build_index()?)?,
+    };
     let key_fd = match &key {
         Some(k) => Some(memfd("fspf-key", k.to_hex().as_bytes())?),
         None => None,

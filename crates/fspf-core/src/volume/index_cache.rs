@@ -55,10 +55,11 @@ pub fn read(fspf: &Path, vol_key: &crate::crypto::VolumeKey, tag: Tag) -> Option
     let key = cache_key(vol_key).ok()?;
     let body = &mut b[MAGIC.len() + NONCE_LEN..];
     let n = key.open(nonce, &aad, body)?;
-    let mut out = b.split_off(MAGIC.len() + NONCE_LEN);
-    out.truncate(n);
-    zeroize::Zeroize::zeroize(&mut b);
-    Some(out)
+    // The plaintext moves to the front in place (no second buffer of the index's size).
+    let start = MAGIC.len() + NONCE_LEN;
+    b.copy_within(start..start + n, 0);
+    b.truncate(n);
+    Some(b)
 }
 
 /// Write the cache for `vol` (best effort: a failure only costs the next run a parse).

@@ -156,6 +156,11 @@ impl Volume {
         self.meta.regions.len()
     }
 
+    /// The frozen index bytes this volume reads in place, if it is backed by one.
+    pub fn index_bytes(&self) -> Option<&'static [u8]> {
+        self.index.as_ref().and(self.index_bytes)
+    }
+
     /// Is this volume backed by a frozen index (nothing parsed yet)?
     pub fn is_indexed(&self) -> bool {
         self.index.is_some()

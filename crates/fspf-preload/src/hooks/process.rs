@@ -165,7 +165,7 @@ unsafe fn child_env(
         if ix >= 0 {
             out.extend(CString::new(format!("FSPF_INDEX_FD={ix}")));
         }
-        if sh.key_fd() >= 0 {
+        if sh.key_fd_for_child() >= 0 {
             // SAFETY: clearing CLOEXEC on our key fd for the child.
             unsafe { real::fcntl(sh.key_fd(), libc::F_SETFD, 0) };
             out.extend(CString::new(format!("FSPF_KEY_FD={}", sh.key_fd())));
@@ -709,7 +709,7 @@ pub unsafe extern "C" fn posix_spawnp(
 /// system/popen run `/bin/sh` with `environ`: publish the key fd there for the duration.
 fn with_key_env<T>(f: impl FnOnce() -> T) -> T {
     let sh = shield::get();
-    if sh.key_fd() >= 0 {
+    if sh.key_fd_for_child() >= 0 {
         // SAFETY: clearing CLOEXEC on our key fd for the child.
         unsafe { real::fcntl(sh.key_fd(), libc::F_SETFD, 0) };
         std::env::set_var("FSPF_KEY_FD", sh.key_fd().to_string());
