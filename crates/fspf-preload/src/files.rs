@@ -144,6 +144,9 @@ impl WriteBuf {
 
     /// Append `data` at `off` (loading content).
     pub fn write_all_at(&self, mut data: &[u8], mut off: u64) -> Result<(), c_int> {
+        if off.saturating_add(data.len() as u64) > MAX_BUFFER_LEN {
+            return Err(libc::EFBIG);
+        }
         if self.base.is_some_and(|(_, len)| off < len) {
             self.append_only.store(false, Ordering::Relaxed);
         }
@@ -160,6 +163,9 @@ impl WriteBuf {
     }
 
     pub fn set_len(&self, len: u64) -> Result<(), c_int> {
+        if len > MAX_BUFFER_LEN {
+            return Err(libc::EFBIG);
+        }
         if self.base.is_some_and(|(_, base)| len < base) {
             self.append_only.store(false, Ordering::Relaxed);
         }
@@ -344,6 +350,11 @@ pub fn protect_own(target: c_int) {
     register_own(&b);
     // The old number is about to be replaced by the program's dup2.
 }
+
+/// The largest file the shield writes (1 TiB): every version is sealed whole at its commit, so a
+/// sparse `truncate` to petabytes would mean writing petabytes. Larger sizes give `EFBIG`, as a
+/// file system's own limit does.
+pub const MAX_BUFFER_LEN: u64 = 1 << 40;
 
 /// Buffers up to this size are fingerprinted by content, larger ones by their times.
 pub const HASH_MAX: u64 = 1 << 20;

@@ -2148,3 +2148,51 @@ fn two_processes_appending_to_one_log_keep_all_lines() {
         assert_eq!(mine, want, "{p}'s lines, in order");
     }
 }
+
+#[test]
+fn truncating_a_protected_file_to_petabytes_gives_efbig_instead_of_sealing_them() {
+    let py = python_bin();
+    let mut w = data_world();
+    let script = "import os, errno\n\
+        def code(f):\n\
+        \x20   try:\n\
+        \x20       f(); return 0\n\
+        \x20   except OSError as e:\n\
+        \x20       return errno.errorcode[e.errno]\n\
+        print(code(lambda: os.truncate('/data/hello.txt', 999999999999999)))\n\
+        fd = os.open('/data/hello.txt', os.O_WRONLY)\n\
+        print(code(lambda: os.ftruncate(fd, 1 << 50)))\n\
+        print(code(lambda: os.pwrite(fd, b'x', 1 << 45)))\n\
+        os.close(fd)\n\
+        print(len(open('/data/hello.txt').read()))\n";
+    let o = w.run_tagged(&[], &[&py, "-c", script]);
+    ok(&o, "efbig");
+    assert_eq!(stdout(&o), "EFBIG\nEFBIG\nEFBIG\n12\n");
+}
+
+#[test]
+fn an_overwrite_is_never_merged_as_an_append_with_another_processs_version() {
+    let py = python_bin();
+    let mut w = data_world();
+    let o = w.run_tagged(&[], &["sh", "-c", "echo 0123456789 > /data/f"]);
+    ok(&o, "make the file");
+    // A rewrites the first byte (not an append) while B appends and commits first.
+    let a = "import os, time\n\
+        f = open('/data/f', 'r+'); f.write('X'); f.flush()\n\
+        while not os.path.exists('/tmp/fspf-b-done-' + os.environ['T']): time.sleep(0.01)\n\
+        f.close()\n";
+    let b = "import os\n\
+        open('/data/f', 'a').write('B\\n')\n\
+        fd = os.open('/data/f', os.O_RDONLY); os.fsync(fd); os.close(fd)\n\
+        open('/tmp/fspf-b-done-' + os.environ['T'], 'w').close()\n";
+    let token = format!("{}", std::process::id());
+    let cmd = format!("{py} -c \"$A\" & {py} -c \"$B\"; wait");
+    let o = w.run_tagged(&[("A", a), ("B", b), ("T", &token)], &["sh", "-c", &cmd]);
+    let _ = std::fs::remove_file(format!("/tmp/fspf-b-done-{token}"));
+    ok(&o, "A and B");
+    let o = w.run(&["cat", "/data/f"]);
+    ok(&o, "read");
+    // The later committer wins whole (A); B's append is not silently combined with A's
+    // overwrite, and A's overwrite is not dropped.
+    assert_eq!(stdout(&o), "X123456789\n");
+}

@@ -49,11 +49,24 @@ pub unsafe fn do_write(
         if !f.write {
             return fail_isize(libc::EBADF);
         }
+        if let Body::Buf(b) = &f.body {
+            // Only writes through O_APPEND descriptions keep a buffer append-only (they land
+            // at the end whatever the offset); any other write may change what was loaded.
+            if !f.append {
+                b.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .append_only
+                    .store(false, Ordering::Relaxed);
+            }
+        }
         f.touched.clone()
     };
     let Some(t) = touched else {
         return fail_isize(libc::EBADF);
     };
+    if off.is_some_and(|o| o.saturating_add(n as u64) > files::MAX_BUFFER_LEN) {
+        return fail_isize(libc::EFBIG);
+    }
     t.store(true, Ordering::Relaxed);
     match off {
         // SAFETY: the program's n bytes; fd is a description of the buffer.
@@ -68,7 +81,15 @@ pub fn do_seek(fd: c_int, h: &Handle, off: i64, whence: c_int) -> i64 {
     if f.touched.is_some() {
         drop(f);
         // SAFETY: seeking the program's description of the buffer.
-        return unsafe { real::lseek(fd, off, whence) };
+        let r = unsafe { real::lseek(fd, off, whence) };
+        if r > files::MAX_BUFFER_LEN as i64 {
+            // Past the largest file the shield writes: nothing may be written there.
+            // SAFETY: moving back to the end of our buffer.
+            unsafe { real::lseek(fd, 0, libc::SEEK_END) };
+            set_errno(libc::EFBIG);
+            return -1;
+        }
+        return r;
     }
     let size = f.size() as i64;
     let new = match whence {
