@@ -2196,3 +2196,25 @@ fn an_overwrite_is_never_merged_as_an_append_with_another_processs_version() {
     // overwrite, and A's overwrite is not dropped.
     assert_eq!(stdout(&o), "X123456789\n");
 }
+
+#[test]
+fn addf_records_the_sources_modification_times_which_python_pyc_checks_rely_on() {
+    let mut w = World::new();
+    w.write("src/m.py", b"X = 1\n");
+    let t = 1_600_000_000; // 2020-09-13
+    let o = Command::new("touch")
+        .args(["-d", &format!("@{t}")])
+        .arg(w.path("src/m.py"))
+        .output()
+        .expect("touch");
+    ok(&o, "touch");
+    std::fs::create_dir_all(w.path("vol")).expect("vol");
+    w.create();
+    w.addr(&["/", "--kernel", "/", "--not-protected"]);
+    w.addr(&["/data", "--encrypted", "--kernel", &w.p("vol")]);
+    w.cli(&["addf", "fspf.pb", "/data", "src", &w.p("vol")]);
+    w.encrypt();
+    let o = w.run(&["stat", "-c", "%Y", "/data/m.py"]);
+    ok(&o, "stat");
+    assert_eq!(stdout(&o).trim(), t.to_string());
+}

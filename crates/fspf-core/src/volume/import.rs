@@ -52,6 +52,21 @@ enum Job {
     },
 }
 
+/// Modification time of `m` in nanoseconds since the epoch.
+fn mtime_ns_of(m: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    m.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(m.mtime_nsec())
+}
+
+/// Modification time of the source object at `p` (not following a symlink); 0 if unknown.
+fn source_mtime(p: &Path) -> i64 {
+    fs::symlink_metadata(p)
+        .map(|m| mtime_ns_of(&m))
+        .unwrap_or(0)
+}
+
 impl Volume {
     /// Plan what `addf` would record: total bytes and the number of files (for progress bars).
     pub fn import_size(source: &Path) -> (u64, u64) {
@@ -188,7 +203,7 @@ impl Volume {
             .par_iter()
             .map(|j| -> Result<Option<Change>> {
                 match j {
-                    Job::Dir { path, mode, .. } => {
+                    Job::Dir { rel, path, mode } => {
                         let r = self.region_for(path).map(|r| r.protection);
                         if r == Some(Protection::NotProtected)
                             || self.meta.regions.iter().any(|r| &r.embed_point == path)
@@ -200,7 +215,7 @@ impl Volume {
                             FileEntry {
                                 kind: FileKind::Dir,
                                 mode: *mode,
-                                mtime_ns: crate::format::metadata::now_ns(),
+                                mtime_ns: source_mtime(&opts.source.join(rel)),
                             },
                         )))
                     }
@@ -240,7 +255,7 @@ impl Volume {
                             FileEntry {
                                 kind: FileKind::Symlink(target.clone()),
                                 mode: 0o777,
-                                mtime_ns: crate::format::metadata::now_ns(),
+                                mtime_ns: source_mtime(&opts.source.join(rel)),
                             },
                         )))
                     }
@@ -259,9 +274,13 @@ impl Volume {
                         let src_path = opts.source.join(rel);
                         let mut src = File::open(&src_path).map_err(|e| Error::io(&src_path, e))?;
                         let id = FileId::random()?;
+                        // The source's modification time is what programs compare (Python's
+                        // .pyc check, make): `addf` records it, not the time of the import.
+                        let mtime = src.metadata().map(|m| mtime_ns_of(&m)).unwrap_or(0);
                         let Some(out) = &opts.output else {
-                            let (entry, _) =
+                            let (mut entry, _) =
                                 seal_version(self, region, path, id, *size, *mode, &mut src, None)?;
+                            entry.mtime_ns = mtime;
                             progress(*size);
                             return Ok(Some(Change::PutEntry(path.clone(), entry)));
                         };
@@ -276,7 +295,7 @@ impl Volume {
                             name: &sh,
                             label: &shadow,
                         };
-                        let (entry, outboard) = seal_version(
+                        let (mut entry, outboard) = seal_version(
                             self,
                             region,
                             path,
@@ -287,6 +306,7 @@ impl Volume {
                             Some(&target),
                         )
                         .inspect_err(|_| target.remove())?;
+                        entry.mtime_ns = mtime;
                         progress(*size);
                         Ok(Some(Change::Put(StagedFile {
                             path: path.clone(),
