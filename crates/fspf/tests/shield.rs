@@ -1391,6 +1391,14 @@ fn tag_file_receives_the_new_tag_and_never_the_programs_stdout() {
 
 // --- Regressions from the attacker's report and the data-loss reports (issues 6 and 9) -------
 
+/// Python prelude for the tests below: `code_name(f)` runs `f` and gives 0 or the errno's name.
+const PY_ERRNO: &str = "import os, errno\n\
+    def code_name(f):\n\
+    \x20   try:\n\
+    \x20       f(); return 0\n\
+    \x20   except OSError as e:\n\
+    \x20       return errno.errorcode[e.errno]\n";
+
 /// The real interpreter behind `python3` (this machine's `python3` may be a launcher script).
 fn python_bin() -> String {
     need("python3");
@@ -1746,13 +1754,10 @@ fn shebang_chains_and_arguments_are_expanded_as_the_kernel_does() {
 fn xattr_chown_mkfifo_mknod_and_bind_do_not_reach_the_kernel_directory() {
     let py = python_bin();
     let mut w = data_world();
-    let script = "import os, socket, errno\n\
+    let script = PY_ERRNO.to_string()
+        + "import socket\n\
         os.chdir('/data')\n\
-        def code(f):\n\
-        \x20   try:\n\
-        \x20       f(); return 0\n\
-        \x20   except OSError as e:\n\
-        \x20       return e.errno\n\
+        code = lambda f: (lambda n: 0 if n == 0 else getattr(errno, n))(code_name(f))\n\
         print(code(lambda: os.setxattr('hello.txt', 'user.leak', b'secret')) == errno.ENOTSUP)\n\
         print(code(lambda: os.setxattr('/data/hello.txt', 'user.leak', b'secret')) == errno.ENOTSUP)\n\
         print(code(lambda: os.removexattr('hello.txt', 'user.leak')) == errno.ENOTSUP)\n\
@@ -1762,7 +1767,7 @@ fn xattr_chown_mkfifo_mknod_and_bind_do_not_reach_the_kernel_directory() {
         print(code(lambda: os.mknod('node')) == errno.EPERM)\n\
         s = socket.socket(socket.AF_UNIX)\n\
         print(code(lambda: s.bind('sock')) == errno.EPERM)\n";
-    let o = w.run_tagged(&[], &[&py, "-c", script]);
+    let o = w.run_tagged(&[], &[&py, "-c", &script]);
     ok(&o, "refused calls");
     assert_eq!(stdout(&o), "True\n".repeat(8), "{o:?}");
     let vol = w.path("vol");
@@ -1808,13 +1813,9 @@ fn cd_into_a_directory_a_child_just_created_works_under_dash() {
 fn symlinks_to_directories_are_followed_mid_path_loops_give_eloop_and_trailing_slashes_need_dirs() {
     let py = python_bin();
     let mut w = data_world();
-    let script = "import os, errno\n\
-        os.chdir('/data')\n\
-        def code(f):\n\
-        \x20   try:\n\
-        \x20       f(); return 0\n\
-        \x20   except OSError as e:\n\
-        \x20       return errno.errorcode[e.errno]\n\
+    let script = PY_ERRNO.to_string()
+        + "os.chdir('/data')\n\
+        code = code_name\n\
         os.mkdir('d'); open('d/f', 'w').write('through the link\\n')\n\
         os.symlink('d', 'l'); os.symlink('/data/d', 'abs')\n\
         print(open('l/f').read(), end='')\n\
@@ -1828,7 +1829,7 @@ fn symlinks_to_directories_are_followed_mid_path_loops_give_eloop_and_trailing_s
         print(code(lambda: os.open('nx/', os.O_CREAT | os.O_WRONLY)))\n\
         print(os.path.exists('nx'))\n\
         print(code(lambda: os.stat('d/')))\n";
-    let o = w.run_tagged(&[], &[&py, "-c", script]);
+    let o = w.run_tagged(&[], &[&py, "-c", &script]);
     ok(&o, "symlink semantics");
     assert_eq!(
         stdout(&o),
@@ -2153,19 +2154,15 @@ fn two_processes_appending_to_one_log_keep_all_lines() {
 fn truncating_a_protected_file_to_petabytes_gives_efbig_instead_of_sealing_them() {
     let py = python_bin();
     let mut w = data_world();
-    let script = "import os, errno\n\
-        def code(f):\n\
-        \x20   try:\n\
-        \x20       f(); return 0\n\
-        \x20   except OSError as e:\n\
-        \x20       return errno.errorcode[e.errno]\n\
+    let script = PY_ERRNO.to_string()
+        + "code = code_name\n\
         print(code(lambda: os.truncate('/data/hello.txt', 999999999999999)))\n\
         fd = os.open('/data/hello.txt', os.O_WRONLY)\n\
         print(code(lambda: os.ftruncate(fd, 1 << 50)))\n\
         print(code(lambda: os.pwrite(fd, b'x', 1 << 45)))\n\
         os.close(fd)\n\
         print(len(open('/data/hello.txt').read()))\n";
-    let o = w.run_tagged(&[], &[&py, "-c", script]);
+    let o = w.run_tagged(&[], &[&py, "-c", &script]);
     ok(&o, "efbig");
     assert_eq!(stdout(&o), "EFBIG\nEFBIG\nEFBIG\n12\n");
 }

@@ -443,31 +443,48 @@ pub(crate) fn codec_for<R: crate::codec::ReadAt, O: crate::codec::ReadAt>(
     })
 }
 
+/// Test fixture: an fspf in a temp dir whose only region `/` is encrypted, in the kernel
+/// directory `vol` beside it, holding `files` (path, contents), committed.
+#[cfg(test)]
+pub(crate) fn test_volume(files: &[(&str, &[u8])]) -> (tempfile::TempDir, PathBuf, Volume) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("fspf.pb");
+    let vol = d.path().join("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    Volume::create(&p, false).unwrap();
+    let mut v = Volume::open(&p, None, None).unwrap();
+    v.add_region(RegionSpec {
+        embed_point: EmbedPath::root(),
+        kind: RegionKind::Kernel(vol.clone()),
+        protection: Protection::Encrypted,
+        key_len: None,
+        chunk_len: None,
+    })
+    .unwrap();
+    v.save().unwrap();
+    let mut staged = Vec::new();
+    for (path, data) in files {
+        let ep = EmbedPath::parse(path).unwrap();
+        if let Some(parent) = std::path::Path::new(&path[1..]).parent() {
+            std::fs::create_dir_all(vol.join(parent)).unwrap();
+        }
+        let s = v
+            .stage_file(&ep, data.len() as u64, 0o644, &mut &data[..])
+            .unwrap();
+        staged.push(Change::Put(s));
+    }
+    let tag = v.tag();
+    v.commit(staged, Some(tag)).unwrap();
+    (d, p, v)
+}
+
 #[cfg(test)]
 mod tests {
 
     #[test]
     fn a_volume_over_a_frozen_index_reads_lists_commits_and_verifies_like_the_parsed_one() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("fspf.pb");
-        let vol = d.path().join("vol");
-        std::fs::create_dir_all(&vol).unwrap();
-        Volume::create(&p, false).unwrap();
-        let mut v = Volume::open(&p, None, None).unwrap();
-        v.add_region(RegionSpec {
-            embed_point: EmbedPath::root(),
-            kind: RegionKind::Kernel(vol.clone()),
-            protection: Protection::Encrypted,
-            key_len: None,
-            chunk_len: None,
-        })
-        .unwrap();
-        v.save().unwrap();
+        let (_d, p, v) = test_volume(&[("/d/a", b"abc")]);
         let a = EmbedPath::parse("/d/a").unwrap();
-        std::fs::create_dir_all(vol.join("d")).unwrap();
-        let s = v.stage_file(&a, 3, 0o644, &mut &b"abc"[..]).unwrap();
-        let tag = v.tag();
-        v.commit(vec![Change::Put(s)], Some(tag)).unwrap();
         let bytes: &'static [u8] = Box::leak(v.build_index().unwrap().to_vec().into_boxed_slice());
         let mut ix = Volume::from_index(&p, None, bytes).unwrap();
         assert!(ix.is_indexed());

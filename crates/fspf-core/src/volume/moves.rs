@@ -137,30 +137,10 @@ impl Volume {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::metadata::{Protection, RegionKind};
-    use crate::volume::{Change, RegionSpec};
+    use crate::volume::Change;
 
     fn world() -> (tempfile::TempDir, std::path::PathBuf, Volume) {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("fspf.pb");
-        let vol = d.path().join("vol");
-        std::fs::create_dir_all(&vol).unwrap();
-        Volume::create(&p, false).unwrap();
-        let mut v = Volume::open(&p, None, None).unwrap();
-        v.add_region(RegionSpec {
-            embed_point: EmbedPath::root(),
-            kind: RegionKind::Kernel(vol.clone()),
-            protection: Protection::Encrypted,
-            key_len: None,
-            chunk_len: None,
-        })
-        .unwrap();
-        v.save().unwrap();
-        let a = EmbedPath::parse("/a").unwrap();
-        let s = v.stage_file(&a, 3, 0o644, &mut &b"abc"[..]).unwrap();
-        let tag = v.tag();
-        v.commit(vec![Change::Put(s)], Some(tag)).unwrap();
-        (d, p, v)
+        crate::volume::test_volume(&[("/a", b"abc")])
     }
 
     fn read(v: &Volume, p: &str) -> Result<Vec<u8>> {
