@@ -180,12 +180,13 @@ reals! {
     fn symlink(t: *const c_char, p: *const c_char) -> c_int;
     fn symlinkat(t: *const c_char, d: c_int, p: *const c_char) -> c_int;
 }
-type DirFilter = Option<unsafe extern "C" fn(*const libc::dirent64) -> c_int>;
-type DirCompar =
+pub type DirFilter = Option<unsafe extern "C" fn(*const libc::dirent64) -> c_int>;
+pub type DirCompar =
     Option<unsafe extern "C" fn(*mut *const libc::dirent64, *mut *const libc::dirent64) -> c_int>;
 reals! {
     fn scandir(d: *const c_char, nl: *mut *mut *mut libc::dirent64, f: DirFilter, c: DirCompar) -> c_int;
     fn scandir64(d: *const c_char, nl: *mut *mut *mut libc::dirent64, f: DirFilter, c: DirCompar) -> c_int;
+    fn scandirat(fd: c_int, d: *const c_char, nl: *mut *mut *mut libc::dirent64, f: DirFilter, c: DirCompar) -> c_int;
     fn glob(p: *const c_char, f: c_int, e: *mut c_void, g: *mut c_void) -> c_int;
     fn glob64(p: *const c_char, f: c_int, e: *mut c_void, g: *mut c_void) -> c_int;
 }
@@ -211,6 +212,8 @@ reals! {
 reals! {
     fn _exit(s: c_int) -> ();
     fn umask(m: mode_t) -> mode_t;
+    fn pathconf(p: *const c_char, n: c_int) -> c_long;
+    fn execveat(d: c_int, p: *const c_char, a: *const *const c_char, e: *const *const c_char, f: c_int) -> c_int;
 }
 reals! {
     fn chown(p: *const c_char, u: libc::uid_t, g: libc::gid_t) -> c_int;

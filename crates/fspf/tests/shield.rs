@@ -2215,3 +2215,140 @@ fn addf_records_the_sources_modification_times_which_python_pyc_checks_rely_on()
     ok(&o, "stat");
     assert_eq!(stdout(&o).trim(), t.to_string());
 }
+
+/// Exported function names of a shared object (`nm -D --defined-only`).
+fn exported(so: &Path) -> std::collections::BTreeSet<String> {
+    need("nm");
+    let o = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(so)
+        .output()
+        .expect("nm");
+    ok(&o, "nm");
+    stdout(&o)
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() >= 3 && matches!(w[1], "T" | "W" | "i"))
+                .then(|| w[2].split('@').next().unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn every_path_taking_libc_function_is_in_the_table() {
+    // glibc's headers name path parameters __file, __path, __name, ...: every exported function
+    // with one must be in docs/SHIELD.md's table, so a new one (a glibc upgrade) is noticed.
+    let libc_so = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
+    assert!(
+        libc_so.exists(),
+        "glibc's libc.so.6 is where Debian puts it"
+    );
+    let exported_libc = exported(libc_so);
+    let param = regex::Regex::new(
+        r"char\s*\*\s*(__restrict\s*)?__(file|path|filename|name|dir|from|to|old|new|oldpath|newpath|template|pathname|dirname|fname|special)\b",
+    )
+    .unwrap();
+    let proto = regex::Regex::new(
+        r"(?s)extern[^;{}]*?\b(\w+)\s*\(([^;{}]*?)\)\s*(__THROW|__wur|__nonnull|__attr|;|__asm|__attribute)",
+    )
+    .unwrap();
+    let comment = regex::Regex::new(r"(?s)/\*.*?\*/").unwrap();
+    let mut headers = Vec::new();
+    for dir in [
+        "/usr/include",
+        "/usr/include/x86_64-linux-gnu/sys",
+        "/usr/include/x86_64-linux-gnu/bits",
+    ] {
+        let rd = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{dir}: {e} (libc6-dev)"));
+        for e in rd {
+            let p = e.expect("entry").path();
+            if p.extension().is_some_and(|x| x == "h") {
+                headers.push(p);
+            }
+        }
+    }
+    let mut path_taking = std::collections::BTreeSet::new();
+    for h in headers {
+        let text = String::from_utf8_lossy(&std::fs::read(&h).expect("header")).into_owned();
+        let text = comment.replace_all(&text, "");
+        for c in proto.captures_iter(&text) {
+            if param.is_match(&c[2]) && exported_libc.contains(&c[1]) {
+                path_taking.insert(c[1].to_string());
+            }
+        }
+    }
+    assert!(
+        path_taking.len() > 100,
+        "the header scan found {}",
+        path_taking.len()
+    );
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/SHIELD.md"))
+            .expect("SHIELD.md");
+    let row = regex::Regex::new(r"(?m)^\| `(\w+)` \| ([a-z ]+) \|").unwrap();
+    let table: std::collections::BTreeMap<String, String> = row
+        .captures_iter(&doc)
+        .map(|c| (c[1].to_string(), c[2].trim().to_string()))
+        .collect();
+    let missing: Vec<&String> = path_taking
+        .iter()
+        .filter(|n| !table.contains_key(*n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "path-taking libc functions missing from docs/SHIELD.md's table: {missing:?}"
+    );
+    let hooks = exported(preload());
+    let unhooked: Vec<&String> = table
+        .iter()
+        .filter(|(n, t)| t.as_str() == "shielded" && !hooks.contains(*n))
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        unhooked.is_empty(),
+        "marked shielded but not exported by libfspf_preload.so: {unhooked:?}"
+    );
+}
+
+const LEGACY_C: &str = r#"
+#include <stdio.h>
+#include <sys/time.h>
+#include <sys/stat.h>
+#include <utime.h>
+#include <unistd.h>
+#include <limits.h>
+#include <stdlib.h>
+int main(void) {
+    struct timeval tv[2] = {{1, 0}, {1500000000, 250000}};
+    if (utimes("/data/hello.txt", tv) != 0) { perror("utimes"); return 1; }
+    struct stat st;
+    if (stat("/data/hello.txt", &st) != 0) { perror("stat"); return 1; }
+    printf("%ld %ld\n", (long)st.st_mtim.tv_sec, (long)st.st_mtim.tv_nsec);
+    struct utimbuf u = {2, 1600000000};
+    if (utime("/data/hello.txt", &u) != 0) { perror("utime"); return 1; }
+    stat("/data/hello.txt", &st);
+    printf("%ld\n", (long)st.st_mtime);
+    if (symlink("hello.txt", "/data/ln") != 0) { perror("symlink"); return 1; }
+    char buf[64];
+    ssize_t n = readlink("/data/ln", buf, sizeof buf);
+    printf("%.*s\n", (int)n, buf);
+    char *r = realpath("/data/../data/hello.txt", NULL);
+    printf("%s\n", r ? r : "NULL");
+    return 0;
+}
+"#;
+
+#[test]
+fn utime_utimes_and_fortified_readlink_realpath_go_through_the_shield() {
+    let mut w = data_world();
+    // -D_FORTIFY_SOURCE=2 makes readlink/realpath call __readlink_chk/__realpath_chk, which glibc
+    // implements with internal calls the hooks would not see.
+    let prog = w.cc("legacy", LEGACY_C, &["-O2", "-D_FORTIFY_SOURCE=2"]);
+    let o = w.run_tagged(&[], &[&prog]);
+    ok(&o, "legacy entry points");
+    assert_eq!(
+        stdout(&o),
+        "1500000000 250000000\n1600000000\nhello.txt\n/data/hello.txt\n"
+    );
+}

@@ -2,6 +2,7 @@
 //! active, not re-entered) and otherwise calls the real function unchanged.
 pub mod dir;
 pub mod io;
+pub mod legacy;
 pub mod meta;
 pub mod ns;
 pub mod open;
