@@ -36,6 +36,9 @@ pub struct WriteBuf {
     pub base: Option<(fspf_core::FileId, u64)>,
     /// No hooked write or truncation touched the first `base` bytes since the load.
     pub append_only: AtomicBool,
+    /// The memfd is mapped `MAP_SHARED` writable: writes through the mapping bypass every hook
+    /// and may not update the memfd's times, so the buffer is always compared when sealed.
+    pub mapped_shared: bool,
     /// Another process may write this buffer's memfd (it was inherited across `fork`, `exec`
     /// or `posix_spawn`): writes no longer all pass this process's hooks, so appends are not
     /// tracked (and never rebased) for it.
@@ -78,6 +81,7 @@ impl WriteBuf {
             base: None,
             append_only: AtomicBool::new(false),
             shared: false,
+            mapped_shared: false,
             detached: false,
             pending: false,
             print: (0, fingerprint_bytes(&[])),
@@ -113,6 +117,7 @@ impl WriteBuf {
             base: None,
             append_only: AtomicBool::new(false),
             shared: true,
+            mapped_shared: false,
             detached: false,
             pending: false,
             print: (0, 0),
@@ -219,7 +224,7 @@ impl WriteBuf {
         if self.detached {
             return false;
         }
-        if self.touched.load(Ordering::Relaxed) {
+        if self.touched.load(Ordering::Relaxed) || self.mapped_shared {
             return true;
         }
         self.fingerprint().ok().is_none_or(|p| p != self.print)

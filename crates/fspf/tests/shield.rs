@@ -922,17 +922,22 @@ fn unencrypted_fspf_needs_no_key_and_trusts_the_tag_on_disk() {
 }
 
 #[test]
-fn fspf_log_names_the_reason_and_writable_shared_mmap_is_refused() {
+fn fspf_log_names_the_reason_and_writable_shared_mmap_writes_the_file() {
     need("python3");
     need("cat");
     let mut w = data_world();
+    // A description open for writing maps its buffer shared: writes through the mapping are
+    // committed like writes; a read-only one is refused, as the kernel does.
     let o = w.run_mut(&[
         "python3",
         "-c",
-        "import mmap\nf = open('/data/hello.txt', 'r+b')\ntry:\n    mmap.mmap(f.fileno(), 0)\n    print('mapped')\nexcept PermissionError:\n    print('refused')\nm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)\nprint(m[:5].decode())",
+        "import mmap\nr = open('/data/world.py', 'rb')\ntry:\n    mmap.mmap(r.fileno(), 0)\n    print('mapped')\nexcept PermissionError:\n    print('refused')\nf = open('/data/hello.txt', 'r+b')\nm = mmap.mmap(f.fileno(), 0)\nm[0:1] = b'J'\nm.flush(); m.close(); f.close()\ng = open('/data/hello.txt', 'rb')\np = mmap.mmap(g.fileno(), 0, flags=mmap.MAP_PRIVATE)\nprint(p[:5].decode())",
     ]);
     ok(&o, "mmap");
-    assert_eq!(stdout(&o), "refused\nHello\n");
+    assert_eq!(stdout(&o), "refused\nJello\n");
+    let o = w.run(&["cat", "/data/hello.txt"]);
+    ok(&o, "committed through the mapping");
+    assert_eq!(stdout(&o), "Jello World\n");
     w.tamper("vol/hello.txt");
     let o = Command::new(fspf_bin())
         .current_dir(w.dir.path())
@@ -950,6 +955,32 @@ fn fspf_log_names_the_reason_and_writable_shared_mmap_is_refused() {
         err.contains("/data/hello.txt") && err.contains("failed authentication"),
         "{err}"
     );
+}
+
+#[test]
+fn sqlite_wal_mode_works_in_a_mutable_encrypted_region() {
+    need("sqlite3");
+    let mut w = data_world();
+    let o = w.run_tagged(
+        &[],
+        &[
+            "sh",
+            "-c",
+            "sqlite3 /data/w.db 'PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES(1),(2);' && sqlite3 /data/w.db 'INSERT INTO t VALUES(3); SELECT count(*) FROM t; PRAGMA integrity_check;'",
+        ],
+    );
+    ok(&o, "WAL");
+    assert_eq!(stdout(&o), "wal\n3\nok\n");
+    let o = w.run_tagged(
+        &[],
+        &[
+            "sqlite3",
+            "/data/w.db",
+            "SELECT sum(x) FROM t; PRAGMA journal_mode;",
+        ],
+    );
+    ok(&o, "WAL, next run");
+    assert_eq!(stdout(&o), "6\nwal\n");
 }
 
 const HELLO_C: &str = r#"
@@ -2351,4 +2382,47 @@ fn utime_utimes_and_fortified_readlink_realpath_go_through_the_shield() {
         stdout(&o),
         "1500000000 250000000\n1600000000\nhello.txt\n/data/hello.txt\n"
     );
+}
+
+#[test]
+fn git_gcc_tar_cp_a_and_a_python_venv_work_in_a_mutable_encrypted_region() {
+    need("git");
+    need("cc");
+    need("tar");
+    let py = python_bin();
+    let mut w = data_world();
+    let script = format!(
+        "set -e; mkdir /data/p && cd /data/p\n\
+         printf 'int main(void){{return 3;}}\\n' > m.c && cc -o m m.c && {{ ./m || echo gcc=$?; }}\n\
+         git init -q . && git config user.email a@b && git config user.name t\n\
+         printf '#!/bin/sh\\necho hook-ran\\n' > .git/hooks/pre-commit && chmod +x .git/hooks/pre-commit\n\
+         echo one > f && git add f m.c && git commit -qm one && echo two >> f && git commit -qam two\n\
+         git gc -q && git fsck --no-progress && echo commits=$(git log --oneline | wc -l)\n\
+         mkdir t && echo x > t/a && tar czf t.tgz t && rm -r t && tar xzf t.tgz && cat t/a\n\
+         cp -a t t2 && cat t2/a\n\
+         {py} -m venv v && v/bin/pip --version | cut -c1-3 && v/bin/python -c 'import sys; print(sys.prefix)'\n"
+    );
+    let o = w.run_tagged(&[], &["bash", "-c", &script]);
+    ok(&o, "programs");
+    assert_eq!(
+        stdout(&o),
+        "gcc=3\ncommits=2\nx\nx\npip\n/data/p/v\n",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // git runs hooks with their output on stderr.
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr)
+            .matches("hook-ran")
+            .count(),
+        2
+    );
+    // The next run sees the repository intact.
+    let o = w.run(&[
+        "sh",
+        "-c",
+        "cd /data/p && git fsck --no-progress && git log --format=%s",
+    ]);
+    ok(&o, "git, next run");
+    assert_eq!(stdout(&o), "two\none\n");
 }

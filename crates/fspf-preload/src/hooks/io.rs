@@ -954,10 +954,22 @@ unsafe fn mmap_shielded(
     flags: c_int,
     off: off_t,
 ) -> *mut c_void {
-    let path = h.lock().unwrap_or_else(|e| e.into_inner()).path.clone();
     if flags & libc::MAP_SHARED != 0 && prot & libc::PROT_WRITE != 0 {
+        // A description open for writing has a buffer (a memfd holding the plaintext): map it.
+        // Its writes reach the buffer, which is sealed at the next commit point like any write
+        // (SQLite's WAL index, LMDB-style readers and writers in one process).
+        let f = h.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Body::Buf(b), true) = (&f.body, f.write) {
+            let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+            g.touched.store(true, Ordering::Relaxed);
+            g.mapped_shared = true;
+            g.append_only.store(false, Ordering::Relaxed);
+            // SAFETY: mapping our own buffer memfd with the program's arguments.
+            return unsafe { real::mmap(addr, len, prot, flags, g.fd, off) };
+        }
         log(format!(
-            "{path}: writable shared mmap of a protected file is refused (EACCES)"
+            "{}: writable shared mmap of a protected file opened read-only (EACCES)",
+            f.path
         ));
         return map_failed(libc::EACCES);
     }
