@@ -28,8 +28,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let v = Volume::open(std::path::Path::new(path), key, tag)?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     let (steady, peak) = (status_kib("VmRSS:"), status_kib("VmHWM:"));
-    let n = v.meta.files.len().max(1) as u64;
-    let path_bytes: u64 = v.meta.files.keys().map(|p| p.as_bytes().len() as u64).sum();
+    let n = v.files().len().max(1) as u64;
+    let path_bytes: u64 = v.files().keys().map(|p| p.as_bytes().len() as u64).sum();
     println!(
         "open {ms:.1} ms, {n} entries, {path_bytes} path bytes; RSS +{} KiB after open \
          ({} B/entry, {} B/entry beyond path bytes), peak +{} KiB ({} B/entry)",

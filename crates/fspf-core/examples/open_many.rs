@@ -30,7 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             size: 4096 + i as u64,
             root: None,
         };
-        v.meta.files.insert(
+        v.metadata_mut()?.files.insert(
             p,
             FileEntry {
                 kind,
@@ -47,7 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t = Instant::now();
         let v = Volume::open(&path, Some(key.clone()), Some(tag))?;
         let dt = t.elapsed().as_secs_f64();
-        assert_eq!(v.meta.files.len(), n);
+        assert_eq!(v.files().len(), n);
         best = best.min(dt);
     }
     println!(

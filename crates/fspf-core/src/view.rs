@@ -186,8 +186,7 @@ impl View<'_> {
     /// Is `ep` an ancestor of some region's embed point (a directory that must exist)?
     fn region_ancestor(&self, ep: &EmbedPath) -> bool {
         self.vol
-            .meta
-            .regions
+            .regions()
             .iter()
             .any(|r| &r.embed_point != ep && r.embed_point.starts_with(ep))
     }
@@ -258,7 +257,7 @@ impl View<'_> {
     /// Entries of directory `ep`, sorted by name, without `.`/`..`. O(log n + k) in the volume.
     pub fn children(&self, ep: &EmbedPath) -> Vec<(Vec<u8>, ChildKind)> {
         let mut m: BTreeMap<Vec<u8>, ChildKind> = BTreeMap::new();
-        for r in &self.vol.meta.regions {
+        for r in self.vol.regions() {
             if let Some((c, _)) = first_component(&r.embed_point, ep) {
                 m.insert(c.to_vec(), ChildKind::Dir);
             }

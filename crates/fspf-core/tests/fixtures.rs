@@ -5,7 +5,6 @@
 //! The fixture's regions record absolute kernel paths below `/tmp/fspf-fixture-v1` (where it was
 //! made). The library test re-points those regions at the checked-out copy in memory (the fspf
 //! on disk is untouched, and the outboard trees are found beside the fspf, as always).
-use fspf_core::format::metadata::RegionKind;
 use fspf_core::volume::Finding;
 use fspf_core::{EmbedPath, Error, FileKind, Tag, Volume, VolumeKey};
 use std::path::{Path, PathBuf};
@@ -30,13 +29,7 @@ fn keytag() -> (VolumeKey, Tag) {
 fn open_at(dir: &Path) -> fspf_core::Result<Volume> {
     let (key, tag) = keytag();
     let mut v = Volume::open(&dir.join("fspf.pb"), Some(key), Some(tag))?;
-    for r in &mut v.meta.regions {
-        if let RegionKind::Kernel(k) = &r.kind {
-            if let Ok(rest) = k.strip_prefix(RECORDED_BASE) {
-                r.kind = RegionKind::Kernel(dir.join(rest));
-            }
-        }
-    }
+    v.rebase_kernel_paths(Path::new(RECORDED_BASE), dir);
     Ok(v)
 }
 
@@ -63,8 +56,7 @@ fn v1_fixture_opens_with_its_recorded_key_and_tag_and_serves_the_same_plaintext(
     let v = open_at(&dir).expect("v1 fixture must stay readable");
     assert!(v.is_encrypted());
     let regions: Vec<String> = v
-        .meta
-        .regions
+        .regions()
         .iter()
         .map(|r| format!("{} {} {}", r.embed_point, r.class(), r.chunk_len))
         .collect();

@@ -190,7 +190,7 @@ fn check_against_model(
         "the previous tag was not refused"
     );
     let v = f.reopen(tag);
-    let listed: Vec<&EmbedPath> = v.meta.files.keys().collect();
+    let listed: Vec<&EmbedPath> = v.files().keys().collect();
     let expected: Vec<&EmbedPath> = model.keys().collect();
     prop_assert_eq!(listed, expected, "listed paths differ from the model");
     for (p, want) in model {

@@ -350,13 +350,13 @@ pub fn init() -> bool {
         (Some(p), _) => Err(p),
         (None, Some((v, fd))) => {
             index_fd = fd;
-            v.meta.check_usable().map(|_| v).map_err(|e| e.to_string())
+            v.check_usable().map(|_| v).map_err(|e| e.to_string())
         }
         (None, None) => match (&key, trusted) {
             (Some(k), Some(t)) => Volume::open_cached(&fspf, k.clone(), t),
             _ => Volume::open(&fspf, key.clone(), trusted),
         }
-        .and_then(|v| v.meta.check_usable().map(|_| v))
+        .and_then(|v| v.check_usable().map(|_| v))
         .map_err(|e| e.to_string()),
     };
     let vol = match vol {

@@ -209,7 +209,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
         (Some(k), Some(t)) => Volume::open_cached(&fspf, k.clone(), t)?,
         _ => Volume::open(&fspf, key.clone(), tag)?,
     };
-    vol.meta.check_usable()?;
+    vol.check_usable()?;
     if tag.is_none() && vol.is_encrypted() {
         eprintln!(
             "fspf: warning: no --tag (or SCONE_FSPF_TAG) given: freshness of {} is not checked",

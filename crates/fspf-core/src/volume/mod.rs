@@ -43,7 +43,9 @@ pub struct Volume {
     tag: Tag,
     /// The parsed metadata. While [`Volume::index`] is set, only its regions and generation
     /// are filled in; [`Volume::ensure_loaded`] parses the rest from the index when needed.
-    pub meta: Metadata,
+    /// Private: frontends read it through the accessors below, and change it only through
+    /// the methods that keep the index, the files and the writer lock consistent.
+    meta: Metadata,
     /// A frozen index of this fspf shared by the processes of a run (see
     /// [`Volume::from_index`]): lookups and listings read it, nothing is parsed.
     index: Option<crate::format::index::FrozenIndex<'static>>,
@@ -154,6 +156,58 @@ impl Volume {
     /// Number of regions.
     pub fn regions_len(&self) -> usize {
         self.meta.regions.len()
+    }
+
+    /// The regions, sorted by embed point (either backing).
+    pub fn regions(&self) -> &[Region] {
+        &self.meta.regions
+    }
+
+    /// The generation this fspf was sealed at (either backing).
+    pub fn generation(&self) -> u64 {
+        self.meta.generation
+    }
+
+    /// Refuse a volume no frontend can use (no regions).
+    pub fn check_usable(&self) -> Result<()> {
+        self.meta.check_usable()
+    }
+
+    /// All listed entries, in path order, of a parsed volume ([`Volume::open`], or after
+    /// [`Volume::ensure_loaded`]); a volume still backed by its frozen index lists nothing
+    /// here, use [`Volume::lookup`]/[`Volume::children`] for either backing.
+    pub fn files(&self) -> &std::collections::BTreeMap<EmbedPath, FileEntry> {
+        &self.meta.files
+    }
+
+    /// Paths listed at or below `path` of a parsed volume (see [`Volume::files`]).
+    pub fn paths_below(&self, path: &EmbedPath) -> Vec<EmbedPath> {
+        self.meta.paths_below(path)
+    }
+
+    /// Re-point kernel regions whose kernel path lies under `from` to the same place under
+    /// `to` (a volume restored elsewhere, e.g. a frozen fixture). Only the in-memory
+    /// metadata changes; [`Volume::save`] seals it. Returns how many regions moved.
+    pub fn rebase_kernel_paths(&mut self, from: &Path, to: &Path) -> usize {
+        let mut moved = 0;
+        for r in &mut self.meta.regions {
+            if let RegionKind::Kernel(k) = &r.kind {
+                if let Ok(rest) = k.strip_prefix(from) {
+                    r.kind = RegionKind::Kernel(to.join(rest));
+                    moved += 1;
+                }
+            }
+        }
+        moved
+    }
+
+    /// The raw metadata, for fixtures and benchmarks that build volumes no frontend could
+    /// (e.g. 100 000 synthetic entries). Bypasses every check the other methods make; the
+    /// next [`Volume::save`] seals whatever is here.
+    #[doc(hidden)]
+    pub fn metadata_mut(&mut self) -> Result<&mut Metadata> {
+        self.ensure_loaded()?;
+        Ok(&mut self.meta)
     }
 
     /// The frozen index bytes this volume reads in place, if it is backed by one.
@@ -480,6 +534,31 @@ pub(crate) fn test_volume(files: &[(&str, &[u8])]) -> (tempfile::TempDir, PathBu
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_volume_moved_elsewhere_reads_after_rebase_kernel_paths_and_the_accessors_agree() {
+        let (d, p, v) = test_volume(&[("/d/a", b"abc")]);
+        let (key, tag) = (v.key().cloned(), v.tag());
+        drop(v);
+        let moved = d.path().join("moved");
+        std::fs::rename(d.path().join("vol"), &moved).unwrap();
+        let mut v = Volume::open(&p, key, Some(tag)).unwrap();
+        let a = EmbedPath::parse("/d/a").unwrap();
+        assert!(v.open_file(&a).is_err(), "the old kernel path is gone");
+        assert_eq!(v.rebase_kernel_paths(&d.path().join("vol"), &moved), 1);
+        assert_eq!(v.rebase_kernel_paths(Path::new("/nowhere"), &moved), 0);
+        let mut buf = [0u8; 3];
+        assert_eq!(v.open_file(&a).unwrap().read_at(&mut buf, 0).unwrap(), 3);
+        assert_eq!(&buf, b"abc");
+        assert_eq!(v.regions().len(), v.regions_len());
+        assert!(v.check_usable().is_ok());
+        assert_eq!(
+            v.paths_below(&EmbedPath::parse("/d").unwrap()),
+            vec![a.clone()]
+        );
+        assert!(v.files().contains_key(&a));
+        assert!(v.generation() > 0);
+    }
 
     #[test]
     fn a_volume_over_a_frozen_index_reads_lists_commits_and_verifies_like_the_parsed_one() {

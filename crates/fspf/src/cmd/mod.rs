@@ -73,8 +73,7 @@ pub fn verify(fspf: &Path, kt: &KeyTagArgs, json: bool, clean_first: bool) -> Re
     // After verify: opening the listed files rolled committed shadows forward already.
     let leftovers = v.orphans();
     let listed = v
-        .meta
-        .files
+        .files()
         .values()
         .filter(|e| matches!(e.kind, FileKind::File { .. }))
         .count();
@@ -141,7 +140,7 @@ pub fn verify(fspf: &Path, kt: &KeyTagArgs, json: bool, clean_first: bool) -> Re
 
 pub fn cat(fspf: &Path, embed_path: &str, kt: &KeyTagArgs) -> Result<i32> {
     let v = kt.open(fspf)?;
-    v.meta.check_usable()?;
+    v.check_usable()?;
     let p = EmbedPath::parse(embed_path)?;
     let region = v.region_for(&p).ok_or_else(|| fspf_core::Error::NoRegion {
         path: p.to_string(),
@@ -167,14 +166,14 @@ pub fn cat(fspf: &Path, embed_path: &str, kt: &KeyTagArgs) -> Result<i32> {
 
 pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) -> Result<i32> {
     let v = kt.open(fspf)?;
-    v.meta.check_usable()?;
+    v.check_usable()?;
     let ep = EmbedPath::parse(embed_point)?;
     std::fs::create_dir_all(outdir).with_context(|| format!("{}", outdir.display()))?;
     let mut failures = 0;
     let mut dir_modes: Vec<(std::path::PathBuf, u32)> = Vec::new();
     let mut files = 0;
-    for p in v.meta.paths_below(&ep) {
-        let e = &v.meta.files[&p];
+    for p in v.paths_below(&ep) {
+        let e = &v.files()[&p];
         let p = &p;
         let rel = p.strip_prefix(&ep).unwrap_or_default();
         let dest = if rel.is_empty() {

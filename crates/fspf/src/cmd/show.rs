@@ -73,19 +73,17 @@ pub fn run(a: ShowArgs) -> Result<i32> {
     let expect = a.expect_tag.as_deref().map(Tag::from_hex).transpose()?;
     let v = Volume::open(&a.fspf, key, expect)?;
     let count = |ep: &fspf_core::EmbedPath| {
-        v.meta
-            .files
+        v.files()
             .iter()
             .filter(|(p, e)| {
                 matches!(e.kind, FileKind::File { .. })
-                    && v.meta.region_for(p).map(|r| &r.embed_point) == Some(ep)
+                    && v.region_for(p).map(|r| &r.embed_point) == Some(ep)
             })
             .count()
     };
     if a.json {
         let regions: Vec<_> = v
-            .meta
-            .regions
+            .regions()
             .iter()
             .map(|r| {
                 serde_json::json!({
@@ -100,8 +98,7 @@ pub fn run(a: ShowArgs) -> Result<i32> {
             })
             .collect();
         let files: Vec<_> = v
-            .meta
-            .files
+            .files()
             .iter()
             .map(|(p, e)| {
                 let (kind, size, target) = match &e.kind {
@@ -110,12 +107,12 @@ pub fn run(a: ShowArgs) -> Result<i32> {
                     FileKind::Symlink(t) => ("symlink", None, Some(String::from_utf8_lossy(t).into_owned())),
                 };
                 serde_json::json!({"path": p.to_string(), "kind": kind, "size": size, "mode": format!("{:o}", e.mode), "target": target,
-                    "region": v.meta.region_for(p).map(|r| r.embed_point.to_string())})
+                    "region": v.region_for(p).map(|r| r.embed_point.to_string())})
             })
             .collect();
         let out = serde_json::json!({
             "path": a.fspf.display().to_string(), "tag": v.tag().to_hex(), "encrypted": v.is_encrypted(),
-            "generation": v.meta.generation, "regions": regions, "files": files,
+            "generation": v.generation(), "regions": regions, "files": files,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(0);
@@ -130,12 +127,12 @@ pub fn run(a: ShowArgs) -> Result<i32> {
             "no (run `fspf encrypt`)"
         }
     );
-    println!("  generation: {}", v.meta.generation);
+    println!("  generation: {}", v.generation());
     println!("regions:");
-    if v.meta.regions.is_empty() {
+    if v.regions().is_empty() {
         println!("  (none)");
     }
-    for r in &v.meta.regions {
+    for r in v.regions() {
         let kernel = match &r.kind {
             RegionKind::Kernel(k) => format!("kernel {}", k.display()),
             RegionKind::Ephemeral => "ephemeral".into(),
@@ -155,7 +152,7 @@ pub fn run(a: ShowArgs) -> Result<i32> {
         );
     }
     println!("files:");
-    for (p, e) in &v.meta.files {
+    for (p, e) in v.files() {
         match &e.kind {
             FileKind::File { size, .. } => println!(
                 "  {:<40} file     {:>12} bytes  mode {:o}",

@@ -77,8 +77,7 @@ pub fn run(a: CreateVolumeArgs) -> Result<i32> {
     }
     let (tag, key) = v.encrypt()?;
     let files = v
-        .meta
-        .files
+        .files()
         .values()
         .filter(|e| matches!(e.kind, FileKind::File { .. }))
         .count();

@@ -708,9 +708,9 @@ fn debug_output_of_an_open_volume_shows_no_key_material() {
     let p = Protected::new();
     let key = fspf_core::VolumeKey::from_hex(&p.kt.key).unwrap();
     let v = fspf_core::Volume::open(&p.env.fspf_path(), Some(key.clone()), None).unwrap();
-    let dbg = format!("{v:?} {key:?} {:?}", v.meta.regions);
+    let dbg = format!("{v:?} {key:?} {:?}", v.regions());
     assert!(!dbg.contains(&p.kt.key[..16]), "volume key in Debug");
-    for r in &v.meta.regions {
+    for r in v.regions() {
         if let Some(k) = &r.key {
             let hex = hex_of(k.as_bytes());
             assert!(!dbg.contains(&hex[..16]), "region key in Debug");
@@ -861,7 +861,7 @@ fn every_file_version_gets_a_fresh_file_id_so_no_key_nonce_pair_repeats() {
         env.ok(["addf", "fspf.pb", "/d", "orig", &env.p("vol")]);
         let v = fspf_core::Volume::open(&env.fspf_path(), None, None).unwrap();
         let mut n = 0;
-        for e in v.meta.files.values() {
+        for e in v.files().values() {
             if let fspf_core::FileKind::File { id, .. } = &e.kind {
                 assert!(seen.insert(*id), "round {round}: file id {id:?} reused");
                 n += 1;
