@@ -21,4 +21,4 @@ pub use format::index::{build_index, FrozenIndex};
 pub use format::metadata::{FileEntry, FileKind, Protection, Region, RegionKind};
 pub use format::view::{ChildKind, MetaView};
 pub use policy::EmbedPath;
-pub use volume::{write_file_durably, Volume};
+pub use volume::{write_file_durably, Volume, VolumeOptions};

@@ -1,8 +1,8 @@
-//! The preload shield seals with `codec::set_sequential(true)` (no rayon pool: scoped threads
-//! for the pipelined writer and the two halves of a batch). Its output must be byte for byte
+//! The preload shield seals with `Threads::FORK_SAFE` (no rayon pool: scoped threads for the
+//! pipelined writer and the two halves of a batch), or with no read helper at all. Its output must be byte for byte
 //! what the parallel path writes, for single-chunk, single-batch (threaded halves) and
 //! multi-batch files, including sizes that end exactly on a chunk or batch boundary.
-use fspf_core::codec::{seal_encrypted, set_sequential};
+use fspf_core::codec::{seal_authenticated_with, seal_encrypted_with, Threads};
 use fspf_core::crypto::{file_chunk_key, FileId, RegionKey};
 
 #[test]
@@ -24,15 +24,24 @@ fn sequential_mode_seals_exactly_like_the_parallel_path() {
     ] {
         let id = FileId::random().unwrap();
         let k = file_chunk_key(&rk, &id).unwrap();
-        let seal = |seq: bool| {
-            set_sequential(seq);
+        let mk = fspf_core::crypto::file_mac_key(&rk, &id).unwrap();
+        let seal = |t: Threads| {
             let mut out = Vec::new();
-            seal_encrypted(&k, &id, c, size as u64, &mut &plain[..size], &mut out, "t").unwrap();
-            set_sequential(false);
-            out
+            let p = &mut &plain[..size];
+            seal_encrypted_with(t, &k, &id, c, size as u64, p, &mut out, "t").unwrap();
+            let p = &mut &plain[..size];
+            let auth = seal_authenticated_with(t, &mk, c, size as u64, p, None, "t").unwrap();
+            (out, auth)
         };
-        let par = seal(false);
-        let seq = seal(true);
-        assert!(par == seq, "size {size}: sequential output differs");
+        let par = seal(Threads::default());
+        for t in [
+            Threads::FORK_SAFE,
+            Threads {
+                pool: false,
+                read_helper: false,
+            },
+        ] {
+            assert!(par == seal(t), "size {size}: {t:?} output differs");
+        }
     }
 }

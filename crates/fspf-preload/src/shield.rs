@@ -4,13 +4,14 @@
 use crate::anchor::{Anchor, AnchorState};
 use crate::files::{self, WriteBuf};
 use crate::{log, real, say};
+use fspf_core::codec::Threads;
 use fspf_core::format::metadata::{FileKind, Protection, Region, RegionKind};
 use fspf_core::format::view::ChildKind;
 use fspf_core::view::{EphemeralNode, Frontend, OpenFile, Pending, View, ViewError};
 use fspf_core::volume::kernel_fs;
 use fspf_core::volume::memory::{self, SealedMem};
 use fspf_core::volume::{Change, KernelPath};
-use fspf_core::{EmbedPath, Tag, Volume, VolumeKey};
+use fspf_core::{EmbedPath, Tag, Volume, VolumeKey, VolumeOptions};
 use libc::c_int;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CStr, CString};
@@ -59,6 +60,8 @@ pub struct Shield {
     index_fd_slot: AtomicI32,
     /// When the shield started (ns since the epoch).
     pub started: i64,
+    /// Options of every volume this process opens (fork-safe threads, batched durability).
+    pub opts: VolumeOptions,
     inner: Mutex<Inner>,
     /// Kernel directories known to exist (see [`Shield::ensure_parent`]).
     dirs_made: Mutex<std::collections::HashSet<PathBuf>>,
@@ -242,14 +245,19 @@ pub fn init() -> bool {
     let Some(fspf) = std::env::var_os("SCONE_FSPF") else {
         return false;
     };
-    fspf_core::codec::set_sequential(true);
     // Files the shield's readers keep open live at high fd numbers, out of the way of a shell's
     // `exec 3<F` / `dup2(x, 3)` and listed so that `close_range(3, ~0)` leaves them alone.
     fspf_core::volume::kernel_fs::set_fd_floor(READER_FD_FLOOR);
-    // Large reads are verified on a second, scoped thread unless FSPF_READ_THREADS=0.
-    if std::env::var_os("FSPF_READ_THREADS").is_some_and(|v| v == "0") {
-        fspf_core::codec::set_read_threads(false);
-    }
+    // No rayon pool (it does not survive fork); large reads are verified on a second, scoped
+    // thread unless FSPF_READ_THREADS=0; staged files are made durable by one syncfs per
+    // commit, not one fsync each.
+    let opts = VolumeOptions {
+        threads: Threads {
+            read_helper: std::env::var_os("FSPF_READ_THREADS").is_none_or(|v| v != "0"),
+            ..Threads::FORK_SAFE
+        },
+        sync_each_file: false,
+    };
     crate::hooks::open::init_umask();
     // Absolute now: the program may chdir before the shield reloads or commits.
     let fspf = std::path::absolute(PathBuf::from(&fspf)).unwrap_or_else(|_| PathBuf::from(fspf));
@@ -361,7 +369,7 @@ pub fn init() -> bool {
     };
     let vol = match vol {
         Ok(mut v) => {
-            v.sync_each_file = false;
+            v.set_options(opts);
             if trusted.is_none() && v.is_encrypted() {
                 say(format!(
                     "warning: no SCONE_FSPF_TAG: freshness of {} is not checked (trusting tag {})",
@@ -390,6 +398,7 @@ pub fn init() -> bool {
         .map(|c| (c, true))
         .unwrap_or_else(|| (real_cwd().unwrap_or_else(EmbedPath::root), false));
     let sh = Shield {
+        opts,
         fspf,
         key,
         mutable,
@@ -675,7 +684,7 @@ impl Shield {
             }
         };
         let mut v = v;
-        v.sync_each_file = false;
+        v.set_options(self.opts);
         inner.vol = Some(v);
         Ok(())
     }
@@ -1000,10 +1009,11 @@ impl Shield {
         }
         let data = b.contents()?;
         if region.kind == RegionKind::Ephemeral {
-            let sealed = memory::seal_in_memory(&region, &b.path, b.mode, &data).map_err(|e| {
-                log(format!("{}: {e}", b.path));
-                libc::EIO
-            })?;
+            let sealed = memory::seal_in_memory(self.opts.threads, &region, &b.path, b.mode, &data)
+                .map_err(|e| {
+                    log(format!("{}: {e}", b.path));
+                    libc::EIO
+                })?;
             inner.eph.insert(
                 b.path.clone(),
                 EphNode::File {
@@ -1326,7 +1336,7 @@ impl Shield {
         if !appends.is_empty() {
             if vol.tag() != trusted {
                 if let Ok(mut v) = Volume::open(&self.fspf, self.key.clone(), Some(trusted)) {
-                    v.sync_each_file = false;
+                    v.set_options(self.opts);
                     *vol = v;
                 }
             }

@@ -19,16 +19,35 @@ use crate::format::layout::{self, ENC_HEADER_LEN, ENC_MAGIC};
 use rayon::prelude::*;
 use std::io::{Read, Write};
 
-static SEQUENTIAL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Seal on the calling thread only (no rayon pool). The preload shield sets this: a thread pool
-/// in an interposed process does not survive `fork`, and a forked child that seals would hang.
-pub fn set_sequential(on: bool) {
-    SEQUENTIAL.store(on, std::sync::atomic::Ordering::Relaxed);
+/// Which threads sealing and verifying may use. An option of each call (and of
+/// [`crate::Volume`], see [`crate::VolumeOptions`]), never process-wide state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Threads {
+    /// Seal batches on rayon's global pool. An interposed process must not: a pool does not
+    /// survive `fork`, and a forked child that seals would hang. Without it, a batch is split
+    /// in two halves, the second sealed on a scoped thread joined before the call returns.
+    pub pool: bool,
+    /// Verify large reads with a second, scoped thread (only on machines with more than one
+    /// core). It lives only for the duration of one call, so it is safe across `fork`.
+    pub read_helper: bool,
 }
 
-pub(crate) fn sequential() -> bool {
-    SEQUENTIAL.load(std::sync::atomic::Ordering::Relaxed)
+impl Default for Threads {
+    /// Pool and read helper: the fastest choice for a process that does not fork mid-call.
+    fn default() -> Self {
+        Threads {
+            pool: true,
+            read_helper: true,
+        }
+    }
+}
+
+impl Threads {
+    /// What an interposed process (the preload shield) uses: no pool; scoped helpers only.
+    pub const FORK_SAFE: Threads = Threads {
+        pool: false,
+        read_helper: true,
+    };
 }
 
 /// Plaintext bytes sealed per parallel batch when importing (64 × 64 KiB, 1024 × 4 KiB).
@@ -93,6 +112,30 @@ pub fn seal_encrypted<W: Write + Send>(
     dst: &mut W,
     label: &str,
 ) -> Result<()> {
+    seal_encrypted_with(
+        Threads::default(),
+        key,
+        id,
+        chunk_len,
+        size,
+        src,
+        dst,
+        label,
+    )
+}
+
+/// [`seal_encrypted`] with explicit [`Threads`].
+#[allow(clippy::too_many_arguments)]
+pub fn seal_encrypted_with<W: Write + Send>(
+    threads: Threads,
+    key: &AeadKey,
+    id: &FileId,
+    chunk_len: u32,
+    size: u64,
+    src: &mut impl Read,
+    dst: &mut W,
+    label: &str,
+) -> Result<()> {
     let io = |e| Error::Io {
         path: label.into(),
         source: e,
@@ -108,6 +151,7 @@ pub fn seal_encrypted<W: Write + Send>(
         size,
         n,
         label,
+        threads,
     };
     if n <= batch_n as u64 {
         // Exactly the bytes to write: small files must not pay for zeroing a whole chunk.
@@ -177,6 +221,7 @@ struct BatchSealer<'a> {
     size: u64,
     n: u64,
     label: &'a str,
+    threads: Threads,
 }
 
 impl BatchSealer<'_> {
@@ -207,8 +252,8 @@ impl BatchSealer<'_> {
             tag.copy_from_slice(&t);
             Ok(())
         };
-        if sequential() {
-            // No pool (see `set_sequential`): a batch of several chunks is split in two halves,
+        if !self.threads.pool {
+            // No pool (see [`Threads::pool`]): a batch of several chunks is split in two halves,
             // the second sealed on a scoped thread (joined here, so nothing survives a fork).
             let chunks = len.div_ceil(slot);
             if chunks >= 2 && len >= PAR_MIN_BYTES {
@@ -248,6 +293,20 @@ pub fn seal_authenticated(
     chunk_len: u32,
     size: u64,
     src: &mut impl Read,
+    copy: Option<&mut dyn Write>,
+    label: &str,
+) -> Result<([u8; 32], Vec<u8>)> {
+    seal_authenticated_with(Threads::default(), key, chunk_len, size, src, copy, label)
+}
+
+/// [`seal_authenticated`] with explicit [`Threads`] (without the pool, leaves are hashed on the
+/// calling thread).
+pub fn seal_authenticated_with(
+    threads: Threads,
+    key: &MacKey,
+    chunk_len: u32,
+    size: u64,
+    src: &mut impl Read,
     mut copy: Option<&mut dyn Write>,
     label: &str,
 ) -> Result<([u8; 32], Vec<u8>)> {
@@ -278,7 +337,7 @@ pub fn seal_authenticated(
                 let idx = first + i as u64;
                 key.leaf(idx, idx + 1 == n, p)
             };
-            if sequential() {
+            if !threads.pool {
                 plain[..want as usize]
                     .chunks(c)
                     .enumerate()
@@ -339,18 +398,11 @@ const PARALLEL_MIN: usize = 2 << 20;
 /// the readahead window.
 const DIRECT_MIN: u64 = 1024 * 1024;
 
-static READ_THREADS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Allow (default) or forbid a second, scoped thread for verifying large reads. Unlike rayon's
-/// pool, the thread lives only for the duration of one call, so it is safe across `fork`.
-pub fn set_read_threads(on: bool) {
-    READ_THREADS.store(on, std::sync::atomic::Ordering::Relaxed);
-}
-
-fn read_threads() -> bool {
+/// Does this machine have more than one core (a read helper thread can help)? Asked once: the
+/// answer is a fact about the machine, not an option.
+fn several_cores() -> bool {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    READ_THREADS.load(std::sync::atomic::Ordering::Relaxed)
-        && *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get())) > 1
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get())) > 1
 }
 
 /// Outcome of loading a span of chunks: how many (from its first) verified, and the error of the
@@ -383,6 +435,8 @@ pub struct ProtectedReader<R: ReadAt, O: ReadAt> {
     /// Chunk after the last one served (sequential detection); current readahead in chunks.
     next: u64,
     ra: u64,
+    /// May large reads use a scoped helper thread ([`Threads::read_helper`])?
+    read_helper: bool,
 }
 
 impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
@@ -470,7 +524,19 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
             scratch: [Vec::new(), Vec::new()],
             next: 0,
             ra: 0,
+            read_helper: Threads::default().read_helper,
         })
+    }
+
+    /// Use these [`Threads`] for later reads (only [`Threads::read_helper`] applies).
+    pub fn set_threads(&mut self, threads: Threads) {
+        self.read_helper = threads.read_helper;
+    }
+
+    /// Builder form of [`ProtectedReader::set_threads`].
+    pub fn with_threads(mut self, threads: Threads) -> Self {
+        self.set_threads(threads);
+        self
     }
 
     pub fn size(&self) -> u64 {
@@ -502,58 +568,59 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
         mut leaves: Option<&mut Vec<[u8; 32]>>,
     ) -> Span {
         let [mut s0, mut s1] = std::mem::take(&mut self.scratch);
-        let span = if count >= 2 && dest.len() >= PARALLEL_MIN && read_threads() {
-            let half = count / 2;
-            let (d0, d1) = dest.split_at_mut(self.span_bytes(first, half) as usize);
-            let mut l1 = Vec::new();
-            // Shared (not moved) so that this thread can do the second half if no thread starts.
-            let second = std::sync::Mutex::new(Some((d1, &mut s1, &mut l1)));
-            let this = &*self;
-            let take = || second.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let (a, b) = std::thread::scope(|s| {
-                let helper = std::thread::Builder::new()
-                    .stack_size(256 * 1024)
-                    .spawn_scoped(s, move || {
-                        let (d, sc, l) = take().expect("second half");
-                        this.load_part(first + half, count - half, d, sc, Some(l))
-                    });
-                let mut l0 = Vec::new();
-                let a = this.load_part(first, half, d0, &mut s0, Some(&mut l0));
-                let b = match helper {
-                    Ok(h) => h.join().unwrap_or_else(|_| Span {
-                        ok: 0,
-                        err: Some(Error::Other("read helper thread panicked".into())),
-                    }),
-                    // No thread (resource limits): do the second half here.
-                    Err(_) => match take() {
-                        Some((d, sc, l)) => {
+        let span =
+            if count >= 2 && dest.len() >= PARALLEL_MIN && self.read_helper && several_cores() {
+                let half = count / 2;
+                let (d0, d1) = dest.split_at_mut(self.span_bytes(first, half) as usize);
+                let mut l1 = Vec::new();
+                // Shared (not moved) so that this thread can do the second half if no thread starts.
+                let second = std::sync::Mutex::new(Some((d1, &mut s1, &mut l1)));
+                let this = &*self;
+                let take = || second.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let (a, b) = std::thread::scope(|s| {
+                    let helper = std::thread::Builder::new()
+                        .stack_size(256 * 1024)
+                        .spawn_scoped(s, move || {
+                            let (d, sc, l) = take().expect("second half");
                             this.load_part(first + half, count - half, d, sc, Some(l))
-                        }
-                        None => Span {
+                        });
+                    let mut l0 = Vec::new();
+                    let a = this.load_part(first, half, d0, &mut s0, Some(&mut l0));
+                    let b = match helper {
+                        Ok(h) => h.join().unwrap_or_else(|_| Span {
                             ok: 0,
-                            err: Some(Error::Other("read helper thread failed".into())),
+                            err: Some(Error::Other("read helper thread panicked".into())),
+                        }),
+                        // No thread (resource limits): do the second half here.
+                        Err(_) => match take() {
+                            Some((d, sc, l)) => {
+                                this.load_part(first + half, count - half, d, sc, Some(l))
+                            }
+                            None => Span {
+                                ok: 0,
+                                err: Some(Error::Other("read helper thread failed".into())),
+                            },
                         },
-                    },
-                };
-                if let Some(v) = leaves.as_deref_mut() {
-                    v.extend_from_slice(&l0);
+                    };
+                    if let Some(v) = leaves.as_deref_mut() {
+                        v.extend_from_slice(&l0);
+                    }
+                    (a, b)
+                });
+                if a.ok < half {
+                    a
+                } else {
+                    if let Some(v) = leaves.as_deref_mut() {
+                        v.extend_from_slice(&l1);
+                    }
+                    Span {
+                        ok: half + b.ok,
+                        err: b.err,
+                    }
                 }
-                (a, b)
-            });
-            if a.ok < half {
-                a
             } else {
-                if let Some(v) = leaves.as_deref_mut() {
-                    v.extend_from_slice(&l1);
-                }
-                Span {
-                    ok: half + b.ok,
-                    err: b.err,
-                }
-            }
-        } else {
-            self.load_part(first, count, dest, &mut s0, leaves)
-        };
+                self.load_part(first, count, dest, &mut s0, leaves)
+            };
         self.scratch = [s0, s1];
         span
     }
@@ -865,7 +932,7 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
             Ok(())
         };
         let (mut s0, mut s1) = (Vec::new(), Vec::new());
-        if n >= 2 * per && read_threads() {
+        if n >= 2 * per && self.read_helper && several_cores() {
             let half = n / 2;
             std::thread::scope(|s| {
                 let helper = std::thread::Builder::new()

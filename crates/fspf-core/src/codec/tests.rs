@@ -250,7 +250,15 @@ fn windowed_reads_sequential_then_random_return_the_plaintext() {
         let (mut r, plain, _) = enc_reader(size, c);
         let mk = auth_reader(&plain, c);
         let mut a = mk(plain.clone());
-        for r in [&mut r, &mut a] {
+        // The same reads without the scoped read helper (FSPF_READ_THREADS=0).
+        let alone = Threads {
+            pool: false,
+            read_helper: false,
+        };
+        let (r1, _, _) = enc_reader(size, c);
+        let mut r1 = r1.with_threads(alone);
+        let mut a1 = mk(plain.clone()).with_threads(alone);
+        for r in [&mut r, &mut a, &mut r1, &mut a1] {
             for step in [1000usize, 4096, 128 * 1024, 1 << 20, 3 << 20] {
                 let mut got = Vec::with_capacity(size);
                 let mut buf = vec![0u8; step];

@@ -169,15 +169,33 @@ pub(crate) fn seal_version(
                     kernel_fs::create_new_at(out.dir, out.name, file_mode, extra)
                 };
                 let mut w = DirectWriter::create_with(open).map_err(|e| Error::io(p, e))?;
-                codec::seal_encrypted(&k, &id, region.chunk_len, size, src, &mut w, &label)?;
+                codec::seal_encrypted_with(
+                    vol.opts.threads,
+                    &k,
+                    &id,
+                    region.chunk_len,
+                    size,
+                    src,
+                    &mut w,
+                    &label,
+                )?;
                 w.finish().map_err(|e| Error::io(p, e))?
             } else {
                 let f = out.create(file_mode)?;
                 let mut w = BufWriter::with_capacity(1 << 20, f);
-                codec::seal_encrypted(&k, &id, region.chunk_len, size, src, &mut w, &label)?;
+                codec::seal_encrypted_with(
+                    vol.opts.threads,
+                    &k,
+                    &id,
+                    region.chunk_len,
+                    size,
+                    src,
+                    &mut w,
+                    &label,
+                )?;
                 w.into_inner().map_err(|e| Error::io(p, e.into_error()))?
             };
-            if vol.sync_each_file {
+            if vol.opts.sync_each_file {
                 f.sync_all().map_err(|e| Error::io(p, e))?;
             }
             Ok((
@@ -199,7 +217,8 @@ pub(crate) fn seal_version(
                 Some(o) => {
                     let f = o.create(file_mode)?;
                     let mut w = BufWriter::with_capacity(1 << 20, f);
-                    let r = codec::seal_authenticated(
+                    let r = codec::seal_authenticated_with(
+                        vol.opts.threads,
                         &k,
                         region.chunk_len,
                         size,
@@ -210,12 +229,20 @@ pub(crate) fn seal_version(
                     let f = w
                         .into_inner()
                         .map_err(|e| Error::io(o.label, e.into_error()))?;
-                    if vol.sync_each_file {
+                    if vol.opts.sync_each_file {
                         f.sync_all().map_err(|e| Error::io(o.label, e))?;
                     }
                     r
                 }
-                None => codec::seal_authenticated(&k, region.chunk_len, size, src, None, &label)?,
+                None => codec::seal_authenticated_with(
+                    vol.opts.threads,
+                    &k,
+                    region.chunk_len,
+                    size,
+                    src,
+                    None,
+                    &label,
+                )?,
             };
             let tree = if outboard.is_empty() {
                 None
@@ -223,7 +250,7 @@ pub(crate) fn seal_version(
                 let (mut f, p) = store::create_tree(&vol.path, &id)?;
                 f.write_all(&outboard)
                     .and_then(|_| {
-                        if vol.sync_each_file {
+                        if vol.opts.sync_each_file {
                             f.sync_all()
                         } else {
                             Ok(())
@@ -340,9 +367,9 @@ impl Volume {
             };
             match store::open(&self.path, self.key.clone(), Some(trusted)) {
                 Ok(v) => {
-                    let sync = self.sync_each_file;
+                    let opts = self.opts;
                     *self = v;
-                    self.sync_each_file = sync;
+                    self.opts = opts;
                 }
                 Err(e) => {
                     cleanup(&changes);
@@ -441,7 +468,7 @@ impl Volume {
         // the committed shadow stays and `roll_forward` moves it on the next open.
         // Not in the preload shield: its processes fork, and a rayon pool does not survive fork.
         let rename = |s: &&StagedFile| s.publish();
-        if crate::codec::sequential() {
+        if !self.opts.threads.pool {
             post.iter().for_each(rename);
         } else {
             post.par_iter().for_each(rename);

@@ -198,130 +198,128 @@ impl Volume {
         let writer = self.writer_guard()?;
         // One syncfs per file system after staging instead of one fsync per file: on ext4 each
         // fsync waits for its own journal commit (about 1 000 small files/s on this VM's disk).
-        let durable = std::mem::replace(&mut self.sync_each_file, false);
-        let results: Vec<Result<Option<Change>>> = jobs
-            .par_iter()
-            .map(|j| -> Result<Option<Change>> {
-                match j {
-                    Job::Dir { rel, path, mode } => {
-                        let r = self.region_for(path).map(|r| r.protection);
-                        if r == Some(Protection::NotProtected)
-                            || self.meta.regions.iter().any(|r| &r.embed_point == path)
-                        {
-                            return Ok(None);
-                        }
-                        Ok(Some(Change::PutEntry(
-                            path.clone(),
-                            FileEntry {
-                                kind: FileKind::Dir,
-                                mode: *mode,
-                                mtime_ns: source_mtime(&opts.source.join(rel)),
-                            },
-                        )))
+        let durable = std::mem::replace(&mut self.opts.sync_each_file, false);
+        let job = |j: &Job| -> Result<Option<Change>> {
+            match j {
+                Job::Dir { rel, path, mode } => {
+                    let r = self.region_for(path).map(|r| r.protection);
+                    if r == Some(Protection::NotProtected)
+                        || self.meta.regions.iter().any(|r| &r.embed_point == path)
+                    {
+                        return Ok(None);
                     }
-                    Job::Symlink { rel, path, target } => {
-                        if self.region_for(path).map(|r| r.protection)
-                            == Some(Protection::NotProtected)
-                        {
-                            return Ok(None);
-                        }
-                        if let Some(out) = &opts.output {
-                            let l = KernelPath::new(out, rel);
-                            let label = path.to_string();
-                            let (dir, name) =
-                                l.parent().map_err(|e| Error::kernel(&label, l.full(), e))?;
-                            let current = rustix::fs::readlinkat(&dir, &name, Vec::new()).ok();
-                            let same = current.is_some_and(|c| c.as_bytes() == &target[..]);
-                            if !same {
-                                // A new link under a shadow name, renamed over whatever was
-                                // there (an older link, or a file): re-adding a changed link
-                                // must update it.
-                                let tmp = shadow_name(&name, &FileId::random()?);
-                                rustix::fs::symlinkat(&target[..], &dir, &tmp).map_err(|e| {
-                                    Error::io(l.with_file_name(&tmp).full(), e.into())
-                                })?;
-                                kernel_fs::rename_at(&dir, &tmp, &name).map_err(|e| {
-                                    let _ = rustix::fs::unlinkat(
-                                        &dir,
-                                        &tmp,
-                                        rustix::fs::AtFlags::empty(),
-                                    );
-                                    Error::kernel(&label, l.full(), e)
-                                })?;
-                            }
-                        }
-                        Ok(Some(Change::PutEntry(
-                            path.clone(),
-                            FileEntry {
-                                kind: FileKind::Symlink(target.clone()),
-                                mode: 0o777,
-                                mtime_ns: source_mtime(&opts.source.join(rel)),
-                            },
-                        )))
+                    Ok(Some(Change::PutEntry(
+                        path.clone(),
+                        FileEntry {
+                            kind: FileKind::Dir,
+                            mode: *mode,
+                            mtime_ns: source_mtime(&opts.source.join(rel)),
+                        },
+                    )))
+                }
+                Job::Symlink { rel, path, target } => {
+                    if self.region_for(path).map(|r| r.protection) == Some(Protection::NotProtected)
+                    {
+                        return Ok(None);
                     }
-                    Job::File {
-                        rel,
-                        path,
-                        size,
-                        mode,
-                    } => {
-                        let Some(region) = self.region_for(path) else {
-                            return Ok(None);
-                        };
-                        if region.protection == Protection::NotProtected {
-                            return Ok(None);
+                    if let Some(out) = &opts.output {
+                        let l = KernelPath::new(out, rel);
+                        let label = path.to_string();
+                        let (dir, name) =
+                            l.parent().map_err(|e| Error::kernel(&label, l.full(), e))?;
+                        let current = rustix::fs::readlinkat(&dir, &name, Vec::new()).ok();
+                        let same = current.is_some_and(|c| c.as_bytes() == &target[..]);
+                        if !same {
+                            // A new link under a shadow name, renamed over whatever was
+                            // there (an older link, or a file): re-adding a changed link
+                            // must update it.
+                            let tmp = shadow_name(&name, &FileId::random()?);
+                            rustix::fs::symlinkat(&target[..], &dir, &tmp)
+                                .map_err(|e| Error::io(l.with_file_name(&tmp).full(), e.into()))?;
+                            kernel_fs::rename_at(&dir, &tmp, &name).map_err(|e| {
+                                let _ =
+                                    rustix::fs::unlinkat(&dir, &tmp, rustix::fs::AtFlags::empty());
+                                Error::kernel(&label, l.full(), e)
+                            })?;
                         }
-                        let src_path = opts.source.join(rel);
-                        let mut src = File::open(&src_path).map_err(|e| Error::io(&src_path, e))?;
-                        let id = FileId::random()?;
-                        // The source's modification time is what programs compare (Python's
-                        // .pyc check, make): `addf` records it, not the time of the import.
-                        let mtime = src.metadata().map(|m| mtime_ns_of(&m)).unwrap_or(0);
-                        let Some(out) = &opts.output else {
-                            let (mut entry, _) =
-                                seal_version(self, region, path, id, *size, *mode, &mut src, None)?;
-                            entry.mtime_ns = mtime;
-                            progress(*size);
-                            return Ok(Some(Change::PutEntry(path.clone(), entry)));
-                        };
-                        let loc = KernelPath::new(out, rel);
-                        let (dir, name) = loc
-                            .parent()
-                            .map_err(|e| Error::kernel(&path.to_string(), loc.full(), e))?;
-                        let sh = shadow_name(&name, &id);
-                        let shadow = loc.with_file_name(&sh).full();
-                        let target = Output {
-                            dir: &dir,
-                            name: &sh,
-                            label: &shadow,
-                        };
-                        let (mut entry, outboard) = seal_version(
-                            self,
-                            region,
-                            path,
-                            id,
-                            *size,
-                            *mode,
-                            &mut src,
-                            Some(&target),
-                        )
-                        .inspect_err(|_| target.remove())?;
+                    }
+                    Ok(Some(Change::PutEntry(
+                        path.clone(),
+                        FileEntry {
+                            kind: FileKind::Symlink(target.clone()),
+                            mode: 0o777,
+                            mtime_ns: source_mtime(&opts.source.join(rel)),
+                        },
+                    )))
+                }
+                Job::File {
+                    rel,
+                    path,
+                    size,
+                    mode,
+                } => {
+                    let Some(region) = self.region_for(path) else {
+                        return Ok(None);
+                    };
+                    if region.protection == Protection::NotProtected {
+                        return Ok(None);
+                    }
+                    let src_path = opts.source.join(rel);
+                    let mut src = File::open(&src_path).map_err(|e| Error::io(&src_path, e))?;
+                    let id = FileId::random()?;
+                    // The source's modification time is what programs compare (Python's
+                    // .pyc check, make): `addf` records it, not the time of the import.
+                    let mtime = src.metadata().map(|m| mtime_ns_of(&m)).unwrap_or(0);
+                    let Some(out) = &opts.output else {
+                        let (mut entry, _) =
+                            seal_version(self, region, path, id, *size, *mode, &mut src, None)?;
                         entry.mtime_ns = mtime;
                         progress(*size);
-                        Ok(Some(Change::Put(StagedFile {
-                            path: path.clone(),
-                            entry,
-                            shadow,
-                            kernel: loc.full(),
-                            loc,
-                            outboard,
-                            _writer: writer.clone(),
-                        })))
-                    }
+                        return Ok(Some(Change::PutEntry(path.clone(), entry)));
+                    };
+                    let loc = KernelPath::new(out, rel);
+                    let (dir, name) = loc
+                        .parent()
+                        .map_err(|e| Error::kernel(&path.to_string(), loc.full(), e))?;
+                    let sh = shadow_name(&name, &id);
+                    let shadow = loc.with_file_name(&sh).full();
+                    let target = Output {
+                        dir: &dir,
+                        name: &sh,
+                        label: &shadow,
+                    };
+                    let (mut entry, outboard) = seal_version(
+                        self,
+                        region,
+                        path,
+                        id,
+                        *size,
+                        *mode,
+                        &mut src,
+                        Some(&target),
+                    )
+                    .inspect_err(|_| target.remove())?;
+                    entry.mtime_ns = mtime;
+                    progress(*size);
+                    Ok(Some(Change::Put(StagedFile {
+                        path: path.clone(),
+                        entry,
+                        shadow,
+                        kernel: loc.full(),
+                        loc,
+                        outboard,
+                        _writer: writer.clone(),
+                    })))
                 }
-            })
-            .collect();
-        self.sync_each_file = durable;
+            }
+        };
+        // Without the pool (an interposed process), the jobs run on this thread.
+        let results: Vec<Result<Option<Change>>> = if self.opts.threads.pool {
+            jobs.par_iter().map(job).collect()
+        } else {
+            jobs.iter().map(job).collect()
+        };
+        self.opts.sync_each_file = durable;
         let mut changes = Vec::new();
         let mut first_err = None;
         for r in results {

@@ -1,6 +1,6 @@
 //! Ephemeral files: sealed in memory with the same codec as kernel files, so an ephemeral
 //! encrypted/authenticated region never holds plaintext outside a verified reader (preload shield).
-use crate::codec::{self, ProtectedReader};
+use crate::codec::{self, ProtectedReader, Threads};
 use crate::crypto::{self, FileId};
 use crate::error::{Error, Result};
 use crate::format::metadata::{FileEntry, FileKind, Protection, Region};
@@ -22,6 +22,7 @@ pub type MemReader = ProtectedReader<Arc<Vec<u8>>, Arc<Vec<u8>>>;
 
 /// Seal `plain` as a fresh version (fresh file id, hence fresh key) of `path` in `region`.
 pub fn seal_in_memory(
+    threads: Threads,
     region: &Region,
     path: &EmbedPath,
     mode: u32,
@@ -49,7 +50,8 @@ pub fn seal_in_memory(
         Protection::Encrypted => {
             let k = crypto::file_chunk_key(key, &id)?;
             let mut out = Vec::with_capacity(plain.len() + 64);
-            codec::seal_encrypted(
+            codec::seal_encrypted_with(
+                threads,
                 &k,
                 &id,
                 region.chunk_len,
@@ -74,7 +76,8 @@ pub fn seal_in_memory(
         }
         _ => {
             let k = crypto::file_mac_key(key, &id)?;
-            let (root, outboard) = codec::seal_authenticated(
+            let (root, outboard) = codec::seal_authenticated_with(
+                threads,
                 &k,
                 region.chunk_len,
                 size,
@@ -100,7 +103,12 @@ pub fn seal_in_memory(
 }
 
 /// Verified reader over a sealed in-memory file of a protected `region`.
-pub fn open_in_memory(region: &Region, path: &EmbedPath, sealed: &SealedMem) -> Result<MemReader> {
+pub fn open_in_memory(
+    threads: Threads,
+    region: &Region,
+    path: &EmbedPath,
+    sealed: &SealedMem,
+) -> Result<MemReader> {
     let label = path.to_string();
     let FileKind::File { id, size, root } = &sealed.entry.kind else {
         return Err(Error::Invalid {
@@ -111,7 +119,7 @@ pub fn open_in_memory(region: &Region, path: &EmbedPath, sealed: &SealedMem) -> 
     let codec = super::codec_for(region, path, id, root.as_ref(), sealed.data.clone(), || {
         Ok(sealed.outboard.clone())
     })?;
-    ProtectedReader::new(codec, *size, region.chunk_len, label)
+    Ok(ProtectedReader::new(codec, *size, region.chunk_len, label)?.with_threads(threads))
 }
 
 #[cfg(test)]
@@ -136,8 +144,8 @@ mod tests {
             let r = region(p);
             let path = EmbedPath::parse("/x").unwrap();
             let plain: Vec<u8> = (0..2000u32).map(|i| i as u8).collect();
-            let s = seal_in_memory(&r, &path, 0o644, &plain).unwrap();
-            let mut rd = open_in_memory(&r, &path, &s).unwrap();
+            let s = seal_in_memory(Threads::default(), &r, &path, 0o644, &plain).unwrap();
+            let mut rd = open_in_memory(Threads::default(), &r, &path, &s).unwrap();
             let mut out = vec![0; 2000];
             assert_eq!(rd.read_at(&mut out, 0).unwrap(), 2000);
             assert_eq!(out, plain);
@@ -147,7 +155,7 @@ mod tests {
                 data: Arc::new(bad),
                 ..s.clone()
             };
-            let mut rd = open_in_memory(&r, &path, &t).unwrap();
+            let mut rd = open_in_memory(Threads::default(), &r, &path, &t).unwrap();
             assert!(rd.read_at(&mut out, 0).is_err());
         }
     }

@@ -20,7 +20,7 @@ pub use store::{held_fds, FspfLock, WriterGuard, WRITER_FD_BASE};
 pub use store::{is_fspf_internal, sync_filesystems, write_file_durably};
 pub use verify::Finding;
 
-use crate::codec::{FileCodec, ProtectedReader};
+use crate::codec::{FileCodec, ProtectedReader, Threads};
 use crate::crypto::{self, RegionKey, Tag, VolumeKey};
 use crate::error::{Error, Result};
 use crate::format::layout::{
@@ -51,11 +51,30 @@ pub struct Volume {
     index: Option<crate::format::index::FrozenIndex<'static>>,
     /// The bytes `index` reads (handed on unchanged by [`Volume::build_index`]).
     index_bytes: Option<&'static [u8]>,
+    /// How this volume seals, verifies and syncs.
+    opts: VolumeOptions,
+    /// The writer lock shared by the versions this volume stages (see [`WriterGuard`]).
+    writer: std::sync::Mutex<std::sync::Weak<WriterGuard>>,
+}
+
+/// How a [`Volume`] seals, verifies and syncs: options of the volume a frontend opens
+/// ([`Volume::open_with`], [`Volume::from_index_with`]), never process-wide state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeOptions {
+    /// Threads for sealing and verifying (the preload shield uses [`Threads::FORK_SAFE`]).
+    pub threads: Threads,
     /// When false, staged files are not fsync'd one by one: the caller makes them durable (e.g.
     /// one `syncfs`) before [`Volume::commit`]. The preload shield batches commits this way.
     pub sync_each_file: bool,
-    /// The writer lock shared by the versions this volume stages (see [`WriterGuard`]).
-    writer: std::sync::Mutex<std::sync::Weak<WriterGuard>>,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        VolumeOptions {
+            threads: Threads::default(),
+            sync_each_file: true,
+        }
+    }
 }
 
 /// Parameters of `addr`.
@@ -79,7 +98,7 @@ impl Volume {
             meta: Metadata::default(),
             index: None,
             index_bytes: None,
-            sync_each_file: true,
+            opts: VolumeOptions::default(),
             writer: Default::default(),
         };
         // Under the update lock: the orphan cleanup removes temporaries only while holding it.
@@ -97,6 +116,40 @@ impl Volume {
     /// when given, must equal the tag on disk (freshness: an older fspf has another tag).
     pub fn open(path: &Path, key: Option<VolumeKey>, expected_tag: Option<Tag>) -> Result<Volume> {
         store::open(path, key, expected_tag)
+    }
+
+    /// [`Volume::open`] with explicit [`VolumeOptions`].
+    pub fn open_with(
+        path: &Path,
+        key: Option<VolumeKey>,
+        expected_tag: Option<Tag>,
+        opts: VolumeOptions,
+    ) -> Result<Volume> {
+        let mut v = store::open(path, key, expected_tag)?;
+        v.opts = opts;
+        Ok(v)
+    }
+
+    /// [`Volume::from_index`] with explicit [`VolumeOptions`].
+    pub fn from_index_with(
+        path: &Path,
+        key: Option<VolumeKey>,
+        bytes: &'static [u8],
+        opts: VolumeOptions,
+    ) -> Result<Volume> {
+        let mut v = Volume::from_index(path, key, bytes)?;
+        v.opts = opts;
+        Ok(v)
+    }
+
+    /// The options this volume was opened with.
+    pub fn options(&self) -> VolumeOptions {
+        self.opts
+    }
+
+    /// Change the options for later operations (e.g. a volume handed to a forked child).
+    pub fn set_options(&mut self, opts: VolumeOptions) {
+        self.opts = opts;
     }
 
     /// A volume over a frozen index (`format::index`) that a process of the same run built
@@ -118,7 +171,7 @@ impl Volume {
             meta,
             index: Some(ix),
             index_bytes: Some(bytes),
-            sync_each_file: true,
+            opts: VolumeOptions::default(),
             writer: Default::default(),
         })
     }
@@ -148,7 +201,7 @@ impl Volume {
             meta: ix.to_metadata()?,
             index: None,
             index_bytes: None,
-            sync_each_file: self.sync_each_file,
+            opts: self.opts,
             writer: Default::default(),
         }))
     }
@@ -461,7 +514,10 @@ impl Volume {
             kernel_fs::TrackedFile::new(data),
             || store::open_tree(&self.path, id, &label).map(|o| o.map(kernel_fs::TrackedFile::new)),
         )?;
-        ProtectedReader::new(codec, size, region.chunk_len, path.to_string())
+        Ok(
+            ProtectedReader::new(codec, size, region.chunk_len, path.to_string())?
+                .with_threads(self.opts.threads),
+        )
     }
 }
 

@@ -227,7 +227,7 @@ pub(crate) fn open(path: &Path, key: Option<VolumeKey>, expected: Option<Tag>) -
         meta,
         index: None,
         index_bytes: None,
-        sync_each_file: true,
+        opts: Default::default(),
         writer: Default::default(),
     })
 }

@@ -187,24 +187,26 @@ impl Volume {
             return findings;
         }
         let listed: Vec<(&EmbedPath, &crate::FileEntry)> = self.meta.files.iter().collect();
-        let mut per_file: Vec<Finding> = listed
-            .par_iter()
-            .filter_map(|(path, entry)| {
-                let region = self.region_for(path)?;
-                if region.protection == Protection::NotProtected {
-                    return None;
-                }
-                region.kind.kernel_dir()?;
-                let res = match &entry.kind {
-                    FileKind::File { .. } => self.open_file(path).and_then(|mut r| r.verify_all()),
-                    _ => self.check_kernel_node(path, entry),
-                };
-                res.err().map(|e| Finding {
-                    path: path.to_string(),
-                    problem: e.to_string(),
-                })
+        let check = |(path, entry): &(&EmbedPath, &crate::FileEntry)| -> Option<Finding> {
+            let region = self.region_for(path)?;
+            if region.protection == Protection::NotProtected {
+                return None;
+            }
+            region.kind.kernel_dir()?;
+            let res = match &entry.kind {
+                FileKind::File { .. } => self.open_file(path).and_then(|mut r| r.verify_all()),
+                _ => self.check_kernel_node(path, entry),
+            };
+            res.err().map(|e| Finding {
+                path: path.to_string(),
+                problem: e.to_string(),
             })
-            .collect();
+        };
+        let mut per_file: Vec<Finding> = if self.opts.threads.pool {
+            listed.par_iter().filter_map(check).collect()
+        } else {
+            listed.iter().filter_map(check).collect()
+        };
         findings.append(&mut per_file);
         // Unlisted files in protected kernel regions.
         for e in self.region_entries() {

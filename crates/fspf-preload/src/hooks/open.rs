@@ -72,7 +72,8 @@ pub(crate) fn load_plain(inner: &Inner, ep: &EmbedPath) -> Result<Vec<u8>, c_int
         if region.protection == Protection::NotProtected {
             return Ok((*sealed.data).clone());
         }
-        let mut r = memory::open_in_memory(region, ep, sealed).map_err(|e| map_core(ep, e))?;
+        let mut r = memory::open_in_memory(vol.options().threads, region, ep, sealed)
+            .map_err(|e| map_core(ep, e))?;
         return read_all(ep, r.size(), |b, o| r.read_at(b, o));
     }
     let mut r = vol.open_file(ep).map_err(|e| map_core(ep, e))?;
@@ -139,7 +140,8 @@ fn read_body(inner: &Inner, ep: &EmbedPath, verify: bool) -> Result<Body, c_int>
         if region.protection == Protection::NotProtected {
             return Ok(Body::Plain(sealed.data.clone()));
         }
-        let mut r = memory::open_in_memory(region, ep, sealed).map_err(|e| map_core(ep, e))?;
+        let mut r = memory::open_in_memory(vol.options().threads, region, ep, sealed)
+            .map_err(|e| map_core(ep, e))?;
         if verify && r.size() <= VERIFY_AT_OPEN_MAX {
             r.verify_all().map_err(|e| map_core(ep, e))?;
         }
