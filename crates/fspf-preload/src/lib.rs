@@ -194,7 +194,8 @@ pub unsafe extern "C" fn __libc_start_main(
     // SAFETY: glibc's __libc_start_main has this signature on x86_64.
     let real: StartMainFn = unsafe { std::mem::transmute(p) };
     REAL_MAIN.store(main as usize, Ordering::Relaxed);
-    // SAFETY: forwarding the start-up arguments with our trampoline as main.
+    // SAFETY: glibc's `__libc_start_main` with the start-up arguments the loader gave us,
+    // unchanged, except `main`, which is our trampoline of the same signature.
     unsafe {
         real(
             main_trampoline,

@@ -157,6 +157,10 @@ pub(crate) fn seal_version(
             })?;
             let k = crypto::file_chunk_key(key, &id)?;
             let p = out.label;
+            let seal = |src: &mut dyn Read, mut w: &mut (dyn Write + Send)| {
+                let (t, c) = (vol.opts.threads, region.chunk_len);
+                codec::seal_encrypted_with(t, &k, &id, c, size, &mut &mut *src, &mut w, &label)
+            };
             let f = if size >= DIRECT_MIN && super::direct::worthwhile_at(out.dir) {
                 let open = |direct: bool| {
                     let extra = if direct {
@@ -169,30 +173,12 @@ pub(crate) fn seal_version(
                     kernel_fs::create_new_at(out.dir, out.name, file_mode, extra)
                 };
                 let mut w = DirectWriter::create_with(open).map_err(|e| Error::io(p, e))?;
-                codec::seal_encrypted_with(
-                    vol.opts.threads,
-                    &k,
-                    &id,
-                    region.chunk_len,
-                    size,
-                    src,
-                    &mut w,
-                    &label,
-                )?;
+                seal(src, &mut w)?;
                 w.finish().map_err(|e| Error::io(p, e))?
             } else {
                 let f = out.create(file_mode)?;
                 let mut w = BufWriter::with_capacity(1 << 20, f);
-                codec::seal_encrypted_with(
-                    vol.opts.threads,
-                    &k,
-                    &id,
-                    region.chunk_len,
-                    size,
-                    src,
-                    &mut w,
-                    &label,
-                )?;
+                seal(src, &mut w)?;
                 w.into_inner().map_err(|e| Error::io(p, e.into_error()))?
             };
             if vol.opts.sync_each_file {

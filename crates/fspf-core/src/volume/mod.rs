@@ -553,6 +553,24 @@ pub(crate) fn codec_for<R: crate::codec::ReadAt, O: crate::codec::ReadAt>(
     })
 }
 
+/// Test fixture: a new unencrypted fspf at `p` whose only region `/` is encrypted, in the
+/// kernel directory `vol`, saved.
+#[cfg(test)]
+pub(crate) fn encrypted_root_volume(p: &Path, vol: &Path) -> Volume {
+    Volume::create(p, false).unwrap();
+    let mut v = Volume::open(p, None, None).unwrap();
+    v.add_region(RegionSpec {
+        embed_point: EmbedPath::root(),
+        kind: RegionKind::Kernel(vol.to_path_buf()),
+        protection: Protection::Encrypted,
+        key_len: None,
+        chunk_len: None,
+    })
+    .unwrap();
+    v.save().unwrap();
+    v
+}
+
 /// Test fixture: an fspf in a temp dir whose only region `/` is encrypted, in the kernel
 /// directory `vol` beside it, holding `files` (path, contents), committed.
 #[cfg(test)]
@@ -561,17 +579,7 @@ pub(crate) fn test_volume(files: &[(&str, &[u8])]) -> (tempfile::TempDir, PathBu
     let p = d.path().join("fspf.pb");
     let vol = d.path().join("vol");
     std::fs::create_dir_all(&vol).unwrap();
-    Volume::create(&p, false).unwrap();
-    let mut v = Volume::open(&p, None, None).unwrap();
-    v.add_region(RegionSpec {
-        embed_point: EmbedPath::root(),
-        kind: RegionKind::Kernel(vol.clone()),
-        protection: Protection::Encrypted,
-        key_len: None,
-        chunk_len: None,
-    })
-    .unwrap();
-    v.save().unwrap();
+    let mut v = encrypted_root_volume(&p, &vol);
     let mut staged = Vec::new();
     for (path, data) in files {
         let ep = EmbedPath::parse(path).unwrap();
@@ -696,18 +704,8 @@ mod tests {
         std::fs::create_dir_all(vol.join("sub")).unwrap();
         std::fs::create_dir_all(&victim).unwrap();
         std::fs::write(victim.join("a"), "victim's file").unwrap();
-        Volume::create(&p, false).unwrap();
+        let mut v = encrypted_root_volume(&p, &vol);
         let _l = Volume::lock(&p).unwrap();
-        let mut v = Volume::open(&p, None, None).unwrap();
-        v.add_region(RegionSpec {
-            embed_point: EmbedPath::root(),
-            kind: RegionKind::Kernel(vol.clone()),
-            protection: Protection::Encrypted,
-            key_len: None,
-            chunk_len: None,
-        })
-        .unwrap();
-        v.save().unwrap();
         let a = EmbedPath::parse("/sub/a").unwrap();
         let s = v.stage_file(&a, 3, 0o644, &mut &b"old"[..]).unwrap();
         let tag = v.tag();

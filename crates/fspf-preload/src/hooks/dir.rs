@@ -57,14 +57,16 @@ fn make_stream(fd: c_int, path: EmbedPath) -> *mut libc::DIR {
 #[no_mangle]
 pub unsafe extern "C" fn opendir(p: *const c_char) -> *mut libc::DIR {
     let Some(g) = enter() else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments, unchanged, to glibc's own `opendir` (resolved
+        // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         return unsafe { real::opendir(p) };
     };
     let sh = shield::get();
     match sh.route(libc::AT_FDCWD, p) {
         Route::Pass => {
             drop(g);
-            // SAFETY: forwarding.
+            // SAFETY: the caller's arguments, unchanged, to glibc's own `opendir` (resolved
+            // with RTLD_NEXT): the caller's contract for this call is that function's contract.
             unsafe { real::opendir(p) }
         }
         Route::Kernel(k, ep) => {
@@ -111,7 +113,8 @@ pub unsafe extern "C" fn fdopendir(fd: c_int) -> *mut libc::DIR {
             return make_stream(fd, path);
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `fdopendir` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::fdopendir(fd) }
 }
 
@@ -149,7 +152,8 @@ pub unsafe extern "C" fn readdir(d: *mut libc::DIR) -> *mut libc::dirent64 {
             return unsafe { next(d) };
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `readdir` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::readdir(d) }
 }
 #[no_mangle]
@@ -160,7 +164,8 @@ pub unsafe extern "C" fn readdir64(d: *mut libc::DIR) -> *mut libc::dirent64 {
             return unsafe { next(d) };
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `readdir64` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::readdir64(d) }
 }
 
@@ -185,7 +190,8 @@ pub unsafe extern "C" fn closedir(d: *mut libc::DIR) -> c_int {
             files::forget_translated(fd);
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `closedir` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::closedir(d) }
 }
 
@@ -196,7 +202,8 @@ pub unsafe extern "C" fn dirfd(d: *mut libc::DIR) -> c_int {
             return s.fd;
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `dirfd` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::dirfd(d) }
 }
 
@@ -208,7 +215,8 @@ pub unsafe extern "C" fn rewinddir(d: *mut libc::DIR) {
             return;
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `rewinddir` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::rewinddir(d) };
 }
 
@@ -219,7 +227,8 @@ pub unsafe extern "C" fn telldir(d: *mut libc::DIR) -> c_long {
             return s.pos as c_long;
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `telldir` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::telldir(d) }
 }
 
@@ -231,7 +240,8 @@ pub unsafe extern "C" fn seekdir(d: *mut libc::DIR, pos: c_long) {
             return;
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `seekdir` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::seekdir(d, pos) };
 }
 
@@ -342,7 +352,8 @@ pub unsafe extern "C" fn scandir(
     f: DirFilter,
     c: DirCompar,
 ) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `scandir_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { scandir_common(p, list, f, c, |p| real::scandir(p, list, f, c)) }
 }
 #[no_mangle]
@@ -352,7 +363,8 @@ pub unsafe extern "C" fn scandir64(
     f: DirFilter,
     c: DirCompar,
 ) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `scandir_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { scandir_common(p, list, f, c, |p| real::scandir64(p, list, f, c)) }
 }
 
@@ -402,7 +414,8 @@ pub unsafe extern "C" fn glob(
     e: *mut libc::c_void,
     g: *mut libc::c_void,
 ) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `glob_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { glob_common(p, f, e, g, |f| real::glob(p, f, e, g)) }
 }
 #[no_mangle]
@@ -412,6 +425,7 @@ pub unsafe extern "C" fn glob64(
     e: *mut libc::c_void,
     g: *mut libc::c_void,
 ) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `glob_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { glob_common(p, f, e, g, |f| real::glob64(p, f, e, g)) }
 }

@@ -138,7 +138,8 @@ pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t
         // SAFETY: the program's buffer.
         return unsafe { do_read(fd, &h, buf.cast(), n, None) };
     }
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `read` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::read(fd, buf, n) }
 }
 #[no_mangle]
@@ -151,7 +152,8 @@ pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, bl: 
         // SAFETY: the program's buffer.
         return unsafe { do_read(fd, &h, buf.cast(), n, None) };
     }
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `__read_chk` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::__read_chk(fd, buf, n, bl) }
 }
 #[no_mangle]
@@ -163,7 +165,8 @@ pub unsafe extern "C" fn pread(fd: c_int, buf: *mut c_void, n: size_t, o: off_t)
         // SAFETY: the program's buffer.
         return unsafe { do_read(fd, &h, buf.cast(), n, Some(o as u64)) };
     }
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `pread` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::pread(fd, buf, n, o) }
 }
 #[no_mangle]
@@ -175,7 +178,8 @@ pub unsafe extern "C" fn pread64(fd: c_int, buf: *mut c_void, n: size_t, o: off_
         // SAFETY: the program's buffer.
         return unsafe { do_read(fd, &h, buf.cast(), n, Some(o as u64)) };
     }
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `pread64` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::pread64(fd, buf, n, o) }
 }
 
@@ -219,7 +223,8 @@ pub unsafe extern "C" fn readv(fd: c_int, v: *const libc::iovec, n: c_int) -> ss
         // SAFETY: program-provided iovecs.
         return unsafe { vec_io(fd, &h, v, n, None, false) };
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `readv` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::readv(fd, v, n) }
 }
 #[no_mangle]
@@ -228,7 +233,8 @@ pub unsafe extern "C" fn preadv(fd: c_int, v: *const libc::iovec, n: c_int, o: o
         // SAFETY: program-provided iovecs.
         return unsafe { vec_io(fd, &h, v, n, Some(o.max(0) as u64), false) };
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `preadv` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::preadv(fd, v, n, o) }
 }
 #[no_mangle]
@@ -237,7 +243,8 @@ pub unsafe extern "C" fn preadv64(fd: c_int, v: *const libc::iovec, n: c_int, o:
         // SAFETY: program-provided iovecs.
         return unsafe { vec_io(fd, &h, v, n, Some(o.max(0) as u64), false) };
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `preadv64` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::preadv64(fd, v, n, o) }
 }
 #[no_mangle]
@@ -246,7 +253,8 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssiz
         // SAFETY: the program's buffer.
         return unsafe { do_write(fd, &h, buf.cast(), n, None) };
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `write` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::write(fd, buf, n) }
 }
 #[no_mangle]
@@ -255,7 +263,8 @@ pub unsafe extern "C" fn pwrite(fd: c_int, buf: *const c_void, n: size_t, o: off
         // SAFETY: the program's buffer.
         return unsafe { do_write(fd, &h, buf.cast(), n, Some(o.max(0) as u64)) };
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `pwrite` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::pwrite(fd, buf, n, o) }
 }
 #[no_mangle]
@@ -264,7 +273,8 @@ pub unsafe extern "C" fn pwrite64(fd: c_int, buf: *const c_void, n: size_t, o: o
         // SAFETY: the program's buffer.
         return unsafe { do_write(fd, &h, buf.cast(), n, Some(o.max(0) as u64)) };
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `pwrite64` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::pwrite64(fd, buf, n, o) }
 }
 #[no_mangle]
@@ -273,7 +283,8 @@ pub unsafe extern "C" fn writev(fd: c_int, v: *const libc::iovec, n: c_int) -> s
         // SAFETY: program-provided iovecs.
         return unsafe { vec_io(fd, &h, v, n, None, true) };
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `writev` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::writev(fd, v, n) }
 }
 #[no_mangle]
@@ -282,7 +293,8 @@ pub unsafe extern "C" fn pwritev(fd: c_int, v: *const libc::iovec, n: c_int, o: 
         // SAFETY: program-provided iovecs.
         return unsafe { vec_io(fd, &h, v, n, Some(o.max(0) as u64), true) };
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `pwritev` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::pwritev(fd, v, n, o) }
 }
 #[no_mangle]
@@ -296,7 +308,8 @@ pub unsafe extern "C" fn pwritev64(
         // SAFETY: program-provided iovecs.
         return unsafe { vec_io(fd, &h, v, n, Some(o.max(0) as u64), true) };
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `pwritev64` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::pwritev64(fd, v, n, o) }
 }
 #[no_mangle]
@@ -304,7 +317,8 @@ pub unsafe extern "C" fn lseek(fd: c_int, o: off_t, w: c_int) -> off_t {
     if let Some((_g, h)) = shielded!(fd) {
         return do_seek(fd, &h, o, w);
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `lseek` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::lseek(fd, o, w) }
 }
 #[no_mangle]
@@ -312,7 +326,8 @@ pub unsafe extern "C" fn lseek64(fd: c_int, o: off_t, w: c_int) -> off_t {
     if let Some((_g, h)) = shielded!(fd) {
         return do_seek(fd, &h, o, w);
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `lseek64` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::lseek64(fd, o, w) }
 }
 
@@ -346,14 +361,16 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
             Err(e) => fail(e),
         };
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `close` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::close(fd) }
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
     let Some(_g) = enter() else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments, unchanged, to glibc's own `close_range` (resolved
+        // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         return unsafe { real::close_range(first, last, flags) };
     };
     let sh = shield::get();
@@ -551,7 +568,8 @@ fn dup_result(old: c_int, new: c_int) -> c_int {
 
 #[no_mangle]
 pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `dup` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     let r = unsafe { real::dup(fd) };
     if r >= 0 {
         if let Some(_g) = enter() {
@@ -566,7 +584,8 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
         shield::get().protect_own_fd(new);
         files::protect_own(new);
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `dup2` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     let r = unsafe { real::dup2(old, new) };
     if r >= 0 && old != new {
         if let Some(_g) = enter() {
@@ -581,7 +600,8 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, fl: c_int) -> c_int {
         shield::get().protect_own_fd(new);
         files::protect_own(new);
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `dup3` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     let r = unsafe { real::dup3(old, new, fl) };
     if r >= 0 {
         if let Some(_g) = enter() {
@@ -594,10 +614,12 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, fl: c_int) -> c_int {
 unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: c_ulong, is64: bool) -> c_int {
     let call = |fd, cmd, arg| {
         if is64 {
-            // SAFETY: forwarding.
+            // SAFETY: the caller's arguments, unchanged, to glibc's own `fcntl64` (resolved
+            // with RTLD_NEXT): the caller's contract for this call is that function's contract.
             unsafe { real::fcntl64(fd, cmd, arg) }
         } else {
-            // SAFETY: forwarding.
+            // SAFETY: the caller's arguments, unchanged, to glibc's own `fcntl` (resolved
+            // with RTLD_NEXT): the caller's contract for this call is that function's contract.
             unsafe { real::fcntl(fd, cmd, arg) }
         }
     };
@@ -637,12 +659,14 @@ unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: c_ulong, is64: bool) -> c_int
 
 #[no_mangle]
 pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `fcntl_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { fcntl_common(fd, cmd, arg, false) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `fcntl_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { fcntl_common(fd, cmd, arg, true) }
 }
 
@@ -667,7 +691,8 @@ pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: c_ulong) -> c_int {
             }
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `ioctl` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::ioctl(fd, req, arg) }
 }
 
@@ -687,7 +712,8 @@ pub unsafe extern "C" fn ftruncate(fd: c_int, len: off_t) -> c_int {
     if let Some((_g, h)) = shielded!(fd) {
         return truncate_fd(&h, len);
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `ftruncate` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::ftruncate(fd, len) }
 }
 #[no_mangle]
@@ -695,7 +721,8 @@ pub unsafe extern "C" fn ftruncate64(fd: c_int, len: off_t) -> c_int {
     if let Some((_g, h)) = shielded!(fd) {
         return truncate_fd(&h, len);
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `ftruncate64` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::ftruncate64(fd, len) }
 }
 
@@ -725,7 +752,8 @@ pub unsafe extern "C" fn fallocate(fd: c_int, mode: c_int, off: off_t, len: off_
         let e = allocate(&h, off, len);
         return if e == 0 { 0 } else { fail(e) };
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `fallocate` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::fallocate(fd, mode, off, len) }
 }
 #[no_mangle]
@@ -738,7 +766,8 @@ pub unsafe extern "C" fn posix_fallocate(fd: c_int, off: off_t, len: off_t) -> c
     if let Some((_g, h)) = shielded!(fd) {
         return allocate(&h, off, len);
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `posix_fallocate` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::posix_fallocate(fd, off, len) }
 }
 #[no_mangle]
@@ -765,7 +794,8 @@ pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
     if let Some((_g, h)) = shielded!(fd) {
         return sync_fd(&h);
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `fsync` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::fsync(fd) }
 }
 #[no_mangle]
@@ -773,7 +803,8 @@ pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
     if let Some((_g, h)) = shielded!(fd) {
         return sync_fd(&h);
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `fdatasync` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::fdatasync(fd) }
 }
 #[no_mangle]
@@ -788,7 +819,8 @@ pub unsafe extern "C" fn syncfs(fd: c_int) -> c_int {
             return 0;
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `syncfs` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::syncfs(fd) }
 }
 
@@ -797,7 +829,8 @@ pub unsafe extern "C" fn posix_fadvise(fd: c_int, o: off_t, l: off_t, a: c_int) 
     if let Some((_g, _h)) = shielded!(fd) {
         return 0;
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `posix_fadvise` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::posix_fadvise(fd, o, l, a) }
 }
 #[no_mangle]
@@ -805,7 +838,8 @@ pub unsafe extern "C" fn posix_fadvise64(fd: c_int, o: off_t, l: off_t, a: c_int
     if let Some((_g, _h)) = shielded!(fd) {
         return 0;
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `posix_fadvise64` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::posix_fadvise64(fd, o, l, a) }
 }
 
@@ -895,7 +929,8 @@ pub unsafe extern "C" fn sendfile(o: c_int, i: c_int, off: *mut off_t, n: size_t
             return unsafe { emulate_copy(i, off, o, std::ptr::null_mut(), n) };
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `sendfile` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::sendfile(o, i, off, n) }
 }
 #[no_mangle]
@@ -918,7 +953,8 @@ pub unsafe extern "C" fn copy_file_range(
             return unsafe { emulate_copy(i, io, o, oo, n) };
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `copy_file_range` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::copy_file_range(i, io, o, oo, n, f) }
 }
 #[no_mangle]
@@ -936,7 +972,8 @@ pub unsafe extern "C" fn splice(
             return unsafe { emulate_copy(i, io, o, oo, n.min(1 << 16)) };
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `splice` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::splice(i, io, o, oo, n, f) }
 }
 
@@ -1020,7 +1057,8 @@ pub unsafe extern "C" fn mmap(
             return unsafe { mmap_shielded(&h, a, l, p, f, o) };
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `mmap` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::mmap(a, l, p, f, fd, o) }
 }
 #[no_mangle]

@@ -171,7 +171,8 @@ pub unsafe extern "C" fn execveat(
             return fail(libc::EACCES);
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `execveat` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::execveat(d, p, argv, envp, flags) }
 }
 
@@ -195,7 +196,8 @@ pub unsafe extern "C" fn scandirat(
             return unsafe { super::dir::scandir(abs.as_ptr(), list, f, c) };
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `scandirat` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::scandirat(d, p, list, f, c) }
 }
 

@@ -69,7 +69,8 @@ pub unsafe extern "C" fn fchownat(
     if fl & libc::AT_EMPTY_PATH != 0 {
         // SAFETY: the program's path (an empty path names `d` itself).
         if !p.is_null() && unsafe { *p } == 0 {
-            // SAFETY: forwarding to our own fchown hook.
+            // SAFETY: our `fchown` hook takes only integers; `d` is the descriptor the empty path
+            // names.
             return unsafe { fchown(d, uid, gid) };
         }
     }
@@ -91,7 +92,8 @@ pub unsafe extern "C" fn fchown(fd: c_int, uid: uid_t, gid: gid_t) -> c_int {
             return chown_shielded(shield::get(), ep, uid, gid);
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `fchown` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::fchown(fd, uid, gid) }
 }
 
@@ -134,7 +136,8 @@ pub unsafe extern "C" fn fsetxattr(
             return fail(libc::ENOTSUP);
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `fsetxattr` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::fsetxattr(fd, n, v, s, f) }
 }
 #[no_mangle]
@@ -144,7 +147,8 @@ pub unsafe extern "C" fn fremovexattr(fd: c_int, n: *const c_char) -> c_int {
             return fail(libc::ENOTSUP);
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `fremovexattr` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::fremovexattr(fd, n) }
 }
 
@@ -210,7 +214,8 @@ pub unsafe extern "C" fn bind(
     len: libc::socklen_t,
 ) -> c_int {
     let Some(_g) = enter() else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments, unchanged, to glibc's own `bind` (resolved
+        // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         return unsafe { real::bind(fd, addr, len) };
     };
     let path_off = std::mem::offset_of!(libc::sockaddr_un, sun_path);
@@ -220,7 +225,8 @@ pub unsafe extern "C" fn bind(
         && unsafe { (*addr).sa_family } == libc::AF_UNIX as libc::sa_family_t
         && unsafe { *(addr as *const u8).add(path_off) } != 0;
     if !is_named_unix {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments, unchanged, to glibc's own `bind` (resolved
+        // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         return unsafe { real::bind(fd, addr, len) };
     }
     // SAFETY: a NUL-terminated path inside the program's sockaddr_un (copied, bounded by len).
@@ -236,7 +242,8 @@ pub unsafe extern "C" fn bind(
     };
     let sh = shield::get();
     match sh.route(libc::AT_FDCWD, cpath.as_ptr()) {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments, unchanged, to glibc's own `bind` (resolved
+        // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         shield::Route::Pass => unsafe { real::bind(fd, addr, len) },
         shield::Route::Deny(e) => fail(e),
         shield::Route::Shield(ep) => special_shielded(sh, ep),

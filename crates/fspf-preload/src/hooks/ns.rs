@@ -102,31 +102,36 @@ unsafe fn unlink_common(
 
 #[no_mangle]
 pub unsafe extern "C" fn unlink(p: *const c_char) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `unlink_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { unlink_common(libc::AT_FDCWD, p, 0, |d, p| real::unlinkat(d, p, 0)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn unlinkat(d: c_int, p: *const c_char, f: c_int) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `unlink_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { unlink_common(d, p, f, |d, p| real::unlinkat(d, p, f)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn rmdir(p: *const c_char) -> c_int {
     let f = libc::AT_REMOVEDIR;
-    // SAFETY: forwarding.
+    // SAFETY: `unlink_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { unlink_common(libc::AT_FDCWD, p, f, |d, p| real::unlinkat(d, p, f)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn remove(p: *const c_char) -> c_int {
     let Some(g) = enter() else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments, unchanged, to glibc's own `remove` (resolved
+        // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         return unsafe { real::remove(p) };
     };
     let sh = shield::get();
     match sh.route(libc::AT_FDCWD, p) {
         Route::Pass => {
             drop(g);
-            // SAFETY: forwarding.
+            // SAFETY: the caller's arguments, unchanged, to glibc's own `remove` (resolved
+            // with RTLD_NEXT): the caller's contract for this call is that function's contract.
             unsafe { real::remove(p) }
         }
         // SAFETY: translated path.
@@ -206,12 +211,14 @@ unsafe fn mkdir_common(
 
 #[no_mangle]
 pub unsafe extern "C" fn mkdir(p: *const c_char, m: mode_t) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `mkdir_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { mkdir_common(libc::AT_FDCWD, p, m, |d, p| real::mkdirat(d, p, m)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn mkdirat(d: c_int, p: *const c_char, m: mode_t) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `mkdir_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { mkdir_common(d, p, m, |d, p| real::mkdirat(d, p, m)) }
 }
 
@@ -363,10 +370,12 @@ unsafe fn rename_common(
 ) -> c_int {
     let call = |da, a, db, b| {
         if flags == 0 {
-            // SAFETY: forwarding.
+            // SAFETY: the caller's arguments, unchanged, to glibc's own `renameat` (resolved
+            // with RTLD_NEXT): the caller's contract for this call is that function's contract.
             unsafe { real::renameat(da, a, db, b) }
         } else {
-            // SAFETY: forwarding.
+            // SAFETY: the caller's arguments, unchanged, to glibc's own `renameat2` (resolved
+            // with RTLD_NEXT): the caller's contract for this call is that function's contract.
             unsafe { real::renameat2(da, a, db, b, flags) }
         }
     };
@@ -402,7 +411,8 @@ unsafe fn rename_common(
 
 #[no_mangle]
 pub unsafe extern "C" fn rename(a: *const c_char, b: *const c_char) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `rename_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { rename_common(libc::AT_FDCWD, a, libc::AT_FDCWD, b, 0) }
 }
 #[no_mangle]
@@ -412,7 +422,8 @@ pub unsafe extern "C" fn renameat(
     db: c_int,
     b: *const c_char,
 ) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `rename_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { rename_common(da, a, db, b, 0) }
 }
 #[no_mangle]
@@ -423,7 +434,8 @@ pub unsafe extern "C" fn renameat2(
     b: *const c_char,
     f: c_uint,
 ) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `rename_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { rename_common(da, a, db, b, f) }
 }
 
@@ -470,12 +482,14 @@ unsafe fn truncate_common(
 
 #[no_mangle]
 pub unsafe extern "C" fn truncate(p: *const c_char, l: off_t) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `truncate_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { truncate_common(p, l, |p| real::truncate(p, l)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn truncate64(p: *const c_char, l: off_t) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `truncate_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { truncate_common(p, l, |p| real::truncate64(p, l)) }
 }
 
@@ -491,13 +505,15 @@ fn refresh_real_cwd(inner: &mut Inner) {
 #[no_mangle]
 pub unsafe extern "C" fn chdir(p: *const c_char) -> c_int {
     let Some(_g) = enter() else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments, unchanged, to glibc's own `chdir` (resolved
+        // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         return unsafe { real::chdir(p) };
     };
     let sh = shield::get();
     match sh.route(libc::AT_FDCWD, p) {
         Route::Pass => {
-            // SAFETY: forwarding.
+            // SAFETY: the caller's arguments, unchanged, to glibc's own `chdir` (resolved
+            // with RTLD_NEXT): the caller's contract for this call is that function's contract.
             let r = unsafe { real::chdir(p) };
             if r == 0 {
                 refresh_real_cwd(&mut sh.lock());
@@ -548,7 +564,8 @@ pub unsafe extern "C" fn chdir(p: *const c_char) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn fchdir(fd: c_int) -> c_int {
     let Some(_g) = enter() else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments, unchanged, to glibc's own `fchdir` (resolved
+        // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         return unsafe { real::fchdir(fd) };
     };
     let sh = shield::get();
@@ -560,7 +577,8 @@ pub unsafe extern "C" fn fchdir(fd: c_int) -> c_int {
         inner.cwd_virtual = true;
         return 0;
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `fchdir` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     let r = unsafe { real::fchdir(fd) };
     if r == 0 {
         refresh_real_cwd(&mut sh.lock());
@@ -571,7 +589,8 @@ pub unsafe extern "C" fn fchdir(fd: c_int) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn getcwd(buf: *mut c_char, size: size_t) -> *mut c_char {
     let Some(_g) = enter() else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments, unchanged, to glibc's own `getcwd` (resolved
+        // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         return unsafe { real::getcwd(buf, size) };
     };
     let sh = shield::get();
@@ -584,7 +603,8 @@ pub unsafe extern "C" fn getcwd(buf: *mut c_char, size: size_t) -> *mut c_char {
         }
     };
     let Some(c) = cwd else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments, unchanged, to glibc's own `getcwd` (resolved
+        // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         return unsafe { real::getcwd(buf, size) };
     };
     let need = c.len() + 1;
@@ -612,7 +632,8 @@ pub unsafe extern "C" fn getcwd(buf: *mut c_char, size: size_t) -> *mut c_char {
 /// errno of file systems without hard links.
 unsafe fn link_common(da: c_int, a: *const c_char, db: c_int, b: *const c_char, f: c_int) -> c_int {
     let Some(g) = enter() else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments, unchanged, to glibc's own `linkat` (resolved
+        // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         return unsafe { real::linkat(da, a, db, b, f) };
     };
     let sh = shield::get();
@@ -621,7 +642,8 @@ unsafe fn link_common(da: c_int, a: *const c_char, db: c_int, b: *const c_char, 
         (Route::Shield(_), _) | (_, Route::Shield(_)) => fail(libc::EPERM),
         (Route::Pass, Route::Pass) => {
             drop(g);
-            // SAFETY: forwarding.
+            // SAFETY: the caller's arguments, unchanged, to glibc's own `linkat` (resolved
+            // with RTLD_NEXT): the caller's contract for this call is that function's contract.
             unsafe { real::linkat(da, a, db, b, f) }
         }
         (x, y) => {
@@ -633,7 +655,8 @@ unsafe fn link_common(da: c_int, a: *const c_char, db: c_int, b: *const c_char, 
                 Route::Kernel(k, _) => (libc::AT_FDCWD, k.as_ptr()),
                 _ => (db, b),
             };
-            // SAFETY: forwarding with translated paths.
+            // SAFETY: glibc's own `linkat`; each path is the caller's or a NUL-terminated kernel
+            // path (`k`) that lives until the call returns; the buffers are the caller's.
             unsafe { real::linkat(da, a, db, b, f) }
         }
     }
@@ -641,7 +664,8 @@ unsafe fn link_common(da: c_int, a: *const c_char, db: c_int, b: *const c_char, 
 
 #[no_mangle]
 pub unsafe extern "C" fn link(a: *const c_char, b: *const c_char) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `link_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { link_common(libc::AT_FDCWD, a, libc::AT_FDCWD, b, 0) }
 }
 #[no_mangle]
@@ -652,7 +676,8 @@ pub unsafe extern "C" fn linkat(
     b: *const c_char,
     f: c_int,
 ) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `link_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { link_common(da, a, db, b, f) }
 }
 
@@ -683,7 +708,8 @@ fn do_symlink(sh: &Shield, target: &[u8], ep: EmbedPath) -> Result<(), c_int> {
 
 unsafe fn symlink_common(t: *const c_char, d: c_int, p: *const c_char) -> c_int {
     let Some(g) = enter() else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments, unchanged, to glibc's own `symlinkat` (resolved
+        // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         return unsafe { real::symlinkat(t, d, p) };
     };
     if t.is_null() {
@@ -693,10 +719,12 @@ unsafe fn symlink_common(t: *const c_char, d: c_int, p: *const c_char) -> c_int 
     match sh.route(d, p) {
         Route::Pass => {
             drop(g);
-            // SAFETY: forwarding.
+            // SAFETY: the caller's arguments, unchanged, to glibc's own `symlinkat` (resolved
+            // with RTLD_NEXT): the caller's contract for this call is that function's contract.
             unsafe { real::symlinkat(t, d, p) }
         }
-        // SAFETY: forwarding with the translated path.
+        // SAFETY: glibc's own function with the caller's other arguments and a NUL-terminated
+        // kernel path (`k`) that lives until the call returns.
         Route::Kernel(k, _) => unsafe { real::symlinkat(t, libc::AT_FDCWD, k.as_ptr()) },
         Route::Deny(e) => fail(e),
         Route::Shield(ep) => {
@@ -712,12 +740,14 @@ unsafe fn symlink_common(t: *const c_char, d: c_int, p: *const c_char) -> c_int 
 
 #[no_mangle]
 pub unsafe extern "C" fn symlink(t: *const c_char, p: *const c_char) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `symlink_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { symlink_common(t, libc::AT_FDCWD, p) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn symlinkat(t: *const c_char, d: c_int, p: *const c_char) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `symlink_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { symlink_common(t, d, p) }
 }
 

@@ -21,7 +21,8 @@ pub fn umask_now() -> u32 {
 
 #[no_mangle]
 pub unsafe extern "C" fn umask(m: mode_t) -> mode_t {
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `umask` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     let old = unsafe { real::umask(m) };
     UMASK.store(m & 0o777, Ordering::Relaxed);
     old
@@ -461,7 +462,8 @@ unsafe fn open_common(
 
 #[no_mangle]
 pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `open_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe {
         open_common(libc::AT_FDCWD, path, flags, mode, |p| {
             real::open(p, flags, mode)
@@ -470,7 +472,8 @@ pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: mode_t) -
 }
 #[no_mangle]
 pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `open_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe {
         open_common(libc::AT_FDCWD, path, flags, mode, |p| {
             real::open64(p, flags, mode)
@@ -479,12 +482,14 @@ pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: mode_t)
 }
 #[no_mangle]
 pub unsafe extern "C" fn __open_2(path: *const c_char, flags: c_int) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `open_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { open_common(libc::AT_FDCWD, path, flags, 0, |p| real::__open_2(p, flags)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn __open64_2(path: *const c_char, flags: c_int) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `open_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe {
         open_common(libc::AT_FDCWD, path, flags, 0, |p| {
             real::__open64_2(p, flags)
@@ -498,7 +503,8 @@ pub unsafe extern "C" fn openat(
     flags: c_int,
     mode: mode_t,
 ) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `open_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { open_common(d, path, flags, mode, |p| real::openat(d, p, flags, mode)) }
 }
 #[no_mangle]
@@ -508,29 +514,34 @@ pub unsafe extern "C" fn openat64(
     flags: c_int,
     mode: mode_t,
 ) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `open_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { open_common(d, path, flags, mode, |p| real::openat64(d, p, flags, mode)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn __openat_2(d: c_int, path: *const c_char, flags: c_int) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `open_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { open_common(d, path, flags, 0, |p| real::__openat_2(d, p, flags)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn __openat64_2(d: c_int, path: *const c_char, flags: c_int) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `open_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { open_common(d, path, flags, 0, |p| real::__openat64_2(d, p, flags)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn creat(path: *const c_char, mode: mode_t) -> c_int {
     let fl = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `open_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { open_common(libc::AT_FDCWD, path, fl, mode, |p| real::creat(p, mode)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn creat64(path: *const c_char, mode: mode_t) -> c_int {
     let fl = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `open_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { open_common(libc::AT_FDCWD, path, fl, mode, |p| real::creat64(p, mode)) }
 }
 
@@ -708,12 +719,14 @@ unsafe fn fopen_common(
 
 #[no_mangle]
 pub unsafe extern "C" fn fopen(path: *const c_char, mode: *const c_char) -> *mut FILE {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `fopen_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { fopen_common(path, mode, |p| real::fopen(p, mode)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn fopen64(path: *const c_char, mode: *const c_char) -> *mut FILE {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `fopen_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { fopen_common(path, mode, |p| real::fopen64(p, mode)) }
 }
 
@@ -746,12 +759,14 @@ unsafe fn freopen_common(
 
 #[no_mangle]
 pub unsafe extern "C" fn freopen(p: *const c_char, m: *const c_char, s: *mut FILE) -> *mut FILE {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `freopen_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { freopen_common(p, |p| real::freopen(p, m, s)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn freopen64(p: *const c_char, m: *const c_char, s: *mut FILE) -> *mut FILE {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `freopen_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { freopen_common(p, |p| real::freopen64(p, m, s)) }
 }
 
@@ -763,6 +778,7 @@ pub unsafe extern "C" fn fdopen(fd: c_int, mode: *const c_char) -> *mut FILE {
             return unsafe { cookie_file(fd, mode) };
         }
     }
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `fdopen` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::fdopen(fd, mode) }
 }

@@ -206,7 +206,8 @@ fn current_env() -> *const *const c_char {
 #[no_mangle]
 pub unsafe extern "C" fn fork() -> pid_t {
     let Some(_g) = enter() else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments, unchanged, to glibc's own `fork` (resolved
+        // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         return unsafe { real::fork() };
     };
     if let Err(e) = commit_for_child() {
@@ -533,7 +534,8 @@ pub unsafe extern "C" fn execve(
     envp: *const *const c_char,
 ) -> c_int {
     let Some(_g) = enter() else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments, unchanged, to glibc's own `execve` (resolved
+        // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         return unsafe { real::execve(p, argv, envp) };
     };
     let path = match exec_route(p) {
@@ -545,7 +547,8 @@ pub unsafe extern "C" fn execve(
 }
 #[no_mangle]
 pub unsafe extern "C" fn execv(p: *const c_char, argv: *const *const c_char) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `execve` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { execve(p, argv, current_env()) }
 }
 #[no_mangle]
@@ -555,7 +558,8 @@ pub unsafe extern "C" fn execvpe(
     envp: *const *const c_char,
 ) -> c_int {
     let Some(_g) = enter() else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments, unchanged, to glibc's own `execvpe` (resolved
+        // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         return unsafe { real::execvpe(p, argv, envp) };
     };
     if p.is_null() {
@@ -571,7 +575,8 @@ pub unsafe extern "C" fn execvpe(
 }
 #[no_mangle]
 pub unsafe extern "C" fn execvp(p: *const c_char, argv: *const *const c_char) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `execvpe` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { execvpe(p, argv, current_env()) }
 }
 
@@ -674,7 +679,8 @@ pub unsafe extern "C" fn posix_spawn(
     argv: *const *mut c_char,
     envp: *const *mut c_char,
 ) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `spawn_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe {
         spawn_common(p, false, argv, envp, |p, search, av, e| {
             if search {
@@ -694,7 +700,8 @@ pub unsafe extern "C" fn posix_spawnp(
     argv: *const *mut c_char,
     envp: *const *mut c_char,
 ) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `spawn_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe {
         spawn_common(p, true, argv, envp, |p, search, av, e| {
             if search {
@@ -734,27 +741,31 @@ fn with_key_env<T>(f: impl FnOnce() -> T) -> T {
 #[no_mangle]
 pub unsafe extern "C" fn system(c: *const c_char) -> c_int {
     let Some(_g) = enter() else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments, unchanged, to glibc's own `system` (resolved
+        // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         return unsafe { real::system(c) };
     };
     if let Err(e) = commit_for_child() {
         set_errno(e);
         return -1;
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `system` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     with_key_env(|| unsafe { real::system(c) })
 }
 #[no_mangle]
 pub unsafe extern "C" fn popen(c: *const c_char, m: *const c_char) -> *mut FILE {
     let Some(_g) = enter() else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments, unchanged, to glibc's own `popen` (resolved
+        // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         return unsafe { real::popen(c, m) };
     };
     if let Err(e) = commit_for_child() {
         set_errno(e);
         return std::ptr::null_mut();
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `popen` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     with_key_env(|| unsafe { real::popen(c, m) })
 }
 

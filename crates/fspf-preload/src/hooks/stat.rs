@@ -99,7 +99,8 @@ fn fd_stat(fd: c_int, out: Out, real_stat: impl Fn() -> c_int) -> c_int {
 
 #[no_mangle]
 pub unsafe extern "C" fn stat(p: *const c_char, s: *mut libc::stat) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `stat_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe {
         stat_common(libc::AT_FDCWD, p, 0, Out::Stat(s), |d, p| {
             real::fstatat(d, p, s, 0)
@@ -108,13 +109,15 @@ pub unsafe extern "C" fn stat(p: *const c_char, s: *mut libc::stat) -> c_int {
 }
 #[no_mangle]
 pub unsafe extern "C" fn stat64(p: *const c_char, s: *mut libc::stat) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `stat` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { stat(p, s) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn lstat(p: *const c_char, s: *mut libc::stat) -> c_int {
     let nf = libc::AT_SYMLINK_NOFOLLOW;
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `stat_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe {
         stat_common(libc::AT_FDCWD, p, nf, Out::Stat(s), |d, p| {
             real::fstatat(d, p, s, nf)
@@ -123,17 +126,20 @@ pub unsafe extern "C" fn lstat(p: *const c_char, s: *mut libc::stat) -> c_int {
 }
 #[no_mangle]
 pub unsafe extern "C" fn lstat64(p: *const c_char, s: *mut libc::stat) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `lstat` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { lstat(p, s) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn fstat(fd: c_int, s: *mut libc::stat) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `fstat` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     fd_stat(fd, Out::Stat(s), || unsafe { real::fstat(fd, s) })
 }
 #[no_mangle]
 pub unsafe extern "C" fn fstat64(fd: c_int, s: *mut libc::stat) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `fstat` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { fstat(fd, s) }
 }
 #[no_mangle]
@@ -143,7 +149,8 @@ pub unsafe extern "C" fn fstatat(
     s: *mut libc::stat,
     f: c_int,
 ) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `stat_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { stat_common(d, p, f, Out::Stat(s), |d, p| real::fstatat(d, p, s, f)) }
 }
 #[no_mangle]
@@ -153,7 +160,8 @@ pub unsafe extern "C" fn fstatat64(
     s: *mut libc::stat,
     f: c_int,
 ) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `fstatat` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { fstatat(d, p, s, f) }
 }
 #[no_mangle]
@@ -163,7 +171,8 @@ pub unsafe extern "C" fn newfstatat(
     s: *mut libc::stat,
     f: c_int,
 ) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `fstatat` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { fstatat(d, p, s, f) }
 }
 #[no_mangle]
@@ -174,38 +183,45 @@ pub unsafe extern "C" fn statx(
     m: c_uint,
     s: *mut libc::statx,
 ) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `stat_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { stat_common(d, p, f, Out::Statx(s), |d, p| real::statx(d, p, f, m, s)) }
 }
 // Pre-2.33 glibc entry points (old binaries): implemented on top of the modern ones.
 #[no_mangle]
 pub unsafe extern "C" fn __xstat(_v: c_int, p: *const c_char, s: *mut libc::stat) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `stat` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { stat(p, s) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn __xstat64(_v: c_int, p: *const c_char, s: *mut libc::stat) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `stat` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { stat(p, s) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn __lxstat(_v: c_int, p: *const c_char, s: *mut libc::stat) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `lstat` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { lstat(p, s) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn __lxstat64(_v: c_int, p: *const c_char, s: *mut libc::stat) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `lstat` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { lstat(p, s) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn __fxstat(_v: c_int, fd: c_int, s: *mut libc::stat) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `fstat` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { fstat(fd, s) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn __fxstat64(_v: c_int, fd: c_int, s: *mut libc::stat) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `fstat` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { fstat(fd, s) }
 }
 #[no_mangle]
@@ -216,7 +232,8 @@ pub unsafe extern "C" fn __fxstatat(
     s: *mut libc::stat,
     f: c_int,
 ) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `fstatat` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { fstatat(d, p, s, f) }
 }
 #[no_mangle]
@@ -227,7 +244,8 @@ pub unsafe extern "C" fn __fxstatat64(
     s: *mut libc::stat,
     f: c_int,
 ) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `fstatat` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { fstatat(d, p, s, f) }
 }
 
@@ -265,12 +283,14 @@ unsafe fn access_common(
 
 #[no_mangle]
 pub unsafe extern "C" fn access(p: *const c_char, m: c_int) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `access_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { access_common(libc::AT_FDCWD, p, m, 0, |d, p| real::faccessat(d, p, m, 0)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn euidaccess(p: *const c_char, m: c_int) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `access_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe {
         access_common(libc::AT_FDCWD, p, m, 0, |d, p| {
             real::faccessat(d, p, m, libc::AT_EACCESS)
@@ -279,28 +299,33 @@ pub unsafe extern "C" fn euidaccess(p: *const c_char, m: c_int) -> c_int {
 }
 #[no_mangle]
 pub unsafe extern "C" fn eaccess(p: *const c_char, m: c_int) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `euidaccess` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { euidaccess(p, m) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn faccessat(d: c_int, p: *const c_char, m: c_int, f: c_int) -> c_int {
-    // SAFETY: forwarding the program's arguments.
+    // SAFETY: `access_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { access_common(d, p, m, f, |d, p| real::faccessat(d, p, m, f)) }
 }
 
 unsafe fn readlink_common(d: c_int, p: *const c_char, buf: *mut c_char, n: size_t) -> ssize_t {
     let Some(g) = enter() else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments, unchanged, to glibc's own `readlinkat` (resolved
+        // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         return unsafe { real::readlinkat(d, p, buf, n) };
     };
     let sh = shield::get();
     match sh.route(d, p) {
         Route::Pass => {
             drop(g);
-            // SAFETY: forwarding.
+            // SAFETY: the caller's arguments, unchanged, to glibc's own `readlinkat` (resolved
+            // with RTLD_NEXT): the caller's contract for this call is that function's contract.
             unsafe { real::readlinkat(d, p, buf, n) }
         }
-        // SAFETY: forwarding with the translated path.
+        // SAFETY: glibc's own function with the caller's other arguments and a NUL-terminated
+        // kernel path (`k`) that lives until the call returns.
         Route::Kernel(k, _) => unsafe { real::readlinkat(libc::AT_FDCWD, k.as_ptr(), buf, n) },
         Route::Deny(e) => fail_isize(e),
         Route::Shield(ep) => {
@@ -324,7 +349,8 @@ unsafe fn readlink_common(d: c_int, p: *const c_char, buf: *mut c_char, n: size_
 
 #[no_mangle]
 pub unsafe extern "C" fn readlink(p: *const c_char, b: *mut c_char, n: size_t) -> ssize_t {
-    // SAFETY: forwarding.
+    // SAFETY: `readlink_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { readlink_common(libc::AT_FDCWD, p, b, n) }
 }
 #[no_mangle]
@@ -334,7 +360,8 @@ pub unsafe extern "C" fn readlinkat(
     b: *mut c_char,
     n: size_t,
 ) -> ssize_t {
-    // SAFETY: forwarding.
+    // SAFETY: `readlink_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { readlink_common(d, p, b, n) }
 }
 
@@ -343,7 +370,8 @@ pub unsafe extern "C" fn readlinkat(
 #[no_mangle]
 pub unsafe extern "C" fn realpath(p: *const c_char, r: *mut c_char) -> *mut c_char {
     let Some(g) = enter() else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments, unchanged, to glibc's own `realpath` (resolved
+        // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         return unsafe { real::realpath(p, r) };
     };
     if p.is_null() {
@@ -353,7 +381,8 @@ pub unsafe extern "C" fn realpath(p: *const c_char, r: *mut c_char) -> *mut c_ch
     let ep = match sh.route(libc::AT_FDCWD, p) {
         Route::Pass => {
             drop(g);
-            // SAFETY: forwarding.
+            // SAFETY: the caller's arguments, unchanged, to glibc's own `realpath` (resolved
+            // with RTLD_NEXT): the caller's contract for this call is that function's contract.
             return unsafe { real::realpath(p, r) };
         }
         Route::Deny(e) => return fail_ptr(e),
@@ -394,7 +423,8 @@ pub unsafe extern "C" fn realpath(p: *const c_char, r: *mut c_char) -> *mut c_ch
 }
 #[no_mangle]
 pub unsafe extern "C" fn canonicalize_file_name(p: *const c_char) -> *mut c_char {
-    // SAFETY: forwarding.
+    // SAFETY: `realpath` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { realpath(p, std::ptr::null_mut()) }
 }
 
@@ -432,7 +462,8 @@ pub unsafe extern "C" fn getxattr(
     v: *mut c_void,
     s: size_t,
 ) -> ssize_t {
-    // SAFETY: forwarding.
+    // SAFETY: `xattr_path` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { xattr_path(p, 0, libc::ENODATA, |p| real::getxattr(p, n, v, s)) }
 }
 #[no_mangle]
@@ -442,17 +473,20 @@ pub unsafe extern "C" fn lgetxattr(
     v: *mut c_void,
     s: size_t,
 ) -> ssize_t {
-    // SAFETY: forwarding.
+    // SAFETY: `xattr_path` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { xattr_path(p, 0, libc::ENODATA, |p| real::lgetxattr(p, n, v, s)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn listxattr(p: *const c_char, l: *mut c_char, s: size_t) -> ssize_t {
-    // SAFETY: forwarding.
+    // SAFETY: `xattr_path` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { xattr_path(p, 0, 0, |p| real::listxattr(p, l, s)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn llistxattr(p: *const c_char, l: *mut c_char, s: size_t) -> ssize_t {
-    // SAFETY: forwarding.
+    // SAFETY: `xattr_path` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { xattr_path(p, 0, 0, |p| real::llistxattr(p, l, s)) }
 }
 #[no_mangle]
@@ -467,7 +501,8 @@ pub unsafe extern "C" fn fgetxattr(
             return fail_isize(libc::ENODATA);
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `fgetxattr` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::fgetxattr(fd, n, v, s) }
 }
 #[no_mangle]
@@ -477,7 +512,8 @@ pub unsafe extern "C" fn flistxattr(fd: c_int, l: *mut c_char, s: size_t) -> ssi
             return 0;
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `flistxattr` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::flistxattr(fd, l, s) }
 }
 
@@ -543,7 +579,8 @@ pub unsafe extern "C" fn fchmod(fd: c_int, m: mode_t) -> c_int {
             };
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `fchmod` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::fchmod(fd, m) }
 }
 #[no_mangle]
@@ -555,7 +592,8 @@ pub unsafe extern "C" fn utimensat(
 ) -> c_int {
     if p.is_null() {
         // futimens form.
-        // SAFETY: forwarding.
+        // SAFETY: `futimens` has this function's contract and gets the caller's pointers
+        // unchanged (other arguments are constants or values we made valid).
         return unsafe { futimens(d, t) };
     }
     // SAFETY: the program's path and times.
@@ -622,7 +660,8 @@ pub unsafe extern "C" fn futimens(fd: c_int, t: *const libc::timespec) -> c_int 
             };
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `futimens` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::futimens(fd, t) }
 }
 
@@ -673,21 +712,25 @@ unsafe fn fs_common(p: *const c_char, real_call: impl Fn(*const c_char) -> c_int
 
 #[no_mangle]
 pub unsafe extern "C" fn statfs(p: *const c_char, b: *mut libc::statfs) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `fs_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { fs_common(p, |p| real::statfs(p, b)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn statfs64(p: *const c_char, b: *mut libc::statfs) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `fs_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { fs_common(p, |p| real::statfs64(p, b)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn statvfs(p: *const c_char, b: *mut libc::statvfs) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `fs_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { fs_common(p, |p| real::statvfs(p, b)) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn statvfs64(p: *const c_char, b: *mut libc::statvfs) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: `fs_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { fs_common(p, |p| real::statvfs64(p, b)) }
 }

@@ -88,7 +88,8 @@ macro_rules! mkstemp_hook {
                     return r.unwrap_or_else(fail);
                 }
             }
-            // SAFETY: forwarding.
+            // SAFETY: the caller's template and arguments, unchanged, to glibc's own function of
+            // this name (resolved with RTLD_NEXT), whose contract is this function's contract.
             unsafe { real::$name(t $(, $a)*) }
         }
     };
@@ -113,7 +114,8 @@ pub unsafe extern "C" fn mkdtemp(t: *mut c_char) -> *mut c_char {
             None => {}
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `mkdtemp` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
     unsafe { real::mkdtemp(t) }
 }
 
@@ -147,11 +149,13 @@ unsafe fn tmpfile_common(real_call: impl Fn() -> *mut FILE) -> *mut FILE {
 
 #[no_mangle]
 pub unsafe extern "C" fn tmpfile() -> *mut FILE {
-    // SAFETY: forwarding.
+    // SAFETY: `tmpfile_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { tmpfile_common(|| real::tmpfile()) }
 }
 #[no_mangle]
 pub unsafe extern "C" fn tmpfile64() -> *mut FILE {
-    // SAFETY: forwarding.
+    // SAFETY: `tmpfile_common` has this function's contract and gets the caller's pointers
+    // unchanged (other arguments are constants or values we made valid).
     unsafe { tmpfile_common(|| real::tmpfile64()) }
 }
