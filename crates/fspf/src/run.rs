@@ -104,7 +104,11 @@ pub fn exec_shielded(argv: &[String]) -> Result<i32> {
     })
 }
 
-/// Where the preload library is: `FSPF_PRELOAD`, next to this executable, or `../lib/fspf/`.
+/// The preload library built into this binary (feature `embed-preload`; empty without it).
+static EMBEDDED_PRELOAD: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libfspf_preload.so"));
+
+/// Where the preload library is: `FSPF_PRELOAD`, next to this executable, `../lib/fspf/`, or
+/// the copy embedded in this binary, written once to a private cache directory.
 fn find_preload() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("FSPF_PRELOAD").filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
@@ -124,11 +128,56 @@ fn find_preload() -> Result<PathBuf> {
             return Ok(c.clone());
         }
     }
+    if !EMBEDDED_PRELOAD.is_empty() {
+        return extract_embedded_preload();
+    }
     bail!(
         "libfspf_preload.so not found (looked in {} and {}); build it with `cargo build -p fspf-preload` or set FSPF_PRELOAD",
         candidates[0].display(),
         candidates[1].display()
     )
+}
+
+/// The embedded library as a file the dynamic loader can open by name in every process of the
+/// run (a memfd would have to survive `close_fds` in each of them): content-addressed, in a
+/// directory only this user can write (`$XDG_CACHE_HOME/fspf`, `~/.cache/fspf`, or
+/// `/tmp/fspf-UID`), checked against the embedded bytes on every use and rewritten when it
+/// differs.
+fn extract_embedded_preload() -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let hash = blake3::hash(EMBEDDED_PRELOAD).to_hex();
+    let uid = rustix::process::getuid().as_raw();
+    let dir = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(|c| PathBuf::from(c).join("fspf"))
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".cache/fspf"))
+        })
+        .unwrap_or_else(|| PathBuf::from(format!("/tmp/fspf-{uid}")));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let md = std::fs::symlink_metadata(&dir).with_context(|| format!("{}", dir.display()))?;
+    if !md.is_dir() || md.uid() != uid || md.permissions().mode() & 0o022 != 0 {
+        bail!(
+            "{} must be a directory owned by uid {uid} and writable only by it (it holds the preload library); fix it or set FSPF_PRELOAD",
+            dir.display()
+        );
+    }
+    let path = dir.join(format!("libfspf_preload-{}.so", &hash.as_str()[..32]));
+    if std::fs::read(&path).is_ok_and(|b| b == EMBEDDED_PRELOAD) {
+        return Ok(path);
+    }
+    let tmp = dir.join(format!(".libfspf_preload-{}.tmp", std::process::id()));
+    std::fs::write(&tmp, EMBEDDED_PRELOAD)
+        .and_then(|_| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o500)))
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("writing the embedded preload library to {}", path.display()))?;
+    Ok(path)
 }
 
 /// An inheritable memfd holding `content`, sealed against any change.

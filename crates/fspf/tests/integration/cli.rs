@@ -965,3 +965,63 @@ fn a_bad_key_file_is_named_in_the_error() {
     ]);
     assert_eq!(out, "Hello World\n");
 }
+
+/// `cargo install` (or copying the binary alone) used to give an `fspf run` that failed with
+/// "libfspf_preload.so not found": the library now travels inside the binary and is written to
+/// a private cache directory, checked against the embedded bytes on every use.
+#[test]
+fn fspf_binary_copied_alone_could_not_run_programs() {
+    let env = Env::new();
+    env.two_regions("/data", "--encrypted", "vol");
+    env.mkdir("vol");
+    let kt = env.encrypt(None);
+    env.write("key", &kt.key);
+    let bin = env.mkdir("bin").join("fspf");
+    fs::copy(FSPF, &bin).expect("copy the fspf binary");
+    let home = env.mkdir("home");
+    let run = |script: &str| {
+        std::process::Command::new(&bin)
+            .current_dir(env.root())
+            .env("HOME", &home)
+            .env_remove("XDG_CACHE_HOME")
+            .env_remove("FSPF_PRELOAD")
+            .env_remove("LD_PRELOAD")
+            .args([
+                "run",
+                "--fspf",
+                "fspf.pb",
+                "--key-file",
+                "key",
+                "--tag-file",
+                "tf",
+            ])
+            .args(["--mutable", "--", "sh", "-c", script])
+            .output()
+            .expect("spawn the copied fspf")
+    };
+    fs::write(env.path("tf"), &kt.tag).unwrap();
+    let o = run("echo sealed > /data/f && cat /data/f");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "sealed\n");
+    assert!(!fs::read(env.path("vol/f")).unwrap().starts_with(b"sealed"));
+    let cache = home.join(".cache/fspf");
+    assert_eq!(fs::metadata(&cache).unwrap().mode() & 0o777, 0o700);
+    let libs: Vec<_> = fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(libs.len(), 1, "{libs:?}");
+    // A cached copy that differs from the embedded library is replaced, never loaded.
+    let lib = &libs[0];
+    fs::set_permissions(lib, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(lib, b"not a library").unwrap();
+    let o = run("cat /data/f");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "sealed\n");
+    assert_ne!(fs::read(lib).unwrap(), b"not a library");
+    // A cache directory others can write is refused with a clear error.
+    fs::set_permissions(&cache, fs::Permissions::from_mode(0o777)).unwrap();
+    let o = run("true");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("writable only by it"), "{}", stderr(&o));
+}
