@@ -12,8 +12,10 @@ mod anchor;
 mod files;
 mod hooks;
 mod index_fd;
+mod opening;
 mod real;
 mod shield;
+mod umask;
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -136,6 +138,9 @@ extern "C" fn constructor(
         Ordering::Relaxed,
     );
     if shield::init() {
+        // Descriptors inherited from a shielded parent join this process's fd table before
+        // the program runs (the hooks layer, above the shield).
+        hooks::process::adopt_inherited();
         ACTIVE.store(true, Ordering::Release);
     }
 }

@@ -258,7 +258,7 @@ pub fn init() -> bool {
         },
         sync_each_file: false,
     };
-    crate::hooks::open::init_umask();
+    crate::umask::init();
     // Absolute now: the program may chdir before the shield reloads or commits.
     let fspf = std::path::absolute(PathBuf::from(&fspf)).unwrap_or_else(|_| PathBuf::from(fspf));
     let mutable = env_nonempty("SCONE_FSPF_MUTABLE").is_some_and(|v| v == "1");
@@ -426,11 +426,7 @@ pub fn init() -> bool {
         dirs_made: Mutex::new(std::collections::HashSet::new()),
         index_tag: Mutex::new(None),
     };
-    let ok = SHIELD.set(sh).is_ok();
-    if ok {
-        crate::hooks::process::adopt_inherited();
-    }
-    ok
+    SHIELD.set(sh).is_ok()
 }
 
 pub use fspf_core::view::link_target;

@@ -1,8 +1,8 @@
 //! Directory streams: listings of protected regions come from the fspf (plus this process's
 //! uncommitted changes), ephemeral ones from memory; unlisted kernel files are never shown.
 use super::fail_ptr;
-use super::open::{release, shield_open};
 use crate::files::{self, Body};
+use crate::opening::{release, shield_open};
 use crate::shield::{self, Route};
 use crate::{enter, real};
 use fspf_core::EmbedPath;

@@ -1,8 +1,8 @@
 //! fd-based hooks: read/write families, lseek, close/dup/fcntl, truncate, fsync, copies
 //! between fds (sendfile, copy_file_range, splice: emulated when a side is shielded) and mmap.
-use super::open::release;
 use super::{fail, fail_isize};
 use crate::files::{self, Body, Handle};
+use crate::opening::release;
 use crate::{enter, log, real, set_errno, shield};
 use libc::{c_int, c_uint, c_ulong, c_void, off_t, size_t, ssize_t};
 use std::sync::atomic::Ordering;

@@ -1,9 +1,9 @@
 //! Namespace changes (unlink, rename, mkdir, rmdir, truncate by path) and the current directory.
 //! In kernel regions each change is committed at once, then applied to the kernel side; in
 //! ephemeral regions it changes the in-memory tree.
-use super::open::{release, shield_open};
 use super::{fail, fail_ptr};
 use crate::files;
+use crate::opening::{release, shield_open};
 use crate::shield::{self, EphNode, Inner, NodeKind, Route, Shield};
 use crate::{enter, real};
 use fspf_core::format::metadata::{FileEntry, FileKind};
@@ -165,7 +165,7 @@ fn do_mkdir(sh: &Shield, ep: EmbedPath, mode: mode_t) -> Result<(), c_int> {
         _ => return Err(libc::ENOTDIR),
     }
     sh.check_writable(&inner, &ep)?;
-    let mode = mode & 0o7777 & !super::open::umask_now();
+    let mode = mode & 0o7777 & !crate::umask::now();
     if eph {
         inner.eph.insert(
             ep,

@@ -1,0 +1,400 @@
+//! The shielded open itself, below the hooks: what a path of a protected region opens to (a
+//! verified read-only body, a write buffer, a directory placeholder), registering it in the fd
+//! table, and releasing an fd table entry. The open, fopen, temp-file, directory, namespace and
+//! process hooks all call this layer; it calls no hook.
+use crate::files::{self, Body, Handle, OpenFile, WriteBuf};
+use crate::shield::{self, EphNode, Inner, NodeKind, Route, Shield};
+use crate::{log, real};
+use fspf_core::format::metadata::{FileKind, Protection, RegionKind};
+use fspf_core::volume::memory;
+use fspf_core::EmbedPath;
+use libc::{c_int, mode_t};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+/// The errno for a core error while opening or reading `ep`. Only data that failed
+/// verification marks the process (it then cannot exit 0); a machine error keeps its errno.
+fn map_core(ep: &EmbedPath, e: fspf_core::Error) -> c_int {
+    use fspf_core::Error as E;
+    let m = format!("{ep}: {e}");
+    log(&m);
+    if e.is_integrity() {
+        crate::integrity_failure(&m);
+        return libc::EIO;
+    }
+    match e {
+        E::NotListed { .. } => libc::ENOENT,
+        E::Io { source, .. } => match source.raw_os_error() {
+            Some(n) => n,
+            None if source.kind() == std::io::ErrorKind::PermissionDenied => libc::EACCES,
+            None => libc::EIO,
+        },
+        _ => libc::EIO,
+    }
+}
+
+/// Files opened through stdio up to this size are verified completely at open: a program
+/// reading through a FILE* may take a read error for end of file (Python parsing its script)
+/// and must not act on a verified prefix of a tampered file.
+const VERIFY_AT_OPEN_MAX: u64 = 4 << 20;
+
+/// Verified plaintext of the current version of `ep` (for opening it for writing).
+pub(crate) fn load_plain(inner: &Inner, ep: &EmbedPath) -> Result<Vec<u8>, c_int> {
+    let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
+    let region = vol.region_for(ep).ok_or(libc::ENOENT)?;
+    if region.kind == RegionKind::Ephemeral {
+        let Some(EphNode::File { sealed, .. }) = inner.eph.get(ep) else {
+            return Err(libc::ENOENT);
+        };
+        if region.protection == Protection::NotProtected {
+            return Ok((*sealed.data).clone());
+        }
+        let mut r = memory::open_in_memory(vol.options().threads, region, ep, sealed)
+            .map_err(|e| map_core(ep, e))?;
+        return read_all(ep, r.size(), |b, o| r.read_at(b, o));
+    }
+    let mut r = vol.open_file(ep).map_err(|e| map_core(ep, e))?;
+    read_all(ep, r.size(), |b, o| r.read_at(b, o))
+}
+
+fn read_all(
+    ep: &EmbedPath,
+    size: u64,
+    mut f: impl FnMut(&mut [u8], u64) -> fspf_core::Result<usize>,
+) -> Result<Vec<u8>, c_int> {
+    let mut v = vec![0u8; usize::try_from(size).map_err(|_| libc::EFBIG)?];
+    let mut done = 0;
+    while done < v.len() {
+        let n = f(&mut v[done..], done as u64).map_err(|e| map_core(ep, e))?;
+        if n == 0 {
+            return Err(libc::EIO);
+        }
+        done += n;
+    }
+    Ok(v)
+}
+
+/// A live buffer is authoritative while someone writes it or its version is not committed;
+/// a clean, committed one may be older than what another process of the run committed since.
+fn live_is_current(b: &Arc<Mutex<WriteBuf>>) -> bool {
+    let g = b.lock().unwrap_or_else(|e| e.into_inner());
+    g.writers > 0 || g.pending || g.touched.load(Ordering::Relaxed)
+}
+
+/// Fill a new buffer for `ep` with its current verified plaintext (streamed chunk by chunk).
+fn load_buffer(inner: &Inner, ep: &EmbedPath, b: &WriteBuf) -> Result<(), c_int> {
+    let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
+    let region = vol.region_for(ep).ok_or(libc::ENOENT)?;
+    if region.kind == RegionKind::Ephemeral || region.protection == Protection::NotProtected {
+        let data = load_plain(inner, ep)?;
+        return b.write_all_at(&data, 0);
+    }
+    let mut r = vol.open_file(ep).map_err(|e| map_core(ep, e))?;
+    let mut chunk = vec![0u8; r.chunk_len() as usize];
+    let mut off = 0u64;
+    while off < r.size() {
+        let n = r.read_at(&mut chunk, off).map_err(|e| map_core(ep, e))?;
+        if n == 0 {
+            return Err(libc::EIO);
+        }
+        b.write_all_at(&chunk[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Read-only body for `ep`; `verify` checks every chunk now (small files only).
+fn read_body(inner: &Inner, ep: &EmbedPath, verify: bool) -> Result<Body, c_int> {
+    if let Some(b) = inner.live.get(ep).filter(|b| live_is_current(b)) {
+        return Ok(Body::Buf(b.clone()));
+    }
+    let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
+    let region = vol.region_for(ep).ok_or(libc::ENOENT)?;
+    if region.kind == RegionKind::Ephemeral {
+        let Some(EphNode::File { sealed, .. }) = inner.eph.get(ep) else {
+            return Err(libc::ENOENT);
+        };
+        if region.protection == Protection::NotProtected {
+            return Ok(Body::Plain(sealed.data.clone()));
+        }
+        let mut r = memory::open_in_memory(vol.options().threads, region, ep, sealed)
+            .map_err(|e| map_core(ep, e))?;
+        if verify && r.size() <= VERIFY_AT_OPEN_MAX {
+            r.verify_all().map_err(|e| map_core(ep, e))?;
+        }
+        return Ok(Body::Mem(Box::new(r)));
+    }
+    let mut r = vol.open_file(ep).map_err(|e| map_core(ep, e))?;
+    if verify && r.size() <= VERIFY_AT_OPEN_MAX {
+        r.verify_all().map_err(|e| map_core(ep, e))?;
+    }
+    Ok(Body::Kernel(Box::new(r)))
+}
+
+/// A real fd standing in for a shielded file: an empty memfd (never holds protected bytes, so
+/// anything bypassing the hooks reads nothing rather than ciphertext or unverified data).
+pub fn placeholder(ep: &EmbedPath, cloexec: bool) -> Result<c_int, c_int> {
+    let mut name = b"fspf:".to_vec();
+    name.extend_from_slice(&ep.file_name()[..ep.file_name().len().min(200)]);
+    name.retain(|&c| c != 0);
+    name.push(0);
+    let flags = if cloexec { libc::MFD_CLOEXEC } else { 0 };
+    // SAFETY: `name` is NUL-terminated.
+    let fd = unsafe { libc::memfd_create(name.as_ptr().cast(), flags) };
+    if fd < 0 {
+        Err(crate::errno())
+    } else {
+        Ok(fd)
+    }
+}
+
+fn dir_placeholder(
+    kernel: Option<&fspf_core::volume::KernelPath>,
+    ep: &EmbedPath,
+    cloexec: bool,
+) -> Result<c_int, c_int> {
+    if let Some(k) = kernel {
+        use std::os::fd::IntoRawFd;
+        let fl = libc::O_RDONLY | libc::O_DIRECTORY;
+        // No symlink below the region's directory is followed (a swapped-in link to a victim
+        // directory must not become the program's directory fd).
+        if let Ok(fd) = fspf_core::volume::kernel_fs::open_beneath(k.base(), k.rel(), fl, 0) {
+            let fd = fd.into_raw_fd();
+            if !cloexec {
+                // SAFETY: clearing FD_CLOEXEC on the fd we just opened.
+                unsafe { real::fcntl(fd, libc::F_SETFD, 0) };
+            }
+            return Ok(fd);
+        }
+    }
+    placeholder(ep, cloexec)
+}
+
+/// Open `ep` in the shielded view; returns a real fd registered in the fd table.
+pub fn shield_open(sh: &Shield, ep: EmbedPath, flags: c_int, mode: mode_t) -> Result<c_int, c_int> {
+    shield_open_depth(sh, ep, flags, mode, 0, false)
+}
+
+/// As [`shield_open`], for a stdio stream (small files verified completely at open).
+pub fn shield_open_stdio(
+    sh: &Shield,
+    ep: EmbedPath,
+    flags: c_int,
+    mode: mode_t,
+) -> Result<c_int, c_int> {
+    shield_open_depth(sh, ep, flags, mode, 0, true)
+}
+
+fn shield_open_depth(
+    sh: &Shield,
+    ep: EmbedPath,
+    flags: c_int,
+    mode: mode_t,
+    depth: u32,
+    stdio: bool,
+) -> Result<c_int, c_int> {
+    if flags & libc::O_TMPFILE == libc::O_TMPFILE {
+        // Unnamed temporary files cannot be listed in the fspf; callers fall back to a name.
+        return Err(libc::EOPNOTSUPP);
+    }
+    let mut inner = sh.lock();
+    let acc = flags & libc::O_ACCMODE;
+    let wants_write = acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+    let cloexec = flags & libc::O_CLOEXEC != 0;
+    if !sh.is_ephemeral(&inner, &ep) {
+        sh.refresh(&mut inner)?;
+    }
+    let found = sh.lookup(&inner, &ep);
+    let (body, node_mode, kernel, write) = match found {
+        Ok(n) => {
+            if flags & libc::O_CREAT != 0 && flags & libc::O_EXCL != 0 {
+                return Err(libc::EEXIST);
+            }
+            match n.kind {
+                NodeKind::Dir => {
+                    if wants_write {
+                        return Err(libc::EISDIR);
+                    }
+                    let fd = dir_placeholder(n.kernel.as_ref(), &ep, cloexec)?;
+                    let f = OpenFile {
+                        path: ep,
+                        offset: 0,
+                        read: true,
+                        write: false,
+                        append: false,
+                        body: Body::Dir,
+                        mode: n.mode,
+                        kernel: n.kernel,
+                        touched: None,
+                    };
+                    files::insert(fd, Arc::new(Mutex::new(f)));
+                    return Ok(fd);
+                }
+                NodeKind::Symlink(t) => {
+                    if flags & libc::O_NOFOLLOW != 0 {
+                        return Err(libc::ELOOP);
+                    }
+                    if depth > crate::shield::MAX_SYMLINKS {
+                        return Err(libc::ELOOP);
+                    }
+                    let target = crate::shield::link_target(&ep, &t);
+                    let r = sh.route_bytes(&inner, libc::AT_FDCWD, &target);
+                    drop(inner);
+                    return match r {
+                        Route::Shield(ep2) => {
+                            shield_open_depth(sh, ep2, flags, mode, depth + 1, stdio)
+                        }
+                        Route::Kernel(c, _) => {
+                            // SAFETY: NUL-terminated path.
+                            let fd = unsafe { real::open(c.as_ptr(), flags, mode) };
+                            if fd < 0 {
+                                Err(crate::errno())
+                            } else {
+                                Ok(fd)
+                            }
+                        }
+                        Route::Pass => {
+                            let c = std::ffi::CString::new(target).map_err(|_| libc::EINVAL)?;
+                            // SAFETY: NUL-terminated path.
+                            let fd = unsafe { real::open(c.as_ptr(), flags, mode) };
+                            if fd < 0 {
+                                Err(crate::errno())
+                            } else {
+                                Ok(fd)
+                            }
+                        }
+                        Route::Deny(e) => Err(e),
+                    };
+                }
+                NodeKind::File => {}
+            }
+            if flags & libc::O_DIRECTORY != 0 {
+                return Err(libc::ENOTDIR);
+            }
+            if wants_write {
+                sh.check_writable(&inner, &ep)?;
+                let buf = match inner.live.get(&ep).filter(|b| live_is_current(b)) {
+                    Some(b) => b.clone(),
+                    None => {
+                        let b =
+                            WriteBuf::create(ep.clone(), n.mode, n.mtime.unwrap_or(sh.started))?;
+                        let mut b = b;
+                        if flags & libc::O_TRUNC == 0 {
+                            load_buffer(&inner, &ep, &b)?;
+                            // The version it starts from: appends to it can be rebased onto a
+                            // version another process of the run commits meanwhile.
+                            if let Some(FileKind::File { id, size, .. }) = inner
+                                .vol
+                                .as_ref()
+                                .and_then(|v| v.lookup(&ep))
+                                .map(|e| e.into_owned().kind)
+                            {
+                                b.base = Some((id, size));
+                                b.append_only.store(true, Ordering::Relaxed);
+                            }
+                        }
+                        let c = b.contents()?;
+                        b.mark_sealed(&c);
+                        let b = Arc::new(Mutex::new(b));
+                        files::register_own(&b);
+                        inner.live.insert(ep.clone(), b.clone());
+                        b
+                    }
+                };
+                {
+                    let mut g = buf.lock().unwrap_or_else(|e| e.into_inner());
+                    if flags & libc::O_TRUNC != 0 {
+                        g.set_len(0)?;
+                    }
+                    g.writers += 1;
+                }
+                (Body::Buf(buf), n.mode, n.kernel, true)
+            } else {
+                (read_body(&inner, &ep, stdio)?, n.mode, n.kernel, false)
+            }
+        }
+        Err(libc::ENOENT) if flags & libc::O_CREAT != 0 => {
+            let parent = ep.parent().ok_or(libc::EISDIR)?;
+            match sh.lookup(&inner, &parent) {
+                Ok(p) if matches!(p.kind, NodeKind::Dir) => {}
+                Ok(_) => return Err(libc::ENOTDIR),
+                Err(e) => return Err(e),
+            }
+            sh.check_writable(&inner, &ep)?;
+            let m = mode & 0o7777 & !crate::umask::now();
+            let mut b = WriteBuf::create(ep.clone(), m, crate::shield::now())?;
+            // A new file exists (empty) once it is closed, even if nothing was written.
+            b.touched.store(true, Ordering::Relaxed);
+            b.writers = 1;
+            let b = Arc::new(Mutex::new(b));
+            files::register_own(&b);
+            inner.live.insert(ep.clone(), b.clone());
+            (Body::Buf(b), m, None, true)
+        }
+        Err(e) => return Err(e),
+    };
+    drop(inner);
+    // Buffers: the program's fd is a description of the buffer's memfd. Everything else: an
+    // empty memfd placeholder.
+    let (fd, touched) = match &body {
+        Body::Buf(b) => {
+            let g = b.lock().unwrap_or_else(|e| e.into_inner());
+            let access = if write { acc } else { libc::O_RDONLY };
+            let fl = access | (flags & (libc::O_APPEND | libc::O_CLOEXEC));
+            (g.reopen(fl), Some(g.touched.clone()))
+        }
+        _ => (placeholder(&ep, cloexec), None),
+    };
+    let fd = match fd {
+        Ok(fd) => fd,
+        Err(e) => {
+            if let Body::Buf(b) = &body {
+                if write {
+                    b.lock().unwrap_or_else(|e| e.into_inner()).writers -= 1;
+                }
+            }
+            return Err(e);
+        }
+    };
+    let f = OpenFile {
+        path: ep,
+        offset: 0,
+        read: acc != libc::O_WRONLY,
+        write,
+        append: flags & libc::O_APPEND != 0,
+        body,
+        mode: node_mode,
+        kernel,
+        touched,
+    };
+    files::insert(fd, Arc::new(Mutex::new(f)));
+    Ok(fd)
+}
+
+/// Drop one fd's reference to its open file description; seal when the last writer goes.
+/// An error (the new version could not be sealed) is what `close` reports.
+pub fn release(h: Handle) -> Result<(), c_int> {
+    if Arc::strong_count(&h) != 1 {
+        return Ok(());
+    }
+    let buf = {
+        let f = h.lock().unwrap_or_else(|e| e.into_inner());
+        match (&f.body, f.write) {
+            (Body::Buf(b), true) => Some(b.clone()),
+            _ => None,
+        }
+    };
+    // Drop the description first: its reference to the buffer must not count as a holder.
+    drop(h);
+    if let Some(b) = buf {
+        let last = {
+            let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+            g.writers = g.writers.saturating_sub(1);
+            g.writers == 0
+        };
+        if last {
+            return shield::get().last_writer_closed(&b);
+        }
+    }
+    Ok(())
+}
