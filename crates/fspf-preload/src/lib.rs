@@ -9,12 +9,14 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod anchor;
+mod fdio;
 mod files;
 mod hooks;
 mod index_fd;
 mod opening;
 mod real;
 mod shield;
+mod stdio;
 mod umask;
 
 use std::cell::Cell;
@@ -274,3 +276,21 @@ pub unsafe extern "C" fn _Exit(status: libc::c_int) -> ! {
 #[link_section = ".init_array"]
 static INIT: extern "C" fn(libc::c_int, *mut *mut libc::c_char, *mut *mut libc::c_char) =
     constructor;
+
+/// Return -1 with `errno = e` (the failure value of an int-returning call).
+pub(crate) fn fail(e: libc::c_int) -> libc::c_int {
+    set_errno(e);
+    -1
+}
+
+/// Set errno to `e`; the failure value of a call returning `ssize_t`.
+pub(crate) fn fail_isize(e: libc::c_int) -> isize {
+    set_errno(e);
+    -1
+}
+
+/// Set errno to `e`; the failure value of a call returning a pointer.
+pub(crate) fn fail_ptr<T>(e: libc::c_int) -> *mut T {
+    set_errno(e);
+    std::ptr::null_mut()
+}

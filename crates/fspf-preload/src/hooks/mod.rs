@@ -10,8 +10,8 @@ pub mod process;
 pub mod stat;
 pub mod temp;
 
-use crate::set_errno;
 use crate::shield::{self, Route, Shield};
+pub(crate) use crate::{fail, fail_isize, fail_ptr};
 use fspf_core::EmbedPath;
 use libc::{c_char, c_int};
 
@@ -40,22 +40,6 @@ pub(crate) unsafe fn by_route(
         Route::Deny(e) => fail(e),
         Route::Shield(ep) => shielded(sh, ep),
     }
-}
-
-/// Return -1 with `errno = e`.
-pub(crate) fn fail(e: c_int) -> c_int {
-    set_errno(e);
-    -1
-}
-
-pub(crate) fn fail_isize(e: c_int) -> isize {
-    set_errno(e);
-    -1
-}
-
-pub(crate) fn fail_ptr<T>(e: c_int) -> *mut T {
-    set_errno(e);
-    std::ptr::null_mut()
 }
 
 /// Map an `Ok(int)`/`Err(errno)` to the C convention.

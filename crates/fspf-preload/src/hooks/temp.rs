@@ -1,11 +1,11 @@
 //! Temporary files: glibc's mkstemp family and tmpfile create files with internal calls, which
 //! would put plaintext into the kernel directory of a protected region (unlisted, so not even
 //! readable back). In shielded regions they are created through the shield.
-use super::open::cookie_file;
 use super::{fail, fail_ptr};
 use crate::files;
 use crate::opening::{release, shield_open};
 use crate::shield::{self, Route};
+use crate::stdio::cookie_file;
 use crate::{enter, real};
 use libc::{c_char, c_int, FILE};
 use std::ffi::CStr;
