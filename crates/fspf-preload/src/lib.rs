@@ -13,6 +13,7 @@ mod fdio;
 mod files;
 mod hooks;
 mod index_fd;
+mod namespace;
 mod opening;
 mod real;
 mod shield;

@@ -62,7 +62,7 @@ unsafe fn shield_mkstemp(
             return Some(Err(libc::EXDEV));
         };
         let r = if dir {
-            super::ns::do_mkdir_pub(sh, ep, 0o700).map(|()| 0)
+            crate::namespace::do_mkdir(sh, ep, 0o700).map(|()| 0)
         } else {
             shield_open(
                 sh,
@@ -136,7 +136,7 @@ unsafe fn tmpfile_common(real_call: impl Fn() -> *mut FILE) -> *mut FILE {
     // The buffer stays with the fd; the name goes away.
     let sh = shield::get();
     if let Route::Shield(ep) = sh.route(libc::AT_FDCWD, t.as_ptr().cast()) {
-        let _ = super::ns::do_unlink_pub(sh, ep);
+        let _ = crate::namespace::do_unlink(sh, ep, false);
     }
     // SAFETY: fd is our shielded fd; the stream owns it.
     let f = unsafe { cookie_file(fd, c"w+".as_ptr()) };
