@@ -9,6 +9,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod anchor;
+mod dirstream;
 mod fdio;
 mod files;
 mod hooks;

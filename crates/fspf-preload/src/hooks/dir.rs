@@ -1,30 +1,14 @@
 //! Directory streams: listings of protected regions come from the fspf (plus this process's
 //! uncommitted changes), ephemeral ones from memory; unlisted kernel files are never shown.
 use super::fail_ptr;
+use crate::dirstream::{streams, DirStream, N_STREAMS};
 use crate::files::{self, Body};
 use crate::opening::{release, shield_open};
 use crate::shield::{self, Route};
 use crate::{enter, real};
 use fspf_core::EmbedPath;
 use libc::{c_char, c_int, c_long};
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
-
-pub(crate) struct DirStream {
-    fd: c_int,
-    path: EmbedPath,
-    entries: Vec<(Vec<u8>, u8)>,
-    pos: usize,
-    ent: libc::dirent64,
-}
-
-static STREAMS: Mutex<BTreeMap<usize, Box<DirStream>>> = Mutex::new(BTreeMap::new());
-static N_STREAMS: AtomicUsize = AtomicUsize::new(0);
-
-pub(crate) fn streams() -> std::sync::MutexGuard<'static, BTreeMap<usize, Box<DirStream>>> {
-    STREAMS.lock().unwrap_or_else(|e| e.into_inner())
-}
+use std::sync::atomic::Ordering;
 
 fn is_ours(d: *mut libc::DIR) -> bool {
     N_STREAMS.load(Ordering::Relaxed) > 0 && streams().contains_key(&(d as usize))

@@ -1,7 +1,7 @@
 //! fd-based hooks: read/write families, lseek, close/dup/fcntl, truncate, fsync, copies
 //! between fds (sendfile, copy_file_range, splice: emulated when a side is shielded) and mmap.
 use super::{fail, fail_isize};
-use crate::fdio::{do_read, do_seek, do_write};
+use crate::fdio::{do_read, do_seek, do_write, materialise_placeholder};
 use crate::files::{self, Body, Handle};
 use crate::opening::release;
 use crate::{enter, log, real, set_errno, shield};
@@ -298,75 +298,6 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
         r |= unsafe { real::close_range(lo, last, flags) };
     }
     r
-}
-
-/// Fill the read-only placeholder behind `fd` with the verified plaintext of `f`, position it
-/// at `f`'s offset and switch `f` to kernel reads. Returns false (placeholder left empty) when
-/// the plaintext does not verify.
-///
-/// Verified readers fill it in 1 MiB blocks, the two halves of a large file on two threads at
-/// once (`ProtectedReader::for_each_verified`): filling the memfd's pages costs more than
-/// decrypting them (bench/RESULTS.md), and both parallelise. Each block is verified in a private
-/// buffer before it is written, so the memfd never holds an unverified byte.
-pub fn materialise_placeholder(fd: c_int, f: &mut crate::files::OpenFile) -> bool {
-    let size = f.size();
-    // SAFETY: emptying our placeholder before refilling it.
-    unsafe { real::ftruncate(fd, 0) };
-    let short = std::sync::atomic::AtomicBool::new(false);
-    let sink = |off: u64, b: &[u8]| {
-        // SAFETY: writing a verified block into our placeholder memfd.
-        let w = unsafe { real::pwrite(fd, b.as_ptr().cast(), b.len(), off as off_t) };
-        if w == b.len() as isize {
-            Ok(())
-        } else {
-            short.store(true, Ordering::Relaxed);
-            Err(std::io::Error::other("short write to the placeholder"))
-        }
-    };
-    let filled = match f.for_each_verified(FILL_BLOCK, sink) {
-        Some(Ok(())) => true,
-        Some(Err(e)) => {
-            if !short.load(Ordering::Relaxed) {
-                let m = e.to_string();
-                log(format!("read refused: {m}"));
-                crate::integrity_failure(&m);
-            }
-            false
-        }
-        None => fill_written(fd, f, size),
-    };
-    if !filled {
-        // SAFETY: never leave a prefix of a file that failed verification.
-        unsafe { real::ftruncate(fd, 0) };
-        return false;
-    }
-    // SAFETY: positioning our placeholder at the shared offset.
-    unsafe { real::lseek(fd, f.offset as i64, libc::SEEK_SET) };
-    f.touched = Some(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(
-        false,
-    )));
-    true
-}
-
-const FILL_BLOCK: usize = 1 << 20;
-
-fn fill_written(fd: c_int, f: &mut crate::files::OpenFile, size: u64) -> bool {
-    let mut off = 0u64;
-    let mut buf = vec![0u8; FILL_BLOCK];
-    while off < size {
-        match f.read_at(&mut buf, off) {
-            Ok(0) | Err(_) => return false,
-            Ok(k) => {
-                // SAFETY: writing our buffer into our placeholder memfd.
-                let w = unsafe { real::pwrite(fd, buf.as_ptr().cast(), k, off as i64) };
-                if w != k as isize {
-                    return false;
-                }
-                off += k as u64;
-            }
-        }
-    }
-    true
 }
 
 /// Track `new` as a duplicate of `old` after the kernel duplicated it. Err(errno) when `new`

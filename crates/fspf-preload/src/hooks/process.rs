@@ -53,7 +53,7 @@ fn materialise_inherited() -> Result<Option<CString>, c_int> {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        if f.touched.is_none() && !super::io::materialise_placeholder(fd, &mut f) {
+        if f.touched.is_none() && !crate::fdio::materialise_placeholder(fd, &mut f) {
             // An empty placeholder would read as an empty file (`wc -c < tampered` = 0 with
             // exit status 0): refuse the exec instead.
             return Err(libc::EIO);
@@ -217,7 +217,7 @@ pub unsafe extern "C" fn fork() -> pid_t {
     // Hold the shield's locks across fork so the child never inherits them mid-update.
     let inner = sh.lock();
     let tables = files::fork_guards();
-    let streams = super::dir::streams();
+    let streams = crate::dirstream::streams();
     // SAFETY: plain fork.
     let pid = unsafe { real::fork() };
     drop(streams);
