@@ -1,7 +1,7 @@
 //! Open shielded files: the fd table (fd → shared open-file description), verified readers,
 //! write buffers, and the stat structures the shield synthesises.
-use crate::shield::{Node, NodeKind};
 use crate::{log, real};
+use fspf_core::view::{Node, NodeKind};
 use fspf_core::volume::memory::MemReader;
 use fspf_core::volume::KernelReader;
 use fspf_core::EmbedPath;
@@ -635,8 +635,8 @@ pub fn ino_of(ep: &EmbedPath) -> u64 {
 /// Device number reported for shielded files.
 pub const SHIELD_DEV: u64 = 0xf5f0;
 
-/// Fill a `struct stat` for `node` at `ep`.
-pub fn fill_stat(ep: &EmbedPath, node: &Node, st: &mut libc::stat) {
+/// Fill a `struct stat` for `node` at `ep`; times nothing records are `started` (ns).
+pub fn fill_stat(ep: &EmbedPath, node: &Node, started: i64, st: &mut libc::stat) {
     // SAFETY: libc::stat is plain old data; all-zero is a valid value.
     *st = unsafe { std::mem::zeroed() };
     let mut times = None;
@@ -660,7 +660,7 @@ pub fn fill_stat(ep: &EmbedPath, node: &Node, st: &mut libc::stat) {
     }
     // Times the fspf (or a buffer) records are nanoseconds; the kernel object's are the fallback.
     let ns = |t: i64| (t.div_euclid(1_000_000_000), t.rem_euclid(1_000_000_000));
-    let (ks, ksn) = ns(crate::shield::get().started);
+    let (ks, ksn) = ns(started);
     let (a, m, c) = times.unwrap_or(((ks, ksn), (ks, ksn), (ks, ksn)));
     let m = node.mtime.map(ns).unwrap_or(m);
     st.st_atime = a.0;
@@ -684,10 +684,10 @@ pub fn fill_stat(ep: &EmbedPath, node: &Node, st: &mut libc::stat) {
     st.st_blocks = node.size.div_ceil(512) as i64;
 }
 
-pub fn fill_statx(ep: &EmbedPath, node: &Node, sx: &mut libc::statx) {
+pub fn fill_statx(ep: &EmbedPath, node: &Node, started: i64, sx: &mut libc::statx) {
     // SAFETY: libc::stat is plain old data; all-zero is a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    fill_stat(ep, node, &mut st);
+    fill_stat(ep, node, started, &mut st);
     // SAFETY: libc::statx is plain old data; all-zero is a valid value.
     *sx = unsafe { std::mem::zeroed() };
     sx.stx_mask = libc::STATX_BASIC_STATS;

@@ -12,11 +12,12 @@ enum Out {
 }
 
 fn put(ep: &EmbedPath, node: &Node, out: &Out) -> c_int {
+    let started = shield::get().started;
     match *out {
         // SAFETY: the program passed a valid stat buffer.
-        Out::Stat(p) => fill_stat(ep, node, unsafe { &mut *p }),
+        Out::Stat(p) => fill_stat(ep, node, started, unsafe { &mut *p }),
         // SAFETY: the program passed a valid statx buffer.
-        Out::Statx(p) => fill_statx(ep, node, unsafe { &mut *p }),
+        Out::Statx(p) => fill_statx(ep, node, started, unsafe { &mut *p }),
     }
     0
 }
