@@ -961,14 +961,7 @@ fn fspf_log_names_the_reason_and_writable_shared_mmap_writes_the_file() {
 fn sqlite_wal_mode_works_in_a_mutable_encrypted_region() {
     need("sqlite3");
     let mut w = data_world();
-    let o = w.run_tagged(
-        &[],
-        &[
-            "sh",
-            "-c",
-            "sqlite3 /data/w.db 'PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES(1),(2);' && sqlite3 /data/w.db 'INSERT INTO t VALUES(3); SELECT count(*) FROM t; PRAGMA integrity_check;'",
-        ],
-    );
+    let o = w.sh_tagged("sh", "sqlite3 /data/w.db 'PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES(1),(2);' && sqlite3 /data/w.db 'INSERT INTO t VALUES(3); SELECT count(*) FROM t; PRAGMA integrity_check;'");
     ok(&o, "WAL");
     assert_eq!(stdout(&o), "wal\n3\nok\n");
     let o = w.run_tagged(
@@ -1444,6 +1437,11 @@ fn python_bin() -> String {
 impl World {
     /// `fspf run --mutable --tag-file TAGFILE` with extra environment; the world's tag is then
     /// read from the tag file (the trusted channel), not from disk.
+    /// [`World::run_tagged`] of `shell -c script`, no extra environment.
+    fn sh_tagged(&mut self, shell: &str, script: &str) -> Output {
+        self.run_tagged(&[], &[shell, "-c", script])
+    }
+
     fn run_tagged(&mut self, env: &[(&str, &str)], argv: &[&str]) -> Output {
         let tf = self.path("run.tag");
         let mut c = Command::new(fspf_bin());
@@ -1529,14 +1527,7 @@ fn tampered_input_piped_through_tr_into_a_protected_file_fails_the_run() {
 fn write_only_stdout_inherited_by_an_exec_is_committed() {
     need("bash");
     let mut w = data_world();
-    let o = w.run_tagged(
-        &[],
-        &[
-            "bash",
-            "-c",
-            "cat /data/hello.txt > /data/x; /bin/echo appended >> /data/x; printf 'a\\nb\\n' | cat > /data/y",
-        ],
-    );
+    let o = w.sh_tagged("bash", "cat /data/hello.txt > /data/x; /bin/echo appended >> /data/x; printf 'a\\nb\\n' | cat > /data/y");
     ok(&o, "bash redirections into execs");
     let o = w.run(&["cat", "/data/x", "/data/y"]);
     ok(&o, "read back");
@@ -1821,13 +1812,9 @@ fn xattr_chown_mkfifo_mknod_and_bind_do_not_reach_the_kernel_directory() {
 fn cd_into_a_directory_a_child_just_created_works_under_dash() {
     need("dash");
     let mut w = data_world();
-    let o = w.run_tagged(
-        &[],
-        &[
-            "dash",
-            "-c",
-            "mkdir /data/src && cd /data/src && echo 'int main;' > main.c && pwd",
-        ],
+    let o = w.sh_tagged(
+        "dash",
+        "mkdir /data/src && cd /data/src && echo 'int main;' > main.c && pwd",
     );
     ok(&o, "mkdir && cd");
     assert_eq!(stdout(&o), "/data/src\n");
@@ -1925,14 +1912,7 @@ fn rm_r_of_a_directory_holding_leftovers_frees_the_name_for_a_file() {
         b"leftover",
     );
     w.write("vol/T/junk", b"unlisted");
-    let o = w.run_tagged(
-        &[],
-        &[
-            "sh",
-            "-c",
-            "rm -rf /data/T && echo data > /data/T && cat /data/T",
-        ],
-    );
+    let o = w.sh_tagged("sh", "rm -rf /data/T && echo data > /data/T && cat /data/T");
     ok(&o, "rm -rf, then a file at the same name");
     assert_eq!(stdout(&o), "data\n");
     let o = w.run(&["cat", "/data/T"]);
@@ -1943,13 +1923,9 @@ fn rm_r_of_a_directory_holding_leftovers_frees_the_name_for_a_file() {
 #[test]
 fn a_symlinked_region_directory_never_lets_the_shield_write_or_delete_outside_the_region() {
     let mut w = data_world();
-    let o = w.run_tagged(
-        &[],
-        &[
-            "sh",
-            "-c",
-            "mkdir /data/sub && echo one > /data/sub/a && echo two > /data/sub/b",
-        ],
+    let o = w.sh_tagged(
+        "sh",
+        "mkdir /data/sub && echo one > /data/sub/a && echo two > /data/sub/b",
     );
     ok(&o, "make /data/sub");
     // The attacker swaps the kernel directory for a link to a victim directory holding a copy.
@@ -2133,13 +2109,9 @@ fn touch_and_utimensat_are_recorded_with_nanoseconds_and_make_rebuilds() {
     ok(&o, "first make");
     assert_eq!(stdout(&o), "one\n");
     // Up to date in the next run; after touch (in the same second) make rebuilds.
-    let o = w.run_tagged(
-        &[],
-        &[
-            "sh",
-            "-c",
-            "cd /data/p && make -q; echo up-to-date=$?; echo two > in; touch in; make -s && cat out",
-        ],
+    let o = w.sh_tagged(
+        "sh",
+        "cd /data/p && make -q; echo up-to-date=$?; echo two > in; touch in; make -s && cat out",
     );
     ok(&o, "touch then make");
     assert_eq!(stdout(&o), "up-to-date=0\ntwo\n");
