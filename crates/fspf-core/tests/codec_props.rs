@@ -6,17 +6,8 @@ use proptest::prelude::*;
 
 type Reader = ProtectedReader<Vec<u8>, Vec<u8>>;
 
-fn content(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+mod common;
+use common::content;
 
 struct Sealed {
     key: RegionKey,

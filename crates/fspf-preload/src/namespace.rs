@@ -80,21 +80,27 @@ pub(crate) fn do_unlink(sh: &Shield, ep: EmbedPath, dir: bool) -> Result<(), c_i
     Ok(())
 }
 
+/// A new name at `ep` may be created: nothing is there, its parent is a directory, and the
+/// region takes writes.
+fn check_new_name(sh: &Shield, inner: &Inner, ep: &EmbedPath) -> Result<(), c_int> {
+    if sh.lookup(inner, ep).is_ok() {
+        return Err(libc::EEXIST);
+    }
+    let parent = ep.parent().ok_or(libc::EEXIST)?;
+    match sh.lookup(inner, &parent)?.kind {
+        NodeKind::Dir => {}
+        _ => return Err(libc::ENOTDIR),
+    }
+    sh.check_writable(inner, ep)
+}
+
 pub(crate) fn do_mkdir(sh: &Shield, ep: EmbedPath, mode: mode_t) -> Result<(), c_int> {
     let mut inner = sh.lock();
     let eph = sh.is_ephemeral(&inner, &ep);
     if !eph {
         sh.refresh(&mut inner)?;
     }
-    if sh.lookup(&inner, &ep).is_ok() {
-        return Err(libc::EEXIST);
-    }
-    let parent = ep.parent().ok_or(libc::EEXIST)?;
-    match sh.lookup(&inner, &parent)?.kind {
-        NodeKind::Dir => {}
-        _ => return Err(libc::ENOTDIR),
-    }
-    sh.check_writable(&inner, &ep)?;
+    check_new_name(sh, &inner, &ep)?;
     let mode = mode & 0o7777 & !crate::umask::now();
     if eph {
         inner.eph.insert(
@@ -276,15 +282,7 @@ pub(crate) fn do_symlink(sh: &Shield, target: &[u8], ep: EmbedPath) -> Result<()
         return Err(libc::EPERM);
     }
     sh.refresh(&mut inner)?;
-    if sh.lookup(&inner, &ep).is_ok() {
-        return Err(libc::EEXIST);
-    }
-    let parent = ep.parent().ok_or(libc::EEXIST)?;
-    match sh.lookup(&inner, &parent)?.kind {
-        NodeKind::Dir => {}
-        _ => return Err(libc::ENOTDIR),
-    }
-    sh.check_writable(&inner, &ep)?;
+    check_new_name(sh, &inner, &ep)?;
     let entry = FileEntry {
         kind: FileKind::Symlink(target.to_vec()),
         mode: 0o777,

@@ -664,7 +664,7 @@ impl Shield {
         if anchor.current == vol.tag() && anchor.pending.is_none() {
             return Ok(());
         }
-        let reopen = |t: Tag| Volume::open(&self.fspf, self.key.clone(), Some(t));
+        let reopen = |t: Tag| Volume::open_with(&self.fspf, self.key.clone(), Some(t), self.opts);
         let v = match reopen(anchor.current) {
             Ok(v) if anchor.pending.is_none() => v,
             _ => {
@@ -679,8 +679,6 @@ impl Shield {
                 })?
             }
         };
-        let mut v = v;
-        v.set_options(self.opts);
         inner.vol = Some(v);
         Ok(())
     }
@@ -1331,8 +1329,9 @@ impl Shield {
         let mut merged = BTreeMap::new();
         if !appends.is_empty() {
             if vol.tag() != trusted {
-                if let Ok(mut v) = Volume::open(&self.fspf, self.key.clone(), Some(trusted)) {
-                    v.set_options(self.opts);
+                let opened =
+                    Volume::open_with(&self.fspf, self.key.clone(), Some(trusted), self.opts);
+                if let Ok(v) = opened {
                     *vol = v;
                 }
             }

@@ -106,6 +106,8 @@ pub fn exec_shielded(argv: &[String]) -> Result<i32> {
 
 /// The preload library built into this binary (feature `embed-preload`; empty without it).
 static EMBEDDED_PRELOAD: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libfspf_preload.so"));
+/// A name for this build's library (computed by build.rs from its bytes).
+const EMBEDDED_PRELOAD_ID: &str = include_str!(concat!(env!("OUT_DIR"), "/libfspf_preload.id"));
 
 /// Where the preload library is: `FSPF_PRELOAD`, next to this executable, `../lib/fspf/`, or
 /// the copy embedded in this binary, written once to a private cache directory.
@@ -145,7 +147,6 @@ fn find_preload() -> Result<PathBuf> {
 /// differs.
 fn extract_embedded_preload() -> Result<PathBuf> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    let hash = blake3::hash(EMBEDDED_PRELOAD).to_hex();
     let uid = rustix::process::getuid().as_raw();
     let dir = std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())
@@ -168,7 +169,7 @@ fn extract_embedded_preload() -> Result<PathBuf> {
             dir.display()
         );
     }
-    let path = dir.join(format!("libfspf_preload-{}.so", &hash.as_str()[..32]));
+    let path = dir.join(format!("libfspf_preload-{EMBEDDED_PRELOAD_ID}.so"));
     if std::fs::read(&path).is_ok_and(|b| b == EMBEDDED_PRELOAD) {
         return Ok(path);
     }

@@ -3,48 +3,16 @@
 //! dir. A missing tool fails the test (CI installs them), it never skips.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 
 fn fspf_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fspf"))
 }
 
-/// `libfspf_preload.so` beside the fspf binary, (re)built once per test run.
-fn preload() -> &'static Path {
-    static SO: OnceLock<PathBuf> = OnceLock::new();
-    SO.get_or_init(|| {
-        let exe = fspf_bin();
-        let dir = exe.parent().expect("bin dir").to_path_buf();
-        let target = dir.parent().expect("target dir").to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut c = Command::new(cargo);
-        c.args(["build", "-q", "-p", "fspf-preload", "--target-dir"])
-            .arg(&target)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if dir.file_name().is_some_and(|n| n == "release") {
-            c.arg("--release");
-        }
-        let st = c.status().expect("running cargo build -p fspf-preload");
-        assert!(st.success(), "cargo build -p fspf-preload failed");
-        let so = dir.join("libfspf_preload.so");
-        assert!(so.is_file(), "{} missing after build", so.display());
-        so
-    })
-}
-
-/// Fail (not skip) when a tool the suite needs is not installed.
-fn need(tool: &str) -> PathBuf {
-    let out = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .expect("sh");
-    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(
-        out.status.success() && !p.is_empty(),
-        "required tool `{tool}` is not installed (apt-get install -y sqlite3 python3 gcc; .ci/run does this)"
-    );
-    PathBuf::from(p)
-}
+// The preload library, the tool check and the real interpreter are shared with the integration
+// suite (`tests/integration/shielded.rs`).
+#[path = "integration/shielded.rs"]
+mod shielded;
+use shielded::{need, preload, real_python};
 
 fn ok(o: &Output, what: &str) {
     assert!(
@@ -1425,23 +1393,17 @@ const PY_ERRNO: &str = "import os, errno\n\
 
 /// The real interpreter behind `python3` (this machine's `python3` may be a launcher script).
 fn python_bin() -> String {
-    need("python3");
-    let o = Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .expect("python3");
-    ok(&o, "python3 sys.executable");
-    stdout(&o).trim().to_string()
+    real_python().to_string_lossy().into_owned()
 }
 
 impl World {
-    /// `fspf run --mutable --tag-file TAGFILE` with extra environment; the world's tag is then
-    /// read from the tag file (the trusted channel), not from disk.
     /// [`World::run_tagged`] of `shell -c script`, no extra environment.
     fn sh_tagged(&mut self, shell: &str, script: &str) -> Output {
         self.run_tagged(&[], &[shell, "-c", script])
     }
 
+    /// `fspf run --mutable --tag-file TAGFILE` with extra environment; the world's tag is then
+    /// read from the tag file (the trusted channel), not from disk.
     fn run_tagged(&mut self, env: &[(&str, &str)], argv: &[&str]) -> Output {
         let tf = self.path("run.tag");
         let mut c = Command::new(fspf_bin());

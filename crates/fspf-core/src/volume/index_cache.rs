@@ -135,7 +135,7 @@ mod tests {
         assert!(cache_path(&p).exists());
         let b = Volume::open_cached(&p, k.clone(), t1).unwrap();
         assert!(b.is_indexed());
-        assert_eq!(b.regions_len(), 1);
+        assert_eq!(b.regions().len(), 1);
         // Another tag, another key, or a flipped byte: not used.
         let other = Volume::open(&p, Some(k.clone()), Some(t1)).unwrap();
         assert!(read(&p, &k, Tag([9; 16])).is_none());

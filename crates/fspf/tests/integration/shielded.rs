@@ -4,7 +4,8 @@
 //! A missing tool fails the test; it never skips.
 #![allow(dead_code)]
 
-use crate::harness::FSPF;
+/// The `fspf` binary under test (this module is also included by `tests/shield.rs`).
+const FSPF: &str = env!("CARGO_BIN_EXE_fspf");
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
