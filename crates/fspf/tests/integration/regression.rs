@@ -836,14 +836,25 @@ fn crashed_writers_left_shadows_and_temporaries_forever() {
     );
 
     // A writer of this fspf is active (holds the writers lock): its possible shadows are kept.
-    let writers = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(env.path("fspf.pb.writers.lock"))
-        .unwrap();
-    writers.lock_shared().unwrap();
+    // The lock is held by a child process, not by this test process: a descriptor opened here
+    // is copied into every child a concurrent test forks, which holds the lock until it execs,
+    // so a release by `drop` here could be seen late (that made this test flaky in CI).
+    let mut writers = std::process::Command::new("flock")
+        .arg("-s")
+        .arg(env.path("fspf.pb.writers.lock"))
+        .args(["sh", "-c", "echo locked; exec cat >/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("flock(1) from util-linux is needed by this test");
+    {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(writers.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "locked\n", "flock did not take the lock");
+    }
     // A crash after the commit point: the committed version still under its shadow name.
     let v = fspf_core::Volume::open(
         &env.fspf_path(),
@@ -866,7 +877,8 @@ fn crashed_writers_left_shadows_and_temporaries_forever() {
     assert!(stdout(&o).contains("kept 4"), "{}", stdout(&o));
     assert!(!env.path(&junk[3]).exists());
     assert!(env.path(&junk[0]).exists());
-    drop(writers);
+    drop(writers.stdin.take());
+    assert!(writers.wait().unwrap().success());
 
     let o = env.run(&a);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
