@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod error;
 pub mod format;
 pub mod policy;
+pub mod session;
 pub mod view;
 pub mod volume;
 

@@ -22,6 +22,35 @@ pub enum ViewError {
     NotDir,
     /// Too many symlinks (`ELOOP`).
     Loop,
+    /// Something is already there (`EEXIST`).
+    Exists,
+    /// A directory where a file is needed (`EISDIR`).
+    IsDir,
+    /// The directory is not empty (`ENOTEMPTY`).
+    NotEmpty,
+    /// A region's embed point cannot be removed or moved (`EBUSY`).
+    Busy,
+    /// The region takes no writes: a kernel region of an immutable session (`EROFS`).
+    ReadOnly,
+    /// A rename across regions (`EXDEV`).
+    CrossDevice,
+    /// An invalid request: unknown flags, a directory moved below itself (`EINVAL`).
+    Invalid,
+    /// Not possible in this kind of region, e.g. a symlink in an ephemeral one (`EPERM`).
+    NotPermitted,
+    /// Not supported on this node, e.g. the mode of a symlink (`EOPNOTSUPP`).
+    NotSupported,
+    /// The volume cannot be trusted: not opened, or the fspf on disk is not the one the run's
+    /// anchor names (`EACCES`: fail closed).
+    Untrusted,
+    /// Data failed verification, or plain I/O failed (`EIO`).
+    Io,
+    /// The disk is full (`ENOSPC`).
+    NoSpace,
+    /// A quota is exhausted (`EDQUOT`).
+    Quota,
+    /// Too large for the file system (`EFBIG`).
+    TooBig,
 }
 
 /// Symlinks followed while resolving one path before [`ViewError::Loop`] (Linux: 40).
@@ -248,7 +277,10 @@ impl View<'_> {
                 || self.pending.new_dirs.keys().any(|d| d.starts_with(ep))
                 || !self.frontend.open_below(ep).is_empty() =>
             {
-                Ok(Node::dir(0o755, kernel, None))
+                // An implied directory (only paths below it are listed); a mode or time set on
+                // it is queued as its entry and shows at once.
+                let mode = self.pending.modes.get(ep).copied().unwrap_or(0o755);
+                Ok(Node::dir(mode, kernel, self.pending.times.get(ep).copied()))
             }
             None => Err(ViewError::NotFound),
         }

@@ -18,44 +18,8 @@ use libc::c_int;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
 
-/// What the anchor holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AnchorState {
-    pub current: Tag,
-    /// Announced by a committer that has not (yet) confirmed its commit.
-    pub pending: Option<Tag>,
-}
-
-impl AnchorState {
-    /// Parse the memfd's bytes (16 or 32).
-    pub fn parse(b: &[u8]) -> Option<AnchorState> {
-        let tag = |s: &[u8]| {
-            let mut t = [0u8; 16];
-            t.copy_from_slice(s);
-            Tag(t)
-        };
-        match b.len() {
-            16 => Some(AnchorState {
-                current: tag(b),
-                pending: None,
-            }),
-            32 => Some(AnchorState {
-                current: tag(&b[..16]),
-                pending: Some(tag(&b[16..])),
-            }),
-            _ => None,
-        }
-    }
-
-    /// The trusted tag among the two that equals `disk`, if any.
-    pub fn accepts(&self, disk: Tag) -> Option<Tag> {
-        if disk == self.current || self.pending == Some(disk) {
-            Some(disk)
-        } else {
-            None
-        }
-    }
-}
+pub use fspf_core::session::AnchorState;
+use fspf_core::view::ViewError;
 
 pub struct Anchor {
     /// -1 when the shield failed to load. Atomic: it moves when the program dup2()s onto it.
@@ -181,25 +145,33 @@ impl Anchor {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The session's view of the anchor: errors become [`ViewError::Untrusted`] (fail closed) or
+/// [`ViewError::Io`].
+impl fspf_core::session::Anchor for Anchor {
+    type Lock = AnchorLock;
+    fn read(&self) -> Option<AnchorState> {
+        Anchor::read(self)
+    }
+    fn lock(&self) -> Result<AnchorLock, ViewError> {
+        Anchor::lock(self).map_err(|_| ViewError::Untrusted)
+    }
+    fn announce(&self, current: Tag, next: Tag) -> Result<(), ViewError> {
+        Anchor::announce(self, current, next).map_err(|_| ViewError::Io)
+    }
+    fn publish(&self, t: Tag) -> Result<(), ViewError> {
+        Anchor::publish(self, t).map_err(|_| ViewError::Io)
+    }
+    fn after_commit_point(&self) {
+        crash_point_for_tests();
+    }
+}
 
-    #[test]
-    fn anchor_state_parses_one_or_two_tags_and_accepts_only_those() {
-        let a = Tag([1; 16]);
-        let b = Tag([2; 16]);
-        let one = AnchorState::parse(&a.0).unwrap();
-        assert_eq!(one.pending, None);
-        assert_eq!(one.accepts(a), Some(a));
-        assert_eq!(one.accepts(b), None);
-        let mut both = a.0.to_vec();
-        both.extend_from_slice(&b.0);
-        let two = AnchorState::parse(&both).unwrap();
-        assert_eq!(two.accepts(b), Some(b));
-        assert_eq!(two.accepts(a), Some(a));
-        assert_eq!(two.accepts(Tag([3; 16])), None);
-        assert_eq!(AnchorState::parse(&[0; 17]), None);
-        assert_eq!(AnchorState::parse(&[]), None);
+/// Fault injection for the crash tests: `FSPF_TEST_CRASH=after-commit-point` kills this
+/// process with SIGKILL right after the new fspf replaced the old one and before the anchor
+/// and tag file name it, the window in which a crash used to leave the run's tag stale.
+fn crash_point_for_tests() {
+    if std::env::var_os("FSPF_TEST_CRASH").is_some_and(|v| v == "after-commit-point") {
+        // SAFETY: kill(2) on this process's own pid with SIGKILL; no memory is touched.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }
 }

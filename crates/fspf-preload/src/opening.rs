@@ -3,10 +3,10 @@
 //! table, and releasing an fd table entry. The open, fopen, temp-file, directory, namespace and
 //! process hooks all call this layer; it calls no hook.
 use crate::files::{self, Body, Handle, OpenFile, WriteBuf};
-use crate::shield::{self, EphNode, Inner, NodeKind, Route, Shield};
+use crate::shield::{self, errno_of, Inner, NodeKind, Route, Shield};
 use crate::{log, real};
 use fspf_core::format::metadata::{FileKind, Protection, RegionKind};
-use fspf_core::volume::memory;
+use fspf_core::session::EphemeralContent;
 use fspf_core::EmbedPath;
 use libc::{c_int, mode_t};
 use std::sync::atomic::Ordering;
@@ -40,18 +40,13 @@ const VERIFY_AT_OPEN_MAX: u64 = 4 << 20;
 
 /// Verified plaintext of the current version of `ep` (for opening it for writing).
 pub(crate) fn load_plain(inner: &Inner, ep: &EmbedPath) -> Result<Vec<u8>, c_int> {
-    let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
+    let vol = inner.s.vol().ok_or(libc::EACCES)?;
     let region = vol.region_for(ep).ok_or(libc::ENOENT)?;
     if region.kind == RegionKind::Ephemeral {
-        let Some(EphNode::File { sealed, .. }) = inner.eph.get(ep) else {
-            return Err(libc::ENOENT);
+        return match inner.s.open_ephemeral(ep).map_err(errno_of)? {
+            EphemeralContent::Plain(d) => Ok((*d).clone()),
+            EphemeralContent::Sealed(mut r) => read_all(ep, r.size(), |b, o| r.read_at(b, o)),
         };
-        if region.protection == Protection::NotProtected {
-            return Ok((*sealed.data).clone());
-        }
-        let mut r = memory::open_in_memory(vol.options().threads, region, ep, sealed)
-            .map_err(|e| map_core(ep, e))?;
-        return read_all(ep, r.size(), |b, o| r.read_at(b, o));
     }
     let mut r = vol.open_file(ep).map_err(|e| map_core(ep, e))?;
     read_all(ep, r.size(), |b, o| r.read_at(b, o))
@@ -83,7 +78,7 @@ fn live_is_current(b: &Arc<Mutex<WriteBuf>>) -> bool {
 
 /// Fill a new buffer for `ep` with its current verified plaintext (streamed chunk by chunk).
 fn load_buffer(inner: &Inner, ep: &EmbedPath, b: &WriteBuf) -> Result<(), c_int> {
-    let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
+    let vol = inner.s.vol().ok_or(libc::EACCES)?;
     let region = vol.region_for(ep).ok_or(libc::ENOENT)?;
     if region.kind == RegionKind::Ephemeral || region.protection == Protection::NotProtected {
         let data = load_plain(inner, ep)?;
@@ -108,21 +103,17 @@ fn read_body(inner: &Inner, ep: &EmbedPath, verify: bool) -> Result<Body, c_int>
     if let Some(b) = inner.live.get(ep).filter(|b| live_is_current(b)) {
         return Ok(Body::Buf(b.clone()));
     }
-    let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
+    let vol = inner.s.vol().ok_or(libc::EACCES)?;
     let region = vol.region_for(ep).ok_or(libc::ENOENT)?;
     if region.kind == RegionKind::Ephemeral {
-        let Some(EphNode::File { sealed, .. }) = inner.eph.get(ep) else {
-            return Err(libc::ENOENT);
+        let mut r = match inner.s.open_ephemeral(ep).map_err(errno_of)? {
+            EphemeralContent::Plain(d) => return Ok(Body::Plain(d)),
+            EphemeralContent::Sealed(r) => r,
         };
-        if region.protection == Protection::NotProtected {
-            return Ok(Body::Plain(sealed.data.clone()));
-        }
-        let mut r = memory::open_in_memory(vol.options().threads, region, ep, sealed)
-            .map_err(|e| map_core(ep, e))?;
         if verify && r.size() <= VERIFY_AT_OPEN_MAX {
             r.verify_all().map_err(|e| map_core(ep, e))?;
         }
-        return Ok(Body::Mem(Box::new(r)));
+        return Ok(Body::Mem(r));
     }
     let mut r = vol.open_file(ep).map_err(|e| map_core(ep, e))?;
     if verify && r.size() <= VERIFY_AT_OPEN_MAX {
@@ -284,8 +275,8 @@ fn shield_open_depth(
                             // The version it starts from: appends to it can be rebased onto a
                             // version another process of the run commits meanwhile.
                             if let Some(FileKind::File { id, size, .. }) = inner
-                                .vol
-                                .as_ref()
+                                .s
+                                .vol()
                                 .and_then(|v| v.lookup(&ep))
                                 .map(|e| e.into_owned().kind)
                             {

@@ -5,15 +5,13 @@ use crate::anchor::{Anchor, AnchorState};
 use crate::files::{self, WriteBuf};
 use crate::{log, real, say};
 use fspf_core::codec::Threads;
-use fspf_core::format::metadata::{FileKind, Protection, Region, RegionKind};
+use fspf_core::format::metadata::{Protection, Region, RegionKind};
 use fspf_core::format::view::ChildKind;
-use fspf_core::view::{EphemeralNode, Frontend, OpenFile, Pending, View, ViewError};
-use fspf_core::volume::kernel_fs;
-use fspf_core::volume::memory::{self, SealedMem};
-use fspf_core::volume::{Change, KernelPath};
+use fspf_core::session::{AppendDelta, OpenFiles, Session, SessionConfig, APPEND_REBASE_MAX};
+use fspf_core::view::{OpenFile, ViewError};
 use fspf_core::{EmbedPath, Tag, Volume, VolumeKey, VolumeOptions};
 use libc::c_int;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ffi::{CStr, CString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
@@ -48,9 +46,8 @@ const HIGH_FD: c_int = 700;
 pub struct Shield {
     pub fspf: PathBuf,
     key: Option<VolumeKey>,
-    pub mutable: bool,
-    /// The run's trust anchor (an inherited memfd) and its commit lock.
-    anchor: Anchor,
+    /// The run's trust anchor (an inherited memfd) and its commit lock; the session holds it too.
+    anchor: Arc<Anchor>,
     /// Private CLOEXEC memfd with the hex key, handed to exec'd children (FSPF_KEY_FD); or -1.
     key_fd_slot: AtomicI32,
     /// The key came in a memfd (`FSPF_KEY_FD`) and goes to exec'd children the same way.
@@ -60,38 +57,19 @@ pub struct Shield {
     index_fd_slot: AtomicI32,
     /// When the shield started (ns since the epoch).
     pub started: i64,
-    /// Options of every volume this process opens (fork-safe threads, batched durability).
-    pub opts: VolumeOptions,
     inner: Mutex<Inner>,
-    /// Kernel directories known to exist (see [`Shield::ensure_parent`]).
-    dirs_made: Mutex<std::collections::HashSet<PathBuf>>,
     /// The tag the index in `index_fd_slot` was built from (when this process built it).
     index_tag: Mutex<Option<Tag>>,
 }
 
-#[derive(Debug)]
-pub enum EphNode {
-    Dir { mode: u32, mtime: i64 },
-    File { sealed: SealedMem, mtime: i64 },
-}
-
 pub struct Inner {
-    /// `None` when the fspf could not be opened or authenticated (fail-safe: refuse everything).
-    pub vol: Option<Volume>,
-    /// Ephemeral regions: embed path → sealed node; gone at exit.
-    pub eph: BTreeMap<EmbedPath, EphNode>,
+    /// The volume, the queue of uncommitted changes, their overlay and the ephemeral regions,
+    /// with the rules that apply to them (`fspf_core::session`). Its volume is `None` when the
+    /// fspf could not be opened or authenticated (fail-safe: refuse everything).
+    pub s: Session<Arc<Anchor>>,
     /// Plaintext of files open for writing, and of kernel files staged but not yet committed.
     /// Sorted, so "is anything live below this directory" is a range query, not a scan.
     pub live: BTreeMap<EmbedPath, Arc<Mutex<WriteBuf>>>,
-    /// Queued namespace and metadata changes the view shows before they are committed (new
-    /// directories, removals, modes, times): `fspf_core::view::Pending`.
-    pub pending: Pending,
-    /// Staged versions that only appended to the version they were loaded from: rebased at
-    /// commit onto what another process of the run committed meanwhile.
-    pub appends: BTreeMap<EmbedPath, AppendDelta>,
-    /// Changes staged for the next commit, in order.
-    pub queue: Vec<Change>,
-    pub staged_bytes: u64,
     /// Current directory as an embed path, and whether it differs from the kernel's cwd.
     pub cwd: EmbedPath,
     pub cwd_virtual: bool,
@@ -397,48 +375,39 @@ pub fn init() -> bool {
     let (cwd, cwd_virtual) = inherited_cwd()
         .map(|c| (c, true))
         .unwrap_or_else(|| (real_cwd().unwrap_or_else(EmbedPath::root), false));
+    let anchor = Arc::new(Anchor::new(
+        anchor_fd,
+        std::env::var_os("FSPF_TAG_FILE")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from),
+    ));
+    let mut cfg = SessionConfig::new(fspf.clone(), key.clone(), opts);
+    cfg.mutable = mutable;
+    cfg.batch_files = commit_every_files();
+    cfg.batch_bytes = COMMIT_EVERY_BYTES;
+    cfg.say = |m| say(m);
+    cfg.log = |m| log(m);
+    let session = Session::new(cfg, anchor.clone(), vol);
     let sh = Shield {
-        opts,
         fspf,
         key,
-        mutable,
-        anchor: Anchor::new(
-            anchor_fd,
-            std::env::var_os("FSPF_TAG_FILE")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from),
-        ),
+        anchor,
         key_fd_slot: AtomicI32::new(key_fd),
         key_handoff,
         index_fd_slot: AtomicI32::new(index_fd),
         started: now(),
         inner: Mutex::new(Inner {
-            vol,
-            eph: BTreeMap::new(),
+            s: session,
             live: BTreeMap::new(),
-            pending: Pending::default(),
-            appends: BTreeMap::new(),
-            queue: Vec::new(),
-            staged_bytes: 0,
             cwd,
             cwd_virtual,
         }),
-        dirs_made: Mutex::new(std::collections::HashSet::new()),
         index_tag: Mutex::new(None),
     };
     SHIELD.set(sh).is_ok()
 }
 
 pub use fspf_core::view::link_target;
-
-/// What a staged, append-only version added to the version it was loaded from.
-pub struct AppendDelta {
-    pub base: fspf_core::FileId,
-    pub delta: Vec<u8>,
-}
-
-/// Appends larger than this are not kept for a rebase (the later committer then wins).
-const APPEND_REBASE_MAX: u64 = 64 << 20;
 
 pub use fspf_core::view::{Node, NodeKind};
 
@@ -448,15 +417,29 @@ pub fn errno_of(e: ViewError) -> c_int {
         ViewError::NotFound => libc::ENOENT,
         ViewError::NotDir => libc::ENOTDIR,
         ViewError::Loop => libc::ELOOP,
+        ViewError::Exists => libc::EEXIST,
+        ViewError::IsDir => libc::EISDIR,
+        ViewError::NotEmpty => libc::ENOTEMPTY,
+        ViewError::Busy => libc::EBUSY,
+        ViewError::ReadOnly => libc::EROFS,
+        ViewError::CrossDevice => libc::EXDEV,
+        ViewError::Invalid => libc::EINVAL,
+        ViewError::NotPermitted => libc::EPERM,
+        ViewError::NotSupported => libc::EOPNOTSUPP,
+        ViewError::Untrusted => libc::EACCES,
+        ViewError::Io => libc::EIO,
+        ViewError::NoSpace => libc::ENOSPC,
+        ViewError::Quota => libc::EDQUOT,
+        ViewError::TooBig => libc::EFBIG,
     }
 }
 
-/// This process's buffers and ephemeral regions, as the view sees them.
-struct Buffers<'a>(&'a Inner);
+/// This process's buffers of files open for writing, as the session's view sees them.
+pub struct Live<'a>(pub &'a BTreeMap<EmbedPath, Arc<Mutex<WriteBuf>>>);
 
-impl Frontend for Buffers<'_> {
+impl OpenFiles for Live<'_> {
     fn open_file(&self, ep: &EmbedPath) -> Option<OpenFile> {
-        let b = self.0.live.get(ep)?;
+        let b = self.0.get(ep)?;
         let b = b.lock().unwrap_or_else(|e| e.into_inner());
         Some(OpenFile {
             size: b.len(),
@@ -465,28 +448,7 @@ impl Frontend for Buffers<'_> {
         })
     }
     fn open_below(&self, dir: &EmbedPath) -> Vec<EmbedPath> {
-        below(&self.0.live, dir).map(|(k, _)| k.clone()).collect()
-    }
-    fn ephemeral(&self, ep: &EmbedPath) -> Option<EphemeralNode> {
-        Some(match self.0.eph.get(ep)? {
-            EphNode::Dir { mode, mtime } => EphemeralNode::Dir {
-                mode: *mode,
-                mtime: *mtime,
-            },
-            EphNode::File { sealed, mtime } => EphemeralNode::File {
-                size: match &sealed.entry.kind {
-                    FileKind::File { size, .. } => *size,
-                    _ => 0,
-                },
-                mode: sealed.entry.mode,
-                mtime: *mtime,
-            },
-        })
-    }
-    fn ephemeral_below(&self, dir: &EmbedPath) -> Vec<(EmbedPath, bool)> {
-        below(&self.0.eph, dir)
-            .map(|(k, n)| (k.clone(), matches!(n, EphNode::Dir { .. })))
-            .collect()
+        below(self.0, dir).map(|(k, _)| k.clone()).collect()
     }
 }
 
@@ -588,7 +550,7 @@ impl Shield {
         let Ok(ep) = EmbedPath::from_bytes(&abs) else {
             return Route::Pass;
         };
-        let Some(vol) = inner.vol.as_ref() else {
+        let Some(vol) = inner.s.vol() else {
             return Route::Deny(libc::EACCES);
         };
         let Some(region) = vol.region_for(&ep) else {
@@ -612,13 +574,8 @@ impl Shield {
                 }
             }
             _ => {
-                let fe = Buffers(inner);
-                let view = View {
-                    vol,
-                    pending: &inner.pending,
-                    frontend: &fe,
-                };
-                match view.dir_link(region, &ep).map(|r| r.map_err(errno_of)) {
+                let dl = inner.s.dir_link(&Live(&inner.live), region, &ep);
+                match dl.map(|r| r.map_err(errno_of)) {
                     Some(Ok(_)) if depth >= MAX_SYMLINKS => return Route::Deny(libc::ELOOP),
                     Some(Ok(next)) => {
                         return match self.route_depth(inner, libc::AT_FDCWD, &next, depth + 1) {
@@ -647,66 +604,17 @@ impl Shield {
 
     /// The region `ep` lies in.
     pub fn region_of<'a>(&self, inner: &'a Inner, ep: &EmbedPath) -> Option<&'a Region> {
-        inner.vol.as_ref()?.region_for(ep)
+        inner.s.region_of(ep)
     }
 
     /// If the anchor moved (another process of this run committed), reload the fspf requiring
     /// exactly the anchor's tag. Errors mean the fspf on disk is not the one the run trusts.
     pub fn refresh(&self, inner: &mut Inner) -> Result<(), c_int> {
-        let Some(vol) = inner.vol.as_ref() else {
-            return Err(libc::EACCES);
-        };
-        // Fail closed: without a readable anchor nothing on disk can be trusted.
-        let Some(anchor) = self.anchor.read() else {
-            log("the run's trust anchor is unreadable");
-            return Err(libc::EACCES);
-        };
-        if anchor.current == vol.tag() && anchor.pending.is_none() {
-            return Ok(());
-        }
-        let reopen = |t: Tag| Volume::open_with(&self.fspf, self.key.clone(), Some(t), self.opts);
-        let v = match reopen(anchor.current) {
-            Ok(v) if anchor.pending.is_none() => v,
-            _ => {
-                // A commit in flight, or a committer that died inside its commit window: decide
-                // under the run's commit lock which of the anchor's tags is on disk.
-                let _l = self.anchor.lock()?;
-                self.settle_anchor()?;
-                let a = self.anchor.read().ok_or(libc::EACCES)?;
-                reopen(a.current).map_err(|e| {
-                    log(format!("refusing the fspf on disk: {e}"));
-                    libc::EACCES
-                })?
-            }
-        };
-        inner.vol = Some(v);
-        Ok(())
+        inner.s.refresh().map_err(errno_of)
     }
 
     pub fn anchor_fd(&self) -> c_int {
         self.anchor.fd()
-    }
-
-    /// Under the anchor lock: if a committer died after announcing a tag and that tag is now on
-    /// disk (it passed the commit point), make it the current one. Err when the disk holds
-    /// neither trusted tag (a rollback or a forgery).
-    fn settle_anchor(&self) -> Result<Tag, c_int> {
-        let st = self.anchor.read().ok_or(libc::EACCES)?;
-        let disk = Volume::read_tag(&self.fspf).map_err(|e| {
-            log(format!("cannot read the fspf's tag: {e}"));
-            libc::EACCES
-        })?;
-        let Some(t) = st.accepts(disk) else {
-            log(format!(
-                "the fspf on disk (tag {disk}) is not the one this run trusts ({})",
-                st.current
-            ));
-            return Err(libc::EACCES);
-        };
-        if st.pending.is_some() || t != st.current {
-            self.anchor.publish(t)?;
-        }
-        Ok(t)
     }
 
     pub fn key_fd(&self) -> c_int {
@@ -736,7 +644,7 @@ impl Shield {
     /// is still the state it describes, else a new one built from this process's volume (O(n),
     /// once per commit that a child follows). -1 when there is no usable volume.
     pub fn index_fd_for_child(&self, inner: &Inner) -> c_int {
-        let Some(vol) = inner.vol.as_ref() else {
+        let Some(vol) = inner.s.vol() else {
             return -1;
         };
         let cur = self.index_fd();
@@ -804,153 +712,44 @@ impl Shield {
         }
     }
 
-    /// `utimensat`/`futimens` of `ep` (symlinks already followed): the modification time is
-    /// recorded like a mode (`Shield::chmod`); access times are not kept.
+    /// `utimensat`/`futimens` of `ep` (symlinks already followed): recorded by the session,
+    /// and on the open buffer.
     pub fn set_mtime(&self, inner: &mut Inner, ep: &EmbedPath, ns: i64) -> Result<(), c_int> {
-        let node = self.lookup(inner, ep)?;
-        if matches!(node.kind, NodeKind::Symlink(_)) {
-            return Ok(());
-        }
-        if self.is_ephemeral(inner, ep) {
-            match inner.eph.get_mut(ep) {
-                Some(EphNode::Dir { mtime, .. }) => *mtime = ns,
-                Some(EphNode::File { sealed, mtime }) => {
-                    *mtime = ns;
-                    sealed.entry.mtime_ns = ns;
-                }
-                None => {}
-            }
-            return Ok(());
-        }
-        self.check_writable(inner, ep)?;
+        inner
+            .s
+            .set_mtime(&Live(&inner.live), ep, ns)
+            .map_err(errno_of)?;
         if let Some(b) = inner.live.get(ep) {
             let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
             g.mtime = ns;
             g.mtime_set = true;
         }
-        let mut staged = false;
-        for c in inner.queue.iter_mut().rev() {
-            match c {
-                Change::Put(s) if &s.path == ep => {
-                    s.entry.mtime_ns = ns;
-                    staged = true;
-                    break;
-                }
-                Change::PutEntry(p, e) if p == ep => {
-                    e.mtime_ns = ns;
-                    staged = true;
-                    break;
-                }
-                _ => {}
-            }
-        }
-        if !staged && !inner.live.contains_key(ep) {
-            let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
-            let mut e = match vol.lookup(ep) {
-                Some(e) => e.into_owned(),
-                None => fspf_core::FileEntry {
-                    kind: FileKind::Dir,
-                    mode: node.mode,
-                    mtime_ns: ns,
-                },
-            };
-            if let Some(m) = inner.pending.modes.get(ep) {
-                e.mode = *m;
-            }
-            e.mtime_ns = ns;
-            inner.queue.push(Change::PutEntry(ep.clone(), e));
-        }
-        inner.pending.times.insert(ep.clone(), ns);
         Ok(())
     }
 
-    /// `chmod` of `ep` (symlinks already followed): ephemeral nodes change at once; in kernel
-    /// regions the new mode is queued as an entry (or set on the staged version or the open
-    /// buffer) and committed at the next commit point like a write.
+    /// `chmod` of `ep` (symlinks already followed): recorded by the session, and on the open
+    /// buffer.
     pub fn chmod(&self, inner: &mut Inner, ep: &EmbedPath, mode: u32) -> Result<(), c_int> {
-        let mode = mode & 0o7777;
-        let node = self.lookup(inner, ep)?;
-        if matches!(node.kind, NodeKind::Symlink(_)) {
-            return Err(libc::EOPNOTSUPP);
-        }
-        if self.is_ephemeral(inner, ep) {
-            match inner.eph.get_mut(ep) {
-                Some(EphNode::Dir { mode: m, .. }) => *m = mode,
-                Some(EphNode::File { sealed, .. }) => sealed.entry.mode = mode,
-                None => return Err(libc::EPERM),
-            }
-            return Ok(());
-        }
-        self.check_writable(inner, ep)?;
+        inner
+            .s
+            .chmod(&Live(&inner.live), ep, mode, now())
+            .map_err(errno_of)?;
         if let Some(b) = inner.live.get(ep) {
-            b.lock().unwrap_or_else(|e| e.into_inner()).mode = mode;
+            b.lock().unwrap_or_else(|e| e.into_inner()).mode = mode & 0o7777;
         }
-        let mut staged = false;
-        for c in inner.queue.iter_mut().rev() {
-            match c {
-                Change::Put(s) if &s.path == ep => {
-                    s.entry.mode = mode;
-                    staged = true;
-                    break;
-                }
-                Change::PutEntry(p, e) if p == ep => {
-                    e.mode = mode;
-                    staged = true;
-                    break;
-                }
-                _ => {}
-            }
-        }
-        if let Some(m) = inner.pending.new_dirs.get_mut(ep) {
-            *m = mode;
-        }
-        if !staged && !inner.live.contains_key(ep) {
-            let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
-            let Some(e) = vol.lookup(ep) else {
-                // An implied directory (only paths below it are listed): record it.
-                inner.queue.push(Change::PutEntry(
-                    ep.clone(),
-                    fspf_core::FileEntry {
-                        kind: FileKind::Dir,
-                        mode,
-                        mtime_ns: now(),
-                    },
-                ));
-                inner.pending.modes.insert(ep.clone(), mode);
-                return Ok(());
-            };
-            let mut e = e.into_owned();
-            e.mode = mode;
-            inner.queue.push(Change::PutEntry(ep.clone(), e));
-        }
-        inner.pending.modes.insert(ep.clone(), mode);
         Ok(())
     }
 
-    /// What is at `ep` in the shielded view (`fspf_core::view`, which decides it).
+    /// What is at `ep` in the shielded view (`fspf_core::session`, which decides it).
     pub fn lookup(&self, inner: &Inner, ep: &EmbedPath) -> Result<Node, c_int> {
-        let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
-        let fe = Buffers(inner);
-        let view = View {
-            vol,
-            pending: &inner.pending,
-            frontend: &fe,
-        };
-        view.lookup(ep).map_err(errno_of)
+        inner.s.lookup(&Live(&inner.live), ep).map_err(errno_of)
     }
 
     /// Entries of directory `ep` (name, d_type), sorted by name, without `.`/`..`.
     pub fn children(&self, inner: &Inner, ep: &EmbedPath) -> Vec<(Vec<u8>, u8)> {
-        let Some(vol) = inner.vol.as_ref() else {
-            return Vec::new();
-        };
-        let fe = Buffers(inner);
-        let view = View {
-            vol,
-            pending: &inner.pending,
-            frontend: &fe,
-        };
-        view.children(ep)
+        inner
+            .s
+            .children(&Live(&inner.live), ep)
             .into_iter()
             .map(|(n, k)| {
                 let t = match k {
@@ -964,20 +763,12 @@ impl Shield {
     }
 
     pub fn is_ephemeral(&self, inner: &Inner, ep: &EmbedPath) -> bool {
-        self.region_of(inner, ep)
-            .is_some_and(|r| r.kind == RegionKind::Ephemeral)
+        inner.s.is_ephemeral(ep)
     }
 
     /// May the program change `ep`? Ephemeral regions always; kernel regions in mutable mode.
     pub fn check_writable(&self, inner: &Inner, ep: &EmbedPath) -> Result<(), c_int> {
-        if self.is_ephemeral(inner, ep) || self.mutable {
-            Ok(())
-        } else {
-            log(format!(
-                "{ep}: protected region is read-only (set SCONE_FSPF_MUTABLE=1 to allow updates)"
-            ));
-            Err(libc::EROFS)
-        }
+        inner.s.check_writable(ep).map_err(errno_of)
     }
 
     /// Seal a buffer whose content changed: into memory for ephemeral regions, as a staged
@@ -986,51 +777,39 @@ impl Shield {
         if !b.needs_seal() {
             return Ok(());
         }
-        let vol = inner.vol.as_ref().ok_or(libc::EACCES)?;
-        let region = vol.region_for(&b.path).ok_or(libc::EACCES)?.clone();
-        let len = b.len();
-        if region.kind != RegionKind::Ephemeral && len > files::HASH_MAX {
+        let eph = inner.s.is_ephemeral(&b.path);
+        let mtime = b.mtime_set.then_some(b.mtime);
+        if !eph && b.len() > files::HASH_MAX {
             // Large kernel file: seal straight from the memfd (no copy of the whole file).
             let print = b.fingerprint()?;
-            let mut staged = self.stage(vol, &region, &b.path, print.0, b.mode, || b.reader())?;
-            Self::stamp(b, &mut staged);
-            Self::note_appends(inner, b);
-            inner.staged_bytes += print.0;
-            inner.queue.push(Change::Put(staged));
+            let append = Self::append_delta(b);
+            let path = b.path.clone();
+            let t = inner
+                .s
+                .stage_put(&path, print.0, b.mode, mtime, append, || b.reader())
+                .map_err(errno_of)?;
+            b.mtime = t;
             b.mark_sealed_print(print);
             b.pending = true;
             return Ok(());
         }
         let data = b.contents()?;
-        if region.kind == RegionKind::Ephemeral {
-            let sealed = memory::seal_in_memory(self.opts.threads, &region, &b.path, b.mode, &data)
-                .map_err(|e| {
-                    log(format!("{}: {e}", b.path));
-                    libc::EIO
-                })?;
-            inner.eph.insert(
-                b.path.clone(),
-                EphNode::File {
-                    sealed,
-                    mtime: b.mtime,
-                },
-            );
+        if eph {
+            inner
+                .s
+                .put_ephemeral(&b.path, b.mode, b.mtime, &data)
+                .map_err(errno_of)?;
             b.mark_sealed(&data);
             return Ok(());
         }
-        let mut staged =
-            self.stage(
-                vol,
-                &region,
-                &b.path,
-                data.len() as u64,
-                b.mode,
-                || &data[..],
-            )?;
-        Self::stamp(b, &mut staged);
-        Self::note_appends(inner, b);
-        inner.staged_bytes += data.len() as u64;
-        inner.queue.push(Change::Put(staged));
+        let append = Self::append_delta(b);
+        let t = inner
+            .s
+            .stage_put(&b.path, data.len() as u64, b.mode, mtime, append, || {
+                &data[..]
+            })
+            .map_err(errno_of)?;
+        b.mtime = t;
         b.mark_sealed(&data);
         b.pending = true;
         Ok(())
@@ -1048,156 +827,27 @@ impl Shield {
         }
     }
 
-    /// Remember what an append-only buffer added (for a rebase at commit), or forget it.
-    fn note_appends(inner: &mut Inner, b: &WriteBuf) {
+    /// What an append-only buffer added to the version it was loaded from (for a rebase at
+    /// commit), if it only appended.
+    fn append_delta(b: &WriteBuf) -> Option<AppendDelta> {
         let len = b.len();
-        match b.base {
-            Some((id, base_len))
-                if !b.shared
-                    && b.append_only.load(std::sync::atomic::Ordering::Relaxed)
-                    && len >= base_len
-                    && len - base_len <= APPEND_REBASE_MAX =>
-            {
-                let mut delta = vec![0u8; (len - base_len) as usize];
-                let mut off = 0usize;
-                while off < delta.len() {
-                    match b.read_at(&mut delta[off..], base_len + off as u64) {
-                        Ok(0) | Err(_) => {
-                            inner.appends.remove(&b.path);
-                            return;
-                        }
-                        Ok(n) => off += n,
-                    }
-                }
-                inner
-                    .appends
-                    .insert(b.path.clone(), AppendDelta { base: id, delta });
-            }
-            _ => {
-                inner.appends.remove(&b.path);
+        let (id, base_len) = b.base?;
+        if b.shared
+            || !b.append_only.load(std::sync::atomic::Ordering::Relaxed)
+            || len < base_len
+            || len - base_len > APPEND_REBASE_MAX
+        {
+            return None;
+        }
+        let mut delta = vec![0u8; (len - base_len) as usize];
+        let mut off = 0usize;
+        while off < delta.len() {
+            match b.read_at(&mut delta[off..], base_len + off as u64) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => off += n,
             }
         }
-    }
-
-    /// Under the commit locks, with `vol` at the run's current state: a queued append-only
-    /// version whose base another process replaced is re-staged as that version plus the
-    /// appended bytes (both writers' appends survive). Returns the merged contents by path.
-    fn rebase_appends(
-        &self,
-        vol: &Volume,
-        changes: &mut [Change],
-        appends: &BTreeMap<EmbedPath, AppendDelta>,
-    ) -> BTreeMap<EmbedPath, Vec<u8>> {
-        let mut merged = BTreeMap::new();
-        for c in changes.iter_mut() {
-            let Change::Put(s) = c else { continue };
-            let Some(d) = appends.get(&s.path) else {
-                continue;
-            };
-            let cur = match vol.lookup(&s.path).map(|e| e.into_owned().kind) {
-                Some(FileKind::File { id, .. }) if id != d.base => id,
-                _ => continue,
-            };
-            let Ok(mut r) = vol.open_file(&s.path) else {
-                continue;
-            };
-            let mut data = vec![0u8; r.size() as usize];
-            let mut off = 0usize;
-            let mut ok = true;
-            while off < data.len() {
-                match r.read_at(&mut data[off..], off as u64) {
-                    Ok(0) | Err(_) => {
-                        ok = false;
-                        break;
-                    }
-                    Ok(n) => off += n,
-                }
-            }
-            if !ok {
-                continue;
-            }
-            data.extend_from_slice(&d.delta);
-            let Some(region) = vol.region_for(&s.path).cloned() else {
-                continue;
-            };
-            let mode = s.entry.mode;
-            if let Ok(mut new) =
-                self.stage(vol, &region, &s.path, data.len() as u64, mode, || &data[..])
-            {
-                log(format!(
-                    "{}: appended {} bytes onto the version another process committed ({})",
-                    s.path,
-                    d.delta.len(),
-                    cur.to_hex()
-                ));
-                new.entry.mtime_ns = s.entry.mtime_ns;
-                let old = std::mem::replace(s, new);
-                old.discard(vol.path());
-                merged.insert(s.path.clone(), data);
-            }
-        }
-        merged
-    }
-
-    /// The modification time a staged version records: the one `futimens`/`utimensat` set on
-    /// its buffer, else now (the buffer keeps it for `stat`).
-    fn stamp(b: &mut WriteBuf, staged: &mut fspf_core::volume::StagedFile) {
-        if b.mtime_set {
-            staged.entry.mtime_ns = b.mtime;
-        } else {
-            b.mtime = staged.entry.mtime_ns;
-        }
-    }
-
-    /// Make sure the kernel directory of `path` exists (once per directory and process: a
-    /// stat and a failing mkdir per staged file otherwise).
-    fn ensure_parent(&self, region: &Region, path: &EmbedPath) {
-        let Some(kp) = KernelPath::of(region, path) else {
-            return;
-        };
-        let Some(parent) = kp.rel().parent() else {
-            return;
-        };
-        let full = kp.base().join(parent);
-        let mut known = self.dirs_made.lock().unwrap_or_else(|e| e.into_inner());
-        if known.contains(&full) {
-            return;
-        }
-        // No symlink below the region's directory is followed: a directory the attacker
-        // replaced by a link to elsewhere makes this fail (ELOOP), it creates nothing there.
-        if kernel_fs::create_dirs_beneath(kp.base(), parent, 0o755).is_ok() {
-            known.insert(full);
-        }
-    }
-
-    /// `Volume::stage_file` in a kernel directory made if needed; when it fails (the directory
-    /// may have been removed since it was made), once more after making the directory again.
-    fn stage<R: std::io::Read>(
-        &self,
-        vol: &Volume,
-        region: &Region,
-        path: &EmbedPath,
-        size: u64,
-        mode: u32,
-        src: impl Fn() -> R,
-    ) -> Result<fspf_core::volume::StagedFile, c_int> {
-        self.ensure_parent(region, path);
-        let r = vol.stage_file(path, size, mode, &mut src()).or_else(|_| {
-            self.dirs_made
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clear();
-            self.ensure_parent(region, path);
-            vol.stage_file(path, size, mode, &mut src())
-        });
-        r.map_err(|e| {
-            log(format!("{path}: staging failed: {e}"));
-            // A full disk or quota is the program's to see (ENOSPC), not an integrity failure.
-            match e.raw_os_error() {
-                Some(n @ (libc::ENOSPC | libc::EDQUOT | libc::EFBIG)) => n,
-                _ => libc::EIO,
-            }
-        })
+        Some(AppendDelta { base: id, delta })
     }
 
     /// Called when the last writer of `buf` closed it.
@@ -1218,183 +868,48 @@ impl Shield {
             if inner.live.get(&path).is_some_and(|x| Arc::ptr_eq(x, buf)) {
                 inner.live.remove(&path);
             }
-        } else if inner.queue.len() >= commit_every_files()
-            || inner.staged_bytes >= COMMIT_EVERY_BYTES
-        {
+        } else if inner.s.batch_full() {
             self.commit(&mut inner)?;
         }
         r
     }
 
-    /// Stage every dirty kernel buffer and commit the queue (fsync, fork/exec, exit, batches).
-    ///
-    /// Protocol: one syncfs per kernel region touched (shadows durable), then under the fspf
-    /// lock: read the anchor, commit merging onto the fspf only if its tag is the anchor's,
-    /// publish the new tag in the anchor.
-    pub fn commit(&self, inner: &mut Inner) -> Result<(), c_int> {
+    /// Stage every dirty kernel buffer (before a commit). Err: the first staging failure; the
+    /// others are still staged.
+    pub fn stage_buffers(&self, inner: &mut Inner) -> Result<(), c_int> {
         let bufs: Vec<_> = inner.live.values().cloned().collect();
         let mut res = Ok(());
         for b in bufs {
             let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
-            if !self.is_ephemeral(inner, &g.path) {
+            if !inner.s.is_ephemeral(&g.path) {
                 if let Err(e) = self.finish(inner, &mut g) {
                     res = Err(e);
                 }
             }
         }
-        if inner.queue.is_empty() {
-            return res;
+        res
+    }
+
+    /// Stage every dirty kernel buffer and commit the queue (fsync, fork/exec, exit, batches):
+    /// the protocol is the session's (`fspf_core::session`).
+    pub fn commit(&self, inner: &mut Inner) -> Result<(), c_int> {
+        let res = self.stage_buffers(inner);
+        let r = inner.s.commit().map_err(errno_of);
+        Self::after_commit(inner);
+        r?;
+        res
+    }
+
+    /// After the session committed (here or inside a rename or symlink): buffers still open go
+    /// on from what was committed. A rebased one takes the merged contents, and each records
+    /// its committed version as its new base.
+    pub fn after_commit(inner: &mut Inner) {
+        let c = inner.s.take_committed();
+        if !c.any {
+            return;
         }
-        let mut changes = std::mem::take(&mut inner.queue);
-        let appends = std::mem::take(&mut inner.appends);
-        inner.staged_bytes = 0;
-        let Some(vol) = inner.vol.as_mut() else {
-            return Err(libc::EACCES);
-        };
-        // Kernel side of queued removals: files move to their shadow names now (crash-safe,
-        // `fspf_core::volume::moves`), directories are removed once the commit is durable.
-        let mut preps = Vec::new();
-        let mut gone_dirs: Vec<(EmbedPath, KernelPath)> = Vec::new();
-        for c in &changes {
-            if let Change::Remove(p) = c {
-                if inner.pending.removed.get(p) == Some(&true) {
-                    if let Some(k) = vol.region_for(p).and_then(|r| KernelPath::of(r, p)) {
-                        gone_dirs.push((p.clone(), k));
-                    }
-                } else if let Ok(Some(m)) = vol.prepare_remove(p) {
-                    preps.push(m);
-                }
-            }
-        }
-        let abort = |preps: Vec<fspf_core::volume::PreparedMove>| {
-            for m in preps.into_iter().rev() {
-                m.abort();
-            }
-        };
-        let mut roots: BTreeSet<PathBuf> = BTreeSet::new();
-        for c in &changes {
-            let p = match c {
-                Change::Put(s) => Some(&s.path),
-                // Removals and renames of files moved the kernel file to a shadow name before
-                // this commit: that rename must be durable before the fspf names the new state.
-                Change::Remove(p) | Change::Rename { from: p, .. } => Some(p),
-                Change::PutEntry(..) => None,
-            };
-            if let Some(p) = p {
-                if let Some(r) = vol.region_for(p) {
-                    if let RegionKind::Kernel(k) = &r.kind {
-                        roots.insert(k.clone());
-                    }
-                }
-            }
-        }
-        for r in roots {
-            if let Ok(f) = std::fs::File::open(&r) {
-                use std::os::fd::AsRawFd;
-                // SAFETY: syncfs on an fd we own for the duration of the call.
-                unsafe { real::syncfs(f.as_raw_fd()) };
-            }
-        }
-        // The run's committers serialise on the anchor's lock (storage cannot remove it); the
-        // fspf's lock file still keeps out other runs and the CLI.
-        let alock = match self.anchor.lock() {
-            Ok(l) => l,
-            Err(e) => {
-                abort(preps);
-                cleanup_staged(&changes);
-                say("commit failed, changes lost: the run's trust anchor cannot be locked");
-                return Err(e);
-            }
-        };
-        let trusted = match self.settle_anchor() {
-            Ok(t) => t,
-            Err(e) => {
-                abort(preps);
-                cleanup_staged(&changes);
-                say("commit failed, changes lost: the fspf on disk is not the one this run trusts");
-                return Err(e);
-            }
-        };
-        let lock = match Volume::lock(&self.fspf) {
-            Ok(l) => l,
-            Err(e) => {
-                abort(preps);
-                cleanup_staged(&changes);
-                say(format!("commit failed, changes lost: {e}"));
-                return Err(libc::EIO);
-            }
-        };
-        // Appends onto a file another process of the run changed since this one loaded it:
-        // look at the run's current state and rebase them onto it.
-        let mut merged = BTreeMap::new();
-        if !appends.is_empty() {
-            if vol.tag() != trusted {
-                let opened =
-                    Volume::open_with(&self.fspf, self.key.clone(), Some(trusted), self.opts);
-                if let Ok(v) = opened {
-                    *vol = v;
-                }
-            }
-            merged = self.rebase_appends(vol, &mut changes, &appends);
-        }
-        let committed: Vec<(EmbedPath, fspf_core::FileId, u64)> = changes
-            .iter()
-            .filter_map(|c| match c {
-                Change::Put(s) => match &s.entry.kind {
-                    FileKind::File { id, size, .. } => Some((s.path.clone(), *id, *size)),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .collect();
-        let anchor = &self.anchor;
-        let mut announce = |next: Tag| {
-            anchor
-                .announce(trusted, next)
-                .map_err(|e| fspf_core::Error::io(&self.fspf, std::io::Error::from_raw_os_error(e)))
-        };
-        let r = vol.commit_announced(changes, Some(trusted), &mut announce);
-        match r {
-            Ok(t) => {
-                crash_point_for_tests();
-                if let Err(e) = self.anchor.publish(t) {
-                    // The new fspf is committed and announced: a later settle promotes it.
-                    say(format!("cannot publish the new tag (errno {e})"));
-                }
-            }
-            Err(e) => {
-                // If the error came after the commit point (the directory fsync), the announced
-                // tag is on disk and the next settle promotes it; otherwise it never appears.
-                drop(lock);
-                drop(alock);
-                abort(preps);
-                say(format!("commit failed, changes lost: {e}"));
-                return Err(match e.raw_os_error() {
-                    Some(n @ (libc::ENOSPC | libc::EDQUOT)) => n,
-                    _ => libc::EIO,
-                });
-            }
-        }
-        drop(lock);
-        drop(alock);
-        for m in preps {
-            m.finish();
-        }
-        // Deepest first: a directory's subdirectories go before it. One made again in the same
-        // batch (`rm -r d; mkdir d`) is listed once more and stays.
-        gone_dirs.sort_by_key(|(_, k)| std::cmp::Reverse(k.rel().as_os_str().len()));
-        for (p, k) in gone_dirs {
-            let again = inner
-                .vol
-                .as_ref()
-                .is_some_and(|v| v.lookup(&p).is_some() || v.has_below(&p));
-            if !again {
-                let _ = kernel_fs::remove_unlisted_dir(k.base(), k.rel());
-            }
-        }
-        // Buffers still open go on from what was committed: a rebased one takes the merged
-        // contents, and each records its committed version as its new base.
-        for (path, id, size) in committed {
+        let mut merged = c.merged;
+        for (path, id, size) in c.files {
             let Some(b) = inner.live.get(&path).cloned() else {
                 continue;
             };
@@ -1403,8 +918,7 @@ impl Shield {
                 if g.set_len(0).is_err() || g.write_all_at(&data, 0).is_err() {
                     continue;
                 }
-                let c = data;
-                g.mark_sealed(&c);
+                g.mark_sealed(&data);
             }
             if !g.shared {
                 g.base = Some((id, size));
@@ -1412,48 +926,10 @@ impl Shield {
                     .store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
-        inner.pending.clear();
         for b in inner.live.values() {
             b.lock().unwrap_or_else(|e| e.into_inner()).pending = false;
         }
         inner.live.retain(|_, b| Arc::strong_count(b) > 1);
-        res
-    }
-
-    /// Commit a namespace change right away (after everything queued before it), then apply
-    /// its kernel side effect.
-    pub fn commit_now(
-        &self,
-        inner: &mut Inner,
-        change: Change,
-        kernel_effect: impl FnOnce(),
-    ) -> Result<(), c_int> {
-        inner.queue.push(change);
-        self.commit(inner)?;
-        kernel_effect();
-        Ok(())
-    }
-}
-
-/// Remove the shadows of changes that will not be committed.
-fn cleanup_staged(changes: &[Change]) {
-    for c in changes {
-        if let Change::Put(s) = c {
-            let _ = std::fs::remove_file(&s.shadow);
-            if let Some(o) = &s.outboard {
-                let _ = std::fs::remove_file(o);
-            }
-        }
-    }
-}
-
-/// Fault injection for the crash tests: `FSPF_TEST_CRASH=after-commit-point` kills this
-/// process with SIGKILL right after the new fspf replaced the old one and before the anchor
-/// and tag file name it, the window in which a crash used to leave the run's tag stale.
-fn crash_point_for_tests() {
-    if std::env::var_os("FSPF_TEST_CRASH").is_some_and(|v| v == "after-commit-point") {
-        // SAFETY: killing this process; nothing after this runs.
-        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }
 }
 

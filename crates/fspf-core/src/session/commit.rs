@@ -1,0 +1,267 @@
+//! The commit protocol of a session: the queued changes become one new fspf, atomically, and the
+//! run's anchor moves with the commit point.
+//!
+//! 1. Kernel side before the commit: files removed or renamed move to shadow names
+//!    (crash-safe, [`crate::volume::moves`]).
+//! 2. One `syncfs` per kernel region touched: staged shadows and those moves are durable.
+//! 3. Under the run's anchor lock: settle a crashed committer's announced tag; then under the
+//!    fspf's lock file (other runs, the CLI): rebase append-only versions onto what another
+//!    process of the run committed meanwhile, write the new fspf to a temporary, announce its
+//!    tag in the anchor, rename it into place (the commit point), publish the tag alone.
+//! 4. Kernel side after the commit: shadows of moved files are renamed to their names,
+//!    directories removed by the batch are removed.
+//!
+//! A failure before the commit point undoes the moves and removes the staged shadows: the old
+//! state stays, and the caller reports the changes lost.
+use super::{Anchor, AppendDelta, Session, ViewError};
+use crate::format::metadata::{FileKind, RegionKind};
+use crate::policy::EmbedPath;
+use crate::volume::{Change, KernelPath, PreparedMove};
+use crate::{FileId, Tag, Volume};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+/// What commits since the frontend last asked made of the files it may hold open.
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// At least one commit happened.
+    pub any: bool,
+    /// Committed file versions: path, id, size.
+    pub files: Vec<(EmbedPath, FileId, u64)>,
+    /// Versions rebased onto another process's commit: their merged plaintext.
+    pub merged: BTreeMap<EmbedPath, Vec<u8>>,
+}
+
+/// Remove the shadows (and outboards) of changes that will not be committed.
+fn cleanup_staged(fspf: &std::path::Path, changes: &[Change]) {
+    for c in changes {
+        if let Change::Put(s) = c {
+            s.discard(fspf);
+        }
+    }
+}
+
+impl<A: Anchor> Session<A> {
+    /// What was committed since the last call (the frontend moves its open buffers onto it).
+    pub fn take_committed(&mut self) -> Committed {
+        std::mem::take(&mut self.committed)
+    }
+
+    /// Commit everything queued (nothing to do when the queue is empty). See the module docs.
+    pub fn commit(&mut self) -> Result<(), ViewError> {
+        if self.queue.is_empty() {
+            return Ok(());
+        }
+        let say = self.cfg.say;
+        let mut changes = std::mem::take(&mut self.queue);
+        let appends = std::mem::take(&mut self.appends);
+        self.queued.clear();
+        self.staged_bytes = 0;
+        let Some(vol) = self.vol.as_ref() else {
+            cleanup_staged(&self.cfg.fspf, &changes);
+            return Err(ViewError::Untrusted);
+        };
+        // Kernel side of queued removals: files move to their shadow names now, directories
+        // are removed once the commit is durable.
+        let mut preps = Vec::new();
+        let mut gone_dirs: Vec<(EmbedPath, KernelPath)> = Vec::new();
+        for c in &changes {
+            if let Change::Remove(p) = c {
+                if self.pending.removed.get(p) == Some(&true) {
+                    if let Some(k) = vol.region_for(p).and_then(|r| KernelPath::of(r, p)) {
+                        gone_dirs.push((p.clone(), k));
+                    }
+                } else if let Ok(Some(m)) = vol.prepare_remove(p) {
+                    preps.push(m);
+                }
+            }
+        }
+        let fspf = self.cfg.fspf.clone();
+        let fail = |preps: Vec<PreparedMove>, changes: &[Change], why: &str, e: ViewError| {
+            for m in preps.into_iter().rev() {
+                m.abort();
+            }
+            cleanup_staged(&fspf, changes);
+            say(&format!("commit failed, changes lost: {why}"));
+            Err(e)
+        };
+        let mut roots: BTreeSet<PathBuf> = BTreeSet::new();
+        for c in &changes {
+            let p = match c {
+                Change::Put(s) => Some(&s.path),
+                // Removals and renames of files moved the kernel file to a shadow name before
+                // this commit: that rename must be durable before the fspf names the new state.
+                Change::Remove(p) | Change::Rename { from: p, .. } => Some(p),
+                Change::PutEntry(..) => None,
+            };
+            if let Some(RegionKind::Kernel(k)) = p.and_then(|p| vol.region_for(p)).map(|r| &r.kind)
+            {
+                roots.insert(k.clone());
+            }
+        }
+        for r in &roots {
+            if let Ok(f) = std::fs::File::open(r) {
+                if let Err(e) = rustix::fs::syncfs(&f) {
+                    let why = format!("{}: syncfs: {e}", r.display());
+                    return fail(preps, &changes, &why, ViewError::Io);
+                }
+            }
+        }
+        // The run's committers serialise on the anchor's lock (storage cannot remove it); the
+        // fspf's lock file still keeps out other runs and the CLI.
+        let alock = match self.anchor.lock() {
+            Ok(l) => l,
+            Err(e) => {
+                return fail(
+                    preps,
+                    &changes,
+                    "the run's trust anchor cannot be locked",
+                    e,
+                );
+            }
+        };
+        let trusted = match self.settle_anchor() {
+            Ok(t) => t,
+            Err(e) => {
+                let why = "the fspf on disk is not the one this run trusts";
+                return fail(preps, &changes, why, e);
+            }
+        };
+        let lock = match Volume::lock(&self.cfg.fspf) {
+            Ok(l) => l,
+            Err(e) => return fail(preps, &changes, &e.to_string(), ViewError::Io),
+        };
+        // Appends onto a file another process of the run changed since this one loaded it:
+        // look at the run's current state and rebase them onto it.
+        let mut merged = BTreeMap::new();
+        if !appends.is_empty() {
+            if self.vol.as_ref().is_some_and(|v| v.tag() != trusted) {
+                if let Ok(v) = self.reopen(trusted) {
+                    self.vol = Some(v);
+                }
+            }
+            merged = self.rebase_appends(&mut changes, &appends);
+        }
+        let committed: Vec<(EmbedPath, FileId, u64)> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Put(s) => match &s.entry.kind {
+                    FileKind::File { id, size, .. } => Some((s.path.clone(), *id, *size)),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        let anchor = &self.anchor;
+        let mut announce = |next: Tag| {
+            anchor.announce(trusted, next).map_err(|e| {
+                crate::Error::io(&fspf, std::io::Error::other(format!("anchor: {e:?}")))
+            })
+        };
+        let Some(vol) = self.vol.as_mut() else {
+            return fail(preps, &[], "no volume", ViewError::Untrusted);
+        };
+        match vol.commit_announced(changes, Some(trusted), &mut announce) {
+            Ok(t) => {
+                self.anchor.after_commit_point();
+                if let Err(e) = self.anchor.publish(t) {
+                    // The new fspf is committed and announced: a later settle promotes it.
+                    say(&format!("cannot publish the new tag ({e:?})"));
+                }
+            }
+            Err(e) => {
+                // If the error came after the commit point (the directory fsync), the announced
+                // tag is on disk and the next settle promotes it; otherwise it never appears.
+                drop(lock);
+                drop(alock);
+                for m in preps.into_iter().rev() {
+                    m.abort();
+                }
+                say(&format!("commit failed, changes lost: {e}"));
+                return Err(ViewError::of_io(&e));
+            }
+        }
+        drop(lock);
+        drop(alock);
+        for m in preps {
+            m.finish();
+        }
+        // Deepest first: a directory's subdirectories go before it. One made again in the same
+        // batch (`rm -r d; mkdir d`) is listed once more and stays.
+        gone_dirs.sort_by_key(|(_, k)| std::cmp::Reverse(k.rel().as_os_str().len()));
+        for (p, k) in gone_dirs {
+            let again = self
+                .vol
+                .as_ref()
+                .is_some_and(|v| v.lookup(&p).is_some() || v.has_below(&p));
+            if !again {
+                let _ = crate::volume::kernel_fs::remove_unlisted_dir(k.base(), k.rel());
+            }
+        }
+        self.pending.clear();
+        self.committed.any = true;
+        self.committed.files.extend(committed);
+        self.committed.merged.extend(merged);
+        Ok(())
+    }
+
+    /// Under the commit locks, with the volume at the run's current state: a queued append-only
+    /// version whose base another process replaced is re-staged as that version plus the
+    /// appended bytes (both writers' appends survive). Returns the merged contents by path.
+    fn rebase_appends(
+        &mut self,
+        changes: &mut [Change],
+        appends: &BTreeMap<EmbedPath, AppendDelta>,
+    ) -> BTreeMap<EmbedPath, Vec<u8>> {
+        let mut merged = BTreeMap::new();
+        for c in changes.iter_mut() {
+            let Change::Put(s) = c else { continue };
+            let Some(d) = appends.get(&s.path) else {
+                continue;
+            };
+            let Some(vol) = self.vol.as_ref() else {
+                break;
+            };
+            let cur = match vol.lookup(&s.path).map(|e| e.into_owned().kind) {
+                Some(FileKind::File { id, .. }) if id != d.base => id,
+                _ => continue,
+            };
+            let Ok(mut r) = vol.open_file(&s.path) else {
+                continue;
+            };
+            let Ok(len) = usize::try_from(r.size()) else {
+                continue;
+            };
+            let mut data = vec![0u8; len];
+            let mut off = 0usize;
+            let mut ok = true;
+            while off < data.len() {
+                match r.read_at(&mut data[off..], off as u64) {
+                    Ok(0) | Err(_) => {
+                        ok = false;
+                        break;
+                    }
+                    Ok(n) => off += n,
+                }
+            }
+            if !ok {
+                continue;
+            }
+            data.extend_from_slice(&d.delta);
+            let mode = s.entry.mode;
+            let path = s.path.clone();
+            if let Ok(mut new) = self.stage(&path, data.len() as u64, mode, || &data[..]) {
+                (self.cfg.log)(&format!(
+                    "{path}: appended {} bytes onto the version another process committed ({})",
+                    d.delta.len(),
+                    cur.to_hex()
+                ));
+                new.entry.mtime_ns = s.entry.mtime_ns;
+                let old = std::mem::replace(s, new);
+                old.discard(&self.cfg.fspf);
+                merged.insert(path, data);
+            }
+        }
+        merged
+    }
+}

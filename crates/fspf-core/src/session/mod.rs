@@ -1,0 +1,604 @@
+//! The session: one frontend's live state over an opened volume, and the rules every frontend
+//! (the in-process shield, FUSE) applies to it.
+//!
+//! A [`Session`] owns the opened [`Volume`], the run's trust [`Anchor`] (a trait: the preload
+//! implements it over an inherited memfd, a FUSE daemon over its own state, the tests over a
+//! cell), the queue of uncommitted [`Change`]s, the overlay of uncommitted entries
+//! ([`Pending`]) and the ephemeral regions (sealed in memory). It answers what a path means
+//! ([`Session::lookup`], [`Session::children`], through [`crate::view::View`]), changes the
+//! namespace ([`Session::mkdir`], [`Session::unlink`], [`Session::rename`],
+//! [`Session::symlink`], [`Session::chmod`], [`Session::set_mtime`]), stages file versions and
+//! commits (the protocol in `commit.rs`). Errors are a typed [`ViewError`].
+//!
+//! What stays with the frontend: the files it holds open for writing (their plaintext buffers),
+//! reached through [`OpenFiles`], and when to commit (fsync, fork/exec, exit; the session says
+//! when a batch is full). After any call that may commit, the frontend takes the committed
+//! versions ([`Session::take_committed`]) to move its open buffers onto them.
+mod commit;
+mod namespace;
+#[cfg(test)]
+mod tests;
+
+use crate::format::metadata::{FileKind, Protection, Region, RegionKind};
+use crate::format::view::ChildKind;
+use crate::policy::EmbedPath;
+use crate::view::{EphemeralNode, Frontend, Node, OpenFile, Pending, View, ViewError};
+use crate::volume::memory::{self, SealedMem};
+use crate::volume::{kernel_fs, Change, KernelPath, StagedFile};
+use crate::{FileId, Tag, Volume, VolumeKey, VolumeOptions};
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use commit::Committed;
+pub use namespace::RENAME_NOREPLACE;
+
+/// What a run's trust anchor holds: the tag the run trusts and, during a commit, the tag of the
+/// fspf about to replace it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnchorState {
+    pub current: Tag,
+    /// Announced by a committer that has not (yet) confirmed its commit.
+    pub pending: Option<Tag>,
+}
+
+impl AnchorState {
+    /// Parse the anchor's bytes: 16 (one tag) or 32 (current, then announced).
+    pub fn parse(b: &[u8]) -> Option<AnchorState> {
+        let tag = |s: &[u8]| {
+            let mut t = [0u8; 16];
+            t.copy_from_slice(s);
+            Tag(t)
+        };
+        match b.len() {
+            16 => Some(AnchorState {
+                current: tag(b),
+                pending: None,
+            }),
+            32 => Some(AnchorState {
+                current: tag(&b[..16]),
+                pending: Some(tag(&b[16..])),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The bytes [`AnchorState::parse`] reads.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = self.current.0.to_vec();
+        if let Some(p) = self.pending {
+            v.extend_from_slice(&p.0);
+        }
+        v
+    }
+
+    /// The trusted tag among the two that equals `disk`, if any.
+    pub fn accepts(&self, disk: Tag) -> Option<Tag> {
+        if disk == self.current || self.pending == Some(disk) {
+            Some(disk)
+        } else {
+            None
+        }
+    }
+}
+
+/// The run's trust anchor: where the tag the run trusts lives while the run goes on, and the
+/// lock that serialises the run's committers. Storage must not be able to change either.
+pub trait Anchor {
+    /// Held while one committer commits; released on drop.
+    type Lock;
+    /// The trusted state; `None` when it cannot be read (the session then fails closed).
+    fn read(&self) -> Option<AnchorState>;
+    /// Exclusive: the run's committers one at a time (blocks).
+    fn lock(&self) -> Result<Self::Lock, ViewError>;
+    /// Before the commit point (under the lock): trust `next` as well as `current`.
+    fn announce(&self, current: Tag, next: Tag) -> Result<(), ViewError>;
+    /// After the commit point (or on finding a crashed committer's commit on disk): `t` alone.
+    fn publish(&self, t: Tag) -> Result<(), ViewError>;
+    /// Called right after the commit point, before [`Anchor::publish`] (fault injection).
+    fn after_commit_point(&self) {}
+}
+
+impl<T: Anchor> Anchor for Arc<T> {
+    type Lock = T::Lock;
+    fn read(&self) -> Option<AnchorState> {
+        (**self).read()
+    }
+    fn lock(&self) -> Result<Self::Lock, ViewError> {
+        (**self).lock()
+    }
+    fn announce(&self, current: Tag, next: Tag) -> Result<(), ViewError> {
+        (**self).announce(current, next)
+    }
+    fn publish(&self, t: Tag) -> Result<(), ViewError> {
+        (**self).publish(t)
+    }
+    fn after_commit_point(&self) {
+        (**self).after_commit_point()
+    }
+}
+
+/// The frontend's files open for writing, as the view must show them.
+pub trait OpenFiles {
+    /// The file open for writing at `ep`, if any.
+    fn open_file(&self, ep: &EmbedPath) -> Option<OpenFile>;
+    /// Paths of open files strictly below `dir`.
+    fn open_below(&self, dir: &EmbedPath) -> Vec<EmbedPath>;
+}
+
+/// No files open (a frontend between operations, the CLI, tests).
+pub struct NoOpenFiles;
+
+impl OpenFiles for NoOpenFiles {
+    fn open_file(&self, _: &EmbedPath) -> Option<OpenFile> {
+        None
+    }
+    fn open_below(&self, _: &EmbedPath) -> Vec<EmbedPath> {
+        Vec::new()
+    }
+}
+
+/// A node of an ephemeral region.
+#[derive(Debug)]
+pub enum EphNode {
+    Dir { mode: u32, mtime: i64 },
+    File { sealed: SealedMem, mtime: i64 },
+}
+
+/// What a staged, append-only version added to the version it was loaded from: rebased at
+/// commit onto what another process of the run committed meanwhile.
+#[derive(Debug, Clone)]
+pub struct AppendDelta {
+    pub base: FileId,
+    pub delta: Vec<u8>,
+}
+
+/// Appends larger than this are not kept for a rebase (the later committer then wins).
+pub const APPEND_REBASE_MAX: u64 = 64 << 20;
+
+/// How a session is opened and when it asks for a commit.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub fspf: PathBuf,
+    pub key: Option<VolumeKey>,
+    pub opts: VolumeOptions,
+    /// Kernel regions take writes (`SCONE_FSPF_MUTABLE=1`); ephemeral regions always do.
+    pub mutable: bool,
+    /// A batch is full after this many queued changes ...
+    pub batch_files: usize,
+    /// ... or this many staged bytes.
+    pub batch_bytes: u64,
+    /// Messages for the user (a commit that lost changes); the frontend decides where they go.
+    pub say: fn(&str),
+    /// Diagnostics (why an operation failed).
+    pub log: fn(&str),
+}
+
+impl SessionConfig {
+    pub fn new(fspf: PathBuf, key: Option<VolumeKey>, opts: VolumeOptions) -> SessionConfig {
+        SessionConfig {
+            fspf,
+            key,
+            opts,
+            mutable: false,
+            batch_files: 500,
+            batch_bytes: 256 << 20,
+            say: |m| eprintln!("fspf: {m}"),
+            log: |_| {},
+        }
+    }
+}
+
+/// One frontend's state over a volume. See the module documentation.
+pub struct Session<A: Anchor> {
+    cfg: SessionConfig,
+    anchor: A,
+    /// `None` when the fspf could not be opened or authenticated: everything fails (EACCES).
+    vol: Option<Volume>,
+    eph: BTreeMap<EmbedPath, EphNode>,
+    pending: Pending,
+    appends: BTreeMap<EmbedPath, AppendDelta>,
+    queue: Vec<Change>,
+    /// Files with a version in the queue, as the view shows them until the commit.
+    queued: BTreeMap<EmbedPath, OpenFile>,
+    staged_bytes: u64,
+    /// Kernel directories known to exist (see `ensure_parent`).
+    dirs_made: HashSet<PathBuf>,
+    /// Committed since the frontend last asked ([`Session::take_committed`]).
+    committed: Committed,
+}
+
+/// The view's frontend: the session's ephemeral regions and queued file versions, plus the
+/// frontend's open files (which take precedence: they are newer than what they staged).
+struct Joined<'a> {
+    open: &'a dyn OpenFiles,
+    eph: &'a BTreeMap<EmbedPath, EphNode>,
+    queued: &'a BTreeMap<EmbedPath, OpenFile>,
+}
+
+/// Keys of `map` strictly below `dir` (a range query: stops at the first key past it).
+pub(crate) fn below<'a, V>(
+    map: &'a BTreeMap<EmbedPath, V>,
+    dir: &'a EmbedPath,
+) -> impl Iterator<Item = (&'a EmbedPath, &'a V)> + 'a {
+    map.range(dir.clone()..)
+        .take_while(move |(k, _)| k.as_bytes().starts_with(dir.as_bytes()))
+        .filter(move |(k, _)| *k != dir && k.starts_with(dir))
+}
+
+/// Remove `ep` and everything below it from `m`; returns what was removed.
+pub fn remove_tree<V>(m: &mut BTreeMap<EmbedPath, V>, ep: &EmbedPath) -> Vec<(EmbedPath, V)> {
+    let keys: Vec<EmbedPath> = m
+        .range(ep.clone()..)
+        .take_while(|(k, _)| k.as_bytes().starts_with(ep.as_bytes()))
+        .filter(|(k, _)| k.starts_with(ep))
+        .map(|(k, _)| k.clone())
+        .collect();
+    keys.into_iter()
+        .filter_map(|k| m.remove(&k).map(|v| (k, v)))
+        .collect()
+}
+
+impl Frontend for Joined<'_> {
+    fn open_file(&self, ep: &EmbedPath) -> Option<OpenFile> {
+        self.open
+            .open_file(ep)
+            .or_else(|| self.queued.get(ep).copied())
+    }
+    fn open_below(&self, dir: &EmbedPath) -> Vec<EmbedPath> {
+        let mut v = self.open.open_below(dir);
+        v.extend(below(self.queued, dir).map(|(k, _)| k.clone()));
+        v
+    }
+    fn ephemeral(&self, ep: &EmbedPath) -> Option<EphemeralNode> {
+        Some(match self.eph.get(ep)? {
+            EphNode::Dir { mode, mtime } => EphemeralNode::Dir {
+                mode: *mode,
+                mtime: *mtime,
+            },
+            EphNode::File { sealed, mtime } => EphemeralNode::File {
+                size: match &sealed.entry.kind {
+                    FileKind::File { size, .. } => *size,
+                    _ => 0,
+                },
+                mode: sealed.entry.mode,
+                mtime: *mtime,
+            },
+        })
+    }
+    fn ephemeral_below(&self, dir: &EmbedPath) -> Vec<(EmbedPath, bool)> {
+        below(self.eph, dir)
+            .map(|(k, n)| (k.clone(), matches!(n, EphNode::Dir { .. })))
+            .collect()
+    }
+}
+
+/// Current time, ns since the epoch.
+pub fn now_ns() -> i64 {
+    crate::format::metadata::now_ns()
+}
+
+impl<A: Anchor> Session<A> {
+    /// A session over `vol` (already opened against the anchor's tag; `None` when that failed).
+    pub fn new(cfg: SessionConfig, anchor: A, vol: Option<Volume>) -> Session<A> {
+        Session {
+            cfg,
+            anchor,
+            vol,
+            eph: BTreeMap::new(),
+            pending: Pending::default(),
+            appends: BTreeMap::new(),
+            queue: Vec::new(),
+            queued: BTreeMap::new(),
+            staged_bytes: 0,
+            dirs_made: HashSet::new(),
+            committed: Committed::default(),
+        }
+    }
+
+    pub fn config(&self) -> &SessionConfig {
+        &self.cfg
+    }
+
+    pub fn anchor(&self) -> &A {
+        &self.anchor
+    }
+
+    /// The volume at the state this session last loaded; `None` when it is unusable.
+    pub fn vol(&self) -> Option<&Volume> {
+        self.vol.as_ref()
+    }
+
+    fn vol_ok(&self) -> Result<&Volume, ViewError> {
+        self.vol.as_ref().ok_or(ViewError::Untrusted)
+    }
+
+    pub fn mutable(&self) -> bool {
+        self.cfg.mutable
+    }
+
+    /// The region `ep` lies in.
+    pub fn region_of(&self, ep: &EmbedPath) -> Option<&Region> {
+        self.vol.as_ref()?.region_for(ep)
+    }
+
+    pub fn is_ephemeral(&self, ep: &EmbedPath) -> bool {
+        self.region_of(ep)
+            .is_some_and(|r| r.kind == RegionKind::Ephemeral)
+    }
+
+    /// May `ep` be changed? Ephemeral regions always; kernel regions in mutable sessions.
+    pub fn check_writable(&self, ep: &EmbedPath) -> Result<(), ViewError> {
+        if self.is_ephemeral(ep) || self.cfg.mutable {
+            Ok(())
+        } else {
+            (self.cfg.log)(&format!(
+                "{ep}: protected region is read-only (set SCONE_FSPF_MUTABLE=1 to allow updates)"
+            ));
+            Err(ViewError::ReadOnly)
+        }
+    }
+
+    fn view<'a>(&'a self, fe: &'a Joined<'a>) -> Result<View<'a>, ViewError> {
+        Ok(View {
+            vol: self.vol_ok()?,
+            pending: &self.pending,
+            frontend: fe,
+        })
+    }
+
+    /// What is at `ep` (no symlink followed): the one place that decides it.
+    pub fn lookup(&self, open: &dyn OpenFiles, ep: &EmbedPath) -> Result<Node, ViewError> {
+        let fe = Joined {
+            open,
+            eph: &self.eph,
+            queued: &self.queued,
+        };
+        self.view(&fe)?.lookup(ep)
+    }
+
+    /// Entries of directory `ep`, sorted by name, without `.`/`..`.
+    pub fn children(&self, open: &dyn OpenFiles, ep: &EmbedPath) -> Vec<(Vec<u8>, ChildKind)> {
+        let fe = Joined {
+            open,
+            eph: &self.eph,
+            queued: &self.queued,
+        };
+        match self.view(&fe) {
+            Ok(v) => v.children(ep),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// A symlink or file in a directory position of `ep` (see [`View::dir_link`]).
+    pub fn dir_link(
+        &self,
+        open: &dyn OpenFiles,
+        region: &Region,
+        ep: &EmbedPath,
+    ) -> Option<Result<Vec<u8>, ViewError>> {
+        let fe = Joined {
+            open,
+            eph: &self.eph,
+            queued: &self.queued,
+        };
+        self.view(&fe).ok()?.dir_link(region, ep)
+    }
+
+    /// The sealed ephemeral file at `ep`.
+    pub fn ephemeral_file(&self, ep: &EmbedPath) -> Option<&SealedMem> {
+        match self.eph.get(ep)? {
+            EphNode::File { sealed, .. } => Some(sealed),
+            EphNode::Dir { .. } => None,
+        }
+    }
+
+    /// If the anchor moved (another process of the run committed), reload the fspf requiring
+    /// exactly the anchor's tag. Errors mean the fspf on disk is not the one the run trusts.
+    pub fn refresh(&mut self) -> Result<(), ViewError> {
+        let Some(vol) = self.vol.as_ref() else {
+            return Err(ViewError::Untrusted);
+        };
+        // Fail closed: without a readable anchor nothing on disk can be trusted.
+        let Some(anchor) = self.anchor.read() else {
+            (self.cfg.log)("the run's trust anchor is unreadable");
+            return Err(ViewError::Untrusted);
+        };
+        if anchor.current == vol.tag() && anchor.pending.is_none() {
+            return Ok(());
+        }
+        let v = match self.reopen(anchor.current) {
+            Ok(v) if anchor.pending.is_none() => v,
+            _ => {
+                // A commit in flight, or a committer that died inside its commit window: decide
+                // under the run's commit lock which of the anchor's tags is on disk.
+                let _l = self.anchor.lock()?;
+                self.settle_anchor()?;
+                let a = self.anchor.read().ok_or(ViewError::Untrusted)?;
+                self.reopen(a.current).map_err(|e| {
+                    (self.cfg.log)(&format!("refusing the fspf on disk: {e}"));
+                    ViewError::Untrusted
+                })?
+            }
+        };
+        self.vol = Some(v);
+        Ok(())
+    }
+
+    fn reopen(&self, t: Tag) -> crate::Result<Volume> {
+        Volume::open_with(&self.cfg.fspf, self.cfg.key.clone(), Some(t), self.cfg.opts)
+    }
+
+    /// Under the anchor lock: if a committer died after announcing a tag and that tag is now on
+    /// disk (it passed the commit point), make it the current one. Err when the disk holds
+    /// neither trusted tag (a rollback or a forgery).
+    fn settle_anchor(&self) -> Result<Tag, ViewError> {
+        let st = self.anchor.read().ok_or(ViewError::Untrusted)?;
+        let disk = Volume::read_tag(&self.cfg.fspf).map_err(|e| {
+            (self.cfg.log)(&format!("cannot read the fspf's tag: {e}"));
+            ViewError::Untrusted
+        })?;
+        let Some(t) = st.accepts(disk) else {
+            (self.cfg.log)(&format!(
+                "the fspf on disk (tag {disk}) is not the one this run trusts ({})",
+                st.current
+            ));
+            return Err(ViewError::Untrusted);
+        };
+        if st.pending.is_some() || t != st.current {
+            self.anchor.publish(t)?;
+        }
+        Ok(t)
+    }
+
+    /// Is a batch full (the frontend should commit now)?
+    pub fn batch_full(&self) -> bool {
+        self.queue.len() >= self.cfg.batch_files || self.staged_bytes >= self.cfg.batch_bytes
+    }
+
+    /// Anything queued for the next commit?
+    pub fn has_queued(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    /// Seal `data` as the new content of the ephemeral file `ep` (in memory).
+    pub fn put_ephemeral(
+        &mut self,
+        ep: &EmbedPath,
+        mode: u32,
+        mtime: i64,
+        data: &[u8],
+    ) -> Result<(), ViewError> {
+        let region = self.region_of(ep).ok_or(ViewError::Untrusted)?.clone();
+        let sealed = memory::seal_in_memory(self.cfg.opts.threads, &region, ep, mode, data)
+            .map_err(|e| {
+                (self.cfg.log)(&format!("{ep}: {e}"));
+                ViewError::Io
+            })?;
+        self.eph.insert(ep.clone(), EphNode::File { sealed, mtime });
+        Ok(())
+    }
+
+    /// Verified plaintext reader of the ephemeral file `ep`, or its plaintext when the region is
+    /// not protected.
+    pub fn open_ephemeral(&self, ep: &EmbedPath) -> Result<EphemeralContent, ViewError> {
+        let vol = self.vol_ok()?;
+        let region = vol.region_for(ep).ok_or(ViewError::NotFound)?;
+        let sealed = self.ephemeral_file(ep).ok_or(ViewError::NotFound)?;
+        if region.protection == Protection::NotProtected {
+            return Ok(EphemeralContent::Plain(sealed.data.clone()));
+        }
+        let r = memory::open_in_memory(vol.options().threads, region, ep, sealed)
+            .map_err(|e| ViewError::of_core(&self.cfg, ep, &e))?;
+        Ok(EphemeralContent::Sealed(Box::new(r)))
+    }
+
+    /// Make sure the kernel directory of `path` exists (once per directory and session).
+    fn ensure_parent(&mut self, region: &Region, path: &EmbedPath) {
+        let Some(kp) = KernelPath::of(region, path) else {
+            return;
+        };
+        let Some(parent) = kp.rel().parent() else {
+            return;
+        };
+        let full = kp.base().join(parent);
+        if self.dirs_made.contains(&full) {
+            return;
+        }
+        // No symlink below the region's directory is followed: a directory the attacker
+        // replaced by a link to elsewhere makes this fail (ELOOP), it creates nothing there.
+        if kernel_fs::create_dirs_beneath(kp.base(), parent, 0o755).is_ok() {
+            self.dirs_made.insert(full);
+        }
+    }
+
+    /// Seal `size` bytes from `src()` as a new version of kernel file `path` (a shadow beside
+    /// it) and queue it. When staging fails (the directory may have been removed since it was
+    /// made), once more after making the directory again. `mtime`: the time the program set, or
+    /// `None` for now; returns the time recorded. `append`: what the version appended to the
+    /// version it was loaded from (kept for a rebase at commit).
+    pub fn stage_put<R: std::io::Read>(
+        &mut self,
+        path: &EmbedPath,
+        size: u64,
+        mode: u32,
+        mtime: Option<i64>,
+        append: Option<AppendDelta>,
+        src: impl Fn() -> R,
+    ) -> Result<i64, ViewError> {
+        let mut staged = self.stage(path, size, mode, src)?;
+        if let Some(t) = mtime {
+            staged.entry.mtime_ns = t;
+        }
+        let t = staged.entry.mtime_ns;
+        match append {
+            Some(d) if d.delta.len() as u64 <= APPEND_REBASE_MAX => {
+                self.appends.insert(path.clone(), d);
+            }
+            _ => {
+                self.appends.remove(path);
+            }
+        }
+        self.staged_bytes += size;
+        self.queued.insert(
+            path.clone(),
+            OpenFile {
+                size,
+                mode: staged.entry.mode,
+                mtime: t,
+            },
+        );
+        self.queue.push(Change::Put(staged));
+        Ok(t)
+    }
+
+    fn stage<R: std::io::Read>(
+        &mut self,
+        path: &EmbedPath,
+        size: u64,
+        mode: u32,
+        src: impl Fn() -> R,
+    ) -> Result<StagedFile, ViewError> {
+        let region = self.region_of(path).ok_or(ViewError::Untrusted)?.clone();
+        self.ensure_parent(&region, path);
+        let vol = self.vol_ok()?;
+        let r = match vol.stage_file(path, size, mode, &mut src()) {
+            Ok(s) => Ok(s),
+            Err(_) => {
+                self.dirs_made.clear();
+                self.ensure_parent(&region, path);
+                self.vol_ok()?.stage_file(path, size, mode, &mut src())
+            }
+        };
+        r.map_err(|e| {
+            (self.cfg.log)(&format!("{path}: staging failed: {e}"));
+            ViewError::of_io(&e)
+        })
+    }
+}
+
+/// Content of an ephemeral file.
+pub enum EphemeralContent {
+    /// Not protected: the plaintext itself.
+    Plain(Arc<Vec<u8>>),
+    /// A verified reader.
+    Sealed(Box<memory::MemReader>),
+}
+
+impl ViewError {
+    /// A core error as the view reports it: data that failed verification or plain I/O is
+    /// [`ViewError::Io`]; a full disk or quota is the program's to see.
+    pub fn of_io(e: &crate::Error) -> ViewError {
+        match e.raw_os_error() {
+            Some(n) if n == rustix::io::Errno::NOSPC.raw_os_error() => ViewError::NoSpace,
+            Some(n) if n == rustix::io::Errno::DQUOT.raw_os_error() => ViewError::Quota,
+            Some(n) if n == rustix::io::Errno::FBIG.raw_os_error() => ViewError::TooBig,
+            _ => ViewError::Io,
+        }
+    }
+
+    fn of_core(cfg: &SessionConfig, ep: &EmbedPath, e: &crate::Error) -> ViewError {
+        (cfg.log)(&format!("{ep}: {e}"));
+        ViewError::of_io(e)
+    }
+}

@@ -1,0 +1,357 @@
+//! Namespace and metadata changes: mkdir, unlink/rmdir, rename, symlink, chmod, times.
+//!
+//! In ephemeral regions a change applies to the in-memory tree at once. In kernel regions it is
+//! queued ([`Change`]) and shown by the view through [`super::Pending`] until the next commit;
+//! its kernel side effect happens around that commit (`commit.rs`): `rm -r` of N files is one
+//! commit, not N. A rename and a symlink commit at once (a rename moves kernel objects that
+//! later queued changes name; a symlink is an fspf entry only).
+use super::{remove_tree, Anchor, EphNode, OpenFiles, Session, ViewError};
+use crate::format::metadata::{FileEntry, FileKind};
+use crate::policy::EmbedPath;
+use crate::view::NodeKind;
+use crate::volume::{kernel_fs, Change, KernelPath};
+
+/// `renameat2` flag: fail with [`ViewError::Exists`] if the destination exists.
+pub const RENAME_NOREPLACE: u32 = 1;
+
+impl<A: Anchor> Session<A> {
+    /// Reload before a change when the anchor moved (kernel regions only).
+    fn fresh(&mut self, ep: &EmbedPath) -> Result<bool, ViewError> {
+        let eph = self.is_ephemeral(ep);
+        if !eph {
+            self.refresh()?;
+        }
+        Ok(eph)
+    }
+
+    /// Remove the file (`dir == false`) or empty directory (`dir == true`) at `ep`. The
+    /// frontend drops its buffers at or below `ep` after this succeeded.
+    pub fn unlink(
+        &mut self,
+        open: &dyn OpenFiles,
+        ep: &EmbedPath,
+        dir: bool,
+    ) -> Result<(), ViewError> {
+        let eph = self.fresh(ep)?;
+        let node = self.lookup(open, ep)?;
+        match (&node.kind, dir) {
+            (NodeKind::Dir, false) => return Err(ViewError::IsDir),
+            (NodeKind::Dir, true) => {
+                if self.region_of(ep).is_some_and(|r| &r.embed_point == ep) {
+                    return Err(ViewError::Busy);
+                }
+                if !self.children(open, ep).is_empty() {
+                    return Err(ViewError::NotEmpty);
+                }
+            }
+            (_, true) => return Err(ViewError::NotDir),
+            _ => {}
+        }
+        self.check_writable(ep)?;
+        if eph {
+            remove_tree(&mut self.eph, ep);
+            return Ok(());
+        }
+        self.pending.new_dirs.remove(ep);
+        remove_tree(&mut self.queued, ep);
+        self.pending.removed.insert(ep.clone(), dir);
+        self.queue.push(Change::Remove(ep.clone()));
+        Ok(())
+    }
+
+    /// A new name at `ep` may be created: nothing is there, its parent is a directory, and the
+    /// region takes writes.
+    pub fn check_new_name(&self, open: &dyn OpenFiles, ep: &EmbedPath) -> Result<(), ViewError> {
+        if self.lookup(open, ep).is_ok() {
+            return Err(ViewError::Exists);
+        }
+        let parent = ep.parent().ok_or(ViewError::Exists)?;
+        match self.lookup(open, &parent)?.kind {
+            NodeKind::Dir => {}
+            _ => return Err(ViewError::NotDir),
+        }
+        self.check_writable(ep)
+    }
+
+    /// Make directory `ep` with `mode` (the caller applied its umask).
+    pub fn mkdir(
+        &mut self,
+        open: &dyn OpenFiles,
+        ep: &EmbedPath,
+        mode: u32,
+        now: i64,
+    ) -> Result<(), ViewError> {
+        let eph = self.fresh(ep)?;
+        self.check_new_name(open, ep)?;
+        let mode = mode & 0o7777;
+        if eph {
+            self.eph
+                .insert(ep.clone(), EphNode::Dir { mode, mtime: now });
+            return Ok(());
+        }
+        if let Some(k) = self.region_of(ep).and_then(|r| KernelPath::of(r, ep)) {
+            let _ = kernel_fs::create_dirs_beneath(k.base(), k.rel(), 0o755);
+        }
+        self.pending.new_dirs.insert(ep.clone(), mode);
+        self.queue.push(Change::PutEntry(
+            ep.clone(),
+            FileEntry {
+                kind: FileKind::Dir,
+                mode,
+                mtime_ns: now,
+            },
+        ));
+        Ok(())
+    }
+
+    /// Rename `from` to `to` (`flags`: [`RENAME_NOREPLACE`]). In kernel regions everything
+    /// queued is committed first (the frontend stages its buffers before), then the rename.
+    /// The frontend moves its buffers from `from` to `to` after this succeeded.
+    pub fn rename(
+        &mut self,
+        open: &dyn OpenFiles,
+        from: &EmbedPath,
+        to: &EmbedPath,
+        flags: u32,
+    ) -> Result<(), ViewError> {
+        if flags & !RENAME_NOREPLACE != 0 {
+            return Err(ViewError::Invalid);
+        }
+        let (rf, rt) = (
+            self.region_of(from).map(|r| r.embed_point.clone()),
+            self.region_of(to).map(|r| r.embed_point.clone()),
+        );
+        if rf != rt {
+            return Err(ViewError::CrossDevice);
+        }
+        let eph = self.fresh(from)?;
+        let node = self.lookup(open, from)?;
+        if from == to {
+            return Ok(());
+        }
+        if to.starts_with(from) {
+            return Err(ViewError::Invalid);
+        }
+        if rf.as_ref() == Some(from) {
+            return Err(ViewError::Busy);
+        }
+        match self.lookup(open, to) {
+            Ok(t) => {
+                if flags & RENAME_NOREPLACE != 0 {
+                    return Err(ViewError::Exists);
+                }
+                match (&node.kind, &t.kind) {
+                    (NodeKind::Dir, NodeKind::Dir) if !self.children(open, to).is_empty() => {
+                        return Err(ViewError::NotEmpty)
+                    }
+                    (NodeKind::Dir, NodeKind::Dir) => {}
+                    (NodeKind::Dir, _) => return Err(ViewError::NotDir),
+                    (_, NodeKind::Dir) => return Err(ViewError::IsDir),
+                    _ => {}
+                }
+            }
+            Err(ViewError::NotFound) => {
+                let parent = to.parent().ok_or(ViewError::Busy)?;
+                match self.lookup(open, &parent)?.kind {
+                    NodeKind::Dir => {}
+                    _ => return Err(ViewError::NotDir),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        self.check_writable(from)?;
+        if eph {
+            remove_tree(&mut self.eph, to);
+            let moved = remove_tree(&mut self.eph, from);
+            for (k, v) in moved {
+                let rest = k.strip_prefix(from).unwrap_or_default().to_vec();
+                let dest = if rest.is_empty() {
+                    to.clone()
+                } else {
+                    to.join(&rest).map_err(|_| ViewError::Invalid)?
+                };
+                self.eph.insert(dest, v);
+            }
+            return Ok(());
+        }
+        // Everything queued before the rename is committed under the old names first.
+        self.commit()?;
+        // A file: linked to its new name's shadow and moved to its own around the commit
+        // (crash-safe, `volume::moves`); a directory is renamed after the commit.
+        let prep = self.vol_ok()?.prepare_rename(from, to).map_err(|e| {
+            (self.cfg.log)(&format!("{from}: {e}"));
+            ViewError::Io
+        })?;
+        let change = Change::Rename {
+            from: from.clone(),
+            to: to.clone(),
+        };
+        if let Some(p) = prep {
+            self.queue.push(change);
+            return match self.commit() {
+                Ok(()) => {
+                    p.finish();
+                    Ok(())
+                }
+                Err(e) => {
+                    p.abort();
+                    Err(e)
+                }
+            };
+        }
+        let region = self.region_of(from).cloned();
+        let (kf, kt) = match &region {
+            Some(r) => (KernelPath::of(r, from), KernelPath::of(r, to)),
+            None => (None, None),
+        };
+        self.queue.push(change);
+        self.commit()?;
+        if let (Some(a), Some(b)) = (kf, kt) {
+            // Same region, same base; creates b's parents; follows no symlink below the base.
+            let _ = kernel_fs::rename_beneath(a.base(), a.rel(), b.rel());
+        }
+        Ok(())
+    }
+
+    /// A symlink at `ep` to `target`: an fspf entry in kernel regions (committed at once;
+    /// nothing is written next to protected files); ephemeral regions hold none
+    /// ([`ViewError::NotPermitted`]).
+    pub fn symlink(
+        &mut self,
+        open: &dyn OpenFiles,
+        target: &[u8],
+        ep: &EmbedPath,
+        now: i64,
+    ) -> Result<(), ViewError> {
+        if self.is_ephemeral(ep) {
+            return Err(ViewError::NotPermitted);
+        }
+        self.refresh()?;
+        self.check_new_name(open, ep)?;
+        let entry = FileEntry {
+            kind: FileKind::Symlink(target.to_vec()),
+            mode: 0o777,
+            mtime_ns: now,
+        };
+        self.queue.push(Change::PutEntry(ep.clone(), entry));
+        self.commit()
+    }
+
+    /// Set the entry field of a queued version or entry at `ep`; false when none is queued.
+    fn set_queued(&mut self, ep: &EmbedPath, f: impl Fn(&mut FileEntry)) -> bool {
+        for c in self.queue.iter_mut().rev() {
+            match c {
+                Change::Put(s) if &s.path == ep => {
+                    f(&mut s.entry);
+                    return true;
+                }
+                Change::PutEntry(p, e) if p == ep => {
+                    f(e);
+                    return true;
+                }
+                _ => {}
+            }
+        }
+        false
+    }
+
+    /// `chmod` of `ep` (symlinks already followed): ephemeral nodes change at once; in kernel
+    /// regions the mode is queued as an entry (or set on the queued version) and committed at
+    /// the next commit point like a write. The frontend sets it on its open buffer too.
+    pub fn chmod(
+        &mut self,
+        open: &dyn OpenFiles,
+        ep: &EmbedPath,
+        mode: u32,
+        now: i64,
+    ) -> Result<(), ViewError> {
+        let mode = mode & 0o7777;
+        let node = self.lookup(open, ep)?;
+        if matches!(node.kind, NodeKind::Symlink(_)) {
+            return Err(ViewError::NotSupported);
+        }
+        if self.is_ephemeral(ep) {
+            match self.eph.get_mut(ep) {
+                Some(EphNode::Dir { mode: m, .. }) => *m = mode,
+                Some(EphNode::File { sealed, .. }) => sealed.entry.mode = mode,
+                None => return Err(ViewError::NotPermitted),
+            }
+            return Ok(());
+        }
+        self.check_writable(ep)?;
+        let staged = self.set_queued(ep, |e| e.mode = mode);
+        if let Some(q) = self.queued.get_mut(ep) {
+            q.mode = mode;
+        }
+        if let Some(m) = self.pending.new_dirs.get_mut(ep) {
+            *m = mode;
+        }
+        if !staged && open.open_file(ep).is_none() {
+            let vol = self.vol_ok()?;
+            let e = match vol.lookup(ep) {
+                Some(e) => {
+                    let mut e = e.into_owned();
+                    e.mode = mode;
+                    e
+                }
+                // An implied directory (only paths below it are listed): record it.
+                None => FileEntry {
+                    kind: FileKind::Dir,
+                    mode,
+                    mtime_ns: now,
+                },
+            };
+            self.queue.push(Change::PutEntry(ep.clone(), e));
+        }
+        self.pending.modes.insert(ep.clone(), mode);
+        Ok(())
+    }
+
+    /// The modification time of `ep` (symlinks already followed), recorded like a mode; access
+    /// times are not kept. The frontend sets it on its open buffer too.
+    pub fn set_mtime(
+        &mut self,
+        open: &dyn OpenFiles,
+        ep: &EmbedPath,
+        ns: i64,
+    ) -> Result<(), ViewError> {
+        let node = self.lookup(open, ep)?;
+        if matches!(node.kind, NodeKind::Symlink(_)) {
+            return Ok(());
+        }
+        if self.is_ephemeral(ep) {
+            match self.eph.get_mut(ep) {
+                Some(EphNode::Dir { mtime, .. }) => *mtime = ns,
+                Some(EphNode::File { sealed, mtime }) => {
+                    *mtime = ns;
+                    sealed.entry.mtime_ns = ns;
+                }
+                None => {}
+            }
+            return Ok(());
+        }
+        self.check_writable(ep)?;
+        let staged = self.set_queued(ep, |e| e.mtime_ns = ns);
+        if let Some(q) = self.queued.get_mut(ep) {
+            q.mtime = ns;
+        }
+        if !staged && open.open_file(ep).is_none() {
+            let vol = self.vol_ok()?;
+            let mut e = match vol.lookup(ep) {
+                Some(e) => e.into_owned(),
+                None => FileEntry {
+                    kind: FileKind::Dir,
+                    mode: node.mode,
+                    mtime_ns: ns,
+                },
+            };
+            if let Some(m) = self.pending.modes.get(ep) {
+                e.mode = *m;
+            }
+            e.mtime_ns = ns;
+            self.queue.push(Change::PutEntry(ep.clone(), e));
+        }
+        self.pending.times.insert(ep.clone(), ns);
+        Ok(())
+    }
+}

@@ -1,0 +1,420 @@
+//! The session against a real volume in a temporary directory and an anchor in memory.
+use super::*;
+use crate::view::NodeKind;
+use crate::volume::RegionSpec;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// The run's anchor as a cell; counts publishes (one per commit).
+#[derive(Default)]
+struct MemAnchor {
+    st: Mutex<Option<AnchorState>>,
+    publishes: AtomicUsize,
+    unreadable: AtomicBool,
+}
+
+impl Anchor for MemAnchor {
+    type Lock = ();
+    fn read(&self) -> Option<AnchorState> {
+        if self.unreadable.load(Ordering::Relaxed) {
+            return None;
+        }
+        *self.st.lock().unwrap()
+    }
+    fn lock(&self) -> Result<(), ViewError> {
+        Ok(())
+    }
+    fn announce(&self, current: Tag, next: Tag) -> Result<(), ViewError> {
+        *self.st.lock().unwrap() = Some(AnchorState {
+            current,
+            pending: Some(next),
+        });
+        Ok(())
+    }
+    fn publish(&self, t: Tag) -> Result<(), ViewError> {
+        self.publishes.fetch_add(1, Ordering::Relaxed);
+        *self.st.lock().unwrap() = Some(AnchorState {
+            current: t,
+            pending: None,
+        });
+        Ok(())
+    }
+}
+
+fn p(s: &str) -> EmbedPath {
+    EmbedPath::parse(s).unwrap()
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    key: VolumeKey,
+    anchor: Arc<MemAnchor>,
+}
+
+impl Fixture {
+    /// `/` ephemeral encrypted, `/d` an encrypted kernel region at `DIR/vol`.
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let fspf = dir.path().join("fspf.pb");
+        std::fs::create_dir(dir.path().join("vol")).unwrap();
+        Volume::create(&fspf, false).unwrap();
+        let mut v = Volume::open(&fspf, None, None).unwrap();
+        v.add_region(RegionSpec {
+            embed_point: EmbedPath::root(),
+            kind: RegionKind::Ephemeral,
+            protection: Protection::Encrypted,
+            key_len: None,
+            chunk_len: None,
+        })
+        .unwrap();
+        v.add_region(RegionSpec {
+            embed_point: p("/d"),
+            kind: RegionKind::Kernel(dir.path().join("vol")),
+            protection: Protection::Encrypted,
+            key_len: None,
+            chunk_len: Some(4096),
+        })
+        .unwrap();
+        let (tag, key) = v.encrypt().unwrap();
+        let anchor = Arc::new(MemAnchor::default());
+        *anchor.st.lock().unwrap() = Some(AnchorState {
+            current: tag,
+            pending: None,
+        });
+        Fixture { dir, key, anchor }
+    }
+
+    fn fspf(&self) -> PathBuf {
+        self.dir.path().join("fspf.pb")
+    }
+
+    fn session(&self, mutable: bool) -> Session<Arc<MemAnchor>> {
+        let t = self.anchor.read().unwrap().current;
+        let vol = Volume::open(&self.fspf(), Some(self.key.clone()), Some(t)).unwrap();
+        let mut cfg = SessionConfig::new(
+            self.fspf(),
+            Some(self.key.clone()),
+            VolumeOptions::default(),
+        );
+        cfg.mutable = mutable;
+        Session::new(cfg, self.anchor.clone(), Some(vol))
+    }
+
+    /// The committed content of `path`, read through a fresh volume at the anchor's tag.
+    fn committed(&self, path: &str) -> Option<Vec<u8>> {
+        let t = self.anchor.read().unwrap().current;
+        let v = Volume::open(&self.fspf(), Some(self.key.clone()), Some(t)).unwrap();
+        let mut r = v.open_file(&p(path)).ok()?;
+        let mut out = vec![0u8; r.size() as usize];
+        let mut off = 0;
+        while off < out.len() {
+            off += r.read_at(&mut out[off..], off as u64).unwrap();
+        }
+        Some(out)
+    }
+}
+
+fn put<A: Anchor>(s: &mut Session<A>, path: &str, data: &[u8]) {
+    s.stage_put(&p(path), data.len() as u64, 0o644, None, None, || data)
+        .unwrap();
+}
+
+fn names<A: Anchor>(s: &Session<A>, dir: &str) -> Vec<String> {
+    s.children(&NoOpenFiles, &p(dir))
+        .into_iter()
+        .map(|(n, _)| String::from_utf8(n).unwrap())
+        .collect()
+}
+
+#[test]
+fn rm_r_of_many_files_is_one_commit_and_removes_the_kernel_side() {
+    let f = Fixture::new();
+    let mut s = f.session(true);
+    s.mkdir(&NoOpenFiles, &p("/d/t"), 0o755, 1).unwrap();
+    for i in 0..200 {
+        put(
+            &mut s,
+            &format!("/d/t/f{i}"),
+            format!("file {i}\n").as_bytes(),
+        );
+    }
+    s.commit().unwrap();
+    assert_eq!(f.anchor.publishes.load(Ordering::Relaxed), 1);
+    assert!(f.dir.path().join("vol/t/f7").exists());
+    for i in 0..200 {
+        s.unlink(&NoOpenFiles, &p(&format!("/d/t/f{i}")), false)
+            .unwrap();
+    }
+    // Removals show before the commit; nothing was committed for them yet.
+    assert!(names(&s, "/d/t").is_empty());
+    assert_eq!(
+        s.lookup(&NoOpenFiles, &p("/d/t/f3")),
+        Err(ViewError::NotFound)
+    );
+    s.unlink(&NoOpenFiles, &p("/d/t"), true).unwrap();
+    assert_eq!(f.anchor.publishes.load(Ordering::Relaxed), 1);
+    s.commit().unwrap();
+    assert_eq!(f.anchor.publishes.load(Ordering::Relaxed), 2);
+    assert!(!f.dir.path().join("vol/t").exists());
+    assert_eq!(f.committed("/d/t/f7"), None);
+    assert!(f.session(false).vol().unwrap().files().is_empty());
+}
+
+#[test]
+fn rules_of_the_namespace_give_typed_errors() {
+    let f = Fixture::new();
+    let mut s = f.session(true);
+    let o = &NoOpenFiles;
+    put(&mut s, "/d/a", b"a");
+    s.mkdir(o, &p("/d/dir"), 0o700, 1).unwrap();
+    put(&mut s, "/d/dir/x", b"x");
+    assert_eq!(s.mkdir(o, &p("/d/a"), 0o755, 1), Err(ViewError::Exists));
+    assert_eq!(s.mkdir(o, &p("/d/a/b"), 0o755, 1), Err(ViewError::NotDir));
+    assert_eq!(
+        s.mkdir(o, &p("/d/no/b"), 0o755, 1),
+        Err(ViewError::NotFound)
+    );
+    assert_eq!(s.unlink(o, &p("/d/dir"), false), Err(ViewError::IsDir));
+    assert_eq!(s.unlink(o, &p("/d/a"), true), Err(ViewError::NotDir));
+    assert_eq!(s.unlink(o, &p("/d/dir"), true), Err(ViewError::NotEmpty));
+    assert_eq!(s.unlink(o, &p("/d"), true), Err(ViewError::Busy));
+    assert_eq!(
+        s.rename(o, &p("/d/a"), &p("/x"), 0),
+        Err(ViewError::CrossDevice)
+    );
+    assert_eq!(
+        s.rename(o, &p("/d/dir"), &p("/d/dir/in"), 0),
+        Err(ViewError::Invalid)
+    );
+    assert_eq!(
+        s.rename(o, &p("/d/a"), &p("/d/dir"), 0),
+        Err(ViewError::IsDir)
+    );
+    assert_eq!(
+        s.rename(o, &p("/d/a"), &p("/d/dir/x"), RENAME_NOREPLACE),
+        Err(ViewError::Exists)
+    );
+    assert_eq!(
+        s.rename(o, &p("/d/a"), &p("/d/b"), 2),
+        Err(ViewError::Invalid)
+    );
+    assert_eq!(
+        s.symlink(o, b"a", &p("/link"), 1),
+        Err(ViewError::NotPermitted)
+    );
+    s.symlink(o, b"dir", &p("/d/l"), 1).unwrap();
+    assert_eq!(
+        s.chmod(o, &p("/d/l"), 0o600, 1),
+        Err(ViewError::NotSupported)
+    );
+    // Committed together with the queued writes; a read-only session changes nothing.
+    let mut ro = f.session(false);
+    assert_eq!(
+        ro.lookup(o, &p("/d/l")).unwrap().kind,
+        NodeKind::Symlink(b"dir".to_vec())
+    );
+    assert_eq!(
+        ro.mkdir(o, &p("/d/new"), 0o755, 1),
+        Err(ViewError::ReadOnly)
+    );
+    assert_eq!(ro.unlink(o, &p("/d/a"), false), Err(ViewError::ReadOnly));
+    assert_eq!(f.committed("/d/dir/x").unwrap(), b"x");
+}
+
+#[test]
+fn modes_times_and_renames_show_at_once_and_persist() {
+    let f = Fixture::new();
+    let mut s = f.session(true);
+    let o = &NoOpenFiles;
+    put(&mut s, "/d/src/f", b"content");
+    s.commit().unwrap();
+    s.chmod(o, &p("/d/src/f"), 0o750, 1).unwrap();
+    s.set_mtime(o, &p("/d/src/f"), 123_000_000_000).unwrap();
+    s.chmod(o, &p("/d/src"), 0o711, 1).unwrap();
+    let n = s.lookup(o, &p("/d/src/f")).unwrap();
+    assert_eq!((n.mode, n.mtime), (0o750, Some(123_000_000_000)));
+    assert_eq!(s.lookup(o, &p("/d/src")).unwrap().mode, 0o711);
+    s.rename(o, &p("/d/src"), &p("/d/dst"), 0).unwrap();
+    assert_eq!(s.lookup(o, &p("/d/src/f")), Err(ViewError::NotFound));
+    let fresh = f.session(false);
+    let n = fresh.lookup(o, &p("/d/dst/f")).unwrap();
+    assert_eq!((n.mode, n.mtime), (0o750, Some(123_000_000_000)));
+    assert_eq!(fresh.lookup(o, &p("/d/dst")).unwrap().mode, 0o711);
+    assert_eq!(f.committed("/d/dst/f").unwrap(), b"content");
+    assert!(f.dir.path().join("vol/dst/f").exists());
+    assert!(!f.dir.path().join("vol/src").exists());
+    // A file renamed within a directory: the kernel file moves with it.
+    s.rename(o, &p("/d/dst/f"), &p("/d/dst/g"), 0).unwrap();
+    assert_eq!(f.committed("/d/dst/g").unwrap(), b"content");
+    assert!(!f.dir.path().join("vol/dst/f").exists());
+}
+
+#[test]
+fn a_rolled_back_fspf_is_refused_by_refresh_and_commit() {
+    let f = Fixture::new();
+    let mut a = f.session(true);
+    let mut b = f.session(true);
+    put(&mut a, "/d/x", b"v1");
+    a.commit().unwrap();
+    let old = std::fs::read(f.fspf()).unwrap();
+    put(&mut a, "/d/x", b"v2");
+    a.commit().unwrap();
+    // The other session of the run follows the anchor.
+    b.refresh().unwrap();
+    assert_eq!(b.lookup(&NoOpenFiles, &p("/d/x")).unwrap().size, 2);
+    // Storage rolls the fspf back one commit: both sessions refuse it.
+    std::fs::write(f.fspf(), &old).unwrap();
+    put(&mut a, "/d/y", b"new");
+    assert_eq!(a.commit(), Err(ViewError::Untrusted));
+    // A process of the run that starts now cannot open it against the anchor's tag.
+    let t = f.anchor.read().unwrap().current;
+    assert!(Volume::open(&f.fspf(), Some(f.key.clone()), Some(t)).is_err());
+    // The anchor names a tag the disk does not hold: refresh refuses.
+    *f.anchor.st.lock().unwrap() = Some(AnchorState {
+        current: Tag([9; 16]),
+        pending: None,
+    });
+    assert_eq!(b.refresh(), Err(ViewError::Untrusted));
+}
+
+#[test]
+fn an_unreadable_anchor_fails_closed() {
+    let f = Fixture::new();
+    let mut s = f.session(true);
+    f.anchor.unreadable.store(true, Ordering::Relaxed);
+    assert_eq!(s.refresh(), Err(ViewError::Untrusted));
+    assert_eq!(
+        s.mkdir(&NoOpenFiles, &p("/d/n"), 0o755, 1),
+        Err(ViewError::Untrusted)
+    );
+    put(&mut s, "/d/n", b"n");
+    assert_eq!(s.commit(), Err(ViewError::Untrusted));
+    // Nothing staged stays behind.
+    assert_eq!(
+        std::fs::read_dir(f.dir.path().join("vol")).unwrap().count(),
+        0
+    );
+}
+
+#[test]
+fn a_crashed_committers_announced_tag_is_settled_when_it_is_on_disk() {
+    let f = Fixture::new();
+    let mut a = f.session(true);
+    put(&mut a, "/d/x", b"v1");
+    a.commit().unwrap();
+    let before = f.anchor.read().unwrap().current;
+    put(&mut a, "/d/x", b"v2");
+    a.commit().unwrap();
+    let after = f.anchor.read().unwrap().current;
+    // As if the committer died between the commit point and publishing.
+    *f.anchor.st.lock().unwrap() = Some(AnchorState {
+        current: before,
+        pending: Some(after),
+    });
+    let mut b = f.session_on_disk();
+    b.refresh().unwrap();
+    assert_eq!(
+        f.anchor.read().unwrap(),
+        AnchorState {
+            current: after,
+            pending: None
+        }
+    );
+    assert_eq!(b.lookup(&NoOpenFiles, &p("/d/x")).unwrap().size, 2);
+}
+
+impl Fixture {
+    /// A session over whatever fspf is on disk (the anchor is not consulted to open it).
+    fn session_on_disk(&self) -> Session<Arc<MemAnchor>> {
+        let vol = Volume::open(&self.fspf(), Some(self.key.clone()), None).ok();
+        let mut cfg = SessionConfig::new(
+            self.fspf(),
+            Some(self.key.clone()),
+            VolumeOptions::default(),
+        );
+        cfg.mutable = true;
+        Session::new(cfg, self.anchor.clone(), vol)
+    }
+}
+
+#[test]
+fn appends_of_two_sessions_to_one_file_are_both_kept() {
+    let f = Fixture::new();
+    let mut s = f.session(true);
+    put(&mut s, "/d/log", b"start\n");
+    s.commit().unwrap();
+    let base = match s.vol().unwrap().lookup(&p("/d/log")).unwrap().kind.clone() {
+        FileKind::File { id, .. } => id,
+        _ => unreachable!(),
+    };
+    let mut a = f.session(true);
+    let mut b = f.session(true);
+    let append = |s: &mut Session<Arc<MemAnchor>>, line: &[u8]| {
+        let mut all = b"start\n".to_vec();
+        all.extend_from_slice(line);
+        let d = AppendDelta {
+            base,
+            delta: line.to_vec(),
+        };
+        s.stage_put(&p("/d/log"), all.len() as u64, 0o644, None, Some(d), || {
+            &all[..]
+        })
+        .unwrap();
+    };
+    append(&mut a, b"from a\n");
+    append(&mut b, b"from b\n");
+    a.commit().unwrap();
+    b.commit().unwrap();
+    assert_eq!(f.committed("/d/log").unwrap(), b"start\nfrom a\nfrom b\n");
+    let c = b.take_committed();
+    assert!(c.any);
+    assert_eq!(c.merged[&p("/d/log")], b"start\nfrom a\nfrom b\n");
+}
+
+#[test]
+fn ephemeral_regions_change_in_memory_at_once() {
+    let f = Fixture::new();
+    let mut s = f.session(false);
+    let o = &NoOpenFiles;
+    s.mkdir(o, &p("/tmp"), 0o700, 5).unwrap();
+    s.put_ephemeral(&p("/tmp/a"), 0o600, 7, b"secret").unwrap();
+    assert_eq!(names(&s, "/tmp"), ["a"]);
+    s.rename(o, &p("/tmp"), &p("/tmp2"), 0).unwrap();
+    match s.open_ephemeral(&p("/tmp2/a")).unwrap() {
+        EphemeralContent::Sealed(mut r) => {
+            let mut b = [0u8; 6];
+            assert_eq!(r.read_at(&mut b, 0).unwrap(), 6);
+            assert_eq!(&b, b"secret");
+        }
+        EphemeralContent::Plain(_) => panic!("an encrypted region kept plaintext"),
+    }
+    // Sealed in memory: the plaintext is not what the session stores.
+    assert_ne!(
+        &s.ephemeral_file(&p("/tmp2/a")).unwrap().data[..],
+        b"secret"
+    );
+    s.unlink(o, &p("/tmp2/a"), false).unwrap();
+    s.unlink(o, &p("/tmp2"), true).unwrap();
+    assert_eq!(s.lookup(o, &p("/tmp2")), Err(ViewError::NotFound));
+    assert!(!s.has_queued());
+    assert_eq!(f.anchor.publishes.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn anchor_state_parses_one_or_two_tags_and_accepts_only_those() {
+    let a = Tag([1; 16]);
+    let b = Tag([2; 16]);
+    let one = AnchorState::parse(&a.0).unwrap();
+    assert_eq!(one.pending, None);
+    assert_eq!(one.accepts(a), Some(a));
+    assert_eq!(one.accepts(b), None);
+    let mut both = a.0.to_vec();
+    both.extend_from_slice(&b.0);
+    let two = AnchorState::parse(&both).unwrap();
+    assert_eq!(two.to_bytes(), both);
+    assert_eq!(two.accepts(b), Some(b));
+    assert_eq!(two.accepts(a), Some(a));
+    assert_eq!(two.accepts(Tag([3; 16])), None);
+    assert_eq!(AnchorState::parse(&[0; 17]), None);
+    assert_eq!(AnchorState::parse(&[]), None);
+}
