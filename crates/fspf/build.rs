@@ -6,6 +6,11 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
+    // The unwinder from `libgcc_eh.a`: no `libgcc_s.so.1` to load (and no CPUID-probing
+    // constructor of it to run) at every `fspf run`; see crates/fspf-preload/build.rs.
+    if std::env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("gnu") {
+        println!("cargo:rustc-link-lib=static=gcc_eh");
+    }
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("set by cargo"));
     let dest = out.join("libfspf_preload.so");
@@ -13,6 +18,7 @@ fn main() {
     for p in [
         "crates/fspf-preload/src",
         "crates/fspf-preload/Cargo.toml",
+        "crates/fspf-preload/build.rs",
         "crates/fspf-core/src",
         "crates/fspf-core/Cargo.toml",
         "Cargo.lock",

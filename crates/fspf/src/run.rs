@@ -325,6 +325,14 @@ pub fn run(a: RunArgs) -> Result<i32> {
         Some(p) => cmd.env("FSPF_TAG_FILE", p),
         None => cmd.env_remove("FSPF_TAG_FILE"),
     };
+    if !a.mutable {
+        // Nothing of the run can move the anchor (only mutable runs commit), so there is no
+        // final tag to settle: become the program instead of waiting for it (one process and
+        // one wait fewer per run; the program's exit status and signals are its own).
+        use std::os::unix::process::CommandExt;
+        let e = cmd.exec();
+        return Err(e).with_context(|| format!("starting {}", a.argv[0]));
+    }
     let status = cmd
         .status()
         .with_context(|| format!("starting {}", a.argv[0]))?;

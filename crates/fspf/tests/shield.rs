@@ -1964,7 +1964,8 @@ fn shell_fd_3_and_close_fds_never_close_the_readers_own_file() {
 fn the_runs_processes_start_from_the_frozen_index_without_parsing_the_fspf() {
     // Children started after the fspf on disk became unreadable still open protected files:
     // they map the run's frozen index (FSPF_INDEX_FD) instead of parsing the fspf. The damage is
-    // reported when the run ends.
+    // reported by the next run (an immutable `fspf run` execs the program: nothing waits for
+    // it to end).
     let w = data_world();
     let garbage = w.path("garbage");
     std::fs::write(&garbage, b"not an fspf").expect("garbage");
@@ -1978,10 +1979,11 @@ fn the_runs_processes_start_from_the_frozen_index_without_parsing_the_fspf() {
         stdout(&o),
         format!("{HELLO}{HELLO}{WORLD_PY}hello.txt\nworld.py\n")
     );
-    assert!(
-        !o.status.success(),
-        "the damaged fspf is reported at the end"
-    );
+    ok(&o, "reads from the frozen index");
+    let o = w.run(&["cat", "/data/hello.txt"]);
+    assert!(!o.status.success(), "the damaged fspf is refused");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("fspf"), "{err}");
 }
 
 #[test]
@@ -2359,4 +2361,20 @@ fn git_gcc_tar_cp_a_and_a_python_venv_work_in_a_mutable_encrypted_region() {
     ]);
     ok(&o, "git, next run");
     assert_eq!(stdout(&o), "two\none\n");
+}
+
+/// An immutable `fspf run` becomes the program (nothing of the run can move its anchor, so there
+/// is no final tag to wait for): the program's exit status and death by signal are its own, and
+/// its parent is the caller. A mutable run stays the parent and reports a signal as 128 + n.
+#[test]
+fn immutable_run_execs_the_program_and_mutable_run_waits_for_it() {
+    let mut w = data_world();
+    let o = w.run(&["sh", "-c", "cat /data/hello.txt; kill -9 $$"]);
+    assert_eq!(stdout(&o), HELLO);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(o.status.signal(), Some(9), "{o:?}");
+    let o = w.run(&["sh", "-c", "exit 7"]);
+    assert_eq!(o.status.code(), Some(7));
+    let o = w.run_mut(&["sh", "-c", "echo new > /data/n; kill -9 $$"]);
+    assert_eq!(o.status.code(), Some(137), "{o:?}");
 }

@@ -34,8 +34,13 @@ fn cache_key(vol_key: &crate::crypto::VolumeKey) -> Result<AeadKey> {
     AeadKey::new(&k[..])
 }
 
-/// The index bytes for the fspf with `tag`, if a valid cache for exactly that tag is there.
-pub fn read(fspf: &Path, vol_key: &crate::crypto::VolumeKey, tag: Tag) -> Option<Vec<u8>> {
+/// The index for the fspf with `tag`, if a valid cache for exactly that tag is there: the
+/// buffer and where in it the index lies.
+pub fn read(
+    fspf: &Path,
+    vol_key: &crate::crypto::VolumeKey,
+    tag: Tag,
+) -> Option<(Vec<u8>, std::ops::Range<usize>)> {
     let p = cache_path(fspf);
     let mut f = kernel_fs::open_regular_path(&p).ok()?;
     let len = f.metadata().ok()?.len();
@@ -55,11 +60,10 @@ pub fn read(fspf: &Path, vol_key: &crate::crypto::VolumeKey, tag: Tag) -> Option
     let key = cache_key(vol_key).ok()?;
     let body = &mut b[MAGIC.len() + NONCE_LEN..];
     let n = key.open(nonce, &aad, body)?;
-    // The plaintext moves to the front in place (no second buffer of the index's size).
+    // Decrypted in place; the index needs no alignment, so it is used where it lies: no second
+    // buffer and no move of the index's size (3 MB for 50 000 files, at every `fspf run`).
     let start = MAGIC.len() + NONCE_LEN;
-    b.copy_within(start..start + n, 0);
-    b.truncate(n);
-    Some(b)
+    Some((b, start..start + n))
 }
 
 /// Write the cache for `vol` (best effort: a failure only costs the next run a parse).
@@ -91,9 +95,9 @@ impl Volume {
     pub fn open_cached(path: &Path, key: crate::crypto::VolumeKey, tag: Tag) -> Result<Volume> {
         let disk = store::read_tag(&store::absolute(path))?;
         if disk == tag {
-            if let Some(bytes) = read(path, &key, tag) {
+            if let Some((buf, range)) = read(path, &key, tag) {
                 // Kept for the life of the process: the volume searches it in place.
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                let bytes: &'static [u8] = &Box::leak(buf.into_boxed_slice())[range];
                 if let Ok(v) = Volume::from_index(path, Some(key.clone()), bytes) {
                     if v.tag() == tag {
                         return Ok(v);

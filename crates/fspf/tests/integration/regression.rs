@@ -690,10 +690,19 @@ fn key_on_the_command_line_stayed_visible_in_proc_cmdline() {
     env.ok(["addf", "fspf.pb", "/d", "src", "vol"]);
     let kt = env.encrypt(None);
     // Any file will do as the preload: the test looks at the parent, not at the shielded child.
+    // `--mutable`: a mutable run's `fspf run` stays as the parent for the whole run (an
+    // immutable one execs the program, whose command line holds no key).
     let fake = env.write("fake.so", "");
     let mut run = Command::new(FSPF)
         .args([
-            "run", "--key", &kt.key, "--tag", &kt.tag, "--fspf", "fspf.pb",
+            "run",
+            "--mutable",
+            "--key",
+            &kt.key,
+            "--tag",
+            &kt.tag,
+            "--fspf",
+            "fspf.pb",
         ])
         .args(["--", "sleep", "3"])
         .current_dir(env.root())
@@ -722,7 +731,7 @@ fn key_on_the_command_line_stayed_visible_in_proc_cmdline() {
     let _ = run.kill();
     let out = run.wait_with_output().unwrap();
     let shown = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    assert!(shown.contains("run --key"), "{shown}");
+    assert!(shown.contains("run --mutable --key"), "{shown}");
     assert!(!shown.contains(&kt.key[..16]), "key visible: {shown}");
     assert!(
         stderr(&out)
