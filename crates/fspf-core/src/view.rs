@@ -53,6 +53,34 @@ pub enum ViewError {
     TooBig,
 }
 
+impl ViewError {
+    /// The errno a POSIX frontend reports for it: the one place a view error becomes an errno,
+    /// for the in-process shield and the FUSE shield alike.
+    pub fn errno(self) -> i32 {
+        use rustix::io::Errno as E;
+        match self {
+            ViewError::NotFound => E::NOENT,
+            ViewError::NotDir => E::NOTDIR,
+            ViewError::Loop => E::LOOP,
+            ViewError::Exists => E::EXIST,
+            ViewError::IsDir => E::ISDIR,
+            ViewError::NotEmpty => E::NOTEMPTY,
+            ViewError::Busy => E::BUSY,
+            ViewError::ReadOnly => E::ROFS,
+            ViewError::CrossDevice => E::XDEV,
+            ViewError::Invalid => E::INVAL,
+            ViewError::NotPermitted => E::PERM,
+            ViewError::NotSupported => E::OPNOTSUPP,
+            ViewError::Untrusted => E::ACCESS,
+            ViewError::Io => E::IO,
+            ViewError::NoSpace => E::NOSPC,
+            ViewError::Quota => E::DQUOT,
+            ViewError::TooBig => E::FBIG,
+        }
+        .raw_os_error()
+    }
+}
+
 /// Symlinks followed while resolving one path before [`ViewError::Loop`] (Linux: 40).
 pub const MAX_SYMLINKS: u32 = 40;
 

@@ -411,27 +411,9 @@ pub use fspf_core::view::link_target;
 
 pub use fspf_core::view::{Node, NodeKind};
 
-/// The one place a view error becomes an errno.
+/// A view error as the errno the program sees (`ViewError::errno`, shared with the FUSE shield).
 pub fn errno_of(e: ViewError) -> c_int {
-    match e {
-        ViewError::NotFound => libc::ENOENT,
-        ViewError::NotDir => libc::ENOTDIR,
-        ViewError::Loop => libc::ELOOP,
-        ViewError::Exists => libc::EEXIST,
-        ViewError::IsDir => libc::EISDIR,
-        ViewError::NotEmpty => libc::ENOTEMPTY,
-        ViewError::Busy => libc::EBUSY,
-        ViewError::ReadOnly => libc::EROFS,
-        ViewError::CrossDevice => libc::EXDEV,
-        ViewError::Invalid => libc::EINVAL,
-        ViewError::NotPermitted => libc::EPERM,
-        ViewError::NotSupported => libc::EOPNOTSUPP,
-        ViewError::Untrusted => libc::EACCES,
-        ViewError::Io => libc::EIO,
-        ViewError::NoSpace => libc::ENOSPC,
-        ViewError::Quota => libc::EDQUOT,
-        ViewError::TooBig => libc::EFBIG,
-    }
+    e.errno()
 }
 
 /// This process's buffers of files open for writing, as the session's view sees them.

@@ -5,6 +5,7 @@
 mod anchor;
 mod argv;
 mod cmd;
+mod mount;
 mod run;
 
 use clap::{Args, Parser, Subcommand};
@@ -107,6 +108,11 @@ enum Command {
     CreateVolume(cmd::volume::CreateVolumeArgs),
     /// Run a program under the in-process shield (LD_PRELOAD)
     Run(run::RunArgs),
+    /// Mount the fspf's namespace (or one region) with FUSE: any program, static or not, sees
+    /// plaintext there
+    Mount(mount::MountArgs),
+    /// Commit, unmount an `fspf mount` and print the final tag (when mutable)
+    Umount(mount::UmountArgs),
     /// (internal) exec a program through the shield: used by `fspf run`
     #[command(name = run::EXEC_SHIELDED, hide = true)]
     ExecShielded {
@@ -125,10 +131,12 @@ fn key_in_argv(c: &Command) -> Option<&str> {
         Command::Addr(a) => &a.kt,
         Command::Addf(a) => &a.kt,
         Command::Run(a) => &a.kt,
+        Command::Mount(a) => &a.kt,
         Command::Show(a) => return a.key_pos.as_deref().or(a.key.as_deref()),
-        Command::Create { .. } | Command::CreateVolume(_) | Command::ExecShielded { .. } => {
-            return None
-        }
+        Command::Create { .. }
+        | Command::CreateVolume(_)
+        | Command::ExecShielded { .. }
+        | Command::Umount(_) => return None,
     };
     kt.key.as_deref()
 }
@@ -171,6 +179,8 @@ fn main() {
         } => cmd::export(&fspf, &embed_point, &outdir, &kt),
         Command::CreateVolume(a) => cmd::volume::run(a),
         Command::Run(a) => run::run(a),
+        Command::Mount(a) => mount::mount(a),
+        Command::Umount(a) => mount::umount(a),
         Command::ExecShielded { argv } => run::exec_shielded(&argv),
     };
     match res {

@@ -418,3 +418,34 @@ fn anchor_state_parses_one_or_two_tags_and_accepts_only_those() {
     assert_eq!(AnchorState::parse(&[0; 17]), None);
     assert_eq!(AnchorState::parse(&[]), None);
 }
+
+#[test]
+fn view_errors_map_to_the_errnos_programs_expect() {
+    let all = [
+        (ViewError::NotFound, libc_errno("ENOENT", 2)),
+        (ViewError::NotDir, libc_errno("ENOTDIR", 20)),
+        (ViewError::Loop, libc_errno("ELOOP", 40)),
+        (ViewError::Exists, libc_errno("EEXIST", 17)),
+        (ViewError::IsDir, libc_errno("EISDIR", 21)),
+        (ViewError::NotEmpty, libc_errno("ENOTEMPTY", 39)),
+        (ViewError::Busy, libc_errno("EBUSY", 16)),
+        (ViewError::ReadOnly, libc_errno("EROFS", 30)),
+        (ViewError::CrossDevice, libc_errno("EXDEV", 18)),
+        (ViewError::Invalid, libc_errno("EINVAL", 22)),
+        (ViewError::NotPermitted, libc_errno("EPERM", 1)),
+        (ViewError::NotSupported, libc_errno("EOPNOTSUPP", 95)),
+        (ViewError::Untrusted, libc_errno("EACCES", 13)),
+        (ViewError::Io, libc_errno("EIO", 5)),
+        (ViewError::NoSpace, libc_errno("ENOSPC", 28)),
+        (ViewError::Quota, libc_errno("EDQUOT", 122)),
+        (ViewError::TooBig, libc_errno("EFBIG", 27)),
+    ];
+    for (e, n) in all {
+        assert_eq!(e.errno(), n, "{e:?}");
+    }
+}
+
+/// Linux x86-64 errno values (asm-generic), named for the failure message.
+fn libc_errno(_name: &str, n: i32) -> i32 {
+    n
+}

@@ -5,6 +5,7 @@
 mod attacks;
 mod cli;
 mod crash;
+mod fuse;
 mod harness;
 mod matrix;
 mod regression;

@@ -1,0 +1,1079 @@
+//! The FUSE adapter: inode numbers ↔ embed paths, file handles ↔ readers and write buffers,
+//! `ViewError` → errno. Every rule (what a path is, what may change, how a change is queued and
+//! committed) is the session's.
+use crate::DaemonAnchor;
+use fspf_core::session::{EphemeralContent, OpenFiles, Session};
+use fspf_core::view::{Node, NodeKind, OpenFile, ViewError};
+use fspf_core::volume::KernelReader;
+use fspf_core::{ChildKind, EmbedPath, Tag};
+use fuser::{
+    FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+};
+use libc::c_int;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long the kernel may cache attributes and names: only this daemon changes the namespace,
+/// but a short TTL keeps `stat` after a commit honest about sizes of files staged by others.
+const TTL: Duration = Duration::from_secs(1);
+
+/// Plaintext of a file open for writing (or staged and not yet committed), in a memfd.
+struct Buf {
+    path: EmbedPath,
+    file: File,
+    len: u64,
+    mode: u32,
+    mtime: i64,
+    mtime_set: bool,
+    /// Changed since it was last staged.
+    dirty: bool,
+    /// Open write handles.
+    writers: usize,
+    /// Unlinked: never staged again.
+    detached: bool,
+}
+
+impl Buf {
+    fn new(path: EmbedPath, mode: u32, mtime: i64) -> std::io::Result<Buf> {
+        let fd = rustix::fs::memfd_create("fspf-fuse", rustix::fs::MemfdFlags::CLOEXEC)?;
+        Ok(Buf {
+            path,
+            file: File::from(fd),
+            len: 0,
+            mode,
+            mtime,
+            mtime_set: false,
+            dirty: false,
+            writers: 0,
+            detached: false,
+        })
+    }
+
+    fn write_at(&mut self, data: &[u8], off: u64) -> std::io::Result<()> {
+        self.file.write_all_at(data, off)?;
+        self.len = self.len.max(off + data.len() as u64);
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn read_at(&self, out: &mut [u8], off: u64) -> std::io::Result<usize> {
+        if off >= self.len {
+            return Ok(0);
+        }
+        let n = out.len().min((self.len - off) as usize);
+        self.file.read_exact_at(&mut out[..n], off)?;
+        Ok(n)
+    }
+
+    fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)?;
+        self.len = len;
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn contents(&self) -> std::io::Result<Vec<u8>> {
+        let mut v = vec![0u8; self.len as usize];
+        self.file.read_exact_at(&mut v, 0)?;
+        Ok(v)
+    }
+}
+
+/// Sequential reader over a buffer's memfd (what `stage_put` seals).
+struct BufReader<'a> {
+    file: &'a File,
+    pos: u64,
+    end: u64,
+}
+
+impl std::io::Read for BufReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let n = out.len().min((self.end - self.pos) as usize);
+        if n == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut out[..n], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+type Shared = Arc<Mutex<Buf>>;
+
+fn lock(b: &Shared) -> MutexGuard<'_, Buf> {
+    b.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The daemon's buffers as the session's view sees them.
+struct Live<'a>(&'a BTreeMap<EmbedPath, Shared>);
+
+impl OpenFiles for Live<'_> {
+    fn open_file(&self, ep: &EmbedPath) -> Option<OpenFile> {
+        let b = lock(self.0.get(ep)?);
+        Some(OpenFile {
+            size: b.len,
+            mode: b.mode,
+            mtime: b.mtime,
+        })
+    }
+    fn open_below(&self, dir: &EmbedPath) -> Vec<EmbedPath> {
+        self.0
+            .range(dir.clone()..)
+            .take_while(|(k, _)| k.as_bytes().starts_with(dir.as_bytes()))
+            .filter(|(k, _)| *k != dir && k.starts_with(dir))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+}
+
+enum Handle {
+    Kernel(Box<KernelReader>),
+    Mem(Box<fspf_core::volume::memory::MemReader>),
+    Plain(Arc<Vec<u8>>),
+    /// A buffer: written through this handle when `write`, else read from it.
+    Buf {
+        buf: Shared,
+        write: bool,
+    },
+}
+
+/// Inode numbers for embed paths (stable for the life of the mount; renames move them).
+#[derive(Default)]
+struct Inodes {
+    by_path: BTreeMap<EmbedPath, u64>,
+    by_ino: HashMap<u64, EmbedPath>,
+    next: u64,
+}
+
+impl Inodes {
+    fn ino(&mut self, p: &EmbedPath) -> u64 {
+        if let Some(&i) = self.by_path.get(p) {
+            return i;
+        }
+        self.next += 1;
+        let i = self.next;
+        self.by_path.insert(p.clone(), i);
+        self.by_ino.insert(i, p.clone());
+        i
+    }
+
+    fn path(&self, ino: u64) -> Option<&EmbedPath> {
+        self.by_ino.get(&ino)
+    }
+
+    /// `from` (and everything below it) is now `to`; what was at `to` is gone.
+    fn rename(&mut self, from: &EmbedPath, to: &EmbedPath) {
+        for (k, i) in fspf_core::session::remove_tree(&mut self.by_path, to) {
+            let _ = k;
+            self.by_ino.remove(&i);
+        }
+        for (k, i) in fspf_core::session::remove_tree(&mut self.by_path, from) {
+            let rest = k.strip_prefix(from).unwrap_or_default().to_vec();
+            let dest = if rest.is_empty() {
+                to.clone()
+            } else {
+                match to.join(&rest) {
+                    Ok(d) => d,
+                    Err(_) => continue,
+                }
+            };
+            self.by_ino.insert(i, dest.clone());
+            self.by_path.insert(dest, i);
+        }
+    }
+}
+
+struct State {
+    s: Session<Arc<DaemonAnchor>>,
+    live: BTreeMap<EmbedPath, Shared>,
+    handles: HashMap<u64, Handle>,
+    next_fh: u64,
+    inodes: Inodes,
+    /// When the oldest uncommitted change was made.
+    since: Option<std::time::Instant>,
+}
+
+/// The filesystem fuser drives.
+pub(crate) struct FspfFs {
+    st: Arc<Mutex<State>>,
+    anchor: Arc<DaemonAnchor>,
+    root: EmbedPath,
+    uid: u32,
+    gid: u32,
+    started: i64,
+    ready: Option<Box<dyn FnOnce(Tag) + Send>>,
+}
+
+fn now_ns() -> i64 {
+    fspf_core::session::now_ns()
+}
+
+fn time_of(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH
+    }
+}
+
+fn ns_of(t: TimeOrNow) -> i64 {
+    match t {
+        TimeOrNow::Now => now_ns(),
+        TimeOrNow::SpecificTime(t) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => d.as_nanos().min(i64::MAX as u128) as i64,
+            Err(_) => 0,
+        },
+    }
+}
+
+/// A core error as an errno: data that failed verification is `EIO`, never garbage.
+fn core_errno(ep: &EmbedPath, e: &fspf_core::Error) -> c_int {
+    if std::env::var_os("FSPF_DEBUG").is_some() || e.is_integrity() {
+        eprintln!("fspf mount: {ep}: {e}");
+    }
+    if e.is_integrity() {
+        return libc::EIO;
+    }
+    match e {
+        fspf_core::Error::NotListed { .. } => libc::ENOENT,
+        _ => e.raw_os_error().unwrap_or(libc::EIO),
+    }
+}
+
+impl State {
+    fn mark(&mut self) {
+        self.since.get_or_insert_with(std::time::Instant::now);
+    }
+
+    /// Stage one buffer if it changed: into memory for ephemeral regions, as a version beside
+    /// the kernel file otherwise (queued for the next commit).
+    fn stage(&mut self, b: &Shared) -> Result<(), c_int> {
+        let mut g = lock(b);
+        if !g.dirty || g.detached {
+            return Ok(());
+        }
+        let path = g.path.clone();
+        if self.s.is_ephemeral(&path) {
+            let data = g.contents().map_err(|_| libc::EIO)?;
+            self.s
+                .put_ephemeral(&path, g.mode, g.mtime, &data)
+                .map_err(ViewError::errno)?;
+            g.dirty = false;
+            // Sealed in the session's memory now: an idle buffer would only be a second copy.
+            if g.writers == 0 {
+                drop(g);
+                if self.live.get(&path).is_some_and(|x| Arc::ptr_eq(x, b)) {
+                    self.live.remove(&path);
+                }
+            }
+            return Ok(());
+        } else {
+            let mtime = g.mtime_set.then_some(g.mtime);
+            let file = &g.file;
+            let len = g.len;
+            let t = self
+                .s
+                .stage_put(&path, len, g.mode, mtime, None, || BufReader {
+                    file,
+                    pos: 0,
+                    end: len,
+                })
+                .map_err(ViewError::errno)?;
+            g.mtime = t;
+            self.mark();
+        }
+        g.dirty = false;
+        Ok(())
+    }
+
+    fn stage_all(&mut self) -> Result<(), c_int> {
+        let bufs: Vec<Shared> = self.live.values().cloned().collect();
+        let mut r = Ok(());
+        for b in bufs {
+            if let Err(e) = self.stage(&b) {
+                r = Err(e);
+            }
+        }
+        r
+    }
+
+    /// After the session committed: buffers nobody writes any more are dropped (their content
+    /// is the committed version now).
+    fn after_commit(&mut self) {
+        if self.s.take_committed().any {
+            self.since = None;
+        }
+        if !self.s.has_queued() {
+            self.live.retain(|_, b| {
+                let g = lock(b);
+                g.writers > 0 || g.dirty
+            });
+        }
+    }
+
+    fn commit(&mut self) -> Result<(), c_int> {
+        let staged = self.stage_all();
+        let r = self.s.commit().map_err(ViewError::errno);
+        self.after_commit();
+        r?;
+        staged
+    }
+
+    fn detach(&mut self, ep: &EmbedPath) {
+        for (_, b) in fspf_core::session::remove_tree(&mut self.live, ep) {
+            lock(&b).detached = true;
+        }
+    }
+}
+
+impl FspfFs {
+    pub(crate) fn new(
+        s: Session<Arc<DaemonAnchor>>,
+        anchor: Arc<DaemonAnchor>,
+        root: EmbedPath,
+    ) -> FspfFs {
+        let mut inodes = Inodes::default();
+        // FUSE's root inode is 1.
+        inodes.ino(&root);
+        FspfFs {
+            st: Arc::new(Mutex::new(State {
+                s,
+                live: BTreeMap::new(),
+                handles: HashMap::new(),
+                next_fh: 1,
+                inodes,
+                since: None,
+            })),
+            anchor,
+            root,
+            uid: rustix::process::geteuid().as_raw(),
+            gid: rustix::process::getegid().as_raw(),
+            started: now_ns(),
+            ready: None,
+        }
+    }
+
+    pub(crate) fn anchor(&self) -> Arc<DaemonAnchor> {
+        self.anchor.clone()
+    }
+
+    pub(crate) fn on_init(&mut self, f: Box<dyn FnOnce(Tag) + Send>) {
+        self.ready = Some(f);
+    }
+
+    /// A thread that commits staged changes at most `every` after they were made.
+    pub(crate) fn spawn_committer(
+        &self,
+        every: Duration,
+    ) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = self.st.clone();
+        let flag = stop.clone();
+        let tick = every
+            .min(Duration::from_millis(200))
+            .max(Duration::from_millis(10));
+        let h = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(tick);
+                let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
+                if g.since.is_some_and(|t| t.elapsed() >= every) {
+                    if let Err(e) = g.commit() {
+                        eprintln!("fspf mount: commit failed (errno {e})");
+                    }
+                }
+            }
+        });
+        (stop, h)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn attr(&self, ino: u64, n: &Node) -> FileAttr {
+        let (kind, nlink) = match n.kind {
+            NodeKind::File => (FileType::RegularFile, 1),
+            NodeKind::Dir => (FileType::Directory, 2),
+            NodeKind::Symlink(_) => (FileType::Symlink, 1),
+        };
+        let t = time_of(n.mtime.unwrap_or(self.started));
+        FileAttr {
+            ino,
+            size: n.size,
+            blocks: n.size.div_ceil(512),
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind,
+            perm: (n.mode & 0o7777) as u16,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn child(st: &State, parent: u64, name: &OsStr) -> Result<EmbedPath, c_int> {
+        let p = st.inodes.path(parent).ok_or(libc::ENOENT)?;
+        p.join(name.as_bytes()).map_err(|_| libc::EINVAL)
+    }
+
+    /// Lookup of `ep` and its attributes.
+    fn entry(&self, st: &mut State, ep: &EmbedPath) -> Result<FileAttr, c_int> {
+        let n = st.s.lookup(&Live(&st.live), ep).map_err(ViewError::errno)?;
+        let ino = st.inodes.ino(ep);
+        Ok(self.attr(ino, &n))
+    }
+
+    /// The buffer of `ep` (made from its current content if none), for writing.
+    fn buffer(&self, st: &mut State, ep: &EmbedPath, truncate: bool) -> Result<Shared, c_int> {
+        if let Some(b) = st.live.get(ep) {
+            let b = b.clone();
+            if truncate {
+                lock(&b).set_len(0).map_err(|_| libc::EIO)?;
+            }
+            return Ok(b);
+        }
+        let n = st.s.lookup(&Live(&st.live), ep).map_err(ViewError::errno)?;
+        if n.kind != NodeKind::File {
+            return Err(libc::EISDIR);
+        }
+        let mut b =
+            Buf::new(ep.clone(), n.mode, n.mtime.unwrap_or(self.started)).map_err(|_| libc::EIO)?;
+        if truncate {
+            b.dirty = n.size != 0;
+        } else {
+            let mut h = self.reader(st, ep)?;
+            let mut chunk = vec![0u8; 1 << 20];
+            let mut off = 0u64;
+            loop {
+                let k = read_handle(&mut h, ep, &mut chunk, off)?;
+                if k == 0 {
+                    break;
+                }
+                b.write_at(&chunk[..k], off).map_err(|_| libc::EIO)?;
+                off += k as u64;
+            }
+            b.dirty = false;
+        }
+        let b = Arc::new(Mutex::new(b));
+        st.live.insert(ep.clone(), b.clone());
+        Ok(b)
+    }
+
+    /// A read-only handle on the current content of `ep`.
+    fn reader(&self, st: &State, ep: &EmbedPath) -> Result<Handle, c_int> {
+        if let Some(b) = st.live.get(ep) {
+            return Ok(Handle::Buf {
+                buf: b.clone(),
+                write: false,
+            });
+        }
+        if st.s.is_ephemeral(ep) {
+            return match st.s.open_ephemeral(ep).map_err(ViewError::errno)? {
+                EphemeralContent::Plain(d) => Ok(Handle::Plain(d)),
+                EphemeralContent::Sealed(r) => Ok(Handle::Mem(r)),
+            };
+        }
+        let vol = st.s.vol().ok_or(libc::EACCES)?;
+        let r = vol.open_file(ep).map_err(|e| core_errno(ep, &e))?;
+        Ok(Handle::Kernel(Box::new(r)))
+    }
+
+    fn add_handle(st: &mut State, h: Handle) -> u64 {
+        let fh = st.next_fh;
+        st.next_fh += 1;
+        st.handles.insert(fh, h);
+        fh
+    }
+
+    fn release_handle(&self, st: &mut State, fh: u64) -> Result<(), c_int> {
+        let Some(Handle::Buf { buf, write: true }) = st.handles.remove(&fh) else {
+            return Ok(());
+        };
+        let last = {
+            let mut g = lock(&buf);
+            g.writers = g.writers.saturating_sub(1);
+            g.writers == 0
+        };
+        if last {
+            st.stage(&buf)?;
+            if st.s.batch_full() {
+                st.commit()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_handle(h: &mut Handle, ep: &EmbedPath, out: &mut [u8], off: u64) -> Result<usize, c_int> {
+    let mut done = 0;
+    while done < out.len() {
+        let o = off + done as u64;
+        let n = match h {
+            Handle::Kernel(r) => r
+                .read_at(&mut out[done..], o)
+                .map_err(|e| core_errno(ep, &e))?,
+            Handle::Mem(r) => r
+                .read_at(&mut out[done..], o)
+                .map_err(|e| core_errno(ep, &e))?,
+            Handle::Plain(d) => {
+                let start = (o as usize).min(d.len());
+                let n = (d.len() - start).min(out.len() - done);
+                out[done..done + n].copy_from_slice(&d[start..start + n]);
+                n
+            }
+            Handle::Buf { buf, .. } => lock(buf)
+                .read_at(&mut out[done..], o)
+                .map_err(|_| libc::EIO)?,
+        };
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    Ok(done)
+}
+
+impl Filesystem for FspfFs {
+    fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), c_int> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        if let Some(f) = self.ready.take() {
+            f(self.anchor.current());
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        let mut st = self.state();
+        if let Err(e) = st.commit() {
+            eprintln!("fspf mount: final commit failed (errno {e}): changes since the last commit are lost");
+        }
+    }
+
+    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        let mut st = self.state();
+        let r = Self::child(&st, parent, name).and_then(|ep| self.entry(&mut st, &ep));
+        match r {
+            Ok(a) => reply.entry(&TTL, &a, 0),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+        let mut st = self.state();
+        let Some(ep) = st.inodes.path(ino).cloned() else {
+            return reply.error(libc::ENOENT);
+        };
+        match self.entry(&mut st, &ep) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<u64>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<u32>,
+        reply: ReplyAttr,
+    ) {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let Some(ep) = st.inodes.path(ino).cloned() else {
+            return reply.error(libc::ENOENT);
+        };
+        let r = (|| -> Result<FileAttr, c_int> {
+            if uid.is_some_and(|u| u != self.uid) || gid.is_some_and(|g| g != self.gid) {
+                // Owners are the mounting user's; the fspf records none.
+                return Err(libc::EPERM);
+            }
+            if let Some(len) = size {
+                st.s.check_writable(&ep).map_err(ViewError::errno)?;
+                let b = self.buffer(st, &ep, false)?;
+                let idle = {
+                    let mut g = lock(&b);
+                    g.set_len(len).map_err(|_| libc::EIO)?;
+                    g.writers == 0
+                };
+                if idle {
+                    st.stage(&b)?;
+                }
+            }
+            if let Some(m) = mode {
+                st.s.chmod(&Live(&st.live), &ep, m, now_ns())
+                    .map_err(ViewError::errno)?;
+                if let Some(b) = st.live.get(&ep) {
+                    lock(b).mode = m & 0o7777;
+                }
+                st.mark();
+            }
+            if let Some(t) = mtime {
+                let ns = ns_of(t);
+                st.s.set_mtime(&Live(&st.live), &ep, ns)
+                    .map_err(ViewError::errno)?;
+                if let Some(b) = st.live.get(&ep) {
+                    let mut g = lock(b);
+                    g.mtime = ns;
+                    g.mtime_set = true;
+                }
+                st.mark();
+            }
+            self.entry(st, &ep)
+        })();
+        match r {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
+        let st = self.state();
+        let Some(ep) = st.inodes.path(ino) else {
+            return reply.error(libc::ENOENT);
+        };
+        match st.s.lookup(&Live(&st.live), ep).map(|n| n.kind) {
+            Ok(NodeKind::Symlink(t)) => reply.data(&t),
+            Ok(_) => reply.error(libc::EINVAL),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn mknod(
+        &mut self,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            // Device nodes, fifos and sockets have no place in a protected region.
+            return reply.error(libc::EPERM);
+        }
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let r = Self::child(st, parent, name).and_then(|ep| {
+            let b = self.new_file(st, &ep, mode & !umask)?;
+            st.stage(&b)?;
+            self.entry(st, &ep)
+        });
+        let _ = req;
+        match r {
+            Ok(a) => reply.entry(&TTL, &a, 0),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &mut self,
+        _req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let r = Self::child(st, parent, name).and_then(|ep| {
+            st.s.mkdir(&Live(&st.live), &ep, mode & !umask & 0o7777, now_ns())
+                .map_err(ViewError::errno)?;
+            st.mark();
+            self.entry(st, &ep)
+        });
+        match r {
+            Ok(a) => reply.entry(&TTL, &a, 0),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, false, reply)
+    }
+
+    fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, true, reply)
+    }
+
+    fn symlink(
+        &mut self,
+        _req: &Request<'_>,
+        parent: u64,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let r = Self::child(st, parent, link_name).and_then(|ep| {
+            if !st.s.is_ephemeral(&ep) {
+                st.stage_all()?;
+            }
+            let r = st.s.symlink(
+                &Live(&st.live),
+                target.as_os_str().as_bytes(),
+                &ep,
+                now_ns(),
+            );
+            st.after_commit();
+            r.map_err(ViewError::errno)?;
+            self.entry(st, &ep)
+        });
+        match r {
+            Ok(a) => reply.entry(&TTL, &a, 0),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &mut self,
+        _req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+        reply: ReplyEmpty,
+    ) {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let r = (|| -> Result<(), c_int> {
+            let from = Self::child(st, parent, name)?;
+            let to = Self::child(st, newparent, newname)?;
+            if !st.s.is_ephemeral(&from) {
+                st.stage_all()?;
+            }
+            let r = st.s.rename(&Live(&st.live), &from, &to, flags);
+            st.after_commit();
+            r.map_err(ViewError::errno)?;
+            if from == to {
+                return Ok(());
+            }
+            st.detach(&to);
+            for (k, b) in fspf_core::session::remove_tree(&mut st.live, &from) {
+                let rest = k.strip_prefix(&from).unwrap_or_default().to_vec();
+                let dest = if rest.is_empty() {
+                    to.clone()
+                } else {
+                    to.join(&rest).map_err(|_| libc::EINVAL)?
+                };
+                lock(&b).path = dest.clone();
+                st.live.insert(dest, b);
+            }
+            st.inodes.rename(&from, &to);
+            Ok(())
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let r = (|| -> Result<u64, c_int> {
+            let ep = st.inodes.path(ino).cloned().ok_or(libc::ENOENT)?;
+            let n =
+                st.s.lookup(&Live(&st.live), &ep)
+                    .map_err(ViewError::errno)?;
+            if n.kind == NodeKind::Dir {
+                return Err(libc::EISDIR);
+            }
+            let acc = flags & libc::O_ACCMODE;
+            let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
+            let trunc = flags & libc::O_TRUNC != 0;
+            if write || trunc {
+                st.s.check_writable(&ep).map_err(ViewError::errno)?;
+                let b = self.buffer(st, &ep, trunc)?;
+                if write {
+                    lock(&b).writers += 1;
+                    return Ok(Self::add_handle(
+                        st,
+                        Handle::Buf {
+                            buf: b,
+                            write: true,
+                        },
+                    ));
+                }
+                st.stage(&b)?;
+            }
+            let h = self.reader(st, &ep)?;
+            Ok(Self::add_handle(st, h))
+        })();
+        match r {
+            Ok(fh) => reply.opened(fh, 0),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        fh: u64,
+        offset: i64,
+        size: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyData,
+    ) {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let ep = st.inodes.path(ino).cloned().unwrap_or_else(EmbedPath::root);
+        let Some(h) = st.handles.get_mut(&fh) else {
+            return reply.error(libc::EBADF);
+        };
+        let mut out = vec![0u8; size as usize];
+        match read_handle(h, &ep, &mut out, offset.max(0) as u64) {
+            Ok(n) => reply.data(&out[..n]),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: i64,
+        data: &[u8],
+        _write_flags: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyWrite,
+    ) {
+        let st = self.state();
+        let Some(Handle::Buf { buf, write: true }) = st.handles.get(&fh) else {
+            return reply.error(libc::EBADF);
+        };
+        let mut g = lock(buf);
+        match g.write_at(data, offset.max(0) as u64) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+    }
+
+    fn flush(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _lock: u64, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let mut st = self.state();
+        match self.release_handle(&mut st, fh) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsync(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _fh: u64,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let mut st = self.state();
+        match st.commit() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let Some(ep) = st.inodes.path(ino).cloned() else {
+            return reply.error(libc::ENOENT);
+        };
+        match st.s.lookup(&Live(&st.live), &ep) {
+            Ok(n) if n.kind == NodeKind::Dir => reply.opened(0, 0),
+            Ok(_) => reply.error(libc::ENOTDIR),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn readdir(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        mut reply: ReplyDirectory,
+    ) {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let Some(ep) = st.inodes.path(ino).cloned() else {
+            return reply.error(libc::ENOENT);
+        };
+        let parent = if ep == self.root {
+            1
+        } else {
+            let p = ep.parent().unwrap_or_else(EmbedPath::root);
+            st.inodes.ino(&p)
+        };
+        let mut entries: Vec<(u64, FileType, Vec<u8>)> = vec![
+            (ino, FileType::Directory, b".".to_vec()),
+            (parent, FileType::Directory, b"..".to_vec()),
+        ];
+        for (name, kind) in st.s.children(&Live(&st.live), &ep) {
+            let Ok(p) = ep.join(&name) else { continue };
+            let t = match kind {
+                ChildKind::Dir => FileType::Directory,
+                ChildKind::File => FileType::RegularFile,
+                ChildKind::Symlink => FileType::Symlink,
+            };
+            entries.push((st.inodes.ino(&p), t, name));
+        }
+        for (i, (ino, t, name)) in entries.into_iter().enumerate().skip(offset.max(0) as usize) {
+            if reply.add(ino, (i + 1) as i64, t, OsStr::from_bytes(&name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn fsyncdir(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _ds: bool, reply: ReplyEmpty) {
+        let mut st = self.state();
+        match st.commit() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyStatfs) {
+        let st = self.state();
+        let dir = st
+            .inodes
+            .path(ino)
+            .and_then(|ep| st.s.region_of(ep))
+            .and_then(|r| match &r.kind {
+                fspf_core::RegionKind::Kernel(k) => Some(k.clone()),
+                fspf_core::RegionKind::Ephemeral => None,
+            })
+            .or_else(|| {
+                st.s.vol()
+                    .and_then(|v| v.path().parent().map(Path::to_path_buf))
+            });
+        match dir.map(rustix::fs::statvfs) {
+            Some(Ok(v)) => reply.statfs(
+                v.f_blocks,
+                v.f_bfree,
+                v.f_bavail,
+                v.f_files,
+                v.f_ffree,
+                v.f_bsize as u32,
+                255,
+                v.f_frsize as u32,
+            ),
+            _ => reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096),
+        }
+    }
+
+    fn create(
+        &mut self,
+        _req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let r = (|| -> Result<(FileAttr, u64), c_int> {
+            let ep = Self::child(st, parent, name)?;
+            let b = self.new_file(st, &ep, mode & !umask)?;
+            let acc = flags & libc::O_ACCMODE;
+            let h = if acc == libc::O_RDONLY {
+                st.stage(&b)?;
+                Handle::Buf {
+                    buf: b,
+                    write: false,
+                }
+            } else {
+                lock(&b).writers += 1;
+                Handle::Buf {
+                    buf: b,
+                    write: true,
+                }
+            };
+            let fh = Self::add_handle(st, h);
+            Ok((self.entry(st, &ep)?, fh))
+        })();
+        match r {
+            Ok((a, fh)) => reply.created(&TTL, &a, 0, fh, 0),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+impl FspfFs {
+    /// A new, empty regular file at `ep` (its buffer, dirty so that it is staged even empty).
+    fn new_file(&self, st: &mut State, ep: &EmbedPath, mode: u32) -> Result<Shared, c_int> {
+        st.s.check_new_name(&Live(&st.live), ep)
+            .map_err(ViewError::errno)?;
+        let mut b = Buf::new(ep.clone(), mode & 0o7777, now_ns()).map_err(|_| libc::EIO)?;
+        b.dirty = true;
+        let b = Arc::new(Mutex::new(b));
+        st.live.insert(ep.clone(), b.clone());
+        Ok(b)
+    }
+
+    fn remove(&mut self, parent: u64, name: &OsStr, dir: bool, reply: ReplyEmpty) {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let r = (|| -> Result<(), c_int> {
+            let ep = Self::child(st, parent, name)?;
+            st.s.unlink(&Live(&st.live), &ep, dir)
+                .map_err(ViewError::errno)?;
+            st.detach(&ep);
+            st.mark();
+            if st.s.batch_full() {
+                st.commit()?;
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}

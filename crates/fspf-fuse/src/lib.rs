@@ -1,0 +1,274 @@
+//! The FUSE shield: an fspf volume served through the kernel's FUSE interface, for what the
+//! in-process shield cannot see (static binaries, Go programs, raw system calls, `io_uring`,
+//! what `ld.so` maps).
+//!
+//! The filesystem rules are `fspf_core::session`'s: this crate only adapts FUSE requests to a
+//! [`Session`] (inode numbers to embed paths, file handles to readers and write buffers,
+//! `ViewError`s to errnos) and decides when to commit (fsync, a full batch, every
+//! [`Config::commit_interval`], unmount). The daemon's trust anchor is its own memory
+//! ([`DaemonAnchor`]); `--tag-file` receives the tag after every commit.
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+mod fs;
+
+use fspf_core::session::{Anchor, AnchorState, Session, SessionConfig};
+use fspf_core::view::ViewError;
+use fspf_core::{EmbedPath, Tag, Volume, VolumeKey, VolumeOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What to mount and how.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub fspf: PathBuf,
+    pub key: Option<VolumeKey>,
+    /// The tag the user trusts; `None`: the tag on disk (freshness not checked).
+    pub tag: Option<Tag>,
+    /// Kernel regions take writes.
+    pub mutable: bool,
+    /// Show one region (its embed point at the mount's root) instead of the whole namespace.
+    pub region: Option<EmbedPath>,
+    /// Let other users reach the mount (`allow_other`; for non-root users it needs
+    /// `user_allow_other` in `/etc/fuse.conf`).
+    pub allow_other: bool,
+    /// Where the current tag is kept (rewritten atomically after every commit).
+    pub tag_file: Option<PathBuf>,
+    /// Staged changes are committed at the latest this long after they were made.
+    pub commit_interval: Duration,
+}
+
+impl Config {
+    pub fn new(fspf: PathBuf) -> Config {
+        Config {
+            fspf,
+            key: None,
+            tag: None,
+            mutable: false,
+            region: None,
+            allow_other: false,
+            tag_file: None,
+            commit_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why a mount failed.
+#[derive(Debug)]
+pub enum MountError {
+    /// The fspf did not open with the key and tag given.
+    Volume(fspf_core::Error),
+    /// `--region` names no region of the fspf.
+    NoSuchRegion(String),
+    /// The mount itself failed (no `/dev/fuse`, no `fusermount3`, a busy mountpoint).
+    Mount(std::io::Error),
+}
+
+impl std::fmt::Display for MountError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MountError::Volume(e) => write!(f, "{e}"),
+            MountError::NoSuchRegion(r) => write!(f, "--region {r}: the fspf has no region there"),
+            MountError::Mount(e) => write!(
+                f,
+                "mounting failed: {e} (FUSE needs /dev/fuse and, for non-root users, fusermount3 from the fuse3 package)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for MountError {}
+
+/// The daemon's trust anchor: the tag in memory (nothing on the untrusted disk), mirrored to
+/// the tag file. The daemon's one state mutex serialises its commits; other processes are kept
+/// out by the fspf's lock file, and a commit that finds a tag on disk it does not trust fails.
+pub struct DaemonAnchor {
+    state: Mutex<AnchorState>,
+    tag_file: Option<PathBuf>,
+}
+
+impl DaemonAnchor {
+    fn new(tag: Tag, tag_file: Option<PathBuf>) -> DaemonAnchor {
+        DaemonAnchor {
+            state: Mutex::new(AnchorState {
+                current: tag,
+                pending: None,
+            }),
+            tag_file,
+        }
+    }
+
+    /// The tag the daemon trusts now.
+    pub fn current(&self) -> Tag {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).current
+    }
+
+    fn write_tag_file(&self, tags: &[Tag]) -> Result<(), ViewError> {
+        let Some(p) = &self.tag_file else {
+            return Ok(());
+        };
+        let text: String = tags.iter().map(|t| format!("{t}\n")).collect();
+        fspf_core::write_file_durably(p, text.as_bytes(), 0o600).map_err(|e| {
+            eprintln!("fspf mount: cannot write the tag file: {e}");
+            ViewError::Io
+        })
+    }
+}
+
+impl Anchor for DaemonAnchor {
+    type Lock = ();
+    fn read(&self) -> Option<AnchorState> {
+        Some(*self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+    fn lock(&self) -> Result<(), ViewError> {
+        Ok(())
+    }
+    fn announce(&self, current: Tag, next: Tag) -> Result<(), ViewError> {
+        self.write_tag_file(&[current, next])?;
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = AnchorState {
+            current,
+            pending: Some(next),
+        };
+        Ok(())
+    }
+    fn publish(&self, t: Tag) -> Result<(), ViewError> {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = AnchorState {
+            current: t,
+            pending: None,
+        };
+        self.write_tag_file(&[t])
+    }
+}
+
+/// Open the volume and build the filesystem (not yet mounted).
+fn build(cfg: &Config) -> Result<fs::FspfFs, MountError> {
+    let opts = VolumeOptions::default();
+    let vol =
+        Volume::open_with(&cfg.fspf, cfg.key.clone(), cfg.tag, opts).map_err(MountError::Volume)?;
+    vol.check_usable().map_err(MountError::Volume)?;
+    let root = match &cfg.region {
+        Some(r) => {
+            if !vol.regions().iter().any(|x| &x.embed_point == r) {
+                return Err(MountError::NoSuchRegion(r.to_string()));
+            }
+            r.clone()
+        }
+        None => EmbedPath::root(),
+    };
+    let anchor = Arc::new(DaemonAnchor::new(vol.tag(), cfg.tag_file.clone()));
+    anchor
+        .write_tag_file(&[vol.tag()])
+        .map_err(|_| MountError::Mount(std::io::Error::other("cannot write the tag file")))?;
+    let mut scfg = SessionConfig::new(
+        std::path::absolute(&cfg.fspf).unwrap_or_else(|_| cfg.fspf.clone()),
+        cfg.key.clone(),
+        opts,
+    );
+    scfg.mutable = cfg.mutable;
+    scfg.say = |m| eprintln!("fspf mount: {m}");
+    scfg.log = |m| {
+        if std::env::var_os("FSPF_DEBUG").is_some() {
+            eprintln!("fspf mount: {m}")
+        }
+    };
+    let session = Session::new(scfg, anchor.clone(), Some(vol));
+    Ok(fs::FspfFs::new(session, anchor, root))
+}
+
+fn options(cfg: &Config) -> Vec<fuser::MountOption> {
+    use fuser::MountOption as O;
+    let mut o = vec![
+        O::FSName(format!("fspf:{}", cfg.fspf.display())),
+        O::Subtype("fspf".into()),
+        O::DefaultPermissions,
+        O::RW,
+        O::NoDev,
+        O::NoSuid,
+    ];
+    if cfg.allow_other {
+        o.push(O::AllowOther);
+    }
+    o
+}
+
+/// A mounted volume served by a background thread; unmounted (and its changes committed) when
+/// dropped or by [`Mounted::unmount`].
+pub struct Mounted {
+    session: Option<fuser::BackgroundSession>,
+    anchor: Arc<DaemonAnchor>,
+    stop: Arc<AtomicBool>,
+    committer: Option<std::thread::JoinHandle<()>>,
+    mountpoint: PathBuf,
+}
+
+impl Mounted {
+    /// The tag the daemon trusts now (after its last commit).
+    pub fn tag(&self) -> Tag {
+        self.anchor.current()
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Unmount, commit what is left and return the final tag.
+    pub fn unmount(mut self) -> Tag {
+        self.finish();
+        self.anchor.current()
+    }
+
+    fn finish(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(s) = self.session.take() {
+            s.join();
+        }
+        if let Some(c) = self.committer.take() {
+            let _ = c.join();
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// Mount `cfg` at `mountpoint`, served by a background thread.
+pub fn mount(cfg: &Config, mountpoint: &Path) -> Result<Mounted, MountError> {
+    let fs = build(cfg)?;
+    let anchor = fs.anchor();
+    let (stop, committer) = fs.spawn_committer(cfg.commit_interval);
+    let session = fuser::spawn_mount2(fs, mountpoint, &options(cfg)).map_err(|e| {
+        stop.store(true, Ordering::Relaxed);
+        MountError::Mount(e)
+    })?;
+    Ok(Mounted {
+        session: Some(session),
+        anchor,
+        stop,
+        committer: Some(committer),
+        mountpoint: mountpoint.to_path_buf(),
+    })
+}
+
+/// Mount `cfg` at `mountpoint` and serve it on this thread until it is unmounted
+/// (`fusermount3 -u`, `fspf umount`); `ready` runs once the mount is in place. Returns the final
+/// tag.
+pub fn mount_foreground(
+    cfg: &Config,
+    mountpoint: &Path,
+    ready: impl FnOnce(Tag) + Send + 'static,
+) -> Result<Tag, MountError> {
+    let mut fs = build(cfg)?;
+    let anchor = fs.anchor();
+    fs.on_init(Box::new(ready));
+    let (stop, committer) = fs.spawn_committer(cfg.commit_interval);
+    let r = fuser::mount2(fs, mountpoint, &options(cfg));
+    stop.store(true, Ordering::Relaxed);
+    let _ = committer.join();
+    r.map_err(MountError::Mount)?;
+    Ok(anchor.current())
+}

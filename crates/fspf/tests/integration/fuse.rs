@@ -1,0 +1,362 @@
+//! The FUSE shield (`fspf mount`, `fspf umount`) with programs the in-process shield cannot
+//! see: a static busybox, a `gcc -static` program, plus the writers users run (shell appends
+//! from two processes, `tar -x`, git, SQLite in WAL mode with two writers, Python's shared
+//! `mmap`). A test whose precondition is missing (no `/dev/fuse`, no `fusermount3`, no busybox)
+//! fails; `.ci/run` installs what they need.
+use crate::harness::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn need(cmd: &str, package: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "{cmd} is needed by this test (Debian package {package})"
+    );
+}
+
+fn need_fuse() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is needed by the FUSE tests"
+    );
+    need("fusermount3", "fuse3");
+}
+
+/// A volume with `/data` encrypted (kernel dir `vol`) holding `hello.txt`, mounted at `mnt`.
+struct Mounted {
+    env: Env,
+    key: String,
+    tag: String,
+    mounted: bool,
+}
+
+impl Mounted {
+    fn new(mutable: bool) -> Mounted {
+        need_fuse();
+        let env = Env::new();
+        env.write("src/hello.txt", "Hello World\n");
+        env.mkdir("vol");
+        env.mkdir("mnt");
+        env.two_regions("/data", "-e", "vol");
+        env.ok(["addf", "fspf.pb", "/data", "src", "vol"]);
+        let kt = env.encrypt(None);
+        env.write("key", &kt.key);
+        let mut m = Mounted {
+            env,
+            key: kt.key,
+            tag: kt.tag,
+            mounted: false,
+        };
+        m.mount(mutable);
+        m
+    }
+
+    fn mount(&mut self, mutable: bool) {
+        let mut args = vec![
+            "mount".to_string(),
+            "fspf.pb".into(),
+            "mnt".into(),
+            "--key-file".into(),
+            "key".into(),
+            "--tag".into(),
+            self.tag.clone(),
+            "--commit-ms".into(),
+            "100".into(),
+        ];
+        if mutable {
+            args.push("--mutable".into());
+        }
+        let out = self.env.ok(&args);
+        assert!(out.starts_with("Mounted "), "{out}");
+        self.mounted = true;
+    }
+
+    /// `fspf umount`: the final tag (mutable mounts) becomes the one to trust.
+    fn umount(&mut self) -> String {
+        let out = self.env.ok(["umount", "mnt"]);
+        self.mounted = false;
+        if let Some(t) = out.lines().last().filter(|l| l.len() == 32) {
+            self.tag = t.to_string();
+        }
+        out
+    }
+
+    fn m(&self, rel: &str) -> PathBuf {
+        self.env.path("mnt").join(rel)
+    }
+
+    fn sh(&self, script: &str) -> std::process::Output {
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(self.env.path("mnt"))
+            .output()
+            .expect("sh")
+    }
+
+    fn cat(&self, embed: &str) -> std::process::Output {
+        self.env.run([
+            "cat", "fspf.pb", embed, "--key", &self.key, "--tag", &self.tag,
+        ])
+    }
+
+    fn verify(&self) {
+        let o = self
+            .env
+            .run(["verify", "fspf.pb", "--key", &self.key, "--tag", &self.tag]);
+        assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.mounted {
+            let mnt = self.env.path("mnt");
+            let lazy = !Command::new("fusermount3")
+                .arg("-u")
+                .arg(&mnt)
+                .status()
+                .is_ok_and(|s| s.success());
+            if lazy {
+                let _ = Command::new("fusermount3").arg("-uz").arg(&mnt).status();
+            }
+        }
+    }
+}
+
+fn ok(o: &std::process::Output, what: &str) {
+    assert!(o.status.success(), "{what}: {}{}", stdout(o), stderr(o));
+}
+
+#[test]
+fn fuse_static_binaries_read_and_write_plaintext_and_umount_commits() {
+    need("busybox", "busybox-static");
+    need("gcc", "gcc");
+    let mut m = Mounted::new(true);
+    // A static busybox (no dynamic loader, no preload) reads the plaintext.
+    let o = Command::new("busybox")
+        .args(["cat"])
+        .arg(m.m("data/hello.txt"))
+        .output()
+        .unwrap();
+    ok(&o, "busybox cat");
+    assert_eq!(stdout(&o), "Hello World\n");
+    let o = Command::new("busybox")
+        .args(["sha256sum"])
+        .arg(m.m("data/hello.txt"))
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&o).starts_with("d2a84f4b8b650937ec8f73cd8be2c74add5a911ba64df27458ed8229da804a26"),
+        "{}",
+        stdout(&o)
+    );
+    // A gcc -static program reads one file and writes another.
+    let src = m.env.write(
+        "copy.c",
+        "#include <stdio.h>\nint main(int c,char**v){FILE*i=fopen(v[1],\"r\");FILE*o=fopen(v[2],\"w\");\
+         if(!i||!o)return 2;int ch;while((ch=fgetc(i))!=EOF)fputc(ch>='a'&&ch<='z'?ch-32:ch,o);\
+         return fclose(o)?3:0;}\n",
+    );
+    let bin = m.env.path("copy");
+    let o = Command::new("gcc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .unwrap();
+    ok(&o, "gcc -static");
+    let o = Command::new(&bin)
+        .arg(m.m("data/hello.txt"))
+        .arg(m.m("data/upper.txt"))
+        .output()
+        .unwrap();
+    ok(&o, "static copy");
+    // Nothing of it is plaintext on disk.
+    let plain_on_disk = Command::new("grep")
+        .args(["-r", "-l", "HELLO WORLD"])
+        .arg(m.env.path("vol"))
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&plain_on_disk).is_empty(),
+        "plaintext on disk: {}",
+        stdout(&plain_on_disk)
+    );
+    let out = m.umount();
+    assert_ne!(m.tag, "", "{out}");
+    m.verify();
+    let o = m.cat("/data/upper.txt");
+    ok(&o, "cat after umount");
+    assert_eq!(stdout(&o), "HELLO WORLD\n");
+}
+
+#[test]
+fn fuse_tampered_files_fail_with_eio_and_unlisted_files_are_not_there() {
+    let mut m = Mounted::new(false);
+    m.umount();
+    // Flip a byte of the ciphertext, drop an unlisted file beside it.
+    let f = m.env.path("vol/hello.txt");
+    flip(&f, 40, 0x01);
+    m.env.write("vol/planted.txt", "planted\n");
+    m.mount(false);
+    let e = fs::read(m.m("data/hello.txt")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let e = fs::read(m.m("data/planted.txt")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+    let names: Vec<_> = fs::read_dir(m.m("data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["hello.txt"]);
+    // Immutable: kernel regions take no writes.
+    let e = fs::write(m.m("data/new"), "x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+}
+
+#[test]
+fn fuse_mount_refuses_a_rolled_back_fspf() {
+    let mut m = Mounted::new(true);
+    let old = m.env.read("fspf.pb");
+    let old_tag = m.tag.clone();
+    fs::write(m.m("data/new.txt"), "new\n").unwrap();
+    m.umount();
+    assert_ne!(m.tag, old_tag);
+    fs::write(m.env.path("fspf.pb"), old).unwrap();
+    let o = m.env.run([
+        "mount",
+        "fspf.pb",
+        "mnt",
+        "--key-file",
+        "key",
+        "--tag",
+        &m.tag,
+    ]);
+    assert!(!o.status.success(), "a rolled-back fspf was mounted");
+    assert!(stderr(&o).contains("tag"), "{}", stderr(&o));
+}
+
+#[test]
+fn fuse_two_processes_appending_to_one_log_keep_every_line() {
+    let mut m = Mounted::new(true);
+    let o = m.sh(
+        "for p in a b; do (i=0; while [ $i -lt 200 ]; do echo $p$i >> data/log; i=$((i+1)); done) & done; wait",
+    );
+    ok(&o, "appenders");
+    let log = fs::read_to_string(m.m("data/log")).unwrap();
+    assert_eq!(log.lines().count(), 400, "{log}");
+    m.umount();
+    let o = m.cat("/data/log");
+    assert_eq!(stdout(&o).lines().count(), 400);
+}
+
+#[test]
+fn fuse_tar_x_of_thousands_of_files_survives_a_remount() {
+    need("tar", "tar");
+    let mut m = Mounted::new(true);
+    let src = m.env.mkdir("tree");
+    for i in 0..2000 {
+        m.env.write(
+            format!("tree/d{}/f{i}", i % 40),
+            format!("file {i}\n").repeat(i % 7 + 1),
+        );
+    }
+    let o = Command::new("tar")
+        .arg("-C")
+        .arg(&src)
+        .args(["-cf"])
+        .arg(m.env.path("tree.tar"))
+        .arg(".")
+        .output()
+        .unwrap();
+    ok(&o, "tar c");
+    fs::create_dir(m.m("data/x")).unwrap();
+    let o = Command::new("tar")
+        .arg("-C")
+        .arg(m.m("data/x"))
+        .arg("-xf")
+        .arg(m.env.path("tree.tar"))
+        .output()
+        .unwrap();
+    ok(&o, "tar x into the mount");
+    m.umount();
+    m.verify();
+    m.mount(false);
+    let o = Command::new("diff")
+        .arg("-r")
+        .arg(&src)
+        .arg(m.m("data/x"))
+        .output()
+        .unwrap();
+    ok(&o, "diff -r after remount");
+}
+
+#[test]
+fn fuse_git_init_add_commit_fsck() {
+    need("git", "git");
+    let mut m = Mounted::new(true);
+    let o = m.sh(
+        "set -e; mkdir data/repo; cd data/repo; git init -q; echo 'int main(){}' > m.c; \
+         git add m.c; git -c user.name=t -c user.email=t@e commit -q -m one; \
+         echo more >> m.c; git -c user.name=t -c user.email=t@e commit -q -am two; git fsck --strict; \
+         git log --oneline | wc -l",
+    );
+    ok(&o, "git");
+    assert_eq!(stdout(&o).trim(), "2");
+    m.umount();
+    m.mount(false);
+    let o = m.sh("cd data/repo && git fsck --strict && git log --oneline | wc -l");
+    ok(&o, "git fsck after remount");
+    assert_eq!(stdout(&o).trim(), "2");
+}
+
+#[test]
+fn fuse_sqlite_wal_with_two_concurrent_writers_keeps_every_increment() {
+    need("sqlite3", "sqlite3");
+    let mut m = Mounted::new(true);
+    let o = m.sh(
+        "sqlite3 data/c.db 'PRAGMA journal_mode=WAL; CREATE TABLE c(n INTEGER); INSERT INTO c VALUES(0);' >/dev/null",
+    );
+    ok(&o, "create");
+    let o = m.sh(
+        "for p in 1 2; do (i=0; while [ $i -lt 100 ]; do \
+         sqlite3 -cmd '.timeout 10000' data/c.db 'UPDATE c SET n = n + 1;' || exit 1; i=$((i+1)); done) & done; wait",
+    );
+    ok(&o, "writers");
+    let o = m.sh("sqlite3 data/c.db 'SELECT n FROM c;'");
+    assert_eq!(stdout(&o).trim(), "200", "{}", stderr(&o));
+    m.umount();
+    // A WAL database is opened read-write even to read it (its -shm index).
+    m.mount(true);
+    let o = m.sh("sqlite3 data/c.db 'PRAGMA integrity_check; SELECT n FROM c;'");
+    assert_eq!(stdout(&o).trim(), "ok\n200", "{}", stderr(&o));
+}
+
+#[test]
+fn fuse_python_shared_mmap_writes_are_read_back_after_remount() {
+    let py = crate::shielded::real_python();
+    let mut m = Mounted::new(true);
+    let script = "import mmap\n\
+        f = open('data/m.bin', 'w+b'); f.write(b'\\0' * 65536); f.flush()\n\
+        mm = mmap.mmap(f.fileno(), 65536, mmap.MAP_SHARED)\n\
+        mm[100:105] = b'hello'; mm[65000:65003] = b'end'; mm.flush(); mm.close(); f.close()\n";
+    let o = Command::new(py)
+        .arg("-c")
+        .arg(script)
+        .current_dir(m.env.path("mnt"))
+        .output()
+        .unwrap();
+    ok(&o, "python mmap");
+    m.umount();
+    m.mount(false);
+    let b = fs::read(m.m("data/m.bin")).unwrap();
+    assert_eq!(b.len(), 65536);
+    assert_eq!(&b[100..105], b"hello");
+    assert_eq!(&b[65000..65003], b"end");
+}
