@@ -2,7 +2,7 @@
 //! `ViewError` → errno. Every rule (what a path is, what may change, how a change is queued and
 //! committed) is the session's.
 use crate::DaemonAnchor;
-use fspf_core::session::{EphemeralContent, OpenFiles, Session};
+use fspf_core::session::{EphemeralContent, OpenFiles, Session, MAX_FILE_LEN};
 use fspf_core::view::{Node, NodeKind, OpenFile, ViewError};
 use fspf_core::volume::KernelReader;
 use fspf_core::{ChildKind, EmbedPath, Tag};
@@ -58,6 +58,9 @@ impl Buf {
     }
 
     fn write_at(&mut self, data: &[u8], off: u64) -> std::io::Result<()> {
+        if off.saturating_add(data.len() as u64) > MAX_FILE_LEN {
+            return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
+        }
         self.file.write_all_at(data, off)?;
         self.len = self.len.max(off + data.len() as u64);
         self.dirty = true;
@@ -74,6 +77,9 @@ impl Buf {
     }
 
     fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+        if len > MAX_FILE_LEN {
+            return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
+        }
         self.file.set_len(len)?;
         self.len = len;
         self.dirty = true;
@@ -616,7 +622,8 @@ impl Filesystem for FspfFs {
                 let b = self.buffer(st, &ep, false)?;
                 let idle = {
                     let mut g = lock(&b);
-                    g.set_len(len).map_err(|_| libc::EIO)?;
+                    g.set_len(len)
+                        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
                     g.writers == 0
                 };
                 if idle {

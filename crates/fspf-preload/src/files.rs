@@ -356,10 +356,8 @@ pub fn protect_own(target: c_int) {
     // The old number is about to be replaced by the program's dup2.
 }
 
-/// The largest file the shield writes (1 TiB): every version is sealed whole at its commit, so a
-/// sparse `truncate` to petabytes would mean writing petabytes. Larger sizes give `EFBIG`, as a
-/// file system's own limit does.
-pub const MAX_BUFFER_LEN: u64 = 1 << 40;
+/// The largest file the shield writes (`fspf_core::session::MAX_FILE_LEN`).
+pub const MAX_BUFFER_LEN: u64 = fspf_core::session::MAX_FILE_LEN;
 
 /// Buffers up to this size are fingerprinted by content, larger ones by their times.
 pub const HASH_MAX: u64 = 1 << 20;

@@ -153,6 +153,11 @@ pub struct AppendDelta {
     pub delta: Vec<u8>,
 }
 
+/// The largest file a frontend writes (1 TiB): every version is sealed whole at its commit, so
+/// a sparse `truncate` to petabytes would mean writing petabytes. Larger sizes give
+/// [`ViewError::TooBig`] (`EFBIG`), as a file system's own limit does.
+pub const MAX_FILE_LEN: u64 = 1 << 40;
+
 /// Appends larger than this are not kept for a rebase (the later committer then wins).
 pub const APPEND_REBASE_MAX: u64 = 64 << 20;
 
