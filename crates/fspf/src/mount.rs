@@ -285,3 +285,100 @@ pub fn umount(a: UmountArgs) -> Result<i32> {
     }
     Ok(0)
 }
+
+/// `fspf run --mount-namespace -- PROG ARGS…`: the FUSE shield without the preload. This
+/// process mounts the fspf's namespace at a private directory (mode 0700, no `allow_other`: only
+/// this user reaches it) and serves it; PROG runs in a private mount namespace (`unshare
+/// --mount --propagation private`) in which each protected region's embed path is a bind mount
+/// of that region in the FUSE mount. Everyone else keeps seeing the kernel directories
+/// (ciphertext); the daemon, outside the namespace, reaches them as before.
+pub fn run_namespaced(a: crate::run::RunArgs) -> Result<i32> {
+    if !rustix::process::geteuid().is_root() {
+        bail!("--mount-namespace needs root (a private mount namespace and bind mounts); without root use fspf mount, or fspf run without --mount-namespace");
+    }
+    let Some(fspf) = a.fspf.clone() else {
+        bail!("no fspf given: use --fspf FSPF or set SCONE_FSPF");
+    };
+    let fspf = std::path::absolute(&fspf).unwrap_or(fspf);
+    let key = a.kt.volume_key(&fspf)?;
+    let tag = a.kt.expected_tag(&fspf)?;
+    let vol = fspf_core::Volume::open(&fspf, key.clone(), tag)?;
+    vol.check_usable()?;
+    // The outermost embed points of protected (or ephemeral) regions: one bind mount each.
+    let mut points: Vec<EmbedPath> = vol
+        .regions()
+        .iter()
+        .filter(|r| {
+            r.protection != fspf_core::Protection::NotProtected
+                || r.kind == fspf_core::RegionKind::Ephemeral
+        })
+        .map(|r| r.embed_point.clone())
+        .collect();
+    points.sort();
+    let mut outer: Vec<EmbedPath> = Vec::new();
+    for p in points {
+        if p.is_root() {
+            bail!("the root region / is protected: it cannot be bind-mounted over / (use fspf run without --mount-namespace, or fspf mount)");
+        }
+        if !outer.iter().any(|o| p.starts_with(o)) {
+            outer.push(p);
+        }
+    }
+    for p in &outer {
+        let host = PathBuf::from(p.to_string());
+        if !host.is_dir() {
+            bail!(
+                "{} does not exist on this host: create the directory first (the region is bind-mounted there, inside the program's namespace only)",
+                host.display()
+            );
+        }
+    }
+    drop(vol);
+    let mp = state_dir()?.join(format!("ns-{}", std::process::id()));
+    std::fs::create_dir_all(&mp).with_context(|| format!("{}", mp.display()))?;
+    let mut cfg = fspf_fuse::Config::new(fspf.clone());
+    cfg.key = key;
+    cfg.tag = tag;
+    cfg.mutable = a.mutable;
+    cfg.tag_file = a
+        .tag_file
+        .as_ref()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+    let mounted = match fspf_fuse::mount(&cfg, &mp) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = std::fs::remove_dir(&mp);
+            bail!("{e}");
+        }
+    };
+    // In the new namespace: bind each region, then become the program.
+    let mut script = String::from("set -e\n");
+    for (i, p) in outer.iter().enumerate() {
+        script.push_str(&format!("mount --bind \"$MP{i}\" \"$EP{i}\"\n"));
+        let _ = p;
+    }
+    script.push_str("exec \"$@\"\n");
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(&script)
+        .arg("sh")
+        .args(&a.argv);
+    for (i, p) in outer.iter().enumerate() {
+        let rel = p.to_string();
+        cmd.env(format!("MP{i}"), mp.join(rel.trim_start_matches('/')));
+        cmd.env(format!("EP{i}"), &rel);
+    }
+    let status = cmd.status();
+    let final_tag = mounted.unmount();
+    let _ = std::fs::remove_dir(&mp);
+    let status = status.context("starting unshare (util-linux)")?;
+    if a.mutable && a.tag_file.is_none() {
+        eprintln!("fspf: the run's final tag: {final_tag}");
+    }
+    use std::os::unix::process::ExitStatusExt;
+    Ok(match (status.code(), status.signal()) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        _ => 1,
+    })
+}

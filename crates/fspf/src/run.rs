@@ -28,6 +28,10 @@ pub struct RunArgs {
     /// commit of the run (both tags while a commit is in flight) and at the end
     #[arg(long, value_name = "PATH")]
     pub tag_file: Option<PathBuf>,
+    /// serve the protected regions with FUSE at their embed paths, in a private mount namespace
+    /// (root only): for static binaries and programs the in-process shield cannot see
+    #[arg(long)]
+    pub mount_namespace: bool,
     /// program and arguments
     #[arg(trailing_var_arg = true, required = true, value_name = "PROG")]
     pub argv: Vec<String>,
@@ -248,6 +252,9 @@ fn settle(fspf: &Path, anchor: OwnedFd) -> Result<Tag> {
 }
 
 pub fn run(a: RunArgs) -> Result<i32> {
+    if a.mount_namespace {
+        return crate::mount::run_namespaced(a);
+    }
     let Some(fspf) = a.fspf.clone() else {
         bail!("no fspf given: use --fspf FSPF or set SCONE_FSPF");
     };

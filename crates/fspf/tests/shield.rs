@@ -2378,3 +2378,21 @@ fn immutable_run_execs_the_program_and_mutable_run_waits_for_it() {
     let o = w.run_mut(&["sh", "-c", "echo new > /data/n; kill -9 $$"]);
     assert_eq!(o.status.code(), Some(137), "{o:?}");
 }
+
+/// The in-process shield had the same defect as the FUSE one: a 255-byte name made a shadow name
+/// longer than a file name may be, so the file could not be staged and the run's commit failed.
+#[test]
+fn a_255_byte_name_could_not_be_staged_by_the_shield() {
+    let mut w = data_world();
+    let name = "m".repeat(255);
+    let o = w.run_mut(&[
+        "sh",
+        "-c",
+        &format!("echo long > /data/{name} && cat /data/{name}"),
+    ]);
+    ok(&o, "write a 255-byte name");
+    assert_eq!(stdout(&o), "long\n");
+    let o = w.run(&["cat", &format!("/data/{name}")]);
+    ok(&o, "read it in the next run");
+    assert_eq!(stdout(&o), "long\n");
+}

@@ -87,10 +87,18 @@ pub enum Change {
     Rename { from: EmbedPath, to: EmbedPath },
 }
 
-/// Shadow name of file version `id` of the file named `name`: `.NAME.fspf-<id hex>`.
+/// Longest `NAME` kept whole in a shadow name: `.NAME.fspf-<32 hex>` must fit the 255 bytes of
+/// a file name (`NAME_MAX`).
+pub const SHADOW_NAME_KEEP: usize = 255 - 1 - 6 - 32;
+
+/// Shadow name of file version `id` of the file named `name`: `.NAME.fspf-<id hex>`, with
+/// `NAME` cut to its first [`SHADOW_NAME_KEEP`] bytes when longer (FORMAT.md §5): the id alone
+/// identifies the version, the name only helps a human.
 pub fn shadow_name(name: &OsStr, id: &FileId) -> OsString {
+    use std::os::unix::ffi::OsStrExt;
+    let b = name.as_bytes();
     let mut s = OsString::from(".");
-    s.push(name);
+    s.push(OsStr::from_bytes(&b[..b.len().min(SHADOW_NAME_KEEP)]));
     s.push(format!(".fspf-{}", id.to_hex()));
     s
 }

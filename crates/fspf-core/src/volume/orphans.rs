@@ -90,9 +90,23 @@ impl Volume {
                 (_, b"" | b"." | b"..") | (None, _) => None,
                 (Some(dir), t) => dir.join(t).ok(),
             };
-            let committed = file.and_then(|f| self.meta.files.get(&f)).is_some_and(
-                |f| matches!(f, FileEntry { kind: FileKind::File { id: c, .. }, .. } if *c == id),
-            );
+            let is_id = |f: &FileEntry| matches!(f, FileEntry { kind: FileKind::File { id: c, .. }, .. } if *c == id);
+            let mut committed = file
+                .as_ref()
+                .and_then(|f| self.meta.files.get(f))
+                .is_some_and(is_id);
+            if !committed && target.len() == super::commit::SHADOW_NAME_KEEP {
+                // A long name, cut in the shadow name: any listed file of this directory whose
+                // name starts with it and whose version is `id`.
+                if let Some(f) = &file {
+                    committed = self
+                        .meta
+                        .files
+                        .range(f.clone()..)
+                        .take_while(|(k, _)| k.as_bytes().starts_with(f.as_bytes()))
+                        .any(|(k, e)| k.parent() == f.parent() && is_id(e));
+                }
+            }
             out.push(Orphan {
                 kind: if committed {
                     OrphanKind::Committed

@@ -228,3 +228,23 @@ impl Volume {
         findings
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::commit::{shadow_name, SHADOW_NAME_KEEP};
+    use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn shadow_names_of_long_names_fit_name_max_and_parse_back() {
+        let id = FileId([0xab; 16]);
+        for len in [1, SHADOW_NAME_KEEP, SHADOW_NAME_KEEP + 1, 255] {
+            let name = "x".repeat(len);
+            let sh = shadow_name(std::ffi::OsStr::new(&name), &id);
+            assert!(sh.len() <= 255, "{len}: {}", sh.len());
+            let (target, got) = parse_shadow(sh.as_bytes()).unwrap();
+            assert_eq!(got, id);
+            assert_eq!(target, &name.as_bytes()[..len.min(SHADOW_NAME_KEEP)]);
+        }
+    }
+}

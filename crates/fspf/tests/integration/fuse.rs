@@ -360,3 +360,110 @@ fn fuse_python_shared_mmap_writes_are_read_back_after_remount() {
     assert_eq!(&b[100..105], b"hello");
     assert_eq!(&b[65000..65003], b"end");
 }
+
+/// `fspf run --mount-namespace`: the reference's C example, built static (the preload cannot
+/// see it), reads the plaintext at the region's own path, encrypted in place (embed path =
+/// kernel path); outside the program's namespace the same path holds ciphertext. A write made
+/// inside is committed, and the tag file names the new state.
+#[test]
+fn mount_namespace_runs_a_static_program_on_the_region_at_its_own_path() {
+    need_fuse();
+    need("gcc", "gcc");
+    need("unshare", "util-linux");
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "--mount-namespace needs root; the test runs as root in CI"
+    );
+    let env = Env::new();
+    // The region is encrypted in place: its embed path is its kernel directory.
+    let data = env.mkdir("data");
+    let ep = data.to_str().unwrap().to_string();
+    env.write("plain/hello.txt", "Hello World\n");
+    env.ok(["create", "fspf.pb"]);
+    env.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
+    env.ok(["addr", "fspf.pb", &ep, "-e", "--kernel", &ep]);
+    env.ok(["addf", "fspf.pb", &ep, "plain", &ep]);
+    let kt = env.encrypt(None);
+    env.write("key", &kt.key);
+    let src = env.write(
+        "example.c",
+        "#include <stdio.h>\n#include <string.h>\nint main(int c, char** v) {\n\
+         char p[4096]; snprintf(p, sizeof p, \"%s/hello.txt\", v[1]);\n\
+         FILE* f = fopen(p, \"r\"); if (!f) return 2; char b[100] = {0};\n\
+         fread(b, 1, 99, f); fclose(f); printf(\"%s\", b);\n\
+         snprintf(p, sizeof p, \"%s/out.txt\", v[1]); f = fopen(p, \"w\"); if (!f) return 3;\n\
+         fputs(\"written inside\\n\", f); return fclose(f) ? 4 : 0; }\n",
+    );
+    let bin = env.path("example");
+    let o = Command::new("gcc")
+        .args(["-static", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .unwrap();
+    ok(&o, "gcc -static");
+    let o = env.run([
+        "run",
+        "--fspf",
+        "fspf.pb",
+        "--key-file",
+        "key",
+        "--tag",
+        &kt.tag,
+        "--mutable",
+        "--tag-file",
+        "tag",
+        "--mount-namespace",
+        "--",
+        bin.to_str().unwrap(),
+        &ep,
+    ]);
+    ok(&o, "fspf run --mount-namespace");
+    assert_eq!(stdout(&o), "Hello World\n");
+    // Outside, the kernel directory holds ciphertext, and no plaintext of the new file.
+    let raw = fs::read(data.join("hello.txt")).unwrap();
+    assert!(!raw.windows(5).any(|w| w == b"Hello"), "plaintext on disk");
+    let out = fs::read(data.join("out.txt")).unwrap();
+    assert!(
+        !out.windows(7).any(|w| w == b"written"),
+        "plaintext on disk"
+    );
+    let tag = fs::read_to_string(env.path("tag"))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_ne!(tag, kt.tag);
+    let o = env.run([
+        "cat",
+        "fspf.pb",
+        &format!("{ep}/out.txt"),
+        "--key",
+        &kt.key,
+        "--tag",
+        &tag,
+    ]);
+    ok(&o, "cat the file written inside");
+    assert_eq!(stdout(&o), "written inside\n");
+    // The namespace ended with the program: nothing is mounted at the region's path any more.
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&ep), "{mounts}");
+}
+
+/// A file with a 255-byte name could never be staged: its shadow name `.NAME.fspf-<id>` was
+/// longer than a file name may be, every commit failed with `EIO` and the file was lost at
+/// unmount (found by pjdfstest). The shadow name now keeps only the first 216 bytes of `NAME`.
+#[test]
+fn a_255_byte_name_could_not_be_staged_and_was_lost_at_unmount() {
+    let mut m = Mounted::new(true);
+    let name = "n".repeat(255);
+    fs::write(m.m(&format!("data/{name}")), "long\n").unwrap();
+    let f = fs::File::open(m.m(&format!("data/{name}"))).unwrap();
+    f.sync_all().expect("fsync commits it");
+    drop(f);
+    let out = m.umount();
+    assert!(!out.contains("failed"), "{out}");
+    m.verify();
+    let o = m.cat(&format!("/data/{name}"));
+    ok(&o, "cat the long name");
+    assert_eq!(stdout(&o), "long\n");
+}
