@@ -2141,11 +2141,15 @@ fn an_overwrite_is_never_merged_as_an_append_with_another_processs_version() {
     let o = w.run_tagged(&[], &["sh", "-c", "echo 0123456789 > /data/f"]);
     ok(&o, "make the file");
     // A rewrites the first byte (not an append) while B appends and commits first.
+    // B starts only once A has opened and written (else A could load B's committed version,
+    // and the outcome would be a legitimate one this test does not mean: it flaked that way).
     let a = "import os, time\n\
         f = open('/data/f', 'r+'); f.write('X'); f.flush()\n\
+        open('/tmp/fspf-a-ready-' + os.environ['T'], 'w').close()\n\
         while not os.path.exists('/tmp/fspf-b-done-' + os.environ['T']): time.sleep(0.01)\n\
         f.close()\n";
-    let b = "import os\n\
+    let b = "import os, time\n\
+        while not os.path.exists('/tmp/fspf-a-ready-' + os.environ['T']): time.sleep(0.01)\n\
         open('/data/f', 'a').write('B\\n')\n\
         fd = os.open('/data/f', os.O_RDONLY); os.fsync(fd); os.close(fd)\n\
         open('/tmp/fspf-b-done-' + os.environ['T'], 'w').close()\n";
@@ -2153,6 +2157,7 @@ fn an_overwrite_is_never_merged_as_an_append_with_another_processs_version() {
     let cmd = format!("{py} -c \"$A\" & {py} -c \"$B\"; wait");
     let o = w.run_tagged(&[("A", a), ("B", b), ("T", &token)], &["sh", "-c", &cmd]);
     let _ = std::fs::remove_file(format!("/tmp/fspf-b-done-{token}"));
+    let _ = std::fs::remove_file(format!("/tmp/fspf-a-ready-{token}"));
     ok(&o, "A and B");
     let o = w.run(&["cat", "/data/f"]);
     ok(&o, "read");
