@@ -881,6 +881,9 @@ impl Filesystem for FspfFs {
             return reply.error(libc::EBADF);
         };
         let mut g = lock(buf);
+        // A write moves the modification time, also past one a program set before it.
+        g.mtime = now_ns();
+        g.mtime_set = false;
         match g.write_at(data, offset.max(0) as u64) {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(e.raw_os_error().unwrap_or(libc::EIO)),

@@ -144,7 +144,12 @@ impl Anchor for DaemonAnchor {
 
 /// Open the volume and build the filesystem (not yet mounted).
 fn build(cfg: &Config) -> Result<fs::FspfFs, MountError> {
-    let opts = VolumeOptions::default();
+    // Staged files are not fsync'd one by one: the session's commit makes them durable with one
+    // `syncfs` per kernel region before its commit point.
+    let opts = VolumeOptions {
+        sync_each_file: false,
+        ..VolumeOptions::default()
+    };
     let vol =
         Volume::open_with(&cfg.fspf, cfg.key.clone(), cfg.tag, opts).map_err(MountError::Volume)?;
     vol.check_usable().map_err(MountError::Volume)?;
