@@ -262,6 +262,17 @@ impl State {
     /// Stage one buffer if it changed: into memory for ephemeral regions, as a version beside
     /// the kernel file otherwise (queued for the next commit).
     fn stage(&mut self, b: &Shared) -> Result<(), c_int> {
+        let r = self.stage_one(b);
+        if let Err(e) = r {
+            eprintln!(
+                "fspf mount: {}: cannot stage the new version (errno {e}); it stays in memory",
+                lock(b).path
+            );
+        }
+        r
+    }
+
+    fn stage_one(&mut self, b: &Shared) -> Result<(), c_int> {
         let mut g = lock(b);
         if !g.dirty || g.detached {
             return Ok(());
@@ -392,7 +403,9 @@ impl FspfFs {
                 let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
                 if g.since.is_some_and(|t| t.elapsed() >= every) {
                     if let Err(e) = g.commit() {
+                        // Reported once; the next change, fsync or the unmount tries again.
                         eprintln!("fspf mount: commit failed (errno {e})");
+                        g.since = None;
                     }
                 }
             }

@@ -271,6 +271,27 @@ pub fn mount_foreground(
     let anchor = fs.anchor();
     fs.on_init(Box::new(ready));
     let (stop, committer) = fs.spawn_committer(cfg.commit_interval);
+    // SIGINT, SIGTERM, SIGHUP: unmount, so that the session ends through `destroy` and commits
+    // (a daemon killed by them would lose what was staged since its last commit).
+    let mp = mountpoint.to_path_buf();
+    if let Ok(mut signals) = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ]) {
+        std::thread::spawn(move || {
+            if signals.forever().next().is_some() {
+                let unmounted = std::process::Command::new("fusermount3")
+                    .arg("-u")
+                    .arg(&mp)
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !unmounted {
+                    let _ = std::process::Command::new("umount").arg(&mp).status();
+                }
+            }
+        });
+    }
     let r = fuser::mount2(fs, mountpoint, &options(cfg));
     stop.store(true, Ordering::Relaxed);
     let _ = committer.join();

@@ -467,3 +467,75 @@ fn a_255_byte_name_could_not_be_staged_and_was_lost_at_unmount() {
     ok(&o, "cat the long name");
     assert_eq!(stdout(&o), "long\n");
 }
+
+/// SIGTERM (or Ctrl-C) to a foreground `fspf mount` unmounted nothing and lost what was staged
+/// since the last commit; it now unmounts, so the session ends through its final commit, and the
+/// tag file names the new state.
+#[test]
+fn sigterm_to_the_daemon_lost_what_was_written_since_the_last_commit() {
+    need_fuse();
+    let env = Env::new();
+    env.write("src/hello.txt", "Hello World\n");
+    env.mkdir("vol");
+    env.mkdir("mnt");
+    env.two_regions("/data", "-e", "vol");
+    env.ok(["addf", "fspf.pb", "/data", "src", "vol"]);
+    let kt = env.encrypt(None);
+    env.write("key", &kt.key);
+    let mut daemon = Command::new(FSPF)
+        .args([
+            "mount",
+            "fspf.pb",
+            "mnt",
+            "--key-file",
+            "key",
+            "--tag",
+            &kt.tag,
+        ])
+        .args([
+            "--mutable",
+            "--foreground",
+            "--tag-file",
+            "tag",
+            "--commit-ms",
+            "600000",
+        ])
+        .current_dir(env.root())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !env.path("mnt/data/hello.txt").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mount did not appear"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Written and closed, not fsync'd; the commit interval is ten minutes away.
+    fs::write(env.path("mnt/data/late.txt"), "late\n").unwrap();
+    let o = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(o.success());
+    let st = daemon.wait().unwrap();
+    assert!(st.success(), "{st}");
+    let tag = fs::read_to_string(env.path("tag"))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_ne!(tag, kt.tag, "nothing was committed");
+    let o = env.run([
+        "cat",
+        "fspf.pb",
+        "/data/late.txt",
+        "--key",
+        &kt.key,
+        "--tag",
+        &tag,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "late\n");
+}
