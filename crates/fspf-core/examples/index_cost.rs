@@ -118,6 +118,7 @@ fn metadata(n: usize) -> Result<Metadata, Box<dyn std::error::Error>> {
                 kind,
                 mode: 0o644,
                 mtime_ns: 0,
+                owner: None,
             },
         );
     }

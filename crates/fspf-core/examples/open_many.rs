@@ -36,6 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 kind,
                 mode: 0o644,
                 mtime_ns: 0,
+                owner: None,
             },
         );
     }

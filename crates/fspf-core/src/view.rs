@@ -7,7 +7,7 @@
 //! lives in the frontend's buffers) and the ephemeral regions (in the frontend's memory). The
 //! in-process shield implements [`Frontend`] over its buffers; a test implements it over two maps.
 //! Errors are a typed [`ViewError`]; frontends map them to errno in one place.
-use crate::format::metadata::{FileEntry, FileKind, Region, RegionKind};
+use crate::format::metadata::{FileEntry, FileKind, Owner, Region, RegionKind, SpecialKind};
 use crate::format::view::ChildKind;
 use crate::policy::EmbedPath;
 use crate::volume::{KernelPath, Volume};
@@ -90,6 +90,11 @@ pub enum NodeKind {
     File,
     Dir,
     Symlink(Vec<u8>),
+    /// A fifo, device node or socket (an entry only).
+    Special {
+        kind: SpecialKind,
+        rdev: u64,
+    },
 }
 
 /// What is at a path.
@@ -103,6 +108,8 @@ pub struct Node {
     /// Modification time (ns since the epoch), when the view knows it; else the kernel
     /// object's applies.
     pub mtime: Option<i64>,
+    /// Recorded owner; `None`: whoever serves the view.
+    pub owner: Option<Owner>,
 }
 
 impl Node {
@@ -113,19 +120,21 @@ impl Node {
             mode,
             kernel,
             mtime,
+            owner: None,
         }
     }
 
     /// The node of a listed entry.
     pub fn of_entry(e: &FileEntry, kernel: Option<KernelPath>) -> Node {
         let mtime = (e.mtime_ns != 0).then_some(e.mtime_ns);
-        match &e.kind {
+        let mut n = match &e.kind {
             FileKind::File { size, .. } => Node {
                 kind: NodeKind::File,
                 size: *size,
                 mode: e.mode,
                 kernel,
                 mtime,
+                owner: None,
             },
             FileKind::Dir => Node::dir(e.mode, kernel, mtime),
             FileKind::Symlink(t) => Node {
@@ -134,8 +143,22 @@ impl Node {
                 mode: 0o777,
                 kernel,
                 mtime,
+                owner: None,
             },
-        }
+            FileKind::Special { kind, rdev } => Node {
+                kind: NodeKind::Special {
+                    kind: *kind,
+                    rdev: *rdev,
+                },
+                size: 0,
+                mode: e.mode,
+                kernel: None,
+                mtime,
+                owner: None,
+            },
+        };
+        n.owner = e.owner;
+        n
     }
 }
 
@@ -150,6 +173,8 @@ pub struct Pending {
     pub modes: BTreeMap<EmbedPath, u32>,
     /// Modification times set since the last commit (ns).
     pub times: BTreeMap<EmbedPath, i64>,
+    /// Owners set since the last commit.
+    pub owners: BTreeMap<EmbedPath, Owner>,
 }
 
 impl Pending {
@@ -159,6 +184,7 @@ impl Pending {
         self.removed.clear();
         self.modes.clear();
         self.times.clear();
+        self.owners.clear();
     }
 
     /// Was `ep`, or a directory above it, removed?
@@ -183,6 +209,8 @@ pub struct OpenFile {
     pub size: u64,
     pub mode: u32,
     pub mtime: i64,
+    /// The owner the file was created with, when the frontend records one.
+    pub owner: Option<Owner>,
 }
 
 /// A node of an ephemeral region (in the frontend's memory).
@@ -250,6 +278,14 @@ impl View<'_> {
 
     /// What is at `ep` (no symlink followed). O(log n) in the volume.
     pub fn lookup(&self, ep: &EmbedPath) -> Result<Node, ViewError> {
+        let mut n = self.lookup_kind(ep)?;
+        if let Some(o) = self.pending.owners.get(ep) {
+            n.owner = Some(*o);
+        }
+        Ok(n)
+    }
+
+    fn lookup_kind(&self, ep: &EmbedPath) -> Result<Node, ViewError> {
         let region = self.vol.region_for(ep).ok_or(ViewError::NotFound)?;
         let kernel = KernelPath::of(region, ep);
         if let Some(o) = self.frontend.open_file(ep) {
@@ -259,6 +295,7 @@ impl View<'_> {
                 mode: o.mode,
                 kernel,
                 mtime: Some(o.mtime),
+                owner: o.owner,
             });
         }
         if region.kind == RegionKind::Ephemeral {
@@ -270,6 +307,7 @@ impl View<'_> {
                     mode,
                     kernel: None,
                     mtime: Some(mtime),
+                    owner: None,
                 }),
                 None if ep == &region.embed_point
                     || self.region_ancestor(ep)
@@ -466,6 +504,7 @@ mod tests {
             },
             mode: 0o640,
             mtime_ns: 1_000 + u64::from(n) as i64,
+            owner: None,
         };
         m.files.insert(p("/data/a"), file(1, 10));
         m.files.insert(
@@ -474,6 +513,7 @@ mod tests {
                 kind: FileKind::Dir,
                 mode: 0o750,
                 mtime_ns: 0,
+                owner: None,
             },
         );
         m.files.insert(p("/data/d/b"), file(2, 20));
@@ -483,6 +523,7 @@ mod tests {
                 kind: FileKind::Symlink(b"d".to_vec()),
                 mode: 0o777,
                 mtime_ns: 0,
+                owner: None,
             },
         );
         m.files.insert(p("/data/f"), file(3, 30));
@@ -552,6 +593,7 @@ mod tests {
                 size: 3,
                 mode: 0o600,
                 mtime: 7,
+                owner: None,
             },
         );
         let v = View {

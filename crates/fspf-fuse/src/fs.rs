@@ -2,7 +2,8 @@
 //! `ViewError` → errno. Every rule (what a path is, what may change, how a change is queued and
 //! committed) is the session's.
 use crate::DaemonAnchor;
-use fspf_core::session::{EphemeralContent, OpenFiles, Session, MAX_FILE_LEN};
+use fspf_core::format::metadata::{Owner, SpecialKind};
+use fspf_core::session::{EphemeralContent, OpenFiles, Session, VersionMeta, MAX_FILE_LEN};
 use fspf_core::view::{Node, NodeKind, OpenFile, ViewError};
 use fspf_core::volume::KernelReader;
 use fspf_core::{ChildKind, EmbedPath, Tag};
@@ -39,6 +40,8 @@ struct Buf {
     writers: usize,
     /// Unlinked: never staged again.
     detached: bool,
+    /// Recorded owner of the file.
+    owner: Option<Owner>,
 }
 
 impl Buf {
@@ -54,6 +57,7 @@ impl Buf {
             dirty: false,
             writers: 0,
             detached: false,
+            owner: None,
         })
     }
 
@@ -128,6 +132,7 @@ impl OpenFiles for Live<'_> {
             size: b.len,
             mode: b.mode,
             mtime: b.mtime,
+            owner: b.owner,
         })
     }
     fn open_below(&self, dir: &EmbedPath) -> Vec<EmbedPath> {
@@ -293,12 +298,16 @@ impl State {
             }
             return Ok(());
         } else {
-            let mtime = g.mtime_set.then_some(g.mtime);
+            let meta = VersionMeta {
+                mode: g.mode,
+                mtime: g.mtime_set.then_some(g.mtime),
+                owner: g.owner,
+            };
             let file = &g.file;
             let len = g.len;
             let t = self
                 .s
-                .stage_put(&path, len, g.mode, mtime, None, || BufReader {
+                .stage_put(&path, len, meta, None, || BufReader {
                     file,
                     pos: 0,
                     end: len,
@@ -418,10 +427,15 @@ impl FspfFs {
     }
 
     fn attr(&self, ino: u64, n: &Node) -> FileAttr {
+        let mut rdev = 0;
         let (kind, nlink) = match n.kind {
             NodeKind::File => (FileType::RegularFile, 1),
             NodeKind::Dir => (FileType::Directory, 2),
             NodeKind::Symlink(_) => (FileType::Symlink, 1),
+            NodeKind::Special { kind, rdev: r } => {
+                rdev = r as u32;
+                (file_type(kind), 1)
+            }
         };
         let t = time_of(n.mtime.unwrap_or(self.started));
         FileAttr {
@@ -435,9 +449,9 @@ impl FspfFs {
             kind,
             perm: (n.mode & 0o7777) as u16,
             nlink,
-            uid: self.uid,
-            gid: self.gid,
-            rdev: 0,
+            uid: n.owner.map_or(self.uid, |o| o.uid),
+            gid: n.owner.map_or(self.gid, |o| o.gid),
+            rdev,
             blksize: 4096,
             flags: 0,
         }
@@ -470,6 +484,7 @@ impl FspfFs {
         }
         let mut b =
             Buf::new(ep.clone(), n.mode, n.mtime.unwrap_or(self.started)).map_err(|_| libc::EIO)?;
+        b.owner = n.owner;
         if truncate {
             b.dirty = n.size != 0;
         } else {
@@ -626,9 +641,26 @@ impl Filesystem for FspfFs {
             return reply.error(libc::ENOENT);
         };
         let r = (|| -> Result<FileAttr, c_int> {
-            if uid.is_some_and(|u| u != self.uid) || gid.is_some_and(|g| g != self.gid) {
-                // Owners are the mounting user's; the fspf records none.
-                return Err(libc::EPERM);
+            if uid.is_some() || gid.is_some() {
+                // The kernel checked who may change owners (`default_permissions`).
+                let cur =
+                    st.s.lookup(&Live(&st.live), &ep)
+                        .map_err(ViewError::errno)?
+                        .owner
+                        .unwrap_or(Owner {
+                            uid: self.uid,
+                            gid: self.gid,
+                        });
+                let owner = Owner {
+                    uid: uid.unwrap_or(cur.uid),
+                    gid: gid.unwrap_or(cur.gid),
+                };
+                st.s.chown(&Live(&st.live), &ep, owner, now_ns())
+                    .map_err(ViewError::errno)?;
+                if let Some(b) = st.live.get(&ep) {
+                    lock(b).owner = Some(owner);
+                }
+                st.mark();
             }
             if let Some(len) = size {
                 st.s.check_writable(&ep).map_err(ViewError::errno)?;
@@ -689,21 +721,43 @@ impl Filesystem for FspfFs {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
-        if mode & libc::S_IFMT != libc::S_IFREG {
-            // Device nodes, fifos and sockets have no place in a protected region.
-            return reply.error(libc::EPERM);
-        }
+        let special = match mode & libc::S_IFMT {
+            libc::S_IFREG => None,
+            libc::S_IFIFO => Some(SpecialKind::Fifo),
+            libc::S_IFCHR => Some(SpecialKind::Char),
+            libc::S_IFBLK => Some(SpecialKind::Block),
+            libc::S_IFSOCK => Some(SpecialKind::Socket),
+            _ => return reply.error(libc::EINVAL),
+        };
         let mut guard = self.state();
         let st = &mut *guard;
         let r = Self::child(st, parent, name).and_then(|ep| {
-            let b = self.new_file(st, &ep, mode & !umask)?;
-            st.stage(&b)?;
+            let (owner, mode) = self.new_owner(st, req, &ep, mode & !umask, false);
+            match special {
+                None => {
+                    let b = self.new_file(st, &ep, mode, owner)?;
+                    st.stage(&b)?;
+                }
+                Some(kind) => {
+                    st.stage_all()?;
+                    let r = st.s.mknod(
+                        &Live(&st.live),
+                        &ep,
+                        kind,
+                        u64::from(rdev),
+                        mode,
+                        Some(owner),
+                        now_ns(),
+                    );
+                    st.after_commit();
+                    r.map_err(ViewError::errno)?;
+                }
+            }
             self.entry(st, &ep)
         });
-        let _ = req;
         match r {
             Ok(a) => reply.entry(&TTL, &a, 0),
             Err(e) => reply.error(e),
@@ -712,7 +766,7 @@ impl Filesystem for FspfFs {
 
     fn mkdir(
         &mut self,
-        _req: &Request<'_>,
+        req: &Request<'_>,
         parent: u64,
         name: &OsStr,
         mode: u32,
@@ -722,7 +776,8 @@ impl Filesystem for FspfFs {
         let mut guard = self.state();
         let st = &mut *guard;
         let r = Self::child(st, parent, name).and_then(|ep| {
-            st.s.mkdir(&Live(&st.live), &ep, mode & !umask & 0o7777, now_ns())
+            let (owner, mode) = self.new_owner(st, req, &ep, mode & !umask & 0o7777, true);
+            st.s.mkdir(&Live(&st.live), &ep, mode, Some(owner), now_ns())
                 .map_err(ViewError::errno)?;
             st.mark();
             self.entry(st, &ep)
@@ -743,7 +798,7 @@ impl Filesystem for FspfFs {
 
     fn symlink(
         &mut self,
-        _req: &Request<'_>,
+        req: &Request<'_>,
         parent: u64,
         link_name: &OsStr,
         target: &Path,
@@ -755,10 +810,12 @@ impl Filesystem for FspfFs {
             if !st.s.is_ephemeral(&ep) {
                 st.stage_all()?;
             }
+            let (owner, _) = self.new_owner(st, req, &ep, 0o777, false);
             let r = st.s.symlink(
                 &Live(&st.live),
                 target.as_os_str().as_bytes(),
                 &ep,
+                Some(owner),
                 now_ns(),
             );
             st.after_commit();
@@ -981,6 +1038,8 @@ impl Filesystem for FspfFs {
                 ChildKind::Dir => FileType::Directory,
                 ChildKind::File => FileType::RegularFile,
                 ChildKind::Symlink => FileType::Symlink,
+                // The listing does not say which kind; `lookup` does.
+                ChildKind::Special => FileType::NamedPipe,
             };
             entries.push((st.inodes.ino(&p), t, name));
         }
@@ -1031,7 +1090,7 @@ impl Filesystem for FspfFs {
 
     fn create(
         &mut self,
-        _req: &Request<'_>,
+        req: &Request<'_>,
         parent: u64,
         name: &OsStr,
         mode: u32,
@@ -1043,7 +1102,8 @@ impl Filesystem for FspfFs {
         let st = &mut *guard;
         let r = (|| -> Result<(FileAttr, u64), c_int> {
             let ep = Self::child(st, parent, name)?;
-            let b = self.new_file(st, &ep, mode & !umask)?;
+            let (owner, mode) = self.new_owner(st, req, &ep, mode & !umask, false);
+            let b = self.new_file(st, &ep, mode, owner)?;
             let acc = flags & libc::O_ACCMODE;
             let h = if acc == libc::O_RDONLY {
                 st.stage(&b)?;
@@ -1070,14 +1130,53 @@ impl Filesystem for FspfFs {
 
 impl FspfFs {
     /// A new, empty regular file at `ep` (its buffer, dirty so that it is staged even empty).
-    fn new_file(&self, st: &mut State, ep: &EmbedPath, mode: u32) -> Result<Shared, c_int> {
+    fn new_file(
+        &self,
+        st: &mut State,
+        ep: &EmbedPath,
+        mode: u32,
+        owner: Owner,
+    ) -> Result<Shared, c_int> {
         st.s.check_new_name(&Live(&st.live), ep)
             .map_err(ViewError::errno)?;
         let mut b = Buf::new(ep.clone(), mode & 0o7777, now_ns()).map_err(|_| libc::EIO)?;
         b.dirty = true;
+        b.owner = Some(owner);
         let b = Arc::new(Mutex::new(b));
         st.live.insert(ep.clone(), b.clone());
         Ok(b)
+    }
+
+    /// The owner of a new entry at `ep` made by `req`, and its mode: the caller's user, and the
+    /// parent directory's group when that has the set-group-id bit (which a new directory
+    /// inherits), else the caller's group, as Linux does.
+    fn new_owner(
+        &self,
+        st: &State,
+        req: &Request<'_>,
+        ep: &EmbedPath,
+        mode: u32,
+        dir: bool,
+    ) -> (Owner, u32) {
+        let parent = ep
+            .parent()
+            .and_then(|p| st.s.lookup(&Live(&st.live), &p).ok());
+        match parent {
+            Some(p) if p.mode & libc::S_ISGID != 0 => (
+                Owner {
+                    uid: req.uid(),
+                    gid: p.owner.map_or(self.gid, |o| o.gid),
+                },
+                if dir { mode | libc::S_ISGID } else { mode },
+            ),
+            _ => (
+                Owner {
+                    uid: req.uid(),
+                    gid: req.gid(),
+                },
+                mode,
+            ),
+        }
     }
 
     fn remove(&mut self, parent: u64, name: &OsStr, dir: bool, reply: ReplyEmpty) {
@@ -1098,5 +1197,15 @@ impl FspfFs {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
+    }
+}
+
+/// The FUSE file type of a special entry.
+fn file_type(k: SpecialKind) -> FileType {
+    match k {
+        SpecialKind::Fifo => FileType::NamedPipe,
+        SpecialKind::Char => FileType::CharDevice,
+        SpecialKind::Block => FileType::BlockDevice,
+        SpecialKind::Socket => FileType::Socket,
     }
 }

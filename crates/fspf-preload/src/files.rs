@@ -1,6 +1,7 @@
 //! Open shielded files: the fd table (fd → shared open-file description), verified readers,
 //! write buffers, and the stat structures the shield synthesises.
 use crate::{log, real};
+use fspf_core::format::metadata::SpecialKind;
 use fspf_core::view::{Node, NodeKind};
 use fspf_core::volume::memory::MemReader;
 use fspf_core::volume::KernelReader;
@@ -50,6 +51,8 @@ pub struct WriteBuf {
     /// (size, hash) of the content when last loaded or sealed; catches writes that bypassed
     /// the hooks.
     pub print: (u64, u64),
+    /// The owner the fspf records for the file (kept by every new version).
+    pub owner: Option<fspf_core::format::metadata::Owner>,
 }
 
 impl WriteBuf {
@@ -85,6 +88,7 @@ impl WriteBuf {
             detached: false,
             pending: false,
             print: (0, fingerprint_bytes(&[])),
+            owner: None,
         })
     }
 
@@ -121,6 +125,7 @@ impl WriteBuf {
             detached: false,
             pending: false,
             print: (0, 0),
+            owner: None,
         };
         b.print = b.fingerprint()?;
         Ok(b)
@@ -598,6 +603,7 @@ impl OpenFile {
             },
             size: self.size(),
             mode: self.mode,
+            owner: None,
             kernel: self.kernel.clone(),
             mtime: match &self.body {
                 Body::Buf(b) => b.lock().ok().map(|g| g.mtime),
@@ -674,7 +680,21 @@ pub fn fill_stat(ep: &EmbedPath, node: &Node, started: i64, st: &mut libc::stat)
         NodeKind::File => (libc::S_IFREG, 1),
         NodeKind::Dir => (libc::S_IFDIR, 2),
         NodeKind::Symlink(_) => (libc::S_IFLNK, 1),
+        NodeKind::Special { kind, rdev } => {
+            st.st_rdev = rdev;
+            let t = match kind {
+                SpecialKind::Fifo => libc::S_IFIFO,
+                SpecialKind::Char => libc::S_IFCHR,
+                SpecialKind::Block => libc::S_IFBLK,
+                SpecialKind::Socket => libc::S_IFSOCK,
+            };
+            (t, 1)
+        }
     };
+    if let Some(o) = node.owner {
+        st.st_uid = o.uid;
+        st.st_gid = o.gid;
+    }
     st.st_mode = ty | (node.mode & 0o7777);
     st.st_nlink = nlink;
     st.st_size = node.size as i64;

@@ -36,7 +36,7 @@ pub(crate) fn do_mkdir(sh: &Shield, ep: EmbedPath, mode: mode_t) -> Result<(), c
     let mode = mode & 0o7777 & !crate::umask::now();
     inner
         .s
-        .mkdir(&Live(&inner.live), &ep, mode, crate::shield::now())
+        .mkdir(&Live(&inner.live), &ep, mode, None, crate::shield::now())
         .map_err(errno_of)
 }
 
@@ -83,7 +83,7 @@ pub(crate) fn do_symlink(sh: &Shield, target: &[u8], ep: EmbedPath) -> Result<()
     }
     let r = inner
         .s
-        .symlink(&Live(&inner.live), target, &ep, crate::shield::now());
+        .symlink(&Live(&inner.live), target, &ep, None, crate::shield::now());
     Shield::after_commit(inner);
     r.map_err(errno_of)
 }

@@ -221,6 +221,9 @@ fn shield_open_depth(
                     files::insert(fd, Arc::new(Mutex::new(f)));
                     return Ok(fd);
                 }
+                // A fifo, device or socket listed in the fspf: nothing is behind it on disk, and
+                // the in-process shield cannot stand in for it (the FUSE shield can).
+                NodeKind::Special { .. } => return Err(libc::ENXIO),
                 NodeKind::Symlink(t) => {
                     if flags & libc::O_NOFOLLOW != 0 {
                         return Err(libc::ELOOP);
@@ -270,6 +273,7 @@ fn shield_open_depth(
                         let b =
                             WriteBuf::create(ep.clone(), n.mode, n.mtime.unwrap_or(sh.started))?;
                         let mut b = b;
+                        b.owner = n.owner;
                         if flags & libc::O_TRUNC == 0 {
                             load_buffer(&inner, &ep, &b)?;
                             // The version it starts from: appends to it can be rebased onto a

@@ -7,7 +7,9 @@ use crate::{log, real, say};
 use fspf_core::codec::Threads;
 use fspf_core::format::metadata::{Protection, Region, RegionKind};
 use fspf_core::format::view::ChildKind;
-use fspf_core::session::{AppendDelta, OpenFiles, Session, SessionConfig, APPEND_REBASE_MAX};
+use fspf_core::session::{
+    AppendDelta, OpenFiles, Session, SessionConfig, VersionMeta, APPEND_REBASE_MAX,
+};
 use fspf_core::view::{OpenFile, ViewError};
 use fspf_core::{EmbedPath, Tag, Volume, VolumeKey, VolumeOptions};
 use libc::c_int;
@@ -427,6 +429,7 @@ impl OpenFiles for Live<'_> {
             size: b.len(),
             mode: b.mode,
             mtime: b.mtime,
+            owner: b.owner,
         })
     }
     fn open_below(&self, dir: &EmbedPath) -> Vec<EmbedPath> {
@@ -479,7 +482,7 @@ impl Shield {
         match self.lookup(inner, ep) {
             Ok(n) => match n.kind {
                 NodeKind::Dir => None,
-                NodeKind::File => Some(libc::ENOTDIR),
+                NodeKind::File | NodeKind::Special { .. } => Some(libc::ENOTDIR),
                 NodeKind::Symlink(t) if depth < MAX_SYMLINKS => {
                     let target = link_target(ep, &t);
                     match self.route_depth(inner, libc::AT_FDCWD, &target, depth + 1) {
@@ -738,6 +741,7 @@ impl Shield {
                     ChildKind::Dir => libc::DT_DIR,
                     ChildKind::File => libc::DT_REG,
                     ChildKind::Symlink => libc::DT_LNK,
+                    ChildKind::Special => libc::DT_UNKNOWN,
                 };
                 (n, t)
             })
@@ -760,7 +764,11 @@ impl Shield {
             return Ok(());
         }
         let eph = inner.s.is_ephemeral(&b.path);
-        let mtime = b.mtime_set.then_some(b.mtime);
+        let meta = VersionMeta {
+            mode: b.mode,
+            mtime: b.mtime_set.then_some(b.mtime),
+            owner: b.owner,
+        };
         if !eph && b.len() > files::HASH_MAX {
             // Large kernel file: seal straight from the memfd (no copy of the whole file).
             let print = b.fingerprint()?;
@@ -768,7 +776,7 @@ impl Shield {
             let path = b.path.clone();
             let t = inner
                 .s
-                .stage_put(&path, print.0, b.mode, mtime, append, || b.reader())
+                .stage_put(&path, print.0, meta, append, || b.reader())
                 .map_err(errno_of)?;
             b.mtime = t;
             b.mark_sealed_print(print);
@@ -787,9 +795,7 @@ impl Shield {
         let append = Self::append_delta(b);
         let t = inner
             .s
-            .stage_put(&b.path, data.len() as u64, b.mode, mtime, append, || {
-                &data[..]
-            })
+            .stage_put(&b.path, data.len() as u64, meta, append, || &data[..])
             .map_err(errno_of)?;
         b.mtime = t;
         b.mark_sealed(&data);

@@ -7,7 +7,7 @@
 //!
 //! ```text
 //!  0  magic        "FSPFIDX\0"
-//!  8  version      u32 = 2 (1 had no mtime_ns)
+//!  8  version      u32 = 3 (1 had no mtime_ns, 2 no owners and special files)
 //! 12  entry_count  u32
 //! 16  tag          [16]  tag of the fspf the index was built from
 //! 32  regions_len  u32
@@ -16,10 +16,11 @@
 //! 48  regions      MetadataPb (protobuf) with the generation and regions, no files
 //!     offsets      entry_count x u32: where entry i's record starts within `records`
 //!     records      one per entry, in tree order:
-//!                  path_len u32 | path | kind u8 (1 file, 2 dir, 3 symlink) | mode u16 |
-//!                    mtime_ns i64 |
+//!                  path_len u32 | path | kind u8 (1 file, 2 dir, 3 symlink, 4 special) |
+//!                    mode u16 | mtime_ns i64 | owned u8 (0 or 1) | owned: uid u32 | gid u32 |
 //!                    file:    file id [16] | size u64 | root_len u8 (0 or 32) | root
 //!                    symlink: target_len u32 | target
+//!                    special: special u8 (1 fifo, 2 char, 3 block, 4 socket) | rdev u64
 //! ```
 //!
 //! **Tree order** ([`tree_order`]): paths compare byte by byte with `/` ranked below every other
@@ -33,7 +34,9 @@
 //! a process checks it against the run's current one. Accessors still never panic on malformed
 //! bytes: they answer `None` or stop, and [`FrozenIndex::validate`] checks everything.
 use crate::crypto::{FileId, Tag, FILE_ID_LEN, TAG_LEN};
-use crate::format::metadata::{FileEntry, FileKind, Metadata, MetadataPb, Region};
+use crate::format::metadata::{
+    FileEntry, FileKind, Metadata, MetadataPb, Owner, Region, SpecialKind,
+};
 use crate::format::view::{ChildKind, Children};
 use crate::policy::EmbedPath;
 use prost::Message;
@@ -42,11 +45,12 @@ use std::collections::BTreeMap;
 use zeroize::{Zeroize, Zeroizing};
 
 pub const INDEX_MAGIC: [u8; 8] = *b"FSPFIDX\0";
-pub const INDEX_VERSION: u32 = 2;
+pub const INDEX_VERSION: u32 = 3;
 const HEADER_LEN: usize = 48;
 const KIND_FILE: u8 = 1;
 const KIND_DIR: u8 = 2;
 const KIND_SYMLINK: u8 = 3;
+const KIND_SPECIAL: u8 = 4;
 const ROOT_LEN: usize = 32;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -127,11 +131,20 @@ pub fn build_index(meta: &Metadata, tag: Tag) -> Result<Zeroizing<Vec<u8>>, Inde
             FileKind::File { .. } => KIND_FILE,
             FileKind::Dir => KIND_DIR,
             FileKind::Symlink(_) => KIND_SYMLINK,
+            FileKind::Special { .. } => KIND_SPECIAL,
         };
         records.push(kind);
         // Parsing masks modes to permission bits, so they fit 16 bits.
         records.extend_from_slice(&((e.mode & 0o7777) as u16).to_le_bytes());
         records.extend_from_slice(&e.mtime_ns.to_le_bytes());
+        match e.owner {
+            Some(o) => {
+                records.push(1);
+                records.extend_from_slice(&o.uid.to_le_bytes());
+                records.extend_from_slice(&o.gid.to_le_bytes());
+            }
+            None => records.push(0),
+        }
         match &e.kind {
             FileKind::File { id, size, root } => {
                 records.extend_from_slice(&id.0);
@@ -149,6 +162,10 @@ pub fn build_index(meta: &Metadata, tag: Tag) -> Result<Zeroizing<Vec<u8>>, Inde
                 let len = u32::try_from(t.len()).map_err(too_large("a symlink target"))?;
                 records.extend_from_slice(&len.to_le_bytes());
                 records.extend_from_slice(t);
+            }
+            FileKind::Special { kind, rdev } => {
+                records.push(kind.code() as u8);
+                records.extend_from_slice(&rdev.to_le_bytes());
             }
         }
     }
@@ -486,6 +503,7 @@ impl<'a> Iterator for FrozenChildren<'a> {
                     KIND_FILE => ChildKind::File,
                     KIND_DIR => ChildKind::Dir,
                     KIND_SYMLINK => ChildKind::Symlink,
+                    KIND_SPECIAL => ChildKind::Special,
                     _ => return None,
                 };
                 (below, kind)
@@ -513,6 +531,14 @@ fn parse_entry(c: &mut Cursor<'_>) -> Option<FileEntry> {
     let kind = c.u8()?;
     let mode = u32::from(c.u16()?);
     let mtime_ns = c.u64()? as i64;
+    let owner = match c.u8()? {
+        0 => None,
+        1 => Some(Owner {
+            uid: c.u32()?,
+            gid: c.u32()?,
+        }),
+        _ => return None,
+    };
     let kind = match kind {
         KIND_FILE => {
             let mut id = [0u8; FILE_ID_LEN];
@@ -538,6 +564,10 @@ fn parse_entry(c: &mut Cursor<'_>) -> Option<FileEntry> {
             let len = usize::try_from(c.u32()?).ok()?;
             FileKind::Symlink(c.take(len)?.to_vec())
         }
+        KIND_SPECIAL => FileKind::Special {
+            kind: SpecialKind::from_code(u32::from(c.u8()?))?,
+            rdev: c.u64()?,
+        },
         _ => return None,
     };
     if mode & !0o7777 != 0 {
@@ -547,6 +577,7 @@ fn parse_entry(c: &mut Cursor<'_>) -> Option<FileEntry> {
         kind,
         mode,
         mtime_ns,
+        owner,
     })
 }
 
@@ -609,6 +640,7 @@ mod tests {
             kind: FileKind::Dir,
             mode: 0o755,
             mtime_ns: 1,
+            owner: None,
         }
     }
     fn file(n: u8) -> FileEntry {
@@ -620,6 +652,7 @@ mod tests {
             },
             mode: 0o644,
             mtime_ns: -5,
+            owner: None,
         }
     }
     fn regions() -> Vec<Region> {
@@ -678,6 +711,7 @@ mod tests {
                 kind: FileKind::Symlink(b"/a/b/c".to_vec()),
                 mode: 0o777,
                 mtime_ns: 0,
+                owner: None,
             },
         );
         m
@@ -927,8 +961,12 @@ mod tests {
             IndexError::UnsupportedVersion(1)
         );
         assert_eq!(
-            with(8, &3u32.to_le_bytes()),
-            IndexError::UnsupportedVersion(3)
+            with(8, &2u32.to_le_bytes()),
+            IndexError::UnsupportedVersion(2)
+        );
+        assert_eq!(
+            with(8, &4u32.to_le_bytes()),
+            IndexError::UnsupportedVersion(4)
         );
         assert!(matches!(
             with(12, &u32::MAX.to_le_bytes()),
@@ -1005,11 +1043,20 @@ mod tests {
             ),
             Just(FileKind::Dir),
             prop::collection::vec(any::<u8>(), 0..12).prop_map(FileKind::Symlink),
+            (1u32..=4, any::<u64>()).prop_map(|(k, rdev)| FileKind::Special {
+                kind: SpecialKind::from_code(k).unwrap(),
+                rdev
+            }),
         ];
-        (kind, 0u32..0o10000, any::<i64>()).prop_map(|(kind, mode, mtime_ns)| FileEntry {
-            kind,
-            mode,
-            mtime_ns,
+        let owner =
+            any::<Option<(u32, u32)>>().prop_map(|o| o.map(|(uid, gid)| Owner { uid, gid }));
+        (kind, 0u32..0o10000, any::<i64>(), owner).prop_map(|(kind, mode, mtime_ns, owner)| {
+            FileEntry {
+                kind,
+                mode,
+                mtime_ns,
+                owner,
+            }
         })
     }
     fn metadata() -> impl Strategy<Value = Metadata> {

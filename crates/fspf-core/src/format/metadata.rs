@@ -60,6 +60,20 @@ pub struct FileEntryPb {
     /// Modification time, nanoseconds since the epoch; 0 = not recorded (older writers).
     #[prost(int64, tag = "8")]
     pub mtime_ns: i64,
+    /// The owner below is recorded (older writers and `addf` record none: the files then
+    /// belong to whoever serves them).
+    #[prost(bool, tag = "9")]
+    pub owned: bool,
+    #[prost(uint32, tag = "10")]
+    pub uid: u32,
+    #[prost(uint32, tag = "11")]
+    pub gid: u32,
+    /// kind 4 (special file): 1 = fifo, 2 = character device, 3 = block device, 4 = socket
+    #[prost(uint32, tag = "12")]
+    pub special: u32,
+    /// kind 4: device number of a character or block device
+    #[prost(uint64, tag = "13")]
+    pub rdev: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +145,48 @@ pub enum FileKind {
     },
     Dir,
     Symlink(Vec<u8>),
+    /// A fifo, device node or socket: an entry only (no content, nothing on disk).
+    Special {
+        kind: SpecialKind,
+        rdev: u64,
+    },
+}
+
+/// The kinds of special files an entry can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecialKind {
+    Fifo,
+    Char,
+    Block,
+    Socket,
+}
+
+impl SpecialKind {
+    pub fn code(self) -> u32 {
+        match self {
+            SpecialKind::Fifo => 1,
+            SpecialKind::Char => 2,
+            SpecialKind::Block => 3,
+            SpecialKind::Socket => 4,
+        }
+    }
+
+    pub fn from_code(c: u32) -> Option<SpecialKind> {
+        Some(match c {
+            1 => SpecialKind::Fifo,
+            2 => SpecialKind::Char,
+            3 => SpecialKind::Block,
+            4 => SpecialKind::Socket,
+            _ => return None,
+        })
+    }
+}
+
+/// Who owns an entry (numeric ids, as the kernel reports them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// Now, in nanoseconds since the epoch (the `mtime_ns` of a version written now).
@@ -148,6 +204,9 @@ pub struct FileEntry {
     /// Modification time in nanoseconds since the epoch, as the fspf records it (protected by
     /// the fspf's seal, unlike the kernel file's times); 0 = not recorded.
     pub mtime_ns: i64,
+    /// Recorded owner; `None`: the entry belongs to whoever serves it (the mounting user, the
+    /// running program's user).
+    pub owner: Option<Owner>,
 }
 
 /// Validated content of an fspf.
@@ -175,6 +234,11 @@ impl Metadata {
                         mtime_ns: e.mtime_ns,
                         ..Default::default()
                     };
+                    if let Some(o) = e.owner {
+                        pb.owned = true;
+                        pb.uid = o.uid;
+                        pb.gid = o.gid;
+                    }
                     match &e.kind {
                         FileKind::File { id, size, root } => {
                             pb.kind = 1;
@@ -186,6 +250,11 @@ impl Metadata {
                         FileKind::Symlink(t) => {
                             pb.kind = 3;
                             pb.target = t.clone();
+                        }
+                        FileKind::Special { kind, rdev } => {
+                            pb.kind = 4;
+                            pb.special = kind.code();
+                            pb.rdev = *rdev;
                         }
                     }
                     pb
@@ -328,6 +397,11 @@ impl Metadata {
                 }
                 2 => FileKind::Dir,
                 3 => FileKind::Symlink(f.target),
+                4 => FileKind::Special {
+                    kind: SpecialKind::from_code(f.special)
+                        .ok_or_else(|| format!("{path}: unknown special kind {}", f.special))?,
+                    rdev: f.rdev,
+                },
                 k => return Err(format!("{path}: unknown file kind {k}")),
             };
             files.push((
@@ -336,6 +410,10 @@ impl Metadata {
                     kind,
                     mode: f.mode & 0o7777,
                     mtime_ns: f.mtime_ns,
+                    owner: f.owned.then_some(Owner {
+                        uid: f.uid,
+                        gid: f.gid,
+                    }),
                 },
             ));
         }
@@ -454,6 +532,7 @@ pub fn region_index_in(regions: &[Region], path: &EmbedPath) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message;
 
     fn file_pb(path: &str, size: u64) -> FileEntryPb {
         FileEntryPb {
@@ -464,6 +543,59 @@ mod tests {
             mode: 0o644,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn owners_and_special_files_round_trip_and_older_entries_have_no_owner() {
+        let mut m = Metadata::default();
+        let p = |s: &str| EmbedPath::parse(s).unwrap();
+        m.files.insert(
+            p("/a/fifo"),
+            FileEntry {
+                kind: FileKind::Special {
+                    kind: SpecialKind::Fifo,
+                    rdev: 0,
+                },
+                mode: 0o640,
+                mtime_ns: 5,
+                owner: Some(Owner { uid: 0, gid: 65534 }),
+            },
+        );
+        m.files.insert(
+            p("/a/dev"),
+            FileEntry {
+                kind: FileKind::Special {
+                    kind: SpecialKind::Block,
+                    rdev: 0x0801,
+                },
+                mode: 0o600,
+                mtime_ns: 6,
+                owner: None,
+            },
+        );
+        let back =
+            Metadata::from_pb(MetadataPb::decode(&*m.to_pb().encode_to_vec()).unwrap()).unwrap();
+        assert_eq!(back, m);
+        // An entry as older writers encode it (no owner fields) has no owner; an unknown
+        // special kind is refused.
+        let old = MetadataPb {
+            format_version: 1,
+            files: vec![file_pb("/x", 1)],
+            ..Default::default()
+        };
+        let got = Metadata::from_pb(old).unwrap();
+        assert_eq!(got.files[&p("/x")].owner, None);
+        let bad = MetadataPb {
+            format_version: 1,
+            files: vec![FileEntryPb {
+                path: b"/s".to_vec(),
+                kind: 4,
+                special: 9,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(Metadata::from_pb(bad).unwrap_err().contains("special kind"));
     }
 
     /// Regression: a listed size whose on-disk size (header + size + 16 per chunk) does not fit
@@ -555,6 +687,7 @@ mod tests {
                     kind: FileKind::Dir,
                     mode: 0,
                     mtime_ns: 0,
+                    owner: None,
                 },
             );
         }
@@ -584,6 +717,7 @@ mod tests {
                     kind,
                     mode: 0,
                     mtime_ns: 0,
+                    owner: None,
                 },
             );
         }

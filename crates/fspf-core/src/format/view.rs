@@ -11,6 +11,8 @@ pub enum ChildKind {
     File,
     Dir,
     Symlink,
+    /// A fifo, device node or socket.
+    Special,
 }
 
 impl ChildKind {
@@ -19,6 +21,7 @@ impl ChildKind {
             FileKind::File { .. } => ChildKind::File,
             FileKind::Dir => ChildKind::Dir,
             FileKind::Symlink(_) => ChildKind::Symlink,
+            FileKind::Special { .. } => ChildKind::Special,
         }
     }
 }

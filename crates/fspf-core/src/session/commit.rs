@@ -257,6 +257,7 @@ impl<A: Anchor> Session<A> {
                     cur.to_hex()
                 ));
                 new.entry.mtime_ns = s.entry.mtime_ns;
+                new.entry.owner = s.entry.owner;
                 let old = std::mem::replace(s, new);
                 old.discard(&self.cfg.fspf);
                 merged.insert(path, data);

@@ -19,7 +19,7 @@ mod namespace;
 #[cfg(test)]
 mod tests;
 
-use crate::format::metadata::{FileKind, Protection, Region, RegionKind};
+use crate::format::metadata::{FileKind, Owner, Protection, Region, RegionKind};
 use crate::format::view::ChildKind;
 use crate::policy::EmbedPath;
 use crate::view::{EphemeralNode, Frontend, Node, OpenFile, Pending, View, ViewError};
@@ -160,6 +160,17 @@ pub const MAX_FILE_LEN: u64 = 1 << 40;
 
 /// Appends larger than this are not kept for a rebase (the later committer then wins).
 pub const APPEND_REBASE_MAX: u64 = 64 << 20;
+
+/// What a staged version records besides its content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionMeta {
+    /// Permission bits.
+    pub mode: u32,
+    /// The modification time the program set; `None`: now.
+    pub mtime: Option<i64>,
+    /// The owner to record; `None`: none (whoever serves the file owns it).
+    pub owner: Option<Owner>,
+}
 
 /// How a session is opened and when it asks for a commit.
 #[derive(Debug, Clone)]
@@ -526,15 +537,15 @@ impl<A: Anchor> Session<A> {
         &mut self,
         path: &EmbedPath,
         size: u64,
-        mode: u32,
-        mtime: Option<i64>,
+        meta: VersionMeta,
         append: Option<AppendDelta>,
         src: impl Fn() -> R,
     ) -> Result<i64, ViewError> {
-        let mut staged = self.stage(path, size, mode, src)?;
-        if let Some(t) = mtime {
+        let mut staged = self.stage(path, size, meta.mode, src)?;
+        if let Some(t) = meta.mtime {
             staged.entry.mtime_ns = t;
         }
+        staged.entry.owner = meta.owner;
         let t = staged.entry.mtime_ns;
         match append {
             Some(d) if d.delta.len() as u64 <= APPEND_REBASE_MAX => {
@@ -551,6 +562,7 @@ impl<A: Anchor> Session<A> {
                 size,
                 mode: staged.entry.mode,
                 mtime: t,
+                owner: meta.owner,
             },
         );
         self.queue.push(Change::Put(staged));

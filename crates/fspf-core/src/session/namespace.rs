@@ -6,7 +6,7 @@
 //! commit, not N. A rename and a symlink commit at once (a rename moves kernel objects that
 //! later queued changes name; a symlink is an fspf entry only).
 use super::{remove_tree, Anchor, EphNode, OpenFiles, Session, ViewError};
-use crate::format::metadata::{FileEntry, FileKind};
+use crate::format::metadata::{FileEntry, FileKind, Owner, SpecialKind};
 use crate::policy::EmbedPath;
 use crate::view::NodeKind;
 use crate::volume::{kernel_fs, Change, KernelPath};
@@ -79,6 +79,7 @@ impl<A: Anchor> Session<A> {
         open: &dyn OpenFiles,
         ep: &EmbedPath,
         mode: u32,
+        owner: Option<Owner>,
         now: i64,
     ) -> Result<(), ViewError> {
         let eph = self.fresh(ep)?;
@@ -93,14 +94,87 @@ impl<A: Anchor> Session<A> {
             let _ = kernel_fs::create_dirs_beneath(k.base(), k.rel(), 0o755);
         }
         self.pending.new_dirs.insert(ep.clone(), mode);
+        if let Some(o) = owner {
+            self.pending.owners.insert(ep.clone(), o);
+        }
         self.queue.push(Change::PutEntry(
             ep.clone(),
             FileEntry {
                 kind: FileKind::Dir,
                 mode,
                 mtime_ns: now,
+                owner,
             },
         ));
+        Ok(())
+    }
+
+    /// A fifo, device node or socket at `ep`: an fspf entry in kernel regions (nothing is made
+    /// on disk), committed at once like a symlink; ephemeral regions hold none
+    /// ([`ViewError::NotPermitted`]). The frontend stages its buffers before.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mknod(
+        &mut self,
+        open: &dyn OpenFiles,
+        ep: &EmbedPath,
+        kind: SpecialKind,
+        rdev: u64,
+        mode: u32,
+        owner: Option<Owner>,
+        now: i64,
+    ) -> Result<(), ViewError> {
+        if self.fresh(ep)? {
+            return Err(ViewError::NotPermitted);
+        }
+        self.check_new_name(open, ep)?;
+        let entry = FileEntry {
+            kind: FileKind::Special { kind, rdev },
+            mode: mode & 0o7777,
+            mtime_ns: now,
+            owner,
+        };
+        self.queue.push(Change::PutEntry(ep.clone(), entry));
+        self.commit()
+    }
+
+    /// `chown` of `ep` (symlinks already followed, or not for `lchown`): recorded like a mode.
+    pub fn chown(
+        &mut self,
+        open: &dyn OpenFiles,
+        ep: &EmbedPath,
+        owner: Owner,
+        now: i64,
+    ) -> Result<(), ViewError> {
+        let node = self.lookup(open, ep)?;
+        if self.is_ephemeral(ep) {
+            return Err(ViewError::NotPermitted);
+        }
+        self.check_writable(ep)?;
+        let staged = self.set_queued(ep, |e| e.owner = Some(owner));
+        if let Some(q) = self.queued.get_mut(ep) {
+            q.owner = Some(owner);
+        }
+        if !staged && open.open_file(ep).is_none() {
+            let vol = self.vol_ok()?;
+            let mut e = match vol.lookup(ep) {
+                Some(e) => e.into_owned(),
+                None => FileEntry {
+                    kind: FileKind::Dir,
+                    mode: node.mode,
+                    mtime_ns: now,
+                    owner: None,
+                },
+            };
+            if let Some(m) = self.pending.modes.get(ep) {
+                e.mode = *m;
+            }
+            if let Some(t) = self.pending.times.get(ep) {
+                e.mtime_ns = *t;
+            }
+            e.owner = Some(owner);
+            self.queue.push(Change::PutEntry(ep.clone(), e));
+        }
+        self.pending.owners.insert(ep.clone(), owner);
         Ok(())
     }
 
@@ -221,6 +295,7 @@ impl<A: Anchor> Session<A> {
         open: &dyn OpenFiles,
         target: &[u8],
         ep: &EmbedPath,
+        owner: Option<Owner>,
         now: i64,
     ) -> Result<(), ViewError> {
         if self.is_ephemeral(ep) {
@@ -232,6 +307,7 @@ impl<A: Anchor> Session<A> {
             kind: FileKind::Symlink(target.to_vec()),
             mode: 0o777,
             mtime_ns: now,
+            owner,
         };
         self.queue.push(Change::PutEntry(ep.clone(), entry));
         self.commit()
@@ -299,6 +375,7 @@ impl<A: Anchor> Session<A> {
                     kind: FileKind::Dir,
                     mode,
                     mtime_ns: now,
+                    owner: None,
                 },
             };
             self.queue.push(Change::PutEntry(ep.clone(), e));
@@ -343,6 +420,7 @@ impl<A: Anchor> Session<A> {
                     kind: FileKind::Dir,
                     mode: node.mode,
                     mtime_ns: ns,
+                    owner: None,
                 },
             };
             if let Some(m) = self.pending.modes.get(ep) {

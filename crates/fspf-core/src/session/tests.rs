@@ -114,8 +114,16 @@ impl Fixture {
     }
 }
 
+fn meta(mode: u32) -> VersionMeta {
+    VersionMeta {
+        mode,
+        mtime: None,
+        owner: None,
+    }
+}
+
 fn put<A: Anchor>(s: &mut Session<A>, path: &str, data: &[u8]) {
-    s.stage_put(&p(path), data.len() as u64, 0o644, None, None, || data)
+    s.stage_put(&p(path), data.len() as u64, meta(0o644), None, || data)
         .unwrap();
 }
 
@@ -130,7 +138,7 @@ fn names<A: Anchor>(s: &Session<A>, dir: &str) -> Vec<String> {
 fn rm_r_of_many_files_is_one_commit_and_removes_the_kernel_side() {
     let f = Fixture::new();
     let mut s = f.session(true);
-    s.mkdir(&NoOpenFiles, &p("/d/t"), 0o755, 1).unwrap();
+    s.mkdir(&NoOpenFiles, &p("/d/t"), 0o755, None, 1).unwrap();
     for i in 0..200 {
         put(
             &mut s,
@@ -166,12 +174,18 @@ fn rules_of_the_namespace_give_typed_errors() {
     let mut s = f.session(true);
     let o = &NoOpenFiles;
     put(&mut s, "/d/a", b"a");
-    s.mkdir(o, &p("/d/dir"), 0o700, 1).unwrap();
+    s.mkdir(o, &p("/d/dir"), 0o700, None, 1).unwrap();
     put(&mut s, "/d/dir/x", b"x");
-    assert_eq!(s.mkdir(o, &p("/d/a"), 0o755, 1), Err(ViewError::Exists));
-    assert_eq!(s.mkdir(o, &p("/d/a/b"), 0o755, 1), Err(ViewError::NotDir));
     assert_eq!(
-        s.mkdir(o, &p("/d/no/b"), 0o755, 1),
+        s.mkdir(o, &p("/d/a"), 0o755, None, 1),
+        Err(ViewError::Exists)
+    );
+    assert_eq!(
+        s.mkdir(o, &p("/d/a/b"), 0o755, None, 1),
+        Err(ViewError::NotDir)
+    );
+    assert_eq!(
+        s.mkdir(o, &p("/d/no/b"), 0o755, None, 1),
         Err(ViewError::NotFound)
     );
     assert_eq!(s.unlink(o, &p("/d/dir"), false), Err(ViewError::IsDir));
@@ -199,10 +213,10 @@ fn rules_of_the_namespace_give_typed_errors() {
         Err(ViewError::Invalid)
     );
     assert_eq!(
-        s.symlink(o, b"a", &p("/link"), 1),
+        s.symlink(o, b"a", &p("/link"), None, 1),
         Err(ViewError::NotPermitted)
     );
-    s.symlink(o, b"dir", &p("/d/l"), 1).unwrap();
+    s.symlink(o, b"dir", &p("/d/l"), None, 1).unwrap();
     assert_eq!(
         s.chmod(o, &p("/d/l"), 0o600, 1),
         Err(ViewError::NotSupported)
@@ -214,7 +228,7 @@ fn rules_of_the_namespace_give_typed_errors() {
         NodeKind::Symlink(b"dir".to_vec())
     );
     assert_eq!(
-        ro.mkdir(o, &p("/d/new"), 0o755, 1),
+        ro.mkdir(o, &p("/d/new"), 0o755, None, 1),
         Err(ViewError::ReadOnly)
     );
     assert_eq!(ro.unlink(o, &p("/d/a"), false), Err(ViewError::ReadOnly));
@@ -284,7 +298,7 @@ fn an_unreadable_anchor_fails_closed() {
     f.anchor.unreadable.store(true, Ordering::Relaxed);
     assert_eq!(s.refresh(), Err(ViewError::Untrusted));
     assert_eq!(
-        s.mkdir(&NoOpenFiles, &p("/d/n"), 0o755, 1),
+        s.mkdir(&NoOpenFiles, &p("/d/n"), 0o755, None, 1),
         Err(ViewError::Untrusted)
     );
     put(&mut s, "/d/n", b"n");
@@ -356,7 +370,7 @@ fn appends_of_two_sessions_to_one_file_are_both_kept() {
             base,
             delta: line.to_vec(),
         };
-        s.stage_put(&p("/d/log"), all.len() as u64, 0o644, None, Some(d), || {
+        s.stage_put(&p("/d/log"), all.len() as u64, meta(0o644), Some(d), || {
             &all[..]
         })
         .unwrap();
@@ -376,7 +390,7 @@ fn ephemeral_regions_change_in_memory_at_once() {
     let f = Fixture::new();
     let mut s = f.session(false);
     let o = &NoOpenFiles;
-    s.mkdir(o, &p("/tmp"), 0o700, 5).unwrap();
+    s.mkdir(o, &p("/tmp"), 0o700, None, 5).unwrap();
     s.put_ephemeral(&p("/tmp/a"), 0o600, 7, b"secret").unwrap();
     assert_eq!(names(&s, "/tmp"), ["a"]);
     s.rename(o, &p("/tmp"), &p("/tmp2"), 0).unwrap();

@@ -201,6 +201,7 @@ pub(crate) fn seal_version(
                     },
                     mode: mode & 0o7777,
                     mtime_ns: crate::format::metadata::now_ns(),
+                    owner: None,
                 },
                 None,
             ))
@@ -262,6 +263,7 @@ pub(crate) fn seal_version(
                     },
                     mode: mode & 0o7777,
                     mtime_ns: crate::format::metadata::now_ns(),
+                    owner: None,
                 },
                 tree,
             ))

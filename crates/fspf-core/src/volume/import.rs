@@ -214,6 +214,7 @@ impl Volume {
                             kind: FileKind::Dir,
                             mode: *mode,
                             mtime_ns: source_mtime(&opts.source.join(rel)),
+                            owner: None,
                         },
                     )))
                 }
@@ -249,6 +250,7 @@ impl Volume {
                             kind: FileKind::Symlink(target.clone()),
                             mode: 0o777,
                             mtime_ns: source_mtime(&opts.source.join(rel)),
+                            owner: None,
                         },
                     )))
                 }
@@ -349,6 +351,7 @@ impl Volume {
                         }
                         FileKind::Dir => report.dirs += 1,
                         FileKind::Symlink(_) => report.symlinks += 1,
+                        FileKind::Special { .. } => {}
                     }
                 }
                 _ => {}

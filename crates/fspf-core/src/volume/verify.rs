@@ -162,6 +162,8 @@ impl Volume {
                 }
                 Err(e) => Err(refused(e, "listed symlink is missing on disk")),
             },
+            // An entry only: nothing is kept on disk for it.
+            FileKind::Special { .. } => Ok(()),
         }
     }
 

@@ -332,7 +332,7 @@ fn exec_shielded(ep: EmbedPath, depth: u32) -> Result<ExecPlan, c_int> {
     let node = sh.lookup(&inner, &ep)?;
     match node.kind {
         NodeKind::File => {}
-        NodeKind::Dir => return Err(libc::EACCES),
+        NodeKind::Dir | NodeKind::Special { .. } => return Err(libc::EACCES),
         NodeKind::Symlink(t) => {
             if depth > crate::shield::MAX_SYMLINKS {
                 return Err(libc::ELOOP);

@@ -214,6 +214,34 @@ pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) ->
                         &dest,
                     )?;
                 }
+                FileKind::Special { kind, rdev } => {
+                    // Restored with mkfifo/mknod, which only root may do for devices.
+                    if let Some(d) = dest.parent() {
+                        std::fs::create_dir_all(d)?;
+                    }
+                    let ty = match kind {
+                        fspf_core::format::metadata::SpecialKind::Fifo => {
+                            rustix::fs::FileType::Fifo
+                        }
+                        fspf_core::format::metadata::SpecialKind::Char => {
+                            rustix::fs::FileType::CharacterDevice
+                        }
+                        fspf_core::format::metadata::SpecialKind::Block => {
+                            rustix::fs::FileType::BlockDevice
+                        }
+                        fspf_core::format::metadata::SpecialKind::Socket => {
+                            rustix::fs::FileType::Socket
+                        }
+                    };
+                    let _ = std::fs::remove_file(&dest);
+                    rustix::fs::mknodat(
+                        rustix::fs::CWD,
+                        &dest,
+                        ty,
+                        rustix::fs::Mode::from_raw_mode(e.mode),
+                        *rdev,
+                    )?;
+                }
                 FileKind::File { .. } => {
                     if let Some(d) = dest.parent() {
                         std::fs::create_dir_all(d)?;

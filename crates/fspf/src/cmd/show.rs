@@ -105,6 +105,7 @@ pub fn run(a: ShowArgs) -> Result<i32> {
                     FileKind::File { size, .. } => ("file", Some(*size), None),
                     FileKind::Dir => ("dir", None, None),
                     FileKind::Symlink(t) => ("symlink", None, Some(String::from_utf8_lossy(t).into_owned())),
+                    FileKind::Special { kind, .. } => (special_name(*kind), None, None),
                 };
                 serde_json::json!({"path": p.to_string(), "kind": kind, "size": size, "mode": format!("{:o}", e.mode), "target": target,
                     "region": v.region_for(p).map(|r| r.embed_point.to_string())})
@@ -171,7 +172,24 @@ pub fn run(a: ShowArgs) -> Result<i32> {
                 p.to_string(),
                 String::from_utf8_lossy(t)
             ),
+            FileKind::Special { kind, rdev } => println!(
+                "  {:<40} {:<8} {:>12}        mode {:o}",
+                p.to_string(),
+                special_name(*kind),
+                rdev,
+                e.mode
+            ),
         }
     }
     Ok(0)
+}
+
+fn special_name(k: fspf_core::format::metadata::SpecialKind) -> &'static str {
+    use fspf_core::format::metadata::SpecialKind as S;
+    match k {
+        S::Fifo => "fifo",
+        S::Char => "chardev",
+        S::Block => "blockdev",
+        S::Socket => "socket",
+    }
 }

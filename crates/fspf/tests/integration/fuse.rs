@@ -72,6 +72,8 @@ impl Mounted {
         if mutable {
             args.push("--mutable".into());
         }
+        // Other users reach the mount too (the tests run as root, which may allow that).
+        args.push("--allow-other".into());
         let out = self.env.ok(&args);
         assert!(out.starts_with("Mounted "), "{out}");
         self.mounted = true;
@@ -538,4 +540,49 @@ fn sigterm_to_the_daemon_lost_what_was_written_since_the_last_commit() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), "late\n");
+}
+
+/// Owners and special files live in the fspf: `chown`, a file created by another user, a fifo
+/// and a character device survive a remount, and the kernel enforces the owners' permissions
+/// (another user cannot write a 0644 file it does not own, nor delete from a sticky directory).
+#[test]
+fn fuse_owners_and_special_files_are_recorded_and_enforced() {
+    need("setpriv", "util-linux");
+    let mut m = Mounted::new(true);
+    let o = m.sh(
+        "set -e; mkdir -m 1777 data/tmp; echo mine > data/tmp/root-file; \
+         chown 65534:65534 data/hello.txt; mkfifo -m 0640 data/fifo; mknod -m 0600 data/null c 1 3; \
+         setpriv --reuid 65534 --regid 65534 --clear-groups sh -c 'echo theirs > data/tmp/their-file'",
+    );
+    ok(&o, "chown, mkfifo, mknod, a file made by another user");
+    m.umount();
+    m.verify();
+    m.mount(true);
+    let st = |p: &str| {
+        let o = m.sh(&format!("stat -c '%u:%g %F %a %t,%T' {p}"));
+        stdout(&o).trim().to_string()
+    };
+    assert_eq!(st("data/hello.txt"), "65534:65534 regular file 644 0,0");
+    assert_eq!(
+        st("data/tmp/their-file"),
+        "65534:65534 regular file 644 0,0"
+    );
+    assert_eq!(st("data/fifo"), "0:0 fifo 640 0,0");
+    assert_eq!(st("data/null"), "0:0 character special file 600 1,3");
+    // The fifo is a real pipe on the mount.
+    let o = m.sh("(echo through > data/fifo &) ; cat data/fifo");
+    assert_eq!(stdout(&o), "through\n");
+    // Permissions are the owners': user 65534 may not write root's file, nor remove it from
+    // the sticky directory; it may remove its own.
+    let as_nobody = |script: &str| {
+        m.sh(&format!(
+            "setpriv --reuid 65534 --regid 65534 --clear-groups sh -c '{script}'"
+        ))
+    };
+    assert!(!as_nobody("echo x >> data/tmp/root-file").status.success());
+    assert!(!as_nobody("rm -f data/tmp/root-file").status.success());
+    ok(&as_nobody("rm data/tmp/their-file"), "remove its own file");
+    m.umount();
+    let o = m.cat("/data/tmp/root-file");
+    assert_eq!(stdout(&o), "mine\n");
 }

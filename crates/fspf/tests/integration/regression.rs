@@ -261,6 +261,7 @@ fn unencrypted_fspf_was_accepted_when_a_key_was_given() {
             mode: 0o644,
             target: vec![],
             mtime_ns: 0,
+            ..Default::default()
         }],
     };
     let tag = fspf_core::Tag::from_hex(&kt.tag).unwrap();
