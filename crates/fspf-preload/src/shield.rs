@@ -725,6 +725,24 @@ impl Shield {
         Ok(())
     }
 
+    /// `chown` of `ep` (permission already checked): recorded by the session, and on the open
+    /// buffer.
+    pub fn chown(
+        &self,
+        inner: &mut Inner,
+        ep: &EmbedPath,
+        owner: fspf_core::format::metadata::Owner,
+    ) -> Result<(), c_int> {
+        inner
+            .s
+            .chown(&Live(&inner.live), ep, owner, now())
+            .map_err(errno_of)?;
+        if let Some(b) = inner.live.get(ep) {
+            b.lock().unwrap_or_else(|e| e.into_inner()).owner = Some(owner);
+        }
+        Ok(())
+    }
+
     /// What is at `ep` in the shielded view (`fspf_core::session`, which decides it).
     pub fn lookup(&self, inner: &Inner, ep: &EmbedPath) -> Result<Node, c_int> {
         inner.s.lookup(&Live(&inner.live), ep).map_err(errno_of)

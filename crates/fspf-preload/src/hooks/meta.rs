@@ -1,6 +1,6 @@
-//! Calls that change what the fspf does not record, or create what it cannot hold: extended
-//! attribute writes, ownership, FIFOs and device nodes, Unix socket names. In a protected region
-//! they are refused with an errno (before, they acted on the kernel directory behind the shield:
+//! Calls that change what the fspf records besides content (ownership), or what it does not
+//! hold in this shield: extended attribute writes, FIFOs and device nodes (the FUSE shield holds
+//! them), Unix socket names. In a protected region the latter are refused with an errno (before, they acted on the kernel directory behind the shield:
 //! an xattr set through a relative path landed in plaintext on the ciphertext file); elsewhere
 //! they pass through, translated in not-protected regions whose kernel path differs.
 use super::{by_route, fail};
@@ -9,10 +9,14 @@ use crate::{enter, files, real};
 use fspf_core::EmbedPath;
 use libc::{c_char, c_int, c_void, gid_t, mode_t, size_t, uid_t};
 
-/// Owner and group `stat` shows for a shielded node (see `files::fill_stat`).
+/// Owner and group `stat` shows for a shielded node (see `files::fill_stat`): the recorded
+/// owner, else the kernel file's, else this process's.
 fn shown_owner(sh: &Shield, ep: &EmbedPath) -> Result<(uid_t, gid_t), c_int> {
     let inner = sh.lock();
     let n = sh.lookup(&inner, ep)?;
+    if let Some(o) = n.owner {
+        return Ok((o.uid, o.gid));
+    }
     if let Some(m) = n
         .kernel
         .as_ref()
@@ -24,12 +28,40 @@ fn shown_owner(sh: &Shield, ep: &EmbedPath) -> Result<(uid_t, gid_t), c_int> {
     Ok(unsafe { (libc::getuid(), libc::getgid()) })
 }
 
-/// The fspf records no owners: a change is refused (EPERM), a no-op (ids -1 or equal to what
-/// `stat` shows, as `cp -a` and `tar -x` of one's own files request) succeeds.
+/// Is `gid` this process's effective group or one of its supplementary groups?
+fn in_group(gid: gid_t) -> bool {
+    // SAFETY: plain id query.
+    if unsafe { libc::getegid() } == gid {
+        return true;
+    }
+    let mut groups = vec![0 as gid_t; 256];
+    // SAFETY: `groups` has room for the count passed.
+    let n = unsafe { libc::getgroups(groups.len() as c_int, groups.as_mut_ptr()) };
+    n > 0 && groups[..n as usize].contains(&gid)
+}
+
+/// `chown` of a shielded node, recorded in the fspf like a mode (committed at the next commit
+/// point), with the kernel's rules: root changes anything; the owner may only change the group,
+/// to one of its own groups; ids of -1 are kept, and a change to what is already there succeeds.
 fn chown_shielded(sh: &Shield, ep: EmbedPath, uid: uid_t, gid: gid_t) -> c_int {
-    match shown_owner(sh, &ep) {
-        Ok((u, g)) if (uid == uid_t::MAX || uid == u) && (gid == gid_t::MAX || gid == g) => 0,
-        Ok(_) => fail(libc::EPERM),
+    let (cu, cg) = match shown_owner(sh, &ep) {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    let nu = if uid == uid_t::MAX { cu } else { uid };
+    let ng = if gid == gid_t::MAX { cg } else { gid };
+    if (nu, ng) == (cu, cg) {
+        return 0;
+    }
+    // SAFETY: plain id query.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 && (euid != cu || nu != cu || (ng != cg && !in_group(ng))) {
+        return fail(libc::EPERM);
+    }
+    let mut inner = sh.lock();
+    let owner = fspf_core::format::metadata::Owner { uid: nu, gid: ng };
+    match sh.chown(&mut inner, &ep, owner) {
+        Ok(()) => 0,
         Err(e) => fail(e),
     }
 }
