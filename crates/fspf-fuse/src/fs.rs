@@ -210,6 +210,17 @@ struct State {
     inodes: Inodes,
     /// When the oldest uncommitted change was made.
     since: Option<std::time::Instant>,
+    /// Times the fspf does not record, by inode, for the life of the mount: status changes
+    /// (`ctime`), access times set by `utimensat`, and directory modification times moved by
+    /// entries made or removed in them.
+    times: HashMap<u64, Times>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Times {
+    atime: Option<i64>,
+    mtime: Option<i64>,
+    ctime: i64,
 }
 
 /// The filesystem fuser drives.
@@ -260,6 +271,19 @@ fn core_errno(ep: &EmbedPath, e: &fspf_core::Error) -> c_int {
 }
 
 impl State {
+    /// The inode's status changed now (`ctime`).
+    fn changed(&mut self, ino: u64) {
+        self.times.entry(ino).or_default().ctime = now_ns();
+    }
+
+    /// An entry was made in or removed from the directory `ino`: its `mtime` and `ctime` move.
+    fn dir_changed(&mut self, ino: u64) {
+        let now = now_ns();
+        let t = self.times.entry(ino).or_default();
+        t.mtime = Some(now);
+        t.ctime = now;
+    }
+
     fn mark(&mut self) {
         self.since.get_or_insert_with(std::time::Instant::now);
     }
@@ -377,6 +401,7 @@ impl FspfFs {
                 next_fh: 1,
                 inodes,
                 since: None,
+                times: HashMap::new(),
             })),
             anchor,
             root,
@@ -426,7 +451,7 @@ impl FspfFs {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn attr(&self, ino: u64, n: &Node) -> FileAttr {
+    fn attr(&self, st: &State, ino: u64, n: &Node) -> FileAttr {
         let mut rdev = 0;
         let (kind, nlink) = match n.kind {
             NodeKind::File => (FileType::RegularFile, 1),
@@ -437,14 +462,16 @@ impl FspfFs {
                 (file_type(kind), 1)
             }
         };
-        let t = time_of(n.mtime.unwrap_or(self.started));
+        let times = st.times.get(&ino).copied().unwrap_or_default();
+        let m = times.mtime.or(n.mtime).unwrap_or(self.started);
+        let t = time_of(m);
         FileAttr {
             ino,
             size: n.size,
             blocks: n.size.div_ceil(512),
-            atime: t,
+            atime: time_of(times.atime.unwrap_or(m)),
             mtime: t,
-            ctime: t,
+            ctime: time_of(times.ctime.max(m)),
             crtime: t,
             kind,
             perm: (n.mode & 0o7777) as u16,
@@ -458,6 +485,9 @@ impl FspfFs {
     }
 
     fn child(st: &State, parent: u64, name: &OsStr) -> Result<EmbedPath, c_int> {
+        if name.len() > 255 {
+            return Err(libc::ENAMETOOLONG);
+        }
         let p = st.inodes.path(parent).ok_or(libc::ENOENT)?;
         p.join(name.as_bytes()).map_err(|_| libc::EINVAL)
     }
@@ -466,7 +496,7 @@ impl FspfFs {
     fn entry(&self, st: &mut State, ep: &EmbedPath) -> Result<FileAttr, c_int> {
         let n = st.s.lookup(&Live(&st.live), ep).map_err(ViewError::errno)?;
         let ino = st.inodes.ino(ep);
-        Ok(self.attr(ino, &n))
+        Ok(self.attr(st, ino, &n))
     }
 
     /// The buffer of `ep` (made from its current content if none), for writing.
@@ -625,7 +655,7 @@ impl Filesystem for FspfFs {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<u64>,
@@ -692,8 +722,13 @@ impl Filesystem for FspfFs {
                     g.mtime = ns;
                     g.mtime_set = true;
                 }
+                st.times.entry(ino).or_default().mtime = None;
                 st.mark();
             }
+            if let Some(t) = atime {
+                st.times.entry(ino).or_default().atime = Some(ns_of(t));
+            }
+            st.changed(ino);
             self.entry(st, &ep)
         })();
         match r {
@@ -756,6 +791,7 @@ impl Filesystem for FspfFs {
                     r.map_err(ViewError::errno)?;
                 }
             }
+            st.dir_changed(parent);
             self.entry(st, &ep)
         });
         match r {
@@ -780,6 +816,7 @@ impl Filesystem for FspfFs {
             st.s.mkdir(&Live(&st.live), &ep, mode, Some(owner), now_ns())
                 .map_err(ViewError::errno)?;
             st.mark();
+            st.dir_changed(parent);
             self.entry(st, &ep)
         });
         match r {
@@ -820,6 +857,7 @@ impl Filesystem for FspfFs {
             );
             st.after_commit();
             r.map_err(ViewError::errno)?;
+            st.dir_changed(parent);
             self.entry(st, &ep)
         });
         match r {
@@ -863,7 +901,12 @@ impl Filesystem for FspfFs {
                 lock(&b).path = dest.clone();
                 st.live.insert(dest, b);
             }
+            if let Some(&i) = st.inodes.by_path.get(&from) {
+                st.changed(i);
+            }
             st.inodes.rename(&from, &to);
+            st.dir_changed(parent);
+            st.dir_changed(newparent);
             Ok(())
         })();
         match r {
@@ -937,7 +980,7 @@ impl Filesystem for FspfFs {
     fn write(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
+        ino: u64,
         fh: u64,
         offset: i64,
         data: &[u8],
@@ -946,7 +989,8 @@ impl Filesystem for FspfFs {
         _lock_owner: Option<u64>,
         reply: ReplyWrite,
     ) {
-        let st = self.state();
+        let mut st = self.state();
+        st.changed(ino);
         let Some(Handle::Buf { buf, write: true }) = st.handles.get(&fh) else {
             return reply.error(libc::EBADF);
         };
@@ -1119,6 +1163,7 @@ impl Filesystem for FspfFs {
                 }
             };
             let fh = Self::add_handle(st, h);
+            st.dir_changed(parent);
             Ok((self.entry(st, &ep)?, fh))
         })();
         match r {
@@ -1187,6 +1232,10 @@ impl FspfFs {
             st.s.unlink(&Live(&st.live), &ep, dir)
                 .map_err(ViewError::errno)?;
             st.detach(&ep);
+            if let Some(&i) = st.inodes.by_path.get(&ep) {
+                st.changed(i);
+            }
+            st.dir_changed(parent);
             st.mark();
             if st.s.batch_full() {
                 st.commit()?;
