@@ -136,10 +136,7 @@ impl OpenFiles for Live<'_> {
         })
     }
     fn open_below(&self, dir: &EmbedPath) -> Vec<EmbedPath> {
-        self.0
-            .range(dir.clone()..)
-            .take_while(|(k, _)| k.as_bytes().starts_with(dir.as_bytes()))
-            .filter(|(k, _)| *k != dir && k.starts_with(dir))
+        fspf_core::session::below(self.0, dir)
             .map(|(k, _)| k.clone())
             .collect()
     }
@@ -630,10 +627,7 @@ impl Filesystem for FspfFs {
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         let mut st = self.state();
         let r = Self::child(&st, parent, name).and_then(|ep| self.entry(&mut st, &ep));
-        match r {
-            Ok(a) => reply.entry(&TTL, &a, 0),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, r)
     }
 
     fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
@@ -794,10 +788,7 @@ impl Filesystem for FspfFs {
             st.dir_changed(parent);
             self.entry(st, &ep)
         });
-        match r {
-            Ok(a) => reply.entry(&TTL, &a, 0),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, r)
     }
 
     fn mkdir(
@@ -819,10 +810,7 @@ impl Filesystem for FspfFs {
             st.dir_changed(parent);
             self.entry(st, &ep)
         });
-        match r {
-            Ok(a) => reply.entry(&TTL, &a, 0),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, r)
     }
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
@@ -860,10 +848,7 @@ impl Filesystem for FspfFs {
             st.dir_changed(parent);
             self.entry(st, &ep)
         });
-        match r {
-            Ok(a) => reply.entry(&TTL, &a, 0),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, r)
     }
 
     fn rename(
@@ -1256,5 +1241,12 @@ fn file_type(k: SpecialKind) -> FileType {
         SpecialKind::Char => FileType::CharDevice,
         SpecialKind::Block => FileType::BlockDevice,
         SpecialKind::Socket => FileType::Socket,
+    }
+}
+
+fn reply_entry(reply: ReplyEntry, r: Result<FileAttr, c_int>) {
+    match r {
+        Ok(a) => reply.entry(&TTL, &a, 0),
+        Err(e) => reply.error(e),
     }
 }

@@ -8,7 +8,7 @@ use fspf_core::codec::Threads;
 use fspf_core::format::metadata::{Protection, Region, RegionKind};
 use fspf_core::format::view::ChildKind;
 use fspf_core::session::{
-    AppendDelta, OpenFiles, Session, SessionConfig, VersionMeta, APPEND_REBASE_MAX,
+    below, AppendDelta, OpenFiles, Session, SessionConfig, VersionMeta, APPEND_REBASE_MAX,
 };
 use fspf_core::view::{OpenFile, ViewError};
 use fspf_core::{EmbedPath, Tag, Volume, VolumeKey, VolumeOptions};
@@ -444,16 +444,6 @@ fn is_special(abs: &[u8]) -> bool {
         }
     }
     false
-}
-
-/// Keys of `map` strictly below `dir` (byte-prefix scan; stops at the first key past it).
-fn below<'a, V>(
-    map: &'a BTreeMap<EmbedPath, V>,
-    dir: &'a EmbedPath,
-) -> impl Iterator<Item = (&'a EmbedPath, &'a V)> + 'a {
-    map.range(dir.clone()..)
-        .take_while(move |(k, _)| k.as_bytes().starts_with(dir.as_bytes()))
-        .filter(move |(k, _)| *k != dir && k.starts_with(dir))
 }
 
 impl Shield {

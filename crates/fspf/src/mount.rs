@@ -49,24 +49,12 @@ pub struct UmountArgs {
 /// `$XDG_RUNTIME_DIR/fspf` or `/tmp/fspf-UID/mounts`: owned by this user, not group/world
 /// writable (it holds the tag files, which are trust anchors).
 fn state_dir() -> Result<PathBuf> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     let uid = rustix::process::getuid().as_raw();
     let dir = std::env::var_os("XDG_RUNTIME_DIR")
         .filter(|v| !v.is_empty())
         .map(|d| PathBuf::from(d).join("fspf"))
         .unwrap_or_else(|| PathBuf::from(format!("/tmp/fspf-{uid}/mounts")));
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
-    let md = std::fs::symlink_metadata(&dir).with_context(|| format!("{}", dir.display()))?;
-    if !md.is_dir() || md.uid() != uid || md.permissions().mode() & 0o022 != 0 {
-        bail!(
-            "{} must be a directory owned by uid {uid} and writable only by it",
-            dir.display()
-        );
-    }
+    crate::run::private_dir(&dir, "it holds the tag files of mounts")?;
     Ok(dir)
 }
 

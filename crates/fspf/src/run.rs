@@ -150,7 +150,7 @@ fn find_preload() -> Result<PathBuf> {
 /// `/tmp/fspf-UID`), checked against the embedded bytes on every use and rewritten when it
 /// differs.
 fn extract_embedded_preload() -> Result<PathBuf> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     let uid = rustix::process::getuid().as_raw();
     let dir = std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())
@@ -161,18 +161,10 @@ fn extract_embedded_preload() -> Result<PathBuf> {
                 .map(|h| PathBuf::from(h).join(".cache/fspf"))
         })
         .unwrap_or_else(|| PathBuf::from(format!("/tmp/fspf-{uid}")));
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
-    let md = std::fs::symlink_metadata(&dir).with_context(|| format!("{}", dir.display()))?;
-    if !md.is_dir() || md.uid() != uid || md.permissions().mode() & 0o022 != 0 {
-        bail!(
-            "{} must be a directory owned by uid {uid} and writable only by it (it holds the preload library); fix it or set FSPF_PRELOAD",
-            dir.display()
-        );
-    }
+    private_dir(
+        &dir,
+        "it holds the preload library; fix it or set FSPF_PRELOAD",
+    )?;
     let path = dir.join(format!("libfspf_preload-{EMBEDDED_PRELOAD_ID}.so"));
     if std::fs::read(&path).is_ok_and(|b| b == EMBEDDED_PRELOAD) {
         return Ok(path);
@@ -183,6 +175,26 @@ fn extract_embedded_preload() -> Result<PathBuf> {
         .and_then(|_| std::fs::rename(&tmp, &path))
         .with_context(|| format!("writing the embedded preload library to {}", path.display()))?;
     Ok(path)
+}
+
+/// Make `dir` (mode 0700) and check that it is a directory owned by this user and writable only
+/// by it; `why` ends the error message.
+pub(crate) fn private_dir(dir: &Path, why: &str) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let uid = rustix::process::getuid().as_raw();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let md = std::fs::symlink_metadata(dir).with_context(|| format!("{}", dir.display()))?;
+    if !md.is_dir() || md.uid() != uid || md.permissions().mode() & 0o022 != 0 {
+        bail!(
+            "{} must be a directory owned by uid {uid} and writable only by it ({why})",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// An inheritable memfd holding `content`, sealed against any change.

@@ -233,7 +233,7 @@ struct Joined<'a> {
 }
 
 /// Keys of `map` strictly below `dir` (a range query: stops at the first key past it).
-pub(crate) fn below<'a, V>(
+pub fn below<'a, V>(
     map: &'a BTreeMap<EmbedPath, V>,
     dir: &'a EmbedPath,
 ) -> impl Iterator<Item = (&'a EmbedPath, &'a V)> + 'a {

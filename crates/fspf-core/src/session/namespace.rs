@@ -155,22 +155,7 @@ impl<A: Anchor> Session<A> {
             q.owner = Some(owner);
         }
         if !staged && open.open_file(ep).is_none() {
-            let vol = self.vol_ok()?;
-            let mut e = match vol.lookup(ep) {
-                Some(e) => e.into_owned(),
-                None => FileEntry {
-                    kind: FileKind::Dir,
-                    mode: node.mode,
-                    mtime_ns: now,
-                    owner: None,
-                },
-            };
-            if let Some(m) = self.pending.modes.get(ep) {
-                e.mode = *m;
-            }
-            if let Some(t) = self.pending.times.get(ep) {
-                e.mtime_ns = *t;
-            }
+            let mut e = self.current_entry(ep, node.mode, now)?;
             e.owner = Some(owner);
             self.queue.push(Change::PutEntry(ep.clone(), e));
         }
@@ -313,6 +298,31 @@ impl<A: Anchor> Session<A> {
         self.commit()
     }
 
+    /// The entry at `ep` as the view shows it, to queue with one field changed: the listed one
+    /// with the queued mode and time, or, for an implied directory (only paths below it are
+    /// listed), a directory entry.
+    fn current_entry(&self, ep: &EmbedPath, mode: u32, now: i64) -> Result<FileEntry, ViewError> {
+        let mut e = match self.vol_ok()?.lookup(ep) {
+            Some(e) => e.into_owned(),
+            None => FileEntry {
+                kind: FileKind::Dir,
+                mode,
+                mtime_ns: now,
+                owner: None,
+            },
+        };
+        if let Some(m) = self.pending.modes.get(ep) {
+            e.mode = *m;
+        }
+        if let Some(t) = self.pending.times.get(ep) {
+            e.mtime_ns = *t;
+        }
+        if let Some(o) = self.pending.owners.get(ep) {
+            e.owner = Some(*o);
+        }
+        Ok(e)
+    }
+
     /// Set the entry field of a queued version or entry at `ep`; false when none is queued.
     fn set_queued(&mut self, ep: &EmbedPath, f: impl Fn(&mut FileEntry)) -> bool {
         for c in self.queue.iter_mut().rev() {
@@ -413,19 +423,7 @@ impl<A: Anchor> Session<A> {
             q.mtime = ns;
         }
         if !staged && open.open_file(ep).is_none() {
-            let vol = self.vol_ok()?;
-            let mut e = match vol.lookup(ep) {
-                Some(e) => e.into_owned(),
-                None => FileEntry {
-                    kind: FileKind::Dir,
-                    mode: node.mode,
-                    mtime_ns: ns,
-                    owner: None,
-                },
-            };
-            if let Some(m) = self.pending.modes.get(ep) {
-                e.mode = *m;
-            }
+            let mut e = self.current_entry(ep, node.mode, ns)?;
             e.mtime_ns = ns;
             self.queue.push(Change::PutEntry(ep.clone(), e));
         }

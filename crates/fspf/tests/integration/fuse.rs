@@ -28,6 +28,21 @@ fn need_fuse() {
     need("fusermount3", "fuse3");
 }
 
+/// A volume with `/data` encrypted (kernel dir `vol`) holding `hello.txt`, its key in `key`,
+/// and an empty `mnt`.
+fn data_volume() -> (Env, KeyTag) {
+    need_fuse();
+    let env = Env::new();
+    env.write("src/hello.txt", "Hello World\n");
+    env.mkdir("vol");
+    env.mkdir("mnt");
+    env.two_regions("/data", "-e", "vol");
+    env.ok(["addf", "fspf.pb", "/data", "src", "vol"]);
+    let kt = env.encrypt(None);
+    env.write("key", &kt.key);
+    (env, kt)
+}
+
 /// A volume with `/data` encrypted (kernel dir `vol`) holding `hello.txt`, mounted at `mnt`.
 struct Mounted {
     env: Env,
@@ -38,15 +53,7 @@ struct Mounted {
 
 impl Mounted {
     fn new(mutable: bool) -> Mounted {
-        need_fuse();
-        let env = Env::new();
-        env.write("src/hello.txt", "Hello World\n");
-        env.mkdir("vol");
-        env.mkdir("mnt");
-        env.two_regions("/data", "-e", "vol");
-        env.ok(["addf", "fspf.pb", "/data", "src", "vol"]);
-        let kt = env.encrypt(None);
-        env.write("key", &kt.key);
+        let (env, kt) = data_volume();
         let mut m = Mounted {
             env,
             key: kt.key,
@@ -475,15 +482,7 @@ fn a_255_byte_name_could_not_be_staged_and_was_lost_at_unmount() {
 /// tag file names the new state.
 #[test]
 fn sigterm_to_the_daemon_lost_what_was_written_since_the_last_commit() {
-    need_fuse();
-    let env = Env::new();
-    env.write("src/hello.txt", "Hello World\n");
-    env.mkdir("vol");
-    env.mkdir("mnt");
-    env.two_regions("/data", "-e", "vol");
-    env.ok(["addf", "fspf.pb", "/data", "src", "vol"]);
-    let kt = env.encrypt(None);
-    env.write("key", &kt.key);
+    let (env, kt) = data_volume();
     let mut daemon = Command::new(FSPF)
         .args([
             "mount",
