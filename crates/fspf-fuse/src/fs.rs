@@ -87,6 +87,9 @@ impl Buf {
         self.file.set_len(len)?;
         self.len = len;
         self.dirty = true;
+        // A size change moves the modification time, as a write does.
+        self.mtime = now_ns();
+        self.mtime_set = false;
         Ok(())
     }
 
@@ -513,7 +516,9 @@ impl FspfFs {
             Buf::new(ep.clone(), n.mode, n.mtime.unwrap_or(self.started)).map_err(|_| libc::EIO)?;
         b.owner = n.owner;
         if truncate {
-            b.dirty = n.size != 0;
+            // O_TRUNC of an existing file moves its modification time (POSIX), even when empty.
+            b.dirty = true;
+            b.mtime = now_ns();
         } else {
             let mut h = self.reader(st, ep)?;
             let mut chunk = vec![0u8; 1 << 20];
@@ -709,15 +714,25 @@ impl Filesystem for FspfFs {
             }
             if let Some(t) = mtime {
                 let ns = ns_of(t);
-                st.s.set_mtime(&Live(&st.live), &ep, ns)
-                    .map_err(ViewError::errno)?;
-                if let Some(b) = st.live.get(&ep) {
-                    let mut g = lock(b);
-                    g.mtime = ns;
-                    g.mtime_set = true;
+                let link = matches!(
+                    st.s.lookup(&Live(&st.live), &ep).map(|n| n.kind),
+                    Ok(NodeKind::Symlink(_))
+                );
+                if link {
+                    // A symlink's own times (`utimensat` with AT_SYMLINK_NOFOLLOW): the fspf
+                    // records none; kept for the life of the mount like ctime.
+                    st.times.entry(ino).or_default().mtime = Some(ns);
+                } else {
+                    st.s.set_mtime(&Live(&st.live), &ep, ns)
+                        .map_err(ViewError::errno)?;
+                    if let Some(b) = st.live.get(&ep) {
+                        let mut g = lock(b);
+                        g.mtime = ns;
+                        g.mtime_set = true;
+                    }
+                    st.times.entry(ino).or_default().mtime = None;
+                    st.mark();
                 }
-                st.times.entry(ino).or_default().mtime = None;
-                st.mark();
             }
             if let Some(t) = atime {
                 st.times.entry(ino).or_default().atime = Some(ns_of(t));
@@ -916,6 +931,9 @@ impl Filesystem for FspfFs {
             let trunc = flags & libc::O_TRUNC != 0;
             if write || trunc {
                 st.s.check_writable(&ep).map_err(ViewError::errno)?;
+                if trunc {
+                    st.changed(ino);
+                }
                 let b = self.buffer(st, &ep, trunc)?;
                 if write {
                     lock(&b).writers += 1;

@@ -54,6 +54,10 @@ impl<A: Anchor> Session<A> {
         }
         self.pending.new_dirs.remove(ep);
         remove_tree(&mut self.queued, ep);
+        // Modes, times and owners set on the removed path must not show on a new one there.
+        remove_tree(&mut self.pending.modes, ep);
+        remove_tree(&mut self.pending.times, ep);
+        remove_tree(&mut self.pending.owners, ep);
         self.pending.removed.insert(ep.clone(), dir);
         self.queue.push(Change::Remove(ep.clone()));
         Ok(())
@@ -94,6 +98,7 @@ impl<A: Anchor> Session<A> {
             let _ = kernel_fs::create_dirs_beneath(k.base(), k.rel(), 0o755);
         }
         self.pending.new_dirs.insert(ep.clone(), mode);
+        self.pending.times.insert(ep.clone(), now);
         if let Some(o) = owner {
             self.pending.owners.insert(ep.clone(), o);
         }

@@ -1,5 +1,6 @@
 //! The session against a real volume in a temporary directory and an anchor in memory.
 use super::*;
+use crate::format::metadata::Owner;
 use crate::view::NodeKind;
 use crate::volume::RegionSpec;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -462,4 +463,43 @@ fn view_errors_map_to_the_errnos_programs_expect() {
 /// Linux x86-64 errno values (asm-generic), named for the failure message.
 fn libc_errno(_name: &str, n: i32) -> i32 {
     n
+}
+
+/// pjdfstest found it on the FUSE mount: a file chowned (or chmod'ed) and removed in one batch
+/// showed the removed file's owner and mode on a new file made there before the commit.
+#[test]
+fn a_removed_paths_queued_owner_and_mode_showed_on_a_new_entry_there() {
+    let f = Fixture::new();
+    let mut s = f.session(true);
+    let o = &NoOpenFiles;
+    put(&mut s, "/d/x", b"old");
+    s.chown(o, &p("/d/x"), Owner { uid: 0, gid: 0 }, 1).unwrap();
+    s.chmod(o, &p("/d/x"), 0o600, 1).unwrap();
+    s.unlink(o, &p("/d/x"), false).unwrap();
+    let new = VersionMeta {
+        mode: 0o644,
+        mtime: None,
+        owner: Some(Owner { uid: 9, gid: 9 }),
+    };
+    s.stage_put(&p("/d/x"), 3, new, None, || &b"new"[..])
+        .unwrap();
+    let n = s.lookup(o, &p("/d/x")).unwrap();
+    assert_eq!((n.mode, n.owner), (0o644, Some(Owner { uid: 9, gid: 9 })));
+    s.commit().unwrap();
+    let n = f.session(false).lookup(o, &p("/d/x")).unwrap();
+    assert_eq!((n.mode, n.owner), (0o644, Some(Owner { uid: 9, gid: 9 })));
+}
+
+/// A directory made since the last commit showed no modification time (frontends then showed
+/// their start time); it shows the time it was made.
+#[test]
+fn a_new_directory_showed_no_modification_time_until_the_commit() {
+    let f = Fixture::new();
+    let mut s = f.session(true);
+    s.mkdir(&NoOpenFiles, &p("/d/n"), 0o755, None, 12_345)
+        .unwrap();
+    assert_eq!(
+        s.lookup(&NoOpenFiles, &p("/d/n")).unwrap().mtime,
+        Some(12_345)
+    );
 }

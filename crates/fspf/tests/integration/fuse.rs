@@ -585,3 +585,30 @@ fn fuse_owners_and_special_files_are_recorded_and_enforced() {
     let o = m.cat("/data/tmp/root-file");
     assert_eq!(stdout(&o), "mine\n");
 }
+
+/// pjdfstest found three times that did not move: a directory made since the last commit showed
+/// the mount's start time, `O_TRUNC` left the modification time of a file as it was, and
+/// `utimensat` on a symlink itself (`touch -h`) was dropped.
+#[test]
+fn new_directories_truncation_and_symlinks_showed_stale_times() {
+    let m = Mounted::new(true);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let o = m.sh(
+        "set -e; before=$(date +%s); mkdir data/d; stat -c %Y data/d; \
+         echo old > data/t; touch -m -d @1000000000 data/t; : > data/t; stat -c %Y data/t; \
+         ln -s t data/l; touch -h -m -d @1500000000 data/l; stat -c %Y data/l; echo $before",
+    );
+    ok(&o, "times");
+    let v: Vec<i64> = stdout(&o)
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let before = v[3];
+    assert!(
+        v[0] >= before,
+        "new directory's mtime {} before {before}",
+        v[0]
+    );
+    assert!(v[1] >= before, "O_TRUNC kept the old mtime {}", v[1]);
+    assert_eq!(v[2], 1_500_000_000, "the symlink's own mtime");
+}
