@@ -93,6 +93,16 @@ impl EmbedPath {
         Some(rest.strip_prefix(b"/").unwrap_or(rest))
     }
 
+    /// `self` with its prefix `from` replaced by `to` (a rename of `from`); `None` when `self` is
+    /// not `from` or below it.
+    pub fn rebased(&self, from: &EmbedPath, to: &EmbedPath) -> Option<EmbedPath> {
+        let rest = self.strip_prefix(from)?;
+        if rest.is_empty() {
+            return Some(to.clone());
+        }
+        to.join(rest).ok()
+    }
+
     /// `self` joined with a relative path (which is normalised; `..` cannot escape `self`'s root).
     pub fn join(&self, rel: &[u8]) -> Result<EmbedPath> {
         let mut v = self.0.to_vec();

@@ -3,7 +3,9 @@
 //! committed) is the session's.
 use crate::DaemonAnchor;
 use fspf_core::format::metadata::{Owner, SpecialKind};
-use fspf_core::session::{EphemeralContent, OpenFiles, Session, VersionMeta, MAX_FILE_LEN};
+use fspf_core::session::{
+    move_tree, EphemeralContent, OpenFiles, Session, VersionMeta, MAX_FILE_LEN,
+};
 use fspf_core::view::{Node, NodeKind, OpenFile, ViewError};
 use fspf_core::volume::KernelReader;
 use fspf_core::{ChildKind, EmbedPath, Tag};
@@ -182,22 +184,12 @@ impl Inodes {
 
     /// `from` (and everything below it) is now `to`; what was at `to` is gone.
     fn rename(&mut self, from: &EmbedPath, to: &EmbedPath) {
-        for (k, i) in fspf_core::session::remove_tree(&mut self.by_path, to) {
-            let _ = k;
+        let by_ino = &mut self.by_ino;
+        let replaced = move_tree(&mut self.by_path, from, to, |dest, i| {
+            by_ino.insert(*i, dest.clone());
+        });
+        for (_, i) in replaced {
             self.by_ino.remove(&i);
-        }
-        for (k, i) in fspf_core::session::remove_tree(&mut self.by_path, from) {
-            let rest = k.strip_prefix(from).unwrap_or_default().to_vec();
-            let dest = if rest.is_empty() {
-                to.clone()
-            } else {
-                match to.join(&rest) {
-                    Ok(d) => d,
-                    Err(_) => continue,
-                }
-            };
-            self.by_ino.insert(i, dest.clone());
-            self.by_path.insert(dest, i);
         }
     }
 }
@@ -258,7 +250,7 @@ fn ns_of(t: TimeOrNow) -> i64 {
 
 /// A core error as an errno: data that failed verification is `EIO`, never garbage.
 fn core_errno(ep: &EmbedPath, e: &fspf_core::Error) -> c_int {
-    if std::env::var_os("FSPF_DEBUG").is_some() || e.is_integrity() {
+    if crate::debug() || e.is_integrity() {
         eprintln!("fspf mount: {ep}: {e}");
     }
     if e.is_integrity() {
@@ -367,6 +359,13 @@ impl State {
                 g.writers > 0 || g.dirty
             });
         }
+    }
+
+    /// After a session call that may have committed (rename, symlink, mknod): buffers follow the
+    /// commit, then the call's own result.
+    fn committed(&mut self, r: Result<(), ViewError>) -> Result<(), c_int> {
+        self.after_commit();
+        r.map_err(ViewError::errno)
     }
 
     fn commit(&mut self) -> Result<(), c_int> {
@@ -796,8 +795,7 @@ impl Filesystem for FspfFs {
                         Some(owner),
                         now_ns(),
                     );
-                    st.after_commit();
-                    r.map_err(ViewError::errno)?;
+                    st.committed(r)?;
                 }
             }
             st.dir_changed(parent);
@@ -858,8 +856,7 @@ impl Filesystem for FspfFs {
                 Some(owner),
                 now_ns(),
             );
-            st.after_commit();
-            r.map_err(ViewError::errno)?;
+            st.committed(r)?;
             st.dir_changed(parent);
             self.entry(st, &ep)
         });
@@ -885,21 +882,15 @@ impl Filesystem for FspfFs {
                 st.stage_all()?;
             }
             let r = st.s.rename(&Live(&st.live), &from, &to, flags);
-            st.after_commit();
-            r.map_err(ViewError::errno)?;
+            st.committed(r)?;
             if from == to {
                 return Ok(());
             }
-            st.detach(&to);
-            for (k, b) in fspf_core::session::remove_tree(&mut st.live, &from) {
-                let rest = k.strip_prefix(&from).unwrap_or_default().to_vec();
-                let dest = if rest.is_empty() {
-                    to.clone()
-                } else {
-                    to.join(&rest).map_err(|_| libc::EINVAL)?
-                };
-                lock(&b).path = dest.clone();
-                st.live.insert(dest, b);
+            let replaced = move_tree(&mut st.live, &from, &to, |dest, b| {
+                lock(b).path = dest.clone();
+            });
+            for (_, b) in replaced {
+                lock(&b).detached = true;
             }
             if let Some(&i) = st.inodes.by_path.get(&from) {
                 st.changed(i);

@@ -20,6 +20,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// `FSPF_DEBUG` is set: diagnostics go to the daemon's log (read once).
+pub(crate) fn debug() -> bool {
+    static D: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *D.get_or_init(|| std::env::var_os("FSPF_DEBUG").is_some())
+}
+
 /// What to mount and how.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -174,7 +180,7 @@ fn build(cfg: &Config) -> Result<fs::FspfFs, MountError> {
     scfg.mutable = cfg.mutable;
     scfg.say = |m| eprintln!("fspf mount: {m}");
     scfg.log = |m| {
-        if std::env::var_os("FSPF_DEBUG").is_some() {
+        if debug() {
             eprintln!("fspf mount: {m}")
         }
     };

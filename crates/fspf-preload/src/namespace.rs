@@ -59,16 +59,11 @@ pub(crate) fn do_rename(
     if from == to {
         return Ok(());
     }
-    detach_live(inner, &to);
-    for (k, b) in fspf_core::session::remove_tree(&mut inner.live, &from) {
-        let rest = k.strip_prefix(&from).unwrap_or_default().to_vec();
-        let dest = if rest.is_empty() {
-            to.clone()
-        } else {
-            to.join(&rest).unwrap_or_else(|_| to.clone())
-        };
+    let replaced = fspf_core::session::move_tree(&mut inner.live, &from, &to, |dest, b| {
         b.lock().unwrap_or_else(|e| e.into_inner()).path = dest.clone();
-        inner.live.insert(dest, b);
+    });
+    for (_, b) in replaced {
+        b.lock().unwrap_or_else(|e| e.into_inner()).detached = true;
     }
     Ok(())
 }

@@ -100,28 +100,24 @@ impl World {
 
     /// `fspf run` with this world's key and tag; `mutable` adds --mutable.
     fn run_opts(&self, mutable: bool, tag: &str, argv: &[&str]) -> Output {
-        let mut c = Command::new(fspf_bin());
-        c.current_dir(self.dir.path())
-            .env("FSPF_PRELOAD", preload())
-            .env("LC_ALL", "C")
-            .env_remove("SCONE_FSPF_KEY")
-            .env_remove("SCONE_FSPF_TAG")
-            .env_remove("SCONE_FSPF")
-            .env_remove("SCONE_FSPF_MUTABLE")
-            .arg("run")
-            .arg("--fspf")
-            .arg(&self.fspf);
-        if !self.key.is_empty() {
-            c.args(["--key", &self.key]);
+        shielded::fspf_run(
+            self.dir.path(),
+            &self.fspf,
+            &self.anchor_with(tag),
+            mutable,
+            None,
+            argv,
+        )
+        .output()
+        .expect("fspf run")
+    }
+
+    /// This world's key with `tag`.
+    fn anchor_with(&self, tag: &str) -> shielded::Anchor {
+        shielded::Anchor {
+            key: self.key.clone(),
+            tag: tag.to_string(),
         }
-        if !tag.is_empty() {
-            c.args(["--tag", tag]);
-        }
-        if mutable {
-            c.arg("--mutable");
-        }
-        c.arg("--").args(argv).stdin(Stdio::null());
-        c.output().expect("fspf run")
     }
 
     fn run(&self, argv: &[&str]) -> Output {
@@ -1406,30 +1402,9 @@ impl World {
     /// read from the tag file (the trusted channel), not from disk.
     fn run_tagged(&mut self, env: &[(&str, &str)], argv: &[&str]) -> Output {
         let tf = self.path("run.tag");
-        let mut c = Command::new(fspf_bin());
-        c.current_dir(self.dir.path())
-            .env("FSPF_PRELOAD", preload())
-            .env("LC_ALL", "C")
-            .env_remove("SCONE_FSPF_KEY")
-            .env_remove("SCONE_FSPF_TAG")
-            .env_remove("SCONE_FSPF")
-            .env_remove("SCONE_FSPF_MUTABLE")
-            .envs(env.iter().copied())
-            .args(["run", "--fspf"])
-            .arg(&self.fspf)
-            .args([
-                "--key",
-                &self.key,
-                "--tag",
-                &self.tag,
-                "--mutable",
-                "--tag-file",
-            ])
-            .arg(&tf)
-            .arg("--")
-            .args(argv)
-            .stdin(Stdio::null());
-        let o = c.output().expect("fspf run");
+        let anchor = self.anchor_with(&self.tag);
+        let mut c = shielded::fspf_run(self.dir.path(), &self.fspf, &anchor, true, Some(&tf), argv);
+        let o = c.envs(env.iter().copied()).output().expect("fspf run");
         let t = std::fs::read_to_string(&tf).expect("tag file");
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 1, "the run settled on one tag: {t:?}");

@@ -255,6 +255,24 @@ pub fn remove_tree<V>(m: &mut BTreeMap<EmbedPath, V>, ep: &EmbedPath) -> Vec<(Em
         .collect()
 }
 
+/// Move `from` and everything below it to `to` in `m` (a rename), replacing what was at or below
+/// `to`; `moved` sees each moved value with its new path. Returns the replaced entries.
+pub fn move_tree<V>(
+    m: &mut BTreeMap<EmbedPath, V>,
+    from: &EmbedPath,
+    to: &EmbedPath,
+    mut moved: impl FnMut(&EmbedPath, &mut V),
+) -> Vec<(EmbedPath, V)> {
+    let replaced = remove_tree(m, to);
+    for (k, mut v) in remove_tree(m, from) {
+        // `k` is `from` or below it, so it rebases; the fallback only keeps the value.
+        let dest = k.rebased(from, to).unwrap_or_else(|| to.clone());
+        moved(&dest, &mut v);
+        m.insert(dest, v);
+    }
+    replaced
+}
+
 impl Frontend for Joined<'_> {
     fn open_file(&self, ep: &EmbedPath) -> Option<OpenFile> {
         self.open
@@ -312,14 +330,6 @@ impl<A: Anchor> Session<A> {
         }
     }
 
-    pub fn config(&self) -> &SessionConfig {
-        &self.cfg
-    }
-
-    pub fn anchor(&self) -> &A {
-        &self.anchor
-    }
-
     /// The volume at the state this session last loaded; `None` when it is unusable.
     pub fn vol(&self) -> Option<&Volume> {
         self.vol.as_ref()
@@ -327,10 +337,6 @@ impl<A: Anchor> Session<A> {
 
     fn vol_ok(&self) -> Result<&Volume, ViewError> {
         self.vol.as_ref().ok_or(ViewError::Untrusted)
-    }
-
-    pub fn mutable(&self) -> bool {
-        self.cfg.mutable
     }
 
     /// The region `ep` lies in.

@@ -5,7 +5,7 @@
 //! its kernel side effect happens around that commit (`commit.rs`): `rm -r` of N files is one
 //! commit, not N. A rename and a symlink commit at once (a rename moves kernel objects that
 //! later queued changes name; a symlink is an fspf entry only).
-use super::{remove_tree, Anchor, EphNode, OpenFiles, Session, ViewError};
+use super::{move_tree, remove_tree, Anchor, EphNode, OpenFiles, Session, ViewError};
 use crate::format::metadata::{FileEntry, FileKind, Owner, SpecialKind};
 use crate::policy::EmbedPath;
 use crate::view::NodeKind;
@@ -225,17 +225,7 @@ impl<A: Anchor> Session<A> {
         }
         self.check_writable(from)?;
         if eph {
-            remove_tree(&mut self.eph, to);
-            let moved = remove_tree(&mut self.eph, from);
-            for (k, v) in moved {
-                let rest = k.strip_prefix(from).unwrap_or_default().to_vec();
-                let dest = if rest.is_empty() {
-                    to.clone()
-                } else {
-                    to.join(&rest).map_err(|_| ViewError::Invalid)?
-                };
-                self.eph.insert(dest, v);
-            }
+            move_tree(&mut self.eph, from, to, |_, _| {});
             return Ok(());
         }
         // Everything queued before the rename is committed under the old names first.

@@ -116,21 +116,32 @@ pub(crate) fn roll_forward_at(dir: &OwnedFd, name: &OsStr, id: &FileId) {
 
 /// Where a new version is written: a new file `name` in the directory `dir` (opened without
 /// following symlinks below its base); `label` names it in errors.
-pub(crate) struct Output<'a> {
-    pub dir: &'a OwnedFd,
-    pub name: &'a OsStr,
-    pub label: &'a Path,
+pub(crate) struct Output {
+    pub dir: OwnedFd,
+    pub name: OsString,
+    pub label: PathBuf,
 }
 
-impl Output<'_> {
+impl Output {
+    /// The shadow of version `id` beside the kernel file at `loc` (`path` names it in errors):
+    /// where `stage_file` and `addf` write a new version.
+    pub fn shadow(loc: &KernelPath, id: &FileId, path: &EmbedPath) -> Result<Output> {
+        let (dir, name) = loc
+            .parent()
+            .map_err(|e| Error::kernel(&path.to_string(), loc.full(), e))?;
+        let name = shadow_name(&name, id);
+        let label = loc.with_file_name(&name).full();
+        Ok(Output { dir, name, label })
+    }
+
     fn create(&self, mode: u32) -> Result<File> {
-        kernel_fs::create_new_at(self.dir, self.name, mode, OFlags::empty())
-            .map_err(|e| Error::io(self.label, e))
+        kernel_fs::create_new_at(&self.dir, &self.name, mode, OFlags::empty())
+            .map_err(|e| Error::io(&self.label, e))
     }
 
     /// Remove the file again (a failed seal).
     pub fn remove(&self) {
-        let _ = rustix::fs::unlinkat(self.dir, self.name, AtFlags::empty());
+        let _ = rustix::fs::unlinkat(&self.dir, &self.name, AtFlags::empty());
     }
 }
 
@@ -164,21 +175,21 @@ pub(crate) fn seal_version(
                 reason: "encrypted files need an output directory for the ciphertext".into(),
             })?;
             let k = crypto::file_chunk_key(key, &id)?;
-            let p = out.label;
+            let p = &out.label;
             let seal = |src: &mut dyn Read, mut w: &mut (dyn Write + Send)| {
                 let (t, c) = (vol.opts.threads, region.chunk_len);
                 codec::seal_encrypted_with(t, &k, &id, c, size, &mut &mut *src, &mut w, &label)
             };
-            let f = if size >= DIRECT_MIN && super::direct::worthwhile_at(out.dir) {
+            let f = if size >= DIRECT_MIN && super::direct::worthwhile_at(&out.dir) {
                 let open = |direct: bool| {
                     let extra = if direct {
                         OFlags::DIRECT
                     } else {
                         // A refused O_DIRECT open may have created the file already.
-                        let _ = rustix::fs::unlinkat(out.dir, out.name, AtFlags::empty());
+                        let _ = rustix::fs::unlinkat(&out.dir, &out.name, AtFlags::empty());
                         OFlags::empty()
                     };
-                    kernel_fs::create_new_at(out.dir, out.name, file_mode, extra)
+                    kernel_fs::create_new_at(&out.dir, &out.name, file_mode, extra)
                 };
                 let mut w = DirectWriter::create_with(open).map_err(|e| Error::io(p, e))?;
                 seal(src, &mut w)?;
@@ -223,9 +234,9 @@ pub(crate) fn seal_version(
                     )?;
                     let f = w
                         .into_inner()
-                        .map_err(|e| Error::io(o.label, e.into_error()))?;
+                        .map_err(|e| Error::io(&o.label, e.into_error()))?;
                     if vol.opts.sync_each_file {
-                        f.sync_all().map_err(|e| Error::io(o.label, e))?;
+                        f.sync_all().map_err(|e| Error::io(&o.label, e))?;
                     }
                     r
                 }
@@ -294,18 +305,10 @@ impl Volume {
         })?;
         let id = FileId::random()?;
         let writer = self.writer_guard()?;
-        let (dir, name) = loc
-            .parent()
-            .map_err(|e| Error::kernel(&path.to_string(), loc.full(), e))?;
-        let sh = shadow_name(&name, &id);
-        let shadow = loc.with_file_name(&sh).full();
-        let out = Output {
-            dir: &dir,
-            name: &sh,
-            label: &shadow,
-        };
+        let out = Output::shadow(&loc, &id, path)?;
         let (entry, outboard) = seal_version(self, region, path, id, size, mode, src, Some(&out))
             .inspect_err(|_| out.remove())?;
+        let shadow = out.label;
         Ok(StagedFile {
             path: path.clone(),
             entry,
@@ -435,11 +438,8 @@ impl Volume {
                 }
                 Change::Rename { from, to } => {
                     for k in self.meta.paths_below(from) {
-                        let rest = k.strip_prefix(from).unwrap_or_default().to_vec();
-                        let dest = if rest.is_empty() {
-                            to.clone()
-                        } else {
-                            to.join(&rest)?
+                        let Some(dest) = k.rebased(from, to) else {
+                            continue;
                         };
                         if let Some(e) = self.meta.files.remove(&k) {
                             if let Some(FileEntry {

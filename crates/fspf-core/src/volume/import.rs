@@ -280,16 +280,7 @@ impl Volume {
                         return Ok(Some(Change::PutEntry(path.clone(), entry)));
                     };
                     let loc = KernelPath::new(out, rel);
-                    let (dir, name) = loc
-                        .parent()
-                        .map_err(|e| Error::kernel(&path.to_string(), loc.full(), e))?;
-                    let sh = shadow_name(&name, &id);
-                    let shadow = loc.with_file_name(&sh).full();
-                    let target = Output {
-                        dir: &dir,
-                        name: &sh,
-                        label: &shadow,
-                    };
+                    let target = Output::shadow(&loc, &id, path)?;
                     let (mut entry, outboard) = seal_version(
                         self,
                         region,
@@ -306,7 +297,7 @@ impl Volume {
                     Ok(Some(Change::Put(StagedFile {
                         path: path.clone(),
                         entry,
-                        shadow,
+                        shadow: target.label,
                         kernel: loc.full(),
                         loc,
                         outboard,

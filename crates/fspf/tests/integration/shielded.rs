@@ -102,7 +102,8 @@ pub struct Anchor {
 }
 
 /// `fspf run --fspf FSPF --key K --tag T [--mutable] [--tag-file F] -- ARGV` with the shield built
-/// for this test run, no SCONE_* variables inherited, stdin from /dev/null.
+/// for this test run, no SCONE_* variables inherited, stdin from /dev/null. An empty key or tag
+/// is left out (a volume that is not encrypted, a run without freshness check).
 pub fn fspf_run(
     cwd: &Path,
     fspf: &Path,
@@ -122,8 +123,13 @@ pub fn fspf_run(
         .env_remove("FSPF_ANCHOR_FD")
         .arg("run")
         .arg("--fspf")
-        .arg(fspf)
-        .args(["--key", &anchor.key, "--tag", &anchor.tag]);
+        .arg(fspf);
+    if !anchor.key.is_empty() {
+        c.args(["--key", &anchor.key]);
+    }
+    if !anchor.tag.is_empty() {
+        c.args(["--tag", &anchor.tag]);
+    }
     if mutable {
         c.arg("--mutable");
     }
