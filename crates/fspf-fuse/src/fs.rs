@@ -206,6 +206,8 @@ struct State {
     /// (`ctime`), access times set by `utimensat`, and directory modification times moved by
     /// entries made or removed in them.
     times: HashMap<u64, Times>,
+    /// Where `read` requests are served from.
+    read_buf: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -401,6 +403,7 @@ impl FspfFs {
                 inodes,
                 since: None,
                 times: HashMap::new(),
+                read_buf: Vec::new(),
             })),
             anchor,
             root,
@@ -959,13 +962,24 @@ impl Filesystem for FspfFs {
         reply: ReplyData,
     ) {
         let mut guard = self.state();
-        let st = &mut *guard;
-        let ep = st.inodes.path(ino).cloned().unwrap_or_else(EmbedPath::root);
-        let Some(h) = st.handles.get_mut(&fh) else {
+        let State {
+            handles,
+            inodes,
+            read_buf,
+            ..
+        } = &mut *guard;
+        let Some(ep) = inodes.path(ino) else {
+            return reply.error(libc::ENOENT);
+        };
+        let Some(h) = handles.get_mut(&fh) else {
             return reply.error(libc::EBADF);
         };
-        let mut out = vec![0u8; size as usize];
-        match read_handle(h, &ep, &mut out, offset.max(0) as u64) {
+        // One buffer for every read (grown, never cleared: only what was read is sent).
+        if read_buf.len() < size as usize {
+            read_buf.resize(size as usize, 0);
+        }
+        let out = &mut read_buf[..size as usize];
+        match read_handle(h, ep, out, offset.max(0) as u64) {
             Ok(n) => reply.data(&out[..n]),
             Err(e) => reply.error(e),
         }
