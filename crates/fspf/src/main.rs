@@ -5,6 +5,7 @@
 mod anchor;
 mod argv;
 mod cmd;
+mod image;
 mod mount;
 mod run;
 
@@ -113,6 +114,10 @@ enum Command {
     Mount(mount::MountArgs),
     /// Commit, unmount an `fspf mount` and print the final tag (when mutable)
     Umount(mount::UmountArgs),
+    /// Protect a container image (OCI or docker archive) in one command; verify one; the
+    /// protected image's entrypoint
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// (internal) exec a program through the shield: used by `fspf run`
     #[command(name = run::EXEC_SHIELDED, hide = true)]
     ExecShielded {
@@ -133,7 +138,9 @@ fn key_in_argv(c: &Command) -> Option<&str> {
         Command::Run(a) => &a.kt,
         Command::Mount(a) => &a.kt,
         Command::Show(a) => return a.key_pos.as_deref().or(a.key.as_deref()),
+        Command::Image(image::ImageCommand::Verify(a)) => &a.kt,
         Command::Create { .. }
+        | Command::Image(_)
         | Command::CreateVolume(_)
         | Command::ExecShielded { .. }
         | Command::Umount(_) => return None,
@@ -181,6 +188,7 @@ fn main() {
         Command::Run(a) => run::run(a),
         Command::Mount(a) => mount::mount(a),
         Command::Umount(a) => mount::umount(a),
+        Command::Image(c) => image::run(c),
         Command::ExecShielded { argv } => run::exec_shielded(&argv),
     };
     match res {

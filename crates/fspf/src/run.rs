@@ -144,6 +144,17 @@ fn find_preload() -> Result<PathBuf> {
     )
 }
 
+/// The bytes of the preload library this `fspf` uses (for `fspf image protect`, which puts it
+/// into the image beside the binary).
+pub fn preload_bytes() -> Result<Vec<u8>> {
+    if !EMBEDDED_PRELOAD.is_empty() && std::env::var_os("FSPF_PRELOAD").is_none_or(|p| p.is_empty())
+    {
+        return Ok(EMBEDDED_PRELOAD.to_vec());
+    }
+    let p = find_preload()?;
+    std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
+}
+
 /// The embedded library as a file the dynamic loader can open by name in every process of the
 /// run (a memfd would have to survive `close_fds` in each of them): content-addressed, in a
 /// directory only this user can write (`$XDG_CACHE_HOME/fspf`, `~/.cache/fspf`, or

@@ -13,6 +13,7 @@ use crate::format::metadata::{FileEntry, FileKind, Protection, RegionKind};
 use crate::policy::EmbedPath;
 use rayon::prelude::*;
 use std::fs::{self, File};
+use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -372,5 +373,126 @@ impl Volume {
         let tag = self.tag();
         self.commit(changes, Some(tag))?;
         Ok(report)
+    }
+}
+
+/// Streamed import: for a frontend that reads files from a stream (an image layer's members) and
+/// places the bytes on disk itself. [`Volume::seal_stream`] seals one file, [`Volume::record`]
+/// commits the entries, [`Volume::check_stored`] verifies a stored copy against its entry.
+impl Volume {
+    /// The protected kernel region of `path`, or the error a streamed import reports for it.
+    fn stream_region(&self, path: &EmbedPath) -> Result<&crate::format::metadata::Region> {
+        let region = self.region_for(path).ok_or_else(|| Error::NoRegion {
+            path: path.to_string(),
+        })?;
+        if matches!(region.kind, RegionKind::Ephemeral) {
+            return Err(Error::Ephemeral {
+                path: path.to_string(),
+                region: region.embed_point.to_string(),
+            });
+        }
+        if region.protection == Protection::NotProtected {
+            return Err(Error::NotProtected {
+                path: path.to_string(),
+                region: region.embed_point.to_string(),
+            });
+        }
+        Ok(region)
+    }
+
+    /// How many bytes a `size`-byte file at `path` occupies on disk once sealed: the ciphertext
+    /// in an encrypted region, the plaintext itself in an authenticated one.
+    pub fn sealed_len(&self, path: &EmbedPath, size: u64) -> Result<u64> {
+        let region = self.stream_region(path)?;
+        match region.protection {
+            Protection::Encrypted => crate::format::layout::enc_file_len(size, region.chunk_len)
+                .ok_or_else(|| Error::FileTooLarge {
+                    path: path.to_string(),
+                    size,
+                }),
+            _ => Ok(size),
+        }
+    }
+
+    /// Seal exactly `size` bytes of `src` as the file at `path` and return its entry (recorded
+    /// later by [`Volume::record`]). Encrypted region: the ciphertext, [`Volume::sealed_len`]
+    /// bytes, goes to `ciphertext`; authenticated region: the plaintext is the file on disk, so
+    /// nothing is written there, and a large file's Merkle tree goes beside the fspf.
+    pub fn seal_stream(
+        &self,
+        path: &EmbedPath,
+        size: u64,
+        mode: u32,
+        src: &mut dyn Read,
+        ciphertext: &mut (dyn Write + Send),
+    ) -> Result<FileEntry> {
+        let region = self.stream_region(path)?;
+        let id = FileId::random()?;
+        let mut src = src;
+        if region.protection == Protection::Encrypted {
+            let key = region.key.as_ref().ok_or_else(|| Error::NotProtected {
+                path: path.to_string(),
+                region: region.embed_point.to_string(),
+            })?;
+            let k = crate::crypto::file_chunk_key(key, &id)?;
+            let mut w = ciphertext;
+            crate::codec::seal_encrypted_with(
+                self.opts.threads,
+                &k,
+                &id,
+                region.chunk_len,
+                size,
+                &mut src,
+                &mut w,
+                &path.to_string(),
+            )?;
+            return Ok(FileEntry {
+                kind: FileKind::File {
+                    id,
+                    size,
+                    root: None,
+                },
+                mode: mode & 0o7777,
+                mtime_ns: crate::format::metadata::now_ns(),
+                owner: None,
+            });
+        }
+        let (entry, _tree) = seal_version(self, region, path, id, size, mode, &mut src, None)?;
+        Ok(entry)
+    }
+
+    /// Record `entries` (from [`Volume::seal_stream`], and directories, symlinks and special
+    /// files) in one commit, replacing whatever was at their paths. Returns the new tag.
+    pub fn record(&mut self, entries: Vec<(EmbedPath, FileEntry)>) -> Result<crate::Tag> {
+        self.ensure_loaded()?;
+        self.meta.check_usable()?;
+        let tag = self.tag();
+        let changes = entries
+            .into_iter()
+            .map(|(p, e)| Change::PutEntry(p, e))
+            .collect();
+        self.commit(changes, Some(tag))
+    }
+
+    /// Verify `data`, the bytes stored for the listed regular file `path` (e.g. an image layer's
+    /// member), against its entry: every chunk, and for authenticated files the Merkle tree.
+    pub fn check_stored<R: crate::codec::ReadAt>(&self, path: &EmbedPath, data: R) -> Result<()> {
+        let region = self.stream_region(path)?;
+        let entry = self.lookup(path).ok_or_else(|| Error::NotListed {
+            path: path.to_string(),
+        })?;
+        let FileKind::File { id, size, root } = &entry.kind else {
+            return Err(Error::Invalid {
+                path: path.to_string(),
+                reason: "not a regular file".into(),
+            });
+        };
+        let label = path.to_string();
+        let codec = super::codec_for(region, path, id, root.as_ref(), data, || {
+            store::open_tree(&self.path, id, &label)
+        })?;
+        crate::codec::ProtectedReader::new(codec, *size, region.chunk_len, label.clone())?
+            .with_threads(self.opts.threads)
+            .verify_all()
     }
 }
