@@ -7,6 +7,8 @@ mod cli;
 mod crash;
 mod fuse;
 mod harness;
+mod image;
 mod matrix;
+mod podman;
 mod regression;
 mod shielded;
