@@ -82,8 +82,7 @@ pub fn mount(a: MountArgs) -> Result<i32> {
     }
     // Start the daemon: the same binary in the foreground, detached from this terminal's
     // process group; the key goes in an inheritable memfd.
-    let exe = std::env::current_exe().context("locating fspf")?;
-    let mut cmd = std::process::Command::new(exe);
+    let mut cmd = crate::run::self_command()?;
     cmd.arg("mount").arg(&fspf).arg(&mp).arg("--daemon-child");
     let key_fd = match &key {
         Some(k) => {

@@ -144,6 +144,43 @@ fn find_preload() -> Result<PathBuf> {
     )
 }
 
+fn is_loader(exe: &Path) -> bool {
+    exe.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("ld-linux") || n.starts_with("ld-musl"))
+}
+
+/// The `fspf` executable (not the dynamic loader that may have started it, see
+/// [`self_command`]).
+pub fn self_exe() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the fspf executable")?;
+    if !is_loader(&exe) {
+        return Ok(exe);
+    }
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .context("fspf was started through the dynamic loader without an absolute path")
+}
+
+/// A command that runs this `fspf` again. In a protected image, `fspf` is started through the
+/// dynamic loader bundled beside it (`/.fspf/lib/ld-linux-x86-64.so.2 --library-path /.fspf/lib
+/// /.fspf/bin/fspf …`, so that it runs whatever C library the image has, or none): then the
+/// executable is the loader, and the same loader and library path start it again.
+pub fn self_command() -> Result<Command> {
+    let exe = std::env::current_exe().context("locating the fspf executable")?;
+    if is_loader(&exe) {
+        let prog = self_exe()?;
+        let mut c = Command::new(&exe);
+        c.arg("--library-path")
+            .arg(exe.parent().unwrap_or(Path::new("/")))
+            .arg(prog);
+        return Ok(c);
+    }
+    Ok(Command::new(exe))
+}
+
 /// The bytes of the preload library this `fspf` uses (for `fspf image protect`, which puts it
 /// into the image beside the binary).
 pub fn preload_bytes() -> Result<Vec<u8>> {
@@ -330,7 +367,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
     // the kernel: start it through this binary under the shield, whose exec hook runs it from a
     // verified copy.
     let mut cmd = if needs_shielded_exec(&vol, &a.argv[0]) {
-        let mut c = Command::new(std::env::current_exe().context("locating fspf")?);
+        let mut c = self_command()?;
         c.arg(EXEC_SHIELDED).arg("--").arg(&a.argv[0]);
         c
     } else {

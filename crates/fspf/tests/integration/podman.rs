@@ -15,6 +15,8 @@ use std::sync::OnceLock;
 const SRC: &str = "localhost/fspf-test-python:src";
 const PROTECTED: &str = "localhost/fspf-test-python:protected";
 const TAMPERED: &str = "localhost/fspf-test-python:tampered";
+const BB_PROTECTED: &str = "localhost/fspf-test-busybox:protected";
+const BB_TAMPERED: &str = "localhost/fspf-test-busybox:tampered";
 
 /// The protected python image, built once per test run.
 struct Fixture {
@@ -59,11 +61,10 @@ fn fixture() -> &'static Fixture {
                 "{cmd} is needed by the podman tests (Debian package {pkg})"
             );
         }
-        let dir = tempfile::Builder::new()
-            .prefix("fspf-podman-")
-            .tempdir()
-            .unwrap()
-            .keep();
+        // One fixed directory, emptied first: the images are large, and runs must not pile up.
+        let dir = std::env::temp_dir().join("fspf-podman-tests");
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
         fs::write(
             dir.join("containers.conf"),
             "[containers]\ndefault_ulimits = []\n",
@@ -86,7 +87,7 @@ fn fixture() -> &'static Fixture {
                 .arg("."),
             "tar",
         );
-        for img in [SRC, PROTECTED, TAMPERED] {
+        for img in [SRC, PROTECTED, TAMPERED, BB_PROTECTED, BB_TAMPERED] {
             let _ = podman(&dir).args(["rmi", "-f", img]).output();
         }
         run_ok(
@@ -132,6 +133,59 @@ fn fixture() -> &'static Fixture {
             podman(&dir)
                 .args(["load", "-q", "-i"])
                 .arg(dir.join("protected.tar")),
+            "podman load",
+        );
+        // The static busybox image: no C library at all.
+        run_ok(
+            Command::new("bash")
+                .arg(&script)
+                .arg("busybox")
+                .arg(dir.join("bbroot")),
+            "rootfs.sh busybox",
+        );
+        fs::write(dir.join("bbroot/etc/motd"), "busybox says hello\n").unwrap();
+        run_ok(
+            Command::new("tar")
+                .arg("-C")
+                .arg(dir.join("bbroot"))
+                .args(["-cf"])
+                .arg(dir.join("bbroot.tar"))
+                .arg("."),
+            "tar",
+        );
+        run_ok(
+            podman(&dir)
+                .args(["import", "-q", "-c", r#"CMD ["cat", "/etc/motd"]"#])
+                .arg(dir.join("bbroot.tar"))
+                .arg("localhost/fspf-test-busybox:src"),
+            "podman import",
+        );
+        run_ok(
+            podman(&dir)
+                .args(["save", "-q", "--format", "oci-archive", "-o"])
+                .arg(dir.join("bb-src.tar"))
+                .arg("localhost/fspf-test-busybox:src"),
+            "podman save",
+        );
+        run_ok(
+            Command::new(FSPF).current_dir(&dir).args([
+                "image",
+                "protect",
+                "bb-src.tar",
+                "bb-protected.tar",
+                "--key-file",
+                "bb-key",
+                "--tag-file",
+                "bb-tag",
+                "--name",
+                BB_PROTECTED,
+            ]),
+            "fspf image protect (busybox)",
+        );
+        run_ok(
+            podman(&dir)
+                .args(["load", "-q", "-i"])
+                .arg(dir.join("bb-protected.tar")),
             "podman load",
         );
         let tag = fs::read_to_string(dir.join("tag"))
@@ -366,4 +420,82 @@ fn podman_fspf_image_verify_accepts_the_protected_archive() {
         .unwrap();
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains("OK: "), "{}", stdout(&o));
+}
+
+/// Load `oci` (an unpacked layout) as `name`.
+fn load_as(f: &Fixture, env: &Env, oci: &str, name: &str) {
+    let tar = env.path(format!("{oci}.tar"));
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(env.path(oci))
+            .arg("-cf")
+            .arg(&tar)
+            .arg("."),
+        "tar",
+    );
+    let _ = podman(&f.dir).args(["rmi", "-f", name]).output();
+    let o = run_ok(
+        podman(&f.dir).args(["load", "-q", "-i"]).arg(&tar),
+        "podman load",
+    );
+    let id = stdout(&o).split_whitespace().last().unwrap().to_string();
+    run_ok(podman(&f.dir).args(["tag", &id, name]), "podman tag");
+}
+
+#[test]
+fn podman_static_busybox_runs_under_the_fuse_shield_inside_the_container() {
+    let f = fixture();
+    let fuse = ["--device", "/dev/fuse", "--cap-add", "SYS_ADMIN"];
+    // Without /dev/fuse the static program is refused, with a hint, rather than run unshielded.
+    let o = run_bb(f, &[], BB_PROTECTED, &[]);
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(stderr(&o).contains("--device /dev/fuse"), "{}", stderr(&o));
+    let o = run_bb(f, &fuse, BB_PROTECTED, &[]);
+    assert_eq!(stdout(&o).trim(), "busybox says hello", "{}", stderr(&o));
+    // Nothing outside the fspf can be added; /tmp (not protected) works.
+    let o = run_bb(
+        f,
+        &fuse,
+        BB_PROTECTED,
+        &["sh", "-c", "echo x > /new; echo t > /tmp/t && cat /tmp/t"],
+    );
+    assert!(
+        stderr(&o).contains("Read-only file system"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(stdout(&o).trim(), "t", "{}", stderr(&o));
+    // A changed file in a rebuilt layer: EIO, not its content.
+    let env = Env::new();
+    let oci = Oci::unpack(&f.dir.join("bb-protected.tar"), &env.path("oci"));
+    let n = oci.layer_count();
+    oci.insert_layer(
+        n - 1,
+        &Layer::default()
+            .file("etc/motd", b"busybox says EVIL\n")
+            .bytes(),
+    );
+    load_as(f, &env, "oci", BB_TAMPERED);
+    let o = run_bb(f, &fuse, BB_TAMPERED, &[]);
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(!o.status.success() && !all.contains("EVIL"), "{all}");
+    assert!(
+        all.contains("I/O error") || all.contains("Input/output error"),
+        "{all}"
+    );
+}
+
+fn run_bb(f: &Fixture, extra: &[&str], image: &str, args: &[&str]) -> Output {
+    let mut c = podman(&f.dir);
+    c.args(["run", "--rm", "--network", "none"])
+        .arg("-v")
+        .arg(format!(
+            "{}:/run/secrets/fspf-key:ro",
+            f.dir.join("bb-key").display()
+        ))
+        .args(extra)
+        .arg(image)
+        .args(args);
+    c.output().expect("podman run")
 }
