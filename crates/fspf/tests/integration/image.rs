@@ -411,9 +411,18 @@ fn image_protect_lists_what_the_container_sees_whiteouts_opaque_dirs_replaced_fi
     // The wrapped entrypoint runs the image's own command under the shield.
     let cfg = oci.config();
     let ep: Vec<String> = serde_json::from_value(cfg["config"]["Entrypoint"].clone()).unwrap();
+    // Through the C library and loader bundled in /.fspf/lib, so that it starts in any image.
     assert_eq!(
-        ep,
-        vec!["/.fspf/bin/fspf", "image", "exec", "--tag", &tag, "--"]
+        ep[..3],
+        [
+            "/.fspf/lib/ld-linux-x86-64.so.2",
+            "--library-path",
+            "/.fspf/lib"
+        ]
+    );
+    assert_eq!(
+        ep[3..],
+        ["/.fspf/bin/fspf", "image", "exec", "--tag", &tag, "--"]
     );
     assert_eq!(cfg["config"]["Cmd"], json!(["/bin/true"]));
     // Both source layers hold /app files: both are rewritten; no plaintext of /app anywhere.
@@ -649,9 +658,9 @@ fn image_protect_reads_docker_save_archives() {
     let (_, tag) = protect(&env, "docker.tar", &["--encrypt", "/app"]);
     assert!(verify(&env, "out.tar").status.success());
     let oci = Oci::unpack(&env.path("out.tar"), &env.path("u"));
-    let ep = oci.config()["config"]["Entrypoint"].clone();
+    let ep = oci.config()["config"]["Entrypoint"].as_array().unwrap()[3..].to_vec();
     assert_eq!(
-        ep,
+        json!(ep),
         json!([
             "/.fspf/bin/fspf",
             "image",
