@@ -437,16 +437,20 @@ impl Read for SliceReader<'_> {
     }
 }
 
-/// A reader that hashes what passes through it.
+/// A reader that hashes what passes through it (unless `on` is false: an uncompressed layer's
+/// bytes are hashed once, by the reader of the raw blob).
 pub struct HashRead<R> {
     pub inner: R,
     pub hash: Hashing<io::Sink>,
+    pub on: bool,
 }
 
 impl<R: Read> Read for HashRead<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
+        if self.on {
+            self.hash.update(&buf[..n]);
+        }
         Ok(n)
     }
 }
@@ -477,6 +481,7 @@ pub fn open_layer<'a>(src: &'a Source, l: &LayerRef) -> Result<LayerStream<'a>> 
         HashRead {
             inner: raw,
             hash: Hashing::new(io::sink()),
+            on: true,
         },
     );
     let head = br.fill_buf().map_err(|e| ImageError::io(&l.file, e))?;
@@ -490,22 +495,26 @@ pub fn open_layer<'a>(src: &'a Source, l: &LayerRef) -> Result<LayerStream<'a>> 
     } else {
         Decoded::Plain(br)
     };
+    let on = !matches!(dec, Decoded::Plain(_));
     Ok(HashRead {
         inner: dec,
         hash: Hashing::new(io::sink()),
+        on,
     })
 }
 
 /// After the tar is read: drain what is left and check both digests. Returns the raw digest.
 pub fn finish_layer(mut s: LayerStream<'_>, l: &LayerRef) -> Result<String> {
     io::copy(&mut s, &mut io::sink()).map_err(|e| ImageError::io(&l.file, e))?;
-    let diff = s.hash.digest();
+    let diff = s.on.then(|| s.hash.digest());
     let mut raw = match s.inner {
         Decoded::Plain(r) => r,
         Decoded::Gzip(g) => (*g).into_inner(),
     };
     io::copy(&mut raw, &mut io::sink()).map_err(|e| ImageError::io(&l.file, e))?;
     let raw_digest = raw.into_inner().hash.digest();
+    // An uncompressed layer is its own tar: one digest for both.
+    let diff = diff.unwrap_or_else(|| raw_digest.clone());
     if diff != l.diff_id {
         return Err(ImageError::Digest {
             what: format!("layer {} (uncompressed, rootfs.diff_ids)", l.file),
