@@ -344,16 +344,76 @@ fn choose_shield(prog: &str) -> Result<Shield> {
         Ok(None) => false,
         Err(_) => return Ok(Shield::Preload),
     };
-    if glibc {
-        return Ok(Shield::Preload);
-    }
+    // The dynamic loader ignores a preload library it cannot load (a C library older than the
+    // one it was built against) and runs the program unshielded: check first, fail closed.
+    let why = if !glibc {
+        format!(
+            "{} is not a dynamically linked glibc program (static, or built for musl)",
+            file.display()
+        )
+    } else {
+        let need = crate::run::find_preload()
+            .ok()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| glibc_required(&b));
+        match (need, image_glibc()) {
+            (Some(n), Some(have)) if have >= n => return Ok(Shield::Preload),
+            (Some(n), Some(have)) => format!(
+                "the image's glibc {}.{} is older than the {}.{} the in-process shield needs",
+                have.0, have.1, n.0, n.1
+            ),
+            (None, _) => return Ok(Shield::Preload),
+            (Some(_), None) => "the image's glibc (libc.so.6) was not found".to_string(),
+        }
+    };
     if Path::new("/dev/fuse").exists() && rustix::process::geteuid().is_root() {
         return Ok(Shield::Fuse);
     }
     bail!(
-        "{} is not a dynamically linked glibc program (static, or built for musl): the in-process shield cannot see its file accesses. Run the container with the FUSE shield: podman run --device /dev/fuse --cap-add SYS_ADMIN -v ./key:{SECRET_KEY}:ro IMAGE",
-        file.display()
+        "{why}: the in-process shield cannot see its file accesses. Run the container with the FUSE shield: podman run --device /dev/fuse --cap-add SYS_ADMIN -v ./key:{SECRET_KEY}:ro IMAGE"
     )
+}
+
+/// The newest `GLIBC_2.N` symbol version a library needs (from its version strings).
+fn glibc_required(lib: &[u8]) -> Option<(u32, u32)> {
+    let mut best = None;
+    let pat = b"GLIBC_2.";
+    let mut i = 0;
+    while let Some(p) = lib[i..].windows(pat.len()).position(|w| w == pat) {
+        let start = i + p + pat.len();
+        let digits: Vec<u8> = lib[start..]
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .copied()
+            .collect();
+        if let Ok(minor) = String::from_utf8_lossy(&digits).parse::<u32>() {
+            best = best.max(Some((2, minor)));
+        }
+        i = start;
+    }
+    best
+}
+
+/// The version of the image's glibc, from the banner in its `libc.so.6`.
+fn image_glibc() -> Option<(u32, u32)> {
+    const CANDIDATES: &[&str] = &[
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/usr/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib64/libc.so.6",
+        "/usr/lib64/libc.so.6",
+        "/lib/libc.so.6",
+        "/usr/lib/libc.so.6",
+    ];
+    let b = CANDIDATES.iter().find_map(|p| std::fs::read(p).ok())?;
+    let pat = b"release version ";
+    let at = b.windows(pat.len()).position(|w| w == pat)? + pat.len();
+    let v: String = b[at..]
+        .iter()
+        .take_while(|c| c.is_ascii_digit() || **c == b'.')
+        .map(|&c| c as char)
+        .collect();
+    let mut it = v.split('.').filter_map(|x| x.parse::<u32>().ok());
+    Some((it.next()?, it.next()?))
 }
 
 /// Serve the fspf with FUSE at [`FUSE_ROOT`], bind the not-protected regions (/proc, /dev, …)
@@ -483,4 +543,28 @@ fn exec(a: ExecArgs) -> Result<i32> {
         mount_namespace: false,
         argv: a.argv,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: a preload the image's older C library cannot load is ignored by the dynamic
+    /// loader, and the program would run unshielded; the shield compares versions first.
+    #[test]
+    fn preload_needing_a_newer_glibc_than_the_image_ran_the_program_unshielded() {
+        let lib = b"\0GLIBC_2.2.5\0GLIBC_2.34\0GLIBC_PRIVATE\0GLIBC_2.35\0GLIBC_2.3\0";
+        assert_eq!(glibc_required(lib), Some((2, 35)));
+        assert_eq!(glibc_required(b"no versions"), None);
+        let have = image_glibc().expect("this machine's glibc");
+        assert!(have >= (2, 17), "{have:?}");
+    }
+
+    #[test]
+    fn elf_interpreters_tell_glibc_programs_from_static_ones() {
+        let sh = interpreter(Path::new("/bin/sh"), 0).expect("reads /bin/sh");
+        assert!(sh.is_some_and(|i| i.contains("ld-linux")));
+        let bb = resolve("busybox").expect("busybox-static is installed (.ci/run)");
+        assert_eq!(interpreter(&bb, 0).expect("reads busybox"), None);
+    }
 }

@@ -115,7 +115,7 @@ const EMBEDDED_PRELOAD_ID: &str = include_str!(concat!(env!("OUT_DIR"), "/libfsp
 
 /// Where the preload library is: `FSPF_PRELOAD`, next to this executable, `../lib/fspf/`, or
 /// the copy embedded in this binary, written once to a private cache directory.
-fn find_preload() -> Result<PathBuf> {
+pub fn find_preload() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("FSPF_PRELOAD").filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
         if !p.is_file() {
