@@ -139,12 +139,12 @@ impl Excludes {
 
 /// A reader that copies what it reads into a writer (an authenticated member: its bytes are
 /// hashed by the seal and written unchanged into the rewritten layer).
-struct Tee<'a, R, W> {
+struct Tee<'a, R, W: ?Sized> {
     r: R,
     w: &'a mut W,
 }
 
-impl<R: Read, W: Write> Read for Tee<'_, R, W> {
+impl<R: Read, W: Write + ?Sized> Read for Tee<'_, R, W> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.r.read(buf)?;
         self.w.write_all(&buf[..n])?;
@@ -362,17 +362,26 @@ pub fn protect(opts: &ProtectOptions) -> Result<Protected> {
     let mut descriptors: Vec<Option<(Value, String)>> = vec![None; image.layers.len()];
     let mut report = (0u64, 0u64, 0u64, 0usize); // files, encrypted files, bytes, rewritten layers
     for (i, l) in image.layers.iter().enumerate().rev() {
-        let mut stream = source::open_layer(&src, l)?;
-        let gzip = matches!(stream.inner, source::Decoded::Gzip(_));
+        // Without encrypted regions every layer is copied unchanged, by the reading thread.
+        let copy = if any_encrypted {
+            None
+        } else {
+            Some(
+                out.begin_blob()
+                    .map_err(|e| ImageError::io(tmp.path(), e))?,
+            )
+        };
+        let mut stream = source::open_layer(&src, l, copy)?;
+        let gzip = stream.gzip;
         let mut marks = LayerMarks::default();
         let mut changed = false;
-        let (start, mut sink) = if any_encrypted {
-            let (s, k) = out
-                .begin_blob()
-                .map_err(|e| ImageError::io(tmp.path(), e))?;
-            (Some(s), Some(k))
+        let mut sink = if any_encrypted {
+            Some(
+                out.begin_blob()
+                    .map_err(|e| ImageError::io(tmp.path(), e))?,
+            )
         } else {
-            (None, None)
+            None
         };
         let werr = |e: io::Error| ImageError::io(tmp.path(), e);
         {
@@ -579,16 +588,11 @@ pub fn protect(opts: &ProtectOptions) -> Result<Protected> {
                 w.write_all(&[0u8; 2 * BLOCK as usize]).map_err(werr)?;
             }
         }
-        let raw_digest = source::finish_layer(stream, l)?;
+        let (raw_digest, copied) = source::finish_layer(stream, l)?;
         upper.absorb(marks);
-        let (len, new_digest) = match &sink {
-            Some(w) => (w.len, w.digest()),
-            None => (0, String::new()),
-        };
-        drop(sink);
-        descriptors[i] = Some(match start {
+        descriptors[i] = Some(match sink {
             Some(s) if changed => {
-                out.finish_blob(s, &new_digest, len).map_err(werr)?;
+                let (new_digest, len) = out.finish_blob(s).map_err(werr)?;
                 report.3 += 1;
                 (
                     json!({"mediaType": MT_LAYER_TAR, "digest": new_digest, "size": len}),
@@ -599,7 +603,17 @@ pub fn protect(opts: &ProtectOptions) -> Result<Protected> {
                 if let Some(s) = s {
                     out.abandon_blob(s).map_err(werr)?;
                 }
-                let (d, n) = copy_blob(&src, l, &raw_digest, &mut out).map_err(werr)?;
+                let (d, n) = match copied {
+                    Some(c) => out.finish_blob(c).map_err(werr)?,
+                    None => copy_blob(&src, l, &raw_digest, &mut out).map_err(werr)?,
+                };
+                if d != raw_digest {
+                    return Err(ImageError::Digest {
+                        what: format!("layer {} as copied", l.file),
+                        expected: raw_digest,
+                        found: d,
+                    });
+                }
                 let mt = l.media_type.clone().unwrap_or_else(|| {
                     (if gzip { MT_LAYER_GZIP } else { MT_LAYER_TAR }).to_string()
                 });
@@ -647,7 +661,7 @@ pub fn protect(opts: &ProtectOptions) -> Result<Protected> {
 
     // The shield's layer: the runtime, the fspf, its trees and index cache.
     let werr = |e: io::Error| ImageError::io(tmp.path(), e);
-    let (s, mut w) = out.begin_blob().map_err(werr)?;
+    let mut w = out.begin_blob().map_err(werr)?;
     let dir = |w: &mut dyn Write, name: &str| -> io::Result<()> {
         tarw::write_member(
             w,
@@ -706,10 +720,7 @@ pub fn protect(opts: &ProtectOptions) -> Result<Protected> {
         }
     }
     w.write_all(&[0u8; 2 * BLOCK as usize]).map_err(werr)?;
-    let (shield_digest, shield_len) = (w.digest(), w.len);
-    drop(w);
-    out.finish_blob(s, &shield_digest, shield_len)
-        .map_err(werr)?;
+    let (shield_digest, shield_len) = out.finish_blob(w).map_err(werr)?;
 
     // Config: the wrapped entrypoint, the new diff_ids, one more history entry.
     let mut config = image.config.clone();
@@ -787,18 +798,16 @@ fn copy_blob(
     let (mut r, _) = src
         .open_file(&l.file)
         .map_err(|e| io::Error::other(e.to_string()))?;
-    let (s, mut w) = out.begin_blob()?;
+    let mut w = out.begin_blob()?;
     io::copy(&mut r, &mut w)?;
-    let (d, n) = (w.digest(), w.len);
-    drop(w);
+    let (d, n) = out.finish_blob(w)?;
     if d != digest {
-        out.abandon_blob(s)?;
+        // The output is discarded with this error.
         return Err(io::Error::other(format!(
             "layer {} changed while it was read",
             l.file
         )));
     }
-    out.finish_blob(s, &d, n)?;
     Ok((d, n))
 }
 

@@ -161,7 +161,7 @@ impl Source {
     }
 
     /// A file of the image, streamed, with its size.
-    pub fn open_file(&self, name: &str) -> Result<(Box<dyn Read + Send + '_>, u64)> {
+    pub fn open_file(&self, name: &str) -> Result<(Box<dyn Read + Send>, u64)> {
         match self {
             Source::Layout(d) => {
                 let p = d.join(name);
@@ -173,6 +173,9 @@ impl Source {
                 let m = self.member(name).ok_or_else(|| {
                     ImageError::invalid(self.label(), format!("no member {name}"))
                 })?;
+                let file = file
+                    .try_clone()
+                    .map_err(|e| ImageError::io(self.label(), e))?;
                 Ok((
                     Box::new(SliceReader {
                         file,
@@ -419,13 +422,13 @@ pub fn blob_path(digest: &str) -> Result<String> {
 }
 
 /// A window of the archive file.
-struct SliceReader<'a> {
-    file: &'a File,
+struct SliceReader {
+    file: File,
     pos: u64,
     end: u64,
 }
 
-impl Read for SliceReader<'_> {
+impl Read for SliceReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let want = buf.len().min((self.end - self.pos) as usize);
         if want == 0 {
@@ -437,12 +440,12 @@ impl Read for SliceReader<'_> {
     }
 }
 
-/// A reader that hashes what passes through it (unless `on` is false: an uncompressed layer's
-/// bytes are hashed once, by the reader of the raw blob).
+/// A reader that hashes what passes through it (when `on`), and copies it into `copy`.
 pub struct HashRead<R> {
     pub inner: R,
     pub hash: Hashing<io::Sink>,
     pub on: bool,
+    pub copy: Option<crate::tarw::BlobSink>,
 }
 
 impl<R: Read> Read for HashRead<R> {
@@ -450,6 +453,9 @@ impl<R: Read> Read for HashRead<R> {
         let n = self.inner.read(buf)?;
         if self.on {
             self.hash.update(&buf[..n]);
+        }
+        if let Some(c) = self.copy.as_mut() {
+            std::io::Write::write_all(c, &buf[..n])?;
         }
         Ok(n)
     }
@@ -470,22 +476,76 @@ impl<R: BufRead> Read for Decoded<R> {
     }
 }
 
-/// A layer being read: raw bytes hashed (the blob digest), decoded, hashed again (the diff_id).
-pub type LayerStream<'a> = HashRead<Decoded<BufReader<HashRead<Box<dyn Read + Send + 'a>>>>>;
+/// Bytes handed from the reading thread to the layer's reader.
+const CHUNK: usize = 1 << 20;
+/// Chunks in flight between the two.
+const DEPTH: usize = 4;
 
-/// Open layer `l` for reading its tar.
-pub fn open_layer<'a>(src: &'a Source, l: &LayerRef) -> Result<LayerStream<'a>> {
+/// A layer being read: a thread reads the blob, hashes it (its digest), decompresses it and
+/// hashes the tar (its `diff_id`), and hands the tar on in chunks, so that reading, hashing and
+/// decompressing overlap with the sealing done on the calling thread.
+pub struct LayerStream {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    cur: Vec<u8>,
+    pos: usize,
+    worker: Option<std::thread::JoinHandle<LayerDigests>>,
+    pub gzip: bool,
+}
+
+/// What the reading thread found: the blob's digest, the tar's, and the copy of the blob.
+type LayerDigests = (String, String, Option<crate::tarw::BlobSink>);
+
+impl Read for LayerStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = avail.len().min(buf.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for LayerStream {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(Ok(v)) => {
+                    self.cur = v;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                // The thread is done: end of the tar.
+                Err(_) => {
+                    self.cur.clear();
+                    self.pos = 0;
+                }
+            }
+        }
+        Ok(&self.cur[self.pos..])
+    }
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.cur.len());
+    }
+}
+
+/// Open layer `l` for reading its tar; its blob is also copied, unchanged, into `copy`.
+pub fn open_layer(
+    src: &Source,
+    l: &LayerRef,
+    copy: Option<crate::tarw::BlobSink>,
+) -> Result<LayerStream> {
     let (raw, _) = src.open_file(&l.file)?;
     let mut br = BufReader::with_capacity(
-        1 << 20,
+        CHUNK,
         HashRead {
             inner: raw,
             hash: Hashing::new(io::sink()),
             on: true,
+            copy,
         },
     );
     let head = br.fill_buf().map_err(|e| ImageError::io(&l.file, e))?;
-    let dec = if head.starts_with(&[0x1f, 0x8b]) {
+    let mut dec = if head.starts_with(&[0x1f, 0x8b]) {
         Decoded::Gzip(Box::new(flate2::bufread::MultiGzDecoder::new(br)))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         return Err(ImageError::Unsupported(format!(
@@ -495,26 +555,87 @@ pub fn open_layer<'a>(src: &'a Source, l: &LayerRef) -> Result<LayerStream<'a>> 
     } else {
         Decoded::Plain(br)
     };
-    let on = !matches!(dec, Decoded::Plain(_));
-    Ok(HashRead {
-        inner: dec,
-        hash: Hashing::new(io::sink()),
-        on,
+    let gzip = matches!(dec, Decoded::Gzip(_));
+    let (tx, rx) = std::sync::mpsc::sync_channel(DEPTH);
+    let worker = std::thread::spawn(move || {
+        let mut diff = Hashing::new(io::sink());
+        let mut abandoned = false;
+        loop {
+            let mut v = vec![0u8; CHUNK];
+            let mut n = 0;
+            let r = loop {
+                match dec.read(&mut v[n..]) {
+                    Ok(0) => break Ok(()),
+                    Ok(k) => {
+                        n += k;
+                        if n == v.len() {
+                            break Ok(());
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            if let Err(e) = r {
+                let _ = tx.send(Err(e));
+                break;
+            }
+            if n == 0 {
+                break;
+            }
+            v.truncate(n);
+            if gzip {
+                diff.update(&v);
+            }
+            if tx.send(Ok(v)).is_err() {
+                abandoned = true;
+                break;
+            }
+        }
+        if abandoned {
+            return (String::new(), String::new(), None);
+        }
+        let raw = match dec {
+            Decoded::Plain(r) => r,
+            Decoded::Gzip(g) => (*g).into_inner(),
+        };
+        let mut raw = raw;
+        // Whatever follows the compressed stream still belongs to the blob's digest.
+        let _ = io::copy(&mut raw, &mut io::sink());
+        let raw = raw.into_inner();
+        let raw_digest = raw.hash.digest();
+        // An uncompressed layer is its own tar: one digest for both.
+        let diff = if gzip {
+            diff.digest()
+        } else {
+            raw_digest.clone()
+        };
+        (raw_digest, diff, raw.copy)
+    });
+    Ok(LayerStream {
+        rx,
+        cur: Vec::new(),
+        pos: 0,
+        worker: Some(worker),
+        gzip,
     })
 }
 
-/// After the tar is read: drain what is left and check both digests. Returns the raw digest.
-pub fn finish_layer(mut s: LayerStream<'_>, l: &LayerRef) -> Result<String> {
+/// After the tar is read: drain what is left and check both digests. Returns the raw digest
+/// and the copy given to [`open_layer`].
+pub fn finish_layer(
+    mut s: LayerStream,
+    l: &LayerRef,
+) -> Result<(String, Option<crate::tarw::BlobSink>)> {
     io::copy(&mut s, &mut io::sink()).map_err(|e| ImageError::io(&l.file, e))?;
-    let diff = s.on.then(|| s.hash.digest());
-    let mut raw = match s.inner {
-        Decoded::Plain(r) => r,
-        Decoded::Gzip(g) => (*g).into_inner(),
-    };
-    io::copy(&mut raw, &mut io::sink()).map_err(|e| ImageError::io(&l.file, e))?;
-    let raw_digest = raw.into_inner().hash.digest();
-    // An uncompressed layer is its own tar: one digest for both.
-    let diff = diff.unwrap_or_else(|| raw_digest.clone());
+    let (raw_digest, diff, copy) = s
+        .worker
+        .take()
+        .map(|w| w.join())
+        .ok_or_else(|| ImageError::Unsupported("internal: layer read twice".into()))?
+        .map_err(|_| {
+            ImageError::Unsupported(format!("layer {}: the reading thread panicked", l.file))
+        })?;
     if diff != l.diff_id {
         return Err(ImageError::Digest {
             what: format!("layer {} (uncompressed, rootfs.diff_ids)", l.file),
@@ -531,5 +652,5 @@ pub fn finish_layer(mut s: LayerStream<'_>, l: &LayerRef) -> Result<String> {
             });
         }
     }
-    Ok(raw_digest)
+    Ok((raw_digest, copy))
 }

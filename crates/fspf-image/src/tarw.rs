@@ -3,7 +3,7 @@
 //! the rest. And an OCI archive writer that streams a blob of unknown size and digest into the
 //! archive and patches its header afterwards (the archive is a seekable file).
 use aws_lc_rs::digest;
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 
 pub const BLOCK: u64 = 512;
 
@@ -184,29 +184,104 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-/// An OCI archive being written: a tar of `oci-layout`, `index.json` and `blobs/sha256/*`.
+/// An OCI archive being written: a tar of `oci-layout`, `index.json` and `blobs/sha256/*`,
+/// written with positioned writes, so that a blob's content can be written by its own thread
+/// while its header is patched in afterwards.
 pub struct ArchiveWriter {
-    out: io::BufWriter<std::fs::File>,
+    file: std::sync::Arc<std::fs::File>,
     pos: u64,
     blobs: std::collections::HashSet<String>,
 }
 
-/// A blob being streamed into the archive; [`ArchiveWriter::finish_blob`] names it.
-pub struct BlobStart(u64);
+/// A blob being streamed into the archive: buffered here, hashed and written by a thread of
+/// its own (SHA-256 and the copy into the page cache overlap with the caller's work).
+/// [`ArchiveWriter::finish_blob`] names it.
+pub struct BlobSink {
+    start: u64,
+    buf: Vec<u8>,
+    /// Bytes accepted so far.
+    pub len: u64,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    worker: Option<std::thread::JoinHandle<io::Result<String>>>,
+}
+
+const SINK_CHUNK: usize = 1 << 20;
+
+impl Write for BlobSink {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        self.len += b.len() as u64;
+        if self.buf.len() >= SINK_CHUNK {
+            self.send()?;
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl BlobSink {
+    fn send(&mut self) -> io::Result<()> {
+        let chunk = std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(SINK_CHUNK + BLOCK as usize),
+        );
+        let tx = self
+            .tx
+            .as_ref()
+            .ok_or_else(|| io::Error::other("blob already finished"))?;
+        if tx.send(chunk).is_err() {
+            // The writer thread stopped on an error: report it.
+            return Err(self
+                .join()
+                .err()
+                .unwrap_or_else(|| io::Error::other("blob writer stopped")));
+        }
+        Ok(())
+    }
+
+    fn join(&mut self) -> io::Result<String> {
+        self.tx = None;
+        match self.worker.take() {
+            Some(w) => w
+                .join()
+                .map_err(|_| io::Error::other("blob writer panicked"))?,
+            None => Err(io::Error::other("blob already finished")),
+        }
+    }
+
+    /// Everything written: returns `sha256:HEX` of the blob.
+    fn finish(&mut self) -> io::Result<String> {
+        if !self.buf.is_empty() {
+            self.send()?;
+        }
+        self.join()
+    }
+}
 
 impl ArchiveWriter {
     pub fn new(file: std::fs::File) -> io::Result<Self> {
         let mut a = ArchiveWriter {
-            out: io::BufWriter::with_capacity(1 << 20, file),
+            file: std::sync::Arc::new(file),
             pos: 0,
             blobs: Default::default(),
         };
         a.add_file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
         for d in ["blobs/", "blobs/sha256/"] {
             let m = Member::plain(d.as_bytes(), tar::EntryType::Directory, 0o755, 0);
-            a.pos += write_member(&mut a.out, &m, &[])?;
+            let mut b = Vec::new();
+            write_member(&mut b, &m, &[])?;
+            a.append(&b)?;
         }
         Ok(a)
+    }
+
+    fn append(&mut self, b: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(b, self.pos)?;
+        self.pos += b.len() as u64;
+        Ok(())
     }
 
     pub fn add_file(&mut self, name: &str, content: &[u8]) -> io::Result<()> {
@@ -216,8 +291,9 @@ impl ArchiveWriter {
             0o644,
             content.len() as u64,
         );
-        self.pos += write_member(&mut self.out, &m, content)?;
-        Ok(())
+        let mut b = Vec::with_capacity(content.len() + 2 * BLOCK as usize);
+        write_member(&mut b, &m, content)?;
+        self.append(&b)
     }
 
     /// A small blob: returns its digest and size.
@@ -230,47 +306,72 @@ impl ArchiveWriter {
         Ok((d, content.len() as u64))
     }
 
-    /// Start a streamed blob: a placeholder header, then the content through [`Self::sink`].
-    pub fn begin_blob(
-        &mut self,
-    ) -> io::Result<(BlobStart, Hashing<&mut io::BufWriter<std::fs::File>>)> {
+    /// Start a streamed blob: its header is written by [`Self::finish_blob`]. One at a time.
+    pub fn begin_blob(&mut self) -> io::Result<BlobSink> {
         let start = self.pos;
-        self.out.write_all(&[0u8; BLOCK as usize])?;
-        Ok((BlobStart(start), Hashing::new(&mut self.out)))
+        let file = self.file.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let worker = std::thread::spawn(move || -> io::Result<String> {
+            use std::os::unix::fs::FileExt;
+            let mut h = Hashing::new(io::sink());
+            let mut off = start + BLOCK;
+            for chunk in rx {
+                h.update(&chunk);
+                file.write_all_at(&chunk, off)?;
+                off += chunk.len() as u64;
+            }
+            Ok(h.digest())
+        });
+        Ok(BlobSink {
+            start,
+            buf: Vec::with_capacity(SINK_CHUNK + BLOCK as usize),
+            len: 0,
+            tx: Some(tx),
+            worker: Some(worker),
+        })
     }
 
-    /// The streamed blob is complete (`digest`, `len` from its [`Hashing`] sink): pad it and
-    /// write its real header. A blob already in the archive is cut off again.
-    pub fn finish_blob(&mut self, start: BlobStart, digest: &str, len: u64) -> io::Result<()> {
-        if !self.blobs.insert(digest.to_string()) {
-            return self.abandon_blob(start);
+    /// The streamed blob is complete: pad it and write its real header. Returns its digest and
+    /// size. A blob already in the archive is cut off again.
+    pub fn finish_blob(&mut self, mut sink: BlobSink) -> io::Result<(String, u64)> {
+        use std::os::unix::fs::FileExt;
+        let digest = sink.finish()?;
+        let len = sink.len;
+        if !self.blobs.insert(digest.clone()) {
+            self.truncate(sink.start)?;
+            return Ok((digest, len));
         }
-        self.out.write_all(&[0u8; BLOCK as usize][..padding(len)])?;
-        let end = start.0 + BLOCK + len + padding(len) as u64;
+        let pad = padding(len);
+        self.file
+            .write_all_at(&[0u8; BLOCK as usize][..pad], sink.start + BLOCK + len)?;
         let name = format!("blobs/sha256/{}", &digest["sha256:".len()..]);
         let m = Member::plain(name.as_bytes(), tar::EntryType::Regular, 0o644, len);
-        self.out.seek(SeekFrom::Start(start.0))?;
-        let n = write_header(&mut self.out, &m)?;
+        let mut h = Vec::new();
+        let n = write_header(&mut h, &m)?;
         debug_assert_eq!(n, BLOCK);
-        self.out.seek(SeekFrom::Start(end))?;
-        self.pos = end;
-        Ok(())
+        self.file.write_all_at(&h, sink.start)?;
+        self.pos = sink.start + BLOCK + len + pad as u64;
+        Ok((digest, len))
     }
 
     /// Drop a streamed blob: the archive ends where it began.
-    pub fn abandon_blob(&mut self, start: BlobStart) -> io::Result<()> {
-        self.out.flush()?;
-        self.out.get_ref().set_len(start.0)?;
-        self.out.seek(SeekFrom::Start(start.0))?;
-        self.pos = start.0;
+    pub fn abandon_blob(&mut self, mut sink: BlobSink) -> io::Result<()> {
+        sink.buf.clear();
+        let _ = sink.join();
+        self.truncate(sink.start)
+    }
+
+    fn truncate(&mut self, at: u64) -> io::Result<()> {
+        self.file.set_len(at)?;
+        self.pos = at;
         Ok(())
     }
 
     /// End the archive and make it durable.
     pub fn finish(mut self) -> io::Result<()> {
-        self.out.write_all(&[0u8; 2 * BLOCK as usize])?;
-        let f = self.out.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()
+        self.append(&[0u8; 2 * BLOCK as usize])?;
+        self.file.set_len(self.pos)?;
+        self.file.sync_all()
     }
 }
 

@@ -40,7 +40,7 @@ fn extract_fspf(src: &Source, image: &source::Image, dir: &Path) -> Result<std::
     let fspf_rel = FSPF_IN_IMAGE.trim_start_matches('/');
     let mut upper = Upper::default();
     for l in image.layers.iter().rev() {
-        let mut stream = source::open_layer(src, l)?;
+        let mut stream = source::open_layer(src, l, None)?;
         let mut marks = LayerMarks::default();
         let mut found = false;
         {
@@ -149,7 +149,7 @@ pub fn verify(image_path: &Path, key: VolumeKey, tag: Option<Tag>) -> Result<Ver
     let mut seen: HashSet<EmbedPath> = HashSet::new();
     let (mut files, mut unlisted) = (0u64, 0u64);
     for (i, l) in image.layers.iter().enumerate().rev() {
-        let mut stream = source::open_layer(&src, l)?;
+        let mut stream = source::open_layer(&src, l, None)?;
         let mut marks = LayerMarks::default();
         {
             let mut ar = tar::Archive::new(&mut stream);
