@@ -66,6 +66,9 @@ pub struct Protected {
     pub rewritten_layers: usize,
     pub manifest_digest: String,
     pub name: Option<String>,
+    /// Command-line paths and patterns (`--encrypt /app`, `--exclude GLOB`) that no member of
+    /// the image matched: most likely typos.
+    pub unmatched: Vec<String>,
 }
 
 /// What a region does to a member.
@@ -129,11 +132,18 @@ impl Excludes {
         })?))
     }
     pub fn matches(&self, p: &[u8]) -> bool {
+        !self.which(p).is_empty()
+    }
+    /// The indices of the globs that match `p` or one of its ancestors.
+    pub fn which(&self, p: &[u8]) -> Vec<usize> {
         if self.0.is_empty() {
-            return false;
+            return Vec::new();
         }
-        let m = |x: &[u8]| self.0.is_match(String::from_utf8_lossy(x).as_ref());
-        m(p) || ancestors(p).skip(1).any(m)
+        let mut out = self.0.matches(String::from_utf8_lossy(p).as_ref());
+        for a in ancestors(p).skip(1) {
+            out.extend(self.0.matches(String::from_utf8_lossy(a).as_ref()));
+        }
+        out
     }
 }
 
@@ -359,6 +369,18 @@ pub fn protect(opts: &ProtectOptions) -> Result<Protected> {
 
     let mut upper = Upper::default();
     let mut listed: BTreeMap<EmbedPath, FileEntry> = BTreeMap::new();
+    // Which command-line paths and patterns matched a member (the others are reported).
+    let user_points: Vec<(String, EmbedPath)> = [
+        ("--encrypt", &opts.encrypt),
+        ("--ephemeral", &opts.ephemeral),
+        ("--not-protected", &opts.not_protected),
+    ]
+    .iter()
+    .flat_map(|(f, l)| l.iter().map(move |p| (format!("{f} {p}"), p)))
+    .map(|(label, p)| Ok((label, EmbedPath::parse(p)?)))
+    .collect::<Result<_>>()?;
+    let mut point_used = vec![false; user_points.len()];
+    let mut exclude_used = vec![false; opts.exclude.len()];
     let mut descriptors: Vec<Option<(Value, String)>> = vec![None; image.layers.len()];
     let mut report = (0u64, 0u64, 0u64, 0usize); // files, encrypted files, bytes, rewritten layers
     for (i, l) in image.layers.iter().enumerate().rev() {
@@ -427,7 +449,16 @@ pub fn protect(opts: &ProtectOptions) -> Result<Protected> {
                 let visible = !upper.hides(&p);
                 let ep = EmbedPath::from_bytes(&p)?;
                 let class = class_of(&vol, &ep);
-                let excluded = excludes.matches(&p);
+                let hit = excludes.which(&p);
+                for g in &hit {
+                    exclude_used[*g] = true;
+                }
+                let excluded = !hit.is_empty();
+                for (k, (_, e)) in user_points.iter().enumerate() {
+                    if ep.starts_with(e) {
+                        point_used[k] = true;
+                    }
+                }
                 let record = visible && class != Class::Pass && !excluded;
                 match head.kind {
                     tar::EntryType::Regular
@@ -785,6 +816,19 @@ pub fn protect(opts: &ProtectOptions) -> Result<Protected> {
         rewritten_layers: report.3,
         manifest_digest: mdigest,
         name,
+        unmatched: user_points
+            .iter()
+            .zip(&point_used)
+            .filter(|(_, used)| !**used)
+            .map(|((label, _), _)| label.clone())
+            .chain(
+                opts.exclude
+                    .iter()
+                    .zip(&exclude_used)
+                    .filter(|(_, used)| !**used)
+                    .map(|(g, _)| format!("--exclude {g}")),
+            )
+            .collect(),
     })
 }
 

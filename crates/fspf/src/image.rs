@@ -177,6 +177,9 @@ fn protect(a: ProtectArgs) -> Result<i32> {
         name: a.name,
     };
     let p = fspf_image::protect(&opts)?;
+    for u in &p.unmatched {
+        eprintln!("fspf: warning: {u}: no file of the image is there (a typo?)");
+    }
     write_secret(&key_file, &format!("{}\n", &*p.key.to_hex()))?;
     if let Some(t) = &a.tag_file {
         write_secret(t, &format!("{}\n", p.tag))?;

@@ -827,3 +827,40 @@ fn image_exclude_hides_paths_and_drops_excluded_encrypted_plaintext() {
     );
     assert!(!oci.layer(0).windows(9).any(|w| w == b"TOPSECRET"));
 }
+
+#[test]
+fn image_protect_warns_about_paths_and_patterns_that_match_nothing() {
+    let env = Env::new();
+    let layer = Layer::default()
+        .file("app/main", b"x")
+        .file("usr/share/doc/a", b"d")
+        .bytes();
+    Oci::write(&env.path("src"), &[(layer, false)], json!({}));
+    let out = env.run([
+        "image",
+        "protect",
+        "src",
+        "out.tar",
+        "--key-file",
+        "key",
+        "--encrypt",
+        "/app",
+        "--encrypt",
+        "/aap",
+        "--exclude",
+        "/usr/share/doc",
+        "--exclude",
+        "/usr/share/dox/**",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("--encrypt /aap: no file of the image is there"),
+        "{e}"
+    );
+    assert!(e.contains("--exclude /usr/share/dox/**: no file"), "{e}");
+    assert!(
+        !e.contains("--encrypt /app:") && !e.contains("--exclude /usr/share/doc:"),
+        "{e}"
+    );
+}
