@@ -1211,25 +1211,20 @@ impl FspfFs {
         mode: u32,
         dir: bool,
     ) -> (Owner, u32) {
-        let parent = ep
-            .parent()
-            .and_then(|p| st.s.lookup(&Live(&st.live), &p).ok());
-        match parent {
-            Some(p) if p.mode & libc::S_ISGID != 0 => (
-                Owner {
-                    uid: req.uid(),
-                    gid: p.owner.map_or(self.gid, |o| o.gid),
-                },
-                if dir { mode | libc::S_ISGID } else { mode },
-            ),
-            _ => (
-                Owner {
-                    uid: req.uid(),
-                    gid: req.gid(),
-                },
-                mode,
-            ),
+        // A parent without a recorded owner belongs to the mounting user.
+        let (mut o, m) =
+            st.s.new_owner(&Live(&st.live), ep, req.uid(), req.gid(), mode, dir);
+        if o.gid == req.gid() {
+            if let Some(p) = ep
+                .parent()
+                .and_then(|p| st.s.lookup(&Live(&st.live), &p).ok())
+            {
+                if p.mode & libc::S_ISGID != 0 && p.owner.is_none() {
+                    o.gid = self.gid;
+                }
+            }
         }
+        (o, m)
     }
 
     fn remove(&mut self, parent: u64, name: &OsStr, dir: bool, reply: ReplyEmpty) {

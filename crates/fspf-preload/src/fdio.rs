@@ -43,10 +43,23 @@ pub unsafe fn do_write(
     n: size_t,
     off: Option<u64>,
 ) -> ssize_t {
+    let mut kill_suid = None;
     let touched = {
-        let f = h.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
         if !f.write {
             return fail_isize(libc::EBADF);
+        }
+        // A write by anyone but root drops the set-user-ID bit, and the set-group-ID bit of
+        // a group-executable file, as the kernel does (`file_remove_privs`).
+        if f.mode & (libc::S_ISUID | libc::S_ISGID) != 0 && crate::perm::euid() != 0 {
+            let mut m = f.mode & !libc::S_ISUID;
+            if m & 0o010 != 0 {
+                m &= !libc::S_ISGID;
+            }
+            if m != f.mode {
+                f.mode = m;
+                kill_suid = Some((f.path.clone(), m));
+            }
         }
         if let Body::Buf(b) = &f.body {
             // Only writes through O_APPEND descriptions keep a buffer append-only (they land
@@ -63,6 +76,13 @@ pub unsafe fn do_write(
     let Some(t) = touched else {
         return fail_isize(libc::EBADF);
     };
+    if let Some((ep, m)) = kill_suid {
+        let sh = crate::shield::get();
+        let mut inner = sh.lock();
+        if let Err(e) = sh.chmod(&mut inner, &ep, m) {
+            return fail_isize(e);
+        }
+    }
     if off.is_some_and(|o| o.saturating_add(n as u64) > files::MAX_BUFFER_LEN) {
         return fail_isize(libc::EFBIG);
     }

@@ -16,6 +16,7 @@ mod hooks;
 mod index_fd;
 mod namespace;
 mod opening;
+mod perm;
 mod real;
 mod shield;
 mod stdio;

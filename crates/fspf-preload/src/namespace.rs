@@ -4,6 +4,7 @@
 //! buffer is detached, a renamed one is re-keyed, and buffers are staged before a commit. The
 //! namespace hooks and the temp-file hooks call these.
 use crate::shield::{errno_of, Inner, Live, Shield};
+use fspf_core::format::metadata::{Owner, SpecialKind};
 use fspf_core::EmbedPath;
 use libc::{c_int, c_uint, mode_t};
 
@@ -17,6 +18,9 @@ fn detach_live(inner: &mut Inner, ep: &EmbedPath) {
 pub(crate) fn do_unlink(sh: &Shield, ep: EmbedPath, dir: bool) -> Result<(), c_int> {
     let mut g = sh.lock();
     let inner = &mut *g;
+    if let Ok(n) = sh.lookup(inner, &ep) {
+        crate::perm::check_dir_change(sh, inner, &ep, Some(&n))?;
+    }
     inner
         .s
         .unlink(&Live(&inner.live), &ep, dir)
@@ -30,14 +34,75 @@ pub(crate) fn do_unlink(sh: &Shield, ep: EmbedPath, dir: bool) -> Result<(), c_i
     Ok(())
 }
 
+/// This process's effective user and group: the creator of what it makes.
+pub(crate) fn creds() -> (u32, u32) {
+    // SAFETY: geteuid and getegid take no arguments and cannot fail.
+    unsafe { (libc::geteuid(), libc::getegid()) }
+}
+
+/// Owner and mode of a new object at `ep` (`mode` after the umask), as the kernel gives them.
+pub(crate) fn new_owner(inner: &Inner, ep: &EmbedPath, mode: u32, dir: bool) -> (Owner, u32) {
+    let (uid, gid) = creds();
+    inner
+        .s
+        .new_owner(&Live(&inner.live), ep, uid, gid, mode, dir)
+}
+
 pub(crate) fn do_mkdir(sh: &Shield, ep: EmbedPath, mode: mode_t) -> Result<(), c_int> {
     let mut g = sh.lock();
     let inner = &mut *g;
+    if sh.lookup(inner, &ep).is_err() {
+        crate::perm::check_dir_change(sh, inner, &ep, None)?;
+    }
     let mode = mode & 0o7777 & !crate::umask::now();
+    let (owner, mode) = new_owner(inner, &ep, mode, true);
     inner
         .s
-        .mkdir(&Live(&inner.live), &ep, mode, None, crate::shield::now())
+        .mkdir(
+            &Live(&inner.live),
+            &ep,
+            mode,
+            Some(owner),
+            crate::shield::now(),
+        )
         .map_err(errno_of)
+}
+
+/// A FIFO, device node or socket in a kernel region: an fspf entry (committed at once), as the
+/// FUSE shield records them; nothing is created on disk. Ephemeral regions hold none (`EPERM`).
+pub(crate) fn do_mknod(
+    sh: &Shield,
+    ep: EmbedPath,
+    kind: SpecialKind,
+    rdev: u64,
+    mode: mode_t,
+) -> Result<(), c_int> {
+    let mut g = sh.lock();
+    let inner = &mut *g;
+    if inner.s.is_ephemeral(&ep) {
+        return match sh.lookup(inner, &ep) {
+            Ok(_) => Err(libc::EEXIST),
+            Err(libc::ENOENT) => Err(libc::EPERM),
+            Err(e) => Err(e),
+        };
+    }
+    if sh.lookup(inner, &ep).is_err() {
+        crate::perm::check_dir_change(sh, inner, &ep, None)?;
+    }
+    sh.stage_buffers(inner)?;
+    let mode = mode & 0o7777 & !crate::umask::now();
+    let (owner, mode) = new_owner(inner, &ep, mode, false);
+    let r = inner.s.mknod(
+        &Live(&inner.live),
+        &ep,
+        kind,
+        rdev,
+        mode,
+        Some(owner),
+        crate::shield::now(),
+    );
+    Shield::after_commit(inner);
+    r.map_err(errno_of)
 }
 
 pub(crate) fn do_rename(
@@ -48,6 +113,19 @@ pub(crate) fn do_rename(
 ) -> Result<(), c_int> {
     let mut g = sh.lock();
     let inner = &mut *g;
+    if let Ok(n) = sh.lookup(inner, &from) {
+        use crate::perm;
+        perm::check_dir_change(sh, inner, &from, Some(&n))?;
+        let replaced = sh.lookup(inner, &to).ok();
+        perm::check_dir_change(sh, inner, &to, replaced.as_ref())?;
+        // A directory moved to another parent rewrites its `..`: it needs write permission.
+        if matches!(n.kind, fspf_core::view::NodeKind::Dir)
+            && from.parent() != to.parent()
+            && !perm::may(&n, perm::W)
+        {
+            return Err(libc::EACCES);
+        }
+    }
     // A rename in a kernel region commits what is queued first: this process's changed
     // buffers are part of it.
     if !inner.s.is_ephemeral(&from) {
@@ -73,12 +151,20 @@ pub(crate) fn do_rename(
 pub(crate) fn do_symlink(sh: &Shield, target: &[u8], ep: EmbedPath) -> Result<(), c_int> {
     let mut g = sh.lock();
     let inner = &mut *g;
+    if sh.lookup(inner, &ep).is_err() {
+        crate::perm::check_dir_change(sh, inner, &ep, None)?;
+    }
     if !inner.s.is_ephemeral(&ep) {
         sh.stage_buffers(inner)?;
     }
-    let r = inner
-        .s
-        .symlink(&Live(&inner.live), target, &ep, None, crate::shield::now());
+    let (owner, _) = new_owner(inner, &ep, 0o777, false);
+    let r = inner.s.symlink(
+        &Live(&inner.live),
+        target,
+        &ep,
+        Some(owner),
+        crate::shield::now(),
+    );
     Shield::after_commit(inner);
     r.map_err(errno_of)
 }

@@ -195,11 +195,28 @@ fn shield_open_depth(
     if !sh.is_ephemeral(&inner, &ep) {
         sh.refresh(&mut inner)?;
     }
+    crate::perm::check_search(sh, &inner, &ep)?;
     let found = sh.lookup(&inner, &ep);
     let (body, node_mode, kernel, write) = match found {
         Ok(n) => {
             if flags & libc::O_CREAT != 0 && flags & libc::O_EXCL != 0 {
                 return Err(libc::EEXIST);
+            }
+            // The mode of the fspf decides, not the kernel object's (symlinks are followed
+            // below, and checked as what they name).
+            if !matches!(n.kind, NodeKind::Symlink(_)) {
+                let want = match acc {
+                    libc::O_WRONLY => crate::perm::W,
+                    libc::O_RDWR => crate::perm::R | crate::perm::W,
+                    _ => crate::perm::R,
+                } | if flags & libc::O_TRUNC != 0 {
+                    crate::perm::W
+                } else {
+                    0
+                };
+                if !crate::perm::may(&n, want) {
+                    return Err(libc::EACCES);
+                }
             }
             match n.kind {
                 NodeKind::Dir => {
@@ -316,8 +333,11 @@ fn shield_open_depth(
                 Err(e) => return Err(e),
             }
             sh.check_writable(&inner, &ep)?;
+            crate::perm::check_dir_change(sh, &inner, &ep, None)?;
             let m = mode & 0o7777 & !crate::umask::now();
+            let (owner, m) = crate::namespace::new_owner(&inner, &ep, m, false);
             let mut b = WriteBuf::create(ep.clone(), m, crate::shield::now())?;
+            b.owner = Some(owner);
             // A new file exists (empty) once it is closed, even if nothing was written.
             b.touched.store(true, Ordering::Relaxed);
             b.writers = 1;

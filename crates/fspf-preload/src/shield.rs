@@ -549,6 +549,12 @@ impl Shield {
                 }
             }
             _ => {
+                // The kernel's limits on names, which no kernel call checks for us here.
+                if p.len() >= libc::PATH_MAX as usize
+                    || ep.as_bytes().split(|&c| c == b'/').any(|c| c.len() > 255)
+                {
+                    return Route::Deny(libc::ENAMETOOLONG);
+                }
                 let dl = inner.s.dir_link(&Live(&inner.live), region, &ep);
                 match dl.map(|r| r.map_err(errno_of)) {
                     Some(Ok(_)) if depth >= MAX_SYMLINKS => return Route::Deny(libc::ELOOP),

@@ -529,7 +529,7 @@ impl<A: Anchor> Session<A> {
         }
         // No symlink below the region's directory is followed: a directory the attacker
         // replaced by a link to elsewhere makes this fail (ELOOP), it creates nothing there.
-        if kernel_fs::create_dirs_beneath(kp.base(), parent, 0o755).is_ok() {
+        if kernel_fs::create_dirs_like_base(kp.base(), parent).is_ok() {
             self.dirs_made.insert(full);
         }
     }

@@ -63,6 +63,32 @@ impl<A: Anchor> Session<A> {
         Ok(())
     }
 
+    /// The owner and mode of a new object at `ep` made by `uid`/`gid`, as Linux gives them: the
+    /// parent directory's group when it is set-group-ID (and a new directory inherits the
+    /// bit), else the creator's group. `mode` is the requested mode after the umask.
+    pub fn new_owner(
+        &self,
+        open: &dyn OpenFiles,
+        ep: &EmbedPath,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+        dir: bool,
+    ) -> (Owner, u32) {
+        const S_ISGID: u32 = 0o2000;
+        let parent = ep.parent().and_then(|p| self.lookup(open, &p).ok());
+        match parent {
+            Some(p) if p.mode & S_ISGID != 0 => (
+                Owner {
+                    uid,
+                    gid: p.owner.map_or(gid, |o| o.gid),
+                },
+                if dir { mode | S_ISGID } else { mode },
+            ),
+            _ => (Owner { uid, gid }, mode),
+        }
+    }
+
     /// A new name at `ep` may be created: nothing is there, its parent is a directory, and the
     /// region takes writes.
     pub fn check_new_name(&self, open: &dyn OpenFiles, ep: &EmbedPath) -> Result<(), ViewError> {
@@ -95,7 +121,7 @@ impl<A: Anchor> Session<A> {
             return Ok(());
         }
         if let Some(k) = self.region_of(ep).and_then(|r| KernelPath::of(r, ep)) {
-            let _ = kernel_fs::create_dirs_beneath(k.base(), k.rel(), 0o755);
+            let _ = kernel_fs::create_dirs_like_base(k.base(), k.rel());
         }
         self.pending.new_dirs.insert(ep.clone(), mode);
         self.pending.times.insert(ep.clone(), now);

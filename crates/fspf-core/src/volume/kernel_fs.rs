@@ -485,6 +485,40 @@ pub fn create_dirs_beneath(base: &Path, rel: &Path, mode: u32) -> io::Result<Own
     Ok(dir)
 }
 
+/// [`create_dirs_beneath`] for the directories a shield makes below a region's kernel
+/// directory: they get that directory's permission bits, whatever the umask, so that the
+/// region is as writable for every user of a run (processes that change uid, such as `su`
+/// or a test suite) as its owner made it.
+pub fn create_dirs_like_base(base: &Path, rel: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(base)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o755);
+    check_relative(rel)?;
+    if !base.as_os_str().is_empty() {
+        std::fs::create_dir_all(base)?;
+    }
+    let mut dir = open_path_dir(base)?;
+    for c in rel.iter() {
+        let made = match rustix::fs::mkdirat(&dir, c, Mode::from_bits_retain(mode)) {
+            Ok(()) => true,
+            Err(rustix::io::Errno::EXIST) => false,
+            Err(e) => return Err(e.into()),
+        };
+        dir = openat_nofollow(
+            &dir,
+            Path::new(c),
+            OFlags::PATH | OFlags::DIRECTORY,
+            Mode::empty(),
+        )?;
+        if made {
+            // The umask narrowed what mkdir gave: set the base's bits exactly.
+            let _ = chmod_dir(&dir, mode);
+        }
+    }
+    Ok(dir)
+}
+
 /// `chmod` of a directory opened `O_PATH` (which cannot be `fchmod`ed itself).
 pub fn chmod_dir(dir: &OwnedFd, mode: u32) -> io::Result<()> {
     let d = rustix::fs::openat(
@@ -593,6 +627,28 @@ impl crate::codec::ReadAt for TrackedFile {
 
 #[cfg(test)]
 mod tests {
+
+    /// Regression (pjdfstest under `fspf run`): directories the shield made below a region's
+    /// kernel directory were 0755 (less the umask) whatever that directory allowed, so a
+    /// process of the run that had dropped to another uid could not write its files there.
+    #[test]
+    fn directories_made_for_a_region_were_0755_whatever_the_region_allowed() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("vol");
+        std::fs::create_dir(&base).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
+        create_dirs_like_base(&base, Path::new("a/b")).unwrap();
+        for p in ["a", "a/b"] {
+            let m = std::fs::metadata(base.join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777;
+            assert_eq!(m, 0o777, "{p}");
+        }
+    }
+
     use super::*;
     use std::os::unix::fs::symlink;
 

@@ -110,7 +110,7 @@ impl Volume {
             Err(_) => return Ok(None),
         };
         if let Some(p) = tloc.rel().parent() {
-            kernel_fs::create_dirs_beneath(tloc.base(), p, 0o755)
+            kernel_fs::create_dirs_like_base(tloc.base(), p)
                 .map_err(|e| Error::kernel(&to.to_string(), tloc.full(), e))?;
         }
         let (tdir, tname) = tloc

@@ -300,6 +300,15 @@ fn write_temp(v: &Volume) -> Result<(PathBuf, Tag)> {
     let mut rnd = [0u8; 6];
     crate::crypto::random_bytes(&mut rnd)?;
     let tmp = sibling(&v.path, &format!(".tmp-{}", hex::encode(rnd)));
+    // The new fspf keeps the permission bits of the one it replaces (0600 for a new one), so
+    // that a commit does not lock out the other users its owner let read it (a run whose
+    // processes change uid, an image's non-root user).
+    let mode = fs::symlink_metadata(&v.path)
+        .map(|m| {
+            use std::os::unix::fs::PermissionsExt;
+            m.permissions().mode() & 0o666
+        })
+        .unwrap_or(0o600);
     let res = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -307,6 +316,10 @@ fn write_temp(v: &Volume) -> Result<(PathBuf, Tag)> {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
+        if mode != 0o600 {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(fs::Permissions::from_mode(mode))?;
+        }
         f.write_all(&bytes)?;
         f.sync_all()
     })();
@@ -504,5 +517,31 @@ mod tests {
         let missing = d.path().join("missing");
         let e = sync_filesystems([missing.as_path()]).unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod mode_tests {
+    use super::*;
+
+    /// Regression (pjdfstest under `fspf run`): every commit wrote the new fspf with mode 0600,
+    /// so the other users of a run (processes that drop to another uid, an image's non-root
+    /// user) could no longer read the fspf their own run committed.
+    #[test]
+    fn a_commit_made_the_fspf_0600_and_locked_out_the_other_users() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("fspf.pb");
+        let mut v = crate::volume::encrypted_root_volume(&p, &d.path().join("vol"));
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        v.save().unwrap();
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
     }
 }

@@ -28,17 +28,7 @@ fn shown_owner(sh: &Shield, ep: &EmbedPath) -> Result<(uid_t, gid_t), c_int> {
     Ok(unsafe { (libc::getuid(), libc::getgid()) })
 }
 
-/// Is `gid` this process's effective group or one of its supplementary groups?
-fn in_group(gid: gid_t) -> bool {
-    // SAFETY: plain id query.
-    if unsafe { libc::getegid() } == gid {
-        return true;
-    }
-    let mut groups = vec![0 as gid_t; 256];
-    // SAFETY: `groups` has room for the count passed.
-    let n = unsafe { libc::getgroups(groups.len() as c_int, groups.as_mut_ptr()) };
-    n > 0 && groups[..n as usize].contains(&gid)
-}
+use crate::perm::in_group;
 
 /// `chown` of a shielded node, recorded in the fspf like a mode (committed at the next commit
 /// point), with the kernel's rules: root changes anything; the owner may only change the group,
@@ -50,13 +40,17 @@ fn chown_shielded(sh: &Shield, ep: EmbedPath, uid: uid_t, gid: gid_t) -> c_int {
     };
     let nu = if uid == uid_t::MAX { cu } else { uid };
     let ng = if gid == gid_t::MAX { cg } else { gid };
+    // As Linux (`chown_ok`, `chgrp_ok`): an id that is given, even unchanged, needs the owner
+    // (keeping the uid, or choosing one of its own groups) or root.
+    let euid = crate::perm::euid();
+    if euid != 0
+        && ((uid != uid_t::MAX && (euid != cu || nu != cu))
+            || (gid != gid_t::MAX && (euid != cu || (ng != cg && !in_group(ng)))))
+    {
+        return fail(libc::EPERM);
+    }
     if (nu, ng) == (cu, cg) {
         return 0;
-    }
-    // SAFETY: plain id query.
-    let euid = unsafe { libc::geteuid() };
-    if euid != 0 && (euid != cu || nu != cu || (ng != cg && !in_group(ng))) {
-        return fail(libc::EPERM);
     }
     let mut inner = sh.lock();
     let owner = fspf_core::format::metadata::Owner { uid: nu, gid: ng };
@@ -184,13 +178,25 @@ pub unsafe extern "C" fn fremovexattr(fd: c_int, n: *const c_char) -> c_int {
     unsafe { real::fremovexattr(fd, n) }
 }
 
-/// FIFOs, sockets and device nodes cannot be listed in an fspf: refuse them in protected regions
-/// (EPERM, as a file system without special files does) instead of creating them on disk.
-fn special_shielded(sh: &Shield, ep: EmbedPath) -> c_int {
-    let inner = sh.lock();
-    match sh.lookup(&inner, &ep) {
-        Ok(_) => fail(libc::EEXIST),
-        Err(libc::ENOENT) => fail(libc::EPERM),
+/// A FIFO, device node or socket in a protected region: recorded in the fspf
+/// (`namespace::do_mknod`); a regular file or an unknown type: `EPERM`/`EINVAL`.
+fn special_shielded(sh: &Shield, ep: EmbedPath, m: mode_t, dev: libc::dev_t) -> c_int {
+    use fspf_core::format::metadata::SpecialKind;
+    let kind = match m & libc::S_IFMT {
+        libc::S_IFIFO => SpecialKind::Fifo,
+        libc::S_IFCHR => SpecialKind::Char,
+        libc::S_IFBLK => SpecialKind::Block,
+        libc::S_IFSOCK => SpecialKind::Socket,
+        0 | libc::S_IFREG => return fail(libc::EPERM),
+        _ => return fail(libc::EINVAL),
+    };
+    let rdev = if matches!(kind, SpecialKind::Char | SpecialKind::Block) {
+        dev
+    } else {
+        0
+    };
+    match crate::namespace::do_mknod(sh, ep, kind, rdev, m & 0o7777) {
+        Ok(()) => 0,
         Err(e) => fail(e),
     }
 }
@@ -203,14 +209,21 @@ pub unsafe extern "C" fn mkfifo(p: *const c_char, m: mode_t) -> c_int {
             libc::AT_FDCWD,
             p,
             |_, pp| real::mkfifo(pp, m),
-            special_shielded,
+            |sh, ep| special_shielded(sh, ep, libc::S_IFIFO | (m & 0o7777), 0),
         )
     }
 }
 #[no_mangle]
 pub unsafe extern "C" fn mkfifoat(d: c_int, p: *const c_char, m: mode_t) -> c_int {
     // SAFETY: the program's path.
-    unsafe { by_route(d, p, |dd, pp| real::mkfifoat(dd, pp, m), special_shielded) }
+    unsafe {
+        by_route(
+            d,
+            p,
+            |dd, pp| real::mkfifoat(dd, pp, m),
+            |sh, ep| special_shielded(sh, ep, libc::S_IFIFO | (m & 0o7777), 0),
+        )
+    }
 }
 #[no_mangle]
 pub unsafe extern "C" fn mknod(p: *const c_char, m: mode_t, dev: libc::dev_t) -> c_int {
@@ -220,7 +233,7 @@ pub unsafe extern "C" fn mknod(p: *const c_char, m: mode_t, dev: libc::dev_t) ->
             libc::AT_FDCWD,
             p,
             |_, pp| real::mknod(pp, m, dev),
-            special_shielded,
+            |sh, ep| special_shielded(sh, ep, m, dev),
         )
     }
 }
@@ -232,7 +245,7 @@ pub unsafe extern "C" fn mknodat(d: c_int, p: *const c_char, m: mode_t, dev: lib
             d,
             p,
             |dd, pp| real::mknodat(dd, pp, m, dev),
-            special_shielded,
+            |sh, ep| special_shielded(sh, ep, m, dev),
         )
     }
 }
@@ -278,7 +291,27 @@ pub unsafe extern "C" fn bind(
         // with RTLD_NEXT): the caller's contract for this call is that function's contract.
         shield::Route::Pass => unsafe { real::bind(fd, addr, len) },
         shield::Route::Deny(e) => fail(e),
-        shield::Route::Shield(ep) => special_shielded(sh, ep),
+        // The socket is recorded (stat shows it, unlink removes it); it is not reachable by
+        // `connect` through the protected path (docs/SHIELD.md).
+        shield::Route::Shield(ep) => {
+            let r = special_shielded(sh, ep, libc::S_IFSOCK | 0o777, 0);
+            if r == 0 {
+                // The program's socket is bound to a name only the shield knows: an autobound
+                // abstract address makes `listen` and `getsockname` behave.
+                // SAFETY: a zeroed sockaddr_un with only the family set is an autobind request.
+                let mut un: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+                un.sun_family = libc::AF_UNIX as libc::sa_family_t;
+                // SAFETY: our own sockaddr of the size of its family field (autobind).
+                let _ = unsafe {
+                    real::bind(
+                        fd,
+                        &un as *const libc::sockaddr_un as *const libc::sockaddr,
+                        std::mem::size_of::<libc::sa_family_t>() as libc::socklen_t,
+                    )
+                };
+            }
+            r
+        }
         shield::Route::Kernel(k, _) => {
             // SAFETY: a zeroed sockaddr_un is valid; we fill family and path.
             let mut un: libc::sockaddr_un = unsafe { std::mem::zeroed() };

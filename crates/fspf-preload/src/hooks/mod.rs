@@ -38,7 +38,13 @@ pub(crate) unsafe fn by_route(
         }
         Route::Kernel(k, _) => real(libc::AT_FDCWD, k.as_ptr()),
         Route::Deny(e) => fail(e),
-        Route::Shield(ep) => shielded(sh, ep),
+        Route::Shield(ep) => {
+            let denied = crate::perm::check_search(sh, &sh.lock(), &ep).err();
+            match denied {
+                Some(e) => fail(e),
+                None => shielded(sh, ep),
+            }
+        }
     }
 }
 

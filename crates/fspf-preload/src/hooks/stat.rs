@@ -533,10 +533,63 @@ fn chmod_shielded(ep: EmbedPath, m: mode_t, nofollow: bool) -> c_int {
     };
     let sh = shield::get();
     let mut inner = sh.lock();
+    let m = match chmod_allowed(sh, &inner, &target, m) {
+        Ok(m) => m,
+        Err(e) => return fail(e),
+    };
     match sh.chmod(&mut inner, &target, m) {
         Ok(()) => 0,
         Err(e) => fail(e),
     }
+}
+
+/// The kernel's rules for `chmod`: only the owner or root (`EPERM`); a user outside the file's
+/// group cannot set its set-group-ID bit (it is dropped, not refused). Returns the mode to set.
+fn chmod_allowed(
+    sh: &shield::Shield,
+    inner: &shield::Inner,
+    ep: &EmbedPath,
+    m: mode_t,
+) -> Result<mode_t, c_int> {
+    let n = sh.lookup(inner, ep)?;
+    crate::perm::check_owner(&n)?;
+    let mut m = m;
+    if crate::perm::euid() != 0 && !crate::perm::in_group(crate::perm::owner_of(&n).1) {
+        m &= !libc::S_ISGID;
+    }
+    Ok(m)
+}
+
+/// The kernel's rules for `utimensat`: explicit times only by the owner or root (`EPERM`); the
+/// current time also by a user who may write the file (`EACCES` otherwise).
+fn utimes_allowed(
+    sh: &shield::Shield,
+    inner: &shield::Inner,
+    ep: &EmbedPath,
+    explicit: bool,
+) -> Result<(), c_int> {
+    let n = sh.lookup(inner, ep)?;
+    match crate::perm::check_owner(&n) {
+        Ok(()) => Ok(()),
+        Err(e) if explicit => Err(e),
+        Err(_) if crate::perm::may(&n, crate::perm::W) => Ok(()),
+        Err(_) => Err(libc::EACCES),
+    }
+}
+
+/// Does `times` set an explicit time (not NULL, not both `UTIME_NOW`/`UTIME_OMIT`)?
+///
+/// # Safety
+/// `t` is NULL or points at two `timespec`s (the program's argument).
+unsafe fn explicit_times(t: *const libc::timespec) -> bool {
+    if t.is_null() {
+        return false;
+    }
+    // SAFETY: utimensat's contract: two timespecs.
+    let (a, m) = unsafe { (*t, *t.add(1)) };
+    [a, m]
+        .iter()
+        .any(|x| x.tv_nsec != libc::UTIME_NOW && x.tv_nsec != libc::UTIME_OMIT)
 }
 
 #[no_mangle]
@@ -567,13 +620,14 @@ pub unsafe extern "C" fn fchmodat(d: c_int, p: *const c_char, m: mode_t, f: c_in
 pub unsafe extern "C" fn fchmod(fd: c_int, m: mode_t) -> c_int {
     if let Some(_g) = enter() {
         if let Some(h) = files::get(fd) {
-            let ep = {
-                let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
-                f.mode = m & 0o7777;
-                f.path.clone()
-            };
+            let ep = h.lock().unwrap_or_else(|e| e.into_inner()).path.clone();
             let sh = shield::get();
             let mut inner = sh.lock();
+            let m = match chmod_allowed(sh, &inner, &ep, m) {
+                Ok(m) => m,
+                Err(e) => return fail(e),
+            };
+            h.lock().unwrap_or_else(|e| e.into_inner()).mode = m & 0o7777;
             return match sh.chmod(&mut inner, &ep, m) {
                 Ok(()) => 0,
                 Err(e) => fail(e),
@@ -599,6 +653,8 @@ pub unsafe extern "C" fn utimensat(
     }
     // SAFETY: the program's path and times.
     let mtime = unsafe { requested_mtime(t) };
+    // SAFETY: the program's times.
+    let explicit = unsafe { explicit_times(t) };
     // SAFETY: the program's path.
     unsafe {
         super::by_route(
@@ -617,6 +673,9 @@ pub unsafe extern "C" fn utimensat(
                 };
                 let sh = shield::get();
                 let mut inner = sh.lock();
+                if let Err(e) = utimes_allowed(sh, &inner, &target, explicit) {
+                    return fail(e);
+                }
                 match sh.set_mtime(&mut inner, &target, ns) {
                     Ok(()) => 0,
                     Err(e) => fail(e),
@@ -655,6 +714,11 @@ pub unsafe extern "C" fn futimens(fd: c_int, t: *const libc::timespec) -> c_int 
             let ep = h.lock().unwrap_or_else(|e| e.into_inner()).path.clone();
             let sh = shield::get();
             let mut inner = sh.lock();
+            // SAFETY: the program's times.
+            let explicit = unsafe { explicit_times(t) };
+            if let Err(e) = utimes_allowed(sh, &inner, &ep, explicit) {
+                return fail(e);
+            }
             return match sh.set_mtime(&mut inner, &ep, ns) {
                 Ok(()) => 0,
                 Err(e) => fail(e),
