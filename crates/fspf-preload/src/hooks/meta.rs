@@ -33,7 +33,17 @@ use crate::perm::in_group;
 /// `chown` of a shielded node, recorded in the fspf like a mode (committed at the next commit
 /// point), with the kernel's rules: root changes anything; the owner may only change the group,
 /// to one of its own groups; ids of -1 are kept, and a change to what is already there succeeds.
-fn chown_shielded(sh: &Shield, ep: EmbedPath, uid: uid_t, gid: gid_t) -> c_int {
+fn chown_shielded(sh: &Shield, ep: EmbedPath, uid: uid_t, gid: gid_t, follow: bool) -> c_int {
+    // `chown` and `fchownat` without AT_SYMLINK_NOFOLLOW change what a symlink names.
+    let ep = match super::stat::resolve(ep, follow) {
+        Ok((ep, Ok(_))) => ep,
+        Ok((_, Err(crate::shield::Route::Kernel(k, _)))) => {
+            // SAFETY: a NUL-terminated kernel path (a symlink out of the shield).
+            return unsafe { real::chown(k.as_ptr(), uid, gid) };
+        }
+        Ok((_, Err(crate::shield::Route::Deny(e)))) | Err(e) => return fail(e),
+        Ok((_, Err(_))) => return fail(libc::EACCES),
+    };
     let (cu, cg) = match shown_owner(sh, &ep) {
         Ok(o) => o,
         Err(e) => return fail(e),
@@ -49,15 +59,29 @@ fn chown_shielded(sh: &Shield, ep: EmbedPath, uid: uid_t, gid: gid_t) -> c_int {
     {
         return fail(libc::EPERM);
     }
-    if (nu, ng) == (cu, cg) {
+    if uid == uid_t::MAX && gid == gid_t::MAX {
         return 0;
     }
     let mut inner = sh.lock();
     let owner = fspf_core::format::metadata::Owner { uid: nu, gid: ng };
-    match sh.chown(&mut inner, &ep, owner) {
-        Ok(()) => 0,
-        Err(e) => fail(e),
+    if let Err(e) = sh.chown(&mut inner, &ep, owner) {
+        return fail(e);
     }
+    // As Linux: a chown of a non-directory drops the set-user-ID bit, and the set-group-ID bit
+    // of a group-executable file, whoever makes it.
+    if let Ok(n) = sh.lookup(&inner, &ep) {
+        let dir = matches!(n.kind, fspf_core::view::NodeKind::Dir);
+        let mut m = n.mode & !libc::S_ISUID;
+        if m & 0o010 != 0 {
+            m &= !libc::S_ISGID;
+        }
+        if !dir && m != n.mode {
+            if let Err(e) = sh.chmod(&mut inner, &ep, m) {
+                return fail(e);
+            }
+        }
+    }
+    0
 }
 
 #[no_mangle]
@@ -68,7 +92,7 @@ pub unsafe extern "C" fn chown(p: *const c_char, uid: uid_t, gid: gid_t) -> c_in
             libc::AT_FDCWD,
             p,
             |_, pp| real::chown(pp, uid, gid),
-            |sh, ep| chown_shielded(sh, ep, uid, gid),
+            |sh, ep| chown_shielded(sh, ep, uid, gid, true),
         )
     }
 }
@@ -80,7 +104,7 @@ pub unsafe extern "C" fn lchown(p: *const c_char, uid: uid_t, gid: gid_t) -> c_i
             libc::AT_FDCWD,
             p,
             |_, pp| real::lchown(pp, uid, gid),
-            |sh, ep| chown_shielded(sh, ep, uid, gid),
+            |sh, ep| chown_shielded(sh, ep, uid, gid, false),
         )
     }
 }
@@ -106,7 +130,7 @@ pub unsafe extern "C" fn fchownat(
             d,
             p,
             |dd, pp| real::fchownat(dd, pp, uid, gid, fl),
-            |sh, ep| chown_shielded(sh, ep, uid, gid),
+            |sh, ep| chown_shielded(sh, ep, uid, gid, fl & libc::AT_SYMLINK_NOFOLLOW == 0),
         )
     }
 }
@@ -115,7 +139,7 @@ pub unsafe extern "C" fn fchown(fd: c_int, uid: uid_t, gid: gid_t) -> c_int {
     if let Some(_g) = enter() {
         if let Some(h) = files::get(fd) {
             let ep = h.lock().unwrap_or_else(|e| e.into_inner()).path.clone();
-            return chown_shielded(shield::get(), ep, uid, gid);
+            return chown_shielded(shield::get(), ep, uid, gid, false);
         }
     }
     // SAFETY: the caller's arguments, unchanged, to glibc's own `fchown` (resolved

@@ -23,7 +23,10 @@ fn put(ep: &EmbedPath, node: &Node, out: &Out) -> c_int {
 }
 
 /// Follow symlinks in the shielded view (at most 8) and return what `ep` names.
-fn resolve(ep: EmbedPath, follow: bool) -> Result<(EmbedPath, Result<Node, Route>), c_int> {
+pub(crate) fn resolve(
+    ep: EmbedPath,
+    follow: bool,
+) -> Result<(EmbedPath, Result<Node, Route>), c_int> {
     let sh = shield::get();
     let mut inner = sh.lock();
     if !sh.is_ephemeral(&inner, &ep) {
