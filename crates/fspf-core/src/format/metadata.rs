@@ -209,6 +209,18 @@ pub struct FileEntry {
     pub owner: Option<Owner>,
 }
 
+impl FileEntry {
+    /// A new version of a regular file: permission bits of `mode`, sealed now, no owner.
+    pub fn new_file(id: FileId, size: u64, root: Option<[u8; 32]>, mode: u32) -> FileEntry {
+        FileEntry {
+            kind: FileKind::File { id, size, root },
+            mode: mode & 0o7777,
+            mtime_ns: now_ns(),
+            owner: None,
+        }
+    }
+}
+
 /// Validated content of an fspf.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Metadata {

@@ -203,19 +203,7 @@ pub(crate) fn seal_version(
             if vol.opts.sync_each_file {
                 f.sync_all().map_err(|e| Error::io(p, e))?;
             }
-            Ok((
-                FileEntry {
-                    kind: FileKind::File {
-                        id,
-                        size,
-                        root: None,
-                    },
-                    mode: mode & 0o7777,
-                    mtime_ns: crate::format::metadata::now_ns(),
-                    owner: None,
-                },
-                None,
-            ))
+            Ok((FileEntry::new_file(id, size, None, mode), None))
         }
         Protection::Authenticated => {
             let k = crypto::file_mac_key(key, &id)?;
@@ -265,19 +253,7 @@ pub(crate) fn seal_version(
                     .map_err(|e| Error::io(&p, e))?;
                 Some(p)
             };
-            Ok((
-                FileEntry {
-                    kind: FileKind::File {
-                        id,
-                        size,
-                        root: Some(root),
-                    },
-                    mode: mode & 0o7777,
-                    mtime_ns: crate::format::metadata::now_ns(),
-                    owner: None,
-                },
-                tree,
-            ))
+            Ok((FileEntry::new_file(id, size, Some(root), mode), tree))
         }
         Protection::NotProtected => Err(Error::NotProtected {
             path: label,

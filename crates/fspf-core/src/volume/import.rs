@@ -446,16 +446,7 @@ impl Volume {
                 &mut w,
                 &path.to_string(),
             )?;
-            return Ok(FileEntry {
-                kind: FileKind::File {
-                    id,
-                    size,
-                    root: None,
-                },
-                mode: mode & 0o7777,
-                mtime_ns: crate::format::metadata::now_ns(),
-                owner: None,
-            });
+            return Ok(FileEntry::new_file(id, size, None, mode));
         }
         let (entry, _tree) = seal_version(self, region, path, id, size, mode, &mut src, None)?;
         Ok(entry)

@@ -465,35 +465,12 @@ pub fn sync_dir_fd(dir: &OwnedFd) -> io::Result<()> {
 /// symlink below `base`: an existing symlink on the way fails with `ELOOP`. Returns the last
 /// directory (`O_PATH`).
 pub fn create_dirs_beneath(base: &Path, rel: &Path, mode: u32) -> io::Result<OwnedFd> {
-    check_relative(rel)?;
-    if !base.as_os_str().is_empty() {
-        std::fs::create_dir_all(base)?;
-    }
-    let mut dir = open_path_dir(base)?;
-    for c in rel.iter() {
-        match rustix::fs::mkdirat(&dir, c, Mode::from_bits_retain(mode)) {
-            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-            Err(e) => return Err(e.into()),
-        }
-        dir = openat_nofollow(
-            &dir,
-            Path::new(c),
-            OFlags::PATH | OFlags::DIRECTORY,
-            Mode::empty(),
-        )?;
-    }
-    Ok(dir)
+    make_dirs_beneath(base, rel, mode, false)
 }
 
-/// [`create_dirs_beneath`] for the directories a shield makes below a region's kernel
-/// directory: they get that directory's permission bits, whatever the umask, so that the
-/// region is as writable for every user of a run (processes that change uid, such as `su`
-/// or a test suite) as its owner made it.
-pub fn create_dirs_like_base(base: &Path, rel: &Path) -> io::Result<OwnedFd> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(base)
-        .map(|m| m.permissions().mode() & 0o7777)
-        .unwrap_or(0o755);
+/// The directories of `rel` below `base`, made with `mode` (set exactly, whatever the umask,
+/// when `exact`), none reached through a symlink.
+fn make_dirs_beneath(base: &Path, rel: &Path, mode: u32, exact: bool) -> io::Result<OwnedFd> {
     check_relative(rel)?;
     if !base.as_os_str().is_empty() {
         std::fs::create_dir_all(base)?;
@@ -511,12 +488,24 @@ pub fn create_dirs_like_base(base: &Path, rel: &Path) -> io::Result<OwnedFd> {
             OFlags::PATH | OFlags::DIRECTORY,
             Mode::empty(),
         )?;
-        if made {
-            // The umask narrowed what mkdir gave: set the base's bits exactly.
+        if made && exact {
+            // The umask narrowed what mkdir gave: set the bits exactly.
             let _ = chmod_dir(&dir, mode);
         }
     }
     Ok(dir)
+}
+
+/// [`create_dirs_beneath`] for the directories a shield makes below a region's kernel
+/// directory: they get that directory's permission bits, whatever the umask, so that the
+/// region is as writable for every user of a run (processes that change uid, such as `su`
+/// or a test suite) as its owner made it.
+pub fn create_dirs_like_base(base: &Path, rel: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(base)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o755);
+    make_dirs_beneath(base, rel, mode, true)
 }
 
 /// `chmod` of a directory opened `O_PATH` (which cannot be `fchmod`ed itself).

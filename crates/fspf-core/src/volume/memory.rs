@@ -33,16 +33,7 @@ pub fn seal_in_memory(
     let id = FileId::random()?;
     let Some(key) = region.key.as_ref() else {
         return Ok(SealedMem {
-            entry: FileEntry {
-                kind: FileKind::File {
-                    id,
-                    size,
-                    root: None,
-                },
-                mode: mode & 0o7777,
-                mtime_ns: crate::format::metadata::now_ns(),
-                owner: None,
-            },
+            entry: FileEntry::new_file(id, size, None, mode),
             data: Arc::new(plain.to_vec()),
             outboard: None,
         });
@@ -62,16 +53,7 @@ pub fn seal_in_memory(
                 &label,
             )?;
             Ok(SealedMem {
-                entry: FileEntry {
-                    kind: FileKind::File {
-                        id,
-                        size,
-                        root: None,
-                    },
-                    mode: mode & 0o7777,
-                    mtime_ns: crate::format::metadata::now_ns(),
-                    owner: None,
-                },
+                entry: FileEntry::new_file(id, size, None, mode),
                 data: Arc::new(out),
                 outboard: None,
             })
@@ -88,16 +70,7 @@ pub fn seal_in_memory(
                 &label,
             )?;
             Ok(SealedMem {
-                entry: FileEntry {
-                    kind: FileKind::File {
-                        id,
-                        size,
-                        root: Some(root),
-                    },
-                    mode: mode & 0o7777,
-                    mtime_ns: crate::format::metadata::now_ns(),
-                    owner: None,
-                },
+                entry: FileEntry::new_file(id, size, Some(root), mode),
                 data: Arc::new(plain.to_vec()),
                 outboard: (!outboard.is_empty()).then(|| Arc::new(outboard)),
             })
