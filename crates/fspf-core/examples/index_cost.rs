@@ -119,6 +119,7 @@ fn metadata(n: usize) -> Result<Metadata, Box<dyn std::error::Error>> {
                 mode: 0o644,
                 mtime_ns: 0,
                 owner: None,
+                ino: None,
             },
         );
     }

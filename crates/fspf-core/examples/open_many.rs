@@ -37,6 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 mode: 0o644,
                 mtime_ns: 0,
                 owner: None,
+                ino: None,
             },
         );
     }

@@ -68,6 +68,18 @@ impl EmbedPath {
         PathBuf::from(std::ffi::OsStr::from_bytes(&self.0))
     }
 
+    /// The inode number of an entry that records none: a hash of the path (FNV-1a, odd), the
+    /// same in every process. An entry records one when it first moves (FORMAT.md §2), so that a
+    /// rename keeps it.
+    pub fn default_ino(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.as_bytes() {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+        h | 1
+    }
+
     pub fn is_root(&self) -> bool {
         &*self.0 == b"/"
     }

@@ -110,6 +110,8 @@ pub struct Node {
     pub mtime: Option<i64>,
     /// Recorded owner; `None`: whoever serves the view.
     pub owner: Option<Owner>,
+    /// Recorded inode number; `None`: the path's ([`EmbedPath::default_ino`]).
+    pub ino: Option<u64>,
 }
 
 impl Node {
@@ -121,6 +123,7 @@ impl Node {
             kernel,
             mtime,
             owner: None,
+            ino: None,
         }
     }
 
@@ -135,6 +138,7 @@ impl Node {
                 kernel,
                 mtime,
                 owner: None,
+                ino: None,
             },
             FileKind::Dir => Node::dir(e.mode, kernel, mtime),
             FileKind::Symlink(t) => Node {
@@ -144,6 +148,7 @@ impl Node {
                 kernel,
                 mtime,
                 owner: None,
+                ino: None,
             },
             FileKind::Special { kind, rdev } => Node {
                 kind: NodeKind::Special {
@@ -155,9 +160,11 @@ impl Node {
                 kernel: None,
                 mtime,
                 owner: None,
+                ino: None,
             },
         };
         n.owner = e.owner;
+        n.ino = e.ino;
         n
     }
 }
@@ -296,6 +303,7 @@ impl View<'_> {
                 kernel,
                 mtime: Some(o.mtime),
                 owner: o.owner,
+                ino: None,
             });
         }
         if region.kind == RegionKind::Ephemeral {
@@ -308,6 +316,7 @@ impl View<'_> {
                     kernel: None,
                     mtime: Some(mtime),
                     owner: None,
+                    ino: None,
                 }),
                 None if ep == &region.embed_point
                     || self.region_ancestor(ep)
@@ -505,6 +514,7 @@ mod tests {
             mode: 0o640,
             mtime_ns: 1_000 + u64::from(n) as i64,
             owner: None,
+            ino: None,
         };
         m.files.insert(p("/data/a"), file(1, 10));
         m.files.insert(
@@ -514,6 +524,7 @@ mod tests {
                 mode: 0o750,
                 mtime_ns: 0,
                 owner: None,
+                ino: None,
             },
         );
         m.files.insert(p("/data/d/b"), file(2, 20));
@@ -524,6 +535,7 @@ mod tests {
                 mode: 0o777,
                 mtime_ns: 0,
                 owner: None,
+                ino: None,
             },
         );
         m.files.insert(p("/data/f"), file(3, 30));

@@ -261,6 +261,7 @@ fn entry(kind: FileKind) -> FileEntry {
         mode: 0,
         mtime_ns: 0,
         owner: None,
+        ino: None,
     }
 }
 

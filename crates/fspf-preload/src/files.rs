@@ -604,6 +604,7 @@ impl OpenFile {
             size: self.size(),
             mode: self.mode,
             owner: None,
+            ino: None,
             kernel: self.kernel.clone(),
             mtime: match &self.body {
                 Body::Buf(b) => b.lock().ok().map(|g| g.mtime),
@@ -625,15 +626,11 @@ fn copy_from(v: &[u8], out: &mut [u8], off: u64) -> usize {
     n
 }
 
-/// Stable inode number for a shielded path (the kernel's changes on every committed rewrite,
-/// which programs such as sqlite would take for "the database was replaced").
+/// Inode number of a shielded path that records none (the kernel's changes on every committed
+/// rewrite, which programs such as sqlite would take for "the database was replaced"); an entry
+/// that moved records the number it showed (FORMAT.md §2).
 pub fn ino_of(ep: &EmbedPath) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in ep.as_bytes() {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h | 1
+    ep.default_ino()
 }
 
 /// Device number reported for shielded files.
@@ -675,7 +672,7 @@ pub fn fill_stat(ep: &EmbedPath, node: &Node, started: i64, st: &mut libc::stat)
     st.st_ctime = c.0;
     st.st_ctime_nsec = c.1;
     st.st_dev = SHIELD_DEV;
-    st.st_ino = ino_of(ep);
+    st.st_ino = node.ino.unwrap_or_else(|| ino_of(ep));
     let (ty, nlink) = match node.kind {
         NodeKind::File => (libc::S_IFREG, 1),
         NodeKind::Dir => (libc::S_IFDIR, 2),

@@ -7,7 +7,7 @@
 //!
 //! ```text
 //!  0  magic        "FSPFIDX\0"
-//!  8  version      u32 = 3 (1 had no mtime_ns, 2 no owners and special files)
+//!  8  version      u32 = 4 (1 had no mtime_ns, 2 no owners and special files, 3 no inode numbers)
 //! 12  entry_count  u32
 //! 16  tag          [16]  tag of the fspf the index was built from
 //! 32  regions_len  u32
@@ -18,6 +18,7 @@
 //!     records      one per entry, in tree order:
 //!                  path_len u32 | path | kind u8 (1 file, 2 dir, 3 symlink, 4 special) |
 //!                    mode u16 | mtime_ns i64 | owned u8 (0 or 1) | owned: uid u32 | gid u32 |
+//!                    ino u64 (0: none recorded) |
 //!                    file:    file id [16] | size u64 | root_len u8 (0 or 32) | root
 //!                    symlink: target_len u32 | target
 //!                    special: special u8 (1 fifo, 2 char, 3 block, 4 socket) | rdev u64
@@ -45,7 +46,7 @@ use std::collections::BTreeMap;
 use zeroize::{Zeroize, Zeroizing};
 
 pub const INDEX_MAGIC: [u8; 8] = *b"FSPFIDX\0";
-pub const INDEX_VERSION: u32 = 3;
+pub const INDEX_VERSION: u32 = 4;
 const HEADER_LEN: usize = 48;
 const KIND_FILE: u8 = 1;
 const KIND_DIR: u8 = 2;
@@ -145,6 +146,7 @@ pub fn build_index(meta: &Metadata, tag: Tag) -> Result<Zeroizing<Vec<u8>>, Inde
             }
             None => records.push(0),
         }
+        records.extend_from_slice(&e.ino.unwrap_or(0).to_le_bytes());
         match &e.kind {
             FileKind::File { id, size, root } => {
                 records.extend_from_slice(&id.0);
@@ -539,6 +541,10 @@ fn parse_entry(c: &mut Cursor<'_>) -> Option<FileEntry> {
         }),
         _ => return None,
     };
+    let ino = match c.u64()? {
+        0 => None,
+        n => Some(n),
+    };
     let kind = match kind {
         KIND_FILE => {
             let mut id = [0u8; FILE_ID_LEN];
@@ -578,6 +584,7 @@ fn parse_entry(c: &mut Cursor<'_>) -> Option<FileEntry> {
         mode,
         mtime_ns,
         owner,
+        ino,
     })
 }
 
@@ -641,6 +648,7 @@ mod tests {
             mode: 0o755,
             mtime_ns: 1,
             owner: None,
+            ino: None,
         }
     }
     fn file(n: u8) -> FileEntry {
@@ -653,6 +661,7 @@ mod tests {
             mode: 0o644,
             mtime_ns: -5,
             owner: None,
+            ino: None,
         }
     }
     fn regions() -> Vec<Region> {
@@ -712,6 +721,7 @@ mod tests {
                 mode: 0o777,
                 mtime_ns: 0,
                 owner: None,
+                ino: None,
             },
         );
         m
@@ -965,8 +975,12 @@ mod tests {
             IndexError::UnsupportedVersion(2)
         );
         assert_eq!(
-            with(8, &4u32.to_le_bytes()),
-            IndexError::UnsupportedVersion(4)
+            with(8, &3u32.to_le_bytes()),
+            IndexError::UnsupportedVersion(3)
+        );
+        assert_eq!(
+            with(8, &5u32.to_le_bytes()),
+            IndexError::UnsupportedVersion(5)
         );
         assert!(matches!(
             with(12, &u32::MAX.to_le_bytes()),
@@ -1050,14 +1064,16 @@ mod tests {
         ];
         let owner =
             any::<Option<(u32, u32)>>().prop_map(|o| o.map(|(uid, gid)| Owner { uid, gid }));
-        (kind, 0u32..0o10000, any::<i64>(), owner).prop_map(|(kind, mode, mtime_ns, owner)| {
-            FileEntry {
+        let ino = any::<Option<u64>>().prop_map(|i| i.filter(|&n| n != 0));
+        (kind, 0u32..0o10000, any::<i64>(), owner, ino).prop_map(
+            |(kind, mode, mtime_ns, owner, ino)| FileEntry {
                 kind,
                 mode,
                 mtime_ns,
                 owner,
-            }
-        })
+                ino,
+            },
+        )
     }
     fn metadata() -> impl Strategy<Value = Metadata> {
         prop::collection::btree_map(path(), entry(), 0..80).prop_map(meta)

@@ -74,6 +74,10 @@ pub struct FileEntryPb {
     /// kind 4: device number of a character or block device
     #[prost(uint64, tag = "13")]
     pub rdev: u64,
+    /// Inode number the shields report, kept across renames and new versions; 0 = none recorded
+    /// (derived from the path: [`EmbedPath::default_ino`]).
+    #[prost(uint64, tag = "14")]
+    pub ino: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,6 +211,9 @@ pub struct FileEntry {
     /// Recorded owner; `None`: the entry belongs to whoever serves it (the mounting user, the
     /// running program's user).
     pub owner: Option<Owner>,
+    /// Recorded inode number (set when the entry first moves, then kept); `None`: derived from
+    /// the path ([`EmbedPath::default_ino`]).
+    pub ino: Option<u64>,
 }
 
 impl FileEntry {
@@ -217,7 +224,13 @@ impl FileEntry {
             mode: mode & 0o7777,
             mtime_ns: now_ns(),
             owner: None,
+            ino: None,
         }
+    }
+
+    /// The inode number the shields report for this entry at `path`.
+    pub fn ino_at(&self, path: &EmbedPath) -> u64 {
+        self.ino.unwrap_or_else(|| path.default_ino())
     }
 }
 
@@ -246,6 +259,7 @@ impl Metadata {
                         mtime_ns: e.mtime_ns,
                         ..Default::default()
                     };
+                    pb.ino = e.ino.unwrap_or(0);
                     if let Some(o) = e.owner {
                         pb.owned = true;
                         pb.uid = o.uid;
@@ -426,6 +440,7 @@ impl Metadata {
                         uid: f.uid,
                         gid: f.gid,
                     }),
+                    ino: (f.ino != 0).then_some(f.ino),
                 },
             ));
         }
@@ -571,6 +586,7 @@ mod tests {
                 mode: 0o640,
                 mtime_ns: 5,
                 owner: Some(Owner { uid: 0, gid: 65534 }),
+                ino: None,
             },
         );
         m.files.insert(
@@ -583,6 +599,7 @@ mod tests {
                 mode: 0o600,
                 mtime_ns: 6,
                 owner: None,
+                ino: None,
             },
         );
         let back =
@@ -700,6 +717,7 @@ mod tests {
                     mode: 0,
                     mtime_ns: 0,
                     owner: None,
+                    ino: None,
                 },
             );
         }
@@ -730,6 +748,7 @@ mod tests {
                     mode: 0,
                     mtime_ns: 0,
                     owner: None,
+                    ino: None,
                 },
             );
         }

@@ -552,6 +552,12 @@ impl<A: Anchor> Session<A> {
             staged.entry.mtime_ns = t;
         }
         staged.entry.owner = meta.owner;
+        // A new version keeps the inode number of the one it replaces.
+        staged.entry.ino = self
+            .vol
+            .as_ref()
+            .and_then(|v| v.lookup(path))
+            .and_then(|e| e.ino);
         let t = staged.entry.mtime_ns;
         match append {
             Some(d) if d.delta.len() as u64 <= APPEND_REBASE_MAX => {

@@ -135,6 +135,7 @@ impl<A: Anchor> Session<A> {
                 mode,
                 mtime_ns: now,
                 owner,
+                ino: None,
             },
         ));
         Ok(())
@@ -163,6 +164,7 @@ impl<A: Anchor> Session<A> {
             mode: mode & 0o7777,
             mtime_ns: now,
             owner,
+            ino: None,
         };
         self.queue.push(Change::PutEntry(ep.clone(), entry));
         self.commit()
@@ -314,6 +316,7 @@ impl<A: Anchor> Session<A> {
             mode: 0o777,
             mtime_ns: now,
             owner,
+            ino: None,
         };
         self.queue.push(Change::PutEntry(ep.clone(), entry));
         self.commit()
@@ -330,6 +333,7 @@ impl<A: Anchor> Session<A> {
                 mode,
                 mtime_ns: now,
                 owner: None,
+                ino: None,
             },
         };
         if let Some(m) = self.pending.modes.get(ep) {
@@ -407,6 +411,7 @@ impl<A: Anchor> Session<A> {
                     mode,
                     mtime_ns: now,
                     owner: None,
+                    ino: None,
                 },
             };
             self.queue.push(Change::PutEntry(ep.clone(), e));

@@ -503,3 +503,32 @@ fn a_new_directory_showed_no_modification_time_until_the_commit() {
         Some(12_345)
     );
 }
+
+/// Regression (pjdfstest `rename/09.t`, `rename/10.t`): the inode number a shield reports was
+/// a hash of the path, so a rename changed it, for the entry and everything below it; a new
+/// version written afterwards must keep it too.
+#[test]
+fn a_rename_changed_the_inode_number_of_the_entry_and_its_children() {
+    let f = Fixture::new();
+    let mut s = f.session(true);
+    let o = &NoOpenFiles;
+    s.mkdir(o, &p("/d/src"), 0o755, None, 1).unwrap();
+    put(&mut s, "/d/src/f", b"content");
+    s.commit().unwrap();
+    let before = s.lookup(o, &p("/d/src/f")).unwrap();
+    assert_eq!(before.ino, None);
+    let dir_before = p("/d/src").default_ino();
+    s.rename(o, &p("/d/src"), &p("/d/dst"), 0).unwrap();
+    let fresh = f.session(false);
+    let moved = fresh.lookup(o, &p("/d/dst/f")).unwrap();
+    assert_eq!(moved.ino, Some(p("/d/src/f").default_ino()));
+    assert_eq!(fresh.lookup(o, &p("/d/dst")).unwrap().ino, Some(dir_before));
+    // A new version at the new path keeps the number.
+    put(&mut s, "/d/dst/f", b"rewritten");
+    s.commit().unwrap();
+    let fresh = f.session(false);
+    assert_eq!(
+        fresh.lookup(o, &p("/d/dst/f")).unwrap().ino,
+        Some(p("/d/src/f").default_ino())
+    );
+}

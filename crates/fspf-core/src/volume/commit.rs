@@ -417,7 +417,9 @@ impl Volume {
                         let Some(dest) = k.rebased(from, to) else {
                             continue;
                         };
-                        if let Some(e) = self.meta.files.remove(&k) {
+                        if let Some(mut e) = self.meta.files.remove(&k) {
+                            // The entry keeps the inode number it showed (FORMAT.md §2).
+                            e.ino.get_or_insert_with(|| k.default_ino());
                             if let Some(FileEntry {
                                 kind: FileKind::File { id, .. },
                                 ..

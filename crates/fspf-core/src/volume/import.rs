@@ -216,6 +216,7 @@ impl Volume {
                             mode: *mode,
                             mtime_ns: source_mtime(&opts.source.join(rel)),
                             owner: None,
+                            ino: None,
                         },
                     )))
                 }
@@ -252,6 +253,7 @@ impl Volume {
                             mode: 0o777,
                             mtime_ns: source_mtime(&opts.source.join(rel)),
                             owner: None,
+                            ino: None,
                         },
                     )))
                 }

@@ -67,8 +67,8 @@ unsafe fn stat_common(
     let empty = path.is_null() || unsafe { *path } == 0;
     if empty && flags & libc::AT_EMPTY_PATH != 0 {
         if let Some(h) = files::get(dirfd) {
-            let f = h.lock().unwrap_or_else(|e| e.into_inner());
-            return put(&f.path, &f.node(), &out);
+            let (path, node) = fd_node(&h);
+            return put(&path, &node, &out);
         }
         drop(g);
         return real_stat(dirfd, path);
@@ -91,11 +91,24 @@ unsafe fn stat_common(
     }
 }
 
+/// What an open description shows, with the inode number the fspf records for its path (so
+/// that `fstat` and `stat` agree after a rename).
+fn fd_node(h: &files::Handle) -> (EmbedPath, Node) {
+    let (path, mut node) = {
+        let f = h.lock().unwrap_or_else(|e| e.into_inner());
+        (f.path.clone(), f.node())
+    };
+    let sh = shield::get();
+    let inner = sh.lock();
+    node.ino = sh.lookup(&inner, &path).ok().and_then(|n| n.ino);
+    (path, node)
+}
+
 fn fd_stat(fd: c_int, out: Out, real_stat: impl Fn() -> c_int) -> c_int {
     if let Some(_g) = enter() {
         if let Some(h) = files::get(fd) {
-            let f = h.lock().unwrap_or_else(|e| e.into_inner());
-            return put(&f.path, &f.node(), &out);
+            let (path, node) = fd_node(&h);
+            return put(&path, &node, &out);
         }
     }
     real_stat()
