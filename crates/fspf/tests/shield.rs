@@ -2394,7 +2394,8 @@ fn a_255_byte_name_could_not_be_staged_by_the_shield() {
 /// Regression (pjdfstest under `fspf run`): the shield checked no permission for other users,
 /// recorded no creator, failed a path through a file with ENOENT instead of ENOTDIR, accepted
 /// names longer than 255 bytes, let a non-owner "chown" a file to its current owner, changed a
-/// symlink instead of its target on `chown`, and kept set-ID bits across a `chown`.
+/// symlink instead of its target on `chown`, kept set-ID bits across a `chown`, and truncated
+/// to length 0 when asked for a negative one.
 /// Everything here is decided before a commit, so the child that drops to uid 65534 needs no
 /// write access to the fspf.
 #[test]
@@ -2412,6 +2413,7 @@ fn other_users_permissions_owners_enotdir_and_name_max_were_not_enforced() {
         print(st.st_uid == 0 and st.st_gid == 0)\n\
         print(code_name(lambda: open('hello.txt/x')) == 'ENOTDIR')\n\
         print(code_name(lambda: open('n' * 256, 'w')) == 'ENAMETOOLONG')\n\
+        print(code_name(lambda: os.truncate('hello.txt', -1)) == 'EINVAL')\n\
         os.symlink('secret', 'link')\n\
         os.chown('link', 123, 456)\n\
         print(os.stat('secret').st_uid == 123 and os.lstat('link').st_uid == 0)\n\
@@ -2435,5 +2437,5 @@ fn other_users_permissions_owners_enotdir_and_name_max_were_not_enforced() {
         os.waitpid(pid, 0)\n";
     let o = w.run_tagged(&[], &[&py, "-c", &script]);
     ok(&o, "permission checks");
-    assert_eq!(stdout(&o), "True\n".repeat(12), "{o:?}");
+    assert_eq!(stdout(&o), "True\n".repeat(13), "{o:?}");
 }

@@ -199,6 +199,7 @@ unsafe fn truncate_common(
         }
         Route::Kernel(k, _) => real_call(k.as_ptr()),
         Route::Deny(e) => fail(e),
+        Route::Shield(_) if len < 0 => fail(libc::EINVAL),
         Route::Shield(ep) => {
             let fd = match shield_open(sh, ep, libc::O_WRONLY | libc::O_CLOEXEC, 0) {
                 Ok(fd) => fd,
