@@ -90,6 +90,16 @@ pub fn check_owner(n: &Node) -> Result<(), c_int> {
 /// walk does; a missing one ends the walk (the operation reports `ENOENT` itself).
 pub fn check_search(sh: &Shield, inner: &Inner, ep: &EmbedPath) -> Result<(), c_int> {
     let root = euid() == 0;
+    if root {
+        // Root searches every directory: only a file in the parent's place matters, one lookup
+        // (a file further up makes the lookup fail with ENOENT, as the walk would not).
+        return match ep.parent().map(|p| sh.lookup(inner, &p)) {
+            Some(Ok(n)) if matches!(n.kind, NodeKind::File | NodeKind::Special { .. }) => {
+                Err(libc::ENOTDIR)
+            }
+            _ => Ok(()),
+        };
+    }
     let Some(top) = sh.region_of(inner, ep).map(|r| r.embed_point.clone()) else {
         return Ok(());
     };
@@ -105,7 +115,7 @@ pub fn check_search(sh: &Shield, inner: &Inner, ep: &EmbedPath) -> Result<(), c_
     for d in dirs.iter().rev() {
         match sh.lookup(inner, d) {
             Ok(n) => match n.kind {
-                NodeKind::Dir if !root && !may(&n, X) => return Err(libc::EACCES),
+                NodeKind::Dir if !may(&n, X) => return Err(libc::EACCES),
                 NodeKind::Dir => {}
                 // A symlink in a directory position was resolved by the route already.
                 NodeKind::Symlink(_) => return Ok(()),
