@@ -471,20 +471,12 @@ impl Volume {
     /// member), against its entry: every chunk, and for authenticated files the Merkle tree.
     pub fn check_stored<R: crate::codec::ReadAt>(&self, path: &EmbedPath, data: R) -> Result<()> {
         let region = self.stream_region(path)?;
-        let entry = self.lookup(path).ok_or_else(|| Error::NotListed {
-            path: path.to_string(),
-        })?;
-        let FileKind::File { id, size, root } = &entry.kind else {
-            return Err(Error::Invalid {
-                path: path.to_string(),
-                reason: "not a regular file".into(),
-            });
-        };
+        let (id, size, root) = self.listed_file(path)?;
         let label = path.to_string();
-        let codec = super::codec_for(region, path, id, root.as_ref(), data, || {
-            store::open_tree(&self.path, id, &label)
+        let codec = super::codec_for(region, path, &id, root.as_ref(), data, || {
+            store::open_tree(&self.path, &id, &label)
         })?;
-        crate::codec::ProtectedReader::new(codec, *size, region.chunk_len, label.clone())?
+        crate::codec::ProtectedReader::new(codec, size, region.chunk_len, label.clone())?
             .with_threads(self.opts.threads)
             .verify_all()
     }

@@ -466,15 +466,7 @@ impl Volume {
             path: path.to_string(),
             region: region.embed_point.to_string(),
         })?;
-        let entry = self.lookup(path).ok_or_else(|| Error::NotListed {
-            path: path.to_string(),
-        })?;
-        let FileKind::File { id, size, root } = &entry.kind else {
-            return Err(Error::Invalid {
-                path: path.to_string(),
-                reason: "not a regular file".into(),
-            });
-        };
+        let (id, size, root) = self.listed_file(path)?;
         let label = path.to_string();
         // The directory is opened without following symlinks below the region's kernel
         // directory; the file, in it, without following one and only if it is a regular file.
@@ -484,10 +476,27 @@ impl Volume {
             },
             _ => Error::kernel(&label, kernel.full(), e),
         })?;
-        commit::roll_forward_at(&dir, &name, id);
+        commit::roll_forward_at(&dir, &name, &id);
         let data = kernel_fs::open_regular_at(&dir, &name)
             .map_err(|e| Error::kernel_open(&label, kernel.full(), e))?;
-        self.reader_over(region, path, id, *size, root.as_ref(), data)
+        self.reader_over(region, path, &id, size, root.as_ref(), data)
+    }
+
+    /// The version, size and Merkle root of the listed regular file `path`.
+    pub(crate) fn listed_file(
+        &self,
+        path: &EmbedPath,
+    ) -> Result<(crypto::FileId, u64, Option<[u8; 32]>)> {
+        let entry = self.lookup(path).ok_or_else(|| Error::NotListed {
+            path: path.to_string(),
+        })?;
+        match &entry.kind {
+            FileKind::File { id, size, root } => Ok((*id, *size, *root)),
+            _ => Err(Error::Invalid {
+                path: path.to_string(),
+                reason: "not a regular file".into(),
+            }),
+        }
     }
 
     /// Verified reader over `data` holding file version `id` of `region`.

@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn need(cmd: &str, package: &str) {
+pub(crate) fn need(cmd: &str, package: &str) {
     let found = Command::new("sh")
         .arg("-c")
         .arg(format!("command -v {cmd}"))

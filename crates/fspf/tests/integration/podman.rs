@@ -51,15 +51,7 @@ fn fixture() -> &'static Fixture {
             ("/usr/sbin/runc", "runc"),
             ("busybox", "busybox-static"),
         ] {
-            let found = Command::new("sh")
-                .arg("-c")
-                .arg(format!("command -v {cmd}"))
-                .output()
-                .is_ok_and(|o| o.status.success());
-            assert!(
-                found,
-                "{cmd} is needed by the podman tests (Debian package {pkg})"
-            );
+            crate::fuse::need(cmd, pkg);
         }
         // One fixed directory, emptied first: the images are large, and runs must not pile up.
         let dir = std::env::temp_dir().join("fspf-podman-tests");
