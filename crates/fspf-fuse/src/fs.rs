@@ -770,13 +770,10 @@ impl Filesystem for FspfFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let special = match mode & libc::S_IFMT {
-            libc::S_IFREG => None,
-            libc::S_IFIFO => Some(SpecialKind::Fifo),
-            libc::S_IFCHR => Some(SpecialKind::Char),
-            libc::S_IFBLK => Some(SpecialKind::Block),
-            libc::S_IFSOCK => Some(SpecialKind::Socket),
-            _ => return reply.error(libc::EINVAL),
+        let special = match (SpecialKind::from_mode(mode), mode & libc::S_IFMT) {
+            (None, libc::S_IFREG) => None,
+            (Some(k), _) => Some(k),
+            (None, _) => return reply.error(libc::EINVAL),
         };
         let mut guard = self.state();
         let st = &mut *guard;
@@ -1212,19 +1209,15 @@ impl FspfFs {
         dir: bool,
     ) -> (Owner, u32) {
         // A parent without a recorded owner belongs to the mounting user.
-        let (mut o, m) =
-            st.s.new_owner(&Live(&st.live), ep, req.uid(), req.gid(), mode, dir);
-        if o.gid == req.gid() {
-            if let Some(p) = ep
-                .parent()
-                .and_then(|p| st.s.lookup(&Live(&st.live), &p).ok())
-            {
-                if p.mode & libc::S_ISGID != 0 && p.owner.is_none() {
-                    o.gid = self.gid;
-                }
-            }
-        }
-        (o, m)
+        st.s.new_owner(
+            &Live(&st.live),
+            ep,
+            req.uid(),
+            req.gid(),
+            self.gid,
+            mode,
+            dir,
+        )
     }
 
     fn remove(&mut self, parent: u64, name: &OsStr, dir: bool, reply: ReplyEmpty) {

@@ -2,7 +2,7 @@
 //! oci-archive`) or a `docker save` archive. Archives are read in place: their members are
 //! indexed once and read by offset, nothing is extracted.
 use crate::error::{ImageError, Result};
-use crate::tarw::Hashing;
+use crate::tarw::Sha256;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::fs::File;
@@ -440,20 +440,17 @@ impl Read for SliceReader {
     }
 }
 
-/// A reader that hashes what passes through it (when `on`), and copies it into `copy`.
+/// A reader that hashes what passes through it, and copies it into `copy`.
 pub struct HashRead<R> {
     pub inner: R,
-    pub hash: Hashing<io::Sink>,
-    pub on: bool,
+    pub hash: Sha256,
     pub copy: Option<crate::tarw::BlobSink>,
 }
 
 impl<R: Read> Read for HashRead<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        if self.on {
-            self.hash.update(&buf[..n]);
-        }
+        self.hash.update(&buf[..n]);
         if let Some(c) = self.copy.as_mut() {
             std::io::Write::write_all(c, &buf[..n])?;
         }
@@ -539,8 +536,7 @@ pub fn open_layer(
         CHUNK,
         HashRead {
             inner: raw,
-            hash: Hashing::new(io::sink()),
-            on: true,
+            hash: Sha256::new(),
             copy,
         },
     );
@@ -558,7 +554,7 @@ pub fn open_layer(
     let gzip = matches!(dec, Decoded::Gzip(_));
     let (tx, rx) = std::sync::mpsc::sync_channel(DEPTH);
     let worker = std::thread::spawn(move || {
-        let mut diff = Hashing::new(io::sink());
+        let mut diff = Sha256::new();
         let mut abandoned = false;
         loop {
             let mut v = vec![0u8; CHUNK];

@@ -148,22 +148,20 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     )
 }
 
-/// A writer that hashes (SHA-256) and counts what passes through it.
-pub struct Hashing<W> {
-    pub inner: W,
+/// SHA-256 and length of the bytes given to [`Sha256::update`].
+pub struct Sha256 {
     ctx: digest::Context,
     pub len: u64,
 }
 
-impl<W> Hashing<W> {
-    pub fn new(inner: W) -> Self {
-        Hashing {
-            inner,
+impl Sha256 {
+    pub fn new() -> Self {
+        Sha256 {
             ctx: digest::Context::new(&digest::SHA256),
             len: 0,
         }
     }
-    /// `sha256:HEX` of everything written so far.
+    /// `sha256:HEX` of everything given so far.
     pub fn digest(&self) -> String {
         format!("sha256:{}", hex::encode(self.ctx.clone().finish()))
     }
@@ -173,14 +171,9 @@ impl<W> Hashing<W> {
     }
 }
 
-impl<W: Write> Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+impl Default for Sha256 {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -313,7 +306,7 @@ impl ArchiveWriter {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
         let worker = std::thread::spawn(move || -> io::Result<String> {
             use std::os::unix::fs::FileExt;
-            let mut h = Hashing::new(io::sink());
+            let mut h = Sha256::new();
             let mut off = start + BLOCK;
             for chunk in rx {
                 h.update(&chunk);

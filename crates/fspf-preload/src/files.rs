@@ -1,7 +1,6 @@
 //! Open shielded files: the fd table (fd → shared open-file description), verified readers,
 //! write buffers, and the stat structures the shield synthesises.
 use crate::{log, real};
-use fspf_core::format::metadata::SpecialKind;
 use fspf_core::view::{Node, NodeKind};
 use fspf_core::volume::memory::MemReader;
 use fspf_core::volume::KernelReader;
@@ -679,13 +678,7 @@ pub fn fill_stat(ep: &EmbedPath, node: &Node, started: i64, st: &mut libc::stat)
         NodeKind::Symlink(_) => (libc::S_IFLNK, 1),
         NodeKind::Special { kind, rdev } => {
             st.st_rdev = rdev;
-            let t = match kind {
-                SpecialKind::Fifo => libc::S_IFIFO,
-                SpecialKind::Char => libc::S_IFCHR,
-                SpecialKind::Block => libc::S_IFBLK,
-                SpecialKind::Socket => libc::S_IFSOCK,
-            };
-            (t, 1)
+            (kind.file_type(), 1)
         }
     };
     if let Some(o) = node.owner {

@@ -45,7 +45,7 @@ pub(crate) fn new_owner(inner: &Inner, ep: &EmbedPath, mode: u32, dir: bool) -> 
     let (uid, gid) = creds();
     inner
         .s
-        .new_owner(&Live(&inner.live), ep, uid, gid, mode, dir)
+        .new_owner(&Live(&inner.live), ep, uid, gid, gid, mode, dir)
 }
 
 pub(crate) fn do_mkdir(sh: &Shield, ep: EmbedPath, mode: mode_t) -> Result<(), c_int> {

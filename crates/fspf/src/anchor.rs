@@ -146,6 +146,19 @@ impl KeyTagArgs {
         }
     }
 
+    /// Key, expected tag and the opened volume of `fspf`, for a run or a mount: with both key
+    /// and tag the sealed index cache beside the fspf spares the parse. The volume is usable.
+    pub fn open_for_run(&self, fspf: &Path) -> Result<(Option<VolumeKey>, Option<Tag>, Volume)> {
+        let key = self.volume_key(fspf)?;
+        let tag = self.expected_tag(fspf)?;
+        let vol = match (&key, tag) {
+            (Some(k), Some(t)) => Volume::open_cached(fspf, k.clone(), t)?,
+            _ => Volume::open(fspf, key.clone(), tag)?,
+        };
+        vol.check_usable()?;
+        Ok((key, tag, vol))
+    }
+
     /// Open `fspf` with the given key and, when given, check its tag.
     pub fn open(&self, fspf: &Path) -> Result<Volume> {
         let tag = self.expected_tag(fspf)?;

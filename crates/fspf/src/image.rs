@@ -423,13 +423,7 @@ fn image_glibc() -> Option<(u32, u32)> {
 /// into it, run the program there (chroot), then unmount and commit.
 fn exec_fuse(fspf: &Path, kt: &KeyTagArgs, mutable: bool, argv: &[String]) -> Result<i32> {
     use rustix::mount::{mount_bind, mount_bind_recursive, unmount, UnmountFlags};
-    let key = kt.volume_key(fspf)?;
-    let tag = kt.expected_tag(fspf)?;
-    let vol = match (&key, tag) {
-        (Some(k), Some(t)) => fspf_core::Volume::open_cached(fspf, k.clone(), t)?,
-        _ => fspf_core::Volume::open(fspf, key.clone(), tag)?,
-    };
-    vol.check_usable()?;
+    let (key, tag, vol) = kt.open_for_run(fspf)?;
     let mut binds: Vec<(PathBuf, PathBuf)> = Vec::new();
     for r in vol.regions() {
         if r.protection != fspf_core::Protection::NotProtected {

@@ -287,15 +287,8 @@ pub fn run_namespaced(a: crate::run::RunArgs) -> Result<i32> {
         bail!("no fspf given: use --fspf FSPF or set SCONE_FSPF");
     };
     let fspf = std::path::absolute(&fspf).unwrap_or(fspf);
-    let key = a.kt.volume_key(&fspf)?;
-    let tag = a.kt.expected_tag(&fspf)?;
-    // Only the regions are needed here (the daemon opens its own volume): with key and tag the
-    // sealed index cache spares a parse of the whole fspf, as in `fspf run`.
-    let vol = match (&key, tag) {
-        (Some(k), Some(t)) => fspf_core::Volume::open_cached(&fspf, k.clone(), t)?,
-        _ => fspf_core::Volume::open(&fspf, key.clone(), tag)?,
-    };
-    vol.check_usable()?;
+    // Only the regions are needed here (the daemon opens its own volume).
+    let (key, tag, vol) = a.kt.open_for_run(&fspf)?;
     // The outermost embed points of protected (or ephemeral) regions: one bind mount each.
     let mut points: Vec<EmbedPath> = vol
         .regions()

@@ -319,14 +319,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
         bail!("no fspf given: use --fspf FSPF or set SCONE_FSPF");
     };
     let fspf = std::path::absolute(&fspf).unwrap_or(fspf);
-    let key = a.kt.volume_key(&fspf)?;
-    let tag = a.kt.expected_tag(&fspf)?;
-    // With the key and the tag, the sealed index cache beside the fspf spares the parse.
-    let vol = match (&key, tag) {
-        (Some(k), Some(t)) => Volume::open_cached(&fspf, k.clone(), t)?,
-        _ => Volume::open(&fspf, key.clone(), tag)?,
-    };
-    vol.check_usable()?;
+    let (key, tag, vol) = a.kt.open_for_run(&fspf)?;
     if tag.is_none() && vol.is_encrypted() {
         eprintln!(
             "fspf: warning: no --tag (or SCONE_FSPF_TAG) given: freshness of {} is not checked",

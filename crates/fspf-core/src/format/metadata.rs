@@ -184,6 +184,28 @@ impl SpecialKind {
             _ => return None,
         })
     }
+
+    /// The file-type bits of `st_mode` (`S_IFIFO`, `S_IFCHR`, `S_IFBLK`, `S_IFSOCK`).
+    pub fn file_type(self) -> u32 {
+        match self {
+            SpecialKind::Fifo => 0o010000,
+            SpecialKind::Char => 0o020000,
+            SpecialKind::Block => 0o060000,
+            SpecialKind::Socket => 0o140000,
+        }
+    }
+
+    /// The kind whose file-type bits `mode` carries (`mknod`'s mode); `None` for other types.
+    pub fn from_mode(mode: u32) -> Option<SpecialKind> {
+        [
+            SpecialKind::Fifo,
+            SpecialKind::Char,
+            SpecialKind::Block,
+            SpecialKind::Socket,
+        ]
+        .into_iter()
+        .find(|k| k.file_type() == mode & 0o170000)
+    }
 }
 
 /// Who owns an entry (numeric ids, as the kernel reports them).
@@ -558,6 +580,23 @@ pub fn region_index_in(regions: &[Region], path: &EmbedPath) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn special_kinds_map_to_and_from_file_type_bits() {
+        for k in [
+            SpecialKind::Fifo,
+            SpecialKind::Char,
+            SpecialKind::Block,
+            SpecialKind::Socket,
+        ] {
+            assert_eq!(SpecialKind::from_mode(k.file_type() | 0o644), Some(k));
+        }
+        assert_eq!(SpecialKind::from_mode(0o100644), None);
+        assert_eq!(SpecialKind::from_mode(0o644), None);
+        assert_eq!(SpecialKind::Fifo.file_type(), libc::S_IFIFO);
+        assert_eq!(SpecialKind::Socket.file_type(), libc::S_IFSOCK);
+    }
+
     use super::*;
     use prost::Message;
 

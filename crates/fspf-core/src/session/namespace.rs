@@ -65,13 +65,17 @@ impl<A: Anchor> Session<A> {
 
     /// The owner and mode of a new object at `ep` made by `uid`/`gid`, as Linux gives them: the
     /// parent directory's group when it is set-group-ID (and a new directory inherits the
-    /// bit), else the creator's group. `mode` is the requested mode after the umask.
+    /// bit), else the creator's group. `mode` is the requested mode after the umask;
+    /// `unowned_gid` is the group of a set-group-ID parent that records no owner (whoever
+    /// serves the view: the mounting user's group, the running program's).
+    #[allow(clippy::too_many_arguments)]
     pub fn new_owner(
         &self,
         open: &dyn OpenFiles,
         ep: &EmbedPath,
         uid: u32,
         gid: u32,
+        unowned_gid: u32,
         mode: u32,
         dir: bool,
     ) -> (Owner, u32) {
@@ -81,7 +85,7 @@ impl<A: Anchor> Session<A> {
             Some(p) if p.mode & S_ISGID != 0 => (
                 Owner {
                     uid,
-                    gid: p.owner.map_or(gid, |o| o.gid),
+                    gid: p.owner.map_or(unowned_gid, |o| o.gid),
                 },
                 if dir { mode | S_ISGID } else { mode },
             ),

@@ -206,13 +206,10 @@ pub unsafe extern "C" fn fremovexattr(fd: c_int, n: *const c_char) -> c_int {
 /// (`namespace::do_mknod`); a regular file or an unknown type: `EPERM`/`EINVAL`.
 fn special_shielded(sh: &Shield, ep: EmbedPath, m: mode_t, dev: libc::dev_t) -> c_int {
     use fspf_core::format::metadata::SpecialKind;
-    let kind = match m & libc::S_IFMT {
-        libc::S_IFIFO => SpecialKind::Fifo,
-        libc::S_IFCHR => SpecialKind::Char,
-        libc::S_IFBLK => SpecialKind::Block,
-        libc::S_IFSOCK => SpecialKind::Socket,
-        0 | libc::S_IFREG => return fail(libc::EPERM),
-        _ => return fail(libc::EINVAL),
+    let kind = match (SpecialKind::from_mode(m), m & libc::S_IFMT) {
+        (Some(k), _) => k,
+        (None, 0 | libc::S_IFREG) => return fail(libc::EPERM),
+        (None, _) => return fail(libc::EINVAL),
     };
     let rdev = if matches!(kind, SpecialKind::Char | SpecialKind::Block) {
         dev
