@@ -52,6 +52,10 @@ pub struct WriteBuf {
     pub print: (u64, u64),
     /// The owner the fspf records for the file (kept by every new version).
     pub owner: Option<fspf_core::format::metadata::Owner>,
+    /// The committed version the content equals (loaded from it, or sealed and committed as
+    /// it), whatever the append tracking: a clean buffer whose path has a newer version is
+    /// reloaded when the process takes a lock on it.
+    pub version: Option<fspf_core::FileId>,
 }
 
 impl WriteBuf {
@@ -88,6 +92,7 @@ impl WriteBuf {
             pending: false,
             print: (0, fingerprint_bytes(&[])),
             owner: None,
+            version: None,
         })
     }
 
@@ -125,6 +130,7 @@ impl WriteBuf {
             pending: false,
             print: (0, 0),
             owner: None,
+            version: None,
         };
         b.print = b.fingerprint()?;
         Ok(b)
@@ -429,6 +435,9 @@ pub struct OpenFile {
     /// For buffers (`Body::Buf`): I/O on the program's fd goes straight to the kernel (it is a
     /// description of the buffer's memfd); writes set this flag.
     pub touched: Option<Arc<AtomicBool>>,
+    /// The description's own lock fd (OFD locks, `flock`; `locks.rs`): made at a writable
+    /// open, else at the first such lock.
+    pub lock: Option<Arc<crate::locks::LockFd>>,
 }
 
 pub type Handle = Arc<Mutex<OpenFile>>;
@@ -486,6 +495,16 @@ pub fn all_handles() -> Vec<Handle> {
 
 pub fn all_fds() -> Vec<c_int> {
     table_read().keys().copied().collect()
+}
+
+/// A lock fd moved from `old` to `new` (the program dup2()ed onto its number).
+pub fn renumber_lock_fd(old: c_int, new: c_int) {
+    for h in all_handles() {
+        let f = h.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = f.lock.as_ref().filter(|l| l.fd() == old) {
+            l.set_fd(new);
+        }
+    }
 }
 
 /// Embed path of a shielded directory fd.

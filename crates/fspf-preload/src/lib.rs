@@ -14,6 +14,7 @@ mod fdio;
 mod files;
 mod hooks;
 mod index_fd;
+mod locks;
 mod namespace;
 mod opening;
 mod perm;

@@ -234,6 +234,7 @@ fn shield_open_depth(
                         mode: n.mode,
                         kernel: n.kernel,
                         touched: None,
+                        lock: None,
                     };
                     files::insert(fd, Arc::new(Mutex::new(f)));
                     return Ok(fd);
@@ -302,6 +303,7 @@ fn shield_open_depth(
                                 .map(|e| e.into_owned().kind)
                             {
                                 b.base = Some((id, size));
+                                b.version = Some(id);
                                 b.append_only.store(true, Ordering::Relaxed);
                             }
                         }
@@ -381,9 +383,96 @@ fn shield_open_depth(
         mode: node_mode,
         kernel,
         touched,
+        // A writable open gets its lock description now: a shell's `9>/data/lock` is opened
+        // by the shell, and `flock 9` in a child must lock the shell's description.
+        lock: if write {
+            crate::locks::LockFd::new()
+        } else {
+            None
+        },
     };
     files::insert(fd, Arc::new(Mutex::new(f)));
     Ok(fd)
+}
+
+/// After this process took a lock on `ep`: what another process of the run committed since
+/// this process loaded the file becomes what it reads. A clean buffer (nothing written since it
+/// was loaded or sealed) is reloaded in place (the program's fds and maps are descriptions of
+/// its memfd); read-only bodies reopen the current version. A buffer with unsealed writes keeps
+/// them (they were made without the lock, and the next commit decides).
+pub fn refresh_path(inner: &mut Inner, ep: &EmbedPath) -> Result<(), c_int> {
+    let current = match inner
+        .s
+        .vol()
+        .and_then(|v| v.lookup(ep))
+        .map(|e| e.into_owned().kind)
+    {
+        Some(FileKind::File { id, size, .. }) => Some((id, size)),
+        _ => None,
+    };
+    let Some((id, size)) = current else {
+        return Ok(());
+    };
+    if let Some(b) = inner.live.get(ep).cloned() {
+        let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+        if g.version != Some(id) && !g.detached && !g.pending && !g.needs_seal() {
+            let fresh = WriteBuf::create(ep.clone(), g.mode, g.mtime)?;
+            load_buffer(inner, ep, &fresh)?;
+            copy_buffer(&fresh, &g)?;
+            g.version = Some(id);
+            if !g.shared {
+                g.base = Some((id, size));
+                g.append_only.store(true, Ordering::Relaxed);
+            }
+            let print = g.fingerprint()?;
+            g.mark_sealed_print(print);
+        }
+        return Ok(());
+    }
+    for h in files::all_handles() {
+        let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
+        if &f.path == ep && matches!(f.body, Body::Kernel(_) | Body::Mem(_)) {
+            f.body = read_body(inner, ep, false)?;
+        }
+    }
+    Ok(())
+}
+
+/// Replace `to`'s content with `from`'s (both memfds), leaving `to` untouched by the hooks'
+/// bookkeeping (the caller records what it now holds).
+fn copy_buffer(from: &WriteBuf, to: &WriteBuf) -> Result<(), c_int> {
+    let len = from.len();
+    // SAFETY: truncating our own buffer memfd.
+    if unsafe { real::ftruncate(to.fd, len as i64) } != 0 {
+        return Err(crate::errno());
+    }
+    let mut chunk = vec![0u8; (1 << 20).min(len as usize)];
+    let mut off = 0u64;
+    while off < len {
+        let n = from.read_at(&mut chunk, off)?;
+        if n == 0 {
+            return Err(libc::EIO);
+        }
+        let mut done = 0;
+        while done < n {
+            let w = &chunk[done..n];
+            // SAFETY: writing our own bytes into our own buffer memfd.
+            let r = unsafe {
+                real::pwrite(
+                    to.fd,
+                    w.as_ptr().cast(),
+                    w.len(),
+                    (off + done as u64) as i64,
+                )
+            };
+            if r <= 0 {
+                return Err(if r < 0 { crate::errno() } else { libc::EIO });
+            }
+            done += r as usize;
+        }
+        off += n as u64;
+    }
+    Ok(())
 }
 
 /// Drop one fd's reference to its open file description; seal when the last writer goes.

@@ -96,6 +96,8 @@ reals! {
     fn dup3(a: c_int, b: c_int, f: c_int) -> c_int;
     fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int;
     fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int;
+    fn flock(fd: c_int, op: c_int) -> c_int;
+    fn lockf(fd: c_int, cmd: c_int, len: off_t) -> c_int;
     fn ioctl(fd: c_int, req: c_ulong, arg: c_ulong) -> c_int;
     fn ftruncate(fd: c_int, l: off_t) -> c_int;
     fn ftruncate64(fd: c_int, l: off_t) -> c_int;

@@ -316,36 +316,51 @@ pub fn init() -> bool {
             }
         }
     }
-    // A committer of this run killed inside its commit window leaves two trusted tags: the one
-    // on disk is the one to open (either is a state the run committed).
-    let trusted = match anchor_tag {
-        Some(st) if st.pending.is_some() => Some(
-            Volume::read_tag(&fspf)
-                .ok()
-                .and_then(|d| st.accepts(d))
-                .unwrap_or(st.current),
-        ),
-        Some(st) => Some(st.current),
-        None => env_tag,
-    };
-    // The run's frozen index, when it matches the trusted tag: nothing to parse (O(1) start).
     let mut index_fd = -1;
-    let inherited = match (&problem, trusted) {
-        (None, Some(t)) => crate::index_fd::inherited(&fspf, key.clone(), t),
-        _ => None,
-    };
-    let vol = match (problem, inherited) {
-        (Some(p), _) => Err(p),
-        (None, Some((v, fd))) => {
-            index_fd = fd;
-            v.check_usable().map(|_| v).map_err(|e| e.to_string())
+    let mut retries = 0;
+    let (vol, trusted) = loop {
+        // A committer of this run killed inside its commit window leaves two trusted tags: the
+        // one on disk is the one to open (either is a state the run committed).
+        let trusted = match anchor_tag {
+            Some(st) if st.pending.is_some() => Some(
+                Volume::read_tag(&fspf)
+                    .ok()
+                    .and_then(|d| st.accepts(d))
+                    .unwrap_or(st.current),
+            ),
+            Some(st) => Some(st.current),
+            None => env_tag,
+        };
+        // The run's frozen index, when it matches the trusted tag: nothing to parse (O(1) start).
+        let inherited = match (&problem, trusted) {
+            (None, Some(t)) => crate::index_fd::inherited(&fspf, key.clone(), t),
+            _ => None,
+        };
+        let vol = match (&problem, inherited) {
+            (Some(p), _) => Err(p.clone()),
+            (None, Some((v, fd))) => {
+                index_fd = fd;
+                v.check_usable().map(|_| v).map_err(|e| e.to_string())
+            }
+            (None, None) => match (&key, trusted) {
+                (Some(k), Some(t)) => Volume::open_cached(&fspf, k.clone(), t),
+                _ => Volume::open(&fspf, key.clone(), trusted),
+            }
+            .and_then(|v| v.check_usable().map(|_| v))
+            .map_err(|e| e.to_string()),
+        };
+        // Another process of the run may have committed between the read of the anchor and
+        // the open (the fspf on disk is then newer than the tag read): read the anchor again
+        // and open what it names now. Only a moved anchor is retried, and only so often.
+        if vol.is_err() && anchor_fd >= 0 && retries < 32 {
+            let now = read_fd(anchor_fd).and_then(|b| AnchorState::parse(&b));
+            if now.is_some() && now != anchor_tag {
+                anchor_tag = now;
+                retries += 1;
+                continue;
+            }
         }
-        (None, None) => match (&key, trusted) {
-            (Some(k), Some(t)) => Volume::open_cached(&fspf, k.clone(), t),
-            _ => Volume::open(&fspf, key.clone(), trusted),
-        }
-        .and_then(|v| v.check_usable().map(|_| v))
-        .map_err(|e| e.to_string()),
+        break (vol, trusted);
     };
     let vol = match vol {
         Ok(mut v) => {
@@ -373,6 +388,9 @@ pub fn init() -> bool {
     // The key memfd for exec'd children is made when the first child needs it (most shielded
     // processes exec nothing).
     let key_fd = -1;
+    // After every environment read: a program's own setenv (bash has one) may take over the
+    // environment once something is set.
+    crate::locks::init();
     let key_handoff = key.is_some() && key_from_fd;
     let (cwd, cwd_virtual) = inherited_cwd()
         .map(|c| (c, true))
@@ -922,6 +940,7 @@ impl Shield {
                 }
                 g.mark_sealed(&data);
             }
+            g.version = Some(id);
             if !g.shared {
                 g.base = Some((id, size));
                 g.append_only

@@ -347,6 +347,9 @@ pub fn run(a: RunArgs) -> Result<i32> {
         Some(k) => Some(memfd("fspf-key", k.to_hex().as_bytes())?),
         None => None,
     };
+    // The memfd on which the run's processes lock protected files for each other (empty: only
+    // its locks matter; docs/SHIELD.md "Locks").
+    let locks = memfd("fspf-locks", &[])?;
     let ld = match std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
         Some(old) => {
             let mut s = preload.clone().into_os_string();
@@ -373,6 +376,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
         .env("SCONE_FSPF_TAG", tag.to_hex())
         .env("FSPF_ANCHOR_FD", anchor.as_raw_fd().to_string())
         .env("FSPF_INDEX_FD", index.as_raw_fd().to_string())
+        .env("FSPF_LOCKS_FD", locks.as_raw_fd().to_string())
         .env_remove("SCONE_FSPF_KEY")
         .env_remove("FSPF_KEY_FD");
     if let Some(k) = &key_fd {

@@ -2439,3 +2439,88 @@ fn other_users_permissions_owners_enotdir_and_name_max_were_not_enforced() {
     ok(&o, "permission checks");
     assert_eq!(stdout(&o), "True\n".repeat(13), "{o:?}");
 }
+
+#[test]
+fn two_sqlite3_processes_lost_increments_without_cross_process_locks() {
+    need("sqlite3");
+    need("bash");
+    let mut w = data_world();
+    let script = "sqlite3 /data/c.db 'CREATE TABLE t(n); INSERT INTO t VALUES (0);' || exit 9
+        inc() { for i in $(seq 40); do
+            sqlite3 /data/c.db 'PRAGMA busy_timeout=20000; UPDATE t SET n=n+1;' || echo FAILED; done; }
+        inc & inc & wait";
+    let o = w.sh_tagged("bash", script);
+    ok(&o, "two sqlite3 writers");
+    assert!(
+        !stdout(&o).contains("FAILED"),
+        "no transaction failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = w.run(&["sqlite3", "/data/c.db", "SELECT n FROM t"]);
+    ok(&o, "read the counter");
+    assert_eq!(
+        stdout(&o).trim(),
+        "80",
+        "every increment of both processes is kept"
+    );
+}
+
+#[test]
+fn flock_and_lockf_did_not_exclude_other_processes() {
+    need("flock");
+    need("bash");
+    let mut w = data_world();
+    // flock(1) on a path, and the `( flock 9; ... ) 9>lock` idiom (the shell's description is
+    // locked by a child): a read-modify-write under the lock loses no increment.
+    let script = "echo 0 > /data/n; echo 0 > /data/m
+        a() { for i in $(seq 60); do
+            flock /data/lock sh -c 'n=$(cat /data/n); echo $((n+1)) > /data/n'; done; }
+        b() { for i in $(seq 60); do
+            ( flock 9; m=$(cat /data/m); echo $((m+1)) > /data/m ) 9>/data/lock2; done; }
+        a & a & b & b & wait; cat /data/n /data/m";
+    let o = w.sh_tagged("bash", script);
+    ok(&o, "flock writers");
+    assert_eq!(
+        stdout(&o),
+        "120\n120\n",
+        "flock excluded the other processes"
+    );
+    // lockf and fcntl record locks from Python, each process keeping its fd open: after taking
+    // the lock a process reads what the previous holder wrote through its own fd.
+    let py = "import fcntl, os, sys
+f = open('/data/count', 'r+')
+for i in range(100):
+    fcntl.lockf(f, fcntl.LOCK_EX)
+    f.seek(0)
+    n = int(f.read() or '0')
+    f.seek(0); f.truncate(); f.write(str(n + 1)); f.flush()
+    fcntl.lockf(f, fcntl.LOCK_UN)
+";
+    w.write("count.py", py.as_bytes());
+    let pyb = python_bin();
+    let script =
+        format!("echo 0 > /data/count; {pyb} count.py & {pyb} count.py & wait; cat /data/count");
+    let o = w.sh_tagged("bash", &script);
+    ok(&o, "lockf writers");
+    assert_eq!(stdout(&o), "200", "lockf excluded the other process");
+}
+
+#[test]
+fn a_process_started_while_another_committed_refused_the_fspf() {
+    need("bash");
+    let mut w = data_world();
+    // Processes start (read the run's anchor, open the fspf) while another process commits in
+    // a loop: a start that fell between the two saw a newer fspf than the tag it had read.
+    need("flock");
+    let script = "w() { for i in $(seq 60); do ( echo $i > /data/w$1 ) 9>/data/lock$1; done; }
+        r() { for i in $(seq 60); do
+            flock /data/lock sh -c 'cat /data/hello.txt > /dev/null' || echo FAILED; done; }
+        w 1 & w 2 & r & r & wait";
+    let o = w.sh_tagged("bash", script);
+    ok(&o, "readers beside a committer");
+    assert!(
+        !stdout(&o).contains("FAILED"),
+        "no reader was refused: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -225,6 +225,7 @@ fn is_own_fd(fd: c_int) -> bool {
             || fd == sh.key_fd()
             || fd == sh.index_fd()
             || files::is_own(fd)
+            || crate::locks::is_own(fd)
             || (fd >= fspf_core::volume::WRITER_FD_BASE
                 && fspf_core::volume::held_fds().contains(&fd))
             || fspf_core::volume::kernel_fs::is_tracked(fd))
@@ -237,7 +238,13 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
             return 0;
         }
         files::forget_translated(fd);
-        let sealed = files::remove(fd).map_or(Ok(()), release);
+        let h = files::remove(fd);
+        if let Some(h) = &h {
+            // POSIX: closing any fd of a file drops the process's record locks on it.
+            let path = h.lock().unwrap_or_else(|e| e.into_inner()).path.clone();
+            crate::locks::closed(&path);
+        }
+        let sealed = h.map_or(Ok(()), release);
         // SAFETY: closing the placeholder.
         let r = unsafe { real::close(fd) };
         // A version that could not be sealed is reported by close, like a failed write-back.
@@ -264,6 +271,7 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
     let mut own: Vec<c_uint> = [sh.anchor_fd(), sh.key_fd(), sh.index_fd()]
         .into_iter()
         .chain(files::own_in(lo, hi))
+        .chain(crate::locks::own_in(lo, hi))
         .chain(fspf_core::volume::held_fds())
         .chain(fspf_core::volume::kernel_fs::tracked_fds())
         .filter(|&f| f >= 0 && (first..=last).contains(&(f as c_uint)))
@@ -399,6 +407,7 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
     if let Some(_g) = enter() {
         shield::get().protect_own_fd(new);
         files::protect_own(new);
+        crate::locks::protect(new);
     }
     // SAFETY: the caller's arguments, unchanged, to glibc's own `dup2` (resolved
     // with RTLD_NEXT): the caller's contract for this call is that function's contract.
@@ -415,6 +424,7 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, fl: c_int) -> c_int {
     if let Some(_g) = enter() {
         shield::get().protect_own_fd(new);
         files::protect_own(new);
+        crate::locks::protect(new);
     }
     // SAFETY: the caller's arguments, unchanged, to glibc's own `dup3` (resolved
     // with RTLD_NEXT): the caller's contract for this call is that function's contract.
@@ -462,6 +472,19 @@ unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: c_ulong, is64: bool) -> c_int
             }
             None => call(fd, cmd, arg),
         },
+        libc::F_SETLK
+        | libc::F_SETLKW
+        | libc::F_GETLK
+        | libc::F_OFD_SETLK
+        | libc::F_OFD_SETLKW
+        | libc::F_OFD_GETLK => match files::get(fd).filter(crate::locks::applies) {
+            // SAFETY: `arg` is the program's struct flock for this lock command.
+            Some(h) => match unsafe { crate::locks::fcntl(&h, cmd, arg) } {
+                Ok(r) => r,
+                Err(e) => fail(e),
+            },
+            None => call(fd, cmd, arg),
+        },
         libc::F_SETFL => {
             if let Some(h) = files::get(fd) {
                 h.lock().unwrap_or_else(|e| e.into_inner()).append =
@@ -484,6 +507,43 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
     // SAFETY: `fcntl_common` has this function's contract and gets the caller's pointers
     // unchanged (other arguments are constants or values we made valid).
     unsafe { fcntl_common(fd, cmd, arg, true) }
+}
+
+/// `flock` of a shielded file locks it for every process of the run (`locks.rs`).
+#[no_mangle]
+pub unsafe extern "C" fn flock(fd: c_int, op: c_int) -> c_int {
+    if let Some((_g, h)) = shielded!(fd) {
+        if crate::locks::applies(&h) {
+            return match crate::locks::flock(&h, op) {
+                Ok(()) => 0,
+                Err(e) => fail(e),
+            };
+        }
+    }
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `flock` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
+    unsafe { real::flock(fd, op) }
+}
+
+/// `lockf` (glibc's calls its internal fcntl, which no hook sees): record locks of the process.
+#[no_mangle]
+pub unsafe extern "C" fn lockf(fd: c_int, cmd: c_int, len: off_t) -> c_int {
+    if let Some((_g, h)) = shielded!(fd) {
+        if crate::locks::applies(&h) {
+            return match crate::locks::lockf(&h, cmd, len) {
+                Ok(()) => 0,
+                Err(e) => fail(e),
+            };
+        }
+    }
+    // SAFETY: the caller's arguments, unchanged, to glibc's own `lockf` (resolved
+    // with RTLD_NEXT): the caller's contract for this call is that function's contract.
+    unsafe { real::lockf(fd, cmd, len) }
+}
+#[no_mangle]
+pub unsafe extern "C" fn lockf64(fd: c_int, cmd: c_int, len: off_t) -> c_int {
+    // SAFETY: same function (off_t is 64 bits on x86_64).
+    unsafe { lockf(fd, cmd, len) }
 }
 
 const FICLONE: c_ulong = 0x4004_9409;

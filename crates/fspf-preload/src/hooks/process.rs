@@ -26,7 +26,7 @@ fn commit_for_child() -> Result<(), c_int> {
 /// Hand every inherited (non-CLOEXEC) shielded fd over to the exec'd program. Buffers already
 /// are memfds holding the plaintext at the right offset; read-only placeholders are filled with
 /// the verified plaintext now (so even a program without the shield reads the right bytes).
-/// `FSPF_INHERIT` (`fd:mode:hex-embed-path`, `;`-separated) tells a shielded program to adopt
+/// `FSPF_INHERIT` (`fd:mode:hex-embed-path[:lock-fd]`, `;`-separated) tells a shielded program to adopt
 /// them as shielded files, including writes (`sh -c 'cmd > /data/f'`).
 fn materialise_inherited() -> Result<Option<CString>, c_int> {
     let mut desc: Vec<String> = Vec::new();
@@ -58,7 +58,10 @@ fn materialise_inherited() -> Result<Option<CString>, c_int> {
             // exit status 0): refuse the exec instead.
             return Err(libc::EIO);
         }
-        desc.push(format!("{fd}:{mode}:{hex}"));
+        match crate::locks::for_exec(&f) {
+            Some(l) => desc.push(format!("{fd}:{mode}:{hex}:{l}")),
+            None => desc.push(format!("{fd}:{mode}:{hex}")),
+        }
     }
     if desc.is_empty() {
         return Ok(None);
@@ -76,10 +79,11 @@ pub fn adopt_inherited() {
     std::env::remove_var("FSPF_INHERIT");
     let sh = shield::get();
     for item in v.split(';') {
-        let mut it = item.splitn(3, ':');
+        let mut it = item.splitn(4, ':');
         let (Some(fd), Some(mode), Some(hex)) = (it.next(), it.next(), it.next()) else {
             continue;
         };
+        let lock_fd = it.next().and_then(|l| l.parse::<c_int>().ok());
         let Ok(fd) = fd.parse::<c_int>() else {
             continue;
         };
@@ -118,6 +122,7 @@ pub fn adopt_inherited() {
             mode: m,
             kernel: None,
             touched: Some(touched),
+            lock: lock_fd.and_then(crate::locks::LockFd::adopt),
         };
         files::insert(fd, std::sync::Arc::new(std::sync::Mutex::new(f)));
     }
@@ -148,6 +153,7 @@ unsafe fn child_env(
             }
             if !b.starts_with(b"FSPF_KEY_FD=")
                 && !b.starts_with(b"FSPF_ANCHOR_FD=")
+                && !b.starts_with(b"FSPF_LOCKS_FD=")
                 && !b.starts_with(b"FSPF_INDEX_FD=")
                 && !b.starts_with(b"FSPF_INHERIT=")
                 && !b.starts_with(b"FSPF_CWD=")
@@ -160,6 +166,9 @@ unsafe fn child_env(
     if shielded {
         if sh.anchor_fd() >= 0 {
             out.extend(CString::new(format!("FSPF_ANCHOR_FD={}", sh.anchor_fd())));
+        }
+        if let Some(l) = crate::locks::base_for_child() {
+            out.extend(CString::new(format!("FSPF_LOCKS_FD={l}")));
         }
         let ix = sh.index_fd_for_child(&sh.lock());
         if ix >= 0 {
@@ -227,6 +236,8 @@ pub unsafe extern "C" fn fork() -> pid_t {
         // The child starts with a clean verdict: data refused to its parent was never handed to
         // it (a `multiprocessing` worker forked after a caught EIO may exit 0).
         crate::forget_failures();
+        // Record locks are per process: the child holds none of its parent's.
+        crate::locks::after_fork_child();
     }
     pid
 }
