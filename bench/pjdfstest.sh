@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # pjdfstest.sh - POSIX conformance of the in-process shield: the pjdfstest suite (vendored in
-# ../shared/third_party/pjdfstest, run by ../shared/tools/pjdfstest.sh) with the whole run under
+# third_party/pjdfstest, run by bench/pjdfstest-run.sh) with the whole run under
 # `fspf run --mutable`, in a mutable encrypted region.
 #
-# Usage (as root, from anywhere in the repo):   bash bench/pjdfstest.sh [TEST_DIR...]
-#   e.g. bash bench/pjdfstest.sh chmod open        (default: every test directory)
-# Knobs (env): SKIP_BUILD=1, PJD_TOOL=<path of the shared tools/pjdfstest.sh>
+# Usage (as root, from anywhere in the repo):   bash bench/pjdfstest.sh [TEST_DIR|TEST_FILE...]
+#   e.g. bash bench/pjdfstest.sh chmod open/00.t   (default: every test directory)
+# Knobs (env): SKIP_BUILD=1, FSPF_BIN=<fspf binary> (default target/release/fspf; the preload
+# library is found beside it), PJD_TOOL=<runner> (default bench/pjdfstest-run.sh)
 #
 # The suite drops to other uids (65534, 65533, ...) inside the run, and under the in-process
 # shield those processes commit themselves: the fspf, its directory and the region's kernel
@@ -13,9 +14,9 @@
 # Last line: "pjdfstest: P/N test files pass, F of T tests fail".
 set -Eeuo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-TOOL=${PJD_TOOL:-$REPO/../shared/tools/pjdfstest.sh}
+TOOL=${PJD_TOOL:-$REPO/bench/pjdfstest-run.sh}
 [[ -f $TOOL ]] || { echo "pjdfstest.sh: $TOOL not found (set PJD_TOOL)" >&2; exit 2; }
-FSPF="$REPO/target/release/fspf"
+FSPF=${FSPF_BIN:-$REPO/target/release/fspf}
 if [[ -z ${SKIP_BUILD:-} ]]; then
   (cd "$REPO" && cargo build --release -q -p fspf -p fspf-preload)
 fi

@@ -314,7 +314,10 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
 /// to stdin must not read as empty with exit status 0).
 fn dup_into(old: c_int, new: c_int) -> Result<(), c_int> {
     if let Some(h) = files::remove(new) {
-        // dup2 closes `new` silently, as the kernel does.
+        // dup2 closes `new` silently, as the kernel does (and, as any close of the file, drops
+        // the process's record locks on it).
+        let path = h.lock().unwrap_or_else(|e| e.into_inner()).path.clone();
+        crate::locks::closed(&path);
         let _ = release(h);
     }
     files::forget_translated(new);

@@ -44,7 +44,7 @@ fn data_volume() -> (Env, KeyTag) {
 }
 
 /// A volume with `/data` encrypted (kernel dir `vol`) holding `hello.txt`, mounted at `mnt`.
-struct Mounted {
+pub(crate) struct Mounted {
     env: Env,
     key: String,
     tag: String,
@@ -52,7 +52,7 @@ struct Mounted {
 }
 
 impl Mounted {
-    fn new(mutable: bool) -> Mounted {
+    pub(crate) fn new(mutable: bool) -> Mounted {
         let (env, kt) = data_volume();
         let mut m = Mounted {
             env,
@@ -96,7 +96,7 @@ impl Mounted {
         out
     }
 
-    fn m(&self, rel: &str) -> PathBuf {
+    pub(crate) fn m(&self, rel: &str) -> PathBuf {
         self.env.path("mnt").join(rel)
     }
 

@@ -4,6 +4,7 @@
 //! random points and a full disk (`crash`), and one test per bug found (`regression`).
 mod attacks;
 mod cli;
+mod conformance;
 mod crash;
 mod fuse;
 mod harness;
