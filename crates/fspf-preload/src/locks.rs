@@ -11,7 +11,7 @@
 //!   `slot + 2^33` is the file's `flock` lock;
 //! * every lock is an OFD lock (`F_OFD_SETLK*`), owned by an open file description of the
 //!   memfd: **POSIX record locks** (`F_SETLK*`, `lockf`) on the process's own description
-//!   ([`PROC`], opened at start and again in each forked child, never inherited), so they are
+//!   ([`PROC`], opened at its first record lock, again in a forked child, never inherited), so they are
 //!   per process, not inherited by `fork`, and released when the process dies or closes any fd
 //!   of the file (the close hook does that, as POSIX says); **OFD locks and `flock`** on a
 //!   description made for the shielded open file description ([`LockFd`], shared by its `dup`s
@@ -49,6 +49,8 @@ const LOCK_FD_BASE: c_int = 850;
 static BASE: AtomicI32 = AtomicI32::new(-1);
 /// This process's own description of it: POSIX-style record locks.
 static PROC: AtomicI32 = AtomicI32::new(-1);
+/// Serialises the first opening of [`PROC`] between threads.
+static PROC_OPEN: Mutex<()> = Mutex::new(());
 /// Slots where this process holds record locks (released when it closes an fd of the file).
 static HELD: Mutex<BTreeSet<i64>> = Mutex::new(BTreeSet::new());
 /// Every lock fd of this process (the shield's own: `close`, `close_range`, `dup2` spare them).
@@ -129,22 +131,42 @@ pub fn init() {
     };
     BASE.store(base, Ordering::Relaxed);
     fds().insert(base);
-    PROC.store(reopen(true), Ordering::Relaxed);
+}
+
+/// This process's own description, opened at its first record lock (most processes take none,
+/// and a process start should cost no more opens than it needs).
+fn proc_fd() -> c_int {
+    let p = PROC.load(Ordering::Relaxed);
+    if p >= 0 {
+        return p;
+    }
+    let _one = PROC_OPEN.lock().unwrap_or_else(|e| e.into_inner());
+    let p = PROC.load(Ordering::Relaxed);
+    if p >= 0 {
+        return p;
+    }
+    let n = reopen(true);
+    PROC.store(n, Ordering::Relaxed);
+    n
 }
 
 /// In a forked child: record locks are not inherited, so the child gets a description of its
-/// own (the parent's stays the parent's).
+/// own at its first record lock (the parent's stays the parent's).
 pub fn after_fork_child() {
-    held().clear();
-    let old = PROC.load(Ordering::Relaxed);
-    let new = reopen(true);
+    // try_lock: another thread of the parent may have held these at the fork (a stale entry
+    // only costs an unlock that finds nothing, or a spared fd number).
+    if let Ok(mut h) = HELD.try_lock() {
+        h.clear();
+    }
+    let old = PROC.swap(-1, Ordering::Relaxed);
     if old >= 0 {
-        fds().remove(&old);
+        if let Ok(mut f) = FDS.try_lock() {
+            f.remove(&old);
+        }
         // SAFETY: closing the child's copy of the parent's description (the parent keeps its
         // own fd, so none of the parent's locks is released).
         unsafe { real::close(old) };
     }
-    PROC.store(new, Ordering::Relaxed);
 }
 
 /// The shared memfd's number for an exec'd shielded child (`FSPF_LOCKS_FD`).
@@ -291,7 +313,7 @@ pub enum Owner {
 fn carrier(h: &Handle, owner: Owner) -> Result<c_int, c_int> {
     match owner {
         Owner::Process => {
-            let fd = PROC.load(Ordering::Relaxed);
+            let fd = proc_fd();
             if fd < 0 {
                 Err(libc::ENOLCK)
             } else {
@@ -480,7 +502,7 @@ pub fn closed(ep: &EmbedPath) {
         return;
     }
     let _ = publish();
-    let fd = PROC.load(Ordering::Relaxed);
+    let fd = proc_fd();
     let mut q = lock_req(libc::F_UNLCK, base, RANGE);
     if ofd(fd, libc::F_OFD_SETLK, &mut q).is_ok() {
         held().remove(&base);
