@@ -56,6 +56,9 @@ pub struct WriteBuf {
     /// it), whatever the append tracking: a clean buffer whose path has a newer version is
     /// reloaded when the process takes a lock on it.
     pub version: Option<fspf_core::FileId>,
+    /// The buffer is the run's shared buffer of the file (`runbuf.rs`), not a private memfd:
+    /// other processes of the run write it too, and it is always current.
+    pub mirror: bool,
 }
 
 impl WriteBuf {
@@ -93,7 +96,46 @@ impl WriteBuf {
             print: (0, fingerprint_bytes(&[])),
             owner: None,
             version: None,
+            mirror: false,
         })
+    }
+
+    /// A buffer on the run's shared buffer file `fd` (`runbuf::open`/`existing`; owned from now
+    /// on). `joined`: another process made it, its content is current (a fresh one is empty).
+    pub fn shared_file(
+        path: EmbedPath,
+        fd: c_int,
+        mode: u32,
+        mtime: i64,
+        joined: bool,
+    ) -> Result<WriteBuf, c_int> {
+        let fd = move_high(fd, true);
+        let mut b = WriteBuf {
+            path,
+            fd,
+            mode,
+            touched: Arc::new(AtomicBool::new(false)),
+            writers: 0,
+            mtime,
+            mtime_set: false,
+            base: None,
+            append_only: AtomicBool::new(false),
+            // Other processes write it without this process's hooks.
+            shared: true,
+            mapped_shared: false,
+            detached: false,
+            pending: false,
+            print: (0, 0),
+            owner: None,
+            version: None,
+            mirror: true,
+        };
+        if joined {
+            b.print = b.fingerprint()?;
+        } else {
+            b.print = (0, fingerprint_bytes(&[]));
+        }
+        Ok(b)
     }
 
     /// Adopt an inherited memfd. The buffer keeps its own read-write open of it: the inherited
@@ -131,7 +173,12 @@ impl WriteBuf {
             print: (0, 0),
             owner: None,
             version: None,
+            mirror: false,
         };
+        if crate::runbuf::is_buffer_file(own) {
+            // The run's shared buffer, handed over by exec: hold it like its other holders.
+            b.mirror = crate::runbuf::hold(own);
+        }
         b.print = b.fingerprint()?;
         Ok(b)
     }
@@ -284,6 +331,10 @@ impl WriteBuf {
 impl Drop for WriteBuf {
     fn drop(&mut self) {
         forget_own(self.fd);
+        if self.mirror {
+            crate::runbuf::release(&self.path, self.fd);
+            return;
+        }
         // SAFETY: closing the memfd this buffer owns.
         unsafe { real::close(self.fd) };
     }

@@ -19,6 +19,7 @@ mod namespace;
 mod opening;
 mod perm;
 mod real;
+mod runbuf;
 mod shield;
 mod stdio;
 mod umask;

@@ -334,11 +334,20 @@ fn path_of(h: &Handle) -> EmbedPath {
     h.lock().unwrap_or_else(|e| e.into_inner()).path.clone()
 }
 
-/// Before a lock is given up: what this process wrote becomes visible to the next holder.
+/// Before a lock is given up: what this process wrote becomes visible to the next holder. The
+/// run's shared buffers are visible already; a commit is needed only for queued changes
+/// (removals, renames, staged versions) and writes to private buffers.
 fn publish() -> Result<(), c_int> {
     let sh = shield::get();
     let mut inner = sh.lock();
-    sh.commit(&mut inner)
+    let private_dirty = inner.live.values().any(|b| {
+        let g = b.lock().unwrap_or_else(|e| e.into_inner());
+        !g.mirror && g.needs_seal() && !inner.s.is_ephemeral(&g.path)
+    });
+    if inner.s.has_queued() || private_dirty {
+        sh.commit(&mut inner)?;
+    }
+    Ok(())
 }
 
 /// After a lock is acquired: what another process committed meanwhile becomes visible here.

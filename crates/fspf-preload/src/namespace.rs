@@ -26,6 +26,7 @@ pub(crate) fn do_unlink(sh: &Shield, ep: EmbedPath, dir: bool) -> Result<(), c_i
         .unlink(&Live(&inner.live), &ep, dir)
         .map_err(errno_of)?;
     detach_live(inner, &ep);
+    crate::runbuf::unlinked(&ep, dir);
     // Queued like writes and committed at the same points (fsync, fork/exec, exit, batches):
     // `rm -r` of N files costs one commit, not N.
     if inner.s.batch_full() {
@@ -143,6 +144,7 @@ pub(crate) fn do_rename(
     for (_, b) in replaced {
         b.lock().unwrap_or_else(|e| e.into_inner()).detached = true;
     }
+    crate::runbuf::renamed(&from, &to);
     Ok(())
 }
 

@@ -73,7 +73,55 @@ fn read_all(
 /// a clean, committed one may be older than what another process of the run committed since.
 fn live_is_current(b: &Arc<Mutex<WriteBuf>>) -> bool {
     let g = b.lock().unwrap_or_else(|e| e.into_inner());
-    g.writers > 0 || g.pending || g.touched.load(Ordering::Relaxed)
+    g.mirror || g.writers > 0 || g.pending || g.touched.load(Ordering::Relaxed)
+}
+
+/// A new buffer for `ep`: the run's shared one (`runbuf.rs`) when the run has a buffer
+/// directory and the file is in a kernel region, else a private memfd. `true`: joined, another
+/// process of the run holds it and its content is current (nothing to load).
+fn new_buffer(
+    inner: &Inner,
+    ep: &EmbedPath,
+    mode: u32,
+    mtime: i64,
+) -> Result<(WriteBuf, bool), c_int> {
+    if !inner.s.is_ephemeral(ep) {
+        match crate::runbuf::open(ep) {
+            Some(crate::runbuf::Opened::Joined(fd)) => {
+                return Ok((
+                    WriteBuf::shared_file(ep.clone(), fd, mode, mtime, true)?,
+                    true,
+                ))
+            }
+            Some(crate::runbuf::Opened::Created(fd)) => {
+                return Ok((
+                    WriteBuf::shared_file(ep.clone(), fd, mode, mtime, false)?,
+                    false,
+                ))
+            }
+            None => {}
+        }
+    }
+    Ok((WriteBuf::create(ep.clone(), mode, mtime)?, false))
+}
+
+/// This process's buffer of `ep` joined from the run's shared one, when another process of the
+/// run has one (it may hold writes not sealed yet): reads see them, as on a kernel file system.
+fn join_existing(
+    inner: &mut Inner,
+    ep: &EmbedPath,
+    mode: u32,
+    mtime: i64,
+) -> Option<Arc<Mutex<WriteBuf>>> {
+    if inner.s.is_ephemeral(ep) {
+        return None;
+    }
+    let fd = crate::runbuf::existing(ep)?;
+    let b = WriteBuf::shared_file(ep.clone(), fd, mode, mtime, true).ok()?;
+    let b = Arc::new(Mutex::new(b));
+    files::register_own(&b);
+    inner.live.insert(ep.clone(), b.clone());
+    Some(b)
 }
 
 /// Fill a new buffer for `ep` with its current verified plaintext (streamed chunk by chunk).
@@ -99,9 +147,18 @@ fn load_buffer(inner: &Inner, ep: &EmbedPath, b: &WriteBuf) -> Result<(), c_int>
 }
 
 /// Read-only body for `ep`; `verify` checks every chunk now (small files only).
-fn read_body(inner: &Inner, ep: &EmbedPath, verify: bool) -> Result<Body, c_int> {
+fn read_body(
+    inner: &mut Inner,
+    ep: &EmbedPath,
+    verify: bool,
+    mode: u32,
+    mtime: i64,
+) -> Result<Body, c_int> {
     if let Some(b) = inner.live.get(ep).filter(|b| live_is_current(b)) {
         return Ok(Body::Buf(b.clone()));
+    }
+    if let Some(b) = join_existing(inner, ep, mode, mtime) {
+        return Ok(Body::Buf(b));
     }
     let vol = inner.s.vol().ok_or(libc::EACCES)?;
     let region = vol.region_for(ep).ok_or(libc::ENOENT)?;
@@ -288,31 +345,40 @@ fn shield_open_depth(
                 let buf = match inner.live.get(&ep).filter(|b| live_is_current(b)) {
                     Some(b) => b.clone(),
                     None => {
-                        let b =
-                            WriteBuf::create(ep.clone(), n.mode, n.mtime.unwrap_or(sh.started))?;
-                        let mut b = b;
+                        let (mut b, joined) =
+                            new_buffer(&inner, &ep, n.mode, n.mtime.unwrap_or(sh.started))?;
                         b.owner = n.owner;
-                        if flags & libc::O_TRUNC == 0 {
-                            load_buffer(&inner, &ep, &b)?;
-                            // The version it starts from: appends to it can be rebased onto a
-                            // version another process of the run commits meanwhile.
-                            if let Some(FileKind::File { id, size, .. }) = inner
-                                .s
-                                .vol()
-                                .and_then(|v| v.lookup(&ep))
-                                .map(|e| e.into_owned().kind)
-                            {
-                                b.base = Some((id, size));
-                                b.version = Some(id);
-                                b.append_only.store(true, Ordering::Relaxed);
+                        if joined {
+                            let b = Arc::new(Mutex::new(b));
+                            files::register_own(&b);
+                            inner.live.insert(ep.clone(), b.clone());
+                            b
+                        } else {
+                            if flags & libc::O_TRUNC == 0 {
+                                load_buffer(&inner, &ep, &b)?;
+                                // The version it starts from: appends to it can be rebased onto a
+                                // version another process of the run commits meanwhile.
+                                if let Some(FileKind::File { id, size, .. }) = inner
+                                    .s
+                                    .vol()
+                                    .and_then(|v| v.lookup(&ep))
+                                    .map(|e| e.into_owned().kind)
+                                {
+                                    b.base = Some((id, size));
+                                    b.version = Some(id);
+                                    b.append_only.store(true, Ordering::Relaxed);
+                                }
                             }
+                            let c = b.contents()?;
+                            b.mark_sealed(&c);
+                            if b.mirror {
+                                crate::runbuf::loaded(b.fd);
+                            }
+                            let b = Arc::new(Mutex::new(b));
+                            files::register_own(&b);
+                            inner.live.insert(ep.clone(), b.clone());
+                            b
                         }
-                        let c = b.contents()?;
-                        b.mark_sealed(&c);
-                        let b = Arc::new(Mutex::new(b));
-                        files::register_own(&b);
-                        inner.live.insert(ep.clone(), b.clone());
-                        b
                     }
                 };
                 {
@@ -324,7 +390,13 @@ fn shield_open_depth(
                 }
                 (Body::Buf(buf), n.mode, n.kernel, true)
             } else {
-                (read_body(&inner, &ep, stdio)?, n.mode, n.kernel, false)
+                let mtime = n.mtime.unwrap_or(sh.started);
+                (
+                    read_body(&mut inner, &ep, stdio, n.mode, mtime)?,
+                    n.mode,
+                    n.kernel,
+                    false,
+                )
             }
         }
         Err(libc::ENOENT) if flags & libc::O_CREAT != 0 => {
@@ -338,7 +410,14 @@ fn shield_open_depth(
             crate::perm::check_dir_change(sh, &inner, &ep, None)?;
             let m = mode & 0o7777 & !crate::umask::now();
             let (owner, m) = crate::namespace::new_owner(&inner, &ep, m, false);
-            let mut b = WriteBuf::create(ep.clone(), m, crate::shield::now())?;
+            let (mut b, joined) = new_buffer(&inner, &ep, m, crate::shield::now())?;
+            if joined && flags & libc::O_EXCL != 0 {
+                // Another process of the run created it a moment ago (not committed yet).
+                return Err(libc::EEXIST);
+            }
+            if b.mirror && !joined {
+                crate::runbuf::loaded(b.fd);
+            }
             b.owner = Some(owner);
             // A new file exists (empty) once it is closed, even if nothing was written.
             b.touched.store(true, Ordering::Relaxed);
@@ -415,6 +494,10 @@ pub fn refresh_path(inner: &mut Inner, ep: &EmbedPath) -> Result<(), c_int> {
     };
     if let Some(b) = inner.live.get(ep).cloned() {
         let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+        if g.mirror {
+            // The run's shared buffer: always current.
+            return Ok(());
+        }
         if g.version != Some(id) && !g.detached && !g.pending && !g.needs_seal() {
             let fresh = WriteBuf::create(ep.clone(), g.mode, g.mtime)?;
             load_buffer(inner, ep, &fresh)?;
@@ -429,10 +512,19 @@ pub fn refresh_path(inner: &mut Inner, ep: &EmbedPath) -> Result<(), c_int> {
         }
         return Ok(());
     }
+    let (mode, mtime) = match crate::shield::get().lookup(inner, ep) {
+        Ok(n) => (n.mode, n.mtime.unwrap_or(0)),
+        Err(_) => return Ok(()),
+    };
+    // Another process of the run may be writing it in the run's shared buffer: read that.
+    let joined = join_existing(inner, ep, mode, mtime);
     for h in files::all_handles() {
         let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
         if &f.path == ep && matches!(f.body, Body::Kernel(_) | Body::Mem(_)) {
-            f.body = read_body(inner, ep, false)?;
+            f.body = match &joined {
+                Some(b) => Body::Buf(b.clone()),
+                None => read_body(inner, ep, false, mode, mtime)?,
+            };
         }
     }
     Ok(())

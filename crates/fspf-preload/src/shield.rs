@@ -391,6 +391,7 @@ pub fn init() -> bool {
     // After every environment read: a program's own setenv (bash has one) may take over the
     // environment once something is set.
     crate::locks::init();
+    crate::runbuf::init();
     let key_handoff = key.is_some() && key_from_fd;
     let (cwd, cwd_virtual) = inherited_cwd()
         .map(|c| (c, true))
@@ -978,6 +979,14 @@ pub fn at_exit() -> bool {
             "final commit failed (errno {e}): this process's changes are lost"
         ));
         return false;
+    }
+    // Everything is committed: the run's shared buffers this process was the last to hold go
+    // (exit closes their fds, but runs no destructor).
+    for b in inner.live.values() {
+        let g = b.lock().unwrap_or_else(|e| e.into_inner());
+        if g.mirror {
+            crate::runbuf::leave(&g.path, g.fd);
+        }
     }
     true
 }

@@ -260,6 +260,28 @@ fn sealed_memfd(name: &str, content: &[u8]) -> Result<OwnedFd> {
     Ok(f.into())
 }
 
+/// A mutable run's shared-buffer directory (`/dev/shm/fspf-run-<hex>`, 0700): plaintext of the
+/// files the run's processes have open for writing, in RAM. Removed with everything in it when
+/// dropped. None when it cannot be made (the run then keeps one buffer per process).
+struct BufDir(PathBuf);
+
+impl BufDir {
+    fn new() -> Option<BufDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut r = [0u8; 8];
+        fspf_core::crypto::random_bytes(&mut r).ok()?;
+        let p = PathBuf::from(format!("/dev/shm/fspf-run-{}", hex::encode(r)));
+        std::fs::DirBuilder::new().mode(0o700).create(&p).ok()?;
+        Some(BufDir(p))
+    }
+}
+
+impl Drop for BufDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// An inheritable memfd holding `content`.
 fn memfd(name: &str, content: &[u8]) -> Result<OwnedFd> {
     let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::empty())
@@ -350,6 +372,9 @@ pub fn run(a: RunArgs) -> Result<i32> {
     // The memfd on which the run's processes lock protected files for each other (empty: only
     // its locks matter; docs/SHIELD.md "Locks").
     let locks = memfd("fspf-locks", &[])?;
+    // Mutable runs: the directory in RAM where the run's processes share their write buffers
+    // (one per file, docs/SHIELD.md "Shared write buffers"); removed when the program ends.
+    let bufdir = if a.mutable { BufDir::new() } else { None };
     let ld = match std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
         Some(old) => {
             let mut s = preload.clone().into_os_string();
@@ -377,6 +402,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
         .env("FSPF_ANCHOR_FD", anchor.as_raw_fd().to_string())
         .env("FSPF_INDEX_FD", index.as_raw_fd().to_string())
         .env("FSPF_LOCKS_FD", locks.as_raw_fd().to_string())
+        .env_remove("FSPF_BUFDIR")
         .env_remove("SCONE_FSPF_KEY")
         .env_remove("FSPF_KEY_FD");
     if let Some(k) = &key_fd {
@@ -384,6 +410,9 @@ pub fn run(a: RunArgs) -> Result<i32> {
     }
     if a.mutable {
         cmd.env("SCONE_FSPF_MUTABLE", "1");
+    }
+    if let Some(d) = &bufdir {
+        cmd.env("FSPF_BUFDIR", &d.0);
     }
     match &tag_file {
         Some(p) => cmd.env("FSPF_TAG_FILE", p),

@@ -2127,8 +2127,6 @@ fn truncating_a_protected_file_to_petabytes_gives_efbig_instead_of_sealing_them(
 fn an_overwrite_is_never_merged_as_an_append_with_another_processs_version() {
     let py = python_bin();
     let mut w = data_world();
-    let o = w.run_tagged(&[], &["sh", "-c", "echo 0123456789 > /data/f"]);
-    ok(&o, "make the file");
     // A rewrites the first byte (not an append) while B appends and commits first.
     // B starts only once A has opened and written (else A could load B's committed version,
     // and the outcome would be a legitimate one this test does not mean: it flaked that way).
@@ -2142,17 +2140,26 @@ fn an_overwrite_is_never_merged_as_an_append_with_another_processs_version() {
         open('/data/f', 'a').write('B\\n')\n\
         fd = os.open('/data/f', os.O_RDONLY); os.fsync(fd); os.close(fd)\n\
         open('/tmp/fspf-b-done-' + os.environ['T'], 'w').close()\n";
-    let token = format!("{}", std::process::id());
-    let cmd = format!("{py} -c \"$A\" & {py} -c \"$B\"; wait");
-    let o = w.run_tagged(&[("A", a), ("B", b), ("T", &token)], &["sh", "-c", &cmd]);
-    let _ = std::fs::remove_file(format!("/tmp/fspf-b-done-{token}"));
-    let _ = std::fs::remove_file(format!("/tmp/fspf-a-ready-{token}"));
-    ok(&o, "A and B");
-    let o = w.run(&["cat", "/data/f"]);
-    ok(&o, "read");
-    // The later committer wins whole (A); B's append is not silently combined with A's
-    // overwrite, and A's overwrite is not dropped.
-    assert_eq!(stdout(&o), "X123456789\n");
+    // With one buffer per process (no shared buffers: FSPF_BUFDIR unset for A and B, as when
+    // the run's buffer directory cannot be used) the later committer wins whole (A); B's append
+    // is not silently combined with A's overwrite, and A's overwrite is not dropped. With the
+    // run's shared buffers both writes land in one file, as on a kernel file system.
+    for (prefix, want) in [
+        ("unset FSPF_BUFDIR; ", "X123456789\n"),
+        ("", "X123456789\nB\n"),
+    ] {
+        let o = w.run_tagged(&[], &["sh", "-c", "echo 0123456789 > /data/f"]);
+        ok(&o, "reset the file");
+        let token = format!("{}-{}", std::process::id(), prefix.len());
+        let cmd = format!("{prefix}{py} -c \"$A\" & {py} -c \"$B\"; wait");
+        let o = w.run_tagged(&[("A", a), ("B", b), ("T", &token)], &["sh", "-c", &cmd]);
+        let _ = std::fs::remove_file(format!("/tmp/fspf-b-done-{token}"));
+        let _ = std::fs::remove_file(format!("/tmp/fspf-a-ready-{token}"));
+        ok(&o, "A and B");
+        let o = w.run(&["cat", "/data/f"]);
+        ok(&o, "read");
+        assert_eq!(stdout(&o), want, "{prefix:?}");
+    }
 }
 
 #[test]
@@ -2522,5 +2529,60 @@ fn a_process_started_while_another_committed_refused_the_fspf() {
         !stdout(&o).contains("FAILED"),
         "no reader was refused: {}",
         String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn sqlite_wal_mode_with_two_writer_processes_failed_as_each_mapped_its_own_buffer() {
+    need("bash");
+    let mut w = data_world();
+    let pyb = python_bin();
+    let writer = "import sqlite3
+c = sqlite3.connect('/data/w.db', timeout=60)
+c.execute('PRAGMA journal_mode=WAL')
+for i in range(100):
+    with c:
+        c.execute('UPDATE t SET n=n+1')
+c.close()
+";
+    w.write("writer.py", writer.as_bytes());
+    let setup = "import sqlite3
+c = sqlite3.connect('/data/w.db')
+assert c.execute('PRAGMA journal_mode=WAL').fetchone()[0] == 'wal'
+c.execute('CREATE TABLE t(n)'); c.execute('INSERT INTO t VALUES (0)'); c.commit()
+";
+    w.write("setup.py", setup.as_bytes());
+    // Two writer processes share the WAL index (-shm, a MAP_SHARED map) and the -wal file; a
+    // reader started meanwhile sees committed transactions. The run's buffer directory is gone
+    // afterwards.
+    let script = format!(
+        "echo \"$FSPF_BUFDIR\" > bufdir; {pyb} setup.py || exit 9
+         {pyb} writer.py & {pyb} writer.py & wait"
+    );
+    let o = w.sh_tagged("bash", &script);
+    ok(&o, "two WAL writers");
+    let o = w.run_tagged(
+        &[],
+        &[
+            &pyb,
+            "-c",
+            "import sqlite3; print(sqlite3.connect('/data/w.db').execute('SELECT n FROM t').fetchone()[0])",
+        ],
+    );
+    ok(&o, "read the counter");
+    assert_eq!(
+        stdout(&o).trim(),
+        "200",
+        "every transaction of both writers is kept"
+    );
+    let dir = std::fs::read_to_string(w.path("bufdir")).expect("bufdir");
+    let dir = dir.trim();
+    assert!(
+        dir.starts_with("/dev/shm/fspf-run-"),
+        "a mutable run has a buffer directory: {dir:?}"
+    );
+    assert!(
+        !Path::new(dir).exists(),
+        "the run's buffer directory is removed at its end"
     );
 }

@@ -225,6 +225,17 @@ pub unsafe extern "C" fn fork() -> pid_t {
     let sh = shield::get();
     // Hold the shield's locks across fork so the child never inherits them mid-update.
     let inner = sh.lock();
+    // The run's shared buffers: the child gets descriptions of its own, holding them from
+    // before the fork (so the parent, exiting at once, never takes itself for the last holder).
+    let mirrors: Vec<c_int> = inner
+        .live
+        .values()
+        .filter_map(|b| {
+            let g = b.lock().unwrap_or_else(|e| e.into_inner());
+            g.mirror.then_some(g.fd)
+        })
+        .collect();
+    let spares = crate::runbuf::fork_spares(&mirrors);
     let tables = files::fork_guards();
     let streams = crate::dirstream::streams();
     // SAFETY: plain fork.
@@ -232,6 +243,7 @@ pub unsafe extern "C" fn fork() -> pid_t {
     drop(streams);
     drop(tables);
     drop(inner);
+    crate::runbuf::after_fork(&spares, pid == 0);
     if pid == 0 {
         // The child starts with a clean verdict: data refused to its parent was never handed to
         // it (a `multiprocessing` worker forked after a caught EIO may exit 0).
