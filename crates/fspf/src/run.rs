@@ -374,7 +374,13 @@ pub fn run(a: RunArgs) -> Result<i32> {
     let locks = memfd("fspf-locks", &[])?;
     // Mutable runs: the directory in RAM where the run's processes share their write buffers
     // (one per file, docs/SHIELD.md "Shared write buffers"); removed when the program ends.
-    let bufdir = if a.mutable { BufDir::new() } else { None };
+    // (`FSPF_SHARED_BUFFERS=0`: none; every process keeps private buffers, as before them.)
+    let shared = std::env::var_os("FSPF_SHARED_BUFFERS").is_none_or(|v| v != "0");
+    let bufdir = if a.mutable && shared {
+        BufDir::new()
+    } else {
+        None
+    };
     let ld = match std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
         Some(old) => {
             let mut s = preload.clone().into_os_string();
