@@ -11,8 +11,9 @@
 //! a reader of a file another process is writing.
 //!
 //! * The first opener creates the file (`O_EXCL`) and fills it with the verified plaintext under
-//!   an exclusive `flock`, then holds it shared; later openers take it shared, so they wait until
-//!   it is complete. A creator that fails to load removes it.
+//!   an exclusive `flock` (mode 0 until it is complete, then 0600), then holds it shared; later
+//!   openers take it shared, so they wait until it is complete. A creator that fails to load
+//!   removes it; one killed while loading leaves it incomplete, and the next opener removes it.
 //! * The last holder (its exclusive `flock` succeeds) removes it when it drops its buffer, after
 //!   sealing what needs sealing; a holder killed with `kill -9` leaves it, and the next opener
 //!   joins it with the killed process's writes, as a page cache keeps a killed writer's writes.
@@ -189,9 +190,10 @@ pub fn open(ep: &EmbedPath) -> Option<Opened> {
     let rel = rel(ep)?;
     let fl = libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC;
     for _ in 0..4 {
+        // Mode 0: incomplete until `loaded` makes it 0600 (a creator killed while loading
+        // leaves a buffer that no one may join).
         // SAFETY: NUL-terminated relative path below our directory fd.
-        let fd =
-            unsafe { real::openat(dir, rel.as_ptr(), fl | libc::O_CREAT | libc::O_EXCL, 0o600) };
+        let fd = unsafe { real::openat(dir, rel.as_ptr(), fl | libc::O_CREAT | libc::O_EXCL, 0) };
         if fd >= 0 {
             if !flock(fd, libc::LOCK_EX) {
                 abandon(ep, fd);
@@ -205,6 +207,7 @@ pub fn open(ep: &EmbedPath) -> Option<Opened> {
                 if let Some(fd) = join(dir, &rel, fl) {
                     return Some(Opened::Joined(fd));
                 }
+                remove_incomplete(dir, &rel);
             }
             _ => return None,
         }
@@ -220,12 +223,37 @@ fn join(dir: c_int, rel: &CString, fl: c_int) -> Option<c_int> {
     if fd < 0 {
         return None;
     }
-    if !wait_shared(fd) || !still_named(dir, rel, fd) {
+    if !wait_shared(fd) || !still_named(dir, rel, fd) || !complete(fd) {
         // SAFETY: closing our own fd.
         unsafe { real::close(fd) };
         return None;
     }
     Some(fd)
+}
+
+/// Was the buffer filled completely (`loaded` made it 0600)?
+fn complete(fd: c_int) -> bool {
+    // SAFETY: fstat of our own fd into a local buffer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { real::fstat(fd, &mut st) == 0 && st.st_mode & 0o777 == 0o600 }
+}
+
+/// A buffer that could not be joined because its creator died while filling it (mode still 0,
+/// no lock held): remove it, so that the next attempt creates it anew.
+fn remove_incomplete(dir: c_int, rel: &CString) {
+    let fl = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: NUL-terminated relative path below our directory fd.
+    let fd = unsafe { real::openat(dir, rel.as_ptr(), fl, 0) };
+    if fd < 0 {
+        return;
+    }
+    if flock(fd, libc::LOCK_EX | libc::LOCK_NB) && !complete(fd) && still_named(dir, rel, fd) {
+        // SAFETY: as above.
+        unsafe { real::unlinkat(dir, rel.as_ptr(), 0) };
+    }
+    // SAFETY: closing our own fd (drops its lock).
+    unsafe { real::close(fd) };
 }
 
 /// Take `fd` shared, waiting while its creator loads it, but not forever: a holder that keeps
@@ -272,8 +300,10 @@ pub fn existing(ep: &EmbedPath) -> Option<c_int> {
     join(dir, &rel, libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC)
 }
 
-/// The creator filled the buffer: let the others in.
+/// The creator filled the buffer: mark it complete and let the others in.
 pub fn loaded(fd: c_int) {
+    // SAFETY: fchmod of our own fd.
+    unsafe { real::fchmod(fd, 0o600) };
     flock(fd, libc::LOCK_SH);
 }
 

@@ -2586,3 +2586,27 @@ c.execute('CREATE TABLE t(n)'); c.execute('INSERT INTO t VALUES (0)'); c.commit(
         "the run's buffer directory is removed at its end"
     );
 }
+
+#[test]
+fn a_reader_did_not_see_what_another_process_of_the_run_had_written_but_not_committed() {
+    let mut w = data_world();
+    let py = python_bin();
+    // A overwrites the start of a file and keeps it open (nothing committed); B, started
+    // meanwhile, reads the file: as on a kernel file system it sees A's write.
+    let a = "import os, time\n\
+        f = open('/data/hello.txt', 'r+'); f.write('HELLO'); f.flush()\n\
+        open(os.environ['W'] + '/a-ready', 'w').close()\n\
+        while not os.path.exists(os.environ['W'] + '/b-done'): time.sleep(0.01)\n\
+        f.close()\n";
+    let script = format!(
+        "{py} -c \"$A\" & while [ ! -e \"$W/a-ready\" ]; do sleep 0.01; done; \
+         cat /data/hello.txt; touch \"$W/b-done\"; wait"
+    );
+    let wdir = w.p("");
+    let o = w.run_tagged(&[("A", a), ("W", &wdir)], &["sh", "-c", &script]);
+    ok(&o, "A and B");
+    assert_eq!(stdout(&o), "HELLO World\n", "B read A's write");
+    let o = w.run(&["cat", "/data/hello.txt"]);
+    ok(&o, "read after the run");
+    assert_eq!(stdout(&o), "HELLO World\n", "A's write was committed");
+}
