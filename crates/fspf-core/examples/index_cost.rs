@@ -120,6 +120,7 @@ fn metadata(n: usize) -> Result<Metadata, Box<dyn std::error::Error>> {
                 mtime_ns: 0,
                 owner: None,
                 ino: None,
+                ctime_ns: 0,
             },
         );
     }

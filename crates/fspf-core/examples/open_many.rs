@@ -38,6 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 mtime_ns: 0,
                 owner: None,
                 ino: None,
+                ctime_ns: 0,
             },
         );
     }

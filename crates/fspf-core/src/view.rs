@@ -112,6 +112,9 @@ pub struct Node {
     pub owner: Option<Owner>,
     /// Recorded inode number; `None`: the path's ([`EmbedPath::default_ino`]).
     pub ino: Option<u64>,
+    /// Change time (ns since the epoch), when the view knows it; else the modification time
+    /// applies (frontends report the later of the two).
+    pub ctime: Option<i64>,
 }
 
 impl Node {
@@ -124,6 +127,7 @@ impl Node {
             mtime,
             owner: None,
             ino: None,
+            ctime: None,
         }
     }
 
@@ -139,6 +143,7 @@ impl Node {
                 mtime,
                 owner: None,
                 ino: None,
+                ctime: None,
             },
             FileKind::Dir => Node::dir(e.mode, kernel, mtime),
             FileKind::Symlink(t) => Node {
@@ -149,6 +154,7 @@ impl Node {
                 mtime,
                 owner: None,
                 ino: None,
+                ctime: None,
             },
             FileKind::Special { kind, rdev } => Node {
                 kind: NodeKind::Special {
@@ -161,10 +167,12 @@ impl Node {
                 mtime,
                 owner: None,
                 ino: None,
+                ctime: None,
             },
         };
         n.owner = e.owner;
         n.ino = e.ino;
+        n.ctime = (e.ctime_ns != 0).then_some(e.ctime_ns);
         n
     }
 }
@@ -182,6 +190,8 @@ pub struct Pending {
     pub times: BTreeMap<EmbedPath, i64>,
     /// Owners set since the last commit.
     pub owners: BTreeMap<EmbedPath, Owner>,
+    /// Change times of entries whose mode, owner or times changed since the last commit (ns).
+    pub ctimes: BTreeMap<EmbedPath, i64>,
 }
 
 impl Pending {
@@ -192,6 +202,7 @@ impl Pending {
         self.modes.clear();
         self.times.clear();
         self.owners.clear();
+        self.ctimes.clear();
     }
 
     /// Was `ep`, or a directory above it, removed?
@@ -289,6 +300,9 @@ impl View<'_> {
         if let Some(o) = self.pending.owners.get(ep) {
             n.owner = Some(*o);
         }
+        if let Some(&c) = self.pending.ctimes.get(ep) {
+            n.ctime = n.ctime.max(Some(c));
+        }
         Ok(n)
     }
 
@@ -304,6 +318,7 @@ impl View<'_> {
                 mtime: Some(o.mtime),
                 owner: o.owner,
                 ino: None,
+                ctime: None,
             });
         }
         if region.kind == RegionKind::Ephemeral {
@@ -317,6 +332,7 @@ impl View<'_> {
                     mtime: Some(mtime),
                     owner: None,
                     ino: None,
+                    ctime: None,
                 }),
                 None if ep == &region.embed_point
                     || self.region_ancestor(ep)
@@ -515,6 +531,7 @@ mod tests {
             mtime_ns: 1_000 + u64::from(n) as i64,
             owner: None,
             ino: None,
+            ctime_ns: 0,
         };
         m.files.insert(p("/data/a"), file(1, 10));
         m.files.insert(
@@ -525,6 +542,7 @@ mod tests {
                 mtime_ns: 0,
                 owner: None,
                 ino: None,
+                ctime_ns: 0,
             },
         );
         m.files.insert(p("/data/d/b"), file(2, 20));
@@ -536,6 +554,7 @@ mod tests {
                 mtime_ns: 0,
                 owner: None,
                 ino: None,
+                ctime_ns: 0,
             },
         );
         m.files.insert(p("/data/f"), file(3, 30));

@@ -473,7 +473,9 @@ impl FspfFs {
             blocks: n.size.div_ceil(512),
             atime: time_of(times.atime.unwrap_or(m)),
             mtime: t,
-            ctime: time_of(times.ctime.max(m)),
+            // The daemon's own record of this mount's changes, the fspf's recorded change time
+            // (which survives a remount), never before the modification time.
+            ctime: time_of(times.ctime.max(n.ctime.unwrap_or(0)).max(m)),
             crtime: t,
             kind,
             perm: (n.mode & 0o7777) as u16,

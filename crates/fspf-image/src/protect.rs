@@ -262,6 +262,7 @@ fn entry(kind: FileKind) -> FileEntry {
         mtime_ns: 0,
         owner: None,
         ino: None,
+        ctime_ns: 0,
     }
 }
 

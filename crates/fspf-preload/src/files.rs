@@ -679,6 +679,7 @@ impl OpenFile {
                 Body::Buf(b) => b.lock().ok().map(|g| g.mtime),
                 _ => None,
             },
+            ctime: None,
         }
     }
 }
@@ -737,7 +738,9 @@ pub fn fill_stat(ep: &EmbedPath, node: &Node, started: i64, st: &mut libc::stat)
     st.st_atime_nsec = a.1;
     st.st_mtime = m.0;
     st.st_mtime_nsec = m.1;
-    let c = c.max(m);
+    // The recorded change time (sealed in the fspf), else the kernel object's; never before
+    // the modification time.
+    let c = node.ctime.map(ns).unwrap_or(c).max(m);
     st.st_ctime = c.0;
     st.st_ctime_nsec = c.1;
     st.st_dev = SHIELD_DEV;

@@ -2610,3 +2610,49 @@ fn a_reader_did_not_see_what_another_process_of_the_run_had_written_but_not_comm
     ok(&o, "read after the run");
     assert_eq!(stdout(&o), "HELLO World\n", "A's write was committed");
 }
+
+#[test]
+fn chmod_chown_utimensat_and_rename_left_the_change_time_unchanged() {
+    let mut w = data_world();
+    let py = python_bin();
+    // Each status change moves the change time (nanoseconds), whatever time utimensat sets,
+    // and the last one survives the run (it is recorded in the fspf).
+    let script = "import os, time
+p = '/data/hello.txt'
+c = [os.stat(p).st_ctime_ns]
+for op in (lambda: os.chmod(p, 0o600), lambda: os.chown(p, 123, 456),
+           lambda: os.utime(p, ns=(1, 1)), lambda: os.rename(p, '/data/moved.txt')):
+    time.sleep(0.02)
+    op()
+    if not os.path.exists(p): p = '/data/moved.txt'
+    c.append(os.stat(p).st_ctime_ns)
+    fd = os.open(p, os.O_RDONLY); c.append(os.fstat(fd).st_ctime_ns); os.close(fd)
+print(' '.join(map(str, c)))
+";
+    let o = w.run_tagged(&[], &[&py, "-c", script]);
+    ok(&o, "status changes");
+    let c: Vec<i64> = stdout(&o)
+        .split_whitespace()
+        .map(|v| v.parse().expect("ctime"))
+        .collect();
+    assert_eq!(c.len(), 9, "{c:?}");
+    for i in 0..4 {
+        let (before, after, fstat) = (c[2 * i], c[2 * i + 1], c[2 * i + 2]);
+        assert!(
+            after > before,
+            "status change {i} moved the change time: {c:?}"
+        );
+        assert_eq!(after, fstat, "stat and fstat agree after change {i}: {c:?}");
+    }
+    let o = w.run(&[
+        &py,
+        "-c",
+        "import os; print(os.stat('/data/moved.txt').st_ctime_ns)",
+    ]);
+    ok(&o, "next run");
+    assert_eq!(
+        stdout(&o).trim(),
+        c[8].to_string(),
+        "the change time is recorded"
+    );
+}

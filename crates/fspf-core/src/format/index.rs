@@ -7,7 +7,8 @@
 //!
 //! ```text
 //!  0  magic        "FSPFIDX\0"
-//!  8  version      u32 = 4 (1 had no mtime_ns, 2 no owners and special files, 3 no inode numbers)
+//!  8  version      u32 = 5 (1 had no mtime_ns, 2 no owners and special files, 3 no inode
+//!                    numbers, 4 no ctime_ns)
 //! 12  entry_count  u32
 //! 16  tag          [16]  tag of the fspf the index was built from
 //! 32  regions_len  u32
@@ -17,7 +18,8 @@
 //!     offsets      entry_count x u32: where entry i's record starts within `records`
 //!     records      one per entry, in tree order:
 //!                  path_len u32 | path | kind u8 (1 file, 2 dir, 3 symlink, 4 special) |
-//!                    mode u16 | mtime_ns i64 | owned u8 (0 or 1) | owned: uid u32 | gid u32 |
+//!                    mode u16 | mtime_ns i64 | ctime_ns i64 | owned u8 (0 or 1) |
+//!                    owned: uid u32 | gid u32 |
 //!                    ino u64 (0: none recorded) |
 //!                    file:    file id [16] | size u64 | root_len u8 (0 or 32) | root
 //!                    symlink: target_len u32 | target
@@ -46,7 +48,7 @@ use std::collections::BTreeMap;
 use zeroize::{Zeroize, Zeroizing};
 
 pub const INDEX_MAGIC: [u8; 8] = *b"FSPFIDX\0";
-pub const INDEX_VERSION: u32 = 4;
+pub const INDEX_VERSION: u32 = 5;
 const HEADER_LEN: usize = 48;
 const KIND_FILE: u8 = 1;
 const KIND_DIR: u8 = 2;
@@ -138,6 +140,7 @@ pub fn build_index(meta: &Metadata, tag: Tag) -> Result<Zeroizing<Vec<u8>>, Inde
         // Parsing masks modes to permission bits, so they fit 16 bits.
         records.extend_from_slice(&((e.mode & 0o7777) as u16).to_le_bytes());
         records.extend_from_slice(&e.mtime_ns.to_le_bytes());
+        records.extend_from_slice(&e.ctime_ns.to_le_bytes());
         match e.owner {
             Some(o) => {
                 records.push(1);
@@ -533,6 +536,7 @@ fn parse_entry(c: &mut Cursor<'_>) -> Option<FileEntry> {
     let kind = c.u8()?;
     let mode = u32::from(c.u16()?);
     let mtime_ns = c.u64()? as i64;
+    let ctime_ns = c.u64()? as i64;
     let owner = match c.u8()? {
         0 => None,
         1 => Some(Owner {
@@ -585,6 +589,7 @@ fn parse_entry(c: &mut Cursor<'_>) -> Option<FileEntry> {
         mtime_ns,
         owner,
         ino,
+        ctime_ns,
     })
 }
 
@@ -649,6 +654,7 @@ mod tests {
             mtime_ns: 1,
             owner: None,
             ino: None,
+            ctime_ns: 0,
         }
     }
     fn file(n: u8) -> FileEntry {
@@ -662,6 +668,7 @@ mod tests {
             mtime_ns: -5,
             owner: None,
             ino: None,
+            ctime_ns: 0,
         }
     }
     fn regions() -> Vec<Region> {
@@ -722,6 +729,7 @@ mod tests {
                 mtime_ns: 0,
                 owner: None,
                 ino: None,
+                ctime_ns: 0,
             },
         );
         m
@@ -979,8 +987,12 @@ mod tests {
             IndexError::UnsupportedVersion(3)
         );
         assert_eq!(
-            with(8, &5u32.to_le_bytes()),
-            IndexError::UnsupportedVersion(5)
+            with(8, &4u32.to_le_bytes()),
+            IndexError::UnsupportedVersion(4)
+        );
+        assert_eq!(
+            with(8, &6u32.to_le_bytes()),
+            IndexError::UnsupportedVersion(6)
         );
         assert!(matches!(
             with(12, &u32::MAX.to_le_bytes()),
@@ -1065,13 +1077,14 @@ mod tests {
         let owner =
             any::<Option<(u32, u32)>>().prop_map(|o| o.map(|(uid, gid)| Owner { uid, gid }));
         let ino = any::<Option<u64>>().prop_map(|i| i.filter(|&n| n != 0));
-        (kind, 0u32..0o10000, any::<i64>(), owner, ino).prop_map(
-            |(kind, mode, mtime_ns, owner, ino)| FileEntry {
+        (kind, 0u32..0o10000, any::<i64>(), owner, ino, any::<i64>()).prop_map(
+            |(kind, mode, mtime_ns, owner, ino, ctime_ns)| FileEntry {
                 kind,
                 mode,
                 mtime_ns,
                 owner,
                 ino,
+                ctime_ns,
             },
         )
     }

@@ -78,6 +78,10 @@ pub struct FileEntryPb {
     /// (derived from the path: [`EmbedPath::default_ino`]).
     #[prost(uint64, tag = "14")]
     pub ino: u64,
+    /// Change time (the entry's content or metadata last changed), nanoseconds since the epoch;
+    /// 0 = not recorded (older writers: readers show the modification time).
+    #[prost(int64, tag = "15")]
+    pub ctime_ns: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,17 +240,31 @@ pub struct FileEntry {
     /// Recorded inode number (set when the entry first moves, then kept); `None`: derived from
     /// the path ([`EmbedPath::default_ino`]).
     pub ino: Option<u64>,
+    /// Change time in nanoseconds since the epoch: when the content or any metadata (mode,
+    /// owner, times, name) last changed; 0 = not recorded (then the modification time applies).
+    pub ctime_ns: i64,
 }
 
 impl FileEntry {
     /// A new version of a regular file: permission bits of `mode`, sealed now, no owner.
     pub fn new_file(id: FileId, size: u64, root: Option<[u8; 32]>, mode: u32) -> FileEntry {
+        let now = now_ns();
         FileEntry {
             kind: FileKind::File { id, size, root },
             mode: mode & 0o7777,
-            mtime_ns: now_ns(),
+            mtime_ns: now,
             owner: None,
             ino: None,
+            ctime_ns: now,
+        }
+    }
+
+    /// The change time to report: the recorded one, else the modification time.
+    pub fn ctime(&self) -> i64 {
+        if self.ctime_ns != 0 {
+            self.ctime_ns
+        } else {
+            self.mtime_ns
         }
     }
 
@@ -279,6 +297,7 @@ impl Metadata {
                         path: p.as_bytes().to_vec(),
                         mode: e.mode,
                         mtime_ns: e.mtime_ns,
+                        ctime_ns: e.ctime_ns,
                         ..Default::default()
                     };
                     pb.ino = e.ino.unwrap_or(0);
@@ -463,6 +482,7 @@ impl Metadata {
                         gid: f.gid,
                     }),
                     ino: (f.ino != 0).then_some(f.ino),
+                    ctime_ns: f.ctime_ns,
                 },
             ));
         }
@@ -626,6 +646,7 @@ mod tests {
                 mtime_ns: 5,
                 owner: Some(Owner { uid: 0, gid: 65534 }),
                 ino: None,
+                ctime_ns: 0,
             },
         );
         m.files.insert(
@@ -639,6 +660,7 @@ mod tests {
                 mtime_ns: 6,
                 owner: None,
                 ino: None,
+                ctime_ns: 0,
             },
         );
         let back =
@@ -757,6 +779,7 @@ mod tests {
                     mtime_ns: 0,
                     owner: None,
                     ino: None,
+                    ctime_ns: 0,
                 },
             );
         }
@@ -788,6 +811,7 @@ mod tests {
                     mtime_ns: 0,
                     owner: None,
                     ino: None,
+                    ctime_ns: 0,
                 },
             );
         }

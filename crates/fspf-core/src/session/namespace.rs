@@ -138,6 +138,7 @@ impl<A: Anchor> Session<A> {
                 kind: FileKind::Dir,
                 mode,
                 mtime_ns: now,
+                ctime_ns: now,
                 owner,
                 ino: None,
             },
@@ -167,6 +168,7 @@ impl<A: Anchor> Session<A> {
             kind: FileKind::Special { kind, rdev },
             mode: mode & 0o7777,
             mtime_ns: now,
+            ctime_ns: now,
             owner,
             ino: None,
         };
@@ -187,16 +189,21 @@ impl<A: Anchor> Session<A> {
             return Err(ViewError::NotPermitted);
         }
         self.check_writable(ep)?;
-        let staged = self.set_queued(ep, |e| e.owner = Some(owner));
+        let staged = self.set_queued(ep, |e| {
+            e.owner = Some(owner);
+            e.ctime_ns = now;
+        });
         if let Some(q) = self.queued.get_mut(ep) {
             q.owner = Some(owner);
         }
         if !staged && open.open_file(ep).is_none() {
             let mut e = self.current_entry(ep, node.mode, now)?;
             e.owner = Some(owner);
+            e.ctime_ns = now;
             self.queue.push(Change::PutEntry(ep.clone(), e));
         }
         self.pending.owners.insert(ep.clone(), owner);
+        self.pending.ctimes.insert(ep.clone(), now);
         Ok(())
     }
 
@@ -319,6 +326,7 @@ impl<A: Anchor> Session<A> {
             kind: FileKind::Symlink(target.to_vec()),
             mode: 0o777,
             mtime_ns: now,
+            ctime_ns: now,
             owner,
             ino: None,
         };
@@ -336,6 +344,7 @@ impl<A: Anchor> Session<A> {
                 kind: FileKind::Dir,
                 mode,
                 mtime_ns: now,
+                ctime_ns: now,
                 owner: None,
                 ino: None,
             },
@@ -348,6 +357,9 @@ impl<A: Anchor> Session<A> {
         }
         if let Some(o) = self.pending.owners.get(ep) {
             e.owner = Some(*o);
+        }
+        if let Some(c) = self.pending.ctimes.get(ep) {
+            e.ctime_ns = *c;
         }
         Ok(e)
     }
@@ -394,7 +406,10 @@ impl<A: Anchor> Session<A> {
             return Ok(());
         }
         self.check_writable(ep)?;
-        let staged = self.set_queued(ep, |e| e.mode = mode);
+        let staged = self.set_queued(ep, |e| {
+            e.mode = mode;
+            e.ctime_ns = now;
+        });
         if let Some(q) = self.queued.get_mut(ep) {
             q.mode = mode;
         }
@@ -407,6 +422,7 @@ impl<A: Anchor> Session<A> {
                 Some(e) => {
                     let mut e = e.into_owned();
                     e.mode = mode;
+                    e.ctime_ns = now;
                     e
                 }
                 // An implied directory (only paths below it are listed): record it.
@@ -414,6 +430,7 @@ impl<A: Anchor> Session<A> {
                     kind: FileKind::Dir,
                     mode,
                     mtime_ns: now,
+                    ctime_ns: now,
                     owner: None,
                     ino: None,
                 },
@@ -421,6 +438,7 @@ impl<A: Anchor> Session<A> {
             self.queue.push(Change::PutEntry(ep.clone(), e));
         }
         self.pending.modes.insert(ep.clone(), mode);
+        self.pending.ctimes.insert(ep.clone(), now);
         Ok(())
     }
 
@@ -448,16 +466,23 @@ impl<A: Anchor> Session<A> {
             return Ok(());
         }
         self.check_writable(ep)?;
-        let staged = self.set_queued(ep, |e| e.mtime_ns = ns);
+        // Setting times changes the status: the change time is now, whatever time is set.
+        let now = crate::format::metadata::now_ns();
+        let staged = self.set_queued(ep, |e| {
+            e.mtime_ns = ns;
+            e.ctime_ns = now;
+        });
         if let Some(q) = self.queued.get_mut(ep) {
             q.mtime = ns;
         }
         if !staged && open.open_file(ep).is_none() {
             let mut e = self.current_entry(ep, node.mode, ns)?;
             e.mtime_ns = ns;
+            e.ctime_ns = now;
             self.queue.push(Change::PutEntry(ep.clone(), e));
         }
         self.pending.times.insert(ep.clone(), ns);
+        self.pending.ctimes.insert(ep.clone(), now);
         Ok(())
     }
 }

@@ -413,6 +413,7 @@ impl Volume {
                     }
                 }
                 Change::Rename { from, to } => {
+                    let now = crate::format::metadata::now_ns();
                     for k in self.meta.paths_below(from) {
                         let Some(dest) = k.rebased(from, to) else {
                             continue;
@@ -420,6 +421,10 @@ impl Volume {
                         if let Some(mut e) = self.meta.files.remove(&k) {
                             // The entry keeps the inode number it showed (FORMAT.md §2).
                             e.ino.get_or_insert_with(|| k.default_ino());
+                            if &k == from {
+                                // A rename changes the moved object's status, as on Linux.
+                                e.ctime_ns = now;
+                            }
                             if let Some(FileEntry {
                                 kind: FileKind::File { id, .. },
                                 ..

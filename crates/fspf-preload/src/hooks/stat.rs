@@ -100,7 +100,10 @@ fn fd_node(h: &files::Handle) -> (EmbedPath, Node) {
     };
     let sh = shield::get();
     let inner = sh.lock();
-    node.ino = sh.lookup(&inner, &path).ok().and_then(|n| n.ino);
+    if let Ok(n) = sh.lookup(&inner, &path) {
+        node.ino = n.ino;
+        node.ctime = n.ctime;
+    }
     (path, node)
 }
 
