@@ -62,6 +62,30 @@ pub struct WriteBuf {
 }
 
 impl WriteBuf {
+    /// A buffer on `fd` (owned from now on) that holds nothing this process wrote yet.
+    /// `shared`: other processes may write the file without this process's hooks.
+    fn on_fd(path: EmbedPath, fd: c_int, mode: u32, mtime: i64, shared: bool) -> WriteBuf {
+        WriteBuf {
+            path,
+            fd,
+            mode,
+            touched: Arc::new(AtomicBool::new(false)),
+            writers: 0,
+            mtime,
+            mtime_set: false,
+            base: None,
+            append_only: AtomicBool::new(false),
+            shared,
+            mapped_shared: false,
+            detached: false,
+            pending: false,
+            print: (0, fingerprint_bytes(&[])),
+            owner: None,
+            version: None,
+            mirror: false,
+        }
+    }
+
     /// An empty buffer for `path`.
     pub fn create(path: EmbedPath, mode: u32, mtime: i64) -> Result<WriteBuf, c_int> {
         let mut name = b"fspf-buf:".to_vec();
@@ -78,26 +102,7 @@ impl WriteBuf {
         if fd < 0 {
             return Err(crate::errno());
         }
-        let fd = move_high(fd, true);
-        Ok(WriteBuf {
-            path,
-            fd,
-            mode,
-            touched: Arc::new(AtomicBool::new(false)),
-            writers: 0,
-            mtime,
-            mtime_set: false,
-            base: None,
-            append_only: AtomicBool::new(false),
-            shared: false,
-            mapped_shared: false,
-            detached: false,
-            pending: false,
-            print: (0, fingerprint_bytes(&[])),
-            owner: None,
-            version: None,
-            mirror: false,
-        })
+        Ok(WriteBuf::on_fd(path, move_high(fd, true), mode, mtime, false))
     }
 
     /// A buffer on the run's shared buffer file `fd` (`runbuf::open`/`existing`; owned from now
@@ -109,31 +114,10 @@ impl WriteBuf {
         mtime: i64,
         joined: bool,
     ) -> Result<WriteBuf, c_int> {
-        let fd = move_high(fd, true);
-        let mut b = WriteBuf {
-            path,
-            fd,
-            mode,
-            touched: Arc::new(AtomicBool::new(false)),
-            writers: 0,
-            mtime,
-            mtime_set: false,
-            base: None,
-            append_only: AtomicBool::new(false),
-            // Other processes write it without this process's hooks.
-            shared: true,
-            mapped_shared: false,
-            detached: false,
-            pending: false,
-            print: (0, 0),
-            owner: None,
-            version: None,
-            mirror: true,
-        };
+        let mut b = WriteBuf::on_fd(path, move_high(fd, true), mode, mtime, true);
+        b.mirror = true;
         if joined {
             b.print = b.fingerprint()?;
-        } else {
-            b.print = (0, fingerprint_bytes(&[]));
         }
         Ok(b)
     }
@@ -156,25 +140,7 @@ impl WriteBuf {
         if own < 0 {
             return Err(crate::errno());
         }
-        let mut b = WriteBuf {
-            path,
-            fd: own,
-            mode,
-            touched: Arc::new(AtomicBool::new(false)),
-            writers: 0,
-            mtime,
-            mtime_set: false,
-            base: None,
-            append_only: AtomicBool::new(false),
-            shared: true,
-            mapped_shared: false,
-            detached: false,
-            pending: false,
-            print: (0, 0),
-            owner: None,
-            version: None,
-            mirror: false,
-        };
+        let mut b = WriteBuf::on_fd(path, own, mode, mtime, true);
         if crate::runbuf::is_buffer_file(own) {
             // The run's shared buffer, handed over by exec: hold it like its other holders.
             b.mirror = crate::runbuf::hold(own);
