@@ -102,7 +102,13 @@ impl WriteBuf {
         if fd < 0 {
             return Err(crate::errno());
         }
-        Ok(WriteBuf::on_fd(path, move_high(fd, true), mode, mtime, false))
+        Ok(WriteBuf::on_fd(
+            path,
+            move_high(fd, true),
+            mode,
+            mtime,
+            false,
+        ))
     }
 
     /// A buffer on the run's shared buffer file `fd` (`runbuf::open`/`existing`; owned from now

@@ -289,6 +289,16 @@ fn still_named(dir: c_int, rel: &CString, fd: c_int) -> bool {
     both && a.st_ino == b.st_ino && a.st_dev == b.st_dev && a.st_nlink > 0
 }
 
+/// Is `fd` still the run's buffer of `ep`? False once another process unlinked the file or
+/// renamed it away (its buffer then went with it, or is gone): this process's copy is detached,
+/// like an fd of an unlinked file, and must never be sealed under `ep` again.
+pub fn still_current(ep: &EmbedPath, fd: c_int) -> bool {
+    match rel(ep) {
+        Some(rel) => still_named(dir_fd(), &rel, fd),
+        None => false,
+    }
+}
+
 /// The buffer of `ep`, when some process of the run has one (for a read-only open, or a lock
 /// taken by a process without one).
 pub fn existing(ep: &EmbedPath) -> Option<c_int> {

@@ -796,6 +796,12 @@ impl Shield {
         if !b.needs_seal() {
             return Ok(());
         }
+        if b.mirror && !crate::runbuf::still_current(&b.path, b.fd) {
+            // Another process of the run unlinked or renamed the file: sealing this copy would
+            // bring the removed name back.
+            b.detached = true;
+            return Ok(());
+        }
         let eph = inner.s.is_ephemeral(&b.path);
         let meta = VersionMeta {
             mode: b.mode,

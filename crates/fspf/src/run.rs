@@ -263,22 +263,58 @@ fn sealed_memfd(name: &str, content: &[u8]) -> Result<OwnedFd> {
 /// A mutable run's shared-buffer directory (`/dev/shm/fspf-run-<hex>`, 0700): plaintext of the
 /// files the run's processes have open for writing, in RAM. Removed with everything in it when
 /// dropped. None when it cannot be made (the run then keeps one buffer per process).
-struct BufDir(PathBuf);
+///
+/// The run holds an exclusive `flock` on the directory while it lives. A run killed before it
+/// could remove its directory leaves it unlocked, and the next mutable run of the same user
+/// removes it (plaintext does not outlive a crashed run for longer than the next start).
+struct BufDir(PathBuf, #[allow(dead_code)] std::fs::File);
+
+const BUFDIR_PREFIX: &str = "fspf-run-";
 
 impl BufDir {
     fn new() -> Option<BufDir> {
         use std::os::unix::fs::DirBuilderExt;
+        sweep_buffer_dirs(Path::new("/dev/shm"));
         let mut r = [0u8; 8];
         fspf_core::crypto::random_bytes(&mut r).ok()?;
-        let p = PathBuf::from(format!("/dev/shm/fspf-run-{}", hex::encode(r)));
+        let p = PathBuf::from(format!("/dev/shm/{BUFDIR_PREFIX}{}", hex::encode(r)));
         std::fs::DirBuilder::new().mode(0o700).create(&p).ok()?;
-        Some(BufDir(p))
+        let Some(f) = std::fs::File::open(&p).ok().filter(|f| lock_dir(f)) else {
+            let _ = std::fs::remove_dir_all(&p);
+            return None;
+        };
+        Some(BufDir(p, f))
     }
 }
 
 impl Drop for BufDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An exclusive, non-blocking `flock` on an open directory.
+fn lock_dir(f: &std::fs::File) -> bool {
+    rustix::fs::flock(f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+}
+
+/// Remove the buffer directories under `base` that this user's killed runs left behind: those
+/// no living run holds locked.
+fn sweep_buffer_dirs(base: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = std::fs::read_dir(base) else {
+        return;
+    };
+    let me = rustix::process::geteuid().as_raw();
+    for d in rd.flatten() {
+        if !d.file_name().to_string_lossy().starts_with(BUFDIR_PREFIX) {
+            continue;
+        }
+        let p = d.path();
+        let mine = std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir() && m.uid() == me);
+        if mine && std::fs::File::open(&p).is_ok_and(|f| lock_dir(&f)) {
+            let _ = std::fs::remove_dir_all(&p);
+        }
     }
 }
 

@@ -2656,3 +2656,79 @@ print(' '.join(map(str, c)))
         "the change time is recorded"
     );
 }
+
+#[test]
+fn a_reader_sharing_the_buffer_of_a_file_another_process_removed_brought_it_back() {
+    let mut w = data_world();
+    let py = python_bin();
+    // B reads the file while A writes it (they share the run's buffer); A then removes it,
+    // commits and exits. B's exit must not seal its view of the buffer under the removed name.
+    let a = "import os, time\n\
+        W = os.environ['W']\n\
+        f = open('/data/hello.txt', 'r+'); f.write('A1'); f.flush()\n\
+        open(W + '/a-ready', 'w').close()\n\
+        while not os.path.exists(W + '/b-ready'): time.sleep(0.01)\n\
+        f.write('A2'); f.flush(); f.close()\n\
+        os.unlink('/data/hello.txt')\n\
+        d = os.open('/data', os.O_RDONLY); os.fsync(d); os.close(d)\n\
+        open(W + '/a-done', 'w').close()\n";
+    let b = "import os, time\n\
+        W = os.environ['W']\n\
+        while not os.path.exists(W + '/a-ready'): time.sleep(0.01)\n\
+        g = open('/data/hello.txt'); print(g.read()[:2])\n\
+        open(W + '/b-ready', 'w').close()\n\
+        while not os.path.exists(W + '/a-done'): time.sleep(0.01)\n";
+    let wdir = w.p("");
+    let cmd = format!("{py} -c \"$A\" & {py} -c \"$B\"; wait");
+    let o = w.run_tagged(&[("A", a), ("B", b), ("W", &wdir)], &["sh", "-c", &cmd]);
+    ok(&o, "A and B");
+    assert_eq!(stdout(&o), "A1\n", "B read A's write");
+    let o = w.run(&["cat", "/data/hello.txt"]);
+    assert!(
+        !o.status.success(),
+        "the removed file stays removed: {}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn a_killed_run_left_its_plaintext_buffers_in_dev_shm() {
+    let mut w = data_world();
+    // A mutable run holding a buffer is killed (`fspf run` itself, with SIGKILL: no cleanup).
+    let anchor = w.anchor_with(&w.tag.clone());
+    let mut run = shielded::fspf_run(
+        w.dir.path(),
+        &w.fspf,
+        &anchor,
+        true,
+        None,
+        &[
+            "sh",
+            "-c",
+            "echo \"$FSPF_BUFDIR\" > bufdir.tmp; exec 3>>/data/hello.txt; echo more >&3; \
+             mv bufdir.tmp bufdir; sleep 2",
+        ],
+    )
+    .spawn()
+    .expect("fspf run");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !w.path("bufdir").exists() {
+        assert!(std::time::Instant::now() < deadline, "the run started");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let dir = std::fs::read_to_string(w.path("bufdir")).expect("bufdir");
+    let dir = PathBuf::from(dir.trim());
+    assert!(
+        dir.join("data/hello.txt").exists(),
+        "the buffer is in {dir:?}"
+    );
+    run.kill().expect("kill -9 fspf run");
+    let _ = run.wait();
+    assert!(dir.exists(), "nothing removed it yet");
+    // The next mutable run of this user removes it. (The orphaned shell committed before it
+    // started `mv`: trust the fspf on disk.)
+    w.tag = w.tag_on_disk();
+    let o = w.run_mut(&["true"]);
+    ok(&o, "next run");
+    assert!(!dir.exists(), "the killed run's buffers are gone: {dir:?}");
+}
