@@ -279,7 +279,7 @@ impl BufDir {
         fspf_core::crypto::random_bytes(&mut r).ok()?;
         let p = PathBuf::from(format!("/dev/shm/{BUFDIR_PREFIX}{}", hex::encode(r)));
         std::fs::DirBuilder::new().mode(0o700).create(&p).ok()?;
-        let Some(f) = std::fs::File::open(&p).ok().filter(|f| lock_dir(f)) else {
+        let Some(f) = std::fs::File::open(&p).ok().filter(lock_dir) else {
             let _ = std::fs::remove_dir_all(&p);
             return None;
         };
