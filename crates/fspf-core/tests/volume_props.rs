@@ -393,3 +393,56 @@ fn two_versions_of_one_path_in_one_commit_could_leave_the_older_one_on_disk() {
         assert!(left.is_empty(), "{sub}: orphan shadows {left:?}");
     }
 }
+
+/// A directory's times moved by an entry made in it are committed as a `Touch`, which changes
+/// only the times: a mode another process committed meanwhile is kept, times never move back,
+/// and an implied directory is recorded with the mode it shows.
+#[test]
+fn touching_a_directory_changes_its_times_and_nothing_else() {
+    use fspf_core::format::metadata::{FileEntry, FileKind};
+    let mut f = Fixture::new();
+    let dir = ep("/enc/d");
+    let entry = FileEntry {
+        kind: FileKind::Dir,
+        mode: 0o700,
+        mtime_ns: 100,
+        ctime_ns: 100,
+        owner: None,
+        ino: None,
+    };
+    f.commit(vec![Change::PutEntry(dir.clone(), entry)]);
+    f.commit(vec![Change::Touch {
+        dir: dir.clone(),
+        ns: 500,
+    }]);
+    let e = f.vol.lookup(&dir).unwrap().into_owned();
+    assert_eq!((e.mode, e.mtime_ns, e.ctime_ns), (0o700, 500, 500));
+    f.commit(vec![Change::Touch {
+        dir: dir.clone(),
+        ns: 300,
+    }]);
+    let e = f.vol.lookup(&dir).unwrap().into_owned();
+    assert_eq!((e.mtime_ns, e.ctime_ns), (500, 500), "never back");
+    // An implied directory (a file below it, no entry of its own) is recorded; a missing one and
+    // a region's root are not.
+    f.put(&[(ep("/enc/sub/x"), vec![1, 2, 3])]);
+    let tag = f.commit(vec![
+        Change::Touch {
+            dir: ep("/enc/sub"),
+            ns: 7,
+        },
+        Change::Touch {
+            dir: ep("/enc/none"),
+            ns: 7,
+        },
+        Change::Touch {
+            dir: ep("/enc"),
+            ns: 7,
+        },
+    ]);
+    let v = f.reopen(tag);
+    let e = v.lookup(&ep("/enc/sub")).unwrap().into_owned();
+    assert_eq!((e.kind, e.mode, e.mtime_ns), (FileKind::Dir, 0o755, 7));
+    assert!(v.lookup(&ep("/enc/none")).is_none());
+    assert!(v.lookup(&ep("/enc")).is_none());
+}

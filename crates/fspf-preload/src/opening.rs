@@ -419,6 +419,10 @@ fn shield_open_depth(
                 crate::runbuf::loaded(b.fd);
             }
             b.owner = Some(owner);
+            // The directory's times move now, as the kernel moves them at the create.
+            if !inner.s.is_ephemeral(&ep) {
+                inner.s.touch_parent(&ep);
+            }
             // A new file exists (empty) once it is closed, even if nothing was written.
             b.touched.store(true, Ordering::Relaxed);
             b.writers = 1;

@@ -2732,3 +2732,57 @@ fn a_killed_run_left_its_plaintext_buffers_in_dev_shm() {
     ok(&o, "next run");
     assert!(!dir.exists(), "the killed run's buffers are gone: {dir:?}");
 }
+
+#[test]
+fn creating_or_removing_an_entry_left_the_directorys_times_unchanged() {
+    let mut w = data_world();
+    let py = python_bin();
+    // Each entry made in or removed from a directory moves its modification and change times
+    // (at the call, before any close or commit); the last ones are recorded in the fspf.
+    let script = "import os, time
+d = '/data/dir'
+os.mkdir(d)
+t = [os.stat(d).st_mtime_ns]
+def step(op):
+    time.sleep(0.02)
+    op()
+    st = os.stat(d)
+    assert st.st_ctime_ns >= st.st_mtime_ns
+    t.append(st.st_mtime_ns)
+f = None
+def create():
+    global f
+    f = open(d + '/f', 'w')
+step(create)
+f.close()
+step(lambda: os.rename(d + '/f', d + '/g'))
+step(lambda: os.mkdir(d + '/sub'))
+step(lambda: os.symlink('g', d + '/l'))
+step(lambda: os.unlink(d + '/g'))
+print(' '.join(map(str, t)))
+";
+    let o = w.run_tagged(&[], &[&py, "-c", script]);
+    ok(&o, "entries made and removed");
+    let t: Vec<i64> = stdout(&o)
+        .split_whitespace()
+        .map(|v| v.parse().expect("mtime"))
+        .collect();
+    assert_eq!(t.len(), 6, "{t:?}");
+    for i in 1..t.len() {
+        assert!(
+            t[i] > t[i - 1],
+            "step {i} moved the directory's time: {t:?}"
+        );
+    }
+    let o = w.run(&[
+        &py,
+        "-c",
+        "import os; print(os.stat('/data/dir').st_mtime_ns)",
+    ]);
+    ok(&o, "next run");
+    assert_eq!(
+        stdout(&o).trim(),
+        t[5].to_string(),
+        "the directory's time is recorded"
+    );
+}

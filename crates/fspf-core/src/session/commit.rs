@@ -54,6 +54,7 @@ impl<A: Anchor> Session<A> {
         }
         let say = self.cfg.say;
         let mut changes = std::mem::take(&mut self.queue);
+        self.touches.clear();
         let appends = std::mem::take(&mut self.appends);
         self.queued.clear();
         self.staged_bytes = 0;
@@ -92,7 +93,7 @@ impl<A: Anchor> Session<A> {
                 // Removals and renames of files moved the kernel file to a shadow name before
                 // this commit: that rename must be durable before the fspf names the new state.
                 Change::Remove(p) | Change::Rename { from: p, .. } => Some(p),
-                Change::PutEntry(..) => None,
+                Change::PutEntry(..) | Change::Touch { .. } => None,
             };
             if let Some(RegionKind::Kernel(k)) = p.and_then(|p| vol.region_for(p)).map(|r| &r.kind)
             {

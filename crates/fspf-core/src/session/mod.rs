@@ -215,6 +215,8 @@ pub struct Session<A: Anchor> {
     pending: Pending,
     appends: BTreeMap<EmbedPath, AppendDelta>,
     queue: Vec<Change>,
+    /// Where in `queue` each directory's [`Change::Touch`] is (one per directory and commit).
+    touches: BTreeMap<EmbedPath, usize>,
     /// Files with a version in the queue, as the view shows them until the commit.
     queued: BTreeMap<EmbedPath, OpenFile>,
     staged_bytes: u64,
@@ -323,6 +325,7 @@ impl<A: Anchor> Session<A> {
             pending: Pending::default(),
             appends: BTreeMap::new(),
             queue: Vec::new(),
+            touches: BTreeMap::new(),
             queued: BTreeMap::new(),
             staged_bytes: 0,
             dirs_made: HashSet::new(),

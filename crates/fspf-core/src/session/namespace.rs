@@ -24,6 +24,27 @@ impl<A: Anchor> Session<A> {
         Ok(eph)
     }
 
+    /// An entry was made or removed at `ep`: the modification and change times of its directory
+    /// move to now, as the kernel moves them (kernel regions; queued like a mode and committed
+    /// at the next commit point as a [`Change::Touch`], which changes only those two times).
+    pub fn touch_parent(&mut self, ep: &EmbedPath) {
+        let Some(dir) = ep.parent() else { return };
+        if self.is_ephemeral(&dir) || self.vol.is_none() {
+            return;
+        }
+        let now = crate::format::metadata::now_ns();
+        self.pending.times.insert(dir.clone(), now);
+        self.pending.ctimes.insert(dir.clone(), now);
+        if let Some(&i) = self.touches.get(&dir) {
+            if let Some(Change::Touch { ns, .. }) = self.queue.get_mut(i) {
+                *ns = now;
+                return;
+            }
+        }
+        self.touches.insert(dir.clone(), self.queue.len());
+        self.queue.push(Change::Touch { dir, ns: now });
+    }
+
     /// Remove the file (`dir == false`) or empty directory (`dir == true`) at `ep`. The
     /// frontend drops its buffers at or below `ep` after this succeeded.
     pub fn unlink(
@@ -60,6 +81,7 @@ impl<A: Anchor> Session<A> {
         remove_tree(&mut self.pending.owners, ep);
         self.pending.removed.insert(ep.clone(), dir);
         self.queue.push(Change::Remove(ep.clone()));
+        self.touch_parent(ep);
         Ok(())
     }
 
@@ -143,6 +165,7 @@ impl<A: Anchor> Session<A> {
                 ino: None,
             },
         ));
+        self.touch_parent(ep);
         Ok(())
     }
 
@@ -173,6 +196,7 @@ impl<A: Anchor> Session<A> {
             ino: None,
         };
         self.queue.push(Change::PutEntry(ep.clone(), entry));
+        self.touch_parent(ep);
         self.commit()
     }
 
@@ -281,6 +305,8 @@ impl<A: Anchor> Session<A> {
         };
         if let Some(p) = prep {
             self.queue.push(change);
+            self.touch_parent(from);
+            self.touch_parent(to);
             return match self.commit() {
                 Ok(()) => {
                     p.finish();
@@ -298,6 +324,8 @@ impl<A: Anchor> Session<A> {
             None => (None, None),
         };
         self.queue.push(change);
+        self.touch_parent(from);
+        self.touch_parent(to);
         self.commit()?;
         if let (Some(a), Some(b)) = (kf, kt) {
             // Same region, same base; creates b's parents; follows no symlink below the base.
@@ -331,6 +359,7 @@ impl<A: Anchor> Session<A> {
             ino: None,
         };
         self.queue.push(Change::PutEntry(ep.clone(), entry));
+        self.touch_parent(ep);
         self.commit()
     }
 

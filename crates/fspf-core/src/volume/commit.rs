@@ -85,6 +85,11 @@ pub enum Change {
     /// Move an entry (and, for a directory, everything below it). The file id, hence the key,
     /// is kept: a rename re-encrypts nothing. The caller renames the kernel object after the commit.
     Rename { from: EmbedPath, to: EmbedPath },
+    /// An entry was made in or removed from directory `dir` at `ns`: its modification and change
+    /// times move to `ns` (never back). Only those two fields change, so a concurrent `chmod` of
+    /// the directory by another process is kept; an implied directory (only paths below it are
+    /// listed) is recorded, with the mode it shows (0755).
+    Touch { dir: EmbedPath, ns: i64 },
 }
 
 /// Longest `NAME` kept whole in a shadow name: `.NAME.fspf-<32 hex>` must fit the 255 bytes of
@@ -412,6 +417,33 @@ impl Volume {
                         }
                     }
                 }
+                Change::Touch { dir, ns } => match self.meta.files.get_mut(dir) {
+                    Some(e) => {
+                        if matches!(e.kind, FileKind::Dir) {
+                            e.mtime_ns = e.mtime_ns.max(*ns);
+                            e.ctime_ns = e.ctime_ns.max(*ns);
+                        }
+                    }
+                    None => {
+                        let root = self
+                            .meta
+                            .region_for(dir)
+                            .is_some_and(|r| &r.embed_point == dir);
+                        if !root && self.meta.has_below(dir) {
+                            self.meta.files.insert(
+                                dir.clone(),
+                                FileEntry {
+                                    kind: FileKind::Dir,
+                                    mode: 0o755,
+                                    mtime_ns: *ns,
+                                    ctime_ns: *ns,
+                                    owner: None,
+                                    ino: None,
+                                },
+                            );
+                        }
+                    }
+                },
                 Change::Rename { from, to } => {
                     let now = crate::format::metadata::now_ns();
                     for k in self.meta.paths_below(from) {
