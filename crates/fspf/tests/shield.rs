@@ -2786,3 +2786,24 @@ print(' '.join(map(str, t)))
         "the directory's time is recorded"
     );
 }
+
+#[test]
+fn rename_or_rmdir_of_dot_or_dotdot_acted_on_the_directory_itself() {
+    let mut w = data_world();
+    let py = python_bin();
+    let script = "import os, errno
+os.makedirs('/data/a/b')
+def err(f, *a):
+    try:
+        f(*a)
+        return 'ok'
+    except OSError as e:
+        return errno.errorcode[e.errno]
+print(err(os.rename, '/data/a/b/.', '/data/c'), err(os.rename, '/data/a/b/..', '/data/c'),
+      err(os.rmdir, '/data/a/b/.'), err(os.rmdir, '/data/a/b/..'),
+      os.path.isdir('/data/a/b'), os.path.exists('/data/c'))
+";
+    let o = w.run_tagged(&[], &[&py, "-c", script]);
+    ok(&o, "dot and dotdot");
+    assert_eq!(stdout(&o), "EINVAL EINVAL EINVAL ENOTEMPTY True False\n");
+}

@@ -10,16 +10,45 @@ use fspf_core::volume::kernel_fs;
 use fspf_core::EmbedPath;
 use libc::{c_char, c_int, c_uint, mode_t, off_t, size_t};
 
+/// The last component of a path as the program wrote it, when it is `.` or `..` (the shield
+/// resolves paths lexically, so `d/.` would otherwise name `d` itself).
+///
+/// # Safety
+/// `p` is null or a NUL-terminated string.
+unsafe fn dot_last(p: *const c_char) -> Option<&'static [u8]> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: the caller's NUL-terminated path.
+    let b = unsafe { std::ffi::CStr::from_ptr(p) }.to_bytes();
+    let b = b.strip_suffix(b"/").unwrap_or(b);
+    let last = b.rsplit(|&c| c == b'/').next()?;
+    match last {
+        b"." => Some(b"."),
+        b".." => Some(b".."),
+        _ => None,
+    }
+}
+
 unsafe fn unlink_common(
     d: c_int,
     p: *const c_char,
     flags: c_int,
     real_call: impl Fn(c_int, *const c_char) -> c_int,
 ) -> c_int {
+    let dir = flags & libc::AT_REMOVEDIR != 0;
     // SAFETY: `p` is the program's argument.
     unsafe {
         super::by_route(d, p, real_call, |sh, ep| {
-            match do_unlink(sh, ep, flags & libc::AT_REMOVEDIR != 0) {
+            // As the kernel: `rmdir("d/.")` is EINVAL, `rmdir("d/..")` ENOTEMPTY (never a
+            // removal of `d` or of its parent); `unlink` of either names a directory.
+            match (dot_last(p), dir) {
+                (Some(b"."), true) => return fail(libc::EINVAL),
+                (Some(_), true) => return fail(libc::ENOTEMPTY),
+                (Some(_), false) => return fail(libc::EISDIR),
+                _ => {}
+            }
+            match do_unlink(sh, ep, dir) {
                 Ok(()) => 0,
                 Err(e) => fail(e),
             }
@@ -130,6 +159,13 @@ unsafe fn rename_common(
     let (ra, rb) = (sh.route(da, a), sh.route(db, b));
     match (ra, rb) {
         (Route::Deny(e), _) | (_, Route::Deny(e)) => fail(e),
+        // SAFETY: the program's path arguments.
+        (Route::Shield(_), Route::Shield(_))
+            if unsafe { dot_last(a).is_some() || dot_last(b).is_some() } =>
+        {
+            // As the kernel: `.` and `..` are never renamed (nor renamed over).
+            fail(libc::EINVAL)
+        }
         (Route::Shield(x), Route::Shield(y)) => match do_rename(sh, x, y, flags) {
             Ok(()) => 0,
             Err(e) => fail(e),
