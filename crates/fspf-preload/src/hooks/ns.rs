@@ -157,12 +157,11 @@ unsafe fn rename_common(
     };
     let sh = shield::get();
     let (ra, rb) = (sh.route(da, a), sh.route(db, b));
+    // SAFETY: the program's path arguments (routed above, so NUL-terminated strings).
+    let dots = unsafe { dot_last(a).is_some() || dot_last(b).is_some() };
     match (ra, rb) {
         (Route::Deny(e), _) | (_, Route::Deny(e)) => fail(e),
-        // SAFETY: the program's path arguments.
-        (Route::Shield(_), Route::Shield(_))
-            if unsafe { dot_last(a).is_some() || dot_last(b).is_some() } =>
-        {
+        (Route::Shield(_), Route::Shield(_)) if dots => {
             // As the kernel: `.` and `..` are never renamed (nor renamed over).
             fail(libc::EINVAL)
         }
