@@ -189,7 +189,10 @@ pub fn open(ep: &EmbedPath) -> Option<Opened> {
     }
     let rel = rel(ep)?;
     let fl = libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    for _ in 0..4 {
+    // A few rounds: the buffer may go (its last holder removed it) or be incomplete (a user
+    // other than root cannot open it before its creator made it 0600) while we look.
+    let mut waits = 0u64;
+    for _ in 0..64 {
         // Mode 0: incomplete until `loaded` makes it 0600 (a creator killed while loading
         // leaves a buffer that no one may join).
         // SAFETY: NUL-terminated relative path below our directory fd.
@@ -208,6 +211,8 @@ pub fn open(ep: &EmbedPath) -> Option<Opened> {
                     return Some(Opened::Joined(fd));
                 }
                 remove_incomplete(dir, &rel);
+                waits += 1;
+                std::thread::sleep(std::time::Duration::from_millis(waits.min(20)));
             }
             _ => return None,
         }
