@@ -2807,3 +2807,23 @@ print(err(os.rename, '/data/a/b/.', '/data/c'), err(os.rename, '/data/a/b/..', '
     ok(&o, "dot and dotdot");
     assert_eq!(stdout(&o), "EINVAL EINVAL EINVAL ENOTEMPTY True False\n");
 }
+
+#[test]
+fn rename_with_a_null_path_gave_exdev_instead_of_efault() {
+    let w = data_world();
+    let src = r#"
+#include <errno.h>
+#include <stdio.h>
+#include <sys/syscall.h>
+int main(void) {
+    int a = rename("/data/hello.txt", NULL) == -1 ? errno : 0;
+    int b = rename(NULL, "/data/hello.txt") == -1 ? errno : 0;
+    printf("%d %d\n", a == EFAULT, b == EFAULT);
+    return 0;
+}
+"#;
+    let exe = w.cc("renull", src, &["-Wno-nonnull"]);
+    let o = w.run(&[&exe]);
+    ok(&o, "rename with NULL");
+    assert_eq!(stdout(&o), "1 1\n");
+}

@@ -156,6 +156,29 @@ unsafe fn rename_common(
         return call(da, a, db, b);
     };
     let sh = shield::get();
+    if a.is_null() {
+        // The kernel answers EFAULT before it reads the other path (which may be unmapped).
+        drop(g);
+        return call(da, a, db, b);
+    }
+    if b.is_null() {
+        // The kernel looks the source up first: ENOENT if it is missing, else EFAULT.
+        return match sh.route(da, a) {
+            Route::Shield(ep) => {
+                let inner = sh.lock();
+                match sh.lookup(&inner, &ep) {
+                    Ok(_) => fail(libc::EFAULT),
+                    Err(e) => fail(e),
+                }
+            }
+            Route::Deny(e) => fail(e),
+            Route::Kernel(k, _) => call(libc::AT_FDCWD, k.as_ptr(), db, b),
+            Route::Pass => {
+                drop(g);
+                call(da, a, db, b)
+            }
+        };
+    }
     let (ra, rb) = (sh.route(da, a), sh.route(db, b));
     // SAFETY: the program's path arguments (routed above, so NUL-terminated strings).
     let dots = unsafe { dot_last(a).is_some() || dot_last(b).is_some() };
