@@ -381,13 +381,7 @@ pub unsafe fn fcntl(h: &Handle, cmd: c_int, arg: libc::c_ulong) -> Result<c_int,
     match cmd {
         libc::F_GETLK | libc::F_OFD_GETLK => {
             let base = slot(&path_of(h));
-            let (s, l) = map(base, start, len);
-            let mut q = fl;
-            q.l_whence = libc::SEEK_SET as libc::c_short;
-            q.l_start = s;
-            q.l_len = l;
-            q.l_pid = 0;
-            ofd(carrier(h, owner)?, libc::F_OFD_GETLK, &mut q)?;
+            let q = conflict(h, owner, fl.l_type as c_int, base, start, len)?;
             if q.l_type as c_int != libc::F_UNLCK {
                 fl.l_type = q.l_type;
                 fl.l_whence = libc::SEEK_SET as libc::c_short;
@@ -413,6 +407,22 @@ pub unsafe fn fcntl(h: &Handle, cmd: c_int, arg: libc::c_ulong) -> Result<c_int,
     }
 }
 
+/// The lock of another owner that a `kind` lock on `[start, start + len)` of the file at slot
+/// `base` would conflict with (`l_type` `F_UNLCK`: none), in the shared memfd's offsets.
+fn conflict(
+    h: &Handle,
+    owner: Owner,
+    kind: c_int,
+    base: i64,
+    start: i64,
+    len: i64,
+) -> Result<libc::flock, c_int> {
+    let (s, l) = map(base, start, len);
+    let mut q = lock_req(kind, s, l);
+    ofd(carrier(h, owner)?, libc::F_OFD_GETLK, &mut q)?;
+    Ok(q)
+}
+
 /// Take, change or release a lock on `[start, start + len)` of the file behind `h`.
 pub fn set(
     h: &Handle,
@@ -427,6 +437,37 @@ pub fn set(
     }
     let base = slot(&path_of(h));
     let (s, l) = map(base, start, len);
+    lock_range(h, owner, kind, s, l, wait)?;
+    if owner == Owner::Process && kind != libc::F_UNLCK {
+        held().insert(base);
+    }
+    Ok(())
+}
+
+/// `flock(2)` on a shielded fd: the file's `flock` byte, owned by the open description.
+pub fn flock(h: &Handle, op: c_int) -> Result<(), c_int> {
+    let kind = match op & !libc::LOCK_NB {
+        libc::LOCK_SH => libc::F_RDLCK,
+        libc::LOCK_EX => libc::F_WRLCK,
+        libc::LOCK_UN => libc::F_UNLCK,
+        _ => return Err(libc::EINVAL),
+    };
+    let base = slot(&path_of(h));
+    let wait = op & libc::LOCK_NB == 0;
+    lock_range(h, Owner::Description, kind, base + FLOCK_BYTE, 1, wait)
+}
+
+/// Lock, relock or unlock `[s, s + l)` of the shared memfd for `owner`: what this process
+/// wrote is published before a lock is given up or weakened, and what others committed is
+/// loaded after one is taken.
+fn lock_range(
+    h: &Handle,
+    owner: Owner,
+    kind: c_int,
+    s: i64,
+    l: i64,
+    wait: bool,
+) -> Result<(), c_int> {
     let fd = carrier(h, owner)?;
     if kind != libc::F_WRLCK {
         publish()?;
@@ -439,36 +480,7 @@ pub fn set(
     };
     ofd(fd, cmd, &mut q)?;
     if kind != libc::F_UNLCK {
-        if owner == Owner::Process {
-            held().insert(base);
-        }
         after_acquire(h, fd, s, l)?;
-    }
-    Ok(())
-}
-
-/// `flock(2)` on a shielded fd.
-pub fn flock(h: &Handle, op: c_int) -> Result<(), c_int> {
-    let kind = match op & !libc::LOCK_NB {
-        libc::LOCK_SH => libc::F_RDLCK,
-        libc::LOCK_EX => libc::F_WRLCK,
-        libc::LOCK_UN => libc::F_UNLCK,
-        _ => return Err(libc::EINVAL),
-    };
-    let base = slot(&path_of(h));
-    let fd = carrier(h, Owner::Description)?;
-    if kind != libc::F_WRLCK {
-        publish()?;
-    }
-    let mut q = lock_req(kind, base + FLOCK_BYTE, 1);
-    let cmd = if op & libc::LOCK_NB != 0 {
-        libc::F_OFD_SETLK
-    } else {
-        libc::F_OFD_SETLKW
-    };
-    ofd(fd, cmd, &mut q)?;
-    if kind != libc::F_UNLCK {
-        after_acquire(h, fd, base + FLOCK_BYTE, 1)?;
     }
     Ok(())
 }
@@ -490,9 +502,7 @@ pub fn lockf(h: &Handle, cmd: c_int, len: i64) -> Result<(), c_int> {
         libc::F_ULOCK => set(h, Owner::Process, libc::F_UNLCK, start, len, false),
         libc::F_TEST => {
             let base = slot(&path_of(h));
-            let (s, l) = map(base, start, len);
-            let mut q = lock_req(libc::F_WRLCK, s, l);
-            ofd(carrier(h, Owner::Process)?, libc::F_OFD_GETLK, &mut q)?;
+            let q = conflict(h, Owner::Process, libc::F_WRLCK, base, start, len)?;
             if q.l_type as c_int == libc::F_UNLCK {
                 Ok(())
             } else {
@@ -503,10 +513,14 @@ pub fn lockf(h: &Handle, cmd: c_int, len: i64) -> Result<(), c_int> {
     }
 }
 
-/// The program closed an fd of `ep`: as POSIX says, the process's record locks on the file go
-/// (after what it wrote is committed).
-pub fn closed(ep: &EmbedPath) {
-    let base = slot(ep);
+/// The program closed (or `dup2`ed over) an fd of the file behind `h`: as POSIX says, the
+/// process's record locks on the file go (after what it wrote is committed). Nothing to do, and
+/// no path hashed, when the process holds no record lock.
+pub fn closed(h: &Handle) {
+    if held().is_empty() {
+        return;
+    }
+    let base = slot(&h.lock().unwrap_or_else(|e| e.into_inner()).path);
     if !held().contains(&base) {
         return;
     }

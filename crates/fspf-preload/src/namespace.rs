@@ -49,14 +49,32 @@ pub(crate) fn new_owner(inner: &Inner, ep: &EmbedPath, mode: u32, dir: bool) -> 
         .new_owner(&Live(&inner.live), ep, uid, gid, gid, mode, dir)
 }
 
+/// Before making an object at `ep`: the permission to make it in its directory (when nothing is
+/// there yet; otherwise the session answers `EEXIST`), and its owner and mode (`mode` with the
+/// umask applied when `umask`).
+fn creating(
+    sh: &Shield,
+    inner: &Inner,
+    ep: &EmbedPath,
+    mode: u32,
+    umask: bool,
+    dir: bool,
+) -> Result<(Owner, u32), c_int> {
+    if sh.lookup(inner, ep).is_err() {
+        crate::perm::check_dir_change(sh, inner, ep, None)?;
+    }
+    let mode = if umask {
+        mode & 0o7777 & !crate::umask::now()
+    } else {
+        mode
+    };
+    Ok(new_owner(inner, ep, mode, dir))
+}
+
 pub(crate) fn do_mkdir(sh: &Shield, ep: EmbedPath, mode: mode_t) -> Result<(), c_int> {
     let mut g = sh.lock();
     let inner = &mut *g;
-    if sh.lookup(inner, &ep).is_err() {
-        crate::perm::check_dir_change(sh, inner, &ep, None)?;
-    }
-    let mode = mode & 0o7777 & !crate::umask::now();
-    let (owner, mode) = new_owner(inner, &ep, mode, true);
+    let (owner, mode) = creating(sh, inner, &ep, mode, true, true)?;
     inner
         .s
         .mkdir(
@@ -87,12 +105,8 @@ pub(crate) fn do_mknod(
             Err(e) => Err(e),
         };
     }
-    if sh.lookup(inner, &ep).is_err() {
-        crate::perm::check_dir_change(sh, inner, &ep, None)?;
-    }
+    let (owner, mode) = creating(sh, inner, &ep, mode, true, false)?;
     sh.stage_buffers(inner)?;
-    let mode = mode & 0o7777 & !crate::umask::now();
-    let (owner, mode) = new_owner(inner, &ep, mode, false);
     let r = inner.s.mknod(
         &Live(&inner.live),
         &ep,
@@ -153,13 +167,10 @@ pub(crate) fn do_rename(
 pub(crate) fn do_symlink(sh: &Shield, target: &[u8], ep: EmbedPath) -> Result<(), c_int> {
     let mut g = sh.lock();
     let inner = &mut *g;
-    if sh.lookup(inner, &ep).is_err() {
-        crate::perm::check_dir_change(sh, inner, &ep, None)?;
-    }
+    let (owner, _) = creating(sh, inner, &ep, 0o777, false, false)?;
     if !inner.s.is_ephemeral(&ep) {
         sh.stage_buffers(inner)?;
     }
-    let (owner, _) = new_owner(inner, &ep, 0o777, false);
     let r = inner.s.symlink(
         &Live(&inner.live),
         target,

@@ -118,10 +118,16 @@ fn join_existing(
     }
     let fd = crate::runbuf::existing(ep)?;
     let b = WriteBuf::shared_file(ep.clone(), fd, mode, mtime, true).ok()?;
+    Some(keep_live(inner, b))
+}
+
+/// Make `b` this process's live buffer of its path (its fd the shield's own).
+fn keep_live(inner: &mut Inner, b: WriteBuf) -> Arc<Mutex<WriteBuf>> {
+    let ep = b.path.clone();
     let b = Arc::new(Mutex::new(b));
     files::register_own(&b);
-    inner.live.insert(ep.clone(), b.clone());
-    Some(b)
+    inner.live.insert(ep, b.clone());
+    b
 }
 
 /// Fill a new buffer for `ep` with its current verified plaintext (streamed chunk by chunk).
@@ -348,12 +354,8 @@ fn shield_open_depth(
                         let (mut b, joined) =
                             new_buffer(&inner, &ep, n.mode, n.mtime.unwrap_or(sh.started))?;
                         b.owner = n.owner;
-                        if joined {
-                            let b = Arc::new(Mutex::new(b));
-                            files::register_own(&b);
-                            inner.live.insert(ep.clone(), b.clone());
-                            b
-                        } else {
+                        // A joined buffer is current as it is; a new one is filled first.
+                        if !joined {
                             if flags & libc::O_TRUNC == 0 {
                                 load_buffer(&inner, &ep, &b)?;
                                 // The version it starts from: appends to it can be rebased onto a
@@ -374,11 +376,8 @@ fn shield_open_depth(
                             if b.mirror {
                                 crate::runbuf::loaded(b.fd);
                             }
-                            let b = Arc::new(Mutex::new(b));
-                            files::register_own(&b);
-                            inner.live.insert(ep.clone(), b.clone());
-                            b
                         }
+                        keep_live(&mut inner, b)
                     }
                 };
                 {
@@ -420,16 +419,11 @@ fn shield_open_depth(
             }
             b.owner = Some(owner);
             // The directory's times move now, as the kernel moves them at the create.
-            if !inner.s.is_ephemeral(&ep) {
-                inner.s.touch_parent(&ep);
-            }
+            inner.s.touch_parent(&ep);
             // A new file exists (empty) once it is closed, even if nothing was written.
             b.touched.store(true, Ordering::Relaxed);
             b.writers = 1;
-            let b = Arc::new(Mutex::new(b));
-            files::register_own(&b);
-            inner.live.insert(ep.clone(), b.clone());
-            (Body::Buf(b), m, None, true)
+            (Body::Buf(keep_live(&mut inner, b)), m, None, true)
         }
         Err(e) => return Err(e),
     };
@@ -534,14 +528,10 @@ pub fn refresh_path(inner: &mut Inner, ep: &EmbedPath) -> Result<(), c_int> {
     Ok(())
 }
 
-/// Replace `to`'s content with `from`'s (both memfds), leaving `to` untouched by the hooks'
-/// bookkeeping (the caller records what it now holds).
+/// Replace `to`'s content with `from`'s (the caller then records what `to` holds).
 fn copy_buffer(from: &WriteBuf, to: &WriteBuf) -> Result<(), c_int> {
     let len = from.len();
-    // SAFETY: truncating our own buffer memfd.
-    if unsafe { real::ftruncate(to.fd, len as i64) } != 0 {
-        return Err(crate::errno());
-    }
+    to.set_len(len)?;
     let mut chunk = vec![0u8; (1 << 20).min(len as usize)];
     let mut off = 0u64;
     while off < len {
@@ -549,23 +539,7 @@ fn copy_buffer(from: &WriteBuf, to: &WriteBuf) -> Result<(), c_int> {
         if n == 0 {
             return Err(libc::EIO);
         }
-        let mut done = 0;
-        while done < n {
-            let w = &chunk[done..n];
-            // SAFETY: writing our own bytes into our own buffer memfd.
-            let r = unsafe {
-                real::pwrite(
-                    to.fd,
-                    w.as_ptr().cast(),
-                    w.len(),
-                    (off + done as u64) as i64,
-                )
-            };
-            if r <= 0 {
-                return Err(if r < 0 { crate::errno() } else { libc::EIO });
-            }
-            done += r as usize;
-        }
+        to.write_all_at(&chunk[..n], off)?;
         off += n as u64;
     }
     Ok(())

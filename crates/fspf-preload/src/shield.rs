@@ -388,10 +388,6 @@ pub fn init() -> bool {
     // The key memfd for exec'd children is made when the first child needs it (most shielded
     // processes exec nothing).
     let key_fd = -1;
-    // After every environment read: a program's own setenv (bash has one) may take over the
-    // environment once something is set.
-    crate::locks::init();
-    crate::runbuf::init();
     let key_handoff = key.is_some() && key_from_fd;
     let (cwd, cwd_virtual) = inherited_cwd()
         .map(|c| (c, true))
@@ -425,6 +421,11 @@ pub fn init() -> bool {
         }),
         index_tag: Mutex::new(None),
     };
+    // After every other environment read: a program's own setenv (bash has one) may take over
+    // the environment once something is set, and `locks::init` sets `FSPF_LOCKS_FD` when it
+    // makes the run's lock memfd.
+    crate::runbuf::init();
+    crate::locks::init();
     SHIELD.set(sh).is_ok()
 }
 

@@ -518,11 +518,6 @@ mod tests {
         let e = sync_filesystems([missing.as_path()]).unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");
     }
-}
-
-#[cfg(test)]
-mod mode_tests {
-    use super::*;
 
     /// Regression (pjdfstest under `fspf run`): every commit wrote the new fspf with mode 0600,
     /// so the other users of a run (processes that drop to another uid, an image's non-root

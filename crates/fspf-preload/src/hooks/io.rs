@@ -242,8 +242,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
         let h = files::remove(fd);
         if let Some(h) = &h {
             // POSIX: closing any fd of a file drops the process's record locks on it.
-            let path = h.lock().unwrap_or_else(|e| e.into_inner()).path.clone();
-            crate::locks::closed(&path);
+            crate::locks::closed(h);
         }
         let sealed = h.map_or(Ok(()), release);
         // SAFETY: closing the placeholder.
@@ -318,8 +317,7 @@ fn dup_into(old: c_int, new: c_int) -> Result<(), c_int> {
     if let Some(h) = files::remove(new) {
         // dup2 closes `new` silently, as the kernel does (and, as any close of the file, drops
         // the process's record locks on it).
-        let path = h.lock().unwrap_or_else(|e| e.into_inner()).path.clone();
-        crate::locks::closed(&path);
+        crate::locks::closed(&h);
         let _ = release(h);
     }
     files::forget_translated(new);
