@@ -64,6 +64,28 @@ pub enum Error {
     Ephemeral { path: String, region: String },
     #[error("{path}: chunk {chunk} failed authentication (file modified, swapped or rolled back)")]
     ChunkAuth { path: String, chunk: u64 },
+    #[error("{path}: chunk-tree page {page} of level {level} failed authentication (tree modified, swapped or rolled back)")]
+    TreeAuth { path: String, level: u32, page: u64 },
+    #[error("{path}: chunk tree is {actual} bytes, expected {expected} (tree missing, truncated or extended)")]
+    TreeSize {
+        path: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{path}: journal {journal} is damaged ({reason}); the file cannot be brought to its committed state")]
+    JournalDamaged {
+        path: String,
+        journal: String,
+        reason: String,
+    },
+    #[error(
+        "{path}: changed by another writer since this update began (base {base}, now {current})"
+    )]
+    UpdateConflict {
+        path: String,
+        base: String,
+        current: String,
+    },
     #[error(
         "{path}: size on disk is {actual} bytes, expected {expected} (file truncated or extended)"
     )]
@@ -108,6 +130,9 @@ impl Error {
                 | Error::WrongKeyOrCorrupt { .. }
                 | Error::MalformedMetadata { .. }
                 | Error::ChunkAuth { .. }
+                | Error::TreeAuth { .. }
+                | Error::TreeSize { .. }
+                | Error::JournalDamaged { .. }
                 | Error::SizeMismatch { .. }
                 | Error::HeaderMismatch { .. }
                 | Error::NotRegular { .. }

@@ -19,7 +19,7 @@ pub mod volume;
 pub use crypto::{FileId, RegionKey, Tag, VolumeKey};
 pub use error::{Error, Result};
 pub use format::index::{build_index, FrozenIndex};
-pub use format::metadata::{FileEntry, FileKind, Protection, Region, RegionKind};
+pub use format::metadata::{FileEntry, FileKind, Protection, Region, RegionKind, Version};
 pub use format::view::{ChildKind, MetaView};
 pub use policy::EmbedPath;
 pub use volume::{write_file_durably, Volume, VolumeOptions};

@@ -44,6 +44,7 @@ pub unsafe fn do_write(
     off: Option<u64>,
 ) -> ssize_t {
     let mut kill_suid = None;
+    let mut buffer = None;
     let touched = {
         let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
         if !f.write {
@@ -70,6 +71,7 @@ pub unsafe fn do_write(
                     .append_only
                     .store(false, Ordering::Relaxed);
             }
+            buffer = Some(b.clone());
         }
         f.touched.clone()
     };
@@ -87,12 +89,35 @@ pub unsafe fn do_write(
         return fail_isize(libc::EFBIG);
     }
     t.store(true, Ordering::Relaxed);
-    match off {
+    // A buffer whose changes are tracked is written under its lock, so that the offset read
+    // back after the write is where this write ended (no other hooked write in between).
+    let mut g = buffer
+        .as_ref()
+        .map(|b| b.lock().unwrap_or_else(|e| e.into_inner()));
+    let g = g.as_mut().filter(|g| g.track.is_some());
+    let w = match off {
         // SAFETY: the program's n bytes; fd is a description of the buffer.
         Some(o) => unsafe { real::pwrite(fd, buf.cast(), n, o as off_t) },
         // SAFETY: as above.
         None => unsafe { real::write(fd, buf.cast(), n) },
+    };
+    if let Some(g) = g {
+        if w > 0 {
+            let at = match off {
+                Some(o) => Some(o),
+                // SAFETY: reading the description's offset, which this write just moved.
+                None => match unsafe { real::lseek(fd, 0, libc::SEEK_CUR) } {
+                    end if end >= w as i64 => Some(end as u64 - w as u64),
+                    _ => None,
+                },
+            };
+            match at {
+                Some(at) => g.note_write(at, w as u64),
+                None => g.track = None,
+            }
+        }
     }
+    w
 }
 
 pub fn do_seek(fd: c_int, h: &Handle, off: i64, whence: c_int) -> i64 {

@@ -33,7 +33,7 @@ pub struct WriteBuf {
     /// The committed version this buffer was loaded from (file id, length), when it was; with
     /// `append_only`, what another process of the run committed meanwhile can be kept (the
     /// appended bytes are rebased onto it at commit: two processes appending to one log).
-    pub base: Option<(fspf_core::FileId, u64)>,
+    pub base: Option<(fspf_core::Version, u64)>,
     /// No hooked write or truncation touched the first `base` bytes since the load.
     pub append_only: AtomicBool,
     /// The memfd is mapped `MAP_SHARED` writable: writes through the mapping bypass every hook
@@ -55,10 +55,58 @@ pub struct WriteBuf {
     /// The committed version the content equals (loaded from it, or sealed and committed as
     /// it), whatever the append tracking: a clean buffer whose path has a newer version is
     /// reloaded when the process takes a lock on it.
-    pub version: Option<fspf_core::FileId>,
+    pub version: Option<fspf_core::Version>,
     /// The buffer is the run's shared buffer of the file (`runbuf.rs`), not a private memfd:
     /// other processes of the run write it too, and it is always current.
     pub mirror: bool,
+    /// What this process's hooks changed since the buffer equalled `version` (loaded, or
+    /// staged): the next seal of a format-2 file is then an in-place update of those bytes
+    /// (FORMAT.md §5b). `None` once something may write the buffer unseen (a writable shared
+    /// map, another process, an inherited descriptor): a whole version is sealed.
+    pub track: Option<Track>,
+}
+
+/// Byte ranges written through the hooks, and the smallest length the buffer had, since the
+/// buffer last equalled a committed or staged state.
+#[derive(Debug, Clone)]
+pub struct Track {
+    /// Sorted, disjoint, non-adjacent (offset, length).
+    pub ranges: Vec<(u64, u64)>,
+    pub min_len: u64,
+    /// The memfd's size and times after the last tracked change: a differing print when the
+    /// buffer is sealed means a write this process's hooks did not see.
+    pub print: (u64, u64),
+}
+
+impl Track {
+    /// Record bytes `off .. off + len` as written.
+    pub fn add(&mut self, off: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let (mut lo, mut hi) = (off, off.saturating_add(len));
+        // The ranges that touch [lo, hi] merge into one.
+        let first = self.ranges.partition_point(|&(o, l)| o + l < lo);
+        let mut last = first;
+        while last < self.ranges.len() && self.ranges[last].0 <= hi {
+            lo = lo.min(self.ranges[last].0);
+            hi = hi.max(self.ranges[last].0 + self.ranges[last].1);
+            last += 1;
+        }
+        self.ranges.splice(first..last, [(lo, hi - lo)]);
+    }
+
+    /// The buffer was cut to `len`.
+    pub fn cut(&mut self, len: u64) {
+        self.min_len = self.min_len.min(len);
+        self.ranges.retain_mut(|(o, l)| {
+            if *o >= len {
+                return false;
+            }
+            *l = (*l).min(len - *o);
+            true
+        });
+    }
 }
 
 impl WriteBuf {
@@ -83,7 +131,64 @@ impl WriteBuf {
             owner: None,
             version: None,
             mirror: false,
+            track: None,
         }
+    }
+
+    /// The memfd's size and times now (see [`Track::print`]).
+    pub fn stat_now(&self) -> Option<(u64, u64)> {
+        // SAFETY: fstat of our own fd into a local buffer.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { real::fstat(self.fd, &mut st) } != 0 {
+            return None;
+        }
+        Some((st.st_size as u64, stat_print(&st)))
+    }
+
+    /// The buffer now equals a committed or staged state: track changes from here, if this
+    /// process sees every write to it.
+    pub fn start_tracking(&mut self) {
+        self.track = if self.shared || self.mirror || self.mapped_shared {
+            None
+        } else {
+            self.stat_now().map(|print| Track {
+                ranges: Vec::new(),
+                min_len: print.0,
+                print,
+            })
+        };
+    }
+
+    /// A hooked write put `len` bytes at `off`.
+    pub fn note_write(&mut self, off: u64, len: u64) {
+        let now = self.stat_now();
+        match (&mut self.track, now) {
+            (Some(t), Some(p)) => {
+                t.add(off, len);
+                t.print = p;
+            }
+            _ => self.track = None,
+        }
+    }
+
+    /// A hooked truncation set the length to `len`.
+    pub fn note_len(&mut self, len: u64) {
+        let now = self.stat_now();
+        match (&mut self.track, now) {
+            (Some(t), Some(p)) => {
+                t.cut(len);
+                t.print = p;
+            }
+            _ => self.track = None,
+        }
+    }
+
+    /// The tracked changes, if they are all the changes (nothing wrote the buffer unseen).
+    pub fn tracked(&self) -> Option<&Track> {
+        let t = self.track.as_ref()?;
+        (self.stat_now() == Some(t.print) && !self.mapped_shared && !self.shared && !self.mirror)
+            .then_some(t)
     }
 
     /// An empty buffer for `path`.
@@ -631,8 +736,10 @@ impl OpenFile {
         if !self.write {
             return Err(libc::EINVAL);
         }
-        let g = b.lock().unwrap_or_else(|e| e.into_inner());
-        g.set_len(len)
+        let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+        g.set_len(len)?;
+        g.note_len(len);
+        Ok(())
     }
 
     pub fn node(&self) -> Node {

@@ -360,19 +360,20 @@ fn shield_open_depth(
                                 load_buffer(&inner, &ep, &b)?;
                                 // The version it starts from: appends to it can be rebased onto a
                                 // version another process of the run commits meanwhile.
-                                if let Some(FileKind::File { id, size, .. }) = inner
+                                if let Some((v, size)) = inner
                                     .s
                                     .vol()
                                     .and_then(|v| v.lookup(&ep))
-                                    .map(|e| e.into_owned().kind)
+                                    .and_then(|e| Some((e.kind.version()?, file_size(&e.kind))))
                                 {
-                                    b.base = Some((id, size));
-                                    b.version = Some(id);
+                                    b.base = Some((v, size));
+                                    b.version = Some(v);
                                     b.append_only.store(true, Ordering::Relaxed);
                                 }
                             }
                             let c = b.contents()?;
                             b.mark_sealed(&c);
+                            b.start_tracking();
                             if b.mirror {
                                 crate::runbuf::loaded(b.fd);
                             }
@@ -484,7 +485,7 @@ pub fn refresh_path(inner: &mut Inner, ep: &EmbedPath) -> Result<(), c_int> {
         .and_then(|v| v.lookup(ep))
         .map(|e| e.into_owned().kind)
     {
-        Some(FileKind::File { id, size, .. }) => Some((id, size)),
+        Some(k @ FileKind::File { size, .. }) => k.version().map(|v| (v, size)),
         _ => None,
     };
     let Some((id, size)) = current else {
@@ -507,6 +508,7 @@ pub fn refresh_path(inner: &mut Inner, ep: &EmbedPath) -> Result<(), c_int> {
             }
             let print = g.fingerprint()?;
             g.mark_sealed_print(print);
+            g.start_tracking();
         }
         return Ok(());
     }
@@ -571,4 +573,12 @@ pub fn release(h: Handle) -> Result<(), c_int> {
         }
     }
     Ok(())
+}
+
+/// Size of a regular file's entry (0 for other kinds).
+fn file_size(k: &FileKind) -> u64 {
+    match k {
+        FileKind::File { size, .. } => *size,
+        _ => 0,
+    }
 }

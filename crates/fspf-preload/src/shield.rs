@@ -809,6 +809,9 @@ impl Shield {
             mtime: b.mtime_set.then_some(b.mtime),
             owner: b.owner,
         };
+        if !eph && self.stage_tracked(inner, b, meta)? {
+            return Ok(());
+        }
         if !eph && b.len() > files::HASH_MAX {
             // Large kernel file: seal straight from the memfd (no copy of the whole file).
             let print = b.fingerprint()?;
@@ -821,6 +824,7 @@ impl Shield {
             b.mtime = t;
             b.mark_sealed_print(print);
             b.pending = true;
+            b.start_tracking();
             return Ok(());
         }
         let data = b.contents()?;
@@ -840,7 +844,68 @@ impl Shield {
         b.mtime = t;
         b.mark_sealed(&data);
         b.pending = true;
+        b.start_tracking();
         Ok(())
+    }
+
+    /// Stage what the hooks saw change in `b` since it equalled its committed format-2 version
+    /// as an in-place update (FORMAT.md §5b): only the changed chunks are sealed and written.
+    /// `Ok(false)`: not possible (untracked changes, another base, a format-1 file, a change
+    /// too large): the caller seals a whole version.
+    fn stage_tracked(
+        &self,
+        inner: &mut Inner,
+        b: &mut WriteBuf,
+        meta: VersionMeta,
+    ) -> Result<bool, c_int> {
+        let (Some(version), Some(t)) = (b.version, b.tracked()) else {
+            return Ok(false);
+        };
+        if version.root.is_none() || b.pending {
+            return Ok(false);
+        }
+        let (len, print) = (t.print.0, t.print);
+        let (min_len, ranges) = (t.min_len, t.ranges.clone());
+        let fd = b.fd;
+        let read = |buf: &mut [u8], off: u64| -> std::io::Result<()> {
+            let mut done = 0;
+            while done < buf.len() {
+                // SAFETY: reading our own buffer memfd into a local buffer.
+                let n = unsafe {
+                    real::pread(
+                        fd,
+                        buf[done..].as_mut_ptr().cast(),
+                        buf.len() - done,
+                        (off + done as u64) as i64,
+                    )
+                };
+                if n <= 0 {
+                    return Err(std::io::Error::from_raw_os_error(if n < 0 {
+                        crate::errno()
+                    } else {
+                        libc::EIO
+                    }));
+                }
+                done += n as usize;
+            }
+            Ok(())
+        };
+        let staged = inner
+            .s
+            .stage_update(&b.path, version, len, min_len, &ranges, meta, read)
+            .map_err(errno_of)?;
+        let Some(t) = staged else {
+            return Ok(false);
+        };
+        b.mtime = t;
+        b.mark_sealed_print(if len <= files::HASH_MAX {
+            b.fingerprint()?
+        } else {
+            print
+        });
+        b.pending = true;
+        b.start_tracking();
+        Ok(true)
     }
 
     /// Before a `fork`, `exec` or `posix_spawn`: the children inherit the buffers' memfds, so
@@ -850,6 +915,7 @@ impl Shield {
             let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
             g.shared = true;
             g.base = None;
+            g.track = None;
             g.append_only
                 .store(false, std::sync::atomic::Ordering::Relaxed);
         }
@@ -923,6 +989,13 @@ impl Shield {
     pub fn commit(&self, inner: &mut Inner) -> Result<(), c_int> {
         let res = self.stage_buffers(inner);
         let r = inner.s.commit().map_err(errno_of);
+        if r.is_err() {
+            // What was staged is lost: no buffer's tracked changes describe its difference
+            // from a committed state any more.
+            for b in inner.live.values() {
+                b.lock().unwrap_or_else(|e| e.into_inner()).track = None;
+            }
+        }
         Self::after_commit(inner);
         r?;
         res
@@ -944,9 +1017,11 @@ impl Shield {
             let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(data) = merged.remove(&path) {
                 if g.set_len(0).is_err() || g.write_all_at(&data, 0).is_err() {
+                    g.track = None;
                     continue;
                 }
                 g.mark_sealed(&data);
+                g.start_tracking();
             }
             g.version = Some(id);
             if !g.shared {

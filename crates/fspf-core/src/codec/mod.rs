@@ -9,6 +9,7 @@
 //! disk beyond the label used in error messages.
 mod merkle;
 mod readat;
+pub mod tree;
 
 pub use merkle::{merkle_root_and_outboard, verify_leaf};
 pub use readat::ReadAt;
@@ -16,6 +17,7 @@ pub use readat::ReadAt;
 use crate::crypto::{AeadKey, FileId, MacKey, NONCE_LEN, TAG_LEN};
 use crate::error::{Error, Result};
 use crate::format::layout::{self, ENC_HEADER_LEN, ENC_MAGIC};
+use crate::format::tree as layout_tree;
 use rayon::prelude::*;
 use std::io::{Read, Write};
 
@@ -377,6 +379,12 @@ pub enum FileCodec<R: ReadAt, O: ReadAt> {
         data: R,
         outboard: Option<O>,
     },
+    /// Encrypted-file format 2: chunk entries in a verified page tree (`tree.rs`).
+    Tree {
+        keys: tree::EpochKeys,
+        data: R,
+        tree: tree::TreeReader<O>,
+    },
 }
 
 /// Sequential readahead starts with a window of this many plaintext bytes (at least one chunk)...
@@ -481,6 +489,33 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
                     });
                 }
             }
+            FileCodec::Tree { keys, data, .. } => {
+                let expected = layout_tree::data_len(size).ok_or_else(|| Error::FileTooLarge {
+                    path: label.clone(),
+                    size,
+                })?;
+                let actual = data.len().map_err(|e| Error::Io {
+                    path: label.clone().into(),
+                    source: e,
+                })?;
+                let mut h = [0u8; ENC_HEADER_LEN as usize];
+                if actual >= ENC_HEADER_LEN {
+                    data.read_exact_at(&mut h, 0).map_err(|e| Error::Io {
+                        path: label.clone().into(),
+                        source: e,
+                    })?;
+                    if h != tree::header2(keys.id()) {
+                        return Err(Error::HeaderMismatch { path: label });
+                    }
+                }
+                if actual != expected {
+                    return Err(Error::SizeMismatch {
+                        path: label,
+                        expected,
+                        actual,
+                    });
+                }
+            }
             FileCodec::Authenticated { data, outboard, .. } => {
                 let actual = data.len().map_err(|e| Error::Io {
                     path: label.clone().into(),
@@ -543,6 +578,14 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
         self.size
     }
 
+    /// The verified chunk tree of a format-2 file (an update reads its pages through it).
+    pub fn tree_mut(&mut self) -> Option<&mut tree::TreeReader<O>> {
+        match &mut self.codec {
+            FileCodec::Tree { tree, .. } => Some(tree),
+            _ => None,
+        }
+    }
+
     pub fn chunk_len(&self) -> u32 {
         self.chunk_len
     }
@@ -565,8 +608,55 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
         first: u64,
         count: u64,
         dest: &mut [u8],
-        mut leaves: Option<&mut Vec<[u8; 32]>>,
+        leaves: Option<&mut Vec<[u8; 32]>>,
     ) -> Span {
+        // Format 2: verify the tree pages and derive the keys first; chunks past a page that
+        // fails are not read.
+        let (prep, tree_err) = match &mut self.codec {
+            FileCodec::Tree { keys, tree, .. } => {
+                let mut v = Vec::with_capacity(count as usize);
+                let mut err = None;
+                for i in first..first + count {
+                    match tree
+                        .entry(i)
+                        .and_then(|e| keys.key(&e.epoch).map(|k| (k, e.tag)))
+                    {
+                        Ok(x) => v.push(x),
+                        Err(e) => {
+                            err = Some(e);
+                            break;
+                        }
+                    }
+                }
+                (Some(v), err)
+            }
+            _ => (None, None),
+        };
+        if let Some(e) = tree_err {
+            let ok = prep.as_ref().map_or(0, |v| v.len() as u64);
+            let cut = self.span_bytes(first, ok) as usize;
+            let (head, tail) = dest.split_at_mut(cut);
+            tail.fill(0);
+            let span = self.load_span_prepared(first, ok, head, leaves, prep.as_deref());
+            return match span.err {
+                Some(_) => span,
+                None => Span { ok, err: Some(e) },
+            };
+        }
+        self.load_span_prepared(first, count, dest, leaves, prep.as_deref())
+    }
+
+    fn load_span_prepared(
+        &mut self,
+        first: u64,
+        count: u64,
+        dest: &mut [u8],
+        mut leaves: Option<&mut Vec<[u8; 32]>>,
+        prep: Option<&[(std::sync::Arc<AeadKey>, [u8; TAG_LEN])]>,
+    ) -> Span {
+        if count == 0 {
+            return Span { ok: 0, err: None };
+        }
         let [mut s0, mut s1] = std::mem::take(&mut self.scratch);
         let span =
             if count >= 2 && dest.len() >= PARALLEL_MIN && self.read_helper && several_cores() {
@@ -582,10 +672,11 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
                         .stack_size(256 * 1024)
                         .spawn_scoped(s, move || {
                             let (d, sc, l) = take().expect("second half");
-                            this.load_part(first + half, count - half, d, sc, Some(l))
+                            let p = prep.map(|p| &p[half as usize..]);
+                            this.load_part(first + half, count - half, d, sc, Some(l), p)
                         });
                     let mut l0 = Vec::new();
-                    let a = this.load_part(first, half, d0, &mut s0, Some(&mut l0));
+                    let a = this.load_part(first, half, d0, &mut s0, Some(&mut l0), prep);
                     let b = match helper {
                         Ok(h) => h.join().unwrap_or_else(|_| Span {
                             ok: 0,
@@ -594,7 +685,8 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
                         // No thread (resource limits): do the second half here.
                         Err(_) => match take() {
                             Some((d, sc, l)) => {
-                                this.load_part(first + half, count - half, d, sc, Some(l))
+                                let p = prep.map(|p| &p[half as usize..]);
+                                this.load_part(first + half, count - half, d, sc, Some(l), p)
                             }
                             None => Span {
                                 ok: 0,
@@ -619,7 +711,7 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
                     }
                 }
             } else {
-                self.load_part(first, count, dest, &mut s0, leaves)
+                self.load_part(first, count, dest, &mut s0, leaves, prep)
             };
         self.scratch = [s0, s1];
         span
@@ -633,6 +725,7 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
         dest: &mut [u8],
         scratch: &mut Vec<u8>,
         mut leaves: Option<&mut Vec<[u8; 32]>>,
+        prep: Option<&[(std::sync::Arc<AeadKey>, [u8; TAG_LEN])]>,
     ) -> Span {
         if count == 0 {
             return Span { ok: 0, err: None };
@@ -679,6 +772,43 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
                         &id.0,
                         &[],
                         &scratch[..TAG_LEN],
+                        &mut [],
+                    ) {
+                        return fail(first);
+                    }
+                }
+            }
+            FileCodec::Tree { keys, data, .. } => {
+                let Some(prep) = prep.filter(|p| p.len() as u64 >= count) else {
+                    return Span {
+                        ok: 0,
+                        err: Some(Error::Other("chunk entries not prepared".into())),
+                    };
+                };
+                let id = keys.id();
+                scratch.resize(dest.len(), 0);
+                // `first` is a chunk of a file whose whole length was checked in `new`.
+                let at = layout_tree::chunk_offset(self.chunk_len, first).unwrap_or(u64::MAX);
+                if let Err(e) = data.read_exact_at(scratch, at) {
+                    return io(e);
+                }
+                let mut off = 0;
+                for (k, out) in dest.chunks_mut(c.max(1)).enumerate() {
+                    let i = first + k as u64;
+                    let (key, tag) = &prep[k];
+                    let ct = &scratch[off..off + out.len()];
+                    if !key.open_to(tree::nonce2(i), &tree::aad2(id, i), ct, tag, out) {
+                        return fail(i);
+                    }
+                    off += out.len();
+                }
+                if dest.is_empty() {
+                    let (key, tag) = &prep[0];
+                    if !key.open_to(
+                        tree::nonce2(first),
+                        &tree::aad2(id, first),
+                        &[],
+                        tag,
                         &mut [],
                     ) {
                         return fail(first);
@@ -813,7 +943,7 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
                 rest / c
             };
             let direct_min = match self.codec {
-                FileCodec::Encrypted { .. } => DIRECT_MIN,
+                FileCodec::Encrypted { .. } | FileCodec::Tree { .. } => DIRECT_MIN,
                 FileCodec::Authenticated { .. } => WINDOW_MAX_AUTHENTICATED,
             };
             if whole > 0 && (!sequential || whole * c >= direct_min) {
@@ -829,7 +959,7 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
             let needed = (pos % c + rest).div_ceil(c);
             let count = if sequential {
                 let max = match self.codec {
-                    FileCodec::Encrypted { .. } => WINDOW_MAX,
+                    FileCodec::Encrypted { .. } | FileCodec::Tree { .. } => WINDOW_MAX,
                     FileCodec::Authenticated { .. } => WINDOW_MAX_AUTHENTICATED,
                 };
                 let (lo, hi) = ((WINDOW_MIN.min(max) / c).max(1), (max / c).max(1));
@@ -908,6 +1038,26 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
         let n = self.chunks();
         let c = self.chunk_len as u64;
         let per = (block as u64 / c).max(1);
+        if matches!(self.codec, FileCodec::Tree { .. }) {
+            // Tree pages are verified through `&mut self`: one block after the other (each
+            // block of 2 MiB or more is still verified on two threads by `load_span`).
+            let mut buf = Vec::new();
+            let mut i = 0;
+            while i < n {
+                let count = per.min(n - i);
+                buf.resize(self.span_bytes(i, count) as usize, 0);
+                let span = self.load_span(i, count, &mut buf, None);
+                if let Some(e) = span.err {
+                    return Err(e);
+                }
+                sink(i * c, &buf).map_err(|e| Error::Io {
+                    path: self.label.clone().into(),
+                    source: e,
+                })?;
+                i += count;
+            }
+            return Ok(());
+        }
         let stop = std::sync::atomic::AtomicBool::new(false);
         let part = |first: u64, end: u64, scratch: &mut Vec<u8>| -> Result<()> {
             let mut buf = vec![0u8; self.span_bytes(first, per.min(end - first)) as usize];
@@ -915,7 +1065,7 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
             while i < end && !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let count = per.min(end - i);
                 let bytes = self.span_bytes(i, count) as usize;
-                let span = self.load_part(i, count, &mut buf[..bytes], scratch, None);
+                let span = self.load_part(i, count, &mut buf[..bytes], scratch, None, None);
                 let r = match span.err {
                     Some(e) => Err(e),
                     None => sink(i * c, &buf[..bytes]).map_err(|e| Error::Io {

@@ -266,6 +266,35 @@ pub fn file_mac_key(region: &RegionKey, id: &FileId) -> Result<MacKey> {
     Ok(MacKey(k))
 }
 
+/// HKDF info strings of encrypted-file format 2 (docs/FORMAT.md §4a).
+pub const INFO_CHUNK_KEY_V2: &[u8] = b"fspf v2 chunk key";
+pub const INFO_TREE_KEY_V2: &[u8] = b"fspf v2 tree key";
+/// Bytes of a format-2 key epoch.
+pub const EPOCH_LEN: usize = 16;
+
+/// AES-GCM key for the chunks of a format-2 file sealed in one epoch: HKDF(region key,
+/// salt = file id || epoch). Every seal of a chunk draws a fresh random epoch (at most one seal
+/// per chunk index per epoch), so (key, nonce = chunk index) is never used twice.
+pub fn epoch_chunk_key(
+    region: &RegionKey,
+    id: &FileId,
+    epoch: &[u8; EPOCH_LEN],
+) -> Result<AeadKey> {
+    let mut salt = [0u8; FILE_ID_LEN + EPOCH_LEN];
+    salt[..FILE_ID_LEN].copy_from_slice(&id.0);
+    salt[FILE_ID_LEN..].copy_from_slice(epoch);
+    let mut k = Zeroizing::new(vec![0u8; region.len()]);
+    hkdf_sha256(region.as_bytes(), &salt, INFO_CHUNK_KEY_V2, &mut k)?;
+    AeadKey::new(&k)
+}
+
+/// Keyed-BLAKE3 key for the chunk-tree pages of a format-2 file.
+pub fn tree_key(region: &RegionKey, id: &FileId) -> Result<MacKey> {
+    let mut k = [0u8; 32];
+    hkdf_sha256(region.as_bytes(), &id.0, INFO_TREE_KEY_V2, &mut k)?;
+    Ok(MacKey(k))
+}
+
 /// 32-byte keyed-BLAKE3 key. Zeroized on drop.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct MacKey(pub [u8; 32]);
@@ -282,6 +311,15 @@ impl MacKey {
         h.update(&index.to_le_bytes());
         h.update(&[last as u8]);
         h.update(data);
+        *h.finalize().as_bytes()
+    }
+    /// Hash of a format-2 chunk-tree page: BLAKE3-keyed(0x02 || level u8 || index u64 LE ||
+    /// page), binding the page to its place in the tree.
+    pub fn page(&self, level: u32, index: u64, page: &[u8]) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(&[2u8, level as u8]);
+        h.update(&index.to_le_bytes());
+        h.update(page);
         *h.finalize().as_bytes()
     }
     /// Interior node: BLAKE3-keyed(0x01 || left || right).

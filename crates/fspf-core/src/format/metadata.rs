@@ -212,6 +212,28 @@ impl SpecialKind {
     }
 }
 
+/// One committed state of a regular file's content: its file id, and for a format-2 file
+/// (updated in place under the same id, FORMAT.md §4a) its chunk-tree root. Two states with
+/// equal versions have equal content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version {
+    pub id: FileId,
+    pub root: Option<[u8; 32]>,
+}
+
+impl FileKind {
+    /// The content version of a regular file; `None` for other kinds.
+    pub fn version(&self) -> Option<Version> {
+        match self {
+            FileKind::File { id, root, .. } => Some(Version {
+                id: *id,
+                root: *root,
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// Who owns an entry (numeric ids, as the kernel reports them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Owner {
@@ -286,7 +308,7 @@ pub struct Metadata {
 impl Metadata {
     pub fn to_pb(&self) -> MetadataPb {
         MetadataPb {
-            format_version: 1,
+            format_version: u32::from(super::header::CURRENT_VERSION),
             generation: self.generation,
             regions: self.regions_pb(),
             files: self
@@ -356,10 +378,11 @@ impl Metadata {
     }
 
     pub fn from_pb(pb: MetadataPb) -> Result<Metadata, String> {
-        if pb.format_version != 1 {
+        if pb.format_version == 0 || pb.format_version > u32::from(super::header::CURRENT_VERSION) {
             return Err(format!(
-                "metadata format version {} (expected 1)",
-                pb.format_version
+                "metadata format version {} (expected 1..={})",
+                pb.format_version,
+                super::header::CURRENT_VERSION
             ));
         }
         let mut regions = Vec::with_capacity(pb.regions.len());

@@ -5,4 +5,5 @@ pub mod header;
 pub mod index;
 pub mod layout;
 pub mod metadata;
+pub mod tree;
 pub mod view;

@@ -17,7 +17,7 @@ use super::{Anchor, AppendDelta, Session, ViewError};
 use crate::format::metadata::{FileKind, RegionKind};
 use crate::policy::EmbedPath;
 use crate::volume::{Change, KernelPath, PreparedMove};
-use crate::{FileId, Tag, Volume};
+use crate::{Tag, Volume};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
@@ -26,8 +26,8 @@ use std::path::PathBuf;
 pub struct Committed {
     /// At least one commit happened.
     pub any: bool,
-    /// Committed file versions: path, id, size.
-    pub files: Vec<(EmbedPath, FileId, u64)>,
+    /// Committed file versions: path, version, size.
+    pub files: Vec<(EmbedPath, crate::Version, u64)>,
     /// Versions rebased onto another process's commit: their merged plaintext.
     pub merged: BTreeMap<EmbedPath, Vec<u8>>,
 }
@@ -35,8 +35,10 @@ pub struct Committed {
 /// Remove the shadows (and outboards) of changes that will not be committed.
 fn cleanup_staged(fspf: &std::path::Path, changes: &[Change]) {
     for c in changes {
-        if let Change::Put(s) = c {
-            s.discard(fspf);
+        match c {
+            Change::Put(s) => s.discard(fspf),
+            Change::Update(u) => u.discard(),
+            _ => {}
         }
     }
 }
@@ -56,6 +58,7 @@ impl<A: Anchor> Session<A> {
         let mut changes = std::mem::take(&mut self.queue);
         self.touches.clear();
         let appends = std::mem::take(&mut self.appends);
+        let updates = std::mem::take(&mut self.updates);
         self.queued.clear();
         self.staged_bytes = 0;
         let Some(vol) = self.vol.as_ref() else {
@@ -93,7 +96,8 @@ impl<A: Anchor> Session<A> {
                 // Removals and renames of files moved the kernel file to a shadow name before
                 // this commit: that rename must be durable before the fspf names the new state.
                 Change::Remove(p) | Change::Rename { from: p, .. } => Some(p),
-                Change::PutEntry(..) | Change::Touch { .. } => None,
+                // An update's journal is fsync'd when staged, beside the fspf.
+                Change::PutEntry(..) | Change::Touch { .. } | Change::Update(_) => None,
             };
             if let Some(RegionKind::Kernel(k)) = p.and_then(|p| vol.region_for(p)).map(|r| &r.kind)
             {
@@ -135,22 +139,27 @@ impl<A: Anchor> Session<A> {
         // Appends onto a file another process of the run changed since this one loaded it:
         // look at the run's current state and rebase them onto it.
         let mut merged = BTreeMap::new();
-        if !appends.is_empty() {
+        if !appends.is_empty() || !updates.is_empty() {
             if self.vol.as_ref().is_some_and(|v| v.tag() != trusted) {
                 if let Ok(v) = self.reopen(trusted) {
                     self.vol = Some(v);
                 }
             }
             merged = self.rebase_appends(&mut changes, &appends);
+            self.rebase_updates(&mut changes, &updates, &mut merged);
         }
-        let committed: Vec<(EmbedPath, FileId, u64)> = changes
+        let committed: Vec<(EmbedPath, crate::Version, u64)> = changes
             .iter()
-            .filter_map(|c| match c {
-                Change::Put(s) => match &s.entry.kind {
-                    FileKind::File { id, size, .. } => Some((s.path.clone(), *id, *size)),
+            .filter_map(|c| {
+                let (path, kind) = match c {
+                    Change::Put(s) => (&s.path, &s.entry.kind),
+                    Change::Update(u) => (&u.path, &u.entry.kind),
+                    _ => return None,
+                };
+                match kind {
+                    FileKind::File { size, .. } => Some((path.clone(), kind.version()?, *size)),
                     _ => None,
-                },
-                _ => None,
+                }
             })
             .collect();
         let anchor = &self.anchor;
@@ -199,11 +208,122 @@ impl<A: Anchor> Session<A> {
                 let _ = crate::volume::kernel_fs::remove_unlisted_dir(k.base(), k.rel());
             }
         }
+        // Buffers whose writes went onto another process's state take the committed content.
+        for path in std::mem::take(&mut self.remerge) {
+            if merged.contains_key(&path) {
+                continue;
+            }
+            if let Some(v) = self.vol.as_ref() {
+                if let Ok(data) = committed_content(v, &path) {
+                    merged.insert(path, data);
+                }
+            }
+        }
         self.pending.clear();
         self.committed.any = true;
         self.committed.files.extend(committed);
         self.committed.merged.extend(merged);
         Ok(())
+    }
+
+    /// Under the commit locks, with the volume at the run's current state: a queued in-place
+    /// update whose base another process changed meanwhile is made again from the current
+    /// state with the same writes (as the kernel keeps both processes' writes to different
+    /// ranges); onto a format-1 version, as a whole version of its content plus the writes. The
+    /// update of a file another process removed is dropped, as the kernel drops writes to an
+    /// unlinked file. The merged contents of whole versions go into `merged`.
+    fn rebase_updates(
+        &mut self,
+        changes: &mut Vec<Change>,
+        updates: &BTreeMap<EmbedPath, super::UpdateWrites>,
+        merged: &mut BTreeMap<EmbedPath, Vec<u8>>,
+    ) {
+        let mut i = 0;
+        while i < changes.len() {
+            let Change::Update(u) = &changes[i] else {
+                i += 1;
+                continue;
+            };
+            let Some(vol) = self.vol.as_ref() else {
+                break;
+            };
+            let base = crate::Version {
+                id: u.id,
+                root: Some(u.base_root),
+            };
+            let current = vol.lookup(&u.path).and_then(|e| e.kind.version());
+            if current == Some(base) {
+                i += 1;
+                continue;
+            }
+            u.discard();
+            let path = u.path.clone();
+            let Some(w) = updates.get(&path) else {
+                changes.remove(i);
+                continue;
+            };
+            let log = self.cfg.log;
+            let Some(cur) = current else {
+                log(&format!(
+                    "{path}: removed by another process before this one committed its writes; they are dropped"
+                ));
+                changes.remove(i);
+                continue;
+            };
+            let redone = match vol.update_file(&path) {
+                Ok(Some(mut nu)) => super::apply_writes(&mut nu, w)
+                    .and_then(|()| nu.stage(vol))
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut s| {
+                        s.entry.mode = w.meta.mode & 0o7777;
+                        s.entry.owner = w.meta.owner;
+                        // The writer's buffer takes the merged content after the commit.
+                        let data =
+                            content_with_writes(vol, &path, w).inspect_err(|_| s.discard())?;
+                        merged.insert(path.clone(), data);
+                        Ok(Change::Update(s))
+                    }),
+                Ok(None) => self.whole_with_writes(&path, w).map(|(s, data)| {
+                    merged.insert(path.clone(), data);
+                    Change::Put(s)
+                }),
+                Err(e) => Err(e.to_string()),
+            };
+            match redone {
+                Ok(c) => {
+                    log(&format!(
+                        "{path}: writes applied again onto the version another process committed ({})",
+                        cur.id.to_hex()
+                    ));
+                    changes[i] = c;
+                    i += 1;
+                }
+                Err(e) => {
+                    (self.cfg.say)(&format!(
+                        "{path}: another process changed the file and this process's writes could not be applied onto it ({e}); they are lost"
+                    ));
+                    changes.remove(i);
+                }
+            }
+        }
+    }
+
+    /// The current content of `path` with `w` applied, staged as a whole version.
+    fn whole_with_writes(
+        &mut self,
+        path: &EmbedPath,
+        w: &super::UpdateWrites,
+    ) -> Result<(crate::volume::StagedFile, Vec<u8>), String> {
+        let vol = self.vol.as_ref().ok_or("no volume")?;
+        let data = content_with_writes(vol, path, w)?;
+        let mut s = self
+            .stage(path, data.len() as u64, w.meta.mode, || &data[..])
+            .map_err(|e| format!("{e:?}"))?;
+        if let Some(t) = w.meta.mtime {
+            s.entry.mtime_ns = t;
+        }
+        s.entry.owner = w.meta.owner;
+        Ok((s, data))
     }
 
     /// Under the commit locks, with the volume at the run's current state: a queued append-only
@@ -223,8 +343,8 @@ impl<A: Anchor> Session<A> {
             let Some(vol) = self.vol.as_ref() else {
                 break;
             };
-            let cur = match vol.lookup(&s.path).map(|e| e.into_owned().kind) {
-                Some(FileKind::File { id, .. }) if id != d.base => id,
+            let cur = match vol.lookup(&s.path).and_then(|e| e.kind.version()) {
+                Some(v) if v != d.base => v.id,
                 _ => continue,
             };
             let Ok(mut r) = vol.open_file(&s.path) else {
@@ -266,4 +386,36 @@ impl<A: Anchor> Session<A> {
         }
         merged
     }
+}
+
+/// The committed content of `path` with the writes of `w` applied.
+fn content_with_writes(
+    vol: &Volume,
+    path: &EmbedPath,
+    w: &super::UpdateWrites,
+) -> Result<Vec<u8>, String> {
+    let mut data = committed_content(vol, path)?;
+    data.truncate(w.min_len as usize);
+    data.resize(w.len as usize, 0);
+    for (o, b) in &w.writes {
+        let o = *o as usize;
+        data[o..o + b.len()].copy_from_slice(b);
+    }
+    Ok(data)
+}
+
+/// The committed content of `path`, verified.
+fn committed_content(vol: &Volume, path: &EmbedPath) -> Result<Vec<u8>, String> {
+    let mut r = vol.open_file(path).map_err(|e| e.to_string())?;
+    let len = usize::try_from(r.size()).map_err(|e| e.to_string())?;
+    let mut data = vec![0u8; len];
+    let mut off = 0;
+    while off < data.len() {
+        match r.read_at(&mut data[off..], off as u64) {
+            Ok(0) => return Err("short read".into()),
+            Ok(n) => off += n,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(data)
 }

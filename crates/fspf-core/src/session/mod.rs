@@ -25,8 +25,8 @@ use crate::policy::EmbedPath;
 use crate::view::{EphemeralNode, Frontend, Node, OpenFile, Pending, View, ViewError};
 use crate::volume::memory::{self, SealedMem};
 use crate::volume::{kernel_fs, Change, KernelPath, StagedFile};
-use crate::{FileId, Tag, Volume, VolumeKey, VolumeOptions};
-use std::collections::{BTreeMap, HashSet};
+use crate::{Tag, Volume, VolumeKey, VolumeOptions};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -149,9 +149,13 @@ pub enum EphNode {
 /// commit onto what another process of the run committed meanwhile.
 #[derive(Debug, Clone)]
 pub struct AppendDelta {
-    pub base: FileId,
+    pub base: crate::Version,
     pub delta: Vec<u8>,
 }
+
+/// Changes larger than this (bytes written since the last commit) are staged as a whole new
+/// version instead of an in-place update: an update holds what it changed in memory.
+pub const UPDATE_MAX: u64 = 64 << 20;
 
 /// The largest file a frontend writes (1 TiB): every version is sealed whole at its commit, so
 /// a sparse `truncate` to petabytes would mean writing petabytes. Larger sizes give
@@ -170,6 +174,16 @@ pub struct VersionMeta {
     pub mtime: Option<i64>,
     /// The owner to record; `None`: none (whoever serves the file owns it).
     pub owner: Option<Owner>,
+}
+
+/// What a queued in-place update wrote: the length it left, the shortest length since its
+/// base, and the bytes written (at most [`UPDATE_MAX`]).
+#[derive(Debug, Clone)]
+pub(crate) struct UpdateWrites {
+    pub len: u64,
+    pub min_len: u64,
+    pub writes: Vec<(u64, Vec<u8>)>,
+    pub meta: VersionMeta,
 }
 
 /// How a session is opened and when it asks for a commit.
@@ -214,6 +228,12 @@ pub struct Session<A: Anchor> {
     eph: BTreeMap<EmbedPath, EphNode>,
     pending: Pending,
     appends: BTreeMap<EmbedPath, AppendDelta>,
+    /// The bytes each queued update wrote, to apply them again onto what another process
+    /// committed meanwhile (`commit.rs`, `rebase_updates`).
+    updates: BTreeMap<EmbedPath, UpdateWrites>,
+    /// Files whose queued update went onto another process's newer state: after the commit
+    /// the frontend's buffer takes the committed content ([`Committed::merged`]).
+    remerge: BTreeSet<EmbedPath>,
     queue: Vec<Change>,
     /// Where in `queue` each directory's [`Change::Touch`] is (one per directory and commit).
     touches: BTreeMap<EmbedPath, usize>,
@@ -324,6 +344,8 @@ impl<A: Anchor> Session<A> {
             eph: BTreeMap::new(),
             pending: Pending::default(),
             appends: BTreeMap::new(),
+            updates: BTreeMap::new(),
+            remerge: BTreeSet::new(),
             queue: Vec::new(),
             touches: BTreeMap::new(),
             queued: BTreeMap::new(),
@@ -580,8 +602,128 @@ impl<A: Anchor> Session<A> {
                 owner: meta.owner,
             },
         );
+        // A whole version supersedes an update of the same file queued before it.
+        self.updates.remove(path);
+        let mut i = 0;
+        while i < self.queue.len() {
+            match &self.queue[i] {
+                Change::Update(u) if &u.path == path => {
+                    u.discard();
+                    self.queue.remove(i);
+                }
+                _ => i += 1,
+            }
+        }
         self.queue.push(Change::Put(staged));
         Ok(t)
+    }
+
+    /// Stage what a frontend's buffer changed since it was loaded from (or last committed as)
+    /// `base` as an in-place update of the format-2 file `path` (FORMAT.md §5b): the buffer is
+    /// now `len` bytes, was never shorter than `min_len` since `base`, and `ranges` (offset,
+    /// length) hold every byte written since then; `read` reads the buffer. `Ok(None)`: not
+    /// possible (the file is not `base` in format 2, a version of it is already queued, or the
+    /// change is too large to hold): the caller stages a whole version with
+    /// [`Session::stage_put`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn stage_update(
+        &mut self,
+        path: &EmbedPath,
+        base: crate::Version,
+        len: u64,
+        min_len: u64,
+        ranges: &[(u64, u64)],
+        meta: VersionMeta,
+        mut read: impl FnMut(&mut [u8], u64) -> std::io::Result<()>,
+    ) -> Result<Option<i64>, ViewError> {
+        let written: u64 = ranges.iter().map(|r| r.1).sum();
+        if base.root.is_none() || written > UPDATE_MAX || len > MAX_FILE_LEN {
+            return Ok(None);
+        }
+        let queued = self.queue.iter().any(|c| match c {
+            Change::Put(s) => &s.path == path,
+            Change::Update(u) => &u.path == path,
+            _ => false,
+        });
+        if queued {
+            return Ok(None);
+        }
+        // The committed pages are read and rewritten in place by commits: stage under the
+        // run's commit lock, from the run's current state.
+        let mut held = None;
+        for _ in 0..3 {
+            self.refresh()?;
+            let l = self.anchor.lock()?;
+            let current = self
+                .anchor
+                .read()
+                .filter(|a| a.pending.is_none())
+                .map(|a| a.current);
+            if current.is_some() && current == self.vol.as_ref().map(|v| v.tag()) {
+                held = Some(l);
+                break;
+            }
+        }
+        let Some(_lock) = held else {
+            return Ok(None);
+        };
+        let current = self.vol_ok()?.lookup(path).and_then(|e| e.kind.version());
+        match current {
+            Some(v) if v == base => {}
+            // Another process of the run committed the file since this buffer was loaded:
+            // the writes go onto its state (both survive), and the frontend's buffer takes
+            // the merged content after the commit.
+            Some(crate::Version { root: Some(_), .. }) => {
+                self.remerge.insert(path.clone());
+            }
+            _ => return Ok(None),
+        }
+        let vol = self.vol_ok()?;
+        let fail = |cfg: &SessionConfig, e: &crate::Error| {
+            (cfg.log)(&format!("{path}: staging an update failed: {e}"));
+            ViewError::of_io(e)
+        };
+        let mut u = match vol.update_file(path) {
+            Ok(Some(u)) => u,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(fail(&self.cfg, &e)),
+        };
+        let mut w = UpdateWrites {
+            len,
+            min_len: min_len.min(len),
+            writes: Vec::new(),
+            meta,
+        };
+        for &(off, l) in ranges {
+            let end = off.saturating_add(l).min(len);
+            if end > off {
+                let mut buf = vec![0u8; (end - off) as usize];
+                if let Err(e) = read(&mut buf, off) {
+                    return Err(fail(&self.cfg, &crate::Error::io(path.to_string(), e)));
+                }
+                w.writes.push((off, buf));
+            }
+        }
+        let mut staged = apply_writes(&mut u, &w)
+            .and_then(|()| u.stage(vol))
+            .map_err(|e| fail(&self.cfg, &e))?;
+        staged.entry.mode = meta.mode & 0o7777;
+        staged.entry.owner = meta.owner;
+        let t = staged.entry.mtime_ns;
+        self.appends.remove(path);
+        self.updates.insert(path.clone(), w);
+        self.staged_bytes += written;
+        self.queued.insert(
+            path.clone(),
+            OpenFile {
+                size: len,
+                mode: staged.entry.mode,
+                mtime: t,
+                owner: meta.owner,
+            },
+        );
+        self.queue.push(Change::Update(staged));
+        Ok(Some(t))
     }
 
     fn stage<R: std::io::Read>(
@@ -633,4 +775,20 @@ impl ViewError {
         (cfg.log)(&format!("{ep}: {e}"));
         ViewError::of_io(e)
     }
+}
+
+/// Apply what an update wrote to `u` (lengths, then the bytes).
+pub(crate) fn apply_writes(
+    u: &mut crate::volume::FileUpdate,
+    w: &UpdateWrites,
+) -> crate::Result<()> {
+    u.set_len(w.min_len)?;
+    u.set_len(w.len)?;
+    for (off, b) in &w.writes {
+        u.write_at(b, *off)?;
+    }
+    if let Some(t) = w.meta.mtime {
+        u.set_mtime(t);
+    }
+    Ok(())
 }

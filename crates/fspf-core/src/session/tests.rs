@@ -358,10 +358,14 @@ fn appends_of_two_sessions_to_one_file_are_both_kept() {
     let mut s = f.session(true);
     put(&mut s, "/d/log", b"start\n");
     s.commit().unwrap();
-    let base = match s.vol().unwrap().lookup(&p("/d/log")).unwrap().kind.clone() {
-        FileKind::File { id, .. } => id,
-        _ => unreachable!(),
-    };
+    let base = s
+        .vol()
+        .unwrap()
+        .lookup(&p("/d/log"))
+        .unwrap()
+        .kind
+        .version()
+        .unwrap();
     let mut a = f.session(true);
     let mut b = f.session(true);
     let append = |s: &mut Session<Arc<MemAnchor>>, line: &[u8]| {

@@ -90,6 +90,12 @@ pub enum Change {
     /// the directory by another process is kept; an implied directory (only paths below it are
     /// listed) is recorded, with the mode it shows (0755).
     Touch { dir: EmbedPath, ns: i64 },
+    /// An in-place update of a format-2 file ([`crate::volume::FileUpdate`]): the entry takes
+    /// the new size, root and times (keeping mode, owner and inode number as they are then),
+    /// and the journal is applied after the commit point. Refused (the whole commit fails
+    /// with [`Error::UpdateConflict`]) if the entry is no longer the version the update began
+    /// from.
+    Update(super::update::StagedUpdate),
 }
 
 /// Longest `NAME` kept whole in a shadow name: `.NAME.fspf-<32 hex>` must fit the 255 bytes of
@@ -162,6 +168,7 @@ pub(crate) fn seal_version(
     mode: u32,
     src: &mut impl Read,
     out: Option<&Output>,
+    format2: bool,
 ) -> Result<(FileEntry, Option<PathBuf>)> {
     let label = path.to_string();
     let key = region.key.as_ref().ok_or_else(|| Error::NotProtected {
@@ -179,11 +186,49 @@ pub(crate) fn seal_version(
                 path: label.clone(),
                 reason: "encrypted files need an output directory for the ciphertext".into(),
             })?;
+            let c = region.chunk_len;
+            // Format 2 (chunk tree, updatable in place) for files the frontends write that are
+            // larger than a few chunks; format 1 for small files and imports (FORMAT.md §4a).
+            let tree = if format2
+                && crate::format::layout::chunk_count(size, c)
+                    > crate::format::tree::FORMAT2_MIN_CHUNKS
+            {
+                Some(store::create_tree(&vol.path, &id)?)
+            } else {
+                None
+            };
             let k = crypto::file_chunk_key(key, &id)?;
             let p = &out.label;
+            let tree_file = std::cell::RefCell::new(tree.as_ref().map(|(f, _)| f));
+            let root = std::cell::Cell::new(None);
             let seal = |src: &mut dyn Read, mut w: &mut (dyn Write + Send)| {
-                let (t, c) = (vol.opts.threads, region.chunk_len);
+                if let Some(t) = tree_file.borrow_mut().take() {
+                    let tw = BufWriter::with_capacity(1 << 20, t);
+                    let (r, tw) = codec::tree::seal_file2(
+                        key,
+                        &id,
+                        c,
+                        size,
+                        &mut &mut *src,
+                        &mut w,
+                        tw,
+                        &label,
+                    )?;
+                    let t = tw.into_inner().map_err(|e| Error::io(p, e.into_error()))?;
+                    if vol.opts.sync_each_file {
+                        t.sync_all().map_err(|e| Error::io(p, e))?;
+                    }
+                    root.set(Some(r));
+                    return Ok(());
+                }
+                let t = vol.opts.threads;
                 codec::seal_encrypted_with(t, &k, &id, c, size, &mut &mut *src, &mut w, &label)
+            };
+            let fail = |e: Error| {
+                if tree.is_some() {
+                    store::remove_tree(&vol.path, &id);
+                }
+                e
             };
             let f = if size >= DIRECT_MIN && super::direct::worthwhile_at(&out.dir) {
                 let open = |direct: bool| {
@@ -196,19 +241,24 @@ pub(crate) fn seal_version(
                     };
                     kernel_fs::create_new_at(&out.dir, &out.name, file_mode, extra)
                 };
-                let mut w = DirectWriter::create_with(open).map_err(|e| Error::io(p, e))?;
-                seal(src, &mut w)?;
-                w.finish().map_err(|e| Error::io(p, e))?
+                let mut w = DirectWriter::create_with(open).map_err(|e| fail(Error::io(p, e)))?;
+                seal(src, &mut w).map_err(fail)?;
+                w.finish().map_err(|e| fail(Error::io(p, e)))?
             } else {
-                let f = out.create(file_mode)?;
+                let f = out.create(file_mode).map_err(fail)?;
                 let mut w = BufWriter::with_capacity(1 << 20, f);
-                seal(src, &mut w)?;
-                w.into_inner().map_err(|e| Error::io(p, e.into_error()))?
+                seal(src, &mut w).map_err(fail)?;
+                w.into_inner()
+                    .map_err(|e| fail(Error::io(p, e.into_error())))?
             };
             if vol.opts.sync_each_file {
-                f.sync_all().map_err(|e| Error::io(p, e))?;
+                f.sync_all().map_err(|e| fail(Error::io(p, e)))?;
             }
-            Ok((FileEntry::new_file(id, size, None, mode), None))
+            let root = root.get();
+            Ok((
+                FileEntry::new_file(id, size, root, mode),
+                tree.map(|(_, path)| path),
+            ))
         }
         Protection::Authenticated => {
             let k = crypto::file_mac_key(key, &id)?;
@@ -287,8 +337,9 @@ impl Volume {
         let id = FileId::random()?;
         let writer = self.writer_guard()?;
         let out = Output::shadow(&loc, &id, path)?;
-        let (entry, outboard) = seal_version(self, region, path, id, size, mode, src, Some(&out))
-            .inspect_err(|_| out.remove())?;
+        let (entry, outboard) =
+            seal_version(self, region, path, id, size, mode, src, Some(&out), true)
+                .inspect_err(|_| out.remove())?;
         let shadow = out.label;
         Ok(StagedFile {
             path: path.clone(),
@@ -324,8 +375,10 @@ impl Volume {
         let fspf = self.path.clone();
         let cleanup = |changes: &[Change]| {
             for c in changes {
-                if let Change::Put(s) = c {
-                    s.discard(&fspf);
+                match c {
+                    Change::Put(s) => s.discard(&fspf),
+                    Change::Update(u) => u.discard(),
+                    _ => {}
                 }
             }
         };
@@ -359,6 +412,9 @@ impl Volume {
         }
         let before = self.meta.clone();
         let mut garbage: Vec<FileId> = Vec::new();
+        // Updates to apply after the commit point, and the first one that no longer fits.
+        let mut updates: Vec<&super::update::StagedUpdate> = Vec::new();
+        let mut conflict: Option<&super::update::StagedUpdate> = None;
         // Shadows to move into place once the commit is durable.
         let mut post: Vec<&StagedFile> = Vec::new();
         // Versions staged and then removed within this batch: never published, shadows dropped.
@@ -417,6 +473,30 @@ impl Volume {
                         }
                     }
                 }
+                Change::Update(u) => {
+                    let current = self.meta.files.get_mut(&u.path);
+                    let base = match current.as_deref() {
+                        Some(FileEntry {
+                            kind:
+                                FileKind::File {
+                                    id, root: Some(r), ..
+                                },
+                            ..
+                        }) if *id == u.id => *r,
+                        _ => [0; 32],
+                    };
+                    match current {
+                        Some(e) if base == u.base_root => {
+                            // The staged entry (content, mode, owner, times); the inode number
+                            // stays what it is.
+                            let ino = e.ino;
+                            *e = u.entry.clone();
+                            e.ino = ino;
+                            updates.push(u);
+                        }
+                        _ => conflict = Some(u),
+                    }
+                }
                 Change::Touch { dir, ns } => match self.meta.files.get_mut(dir) {
                     Some(e) => {
                         if matches!(e.kind, FileKind::Dir) {
@@ -469,6 +549,21 @@ impl Volume {
                 }
             }
         }
+        if let Some(u) = conflict {
+            let current = match self.meta.files.get(&u.path).map(|e| &e.kind) {
+                Some(FileKind::File { root: Some(r), .. }) => hex::encode(r),
+                Some(_) => "another kind of entry".into(),
+                None => "removed".into(),
+            };
+            let e = Error::UpdateConflict {
+                path: u.path.to_string(),
+                base: hex::encode(u.base_root),
+                current,
+            };
+            self.meta = before;
+            cleanup(&changes);
+            return Err(e);
+        }
         if let Err(e) = self.save_announced(announce) {
             self.meta = before;
             cleanup(&changes);
@@ -486,6 +581,29 @@ impl Volume {
         }
         for s in dropped {
             s.discard(&self.path);
+        }
+        // Journals: applied now where the file is where the entry says; any left (the file
+        // moves in this batch, or an error) are applied by the next open (roll-forward).
+        for u in updates {
+            let root = u.root();
+            let live = matches!(
+                self.meta.files.get(&u.path).map(|e| &e.kind),
+                Some(FileKind::File { id, root: Some(r), .. }) if *id == u.id && *r == root
+            );
+            if !live {
+                continue;
+            }
+            let Some(region) = self.meta.region_for(&u.path) else {
+                continue;
+            };
+            if let Some(loc) = KernelPath::of(region, &u.path) {
+                if let Ok((dir, name)) = loc.parent() {
+                    roll_forward_at(&dir, &name, &u.id);
+                    let label = u.path.to_string();
+                    let _ =
+                        super::update::apply_journal(&self.path, &dir, &name, &u.id, &root, &label);
+                }
+            }
         }
         // Outboards of versions no longer referenced are garbage now that the commit is durable.
         let live: std::collections::HashSet<FileId> = self

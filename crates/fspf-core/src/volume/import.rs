@@ -278,8 +278,9 @@ impl Volume {
                     // .pyc check, make): `addf` records it, not the time of the import.
                     let mtime = src.metadata().map(|m| mtime_ns_of(&m)).unwrap_or(0);
                     let Some(out) = &opts.output else {
-                        let (mut entry, _) =
-                            seal_version(self, region, path, id, *size, *mode, &mut src, None)?;
+                        let (mut entry, _) = seal_version(
+                            self, region, path, id, *size, *mode, &mut src, None, false,
+                        )?;
                         entry.mtime_ns = mtime;
                         progress(*size);
                         return Ok(Some(Change::PutEntry(path.clone(), entry)));
@@ -295,6 +296,7 @@ impl Volume {
                         *mode,
                         &mut src,
                         Some(&target),
+                        false,
                     )
                     .inspect_err(|_| target.remove())?;
                     entry.mtime_ns = mtime;
@@ -452,7 +454,8 @@ impl Volume {
             )?;
             return Ok(FileEntry::new_file(id, size, None, mode));
         }
-        let (entry, _tree) = seal_version(self, region, path, id, size, mode, &mut src, None)?;
+        let (entry, _tree) =
+            seal_version(self, region, path, id, size, mode, &mut src, None, false)?;
         Ok(entry)
     }
 
@@ -475,7 +478,7 @@ impl Volume {
         let region = self.stream_region(path)?;
         let (id, size, root) = self.listed_file(path)?;
         let label = path.to_string();
-        let codec = super::codec_for(region, path, &id, root.as_ref(), data, || {
+        let codec = super::codec_for(region, path, &id, root.as_ref(), size, data, || {
             store::open_tree(&self.path, &id, &label)
         })?;
         crate::codec::ProtectedReader::new(codec, size, region.chunk_len, label.clone())?

@@ -281,6 +281,25 @@ pub fn open_regular(base: &Path, rel: &Path) -> Result<File, OpenError> {
     require_regular(fd)
 }
 
+/// [`open_regular_at`] for reading and writing: the in-place application of a journal
+/// (`update.rs`).
+pub fn open_regular_rw_at(dir: &OwnedFd, name: &OsStr) -> Result<File, OpenError> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDWR | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    require_regular(fd)
+}
+
+/// [`open_regular_rw_at`] for `rel` below `base`.
+pub fn open_regular_rw(base: &Path, rel: &Path) -> Result<File, OpenError> {
+    let root = open_path_dir(base)?;
+    let fd = openat_nofollow(&root, rel, OFlags::RDWR | OFlags::NONBLOCK, Mode::empty())?;
+    require_regular(fd)
+}
+
 /// Open a file by plain path like [`open_regular`] (no symlink as its last component, nothing
 /// but a regular file): for the fspf itself, whose directory is the caller's.
 pub fn open_regular_path(p: &Path) -> Result<File, OpenError> {

@@ -92,9 +92,15 @@ pub fn open_in_memory(
             reason: "not a regular file".into(),
         });
     };
-    let codec = super::codec_for(region, path, id, root.as_ref(), sealed.data.clone(), || {
-        Ok(sealed.outboard.clone())
-    })?;
+    let codec = super::codec_for(
+        region,
+        path,
+        id,
+        root.as_ref(),
+        *size,
+        sealed.data.clone(),
+        || Ok(sealed.outboard.clone()),
+    )?;
     Ok(ProtectedReader::new(codec, *size, region.chunk_len, label)?.with_threads(threads))
 }
 

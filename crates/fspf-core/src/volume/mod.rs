@@ -9,6 +9,7 @@ pub mod memory;
 mod moves;
 mod orphans;
 mod store;
+mod update;
 mod verify;
 
 pub use commit::{Change, StagedFile};
@@ -18,6 +19,7 @@ pub use moves::PreparedMove;
 pub use orphans::{CleanReport, Orphan, OrphanKind};
 pub use store::{held_fds, FspfLock, WriterGuard, WRITER_FD_BASE};
 pub use store::{is_fspf_internal, sync_filesystems, write_file_durably};
+pub use update::{FileUpdate, StagedUpdate};
 pub use verify::Finding;
 
 use crate::codec::{FileCodec, ProtectedReader, Threads};
@@ -477,6 +479,10 @@ impl Volume {
             _ => Error::kernel(&label, kernel.full(), e),
         })?;
         commit::roll_forward_at(&dir, &name, &id);
+        if let (Some(r), Protection::Encrypted) = (&root, region.protection) {
+            // A format-2 file whose last commit's journal was not applied yet (FORMAT.md §5b).
+            self.roll_forward_journal(&dir, &name, &id, r, &label)?;
+        }
         let data = kernel_fs::open_regular_at(&dir, &name)
             .map_err(|e| Error::kernel_open(&label, kernel.full(), e))?;
         self.reader_over(region, path, &id, size, root.as_ref(), data)
@@ -515,6 +521,7 @@ impl Volume {
             path,
             id,
             root,
+            size,
             kernel_fs::TrackedFile::new(data),
             || store::open_tree(&self.path, id, &label).map(|o| o.map(kernel_fs::TrackedFile::new)),
         )?;
@@ -532,6 +539,7 @@ pub(crate) fn codec_for<R: crate::codec::ReadAt, O: crate::codec::ReadAt>(
     path: &EmbedPath,
     id: &crypto::FileId,
     root: Option<&[u8; 32]>,
+    size: u64,
     data: R,
     outboard: impl FnOnce() -> Result<Option<O>>,
 ) -> Result<FileCodec<R, O>> {
@@ -540,6 +548,28 @@ pub(crate) fn codec_for<R: crate::codec::ReadAt, O: crate::codec::ReadAt>(
         region: region.embed_point.to_string(),
     })?;
     Ok(match region.protection {
+        // Format 2 (FORMAT.md §4a): an encrypted file with a root has a chunk tree.
+        Protection::Encrypted if root.is_some() => {
+            let label = path.to_string();
+            let tree = outboard()?.ok_or_else(|| Error::TreeSize {
+                path: label.clone(),
+                expected: crate::format::tree::tree_len(size, region.chunk_len),
+                actual: 0,
+            })?;
+            let root = *root.unwrap_or(&[0; 32]);
+            FileCodec::Tree {
+                keys: crate::codec::tree::EpochKeys::new(key.clone(), *id),
+                tree: crate::codec::tree::TreeReader::new(
+                    crypto::tree_key(key, id)?,
+                    root,
+                    size,
+                    region.chunk_len,
+                    tree,
+                    label,
+                )?,
+                data,
+            }
+        }
         Protection::Encrypted => FileCodec::Encrypted {
             key: crypto::file_chunk_key(key, id)?,
             id: *id,

@@ -31,6 +31,8 @@ pub enum OrphanKind {
     Temp,
     /// An outboard that no committed entry references.
     Tree,
+    /// An update journal whose (file id, root) no committed entry has (FORMAT.md §5b).
+    Journal,
 }
 
 impl OrphanKind {
@@ -40,6 +42,7 @@ impl OrphanKind {
             OrphanKind::Committed => "committed shadow not yet in place",
             OrphanKind::Temp => "fspf temporary",
             OrphanKind::Tree => "unreferenced integrity tree",
+            OrphanKind::Journal => "uncommitted update journal",
         }
     }
 }
@@ -59,6 +62,19 @@ pub struct CleanReport {
     /// Uncommitted shadows and outboards kept because a writer of this fspf is active.
     pub kept: Vec<PathBuf>,
     pub failed: Vec<(PathBuf, String)>,
+}
+
+/// `<id hex>.<root hex>.journal`: the file id and root a journal is for.
+fn journal_name(name: &[u8]) -> Option<(FileId, [u8; 32])> {
+    let rest = name.strip_suffix(b".journal")?;
+    let (id, root) = (rest.get(..32)?, rest.get(32..)?);
+    let root = root.strip_prefix(b".")?;
+    if root.len() != 64 || !root.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let mut r = [0u8; 32];
+    hex::decode_to_slice(root, &mut r).ok()?;
+    Some((is_id_hex(id)?, r))
 }
 
 fn is_id_hex(name: &[u8]) -> Option<FileId> {
@@ -140,10 +156,31 @@ impl Volume {
                 _ => None,
             })
             .collect();
+        let journals: HashSet<(FileId, [u8; 32])> = self
+            .meta
+            .files
+            .values()
+            .filter_map(|e| match &e.kind {
+                FileKind::File {
+                    id, root: Some(r), ..
+                } => Some((*id, *r)),
+                _ => None,
+            })
+            .collect();
         let trees = self.tree_dir();
         if let (Ok(rd), Some(tname)) = (std::fs::read_dir(&trees), trees.file_name()) {
             for e in rd.flatten() {
                 let name = e.file_name();
+                if let Some(j) = journal_name(name.as_encoded_bytes()) {
+                    // A committed entry's journal is applied by the next open, never removed.
+                    if !journals.contains(&j) {
+                        out.push(Orphan {
+                            kind: OrphanKind::Journal,
+                            disk: KernelPath::new(dir, Path::new(tname).join(name)),
+                        });
+                    }
+                    continue;
+                }
                 if is_id_hex(name.as_encoded_bytes()).is_some_and(|id| !live.contains(&id)) {
                     out.push(Orphan {
                         kind: OrphanKind::Tree,
@@ -179,7 +216,9 @@ impl Volume {
                     kernel_fs::rename_at(&dir, &sh, std::ffi::OsStr::from_bytes(target))
                         .and_then(|()| kernel_fs::sync_dir_fd(&dir))
                 }),
-                OrphanKind::Shadow | OrphanKind::Tree if no_writers.is_none() => {
+                OrphanKind::Shadow | OrphanKind::Tree | OrphanKind::Journal
+                    if no_writers.is_none() =>
+                {
                     report.kept.push(full);
                     continue;
                 }

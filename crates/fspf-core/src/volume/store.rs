@@ -36,6 +36,29 @@ pub(crate) fn tree_path(fspf: &Path, id: &FileId) -> KernelPath {
     KernelPath::new(dir, Path::new(&name).join(id.to_hex()))
 }
 
+/// Journal `FSPF.trees/<id hex>.<root hex>.journal` of the update of file `id` whose committed
+/// state has chunk-tree root `root` (FORMAT.md §5b).
+pub(crate) fn journal_path(fspf: &Path, id: &FileId, root: &[u8; 32]) -> KernelPath {
+    let t = tree_path(fspf, id);
+    let mut name = t.rel().as_os_str().to_os_string();
+    name.push(".");
+    name.push(hex::encode(root));
+    name.push(".journal");
+    KernelPath::new(t.base(), PathBuf::from(name))
+}
+
+/// Open the chunk tree of format-2 file `id` for writing (applying a journal).
+pub(crate) fn open_tree_rw(fspf: &Path, id: &FileId, label: &str) -> Result<File> {
+    let t = tree_path(fspf, id);
+    kernel_fs::open_regular_rw(t.base(), t.rel()).map_err(|e| match e {
+        kernel_fs::OpenError::NotRegular(kind) => Error::NotRegular {
+            path: format!("{label}: chunk tree {}", t.full().display()),
+            kind,
+        },
+        kernel_fs::OpenError::Io(e) => Error::kernel(label, t.full(), e),
+    })
+}
+
 /// Open the outboard of version `id` (none yet: `Ok(None)`); only a regular file is accepted.
 pub(crate) fn open_tree(fspf: &Path, id: &FileId, label: &str) -> Result<Option<File>> {
     let t = tree_path(fspf, id);

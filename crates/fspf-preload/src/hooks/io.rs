@@ -879,6 +879,7 @@ unsafe fn mmap_shielded(
             let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
             g.touched.store(true, Ordering::Relaxed);
             g.mapped_shared = true;
+            g.track = None;
             g.append_only.store(false, Ordering::Relaxed);
             // SAFETY: mapping our own buffer memfd with the program's arguments.
             return unsafe { real::mmap(addr, len, prot, flags, g.fd, off) };

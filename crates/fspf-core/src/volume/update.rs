@@ -1,0 +1,900 @@
+//! In-place updates of format-2 encrypted files (FORMAT.md §4a, §5b): the one update API both
+//! frontends use. [`Volume::update_file`] opens the committed version; [`FileUpdate::write_at`],
+//! [`FileUpdate::set_len`] and [`FileUpdate::read_at`] work on it in memory, holding only the
+//! chunks that changed; [`FileUpdate::stage`] seals those chunks under a fresh epoch key,
+//! computes the tree pages they change and writes both, with the new lengths, to a **journal**;
+//! the commit that records the new root then applies the journal in place. A crash before the
+//! commit point leaves the old state untouched (the journal is an orphan); after it, whoever
+//! opens the file next finds the journal the committed root names and applies it again
+//! (idempotent) before reading.
+use super::commit::Change;
+use super::{kernel_fs, store, KernelReader, Volume};
+use crate::codec::tree::{self as ct, ChunkEntry};
+use crate::crypto::{self, FileId, RegionKey, EPOCH_LEN};
+use crate::error::{Error, Result};
+use crate::format::layout::{chunk_count, chunk_plain_len};
+use crate::format::metadata::{now_ns, FileEntry, FileKind, Protection};
+use crate::format::tree as ft;
+use crate::policy::EmbedPath;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// An open update of one format-2 file.
+pub struct FileUpdate {
+    path: EmbedPath,
+    label: String,
+    region: RegionKey,
+    chunk_len: u32,
+    id: FileId,
+    base: KernelReader,
+    base_size: u64,
+    base_root: [u8; 32],
+    /// Bytes of the committed version below this offset are still the file's content (the
+    /// smallest length the file had since the update began).
+    valid: u64,
+    size: u64,
+    /// Plaintext of every chunk written since the update began (its length under `size`).
+    dirty: BTreeMap<u64, Vec<u8>>,
+    entry: FileEntry,
+    mtime: Option<i64>,
+}
+
+/// A sealed update, journaled and waiting for its commit ([`Change::Update`]).
+#[derive(Debug, Clone)]
+pub struct StagedUpdate {
+    pub path: EmbedPath,
+    pub id: FileId,
+    /// The root the update was computed from; the commit refuses it if the file moved on.
+    pub base_root: [u8; 32],
+    /// The entry after the update (new size, root and times).
+    pub entry: FileEntry,
+    /// The journal, `FSPF.trees/<id>.<new root>.journal`.
+    pub journal: PathBuf,
+    pub(crate) _writer: Arc<store::WriterGuard>,
+}
+
+impl StagedUpdate {
+    pub fn root(&self) -> [u8; 32] {
+        match self.entry.kind {
+            FileKind::File { root: Some(r), .. } => r,
+            _ => [0; 32],
+        }
+    }
+
+    /// Remove the journal of an update that will not be committed.
+    pub fn discard(&self) {
+        let _ = std::fs::remove_file(&self.journal);
+    }
+}
+
+impl Volume {
+    /// Open the listed file `path` for an in-place update. `Ok(None)` when it is not a
+    /// format-2 file of a kernel region (the caller writes a whole new version instead).
+    pub fn update_file(&self, path: &EmbedPath) -> Result<Option<FileUpdate>> {
+        let Some(region) = self.region_for(path) else {
+            return Ok(None);
+        };
+        let kernel = matches!(region.kind, crate::format::metadata::RegionKind::Kernel(_));
+        if region.protection != Protection::Encrypted || !kernel {
+            return Ok(None);
+        }
+        let Some(entry) = self.lookup(path).map(|e| e.into_owned()) else {
+            return Err(Error::NotListed {
+                path: path.to_string(),
+            });
+        };
+        let FileKind::File {
+            id,
+            size,
+            root: Some(root),
+        } = entry.kind
+        else {
+            return Ok(None);
+        };
+        let Some(key) = region.key.clone() else {
+            return Ok(None);
+        };
+        let chunk_len = region.chunk_len;
+        let base = self.open_file(path)?;
+        Ok(Some(FileUpdate {
+            path: path.clone(),
+            label: path.to_string(),
+            region: key,
+            chunk_len,
+            id,
+            base,
+            base_size: size,
+            base_root: root,
+            valid: size,
+            size,
+            dirty: BTreeMap::new(),
+            entry,
+            mtime: None,
+        }))
+    }
+
+    /// Apply the journal of format-2 file `id` at committed root `root`, if one is left (a
+    /// commit interrupted before its journal was applied). `dir`/`name` is the data file.
+    pub(crate) fn roll_forward_journal(
+        &self,
+        dir: &std::os::fd::OwnedFd,
+        name: &std::ffi::OsStr,
+        id: &FileId,
+        root: &[u8; 32],
+        label: &str,
+    ) -> Result<()> {
+        apply_journal(&self.path, dir, name, id, root, label)
+    }
+}
+
+impl FileUpdate {
+    pub fn path(&self) -> &EmbedPath {
+        &self.path
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Plaintext bytes held for changed chunks.
+    pub fn changed_bytes(&self) -> u64 {
+        self.dirty.values().map(|v| v.len() as u64).sum()
+    }
+
+    /// Record `ns` as the modification time of the new state (default: the time of `stage`).
+    pub fn set_mtime(&mut self, ns: i64) {
+        self.mtime = Some(ns);
+    }
+
+    /// Committed bytes at `pos..pos + dst.len()` (all below `min(valid, base_size)`), verified.
+    fn read_base(&mut self, dst: &mut [u8], mut pos: u64) -> Result<()> {
+        let mut done = 0;
+        while done < dst.len() {
+            let n = self.base.read_at(&mut dst[done..], pos)?;
+            if n == 0 {
+                return Err(Error::SizeMismatch {
+                    path: self.label.clone(),
+                    expected: self.base_size,
+                    actual: pos,
+                });
+            }
+            done += n;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Current content of chunk `i` (its length under the current size).
+    fn chunk(&mut self, i: u64) -> Result<Vec<u8>> {
+        if let Some(d) = self.dirty.get(&i) {
+            return Ok(d.clone());
+        }
+        let c = u64::from(self.chunk_len);
+        let mut v = vec![0u8; chunk_plain_len(self.size, self.chunk_len, i) as usize];
+        let start = i * c;
+        let lim = self.valid.min(self.base_size);
+        if start < lim {
+            let k = ((lim - start) as usize).min(v.len());
+            self.read_base(&mut v[..k], start)?;
+        }
+        Ok(v)
+    }
+
+    /// Read at `off` what the file holds now (committed content plus this update's changes).
+    pub fn read_at(&mut self, buf: &mut [u8], off: u64) -> Result<usize> {
+        let end = off.saturating_add(buf.len() as u64).min(self.size);
+        let c = u64::from(self.chunk_len);
+        let mut pos = off;
+        while pos < end {
+            let i = pos / c;
+            let cend = ((i + 1) * c).min(self.size);
+            let take = (end.min(cend) - pos) as usize;
+            let at = (pos - off) as usize;
+            if let Some(d) = self.dirty.get(&i) {
+                let s = (pos - i * c) as usize;
+                buf[at..at + take].copy_from_slice(&d[s..s + take]);
+            } else {
+                let lim = self.valid.min(self.base_size);
+                let k = if pos < lim {
+                    ((lim - pos) as usize).min(take)
+                } else {
+                    0
+                };
+                if k > 0 {
+                    self.read_base(&mut buf[at..at + k], pos)?;
+                }
+                buf[at + k..at + take].fill(0);
+            }
+            pos += take as u64;
+        }
+        Ok(end.saturating_sub(off) as usize)
+    }
+
+    /// Write `data` at `off`, extending the file (with zeros in between) if needed.
+    pub fn write_at(&mut self, data: &[u8], off: u64) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let end = off
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= crate::format::layout::MAX_FILE_SIZE)
+            .ok_or_else(|| Error::FileTooLarge {
+                path: self.label.clone(),
+                size: u64::MAX,
+            })?;
+        if end > self.size {
+            self.set_len(end)?;
+        }
+        let c = u64::from(self.chunk_len);
+        let mut pos = off;
+        while pos < end {
+            let i = pos / c;
+            let s = (pos - i * c) as usize;
+            let take = ((end - pos) as usize).min(c as usize - s);
+            let mut chunk = match self.dirty.remove(&i) {
+                Some(d) => d,
+                None => self.chunk(i)?,
+            };
+            let from = (pos - off) as usize;
+            chunk[s..s + take].copy_from_slice(&data[from..from + take]);
+            self.dirty.insert(i, chunk);
+            pos += take as u64;
+        }
+        Ok(())
+    }
+
+    /// Truncate or extend (with zeros) to `len` bytes.
+    pub fn set_len(&mut self, len: u64) -> Result<()> {
+        if len > crate::format::layout::MAX_FILE_SIZE {
+            return Err(Error::FileTooLarge {
+                path: self.label.clone(),
+                size: len,
+            });
+        }
+        let c = self.chunk_len;
+        let last_now = chunk_count(self.size, c) - 1;
+        if len < self.size {
+            self.valid = self.valid.min(len);
+            let n = chunk_count(len, c);
+            self.dirty.retain(|&i, _| i < n);
+            if let Some(d) = self.dirty.get_mut(&(n - 1)) {
+                d.truncate(chunk_plain_len(len, c, n - 1) as usize);
+            }
+        } else if len > self.size {
+            if let Some(d) = self.dirty.get_mut(&last_now) {
+                d.resize(chunk_plain_len(len, c, last_now) as usize, 0);
+            }
+        }
+        self.size = len;
+        Ok(())
+    }
+
+    /// Seal the changed chunks under a fresh epoch, compute the tree pages they change, and
+    /// write all of it with the new lengths to the journal (fsync'd). Nothing on disk that a
+    /// reader uses changes before the commit.
+    pub fn stage(mut self, vol: &Volume) -> Result<StagedUpdate> {
+        let c = self.chunk_len;
+        let n = chunk_count(self.size, c);
+        // Chunks whose content changed without a write: a new or shortened last chunk, and
+        // everything the file grew by (zeros), or lost to a truncation and regained.
+        let reseal_from = if self.size == self.base_size && self.valid >= self.base_size {
+            n
+        } else {
+            self.valid.min(self.base_size).min(self.size) / u64::from(c)
+        };
+        let mut todo: Vec<u64> = self.dirty.keys().copied().filter(|&i| i < n).collect();
+        todo.extend((reseal_from..n).filter(|i| !self.dirty.contains_key(i)));
+        todo.sort_unstable();
+        let mut epoch = [0u8; EPOCH_LEN];
+        crypto::random_bytes(&mut epoch)?;
+        let key = crypto::epoch_chunk_key(&self.region, &self.id, &epoch)?;
+        let mut changed = BTreeMap::new();
+        let mut j = Journal::new(self.id);
+        j.set_len(Target::Data, ft::data_len(self.size).unwrap_or(u64::MAX));
+        for i in todo {
+            let mut chunk = self.chunk(i)?;
+            let tag = ct::seal_chunk2(&key, &self.id, i, &mut chunk)?;
+            changed.insert(i, ChunkEntry { epoch, tag });
+            let at = ft::chunk_offset(c, i).unwrap_or(u64::MAX);
+            j.write(Target::Data, at, &chunk);
+        }
+        let tkey = crypto::tree_key(&self.region, &self.id)?;
+        let tree = self.base.tree_mut().ok_or_else(|| Error::Invalid {
+            path: self.label.clone(),
+            reason: "not a format-2 file".into(),
+        })?;
+        let (pages, root) = ct::update_pages(&tkey, tree, &changed, n)?;
+        j.set_len(Target::Tree, ft::tree_pages(n) * ft::PAGE_LEN as u64);
+        for ((l, p), pg) in &pages {
+            j.write(
+                Target::Tree,
+                ft::page_pos(n, *l, *p) * ft::PAGE_LEN as u64,
+                &pg[..],
+            );
+        }
+        let writer = vol.writer_guard()?;
+        let jp = store::journal_path(&vol.path, &self.id, &root);
+        let bytes = j.encode(&root);
+        let full = jp.full();
+        // A journal for exactly this root cannot exist (its epoch is new); a leftover of an
+        // identical name is replaced.
+        let _ = kernel_fs::remove_beneath(jp.base(), jp.rel(), false);
+        let (dir, name) = jp.parent().map_err(|e| Error::io(&full, e))?;
+        let mut f = kernel_fs::create_new_at(&dir, &name, 0o600, rustix::fs::OFlags::empty())
+            .map_err(|e| Error::io(&full, e))?;
+        f.write_all(&bytes)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| Error::io(&full, e))?;
+        let now = now_ns();
+        let mut entry = self.entry.clone();
+        entry.kind = FileKind::File {
+            id: self.id,
+            size: self.size,
+            root: Some(root),
+        };
+        entry.mtime_ns = self.mtime.unwrap_or(now);
+        entry.ctime_ns = now;
+        Ok(StagedUpdate {
+            path: self.path,
+            id: self.id,
+            base_root: self.base_root,
+            entry,
+            journal: full,
+            _writer: writer,
+        })
+    }
+}
+
+impl From<StagedUpdate> for Change {
+    fn from(s: StagedUpdate) -> Change {
+        Change::Update(s)
+    }
+}
+
+/// What a journal record writes to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Target {
+    Data,
+    Tree,
+}
+
+/// A journal being built: lengths first, then writes (FORMAT.md §5b).
+struct Journal {
+    id: FileId,
+    lens: Vec<(Target, u64)>,
+    writes: Vec<(Target, u64, Vec<u8>)>,
+}
+
+const JOURNAL_MAGIC: [u8; 8] = *b"FSPFJ\x02\0\0";
+
+impl Journal {
+    fn new(id: FileId) -> Journal {
+        Journal {
+            id,
+            lens: Vec::new(),
+            writes: Vec::new(),
+        }
+    }
+    fn set_len(&mut self, t: Target, len: u64) {
+        self.lens.push((t, len));
+    }
+    /// Add a write; one that continues the previous write of the same target joins it.
+    fn write(&mut self, t: Target, at: u64, bytes: &[u8]) {
+        if let Some((pt, pat, pb)) = self.writes.last_mut() {
+            if *pt == t && *pat + pb.len() as u64 == at {
+                pb.extend_from_slice(bytes);
+                return;
+            }
+        }
+        self.writes.push((t, at, bytes.to_vec()));
+    }
+    fn encode(&self, root: &[u8; 32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&JOURNAL_MAGIC);
+        out.extend_from_slice(&self.id.0);
+        out.extend_from_slice(root);
+        let count = (self.lens.len() + self.writes.len()) as u64;
+        out.extend_from_slice(&count.to_le_bytes());
+        let code = |t: Target, w: bool| match (t, w) {
+            (Target::Data, true) => 1u8,
+            (Target::Tree, true) => 2,
+            (Target::Data, false) => 3,
+            (Target::Tree, false) => 4,
+        };
+        for (t, len) in &self.lens {
+            out.push(code(*t, false));
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(&0u64.to_le_bytes());
+        }
+        for (t, at, b) in &self.writes {
+            out.push(code(*t, true));
+            out.extend_from_slice(&at.to_le_bytes());
+            out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+            out.extend_from_slice(b);
+        }
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
+}
+
+/// A parsed journal record: set a length, or write bytes.
+enum Record<'a> {
+    Len(Target, u64),
+    Write(Target, u64, &'a [u8]),
+}
+
+fn parse_journal<'a>(
+    b: &'a [u8],
+    id: &FileId,
+    root: &[u8; 32],
+) -> std::result::Result<Vec<Record<'a>>, String> {
+    const HEAD: usize = 8 + 16 + 32 + 8;
+    if b.len() < HEAD + 32 {
+        return Err("shorter than its header".into());
+    }
+    let (body, sum) = b.split_at(b.len() - 32);
+    if blake3::hash(body).as_bytes() != sum {
+        return Err("checksum mismatch (torn or modified)".into());
+    }
+    if body[..8] != JOURNAL_MAGIC {
+        return Err("bad magic".into());
+    }
+    if body[8..24] != id.0 || body[24..56] != root[..] {
+        return Err("names another file or root".into());
+    }
+    let count = u64::from_le_bytes(body[56..64].try_into().unwrap_or_default());
+    let mut at = HEAD;
+    let mut out = Vec::new();
+    for _ in 0..count {
+        let Some(h) = body.get(at..at + 17) else {
+            return Err("record past the end".into());
+        };
+        let off = u64::from_le_bytes(h[1..9].try_into().unwrap_or_default());
+        let len = u64::from_le_bytes(h[9..17].try_into().unwrap_or_default());
+        at += 17;
+        let t = match h[0] {
+            1 | 3 => Target::Data,
+            2 | 4 => Target::Tree,
+            k => return Err(format!("unknown record kind {k}")),
+        };
+        if h[0] >= 3 {
+            out.push(Record::Len(t, off));
+            continue;
+        }
+        let Some(bytes) = usize::try_from(len)
+            .ok()
+            .and_then(|l| body.get(at..at.checked_add(l)?))
+        else {
+            return Err("record past the end".into());
+        };
+        at += bytes.len();
+        out.push(Record::Write(t, off, bytes));
+    }
+    if at != body.len() {
+        return Err("bytes after the last record".into());
+    }
+    Ok(out)
+}
+
+/// Apply the journal of file `id` at root `root` to the data file `dir`/`name` and the tree,
+/// if the journal exists; then remove it. Serialised on the journal's own `flock`: whoever
+/// comes second finds it unlinked and does nothing.
+pub(crate) fn apply_journal(
+    fspf: &Path,
+    dir: &std::os::fd::OwnedFd,
+    name: &std::ffi::OsStr,
+    id: &FileId,
+    root: &[u8; 32],
+    label: &str,
+) -> Result<()> {
+    let jp = store::journal_path(fspf, id, root);
+    let full = jp.full();
+    let f = match kernel_fs::open_regular(jp.base(), jp.rel()) {
+        Ok(f) => f,
+        Err(kernel_fs::OpenError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(())
+        }
+        Err(kernel_fs::OpenError::Io(e)) => return Err(Error::kernel(label, full, e)),
+        Err(kernel_fs::OpenError::NotRegular(kind)) => {
+            return Err(Error::NotRegular {
+                path: format!("{label}: journal {}", full.display()),
+                kind,
+            })
+        }
+    };
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| Error::io(&full, e.into()))?;
+    let st = rustix::fs::fstat(&f).map_err(|e| Error::io(&full, e.into()))?;
+    if st.st_nlink == 0 {
+        return Ok(());
+    }
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut &f, &mut bytes).map_err(|e| Error::io(&full, e))?;
+    let damaged = |reason: String| Error::JournalDamaged {
+        path: label.into(),
+        journal: full.display().to_string(),
+        reason,
+    };
+    let records = parse_journal(&bytes, id, root).map_err(damaged)?;
+    let data = kernel_fs::open_regular_rw_at(dir, name).map_err(|e| match e {
+        kernel_fs::OpenError::Io(e) => Error::io(label, e),
+        kernel_fs::OpenError::NotRegular(kind) => Error::NotRegular {
+            path: label.into(),
+            kind,
+        },
+    })?;
+    let tree = store::open_tree_rw(fspf, id, label)?;
+    let file = |t: Target| -> &File {
+        match t {
+            Target::Data => &data,
+            Target::Tree => &tree,
+        }
+    };
+    for r in &records {
+        let res = match r {
+            Record::Len(t, len) => file(*t).set_len(*len),
+            Record::Write(t, at, b) => file(*t).write_all_at(b, *at),
+        };
+        res.map_err(|e| Error::io(label, e))?;
+    }
+    data.sync_all().map_err(|e| Error::io(label, e))?;
+    tree.sync_all().map_err(|e| Error::io(label, e))?;
+    let _ = kernel_fs::remove_beneath(jp.base(), jp.rel(), false);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::test_volume;
+
+    fn read_all(v: &Volume, p: &EmbedPath) -> Result<Vec<u8>> {
+        let mut r = v.open_file(p)?;
+        let mut out = vec![0u8; r.size() as usize];
+        let mut off = 0;
+        while off < out.len() {
+            let n = r.read_at(&mut out[off..], off as u64)?;
+            assert!(n > 0);
+            off += n;
+        }
+        Ok(out)
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    fn commit_update(v: &mut Volume, u: FileUpdate) -> StagedUpdate {
+        let s = u.stage(v).unwrap();
+        let tag = v.tag();
+        v.commit(vec![Change::Update(s.clone())], Some(tag))
+            .unwrap();
+        s
+    }
+
+    fn ep(s: &str) -> EmbedPath {
+        EmbedPath::parse(s).unwrap()
+    }
+
+    /// Kernel file and tree of `/f` in the fixture's volume.
+    fn files_of(d: &tempfile::TempDir, v: &Volume, p: &EmbedPath) -> (PathBuf, PathBuf) {
+        let FileKind::File { id, .. } = v.lookup(p).unwrap().kind else {
+            panic!()
+        };
+        (
+            d.path().join("vol").join(&p.to_string()[1..]),
+            store::tree_path(&v.path, &id).full(),
+        )
+    }
+
+    #[test]
+    fn large_files_are_written_in_format_2_and_small_ones_in_format_1() {
+        let big = pattern(100_000, 1);
+        let (_d, _p, v) = test_volume(&[("/big", &big), ("/small", b"tiny")]);
+        let root_of = |p: &str| match v.lookup(&ep(p)).unwrap().kind {
+            FileKind::File { root, .. } => root,
+            _ => panic!(),
+        };
+        assert!(root_of("/big").is_some());
+        assert!(root_of("/small").is_none());
+        assert_eq!(read_all(&v, &ep("/big")).unwrap(), big);
+        assert!(v.update_file(&ep("/small")).unwrap().is_none());
+    }
+
+    /// Random writes, truncations and extensions, committed in rounds, read back equal to a
+    /// plain model (tree shapes across heights: `codec::tree` tests).
+    #[test]
+    fn updates_read_back_like_a_plain_file() {
+        let mut model = pattern(300_000, 2);
+        let (_d, _p, mut v) = test_volume(&[("/f", &model)]);
+        let f = ep("/f");
+        let mut rng = 0x9e3779b97f4a7c15u64;
+        let mut next = |m: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % m.max(1)
+        };
+        for round in 0..12 {
+            let mut u = v.update_file(&f).unwrap().unwrap();
+            for _ in 0..6 {
+                match next(4) {
+                    0 | 1 => {
+                        let off = next(model.len() as u64 + 9000);
+                        let len = 1 + next(20_000) as usize;
+                        let data = pattern(len, round as u8 * 7 + 3);
+                        u.write_at(&data, off).unwrap();
+                        let end = off as usize + len;
+                        if model.len() < end {
+                            model.resize(end, 0);
+                        }
+                        model[off as usize..end].copy_from_slice(&data);
+                    }
+                    2 => {
+                        let len = next(model.len() as u64 + 1);
+                        u.set_len(len).unwrap();
+                        model.truncate(len as usize);
+                    }
+                    _ => {
+                        let len = model.len() as u64 + next(70_000);
+                        u.set_len(len).unwrap();
+                        model.resize(len as usize, 0);
+                    }
+                }
+                let mut got = vec![0u8; model.len()];
+                assert_eq!(u.read_at(&mut got, 0).unwrap(), model.len());
+                assert!(
+                    got == model,
+                    "round {round}: the update reads what was written"
+                );
+            }
+            commit_update(&mut v, u);
+            assert!(
+                read_all(&v, &f).unwrap() == model,
+                "round {round} after commit"
+            );
+        }
+        // A fresh open (new volume, no caches) reads the same.
+        let (key, tag, p) = (v.key().cloned(), v.tag(), v.path.clone());
+        let v2 = Volume::open(&p, key, Some(tag)).unwrap();
+        assert!(read_all(&v2, &f).unwrap() == model);
+    }
+
+    #[test]
+    fn a_small_update_of_a_large_file_journals_only_what_changed() {
+        let big = pattern(8 << 20, 3);
+        let (_d, _p, mut v) = test_volume(&[("/f", &big)]);
+        let mut u = v.update_file(&ep("/f")).unwrap().unwrap();
+        u.write_at(b"hello", 4_000_000).unwrap();
+        let s = u.stage(&v).unwrap();
+        let jlen = std::fs::metadata(&s.journal).unwrap().len();
+        // one 4 KiB chunk, three tree pages (levels 0..2 above 2 048 chunks: 2), headers
+        assert!(jlen < 4 * 4096 + 1024, "journal of {jlen} bytes");
+        let mut u = v.update_file(&ep("/f")).unwrap().unwrap();
+        u.write_at(b"line\n", 8 << 20).unwrap();
+        let s2 = u.stage(&v).unwrap();
+        let jlen = std::fs::metadata(&s2.journal).unwrap().len();
+        assert!(jlen < 4 * 4096 + 1024, "append journal of {jlen} bytes");
+        s2.discard();
+        let tag = v.tag();
+        v.commit(vec![Change::Update(s)], Some(tag)).unwrap();
+        let mut want = big.clone();
+        want[4_000_000..4_000_005].copy_from_slice(b"hello");
+        assert!(read_all(&v, &ep("/f")).unwrap() == want);
+    }
+
+    /// P9: a crash before the commit point leaves the old state; after it (journal written,
+    /// not or partly applied), the next open applies it and reads the new state.
+    #[test]
+    fn a_crash_before_or_after_the_commit_point_reads_one_committed_state() {
+        let old = pattern(200_000, 4);
+        let (d, _p, mut v) = test_volume(&[("/f", &old)]);
+        let f = ep("/f");
+        let (data, tree) = files_of(&d, &v, &f);
+        let (old_data, old_tree) = (std::fs::read(&data).unwrap(), std::fs::read(&tree).unwrap());
+        let mut u = v.update_file(&f).unwrap().unwrap();
+        u.write_at(&pattern(10_000, 9), 150_000).unwrap();
+        u.write_at(b"tail", 250_000).unwrap();
+        let mut new = old.clone();
+        new[150_000..160_000].copy_from_slice(&pattern(10_000, 9));
+        new.resize(250_004, 0);
+        new[250_000..].copy_from_slice(b"tail");
+        // Staged, not committed: the journal exists, nothing else changed.
+        let s = u.stage(&v).unwrap();
+        assert!(s.journal.exists());
+        assert_eq!(std::fs::read(&data).unwrap(), old_data);
+        assert!(read_all(&v, &f).unwrap() == old);
+        let journal = std::fs::read(&s.journal).unwrap();
+        let tag = v.tag();
+        v.commit(vec![Change::Update(s.clone())], Some(tag))
+            .unwrap();
+        assert!(!s.journal.exists(), "applied and removed");
+        let (new_data, new_tree) = (std::fs::read(&data).unwrap(), std::fs::read(&tree).unwrap());
+        // Crash after the commit point, before the journal was applied, or half way.
+        for half in [false, true] {
+            let mut d0 = old_data.clone();
+            if half {
+                let k = d0.len().min(new_data.len()) / 2;
+                d0[..k].copy_from_slice(&new_data[..k]);
+            }
+            std::fs::write(&data, &d0).unwrap();
+            std::fs::write(&tree, &old_tree).unwrap();
+            std::fs::write(&s.journal, &journal).unwrap();
+            assert!(
+                read_all(&v, &f).unwrap() == new,
+                "rolled forward (half = {half})"
+            );
+            assert!(!s.journal.exists());
+            assert_eq!(std::fs::read(&tree).unwrap(), new_tree);
+        }
+    }
+
+    #[test]
+    fn a_chunk_or_tree_rolled_back_or_a_damaged_journal_is_detected() {
+        let old = pattern(200_000, 5);
+        let (d, _p, mut v) = test_volume(&[("/f", &old)]);
+        let f = ep("/f");
+        let (data, tree) = files_of(&d, &v, &f);
+        let (old_data, old_tree) = (std::fs::read(&data).unwrap(), std::fs::read(&tree).unwrap());
+        let mut u = v.update_file(&f).unwrap().unwrap();
+        u.write_at(b"new bytes", 8192).unwrap();
+        let s = commit_update(&mut v, u);
+        let (new_data, new_tree) = (std::fs::read(&data).unwrap(), std::fs::read(&tree).unwrap());
+        // One chunk (chunk 2) spliced back from before the update.
+        let mut d1 = new_data.clone();
+        d1[24 + 8192..24 + 12288].copy_from_slice(&old_data[24 + 8192..24 + 12288]);
+        std::fs::write(&data, &d1).unwrap();
+        assert!(matches!(
+            read_all(&v, &f),
+            Err(Error::ChunkAuth { chunk: 2, .. })
+        ));
+        // The whole tree rolled back with the chunk: the root no longer matches.
+        std::fs::write(&data, &old_data).unwrap();
+        std::fs::write(&tree, &old_tree).unwrap();
+        assert!(matches!(read_all(&v, &f), Err(Error::TreeAuth { .. })));
+        // A journal that was tampered with is refused, and nothing is applied.
+        let mut j = Journal::new(s.id);
+        j.set_len(Target::Data, 1);
+        let mut bytes = j.encode(&s.root());
+        let k = bytes.len() - 40;
+        bytes[k] ^= 1;
+        std::fs::write(&s.journal, &bytes).unwrap();
+        assert!(matches!(
+            read_all(&v, &f),
+            Err(Error::JournalDamaged { .. })
+        ));
+        assert_eq!(std::fs::read(&data).unwrap(), old_data);
+        std::fs::remove_file(&s.journal).unwrap();
+        // A journal of an older state put back is not applied (its root is not the entry's).
+        std::fs::write(&data, &new_data).unwrap();
+        std::fs::write(&tree, &new_tree).unwrap();
+        let mut u = v.update_file(&f).unwrap().unwrap();
+        u.write_at(b"second", 0).unwrap();
+        let s2 = u.stage(&v).unwrap();
+        let stale = std::fs::read(&s2.journal).unwrap();
+        let tag = v.tag();
+        v.commit(vec![Change::Update(s2.clone())], Some(tag))
+            .unwrap();
+        let mut u = v.update_file(&f).unwrap().unwrap();
+        u.write_at(b"third", 0).unwrap();
+        commit_update(&mut v, u);
+        std::fs::write(&s2.journal, &stale).unwrap();
+        let got = read_all(&v, &f).unwrap();
+        assert_eq!(&got[..5], b"third");
+        assert!(
+            s2.journal.exists(),
+            "a journal of a root no entry has is left alone"
+        );
+    }
+
+    #[test]
+    fn an_uncommitted_journal_is_an_orphan_and_a_committed_one_is_not() {
+        let big = pattern(100_000, 10);
+        let (_d, p, mut v) = test_volume(&[("/f", &big)]);
+        let f = ep("/f");
+        let mut u = v.update_file(&f).unwrap().unwrap();
+        u.write_at(b"x", 1).unwrap();
+        let lost = u.stage(&v).unwrap();
+        let lost_path = lost.journal.clone();
+        drop(lost); // a writer that died before its commit
+        let orphans = v.orphans();
+        assert!(orphans
+            .iter()
+            .any(|o| o.kind == crate::volume::OrphanKind::Journal && o.disk.full() == lost_path));
+        let lock = Volume::lock(&p).unwrap();
+        let report = v.clean_orphans(&lock).unwrap();
+        drop(lock);
+        assert!(report.removed.contains(&lost_path), "{report:?}");
+        // A committed entry's journal left by a crash is not an orphan: it is applied on open.
+        let mut u = v.update_file(&f).unwrap().unwrap();
+        u.write_at(b"y", 2).unwrap();
+        let s = commit_update(&mut v, u);
+        std::fs::write(&s.journal, b"left by a crash").unwrap();
+        assert!(!v.orphans().iter().any(|o| o.disk.full() == s.journal));
+        std::fs::remove_file(&s.journal).unwrap();
+    }
+
+    #[test]
+    fn a_format_2_file_swapped_for_a_format_1_file_is_refused() {
+        let big = pattern(100_000, 6);
+        let (d, _p, v) = test_volume(&[("/v2", &big)]);
+        let (data, _) = files_of(&d, &v, &ep("/v2"));
+        let mut b = std::fs::read(&data).unwrap();
+        b[5] = 1; // "fspfE\x01": claims format 1
+        std::fs::write(&data, &b).unwrap();
+        assert!(matches!(
+            read_all(&v, &ep("/v2")),
+            Err(Error::HeaderMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn a_second_update_from_the_same_base_is_refused_and_leaves_no_journal() {
+        let big = pattern(100_000, 7);
+        let (_d, _p, mut v) = test_volume(&[("/f", &big)]);
+        let f = ep("/f");
+        let mut a = v.update_file(&f).unwrap().unwrap();
+        let mut b = v.update_file(&f).unwrap().unwrap();
+        a.write_at(b"aaaa", 10).unwrap();
+        b.write_at(b"bbbb", 99_000).unwrap();
+        let sa = a.stage(&v).unwrap();
+        let sb = b.stage(&v).unwrap();
+        let tag = v.tag();
+        v.commit(vec![Change::Update(sa)], Some(tag)).unwrap();
+        let tag = v.tag();
+        let e = v
+            .commit(vec![Change::Update(sb.clone())], Some(tag))
+            .unwrap_err();
+        assert!(matches!(e, Error::UpdateConflict { .. }), "{e}");
+        assert!(!sb.journal.exists());
+        assert_eq!(&read_all(&v, &f).unwrap()[10..14], b"aaaa");
+    }
+
+    /// P8: every seal draws a fresh epoch, so a chunk sealed again (after any number of
+    /// updates, crashes or rollbacks) is never sealed under a (key, nonce) used before.
+    #[test]
+    fn every_update_seals_under_a_fresh_epoch_key() {
+        let big = pattern(100_000, 8);
+        let (d, _p, mut v) = test_volume(&[("/f", &big)]);
+        let f = ep("/f");
+        let mut epochs = std::collections::HashSet::new();
+        for i in 0..20u8 {
+            let mut u = v.update_file(&f).unwrap().unwrap();
+            u.write_at(&[i], 5).unwrap();
+            // The same chunk staged and dropped (a crash before the commit) and staged again.
+            let dropped = u.stage(&v).unwrap();
+            dropped.discard();
+            let mut u = v.update_file(&f).unwrap().unwrap();
+            u.write_at(&[i], 5).unwrap();
+            commit_update(&mut v, u);
+            let (_, tree) = files_of(&d, &v, &f);
+            let t = std::fs::read(&tree).unwrap();
+            let FileKind::File {
+                root: Some(root),
+                size,
+                id,
+            } = v.lookup(&f).unwrap().kind
+            else {
+                panic!()
+            };
+            let key = v.region_for(&f).unwrap().key.clone().unwrap();
+            let mut r = ct::TreeReader::new(
+                crypto::tree_key(&key, &id).unwrap(),
+                root,
+                size,
+                4096,
+                t,
+                "t".into(),
+            )
+            .unwrap();
+            assert!(epochs.insert(r.entry(0).unwrap().epoch), "epoch reused");
+        }
+    }
+}
