@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 /// Read at `off` (or the shared offset, advancing it). Buffers are read by the kernel.
 pub unsafe fn do_read(fd: c_int, h: &Handle, buf: *mut u8, n: size_t, off: Option<u64>) -> ssize_t {
-    let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
+    let f = h.lock().unwrap_or_else(|e| e.into_inner());
     if f.touched.is_some() {
         drop(f);
         return match off {
@@ -22,17 +22,49 @@ pub unsafe fn do_read(fd: c_int, h: &Handle, buf: *mut u8, n: size_t, off: Optio
     if n == 0 {
         return 0;
     }
+    drop(f);
     // SAFETY: the program passed a buffer of n writable bytes.
     let out = unsafe { std::slice::from_raw_parts_mut(buf, n) };
-    match f.read_at(out, pos) {
+    match read_fresh(h, out, pos) {
         Ok(k) => {
             if off.is_none() {
-                f.offset = pos + k as u64;
+                h.lock().unwrap_or_else(|e| e.into_inner()).offset = pos + k as u64;
             }
             k as ssize_t
         }
         Err(e) => fail_isize(e),
     }
+}
+
+/// Read at `pos`; when the file's format-2 state moved on under the reader ([`files::STALE`]:
+/// another process of the run updated it in place), reopen it at the run's current state and
+/// read once more. What fails then is tampering: `EIO`, and the process is marked.
+pub fn read_fresh(h: &Handle, out: &mut [u8], pos: u64) -> Result<usize, libc::c_int> {
+    let path = {
+        let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
+        match f.read_at(out, pos) {
+            Err(files::STALE) => f.path.clone(),
+            r => return r,
+        }
+    };
+    // Without the description's lock: the shield's lock is never taken under it.
+    let fresh = crate::shield::get().reopen_current(&path);
+    let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(r) = fresh {
+        f.body = Body::Kernel(Box::new(r));
+    }
+    match f.read_at(out, pos) {
+        Err(files::STALE) => Err(stale_is_tampering(&path)),
+        r => r,
+    }
+}
+
+/// A format-2 file that fails verification at the run's current state too.
+pub fn stale_is_tampering(path: &fspf_core::EmbedPath) -> libc::c_int {
+    let m = format!("{path}: failed verification at the run's current state (file modified, swapped or rolled back)");
+    log(format!("read refused: {m}"));
+    crate::integrity_failure(&m);
+    libc::EIO
 }
 
 /// Write through a buffer's description (the kernel keeps offset and O_APPEND).
@@ -222,6 +254,10 @@ fn fill_written(fd: c_int, f: &mut crate::files::OpenFile, size: u64) -> bool {
     let mut buf = vec![0u8; FILL_BLOCK];
     while off < size {
         match f.read_at(&mut buf, off) {
+            Err(files::STALE) => {
+                stale_is_tampering(&f.path);
+                return false;
+            }
             Ok(0) | Err(_) => return false,
             Ok(k) => {
                 // SAFETY: writing our buffer into our placeholder memfd.

@@ -570,6 +570,11 @@ pub struct OpenFile {
 
 pub type Handle = Arc<Mutex<OpenFile>>;
 
+/// [`OpenFile::read_at`] of a format-2 file that failed verification: the file may have been
+/// updated in place by another process of the run since it was opened (`fdio::read_fresh`
+/// reopens it at the run's current state and reads again before calling it tampered).
+pub const STALE: c_int = libc::ESTALE;
+
 static TABLE: RwLock<BTreeMap<c_int, Handle>> = RwLock::new(BTreeMap::new());
 static BITS: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
 static TRANSLATED: RwLock<BTreeMap<c_int, EmbedPath>> = RwLock::new(BTreeMap::new());
@@ -710,7 +715,11 @@ impl OpenFile {
             return Err(libc::EBADF);
         }
         let r = match &mut self.body {
-            Body::Kernel(r) => r.read_at(out, off),
+            Body::Kernel(r) => match r.read_at(out, off) {
+                // A format-2 file changes in place: the run may have moved on (`fdio::read`).
+                Err(e) if e.is_integrity() && r.tree_mut().is_some() => return Err(STALE),
+                r => r,
+            },
             Body::Mem(r) => r.read_at(out, off),
             Body::Plain(v) => Ok(copy_from(v, out, off)),
             Body::Buf(b) => {

@@ -782,6 +782,12 @@ impl Shield {
             .collect()
     }
 
+    /// A reader of `ep` at the run's current state (see `fdio::read_fresh`).
+    pub fn reopen_current(&self, ep: &EmbedPath) -> Option<fspf_core::volume::KernelReader> {
+        let mut inner = self.lock();
+        inner.s.open_current(ep).ok()
+    }
+
     pub fn is_ephemeral(&self, inner: &Inner, ep: &EmbedPath) -> bool {
         inner.s.is_ephemeral(ep)
     }

@@ -3034,3 +3034,142 @@ open('{done}', 'w').close()
     want[1_900_000..1_900_006].copy_from_slice(b"second");
     assert!(read_big(&w) == want, "both writes kept");
 }
+
+#[test]
+fn a_reader_of_a_file_another_process_updated_in_place_got_eio() {
+    need("python3");
+    need("sh");
+    let mut w = data_world();
+    let n = 2 << 20;
+    ok(
+        &w.run_mut(&["python3", "-c", BIG_PY, &n.to_string()]),
+        "write big",
+    );
+    // The reader opens the file and reads a little; another process then changes it in place
+    // and commits; the reader goes on reading the changed chunks (a kernel file shows the new
+    // bytes) instead of failing them as tampered.
+    let go = w.p("go");
+    let done = w.p("done");
+    let reader = format!(
+        r#"
+import os, time
+f = open('/data/big', 'rb')
+assert len(f.read(10)) == 10
+open('{go}', 'w').close()
+while not os.path.exists('{done}'):
+    time.sleep(0.02)
+f.seek(0)
+d = f.read()
+assert len(d) == {n} + 5, len(d)
+assert d[500_000:500_008] == b'CHANGED!', d[500_000:500_008]
+assert d[-5:] == b'tail\n'
+print('ok')
+"#
+    );
+    let writer = format!(
+        r#"
+import os, time
+while not os.path.exists('{go}'):
+    time.sleep(0.02)
+fd = os.open('/data/big', os.O_RDWR)
+os.pwrite(fd, b'CHANGED!', 500_000)
+os.pwrite(fd, b'tail\n', {n})
+os.close(fd)
+open('{done}', 'w').close()
+"#
+    );
+    let o = run_mut_env(
+        &mut w,
+        &[("FSPF_SHARED_BUFFERS", "0")],
+        &[
+            "sh",
+            "-c",
+            "python3 -c \"$1\" & python3 -c \"$2\" & wait %1 && wait %2",
+            "sh",
+            &reader,
+            &writer,
+        ],
+    );
+    ok(&o, "reader and writer");
+    assert_eq!(stdout(&o).trim(), "ok");
+}
+
+/// Every file of `dir` below the world (name -> bytes).
+fn snapshot(w: &World, rel: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(w.path(rel))
+        .expect("dir")
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).expect("read"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn an_updated_large_file_with_a_chunk_or_tree_rolled_back_or_flipped_is_refused() {
+    need("python3");
+    need("cat");
+    let mut w = data_world();
+    let n = 1 << 20;
+    ok(
+        &w.run_mut(&["python3", "-c", BIG_PY, &n.to_string()]),
+        "write big",
+    );
+    let old_data = std::fs::read(w.path("vol/big")).expect("data");
+    let old_trees = snapshot(&w, "fspf.pb.trees");
+    let private = [("FSPF_SHARED_BUFFERS", "0")];
+    let script = "import os\nfd = os.open('/data/big', os.O_RDWR)\nos.pwrite(fd, b'new', 300000)\nos.close(fd)\n";
+    ok(
+        &run_mut_env(&mut w, &private, &["python3", "-c", script]),
+        "update",
+    );
+    let new_data = std::fs::read(w.path("vol/big")).expect("data");
+    let new_trees = snapshot(&w, "fspf.pb.trees");
+    assert_eq!(
+        old_trees.keys().collect::<Vec<_>>(),
+        new_trees.keys().collect::<Vec<_>>()
+    );
+    let refused = |w: &World, what: &str| {
+        let o = w.run(&["cat", "/data/big"]);
+        assert!(!o.status.success(), "{what}: accepted");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("Input/output error"),
+            "{what}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let restore = |w: &World| {
+        std::fs::write(w.path("vol/big"), &new_data).expect("data");
+        for (k, v) in &new_trees {
+            std::fs::write(w.path(&format!("fspf.pb.trees/{k}")), v).expect("tree");
+        }
+    };
+    // The updated chunk (chunk 73) put back as it was before the update.
+    let mut d = new_data.clone();
+    let c = 24 + 73 * 4096;
+    d[c..c + 4096].copy_from_slice(&old_data[c..c + 4096]);
+    std::fs::write(w.path("vol/big"), &d).expect("chunk");
+    refused(&w, "chunk rolled back");
+    restore(&w);
+    // The tree rolled back (the whole file and tree as they were: an older valid state).
+    std::fs::write(w.path("vol/big"), &old_data).expect("data");
+    for (k, v) in &old_trees {
+        std::fs::write(w.path(&format!("fspf.pb.trees/{k}")), v).expect("tree");
+    }
+    refused(&w, "file and tree rolled back");
+    restore(&w);
+    // One bit of the tree flipped.
+    for (k, v) in &new_trees {
+        let mut t = v.clone();
+        t[100] ^= 1;
+        std::fs::write(w.path(&format!("fspf.pb.trees/{k}")), t).expect("tree");
+    }
+    refused(&w, "tree page flipped");
+    restore(&w);
+    let o = w.run(&["cat", "/data/big"]);
+    ok(&o, "restored");
+}

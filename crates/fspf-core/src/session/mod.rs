@@ -650,21 +650,7 @@ impl<A: Anchor> Session<A> {
         }
         // The committed pages are read and rewritten in place by commits: stage under the
         // run's commit lock, from the run's current state.
-        let mut held = None;
-        for _ in 0..3 {
-            self.refresh()?;
-            let l = self.anchor.lock()?;
-            let current = self
-                .anchor
-                .read()
-                .filter(|a| a.pending.is_none())
-                .map(|a| a.current);
-            if current.is_some() && current == self.vol.as_ref().map(|v| v.tag()) {
-                held = Some(l);
-                break;
-            }
-        }
-        let Some(_lock) = held else {
+        let Some(_lock) = self.lock_current()? else {
             return Ok(None);
         };
         let current = self.vol_ok()?.lookup(path).and_then(|e| e.kind.version());
@@ -724,6 +710,41 @@ impl<A: Anchor> Session<A> {
         );
         self.queue.push(Change::Update(staged));
         Ok(Some(t))
+    }
+
+    /// Hold the run's commit lock with the volume at the run's current state (no commit, and
+    /// so no in-place update, can run meanwhile). `None` if the state kept moving.
+    fn lock_current(&mut self) -> Result<Option<A::Lock>, ViewError> {
+        for _ in 0..3 {
+            // `refresh` may take and drop the lock itself (a pending tag): before taking it.
+            self.refresh()?;
+            let l = self.anchor.lock()?;
+            let current = self
+                .anchor
+                .read()
+                .filter(|a| a.pending.is_none())
+                .map(|a| a.current);
+            if current.is_some() && current == self.vol.as_ref().map(|v| v.tag()) {
+                return Ok(Some(l));
+            }
+        }
+        Ok(None)
+    }
+
+    /// A verified reader of the kernel file `path` as the run's current state has it, opened
+    /// under the run's commit lock: for a reader whose format-2 file another process updated
+    /// in place since it was opened (its pages no longer match the root it knew).
+    pub fn open_current(
+        &mut self,
+        path: &EmbedPath,
+    ) -> Result<crate::volume::KernelReader, ViewError> {
+        let Some(_lock) = self.lock_current()? else {
+            return Err(ViewError::Io);
+        };
+        let cfg = self.cfg.clone();
+        self.vol_ok()?
+            .open_file(path)
+            .map_err(|e| ViewError::of_core(&cfg, path, &e))
     }
 
     fn stage<R: std::io::Read>(

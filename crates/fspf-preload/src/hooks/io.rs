@@ -911,6 +911,11 @@ unsafe fn mmap_shielded(
             Ok(0) => break,
             Ok(k) => done += k,
             Err(e) => {
+                let e = if e == files::STALE {
+                    crate::fdio::stale_is_tampering(&f.path)
+                } else {
+                    e
+                };
                 // SAFETY: unmapping the mapping we just made.
                 unsafe { libc::munmap(p, len) };
                 return map_failed(e);
