@@ -4,7 +4,7 @@
 use crate::DaemonAnchor;
 use fspf_core::format::metadata::{Owner, SpecialKind};
 use fspf_core::session::{
-    move_tree, EphemeralContent, OpenFiles, Session, VersionMeta, MAX_FILE_LEN,
+    move_tree, EphemeralContent, OpenFiles, Session, VersionMeta, Written, MAX_FILE_LEN,
 };
 use fspf_core::view::{Node, NodeKind, OpenFile, ViewError};
 use fspf_core::volume::KernelReader;
@@ -44,6 +44,11 @@ struct Buf {
     detached: bool,
     /// Recorded owner of the file.
     owner: Option<Owner>,
+    /// The committed version the content was loaded from (or last committed as), and what
+    /// was written since: a format-2 file is then staged as an in-place update of just that
+    /// (every write reaches the buffer through this daemon, so the record is complete).
+    base: Option<fspf_core::Version>,
+    written: Option<Written>,
 }
 
 impl Buf {
@@ -60,6 +65,8 @@ impl Buf {
             writers: 0,
             detached: false,
             owner: None,
+            base: None,
+            written: None,
         })
     }
 
@@ -70,6 +77,9 @@ impl Buf {
         self.file.write_all_at(data, off)?;
         self.len = self.len.max(off + data.len() as u64);
         self.dirty = true;
+        if let Some(w) = &mut self.written {
+            w.add(off, data.len() as u64);
+        }
         Ok(())
     }
 
@@ -89,6 +99,9 @@ impl Buf {
         self.file.set_len(len)?;
         self.len = len;
         self.dirty = true;
+        if let Some(w) = &mut self.written {
+            w.set_len(len);
+        }
         // A size change moves the modification time, as a write does.
         self.mtime = now_ns();
         self.mtime_set = false;
@@ -321,17 +334,33 @@ impl State {
                 mtime: g.mtime_set.then_some(g.mtime),
                 owner: g.owner,
             };
-            let file = &g.file;
             let len = g.len;
-            let t = self
-                .s
-                .stage_put(&path, len, meta, None, || BufReader {
-                    file,
-                    pos: 0,
-                    end: len,
-                })
-                .map_err(ViewError::errno)?;
+            let update = match (g.base, &g.written) {
+                (Some(base), Some(w)) => {
+                    let file = &g.file;
+                    let read = |out: &mut [u8], off: u64| file.read_exact_at(out, off);
+                    self.s
+                        .stage_update(&path, base, len, w, meta, read)
+                        .map_err(ViewError::errno)?
+                }
+                _ => None,
+            };
+            let t = match update {
+                Some(t) => t,
+                None => {
+                    let file = &g.file;
+                    self.s
+                        .stage_put(&path, len, meta, None, || BufReader {
+                            file,
+                            pos: 0,
+                            end: len,
+                        })
+                        .map_err(ViewError::errno)?
+                }
+            };
             g.mtime = t;
+            // What is written from here on is relative to the state just staged.
+            g.written = Some(Written::new(len));
             self.mark();
         }
         g.dirty = false;
@@ -352,8 +381,25 @@ impl State {
     /// After the session committed: buffers nobody writes any more are dropped (their content
     /// is the committed version now).
     fn after_commit(&mut self) {
-        if self.s.take_committed().any {
+        let c = self.s.take_committed();
+        if c.any {
             self.since = None;
+        }
+        for (path, version, _) in c.files {
+            if let Some(b) = self.live.get(&path) {
+                lock(b).base = Some(version);
+            }
+        }
+        for (path, data) in c.merged {
+            if let Some(b) = self.live.get(&path) {
+                let mut g = lock(b);
+                let ok = g.file.set_len(0).is_ok() && g.file.write_all_at(&data, 0).is_ok();
+                g.len = data.len() as u64;
+                g.written = ok.then(|| Written::new(data.len() as u64));
+                if !ok {
+                    g.base = None;
+                }
+            }
         }
         if !self.s.has_queued() {
             self.live.retain(|_, b| {
@@ -373,6 +419,12 @@ impl State {
     fn commit(&mut self) -> Result<(), c_int> {
         let staged = self.stage_all();
         let r = self.s.commit().map_err(ViewError::errno);
+        if r.is_err() {
+            // What was staged is lost: no record of writes is relative to a committed state.
+            for b in self.live.values() {
+                lock(b).written = None;
+            }
+        }
         self.after_commit();
         r?;
         staged
@@ -536,6 +588,11 @@ impl FspfFs {
                 off += k as u64;
             }
             b.dirty = false;
+            b.base =
+                st.s.vol()
+                    .and_then(|v| v.lookup(ep))
+                    .and_then(|e| e.kind.version());
+            b.written = Some(Written::new(b.len));
         }
         let b = Arc::new(Mutex::new(b));
         st.live.insert(ep.clone(), b.clone());
@@ -965,6 +1022,7 @@ impl Filesystem for FspfFs {
             handles,
             inodes,
             read_buf,
+            s,
             ..
         } = &mut *guard;
         let Some(ep) = inodes.path(ino) else {
@@ -978,7 +1036,19 @@ impl Filesystem for FspfFs {
             read_buf.resize(size as usize, 0);
         }
         let out = &mut read_buf[..size as usize];
-        match read_handle(h, ep, out, offset.max(0) as u64) {
+        let off = offset.max(0) as u64;
+        let mut r = read_handle(h, ep, out, off);
+        // A format-2 file this daemon updated in place since the handle was opened: the
+        // handle's reader knows the old root. Read the committed state (once).
+        if let (Err(_), Handle::Kernel(k)) = (&r, &mut *h) {
+            if k.tree_mut().is_some() {
+                if let Some(fresh) = s.vol().and_then(|v| v.open_file(ep).ok()) {
+                    *h = Handle::Kernel(Box::new(fresh));
+                    r = read_handle(h, ep, out, off);
+                }
+            }
+        }
+        match r {
             Ok(n) => reply.data(&out[..n]),
             Err(e) => reply.error(e),
         }

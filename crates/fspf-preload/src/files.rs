@@ -66,47 +66,13 @@ pub struct WriteBuf {
     pub track: Option<Track>,
 }
 
-/// Byte ranges written through the hooks, and the smallest length the buffer had, since the
-/// buffer last equalled a committed or staged state.
+/// What the hooks wrote since the buffer last equalled a committed or staged state.
 #[derive(Debug, Clone)]
 pub struct Track {
-    /// Sorted, disjoint, non-adjacent (offset, length).
-    pub ranges: Vec<(u64, u64)>,
-    pub min_len: u64,
+    pub written: fspf_core::session::Written,
     /// The memfd's size and times after the last tracked change: a differing print when the
     /// buffer is sealed means a write this process's hooks did not see.
     pub print: (u64, u64),
-}
-
-impl Track {
-    /// Record bytes `off .. off + len` as written.
-    pub fn add(&mut self, off: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let (mut lo, mut hi) = (off, off.saturating_add(len));
-        // The ranges that touch [lo, hi] merge into one.
-        let first = self.ranges.partition_point(|&(o, l)| o + l < lo);
-        let mut last = first;
-        while last < self.ranges.len() && self.ranges[last].0 <= hi {
-            lo = lo.min(self.ranges[last].0);
-            hi = hi.max(self.ranges[last].0 + self.ranges[last].1);
-            last += 1;
-        }
-        self.ranges.splice(first..last, [(lo, hi - lo)]);
-    }
-
-    /// The buffer was cut to `len`.
-    pub fn cut(&mut self, len: u64) {
-        self.min_len = self.min_len.min(len);
-        self.ranges.retain_mut(|(o, l)| {
-            if *o >= len {
-                return false;
-            }
-            *l = (*l).min(len - *o);
-            true
-        });
-    }
 }
 
 impl WriteBuf {
@@ -149,12 +115,19 @@ impl WriteBuf {
     /// The buffer now equals a committed or staged state: track changes from here, if this
     /// process sees every write to it.
     pub fn start_tracking(&mut self) {
+        let now = self.stat_now();
+        self.start_tracking_from(now);
+    }
+
+    /// [`WriteBuf::start_tracking`] from the state `print` ([`WriteBuf::stat_now`]) that was
+    /// taken before the content was read for staging: a write since then changed the memfd's
+    /// times, so [`WriteBuf::tracked`] refuses the record and nothing is missed.
+    pub fn start_tracking_from(&mut self, print: Option<(u64, u64)>) {
         self.track = if self.shared || self.mirror || self.mapped_shared {
             None
         } else {
-            self.stat_now().map(|print| Track {
-                ranges: Vec::new(),
-                min_len: print.0,
+            print.map(|print| Track {
+                written: fspf_core::session::Written::new(print.0),
                 print,
             })
         };
@@ -165,7 +138,7 @@ impl WriteBuf {
         let now = self.stat_now();
         match (&mut self.track, now) {
             (Some(t), Some(p)) => {
-                t.add(off, len);
+                t.written.add(off, len);
                 t.print = p;
             }
             _ => self.track = None,
@@ -177,7 +150,7 @@ impl WriteBuf {
         let now = self.stat_now();
         match (&mut self.track, now) {
             (Some(t), Some(p)) => {
-                t.cut(len);
+                t.written.set_len(len);
                 t.print = p;
             }
             _ => self.track = None,

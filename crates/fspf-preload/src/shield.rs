@@ -818,6 +818,7 @@ impl Shield {
         if !eph && self.stage_tracked(inner, b, meta)? {
             return Ok(());
         }
+        let before = b.stat_now();
         if !eph && b.len() > files::HASH_MAX {
             // Large kernel file: seal straight from the memfd (no copy of the whole file).
             let print = b.fingerprint()?;
@@ -830,7 +831,7 @@ impl Shield {
             b.mtime = t;
             b.mark_sealed_print(print);
             b.pending = true;
-            b.start_tracking();
+            b.start_tracking_from(before);
             return Ok(());
         }
         let data = b.contents()?;
@@ -850,13 +851,15 @@ impl Shield {
         b.mtime = t;
         b.mark_sealed(&data);
         b.pending = true;
-        b.start_tracking();
+        b.start_tracking_from(before);
         Ok(())
     }
 
-    /// Stage what the hooks saw change in `b` since it equalled its committed format-2 version
-    /// as an in-place update (FORMAT.md §5b): only the changed chunks are sealed and written.
-    /// `Ok(false)`: not possible (untracked changes, another base, a format-1 file, a change
+    /// Stage `b` as an in-place update of its format-2 file (FORMAT.md §5b): what the hooks
+    /// saw change since it equalled its committed version, or, when they cannot have seen every
+    /// write (the run's shared buffer, a shared map, an inherited descriptor), the chunks that
+    /// differ from the committed state. Only changed chunks are sealed and written.
+    /// `Ok(false)`: not possible (a format-1 or new file, a version already staged, a change
     /// too large): the caller seals a whole version.
     fn stage_tracked(
         &self,
@@ -864,14 +867,12 @@ impl Shield {
         b: &mut WriteBuf,
         meta: VersionMeta,
     ) -> Result<bool, c_int> {
-        let (Some(version), Some(t)) = (b.version, b.tracked()) else {
-            return Ok(false);
-        };
-        if version.root.is_none() || b.pending {
+        if b.pending {
             return Ok(false);
         }
-        let (len, print) = (t.print.0, t.print);
-        let (min_len, ranges) = (t.min_len, t.ranges.clone());
+        // Taken before the content is read: a write after it makes the buffer dirty again.
+        let before = b.stat_now();
+        let print = b.fingerprint()?;
         let fd = b.fd;
         let read = |buf: &mut [u8], off: u64| -> std::io::Result<()> {
             let mut done = 0;
@@ -896,21 +897,26 @@ impl Shield {
             }
             Ok(())
         };
-        let staged = inner
-            .s
-            .stage_update(&b.path, version, len, min_len, &ranges, meta, read)
-            .map_err(errno_of)?;
+        let tracked = match (b.version, b.tracked()) {
+            (Some(v), Some(t)) if v.root.is_some() && t.print.0 == print.0 => {
+                Some((v, t.written.clone()))
+            }
+            _ => None,
+        };
+        let staged = match tracked {
+            Some((v, written)) => inner
+                .s
+                .stage_update(&b.path, v, print.0, &written, meta, read),
+            None => inner.s.stage_diff(&b.path, print.0, meta, read),
+        }
+        .map_err(errno_of)?;
         let Some(t) = staged else {
             return Ok(false);
         };
         b.mtime = t;
-        b.mark_sealed_print(if len <= files::HASH_MAX {
-            b.fingerprint()?
-        } else {
-            print
-        });
+        b.mark_sealed_print(print);
         b.pending = true;
-        b.start_tracking();
+        b.start_tracking_from(before);
         Ok(true)
     }
 

@@ -2876,53 +2876,64 @@ fn read_big(w: &World) -> Vec<u8> {
     o.stdout
 }
 
+/// Private buffers (the process's hooks see every write: only those are staged) and the run's
+/// shared buffers (the default under `fspf run --mutable`: the chunks that differ from the
+/// committed state are staged).
+const BUFFER_MODES: [&[(&str, &str)]; 2] = [&[("FSPF_SHARED_BUFFERS", "0")], &[]];
+
 #[test]
 fn an_append_to_a_large_file_is_an_in_place_update_that_keeps_its_inode() {
     need("python3");
     need("sh");
-    let mut w = data_world();
-    let n = 3 << 20;
-    ok(
-        &w.run_mut(&["python3", "-c", BIG_PY, &n.to_string()]),
-        "write big",
-    );
-    let kernel = w.path("vol/big");
-    let before = inode(&kernel);
-    let private = [("FSPF_SHARED_BUFFERS", "0")];
-    ok(
-        &run_mut_env(&mut w, &private, &["sh", "-c", "echo line >> /data/big"]),
-        "append",
-    );
-    assert_eq!(inode(&kernel), before, "updated in place, not rewritten");
-    let mut want = big_expected(n);
-    want.extend_from_slice(b"line\n");
-    assert!(read_big(&w) == want, "content after the append");
-    // No journal, shadow or temporary is left behind.
-    let trees: Vec<_> = std::fs::read_dir(w.path("fspf.pb.trees"))
-        .expect("trees")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(trees.iter().all(|n| !n.ends_with(".journal")), "{trees:?}");
-    let vol: Vec<_> = std::fs::read_dir(w.path("vol"))
-        .expect("vol")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(vol.iter().all(|n| !n.contains(".fspf-")), "{vol:?}");
+    for env in BUFFER_MODES {
+        let mut w = data_world();
+        let n = 3 << 20;
+        ok(
+            &w.run_mut(&["python3", "-c", BIG_PY, &n.to_string()]),
+            "write big",
+        );
+        let kernel = w.path("vol/big");
+        let before = inode(&kernel);
+        ok(
+            &run_mut_env(&mut w, env, &["sh", "-c", "echo line >> /data/big"]),
+            "append",
+        );
+        assert_eq!(
+            inode(&kernel),
+            before,
+            "{env:?}: updated in place, not rewritten"
+        );
+        let mut want = big_expected(n);
+        want.extend_from_slice(b"line\n");
+        assert!(read_big(&w) == want, "{env:?}: content after the append");
+        // No journal, shadow or temporary is left behind.
+        let trees: Vec<_> = std::fs::read_dir(w.path("fspf.pb.trees"))
+            .expect("trees")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(trees.iter().all(|n| !n.ends_with(".journal")), "{trees:?}");
+        let vol: Vec<_> = std::fs::read_dir(w.path("vol"))
+            .expect("vol")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(vol.iter().all(|n| !n.contains(".fspf-")), "{vol:?}");
+    }
 }
 
 #[test]
 fn random_writes_and_a_truncation_of_a_large_file_are_updated_in_place() {
     need("python3");
-    let mut w = data_world();
-    let n = 2 << 20;
-    ok(
-        &w.run_mut(&["python3", "-c", BIG_PY, &n.to_string()]),
-        "write big",
-    );
-    let before = inode(&w.path("vol/big"));
-    let script = r#"
+    for env in BUFFER_MODES {
+        let mut w = data_world();
+        let n = 2 << 20;
+        ok(
+            &w.run_mut(&["python3", "-c", BIG_PY, &n.to_string()]),
+            "write big",
+        );
+        let before = inode(&w.path("vol/big"));
+        let script = r#"
 import os
 fd = os.open('/data/big', os.O_RDWR)
 os.pwrite(fd, b'A' * 5000, 10)
@@ -2933,20 +2944,24 @@ os.ftruncate(fd, 1_500_000)
 os.pwrite(fd, b'D' * 10, 1_600_000)
 os.close(fd)
 "#;
-    let private = [("FSPF_SHARED_BUFFERS", "0")];
-    ok(
-        &run_mut_env(&mut w, &private, &["python3", "-c", script]),
-        "update",
-    );
-    assert_eq!(inode(&w.path("vol/big")), before, "updated in place");
-    let mut want = big_expected(n);
-    want[10..5010].fill(b'A');
-    want[1_000_000..1_000_003].fill(b'B');
-    want[8192..12288].fill(b'C');
-    want.truncate(1_500_000);
-    want.resize(1_600_010, 0);
-    want[1_600_000..].fill(b'D');
-    assert!(read_big(&w) == want, "content after the updates");
+        ok(
+            &run_mut_env(&mut w, env, &["python3", "-c", script]),
+            "update",
+        );
+        assert_eq!(
+            inode(&w.path("vol/big")),
+            before,
+            "{env:?}: updated in place"
+        );
+        let mut want = big_expected(n);
+        want[10..5010].fill(b'A');
+        want[1_000_000..1_000_003].fill(b'B');
+        want[8192..12288].fill(b'C');
+        want.truncate(1_500_000);
+        want.resize(1_600_010, 0);
+        want[1_600_000..].fill(b'D');
+        assert!(read_big(&w) == want, "{env:?}: content after the updates");
+    }
 }
 
 #[test]

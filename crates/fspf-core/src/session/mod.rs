@@ -157,6 +157,9 @@ pub struct AppendDelta {
 /// version instead of an in-place update: an update holds what it changed in memory.
 pub const UPDATE_MAX: u64 = 64 << 20;
 
+/// [`Session::stage_diff`] compares this many bytes at a time.
+const DIFF_BLOCK: usize = 1 << 20;
+
 /// The largest file a frontend writes (1 TiB): every version is sealed whole at its commit, so
 /// a sparse `truncate` to petabytes would mean writing petabytes. Larger sizes give
 /// [`ViewError::TooBig`] (`EFBIG`), as a file system's own limit does.
@@ -174,6 +177,55 @@ pub struct VersionMeta {
     pub mtime: Option<i64>,
     /// The owner to record; `None`: none (whoever serves the file owns it).
     pub owner: Option<Owner>,
+}
+
+/// What a frontend wrote into a file's buffer since the buffer last equalled a committed or
+/// staged state: the byte ranges written and the smallest length it had
+/// ([`Session::stage_update`] stages exactly those).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Sorted, disjoint, non-adjacent (offset, length).
+    pub ranges: Vec<(u64, u64)>,
+    pub min_len: u64,
+}
+
+impl Written {
+    /// Nothing written yet to a buffer of `len` bytes.
+    pub fn new(len: u64) -> Written {
+        Written {
+            ranges: Vec::new(),
+            min_len: len,
+        }
+    }
+
+    /// Record bytes `off .. off + len` as written.
+    pub fn add(&mut self, off: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let (mut lo, mut hi) = (off, off.saturating_add(len));
+        // The ranges that touch [lo, hi] merge into one.
+        let first = self.ranges.partition_point(|&(o, l)| o + l < lo);
+        let mut last = first;
+        while last < self.ranges.len() && self.ranges[last].0 <= hi {
+            lo = lo.min(self.ranges[last].0);
+            hi = hi.max(self.ranges[last].0 + self.ranges[last].1);
+            last += 1;
+        }
+        self.ranges.splice(first..last, [(lo, hi - lo)]);
+    }
+
+    /// The buffer was cut (or extended) to `len`.
+    pub fn set_len(&mut self, len: u64) {
+        self.min_len = self.min_len.min(len);
+        self.ranges.retain_mut(|(o, l)| {
+            if *o >= len {
+                return false;
+            }
+            *l = (*l).min(len - *o);
+            true
+        });
+    }
 }
 
 /// What a queued in-place update wrote: the length it left, the shortest length since its
@@ -620,26 +672,137 @@ impl<A: Anchor> Session<A> {
 
     /// Stage what a frontend's buffer changed since it was loaded from (or last committed as)
     /// `base` as an in-place update of the format-2 file `path` (FORMAT.md §5b): the buffer is
-    /// now `len` bytes, was never shorter than `min_len` since `base`, and `ranges` (offset,
-    /// length) hold every byte written since then; `read` reads the buffer. `Ok(None)`: not
-    /// possible (the file is not `base` in format 2, a version of it is already queued, or the
-    /// change is too large to hold): the caller stages a whole version with
-    /// [`Session::stage_put`].
-    #[allow(clippy::too_many_arguments)]
+    /// now `len` bytes, and `written` holds every byte written and the smallest length since
+    /// then; `read` reads the buffer. `Ok(None)`: not possible (the file is not in format 2, a
+    /// version of it is already queued, or the change is too large to hold): the caller stages
+    /// a whole version with [`Session::stage_put`].
     pub fn stage_update(
         &mut self,
         path: &EmbedPath,
         base: crate::Version,
         len: u64,
-        min_len: u64,
-        ranges: &[(u64, u64)],
+        written: &Written,
         meta: VersionMeta,
         mut read: impl FnMut(&mut [u8], u64) -> std::io::Result<()>,
     ) -> Result<Option<i64>, ViewError> {
-        let written: u64 = ranges.iter().map(|r| r.1).sum();
-        if base.root.is_none() || written > UPDATE_MAX || len > MAX_FILE_LEN {
+        let total: u64 = written.ranges.iter().map(|r| r.1).sum();
+        if base.root.is_none() || total > UPDATE_MAX || len > MAX_FILE_LEN {
             return Ok(None);
         }
+        let Some(_lock) = self.begin_update(path, Some(base))? else {
+            return Ok(None);
+        };
+        let mut w = UpdateWrites {
+            len,
+            min_len: written.min_len.min(len),
+            writes: Vec::new(),
+            meta,
+        };
+        for &(off, l) in &written.ranges {
+            let end = off.saturating_add(l).min(len);
+            if end > off {
+                let mut buf = vec![0u8; (end - off) as usize];
+                if let Err(e) = read(&mut buf, off) {
+                    return Err(self.update_failed(path, &crate::Error::io(path.to_string(), e)));
+                }
+                w.writes.push((off, buf));
+            }
+        }
+        self.finish_update(path, w)
+    }
+
+    /// Like [`Session::stage_update`] for a buffer whose writes this frontend could not all
+    /// see (other processes write it, or a shared map): the chunks that differ from the
+    /// committed state (read and verified) are the update. Costs a read of the whole file, but
+    /// writes only what differs.
+    pub fn stage_diff(
+        &mut self,
+        path: &EmbedPath,
+        len: u64,
+        meta: VersionMeta,
+        mut read: impl FnMut(&mut [u8], u64) -> std::io::Result<()>,
+    ) -> Result<Option<i64>, ViewError> {
+        if len > MAX_FILE_LEN {
+            return Ok(None);
+        }
+        let Some(_lock) = self.begin_update(path, None)? else {
+            return Ok(None);
+        };
+        let io = |e: std::io::Error| crate::Error::io(path.to_string(), e);
+        let diff = (|| -> crate::Result<Option<UpdateWrites>> {
+            let vol = self.vol.as_ref().ok_or_else(|| crate::Error::NotListed {
+                path: path.to_string(),
+            })?;
+            let c = vol.region_for(path).map_or(4096, |r| r.chunk_len) as usize;
+            let mut r = vol.open_file(path)?;
+            let size = r.size();
+            let mut w = UpdateWrites {
+                len,
+                min_len: len.min(size),
+                writes: Vec::new(),
+                meta,
+            };
+            let mut total = 0u64;
+            let block = (DIFF_BLOCK / c).max(1) * c;
+            let (mut mine, mut theirs) = (vec![0u8; block], vec![0u8; block]);
+            let common = len.min(size);
+            let mut off = 0u64;
+            while off < len {
+                let take = (len - off).min(block as u64) as usize;
+                read(&mut mine[..take], off).map_err(io)?;
+                // Past the committed end everything is new.
+                let same_end = common.saturating_sub(off).min(take as u64) as usize;
+                let mut done = 0;
+                while done < same_end {
+                    let n = r.read_at(&mut theirs[done..same_end], off + done as u64)?;
+                    if n == 0 {
+                        break;
+                    }
+                    done += n;
+                }
+                for (k, (a, b)) in mine[..take]
+                    .chunks(c)
+                    .zip(theirs[..take].chunks(c))
+                    .enumerate()
+                {
+                    let at = off + (k * c) as u64;
+                    let differs = (k * c) + a.len() > same_end || a != b;
+                    if !differs {
+                        continue;
+                    }
+                    total += a.len() as u64;
+                    if total > UPDATE_MAX {
+                        return Ok(None);
+                    }
+                    match w.writes.last_mut() {
+                        Some((o, v)) if *o + v.len() as u64 == at => v.extend_from_slice(a),
+                        _ => w.writes.push((at, a.to_vec())),
+                    }
+                }
+                off += take as u64;
+            }
+            Ok(Some(w))
+        })();
+        match diff {
+            Ok(Some(w)) => self.finish_update(path, w),
+            Ok(None) => Ok(None),
+            Err(e) => Err(self.update_failed(path, &e)),
+        }
+    }
+
+    fn update_failed(&self, path: &EmbedPath, e: &crate::Error) -> ViewError {
+        (self.cfg.log)(&format!("{path}: staging an update failed: {e}"));
+        ViewError::of_io(e)
+    }
+
+    /// Checks before an update of `path`, and the run's commit lock to stage it under (the
+    /// committed pages are read, and rewritten in place by commits). `base`: the version the
+    /// frontend's writes are relative to (`None`: whatever is committed).
+    fn begin_update(
+        &mut self,
+        path: &EmbedPath,
+        base: Option<crate::Version>,
+    ) -> Result<Option<A::Lock>, ViewError> {
         let queued = self.queue.iter().any(|c| match c {
             Change::Put(s) => &s.path == path,
             Change::Update(u) => &u.path == path,
@@ -648,66 +811,52 @@ impl<A: Anchor> Session<A> {
         if queued {
             return Ok(None);
         }
-        // The committed pages are read and rewritten in place by commits: stage under the
-        // run's commit lock, from the run's current state.
-        let Some(_lock) = self.lock_current()? else {
+        let Some(lock) = self.lock_current()? else {
             return Ok(None);
         };
         let current = self.vol_ok()?.lookup(path).and_then(|e| e.kind.version());
-        match current {
-            Some(v) if v == base => {}
+        match (current, base) {
+            (Some(crate::Version { root: Some(_), .. }), None) => {}
+            (Some(v), Some(b)) if v == b => {}
             // Another process of the run committed the file since this buffer was loaded:
             // the writes go onto its state (both survive), and the frontend's buffer takes
             // the merged content after the commit.
-            Some(crate::Version { root: Some(_), .. }) => {
+            (Some(crate::Version { root: Some(_), .. }), Some(_)) => {
                 self.remerge.insert(path.clone());
             }
             _ => return Ok(None),
         }
+        Ok(Some(lock))
+    }
+
+    /// Make the update of `path` from `w` at the current state, and queue it.
+    fn finish_update(
+        &mut self,
+        path: &EmbedPath,
+        w: UpdateWrites,
+    ) -> Result<Option<i64>, ViewError> {
         let vol = self.vol_ok()?;
-        let fail = |cfg: &SessionConfig, e: &crate::Error| {
-            (cfg.log)(&format!("{path}: staging an update failed: {e}"));
-            ViewError::of_io(e)
-        };
-        let mut u = match vol.update_file(path) {
-            Ok(Some(u)) => u,
+        let staged = match vol.update_file(path) {
+            Ok(Some(mut u)) => apply_writes(&mut u, &w).and_then(|()| u.stage(vol)),
             Ok(None) => return Ok(None),
-            Err(e) => return Err(fail(&self.cfg, &e)),
+            Err(e) => Err(e),
         };
-        let mut w = UpdateWrites {
-            len,
-            min_len: min_len.min(len),
-            writes: Vec::new(),
-            meta,
-        };
-        for &(off, l) in ranges {
-            let end = off.saturating_add(l).min(len);
-            if end > off {
-                let mut buf = vec![0u8; (end - off) as usize];
-                if let Err(e) = read(&mut buf, off) {
-                    return Err(fail(&self.cfg, &crate::Error::io(path.to_string(), e)));
-                }
-                w.writes.push((off, buf));
-            }
-        }
-        let mut staged = apply_writes(&mut u, &w)
-            .and_then(|()| u.stage(vol))
-            .map_err(|e| fail(&self.cfg, &e))?;
-        staged.entry.mode = meta.mode & 0o7777;
-        staged.entry.owner = meta.owner;
+        let mut staged = staged.map_err(|e| self.update_failed(path, &e))?;
+        staged.entry.mode = w.meta.mode & 0o7777;
+        staged.entry.owner = w.meta.owner;
         let t = staged.entry.mtime_ns;
         self.appends.remove(path);
-        self.updates.insert(path.clone(), w);
-        self.staged_bytes += written;
+        self.staged_bytes += w.writes.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
         self.queued.insert(
             path.clone(),
             OpenFile {
-                size: len,
+                size: w.len,
                 mode: staged.entry.mode,
                 mtime: t,
-                owner: meta.owner,
+                owner: w.meta.owner,
             },
         );
+        self.updates.insert(path.clone(), w);
         self.queue.push(Change::Update(staged));
         Ok(Some(t))
     }
