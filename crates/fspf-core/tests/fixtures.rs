@@ -1,6 +1,6 @@
-//! Frozen format-v1 fixtures (`testdata/fspf/v1/`, never regenerated): the good tree must keep
-//! opening with its recorded key and tag and serve the same plaintext; every `broken/<defect>/`
-//! copy must keep failing, in the way its name says.
+//! Frozen fixtures of every format version (`testdata/fspf/v1/`, `v2/`, never regenerated): the
+//! good tree must keep opening with its recorded key and tag and serve the same plaintext; every
+//! `broken/<defect>/` copy must keep failing, in the way its name says.
 //!
 //! The fixture's regions record absolute kernel paths below `/tmp/fspf-fixture-v1` (where it was
 //! made). The library test re-points those regions at the checked-out copy in memory (the fspf
@@ -177,6 +177,122 @@ fn every_broken_v1_copy_fails_as_its_name_says() {
             );
         }
         assert_eq!(v.verify().len(), 2);
+    });
+    checked.sort();
+    assert_eq!(checked, seen, "every broken copy has a check");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Format v2: a format-2 file (chunk tree), updated in place once.
+
+const RECORDED_BASE_V2: &str = "/tmp/fspf-fixture-v2";
+
+fn fixture_dir_v2() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/fspf/v2")
+}
+
+fn keytag_v2() -> (VolumeKey, Tag) {
+    let line = std::fs::read_to_string(fixture_dir_v2().join("keytag")).expect("keytag");
+    let w: Vec<&str> = line.split_whitespace().collect();
+    (
+        VolumeKey::from_hex(w[10]).expect("key"),
+        Tag::from_hex(w[8]).expect("tag"),
+    )
+}
+
+fn open_v2(dir: &Path) -> fspf_core::Result<Volume> {
+    let (key, tag) = keytag_v2();
+    let mut v = Volume::open(&dir.join("fspf.pb"), Some(key), Some(tag))?;
+    v.rebase_kernel_paths(Path::new(RECORDED_BASE_V2), dir);
+    Ok(v)
+}
+
+fn big_v2() -> Vec<u8> {
+    let mut b: Vec<u8> = (0..300_000u32)
+        .map(|i| ((i * 37 + 11) % 251) as u8)
+        .collect();
+    b[200_000..200_016].copy_from_slice(b"updated in place");
+    b.extend_from_slice(b"appended line\n");
+    b
+}
+
+#[test]
+fn v2_fixture_opens_with_its_recorded_key_and_tag_and_serves_the_same_plaintext() {
+    let dir = fixture_dir_v2();
+    let (_, tag) = keytag_v2();
+    assert_eq!(Volume::read_tag(&dir.join("fspf.pb")).unwrap(), tag);
+    let v = open_v2(&dir).expect("v2 fixture must stay readable");
+    let big = EmbedPath::parse("/enc/big").unwrap();
+    match &v.entry(&big).unwrap().kind {
+        FileKind::File { root, size, .. } => {
+            assert!(root.is_some(), "format 2: a chunk-tree root");
+            assert_eq!(*size, 300_014);
+        }
+        k => panic!("{k:?}"),
+    }
+    assert!(read(&v, "/enc/big").unwrap() == big_v2());
+    assert_eq!(
+        read(&v, "/enc/small.txt").unwrap(),
+        b"a small file stays format 1\n"
+    );
+    let findings = v.verify();
+    assert!(findings.is_empty(), "{findings:?}");
+}
+
+#[test]
+fn every_broken_v2_copy_fails_as_its_name_says() {
+    let broken = fixture_dir_v2().join("broken");
+    let mut seen: Vec<String> = std::fs::read_dir(&broken)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    seen.sort();
+    let mut checked = Vec::new();
+    let mut case = |name: &str, check: &dyn Fn(&Path)| {
+        check(&broken.join(name));
+        checked.push(name.to_string());
+    };
+    let tree_auth = |d: &Path| {
+        let v = open_v2(d).unwrap();
+        let e = read(&v, "/enc/big").unwrap_err();
+        assert!(matches!(e, Error::TreeAuth { .. }), "{e}");
+        assert!(has_finding(&v.verify(), "/enc/big", "chunk-tree page"));
+        assert_eq!(read(&v, "/enc/small.txt").unwrap().len(), 28);
+    };
+    case("fspf_rolled_back", &|d| {
+        assert!(matches!(open_v2(d), Err(Error::TagMismatch { .. })));
+        let (key, _) = keytag_v2();
+        let old = Volume::read_tag(&d.join("fspf.pb")).unwrap();
+        assert!(Volume::open(&d.join("fspf.pb"), Some(key), Some(old)).is_ok());
+    });
+    case("chunk_rolled_back", &|d| {
+        let v = open_v2(d).unwrap();
+        let e = read(&v, "/enc/big").unwrap_err();
+        assert!(matches!(e, Error::ChunkAuth { chunk: 48, .. }), "{e}");
+    });
+    case("tree_rolled_back", &tree_auth);
+    case("state_rolled_back", &|d| {
+        // The older file is shorter than the committed size; a same-size rollback is the
+        // tree's to catch (tree_rolled_back).
+        let v = open_v2(d).unwrap();
+        let e = read(&v, "/enc/big").unwrap_err();
+        assert!(matches!(e, Error::SizeMismatch { .. }), "{e}");
+    });
+    case("page_flipped", &tree_auth);
+    case("chunk_flipped", &|d| {
+        let v = open_v2(d).unwrap();
+        let e = read(&v, "/enc/big").unwrap_err();
+        assert!(matches!(e, Error::ChunkAuth { chunk: 10, .. }), "{e}");
+    });
+    case("format1_header", &|d| {
+        let v = open_v2(d).unwrap();
+        let e = read(&v, "/enc/big").unwrap_err();
+        assert!(matches!(e, Error::HeaderMismatch { .. }), "{e}");
+    });
+    case("tree_missing", &|d| {
+        let v = open_v2(d).unwrap();
+        let e = read(&v, "/enc/big").unwrap_err();
+        assert!(matches!(e, Error::TreeSize { actual: 0, .. }), "{e}");
     });
     checked.sort();
     assert_eq!(checked, seen, "every broken copy has a check");

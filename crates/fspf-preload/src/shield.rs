@@ -859,17 +859,15 @@ impl Shield {
     /// saw change since it equalled its committed version, or, when they cannot have seen every
     /// write (the run's shared buffer, a shared map, an inherited descriptor), the chunks that
     /// differ from the committed state. Only changed chunks are sealed and written.
-    /// `Ok(false)`: not possible (a format-1 or new file, a version already staged, a change
-    /// too large): the caller seals a whole version.
+    /// An update staged before and not yet committed is folded into the new one. `Ok(false)`:
+    /// not possible (a format-1 or new file, a whole version already staged, a change too
+    /// large): the caller seals a whole version.
     fn stage_tracked(
         &self,
         inner: &mut Inner,
         b: &mut WriteBuf,
         meta: VersionMeta,
     ) -> Result<bool, c_int> {
-        if b.pending {
-            return Ok(false);
-        }
         // Taken before the content is read: a write after it makes the buffer dirty again.
         let before = b.stat_now();
         let print = b.fingerprint()?;

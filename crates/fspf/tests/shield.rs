@@ -3188,3 +3188,33 @@ fn an_updated_large_file_with_a_chunk_or_tree_rolled_back_or_flipped_is_refused(
     let o = w.run(&["cat", "/data/big"]);
     ok(&o, "restored");
 }
+
+#[test]
+fn a_second_change_before_the_commit_rewrote_the_whole_file() {
+    need("python3");
+    for env in BUFFER_MODES {
+        let mut w = data_world();
+        let n = 2 << 20;
+        ok(
+            &w.run_mut(&["python3", "-c", BIG_PY, &n.to_string()]),
+            "write big",
+        );
+        let before = inode(&w.path("vol/big"));
+        // Closed after the first change (staged as an update), opened again and appended to
+        // before the commit at exit: one update with both changes, not a whole new version.
+        let script = "import os\nfd = os.open('/data/big', os.O_RDWR)\nos.pwrite(fd, b'first', 123456)\nos.close(fd)\nopen('/data/big', 'ab').write(b'second\\n')\n";
+        ok(
+            &run_mut_env(&mut w, env, &["python3", "-c", script]),
+            "two changes",
+        );
+        assert_eq!(
+            inode(&w.path("vol/big")),
+            before,
+            "{env:?}: updated in place"
+        );
+        let mut want = big_expected(n);
+        want[123_456..123_461].copy_from_slice(b"first");
+        want.extend_from_slice(b"second\n");
+        assert!(read_big(&w) == want, "{env:?}: both changes");
+    }
+}

@@ -235,7 +235,7 @@ impl<A: Anchor> Session<A> {
     fn rebase_updates(
         &mut self,
         changes: &mut Vec<Change>,
-        updates: &BTreeMap<EmbedPath, super::UpdateWrites>,
+        updates: &BTreeMap<EmbedPath, Vec<super::UpdateWrites>>,
         merged: &mut BTreeMap<EmbedPath, Vec<u8>>,
     ) {
         let mut i = 0;
@@ -258,7 +258,7 @@ impl<A: Anchor> Session<A> {
             }
             u.discard();
             let path = u.path.clone();
-            let Some(w) = updates.get(&path) else {
+            let Some((w, meta)) = updates.get(&path).and_then(|w| Some((w, w.last()?.meta))) else {
                 changes.remove(i);
                 continue;
             };
@@ -271,12 +271,12 @@ impl<A: Anchor> Session<A> {
                 continue;
             };
             let redone = match vol.update_file(&path) {
-                Ok(Some(mut nu)) => super::apply_writes(&mut nu, w)
+                Ok(Some(mut nu)) => super::apply_all(&mut nu, w)
                     .and_then(|()| nu.stage(vol))
                     .map_err(|e| e.to_string())
                     .and_then(|mut s| {
-                        s.entry.mode = w.meta.mode & 0o7777;
-                        s.entry.owner = w.meta.owner;
+                        s.entry.mode = meta.mode & 0o7777;
+                        s.entry.owner = meta.owner;
                         // The writer's buffer takes the merged content after the commit.
                         let data =
                             content_with_writes(vol, &path, w).inspect_err(|_| s.discard())?;
@@ -312,17 +312,18 @@ impl<A: Anchor> Session<A> {
     fn whole_with_writes(
         &mut self,
         path: &EmbedPath,
-        w: &super::UpdateWrites,
+        w: &[super::UpdateWrites],
     ) -> Result<(crate::volume::StagedFile, Vec<u8>), String> {
         let vol = self.vol.as_ref().ok_or("no volume")?;
         let data = content_with_writes(vol, path, w)?;
+        let meta = w.last().map(|w| w.meta).ok_or("no writes")?;
         let mut s = self
-            .stage(path, data.len() as u64, w.meta.mode, || &data[..])
+            .stage(path, data.len() as u64, meta.mode, || &data[..])
             .map_err(|e| format!("{e:?}"))?;
-        if let Some(t) = w.meta.mtime {
+        if let Some(t) = meta.mtime {
             s.entry.mtime_ns = t;
         }
-        s.entry.owner = w.meta.owner;
+        s.entry.owner = meta.owner;
         Ok((s, data))
     }
 
@@ -392,14 +393,16 @@ impl<A: Anchor> Session<A> {
 fn content_with_writes(
     vol: &Volume,
     path: &EmbedPath,
-    w: &super::UpdateWrites,
+    steps: &[super::UpdateWrites],
 ) -> Result<Vec<u8>, String> {
     let mut data = committed_content(vol, path)?;
-    data.truncate(w.min_len as usize);
-    data.resize(w.len as usize, 0);
-    for (o, b) in &w.writes {
-        let o = *o as usize;
-        data[o..o + b.len()].copy_from_slice(b);
+    for w in steps {
+        data.truncate(w.min_len as usize);
+        data.resize(w.len as usize, 0);
+        for (o, b) in &w.writes {
+            let o = *o as usize;
+            data[o..o + b.len()].copy_from_slice(b);
+        }
     }
     Ok(data)
 }

@@ -282,7 +282,7 @@ pub struct Session<A: Anchor> {
     appends: BTreeMap<EmbedPath, AppendDelta>,
     /// The bytes each queued update wrote, to apply them again onto what another process
     /// committed meanwhile (`commit.rs`, `rebase_updates`).
-    updates: BTreeMap<EmbedPath, UpdateWrites>,
+    updates: BTreeMap<EmbedPath, Vec<UpdateWrites>>,
     /// Files whose queued update went onto another process's newer state: after the commit
     /// the frontend's buffer takes the committed content ([`Committed::merged`]).
     remerge: BTreeSet<EmbedPath>,
@@ -689,7 +689,7 @@ impl<A: Anchor> Session<A> {
         if base.root.is_none() || total > UPDATE_MAX || len > MAX_FILE_LEN {
             return Ok(None);
         }
-        let Some(_lock) = self.begin_update(path, Some(base))? else {
+        let Some((_lock, mut steps)) = self.begin_update(path, Some(base))? else {
             return Ok(None);
         };
         let mut w = UpdateWrites {
@@ -708,7 +708,8 @@ impl<A: Anchor> Session<A> {
                 w.writes.push((off, buf));
             }
         }
-        self.finish_update(path, w)
+        steps.push(w);
+        self.finish_update(path, steps)
     }
 
     /// Like [`Session::stage_update`] for a buffer whose writes this frontend could not all
@@ -725,7 +726,8 @@ impl<A: Anchor> Session<A> {
         if len > MAX_FILE_LEN {
             return Ok(None);
         }
-        let Some(_lock) = self.begin_update(path, None)? else {
+        // The comparison is with the committed state: it covers a queued update too.
+        let Some((_lock, _)) = self.begin_update(path, None)? else {
             return Ok(None);
         };
         let io = |e: std::io::Error| crate::Error::io(path.to_string(), e);
@@ -784,7 +786,7 @@ impl<A: Anchor> Session<A> {
             Ok(Some(w))
         })();
         match diff {
-            Ok(Some(w)) => self.finish_update(path, w),
+            Ok(Some(w)) => self.finish_update(path, vec![w]),
             Ok(None) => Ok(None),
             Err(e) => Err(self.update_failed(path, &e)),
         }
@@ -797,18 +799,22 @@ impl<A: Anchor> Session<A> {
 
     /// Checks before an update of `path`, and the run's commit lock to stage it under (the
     /// committed pages are read, and rewritten in place by commits). `base`: the version the
-    /// frontend's writes are relative to (`None`: whatever is committed).
+    /// frontend's writes are relative to (`None`: whatever is committed). Also returns the
+    /// writes of an update of `path` already queued (taken off the queue: the new update is
+    /// made from the committed state with those writes first; a journal cannot build on a
+    /// journal that is not applied yet).
+    #[allow(clippy::type_complexity)]
     fn begin_update(
         &mut self,
         path: &EmbedPath,
         base: Option<crate::Version>,
-    ) -> Result<Option<A::Lock>, ViewError> {
-        let queued = self.queue.iter().any(|c| match c {
-            Change::Put(s) => &s.path == path,
-            Change::Update(u) => &u.path == path,
-            _ => false,
-        });
-        if queued {
+    ) -> Result<Option<(A::Lock, Vec<UpdateWrites>)>, ViewError> {
+        // A whole version queued for the path: the frontend's `stage_put` supersedes it.
+        let whole = self
+            .queue
+            .iter()
+            .any(|c| matches!(c, Change::Put(s) if &s.path == path));
+        if whole {
             return Ok(None);
         }
         let Some(lock) = self.lock_current()? else {
@@ -826,18 +832,40 @@ impl<A: Anchor> Session<A> {
             }
             _ => return Ok(None),
         }
-        Ok(Some(lock))
+        let mut prior = Vec::new();
+        if let Some(i) = self
+            .queue
+            .iter()
+            .position(|c| matches!(c, Change::Update(u) if &u.path == path))
+        {
+            if let Change::Update(u) = self.queue.remove(i) {
+                u.discard();
+            }
+            prior = self.updates.remove(path).unwrap_or_default();
+        }
+        Ok(Some((lock, prior)))
     }
 
-    /// Make the update of `path` from `w` at the current state, and queue it.
+    /// Make the update of `path` from `steps` (in order) at the current state, and queue it.
     fn finish_update(
         &mut self,
         path: &EmbedPath,
-        w: UpdateWrites,
+        steps: Vec<UpdateWrites>,
     ) -> Result<Option<i64>, ViewError> {
+        let size: u64 = steps
+            .iter()
+            .flat_map(|w| &w.writes)
+            .map(|(_, b)| b.len() as u64)
+            .sum();
+        let Some(w) = steps.last().cloned() else {
+            return Ok(None);
+        };
+        if size > UPDATE_MAX {
+            return Ok(None);
+        }
         let vol = self.vol_ok()?;
         let staged = match vol.update_file(path) {
-            Ok(Some(mut u)) => apply_writes(&mut u, &w).and_then(|()| u.stage(vol)),
+            Ok(Some(mut u)) => apply_all(&mut u, &steps).and_then(|()| u.stage(vol)),
             Ok(None) => return Ok(None),
             Err(e) => Err(e),
         };
@@ -856,7 +884,7 @@ impl<A: Anchor> Session<A> {
                 owner: w.meta.owner,
             },
         );
-        self.updates.insert(path.clone(), w);
+        self.updates.insert(path.clone(), steps);
         self.queue.push(Change::Update(staged));
         Ok(Some(t))
     }
@@ -945,6 +973,14 @@ impl ViewError {
         (cfg.log)(&format!("{ep}: {e}"));
         ViewError::of_io(e)
     }
+}
+
+/// Apply several updates' writes to `u`, in order.
+pub(crate) fn apply_all(
+    u: &mut crate::volume::FileUpdate,
+    steps: &[UpdateWrites],
+) -> crate::Result<()> {
+    steps.iter().try_for_each(|w| apply_writes(u, w))
 }
 
 /// Apply what an update wrote to `u` (lengths, then the bytes).

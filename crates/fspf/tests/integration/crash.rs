@@ -86,7 +86,8 @@ for n in NAMES:
     except FileNotFoundError:
         pass
 note('R')
-SIZES = [0, 1, 100, 4095, 4096, 4097, 10000, 70000]
+# 70000 and 300000: format 2 (more than 16 chunks), changed in place by the later operations.
+SIZES = [0, 1, 100, 4095, 4096, 4097, 10000, 70000, 300000]
 def data():
     return rnd.randbytes(rnd.choice(SIZES))
 seq = 0
@@ -307,11 +308,20 @@ fn observe(env: &Env, anchor: &Anchor, names: &[&str]) -> BTreeMap<String, State
 }
 
 /// The writer under `fspf run --mutable --tag-file`, in its own process group.
-fn start_writer(env: &Env, anchor: &Anchor, log: &Path, seed: u64, mode: &str) -> Running {
+/// `private`: without the run's shared buffers (each process's own buffers, whose writes the
+/// shield tracks and stages as in-place updates of just those ranges).
+fn start_writer(
+    env: &Env,
+    anchor: &Anchor,
+    log: &Path,
+    seed: u64,
+    mode: &str,
+    private: bool,
+) -> Running {
     let py = real_python().to_str().expect("utf-8").to_string();
     let tag_file = env.path("tag-file");
     let _ = fs::remove_file(&tag_file);
-    let cmd: Command = fspf_run(
+    let mut cmd: Command = fspf_run(
         env.root(),
         &env.fspf_path(),
         anchor,
@@ -326,6 +336,9 @@ fn start_writer(env: &Env, anchor: &Anchor, log: &Path, seed: u64, mode: &str) -
             mode,
         ],
     );
+    if private {
+        cmd.env("FSPF_SHARED_BUFFERS", "0");
+    }
     start(cmd)
 }
 
@@ -333,6 +346,8 @@ fn start_writer(env: &Env, anchor: &Anchor, log: &Path, seed: u64, mode: &str) -
 #[derive(Default, Debug)]
 struct Tally {
     iterations: usize,
+    /// iterations run with private buffers
+    private_buffers: usize,
     /// iterations where the writer had logged at least one fsynced change
     with_fsyncs: usize,
     fsynced_changes: usize,
@@ -371,7 +386,11 @@ fn writer_killed_at_random_points_keeps_every_fsynced_write() {
     let mut t = Tally::default();
     for it in 0..iterations {
         let log = env.path(format!("writer-{it}.log"));
-        let run = start_writer(&env, &anchor, &log, rng.next() >> 1, "loop");
+        // Every third iteration with private buffers (tracked in-place updates), else with the
+        // run's shared buffers (updates found by comparison).
+        let private = it % 3 == 1;
+        t.private_buffers += usize::from(private);
+        let run = start_writer(&env, &anchor, &log, rng.next() >> 1, "loop", private);
         // Wait for the writer to have read the state, then a random 0..1.2 s.
         let ready_by = Instant::now() + Duration::from_secs(20);
         while !WriterLog::read(&log).ready && Instant::now() < ready_by {
@@ -455,8 +474,9 @@ fn writer_killed_at_random_points_keeps_every_fsynced_write() {
         }
     }
     eprintln!(
-        "crash loop: {} iterations (seed {seed}; {} whole-group kills, {} writer-only kills; {} with fsynced changes, {} fsynced changes), {} verify failures, {} lost fsynced writes (paths in neither their fsynced state nor a later one), {} stale tag file ({} after commits; {} of them after writer-only kills)",
+        "crash loop: {} iterations (seed {seed}; {} with private buffers; {} whole-group kills, {} writer-only kills; {} with fsynced changes, {} fsynced changes), {} verify failures, {} lost fsynced writes (paths in neither their fsynced state nor a later one), {} stale tag file ({} after commits; {} of them after writer-only kills)",
         t.iterations,
+        t.private_buffers,
         t.whole_group_kills,
         t.writer_only_kills,
         t.with_fsyncs,
