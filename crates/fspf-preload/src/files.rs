@@ -61,8 +61,11 @@ pub struct WriteBuf {
     pub mirror: bool,
     /// What this process's hooks changed since the buffer equalled `version` (loaded, or
     /// staged): the next seal of a format-2 file is then an in-place update of those bytes
-    /// (FORMAT.md §5b). `None` once something may write the buffer unseen (a writable shared
-    /// map, another process, an inherited descriptor): a whole version is sealed.
+    /// (FORMAT.md §5b). Valid only while the buffer's size and times are those after the last
+    /// tracked change ([`WriteBuf::tracked`]): any other writer (another process of the run on
+    /// a shared buffer, a child that inherited it, a raw system call) changes them, and the
+    /// shield then compares the buffer with the committed state instead. `None` once the
+    /// buffer is mapped writable and shared (writes through a map need not move the times).
     pub track: Option<Track>,
 }
 
@@ -123,7 +126,7 @@ impl WriteBuf {
     /// taken before the content was read for staging: a write since then changed the memfd's
     /// times, so [`WriteBuf::tracked`] refuses the record and nothing is missed.
     pub fn start_tracking_from(&mut self, print: Option<(u64, u64)>) {
-        self.track = if self.shared || self.mirror || self.mapped_shared {
+        self.track = if self.mapped_shared {
             None
         } else {
             print.map(|print| Track {
@@ -160,8 +163,7 @@ impl WriteBuf {
     /// The tracked changes, if they are all the changes (nothing wrote the buffer unseen).
     pub fn tracked(&self) -> Option<&Track> {
         let t = self.track.as_ref()?;
-        (self.stat_now() == Some(t.print) && !self.mapped_shared && !self.shared && !self.mirror)
-            .then_some(t)
+        (self.stat_now() == Some(t.print) && !self.mapped_shared).then_some(t)
     }
 
     /// An empty buffer for `path`.

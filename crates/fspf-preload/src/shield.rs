@@ -1025,7 +1025,9 @@ impl Shield {
                 continue;
             };
             let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(data) = merged.remove(&path) {
+            if let Some(data) = merged.remove(&path).filter(|_| !g.mirror) {
+                // (The run's shared buffer is current as it is: other processes may have
+                // written it since; it is never overwritten with a committed state.)
                 if g.set_len(0).is_err() || g.write_all_at(&data, 0).is_err() {
                     g.track = None;
                     continue;

@@ -404,7 +404,12 @@ pub fn update_pages<O: ReadAt>(
     // Pages past the new end (a shrink) are not part of the new tree.
     pages.retain(|&(l, p), _| l < new_levels && p < ft::pages_at(n_new, l));
     let top = new_levels - 1;
-    let root = key.page(top, 0, &pages[&(top, 0)][..]);
+    // Nothing changed (an update that rewrote bytes with the same values): the committed top.
+    let top_page = match pages.get(&(top, 0)) {
+        Some(p) => p.clone(),
+        None => get(&pages, old, old_levels, n_old, top, 0)?,
+    };
+    let root = key.page(top, 0, &top_page[..]);
     Ok((pages, root))
 }
 
@@ -510,6 +515,9 @@ mod tests {
             (128 * 128 + 1, 127, &[]),
             (5, 128 * 128 * 2 + 3, &[1]),
             (128 * 128 * 2 + 3, 128 * 128, &[128 * 128 - 1]),
+            // nothing changed at all (an update that wrote the same bytes)
+            (300, 300, &[]),
+            (128 * 128 + 5, 128 * 128 + 5, &[]),
         ];
         for &(n_old, n_new, touched) in cases {
             let old: Vec<ChunkEntry> = (0..n_old).map(|i| entry(i, 1)).collect();

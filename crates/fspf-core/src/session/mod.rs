@@ -814,7 +814,16 @@ impl<A: Anchor> Session<A> {
             .queue
             .iter()
             .any(|c| matches!(c, Change::Put(s) if &s.path == path));
-        if whole {
+        // Not format 2 as far as this session knows (a new or small file, the common case):
+        // a whole version, without taking the run's lock. (A file another process made format
+        // 2 meanwhile is then rewritten whole: correct, only slower.)
+        let format2 = |s: &Self| {
+            s.vol
+                .as_ref()
+                .and_then(|v| v.lookup(path))
+                .is_some_and(|e| matches!(e.kind, FileKind::File { root: Some(_), .. }))
+        };
+        if whole || !format2(self) {
             return Ok(None);
         }
         let Some(lock) = self.lock_current()? else {

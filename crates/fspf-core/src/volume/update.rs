@@ -821,6 +821,25 @@ mod tests {
         std::fs::remove_file(&s.journal).unwrap();
     }
 
+    /// SQLite rewrites pages with the bytes they hold: the shield's comparison then finds
+    /// nothing changed, and staging the empty update panicked (no top page was rewritten).
+    #[test]
+    fn an_update_that_changed_nothing_panicked() {
+        let big = pattern(100_000, 11);
+        let (_d, _p, mut v) = test_volume(&[("/f", &big)]);
+        let f = ep("/f");
+        let mut u = v.update_file(&f).unwrap().unwrap();
+        u.write_at(&big[5000..6000], 5000).unwrap();
+        u.set_len(100_000).unwrap();
+        commit_update(&mut v, u);
+        assert!(read_all(&v, &f).unwrap() == big);
+        // An update with no writes at all (what the comparison stages): the same root.
+        let u = v.update_file(&f).unwrap().unwrap();
+        let s = commit_update(&mut v, u);
+        assert_eq!(s.root(), s.base_root, "nothing changed: the same root");
+        assert!(read_all(&v, &f).unwrap() == big);
+    }
+
     #[test]
     fn a_format_2_file_swapped_for_a_format_1_file_is_refused() {
         let big = pattern(100_000, 6);
