@@ -2886,12 +2886,8 @@ fn an_append_to_a_large_file_is_an_in_place_update_that_keeps_its_inode() {
     need("python3");
     need("sh");
     for env in BUFFER_MODES {
-        let mut w = data_world();
         let n = 3 << 20;
-        ok(
-            &w.run_mut(&["python3", "-c", BIG_PY, &n.to_string()]),
-            "write big",
-        );
+        let mut w = big_world(n);
         let kernel = w.path("vol/big");
         let before = inode(&kernel);
         ok(
@@ -2926,12 +2922,8 @@ fn an_append_to_a_large_file_is_an_in_place_update_that_keeps_its_inode() {
 fn random_writes_and_a_truncation_of_a_large_file_are_updated_in_place() {
     need("python3");
     for env in BUFFER_MODES {
-        let mut w = data_world();
         let n = 2 << 20;
-        ok(
-            &w.run_mut(&["python3", "-c", BIG_PY, &n.to_string()]),
-            "write big",
-        );
+        let mut w = big_world(n);
         let before = inode(&w.path("vol/big"));
         let script = r#"
 import os
@@ -2967,12 +2959,8 @@ os.close(fd)
 #[test]
 fn a_write_that_bypassed_the_hooks_into_a_tracked_buffer_is_not_lost() {
     need("python3");
-    let mut w = data_world();
     let n = 2 << 20;
-    ok(
-        &w.run_mut(&["python3", "-c", BIG_PY, &n.to_string()]),
-        "write big",
-    );
+    let mut w = big_world(n);
     // A hooked write, then one by raw system call that no hook sees: the buffer's times
     // tell the shield that its record of changes is incomplete, and it seals a whole version.
     let script = r#"
@@ -2992,58 +2980,63 @@ os.close(fd)
     assert!(read_big(&w) == want, "both writes kept");
 }
 
-#[test]
-fn two_processes_updating_different_ranges_of_one_file_keep_both() {
+/// A world whose `/data/big` holds `n` bytes of [`BIG_PY`]'s pattern (format 2).
+fn big_world(n: usize) -> World {
     need("python3");
     need("sh");
     let mut w = data_world();
-    let n = 2 << 20;
     ok(
         &w.run_mut(&["python3", "-c", BIG_PY, &n.to_string()]),
         "write big",
     );
-    // With private buffers, the first writer loads the file, the second writes and commits,
-    // then the first commits: its update was computed from a state that is no longer current
-    // and is applied again onto the second's.
-    let go = w.p("go");
-    let done = w.p("done");
-    let first = format!(
-        r#"
-import os, time
-fd = os.open('/data/big', os.O_RDWR)
-os.pwrite(fd, b'first', 1000)
-open('{go}', 'w').close()
-while not os.path.exists('{done}'):
-    time.sleep(0.02)
-os.fsync(fd)
-os.close(fd)
-"#
-    );
-    let second = format!(
-        r#"
-import os, time
-while not os.path.exists('{go}'):
-    time.sleep(0.02)
-fd = os.open('/data/big', os.O_RDWR)
-os.pwrite(fd, b'second', 1_900_000)
-os.fsync(fd)
-os.close(fd)
-open('{done}', 'w').close()
-"#
-    );
+    w
+}
+
+/// Two Python scripts side by side in one mutable run with private buffers; `GO` and `DONE` in
+/// them name two files (outside the shield) through which they take turns. Both must succeed.
+fn side_by_side(w: &mut World, first: &str, second: &str) -> Output {
+    let (go, done) = (w.p("go"), w.p("done"));
+    let fill = |s: &str| s.replace("GO", &go).replace("DONE", &done);
     let o = run_mut_env(
-        &mut w,
+        w,
         &[("FSPF_SHARED_BUFFERS", "0")],
         &[
             "sh",
             "-c",
-            "python3 -c \"$1\" & python3 -c \"$2\" & wait",
+            "python3 -c \"$1\" & python3 -c \"$2\" & wait %1 && wait %2",
             "sh",
-            &first,
-            &second,
+            &fill(first),
+            &fill(second),
         ],
     );
-    ok(&o, "two writers");
+    ok(&o, "two processes");
+    o
+}
+
+/// Waits for `GO`, the turn of the second script of [`side_by_side`].
+const WAIT_GO: &str = "import os, time\nwhile not os.path.exists('GO'):\n    time.sleep(0.02)\n";
+
+#[test]
+fn two_processes_updating_different_ranges_of_one_file_keep_both() {
+    let n = 2 << 20;
+    let mut w = big_world(n);
+    // The first writer loads the file, the second writes and commits, then the first commits:
+    // its update was computed from a state that is no longer current and is applied again
+    // onto the second's.
+    let first = r#"
+import os, time
+fd = os.open('/data/big', os.O_RDWR)
+os.pwrite(fd, b'first', 1000)
+open('GO', 'w').close()
+while not os.path.exists('DONE'):
+    time.sleep(0.02)
+os.fsync(fd)
+os.close(fd)
+"#;
+    let second = format!(
+        "{WAIT_GO}fd = os.open('/data/big', os.O_RDWR)\nos.pwrite(fd, b'second', 1_900_000)\nos.fsync(fd)\nos.close(fd)\nopen('DONE', 'w').close()\n"
+    );
+    side_by_side(&mut w, first, &second);
     let mut want = big_expected(n);
     want[1000..1005].copy_from_slice(b"first");
     want[1_900_000..1_900_006].copy_from_slice(b"second");
@@ -3052,26 +3045,19 @@ open('{done}', 'w').close()
 
 #[test]
 fn a_reader_of_a_file_another_process_updated_in_place_got_eio() {
-    need("python3");
-    need("sh");
-    let mut w = data_world();
     let n = 2 << 20;
-    ok(
-        &w.run_mut(&["python3", "-c", BIG_PY, &n.to_string()]),
-        "write big",
-    );
+    let mut w = big_world(n);
     // The reader opens the file and reads a little; another process then changes it in place
-    // and commits; the reader goes on reading the changed chunks (a kernel file shows the new
+    // and commits (fsync: the other processes of a run see a change from its commit on); the
+    // reader goes on reading the changed chunks (a kernel file shows the new
     // bytes) instead of failing them as tampered.
-    let go = w.p("go");
-    let done = w.p("done");
     let reader = format!(
         r#"
 import os, time
 f = open('/data/big', 'rb')
 assert len(f.read(10)) == 10
-open('{go}', 'w').close()
-while not os.path.exists('{done}'):
+open('GO', 'w').close()
+while not os.path.exists('DONE'):
     time.sleep(0.02)
 f.seek(0)
 d = f.read()
@@ -3082,30 +3068,9 @@ print('ok')
 "#
     );
     let writer = format!(
-        r#"
-import os, time
-while not os.path.exists('{go}'):
-    time.sleep(0.02)
-fd = os.open('/data/big', os.O_RDWR)
-os.pwrite(fd, b'CHANGED!', 500_000)
-os.pwrite(fd, b'tail\n', {n})
-os.close(fd)
-open('{done}', 'w').close()
-"#
+        "{WAIT_GO}fd = os.open('/data/big', os.O_RDWR)\nos.pwrite(fd, b'CHANGED!', 500_000)\nos.pwrite(fd, b'tail\\n', {n})\nos.fsync(fd)\nos.close(fd)\nopen('DONE', 'w').close()\n"
     );
-    let o = run_mut_env(
-        &mut w,
-        &[("FSPF_SHARED_BUFFERS", "0")],
-        &[
-            "sh",
-            "-c",
-            "python3 -c \"$1\" & python3 -c \"$2\" & wait %1 && wait %2",
-            "sh",
-            &reader,
-            &writer,
-        ],
-    );
-    ok(&o, "reader and writer");
+    let o = side_by_side(&mut w, &reader, &writer);
     assert_eq!(stdout(&o).trim(), "ok");
 }
 
@@ -3128,12 +3093,8 @@ fn snapshot(w: &World, rel: &str) -> std::collections::BTreeMap<String, Vec<u8>>
 fn an_updated_large_file_with_a_chunk_or_tree_rolled_back_or_flipped_is_refused() {
     need("python3");
     need("cat");
-    let mut w = data_world();
     let n = 1 << 20;
-    ok(
-        &w.run_mut(&["python3", "-c", BIG_PY, &n.to_string()]),
-        "write big",
-    );
+    let mut w = big_world(n);
     let old_data = std::fs::read(w.path("vol/big")).expect("data");
     let old_trees = snapshot(&w, "fspf.pb.trees");
     let private = [("FSPF_SHARED_BUFFERS", "0")];
@@ -3193,12 +3154,8 @@ fn an_updated_large_file_with_a_chunk_or_tree_rolled_back_or_flipped_is_refused(
 fn a_second_change_before_the_commit_rewrote_the_whole_file() {
     need("python3");
     for env in BUFFER_MODES {
-        let mut w = data_world();
         let n = 2 << 20;
-        ok(
-            &w.run_mut(&["python3", "-c", BIG_PY, &n.to_string()]),
-            "write big",
-        );
+        let mut w = big_world(n);
         let before = inode(&w.path("vol/big"));
         // Closed after the first change (staged as an update), opened again and appended to
         // before the commit at exit: one update with both changes, not a whole new version.

@@ -413,6 +413,41 @@ fn several_cores() -> bool {
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get())) > 1
 }
 
+/// Check an encrypted file's header (its format and file id) and its length (`expected`, for a
+/// plaintext of `size` bytes; `None`: too large to store) before any chunk is read.
+fn check_encrypted<R: ReadAt>(
+    data: &R,
+    header: &[u8; ENC_HEADER_LEN as usize],
+    expected: Option<u64>,
+    size: u64,
+    label: &str,
+) -> Result<()> {
+    let io = |e| Error::Io {
+        path: label.into(),
+        source: e,
+    };
+    let expected = expected.ok_or_else(|| Error::FileTooLarge {
+        path: label.into(),
+        size,
+    })?;
+    let actual = data.len().map_err(io)?;
+    let mut h = [0u8; ENC_HEADER_LEN as usize];
+    if actual >= ENC_HEADER_LEN {
+        data.read_exact_at(&mut h, 0).map_err(io)?;
+        if &h != header {
+            return Err(Error::HeaderMismatch { path: label.into() });
+        }
+    }
+    if actual != expected {
+        return Err(Error::SizeMismatch {
+            path: label.into(),
+            expected,
+            actual,
+        });
+    }
+    Ok(())
+}
+
 /// Outcome of loading a span of chunks: how many (from its first) verified, and the error of the
 /// first one that did not.
 struct Span {
@@ -462,59 +497,12 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
         }
         match &codec {
             FileCodec::Encrypted { id, data, .. } => {
-                let expected =
-                    layout::enc_file_len(size, chunk_len).ok_or_else(|| Error::FileTooLarge {
-                        path: label.clone(),
-                        size,
-                    })?;
-                let actual = data.len().map_err(|e| Error::Io {
-                    path: label.clone().into(),
-                    source: e,
-                })?;
-                let mut h = [0u8; ENC_HEADER_LEN as usize];
-                if actual >= ENC_HEADER_LEN {
-                    data.read_exact_at(&mut h, 0).map_err(|e| Error::Io {
-                        path: label.clone().into(),
-                        source: e,
-                    })?;
-                    if h != enc_header(id) {
-                        return Err(Error::HeaderMismatch { path: label });
-                    }
-                }
-                if actual != expected {
-                    return Err(Error::SizeMismatch {
-                        path: label,
-                        expected,
-                        actual,
-                    });
-                }
+                let expected = layout::enc_file_len(size, chunk_len);
+                check_encrypted(data, &enc_header(id), expected, size, &label)?;
             }
             FileCodec::Tree { keys, data, .. } => {
-                let expected = layout_tree::data_len(size).ok_or_else(|| Error::FileTooLarge {
-                    path: label.clone(),
-                    size,
-                })?;
-                let actual = data.len().map_err(|e| Error::Io {
-                    path: label.clone().into(),
-                    source: e,
-                })?;
-                let mut h = [0u8; ENC_HEADER_LEN as usize];
-                if actual >= ENC_HEADER_LEN {
-                    data.read_exact_at(&mut h, 0).map_err(|e| Error::Io {
-                        path: label.clone().into(),
-                        source: e,
-                    })?;
-                    if h != tree::header2(keys.id()) {
-                        return Err(Error::HeaderMismatch { path: label });
-                    }
-                }
-                if actual != expected {
-                    return Err(Error::SizeMismatch {
-                        path: label,
-                        expected,
-                        actual,
-                    });
-                }
+                let expected = layout_tree::data_len(size);
+                check_encrypted(data, &tree::header2(keys.id()), expected, size, &label)?;
             }
             FileCodec::Authenticated { data, outboard, .. } => {
                 let actual = data.len().map_err(|e| Error::Io {
