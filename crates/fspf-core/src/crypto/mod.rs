@@ -13,10 +13,24 @@ pub const NONCE_LEN: usize = 12;
 /// Length of a random file id.
 pub const FILE_ID_LEN: usize = 16;
 
-/// Fill `buf` from the OS CSPRNG (aws-lc's DRBG seeded from getrandom).
+/// Fill `buf` from the OS CSPRNG (`getrandom(2)`, blocking until the kernel's generator is
+/// seeded). Not aws-lc's DRBG: its first use in a process seeds a CPU-jitter entropy source,
+/// about 30 ms of CPU that every shielded process paid at its first commit (and every mutable
+/// `fspf run` at its start).
 pub fn random_bytes(buf: &mut [u8]) -> Result<()> {
-    aws_lc_rs::rand::fill(buf)
-        .map_err(|_| Error::Other("the OS random number generator failed".into()))
+    let mut done = 0;
+    while done < buf.len() {
+        match rustix::rand::getrandom(&mut buf[done..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                return Err(Error::Other(format!(
+                    "the OS random number generator failed: {e}"
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The 16-byte AES-GCM tag of `fspf.pb`: together with the volume key, the trust anchor.
