@@ -2,22 +2,21 @@
 //! good tree must keep opening with its recorded key and tag and serve the same plaintext; every
 //! `broken/<defect>/` copy must keep failing, in the way its name says.
 //!
-//! The fixture's regions record absolute kernel paths below `/tmp/fspf-fixture-v1` (where it was
-//! made). The library test re-points those regions at the checked-out copy in memory (the fspf
+//! The fixtures' regions record absolute kernel paths below `/tmp/fspf-fixture-vN` (where they
+//! were made). The library test re-points those regions at the checked-out copy in memory (the fspf
 //! on disk is untouched, and the outboard trees are found beside the fspf, as always).
 use fspf_core::volume::Finding;
 use fspf_core::{EmbedPath, Error, FileKind, Tag, Volume, VolumeKey};
 use std::path::{Path, PathBuf};
 
-const RECORDED_BASE: &str = "/tmp/fspf-fixture-v1";
-
-fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/fspf/v1")
+/// The frozen tree of format version `v` in the checkout.
+fn fixture_dir_of(v: u32) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../../testdata/fspf/v{v}"))
 }
 
-/// Key and tag from `keytag` (the `fspf encrypt` line: awk `$11` and `$9`).
-fn keytag() -> (VolumeKey, Tag) {
-    let line = std::fs::read_to_string(fixture_dir().join("keytag")).expect("keytag");
+/// Key and tag from version `v`'s `keytag` (the `fspf encrypt` line: awk `$11` and `$9`).
+fn keytag_of(v: u32) -> (VolumeKey, Tag) {
+    let line = std::fs::read_to_string(fixture_dir_of(v).join("keytag")).expect("keytag");
     let w: Vec<&str> = line.split_whitespace().collect();
     (
         VolumeKey::from_hex(w[10]).expect("key"),
@@ -25,12 +24,25 @@ fn keytag() -> (VolumeKey, Tag) {
     )
 }
 
-/// Open the fixture copy in `dir` with the recorded anchor; kernel regions re-pointed at `dir`.
+/// Open the version-`v` fixture copy in `dir` with its recorded anchor; kernel regions, recorded
+/// below `/tmp/fspf-fixture-v<v>`, re-pointed at `dir`.
+fn open_of(v: u32, dir: &Path) -> fspf_core::Result<Volume> {
+    let (key, tag) = keytag_of(v);
+    let mut vol = Volume::open(&dir.join("fspf.pb"), Some(key), Some(tag))?;
+    vol.rebase_kernel_paths(Path::new(&format!("/tmp/fspf-fixture-v{v}")), dir);
+    Ok(vol)
+}
+
+fn fixture_dir() -> PathBuf {
+    fixture_dir_of(1)
+}
+
+fn keytag() -> (VolumeKey, Tag) {
+    keytag_of(1)
+}
+
 fn open_at(dir: &Path) -> fspf_core::Result<Volume> {
-    let (key, tag) = keytag();
-    let mut v = Volume::open(&dir.join("fspf.pb"), Some(key), Some(tag))?;
-    v.rebase_kernel_paths(Path::new(RECORDED_BASE), dir);
-    Ok(v)
+    open_of(1, dir)
 }
 
 fn read(v: &Volume, path: &str) -> fspf_core::Result<Vec<u8>> {
@@ -185,26 +197,16 @@ fn every_broken_v1_copy_fails_as_its_name_says() {
 // ---------------------------------------------------------------------------------------------
 // Format v2: a format-2 file (chunk tree), updated in place once.
 
-const RECORDED_BASE_V2: &str = "/tmp/fspf-fixture-v2";
-
 fn fixture_dir_v2() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/fspf/v2")
+    fixture_dir_of(2)
 }
 
 fn keytag_v2() -> (VolumeKey, Tag) {
-    let line = std::fs::read_to_string(fixture_dir_v2().join("keytag")).expect("keytag");
-    let w: Vec<&str> = line.split_whitespace().collect();
-    (
-        VolumeKey::from_hex(w[10]).expect("key"),
-        Tag::from_hex(w[8]).expect("tag"),
-    )
+    keytag_of(2)
 }
 
 fn open_v2(dir: &Path) -> fspf_core::Result<Volume> {
-    let (key, tag) = keytag_v2();
-    let mut v = Volume::open(&dir.join("fspf.pb"), Some(key), Some(tag))?;
-    v.rebase_kernel_paths(Path::new(RECORDED_BASE_V2), dir);
-    Ok(v)
+    open_of(2, dir)
 }
 
 fn big_v2() -> Vec<u8> {
