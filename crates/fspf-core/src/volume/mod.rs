@@ -18,7 +18,7 @@ pub use kernel_fs::KernelPath;
 pub use moves::PreparedMove;
 pub use orphans::{CleanReport, Orphan, OrphanKind};
 pub use store::{held_fds, FspfLock, WriterGuard, WRITER_FD_BASE};
-pub use store::{is_fspf_internal, sync_filesystems, write_file_durably};
+pub use store::{is_fspf_internal, replace_file, sync_filesystems, write_file_durably};
 pub use update::{FileUpdate, StagedUpdate};
 pub use verify::Finding;
 

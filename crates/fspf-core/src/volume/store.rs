@@ -356,6 +356,15 @@ fn write_temp(v: &Volume) -> Result<(PathBuf, Tag)> {
 /// Replace `path` atomically and durably by `content` (temp file beside it, fsync, rename,
 /// directory fsync), created with `mode`. For small trusted files such as a tag file.
 pub fn write_file_durably(path: &Path, content: &[u8], mode: u32) -> Result<()> {
+    replace_file(path, content, mode)?;
+    sync_dir(path)
+}
+
+/// [`write_file_durably`] without the directory's fsync: after a crash `path` holds the old
+/// content or the new one, each complete, but which one is not settled until the directory is
+/// synced. For a file whose old content is as good as the new one after a crash (the tag file
+/// after a commit: its previous content names both the old and the new state).
+pub fn replace_file(path: &Path, content: &[u8], mode: u32) -> Result<()> {
     let mut rnd = [0u8; 6];
     crate::crypto::random_bytes(&mut rnd)?;
     let tmp = sibling(path, &format!(".tmp-{}", hex::encode(rnd)));
@@ -374,7 +383,7 @@ pub fn write_file_durably(path: &Path, content: &[u8], mode: u32) -> Result<()> 
         let _ = fs::remove_file(&tmp);
         return Err(Error::io(path, e));
     }
-    sync_dir(path)
+    Ok(())
 }
 
 /// Atomically replace the fspf: temp file, fsync, rename, fsync directory. `announce` learns
