@@ -126,10 +126,13 @@ impl WriteBuf {
     /// taken before the content was read for staging: a write since then changed the memfd's
     /// times, so [`WriteBuf::tracked`] refuses the record and nothing is missed.
     pub fn start_tracking_from(&mut self, print: Option<(u64, u64)>) {
+        // Buffers of at most TRACK_MIN bytes are never format 2 when sealed: no record (and
+        // no `fstat` per write) for them. One that grows past it is sealed whole once, and
+        // tracked from that seal on.
         self.track = if self.mapped_shared {
             None
         } else {
-            print.map(|print| Track {
+            print.filter(|p| p.0 > TRACK_MIN).map(|print| Track {
                 written: fspf_core::session::Written::new(print.0),
                 print,
             })
@@ -244,6 +247,18 @@ impl WriteBuf {
         } else {
             0
         }
+    }
+
+    /// Read exactly `out.len()` bytes at `off` (`EIO` at the end of the buffer).
+    pub fn read_exact_at(&self, out: &mut [u8], off: u64) -> Result<(), c_int> {
+        let mut done = 0;
+        while done < out.len() {
+            match self.read_at(&mut out[done..], off + done as u64)? {
+                0 => return Err(libc::EIO),
+                n => done += n,
+            }
+        }
+        Ok(())
     }
 
     pub fn read_at(&self, out: &mut [u8], off: u64) -> Result<usize, c_int> {
@@ -474,6 +489,11 @@ pub const MAX_BUFFER_LEN: u64 = fspf_core::session::MAX_FILE_LEN;
 
 /// Buffers up to this size are fingerprinted by content, larger ones by their times.
 pub const HASH_MAX: u64 = 1 << 20;
+
+/// Smallest buffer whose writes are recorded for an in-place update: format 2 starts above 16
+/// chunks (`FORMAT2_MIN_CHUNKS`), and chunks are at least 512 bytes.
+const TRACK_MIN: u64 =
+    fspf_core::format::tree::FORMAT2_MIN_CHUNKS * fspf_core::format::layout::MIN_CHUNK_LEN as u64;
 
 /// Sequential reader over a buffer's memfd.
 pub struct BufReader {

@@ -868,32 +868,18 @@ impl Shield {
         b: &mut WriteBuf,
         meta: VersionMeta,
     ) -> Result<bool, c_int> {
+        // A new or format-1 file (most seals): a whole version, without reading the buffer
+        // here first.
+        if !inner.s.updatable(&b.path) {
+            return Ok(false);
+        }
         // Taken before the content is read: a write after it makes the buffer dirty again.
         let before = b.stat_now();
         let print = b.fingerprint()?;
-        let fd = b.fd;
-        let read = |buf: &mut [u8], off: u64| -> std::io::Result<()> {
-            let mut done = 0;
-            while done < buf.len() {
-                // SAFETY: reading our own buffer memfd into a local buffer.
-                let n = unsafe {
-                    real::pread(
-                        fd,
-                        buf[done..].as_mut_ptr().cast(),
-                        buf.len() - done,
-                        (off + done as u64) as i64,
-                    )
-                };
-                if n <= 0 {
-                    return Err(std::io::Error::from_raw_os_error(if n < 0 {
-                        crate::errno()
-                    } else {
-                        libc::EIO
-                    }));
-                }
-                done += n as usize;
-            }
-            Ok(())
+        let buf: &WriteBuf = b;
+        let read = |out: &mut [u8], off: u64| {
+            buf.read_exact_at(out, off)
+                .map_err(std::io::Error::from_raw_os_error)
         };
         let tracked = match (b.version, b.tracked()) {
             (Some(v), Some(t)) if v.root.is_some() && t.print.0 == print.0 => {

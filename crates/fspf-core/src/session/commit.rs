@@ -348,27 +348,9 @@ impl<A: Anchor> Session<A> {
                 Some(v) if v != d.base => v.id,
                 _ => continue,
             };
-            let Ok(mut r) = vol.open_file(&s.path) else {
+            let Ok(mut data) = committed_content(vol, &s.path) else {
                 continue;
             };
-            let Ok(len) = usize::try_from(r.size()) else {
-                continue;
-            };
-            let mut data = vec![0u8; len];
-            let mut off = 0usize;
-            let mut ok = true;
-            while off < data.len() {
-                match r.read_at(&mut data[off..], off as u64) {
-                    Ok(0) | Err(_) => {
-                        ok = false;
-                        break;
-                    }
-                    Ok(n) => off += n,
-                }
-            }
-            if !ok {
-                continue;
-            }
             data.extend_from_slice(&d.delta);
             let mode = s.entry.mode;
             let path = s.path.clone();

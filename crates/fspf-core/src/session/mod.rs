@@ -797,6 +797,16 @@ impl<A: Anchor> Session<A> {
         ViewError::of_io(e)
     }
 
+    /// Is the committed `path` a format-2 file (can a change of it be staged as an in-place
+    /// update), as far as this session knows? Constant time: frontends ask before they read
+    /// their buffer for [`Session::stage_update`] or [`Session::stage_diff`].
+    pub fn updatable(&self, path: &EmbedPath) -> bool {
+        self.vol
+            .as_ref()
+            .and_then(|v| v.lookup(path))
+            .is_some_and(|e| matches!(e.kind, FileKind::File { root: Some(_), .. }))
+    }
+
     /// Checks before an update of `path`, and the run's commit lock to stage it under (the
     /// committed pages are read, and rewritten in place by commits). `base`: the version the
     /// frontend's writes are relative to (`None`: whatever is committed). Also returns the
@@ -817,13 +827,7 @@ impl<A: Anchor> Session<A> {
         // Not format 2 as far as this session knows (a new or small file, the common case):
         // a whole version, without taking the run's lock. (A file another process made format
         // 2 meanwhile is then rewritten whole: correct, only slower.)
-        let format2 = |s: &Self| {
-            s.vol
-                .as_ref()
-                .and_then(|v| v.lookup(path))
-                .is_some_and(|e| matches!(e.kind, FileKind::File { root: Some(_), .. }))
-        };
-        if whole || !format2(self) {
+        if whole || !self.updatable(path) {
             return Ok(None);
         }
         let Some(lock) = self.lock_current()? else {
@@ -866,9 +870,11 @@ impl<A: Anchor> Session<A> {
             .flat_map(|w| &w.writes)
             .map(|(_, b)| b.len() as u64)
             .sum();
-        let Some(w) = steps.last().cloned() else {
+        let Some(last) = steps.last() else {
             return Ok(None);
         };
+        let (len, meta) = (last.len, last.meta);
+        let added: u64 = last.writes.iter().map(|(_, b)| b.len() as u64).sum();
         if size > UPDATE_MAX {
             return Ok(None);
         }
@@ -879,18 +885,18 @@ impl<A: Anchor> Session<A> {
             Err(e) => Err(e),
         };
         let mut staged = staged.map_err(|e| self.update_failed(path, &e))?;
-        staged.entry.mode = w.meta.mode & 0o7777;
-        staged.entry.owner = w.meta.owner;
+        staged.entry.mode = meta.mode & 0o7777;
+        staged.entry.owner = meta.owner;
         let t = staged.entry.mtime_ns;
         self.appends.remove(path);
-        self.staged_bytes += w.writes.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+        self.staged_bytes += added;
         self.queued.insert(
             path.clone(),
             OpenFile {
-                size: w.len,
+                size: len,
                 mode: staged.entry.mode,
                 mtime: t,
-                owner: w.meta.owner,
+                owner: meta.owner,
             },
         );
         self.updates.insert(path.clone(), steps);

@@ -125,6 +125,24 @@ pub(crate) fn roll_forward_at(dir: &OwnedFd, name: &OsStr, id: &FileId) {
     }
 }
 
+/// Bring the kernel file `name` in `dir` to committed version `id`: its committed shadow is
+/// renamed into place, and for a format-2 file (`root`: its committed chunk-tree root) a journal
+/// of that root left by an interrupted commit is applied (FORMAT.md §5, §5b).
+pub(crate) fn roll_forward(
+    fspf: &Path,
+    dir: &OwnedFd,
+    name: &OsStr,
+    id: &FileId,
+    root: Option<&[u8; 32]>,
+    label: &str,
+) -> Result<()> {
+    roll_forward_at(dir, name, id);
+    match root {
+        Some(r) => super::update::apply_journal(fspf, dir, name, id, r, label),
+        None => Ok(()),
+    }
+}
+
 /// Where a new version is written: a new file `name` in the directory `dir` (opened without
 /// following symlinks below its base); `label` names it in errors.
 pub(crate) struct Output {
@@ -598,10 +616,8 @@ impl Volume {
             };
             if let Some(loc) = KernelPath::of(region, &u.path) {
                 if let Ok((dir, name)) = loc.parent() {
-                    roll_forward_at(&dir, &name, &u.id);
                     let label = u.path.to_string();
-                    let _ =
-                        super::update::apply_journal(&self.path, &dir, &name, &u.id, &root, &label);
+                    let _ = roll_forward(&self.path, &dir, &name, &u.id, Some(&root), &label);
                 }
             }
         }

@@ -478,11 +478,11 @@ impl Volume {
             },
             _ => Error::kernel(&label, kernel.full(), e),
         })?;
-        commit::roll_forward_at(&dir, &name, &id);
-        if let (Some(r), Protection::Encrypted) = (&root, region.protection) {
-            // A format-2 file whose last commit's journal was not applied yet (FORMAT.md §5b).
-            self.roll_forward_journal(&dir, &name, &id, r, &label)?;
-        }
+        // (Authenticated files have a root too, and no journal: only encrypted roots are trees.)
+        let tree = root
+            .as_ref()
+            .filter(|_| region.protection == Protection::Encrypted);
+        commit::roll_forward(&self.path, &dir, &name, &id, tree, &label)?;
         let data = kernel_fs::open_regular_at(&dir, &name)
             .map_err(|e| Error::kernel_open(&label, kernel.full(), e))?;
         self.reader_over(region, path, &id, size, root.as_ref(), data)

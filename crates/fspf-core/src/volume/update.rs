@@ -116,19 +116,6 @@ impl Volume {
             mtime: None,
         }))
     }
-
-    /// Apply the journal of format-2 file `id` at committed root `root`, if one is left (a
-    /// commit interrupted before its journal was applied). `dir`/`name` is the data file.
-    pub(crate) fn roll_forward_journal(
-        &self,
-        dir: &std::os::fd::OwnedFd,
-        name: &std::ffi::OsStr,
-        id: &FileId,
-        root: &[u8; 32],
-        label: &str,
-    ) -> Result<()> {
-        apply_journal(&self.path, dir, name, id, root, label)
-    }
 }
 
 impl FileUpdate {
