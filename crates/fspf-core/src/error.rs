@@ -34,6 +34,12 @@ pub enum Error {
         expected: String,
         actual: String,
     },
+    #[error("{path}: the metadata log was modified at byte {offset} ({reason}); the fspf's state cannot be trusted")]
+    LogDamaged {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
     #[error("{path}: cannot decrypt the fspf: wrong key, or the fspf was modified")]
     WrongKeyOrCorrupt { path: PathBuf },
     #[error("{path}: fspf metadata is malformed: {reason}")]
@@ -128,6 +134,7 @@ impl Error {
                 | Error::TruncatedFspf { .. }
                 | Error::TagMismatch { .. }
                 | Error::WrongKeyOrCorrupt { .. }
+                | Error::LogDamaged { .. }
                 | Error::MalformedMetadata { .. }
                 | Error::ChunkAuth { .. }
                 | Error::TreeAuth { .. }

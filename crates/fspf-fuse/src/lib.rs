@@ -154,6 +154,7 @@ fn build(cfg: &Config) -> Result<fs::FspfFs, MountError> {
     // `syncfs` per kernel region before its commit point.
     let opts = VolumeOptions {
         sync_each_file: false,
+        log: true,
         ..VolumeOptions::default()
     };
     let vol =

@@ -61,14 +61,20 @@ fn map(fd: c_int, len: usize) -> Option<&'static [u8]> {
     Some(unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) })
 }
 
-/// A volume over the inherited index, when there is one, it is sealed, and it was built from
-/// the fspf whose tag is `trusted`. Returns the volume and the (relocated) fd.
+/// A volume over the inherited index, when there is one, it is sealed, and the state it
+/// describes, with the metadata log's later records applied, is the one with tag `trusted`.
+/// Returns the volume and the (relocated) fd.
 pub fn inherited(fspf: &Path, key: Option<VolumeKey>, trusted: Tag) -> Option<(Volume, c_int)> {
     let v = std::env::var("FSPF_INDEX_FD").ok()?;
     let fd: c_int = v.trim().parse().ok()?;
     let len = sealed_index(fd)?;
     let bytes = map(fd, len)?;
-    let vol = Volume::from_index(fspf, key, bytes).ok()?;
+    let mut vol = Volume::from_index(fspf, key, bytes).ok()?;
+    // An index of the trusted state itself is used without reading the disk (the log's
+    // position is looked up at the first commit); an older one catches up through the log.
+    if vol.tag() != trusted && !matches!(vol.catch_up(), Ok(true)) {
+        return None;
+    }
     if vol.tag() != trusted {
         return None;
     }

@@ -237,6 +237,7 @@ pub fn init() -> bool {
             ..Threads::FORK_SAFE
         },
         sync_each_file: false,
+        log: true,
     };
     crate::umask::init();
     // Absolute now: the program may chdir before the shield reloads or commits.

@@ -808,9 +808,11 @@ fn rollback_of_the_fspf_during_a_run_is_refused() {
     let mut w = data_world();
     let old = w.p("fspf-old.pb");
     std::fs::copy(&w.fspf, &old).expect("save old fspf");
-    // A writer commits (the anchor moves), then the attacker swaps the old fspf back in.
+    // A writer commits (the anchor moves), then the attacker swaps the old state back in: the
+    // fspf as it was, which had no metadata log (a sealed fspf's commit appends to one).
+    assert!(!w.fspf.with_extension("pb.log").exists());
     let script = format!(
-        "echo new > /data/new.txt && cp {old} {fspf} && cat /data/hello.txt",
+        "echo new > /data/new.txt && cp {old} {fspf} && rm -f {fspf}.log && cat /data/hello.txt",
         fspf = w.fspf.display()
     );
     let o = w.run_mut(&["sh", "-c", &script]);

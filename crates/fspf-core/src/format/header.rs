@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! 0   4  magic "FSPF"
-//! 4   2  format version, u16 LE (2; 1 for fspfs written before format-2 files existed)
+//! 4   2  format version, u16 LE (3; 2 before the metadata log, 1 before format-2 files)
 //! 6   2  flags, u16 LE: bit 0 = sealed with the user's volume key (else with PUBLIC_KEY)
 //! 8  12  nonce (random for every write)
 //! 20  n  AES-256-GCM ciphertext of the protobuf `Metadata`; AAD = bytes 0..20
@@ -15,7 +15,11 @@ pub const VERSION_1: u16 = 1;
 /// Adds format-2 encrypted files (FORMAT.md §4a): a version-1 reader must refuse the fspf
 /// rather than take those files for tampered ones.
 pub const VERSION_2: u16 = 2;
-pub const CURRENT_VERSION: u16 = VERSION_2;
+/// Adds the metadata log (FORMAT.md §5c): the current state is the checkpoint with the records
+/// of `FSPF.log` applied. A version-2 reader would take the checkpoint for the current state and
+/// refuse it for its tag; it must refuse the version instead.
+pub const VERSION_3: u16 = 3;
+pub const CURRENT_VERSION: u16 = VERSION_3;
 pub const HEADER_LEN: usize = 20;
 pub const FLAG_SEALED: u16 = 1;
 /// Largest `fspf.pb` readers accept and writers produce: 1 GiB (about 20 million entries). Checked

@@ -314,6 +314,18 @@ impl<'a> FrozenIndex<'a> {
         })
     }
 
+    /// The paths of `path` (if listed) and of every entry below it, in tree order: one
+    /// contiguous run of the index. O(log n) to start, O(1) per path.
+    pub fn subtree(&self, path: &EmbedPath) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let entries = self.entries;
+        let me = path.as_bytes().to_vec();
+        let prefix = path.child_prefix();
+        let start = entries.lower_bound(&me);
+        (start..entries.count)
+            .map_while(move |i| entries.path(i))
+            .take_while(move |p| *p == &me[..] || p.starts_with(&prefix))
+    }
+
     /// Every entry in tree order; a malformed record yields an error and ends the walk. O(n).
     pub fn iter(&self) -> impl Iterator<Item = Result<(EmbedPath, FileEntry), IndexError>> + 'a {
         let entries = self.entries;

@@ -20,6 +20,20 @@ pub struct MetadataPb {
     pub files: Vec<FileEntryPb>,
 }
 
+/// One record of the metadata log (FORMAT.md §5c): the entries a commit changed.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LogRecordPb {
+    /// The generation after this commit.
+    #[prost(uint64, tag = "1")]
+    pub generation: u64,
+    /// Entries (with their paths) as they are after the commit.
+    #[prost(message, repeated, tag = "2")]
+    pub put: Vec<FileEntryPb>,
+    /// Paths no longer listed (each exactly; not their subtrees).
+    #[prost(bytes = "vec", repeated, tag = "3")]
+    pub removed: Vec<Vec<u8>>,
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RegionPb {
     #[prost(bytes = "vec", tag = "1")]
@@ -297,6 +311,113 @@ impl FileEntry {
 }
 
 /// Validated content of an fspf.
+/// An entry from its wire struct, checked (`regions`: for the size limit of its region).
+pub fn entry_from_pb(f: FileEntryPb, regions: &[Region]) -> Result<(EmbedPath, FileEntry), String> {
+    let path = EmbedPath::from_bytes(&f.path).map_err(|e| e.to_string())?;
+    let kind = match f.kind {
+        1 => {
+            let id: [u8; FILE_ID_LEN] = f
+                .file_id
+                .as_slice()
+                .try_into()
+                .map_err(|_| format!("{path}: bad file id"))?;
+            let root = match f.root.len() {
+                0 => None,
+                32 => {
+                    let mut r = [0u8; 32];
+                    r.copy_from_slice(&f.root);
+                    Some(r)
+                }
+                _ => return Err(format!("{path}: bad root length")),
+            };
+            if f.size > MAX_FILE_SIZE {
+                return Err(format!(
+                    "{path}: size {} is larger than any file can be",
+                    f.size
+                ));
+            }
+            // Every size up to 2^62 fits at any chunk length; above, check with the
+            // chunk length of the file's region (the smallest one if it has none).
+            if f.size > 1 << 62 {
+                let chunk_len = regions
+                    .iter()
+                    .filter(|r| path.starts_with(&r.embed_point))
+                    .max_by_key(|r| r.embed_point.as_bytes().len())
+                    .map_or(MIN_CHUNK_LEN, |r| r.chunk_len);
+                if !layout::size_fits(f.size, chunk_len) {
+                    return Err(format!(
+                        "{path}: size {} bytes does not fit the on-disk format",
+                        f.size
+                    ));
+                }
+            }
+            FileKind::File {
+                id: FileId(id),
+                size: f.size,
+                root,
+            }
+        }
+        2 => FileKind::Dir,
+        3 => FileKind::Symlink(f.target),
+        4 => FileKind::Special {
+            kind: SpecialKind::from_code(f.special)
+                .ok_or_else(|| format!("{path}: unknown special kind {}", f.special))?,
+            rdev: f.rdev,
+        },
+        k => return Err(format!("{path}: unknown file kind {k}")),
+    };
+    Ok((
+        path,
+        FileEntry {
+            kind,
+            mode: f.mode & 0o7777,
+            mtime_ns: f.mtime_ns,
+            owner: f.owned.then_some(Owner {
+                uid: f.uid,
+                gid: f.gid,
+            }),
+            ino: (f.ino != 0).then_some(f.ino),
+            ctime_ns: f.ctime_ns,
+        },
+    ))
+}
+
+/// An entry as its wire struct.
+pub fn entry_to_pb(p: &EmbedPath, e: &FileEntry) -> FileEntryPb {
+    let mut pb = FileEntryPb {
+        path: p.as_bytes().to_vec(),
+        mode: e.mode,
+        mtime_ns: e.mtime_ns,
+        ctime_ns: e.ctime_ns,
+        ..Default::default()
+    };
+    pb.ino = e.ino.unwrap_or(0);
+    if let Some(o) = e.owner {
+        pb.owned = true;
+        pb.uid = o.uid;
+        pb.gid = o.gid;
+    }
+    match &e.kind {
+        FileKind::File { id, size, root } => {
+            pb.kind = 1;
+            pb.file_id = id.0.to_vec();
+            pb.size = *size;
+            pb.root = root.map(|r| r.to_vec()).unwrap_or_default();
+        }
+        FileKind::Dir => pb.kind = 2,
+        FileKind::Symlink(t) => {
+            pb.kind = 3;
+            pb.target = t.clone();
+        }
+        FileKind::Special { kind, rdev } => {
+            pb.kind = 4;
+            pb.special = kind.code();
+            pb.rdev = *rdev;
+        }
+    }
+    pb
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Metadata {
     pub generation: u64,
@@ -311,44 +432,7 @@ impl Metadata {
             format_version: u32::from(super::header::CURRENT_VERSION),
             generation: self.generation,
             regions: self.regions_pb(),
-            files: self
-                .files
-                .iter()
-                .map(|(p, e)| {
-                    let mut pb = FileEntryPb {
-                        path: p.as_bytes().to_vec(),
-                        mode: e.mode,
-                        mtime_ns: e.mtime_ns,
-                        ctime_ns: e.ctime_ns,
-                        ..Default::default()
-                    };
-                    pb.ino = e.ino.unwrap_or(0);
-                    if let Some(o) = e.owner {
-                        pb.owned = true;
-                        pb.uid = o.uid;
-                        pb.gid = o.gid;
-                    }
-                    match &e.kind {
-                        FileKind::File { id, size, root } => {
-                            pb.kind = 1;
-                            pb.file_id = id.0.to_vec();
-                            pb.size = *size;
-                            pb.root = root.map(|r| r.to_vec()).unwrap_or_default();
-                        }
-                        FileKind::Dir => pb.kind = 2,
-                        FileKind::Symlink(t) => {
-                            pb.kind = 3;
-                            pb.target = t.clone();
-                        }
-                        FileKind::Special { kind, rdev } => {
-                            pb.kind = 4;
-                            pb.special = kind.code();
-                            pb.rdev = *rdev;
-                        }
-                    }
-                    pb
-                })
-                .collect(),
+            files: self.files.iter().map(|(p, e)| entry_to_pb(p, e)).collect(),
         }
     }
 
@@ -441,73 +525,7 @@ impl Metadata {
         // a search per entry; both matter for fspfs of 100 000 files).
         let mut files = Vec::with_capacity(pb.files.len());
         for f in pb.files {
-            let path = EmbedPath::from_bytes(&f.path).map_err(|e| e.to_string())?;
-            let kind = match f.kind {
-                1 => {
-                    let id: [u8; FILE_ID_LEN] = f
-                        .file_id
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| format!("{path}: bad file id"))?;
-                    let root = match f.root.len() {
-                        0 => None,
-                        32 => {
-                            let mut r = [0u8; 32];
-                            r.copy_from_slice(&f.root);
-                            Some(r)
-                        }
-                        _ => return Err(format!("{path}: bad root length")),
-                    };
-                    if f.size > MAX_FILE_SIZE {
-                        return Err(format!(
-                            "{path}: size {} is larger than any file can be",
-                            f.size
-                        ));
-                    }
-                    // Every size up to 2^62 fits at any chunk length; above, check with the
-                    // chunk length of the file's region (the smallest one if it has none).
-                    if f.size > 1 << 62 {
-                        let chunk_len = regions
-                            .iter()
-                            .filter(|r| path.starts_with(&r.embed_point))
-                            .max_by_key(|r| r.embed_point.as_bytes().len())
-                            .map_or(MIN_CHUNK_LEN, |r| r.chunk_len);
-                        if !layout::size_fits(f.size, chunk_len) {
-                            return Err(format!(
-                                "{path}: size {} bytes does not fit the on-disk format",
-                                f.size
-                            ));
-                        }
-                    }
-                    FileKind::File {
-                        id: FileId(id),
-                        size: f.size,
-                        root,
-                    }
-                }
-                2 => FileKind::Dir,
-                3 => FileKind::Symlink(f.target),
-                4 => FileKind::Special {
-                    kind: SpecialKind::from_code(f.special)
-                        .ok_or_else(|| format!("{path}: unknown special kind {}", f.special))?,
-                    rdev: f.rdev,
-                },
-                k => return Err(format!("{path}: unknown file kind {k}")),
-            };
-            files.push((
-                path,
-                FileEntry {
-                    kind,
-                    mode: f.mode & 0o7777,
-                    mtime_ns: f.mtime_ns,
-                    owner: f.owned.then_some(Owner {
-                        uid: f.uid,
-                        gid: f.gid,
-                    }),
-                    ino: (f.ino != 0).then_some(f.ino),
-                    ctime_ns: f.ctime_ns,
-                },
-            ));
+            files.push(entry_from_pb(f, &regions)?);
         }
         files.sort_by(|a, b| a.0.cmp(&b.0));
         if let Some(w) = files.windows(2).find(|w| w[0].0 == w[1].0) {

@@ -4,6 +4,7 @@
 pub mod header;
 pub mod index;
 pub mod layout;
+pub mod log;
 pub mod metadata;
 pub mod tree;
 pub mod view;

@@ -141,9 +141,7 @@ impl<A: Anchor> Session<A> {
         let mut merged = BTreeMap::new();
         if !appends.is_empty() || !updates.is_empty() {
             if self.vol.as_ref().is_some_and(|v| v.tag() != trusted) {
-                if let Ok(v) = self.reopen(trusted) {
-                    self.vol = Some(v);
-                }
+                let _ = self.follow(trusted);
             }
             merged = self.rebase_appends(&mut changes, &appends);
             self.rebase_updates(&mut changes, &updates, &mut merged);

@@ -388,7 +388,14 @@ pub fn now_ns() -> i64 {
 
 impl<A: Anchor> Session<A> {
     /// A session over `vol` (already opened against the anchor's tag; `None` when that failed).
-    pub fn new(cfg: SessionConfig, anchor: A, vol: Option<Volume>) -> Session<A> {
+    pub fn new(mut cfg: SessionConfig, anchor: A, mut vol: Option<Volume>) -> Session<A> {
+        // A session's commits go to the metadata log (FORMAT.md §5c): they cost what changed.
+        cfg.opts.log = true;
+        if let Some(v) = vol.as_mut() {
+            let mut o = v.options();
+            o.log = true;
+            v.set_options(o);
+        }
         Session {
             cfg,
             anchor,
@@ -506,26 +513,36 @@ impl<A: Anchor> Session<A> {
         if anchor.current == vol.tag() && anchor.pending.is_none() {
             return Ok(());
         }
-        let v = match self.reopen(anchor.current) {
-            Ok(v) if anchor.pending.is_none() => v,
-            _ => {
-                // A commit in flight, or a committer that died inside its commit window: decide
-                // under the run's commit lock which of the anchor's tags is on disk.
-                let _l = self.anchor.lock()?;
-                self.settle_anchor()?;
-                let a = self.anchor.read().ok_or(ViewError::Untrusted)?;
-                self.reopen(a.current).map_err(|e| {
-                    (self.cfg.log)(&format!("refusing the fspf on disk: {e}"));
-                    ViewError::Untrusted
-                })?
-            }
-        };
-        self.vol = Some(v);
+        if self.follow(anchor.current).is_err() || anchor.pending.is_some() {
+            // A commit in flight, or a committer that died inside its commit window: decide
+            // under the run's commit lock which of the anchor's tags is on disk.
+            let _l = self.anchor.lock()?;
+            self.settle_anchor()?;
+            let a = self.anchor.read().ok_or(ViewError::Untrusted)?;
+            self.follow(a.current).map_err(|e| {
+                (self.cfg.log)(&format!("refusing the fspf on disk: {e}"));
+                ViewError::Untrusted
+            })?;
+        }
         Ok(())
     }
 
-    fn reopen(&self, t: Tag) -> crate::Result<Volume> {
-        Volume::open_with(&self.cfg.fspf, self.cfg.key.clone(), Some(t), self.cfg.opts)
+    /// Bring the volume to the state with tag `t`, which must be the one on disk: by applying
+    /// the metadata log's records after its own state when it can (O(changes)), else by
+    /// opening the fspf anew against `t`. On error the volume holds its own state or a later
+    /// one of the same authenticated chain, never an untrusted one.
+    pub(crate) fn follow(&mut self, t: Tag) -> crate::Result<()> {
+        if let Some(v) = self.vol.as_mut() {
+            if v.tag() == t {
+                return Ok(());
+            }
+            if Volume::read_tag(&self.cfg.fspf)? == t && v.catch_up()? && v.tag() == t {
+                return Ok(());
+            }
+        }
+        let v = Volume::open_with(&self.cfg.fspf, self.cfg.key.clone(), Some(t), self.cfg.opts)?;
+        self.vol = Some(v);
+        Ok(())
     }
 
     /// Under the anchor lock: if a committer died after announcing a tag and that tag is now on

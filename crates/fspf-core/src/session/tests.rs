@@ -271,14 +271,22 @@ fn a_rolled_back_fspf_is_refused_by_refresh_and_commit() {
     let mut b = f.session(true);
     put(&mut a, "/d/x", b"v1");
     a.commit().unwrap();
+    // The state on disk: the checkpoint and the metadata log after it (FORMAT.md §5c).
+    let log = crate::volume::log_path(&f.fspf());
     let old = std::fs::read(f.fspf()).unwrap();
+    let old_log = std::fs::read(&log).unwrap();
     put(&mut a, "/d/x", b"v2");
     a.commit().unwrap();
+    assert!(
+        std::fs::read(&log).unwrap().len() > old_log.len(),
+        "a commit appends"
+    );
     // The other session of the run follows the anchor.
     b.refresh().unwrap();
     assert_eq!(b.lookup(&NoOpenFiles, &p("/d/x")).unwrap().size, 2);
     // Storage rolls the fspf back one commit: both sessions refuse it.
     std::fs::write(f.fspf(), &old).unwrap();
+    std::fs::write(&log, &old_log).unwrap();
     put(&mut a, "/d/y", b"new");
     assert_eq!(a.commit(), Err(ViewError::Untrusted));
     // A process of the run that starts now cannot open it against the anchor's tag.

@@ -98,6 +98,81 @@ pub enum Change {
     Update(super::update::StagedUpdate),
 }
 
+/// The entries a commit changed, and what each held before (to undo a failed commit).
+#[derive(Debug, Default)]
+struct Tx {
+    touched: std::collections::BTreeSet<EmbedPath>,
+    undo: Vec<(EmbedPath, Option<FileEntry>)>,
+}
+
+impl Volume {
+    /// Set the entry at `path` within `tx`; returns what it replaced.
+    fn tx_set(&mut self, tx: &mut Tx, path: &EmbedPath, v: Option<FileEntry>) -> Option<FileEntry> {
+        let old = self.raw_set(path.clone(), v);
+        tx.touched.insert(path.clone());
+        tx.undo.push((path.clone(), old.clone()));
+        old
+    }
+
+    fn rollback(&mut self, tx: Tx) {
+        for (p, old) in tx.undo.into_iter().rev() {
+            self.raw_set(p, old);
+        }
+    }
+
+    /// Bring this volume to the state on disk before changing it. If another process committed
+    /// since, the state on disk is accepted only if its tag is `trusted` (the run's trust
+    /// anchor); the changes are then merged onto it.
+    fn follow_disk(&mut self, trusted: Option<Tag>) -> Result<()> {
+        let disk = store::read_tag(&self.path)?;
+        if disk == self.tag {
+            // A volume over a frozen index learns where its state lies in the log.
+            if self.log.base.is_none() && self.log_enabled() && !self.catch_up()? {
+                return Err(Error::TagMismatch {
+                    path: self.path.clone(),
+                    expected: self.tag.to_hex(),
+                    actual: disk.to_hex(),
+                });
+            }
+            return Ok(());
+        }
+        let Some(trusted) = trusted.filter(|t| *t == disk) else {
+            return Err(Error::TagMismatch {
+                path: self.path.clone(),
+                expected: self.tag.to_hex(),
+                actual: disk.to_hex(),
+            });
+        };
+        if self.catch_up()? && self.tag == trusted {
+            return Ok(());
+        }
+        let opts = self.opts;
+        *self = store::open(&self.path, self.key.clone(), Some(trusted))?;
+        self.opts = opts;
+        Ok(())
+    }
+
+    /// Make the changes in `tx` durable: one record appended to the metadata log, or a new
+    /// checkpoint (the whole fspf) when the log is full or the fspf is not sealed.
+    fn persist(&mut self, tx: &Tx, announce: &mut dyn FnMut(Tag) -> Result<()>) -> Result<()> {
+        // A rough size of the record: each entry is a path and at most ~100 bytes.
+        let estimate: u64 = tx
+            .touched
+            .iter()
+            .map(|p| p.as_bytes().len() as u64 + 128)
+            .sum();
+        if !self.opts.log || !self.log_enabled() || !self.log_has_room(estimate) {
+            return self.save_announced(announce).map(drop);
+        }
+        self.meta.generation += 1;
+        if let Err(e) = self.append_log(&tx.touched, announce) {
+            self.meta.generation -= 1;
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
 /// Longest `NAME` kept whole in a shadow name: `.NAME.fspf-<32 hex>` must fit the 255 bytes of
 /// a file name (`NAME_MAX`).
 pub const SHADOW_NAME_KEEP: usize = 255 - 1 - 6 - 32;
@@ -388,8 +463,6 @@ impl Volume {
         trusted_tag: Option<Tag>,
         announce: &mut dyn FnMut(Tag) -> Result<()>,
     ) -> Result<Tag> {
-        // Changes apply to the whole metadata: an index-backed volume parses it now.
-        self.ensure_loaded()?;
         let fspf = self.path.clone();
         let cleanup = |changes: &[Change]| {
             for c in changes {
@@ -400,35 +473,13 @@ impl Volume {
                 }
             }
         };
-        let disk = match store::read_tag(&self.path) {
-            Ok(t) => t,
-            Err(e) => {
-                cleanup(&changes);
-                return Err(e);
-            }
-        };
-        if disk != self.tag {
-            let Some(trusted) = trusted_tag.filter(|t| *t == disk) else {
-                cleanup(&changes);
-                return Err(Error::TagMismatch {
-                    path: self.path.clone(),
-                    expected: self.tag.to_hex(),
-                    actual: disk.to_hex(),
-                });
-            };
-            match store::open(&self.path, self.key.clone(), Some(trusted)) {
-                Ok(v) => {
-                    let opts = self.opts;
-                    *self = v;
-                    self.opts = opts;
-                }
-                Err(e) => {
-                    cleanup(&changes);
-                    return Err(e);
-                }
-            }
+        if let Err(e) = self.follow_disk(trusted_tag) {
+            cleanup(&changes);
+            return Err(e);
         }
-        let before = self.meta.clone();
+        // The changes go through `tx`, which remembers what each replaced: O(changes), on
+        // either backing (a volume over a frozen index is not parsed).
+        let mut tx = Tx::default();
         let mut garbage: Vec<FileId> = Vec::new();
         // Updates to apply after the commit point, and the first one that no longer fits.
         let mut updates: Vec<&super::update::StagedUpdate> = Vec::new();
@@ -447,7 +498,7 @@ impl Volume {
                     if let Some(FileEntry {
                         kind: FileKind::File { id, .. },
                         ..
-                    }) = self.meta.files.insert(s.path.clone(), s.entry.clone())
+                    }) = self.tx_set(&mut tx, &s.path, Some(s.entry.clone()))
                     {
                         garbage.push(id);
                     }
@@ -467,7 +518,7 @@ impl Volume {
                     if let Some(FileEntry {
                         kind: FileKind::File { id, .. },
                         ..
-                    }) = self.meta.files.insert(p.clone(), e.clone())
+                    }) = self.tx_set(&mut tx, p, Some(e.clone()))
                     {
                         garbage.push(id);
                     }
@@ -481,19 +532,19 @@ impl Volume {
                         keep
                     });
                     post_index = post.iter().enumerate().map(|(i, s)| (&s.path, i)).collect();
-                    for k in self.meta.paths_below(p) {
+                    for k in self.paths_below(p) {
                         if let Some(FileEntry {
                             kind: FileKind::File { id, .. },
                             ..
-                        }) = self.meta.files.remove(&k)
+                        }) = self.tx_set(&mut tx, &k, None)
                         {
                             garbage.push(id);
                         }
                     }
                 }
                 Change::Update(u) => {
-                    let current = self.meta.files.get_mut(&u.path);
-                    let base = match current.as_deref() {
+                    let current = self.lookup(&u.path).map(|e| e.into_owned());
+                    let base = match &current {
                         Some(FileEntry {
                             kind:
                                 FileKind::File {
@@ -507,19 +558,20 @@ impl Volume {
                         Some(e) if base == u.base_root => {
                             // The staged entry (content, mode, owner, times); the inode number
                             // stays what it is.
-                            let ino = e.ino;
-                            *e = u.entry.clone();
-                            e.ino = ino;
+                            let mut n = u.entry.clone();
+                            n.ino = e.ino;
+                            self.tx_set(&mut tx, &u.path, Some(n));
                             updates.push(u);
                         }
                         _ => conflict = Some(u),
                     }
                 }
-                Change::Touch { dir, ns } => match self.meta.files.get_mut(dir) {
-                    Some(e) => {
+                Change::Touch { dir, ns } => match self.lookup(dir).map(|e| e.into_owned()) {
+                    Some(mut e) => {
                         if matches!(e.kind, FileKind::Dir) {
                             e.mtime_ns = e.mtime_ns.max(*ns);
                             e.ctime_ns = e.ctime_ns.max(*ns);
+                            self.tx_set(&mut tx, dir, Some(e));
                         }
                     }
                     None => {
@@ -527,28 +579,26 @@ impl Volume {
                             .meta
                             .region_for(dir)
                             .is_some_and(|r| &r.embed_point == dir);
-                        if !root && self.meta.has_below(dir) {
-                            self.meta.files.insert(
-                                dir.clone(),
-                                FileEntry {
-                                    kind: FileKind::Dir,
-                                    mode: 0o755,
-                                    mtime_ns: *ns,
-                                    ctime_ns: *ns,
-                                    owner: None,
-                                    ino: None,
-                                },
-                            );
+                        if !root && self.has_below(dir) {
+                            let e = FileEntry {
+                                kind: FileKind::Dir,
+                                mode: 0o755,
+                                mtime_ns: *ns,
+                                ctime_ns: *ns,
+                                owner: None,
+                                ino: None,
+                            };
+                            self.tx_set(&mut tx, dir, Some(e));
                         }
                     }
                 },
                 Change::Rename { from, to } => {
                     let now = crate::format::metadata::now_ns();
-                    for k in self.meta.paths_below(from) {
+                    for k in self.paths_below(from) {
                         let Some(dest) = k.rebased(from, to) else {
                             continue;
                         };
-                        if let Some(mut e) = self.meta.files.remove(&k) {
+                        if let Some(mut e) = self.tx_set(&mut tx, &k, None) {
                             // The entry keeps the inode number it showed (FORMAT.md §2).
                             e.ino.get_or_insert_with(|| k.default_ino());
                             if &k == from {
@@ -558,7 +608,7 @@ impl Volume {
                             if let Some(FileEntry {
                                 kind: FileKind::File { id, .. },
                                 ..
-                            }) = self.meta.files.insert(dest, e)
+                            }) = self.tx_set(&mut tx, &dest, Some(e))
                             {
                                 garbage.push(id);
                             }
@@ -568,7 +618,7 @@ impl Volume {
             }
         }
         if let Some(u) = conflict {
-            let current = match self.meta.files.get(&u.path).map(|e| &e.kind) {
+            let current = match self.lookup(&u.path).map(|e| e.kind.clone()) {
                 Some(FileKind::File { root: Some(r), .. }) => hex::encode(r),
                 Some(_) => "another kind of entry".into(),
                 None => "removed".into(),
@@ -578,12 +628,12 @@ impl Volume {
                 base: hex::encode(u.base_root),
                 current,
             };
-            self.meta = before;
+            self.rollback(tx);
             cleanup(&changes);
             return Err(e);
         }
-        if let Err(e) = self.save_announced(announce) {
-            self.meta = before;
+        if let Err(e) = self.persist(&tx, announce) {
+            self.rollback(tx);
             cleanup(&changes);
             return Err(e);
         }
@@ -605,8 +655,8 @@ impl Volume {
         for u in updates {
             let root = u.root();
             let live = matches!(
-                self.meta.files.get(&u.path).map(|e| &e.kind),
-                Some(FileKind::File { id, root: Some(r), .. }) if *id == u.id && *r == root
+                self.lookup(&u.path).map(|e| e.kind.clone()),
+                Some(FileKind::File { id, root: Some(r), .. }) if id == u.id && r == root
             );
             if !live {
                 continue;
@@ -622,16 +672,14 @@ impl Volume {
             }
         }
         // Outboards of versions no longer referenced are garbage now that the commit is durable.
-        let live: std::collections::HashSet<FileId> = self
-            .meta
-            .files
-            .values()
-            .filter_map(|e| {
-                if let FileKind::File { id, .. } = &e.kind {
-                    Some(*id)
-                } else {
-                    None
-                }
+        // A version's id is listed at one path at most, and every path whose entry changed is
+        // in `tx`: a replaced id still listed is listed at one of those.
+        let live: std::collections::HashSet<FileId> = tx
+            .touched
+            .iter()
+            .filter_map(|p| match self.lookup(p).map(|e| e.kind.clone()) {
+                Some(FileKind::File { id, .. }) => Some(id),
+                _ => None,
             })
             .collect();
         for id in garbage.into_iter().filter(|i| !live.contains(i)) {

@@ -469,7 +469,11 @@ impl Volume {
             .into_iter()
             .map(|(p, e)| Change::PutEntry(p, e))
             .collect();
-        self.commit(changes, Some(tag))
+        // A checkpoint: an image carries the fspf file alone.
+        let log = std::mem::replace(&mut self.opts.log, false);
+        let t = self.commit(changes, Some(tag));
+        self.opts.log = log;
+        t
     }
 
     /// Verify `data`, the bytes stored for the listed regular file `path` (e.g. an image layer's

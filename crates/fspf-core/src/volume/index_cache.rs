@@ -1,19 +1,21 @@
-//! `FSPF.index`: the frozen index of the current fspf (`format::index`), kept beside it so that
-//! a run can start without parsing the fspf (the index is searched in place). It lives on
-//! untrusted storage and holds region keys, so it is sealed: AES-256-GCM under a key derived
-//! from the volume key (`HKDF(volume key, info "fspf v1 index cache")`), a random nonce, and the
-//! tag of the fspf it describes as associated data. A cache for another tag (an older state, a
-//! forged one) fails authentication and is ignored; the fspf is then parsed as before and the
+//! `FSPF.index`: the frozen index of a state of the fspf (`format::index`), kept beside it so
+//! that a run can start without parsing the fspf (the index is searched in place), then apply
+//! the metadata log's records after that state (FORMAT.md §5c). It lives on untrusted storage
+//! and holds region keys, so it is sealed: AES-256-GCM under a key derived from the volume key
+//! (`HKDF(volume key, info "fspf v1 index cache")`), a random nonce, and the tag of the state it
+//! describes as associated data. A cache that does not open, or whose state is no longer in the
+//! log (a checkpoint was written since), is ignored; the fspf is then parsed as before and the
 //! cache rewritten. Only encrypted fspfs get one (an unencrypted fspf has no secret to key it).
 //!
-//! Layout: `"FSPFIDX1"` (8 bytes) | nonce (12) | ciphertext of the index | GCM tag (16).
+//! Layout: `"FSPFIDX2"` (8 bytes) | tag of the state (16) | nonce (12) | ciphertext of the
+//! index | GCM tag (16).
 use super::{kernel_fs, store, Volume};
 use crate::crypto::{self, AeadKey, Tag, NONCE_LEN, TAG_LEN};
 use crate::error::Result;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"FSPFIDX1";
+const MAGIC: &[u8; 8] = b"FSPFIDX2";
 const INFO: &[u8] = b"fspf v1 index cache";
 /// A cache larger than this is not read (an fspf is at most 1 GiB; its index is smaller).
 const MAX_LEN: u64 = 1 << 30;
@@ -34,17 +36,17 @@ fn cache_key(vol_key: &crate::crypto::VolumeKey) -> Result<AeadKey> {
     AeadKey::new(&k[..])
 }
 
-/// The index for the fspf with `tag`, if a valid cache for exactly that tag is there: the
-/// buffer and where in it the index lies.
+/// The index in the cache, if it opens: the buffer and where in it the index lies. The index
+/// names the state it describes (its tag is authenticated with it).
 pub fn read(
     fspf: &Path,
     vol_key: &crate::crypto::VolumeKey,
-    tag: Tag,
 ) -> Option<(Vec<u8>, std::ops::Range<usize>)> {
     let p = cache_path(fspf);
     let mut f = kernel_fs::open_regular_path(&p).ok()?;
     let len = f.metadata().ok()?.len();
-    if len > MAX_LEN || len < (MAGIC.len() + NONCE_LEN + TAG_LEN) as u64 {
+    let head = MAGIC.len() + TAG_LEN + NONCE_LEN;
+    if len > MAX_LEN || len < (head + TAG_LEN) as u64 {
         return None;
     }
     let mut b = Vec::with_capacity(len as usize);
@@ -52,18 +54,18 @@ pub fn read(
     if &b[..MAGIC.len()] != MAGIC {
         return None;
     }
+    let aad = b[..MAGIC.len() + TAG_LEN].to_vec();
     let mut nonce = [0u8; NONCE_LEN];
-    nonce.copy_from_slice(&b[MAGIC.len()..MAGIC.len() + NONCE_LEN]);
-    let mut aad = Vec::with_capacity(MAGIC.len() + 16);
-    aad.extend_from_slice(MAGIC);
-    aad.extend_from_slice(&tag.0);
+    nonce.copy_from_slice(&b[MAGIC.len() + TAG_LEN..head]);
     let key = cache_key(vol_key).ok()?;
-    let body = &mut b[MAGIC.len() + NONCE_LEN..];
-    let n = key.open(nonce, &aad, body)?;
+    let n = key.open(nonce, &aad, &mut b[head..])?;
     // Decrypted in place; the index needs no alignment, so it is used where it lies: no second
     // buffer and no move of the index's size (3 MB for 50 000 files, at every `fspf run`).
-    let start = MAGIC.len() + NONCE_LEN;
-    Some((b, start..start + n))
+    let ix = crate::format::index::FrozenIndex::open(&b[head..head + n]).ok()?;
+    if ix.tag().0[..] != aad[MAGIC.len()..] {
+        return None;
+    }
+    Some((b, head..head + n))
 }
 
 /// Write the cache for `vol` (best effort: a failure only costs the next run a parse).
@@ -72,15 +74,18 @@ pub fn write(vol: &Volume) -> Result<()> {
         return Ok(());
     };
     let index = vol.build_index()?;
+    // The state the index describes: this volume's, or the older one of the frozen index it
+    // is backed by (its log records are replayed on top of it).
+    let tag = crate::format::index::FrozenIndex::open(&index)?.tag();
     let mut nonce = [0u8; NONCE_LEN];
     crypto::random_bytes(&mut nonce)?;
     let mut aad = Vec::with_capacity(MAGIC.len() + 16);
     aad.extend_from_slice(MAGIC);
-    aad.extend_from_slice(&vol.tag().0);
+    aad.extend_from_slice(&tag.0);
     let mut body = zeroize::Zeroizing::new(index.to_vec());
     let gtag = cache_key(vk)?.seal(nonce, &aad, &mut body)?;
-    let mut out = Vec::with_capacity(MAGIC.len() + NONCE_LEN + body.len() + TAG_LEN);
-    out.extend_from_slice(MAGIC);
+    let mut out = Vec::with_capacity(aad.len() + NONCE_LEN + body.len() + TAG_LEN);
+    out.extend_from_slice(&aad);
     out.extend_from_slice(&nonce);
     out.extend_from_slice(&body);
     out.extend_from_slice(&gtag);
@@ -89,17 +94,18 @@ pub fn write(vol: &Volume) -> Result<()> {
 
 impl Volume {
     /// [`Volume::open`] for a caller that holds `key` and trusts `tag`, using the sealed index
-    /// cache when it matches (nothing is parsed; reads search the index in place), else parsing
-    /// the fspf and writing the cache for the next time. The fspf on disk must have `tag` either
-    /// way (a replaced or rolled-back fspf is refused as by `open`).
+    /// cache when it opens and its state is still in the metadata log (nothing is parsed;
+    /// reads search the index in place, and the log's later records are applied on top), else
+    /// parsing the fspf and writing the cache for the next time. The state on disk must have
+    /// `tag` either way (a replaced or rolled-back fspf is refused as by `open`).
     pub fn open_cached(path: &Path, key: crate::crypto::VolumeKey, tag: Tag) -> Result<Volume> {
         let disk = store::read_tag(&store::absolute(path))?;
         if disk == tag {
-            if let Some((buf, range)) = read(path, &key, tag) {
+            if let Some((buf, range)) = read(path, &key) {
                 // Kept for the life of the process: the volume searches it in place.
                 let bytes: &'static [u8] = &Box::leak(buf.into_boxed_slice())[range];
-                if let Ok(v) = Volume::from_index(path, Some(key.clone()), bytes) {
-                    if v.tag() == tag {
+                if let Ok(mut v) = Volume::from_index(path, Some(key.clone()), bytes) {
+                    if matches!(v.catch_up(), Ok(true)) && v.tag() == tag {
                         return Ok(v);
                     }
                 }
@@ -140,15 +146,20 @@ mod tests {
         let b = Volume::open_cached(&p, k.clone(), t1).unwrap();
         assert!(b.is_indexed());
         assert_eq!(b.regions().len(), 1);
-        // Another tag, another key, or a flipped byte: not used.
+        // Another key, a flipped byte, or another tag named in its header: not used.
         let other = Volume::open(&p, Some(k.clone()), Some(t1)).unwrap();
-        assert!(read(&p, &k, Tag([9; 16])).is_none());
-        assert!(read(&p, &crate::crypto::VolumeKey::random().unwrap(), t1).is_none());
-        let mut raw = std::fs::read(cache_path(&p)).unwrap();
+        assert!(read(&p, &k).is_some());
+        assert!(read(&p, &crate::crypto::VolumeKey::random().unwrap()).is_none());
+        let good = std::fs::read(cache_path(&p)).unwrap();
+        let mut raw = good.clone();
+        raw[10] ^= 1;
+        std::fs::write(cache_path(&p), &raw).unwrap();
+        assert!(read(&p, &k).is_none(), "the state's tag is authenticated");
+        let mut raw = good;
         let mid = raw.len() / 2;
         raw[mid] ^= 1;
         std::fs::write(cache_path(&p), &raw).unwrap();
-        assert!(read(&p, &k, t1).is_none());
+        assert!(read(&p, &k).is_none());
         let c = Volume::open_cached(&p, k.clone(), t1).unwrap();
         assert!(!c.is_indexed(), "a damaged cache is ignored and rewritten");
         drop(other);

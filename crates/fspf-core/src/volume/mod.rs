@@ -5,6 +5,7 @@ pub mod direct;
 mod import;
 pub mod index_cache;
 pub mod kernel_fs;
+mod log;
 pub mod memory;
 mod moves;
 mod orphans;
@@ -15,6 +16,7 @@ mod verify;
 pub use commit::{Change, StagedFile};
 pub use import::{ImportOptions, ImportReport};
 pub use kernel_fs::KernelPath;
+pub use log::{log_limit, log_path, LOG_MIN_LIMIT};
 pub use moves::PreparedMove;
 pub use orphans::{CleanReport, Orphan, OrphanKind};
 pub use store::{held_fds, FspfLock, WriterGuard, WRITER_FD_BASE};
@@ -57,6 +59,12 @@ pub struct Volume {
     opts: VolumeOptions,
     /// The writer lock shared by the versions this volume stages (see [`WriterGuard`]).
     writer: std::sync::Mutex<std::sync::Weak<WriterGuard>>,
+    /// Where this volume's state lies in the metadata log (FORMAT.md §5c).
+    log: log::LogPos,
+    /// While [`Volume::index`] is set: the entries changed since the state the index
+    /// describes (`None`: removed), from the log and this process's commits. Every read
+    /// consults it before the index.
+    overlay: std::collections::BTreeMap<EmbedPath, Option<FileEntry>>,
 }
 
 /// How a [`Volume`] seals, verifies and syncs: options of the volume a frontend opens
@@ -68,6 +76,10 @@ pub struct VolumeOptions {
     /// When false, staged files are not fsync'd one by one: the caller makes them durable (e.g.
     /// one `syncfs`) before [`Volume::commit`]. The preload shield batches commits this way.
     pub sync_each_file: bool,
+    /// Commit through the metadata log (FORMAT.md §5c): a commit appends what it changed.
+    /// When false (the CLI's commands), every commit writes a checkpoint, so that the fspf
+    /// file alone holds the state (`addf`'s output is copied into images as one file).
+    pub log: bool,
 }
 
 impl Default for VolumeOptions {
@@ -75,6 +87,7 @@ impl Default for VolumeOptions {
         VolumeOptions {
             threads: Threads::default(),
             sync_each_file: true,
+            log: false,
         }
     }
 }
@@ -102,6 +115,8 @@ impl Volume {
             index_bytes: None,
             opts: VolumeOptions::default(),
             writer: Default::default(),
+            log: Default::default(),
+            overlay: Default::default(),
         };
         // Under the update lock: the orphan cleanup removes temporaries only while holding it.
         let _lock = FspfLock::acquire(&v.path)?;
@@ -175,6 +190,8 @@ impl Volume {
             index_bytes: Some(bytes),
             opts: VolumeOptions::default(),
             writer: Default::default(),
+            log: Default::default(),
+            overlay: Default::default(),
         })
     }
 
@@ -184,7 +201,7 @@ impl Volume {
         match (&self.index, self.index_bytes) {
             (Some(_), Some(b)) => Ok(zeroize::Zeroizing::new(b.to_vec())),
             (Some(ix), None) => {
-                let m = ix.to_metadata()?;
+                let m = self.with_overlay(ix.to_metadata()?);
                 Ok(crate::format::index::build_index(&m, self.tag)?)
             }
             (None, _) => Ok(crate::format::index::build_index(&self.meta, self.tag)?),
@@ -200,11 +217,13 @@ impl Volume {
             path: self.path.clone(),
             key: self.key.clone(),
             tag: self.tag,
-            meta: ix.to_metadata()?,
+            meta: self.with_overlay(ix.to_metadata()?),
             index: None,
             index_bytes: None,
             opts: self.opts,
             writer: Default::default(),
+            log: self.log,
+            overlay: Default::default(),
         }))
     }
 
@@ -230,9 +249,53 @@ impl Volume {
         &self.meta.files
     }
 
-    /// Paths listed at or below `path` of a parsed volume (see [`Volume::files`]).
+    /// Paths listed at or below `path`, in byte order (either backing).
     pub fn paths_below(&self, path: &EmbedPath) -> Vec<EmbedPath> {
-        self.meta.paths_below(path)
+        let Some(ix) = &self.index else {
+            return self.meta.paths_below(path);
+        };
+        let mut out: std::collections::BTreeSet<EmbedPath> = ix
+            .subtree(path)
+            .filter(|p| !matches!(self.overlay.get(*p), Some(None)))
+            .filter_map(|p| EmbedPath::from_bytes(p).ok())
+            .collect();
+        for (p, v) in self
+            .overlay
+            .range(path.clone()..)
+            .take_while(|(k, _)| k.as_bytes().starts_with(path.as_bytes()))
+            .filter(|(k, _)| k.starts_with(path))
+        {
+            if v.is_some() {
+                out.insert(p.clone());
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// The frozen index's entries with the overlay applied.
+    fn with_overlay(&self, mut m: Metadata) -> Metadata {
+        for (p, v) in &self.overlay {
+            match v {
+                Some(e) => m.files.insert(p.clone(), e.clone()),
+                None => m.files.remove(p),
+            };
+        }
+        m.generation = self.meta.generation;
+        m
+    }
+
+    /// Set (or, with `None`, remove) the entry at `path` in whichever backing holds them.
+    pub(crate) fn raw_set(&mut self, path: EmbedPath, v: Option<FileEntry>) -> Option<FileEntry> {
+        if self.index.is_some() {
+            let old = self.lookup(&path).map(|e| e.into_owned());
+            self.overlay.insert(path, v);
+            old
+        } else {
+            match v {
+                Some(e) => self.meta.files.insert(path, e),
+                None => self.meta.files.remove(&path),
+            }
+        }
     }
 
     /// Re-point kernel regions whose kernel path lies under `from` to the same place under
@@ -273,9 +336,11 @@ impl Volume {
     /// Parse the frozen index into `meta` (before any change, or a caller that needs all of
     /// it). A no-op for a volume opened from its fspf.
     pub fn ensure_loaded(&mut self) -> Result<()> {
-        if let Some(ix) = self.index.take() {
+        if let Some(ix) = &self.index {
+            let m = self.with_overlay(ix.to_metadata()?);
+            self.index = None;
             self.index_bytes = None;
-            let m = ix.to_metadata()?;
+            self.overlay.clear();
             self.meta = m;
         }
         Ok(())
@@ -284,7 +349,10 @@ impl Volume {
     /// What is listed at `path`. O(log n) for either backing.
     pub fn lookup(&self, path: &EmbedPath) -> Option<std::borrow::Cow<'_, FileEntry>> {
         match &self.index {
-            Some(ix) => ix.get(path).map(std::borrow::Cow::Owned),
+            Some(ix) => match self.overlay.get(path) {
+                Some(v) => v.as_ref().map(std::borrow::Cow::Borrowed),
+                None => ix.get(path).map(std::borrow::Cow::Owned),
+            },
             None => self.meta.files.get(path).map(std::borrow::Cow::Borrowed),
         }
     }
@@ -292,7 +360,46 @@ impl Volume {
     /// Direct children of `dir` (name, kind), in name order. O(log n + k).
     pub fn children(&self, dir: &EmbedPath) -> crate::format::view::Children<'_> {
         match &self.index {
-            Some(ix) => ix.children(dir),
+            Some(ix) => {
+                let prefix = dir.child_prefix();
+                let mut names: Vec<&[u8]> = self
+                    .overlay
+                    .range::<[u8], _>((
+                        std::ops::Bound::Included(&prefix[..]),
+                        std::ops::Bound::Unbounded,
+                    ))
+                    .map(|(k, _)| k.as_bytes())
+                    .take_while(|k| k.starts_with(&prefix))
+                    .filter_map(|k| {
+                        let rest = &k[prefix.len()..];
+                        let name = rest.split(|&c| c == b'/').next().unwrap_or_default();
+                        (!name.is_empty()).then_some(name)
+                    })
+                    .collect();
+                if names.is_empty() {
+                    return ix.children(dir);
+                }
+                names.dedup();
+                let mut out: std::collections::BTreeMap<&[u8], crate::format::view::ChildKind> =
+                    ix.children(dir).collect();
+                for name in names {
+                    let mut b = prefix.clone();
+                    b.extend_from_slice(name);
+                    let Ok(child) = EmbedPath::from_bytes(&b) else {
+                        continue;
+                    };
+                    let kind = match self.lookup(&child) {
+                        Some(e) => Some(crate::format::view::ChildKind::of(&e.kind)),
+                        None if self.has_below(&child) => Some(crate::format::view::ChildKind::Dir),
+                        None => None,
+                    };
+                    match kind {
+                        Some(k) => out.insert(name, k),
+                        None => out.remove(name),
+                    };
+                }
+                crate::format::view::Children::listed(out.into_iter().collect())
+            }
             None => self.meta.children(dir),
         }
     }
@@ -300,7 +407,23 @@ impl Volume {
     /// Is anything listed strictly below `dir`? O(log n).
     pub fn has_below(&self, dir: &EmbedPath) -> bool {
         match &self.index {
-            Some(ix) => ix.has_below(dir),
+            Some(ix) => {
+                let prefix = dir.child_prefix();
+                let mut changed = self
+                    .overlay
+                    .range::<[u8], _>((
+                        std::ops::Bound::Included(&prefix[..]),
+                        std::ops::Bound::Unbounded,
+                    ))
+                    .take_while(|(k, _)| k.as_bytes().starts_with(&prefix))
+                    .filter(|(k, _)| k.as_bytes() != prefix);
+                if changed.any(|(_, v)| v.is_some()) {
+                    return true;
+                }
+                ix.subtree(dir)
+                    .filter(|p| *p != dir.as_bytes())
+                    .any(|p| !matches!(self.overlay.get(p), Some(None)))
+            }
             None => self.meta.has_below(dir),
         }
     }
@@ -776,3 +899,6 @@ mod tests {
         assert_ne!(Volume::create(&p, true).unwrap(), t1);
     }
 }
+
+#[cfg(test)]
+mod log_tests;

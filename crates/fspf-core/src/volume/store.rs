@@ -117,7 +117,10 @@ pub fn is_fspf_internal(fspf: &Path, p: &Path) -> bool {
         .map(|n| n.as_encoded_bytes())
         .unwrap_or_default();
     n.starts_with(name.as_encoded_bytes())
-        && (n.ends_with(b".lock") || n.ends_with(b".index") || n.windows(5).any(|w| w == b".tmp-"))
+        && (n.ends_with(b".lock")
+            || n.ends_with(b".index")
+            || n.ends_with(b".log")
+            || n.windows(5).any(|w| w == b".tmp-"))
 }
 
 fn header_err(path: &Path, e: HeaderError) -> Error {
@@ -174,8 +177,19 @@ fn read_fspf(path: &Path) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// The tag on disk: the header and the last 16 bytes, not the whole file.
+/// The tag of the current state on disk: the checkpoint's, or the last complete record's of a
+/// metadata log that continues it (keyless: nothing is authenticated, FORMAT.md §5c).
 pub(crate) fn read_tag(path: &Path) -> Result<Tag> {
+    let (c, _, _, log) = super::log::read_state(path)?;
+    Ok(match log {
+        Some(b) => super::log::last_tag(&b, c),
+        None => c,
+    })
+}
+
+/// The checkpoint's tag (the fspf file's: its header and last 16 bytes, not the whole file),
+/// the file's length and its format version.
+pub(crate) fn read_checkpoint_tag(path: &Path) -> Result<(Tag, u64, u16)> {
     let (f, len) = open_fspf(path)?;
     let short = (HEADER_LEN + TAG_LEN) as u64;
     let mut bytes = vec![0u8; len.min(short) as usize];
@@ -186,8 +200,11 @@ pub(crate) fn read_tag(path: &Path) -> Result<Tag> {
             .and_then(|()| f.read_exact_at(&mut bytes[HEADER_LEN..], len - TAG_LEN as u64))
     };
     res.map_err(|e| Error::io(path, e))?;
+    let version = Header::decode(&bytes)
+        .map_err(|e| header_err(path, e))?
+        .version;
     header::tag_of(&bytes)
-        .map(Tag)
+        .map(|t| (Tag(t), len, version))
         .map_err(|e| header_err(path, e))
 }
 
@@ -205,20 +222,46 @@ pub(crate) fn absolute(path: &Path) -> PathBuf {
 
 pub(crate) fn open(path: &Path, key: Option<VolumeKey>, expected: Option<Tag>) -> Result<Volume> {
     let path = &absolute(path);
+    let mismatch = |exp: Tag, actual: Tag| Error::TagMismatch {
+        path: path.into(),
+        expected: exp.to_hex(),
+        actual: actual.to_hex(),
+    };
+    // A checkpoint written by another process between reading the fspf and its log leaves a
+    // log that no longer continues what was read: read both again.
+    for _ in 0..16 {
+        if let Some(exp) = expected {
+            // Before any decryption, as before the log existed: the keyless current tag.
+            let disk = read_tag(path)?;
+            if !crate::crypto::ct_eq(&exp.0, &disk.0) {
+                return Err(mismatch(exp, disk));
+            }
+        }
+        let mut v = open_checkpoint(path, key.clone())?;
+        if !v.catch_up()? {
+            continue;
+        }
+        if let Some(exp) = expected {
+            if !crate::crypto::ct_eq(&exp.0, &v.tag.0) {
+                return Err(mismatch(exp, v.tag));
+            }
+        }
+        return Ok(v);
+    }
+    Err(Error::Other(format!(
+        "{}: the fspf kept changing while it was read",
+        path.display()
+    )))
+}
+
+/// The checkpoint alone (the fspf file), authenticated; its log is not read.
+fn open_checkpoint(path: &Path, key: Option<VolumeKey>) -> Result<Volume> {
     let mut bytes = read_fspf(path)?;
     let h = Header::decode(&bytes).map_err(|e| header_err(path, e))?;
     let mut tag = [0u8; TAG_LEN];
     tag.copy_from_slice(&bytes[bytes.len() - TAG_LEN..]);
     let tag = Tag(tag);
-    if let Some(exp) = expected {
-        if !crate::crypto::ct_eq(&exp.0, &tag.0) {
-            return Err(Error::TagMismatch {
-                path: path.into(),
-                expected: exp.to_hex(),
-                actual: tag.to_hex(),
-            });
-        }
-    }
+    let checkpoint_len = bytes.len() as u64;
     // A caller holding a key expects a sealed fspf: an unsealed one uses the public key, so its
     // tag (even one equal to the expected tag) proves nothing and must not be accepted.
     let key = match (h.sealed, key) {
@@ -252,6 +295,13 @@ pub(crate) fn open(path: &Path, key: Option<VolumeKey>, expected: Option<Tag>) -
         index_bytes: None,
         opts: Default::default(),
         writer: Default::default(),
+        log: super::log::LogPos {
+            base: Some(tag),
+            end: 0,
+            checkpoint_len,
+            checkpoint_version: h.version,
+        },
+        overlay: Default::default(),
     })
 }
 
@@ -318,7 +368,7 @@ pub fn sync_filesystems<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> Result<
     Ok(())
 }
 
-fn write_temp(v: &Volume) -> Result<(PathBuf, Tag)> {
+fn write_temp(v: &Volume) -> Result<(PathBuf, Tag, u64)> {
     let (bytes, tag) = seal(v)?;
     let mut rnd = [0u8; 6];
     crate::crypto::random_bytes(&mut rnd)?;
@@ -350,7 +400,20 @@ fn write_temp(v: &Volume) -> Result<(PathBuf, Tag)> {
         let _ = fs::remove_file(&tmp);
         return Err(Error::io(&tmp, e));
     }
-    Ok((tmp, tag))
+    Ok((tmp, tag, bytes.len() as u64))
+}
+
+/// After a checkpoint with tag `tag` of `len` bytes replaced the fspf: the log is stale (its
+/// header names the old checkpoint) and is removed; the next commit starts a new one.
+fn checkpointed(v: &mut Volume, tag: Tag, len: u64) {
+    v.tag = tag;
+    v.log = super::log::LogPos {
+        base: Some(tag),
+        end: 0,
+        checkpoint_len: len,
+        checkpoint_version: CURRENT_VERSION,
+    };
+    let _ = fs::remove_file(super::log::log_path(&v.path));
 }
 
 /// Replace `path` atomically and durably by `content` (temp file beside it, fsync, rename,
@@ -390,7 +453,7 @@ pub fn replace_file(path: &Path, content: &[u8], mode: u32) -> Result<()> {
 /// the new tag after the temp file is durable and before the rename (the commit point), so a
 /// trust anchor can hold both tags across a crash in the window; if it fails, nothing changes.
 pub(crate) fn write(v: &mut Volume, announce: &mut dyn FnMut(Tag) -> Result<()>) -> Result<()> {
-    let (tmp, tag) = write_temp(v)?;
+    let (tmp, tag, len) = write_temp(v)?;
     if let Err(e) = announce(tag) {
         let _ = fs::remove_file(&tmp);
         return Err(e);
@@ -400,7 +463,7 @@ pub(crate) fn write(v: &mut Volume, announce: &mut dyn FnMut(Tag) -> Result<()>)
         return Err(Error::io(&v.path, e));
     }
     sync_dir(&v.path)?;
-    v.tag = tag;
+    checkpointed(v, tag, len);
     Ok(())
 }
 
@@ -409,7 +472,7 @@ pub(crate) fn write_new(v: &mut Volume, force: bool) -> Result<()> {
     if force {
         return write(v, &mut |_| Ok(()));
     }
-    let (tmp, tag) = write_temp(v)?;
+    let (tmp, tag, len) = write_temp(v)?;
     let r = fs::hard_link(&tmp, &v.path);
     let _ = fs::remove_file(&tmp);
     match r {
@@ -423,7 +486,7 @@ pub(crate) fn write_new(v: &mut Volume, force: bool) -> Result<()> {
         Err(e) => return Err(Error::io(&v.path, e)),
     }
     sync_dir(&v.path)?;
-    v.tag = tag;
+    checkpointed(v, tag, len);
     Ok(())
 }
 

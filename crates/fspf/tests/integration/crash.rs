@@ -602,8 +602,13 @@ fn full_disk(fspf_on_it: bool) {
     anchor.tag = tag.trim().to_string();
     if fspf_on_it {
         // The checks below read `env`'s fspf path (fspf refuses a symlinked fspf.pb): copy the
-        // fspf the run left on the full file system back there (the region has no outboards).
+        // fspf the run left on the full file system back there (the region has no outboards),
+        // with its metadata log.
         fs::copy(small.dir.join("fspf.pb"), env.fspf_path()).expect("copy the fspf back");
+        if small.dir.join("fspf.pb.log").exists() {
+            fs::copy(small.dir.join("fspf.pb.log"), env.path("fspf.pb.log"))
+                .expect("copy the log back");
+        }
     }
     if let Err(e) = verify(&env, &anchor) {
         panic!("after the full disk, verify fails under the run's final tag:\n{e}\nwriter stderr: {stderr}");

@@ -232,12 +232,12 @@ fn fuse_tampered_files_fail_with_eio_and_unlisted_files_are_not_there() {
 #[test]
 fn fuse_mount_refuses_a_rolled_back_fspf() {
     let mut m = Mounted::new(true);
-    let old = m.env.read("fspf.pb");
+    let old = m.env.fspf_state();
     let old_tag = m.tag.clone();
     fs::write(m.m("data/new.txt"), "new\n").unwrap();
     m.umount();
     assert_ne!(m.tag, old_tag);
-    fs::write(m.env.path("fspf.pb"), old).unwrap();
+    m.env.restore_fspf_state(&old);
     let o = m.env.run([
         "mount",
         "fspf.pb",

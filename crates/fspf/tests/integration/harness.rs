@@ -73,6 +73,24 @@ impl Env {
         self.dir.path().join(rel)
     }
 
+    /// The fspf's whole state on disk: the checkpoint `fspf.pb` and its metadata log
+    /// `fspf.pb.log`, if any (FORMAT.md §5c). What an attacker rolls back.
+    pub fn fspf_state(&self) -> (Vec<u8>, Option<Vec<u8>>) {
+        let log = self.path("fspf.pb.log");
+        (self.read("fspf.pb"), fs::read(log).ok())
+    }
+
+    /// Put back a state taken by [`Env::fspf_state`] (a rollback of fspf and log together).
+    pub fn restore_fspf_state(&self, (pb, log): &(Vec<u8>, Option<Vec<u8>>)) {
+        fs::write(self.fspf_path(), pb).unwrap();
+        match log {
+            Some(l) => fs::write(self.path("fspf.pb.log"), l).unwrap(),
+            None => {
+                let _ = fs::remove_file(self.path("fspf.pb.log"));
+            }
+        }
+    }
+
     /// The default protection file of this test.
     pub fn fspf_path(&self) -> PathBuf {
         self.path("fspf.pb")

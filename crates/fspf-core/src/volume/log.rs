@@ -1,0 +1,394 @@
+//! The metadata log `FSPF.log` (FORMAT.md §5c): a commit of a sealed fspf appends one sealed
+//! record holding the entries it changed, chained to the tag of the state before it, instead of
+//! re-sealing every entry. The fspf file itself is the *checkpoint*; the current state is the
+//! checkpoint with the log's records applied in order, and its tag (the trust anchor) is the
+//! last record's GCM tag. When the log outgrows a fraction of the checkpoint, the next commit
+//! writes a new checkpoint instead (the whole fspf, as every commit did before), which makes the
+//! old log stale: its header names the old checkpoint's tag.
+use super::kernel_fs;
+use super::Volume;
+use crate::crypto::{self, AeadKey, Tag, VolumeKey, NONCE_LEN, TAG_LEN};
+use crate::error::{Error, Result};
+use crate::format::header::{MAX_FSPF_LEN, VERSION_3};
+use crate::format::log::{self as framing, Frame, LOG_HEADER_LEN};
+use crate::format::metadata::{entry_from_pb, entry_to_pb, FileEntry, LogRecordPb};
+use crate::policy::EmbedPath;
+use prost::Message;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+const INFO: &[u8] = b"fspf v3 metadata log";
+/// The log may grow to this many bytes whatever the checkpoint's size.
+pub const LOG_MIN_LIMIT: u64 = 128 << 10;
+
+/// Where a volume's state lies in the log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct LogPos {
+    /// Tag of the checkpoint (the fspf file) the log continues; `None` until known (a volume
+    /// over a frozen index that has not caught up yet).
+    pub base: Option<Tag>,
+    /// Offset just after the record whose tag is the volume's tag ([`LOG_HEADER_LEN`] at the
+    /// checkpoint itself); 0 while no log continues `base` (the next append writes the header).
+    pub end: u64,
+    /// Length of the checkpoint file (the log is compacted relative to it).
+    pub checkpoint_len: u64,
+    /// Format version of the checkpoint: only a version-3 checkpoint is continued by a log
+    /// (an older reader would not see the log, FORMAT.md §8).
+    pub checkpoint_version: u16,
+}
+
+/// `FSPF.log` beside `fspf`.
+pub fn log_path(fspf: &Path) -> PathBuf {
+    let mut n = fspf
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    n.push(".log");
+    fspf.with_file_name(n)
+}
+
+fn log_key(vk: &VolumeKey) -> Result<AeadKey> {
+    let mut k = zeroize::Zeroizing::new([0u8; 32]);
+    crypto::hkdf_sha256(vk.as_bytes(), b"", INFO, &mut k[..])?;
+    AeadKey::new(&k[..])
+}
+
+/// Largest log a commit appends to before it writes a checkpoint instead: an eighth of the
+/// checkpoint, at least [`LOG_MIN_LIMIT`]. Replaying the log then costs at most about that
+/// fraction of parsing the checkpoint, and the checkpoints' cost spread over the commits that
+/// filled the log is a constant factor of what those commits wrote.
+pub fn log_limit(checkpoint_len: u64) -> u64 {
+    (checkpoint_len / 8).max(LOG_MIN_LIMIT)
+}
+
+/// The bytes of the log if there is one and it continues the checkpoint with tag `base`
+/// (`None`: no log, or a stale one left by an earlier checkpoint).
+pub(crate) fn read_log(fspf: &Path, base: &Tag) -> Result<Option<Vec<u8>>> {
+    let p = log_path(fspf);
+    let f = match kernel_fs::open_regular_path(&p) {
+        Ok(f) => f,
+        Err(kernel_fs::OpenError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(None)
+        }
+        Err(kernel_fs::OpenError::Io(e)) if kernel_fs::is_symlink_refusal(&e) => {
+            return Err(Error::NotRegular {
+                path: p.display().to_string(),
+                kind: "symbolic link",
+            })
+        }
+        Err(kernel_fs::OpenError::NotRegular(kind)) => {
+            return Err(Error::NotRegular {
+                path: p.display().to_string(),
+                kind,
+            })
+        }
+        Err(kernel_fs::OpenError::Io(e)) => return Err(Error::io(&p, e)),
+    };
+    let len = f.metadata().map_err(|e| Error::io(&p, e))?.len();
+    if len > MAX_FSPF_LEN {
+        return Err(Error::FspfTooLarge {
+            path: p,
+            len,
+            max: MAX_FSPF_LEN,
+        });
+    }
+    let mut b = Vec::with_capacity(len as usize);
+    f.take(len)
+        .read_to_end(&mut b)
+        .map_err(|e| Error::io(&p, e))?;
+    Ok((framing::parse_header(&b) == Some(*base)).then_some(b))
+}
+
+/// The checkpoint (tag, length, version) and the bytes of the log that continues it, read as
+/// one consistent pair: a checkpoint written by another process between the two reads (which
+/// replaces the fspf, then removes the log) is noticed by reading the checkpoint's tag again,
+/// and both are read anew. Logs are only read for version-3 checkpoints.
+pub(crate) fn read_state(fspf: &Path) -> Result<(Tag, u64, u16, Option<Vec<u8>>)> {
+    let mut last = None;
+    for _ in 0..64 {
+        let (c, len, version) = super::store::read_checkpoint_tag(fspf)?;
+        if version < VERSION_3 {
+            return Ok((c, len, version, None));
+        }
+        let log = read_log(fspf, &c)?;
+        let again = super::store::read_checkpoint_tag(fspf)?;
+        if again == (c, len, version) {
+            return Ok((c, len, version, log));
+        }
+        last = Some(again.0);
+    }
+    Err(Error::Other(format!(
+        "{}: the fspf kept changing while it was read (last tag {})",
+        fspf.display(),
+        last.map(|t| t.to_hex()).unwrap_or_default()
+    )))
+}
+
+/// The tag of the last complete record of a log (keyless: framing and checks only), or `base`.
+pub(crate) fn last_tag(bytes: &[u8], base: Tag) -> Tag {
+    framing::frames(bytes, LOG_HEADER_LEN)
+        .last()
+        .map_or(base, |f| f.tag)
+}
+
+/// One authenticated record: what it changes, the tag after it, and where it ends.
+struct Opened {
+    removed: Vec<EmbedPath>,
+    put: Vec<(EmbedPath, FileEntry)>,
+    generation: u64,
+    tag: Tag,
+    end: u64,
+}
+
+impl Volume {
+    /// Bring this volume to the state on disk by applying the log records after its own
+    /// state, each authenticated and chained to the one before (O(records applied)). Returns
+    /// `false`, changing nothing, when its state is not in the log on disk (a checkpoint was
+    /// written since, or the fspf was replaced or rolled back): the caller opens the fspf anew,
+    /// with the tag checks of [`Volume::open`]. A complete record that fails authentication is
+    /// an error ([`Error::LogDamaged`]); nothing is applied then.
+    pub fn catch_up(&mut self) -> Result<bool> {
+        let (c, cp_len, version, bytes) = read_state(&self.path)?;
+        let Some(key) = self
+            .key
+            .clone()
+            .filter(|_| self.log_enabled() && version >= VERSION_3)
+        else {
+            if c == self.tag {
+                self.log = LogPos {
+                    base: Some(c),
+                    end: 0,
+                    checkpoint_len: cp_len,
+                    checkpoint_version: version,
+                };
+            }
+            return Ok(c == self.tag);
+        };
+        let from = if self.tag == c {
+            LOG_HEADER_LEN as u64
+        } else {
+            let Some(b) = &bytes else {
+                return Ok(false);
+            };
+            let end = self.log.end as usize;
+            let ours = self.log.base == Some(c)
+                && end >= LOG_HEADER_LEN + framing::RECORD_OVERHEAD
+                && b.get(end - 24..end - 8) == Some(&self.tag.0[..]);
+            if ours {
+                self.log.end
+            } else {
+                match framing::frames(b, LOG_HEADER_LEN).find(|f| f.tag == self.tag) {
+                    Some(f) => f.end as u64,
+                    None => return Ok(false),
+                }
+            }
+        };
+        let has_log = bytes.is_some();
+        let opened = match bytes {
+            Some(mut b) => self.open_records(&key, &mut b, from, self.tag)?,
+            None => Vec::new(),
+        };
+        let end = match opened.last() {
+            Some(o) => o.end,
+            // No log continues the checkpoint: the next append writes its header.
+            None if !has_log => 0,
+            None => from,
+        };
+        for o in opened {
+            for p in o.removed {
+                self.raw_set(p, None);
+            }
+            for (p, e) in o.put {
+                self.raw_set(p, Some(e));
+            }
+            self.meta.generation = o.generation;
+            self.tag = o.tag;
+        }
+        self.log = LogPos {
+            base: Some(c),
+            end,
+            checkpoint_len: cp_len,
+            checkpoint_version: version,
+        };
+        Ok(true)
+    }
+
+    /// The records of `bytes` from `from` on, chained from `prev`, opened and checked.
+    fn open_records(
+        &self,
+        key: &VolumeKey,
+        bytes: &mut [u8],
+        from: u64,
+        mut prev: Tag,
+    ) -> Result<Vec<Opened>> {
+        let frames: Vec<Frame> = framing::frames(bytes, from as usize).collect();
+        if frames.is_empty() {
+            return Ok(Vec::new());
+        }
+        let k = log_key(key)?;
+        let path = log_path(&self.path);
+        let damaged = |f: &Frame, reason: String| Error::LogDamaged {
+            path: path.clone(),
+            offset: f.start as u64,
+            reason,
+        };
+        let mut out = Vec::with_capacity(frames.len());
+        for f in frames {
+            let aad = framing::aad(&prev, f.n);
+            let sealed = &mut bytes[f.sealed()];
+            let n = k.open(f.nonce, &aad, sealed).ok_or_else(|| {
+                damaged(
+                    &f,
+                    "a record fails authentication: modified, reordered, replayed or forked".into(),
+                )
+            })?;
+            let rec = LogRecordPb::decode(&sealed[..n]);
+            zeroize::Zeroize::zeroize(&mut sealed[..n]);
+            let rec = rec.map_err(|e| damaged(&f, e.to_string()))?;
+            let mut removed = Vec::with_capacity(rec.removed.len());
+            for p in rec.removed {
+                removed.push(EmbedPath::from_bytes(&p).map_err(|e| damaged(&f, e.to_string()))?);
+            }
+            let mut put = Vec::with_capacity(rec.put.len());
+            for e in rec.put {
+                put.push(entry_from_pb(e, &self.meta.regions).map_err(|e| damaged(&f, e))?);
+            }
+            out.push(Opened {
+                removed,
+                put,
+                generation: rec.generation,
+                tag: f.tag,
+                end: f.end as u64,
+            });
+            prev = f.tag;
+        }
+        Ok(out)
+    }
+
+    /// Does this volume commit through the log? Only sealed fspfs do (the log is keyed by the
+    /// volume key; an unsealed fspf is rewritten whole, as before).
+    pub(crate) fn log_enabled(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// Would a record of about `len` bytes still fit in the log before the next checkpoint?
+    pub(crate) fn log_has_room(&self, len: u64) -> bool {
+        let at = self.log.end.max(LOG_HEADER_LEN as u64);
+        len as usize <= framing::MAX_RECORD
+            && self.log.base.is_some()
+            && self.log.checkpoint_version >= VERSION_3
+            && at + len + framing::RECORD_OVERHEAD as u64 <= log_limit(self.log.checkpoint_len)
+    }
+
+    /// Append the record of a commit that changed the entries at `touched` (their current
+    /// values are recorded; a path no longer listed as removed). `announce` learns the new tag
+    /// before the commit point, which is the record being durable (fdatasync).
+    pub(crate) fn append_log(
+        &mut self,
+        touched: &std::collections::BTreeSet<EmbedPath>,
+        announce: &mut dyn FnMut(Tag) -> Result<()>,
+    ) -> Result<()> {
+        let key = self.key.clone().ok_or(Error::KeyRequired {
+            path: self.path.clone(),
+        })?;
+        let base = self
+            .log
+            .base
+            .ok_or_else(|| Error::Other("log position unknown".into()))?;
+        let mut rec = LogRecordPb {
+            generation: self.meta.generation,
+            ..Default::default()
+        };
+        for p in touched {
+            match self.lookup(p) {
+                Some(e) => rec.put.push(entry_to_pb(p, &e)),
+                None => rec.removed.push(p.as_bytes().to_vec()),
+            }
+        }
+        let mut body = zeroize::Zeroizing::new(rec.encode_to_vec());
+        let n =
+            u32::try_from(body.len()).map_err(|_| Error::Other("log record too large".into()))?;
+        let mut nonce = [0u8; NONCE_LEN];
+        crypto::random_bytes(&mut nonce)?;
+        let tag = log_key(&key)?.seal(nonce, &framing::aad(&self.tag, n), &mut body)?;
+        let mut sealed = std::mem::take(&mut *body);
+        sealed.extend_from_slice(&tag);
+        let record = framing::encode_record(&nonce, &sealed);
+        debug_assert_eq!(
+            record.len(),
+            sealed.len() - TAG_LEN + framing::RECORD_OVERHEAD
+        );
+        announce(Tag(tag))?;
+        let p = log_path(&self.path);
+        let (f, created) = open_log_rw(&p)?;
+        if created {
+            // The log is readable by whoever may read the fspf (a run's processes that change
+            // uid; regression `a_commit_made_the_fspf_0600_and_locked_out_the_other_users`).
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::symlink_metadata(&self.path)
+                .map_or(0o600, |m| m.permissions().mode() & 0o666);
+            if mode != 0o600 {
+                f.set_permissions(std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| Error::io(&p, e))?;
+            }
+        }
+        let (at, bytes) = if self.log.end == 0 || created {
+            let mut b = framing::header(&base).to_vec();
+            b.extend_from_slice(&record);
+            (0, b)
+        } else {
+            (self.log.end, record)
+        };
+        let new_end = at + bytes.len() as u64;
+        let res = f
+            .write_all_at(&bytes, at)
+            .and_then(|()| f.set_len(new_end))
+            .and_then(|()| f.sync_data());
+        if let Err(e) = res {
+            // Best effort: no half-written or unsynced record stays visible as the state.
+            if self.log.end > 0 && !created {
+                let _ = f.set_len(self.log.end);
+            } else {
+                let _ = f.set_len(0);
+            }
+            return Err(Error::io(&p, e));
+        }
+        if created {
+            super::store::sync_dir(&p)?;
+        }
+        self.tag = Tag(tag);
+        self.log.end = new_end;
+        Ok(())
+    }
+}
+
+/// Open (create) the log for writing: never through a symlink, only a regular file. Returns
+/// whether it was created.
+fn open_log_rw(p: &Path) -> Result<(File, bool)> {
+    let open = |create_new: bool| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(create_new)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(p)
+    };
+    let (fd, created) = match open(true) {
+        Ok(f) => (f, true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            (open(false).map_err(|e| Error::io(p, e))?, false)
+        }
+        Err(e) => return Err(Error::io(p, e)),
+    };
+    let f = kernel_fs::require_regular(fd.into()).map_err(|e| match e {
+        kernel_fs::OpenError::NotRegular(kind) => Error::NotRegular {
+            path: p.display().to_string(),
+            kind,
+        },
+        kernel_fs::OpenError::Io(e) => Error::io(p, e),
+    })?;
+    Ok((f, created))
+}

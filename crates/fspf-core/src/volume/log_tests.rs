@@ -1,0 +1,294 @@
+//! The metadata log (FORMAT.md §5c): commits append records; every way of tampering with the
+//! log is detected; a volume over a frozen index with the log applied reads as a parsed one.
+use super::*;
+use crate::format::log::{frames, LOG_HEADER_LEN};
+use crate::format::metadata::FileEntry;
+use std::fs;
+
+struct Fx {
+    _d: tempfile::TempDir,
+    p: PathBuf,
+    key: VolumeKey,
+}
+
+fn p(s: &str) -> EmbedPath {
+    EmbedPath::parse(s).unwrap()
+}
+
+fn dir() -> FileEntry {
+    FileEntry {
+        kind: FileKind::Dir,
+        mode: 0o755,
+        mtime_ns: 1,
+        ctime_ns: 1,
+        owner: None,
+        ino: None,
+    }
+}
+
+fn logging(mut v: Volume) -> Volume {
+    let mut o = v.options();
+    o.log = true;
+    v.set_options(o);
+    v
+}
+
+impl Fx {
+    fn new() -> (Fx, Volume) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("fspf.pb");
+        let mut v = encrypted_root_volume(&p, &d.path().join("vol"));
+        let (t, key) = v.encrypt().unwrap();
+        let v = Volume::open(&p, Some(key.clone()), Some(t)).unwrap();
+        (Fx { _d: d, p, key }, logging(v))
+    }
+    fn open(&self, t: Tag) -> Result<Volume> {
+        Volume::open(&self.p, Some(self.key.clone()), Some(t)).map(logging)
+    }
+    fn log(&self) -> PathBuf {
+        log_path(&self.p)
+    }
+}
+
+fn mkdir(v: &mut Volume, path: &str) -> Tag {
+    let t = v.tag();
+    v.commit(vec![Change::PutEntry(p(path), dir())], Some(t))
+        .unwrap()
+}
+
+#[test]
+fn a_commit_appends_one_small_record_and_the_last_record_is_the_tag() {
+    let (fx, mut v) = Fx::new();
+    let checkpoint = fs::read(&fx.p).unwrap();
+    let t1 = mkdir(&mut v, "/a");
+    let len1 = fs::metadata(fx.log()).unwrap().len();
+    let t2 = mkdir(&mut v, "/a/b");
+    let len2 = fs::metadata(fx.log()).unwrap().len();
+    // The checkpoint is untouched; the log holds a header and two records of ~100 bytes.
+    assert_eq!(fs::read(&fx.p).unwrap(), checkpoint);
+    let rec = len2 - len1;
+    assert!((40..200).contains(&rec), "one directory entry: {rec} bytes");
+    assert_eq!(len1, LOG_HEADER_LEN as u64 + rec - 2, "{len1} {rec}");
+    assert_eq!(Volume::read_tag(&fx.p).unwrap(), t2);
+    assert_ne!(t1, t2);
+    let w = fx.open(t2).unwrap();
+    assert!(w.lookup(&p("/a/b")).is_some() && w.generation() == v.generation());
+    // The previous state is a rollback now.
+    assert!(matches!(fx.open(t1), Err(Error::TagMismatch { .. })));
+}
+
+#[test]
+fn the_log_is_compacted_into_a_checkpoint_when_full() {
+    let (fx, mut v) = Fx::new();
+    let before = fs::read(&fx.p).unwrap();
+    let mut t = v.tag();
+    let mut n = 0;
+    // Each record ~100 bytes: the 128 KiB floor is passed within ~1 500 commits.
+    while fs::read(&fx.p).unwrap() == before {
+        n += 1;
+        t = mkdir(&mut v, &format!("/d{n:05}"));
+        assert!(n < 5000, "no checkpoint after {n} commits");
+    }
+    assert!(n > 500, "checkpoint after only {n} commits");
+    // The commit that checkpointed removed the log; the next starts a new one.
+    assert!(!fx.log().exists());
+    let w = fx.open(t).unwrap();
+    assert_eq!(w.paths_below(&EmbedPath::root()).len(), n);
+    let t = mkdir(&mut v, "/after");
+    assert!(fx.log().exists());
+    assert_eq!(
+        fx.open(t).unwrap().paths_below(&EmbedPath::root()).len(),
+        n + 1
+    );
+}
+
+/// Three commits after the checkpoint; returns the tags and the log's bytes.
+fn three(fx: &Fx, v: &mut Volume) -> ([Tag; 3], Vec<u8>) {
+    let a = mkdir(v, "/x");
+    let b = mkdir(v, "/y");
+    let c = mkdir(v, "/z");
+    let _ = fx;
+    ([a, b, c], fs::read(fx.log()).unwrap())
+}
+
+fn records(log: &[u8]) -> Vec<std::ops::Range<usize>> {
+    frames(log, LOG_HEADER_LEN)
+        .map(|f| f.start..f.end)
+        .collect()
+}
+
+/// Recompute a record's keyless check after changing it, as an attacker would.
+fn fix_check(log: &mut [u8], r: std::ops::Range<usize>) {
+    let body = r.end - 8;
+    let h = blake3::hash(&log[r.start..body]);
+    log[body..r.end].copy_from_slice(&h.as_bytes()[..8]);
+}
+
+#[test]
+fn a_truncated_removed_or_older_log_is_a_rollback() {
+    let (fx, mut v) = Fx::new();
+    let ([_, b, c], log) = three(&fx, &mut v);
+    let r = records(&log);
+    // Truncated by one record: the state is b's, refused for c.
+    fs::write(fx.log(), &log[..r[2].start]).unwrap();
+    assert!(matches!(fx.open(c), Err(Error::TagMismatch { .. })));
+    assert_eq!(Volume::read_tag(&fx.p).unwrap(), b);
+    // Torn inside the last record (a crash): the same, and b's state still opens.
+    fs::write(fx.log(), &log[..r[2].end - 3]).unwrap();
+    assert!(matches!(fx.open(c), Err(Error::TagMismatch { .. })));
+    assert!(fx.open(b).is_ok());
+    // Removed: the checkpoint's state.
+    fs::remove_file(fx.log()).unwrap();
+    assert!(matches!(fx.open(c), Err(Error::TagMismatch { .. })));
+    fs::write(fx.log(), &log).unwrap();
+    assert!(fx.open(c).is_ok());
+}
+
+#[test]
+fn a_flipped_reordered_replayed_or_forked_record_is_detected() {
+    let (fx, mut v) = Fx::new();
+    let ([a, _, c], log) = three(&fx, &mut v);
+    let r = records(&log);
+    // Refused given the trusted tag (by the keyless tag check or the chain); and the chain
+    // itself refuses it even to a reader that trusts whatever is on disk (no tag given).
+    let damaged = |bytes: &[u8], trusted: Tag| {
+        fs::write(fx.log(), bytes).unwrap();
+        let e = fx.open(trusted).unwrap_err();
+        assert!(
+            matches!(e, Error::LogDamaged { .. } | Error::TagMismatch { .. }),
+            "{e}"
+        );
+        assert!(e.is_integrity(), "{e}");
+        Volume::open(&fx.p, Some(fx.key.clone()), None).unwrap_err()
+    };
+    // A flipped ciphertext byte, check recomputed: fails authentication.
+    let mut bad = log.clone();
+    bad[r[1].start + 20] ^= 1;
+    fix_check(&mut bad, r[1].clone());
+    assert!(matches!(damaged(&bad, c), Error::LogDamaged { .. }));
+    // Records 2 and 3 swapped.
+    let mut bad = log[..r[1].start].to_vec();
+    bad.extend_from_slice(&log[r[2].clone()]);
+    bad.extend_from_slice(&log[r[1].clone()]);
+    assert!(matches!(damaged(&bad, c), Error::LogDamaged { .. }));
+    // Record 2 replayed at the end.
+    let mut bad = log.clone();
+    bad.extend_from_slice(&log[r[1].clone()]);
+    assert!(matches!(damaged(&bad, c), Error::LogDamaged { .. }));
+    // A fork: another writer continues state a (the log cut back to it) with its own record.
+    fs::write(fx.log(), &log[..r[0].end]).unwrap();
+    let mut other = fx.open(a).unwrap();
+    let fork_tag = mkdir(&mut other, "/fork");
+    let forked = fs::read(fx.log()).unwrap();
+    let fork_rec = &forked[r[0].end..];
+    // Both continuations in one log: the second does not follow the first.
+    let mut bad = log.clone();
+    bad.extend_from_slice(fork_rec);
+    assert!(matches!(damaged(&bad, c), Error::LogDamaged { .. }));
+    // The fork alone, given the tag the run trusts (c): refused as a rollback.
+    fs::write(fx.log(), &forked).unwrap();
+    assert!(matches!(fx.open(c), Err(Error::TagMismatch { .. })));
+    assert!(
+        fx.open(fork_tag).is_ok(),
+        "the fork is a valid state of its own tag"
+    );
+    // A log made for another checkpoint is stale: ignored, the checkpoint's state shows.
+    let mut stale = log.clone();
+    stale[8] ^= 1;
+    fs::write(fx.log(), &stale).unwrap();
+    assert!(matches!(fx.open(c), Err(Error::TagMismatch { .. })));
+    fs::write(fx.log(), &log).unwrap();
+    assert!(fx.open(c).is_ok());
+}
+
+#[test]
+fn a_commit_after_a_torn_append_overwrites_the_torn_record() {
+    let (fx, mut v) = Fx::new();
+    let ([_, b, _], log) = three(&fx, &mut v);
+    let r = records(&log);
+    fs::write(fx.log(), &log[..r[2].end - 5]).unwrap();
+    let mut w = fx.open(b).unwrap();
+    let t = mkdir(&mut w, "/after-crash");
+    let now = fs::read(fx.log()).unwrap();
+    assert_eq!(records(&now).len(), 3);
+    assert_eq!(&now[..r[2].start], &log[..r[2].start]);
+    let o = fx.open(t).unwrap();
+    assert!(o.lookup(&p("/after-crash")).is_some() && o.lookup(&p("/z")).is_none());
+}
+
+#[test]
+fn a_volume_over_an_index_with_the_log_applied_reads_as_the_parsed_volume() {
+    let (fx, mut v) = Fx::new();
+    for d in ["/a", "/a/b", "/a/b/c", "/a-b", "/e", "/e/f", "/g"] {
+        mkdir(&mut v, d);
+    }
+    let bytes: &'static [u8] = Box::leak(v.build_index().unwrap().to_vec().into_boxed_slice());
+    // Changes after the index's state: removals (of a subtree too), renames, additions.
+    let t0 = v.tag();
+    v.commit(
+        vec![
+            Change::Remove(p("/a/b")),
+            Change::Rename {
+                from: p("/e"),
+                to: p("/a/e"),
+            },
+            Change::PutEntry(p("/g/h/i"), dir()),
+            Change::PutEntry(p("/new"), dir()),
+        ],
+        Some(t0),
+    )
+    .unwrap();
+    let t = mkdir(&mut v, "/a/e/f/k");
+    let mut ix = logging(Volume::from_index(&fx.p, Some(fx.key.clone()), bytes).unwrap());
+    assert!(ix.catch_up().unwrap());
+    assert_eq!(ix.tag(), t);
+    assert!(ix.is_indexed());
+    let parsed = fx.open(t).unwrap();
+    let check = |ix: &Volume, parsed: &Volume| {
+        let all = parsed.paths_below(&EmbedPath::root());
+        assert_eq!(ix.paths_below(&EmbedPath::root()), all);
+        let mut probe: Vec<EmbedPath> = all.clone();
+        for x in ["/", "/a/b", "/a/b/c", "/e", "/g/h", "/zz", "/a-b"] {
+            probe.push(p(x));
+        }
+        for q in &probe {
+            assert_eq!(ix.lookup(q), parsed.lookup(q), "{q}");
+            assert_eq!(ix.has_below(q), parsed.has_below(q), "{q}");
+            assert_eq!(
+                ix.children(q).collect::<Vec<_>>(),
+                parsed.children(q).collect::<Vec<_>>(),
+                "{q}"
+            );
+            assert_eq!(ix.paths_below(q), parsed.paths_below(q), "{q}");
+        }
+    };
+    check(&ix, &parsed);
+    // The indexed volume commits through the log without parsing the index.
+    let t2 = {
+        let t = ix.tag();
+        ix.commit(
+            vec![Change::Remove(p("/a")), Change::PutEntry(p("/z"), dir())],
+            Some(t),
+        )
+        .unwrap()
+    };
+    assert!(ix.is_indexed(), "a logged commit keeps the index");
+    let parsed = fx.open(t2).unwrap();
+    check(&ix, &parsed);
+    // A parsed copy of the indexed volume equals the parsed volume.
+    ix.ensure_loaded().unwrap();
+    assert_eq!(ix.files(), parsed.files());
+}
+
+/// Regression (pjdfstest under `fspf run`, after the metadata log): the log was created 0600
+/// whatever the fspf's mode, so the run's processes that drop to another uid could no longer
+/// read the state their run committed.
+#[test]
+fn the_log_was_created_0600_and_locked_out_the_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let (fx, mut v) = Fx::new();
+    fs::set_permissions(&fx.p, fs::Permissions::from_mode(0o644)).unwrap();
+    mkdir(&mut v, "/a");
+    let m = fs::metadata(fx.log()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(m, 0o644);
+}
