@@ -1,4 +1,4 @@
-//! Frozen fixtures of every format version (`testdata/fspf/v1/`, `v2/`, never regenerated): the
+//! Frozen fixtures of every format version (`testdata/fspf/v1/`, `v2/`, `v3/`, never regenerated): the
 //! good tree must keep opening with its recorded key and tag and serve the same plaintext; every
 //! `broken/<defect>/` copy must keep failing, in the way its name says.
 //!
@@ -296,6 +296,79 @@ fn every_broken_v2_copy_fails_as_its_name_says() {
         let e = read(&v, "/enc/big").unwrap_err();
         assert!(matches!(e, Error::TreeSize { actual: 0, .. }), "{e}");
     });
+    checked.sort();
+    assert_eq!(checked, seen, "every broken copy has a check");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Format v3: a checkpoint and a metadata log of four commits (FORMAT.md §5c).
+
+#[test]
+fn v3_fixture_opens_its_checkpoint_and_log_and_serves_the_same_plaintext() {
+    let dir = fixture_dir_of(3);
+    let (_, tag) = keytag_of(3);
+    assert_eq!(Volume::read_tag(&dir.join("fspf.pb")).unwrap(), tag);
+    let v = open_of(3, &dir).expect("v3 fixture must stay readable");
+    assert_eq!(
+        read(&v, "/enc/a.txt").unwrap(),
+        b"first commit\nsecond commit\n"
+    );
+    assert_eq!(read(&v, "/enc/d/c.txt").unwrap(), b"in a directory\n");
+    assert_eq!(read(&v, "/enc/e.txt").unwrap(), b"third commit\n");
+    assert!(v
+        .entry(&EmbedPath::parse("/enc/d/b.txt").unwrap())
+        .is_none());
+    let findings = v.verify();
+    assert!(findings.is_empty(), "{findings:?}");
+    // The second run's tag names an older state: refused as a rollback.
+    let older = std::fs::read_to_string(dir.join(".older-tag")).unwrap();
+    let (key, _) = keytag_of(3);
+    let e = Volume::open(
+        &dir.join("fspf.pb"),
+        Some(key),
+        Some(Tag::from_hex(older.trim()).unwrap()),
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::TagMismatch { .. }), "{e}");
+}
+
+#[test]
+fn every_broken_v3_copy_fails_as_its_name_says() {
+    let broken = fixture_dir_of(3).join("broken");
+    let mut seen: Vec<String> = std::fs::read_dir(&broken)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    seen.sort();
+    let mut checked = Vec::new();
+    let mut case = |name: &str, check: &dyn Fn(&Path)| {
+        check(&broken.join(name));
+        checked.push(name.to_string());
+    };
+    let rollback = |d: &Path| {
+        let e = open_of(3, d).unwrap_err();
+        assert!(matches!(e, Error::TagMismatch { .. }), "{e}");
+    };
+    // Damaged records are refused by the chain even when no tag is given.
+    let damaged = |d: &Path| {
+        let (key, _) = keytag_of(3);
+        let e = Volume::open(&d.join("fspf.pb"), Some(key), None).unwrap_err();
+        assert!(matches!(e, Error::LogDamaged { .. }), "{e}");
+        assert!(open_of(3, d).is_err());
+    };
+    case("log_rolled_back", &|d| {
+        rollback(d);
+        // It is the state of the second run, valid under its own (older) tag.
+        let (key, _) = keytag_of(3);
+        let older = std::fs::read_to_string(fixture_dir_of(3).join(".older-tag")).unwrap();
+        let t = Tag::from_hex(older.trim()).unwrap();
+        assert!(Volume::open(&d.join("fspf.pb"), Some(key), Some(t)).is_ok());
+    });
+    case("log_removed", &rollback);
+    case("log_stale", &rollback);
+    case("record_flipped", &damaged);
+    case("records_swapped", &damaged);
+    case("record_replayed", &damaged);
     checked.sort();
     assert_eq!(checked, seen, "every broken copy has a check");
 }
