@@ -476,6 +476,11 @@ pub fn run(a: RunArgs) -> Result<i32> {
     if let Some(p) = &tag_file {
         fspf_core::write_file_durably(p, format!("{final_tag}\n").as_bytes(), 0o600)?;
     }
+    if let (Some(k), true) = (&key, final_tag != tag) {
+        // The next run starts from the index cache and replays the log after it: after a run
+        // that committed much, move the cache up to the final state (best effort).
+        let _ = fspf_core::volume::index_cache::refresh(&fspf, k, final_tag);
+    }
     Ok(match (status.code(), status.signal()) {
         (Some(c), _) => c,
         (None, Some(s)) => 128 + s,

@@ -92,6 +92,43 @@ pub fn write(vol: &Volume) -> Result<()> {
     store::write_file_durably(&cache_path(vol.path()), &out, 0o600)
 }
 
+/// A cache this many log bytes behind the current state is rewritten by [`refresh`].
+pub const REFRESH_MIN: u64 = 16 << 10;
+
+/// How many bytes of the metadata log lie after the state the cache describes (`None`: no
+/// usable cache, or its state is no longer in the log).
+fn cache_lag(fspf: &Path, key: &crate::crypto::VolumeKey) -> Option<u64> {
+    let (buf, range) = read(fspf, key)?;
+    let t = crate::format::index::FrozenIndex::open(&buf[range])
+        .ok()?
+        .tag();
+    let (c, _, _, log) = super::log::read_state(fspf).ok()?;
+    let len = log.as_ref().map_or(0, |b| b.len()) as u64;
+    if t == c {
+        return Some(len.saturating_sub(crate::format::log::LOG_HEADER_LEN as u64));
+    }
+    let b = log?;
+    let end = crate::format::log::frames(&b, crate::format::log::LOG_HEADER_LEN)
+        .find(|f| f.tag == t)
+        .map(|f| f.end as u64);
+    end.map(|e| len - e)
+}
+
+/// After a run that committed much: make the cache describe the state with `tag` when the
+/// log after the cached state is longer than [`REFRESH_MIN`], so that the next runs' processes
+/// replay little (O(n) once, where every later start would otherwise replay the same records).
+/// Best effort, like [`write`].
+pub fn refresh(fspf: &Path, key: &crate::crypto::VolumeKey, tag: Tag) -> Result<()> {
+    if cache_lag(fspf, key).is_some_and(|l| l <= REFRESH_MIN) {
+        return Ok(());
+    }
+    let v = Volume::open_cached(fspf, key.clone(), tag)?;
+    if v.is_indexed() {
+        write(&v)?;
+    }
+    Ok(())
+}
+
 impl Volume {
     /// [`Volume::open`] for a caller that holds `key` and trusts `tag`, using the sealed index
     /// cache when it opens and its state is still in the metadata log (nothing is parsed;
@@ -168,5 +205,53 @@ mod tests {
         let t2 = v2.save().unwrap();
         assert!(Volume::open_cached(&p, k.clone(), t1).is_err());
         assert!(Volume::open_cached(&p, k, t2).is_ok());
+    }
+
+    #[test]
+    fn a_cache_far_behind_the_log_is_moved_up_by_refresh() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("fspf.pb");
+        let mut v = crate::volume::encrypted_root_volume(&p, &d.path().join("vol"));
+        let (t, k) = v.encrypt().unwrap();
+        let mut v = Volume::open_cached(&p, k.clone(), t).unwrap();
+        let mut o = v.options();
+        o.log = true;
+        v.set_options(o);
+        assert_eq!(cache_lag(&p, &k), Some(0));
+        let dir = crate::format::metadata::FileEntry {
+            kind: crate::FileKind::Dir,
+            mode: 0o755,
+            mtime_ns: 1,
+            ctime_ns: 1,
+            owner: None,
+            ino: None,
+        };
+        // A few commits: the cache stays (a start replays them).
+        let mut commit = |v: &mut Volume, i: usize| {
+            let t = v.tag();
+            let c = crate::volume::Change::PutEntry(
+                EmbedPath::parse(&format!("/d{i}")).unwrap(),
+                dir.clone(),
+            );
+            v.commit(vec![c], Some(t)).unwrap()
+        };
+        let mut t = v.tag();
+        for i in 0..3 {
+            t = commit(&mut v, i);
+        }
+        let lag = cache_lag(&p, &k).unwrap();
+        assert!(lag > 0 && lag <= REFRESH_MIN);
+        refresh(&p, &k, t).unwrap();
+        assert_eq!(cache_lag(&p, &k), Some(lag), "a short lag is left alone");
+        // Many: refresh rewrites the cache at the current state, which then opens as is.
+        for i in 3..400 {
+            t = commit(&mut v, i);
+        }
+        assert!(cache_lag(&p, &k).unwrap() > REFRESH_MIN);
+        refresh(&p, &k, t).unwrap();
+        assert_eq!(cache_lag(&p, &k), Some(0));
+        let w = Volume::open_cached(&p, k, t).unwrap();
+        assert!(w.is_indexed());
+        assert!(w.lookup(&EmbedPath::parse("/d399").unwrap()).is_some());
     }
 }

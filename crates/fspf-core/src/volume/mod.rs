@@ -199,6 +199,13 @@ impl Volume {
     /// bytes hold the region keys: keep them in memory the run trusts, like the key).
     pub fn build_index(&self) -> Result<zeroize::Zeroizing<Vec<u8>>> {
         match (&self.index, self.index_bytes) {
+            (Some(_), Some(b)) if self.overlay.is_empty() => {
+                Ok(zeroize::Zeroizing::new(b.to_vec()))
+            }
+            (Some(ix), _) if !self.overlay.is_empty() => {
+                let m = self.with_overlay(ix.to_metadata()?);
+                Ok(crate::format::index::build_index(&m, self.tag)?)
+            }
             (Some(_), Some(b)) => Ok(zeroize::Zeroizing::new(b.to_vec())),
             (Some(ix), None) => {
                 let m = self.with_overlay(ix.to_metadata()?);
