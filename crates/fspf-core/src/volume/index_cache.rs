@@ -227,7 +227,7 @@ mod tests {
             ino: None,
         };
         // A few commits: the cache stays (a start replays them).
-        let mut commit = |v: &mut Volume, i: usize| {
+        let commit = |v: &mut Volume, i: usize| {
             let t = v.tag();
             let c = crate::volume::Change::PutEntry(
                 EmbedPath::parse(&format!("/d{i}")).unwrap(),
