@@ -322,7 +322,24 @@ impl Volume {
         );
         announce(Tag(tag))?;
         let p = log_path(&self.path);
+        if self.log.end == 0 {
+            // A log that does not continue this checkpoint (a stale one, left by a crash after
+            // a checkpoint) is removed, never overwritten in place: its complete records after
+            // the new one would fail the chain and make the state unreadable (to a reader in
+            // between, or after a crash that kept the writes but not the truncation).
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(&p, e)),
+            }
+        }
         let (f, created) = open_log_rw(&p)?;
+        if self.log.end == 0 && !created {
+            return Err(Error::Other(format!(
+                "{}: created by another writer while the fspf was locked",
+                p.display()
+            )));
+        }
         if created {
             // The log is readable by whoever may read the fspf (a run's processes that change
             // uid; regression `a_commit_made_the_fspf_0600_and_locked_out_the_other_users`).
@@ -334,7 +351,7 @@ impl Volume {
                     .map_err(|e| Error::io(&p, e))?;
             }
         }
-        let (at, bytes) = if self.log.end == 0 || created {
+        let (at, bytes) = if created {
             let mut b = framing::header(&base).to_vec();
             b.extend_from_slice(&record);
             (0, b)
@@ -348,11 +365,7 @@ impl Volume {
             .and_then(|()| f.sync_data());
         if let Err(e) = res {
             // Best effort: no half-written or unsynced record stays visible as the state.
-            if self.log.end > 0 && !created {
-                let _ = f.set_len(self.log.end);
-            } else {
-                let _ = f.set_len(0);
-            }
+            let _ = f.set_len(if created { 0 } else { self.log.end });
             return Err(Error::io(&p, e));
         }
         if created {

@@ -292,3 +292,27 @@ fn the_log_was_created_0600_and_locked_out_the_other_users() {
     let m = fs::metadata(fx.log()).unwrap().permissions().mode() & 0o777;
     assert_eq!(m, 0o644);
 }
+
+/// Regression: a new log was written in place over a stale one (a crash between a checkpoint
+/// and the removal of the old log leaves it); until the truncation (or after a crash that kept
+/// the write but not the truncation) the stale records followed the new one, failed the chain
+/// and made the whole state unreadable.
+#[test]
+fn a_new_log_was_written_over_a_stale_one_and_its_records_broke_the_chain() {
+    let (fx, mut v) = Fx::new();
+    let ([..], stale) = three(&fx, &mut v);
+    // A checkpoint (as when the log is full), then the old log put back as a crash leaves it.
+    let t = v.save().unwrap();
+    assert!(!fx.log().exists());
+    fs::write(fx.log(), &stale).unwrap();
+    let mut v = fx.open(t).unwrap();
+    // A second name keeps the stale file: the new log must be another file, the stale one
+    // never rewritten.
+    let keep = fx.p.with_file_name("stale-log");
+    fs::hard_link(fx.log(), &keep).unwrap();
+    let t = mkdir(&mut v, "/new");
+    assert_eq!(fs::read(&keep).unwrap(), stale, "the stale log was written in place");
+    let now = fs::read(fx.log()).unwrap();
+    assert_eq!(records(&now).len(), 1);
+    assert!(fx.open(t).unwrap().lookup(&p("/new")).is_some());
+}
