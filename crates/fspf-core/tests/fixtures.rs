@@ -45,6 +45,35 @@ fn open_at(dir: &Path) -> fspf_core::Result<Volume> {
     open_of(1, dir)
 }
 
+/// The `broken/<defect>/` copies of one version: each is checked by name, and `finish` asserts
+/// that every copy on disk had a check.
+struct Broken {
+    dir: PathBuf,
+    checked: Vec<String>,
+}
+
+impl Broken {
+    fn of(dir: PathBuf) -> Broken {
+        Broken {
+            dir,
+            checked: Vec::new(),
+        }
+    }
+    fn case(&mut self, name: &str, check: &dyn Fn(&Path)) {
+        check(&self.dir.join(name));
+        self.checked.push(name.to_string());
+    }
+    fn finish(mut self) {
+        let mut seen: Vec<String> = std::fs::read_dir(&self.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        seen.sort();
+        self.checked.sort();
+        assert_eq!(self.checked, seen, "every broken copy has a check");
+    }
+}
+
 fn read(v: &Volume, path: &str) -> fspf_core::Result<Vec<u8>> {
     let mut r = v.open_file(&EmbedPath::parse(path).unwrap())?;
     r.verify_all()?;
@@ -111,28 +140,18 @@ fn has_finding(f: &[Finding], path: &str, needle: &str) -> bool {
 
 #[test]
 fn every_broken_v1_copy_fails_as_its_name_says() {
-    let broken = fixture_dir().join("broken");
-    let mut seen: Vec<String> = std::fs::read_dir(&broken)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    seen.sort();
-    let mut checked = Vec::new();
-    let mut case = |name: &str, check: &dyn Fn(&Path)| {
-        check(&broken.join(name));
-        checked.push(name.to_string());
-    };
-    case("fspf_byte_flipped", &|d| {
+    let mut broken = Broken::of(fixture_dir().join("broken"));
+    broken.case("fspf_byte_flipped", &|d| {
         assert!(matches!(open_at(d), Err(Error::WrongKeyOrCorrupt { .. })));
     });
-    case("fspf_rolled_back", &|d| {
+    broken.case("fspf_rolled_back", &|d| {
         assert!(matches!(open_at(d), Err(Error::TagMismatch { .. })));
         // It is an older, once-valid fspf: its own tag would open it (freshness is the tag's job).
         let (key, _) = keytag();
         let old = Volume::read_tag(&d.join("fspf.pb")).unwrap();
         assert!(Volume::open(&d.join("fspf.pb"), Some(key), Some(old)).is_ok());
     });
-    case("chunk_flipped", &|d| {
+    broken.case("chunk_flipped", &|d| {
         let v = open_at(d).unwrap();
         assert!(matches!(
             read(&v, "/enc/sub/data.bin"),
@@ -141,7 +160,7 @@ fn every_broken_v1_copy_fails_as_its_name_says() {
         assert!(has_finding(&v.verify(), "/enc/sub/data.bin", "chunk 1"));
         assert_eq!(read(&v, "/enc/hello.txt").unwrap(), b"Hello World\n");
     });
-    case("file_truncated", &|d| {
+    broken.case("file_truncated", &|d| {
         let v = open_at(d).unwrap();
         assert!(matches!(
             read(&v, "/enc/sub/data.bin"),
@@ -149,7 +168,7 @@ fn every_broken_v1_copy_fails_as_its_name_says() {
         ));
         assert!(has_finding(&v.verify(), "/enc/sub/data.bin", "truncated"));
     });
-    case("unlisted_file", &|d| {
+    broken.case("unlisted_file", &|d| {
         let v = open_at(d).unwrap();
         assert!(matches!(
             read(&v, "/enc/unlisted.txt"),
@@ -159,7 +178,7 @@ fn every_broken_v1_copy_fails_as_its_name_says() {
         assert!(has_finding(&f, "/enc/unlisted.txt", "unlisted"), "{f:?}");
         assert_eq!(f.len(), 1, "{f:?}");
     });
-    case("auth_file_modified", &|d| {
+    broken.case("auth_file_modified", &|d| {
         let v = open_at(d).unwrap();
         assert!(matches!(
             read(&v, "/auth/readme.txt"),
@@ -167,7 +186,7 @@ fn every_broken_v1_copy_fails_as_its_name_says() {
         ));
         assert!(has_finding(&v.verify(), "/auth/readme.txt", "chunk 0"));
     });
-    case("auth_tree_flipped", &|d| {
+    broken.case("auth_tree_flipped", &|d| {
         let v = open_at(d).unwrap();
         assert!(matches!(
             read(&v, "/auth/lib/libx.so"),
@@ -175,12 +194,12 @@ fn every_broken_v1_copy_fails_as_its_name_says() {
         ));
         assert!(has_finding(&v.verify(), "/auth/lib/libx.so", "chunk 0"));
     });
-    case("file_deleted", &|d| {
+    broken.case("file_deleted", &|d| {
         let v = open_at(d).unwrap();
         assert!(matches!(read(&v, "/enc/empty"), Err(Error::Missing { .. })));
         assert!(has_finding(&v.verify(), "/enc/empty", "missing"));
     });
-    case("files_swapped", &|d| {
+    broken.case("files_swapped", &|d| {
         let v = open_at(d).unwrap();
         for p in ["/enc/hello.txt", "/enc/empty"] {
             assert!(
@@ -190,8 +209,7 @@ fn every_broken_v1_copy_fails_as_its_name_says() {
         }
         assert_eq!(v.verify().len(), 2);
     });
-    checked.sort();
-    assert_eq!(checked, seen, "every broken copy has a check");
+    broken.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -243,17 +261,7 @@ fn v2_fixture_opens_with_its_recorded_key_and_tag_and_serves_the_same_plaintext(
 
 #[test]
 fn every_broken_v2_copy_fails_as_its_name_says() {
-    let broken = fixture_dir_v2().join("broken");
-    let mut seen: Vec<String> = std::fs::read_dir(&broken)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    seen.sort();
-    let mut checked = Vec::new();
-    let mut case = |name: &str, check: &dyn Fn(&Path)| {
-        check(&broken.join(name));
-        checked.push(name.to_string());
-    };
+    let mut broken = Broken::of(fixture_dir_v2().join("broken"));
     let tree_auth = |d: &Path| {
         let v = open_v2(d).unwrap();
         let e = read(&v, "/enc/big").unwrap_err();
@@ -261,43 +269,42 @@ fn every_broken_v2_copy_fails_as_its_name_says() {
         assert!(has_finding(&v.verify(), "/enc/big", "chunk-tree page"));
         assert_eq!(read(&v, "/enc/small.txt").unwrap().len(), 28);
     };
-    case("fspf_rolled_back", &|d| {
+    broken.case("fspf_rolled_back", &|d| {
         assert!(matches!(open_v2(d), Err(Error::TagMismatch { .. })));
         let (key, _) = keytag_v2();
         let old = Volume::read_tag(&d.join("fspf.pb")).unwrap();
         assert!(Volume::open(&d.join("fspf.pb"), Some(key), Some(old)).is_ok());
     });
-    case("chunk_rolled_back", &|d| {
+    broken.case("chunk_rolled_back", &|d| {
         let v = open_v2(d).unwrap();
         let e = read(&v, "/enc/big").unwrap_err();
         assert!(matches!(e, Error::ChunkAuth { chunk: 48, .. }), "{e}");
     });
-    case("tree_rolled_back", &tree_auth);
-    case("state_rolled_back", &|d| {
+    broken.case("tree_rolled_back", &tree_auth);
+    broken.case("state_rolled_back", &|d| {
         // The older file is shorter than the committed size; a same-size rollback is the
         // tree's to catch (tree_rolled_back).
         let v = open_v2(d).unwrap();
         let e = read(&v, "/enc/big").unwrap_err();
         assert!(matches!(e, Error::SizeMismatch { .. }), "{e}");
     });
-    case("page_flipped", &tree_auth);
-    case("chunk_flipped", &|d| {
+    broken.case("page_flipped", &tree_auth);
+    broken.case("chunk_flipped", &|d| {
         let v = open_v2(d).unwrap();
         let e = read(&v, "/enc/big").unwrap_err();
         assert!(matches!(e, Error::ChunkAuth { chunk: 10, .. }), "{e}");
     });
-    case("format1_header", &|d| {
+    broken.case("format1_header", &|d| {
         let v = open_v2(d).unwrap();
         let e = read(&v, "/enc/big").unwrap_err();
         assert!(matches!(e, Error::HeaderMismatch { .. }), "{e}");
     });
-    case("tree_missing", &|d| {
+    broken.case("tree_missing", &|d| {
         let v = open_v2(d).unwrap();
         let e = read(&v, "/enc/big").unwrap_err();
         assert!(matches!(e, Error::TreeSize { actual: 0, .. }), "{e}");
     });
-    checked.sort();
-    assert_eq!(checked, seen, "every broken copy has a check");
+    broken.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -334,17 +341,7 @@ fn v3_fixture_opens_its_checkpoint_and_log_and_serves_the_same_plaintext() {
 
 #[test]
 fn every_broken_v3_copy_fails_as_its_name_says() {
-    let broken = fixture_dir_of(3).join("broken");
-    let mut seen: Vec<String> = std::fs::read_dir(&broken)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    seen.sort();
-    let mut checked = Vec::new();
-    let mut case = |name: &str, check: &dyn Fn(&Path)| {
-        check(&broken.join(name));
-        checked.push(name.to_string());
-    };
+    let mut broken = Broken::of(fixture_dir_of(3).join("broken"));
     let rollback = |d: &Path| {
         let e = open_of(3, d).unwrap_err();
         assert!(matches!(e, Error::TagMismatch { .. }), "{e}");
@@ -356,7 +353,7 @@ fn every_broken_v3_copy_fails_as_its_name_says() {
         assert!(matches!(e, Error::LogDamaged { .. }), "{e}");
         assert!(open_of(3, d).is_err());
     };
-    case("log_rolled_back", &|d| {
+    broken.case("log_rolled_back", &|d| {
         rollback(d);
         // It is the state of the second run, valid under its own (older) tag.
         let (key, _) = keytag_of(3);
@@ -364,11 +361,10 @@ fn every_broken_v3_copy_fails_as_its_name_says() {
         let t = Tag::from_hex(older.trim()).unwrap();
         assert!(Volume::open(&d.join("fspf.pb"), Some(key), Some(t)).is_ok());
     });
-    case("log_removed", &rollback);
-    case("log_stale", &rollback);
-    case("record_flipped", &damaged);
-    case("records_swapped", &damaged);
-    case("record_replayed", &damaged);
-    checked.sort();
-    assert_eq!(checked, seen, "every broken copy has a check");
+    broken.case("log_removed", &rollback);
+    broken.case("log_stale", &rollback);
+    broken.case("record_flipped", &damaged);
+    broken.case("records_swapped", &damaged);
+    broken.case("record_replayed", &damaged);
+    broken.finish();
 }

@@ -22,12 +22,7 @@ const MAX_LEN: u64 = 1 << 30;
 
 /// `FSPF.index` beside `fspf`.
 pub fn cache_path(fspf: &Path) -> PathBuf {
-    let mut n = fspf
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    n.push(".index");
-    fspf.with_file_name(n)
+    store::sibling(fspf, ".index")
 }
 
 fn cache_key(vol_key: &crate::crypto::VolumeKey) -> Result<AeadKey> {

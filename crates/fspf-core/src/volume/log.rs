@@ -41,12 +41,7 @@ pub(crate) struct LogPos {
 
 /// `FSPF.log` beside `fspf`.
 pub fn log_path(fspf: &Path) -> PathBuf {
-    let mut n = fspf
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    n.push(".log");
-    fspf.with_file_name(n)
+    super::store::sibling(fspf, ".log")
 }
 
 fn log_key(vk: &VolumeKey) -> Result<AeadKey> {

@@ -311,7 +311,11 @@ fn a_new_log_was_written_over_a_stale_one_and_its_records_broke_the_chain() {
     let keep = fx.p.with_file_name("stale-log");
     fs::hard_link(fx.log(), &keep).unwrap();
     let t = mkdir(&mut v, "/new");
-    assert_eq!(fs::read(&keep).unwrap(), stale, "the stale log was written in place");
+    assert_eq!(
+        fs::read(&keep).unwrap(),
+        stale,
+        "the stale log was written in place"
+    );
     let now = fs::read(fx.log()).unwrap();
     assert_eq!(records(&now).len(), 1);
     assert!(fx.open(t).unwrap().lookup(&p("/new")).is_some());

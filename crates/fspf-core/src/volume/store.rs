@@ -14,12 +14,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 pub(crate) fn tree_dir(fspf: &Path) -> PathBuf {
-    let mut name = fspf
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(".trees");
-    fspf.with_file_name(name)
+    sibling(fspf, ".trees")
 }
 
 /// Outboard `FSPF.trees/<id hex>` of file version `id`, below the fspf's directory.
@@ -92,7 +87,8 @@ pub(crate) fn remove_tree(fspf: &Path, id: &FileId) {
     let _ = kernel_fs::remove_beneath(t.base(), t.rel(), false);
 }
 
-fn sibling(fspf: &Path, suffix: &str) -> PathBuf {
+/// `FSPF<suffix>` beside `fspf` (its lock, log, index cache, temporaries).
+pub(crate) fn sibling(fspf: &Path, suffix: &str) -> PathBuf {
     let mut name = fspf
         .file_name()
         .map(|n| n.to_os_string())

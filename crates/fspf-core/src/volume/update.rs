@@ -313,8 +313,10 @@ impl FileUpdate {
         let (dir, name) = jp.parent().map_err(|e| Error::io(&full, e))?;
         let mut f = kernel_fs::create_new_at(&dir, &name, 0o600, rustix::fs::OFlags::empty())
             .map_err(|e| Error::io(&full, e))?;
+        // fdatasync: the journal's data and length; its times do not matter (an fsync would
+        // also force a file-system journal commit for them).
         f.write_all(&bytes)
-            .and_then(|_| f.sync_all())
+            .and_then(|_| f.sync_data())
             .map_err(|e| Error::io(&full, e))?;
         let now = now_ns();
         let mut entry = self.entry.clone();
@@ -529,8 +531,10 @@ pub(crate) fn apply_journal(
         };
         res.map_err(|e| Error::io(label, e))?;
     }
-    data.sync_all().map_err(|e| Error::io(label, e))?;
-    tree.sync_all().map_err(|e| Error::io(label, e))?;
+    // fdatasync: the chunks, pages and lengths are what the committed root needs; the files'
+    // times are not part of the state.
+    data.sync_data().map_err(|e| Error::io(label, e))?;
+    tree.sync_data().map_err(|e| Error::io(label, e))?;
     let _ = kernel_fs::remove_beneath(jp.base(), jp.rel(), false);
     Ok(())
 }
