@@ -124,6 +124,9 @@ impl Volume {
     /// since, the state on disk is accepted only if its tag is `trusted` (the run's trust
     /// anchor); the changes are then merged onto it.
     fn follow_disk(&mut self, trusted: Option<Tag>) -> Result<()> {
+        if self.is_current_on_disk()? {
+            return Ok(());
+        }
         let disk = store::read_tag(&self.path)?;
         if disk == self.tag {
             // A volume over a frozen index learns where its state lies in the log.

@@ -320,3 +320,30 @@ fn a_new_log_was_written_over_a_stale_one_and_its_records_broke_the_chain() {
     assert_eq!(records(&now).len(), 1);
     assert!(fx.open(t).unwrap().lookup(&p("/new")).is_some());
 }
+
+#[test]
+fn is_current_on_disk_answers_without_reading_the_log_and_never_wrongly_yes() {
+    let (fx, mut v) = Fx::new();
+    assert!(!v.is_current_on_disk().unwrap(), "no log yet: not known");
+    let t = mkdir(&mut v, "/a");
+    assert!(v.is_current_on_disk().unwrap());
+    // Another writer appends: no longer current.
+    let mut w = fx.open(t).unwrap();
+    let t2 = mkdir(&mut w, "/b");
+    assert!(!v.is_current_on_disk().unwrap());
+    assert!(w.is_current_on_disk().unwrap());
+    // The first one follows it at its next commit and merges onto it.
+    let t3 = v
+        .commit(vec![Change::PutEntry(p("/c"), dir())], Some(t2))
+        .unwrap();
+    let o = fx.open(t3).unwrap();
+    assert!(o.lookup(&p("/b")).is_some() && o.lookup(&p("/c")).is_some());
+    // A torn tail after its record: not known (the log is read).
+    let mut f = fs::OpenOptions::new().append(true).open(fx.log()).unwrap();
+    std::io::Write::write_all(&mut f, b"torn").unwrap();
+    assert!(!v.is_current_on_disk().unwrap());
+    // A checkpoint by another writer: no longer current.
+    let mut x = fx.open(t3).unwrap();
+    x.save().unwrap();
+    assert!(!v.is_current_on_disk().unwrap());
+}
