@@ -221,6 +221,10 @@ struct State {
     times: HashMap<u64, Times>,
     /// Where `read` requests are served from.
     read_buf: Vec<u8>,
+    /// The committed version each inode was last opened for reading at: a read open of the
+    /// same version keeps the kernel's page cache of it (`FOPEN_KEEP_CACHE`, pages this daemon
+    /// verified); any other open invalidates it, and an open for writing forgets the entry.
+    cached: HashMap<u64, fspf_core::Version>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -401,6 +405,13 @@ impl State {
                 }
             }
         }
+        self.drop_idle();
+    }
+
+    /// With nothing queued for the next commit, buffers that nobody writes and that hold no
+    /// unstaged change equal their committed versions: drop them (reads then come from the
+    /// kernel files, and the kernel's page cache of them can be kept).
+    fn drop_idle(&mut self) {
         if !self.s.has_queued() {
             self.live.retain(|_, b| {
                 let g = lock(b);
@@ -456,6 +467,7 @@ impl FspfFs {
                 since: None,
                 times: HashMap::new(),
                 read_buf: Vec::new(),
+                cached: HashMap::new(),
             })),
             anchor,
             root,
@@ -639,6 +651,9 @@ impl FspfFs {
             if st.s.batch_full() {
                 st.commit()?;
             }
+            // A writer that synced before closing (`dd conv=fsync`) committed already: its
+            // buffer is idle now, and would otherwise hold the file until the next commit.
+            st.drop_idle();
         }
         Ok(())
     }
@@ -968,7 +983,7 @@ impl Filesystem for FspfFs {
     fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
         let mut guard = self.state();
         let st = &mut *guard;
-        let r = (|| -> Result<u64, c_int> {
+        let r = (|| -> Result<(u64, u32), c_int> {
             let ep = st.inodes.path(ino).cloned().ok_or(libc::ENOENT)?;
             let n =
                 st.s.lookup(&Live(&st.live), &ep)
@@ -981,27 +996,47 @@ impl Filesystem for FspfFs {
             let trunc = flags & libc::O_TRUNC != 0;
             if write || trunc {
                 st.s.check_writable(&ep).map_err(ViewError::errno)?;
+                st.cached.remove(&ino);
                 if trunc {
                     st.changed(ino);
                 }
                 let b = self.buffer(st, &ep, trunc)?;
                 if write {
                     lock(&b).writers += 1;
-                    return Ok(Self::add_handle(
+                    let fh = Self::add_handle(
                         st,
                         Handle::Buf {
                             buf: b,
                             write: true,
                         },
-                    ));
+                    );
+                    return Ok((fh, 0));
                 }
                 st.stage(&b)?;
             }
             let h = self.reader(st, &ep)?;
-            Ok(Self::add_handle(st, h))
+            // A committed version read before through this mount: the kernel's pages of it are
+            // still its verified plaintext (every change through the mount goes through them).
+            let mut keep = 0;
+            if let Handle::Kernel(_) = &h {
+                let v = st.s.vol().and_then(|v| v.lookup(&ep)?.kind.version());
+                match v {
+                    Some(v) => {
+                        if st.cached.insert(ino, v) == Some(v) {
+                            keep = fuser::consts::FOPEN_KEEP_CACHE;
+                        }
+                    }
+                    None => {
+                        st.cached.remove(&ino);
+                    }
+                }
+            } else {
+                st.cached.remove(&ino);
+            }
+            Ok((Self::add_handle(st, h), keep))
         })();
         match r {
-            Ok(fh) => reply.opened(fh, 0),
+            Ok((fh, keep)) => reply.opened(fh, keep),
             Err(e) => reply.error(e),
         }
     }

@@ -667,3 +667,68 @@ fn fuse_a_large_file_is_updated_in_place_and_an_open_reader_follows() {
     assert!(fs::read(m.m("data/big")).unwrap() == want);
     m.verify();
 }
+
+/// Read opens of an unchanged committed version keep the kernel's page cache of it
+/// (`FOPEN_KEEP_CACHE`); every change through the mount (rewrite, rename over it, an in-place
+/// update of a format-2 file, a truncation) shows at the next read, never a stale page.
+#[test]
+fn fuse_a_reread_file_keeps_the_page_cache_only_while_its_version_is_unchanged() {
+    use std::os::unix::fs::FileExt;
+    let mut m = Mounted::new(true);
+    let big: Vec<u8> = (0..(300u32 << 10)).map(|i| (i % 253) as u8).collect();
+    fs::write(m.m("data/f"), "one\n").unwrap();
+    fs::write(m.m("data/big"), &big).unwrap();
+    m.umount();
+    m.mount(true);
+    for _ in 0..3 {
+        assert_eq!(fs::read_to_string(m.m("data/f")).unwrap(), "one\n");
+        assert!(fs::read(m.m("data/big")).unwrap() == big);
+    }
+    // Rewritten by another process through the mount.
+    ok(&m.sh("printf 'two, longer\\n' > data/f"), "rewrite");
+    assert_eq!(fs::read_to_string(m.m("data/f")).unwrap(), "two, longer\n");
+    // Another file renamed over it.
+    fs::write(m.m("data/g"), "gee\n").unwrap();
+    fs::rename(m.m("data/g"), m.m("data/f")).unwrap();
+    assert_eq!(fs::read_to_string(m.m("data/f")).unwrap(), "gee\n");
+    // A format-2 file updated in place and truncated, each by its own open.
+    {
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(m.m("data/big"))
+            .unwrap();
+        f.write_all_at(b"NEW", 100_000).unwrap();
+        f.sync_all().unwrap();
+    }
+    let mut want = big.clone();
+    want[100_000..100_003].copy_from_slice(b"NEW");
+    assert!(fs::read(m.m("data/big")).unwrap() == want);
+    ok(&m.sh("truncate -s 5000 data/big"), "truncate");
+    assert!(fs::read(m.m("data/big")).unwrap() == want[..5000]);
+    // All of it committed: the same after a remount (no cache).
+    m.umount();
+    m.mount(false);
+    assert_eq!(fs::read_to_string(m.m("data/f")).unwrap(), "gee\n");
+    assert!(fs::read(m.m("data/big")).unwrap() == want[..5000]);
+}
+
+/// Regression: a file written, synced and then closed (`dd conv=fsync`) kept its plaintext
+/// buffer in the daemon until some later commit: the daemon held the whole file in memory and
+/// served reads from it instead of from the committed, verified file (which the page cache
+/// could then have kept).
+#[test]
+fn fuse_a_file_synced_before_its_close_stayed_in_the_daemons_memory() {
+    use std::io::Write;
+    let m = Mounted::new(true);
+    {
+        let mut f = fs::File::create(m.m("data/synced")).unwrap();
+        f.write_all(&vec![7u8; 100_000]).unwrap();
+        f.sync_all().unwrap();
+    }
+    // The committed file on disk is what reads now come from: tampered, it fails verification.
+    flip(&m.env.path("vol/synced"), 5000, 0x01);
+    match fs::read(m.m("data/synced")) {
+        Ok(d) => panic!("{} bytes served from the daemon's buffer", d.len()),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+    }
+}
