@@ -16,6 +16,13 @@ pub const LOG_HEADER_LEN: usize = 24;
 /// Bytes of a record besides its ciphertext: length, nonce, GCM tag, check.
 pub const RECORD_OVERHEAD: usize = 4 + NONCE_LEN + TAG_LEN + CHECK_LEN;
 const CHECK_LEN: usize = 8;
+
+/// Where the GCM tag (the state's tag) of the record ending at `end` lies: just before its
+/// check.
+pub fn tag_range(end: usize) -> Option<std::ops::Range<usize>> {
+    let to = end.checked_sub(CHECK_LEN)?;
+    Some(to.checked_sub(TAG_LEN)?..to)
+}
 /// Largest ciphertext of one record (a commit listing this much is sealed as a checkpoint).
 pub const MAX_RECORD: usize = 64 << 20;
 

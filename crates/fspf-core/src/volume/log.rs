@@ -170,7 +170,7 @@ impl Volume {
             let end = self.log.end as usize;
             let ours = self.log.base == Some(c)
                 && end >= LOG_HEADER_LEN + framing::RECORD_OVERHEAD
-                && b.get(end - 24..end - 8) == Some(&self.tag.0[..]);
+                && framing::tag_range(end).and_then(|r| b.get(r)) == Some(&self.tag.0[..]);
             if ours {
                 self.log.end
             } else {
@@ -230,8 +230,10 @@ impl Volume {
             return Ok(false);
         }
         let mut t = [0u8; TAG_LEN];
-        // The record's GCM tag sits before its 8-byte check.
-        Ok(f.read_exact_at(&mut t, len - 24).is_ok() && t == self.tag.0)
+        let Some(r) = framing::tag_range(len as usize) else {
+            return Ok(false);
+        };
+        Ok(f.read_exact_at(&mut t, r.start as u64).is_ok() && t == self.tag.0)
     }
 
     /// The records of `bytes` from `from` on, chained from `prev`, opened and checked.
