@@ -389,9 +389,17 @@ impl State {
         if c.any {
             self.since = None;
         }
-        for (path, version, _) in c.files {
-            if let Some(b) = self.live.get(&path) {
-                lock(b).base = Some(version);
+        for (path, version, _) in &c.files {
+            if let Some(b) = self.live.get(path) {
+                lock(b).base = Some(*version);
+            }
+            // Written through the mount, the kernel's pages of the file are the version just
+            // committed (an open for writing invalidated the older ones), unless the session
+            // merged another writer's bytes into it below, behind the kernel's back.
+            if !c.merged.contains_key(path) {
+                if let Some(&ino) = self.inodes.by_path.get(path) {
+                    self.cached.insert(ino, *version);
+                }
             }
         }
         for (path, data) in c.merged {

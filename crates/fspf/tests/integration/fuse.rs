@@ -725,10 +725,39 @@ fn fuse_a_file_synced_before_its_close_stayed_in_the_daemons_memory() {
         f.write_all(&vec![7u8; 100_000]).unwrap();
         f.sync_all().unwrap();
     }
-    // The committed file on disk is what reads now come from: tampered, it fails verification.
+    // The committed file on disk is what reads now come from (once the kernel's verified
+    // pages of it are dropped): tampered, it fails verification.
     flip(&m.env.path("vol/synced"), 5000, 0x01);
+    fs::write("/proc/sys/vm/drop_caches", "1")
+        .expect("drop the page cache (the tests run as root)");
     match fs::read(m.m("data/synced")) {
         Ok(d) => panic!("{} bytes served from the daemon's buffer", d.len()),
         Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+    }
+}
+
+/// A file written through the mount and committed keeps the kernel's pages of it for the next
+/// read open; a second writer's change, committed, is what the next read shows.
+#[test]
+fn fuse_a_file_written_through_the_mount_reads_back_its_committed_content() {
+    let m = Mounted::new(true);
+    for round in 0..3 {
+        let body: Vec<u8> = (0..200_000u32)
+            .map(|i| ((i + round * 7) % 251) as u8)
+            .collect();
+        let p = m.m("data/w");
+        fs::write(&p, &body).unwrap();
+        // A commit point (fsync of the directory), then read twice.
+        fs::File::open(m.m("data")).unwrap().sync_all().unwrap();
+        assert!(fs::read(&p).unwrap() == body, "round {round}");
+        assert!(fs::read(&p).unwrap() == body, "round {round}");
+        // Another process changes the middle in place.
+        ok(
+            &m.sh("printf XYZ | dd of=data/w bs=1 seek=100000 conv=notrunc status=none"),
+            "dd",
+        );
+        let mut want = body.clone();
+        want[100_000..100_003].copy_from_slice(b"XYZ");
+        assert!(fs::read(&p).unwrap() == want, "round {round}");
     }
 }
