@@ -48,16 +48,9 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 FSPF="$REPO/target/release/fspf"
 
 # ---------------------------------------------------------------- install + build
-need_pkgs=()
-declare -A PKG_OF=( [gocryptfs]=gocryptfs [fusermount3]=fuse3 [openssl]=openssl [b3sum]=b3sum
-                    [python3]=python3 [mountpoint]=util-linux )
-for c in "${!PKG_OF[@]}"; do command -v "$c" >/dev/null 2>&1 || need_pkgs+=("${PKG_OF[$c]}"); done
-if ((${#need_pkgs[@]})); then
-  log "apt-get install ${need_pkgs[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get -qq update || true
-  for p in "${need_pkgs[@]}"; do apt-get -y -qq install "$p" >/dev/null || log "could not install $p (skipping what needs it)"; done
-fi
+. "$REPO/bench/lib.sh"
+install_missing gocryptfs=gocryptfs fusermount3=fuse3 openssl=openssl b3sum=b3sum python3=python3 \
+  mountpoint=util-linux
 command -v python3 >/dev/null || die "python3 required"
 if [[ -z ${SKIP_BUILD:-} ]]; then
   log "cargo build --release"

@@ -99,17 +99,9 @@ FSPF="$REPO/target/release/fspf"
 PRELOAD="$REPO/target/release/libfspf_preload.so"
 
 # ---------------------------------------------------------------- install + build
-need_pkgs=()
-declare -A PKG_OF=( [gocryptfs]=gocryptfs [fusermount3]=fuse3 [python3]=python3 [gcc]=gcc
-                    [mountpoint]=util-linux [findmnt]=util-linux [lsblk]=util-linux )
-for c in "${!PKG_OF[@]}"; do command -v "$c" >/dev/null 2>&1 || need_pkgs+=("${PKG_OF[$c]}"); done
-[[ -x /usr/bin/time ]] || need_pkgs+=(time)
-if ((${#need_pkgs[@]})); then
-  log "apt-get install ${need_pkgs[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get -qq update || true
-  for p in "${need_pkgs[@]}"; do apt-get -y -qq install "$p" >/dev/null || log "could not install $p (skipping what needs it)"; done
-fi
+. "$REPO/bench/lib.sh"
+install_missing gocryptfs=gocryptfs fusermount3=fuse3 python3=python3 gcc=gcc mountpoint=util-linux \
+  findmnt=util-linux lsblk=util-linux /usr/bin/time=time
 command -v python3 >/dev/null || die "python3 required"
 command -v gcc >/dev/null || die "gcc required (randw)"
 # the real interpreter, not a pyenv shim script (the shim would be shielded too and cost a bash start)
@@ -192,30 +184,7 @@ find_devstat() {
 sectors_written() { awk '{print $7}' "$DEVSTAT"; }
 
 # ---------------------------------------------------------------- helpers written at start
-SMALLPY="$W/small.py"   # shield.sh's / anchors.sh's small-file helper
-cat > "$SMALLPY" <<'EOF'
-import os, random, sys, time
-mode, root, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-rng = random.Random(1234)
-buf = random.Random(99).randbytes(8192) if hasattr(random.Random, "randbytes") else os.urandom(8192)
-sizes = [rng.randint(1024, 4096) for _ in range(n)]
-paths = [os.path.join(root, "d%02d" % (i % 10), "f%05d" % i) for i in range(n)]
-t0 = time.perf_counter()
-if mode == "create":
-    for d in range(10):
-        os.makedirs(os.path.join(root, "d%02d" % d), exist_ok=True)
-    for i, (p, s) in enumerate(zip(paths, sizes)):
-        with open(p, "wb") as f:
-            f.write(buf[i % 4096:i % 4096 + s])
-    os.sync()
-else:
-    tot = 0
-    for p in paths:
-        with open(p, "rb") as f:
-            tot += len(f.read())
-    assert tot == sum(sizes), (tot, sum(sizes))
-print("%.6f" % (time.perf_counter() - t0))
-EOF
+SMALLPY="$REPO/bench/small.py"   # the small-file workload (anchors.sh's)
 
 SQLPY="$W/sq.py"
 cat > "$SQLPY" <<'EOF'

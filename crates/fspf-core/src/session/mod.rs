@@ -536,7 +536,8 @@ impl<A: Anchor> Session<A> {
             if v.tag() == t {
                 return Ok(());
             }
-            if Volume::read_tag(&self.cfg.fspf)? == t && v.catch_up()? && v.tag() == t {
+            let st = crate::volume::DiskState::read(&self.cfg.fspf)?;
+            if st.tag() == t && v.catch_up_to(st)? && v.tag() == t {
                 return Ok(());
             }
         }
@@ -550,7 +551,12 @@ impl<A: Anchor> Session<A> {
     /// neither trusted tag (a rollback or a forgery).
     fn settle_anchor(&self) -> Result<Tag, ViewError> {
         let st = self.anchor.read().ok_or(ViewError::Untrusted)?;
-        let disk = Volume::read_tag(&self.cfg.fspf).map_err(|e| {
+        // Before every commit: in O(1) when the disk holds this session's own state.
+        let disk = match self.vol.as_ref() {
+            Some(v) => v.disk_tag(),
+            None => Volume::read_tag(&self.cfg.fspf),
+        };
+        let disk = disk.map_err(|e| {
             (self.cfg.log)(&format!("cannot read the fspf's tag: {e}"));
             ViewError::Untrusted
         })?;

@@ -127,26 +127,24 @@ impl Volume {
         if self.is_current_on_disk()? {
             return Ok(());
         }
-        let disk = store::read_tag(&self.path)?;
+        let st = super::log::DiskState::read(&self.path)?;
+        let disk = st.tag();
+        let mismatch = Error::TagMismatch {
+            path: self.path.clone(),
+            expected: self.tag.to_hex(),
+            actual: disk.to_hex(),
+        };
         if disk == self.tag {
             // A volume over a frozen index learns where its state lies in the log.
-            if self.log.base.is_none() && self.log_enabled() && !self.catch_up()? {
-                return Err(Error::TagMismatch {
-                    path: self.path.clone(),
-                    expected: self.tag.to_hex(),
-                    actual: disk.to_hex(),
-                });
+            if self.log.base.is_none() && self.log_enabled() && !self.catch_up_to(st)? {
+                return Err(mismatch);
             }
             return Ok(());
         }
         let Some(trusted) = trusted.filter(|t| *t == disk) else {
-            return Err(Error::TagMismatch {
-                path: self.path.clone(),
-                expected: self.tag.to_hex(),
-                actual: disk.to_hex(),
-            });
+            return Err(mismatch);
         };
-        if self.catch_up()? && self.tag == trusted {
+        if self.catch_up_to(st)? && self.tag == trusted {
             return Ok(());
         }
         let opts = self.opts;

@@ -90,23 +90,22 @@ pub fn write(vol: &Volume) -> Result<()> {
 /// A cache this many log bytes behind the current state is rewritten by [`refresh`].
 pub const REFRESH_MIN: u64 = 16 << 10;
 
-/// How many bytes of the metadata log lie after the state the cache describes (`None`: no
-/// usable cache, or its state is no longer in the log).
-fn cache_lag(fspf: &Path, key: &crate::crypto::VolumeKey) -> Option<u64> {
-    let (buf, range) = read(fspf, key)?;
-    let t = crate::format::index::FrozenIndex::open(&buf[range])
-        .ok()?
-        .tag();
-    let (c, _, _, log) = super::log::read_state(fspf).ok()?;
-    let len = log.as_ref().map_or(0, |b| b.len()) as u64;
-    if t == c {
-        return Some(len.saturating_sub(crate::format::log::LOG_HEADER_LEN as u64));
+/// How many bytes of the metadata log lie after the state the cache names in its header
+/// (`None`: no cache, or its state is no longer in the log). The header is read without the
+/// key and not authenticated: it only decides whether [`refresh`] rewrites the cache, which
+/// every reader authenticates anyway (reading and decrypting the whole cache here cost about
+/// as much as the rest of a small run's end).
+fn cache_lag(fspf: &Path) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = kernel_fs::open_regular_path(&cache_path(fspf)).ok()?;
+    let mut head = [0u8; MAGIC.len() + TAG_LEN];
+    f.read_exact_at(&mut head, 0).ok()?;
+    if &head[..MAGIC.len()] != MAGIC {
+        return None;
     }
-    let b = log?;
-    let end = crate::format::log::frames(&b, crate::format::log::LOG_HEADER_LEN)
-        .find(|f| f.tag == t)
-        .map(|f| f.end as u64);
-    end.map(|e| len - e)
+    let mut t = [0u8; TAG_LEN];
+    t.copy_from_slice(&head[MAGIC.len()..]);
+    super::log::DiskState::read(fspf).ok()?.log_after(Tag(t))
 }
 
 /// After a run that committed much: make the cache describe the state with `tag` when the
@@ -114,7 +113,7 @@ fn cache_lag(fspf: &Path, key: &crate::crypto::VolumeKey) -> Option<u64> {
 /// replay little (O(n) once, where every later start would otherwise replay the same records).
 /// Best effort, like [`write`].
 pub fn refresh(fspf: &Path, key: &crate::crypto::VolumeKey, tag: Tag) -> Result<()> {
-    if cache_lag(fspf, key).is_some_and(|l| l <= REFRESH_MIN) {
+    if cache_lag(fspf).is_some_and(|l| l <= REFRESH_MIN) {
         return Ok(());
     }
     let v = Volume::open_cached(fspf, key.clone(), tag)?;
@@ -131,13 +130,13 @@ impl Volume {
     /// parsing the fspf and writing the cache for the next time. The state on disk must have
     /// `tag` either way (a replaced or rolled-back fspf is refused as by `open`).
     pub fn open_cached(path: &Path, key: crate::crypto::VolumeKey, tag: Tag) -> Result<Volume> {
-        let disk = store::read_tag(&store::absolute(path))?;
-        if disk == tag {
+        let st = super::log::DiskState::read(&store::absolute(path))?;
+        if st.tag() == tag {
             if let Some((buf, range)) = read(path, &key) {
                 // Kept for the life of the process: the volume searches it in place.
                 let bytes: &'static [u8] = &Box::leak(buf.into_boxed_slice())[range];
                 if let Ok(mut v) = Volume::from_index(path, Some(key.clone()), bytes) {
-                    if matches!(v.catch_up(), Ok(true)) && v.tag() == tag {
+                    if matches!(v.catch_up_to(st), Ok(true)) && v.tag() == tag {
                         return Ok(v);
                     }
                 }
@@ -212,7 +211,7 @@ mod tests {
         let mut o = v.options();
         o.log = true;
         v.set_options(o);
-        assert_eq!(cache_lag(&p, &k), Some(0));
+        assert_eq!(cache_lag(&p), Some(0));
         let dir = crate::format::metadata::FileEntry {
             kind: crate::FileKind::Dir,
             mode: 0o755,
@@ -234,17 +233,17 @@ mod tests {
         for i in 0..3 {
             t = commit(&mut v, i);
         }
-        let lag = cache_lag(&p, &k).unwrap();
+        let lag = cache_lag(&p).unwrap();
         assert!(lag > 0 && lag <= REFRESH_MIN);
         refresh(&p, &k, t).unwrap();
-        assert_eq!(cache_lag(&p, &k), Some(lag), "a short lag is left alone");
+        assert_eq!(cache_lag(&p), Some(lag), "a short lag is left alone");
         // Many: refresh rewrites the cache at the current state, which then opens as is.
         for i in 3..400 {
             t = commit(&mut v, i);
         }
-        assert!(cache_lag(&p, &k).unwrap() > REFRESH_MIN);
+        assert!(cache_lag(&p).unwrap() > REFRESH_MIN);
         refresh(&p, &k, t).unwrap();
-        assert_eq!(cache_lag(&p, &k), Some(0));
+        assert_eq!(cache_lag(&p), Some(0));
         let w = Volume::open_cached(&p, k, t).unwrap();
         assert!(w.is_indexed());
         assert!(w.lookup(&EmbedPath::parse("/d399").unwrap()).is_some());

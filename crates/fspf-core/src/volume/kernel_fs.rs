@@ -262,42 +262,43 @@ pub fn require_regular(fd: OwnedFd) -> Result<File, OpenError> {
     Ok(File::from(fd))
 }
 
-/// Open `name` in the directory `dir` read-only, refusing symlinks, FIFOs, devices and anything
-/// else that is not a regular file (without blocking on a FIFO).
-pub fn open_regular_at(dir: &OwnedFd, name: &OsStr) -> Result<File, OpenError> {
-    let fd = rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+/// Open `name` in the directory `dir` with `access` (`O_RDONLY` or `O_RDWR`), refusing symlinks,
+/// FIFOs, devices and anything else that is not a regular file (without blocking on a FIFO).
+fn open_regular_at_as(dir: &OwnedFd, name: &OsStr, access: OFlags) -> Result<File, OpenError> {
+    let fl = access | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    require_regular(rustix::fs::openat(dir, name, fl, Mode::empty())?)
+}
+
+/// [`open_regular_at_as`] for `rel` below `base` (no symlink followed anywhere below it).
+fn open_regular_as(base: &Path, rel: &Path, access: OFlags) -> Result<File, OpenError> {
+    let root = open_path_dir(base)?;
+    require_regular(openat_nofollow(
+        &root,
+        rel,
+        access | OFlags::NONBLOCK,
         Mode::empty(),
-    )?;
-    require_regular(fd)
+    )?)
+}
+
+/// Open `name` in the directory `dir` read-only: a regular file only, never through a symlink.
+pub fn open_regular_at(dir: &OwnedFd, name: &OsStr) -> Result<File, OpenError> {
+    open_regular_at_as(dir, name, OFlags::RDONLY)
 }
 
 /// [`open_regular_at`] for `rel` below `base`.
 pub fn open_regular(base: &Path, rel: &Path) -> Result<File, OpenError> {
-    let root = open_path_dir(base)?;
-    let fd = openat_nofollow(&root, rel, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())?;
-    require_regular(fd)
+    open_regular_as(base, rel, OFlags::RDONLY)
 }
 
 /// [`open_regular_at`] for reading and writing: the in-place application of a journal
 /// (`update.rs`).
 pub fn open_regular_rw_at(dir: &OwnedFd, name: &OsStr) -> Result<File, OpenError> {
-    let fd = rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDWR | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    require_regular(fd)
+    open_regular_at_as(dir, name, OFlags::RDWR)
 }
 
 /// [`open_regular_rw_at`] for `rel` below `base`.
 pub fn open_regular_rw(base: &Path, rel: &Path) -> Result<File, OpenError> {
-    let root = open_path_dir(base)?;
-    let fd = openat_nofollow(&root, rel, OFlags::RDWR | OFlags::NONBLOCK, Mode::empty())?;
-    require_regular(fd)
+    open_regular_as(base, rel, OFlags::RDWR)
 }
 
 /// Open a file by plain path like [`open_regular`] (no symlink as its last component, nothing
@@ -309,6 +310,24 @@ pub fn open_regular_path(p: &Path) -> Result<File, OpenError> {
         Mode::empty(),
     )?;
     require_regular(fd)
+}
+
+/// Open the file at the plain path `p` for reading and writing, creating it (0600) if missing,
+/// or only if missing with `create_new`: never through a symlink, only a regular file
+/// (`O_NONBLOCK`: a FIFO in its place must not block the open). For the fspf's lock files and
+/// its metadata log.
+pub fn open_rw_path(p: &Path, create_new: bool) -> Result<File, OpenError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .create_new(create_new)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(p)?;
+    require_regular(f.into())
 }
 
 /// Create the new file `name` in `dir` for writing (`O_EXCL | O_NOFOLLOW`: never an existing

@@ -6,6 +6,7 @@
 //! writes a new checkpoint instead (the whole fspf, as every commit did before), which makes the
 //! old log stale: its header names the old checkpoint's tag.
 use super::kernel_fs;
+use super::store::open_error;
 use super::Volume;
 use crate::crypto::{self, AeadKey, Tag, VolumeKey, NONCE_LEN, TAG_LEN};
 use crate::error::{Error, Result};
@@ -14,9 +15,9 @@ use crate::format::log::{self as framing, Frame, LOG_HEADER_LEN};
 use crate::format::metadata::{entry_from_pb, entry_to_pb, FileEntry, LogRecordPb};
 use crate::policy::EmbedPath;
 use prost::Message;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 const INFO: &[u8] = b"fspf v3 metadata log";
@@ -67,19 +68,7 @@ pub(crate) fn read_log(fspf: &Path, base: &Tag) -> Result<Option<Vec<u8>>> {
         Err(kernel_fs::OpenError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
             return Ok(None)
         }
-        Err(kernel_fs::OpenError::Io(e)) if kernel_fs::is_symlink_refusal(&e) => {
-            return Err(Error::NotRegular {
-                path: p.display().to_string(),
-                kind: "symbolic link",
-            })
-        }
-        Err(kernel_fs::OpenError::NotRegular(kind)) => {
-            return Err(Error::NotRegular {
-                path: p.display().to_string(),
-                kind,
-            })
-        }
-        Err(kernel_fs::OpenError::Io(e)) => return Err(Error::io(&p, e)),
+        Err(e) => return Err(open_error(&p, e)),
     };
     let len = f.metadata().map_err(|e| Error::io(&p, e))?.len();
     if len > MAX_FSPF_LEN {
@@ -96,36 +85,78 @@ pub(crate) fn read_log(fspf: &Path, base: &Tag) -> Result<Option<Vec<u8>>> {
     Ok((framing::parse_header(&b) == Some(*base)).then_some(b))
 }
 
-/// The checkpoint (tag, length, version) and the bytes of the log that continues it, read as
-/// one consistent pair: a checkpoint written by another process between the two reads (which
-/// replaces the fspf, then removes the log) is noticed by reading the checkpoint's tag again,
-/// and both are read anew. Logs are only read for version-3 checkpoints.
-pub(crate) fn read_state(fspf: &Path) -> Result<(Tag, u64, u16, Option<Vec<u8>>)> {
-    let mut last = None;
-    for _ in 0..64 {
-        let (c, len, version) = super::store::read_checkpoint_tag(fspf)?;
-        if version < VERSION_3 {
-            return Ok((c, len, version, None));
-        }
-        let log = read_log(fspf, &c)?;
-        let again = super::store::read_checkpoint_tag(fspf)?;
-        if again == (c, len, version) {
-            return Ok((c, len, version, log));
-        }
-        last = Some(again.0);
-    }
-    Err(Error::Other(format!(
-        "{}: the fspf kept changing while it was read (last tag {})",
-        fspf.display(),
-        last.map(|t| t.to_hex()).unwrap_or_default()
-    )))
+/// The state on disk as one read gives it: the checkpoint (tag, length, version) and the bytes
+/// of the log that continues it. Read once and handed on ([`Volume::catch_up_to`]), so that
+/// a caller that checks the tag and then applies the records reads the log once.
+#[derive(Debug, Clone)]
+pub struct DiskState {
+    checkpoint: Tag,
+    checkpoint_len: u64,
+    version: u16,
+    log: Option<Vec<u8>>,
 }
 
-/// The tag of the last complete record of a log (keyless: framing and checks only), or `base`.
-pub(crate) fn last_tag(bytes: &[u8], base: Tag) -> Tag {
-    framing::frames(bytes, LOG_HEADER_LEN)
-        .last()
-        .map_or(base, |f| f.tag)
+impl DiskState {
+    /// Read the checkpoint and its log as one consistent pair: a checkpoint written by another
+    /// process between the two reads (which replaces the fspf, then removes the log) is
+    /// noticed by reading the checkpoint's tag again, and both are read anew. Logs are only
+    /// read for version-3 checkpoints.
+    pub fn read(fspf: &Path) -> Result<DiskState> {
+        let mut last = None;
+        for _ in 0..64 {
+            let (c, len, version) = super::store::read_checkpoint_tag(fspf)?;
+            let log = if version < VERSION_3 {
+                None
+            } else {
+                read_log(fspf, &c)?
+            };
+            let again = super::store::read_checkpoint_tag(fspf)?;
+            if again == (c, len, version) {
+                return Ok(DiskState {
+                    checkpoint: c,
+                    checkpoint_len: len,
+                    version,
+                    log,
+                });
+            }
+            last = Some(again.0);
+        }
+        Err(Error::Other(format!(
+            "{}: the fspf kept changing while it was read (last tag {})",
+            fspf.display(),
+            last.map(|t| t.to_hex()).unwrap_or_default()
+        )))
+    }
+
+    /// The tag of the current state (keyless: the last complete record's, else the
+    /// checkpoint's; nothing is authenticated).
+    pub fn tag(&self) -> Tag {
+        match &self.log {
+            Some(b) => framing::frames(b, LOG_HEADER_LEN)
+                .last()
+                .map_or(self.checkpoint, |f| f.tag),
+            None => self.checkpoint,
+        }
+    }
+
+    /// The checkpoint's tag.
+    pub(crate) fn checkpoint(&self) -> Tag {
+        self.checkpoint
+    }
+
+    /// Bytes of log after the record whose tag is `t` (after the header when `t` is the
+    /// checkpoint's); `None` when `t` is not in the log.
+    pub(crate) fn log_after(&self, t: Tag) -> Option<u64> {
+        let len = self.log.as_ref().map_or(0, |b| b.len()) as u64;
+        if t == self.checkpoint {
+            return Some(len.saturating_sub(LOG_HEADER_LEN as u64));
+        }
+        let b = self.log.as_ref()?;
+        let end = framing::frames(b, LOG_HEADER_LEN)
+            .find(|f| f.tag == t)
+            .map(|f| f.end as u64);
+        end.map(|e| len - e)
+    }
 }
 
 /// One authenticated record: what it changes, the tag after it, and where it ends.
@@ -145,7 +176,18 @@ impl Volume {
     /// with the tag checks of [`Volume::open`]. A complete record that fails authentication is
     /// an error ([`Error::LogDamaged`]); nothing is applied then.
     pub fn catch_up(&mut self) -> Result<bool> {
-        let (c, cp_len, version, bytes) = read_state(&self.path)?;
+        let st = DiskState::read(&self.path)?;
+        self.catch_up_to(st)
+    }
+
+    /// [`Volume::catch_up`] to a state the caller has read (and checked) already.
+    pub fn catch_up_to(&mut self, st: DiskState) -> Result<bool> {
+        let DiskState {
+            checkpoint: c,
+            checkpoint_len: cp_len,
+            version,
+            log: bytes,
+        } = st;
         let Some(key) = self
             .key
             .clone()
@@ -234,6 +276,15 @@ impl Volume {
             return Ok(false);
         };
         Ok(f.read_exact_at(&mut t, r.start as u64).is_ok() && t == self.tag.0)
+    }
+
+    /// The tag of the state on disk (keyless, like [`Volume::read_tag`]), in O(1) when it is
+    /// this volume's own state ([`Volume::is_current_on_disk`]), else by reading the log.
+    pub fn disk_tag(&self) -> Result<Tag> {
+        if self.is_current_on_disk()? {
+            return Ok(self.tag);
+        }
+        Ok(DiskState::read(&self.path)?.tag())
     }
 
     /// The records of `bytes` from `from` on, chained from `prev`, opened and checked.
@@ -401,28 +452,12 @@ impl Volume {
 /// Open (create) the log for writing: never through a symlink, only a regular file. Returns
 /// whether it was created.
 fn open_log_rw(p: &Path) -> Result<(File, bool)> {
-    let open = |create_new: bool| {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(create_new)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(p)
-    };
-    let (fd, created) = match open(true) {
-        Ok(f) => (f, true),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            (open(false).map_err(|e| Error::io(p, e))?, false)
+    match kernel_fs::open_rw_path(p, true) {
+        Ok(f) => Ok((f, true)),
+        Err(kernel_fs::OpenError::Io(e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let f = kernel_fs::open_rw_path(p, false).map_err(|e| open_error(p, e))?;
+            Ok((f, false))
         }
-        Err(e) => return Err(Error::io(p, e)),
-    };
-    let f = kernel_fs::require_regular(fd.into()).map_err(|e| match e {
-        kernel_fs::OpenError::NotRegular(kind) => Error::NotRegular {
-            path: p.display().to_string(),
-            kind,
-        },
-        kernel_fs::OpenError::Io(e) => Error::io(p, e),
-    })?;
-    Ok((f, created))
+        Err(e) => Err(open_error(p, e)),
+    }
 }

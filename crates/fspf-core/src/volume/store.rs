@@ -136,10 +136,10 @@ fn header_err(path: &Path, e: HeaderError) -> Error {
     }
 }
 
-/// Open the fspf itself: a regular file (no FIFO, device or symlink in its place) of at most
-/// [`MAX_FSPF_LEN`] bytes. Returns the file and its length.
-fn open_fspf(path: &Path) -> Result<(File, u64)> {
-    let f = kernel_fs::open_regular_path(path).map_err(|e| match e {
+/// The error for a refused open of `path`, one of the fspf's own files: something other than
+/// a regular file in its place (a symlink, a FIFO, a device) is named as such.
+pub(crate) fn open_error(path: &Path, e: kernel_fs::OpenError) -> Error {
+    match e {
         kernel_fs::OpenError::NotRegular(kind) => Error::NotRegular {
             path: path.display().to_string(),
             kind,
@@ -149,7 +149,13 @@ fn open_fspf(path: &Path) -> Result<(File, u64)> {
             kind: "symbolic link",
         },
         kernel_fs::OpenError::Io(e) => Error::io(path, e),
-    })?;
+    }
+}
+
+/// Open the fspf itself: a regular file (no FIFO, device or symlink in its place) of at most
+/// [`MAX_FSPF_LEN`] bytes. Returns the file and its length.
+fn open_fspf(path: &Path) -> Result<(File, u64)> {
+    let f = kernel_fs::open_regular_path(path).map_err(|e| open_error(path, e))?;
     let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     if len > MAX_FSPF_LEN {
         return Err(Error::FspfTooLarge {
@@ -176,11 +182,7 @@ fn read_fspf(path: &Path) -> Result<Vec<u8>> {
 /// The tag of the current state on disk: the checkpoint's, or the last complete record's of a
 /// metadata log that continues it (keyless: nothing is authenticated, FORMAT.md §5c).
 pub(crate) fn read_tag(path: &Path) -> Result<Tag> {
-    let (c, _, _, log) = super::log::read_state(path)?;
-    Ok(match log {
-        Some(b) => super::log::last_tag(&b, c),
-        None => c,
-    })
+    Ok(super::log::DiskState::read(path)?.tag())
 }
 
 /// The checkpoint's tag (the fspf file's: its header and last 16 bytes, not the whole file),
@@ -226,15 +228,17 @@ pub(crate) fn open(path: &Path, key: Option<VolumeKey>, expected: Option<Tag>) -
     // A checkpoint written by another process between reading the fspf and its log leaves a
     // log that no longer continues what was read: read both again.
     for _ in 0..16 {
+        let st = super::log::DiskState::read(path)?;
         if let Some(exp) = expected {
             // Before any decryption, as before the log existed: the keyless current tag.
-            let disk = read_tag(path)?;
+            let disk = st.tag();
             if !crate::crypto::ct_eq(&exp.0, &disk.0) {
                 return Err(mismatch(exp, disk));
             }
         }
         let mut v = open_checkpoint(path, key.clone())?;
-        if !v.catch_up()? {
+        // The log read above continues the checkpoint just opened, or one was written since.
+        if v.tag != st.checkpoint() || !v.catch_up_to(st)? {
             continue;
         }
         if let Some(exp) = expected {
@@ -490,22 +494,7 @@ pub(crate) fn write_new(v: &mut Volume, force: bool) -> Result<()> {
 /// (O_NONBLOCK: a FIFO in its place must not block the open).
 fn open_lock_file(fspf: &Path, suffix: &str) -> Result<(File, PathBuf)> {
     let lp = sibling(fspf, suffix);
-    let fd = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&lp)
-        .map_err(|e| Error::io(&lp, e))?;
-    let f = kernel_fs::require_regular(fd.into()).map_err(|e| match e {
-        kernel_fs::OpenError::NotRegular(kind) => Error::NotRegular {
-            path: lp.display().to_string(),
-            kind,
-        },
-        kernel_fs::OpenError::Io(e) => Error::io(&lp, e),
-    })?;
+    let f = kernel_fs::open_rw_path(&lp, false).map_err(|e| open_error(&lp, e))?;
     Ok((f, lp))
 }
 
