@@ -39,6 +39,7 @@ fn sequential_mode_seals_exactly_like_the_parallel_path() {
             Threads {
                 pool: false,
                 read_helper: false,
+                helper: None,
             },
         ] {
             assert!(par == seal(t), "size {size}: {t:?} output differs");

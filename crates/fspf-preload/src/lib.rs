@@ -12,6 +12,7 @@ mod anchor;
 mod dirstream;
 mod fdio;
 mod files;
+mod helper;
 mod hooks;
 mod index_fd;
 mod locks;

@@ -4,7 +4,7 @@
 use crate::anchor::{Anchor, AnchorState};
 use crate::files::{self, WriteBuf};
 use crate::{log, real, say};
-use fspf_core::codec::Threads;
+use fspf_core::codec::{HelperRef, Threads};
 use fspf_core::format::metadata::{Protection, Region, RegionKind};
 use fspf_core::format::view::ChildKind;
 use fspf_core::session::{
@@ -228,12 +228,13 @@ pub fn init() -> bool {
     // Files the shield's readers keep open live at high fd numbers, out of the way of a shell's
     // `exec 3<F` / `dup2(x, 3)` and listed so that `close_range(3, ~0)` leaves them alone.
     fspf_core::volume::kernel_fs::set_fd_floor(READER_FD_FLOOR);
-    // No rayon pool (it does not survive fork); large reads are verified on a second, scoped
-    // thread unless FSPF_READ_THREADS=0; staged files are made durable by one syncfs per
-    // commit, not one fsync each.
+    // No rayon pool (it does not survive fork); large reads are verified with the process's
+    // read helper thread (`helper.rs`) unless FSPF_READ_THREADS=0; staged files are made
+    // durable by one syncfs per commit, not one fsync each.
     let opts = VolumeOptions {
         threads: Threads {
             read_helper: std::env::var_os("FSPF_READ_THREADS").is_none_or(|v| v != "0"),
+            helper: Some(HelperRef(&crate::helper::READ_HELPER)),
             ..Threads::FORK_SAFE
         },
         sync_each_file: false,

@@ -670,6 +670,58 @@ fn multithreaded_reader() {
     assert!(!o.status.success());
 }
 
+/// Large reads lend their second half to the process's read helper thread. The thread stays
+/// out of the program's way: a forked child and several reading threads read the file right; a
+/// process-directed signal the program collects with `sigwait` is not run on the helper (whose
+/// default action would kill the process); and the thread exits when idle, leaving the program
+/// single-threaded again.
+#[test]
+fn large_reads_use_a_helper_thread_that_survives_fork_and_never_takes_a_signal() {
+    let mut w = data_world();
+    let pyb = python_bin();
+    let write = "import os, hashlib
+d = os.urandom((6 << 20) + 12345)
+open('/data/big', 'wb').write(d)
+open('big.sha', 'w').write(hashlib.sha256(d).hexdigest())
+";
+    ok(
+        &w.run_tagged(&[], &[&pyb, "-c", write]),
+        "write the big file",
+    );
+    let read = "import os, signal, hashlib, threading, time
+want = open('big.sha').read()
+def digest():
+    d = hashlib.sha256()
+    with open('/data/big', 'rb', buffering=0) as f:
+        while True:
+            b = f.read(1 << 20)
+            if not b:
+                return d.hexdigest()
+            d.update(b)
+assert digest() == want, 'first read'
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+assert digest() == want, 'second read'
+os.kill(os.getpid(), signal.SIGUSR1)
+assert signal.sigwait([signal.SIGUSR1]) == signal.SIGUSR1
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if digest() == want and digest() == want else 3)
+assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, 'forked child'
+got = []
+ts = [threading.Thread(target=lambda: got.append(digest())) for _ in range(3)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+assert got == [want] * 3, 'threads'
+time.sleep(1.6)
+tasks = os.listdir('/proc/self/task')
+assert len(tasks) == 1, tasks
+print('ok')
+";
+    let o = w.run(&[&pyb, "-c", read]);
+    ok(&o, "large reads with the helper");
+    assert_eq!(stdout(&o), "ok\n");
+}
+
 #[test]
 fn shell_pipeline_of_shielded_children() {
     need("sh");

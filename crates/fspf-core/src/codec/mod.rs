@@ -32,6 +32,40 @@ pub struct Threads {
     /// Verify large reads with a second, scoped thread (only on machines with more than one
     /// core). It lives only for the duration of one call, so it is safe across `fork`.
     pub read_helper: bool,
+    /// A thread that outlives one call, lent for the second half of a read of at least
+    /// `HELPER_MIN` bytes (the shield's, which it re-creates after `fork`). Without one, or
+    /// when it is busy, reads of at least `PARALLEL_MIN` bytes start a scoped thread.
+    pub helper: Option<HelperRef>,
+}
+
+/// A thread that outlives one call (starting one costs about 45 us here, a fifth of a 1 MiB
+/// read). See [`Threads::helper`].
+pub trait Helper: Sync {
+    /// Run `job` on the helper thread and `own` on this one, and return when both are done;
+    /// `false`, with neither run, when no helper thread is free.
+    fn run_beside(&self, job: &mut (dyn FnMut() + Send), own: &mut dyn FnMut()) -> bool;
+}
+
+/// A [`Helper`] for [`Threads`]: compared by address.
+#[derive(Clone, Copy)]
+pub struct HelperRef(pub &'static dyn Helper);
+
+impl PartialEq for HelperRef {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::addr_eq(self.0, other.0)
+    }
+}
+
+impl Eq for HelperRef {}
+
+impl std::fmt::Debug for HelperRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "HelperRef({:p})",
+            self.0 as *const dyn Helper as *const ()
+        )
+    }
 }
 
 impl Default for Threads {
@@ -40,6 +74,7 @@ impl Default for Threads {
         Threads {
             pool: true,
             read_helper: true,
+            helper: None,
         }
     }
 }
@@ -49,6 +84,7 @@ impl Threads {
     pub const FORK_SAFE: Threads = Threads {
         pool: false,
         read_helper: true,
+        helper: None,
     };
 }
 
@@ -401,6 +437,8 @@ const WINDOW_MAX_AUTHENTICATED: u64 = 128 * 1024;
 /// thread saved less than its start and, on a shared machine, its wait for a core (measured with
 /// `cat`, bench/RESULTS.md), so only larger requests are split.
 const PARALLEL_MIN: usize = 2 << 20;
+/// Spans of at least this many bytes are split with a [`Helper`] (no thread start to pay for).
+const HELPER_MIN: usize = 256 << 10;
 /// A sequential request covering at least this many bytes of whole chunks is decrypted straight
 /// into the caller's buffer; smaller sequential requests (`cat` reads 128 KiB) are served from
 /// the readahead window.
@@ -478,8 +516,9 @@ pub struct ProtectedReader<R: ReadAt, O: ReadAt> {
     /// Chunk after the last one served (sequential detection); current readahead in chunks.
     next: u64,
     ra: u64,
-    /// May large reads use a scoped helper thread ([`Threads::read_helper`])?
+    /// May large reads use a second thread ([`Threads::read_helper`]), and which lent one?
     read_helper: bool,
+    helper: Option<HelperRef>,
 }
 
 impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
@@ -548,12 +587,15 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
             next: 0,
             ra: 0,
             read_helper: Threads::default().read_helper,
+            helper: None,
         })
     }
 
-    /// Use these [`Threads`] for later reads (only [`Threads::read_helper`] applies).
+    /// Use these [`Threads`] for later reads ([`Threads::read_helper`] and
+    /// [`Threads::helper`] apply).
     pub fn set_threads(&mut self, threads: Threads) {
         self.read_helper = threads.read_helper;
+        self.helper = threads.helper;
     }
 
     /// Builder form of [`ProtectedReader::set_threads`].
@@ -639,70 +681,108 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
         first: u64,
         count: u64,
         dest: &mut [u8],
-        mut leaves: Option<&mut Vec<[u8; 32]>>,
+        leaves: Option<&mut Vec<[u8; 32]>>,
         prep: Option<&[(std::sync::Arc<AeadKey>, [u8; TAG_LEN])]>,
     ) -> Span {
         if count == 0 {
             return Span { ok: 0, err: None };
         }
         let [mut s0, mut s1] = std::mem::take(&mut self.scratch);
-        let span =
-            if count >= 2 && dest.len() >= PARALLEL_MIN && self.read_helper && several_cores() {
-                let half = count / 2;
-                let (d0, d1) = dest.split_at_mut(self.span_bytes(first, half) as usize);
-                let mut l1 = Vec::new();
-                // Shared (not moved) so that this thread can do the second half if no thread starts.
-                let second = std::sync::Mutex::new(Some((d1, &mut s1, &mut l1)));
-                let this = &*self;
-                let take = || second.lock().unwrap_or_else(|e| e.into_inner()).take();
-                let (a, b) = std::thread::scope(|s| {
-                    let helper = std::thread::Builder::new()
-                        .stack_size(256 * 1024)
-                        .spawn_scoped(s, move || {
-                            let (d, sc, l) = take().expect("second half");
+        let split = count >= 2 && self.read_helper && several_cores();
+        let span = if split && dest.len() >= HELPER_MIN && self.helper.is_some() {
+            let half = count / 2;
+            let (d0, d1) = dest.split_at_mut(self.span_bytes(first, half) as usize);
+            let (mut l0, mut l1) = (Vec::new(), Vec::new());
+            let (mut a, mut b) = (None, None);
+            let this = &*self;
+            let lent = self.helper.is_some_and(|h| {
+                h.0.run_beside(
+                    &mut || {
+                        let p = prep.map(|p| &p[half as usize..]);
+                        b = Some(this.load_part(
+                            first + half,
+                            count - half,
+                            d1,
+                            &mut s1,
+                            Some(&mut l1),
+                            p,
+                        ));
+                    },
+                    &mut || a = Some(this.load_part(first, half, d0, &mut s0, Some(&mut l0), prep)),
+                )
+            });
+            match (a, b) {
+                (Some(a), Some(b)) if lent => Self::join_halves(half, a, b, leaves, l0, l1),
+                _ => self.load_part(first, count, dest, &mut s0, leaves, prep),
+            }
+        } else if split && dest.len() >= PARALLEL_MIN {
+            let half = count / 2;
+            let (d0, d1) = dest.split_at_mut(self.span_bytes(first, half) as usize);
+            let (mut l0, mut l1) = (Vec::new(), Vec::new());
+            // Shared (not moved) so that this thread can do the second half if no thread starts.
+            let second = std::sync::Mutex::new(Some((d1, &mut s1, &mut l1)));
+            let this = &*self;
+            let take = || second.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let (a, b) = std::thread::scope(|s| {
+                let helper = std::thread::Builder::new()
+                    .stack_size(256 * 1024)
+                    .spawn_scoped(s, move || {
+                        let (d, sc, l) = take().expect("second half");
+                        let p = prep.map(|p| &p[half as usize..]);
+                        this.load_part(first + half, count - half, d, sc, Some(l), p)
+                    });
+                let a = this.load_part(first, half, d0, &mut s0, Some(&mut l0), prep);
+                let b = match helper {
+                    Ok(h) => h.join().unwrap_or_else(|_| Span {
+                        ok: 0,
+                        err: Some(Error::Other("read helper thread panicked".into())),
+                    }),
+                    // No thread (resource limits): do the second half here.
+                    Err(_) => match take() {
+                        Some((d, sc, l)) => {
                             let p = prep.map(|p| &p[half as usize..]);
                             this.load_part(first + half, count - half, d, sc, Some(l), p)
-                        });
-                    let mut l0 = Vec::new();
-                    let a = this.load_part(first, half, d0, &mut s0, Some(&mut l0), prep);
-                    let b = match helper {
-                        Ok(h) => h.join().unwrap_or_else(|_| Span {
+                        }
+                        None => Span {
                             ok: 0,
-                            err: Some(Error::Other("read helper thread panicked".into())),
-                        }),
-                        // No thread (resource limits): do the second half here.
-                        Err(_) => match take() {
-                            Some((d, sc, l)) => {
-                                let p = prep.map(|p| &p[half as usize..]);
-                                this.load_part(first + half, count - half, d, sc, Some(l), p)
-                            }
-                            None => Span {
-                                ok: 0,
-                                err: Some(Error::Other("read helper thread failed".into())),
-                            },
+                            err: Some(Error::Other("read helper thread failed".into())),
                         },
-                    };
-                    if let Some(v) = leaves.as_deref_mut() {
-                        v.extend_from_slice(&l0);
-                    }
-                    (a, b)
-                });
-                if a.ok < half {
-                    a
-                } else {
-                    if let Some(v) = leaves.as_deref_mut() {
-                        v.extend_from_slice(&l1);
-                    }
-                    Span {
-                        ok: half + b.ok,
-                        err: b.err,
-                    }
-                }
-            } else {
-                self.load_part(first, count, dest, &mut s0, leaves, prep)
-            };
+                    },
+                };
+                (a, b)
+            });
+            Self::join_halves(half, a, b, leaves, l0, l1)
+        } else {
+            self.load_part(first, count, dest, &mut s0, leaves, prep)
+        };
         self.scratch = [s0, s1];
         span
+    }
+
+    /// The span of two halves read side by side (the second counts only if the first is whole),
+    /// with their authenticated leaves appended in order.
+    fn join_halves(
+        half: u64,
+        a: Span,
+        b: Span,
+        leaves: Option<&mut Vec<[u8; 32]>>,
+        l0: Vec<[u8; 32]>,
+        l1: Vec<[u8; 32]>,
+    ) -> Span {
+        if let Some(v) = leaves {
+            v.extend_from_slice(&l0);
+            if a.ok == half {
+                v.extend_from_slice(&l1);
+            }
+        }
+        if a.ok < half {
+            a
+        } else {
+            Span {
+                ok: half + b.ok,
+                err: b.err,
+            }
+        }
     }
 
     /// One thread's part of `load_span`.
@@ -774,21 +854,27 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
                     };
                 };
                 let id = keys.id();
-                scratch.resize(dest.len(), 0);
+                // The ciphertext is as long as the plaintext (the tags are in the tree): read it
+                // into `dest` and open it there, one copy fewer than through `scratch`. A chunk
+                // that fails is zeroed by `open_in_place_to`, the chunks after it here.
                 // `first` is a chunk of a file whose whole length was checked in `new`.
                 let at = layout_tree::chunk_offset(self.chunk_len, first).unwrap_or(u64::MAX);
-                if let Err(e) = data.read_exact_at(scratch, at) {
+                if let Err(e) = data.read_exact_at(dest, at) {
+                    dest.fill(0);
                     return io(e);
                 }
-                let mut off = 0;
-                for (k, out) in dest.chunks_mut(c.max(1)).enumerate() {
+                let mut rest = &mut dest[..];
+                let mut k = 0;
+                while !rest.is_empty() {
+                    let (out, tail) = rest.split_at_mut(rest.len().min(c.max(1)));
                     let i = first + k as u64;
                     let (key, tag) = &prep[k];
-                    let ct = &scratch[off..off + out.len()];
-                    if !key.open_to(tree::nonce2(i), &tree::aad2(id, i), ct, tag, out) {
+                    if !key.open_in_place_to(tree::nonce2(i), &tree::aad2(id, i), tag, out) {
+                        tail.fill(0);
                         return fail(i);
                     }
-                    off += out.len();
+                    rest = tail;
+                    k += 1;
                 }
                 if dest.is_empty() {
                     let (key, tag) = &prep[0];

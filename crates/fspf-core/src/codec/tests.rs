@@ -254,6 +254,7 @@ fn windowed_reads_sequential_then_random_return_the_plaintext() {
         let alone = Threads {
             pool: false,
             read_helper: false,
+            helper: None,
         };
         let (r1, _, _) = enc_reader(size, c);
         let mut r1 = r1.with_threads(alone);

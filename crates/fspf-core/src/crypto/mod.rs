@@ -209,6 +209,31 @@ impl AeadKey {
             .ok()
             .map(|p| p.len())
     }
+    /// Decrypt `in_out` (ciphertext without its tag) in place after checking `tag`. Returns
+    /// `false` when authentication fails; `in_out` is then zeroed, so neither ciphertext nor
+    /// unverified plaintext is left in it.
+    pub fn open_in_place_to(
+        &self,
+        nonce: [u8; NONCE_LEN],
+        aad: &[u8],
+        tag: &[u8],
+        in_out: &mut [u8],
+    ) -> bool {
+        let ok = tag.len() == TAG_LEN
+            && self
+                .0
+                .open_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(aad),
+                    tag,
+                    in_out,
+                )
+                .is_ok();
+        if !ok {
+            in_out.fill(0);
+        }
+        ok
+    }
     /// Decrypt `ct` (ciphertext without its tag) into `out` (same length) after checking `tag`.
     /// Returns `false` when authentication fails; `out` is then zeroed, so no unverified
     /// plaintext is left in it.

@@ -785,6 +785,104 @@ mod tests {
         );
     }
 
+    /// A [`Helper`] for tests: the job on a scoped thread of its own (safe, and as concurrent as
+    /// the shield's lent thread); `busy` refuses every job, as a helper in use does.
+    struct TestHelper {
+        busy: bool,
+        lent: std::sync::atomic::AtomicUsize,
+    }
+
+    impl crate::codec::Helper for TestHelper {
+        fn run_beside(&self, job: &mut (dyn FnMut() + Send), own: &mut dyn FnMut()) -> bool {
+            if self.busy {
+                return false;
+            }
+            self.lent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::thread::scope(|s| {
+                s.spawn(job);
+                own();
+            });
+            true
+        }
+    }
+
+    static LENDS: TestHelper = TestHelper {
+        busy: false,
+        lent: std::sync::atomic::AtomicUsize::new(0),
+    };
+    static BUSY: TestHelper = TestHelper {
+        busy: true,
+        lent: std::sync::atomic::AtomicUsize::new(0),
+    };
+
+    /// Large reads of a format-2 file with a lent helper thread (the shield's), one that is
+    /// busy, and none: each reads the file, and a flipped chunk in the first or the second half
+    /// of a read fails it with that chunk, leaving neither its ciphertext nor the chunks after it
+    /// in the caller's buffer (the ciphertext is read into it and opened in place).
+    #[test]
+    fn large_reads_with_a_lent_helper_read_the_file_and_refuse_a_flipped_chunk_in_either_half() {
+        use crate::codec::{HelperRef, Threads};
+        let len = (3 << 20) + 1234;
+        let plain = pattern(len, 11);
+        let (d, _p, v) = test_volume(&[("/f", &plain)]);
+        let f = ep("/f");
+        let (data, _) = files_of(&d, &v, &f);
+        let helpers = [Some(HelperRef(&LENDS)), Some(HelperRef(&BUSY)), None];
+        let threads = |h| Threads {
+            helper: h,
+            ..Threads::FORK_SAFE
+        };
+        for h in helpers {
+            let mut r = v.open_file(&f).unwrap();
+            r.set_threads(threads(h));
+            for step in [256 << 10, 1 << 20, 3 << 20, len] {
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; step];
+                loop {
+                    let n = r.read_at(&mut buf, got.len() as u64).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                assert!(got == plain, "{h:?}, reads of {step}");
+            }
+        }
+        assert!(LENDS.lent.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        let good = std::fs::read(&data).unwrap();
+        // A 1 MiB read at 1 MiB: chunks 256..512; its halves are 256..384 and 384..512.
+        for bad in [300u64, 400] {
+            let mut flipped = good.clone();
+            flipped[crate::format::tree::chunk_offset(4096, bad).unwrap() as usize + 7] ^= 1;
+            std::fs::write(&data, &flipped).unwrap();
+            for h in helpers {
+                let mut r = v.open_file(&f).unwrap();
+                r.set_threads(threads(h));
+                let mut buf = vec![0xAAu8; 1 << 20];
+                let e = r.read_at(&mut buf, 1 << 20).unwrap_err();
+                assert!(
+                    matches!(e, Error::ChunkAuth { chunk, .. } if chunk == bad),
+                    "{h:?}: {e}"
+                );
+                let from = (bad as usize - 256) * 4096;
+                assert!(
+                    buf[from..from + 4096].iter().all(|&b| b == 0),
+                    "{h:?}: the flipped chunk is zeroed"
+                );
+                let half_end = if bad < 384 { 128 * 4096 } else { 1 << 20 };
+                assert!(
+                    buf[from..half_end].iter().all(|&b| b == 0),
+                    "{h:?}: the chunks after it in its half are zeroed"
+                );
+                assert!(
+                    buf[..from] == plain[(1 << 20)..(1 << 20) + from],
+                    "{h:?}: the chunks before it are plaintext"
+                );
+            }
+        }
+        std::fs::write(&data, &good).unwrap();
+    }
+
     #[test]
     fn an_uncommitted_journal_is_an_orphan_and_a_committed_one_is_not() {
         let big = pattern(100_000, 10);
