@@ -38,8 +38,28 @@ fn map_core(ep: &EmbedPath, e: fspf_core::Error) -> c_int {
 /// and must not act on a verified prefix of a tampered file.
 const VERIFY_AT_OPEN_MAX: u64 = 4 << 20;
 
+/// A verified reader of `ep`'s kernel file. When it fails verification at this process's state
+/// of the run, another process may have committed a new version since (replacing the kernel
+/// file between this process's last look at the run and the open): it is opened once more at the
+/// run's current state, under the fspf's lock. What fails then is tampering.
+fn open_kernel(
+    inner: &mut Inner,
+    ep: &EmbedPath,
+) -> Result<fspf_core::volume::KernelReader, c_int> {
+    let vol = inner.s.vol().ok_or(libc::EACCES)?;
+    match vol.open_file(ep) {
+        Ok(r) => Ok(r),
+        Err(e) if e.is_integrity() => match inner.s.open_current(ep) {
+            Ok(r) => Ok(r),
+            Err(fspf_core::view::ViewError::Io) => Err(map_core(ep, e)),
+            Err(v) => Err(errno_of(v)),
+        },
+        Err(e) => Err(map_core(ep, e)),
+    }
+}
+
 /// Verified plaintext of the current version of `ep` (for opening it for writing).
-pub(crate) fn load_plain(inner: &Inner, ep: &EmbedPath) -> Result<Vec<u8>, c_int> {
+pub(crate) fn load_plain(inner: &mut Inner, ep: &EmbedPath) -> Result<Vec<u8>, c_int> {
     let vol = inner.s.vol().ok_or(libc::EACCES)?;
     let region = vol.region_for(ep).ok_or(libc::ENOENT)?;
     if region.kind == RegionKind::Ephemeral {
@@ -48,7 +68,7 @@ pub(crate) fn load_plain(inner: &Inner, ep: &EmbedPath) -> Result<Vec<u8>, c_int
             EphemeralContent::Sealed(mut r) => read_all(ep, r.size(), |b, o| r.read_at(b, o)),
         };
     }
-    let mut r = vol.open_file(ep).map_err(|e| map_core(ep, e))?;
+    let mut r = open_kernel(inner, ep)?;
     read_all(ep, r.size(), |b, o| r.read_at(b, o))
 }
 
@@ -131,14 +151,14 @@ fn keep_live(inner: &mut Inner, b: WriteBuf) -> Arc<Mutex<WriteBuf>> {
 }
 
 /// Fill a new buffer for `ep` with its current verified plaintext (streamed chunk by chunk).
-fn load_buffer(inner: &Inner, ep: &EmbedPath, b: &WriteBuf) -> Result<(), c_int> {
+fn load_buffer(inner: &mut Inner, ep: &EmbedPath, b: &WriteBuf) -> Result<(), c_int> {
     let vol = inner.s.vol().ok_or(libc::EACCES)?;
     let region = vol.region_for(ep).ok_or(libc::ENOENT)?;
     if region.kind == RegionKind::Ephemeral || region.protection == Protection::NotProtected {
         let data = load_plain(inner, ep)?;
         return b.write_all_at(&data, 0);
     }
-    let mut r = vol.open_file(ep).map_err(|e| map_core(ep, e))?;
+    let mut r = open_kernel(inner, ep)?;
     // Verified in 1 MiB blocks (the two halves of a large file on two threads), each written
     // into the buffer once it verified: no copy of the whole file in memory.
     let sink = |off: u64, block: &[u8]| {
@@ -178,7 +198,7 @@ fn read_body(
         }
         return Ok(Body::Mem(r));
     }
-    let mut r = vol.open_file(ep).map_err(|e| map_core(ep, e))?;
+    let mut r = open_kernel(inner, ep)?;
     if verify && r.size() <= VERIFY_AT_OPEN_MAX {
         r.verify_all().map_err(|e| map_core(ep, e))?;
     }
@@ -357,7 +377,7 @@ fn shield_open_depth(
                         // A joined buffer is current as it is; a new one is filled first.
                         if !joined {
                             if flags & libc::O_TRUNC == 0 {
-                                load_buffer(&inner, &ep, &b)?;
+                                load_buffer(&mut inner, &ep, &b)?;
                                 // The version it starts from: appends to it can be rebased onto a
                                 // version another process of the run commits meanwhile.
                                 if let Some((v, size)) = inner

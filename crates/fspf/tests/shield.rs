@@ -2526,6 +2526,28 @@ fn two_sqlite3_processes_lost_increments_without_cross_process_locks() {
     );
 }
 
+/// `( flock 9; ... ) 9>lock` in several loops at once: each subshell truncates `lock` (a new
+/// version, committed at once) while another holds the lock. `flock(1)`, started with the run's
+/// state of a moment before, reloaded `lock` when it took the lock, found the kernel file of the
+/// newer version and reported tampering (`flock: 9: Input/output error`); the increment of that
+/// iteration was lost. A kernel file that fails at a process's own state is now opened again at
+/// the run's current state.
+#[test]
+fn a_file_committed_by_another_process_meanwhile_was_reported_as_tampered() {
+    need("flock");
+    need("bash");
+    let mut w = data_world();
+    let script = "echo 0 > /data/m
+        b() { for i in $(seq 80); do
+            ( flock 9; m=$(cat /data/m); echo $((m+1)) > /data/m ) 9>/data/lock2; done; }
+        b & b & b & b & b & wait; cat /data/m";
+    let o = w.sh_tagged("bash", script);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("integrity violation"), "{err}");
+    ok(&o, "flock loops");
+    assert_eq!(stdout(&o), "400\n", "every increment is kept");
+}
+
 #[test]
 fn flock_and_lockf_did_not_exclude_other_processes() {
     need("flock");

@@ -376,7 +376,7 @@ fn exec_shielded(ep: EmbedPath, depth: u32) -> Result<ExecPlan, c_int> {
     if node.mode & 0o111 == 0 {
         return Err(libc::EACCES);
     }
-    let data = crate::opening::load_plain(&inner, &ep)?;
+    let data = crate::opening::load_plain(&mut inner, &ep)?;
     drop(inner);
     let mut name = b"fspf-exec:".to_vec();
     name.extend(ep.file_name().iter().copied().filter(|&c| c != 0).take(200));
