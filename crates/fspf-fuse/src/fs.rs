@@ -243,6 +243,8 @@ pub(crate) struct FspfFs {
     gid: u32,
     started: i64,
     ready: Option<Box<dyn FnOnce(Tag) + Send>>,
+    /// Keeps the session thread polling between close requests (`spin.rs`).
+    spin: Arc<crate::spin::Spin>,
 }
 
 fn now_ns() -> i64 {
@@ -483,7 +485,12 @@ impl FspfFs {
             gid: rustix::process::getegid().as_raw(),
             started: now_ns(),
             ready: None,
+            spin: crate::spin::Spin::new(),
         }
+    }
+
+    pub(crate) fn spin(&self) -> Arc<crate::spin::Spin> {
+        self.spin.clone()
     }
 
     pub(crate) fn anchor(&self) -> Arc<DaemonAnchor> {
@@ -521,7 +528,9 @@ impl FspfFs {
         (stop, h)
     }
 
+    /// The state, for a request (which keeps the session thread polling for the next one).
     fn state(&self) -> MutexGuard<'_, State> {
+        self.spin.touch();
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -11,6 +11,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod fs;
+mod spin;
 
 use fspf_core::session::{Anchor, AnchorState, Session, SessionConfig};
 use fspf_core::view::ViewError;
@@ -205,10 +206,29 @@ fn options(cfg: &Config) -> Vec<fuser::MountOption> {
     o
 }
 
+/// The FUSE session of `fs` mounted at `mountpoint`, with its `/dev/fuse` descriptor lent to
+/// the filesystem's [`spin::Spin`].
+fn session(
+    fs: fs::FspfFs,
+    mountpoint: &Path,
+    cfg: &Config,
+) -> std::io::Result<fuser::Session<fs::FspfFs>> {
+    use std::os::fd::AsFd;
+    let spin = fs.spin();
+    let se = fuser::Session::new(fs, mountpoint, &options(cfg))?;
+    // Without the duplicate (no descriptors left) the session thread just sleeps between
+    // requests, as it did before.
+    if let Ok(fd) = se.as_fd().try_clone_to_owned() {
+        spin.attach(fd);
+    }
+    Ok(se)
+}
+
 /// A mounted volume served by a background thread; unmounted (and its changes committed) when
 /// dropped or by [`Mounted::unmount`].
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
+    spin: Arc<spin::Spin>,
     anchor: Arc<DaemonAnchor>,
     stop: Arc<AtomicBool>,
     committer: Option<std::thread::JoinHandle<()>>,
@@ -236,6 +256,7 @@ impl Mounted {
         if let Some(s) = self.session.take() {
             s.join();
         }
+        self.spin.stop();
         if let Some(c) = self.committer.take() {
             let _ = c.join();
         }
@@ -253,12 +274,17 @@ pub fn mount(cfg: &Config, mountpoint: &Path) -> Result<Mounted, MountError> {
     let fs = build(cfg)?;
     let anchor = fs.anchor();
     let (stop, committer) = fs.spawn_committer(cfg.commit_interval);
-    let session = fuser::spawn_mount2(fs, mountpoint, &options(cfg)).map_err(|e| {
-        stop.store(true, Ordering::Relaxed);
-        MountError::Mount(e)
-    })?;
+    let spin = fs.spin();
+    let session = session(fs, mountpoint, cfg)
+        .and_then(|se| se.spawn())
+        .map_err(|e| {
+            stop.store(true, Ordering::Relaxed);
+            spin.stop();
+            MountError::Mount(e)
+        })?;
     Ok(Mounted {
         session: Some(session),
+        spin,
         anchor,
         stop,
         committer: Some(committer),
@@ -299,7 +325,9 @@ pub fn mount_foreground(
             }
         });
     }
-    let r = fuser::mount2(fs, mountpoint, &options(cfg));
+    let spin = fs.spin();
+    let r = session(fs, mountpoint, cfg).and_then(|mut se| se.run());
+    spin.stop();
     stop.store(true, Ordering::Relaxed);
     let _ = committer.join();
     r.map_err(MountError::Mount)?;

@@ -761,3 +761,98 @@ fn fuse_a_file_written_through_the_mount_reads_back_its_committed_content() {
         assert!(fs::read(&p).unwrap() == want, "round {round}");
     }
 }
+
+/// The daemon of `m`: the process with a `/dev/fuse` descriptor whose command line names this
+/// volume's fspf. Returns its pid and that descriptor's number.
+fn daemon_of(m: &Mounted) -> (u32, String) {
+    let fspf = m.env.path("fspf.pb");
+    let fspf = fspf.to_string_lossy();
+    for p in fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if !cmd.contains(" mount ") || !cmd.contains("fspf.pb") {
+            continue;
+        }
+        let cwd = fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+        if !fspf.starts_with(&*cwd.to_string_lossy()) && !cmd.contains(&*fspf) {
+            continue;
+        }
+        for fd in fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if fs::read_link(fd.path()).is_ok_and(|t| t == Path::new("/dev/fuse")) {
+                return (pid, fd.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    panic!("no daemon serving {fspf}");
+}
+
+/// Is the daemon's `/dev/fuse` descriptor in non-blocking mode (`O_NONBLOCK` in its fdinfo)?
+fn polling(pid: u32, fd: &str) -> bool {
+    let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).expect("fdinfo");
+    let flags = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .expect("flags line");
+    u32::from_str_radix(flags.trim(), 8).expect("octal flags") & 0o4000 != 0
+}
+
+/// CPU time of `pid` so far, in clock ticks (utime + stime).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+/// While requests come close together the session thread polls `/dev/fuse` (non-blocking
+/// reads: no wake-up per request); once they stop it sleeps in `read` again and the idle daemon
+/// uses no CPU.
+#[test]
+fn fuse_the_daemon_polls_while_requests_come_close_together_and_sleeps_when_idle() {
+    let m = Mounted::new(false);
+    let (pid, fd) = daemon_of(&m);
+    let file = m.m("data/hello.txt");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (file, stop) = (file.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // open, read, flush and release: requests the kernel cannot answer itself
+                let _ = fs::read(&file);
+            }
+        })
+    };
+    let mut seen = false;
+    for _ in 0..200 {
+        if polling(pid, &fd) {
+            seen = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.join().expect("reader");
+    assert!(
+        seen,
+        "the session thread never polled during a burst of requests"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(
+        !polling(pid, &fd),
+        "still polling 50 ms after the last request"
+    );
+    let before = cpu_ticks(pid);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used <= 5,
+        "the idle daemon used {used} ticks of CPU in 500 ms"
+    );
+}
