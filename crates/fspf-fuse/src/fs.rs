@@ -709,6 +709,11 @@ impl Filesystem for FspfFs {
     fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), c_int> {
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
+        // The kernel keeps written pages and sends them in large writes (at close, fsync, or
+        // when it writes back), not one request per `write(2)`. FSPF_FUSE_WRITEBACK=0: off.
+        if std::env::var_os("FSPF_FUSE_WRITEBACK").is_none_or(|v| v != "0") {
+            let _ = config.add_capabilities(fuser::consts::FUSE_WRITEBACK_CACHE);
+        }
         if let Some(f) = self.ready.take() {
             f(self.anchor.current());
         }
