@@ -1052,6 +1052,20 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
         Ok(done)
     }
 
+    /// The whole plaintext, read from the start in reads of `step` bytes (tests).
+    #[cfg(test)]
+    pub(crate) fn read_in_steps(&mut self, step: usize) -> Result<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; step];
+        loop {
+            let n = self.read_at(&mut buf, got.len() as u64)?;
+            if n == 0 {
+                return Ok(got);
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
     /// Verify every chunk (for `fspf verify`), in order, and for authenticated files every byte of
     /// the outboard: the last node of an odd-width level is never read as a sibling, so random
     /// reads cannot notice a change there, but a full verification must.

@@ -261,15 +261,7 @@ fn windowed_reads_sequential_then_random_return_the_plaintext() {
         let mut a1 = mk(plain.clone()).with_threads(alone);
         for r in [&mut r, &mut a, &mut r1, &mut a1] {
             for step in [1000usize, 4096, 128 * 1024, 1 << 20, 3 << 20] {
-                let mut got = Vec::with_capacity(size);
-                let mut buf = vec![0u8; step];
-                loop {
-                    let n = r.read_at(&mut buf, got.len() as u64).unwrap();
-                    if n == 0 {
-                        break;
-                    }
-                    got.extend_from_slice(&buf[..n]);
-                }
+                let got = r.read_in_steps(step).unwrap();
                 assert_eq!(got.len(), plain.len(), "step {step}");
                 assert!(got == plain, "step {step}, chunk {c}");
             }

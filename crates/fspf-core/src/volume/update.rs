@@ -836,15 +836,7 @@ mod tests {
             let mut r = v.open_file(&f).unwrap();
             r.set_threads(threads(h));
             for step in [256 << 10, 1 << 20, 3 << 20, len] {
-                let mut got = Vec::new();
-                let mut buf = vec![0u8; step];
-                loop {
-                    let n = r.read_at(&mut buf, got.len() as u64).unwrap();
-                    if n == 0 {
-                        break;
-                    }
-                    got.extend_from_slice(&buf[..n]);
-                }
+                let got = r.read_in_steps(step).unwrap();
                 assert!(got == plain, "{h:?}, reads of {step}");
             }
         }
