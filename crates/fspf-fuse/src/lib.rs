@@ -112,12 +112,18 @@ impl DaemonAnchor {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).current
     }
 
-    fn write_tag_file(&self, tags: &[Tag]) -> Result<(), ViewError> {
+    /// Replace the tag file with one tag per line; `settled`: durably, its directory included.
+    fn write_tag_file(&self, tags: &[Tag], settled: bool) -> Result<(), ViewError> {
         let Some(p) = &self.tag_file else {
             return Ok(());
         };
         let text: String = tags.iter().map(|t| format!("{t}\n")).collect();
-        fspf_core::write_file_durably(p, text.as_bytes(), 0o600).map_err(|e| {
+        let write = if settled {
+            fspf_core::write_file_durably
+        } else {
+            fspf_core::volume::replace_file
+        };
+        write(p, text.as_bytes(), 0o600).map_err(|e| {
             eprintln!("fspf mount: cannot write the tag file: {e}");
             ViewError::Io
         })
@@ -133,7 +139,7 @@ impl Anchor for DaemonAnchor {
         Ok(())
     }
     fn announce(&self, current: Tag, next: Tag) -> Result<(), ViewError> {
-        self.write_tag_file(&[current, next])?;
+        self.write_tag_file(&[current, next], true)?;
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = AnchorState {
             current,
             pending: Some(next),
@@ -145,7 +151,9 @@ impl Anchor for DaemonAnchor {
             current: t,
             pending: None,
         };
-        self.write_tag_file(&[t])
+        // Not settled durably (as the in-process shield's): until the directory is synced a
+        // crash leaves the announced content, both tags, which names the state on disk too.
+        self.write_tag_file(&[t], false)
     }
 }
 
@@ -172,7 +180,7 @@ fn build(cfg: &Config) -> Result<fs::FspfFs, MountError> {
     };
     let anchor = Arc::new(DaemonAnchor::new(vol.tag(), cfg.tag_file.clone()));
     anchor
-        .write_tag_file(&[vol.tag()])
+        .write_tag_file(&[vol.tag()], true)
         .map_err(|_| MountError::Mount(std::io::Error::other("cannot write the tag file")))?;
     let mut scfg = SessionConfig::new(
         std::path::absolute(&cfg.fspf).unwrap_or_else(|_| cfg.fspf.clone()),
