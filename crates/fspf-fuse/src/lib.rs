@@ -112,18 +112,14 @@ impl DaemonAnchor {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).current
     }
 
-    /// Replace the tag file with one tag per line; `settled`: durably, its directory included.
-    fn write_tag_file(&self, tags: &[Tag], settled: bool) -> Result<(), ViewError> {
+    /// Write the tag file with one tag per line, in place and durably (one `fdatasync`; it is
+    /// written twice per commit).
+    fn write_tag_file(&self, tags: &[Tag]) -> Result<(), ViewError> {
         let Some(p) = &self.tag_file else {
             return Ok(());
         };
         let text: String = tags.iter().map(|t| format!("{t}\n")).collect();
-        let write = if settled {
-            fspf_core::write_file_durably
-        } else {
-            fspf_core::volume::replace_file
-        };
-        write(p, text.as_bytes(), 0o600).map_err(|e| {
+        fspf_core::volume::overwrite_file_durably(p, text.as_bytes(), 0o600).map_err(|e| {
             eprintln!("fspf mount: cannot write the tag file: {e}");
             ViewError::Io
         })
@@ -139,7 +135,7 @@ impl Anchor for DaemonAnchor {
         Ok(())
     }
     fn announce(&self, current: Tag, next: Tag) -> Result<(), ViewError> {
-        self.write_tag_file(&[current, next], true)?;
+        self.write_tag_file(&[current, next])?;
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = AnchorState {
             current,
             pending: Some(next),
@@ -151,9 +147,7 @@ impl Anchor for DaemonAnchor {
             current: t,
             pending: None,
         };
-        // Not settled durably (as the in-process shield's): until the directory is synced a
-        // crash leaves the announced content, both tags, which names the state on disk too.
-        self.write_tag_file(&[t], false)
+        self.write_tag_file(&[t])
     }
 }
 
@@ -180,7 +174,7 @@ fn build(cfg: &Config) -> Result<fs::FspfFs, MountError> {
     };
     let anchor = Arc::new(DaemonAnchor::new(vol.tag(), cfg.tag_file.clone()));
     anchor
-        .write_tag_file(&[vol.tag()], true)
+        .write_tag_file(&[vol.tag()])
         .map_err(|_| MountError::Mount(std::io::Error::other("cannot write the tag file")))?;
     let mut scfg = SessionConfig::new(
         std::path::absolute(&cfg.fspf).unwrap_or_else(|_| cfg.fspf.clone()),

@@ -121,33 +121,25 @@ impl Anchor {
         let mut b = [0u8; 32];
         b[..16].copy_from_slice(&current.0);
         b[16..].copy_from_slice(&next.0);
-        self.write_tag_file(&[current, next], true)?;
+        self.write_tag_file(&[current, next])?;
         self.write_bytes(&b)
     }
 
     /// After the commit point (or on finding a crashed committer's commit on disk): `t` alone.
     pub fn publish(&self, t: Tag) -> Result<(), c_int> {
         self.write_bytes(&t.0)?;
-        // Not settled durably: until the directory is synced a crash leaves the announced
-        // content (both tags), which names the state on disk as well (one flush per commit
-        // fewer).
-        self.write_tag_file(&[t], false)
+        self.write_tag_file(&[t])
     }
 
-    /// Replace the tag file atomically with one tag per line (`settled`: durably, directory
-    /// included). A user who finds two lines after a crash may trust either (old or new
-    /// state); `fspf … --tag-file` accepts both.
-    fn write_tag_file(&self, tags: &[Tag], settled: bool) -> Result<(), c_int> {
+    /// Write the tag file with one tag per line, in place and durably (one `fdatasync`). A user
+    /// who finds two lines after a crash may trust either (old or new state); `fspf …
+    /// --tag-file` accepts both.
+    fn write_tag_file(&self, tags: &[Tag]) -> Result<(), c_int> {
         let Some(p) = &self.tag_file else {
             return Ok(());
         };
         let text: String = tags.iter().map(|t| format!("{t}\n")).collect();
-        let write = if settled {
-            fspf_core::write_file_durably
-        } else {
-            fspf_core::volume::replace_file
-        };
-        write(p, text.as_bytes(), 0o600).map_err(|e| {
+        fspf_core::volume::overwrite_file_durably(p, text.as_bytes(), 0o600).map_err(|e| {
             crate::say(format!("cannot write the tag file: {e}"));
             libc::EIO
         })
