@@ -112,14 +112,12 @@ impl DaemonAnchor {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).current
     }
 
-    /// Write the tag file with one tag per line, in place and durably (one `fdatasync`; it is
-    /// written twice per commit).
+    /// Write the tag file (`fspf_core::session::write_tag_file`).
     fn write_tag_file(&self, tags: &[Tag]) -> Result<(), ViewError> {
         let Some(p) = &self.tag_file else {
             return Ok(());
         };
-        let text: String = tags.iter().map(|t| format!("{t}\n")).collect();
-        fspf_core::volume::overwrite_file_durably(p, text.as_bytes(), 0o600).map_err(|e| {
+        fspf_core::session::write_tag_file(p, tags).map_err(|e| {
             eprintln!("fspf mount: cannot write the tag file: {e}");
             ViewError::Io
         })

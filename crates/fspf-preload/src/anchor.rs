@@ -131,15 +131,13 @@ impl Anchor {
         self.write_tag_file(&[t])
     }
 
-    /// Write the tag file with one tag per line, in place and durably (one `fdatasync`). A user
-    /// who finds two lines after a crash may trust either (old or new state); `fspf …
-    /// --tag-file` accepts both.
+    /// Write the tag file (`fspf_core::session::write_tag_file`). A user who finds two lines
+    /// after a crash may trust either (old or new state); `fspf … --tag-file` accepts both.
     fn write_tag_file(&self, tags: &[Tag]) -> Result<(), c_int> {
         let Some(p) = &self.tag_file else {
             return Ok(());
         };
-        let text: String = tags.iter().map(|t| format!("{t}\n")).collect();
-        fspf_core::volume::overwrite_file_durably(p, text.as_bytes(), 0o600).map_err(|e| {
+        fspf_core::session::write_tag_file(p, tags).map_err(|e| {
             crate::say(format!("cannot write the tag file: {e}"));
             libc::EIO
         })

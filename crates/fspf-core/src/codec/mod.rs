@@ -29,8 +29,9 @@ pub struct Threads {
     /// survive `fork`, and a forked child that seals would hang. Without it, a batch is split
     /// in two halves, the second sealed on a scoped thread joined before the call returns.
     pub pool: bool,
-    /// Verify large reads with a second, scoped thread (only on machines with more than one
-    /// core). It lives only for the duration of one call, so it is safe across `fork`.
+    /// Verify large reads with a second thread (only on machines with more than one core):
+    /// the lent [`Threads::helper`], else a [`ScopedThread`], which lives only for the duration
+    /// of one call and so is safe across `fork`.
     pub read_helper: bool,
     /// A thread that outlives one call, lent for the second half of a read of at least
     /// `HELPER_MIN` bytes (the shield's, which it re-creates after `fork`). Without one, or
@@ -65,6 +66,27 @@ impl std::fmt::Debug for HelperRef {
             "HelperRef({:p})",
             self.0 as *const dyn Helper as *const ()
         )
+    }
+}
+
+/// The [`Helper`] of a reader lent none: a thread started for the call and joined before it
+/// returns (nothing is left running across `fork`). `false` when no thread can start.
+pub struct ScopedThread;
+
+impl Helper for ScopedThread {
+    fn run_beside(&self, job: &mut (dyn FnMut() + Send), own: &mut dyn FnMut()) -> bool {
+        std::thread::scope(|s| {
+            let Ok(h) = std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn_scoped(s, job)
+            else {
+                return false;
+            };
+            own();
+            // A job that panicked leaves its result unset; the caller does its part again.
+            let _ = h.join();
+            true
+        })
     }
 }
 
@@ -689,71 +711,41 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
         }
         let [mut s0, mut s1] = std::mem::take(&mut self.scratch);
         let split = count >= 2 && self.read_helper && several_cores();
-        let span = if split && dest.len() >= HELPER_MIN && self.helper.is_some() {
+        let helper: Option<&dyn Helper> = match self.helper {
+            Some(h) if split && dest.len() >= HELPER_MIN => Some(h.0),
+            _ if split && dest.len() >= PARALLEL_MIN => Some(&ScopedThread),
+            _ => None,
+        };
+        let mut halves = None;
+        if let Some(h) = helper {
             let half = count / 2;
             let (d0, d1) = dest.split_at_mut(self.span_bytes(first, half) as usize);
             let (mut l0, mut l1) = (Vec::new(), Vec::new());
             let (mut a, mut b) = (None, None);
             let this = &*self;
-            let lent = self.helper.is_some_and(|h| {
-                h.0.run_beside(
-                    &mut || {
-                        let p = prep.map(|p| &p[half as usize..]);
-                        b = Some(this.load_part(
-                            first + half,
-                            count - half,
-                            d1,
-                            &mut s1,
-                            Some(&mut l1),
-                            p,
-                        ));
-                    },
-                    &mut || a = Some(this.load_part(first, half, d0, &mut s0, Some(&mut l0), prep)),
-                )
-            });
-            match (a, b) {
-                (Some(a), Some(b)) if lent => Self::join_halves(half, a, b, leaves, l0, l1),
-                _ => self.load_part(first, count, dest, &mut s0, leaves, prep),
+            let lent = h.run_beside(
+                &mut || {
+                    let p = prep.map(|p| &p[half as usize..]);
+                    b = Some(this.load_part(
+                        first + half,
+                        count - half,
+                        d1,
+                        &mut s1,
+                        Some(&mut l1),
+                        p,
+                    ));
+                },
+                &mut || a = Some(this.load_part(first, half, d0, &mut s0, Some(&mut l0), prep)),
+            );
+            if let (true, Some(a), Some(b)) = (lent, a, b) {
+                halves = Some((half, a, b, l0, l1));
             }
-        } else if split && dest.len() >= PARALLEL_MIN {
-            let half = count / 2;
-            let (d0, d1) = dest.split_at_mut(self.span_bytes(first, half) as usize);
-            let (mut l0, mut l1) = (Vec::new(), Vec::new());
-            // Shared (not moved) so that this thread can do the second half if no thread starts.
-            let second = std::sync::Mutex::new(Some((d1, &mut s1, &mut l1)));
-            let this = &*self;
-            let take = || second.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let (a, b) = std::thread::scope(|s| {
-                let helper = std::thread::Builder::new()
-                    .stack_size(256 * 1024)
-                    .spawn_scoped(s, move || {
-                        let (d, sc, l) = take().expect("second half");
-                        let p = prep.map(|p| &p[half as usize..]);
-                        this.load_part(first + half, count - half, d, sc, Some(l), p)
-                    });
-                let a = this.load_part(first, half, d0, &mut s0, Some(&mut l0), prep);
-                let b = match helper {
-                    Ok(h) => h.join().unwrap_or_else(|_| Span {
-                        ok: 0,
-                        err: Some(Error::Other("read helper thread panicked".into())),
-                    }),
-                    // No thread (resource limits): do the second half here.
-                    Err(_) => match take() {
-                        Some((d, sc, l)) => {
-                            let p = prep.map(|p| &p[half as usize..]);
-                            this.load_part(first + half, count - half, d, sc, Some(l), p)
-                        }
-                        None => Span {
-                            ok: 0,
-                            err: Some(Error::Other("read helper thread failed".into())),
-                        },
-                    },
-                };
-                (a, b)
-            });
-            Self::join_halves(half, a, b, leaves, l0, l1)
-        } else {
-            self.load_part(first, count, dest, &mut s0, leaves, prep)
+        }
+        // No thread for the second half (none free, none could start, or it panicked): the
+        // whole span on this thread.
+        let span = match halves {
+            Some((half, a, b, l0, l1)) => Self::join_halves(half, a, b, leaves, l0, l1),
+            None => self.load_part(first, count, dest, &mut s0, leaves, prep),
         };
         self.scratch = [s0, s1];
         span
@@ -1127,8 +1119,8 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
         let c = self.chunk_len as u64;
         let per = (block as u64 / c).max(1);
         if matches!(self.codec, FileCodec::Tree { .. }) {
-            // Tree pages are verified through `&mut self`: one block after the other (each
-            // block of 2 MiB or more is still verified on two threads by `load_span`).
+            // Tree pages are verified through `&mut self`: one block after the other (a large
+            // block is still verified on two threads by `load_span`).
             let mut buf = Vec::new();
             let mut i = 0;
             while i < n {
@@ -1172,19 +1164,17 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
         let (mut s0, mut s1) = (Vec::new(), Vec::new());
         if n >= 2 * per && self.read_helper && several_cores() {
             let half = n / 2;
-            std::thread::scope(|s| {
-                let helper = std::thread::Builder::new()
-                    .stack_size(256 * 1024)
-                    .spawn_scoped(s, || part(half, n, &mut s1));
-                let a = part(0, half, &mut s0);
-                match helper {
-                    Ok(h) => a.and(h.join().unwrap_or_else(|_| {
-                        Err(Error::Other("read helper thread panicked".into()))
-                    })),
-                    // no helper thread (resource limits): this thread does the second half too
-                    Err(_) => a.and_then(|()| part(half, n, &mut s0)),
-                }
-            })
+            let helper: &dyn Helper = self.helper.map_or(&ScopedThread, |h| h.0);
+            let (mut a, mut b) = (None, None);
+            let lent = helper.run_beside(&mut || b = Some(part(half, n, &mut s1)), &mut || {
+                a = Some(part(0, half, &mut s0))
+            });
+            match (lent, a, b) {
+                (true, Some(a), Some(b)) => a.and(b),
+                // No thread for the second half: this thread does it too.
+                (true, Some(a), None) => a.and_then(|()| part(half, n, &mut s0)),
+                _ => part(0, n, &mut s0),
+            }
         } else {
             part(0, n, &mut s0)
         }

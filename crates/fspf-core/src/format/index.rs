@@ -659,16 +659,6 @@ mod tests {
     fn p(s: &str) -> EmbedPath {
         EmbedPath::parse(s).unwrap()
     }
-    fn dir() -> FileEntry {
-        FileEntry {
-            kind: FileKind::Dir,
-            mode: 0o755,
-            mtime_ns: 1,
-            owner: None,
-            ino: None,
-            ctime_ns: 0,
-        }
-    }
     fn file(n: u8) -> FileEntry {
         FileEntry {
             kind: FileKind::File {
@@ -721,10 +711,10 @@ mod tests {
     fn tricky() -> Metadata {
         let mut m = meta([]);
         for (s, e) in [
-            ("/a", dir()),
+            ("/a", FileEntry::test_dir()),
             ("/a-b", file(1)),
             ("/a.b", file(2)),
-            ("/a/b", dir()),
+            ("/a/b", FileEntry::test_dir()),
             ("/a/b/c", file(3)),
             ("/a/b-c/d", file(4)),
             ("/ab", file(5)),
@@ -859,13 +849,16 @@ mod tests {
 
     #[test]
     fn a_listed_root_is_not_its_own_child() {
-        let m = meta([(EmbedPath::root(), dir()), (p("/x"), file(1))]);
+        let m = meta([
+            (EmbedPath::root(), FileEntry::test_dir()),
+            (p("/x"), file(1)),
+        ]);
         assert_views_agree(&m);
         let bytes = build_index(&m, TAG).unwrap();
         let ix = FrozenIndex::open(&bytes).unwrap();
         assert_eq!(listed(ix.children(&EmbedPath::root())).len(), 1);
-        assert_eq!(ix.get(&EmbedPath::root()), Some(dir()));
-        let only_root = meta([(EmbedPath::root(), dir())]);
+        assert_eq!(ix.get(&EmbedPath::root()), Some(FileEntry::test_dir()));
+        let only_root = meta([(EmbedPath::root(), FileEntry::test_dir())]);
         let bytes = build_index(&only_root, TAG).unwrap();
         assert!(!FrozenIndex::open(&bytes)
             .unwrap()

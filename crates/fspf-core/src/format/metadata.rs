@@ -281,6 +281,21 @@ pub struct FileEntry {
     pub ctime_ns: i64,
 }
 
+#[cfg(test)]
+impl FileEntry {
+    /// A directory entry with fixed times (tests).
+    pub(crate) fn test_dir() -> FileEntry {
+        FileEntry {
+            kind: FileKind::Dir,
+            mode: 0o755,
+            mtime_ns: 1,
+            ctime_ns: 0,
+            owner: None,
+            ino: None,
+        }
+    }
+}
+
 impl FileEntry {
     /// A new version of a regular file: permission bits of `mode`, sealed now, no owner.
     pub fn new_file(id: FileId, size: u64, root: Option<[u8; 32]>, mode: u32) -> FileEntry {

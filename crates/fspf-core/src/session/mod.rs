@@ -82,6 +82,14 @@ impl AnchorState {
     }
 }
 
+/// Write a tag file, the durable copy of an [`Anchor`] outside the run: one tag per line (two
+/// while a commit is in flight: a reader may trust either), overwritten in place with one
+/// `fdatasync` ([`crate::volume::overwrite_file_durably`]; it is written twice per commit).
+pub fn write_tag_file(path: &std::path::Path, tags: &[Tag]) -> crate::Result<()> {
+    let text: String = tags.iter().map(|t| format!("{t}\n")).collect();
+    crate::volume::overwrite_file_durably(path, text.as_bytes(), 0o600)
+}
+
 /// The run's trust anchor: where the tag the run trusts lives while the run goes on, and the
 /// lock that serialises the run's committers. Storage must not be able to change either.
 pub trait Anchor {

@@ -15,17 +15,6 @@ fn p(s: &str) -> EmbedPath {
     EmbedPath::parse(s).unwrap()
 }
 
-fn dir() -> FileEntry {
-    FileEntry {
-        kind: FileKind::Dir,
-        mode: 0o755,
-        mtime_ns: 1,
-        ctime_ns: 1,
-        owner: None,
-        ino: None,
-    }
-}
-
 fn logging(mut v: Volume) -> Volume {
     let mut o = v.options();
     o.log = true;
@@ -52,8 +41,11 @@ impl Fx {
 
 fn mkdir(v: &mut Volume, path: &str) -> Tag {
     let t = v.tag();
-    v.commit(vec![Change::PutEntry(p(path), dir())], Some(t))
-        .unwrap()
+    v.commit(
+        vec![Change::PutEntry(p(path), FileEntry::test_dir())],
+        Some(t),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -232,8 +224,8 @@ fn a_volume_over_an_index_with_the_log_applied_reads_as_the_parsed_volume() {
                 from: p("/e"),
                 to: p("/a/e"),
             },
-            Change::PutEntry(p("/g/h/i"), dir()),
-            Change::PutEntry(p("/new"), dir()),
+            Change::PutEntry(p("/g/h/i"), FileEntry::test_dir()),
+            Change::PutEntry(p("/new"), FileEntry::test_dir()),
         ],
         Some(t0),
     )
@@ -267,7 +259,10 @@ fn a_volume_over_an_index_with_the_log_applied_reads_as_the_parsed_volume() {
     let t2 = {
         let t = ix.tag();
         ix.commit(
-            vec![Change::Remove(p("/a")), Change::PutEntry(p("/z"), dir())],
+            vec![
+                Change::Remove(p("/a")),
+                Change::PutEntry(p("/z"), FileEntry::test_dir()),
+            ],
             Some(t),
         )
         .unwrap()
@@ -334,7 +329,10 @@ fn is_current_on_disk_answers_without_reading_the_log_and_never_wrongly_yes() {
     assert!(w.is_current_on_disk().unwrap());
     // The first one follows it at its next commit and merges onto it.
     let t3 = v
-        .commit(vec![Change::PutEntry(p("/c"), dir())], Some(t2))
+        .commit(
+            vec![Change::PutEntry(p("/c"), FileEntry::test_dir())],
+            Some(t2),
+        )
         .unwrap();
     let o = fx.open(t3).unwrap();
     assert!(o.lookup(&p("/b")).is_some() && o.lookup(&p("/c")).is_some());

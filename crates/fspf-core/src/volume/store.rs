@@ -466,9 +466,8 @@ pub fn overwrite_file_durably(path: &Path, content: &[u8], mode: u32) -> Result<
 
 /// [`write_file_durably`] without the directory's fsync: after a crash `path` holds the old
 /// content or the new one, each complete, but which one is not settled until the directory is
-/// synced. For a file whose old content is as good as the new one after a crash (the tag file
-/// after a commit: its previous content names both the old and the new state).
-pub fn replace_file(path: &Path, content: &[u8], mode: u32) -> Result<()> {
+/// synced.
+fn replace_file(path: &Path, content: &[u8], mode: u32) -> Result<()> {
     let mut rnd = [0u8; 6];
     crate::crypto::random_bytes(&mut rnd)?;
     let tmp = sibling(path, &format!(".tmp-{}", hex::encode(rnd)));

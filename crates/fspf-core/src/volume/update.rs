@@ -785,8 +785,9 @@ mod tests {
         );
     }
 
-    /// A [`Helper`] for tests: the job on a scoped thread of its own (safe, and as concurrent as
-    /// the shield's lent thread); `busy` refuses every job, as a helper in use does.
+    /// A [`Helper`] for tests that counts its lends: the job on a scoped thread of its own (as
+    /// concurrent as the shield's lent thread); `busy` refuses every job, as a helper in use
+    /// does.
     struct TestHelper {
         busy: bool,
         lent: std::sync::atomic::AtomicUsize,
@@ -798,11 +799,7 @@ mod tests {
                 return false;
             }
             self.lent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            std::thread::scope(|s| {
-                s.spawn(job);
-                own();
-            });
-            true
+            crate::codec::ScopedThread.run_beside(job, own)
         }
     }
 
