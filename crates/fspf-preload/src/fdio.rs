@@ -11,6 +11,9 @@ pub unsafe fn do_read(fd: c_int, h: &Handle, buf: *mut u8, n: size_t, off: Optio
     let f = h.lock().unwrap_or_else(|e| e.into_inner());
     if f.touched.is_some() {
         drop(f);
+        if let Err(e) = files::load_unloaded_for(h) {
+            return fail_isize(e);
+        }
         return match off {
             // SAFETY: the program's buffer of n bytes; fd is a description of the buffer.
             Some(o) => unsafe { real::pread(fd, buf.cast(), n, o as off_t) },
@@ -77,6 +80,30 @@ pub unsafe fn do_write(
 ) -> ssize_t {
     let mut kill_suid = None;
     let mut buffer = None;
+    let append;
+    // A write that may land below the end needs what is there (descriptions that can are
+    // made only on loaded buffers; `fcntl(F_SETFL)` may take O_APPEND away later).
+    let unloaded = {
+        let f = h.lock().unwrap_or_else(|e| e.into_inner());
+        match &f.body {
+            Body::Buf(b)
+                if !f.append
+                    && b.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .unloaded
+                        .load(Ordering::Relaxed)
+                        != 0 =>
+            {
+                Some(b.clone())
+            }
+            _ => None,
+        }
+    };
+    if let Some(b) = unloaded {
+        if let Err(e) = crate::opening::load_unloaded_of(&b) {
+            return fail_isize(e);
+        }
+    }
     let touched = {
         let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
         if !f.write {
@@ -105,6 +132,7 @@ pub unsafe fn do_write(
             }
             buffer = Some(b.clone());
         }
+        append = f.append;
         f.touched.clone()
     };
     let Some(t) = touched else {
@@ -126,6 +154,13 @@ pub unsafe fn do_write(
     let mut g = buffer
         .as_ref()
         .map(|b| b.lock().unwrap_or_else(|e| e.into_inner()));
+    if let Some(g) = g.as_mut().filter(|g| g.track.is_some()) {
+        // Something wrote the buffer unseen since the last tracked change: the record is
+        // incomplete from now on (not only until this write's stat).
+        if g.tracked().is_none() {
+            g.track = None;
+        }
+    }
     let g = g.as_mut().filter(|g| g.track.is_some());
     let w = match off {
         // SAFETY: the program's n bytes; fd is a description of the buffer.
@@ -136,7 +171,9 @@ pub unsafe fn do_write(
     if let Some(g) = g {
         if w > 0 {
             let at = match off {
-                Some(o) => Some(o),
+                // (Linux's pwrite on an O_APPEND description appends, whatever the offset.)
+                Some(o) if !append => Some(o),
+                Some(_) => g.stat_now().map(|(end, _)| end.saturating_sub(w as u64)),
                 // SAFETY: reading the description's offset, which this write just moved.
                 None => match unsafe { real::lseek(fd, 0, libc::SEEK_CUR) } {
                     end if end >= w as i64 => Some(end as u64 - w as u64),
@@ -156,6 +193,13 @@ pub fn do_seek(fd: c_int, h: &Handle, off: i64, whence: c_int) -> i64 {
     let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
     if f.touched.is_some() {
         drop(f);
+        if matches!(whence, libc::SEEK_DATA | libc::SEEK_HOLE) {
+            // The kernel would report the unloaded prefix as a hole.
+            if let Err(e) = files::load_unloaded_for(h) {
+                set_errno(e);
+                return -1;
+            }
+        }
         // SAFETY: seeking the program's description of the buffer.
         let r = unsafe { real::lseek(fd, off, whence) };
         if r > files::MAX_BUFFER_LEN as i64 {

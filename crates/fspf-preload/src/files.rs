@@ -67,6 +67,86 @@ pub struct WriteBuf {
     /// shield then compares the buffer with the committed state instead. `None` once the
     /// buffer is mapped writable and shared (writes through a map need not move the times).
     pub track: Option<Track>,
+    /// This process's view of the buffer's unloaded prefix: bytes `[0, n)` of an append-only
+    /// buffer may not have been loaded (they are a hole in the memfd and equal the committed
+    /// file); `0`: the whole content is in the buffer. The buffer file's [`UNLOADED_XATTR`] is
+    /// the truth every process of the run shares: a process that loads the prefix removes it,
+    /// so this hint can only be stale in the safe direction (checked again before use).
+    pub unloaded: AtomicU64,
+}
+
+/// Extended attribute on a buffer's file (memfd or the run's shared buffer) whose first bytes
+/// were not loaded: their count, in decimal. Set before the buffer is complete
+/// (`runbuf::loaded`), removed under [`UnloadedLock`] by whoever loads them.
+const UNLOADED_XATTR: &std::ffi::CStr = c"user.fspf.unloaded";
+
+/// An OFD write lock on one byte far past any buffer's end, serialising the loads of a
+/// buffer's unloaded prefix between the processes holding it (independent of the `flock`
+/// that `runbuf` holds shared on the same file, and of the program's own locks, which the
+/// shield takes elsewhere: `locks.rs`).
+pub struct UnloadedLock(c_int);
+
+impl UnloadedLock {
+    const AT: i64 = i64::MAX - 1;
+
+    fn flock(kind: c_int) -> libc::flock {
+        // SAFETY: a plain C struct; all-zero is a valid value.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = kind as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = Self::AT;
+        fl.l_len = 1;
+        fl
+    }
+
+    pub fn take(fd: c_int) -> Result<UnloadedLock, c_int> {
+        let mut fl = Self::flock(libc::F_WRLCK);
+        loop {
+            // SAFETY: F_OFD_SETLKW with a pointer to a local struct flock.
+            let r = unsafe {
+                real::fcntl(
+                    fd,
+                    libc::F_OFD_SETLKW,
+                    &mut fl as *mut libc::flock as libc::c_ulong,
+                )
+            };
+            if r == 0 {
+                return Ok(UnloadedLock(fd));
+            }
+            let e = crate::errno();
+            if e != libc::EINTR {
+                return Err(e);
+            }
+        }
+    }
+}
+
+impl Drop for UnloadedLock {
+    fn drop(&mut self) {
+        let mut fl = Self::flock(libc::F_UNLCK);
+        // SAFETY: F_OFD_SETLK with a pointer to a local struct flock, on the fd we locked.
+        unsafe {
+            real::fcntl(
+                self.0,
+                libc::F_OFD_SETLK,
+                &mut fl as *mut libc::flock as libc::c_ulong,
+            )
+        };
+    }
+}
+
+/// The unloaded prefix recorded on buffer file `fd` ([`UNLOADED_XATTR`]); 0 when none.
+pub fn unloaded_on_file(fd: c_int) -> u64 {
+    let mut v = [0u8; 24];
+    // SAFETY: reading an attribute of our own fd into a local buffer of that length.
+    let n = unsafe { real::fgetxattr(fd, UNLOADED_XATTR.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+    if n <= 0 {
+        return 0;
+    }
+    std::str::from_utf8(&v[..n as usize])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 /// What the hooks wrote since the buffer last equalled a committed or staged state.
@@ -101,6 +181,48 @@ impl WriteBuf {
             version: None,
             mirror: false,
             track: None,
+            unloaded: AtomicU64::new(0),
+        }
+    }
+
+    /// The bytes `[0, n)` of this buffer that are not loaded (0: none), after checking the
+    /// buffer file when this process's hint says there may be some.
+    pub fn unloaded(&self) -> u64 {
+        if self.unloaded.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        let n = unloaded_on_file(self.fd);
+        self.unloaded.store(n, Ordering::Relaxed);
+        n
+    }
+
+    /// Leave `[0, n)` unloaded (a hole equal to the committed file): recorded on the buffer
+    /// file for every process that shares it. False when the file system cannot record it
+    /// (user extended attributes on tmpfs need Linux 6.6): the caller loads everything.
+    pub fn mark_unloaded(&self, n: u64) -> bool {
+        let v = n.to_string();
+        // SAFETY: setting an attribute on our own fd from a local string.
+        let r = unsafe {
+            real::fsetxattr(
+                self.fd,
+                UNLOADED_XATTR.as_ptr(),
+                v.as_ptr().cast(),
+                v.len(),
+                0,
+            )
+        };
+        if r != 0 {
+            return false;
+        }
+        self.unloaded.store(n, Ordering::Relaxed);
+        true
+    }
+
+    /// The whole content is in the buffer now (loaded, or rewritten whole).
+    pub fn mark_loaded(&self) {
+        if self.unloaded.swap(0, Ordering::Relaxed) != 0 {
+            // SAFETY: removing an attribute of our own fd.
+            unsafe { real::fremovexattr(self.fd, UNLOADED_XATTR.as_ptr()) };
         }
     }
 
@@ -206,6 +328,7 @@ impl WriteBuf {
         let mut b = WriteBuf::on_fd(path, move_high(fd, true), mode, mtime, true);
         b.mirror = true;
         if joined {
+            b.unloaded.store(unloaded_on_file(b.fd), Ordering::Relaxed);
             b.print = b.fingerprint()?;
         }
         Ok(b)
@@ -234,6 +357,7 @@ impl WriteBuf {
             // The run's shared buffer, handed over by exec: hold it like its other holders.
             b.mirror = crate::runbuf::hold(own);
         }
+        b.unloaded.store(unloaded_on_file(own), Ordering::Relaxed);
         b.print = b.fingerprint()?;
         Ok(b)
     }
@@ -262,6 +386,15 @@ impl WriteBuf {
     }
 
     pub fn read_at(&self, out: &mut [u8], off: u64) -> Result<usize, c_int> {
+        if !out.is_empty() && off < self.unloaded() {
+            // Every path that reads the content loads the prefix first
+            // (`opening::load_unloaded`): this would return zeros for committed bytes.
+            log(format!(
+                "{}: read of the buffer's unloaded prefix at {off} refused",
+                self.path
+            ));
+            return Err(libc::EIO);
+        }
         // SAFETY: reading into the caller's buffer from our own fd.
         let n = unsafe { real::pread(self.fd, out.as_mut_ptr().cast(), out.len(), off as i64) };
         if n < 0 {
@@ -301,6 +434,10 @@ impl WriteBuf {
         // SAFETY: truncating our own fd.
         if unsafe { real::ftruncate(self.fd, len as i64) } != 0 {
             return Err(crate::errno());
+        }
+        if len == 0 {
+            // Nothing is left of an unloaded prefix.
+            self.mark_loaded();
         }
         self.touched.store(true, Ordering::Relaxed);
         Ok(())
@@ -565,6 +702,24 @@ pub struct OpenFile {
 
 pub type Handle = Arc<Mutex<OpenFile>>;
 
+/// The write buffer behind a description, if it has one.
+pub fn buffer_of(h: &Handle) -> Option<Arc<Mutex<WriteBuf>>> {
+    match &h.lock().unwrap_or_else(|e| e.into_inner()).body {
+        Body::Buf(b) => Some(b.clone()),
+        _ => None,
+    }
+}
+
+/// Before the content of `h`'s buffer is read, or written other than by appending: load what it
+/// left unloaded (`opening::load_unloaded`). Takes the shield's lock: call it without the
+/// description's.
+pub fn load_unloaded_for(h: &Handle) -> Result<(), c_int> {
+    match buffer_of(h) {
+        Some(b) => crate::opening::load_unloaded_of(&b),
+        None => Ok(()),
+    }
+}
+
 /// [`OpenFile::read_at`] of a format-2 file that failed verification: the file may have been
 /// updated in place by another process of the run since it was opened (`fdio::read_fresh`
 /// reopens it at the run's current state and reads again before calling it tampered).
@@ -741,6 +896,10 @@ impl OpenFile {
             return Err(libc::EINVAL);
         }
         let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+        if g.track.is_some() && g.tracked().is_none() {
+            // Written unseen since the last tracked change (see `fdio::do_write`).
+            g.track = None;
+        }
         g.set_len(len)?;
         g.note_len(len);
         Ok(())

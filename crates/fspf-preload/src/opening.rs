@@ -172,6 +172,130 @@ fn load_buffer(inner: &mut Inner, ep: &EmbedPath, b: &WriteBuf) -> Result<(), c_
 /// Block size of [`load_buffer`].
 const LOAD_BLOCK: usize = 1 << 20;
 
+/// Fill `b`, a new buffer of `ep` opened `O_WRONLY | O_APPEND`, with only the end of the file
+/// when that is safe: the last partial chunk is loaded, the rest is left a hole recorded as
+/// unloaded (`WriteBuf::unloaded`), so appending to a large log costs what is appended, not a
+/// load of the file into memory. `false`: not such a case (the caller loads everything).
+///
+/// Safe when the file is format 2 (its updates are tracked byte ranges or a diff from the
+/// unloaded end on, both past the prefix), large (buffers of at most `HASH_MAX` are hashed
+/// whole), and every description of the buffer is write-only and appends: the program can
+/// neither read the prefix nor write into it, and whatever else would (a read, a non-appending
+/// description, a truncation, a map, a whole-version seal) loads it first
+/// ([`load_unloaded`]).
+fn load_tail(inner: &mut Inner, ep: &EmbedPath, b: &WriteBuf, flags: c_int) -> Result<bool, c_int> {
+    if flags & libc::O_ACCMODE != libc::O_WRONLY
+        || flags & libc::O_APPEND == 0
+        || !inner.s.updatable(ep)
+        || std::env::var_os("FSPF_LAZY_APPEND").is_some_and(|v| v == "0")
+    {
+        return Ok(false);
+    }
+    let Some(vol) = inner.s.vol() else {
+        return Ok(false);
+    };
+    let chunk = vol.region_for(ep).map_or(0, |r| r.chunk_len as u64);
+    let size = match vol.lookup(ep).map(|e| e.into_owned().kind) {
+        Some(FileKind::File { size, .. }) => size,
+        _ => return Ok(false),
+    };
+    if chunk == 0 || size <= files::HASH_MAX {
+        return Ok(false);
+    }
+    let from = size / chunk * chunk;
+    b.set_len(size)?;
+    if !b.mark_unloaded(from) {
+        b.set_len(0)?;
+        return Ok(false);
+    }
+    let mut r = open_kernel(inner, ep)?;
+    load_range(ep, &mut r, b, from, size)?;
+    Ok(true)
+}
+
+/// Copy the verified plaintext `[from, to)` of `r` into `b`.
+fn load_range(
+    ep: &EmbedPath,
+    r: &mut fspf_core::volume::KernelReader,
+    b: &WriteBuf,
+    from: u64,
+    to: u64,
+) -> Result<(), c_int> {
+    if r.size() < to {
+        log(format!(
+            "{ep}: the committed file is shorter ({} bytes) than the buffer's unloaded prefix ({to})",
+            r.size()
+        ));
+        return Err(libc::EIO);
+    }
+    let mut block = vec![0u8; LOAD_BLOCK.min((to - from) as usize)];
+    let mut off = from;
+    while off < to {
+        let want = ((to - off) as usize).min(block.len());
+        let n = r
+            .read_at(&mut block[..want], off)
+            .map_err(|e| map_core(ep, e))?;
+        if n == 0 {
+            return Err(libc::EIO);
+        }
+        b.write_all_at(&block[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Load the prefix a buffer left unloaded ([`load_tail`]) from the committed file, once for
+/// every process that shares the buffer: under the buffer's [`files::UnloadedLock`], and only
+/// if the buffer file still says it is unloaded (another holder may have loaded it, and written
+/// it since). Called before anything reads the buffer's content or writes below its end other
+/// than by appending.
+pub fn load_unloaded(inner: &mut Inner, b: &mut WriteBuf) -> Result<(), c_int> {
+    if b.unloaded() == 0 {
+        return Ok(());
+    }
+    let _lock = files::UnloadedLock::take(b.fd)?;
+    let n = b.unloaded();
+    if n > 0 {
+        // Loading changes the buffer file's times, not its content: what was clean or
+        // tracked before stays so.
+        let tracked = b.tracked().is_some();
+        let clean = b.fingerprint().ok() == Some(b.print);
+        let mut r = open_kernel(inner, &b.path)?;
+        // (`write_all_at` must not take the prefix for the program's own writes.)
+        let keep = b.append_only.load(Ordering::Relaxed);
+        load_range(&b.path, &mut r, b, 0, n)?;
+        b.append_only.store(keep, Ordering::Relaxed);
+        let now = b.stat_now();
+        if let (true, Some(t), Some(p)) = (tracked, b.track.as_mut(), now) {
+            t.print = p;
+        } else {
+            b.track = None;
+        }
+        if clean {
+            b.print = b.fingerprint()?;
+        }
+    }
+    b.mark_loaded();
+    Ok(())
+}
+
+/// [`load_unloaded`] for a buffer the caller holds no lock of (the shield's lock is taken
+/// first, as everywhere). Cheap when the buffer is loaded.
+pub fn load_unloaded_of(b: &Arc<Mutex<WriteBuf>>) -> Result<(), c_int> {
+    if b.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .unloaded
+        .load(Ordering::Relaxed)
+        == 0
+    {
+        return Ok(());
+    }
+    let sh = shield::get();
+    let mut inner = sh.lock();
+    let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+    load_unloaded(&mut inner, &mut g)
+}
+
 /// Read-only body for `ep`; `verify` checks every chunk now (small files only).
 fn read_body(
     inner: &mut Inner,
@@ -180,10 +304,13 @@ fn read_body(
     mode: u32,
     mtime: i64,
 ) -> Result<Body, c_int> {
-    if let Some(b) = inner.live.get(ep).filter(|b| live_is_current(b)) {
-        return Ok(Body::Buf(b.clone()));
+    // (A description that reads a buffer needs all of it: the kernel serves its reads.)
+    if let Some(b) = inner.live.get(ep).filter(|b| live_is_current(b)).cloned() {
+        load_unloaded(inner, &mut b.lock().unwrap_or_else(|e| e.into_inner()))?;
+        return Ok(Body::Buf(b));
     }
     if let Some(b) = join_existing(inner, ep, mode, mtime) {
+        load_unloaded(inner, &mut b.lock().unwrap_or_else(|e| e.into_inner()))?;
         return Ok(Body::Buf(b));
     }
     let vol = inner.s.vol().ok_or(libc::EACCES)?;
@@ -377,7 +504,9 @@ fn shield_open_depth(
                         // A joined buffer is current as it is; a new one is filled first.
                         if !joined {
                             if flags & libc::O_TRUNC == 0 {
-                                load_buffer(&mut inner, &ep, &b)?;
+                                if !load_tail(&mut inner, &ep, &b, flags)? {
+                                    load_buffer(&mut inner, &ep, &b)?;
+                                }
                                 // The version it starts from: appends to it can be rebased onto a
                                 // version another process of the run commits meanwhile.
                                 if let Some((v, size)) = inner
@@ -407,6 +536,11 @@ fn shield_open_depth(
                     let mut g = buf.lock().unwrap_or_else(|e| e.into_inner());
                     if flags & libc::O_TRUNC != 0 {
                         g.set_len(0)?;
+                    } else if flags & libc::O_ACCMODE != libc::O_WRONLY
+                        || flags & libc::O_APPEND == 0
+                    {
+                        // A description that can read the buffer, or write into it.
+                        load_unloaded(&mut inner, &mut g)?;
                     }
                     g.writers += 1;
                 }
@@ -523,6 +657,7 @@ pub fn refresh_path(inner: &mut Inner, ep: &EmbedPath) -> Result<(), c_int> {
             let fresh = WriteBuf::create(ep.clone(), g.mode, g.mtime)?;
             load_buffer(inner, ep, &fresh)?;
             copy_buffer(&fresh, &g)?;
+            g.mark_loaded();
             g.version = Some(id);
             if !g.shared {
                 g.base = Some((id, size));
@@ -540,6 +675,10 @@ pub fn refresh_path(inner: &mut Inner, ep: &EmbedPath) -> Result<(), c_int> {
     };
     // Another process of the run may be writing it in the run's shared buffer: read that.
     let joined = join_existing(inner, ep, mode, mtime);
+    if let Some(b) = &joined {
+        // (It replaces readable bodies.)
+        load_unloaded(inner, &mut b.lock().unwrap_or_else(|e| e.into_inner()))?;
+    }
     for h in files::all_handles() {
         let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
         if &f.path == ep && matches!(f.body, Body::Kernel(_) | Body::Mem(_)) {

@@ -820,6 +820,8 @@ impl Shield {
         if !eph && self.stage_tracked(inner, b, meta)? {
             return Ok(());
         }
+        // A whole version is sealed from the whole buffer.
+        crate::opening::load_unloaded(inner, b)?;
         let before = b.stat_now();
         if !eph && b.len() > files::HASH_MAX {
             // Large kernel file: seal straight from the memfd (no copy of the whole file).
@@ -893,7 +895,9 @@ impl Shield {
             Some((v, written)) => inner
                 .s
                 .stage_update(&b.path, v, print.0, &written, meta, read),
-            None => inner.s.stage_diff(&b.path, print.0, meta, read),
+            None => inner
+                .s
+                .stage_diff(&b.path, print.0, b.unloaded(), meta, read),
         }
         .map_err(errno_of)?;
         let Some(t) = staged else {
@@ -1020,6 +1024,7 @@ impl Shield {
                     g.track = None;
                     continue;
                 }
+                g.mark_loaded();
                 g.mark_sealed(&data);
                 g.start_tracking();
             }

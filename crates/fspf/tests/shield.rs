@@ -3251,3 +3251,229 @@ fn a_second_change_before_the_commit_rewrote_the_whole_file() {
         assert!(read_big(&w) == want, "{env:?}: both changes");
     }
 }
+
+/// Bytes the kernel allocated to the file behind `fd` (a raw `fstat`, which the shield does not
+/// see: the buffer's memfd or the run's shared buffer file). Python, for the scripts below.
+const ALLOCATED_PY: &str = r#"
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def allocated(fd):
+    st = ctypes.create_string_buffer(144)
+    assert libc.syscall(5, fd, st) == 0, ctypes.get_errno()
+    return int.from_bytes(st.raw[64:72], 'little') * 512
+def raw_write(fd, b):
+    buf = ctypes.create_string_buffer(b)
+    assert libc.syscall(1, fd, buf, ctypes.c_size_t(len(b))) == len(b)
+def pattern(n):
+    return bytes((i * 7 + i // 4096) % 251 for i in range(n))
+"#;
+
+#[test]
+fn an_append_to_a_large_file_loads_only_its_end_and_whatever_reads_it_loads_the_rest() {
+    need("python3");
+    for env in BUFFER_MODES {
+        let n = 3 << 20;
+        let mut w = big_world(n);
+        let script = format!(
+            "{ALLOCATED_PY}{}",
+            r#"
+n = 3 << 20
+fd = os.open('/data/big', os.O_WRONLY | os.O_APPEND)
+os.write(fd, b'hooked ')
+# Linux appends a pwrite on an O_APPEND description, whatever the offset.
+os.pwrite(fd, b'pwrite ', 0)
+raw_write(fd, b'raw ')
+assert os.fstat(fd).st_size == n + 18, os.fstat(fd).st_size
+# Only the last chunk and what was appended are in memory.
+assert allocated(fd) <= 64 << 10, allocated(fd)
+# A second appending description of the file in this process shares the buffer, unloaded.
+fd2 = os.open('/data/big', os.O_WRONLY | os.O_APPEND)
+os.write(fd2, b'second ')
+assert allocated(fd) <= 64 << 10, allocated(fd)
+# A reader needs all of it: opening one loads the rest.
+want = pattern(n) + b'hooked pwrite raw second '
+with open('/data/big', 'rb') as r:
+    assert allocated(fd) >= n, allocated(fd)
+    assert r.read() == want
+os.write(fd, b'end')
+os.close(fd2)
+os.close(fd)
+"#
+        );
+        ok(
+            &run_mut_env(&mut w, env, &["python3", "-c", &script]),
+            "append",
+        );
+        let mut want = big_expected(n);
+        want.extend_from_slice(b"hooked pwrite raw second end");
+        let got = read_big(&w);
+        assert!(
+            got == want,
+            "{env:?}: content after the appends: {} bytes, want {}; tail {:?}",
+            got.len(),
+            want.len(),
+            String::from_utf8_lossy(&got[got.len().saturating_sub(40)..])
+        );
+    }
+}
+
+#[test]
+fn an_unloaded_buffer_is_loaded_before_a_truncation_a_seek_for_data_a_map_or_a_non_appending_write()
+{
+    need("python3");
+    for env in BUFFER_MODES {
+        let n = 3 << 20;
+        let mut w = big_world(n);
+        let script = format!(
+            "{ALLOCATED_PY}{}",
+            r#"
+import fcntl, mmap
+n = 3 << 20
+want = bytearray(pattern(n))
+def fresh():
+    fd = os.open('/data/big', os.O_WRONLY | os.O_APPEND)
+    assert allocated(fd) <= 64 << 10, allocated(fd)
+    return fd
+def done(fd):
+    # Committed, and the buffer dropped: the next open makes a new one.
+    os.fsync(fd)
+    os.close(fd)
+# A truncation below the end keeps the bytes before it.
+fd = fresh()
+os.ftruncate(fd, n - 100_000)
+del want[n - 100_000:]
+os.write(fd, b'T')
+want += b'T'
+done(fd)
+# O_APPEND taken away: writes land at the offset.
+fd = fresh()
+fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~os.O_APPEND)
+os.pwrite(fd, b'XY', 5)
+want[5:7] = b'XY'
+done(fd)
+# SEEK_DATA finds data at 0, not a hole.
+fd = fresh()
+assert os.lseek(fd, 0, os.SEEK_DATA) == 0
+done(fd)
+# A shared map of a read-write description (loaded at its open) sees the committed bytes.
+fd = fresh()
+rw = os.open('/data/big', os.O_RDWR)
+m = mmap.mmap(rw, 0)
+assert m[:7] == bytes(want[:7]), m[:7]
+m[0:1] = b'M'
+want[0:1] = b'M'
+m.close()
+os.close(rw)
+done(fd)
+with open('/data/big', 'rb') as r:
+    assert r.read() == bytes(want)
+open('WANT', 'wb').write(want)
+"#
+        )
+        .replace("WANT", &w.p("want"));
+        ok(
+            &run_mut_env(&mut w, env, &["python3", "-c", &script]),
+            "accesses",
+        );
+        let want = std::fs::read(w.path("want")).expect("want");
+        assert!(read_big(&w) == want, "{env:?}: content after the accesses");
+    }
+}
+
+#[test]
+fn a_shell_appending_through_an_exec_and_a_fork_keeps_every_line_without_loading_the_file() {
+    need("python3");
+    need("bash");
+    for env in BUFFER_MODES {
+        let n = 3 << 20;
+        let mut w = big_world(n);
+        // bash opens the file, runs a builtin, then an exec'd program inherits the
+        // description (`FSPF_INHERIT`), then a forked subshell appends through it too.
+        let script = format!(
+            "{ALLOCATED_PY}{}",
+            r#"
+import sys
+fd = 1
+os.write(fd, b'py ')
+assert allocated(fd) <= 64 << 10, allocated(fd)
+"#
+        );
+        let py = w.p("append.py");
+        std::fs::write(&py, script).expect("script");
+        let sh = format!(
+            "{{ echo -n 'builtin '; python3 {py}; ( echo -n 'sub ' ); /bin/echo -n 'exec '; }} >> /data/big"
+        );
+        ok(
+            &run_mut_env(&mut w, env, &["bash", "-c", &sh]),
+            "shell appends",
+        );
+        let mut want = big_expected(n);
+        want.extend_from_slice(b"builtin py sub exec ");
+        assert!(
+            read_big(&w) == want,
+            "{env:?}: content after the shell appends"
+        );
+    }
+}
+
+#[test]
+fn a_write_the_hooks_did_not_see_was_lost_when_a_hooked_write_followed_it() {
+    need("python3");
+    for env in BUFFER_MODES {
+        let n = 2 << 20;
+        let mut w = big_world(n);
+        let env: Vec<_> = env
+            .iter()
+            .copied()
+            .chain([("FSPF_LAZY_APPEND", "0")])
+            .collect();
+        let script = format!(
+            "{ALLOCATED_PY}{}",
+            r#"
+fd = os.open('/data/big', os.O_RDWR)
+os.pwrite(fd, b'one', 100)
+os.lseek(fd, 1_000_000, os.SEEK_SET)
+raw_write(fd, b'RAW')
+os.pwrite(fd, b'two', 200)
+os.close(fd)
+"#
+        );
+        ok(
+            &run_mut_env(&mut w, &env, &["python3", "-c", &script]),
+            "writes",
+        );
+        let mut want = big_expected(n);
+        want[100..103].copy_from_slice(b"one");
+        want[1_000_000..1_000_003].copy_from_slice(b"RAW");
+        want[200..203].copy_from_slice(b"two");
+        assert!(read_big(&w) == want, "{env:?}: the unseen write is kept");
+    }
+}
+
+#[test]
+fn a_pwrite_on_an_o_append_descriptor_was_recorded_at_its_offset_instead_of_the_end() {
+    need("python3");
+    for env in BUFFER_MODES {
+        let n = 2 << 20;
+        let mut w = big_world(n);
+        let env: Vec<_> = env
+            .iter()
+            .copied()
+            .chain([("FSPF_LAZY_APPEND", "0")])
+            .collect();
+        let script = r#"
+import os
+fd = os.open('/data/big', os.O_WRONLY | os.O_APPEND)
+os.pwrite(fd, b'appended', 0)
+os.close(fd)
+"#;
+        ok(
+            &run_mut_env(&mut w, &env, &["python3", "-c", script]),
+            "pwrite",
+        );
+        let mut want = big_expected(n);
+        want.extend_from_slice(b"appended");
+        assert!(read_big(&w) == want, "{env:?}: the pwrite appended");
+    }
+}

@@ -746,11 +746,14 @@ impl<A: Anchor> Session<A> {
     /// Like [`Session::stage_update`] for a buffer whose writes this frontend could not all
     /// see (other processes write it, or a shared map): the chunks that differ from the
     /// committed state (read and verified) are the update. Costs a read of the whole file, but
-    /// writes only what differs.
+    /// writes only what differs. `from`: the buffer is known to equal the committed file below
+    /// this offset (a multiple of the chunk length: a prefix the frontend never loaded), which
+    /// is neither read nor compared.
     pub fn stage_diff(
         &mut self,
         path: &EmbedPath,
         len: u64,
+        from: u64,
         meta: VersionMeta,
         mut read: impl FnMut(&mut [u8], u64) -> std::io::Result<()>,
     ) -> Result<Option<i64>, ViewError> {
@@ -779,7 +782,15 @@ impl<A: Anchor> Session<A> {
             let block = (DIFF_BLOCK / c).max(1) * c;
             let (mut mine, mut theirs) = (vec![0u8; block], vec![0u8; block]);
             let common = len.min(size);
-            let mut off = 0u64;
+            if from > common || !from.is_multiple_of(c as u64) {
+                return Err(crate::Error::io(
+                    path.to_string(),
+                    std::io::Error::other(format!(
+                        "the buffer's unloaded prefix ({from} bytes) is not a whole-chunk prefix of the committed file ({size} bytes) and of the buffer ({len} bytes)"
+                    )),
+                ));
+            }
+            let mut off = from;
             while off < len {
                 let take = (len - off).min(block as u64) as usize;
                 read(&mut mine[..take], off).map_err(io)?;

@@ -490,6 +490,12 @@ unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: c_ulong, is64: bool) -> c_int
         },
         libc::F_SETFL => {
             if let Some(h) = files::get(fd) {
+                if arg as c_int & libc::O_APPEND == 0 {
+                    // Writes through it may land below the end, some unseen (stdio).
+                    if let Err(e) = files::load_unloaded_for(&h) {
+                        return fail(e);
+                    }
+                }
                 h.lock().unwrap_or_else(|e| e.into_inner()).append =
                     arg as c_int & libc::O_APPEND != 0;
             }
@@ -578,6 +584,12 @@ pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: c_ulong) -> c_int {
 fn truncate_fd(h: &Handle, len: off_t) -> c_int {
     if len < 0 {
         return fail(libc::EINVAL);
+    }
+    if len > 0 {
+        // What stays below the new end must be in the buffer (to 0: nothing stays).
+        if let Err(e) = files::load_unloaded_for(h) {
+            return fail(e);
+        }
     }
     let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
     match f.set_len(len as u64) {
@@ -870,6 +882,10 @@ unsafe fn mmap_shielded(
     flags: c_int,
     off: off_t,
 ) -> *mut c_void {
+    // A map reads (or is) the buffer's memory.
+    if let Err(e) = files::load_unloaded_for(h) {
+        return map_failed(e);
+    }
     if flags & libc::MAP_SHARED != 0 && prot & libc::PROT_WRITE != 0 {
         // A description open for writing has a buffer (a memfd holding the plaintext): map it.
         // Its writes reach the buffer, which is sealed at the next commit point like any write

@@ -99,6 +99,13 @@ pub fn adopt_inherited() {
         let Ok(mut b) = files::WriteBuf::adopt(ep.clone(), fd, m, sh.started) else {
             continue;
         };
+        if mode != "wa" {
+            // A description that can read the buffer, or write into it, needs all of it.
+            // (If that fails, the hooked reads try again and fail with it.)
+            if let Err(e) = crate::opening::load_unloaded(&mut inner, &mut b) {
+                log(format!("{ep}: inherited buffer not loaded (errno {e})"));
+            }
+        }
         let touched = b.touched.clone();
         if write {
             b.writers = 1;
