@@ -28,6 +28,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// but a short TTL keeps `stat` after a commit honest about sizes of files staged by others.
 const TTL: Duration = Duration::from_secs(1);
 
+/// Buffers of files larger than this are not loaded when opened for writing ([`Buf::under`]).
+const UNLOADED_MIN: u64 = 1 << 20;
+
 /// Plaintext of a file open for writing (or staged and not yet committed), in a memfd.
 struct Buf {
     path: EmbedPath,
@@ -49,6 +52,18 @@ struct Buf {
     /// (every write reaches the buffer through this daemon, so the record is complete).
     base: Option<fspf_core::Version>,
     written: Option<Written>,
+    /// A buffer that was not loaded: the committed version its unwritten bytes still equal
+    /// (a verified reader of it), and what the memfd holds relative to that version (every
+    /// write since, and the shortest length since: bytes past it that were not written are
+    /// zeros). `None`: the memfd holds the whole content. Every read and write of a buffer
+    /// goes through this daemon, so the record is complete; a writer of a 4 GiB file holds
+    /// what it wrote since the last commit, not the file.
+    under: Option<Under>,
+}
+
+struct Under {
+    reader: Box<KernelReader>,
+    holds: Written,
 }
 
 impl Buf {
@@ -67,7 +82,112 @@ impl Buf {
             owner: None,
             base: None,
             written: None,
+            under: None,
         })
+    }
+
+    /// Bytes `[off, off + out.len())` of the content, all below `self.len`: from the memfd
+    /// where it holds them, else from the committed version (verified), else zeros.
+    fn read_under(&mut self, out: &mut [u8], off: u64) -> std::io::Result<()> {
+        let Some(u) = &mut self.under else {
+            return self.file.read_exact_at(out, off);
+        };
+        let end = off + out.len() as u64;
+        let mut pos = off;
+        let first = u.holds.ranges.partition_point(|&(o, l)| o + l <= off);
+        let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
+        for &(o, l) in &u.holds.ranges[first..] {
+            if o >= end {
+                break;
+            }
+            if o > pos {
+                pieces.push((pos, o, false));
+            }
+            let (a, b) = (o.max(pos), (o + l).min(end));
+            pieces.push((a, b, true));
+            pos = b;
+        }
+        if pos < end {
+            pieces.push((pos, end, false));
+        }
+        for (a, b, held) in pieces {
+            let dst = &mut out[(a - off) as usize..(b - off) as usize];
+            if held {
+                self.file.read_exact_at(dst, a)?;
+                continue;
+            }
+            // Not written since the committed version: its bytes below the shortest length
+            // since, zeros past it.
+            let committed_end = b.min(u.holds.min_len).max(a);
+            let (old, zero) = dst.split_at_mut((committed_end - a) as usize);
+            zero.fill(0);
+            let mut done = 0;
+            while done < old.len() {
+                let n = u
+                    .reader
+                    .read_at(&mut old[done..], a + done as u64)
+                    .map_err(|e| {
+                        eprintln!("fspf mount: {}: {e}", self.path);
+                        std::io::Error::from_raw_os_error(libc::EIO)
+                    })?;
+                if n == 0 {
+                    return Err(std::io::Error::from_raw_os_error(libc::EIO));
+                }
+                done += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Load what the memfd does not hold yet (before it is sealed whole).
+    fn load_all(&mut self) -> std::io::Result<()> {
+        if self.under.is_none() {
+            return Ok(());
+        }
+        let mut block = vec![0u8; 1 << 20];
+        let mut off = 0;
+        while off < self.len {
+            let n = block.len().min((self.len - off) as usize);
+            self.read_under(&mut block[..n], off)?;
+            self.file.write_all_at(&block[..n], off)?;
+            off += n as u64;
+        }
+        self.under = None;
+        Ok(())
+    }
+
+    /// The committed version is `reader` now, and it equals the content but for what was
+    /// written since it was staged (`written`): the memfd keeps only that, and gives the rest
+    /// of its memory back.
+    fn rebase_under(&mut self, reader: KernelReader) {
+        let holds = match &self.written {
+            Some(w) => w.clone(),
+            None => return,
+        };
+        let mut pos = 0u64;
+        let mut gaps = Vec::new();
+        for &(o, l) in &holds.ranges {
+            if o > pos {
+                gaps.push((pos, o - pos));
+            }
+            pos = o + l;
+        }
+        if pos < self.len {
+            gaps.push((pos, self.len - pos));
+        }
+        for (o, l) in gaps {
+            // Best effort: a hole that stays holds bytes nobody reads.
+            let _ = rustix::fs::fallocate(
+                &self.file,
+                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                o,
+                l,
+            );
+        }
+        self.under = Some(Under {
+            reader: Box::new(reader),
+            holds,
+        });
     }
 
     fn write_at(&mut self, data: &[u8], off: u64) -> std::io::Result<()> {
@@ -80,15 +200,18 @@ impl Buf {
         if let Some(w) = &mut self.written {
             w.add(off, data.len() as u64);
         }
+        if let Some(u) = &mut self.under {
+            u.holds.add(off, data.len() as u64);
+        }
         Ok(())
     }
 
-    fn read_at(&self, out: &mut [u8], off: u64) -> std::io::Result<usize> {
+    fn read_at(&mut self, out: &mut [u8], off: u64) -> std::io::Result<usize> {
         if off >= self.len {
             return Ok(0);
         }
         let n = out.len().min((self.len - off) as usize);
-        self.file.read_exact_at(&mut out[..n], off)?;
+        self.read_under(&mut out[..n], off)?;
         Ok(n)
     }
 
@@ -102,15 +225,18 @@ impl Buf {
         if let Some(w) = &mut self.written {
             w.set_len(len);
         }
+        if let Some(u) = &mut self.under {
+            u.holds.set_len(len);
+        }
         // A size change moves the modification time, as a write does.
         self.mtime = now_ns();
         self.mtime_set = false;
         Ok(())
     }
 
-    fn contents(&self) -> std::io::Result<Vec<u8>> {
+    fn contents(&mut self) -> std::io::Result<Vec<u8>> {
         let mut v = vec![0u8; self.len as usize];
-        self.file.read_exact_at(&mut v, 0)?;
+        self.read_under(&mut v, 0)?;
         Ok(v)
     }
 }
@@ -354,6 +480,7 @@ impl State {
             let t = match update {
                 Some(t) => t,
                 None => {
+                    g.load_all().map_err(|_| libc::EIO)?;
                     let file = &g.file;
                     self.s
                         .stage_put(&path, len, meta, None, || BufReader {
@@ -393,7 +520,19 @@ impl State {
         }
         for (path, version, _) in &c.files {
             if let Some(b) = self.live.get(path) {
-                lock(b).base = Some(*version);
+                let mut g = lock(b);
+                g.base = Some(*version);
+                if g.under.is_some() || g.len > UNLOADED_MIN {
+                    // Reads of what was not written since come from the committed file now.
+                    match self.s.vol().map(|v| v.open_file(path)) {
+                        Some(Ok(r)) if !c.merged.contains_key(path) => g.rebase_under(r),
+                        _ => {
+                            if g.load_all().is_err() {
+                                g.base = None;
+                            }
+                        }
+                    }
+                }
             }
             // Written through the mount, the kernel's pages of the file are the version just
             // committed (an open for writing invalidated the older ones), unless the session
@@ -408,6 +547,7 @@ impl State {
             if let Some(b) = self.live.get(&path) {
                 let mut g = lock(b);
                 let ok = g.file.set_len(0).is_ok() && g.file.write_all_at(&data, 0).is_ok();
+                g.under = None;
                 g.len = data.len() as u64;
                 g.written = ok.then(|| Written::new(data.len() as u64));
                 if !ok {
@@ -604,6 +744,19 @@ impl FspfFs {
             // O_TRUNC of an existing file moves its modification time (POSIX), even when empty.
             b.dirty = true;
             b.mtime = now_ns();
+        } else if let Some(r) = self.unloaded(st, ep) {
+            // Nothing is loaded: reads of what is not written come from the committed file.
+            b.len = r.size();
+            b.file.set_len(b.len).map_err(|_| libc::EIO)?;
+            b.base =
+                st.s.vol()
+                    .and_then(|v| v.lookup(ep))
+                    .and_then(|e| e.kind.version());
+            b.written = Some(Written::new(b.len));
+            b.under = Some(Under {
+                reader: Box::new(r),
+                holds: Written::new(b.len),
+            });
         } else {
             let mut h = self.reader(st, ep)?;
             let mut chunk = vec![0u8; 1 << 20];
@@ -626,6 +779,17 @@ impl FspfFs {
         let b = Arc::new(Mutex::new(b));
         st.live.insert(ep.clone(), b.clone());
         Ok(b)
+    }
+
+    /// A verified reader of `ep`'s committed state, for a buffer that is not loaded: a kernel
+    /// file of more than [`UNLOADED_MIN`] bytes (a small one is cheaper to load than to read
+    /// around). `FSPF_FUSE_LOAD=1` loads every buffer whole.
+    fn unloaded(&self, st: &State, ep: &EmbedPath) -> Option<KernelReader> {
+        if st.s.is_ephemeral(ep) || std::env::var_os("FSPF_FUSE_LOAD").is_some_and(|v| v == "1") {
+            return None;
+        }
+        let r = st.s.vol()?.open_file(ep).ok()?;
+        (r.size() > UNLOADED_MIN).then_some(r)
     }
 
     /// A read-only handle on the current content of `ep`.

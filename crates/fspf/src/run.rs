@@ -392,7 +392,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
         .as_ref()
         .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
     if let Some(p) = &tag_file {
-        fspf_core::write_file_durably(p, format!("{tag}\n").as_bytes(), 0o600)?;
+        fspf_core::session::settle_tag_file(p, tag)?;
     }
     let anchor = memfd("fspf-anchor", &tag.0)?;
     // The frozen index of this state: the run's shielded processes map it instead of parsing
@@ -474,7 +474,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
     drop(key_fd);
     let final_tag = settle(&fspf, anchor)?;
     if let Some(p) = &tag_file {
-        fspf_core::write_file_durably(p, format!("{final_tag}\n").as_bytes(), 0o600)?;
+        fspf_core::session::settle_tag_file(p, final_tag)?;
     }
     if let (Some(k), true) = (&key, final_tag != tag) {
         // The next run starts from the index cache and replays the log after it: after a run

@@ -90,6 +90,36 @@ pub fn write_tag_file(path: &std::path::Path, tags: &[Tag]) -> crate::Result<()>
     crate::volume::overwrite_file_durably(path, text.as_bytes(), 0o600)
 }
 
+/// Make the tag file at `path` name `tag` alone, durably: when it already does (the run's last
+/// committer wrote it), only its data is synced (nothing to write back when it is on disk
+/// already); else it is written as [`write_tag_file`] does. For `fspf run`, before the program
+/// starts and after it ends.
+pub fn settle_tag_file(path: &std::path::Path, tag: Tag) -> crate::Result<()> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let want = format!("{tag}\n");
+    let same = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(path)
+            .ok()?;
+        let m = f.metadata().ok()?;
+        if !m.is_file() || m.nlink() != 1 || m.len() != want.len() as u64 {
+            return None;
+        }
+        let mut got = Vec::with_capacity(want.len());
+        f.read_to_end(&mut got).ok()?;
+        (got == want.as_bytes()).then_some(f)
+    })();
+    match same {
+        Some(f) => f
+            .sync_data()
+            .map_err(|e| crate::Error::io(path.display().to_string(), e)),
+        None => write_tag_file(path, &[tag]),
+    }
+}
+
 /// The run's trust anchor: where the tag the run trusts lives while the run goes on, and the
 /// lock that serialises the run's committers. Storage must not be able to change either.
 pub trait Anchor {

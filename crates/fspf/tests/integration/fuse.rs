@@ -856,3 +856,66 @@ fn fuse_the_daemon_polls_while_requests_come_close_together_and_sleeps_when_idle
         "the idle daemon used {used} ticks of CPU in 500 ms"
     );
 }
+
+/// Bytes the kernel allocated to the daemon's write buffers (its `fspf-fuse` memfds).
+fn buffer_bytes(pid: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("daemon fds")
+        .flatten()
+        .filter(|fd| {
+            fs::read_link(fd.path())
+                .is_ok_and(|t| t.to_string_lossy().starts_with("/memfd:fspf-fuse"))
+        })
+        .map(|fd| fs::metadata(fd.path()).map_or(0, |m| m.blocks() * 512))
+        .sum()
+}
+
+/// A writer of a large file holds, in the daemon, what it wrote since the last commit: the
+/// buffer is not loaded at open, reads of what was not written come from the committed file
+/// (verified), and a commit gives the written bytes' memory back.
+#[test]
+fn fuse_a_writer_of_a_large_file_holds_what_it_wrote_not_the_file() {
+    use std::os::unix::fs::FileExt;
+    let mut m = Mounted::new(true);
+    let n = 8 << 20;
+    let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+    fs::write(m.m("data/big"), &data).unwrap();
+    m.umount();
+    m.mount(true);
+    let (pid, _) = daemon_of(&m);
+    let mut want = data.clone();
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.m("data/big"))
+        .unwrap();
+    f.write_all_at(b"middle", 3_000_000).unwrap();
+    want[3_000_000..3_000_006].copy_from_slice(b"middle");
+    f.write_all_at(b"tail", n as u64).unwrap();
+    want.extend_from_slice(b"tail");
+    f.set_len(n as u64 + 2).unwrap();
+    want.truncate(n + 2);
+    f.write_all_at(b"past", n as u64 + 10).unwrap();
+    want.resize(n + 10, 0);
+    want.extend_from_slice(b"past");
+    // (The page cache of the mount would serve the reads below: read around it.)
+    fs::write("/proc/sys/vm/drop_caches", "1").expect("drop the page cache (root)");
+    let held = buffer_bytes(pid);
+    assert!(
+        held <= 256 << 10,
+        "{held} bytes held for a few written bytes"
+    );
+    let mut got = vec![0u8; want.len()];
+    f.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == want, "read back through the unloaded buffer");
+    f.sync_all().unwrap();
+    assert!(buffer_bytes(pid) <= held, "a commit keeps nothing more");
+    f.write_all_at(b"again", 10).unwrap();
+    want[10..15].copy_from_slice(b"again");
+    drop(f);
+    m.umount();
+    m.mount(false);
+    assert!(fs::read(m.m("data/big")).unwrap() == want);
+    m.verify();
+}
