@@ -3417,19 +3417,31 @@ assert allocated(fd) <= 64 << 10, allocated(fd)
     }
 }
 
+/// A world with `/data/big` of `n` bytes, changed by Python `script` (after
+/// [`ALLOCATED_PY`]) in a mutable run with `env` and buffers loaded whole at every open.
+fn big_changed_by(n: usize, env: &[(&str, &str)], script: &str) -> World {
+    let mut w = big_world(n);
+    let env: Vec<_> = env
+        .iter()
+        .copied()
+        .chain([("FSPF_LAZY_APPEND", "0")])
+        .collect();
+    let script = format!("{ALLOCATED_PY}{script}");
+    ok(
+        &run_mut_env(&mut w, &env, &["python3", "-c", &script]),
+        "writes",
+    );
+    w
+}
+
 #[test]
 fn a_write_the_hooks_did_not_see_was_lost_when_a_hooked_write_followed_it() {
     need("python3");
     for env in BUFFER_MODES {
         let n = 2 << 20;
-        let mut w = big_world(n);
-        let env: Vec<_> = env
-            .iter()
-            .copied()
-            .chain([("FSPF_LAZY_APPEND", "0")])
-            .collect();
-        let script = format!(
-            "{ALLOCATED_PY}{}",
+        let w = big_changed_by(
+            n,
+            env,
             r#"
 fd = os.open('/data/big', os.O_RDWR)
 os.pwrite(fd, b'one', 100)
@@ -3437,11 +3449,7 @@ os.lseek(fd, 1_000_000, os.SEEK_SET)
 raw_write(fd, b'RAW')
 os.pwrite(fd, b'two', 200)
 os.close(fd)
-"#
-        );
-        ok(
-            &run_mut_env(&mut w, &env, &["python3", "-c", &script]),
-            "writes",
+"#,
         );
         let mut want = big_expected(n);
         want[100..103].copy_from_slice(b"one");
@@ -3456,21 +3464,14 @@ fn a_pwrite_on_an_o_append_descriptor_was_recorded_at_its_offset_instead_of_the_
     need("python3");
     for env in BUFFER_MODES {
         let n = 2 << 20;
-        let mut w = big_world(n);
-        let env: Vec<_> = env
-            .iter()
-            .copied()
-            .chain([("FSPF_LAZY_APPEND", "0")])
-            .collect();
-        let script = r#"
-import os
+        let w = big_changed_by(
+            n,
+            env,
+            r#"
 fd = os.open('/data/big', os.O_WRONLY | os.O_APPEND)
 os.pwrite(fd, b'appended', 0)
 os.close(fd)
-"#;
-        ok(
-            &run_mut_env(&mut w, &env, &["python3", "-c", script]),
-            "pwrite",
+"#,
         );
         let mut want = big_expected(n);
         want.extend_from_slice(b"appended");
