@@ -480,6 +480,7 @@ fn check_encrypted<R: ReadAt>(
     header: &[u8; ENC_HEADER_LEN as usize],
     expected: Option<u64>,
     size: u64,
+    longer_ok: bool,
     label: &str,
 ) -> Result<()> {
     let io = |e| Error::Io {
@@ -498,7 +499,9 @@ fn check_encrypted<R: ReadAt>(
             return Err(Error::HeaderMismatch { path: label.into() });
         }
     }
-    if actual != expected {
+    // A format-2 data file may be longer: chunks an interrupted commit appended past the
+    // committed end (FORMAT.md §5b). Reads never go past the committed size.
+    if actual != expected && !(longer_ok && actual > expected) {
         return Err(Error::SizeMismatch {
             path: label.into(),
             expected,
@@ -559,11 +562,18 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
         match &codec {
             FileCodec::Encrypted { id, data, .. } => {
                 let expected = layout::enc_file_len(size, chunk_len);
-                check_encrypted(data, &enc_header(id), expected, size, &label)?;
+                check_encrypted(data, &enc_header(id), expected, size, false, &label)?;
             }
             FileCodec::Tree { keys, data, .. } => {
                 let expected = layout_tree::data_len(size);
-                check_encrypted(data, &tree::header2(keys.id()), expected, size, &label)?;
+                check_encrypted(
+                    data,
+                    &tree::header2(keys.id()),
+                    expected,
+                    size,
+                    true,
+                    &label,
+                )?;
             }
             FileCodec::Authenticated { data, outboard, .. } => {
                 let actual = data.len().map_err(|e| Error::Io {

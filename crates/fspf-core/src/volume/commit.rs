@@ -633,6 +633,21 @@ impl Volume {
             cleanup(&changes);
             return Err(e);
         }
+        // Appended chunks of updates: written in place now, durable before the commit point
+        // (they lie past the committed data's end, so nothing a reader uses changes).
+        for u in &updates {
+            let loc = self
+                .meta
+                .region_for(&u.path)
+                .and_then(|r| KernelPath::of(r, &u.path))
+                .and_then(|l| l.parent().ok());
+            let at = loc.as_ref().map(|(d, n)| (d, n.as_os_str()));
+            if let Err(e) = u.write_direct(&self.path, at) {
+                self.rollback(tx);
+                cleanup(&changes);
+                return Err(e);
+            }
+        }
         if let Err(e) = self.persist(&tx, announce) {
             self.rollback(tx);
             cleanup(&changes);

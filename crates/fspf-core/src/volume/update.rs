@@ -54,7 +54,34 @@ pub struct StagedUpdate {
     pub entry: FileEntry,
     /// The journal, `FSPF.trees/<id>.<new root>.journal`.
     pub journal: PathBuf,
+    /// Sealed chunks wholly past the committed data's end (appended): written straight to the
+    /// data file by the commit, before its commit point, instead of to the journal
+    /// (FORMAT.md §5b), so that an append is written once.
+    pub(crate) direct: Arc<Direct>,
     pub(crate) _writer: Arc<store::WriterGuard>,
+}
+
+/// Sealed chunk bytes and their data-file offsets (runs of consecutive chunks joined).
+#[derive(Default)]
+pub(crate) struct Direct(pub Vec<(u64, Vec<u8>)>);
+
+impl std::fmt::Debug for Direct {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bytes: usize = self.0.iter().map(|(_, b)| b.len()).sum();
+        write!(f, "Direct({} runs, {bytes} bytes)", self.0.len())
+    }
+}
+
+impl Direct {
+    fn push(&mut self, at: u64, bytes: &[u8]) {
+        if let Some((pat, pb)) = self.0.last_mut() {
+            if *pat + pb.len() as u64 == at {
+                pb.extend_from_slice(bytes);
+                return;
+            }
+        }
+        self.0.push((at, bytes.to_vec()));
+    }
 }
 
 impl StagedUpdate {
@@ -281,13 +308,21 @@ impl FileUpdate {
         let key = crypto::epoch_chunk_key(&self.region, &self.id, &epoch)?;
         let mut changed = BTreeMap::new();
         let mut j = Journal::new(self.id);
+        let mut direct = Direct::default();
         j.set_len(Target::Data, ft::data_len(self.size).unwrap_or(u64::MAX));
+        // Chunks that start at or past the committed data's end overwrite nothing a reader of
+        // the committed state uses: the commit writes them in place before its commit point.
+        let committed_end = ft::data_len(self.base_size).unwrap_or(u64::MAX);
         for i in todo {
             let mut chunk = self.chunk(i)?;
             let tag = ct::seal_chunk2(&key, &self.id, i, &mut chunk)?;
             changed.insert(i, ChunkEntry { epoch, tag });
             let at = ft::chunk_offset(c, i).unwrap_or(u64::MAX);
-            j.write(Target::Data, at, &chunk);
+            if at >= committed_end && !chunk.is_empty() {
+                direct.push(at, &chunk);
+            } else {
+                j.write(Target::Data, at, &chunk);
+            }
         }
         let tkey = crypto::tree_key(&self.region, &self.id)?;
         let tree = self.base.tree_mut().ok_or_else(|| Error::Invalid {
@@ -333,8 +368,75 @@ impl FileUpdate {
             base_root: self.base_root,
             entry,
             journal: full,
+            direct: Arc::new(direct),
             _writer: writer,
         })
+    }
+}
+
+impl StagedUpdate {
+    /// Before the commit point, under the fspf's lock: write the appended chunks to the data
+    /// file at `dir`/`name` and make them durable. When the file there is not this update's
+    /// (it moves in the same batch, or is gone), the journal takes them instead, so the next
+    /// open applies them wherever the file is (roll-forward).
+    pub(crate) fn write_direct(
+        &self,
+        fspf: &Path,
+        at: Option<(&std::os::fd::OwnedFd, &std::ffi::OsStr)>,
+    ) -> Result<()> {
+        if self.direct.0.is_empty() {
+            return Ok(());
+        }
+        let label = self.path.to_string();
+        let data = at.and_then(|(dir, name)| {
+            let f = kernel_fs::open_regular_rw_at(dir, name).ok()?;
+            let mut h = [0u8; 24];
+            f.read_exact_at(&mut h, 0).ok()?;
+            (h == ct::header2(&self.id)).then_some(f)
+        });
+        let Some(data) = data else {
+            return self.journal_direct(fspf);
+        };
+        for (off, b) in &self.direct.0 {
+            data.write_all_at(b, *off)
+                .map_err(|e| Error::io(&label, e))?;
+        }
+        data.sync_data().map_err(|e| Error::io(&label, e))
+    }
+
+    /// The journal rewritten with the appended chunks in it (see [`StagedUpdate::write_direct`]).
+    fn journal_direct(&self, fspf: &Path) -> Result<()> {
+        let root = self.root();
+        let jp = store::journal_path(fspf, &self.id, &root);
+        let full = jp.full();
+        let bytes = std::fs::read(&full).map_err(|e| Error::io(&full, e))?;
+        let damaged = |reason: String| Error::JournalDamaged {
+            path: self.path.to_string(),
+            journal: full.display().to_string(),
+            reason,
+        };
+        let mut j = Journal::new(self.id);
+        for r in parse_journal(&bytes, &self.id, &root).map_err(damaged)? {
+            match r {
+                Record::Len(t, len) => j.set_len(t, len),
+                Record::Write(t, at, b) => j.write(t, at, b),
+            }
+        }
+        for (at, b) in &self.direct.0 {
+            j.write(Target::Data, *at, b);
+        }
+        let f = kernel_fs::open_regular_rw(jp.base(), jp.rel()).map_err(|e| match e {
+            kernel_fs::OpenError::Io(e) => Error::io(&full, e),
+            kernel_fs::OpenError::NotRegular(kind) => Error::NotRegular {
+                path: full.display().to_string(),
+                kind,
+            },
+        })?;
+        let out = j.encode(&root);
+        f.write_all_at(&out, 0)
+            .and_then(|_| f.set_len(out.len() as u64))
+            .and_then(|_| f.sync_data())
+            .map_err(|e| Error::io(&full, e))
     }
 }
 
@@ -681,6 +783,95 @@ mod tests {
         assert!(read_all(&v, &ep("/f")).unwrap() == want);
     }
 
+    /// An append's chunks are written once, in place, by the commit: the journal holds only
+    /// the rewritten last chunk and the tree pages, whatever the size of the append.
+    #[test]
+    fn an_append_was_written_twice_through_the_journal() {
+        let big = pattern((2 << 20) + 100, 5);
+        let (d, _p, mut v) = test_volume(&[("/f", &big)]);
+        let tail = pattern(3 << 20, 9);
+        let mut u = v.update_file(&ep("/f")).unwrap().unwrap();
+        u.write_at(&tail, big.len() as u64).unwrap();
+        let s = u.stage(&v).unwrap();
+        let jlen = std::fs::metadata(&s.journal).unwrap().len();
+        // (The last old chunk, and the tree pages: about one per 128 new chunks.)
+        assert!(
+            jlen < tail.len() as u64 / 50,
+            "journal of {jlen} bytes for a 3 MiB append"
+        );
+        let tag = v.tag();
+        v.commit(vec![Change::Update(s)], Some(tag)).unwrap();
+        let mut want = big.clone();
+        want.extend_from_slice(&tail);
+        assert!(read_all(&v, &ep("/f")).unwrap() == want);
+        let (data, _) = files_of(&d, &v, &ep("/f"));
+        assert_eq!(
+            std::fs::metadata(&data).unwrap().len(),
+            ft::data_len(want.len() as u64).unwrap()
+        );
+        let v2 = Volume::open(&v.path, v.key.clone(), Some(v.tag())).unwrap();
+        assert!(read_all(&v2, &ep("/f")).unwrap() == want, "reopened");
+    }
+
+    /// A commit that wrote its appended chunks and stopped before its commit point leaves a
+    /// data file longer than the committed state: it reads as that state, and the next update
+    /// writes over the leftovers.
+    #[test]
+    fn chunks_appended_by_a_commit_that_stopped_before_its_commit_point_are_ignored() {
+        let big = pattern((1 << 20) + 10, 6);
+        let (d, _p, mut v) = test_volume(&[("/f", &big)]);
+        let (data, _) = files_of(&d, &v, &ep("/f"));
+        let mut u = v.update_file(&ep("/f")).unwrap().unwrap();
+        u.write_at(&pattern(1 << 20, 1), big.len() as u64).unwrap();
+        let s = u.stage(&v).unwrap();
+        let loc = std::fs::File::open(data.parent().unwrap()).unwrap();
+        let dir: std::os::fd::OwnedFd = loc.into();
+        let name = data.file_name().unwrap().to_owned();
+        s.write_direct(&v.path, Some((&dir, &name))).unwrap();
+        s.discard();
+        assert!(std::fs::metadata(&data).unwrap().len() > ft::data_len(big.len() as u64).unwrap());
+        let v2 = Volume::open(&v.path, v.key.clone(), Some(v.tag())).unwrap();
+        assert!(
+            read_all(&v2, &ep("/f")).unwrap() == big,
+            "the committed state"
+        );
+        let mut u = v.update_file(&ep("/f")).unwrap().unwrap();
+        u.write_at(b"after", big.len() as u64).unwrap();
+        commit_update(&mut v, u);
+        let mut want = big.clone();
+        want.extend_from_slice(b"after");
+        assert!(read_all(&v, &ep("/f")).unwrap() == want);
+        assert_eq!(
+            std::fs::metadata(&data).unwrap().len(),
+            ft::data_len(want.len() as u64).unwrap(),
+            "the leftovers are cut"
+        );
+    }
+
+    /// When the data file is not where the update's path says at the commit, the appended
+    /// chunks go to the journal, and the open that rolls the file forward writes them.
+    #[test]
+    fn appended_chunks_of_a_file_not_found_at_its_path_go_to_the_journal() {
+        let big = pattern((1 << 20) + 10, 7);
+        let (_d, _p, mut v) = test_volume(&[("/f", &big)]);
+        let tail = pattern(200_000, 2);
+        let mut u = v.update_file(&ep("/f")).unwrap().unwrap();
+        u.write_at(&tail, big.len() as u64).unwrap();
+        let s = u.stage(&v).unwrap();
+        let before = std::fs::metadata(&s.journal).unwrap().len();
+        s.write_direct(&v.path, None).unwrap();
+        let after = std::fs::metadata(&s.journal).unwrap().len();
+        assert!(
+            after > before + tail.len() as u64 - 4096,
+            "{before} -> {after}"
+        );
+        let tag = v.tag();
+        v.commit(vec![Change::Update(s)], Some(tag)).unwrap();
+        let mut want = big.clone();
+        want.extend_from_slice(&tail);
+        assert!(read_all(&v, &ep("/f")).unwrap() == want);
+    }
+
     /// P9: a crash before the commit point leaves the old state; after it (journal written,
     /// not or partly applied), the next open applies it and reads the new state.
     #[test]
@@ -708,9 +899,16 @@ mod tests {
             .unwrap();
         assert!(!s.journal.exists(), "applied and removed");
         let (new_data, new_tree) = (std::fs::read(&data).unwrap(), std::fs::read(&tree).unwrap());
-        // Crash after the commit point, before the journal was applied, or half way.
+        // Crash after the commit point, before the journal was applied, or half way: the
+        // appended chunks were made durable before the commit point (FORMAT.md §5b).
         for half in [false, true] {
             let mut d0 = old_data.clone();
+            assert!(!s.direct.0.is_empty(), "the append past the end is direct");
+            for (at, b) in &s.direct.0 {
+                let (at, end) = (*at as usize, *at as usize + b.len());
+                d0.resize(d0.len().max(end), 0);
+                d0[at..end].copy_from_slice(b);
+            }
             if half {
                 let k = d0.len().min(new_data.len()) / 2;
                 d0[..k].copy_from_slice(&new_data[..k]);
