@@ -307,7 +307,14 @@ impl View<'_> {
     }
 
     fn lookup_kind(&self, ep: &EmbedPath) -> Result<Node, ViewError> {
-        let region = self.vol.region_for(ep).ok_or(ViewError::NotFound)?;
+        let Some(region) = self.vol.region_for(ep) else {
+            // Outside every region: only the directories that lead to an embed point exist
+            // (`/` of a volume whose one region is `/data`).
+            return match self.region_ancestor(ep) {
+                true => Ok(Node::dir(0o755, None, None)),
+                false => Err(ViewError::NotFound),
+            };
+        };
         let kernel = KernelPath::of(region, ep);
         if let Some(o) = self.frontend.open_file(ep) {
             return Ok(Node {
@@ -562,6 +569,34 @@ mod tests {
         let bytes = crate::format::index::build_index(&m, Tag([7; 16])).unwrap();
         let bytes: &'static [u8] = Box::leak(bytes.to_vec().into_boxed_slice());
         Volume::from_index(std::path::Path::new("/srv/fspf.pb"), None, bytes).unwrap()
+    }
+
+    #[test]
+    fn the_root_of_a_volume_without_a_root_region_was_not_found() {
+        let mut m = Metadata::default();
+        m.regions.push(Region {
+            embed_point: p("/srv/data"),
+            kind: RegionKind::Kernel("/vol".into()),
+            protection: Protection::Encrypted,
+            key: Some(RegionKey::random(32).unwrap()),
+            chunk_len: 4096,
+        });
+        let bytes = crate::format::index::build_index(&m, Tag([7; 16])).unwrap();
+        let bytes: &'static [u8] = Box::leak(bytes.to_vec().into_boxed_slice());
+        let vol = Volume::from_index(std::path::Path::new("/fspf.pb"), None, bytes).unwrap();
+        let (pending, fe) = (Pending::default(), Mem::default());
+        let v = View {
+            vol: &vol,
+            pending: &pending,
+            frontend: &fe,
+        };
+        for d in ["/", "/srv", "/srv/data"] {
+            assert_eq!(v.lookup(&p(d)).unwrap().kind, NodeKind::Dir, "{d}");
+        }
+        assert_eq!(names(&v, "/"), ["srv:Dir"]);
+        assert_eq!(names(&v, "/srv"), ["data:Dir"]);
+        assert!(matches!(v.lookup(&p("/etc")), Err(ViewError::NotFound)));
+        assert!(matches!(v.lookup(&p("/srv/x")), Err(ViewError::NotFound)));
     }
 
     fn names(v: &View<'_>, dir: &str) -> Vec<String> {

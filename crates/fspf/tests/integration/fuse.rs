@@ -919,3 +919,48 @@ fn fuse_a_writer_of_a_large_file_holds_what_it_wrote_not_the_file() {
     assert!(fs::read(m.m("data/big")).unwrap() == want);
     m.verify();
 }
+
+/// Regression: a volume whose only region is `/data` (no region at `/`) mounted with a root
+/// that could not be looked up: `ls MNT` failed with `ENOENT`, and so did every path below.
+#[test]
+fn fuse_the_mount_root_of_a_volume_without_a_root_region_was_not_found() {
+    need_fuse();
+    let env = Env::new();
+    env.write("src/hello.txt", "Hello World\n");
+    env.mkdir("vol");
+    env.mkdir("mnt");
+    env.ok(["create", "fspf.pb"]);
+    let kernel = env.p("vol");
+    env.ok(["addr", "fspf.pb", "/data", "-e", "--kernel", &kernel]);
+    env.ok(["addf", "fspf.pb", "/data", "src", "vol"]);
+    let kt = env.encrypt(None);
+    env.write("key", &kt.key);
+    let out = env.ok([
+        "mount",
+        "fspf.pb",
+        "mnt",
+        "--key-file",
+        "key",
+        "--tag",
+        &kt.tag,
+        "--allow-other",
+    ]);
+    assert!(out.starts_with("Mounted "), "{out}");
+    let m = Mounted {
+        env,
+        key: kt.key,
+        tag: kt.tag,
+        mounted: true,
+    };
+    let names: Vec<_> = fs::read_dir(m.env.path("mnt"))
+        .expect("the mount's root")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["data"]);
+    assert_eq!(
+        fs::read_to_string(m.m("data/hello.txt")).unwrap(),
+        "Hello World\n"
+    );
+    assert!(fs::metadata(m.m("etc")).is_err());
+}
