@@ -943,6 +943,7 @@ fn fuse_the_mount_root_of_a_volume_without_a_root_region_was_not_found() {
         "key",
         "--tag",
         &kt.tag,
+        "--mutable",
         "--allow-other",
     ]);
     assert!(out.starts_with("Mounted "), "{out}");
@@ -963,4 +964,7 @@ fn fuse_the_mount_root_of_a_volume_without_a_root_region_was_not_found() {
         "Hello World\n"
     );
     assert!(fs::metadata(m.m("etc")).is_err());
+    // Nothing can be made outside the regions, even in a mutable mount.
+    assert!(fs::create_dir(m.m("x")).is_err());
+    assert!(fs::write(m.m("y"), "y").is_err());
 }
