@@ -617,13 +617,10 @@ fn shield_open_depth(
         mode: node_mode,
         kernel,
         touched,
-        // A writable open gets its lock description now: a shell's `9>/data/lock` is opened
-        // by the shell, and `flock 9` in a child must lock the shell's description.
-        lock: if write {
-            crate::locks::LockFd::new()
-        } else {
-            None
-        },
+        // Made at its first lock, or before a child can inherit the description
+        // (`locks::before_children`: a shell's `9>/data/lock` is opened by the shell, and
+        // `flock 9` in a child must lock the shell's description).
+        lock: None,
     };
     files::insert(fd, Arc::new(Mutex::new(f)));
     Ok(fd)

@@ -13,6 +13,7 @@ use std::ffi::{CStr, CString};
 /// asked for it and marks this process as failed: its changes are lost, so neither its children
 /// nor its exit status may pretend otherwise.
 fn commit_for_child() -> Result<(), c_int> {
+    crate::locks::before_children();
     let sh = shield::get();
     let mut inner = sh.lock();
     shield::Shield::share_buffers(&inner);
