@@ -28,6 +28,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// but a short TTL keeps `stat` after a commit honest about sizes of files staged by others.
 const TTL: Duration = Duration::from_secs(1);
 
+/// A new file's buffer that holds this many bytes not sealed yet seals its whole chunks
+/// ([`Buf::stream`]).
+const STREAM_PIECE: u64 = 32 << 20;
+
 /// Buffers of files larger than this are not loaded when opened for writing ([`Buf::under`]).
 const UNLOADED_MIN: u64 = 1 << 20;
 
@@ -41,6 +45,8 @@ struct Buf {
     mtime_set: bool,
     /// Changed since it was last staged.
     dirty: bool,
+    /// Bytes written since it was last staged.
+    unstaged: u64,
     /// Open write handles.
     writers: usize,
     /// Unlinked: never staged again.
@@ -59,6 +65,11 @@ struct Buf {
     /// goes through this daemon, so the record is complete; a writer of a 4 GiB file holds
     /// what it wrote since the last commit, not the file.
     under: Option<Under>,
+    /// A new file written in order: its first whole chunks sealed already to the shadow of its
+    /// next version (`StreamStage`) and punched out of the memfd, which holds only the rest.
+    /// Kept after the version is staged (it reads the sealed part back) until the commit moves
+    /// the buffer onto the committed version.
+    stream: Option<fspf_core::volume::StreamStage>,
 }
 
 struct Under {
@@ -77,18 +88,50 @@ impl Buf {
             mtime,
             mtime_set: false,
             dirty: false,
+            unstaged: 0,
             writers: 0,
             detached: false,
             owner: None,
             base: None,
             written: None,
             under: None,
+            stream: None,
         })
+    }
+
+    /// Bring the sealed part of a stream back into the memfd and drop the stream (a write or
+    /// truncation below its end, or a seal that must read everything).
+    fn unstream(&mut self) -> std::io::Result<()> {
+        let Some(s) = self.stream.take() else {
+            return Ok(());
+        };
+        let mut block = vec![0u8; 1 << 20];
+        let mut off = 0;
+        while off < s.sealed() {
+            let n = block.len().min((s.sealed() - off) as usize);
+            s.read_at(&mut block[..n], off).map_err(|e| {
+                eprintln!("fspf mount: {}: {e}", self.path);
+                std::io::Error::from_raw_os_error(libc::EIO)
+            })?;
+            self.file.write_all_at(&block[..n], off)?;
+            off += n as u64;
+        }
+        Ok(())
     }
 
     /// Bytes `[off, off + out.len())` of the content, all below `self.len`: from the memfd
     /// where it holds them, else from the committed version (verified), else zeros.
     fn read_under(&mut self, out: &mut [u8], off: u64) -> std::io::Result<()> {
+        if let Some(s) = &self.stream {
+            let k = s.sealed().saturating_sub(off).min(out.len() as u64) as usize;
+            if k > 0 {
+                s.read_at(&mut out[..k], off).map_err(|e| {
+                    eprintln!("fspf mount: {}: {e}", self.path);
+                    std::io::Error::from_raw_os_error(libc::EIO)
+                })?;
+            }
+            return self.file.read_exact_at(&mut out[k..], off + k as u64);
+        }
         let Some(u) = &mut self.under else {
             return self.file.read_exact_at(out, off);
         };
@@ -141,6 +184,7 @@ impl Buf {
 
     /// Load what the memfd does not hold yet (before it is sealed whole).
     fn load_all(&mut self) -> std::io::Result<()> {
+        self.unstream()?;
         if self.under.is_none() {
             return Ok(());
         }
@@ -188,15 +232,20 @@ impl Buf {
             reader: Box::new(reader),
             holds,
         });
+        self.stream = None;
     }
 
     fn write_at(&mut self, data: &[u8], off: u64) -> std::io::Result<()> {
         if off.saturating_add(data.len() as u64) > MAX_FILE_LEN {
             return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
         }
+        if self.stream.as_ref().is_some_and(|s| off < s.sealed()) {
+            self.unstream()?;
+        }
         self.file.write_all_at(data, off)?;
         self.len = self.len.max(off + data.len() as u64);
         self.dirty = true;
+        self.unstaged += data.len() as u64;
         if let Some(w) = &mut self.written {
             w.add(off, data.len() as u64);
         }
@@ -218,6 +267,9 @@ impl Buf {
     fn set_len(&mut self, len: u64) -> std::io::Result<()> {
         if len > MAX_FILE_LEN {
             return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
+        }
+        if self.stream.as_ref().is_some_and(|s| len < s.sealed()) {
+            self.unstream()?;
         }
         self.file.set_len(len)?;
         self.len = len;
@@ -341,6 +393,9 @@ struct State {
     inodes: Inodes,
     /// When the oldest uncommitted change was made.
     since: Option<std::time::Instant>,
+    /// A commit for the commit interval: buffers sealed as streams that are still open for
+    /// writing are not staged by it.
+    leave_streams: bool,
     /// Times the fspf does not record, by inode, for the life of the mount: status changes
     /// (`ctime`), access times set by `utimensat`, and directory modification times moved by
     /// entries made or removed in them.
@@ -445,6 +500,9 @@ impl State {
         if !g.dirty || g.detached {
             return Ok(());
         }
+        if self.leave_streams && g.writers > 0 && g.stream.as_ref().is_some_and(|s| !s.finished()) {
+            return Ok(());
+        }
         let path = g.path.clone();
         if self.s.is_ephemeral(&path) {
             let data = g.contents().map_err(|_| libc::EIO)?;
@@ -467,7 +525,27 @@ impl State {
                 owner: g.owner,
             };
             let len = g.len;
+            // A stream: the rest of the file is its tail, and the version is made.
+            let mut streamed = None;
+            let b = &mut *g;
+            if let Some(s) = b.stream.as_mut().filter(|s| !s.finished()) {
+                let sealed = s.sealed();
+                let mut tail = vec![0u8; len.saturating_sub(sealed) as usize];
+                b.file
+                    .read_exact_at(&mut tail, sealed)
+                    .map_err(|_| libc::EIO)?;
+                match self.s.stage_streamed(&path, s, &mut tail, meta) {
+                    Ok(t) => streamed = Some(t),
+                    Err(e) => {
+                        eprintln!(
+                            "fspf mount: {path}: the sealed stream could not be staged ({e:?}); sealing it whole"
+                        );
+                        b.unstream().map_err(|_| libc::EIO)?;
+                    }
+                }
+            }
             let update = match (g.base, &g.written) {
+                _ if streamed.is_some() => streamed,
                 (Some(base), Some(w)) => {
                     let file = &g.file;
                     let read = |out: &mut [u8], off: u64| file.read_exact_at(out, off);
@@ -494,10 +572,57 @@ impl State {
             g.mtime = t;
             // What is written from here on is relative to the state just staged.
             g.written = Some(Written::new(len));
+            g.unstaged = 0;
             self.mark();
         }
         g.dirty = false;
         Ok(())
+    }
+
+    /// Seal the whole chunks of `g` past its stream's end (starting the stream first) and give
+    /// their memory back.
+    fn stream_more(&mut self, g: &mut Buf) -> Result<(), c_int> {
+        if g.stream.is_none() {
+            match self.s.stream_file(&g.path).map_err(ViewError::errno)? {
+                Some(s) => g.stream = Some(s),
+                None => return Ok(()),
+            }
+        }
+        let Buf {
+            stream: Some(s),
+            file,
+            len,
+            ..
+        } = g
+        else {
+            return Ok(());
+        };
+        let c = u64::from(s.chunk_len());
+        let target = *len / c * c;
+        let start = s.sealed();
+        let mut block = vec![0u8; ((1 << 20) / c).max(1) as usize * c as usize];
+        let mut r = Ok(());
+        while s.sealed() < target {
+            let off = s.sealed();
+            let n = (block.len() as u64).min(target - off) as usize;
+            if file.read_exact_at(&mut block[..n], off).is_err() {
+                r = Err(libc::EIO);
+                break;
+            }
+            if let Err(e) = s.push(&mut block[..n]) {
+                eprintln!("fspf mount: {e}");
+                r = Err(libc::EIO);
+                break;
+            }
+        }
+        // What is sealed is read back from the shadow: its memory goes.
+        let _ = rustix::fs::fallocate(
+            &*file,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            start,
+            s.sealed() - start,
+        );
+        r
     }
 
     fn stage_all(&mut self) -> Result<(), c_int> {
@@ -615,6 +740,7 @@ impl FspfFs {
                 next_fh: 1,
                 inodes,
                 since: None,
+                leave_streams: false,
                 times: HashMap::new(),
                 read_buf: Vec::new(),
                 cached: HashMap::new(),
@@ -657,7 +783,13 @@ impl FspfFs {
                 std::thread::sleep(tick);
                 let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
                 if g.since.is_some_and(|t| t.elapsed() >= every) {
-                    if let Err(e) = g.commit() {
+                    // A file still being written in order stays a stream: cutting it into a
+                    // version now would make every later byte an update, or the file sealed
+                    // whole again (its close, `fsync` or the unmount commits it).
+                    g.leave_streams = true;
+                    let r = g.commit();
+                    g.leave_streams = false;
+                    if let Err(e) = r {
                         // Reported once; the next change, fsync or the unmount tries again.
                         eprintln!("fspf mount: commit failed (errno {e})");
                         g.since = None;
@@ -1292,14 +1424,42 @@ impl Filesystem for FspfFs {
         let Some(Handle::Buf { buf, write: true }) = st.handles.get(&fh) else {
             return reply.error(libc::EBADF);
         };
-        let mut g = lock(buf);
+        let buf = buf.clone();
+        let mut g = lock(&buf);
         // A write moves the modification time, also past one a program set before it.
         g.mtime = now_ns();
         g.mtime_set = false;
-        match g.write_at(data, offset.max(0) as u64) {
-            Ok(()) => reply.written(data.len() as u32),
-            Err(e) => reply.error(e.raw_os_error().unwrap_or(libc::EIO)),
+        if let Err(e) = g.write_at(data, offset.max(0) as u64) {
+            return reply.error(e.raw_os_error().unwrap_or(libc::EIO));
         }
+        // A new file written in order: seal its whole chunks as they complete, so that the
+        // daemon holds at most about `STREAM_PIECE` of it.
+        let unsealed = g.len - g.stream.as_ref().map_or(0, |s| s.sealed());
+        if unsealed >= STREAM_PIECE
+            && g.under.is_none()
+            && g.base.is_none()
+            && !g.stream.as_ref().is_some_and(|s| s.finished())
+            && !st.s.is_ephemeral(&g.path)
+        {
+            if let Err(e) = st.stream_more(&mut g) {
+                eprintln!(
+                    "fspf mount: {}: sealing while written failed (errno {e}); it stays in memory",
+                    g.path
+                );
+            }
+        } else if g.unstaged >= STREAM_PIECE && g.under.is_some() && !st.s.is_ephemeral(&g.path) {
+            // A committed file written on (a large file across a commit): what was written
+            // is committed now as an in-place update (appended chunks are written once), so
+            // the buffer holds at most about this much and no commit has to seal the file
+            // whole again.
+            drop(g);
+            let r = st.stage(&buf).and_then(|()| st.commit());
+            if let Err(e) = r {
+                eprintln!("fspf mount: committing a large writer's bytes failed (errno {e}); they stay in memory");
+            }
+            return reply.written(data.len() as u32);
+        }
+        reply.written(data.len() as u32);
     }
 
     fn flush(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _lock: u64, reply: ReplyEmpty) {

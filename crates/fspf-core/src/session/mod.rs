@@ -685,7 +685,53 @@ impl<A: Anchor> Session<A> {
         append: Option<AppendDelta>,
         src: impl Fn() -> R,
     ) -> Result<i64, ViewError> {
-        let mut staged = self.stage(path, size, meta.mode, src)?;
+        let staged = self.stage(path, size, meta.mode, src)?;
+        self.queue_put(path, staged, size, meta, append)
+    }
+
+    /// Start a new version of the kernel file `path` that is sealed while it is written
+    /// (`volume::StreamStage`: a frontend receiving a large file in order keeps only what is
+    /// not sealed yet); finish it with [`Session::stage_streamed`]. `Ok(None)`: not an
+    /// encrypted kernel region.
+    pub fn stream_file(
+        &mut self,
+        path: &EmbedPath,
+    ) -> Result<Option<crate::volume::StreamStage>, ViewError> {
+        let region = self.region_of(path).ok_or(ViewError::Untrusted)?.clone();
+        self.ensure_parent(&region, path);
+        self.vol_ok()?.stream_file(path).map_err(|e| {
+            (self.cfg.log)(&format!("{path}: starting a sealed stream failed: {e}"));
+            ViewError::of_io(&e)
+        })
+    }
+
+    /// Queue the version `stream` sealed, with `tail` (the rest of the file, encrypted in
+    /// place) sealed after it, as [`Session::stage_put`] queues one.
+    pub fn stage_streamed(
+        &mut self,
+        path: &EmbedPath,
+        stream: &mut crate::volume::StreamStage,
+        tail: &mut [u8],
+        meta: VersionMeta,
+    ) -> Result<i64, ViewError> {
+        let size = stream.sealed() + tail.len() as u64;
+        let staged = stream
+            .finish(self.vol_ok()?, tail, meta.mode)
+            .map_err(|e| {
+                (self.cfg.log)(&format!("{path}: staging a sealed stream failed: {e}"));
+                ViewError::of_io(&e)
+            })?;
+        self.queue_put(path, staged, size, meta, None)
+    }
+
+    fn queue_put(
+        &mut self,
+        path: &EmbedPath,
+        mut staged: crate::volume::StagedFile,
+        size: u64,
+        meta: VersionMeta,
+        append: Option<AppendDelta>,
+    ) -> Result<i64, ViewError> {
         if let Some(t) = meta.mtime {
             staged.entry.mtime_ns = t;
         }

@@ -27,6 +27,8 @@ pub struct DirectWriter {
     start: usize,
     len: usize,
     direct: bool,
+    /// Bytes written to the file so far (where the buffered bytes go).
+    pos: u64,
 }
 
 impl DirectWriter {
@@ -59,7 +61,13 @@ impl DirectWriter {
             start,
             len: 0,
             direct,
+            pos: 0,
         })
+    }
+
+    /// The bytes written but not in the file yet, and the file offset they go to.
+    pub fn unwritten(&self) -> (u64, &[u8]) {
+        (self.pos, &self.mem[self.start..self.start + self.len])
     }
 
     /// Was the file opened for direct I/O (false after a fallback)?
@@ -99,6 +107,7 @@ impl DirectWriter {
                 Ok(k) => {
                     self.mem.copy_within(s + k..s + self.len, s);
                     self.len -= k;
+                    self.pos += k as u64;
                     // A short direct write leaves an unaligned remainder: finish it buffered.
                     if self.direct && k % ALIGN != 0 {
                         self.buffered()?;

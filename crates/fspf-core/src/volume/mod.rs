@@ -10,6 +10,7 @@ pub mod memory;
 mod moves;
 mod orphans;
 mod store;
+mod stream;
 mod update;
 mod verify;
 
@@ -21,6 +22,7 @@ pub use moves::PreparedMove;
 pub use orphans::{CleanReport, Orphan, OrphanKind};
 pub use store::{held_fds, FspfLock, WriterGuard, WRITER_FD_BASE};
 pub use store::{is_fspf_internal, overwrite_file_durably, sync_filesystems, write_file_durably};
+pub use stream::StreamStage;
 pub use update::{FileUpdate, StagedUpdate};
 pub use verify::Finding;
 

@@ -968,3 +968,83 @@ fn fuse_the_mount_root_of_a_volume_without_a_root_region_was_not_found() {
     assert!(fs::create_dir(m.m("x")).is_err());
     assert!(fs::write(m.m("y"), "y").is_err());
 }
+
+/// A new file larger than the daemon's stream piece (32 MiB) is sealed while it is written:
+/// the daemon never holds all of it; a read of the sealed part while it is written, a rewrite
+/// below the sealed end and a truncation all see and keep the right bytes.
+#[test]
+fn fuse_a_new_large_file_is_sealed_while_written_and_never_held_whole() {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let mut m = Mounted::new(true);
+    let (pid, _) = daemon_of(&m);
+    let n: usize = 160 << 20;
+    let block: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    let stamped = |k: usize| {
+        let mut b = block.clone();
+        b[..8].copy_from_slice(&(k as u64).to_le_bytes());
+        b
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peak = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(buffer_bytes(pid));
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            peak
+        })
+    };
+    {
+        let mut f = fs::File::create(m.m("data/large")).unwrap();
+        for k in 0..n >> 20 {
+            f.write_all(&stamped(k)).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = peak.join().unwrap();
+    assert!(
+        peak < 100 << 20,
+        "the daemon held {peak} bytes of a {n}-byte file"
+    );
+    // Another new file: read back while written, rewritten below its sealed end, truncated.
+    {
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(true)
+            .open(m.m("data/second"))
+            .unwrap();
+        for k in 0..80 {
+            f.write_all(&stamped(k)).unwrap();
+        }
+        f.flush().unwrap();
+        fs::write("/proc/sys/vm/drop_caches", "1").expect("drop the page cache (root)");
+        let mut b = vec![0u8; 1 << 20];
+        f.read_exact_at(&mut b, 3 << 20).unwrap();
+        assert!(b == stamped(3), "the sealed part read back while written");
+        f.write_all_at(b"REWRITE!", 5 << 20).unwrap();
+        f.set_len(70 << 20).unwrap();
+    }
+    m.umount();
+    m.mount(false);
+    let got = fs::read(m.m("data/large")).unwrap();
+    assert_eq!(got.len(), n);
+    for (k, c) in got.chunks(1 << 20).enumerate() {
+        assert!(c == stamped(k), "large: block {k}");
+    }
+    let got = fs::read(m.m("data/second")).unwrap();
+    assert_eq!(got.len(), 70 << 20);
+    for (k, c) in got.chunks(1 << 20).enumerate() {
+        let mut want = stamped(k);
+        if k == 5 {
+            want[..8].copy_from_slice(b"REWRITE!");
+        }
+        assert!(c == want, "second: block {k}");
+    }
+    m.verify();
+}
