@@ -1048,3 +1048,52 @@ fn fuse_a_new_large_file_is_sealed_while_written_and_never_held_whole() {
     }
     m.verify();
 }
+
+/// Appending much to a committed file commits every 32 MiB written (in-place updates whose
+/// appended chunks are written once): the daemon holds about that much, not the append.
+#[test]
+fn fuse_a_large_append_to_a_committed_file_is_committed_in_pieces() {
+    use std::io::Write;
+    let mut m = Mounted::new(true);
+    let base: Vec<u8> = (0..(4u32 << 20) + 100).map(|i| (i % 241) as u8).collect();
+    fs::write(m.m("data/log"), &base).unwrap();
+    m.umount();
+    m.mount(true);
+    let (pid, _) = daemon_of(&m);
+    let block: Vec<u8> = (0..1 << 20).map(|i| (i % 239) as u8).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peak = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(buffer_bytes(pid));
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            peak
+        })
+    };
+    {
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(m.m("data/log"))
+            .unwrap();
+        for _ in 0..128 {
+            f.write_all(&block).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = peak.join().unwrap();
+    assert!(
+        peak < 80 << 20,
+        "the daemon held {peak} bytes of a 128 MiB append"
+    );
+    m.umount();
+    m.mount(false);
+    let got = fs::read(m.m("data/log")).unwrap();
+    assert_eq!(got.len(), base.len() + (128 << 20));
+    assert!(got[..base.len()] == base[..]);
+    assert!(got[base.len()..].chunks(1 << 20).all(|c| c == &block[..]));
+    m.verify();
+}
