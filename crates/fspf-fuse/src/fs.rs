@@ -7,7 +7,7 @@ use fspf_core::session::{
     move_tree, EphemeralContent, OpenFiles, Session, VersionMeta, Written, MAX_FILE_LEN,
 };
 use fspf_core::view::{Node, NodeKind, OpenFile, ViewError};
-use fspf_core::volume::KernelReader;
+use fspf_core::volume::{KernelReader, StreamStage};
 use fspf_core::{ChildKind, EmbedPath, Tag};
 use fuser::{
     FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData,
@@ -69,7 +69,81 @@ struct Buf {
     /// next version (`StreamStage`) and punched out of the memfd, which holds only the rest.
     /// Kept after the version is staged (it reads the sealed part back) until the commit moves
     /// the buffer onto the committed version.
-    stream: Option<fspf_core::volume::StreamStage>,
+    stream: Option<Stream>,
+}
+
+/// The thread sealing a piece of a stream: it hands the stream back with the piece's outcome.
+type PieceJob = std::thread::JoinHandle<Option<(StreamStage, Result<(), c_int>)>>;
+
+/// A stream, and the piece of it being sealed on a thread of its own (so that the daemon takes
+/// the next writes meanwhile).
+struct Stream {
+    /// `None` while a piece is being sealed (the thread has it).
+    stage: Option<StreamStage>,
+    /// The piece being sealed: the offset it seals to, and its thread (which hands the stream
+    /// back with the piece's outcome).
+    job: Option<(u64, PieceJob)>,
+}
+
+impl Stream {
+    /// The end of what is sealed or being sealed.
+    fn end(&self) -> u64 {
+        match (&self.job, &self.stage) {
+            (Some((t, _)), _) => *t,
+            (None, Some(s)) => s.sealed(),
+            (None, None) => 0,
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.job.is_none() && self.stage.as_ref().is_some_and(|s| s.finished())
+    }
+
+    /// Wait for the piece being sealed. `Err`: the stream is lost (its thread panicked).
+    fn settle(&mut self) -> Result<&mut StreamStage, c_int> {
+        if let Some((_, h)) = self.job.take() {
+            match h.join() {
+                Ok(Some((st, r))) => {
+                    self.stage = Some(st);
+                    if let Err(e) = r {
+                        eprintln!("fspf mount: sealing a piece of a stream failed (errno {e}); its bytes stay in memory");
+                    }
+                }
+                Ok(None) | Err(_) => return Err(libc::EIO),
+            }
+        }
+        self.stage.as_mut().ok_or(libc::EIO)
+    }
+}
+
+/// Seal `file`'s bytes from `s`'s end to `target` (whole chunks) into `s`, and punch what was
+/// sealed out of `file` (a piece of a stream, on its own thread).
+fn seal_piece(mut s: StreamStage, file: File, target: u64) -> (StreamStage, Result<(), c_int>) {
+    let c = u64::from(s.chunk_len());
+    let start = s.sealed();
+    let mut block = vec![0u8; ((1 << 20) / c).max(1) as usize * c as usize];
+    let mut r = Ok(());
+    while s.sealed() < target {
+        let off = s.sealed();
+        let n = (block.len() as u64).min(target - off) as usize;
+        if file.read_exact_at(&mut block[..n], off).is_err() {
+            r = Err(libc::EIO);
+            break;
+        }
+        if let Err(e) = s.push(&mut block[..n]) {
+            eprintln!("fspf mount: {e}");
+            r = Err(libc::EIO);
+            break;
+        }
+    }
+    // What is sealed is read back from the shadow: its memory goes.
+    let _ = rustix::fs::fallocate(
+        &file,
+        rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+        start,
+        s.sealed() - start,
+    );
+    (s, r)
 }
 
 struct Under {
@@ -102,7 +176,11 @@ impl Buf {
     /// Bring the sealed part of a stream back into the memfd and drop the stream (a write or
     /// truncation below its end, or a seal that must read everything).
     fn unstream(&mut self) -> std::io::Result<()> {
-        let Some(s) = self.stream.take() else {
+        let Some(mut st) = self.stream.take() else {
+            return Ok(());
+        };
+        st.settle().map_err(std::io::Error::from_raw_os_error)?;
+        let Some(s) = st.stage else {
             return Ok(());
         };
         let mut block = vec![0u8; 1 << 20];
@@ -122,7 +200,8 @@ impl Buf {
     /// Bytes `[off, off + out.len())` of the content, all below `self.len`: from the memfd
     /// where it holds them, else from the committed version (verified), else zeros.
     fn read_under(&mut self, out: &mut [u8], off: u64) -> std::io::Result<()> {
-        if let Some(s) = &self.stream {
+        if let Some(st) = &mut self.stream {
+            let s = st.settle().map_err(std::io::Error::from_raw_os_error)?;
             let k = s.sealed().saturating_sub(off).min(out.len() as u64) as usize;
             if k > 0 {
                 s.read_at(&mut out[..k], off).map_err(|e| {
@@ -232,14 +311,16 @@ impl Buf {
             reader: Box::new(reader),
             holds,
         });
-        self.stream = None;
+        if let Some(mut st) = self.stream.take() {
+            let _ = st.settle();
+        }
     }
 
     fn write_at(&mut self, data: &[u8], off: u64) -> std::io::Result<()> {
         if off.saturating_add(data.len() as u64) > MAX_FILE_LEN {
             return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
         }
-        if self.stream.as_ref().is_some_and(|s| off < s.sealed()) {
+        if self.stream.as_ref().is_some_and(|s| off < s.end()) {
             self.unstream()?;
         }
         self.file.write_all_at(data, off)?;
@@ -268,7 +349,7 @@ impl Buf {
         if len > MAX_FILE_LEN {
             return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
         }
-        if self.stream.as_ref().is_some_and(|s| len < s.sealed()) {
+        if self.stream.as_ref().is_some_and(|s| len < s.end()) {
             self.unstream()?;
         }
         self.file.set_len(len)?;
@@ -528,7 +609,11 @@ impl State {
             // A stream: the rest of the file is its tail, and the version is made.
             let mut streamed = None;
             let b = &mut *g;
-            if let Some(s) = b.stream.as_mut().filter(|s| !s.finished()) {
+            let open = match b.stream.as_mut().filter(|s| !s.finished()) {
+                Some(st) => Some(st.settle()?),
+                None => None,
+            };
+            if let Some(s) = open {
                 let sealed = s.sealed();
                 let mut tail = vec![0u8; len.saturating_sub(sealed) as usize];
                 b.file
@@ -584,12 +669,17 @@ impl State {
     fn stream_more(&mut self, g: &mut Buf) -> Result<(), c_int> {
         if g.stream.is_none() {
             match self.s.stream_file(&g.path).map_err(ViewError::errno)? {
-                Some(s) => g.stream = Some(s),
+                Some(s) => {
+                    g.stream = Some(Stream {
+                        stage: Some(s),
+                        job: None,
+                    })
+                }
                 None => return Ok(()),
             }
         }
         let Buf {
-            stream: Some(s),
+            stream: Some(st),
             file,
             len,
             ..
@@ -597,31 +687,37 @@ impl State {
         else {
             return Ok(());
         };
+        // One piece at a time: the one before it is done first.
+        let s = st.settle()?;
         let c = u64::from(s.chunk_len());
         let target = *len / c * c;
-        let start = s.sealed();
-        let mut block = vec![0u8; ((1 << 20) / c).max(1) as usize * c as usize];
-        let mut r = Ok(());
-        while s.sealed() < target {
-            let off = s.sealed();
-            let n = (block.len() as u64).min(target - off) as usize;
-            if file.read_exact_at(&mut block[..n], off).is_err() {
-                r = Err(libc::EIO);
-                break;
-            }
-            if let Err(e) = s.push(&mut block[..n]) {
-                eprintln!("fspf mount: {e}");
-                r = Err(libc::EIO);
-                break;
-            }
+        if target <= s.sealed() {
+            return Ok(());
         }
-        // What is sealed is read back from the shadow: its memory goes.
-        let _ = rustix::fs::fallocate(
-            &*file,
-            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
-            start,
-            s.sealed() - start,
-        );
+        let f = file.try_clone().map_err(|_| libc::EIO)?;
+        let s = st.stage.take().ok_or(libc::EIO)?;
+        // The stream goes to the thread only once it runs: if it cannot start, or is gone,
+        // the piece is sealed here instead and the stream is never lost.
+        let (tx, rx) = std::sync::mpsc::channel::<(StreamStage, File)>();
+        let spawned = std::thread::Builder::new()
+            .name("fspf-seal".into())
+            .spawn(move || {
+                // (The stream is sent right after the spawn; without it there is nothing to do.)
+                let (s, f) = rx.recv().ok()?;
+                Some(seal_piece(s, f, target))
+            });
+        let back = match spawned {
+            Ok(h) => match tx.send((s, f)) {
+                Ok(()) => {
+                    st.job = Some((target, h));
+                    return Ok(());
+                }
+                Err(std::sync::mpsc::SendError(back)) => back,
+            },
+            Err(_) => (s, f),
+        };
+        let (s, r) = seal_piece(back.0, back.1, target);
+        st.stage = Some(s);
         r
     }
 
@@ -1434,7 +1530,7 @@ impl Filesystem for FspfFs {
         }
         // A new file written in order: seal its whole chunks as they complete, so that the
         // daemon holds at most about `STREAM_PIECE` of it.
-        let unsealed = g.len - g.stream.as_ref().map_or(0, |s| s.sealed());
+        let unsealed = g.len - g.stream.as_ref().map_or(0, |s| s.end());
         if unsealed >= STREAM_PIECE
             && g.under.is_none()
             && g.base.is_none()

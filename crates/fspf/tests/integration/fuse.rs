@@ -857,18 +857,21 @@ fn fuse_the_daemon_polls_while_requests_come_close_together_and_sleeps_when_idle
     );
 }
 
-/// Bytes the kernel allocated to the daemon's write buffers (its `fspf-fuse` memfds).
+/// Bytes the kernel allocated to the daemon's write buffers (its `fspf-fuse` memfds, each
+/// counted once however many descriptors it has).
 fn buffer_bytes(pid: u32) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    fs::read_dir(format!("/proc/{pid}/fd"))
+    let files: std::collections::BTreeMap<u64, u64> = fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("daemon fds")
         .flatten()
         .filter(|fd| {
             fs::read_link(fd.path())
                 .is_ok_and(|t| t.to_string_lossy().starts_with("/memfd:fspf-fuse"))
         })
-        .map(|fd| fs::metadata(fd.path()).map_or(0, |m| m.blocks() * 512))
-        .sum()
+        .filter_map(|fd| fs::metadata(fd.path()).ok())
+        .map(|m| (m.ino(), m.blocks() * 512))
+        .collect();
+    files.values().sum()
 }
 
 /// A writer of a large file holds, in the daemon, what it wrote since the last commit: the
