@@ -874,6 +874,33 @@ fn buffer_bytes(pid: u32) -> u64 {
     files.values().sum()
 }
 
+/// The most [`buffer_bytes`] of a daemon seen, sampled every 2 ms until [`PeakBuffers::stop`].
+struct PeakBuffers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sampler: std::thread::JoinHandle<u64>,
+}
+
+impl PeakBuffers {
+    fn watch(pid: u32) -> PeakBuffers {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let sampler = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(buffer_bytes(pid));
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            peak
+        });
+        PeakBuffers { stop, sampler }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.sampler.join().expect("the sampler thread")
+    }
+}
+
 /// A writer of a large file holds, in the daemon, what it wrote since the last commit: the
 /// buffer is not loaded at open, reads of what was not written come from the committed file
 /// (verified), and a commit gives the written bytes' memory back.
@@ -988,18 +1015,7 @@ fn fuse_a_new_large_file_is_sealed_while_written_and_never_held_whole() {
         b[..8].copy_from_slice(&(k as u64).to_le_bytes());
         b
     };
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let peak = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut peak = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(buffer_bytes(pid));
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            peak
-        })
-    };
+    let peak = PeakBuffers::watch(pid);
     {
         let mut f = fs::File::create(m.m("data/large")).unwrap();
         for k in 0..n >> 20 {
@@ -1007,8 +1023,7 @@ fn fuse_a_new_large_file_is_sealed_while_written_and_never_held_whole() {
         }
         f.sync_all().unwrap();
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let peak = peak.join().unwrap();
+    let peak = peak.stop();
     assert!(
         peak < 100 << 20,
         "the daemon held {peak} bytes of a {n}-byte file"
@@ -1064,18 +1079,7 @@ fn fuse_a_large_append_to_a_committed_file_is_committed_in_pieces() {
     m.mount(true);
     let (pid, _) = daemon_of(&m);
     let block: Vec<u8> = (0..1 << 20).map(|i| (i % 239) as u8).collect();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let peak = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut peak = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(buffer_bytes(pid));
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            peak
-        })
-    };
+    let peak = PeakBuffers::watch(pid);
     {
         let mut f = fs::OpenOptions::new()
             .append(true)
@@ -1086,8 +1090,7 @@ fn fuse_a_large_append_to_a_committed_file_is_committed_in_pieces() {
         }
         f.sync_all().unwrap();
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let peak = peak.join().unwrap();
+    let peak = peak.stop();
     assert!(
         peak < 80 << 20,
         "the daemon held {peak} bytes of a 128 MiB append"
