@@ -32,6 +32,21 @@ const TTL: Duration = Duration::from_secs(1);
 /// ([`Buf::stream`]).
 const STREAM_PIECE: u64 = 32 << 20;
 
+/// How long the commit interval leaves a file that is being sealed as a stream open (its close,
+/// `fsync` or the unmount make its version at once): a writer that never syncs loses at most
+/// this plus the interval in a crash. `FSPF_FUSE_STREAM_GRACE_MS` in the daemon's environment
+/// sets it (default 30 s).
+fn stream_grace() -> Duration {
+    static GRACE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *GRACE.get_or_init(|| {
+        let ms = std::env::var("FSPF_FUSE_STREAM_GRACE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30_000);
+        Duration::from_millis(ms)
+    })
+}
+
 /// Buffers of files larger than this are not loaded when opened for writing ([`Buf::under`]).
 const UNLOADED_MIN: u64 = 1 << 20;
 
@@ -80,6 +95,8 @@ type PieceJob = std::thread::JoinHandle<Option<(StreamStage, Result<(), c_int>)>
 struct Stream {
     /// `None` while a piece is being sealed (the thread has it).
     stage: Option<StreamStage>,
+    /// When it started: the commit interval leaves it open for [`stream_grace`] at most.
+    started: std::time::Instant,
     /// The piece being sealed: the offset it seals to, and its thread (which hands the stream
     /// back with the piece's outcome).
     job: Option<(u64, PieceJob)>,
@@ -581,7 +598,12 @@ impl State {
         if !g.dirty || g.detached {
             return Ok(());
         }
-        if self.leave_streams && g.writers > 0 && g.stream.as_ref().is_some_and(|s| !s.finished()) {
+        if self.leave_streams
+            && g.writers > 0
+            && g.stream
+                .as_ref()
+                .is_some_and(|s| !s.finished() && s.started.elapsed() < stream_grace())
+        {
             return Ok(());
         }
         let path = g.path.clone();
@@ -672,6 +694,7 @@ impl State {
                 Some(s) => {
                     g.stream = Some(Stream {
                         stage: Some(s),
+                        started: std::time::Instant::now(),
                         job: None,
                     })
                 }

@@ -1103,3 +1103,80 @@ fn fuse_a_large_append_to_a_committed_file_is_committed_in_pieces() {
     assert!(got[base.len()..].chunks(1 << 20).all(|c| c == &block[..]));
     m.verify();
 }
+
+/// A new file sealed as a stream and held open without a sync is still committed by the commit
+/// interval once its grace (`FSPF_FUSE_STREAM_GRACE_MS`) is over: a daemon killed with
+/// `kill -9` afterwards leaves it in the fspf. (Without the grace, the interval left open
+/// streams alone for as long as they stayed open, and such a writer lost everything.)
+#[test]
+fn fuse_a_stream_held_open_without_sync_was_never_committed_by_the_interval() {
+    use std::io::Write;
+    let (env, kt) = data_volume();
+    let mut daemon = Command::new(FSPF)
+        .args([
+            "mount",
+            "fspf.pb",
+            "mnt",
+            "--key-file",
+            "key",
+            "--tag",
+            &kt.tag,
+        ])
+        .args([
+            "--mutable",
+            "--foreground",
+            "--tag-file",
+            "tag",
+            "--commit-ms",
+            "100",
+        ])
+        .env("FSPF_FUSE_STREAM_GRACE_MS", "300")
+        .current_dir(env.root())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !env.path("mnt/data/hello.txt").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mount did not appear"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let block: Vec<u8> = (0..1 << 20).map(|i| (i % 233) as u8).collect();
+    let mut f = fs::File::create(env.path("mnt/data/stream")).unwrap();
+    for _ in 0..40 {
+        f.write_all(&block).unwrap();
+    }
+    f.flush().unwrap();
+    // Held open, never synced: the grace and a few intervals pass.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    Command::new("kill")
+        .args(["-KILL", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    let _ = daemon.wait();
+    drop(f);
+    let _ = Command::new("fusermount3")
+        .arg("-uz")
+        .arg(env.path("mnt"))
+        .status();
+    let tags = fs::read_to_string(env.path("tag")).unwrap();
+    let tag = tags.lines().last().unwrap().trim().to_string();
+    let o = env.run([
+        "cat",
+        "fspf.pb",
+        "/data/stream",
+        "--key",
+        &kt.key,
+        "--tag",
+        &tag,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // What the daemon had received when the interval committed it: the kernel's writeback
+    // cache may still have held the last pages (never synced), so a prefix, and a large one.
+    let n = o.stdout.len();
+    assert!(n >= 32 << 20, "{n} bytes committed");
+    assert!(o.stdout.chunks(1 << 20).all(|c| c == &block[..c.len()]));
+}
