@@ -133,6 +133,27 @@ impl Stream {
     }
 }
 
+/// What staging does with a new file that is being sealed as a stream and is still open for
+/// writing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Streams {
+    /// Make its version (a close, `fsync`, a rename, the unmount).
+    Finish,
+    /// Leave it open, within [`stream_grace`] (the commit interval).
+    LeaveOpen,
+}
+
+/// Give back the memory of bytes `[off, off + len)` of a buffer's memfd (best effort: a hole
+/// that stays holds bytes nobody reads).
+fn punch(file: &File, off: u64, len: u64) {
+    let _ = rustix::fs::fallocate(
+        file,
+        rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+        off,
+        len,
+    );
+}
+
 /// Seal `file`'s bytes from `s`'s end to `target` (whole chunks) into `s`, and punch what was
 /// sealed out of `file` (a piece of a stream, on its own thread).
 fn seal_piece(mut s: StreamStage, file: File, target: u64) -> (StreamStage, Result<(), c_int>) {
@@ -154,12 +175,7 @@ fn seal_piece(mut s: StreamStage, file: File, target: u64) -> (StreamStage, Resu
         }
     }
     // What is sealed is read back from the shadow: its memory goes.
-    let _ = rustix::fs::fallocate(
-        &file,
-        rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
-        start,
-        s.sealed() - start,
-    );
+    punch(&file, start, s.sealed() - start);
     (s, r)
 }
 
@@ -193,21 +209,26 @@ impl Buf {
     /// Bring the sealed part of a stream back into the memfd and drop the stream (a write or
     /// truncation below its end, or a seal that must read everything).
     fn unstream(&mut self) -> std::io::Result<()> {
-        let Some(mut st) = self.stream.take() else {
+        let Some(st) = self.stream.as_mut() else {
             return Ok(());
         };
-        st.settle().map_err(std::io::Error::from_raw_os_error)?;
-        let Some(s) = st.stage else {
-            return Ok(());
-        };
+        let sealed = st
+            .settle()
+            .map_err(std::io::Error::from_raw_os_error)?
+            .sealed();
+        self.fill_memfd(sealed)?;
+        self.stream = None;
+        Ok(())
+    }
+
+    /// Copy the content's bytes `[0, end)` into the memfd, from wherever it does not hold them
+    /// (the stream's shadow, the committed version).
+    fn fill_memfd(&mut self, end: u64) -> std::io::Result<()> {
         let mut block = vec![0u8; 1 << 20];
         let mut off = 0;
-        while off < s.sealed() {
-            let n = block.len().min((s.sealed() - off) as usize);
-            s.read_at(&mut block[..n], off).map_err(|e| {
-                eprintln!("fspf mount: {}: {e}", self.path);
-                std::io::Error::from_raw_os_error(libc::EIO)
-            })?;
+        while off < end {
+            let n = block.len().min((end - off) as usize);
+            self.read_under(&mut block[..n], off)?;
             self.file.write_all_at(&block[..n], off)?;
             off += n as u64;
         }
@@ -260,20 +281,10 @@ impl Buf {
             let committed_end = b.min(u.holds.min_len).max(a);
             let (old, zero) = dst.split_at_mut((committed_end - a) as usize);
             zero.fill(0);
-            let mut done = 0;
-            while done < old.len() {
-                let n = u
-                    .reader
-                    .read_at(&mut old[done..], a + done as u64)
-                    .map_err(|e| {
-                        eprintln!("fspf mount: {}: {e}", self.path);
-                        std::io::Error::from_raw_os_error(libc::EIO)
-                    })?;
-                if n == 0 {
-                    return Err(std::io::Error::from_raw_os_error(libc::EIO));
-                }
-                done += n;
-            }
+            u.reader.read_exact_at(old, a).map_err(|e| {
+                eprintln!("fspf mount: {}: {e}", self.path);
+                std::io::Error::from_raw_os_error(libc::EIO)
+            })?;
         }
         Ok(())
     }
@@ -281,18 +292,10 @@ impl Buf {
     /// Load what the memfd does not hold yet (before it is sealed whole).
     fn load_all(&mut self) -> std::io::Result<()> {
         self.unstream()?;
-        if self.under.is_none() {
-            return Ok(());
+        if self.under.is_some() {
+            self.fill_memfd(self.len)?;
+            self.under = None;
         }
-        let mut block = vec![0u8; 1 << 20];
-        let mut off = 0;
-        while off < self.len {
-            let n = block.len().min((self.len - off) as usize);
-            self.read_under(&mut block[..n], off)?;
-            self.file.write_all_at(&block[..n], off)?;
-            off += n as u64;
-        }
-        self.under = None;
         Ok(())
     }
 
@@ -316,13 +319,7 @@ impl Buf {
             gaps.push((pos, self.len - pos));
         }
         for (o, l) in gaps {
-            // Best effort: a hole that stays holds bytes nobody reads.
-            let _ = rustix::fs::fallocate(
-                &self.file,
-                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
-                o,
-                l,
-            );
+            punch(&self.file, o, l);
         }
         self.under = Some(Under {
             reader: Box::new(reader),
@@ -491,9 +488,6 @@ struct State {
     inodes: Inodes,
     /// When the oldest uncommitted change was made.
     since: Option<std::time::Instant>,
-    /// A commit for the commit interval: buffers sealed as streams that are still open for
-    /// writing are not staged by it.
-    leave_streams: bool,
     /// Times the fspf does not record, by inode, for the life of the mount: status changes
     /// (`ctime`), access times set by `utimensat`, and directory modification times moved by
     /// entries made or removed in them.
@@ -583,7 +577,11 @@ impl State {
     /// Stage one buffer if it changed: into memory for ephemeral regions, as a version beside
     /// the kernel file otherwise (queued for the next commit).
     fn stage(&mut self, b: &Shared) -> Result<(), c_int> {
-        let r = self.stage_one(b);
+        self.stage_with(b, Streams::Finish)
+    }
+
+    fn stage_with(&mut self, b: &Shared, streams: Streams) -> Result<(), c_int> {
+        let r = self.stage_one(b, streams);
         if let Err(e) = r {
             eprintln!(
                 "fspf mount: {}: cannot stage the new version (errno {e}); it stays in memory",
@@ -593,12 +591,12 @@ impl State {
         r
     }
 
-    fn stage_one(&mut self, b: &Shared) -> Result<(), c_int> {
+    fn stage_one(&mut self, b: &Shared, streams: Streams) -> Result<(), c_int> {
         let mut g = lock(b);
         if !g.dirty || g.detached {
             return Ok(());
         }
-        if self.leave_streams
+        if streams == Streams::LeaveOpen
             && g.writers > 0
             && g.stream
                 .as_ref()
@@ -745,10 +743,14 @@ impl State {
     }
 
     fn stage_all(&mut self) -> Result<(), c_int> {
+        self.stage_all_with(Streams::Finish)
+    }
+
+    fn stage_all_with(&mut self, streams: Streams) -> Result<(), c_int> {
         let bufs: Vec<Shared> = self.live.values().cloned().collect();
         let mut r = Ok(());
         for b in bufs {
-            if let Err(e) = self.stage(&b) {
+            if let Err(e) = self.stage_with(&b, streams) {
                 r = Err(e);
             }
         }
@@ -822,7 +824,11 @@ impl State {
     }
 
     fn commit(&mut self) -> Result<(), c_int> {
-        let staged = self.stage_all();
+        self.commit_with(Streams::Finish)
+    }
+
+    fn commit_with(&mut self, streams: Streams) -> Result<(), c_int> {
+        let staged = self.stage_all_with(streams);
         let r = self.s.commit().map_err(ViewError::errno);
         if r.is_err() {
             // What was staged is lost: no record of writes is relative to a committed state.
@@ -859,7 +865,6 @@ impl FspfFs {
                 next_fh: 1,
                 inodes,
                 since: None,
-                leave_streams: false,
                 times: HashMap::new(),
                 read_buf: Vec::new(),
                 cached: HashMap::new(),
@@ -905,10 +910,7 @@ impl FspfFs {
                     // A file still being written in order stays a stream: cutting it into a
                     // version now would make every later byte an update, or the file sealed
                     // whole again (its close, `fsync` or the unmount commits it).
-                    g.leave_streams = true;
-                    let r = g.commit();
-                    g.leave_streams = false;
-                    if let Err(e) = r {
+                    if let Err(e) = g.commit_with(Streams::LeaveOpen) {
                         // Reported once; the next change, fsync or the unmount tries again.
                         eprintln!("fspf mount: commit failed (errno {e})");
                         g.since = None;

@@ -83,24 +83,8 @@ pub unsafe fn do_write(
     let append;
     // A write that may land below the end needs what is there (descriptions that can are
     // made only on loaded buffers; `fcntl(F_SETFL)` may take O_APPEND away later).
-    let unloaded = {
-        let f = h.lock().unwrap_or_else(|e| e.into_inner());
-        match &f.body {
-            Body::Buf(b)
-                if !f.append
-                    && b.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .unloaded
-                        .load(Ordering::Relaxed)
-                        != 0 =>
-            {
-                Some(b.clone())
-            }
-            _ => None,
-        }
-    };
-    if let Some(b) = unloaded {
-        if let Err(e) = crate::opening::load_unloaded_of(&b) {
+    if !h.lock().unwrap_or_else(|e| e.into_inner()).append {
+        if let Err(e) = files::load_unloaded_for(h) {
             return fail_isize(e);
         }
     }

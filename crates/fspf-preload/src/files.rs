@@ -404,13 +404,11 @@ impl WriteBuf {
         }
     }
 
-    /// Append `data` at `off` (loading content).
+    /// Write `data` at `off`: content the shield loads or replaces, never a program's write
+    /// (those go through the program's descriptions), so the append tracking is left alone.
     pub fn write_all_at(&self, mut data: &[u8], mut off: u64) -> Result<(), c_int> {
         if off.saturating_add(data.len() as u64) > MAX_BUFFER_LEN {
             return Err(libc::EFBIG);
-        }
-        if self.base.is_some_and(|(_, len)| off < len) {
-            self.append_only.store(false, Ordering::Relaxed);
         }
         while !data.is_empty() {
             // SAFETY: writing our buffer to our own fd.

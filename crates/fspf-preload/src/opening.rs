@@ -186,7 +186,6 @@ const LOAD_BLOCK: usize = 1 << 20;
 fn load_tail(inner: &mut Inner, ep: &EmbedPath, b: &WriteBuf, flags: c_int) -> Result<bool, c_int> {
     if flags & libc::O_ACCMODE != libc::O_WRONLY
         || flags & libc::O_APPEND == 0
-        || !inner.s.updatable(ep)
         || std::env::var_os("FSPF_LAZY_APPEND").is_some_and(|v| v == "0")
     {
         return Ok(false);
@@ -195,8 +194,13 @@ fn load_tail(inner: &mut Inner, ep: &EmbedPath, b: &WriteBuf, flags: c_int) -> R
         return Ok(false);
     };
     let chunk = vol.region_for(ep).map_or(0, |r| r.chunk_len as u64);
+    // (A format-2 file: its entry has a tree root.)
     let size = match vol.lookup(ep).map(|e| e.into_owned().kind) {
-        Some(FileKind::File { size, .. }) => size,
+        Some(FileKind::File {
+            size,
+            root: Some(_),
+            ..
+        }) => size,
         _ => return Ok(false),
     };
     if chunk == 0 || size <= files::HASH_MAX {
@@ -231,13 +235,9 @@ fn load_range(
     let mut block = vec![0u8; LOAD_BLOCK.min((to - from) as usize)];
     let mut off = from;
     while off < to {
-        let want = ((to - off) as usize).min(block.len());
-        let n = r
-            .read_at(&mut block[..want], off)
+        let n = ((to - off) as usize).min(block.len());
+        r.read_exact_at(&mut block[..n], off)
             .map_err(|e| map_core(ep, e))?;
-        if n == 0 {
-            return Err(libc::EIO);
-        }
         b.write_all_at(&block[..n], off)?;
         off += n as u64;
     }
@@ -261,10 +261,7 @@ pub fn load_unloaded(inner: &mut Inner, b: &mut WriteBuf) -> Result<(), c_int> {
         let tracked = b.tracked().is_some();
         let clean = b.fingerprint().ok() == Some(b.print);
         let mut r = open_kernel(inner, &b.path)?;
-        // (`write_all_at` must not take the prefix for the program's own writes.)
-        let keep = b.append_only.load(Ordering::Relaxed);
         load_range(&b.path, &mut r, b, 0, n)?;
-        b.append_only.store(keep, Ordering::Relaxed);
         let now = b.stat_now();
         if let (true, Some(t), Some(p)) = (tracked, b.track.as_mut(), now) {
             t.print = p;

@@ -984,7 +984,22 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
         Ok(&self.buf[start..end])
     }
 
+    /// Fill `out` with the verified plaintext at `offset`; a range past the end of the file is
+    /// [`Error::SizeMismatch`] (the file is shorter than the caller knows it to be).
+    pub fn read_exact_at(&mut self, out: &mut [u8], offset: u64) -> Result<()> {
+        let n = self.read_at(out, offset)?;
+        if n < out.len() {
+            return Err(Error::SizeMismatch {
+                path: self.label.clone(),
+                expected: offset + out.len() as u64,
+                actual: self.size,
+            });
+        }
+        Ok(())
+    }
+
     /// Read verified plaintext at `offset` into `out`; returns bytes read (0 at end of file).
+    /// It reads all of `out` that lies within the file.
     pub fn read_at(&mut self, out: &mut [u8], offset: u64) -> Result<usize> {
         // An empty file still has one (empty) chunk; no read below touches it, so check it here,
         // or a modified tag of an empty encrypted file would pass every read.

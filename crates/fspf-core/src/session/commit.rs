@@ -72,7 +72,7 @@ impl<A: Anchor> Session<A> {
         for c in &changes {
             if let Change::Remove(p) = c {
                 if self.pending.removed.get(p) == Some(&true) {
-                    if let Some(k) = vol.region_for(p).and_then(|r| KernelPath::of(r, p)) {
+                    if let Some(k) = vol.kernel_path(p) {
                         gone_dirs.push((p.clone(), k));
                     }
                 } else if let Ok(Some(m)) = vol.prepare_remove(p) {

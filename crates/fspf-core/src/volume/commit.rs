@@ -636,11 +636,7 @@ impl Volume {
         // Appended chunks of updates: written in place now, durable before the commit point
         // (they lie past the committed data's end, so nothing a reader uses changes).
         for u in &updates {
-            let loc = self
-                .meta
-                .region_for(&u.path)
-                .and_then(|r| KernelPath::of(r, &u.path))
-                .and_then(|l| l.parent().ok());
+            let loc = self.kernel_path(&u.path).and_then(|l| l.parent().ok());
             let at = loc.as_ref().map(|(d, n)| (d, n.as_os_str()));
             if let Err(e) = u.write_direct(&self.path, at) {
                 self.rollback(tx);
@@ -677,14 +673,9 @@ impl Volume {
             if !live {
                 continue;
             }
-            let Some(region) = self.meta.region_for(&u.path) else {
-                continue;
-            };
-            if let Some(loc) = KernelPath::of(region, &u.path) {
-                if let Ok((dir, name)) = loc.parent() {
-                    let label = u.path.to_string();
-                    let _ = roll_forward(&self.path, &dir, &name, &u.id, Some(&root), &label);
-                }
+            if let Some((dir, name)) = self.kernel_path(&u.path).and_then(|l| l.parent().ok()) {
+                let label = u.path.to_string();
+                let _ = roll_forward(&self.path, &dir, &name, &u.id, Some(&root), &label);
             }
         }
         // Outboards of versions no longer referenced are garbage now that the commit is durable.

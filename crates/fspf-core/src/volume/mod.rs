@@ -580,6 +580,11 @@ impl Volume {
         self.meta.region_for(path)
     }
 
+    /// Where `path` lives on disk: its kernel path, when its region is a kernel one.
+    pub fn kernel_path(&self, path: &EmbedPath) -> Option<KernelPath> {
+        KernelPath::of(self.region_for(path)?, path)
+    }
+
     /// The entry at `path` of a parsed volume; see [`Volume::lookup`] for either backing.
     pub fn entry(&self, path: &EmbedPath) -> Option<&FileEntry> {
         self.meta.files.get(path)

@@ -96,11 +96,7 @@ impl Volume {
         let Some((floc, id)) = self.kernel_file(from) else {
             return Ok(None);
         };
-        let Some(tloc) = self
-            .region_for(to)
-            .and_then(|r| KernelPath::of(r, to))
-            .filter(|t| t.base() == floc.base())
-        else {
+        let Some(tloc) = self.kernel_path(to).filter(|t| t.base() == floc.base()) else {
             return Ok(None);
         };
         let writer = self.writer_guard()?;

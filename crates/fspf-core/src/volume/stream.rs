@@ -136,24 +136,34 @@ impl StreamStage {
                 reason: format!("{} bytes is not a whole number of chunks", data.len()),
             });
         }
+        self.seal_write(data)
+    }
+
+    /// Seal `data` as the chunks after the sealed ones (the last may be partial: the file's
+    /// end) and write them to the shadow.
+    fn seal_write(&mut self, data: &mut [u8]) -> Result<()> {
+        if self.file.is_none() {
+            return Err(self.finished_already());
+        }
+        let c = self.chunk_len as usize;
         let first = self.sealed / c as u64;
         for (k, chunk) in data.chunks_mut(c).enumerate() {
             let tag = ct::seal_chunk2(&self.key, &self.id, first + k as u64, chunk)?;
             self.tags.push(tag);
         }
-        self.writer()?
-            .write_all(data)
-            .map_err(|e| Error::io(&self.out.label, e))?;
+        if let Some(w) = self.file.as_mut() {
+            w.write_all(data)
+                .map_err(|e| Error::io(&self.out.label, e))?;
+        }
         self.sealed += data.len() as u64;
         Ok(())
     }
 
-    fn writer(&mut self) -> Result<&mut DirectWriter> {
-        let label = self.label.clone();
-        self.file.as_mut().ok_or_else(|| Error::Invalid {
-            path: label,
+    fn finished_already(&self) -> Error {
+        Error::Invalid {
+            path: self.label.clone(),
             reason: "the stream is finished already".into(),
-        })
+        }
     }
 
     /// Ciphertext at shadow offset `at`: from the file, or from the writer's buffer for what
@@ -225,12 +235,8 @@ impl StreamStage {
     /// On an error it is left unfinished, its sealed part readable.
     pub fn finish(&mut self, vol: &Volume, tail: &mut [u8], mode: u32) -> Result<StagedFile> {
         if self.done {
-            return Err(Error::Invalid {
-                path: self.label.clone(),
-                reason: "the stream is finished already".into(),
-            });
+            return Err(self.finished_already());
         }
-        let c = self.chunk_len as usize;
         let size = self.sealed + tail.len() as u64;
         let n = chunk_count(size, self.chunk_len);
         if n <= ft::FORMAT2_MIN_CHUNKS {
@@ -239,24 +245,10 @@ impl StreamStage {
                 reason: format!("{size} bytes are format 1: stage the file whole"),
             });
         }
-        let whole = tail.len() / c * c;
-        let (head, last) = tail.split_at_mut(whole);
-        self.push(head)?;
-        if !last.is_empty() {
-            let i = self.sealed / c as u64;
-            let tag = ct::seal_chunk2(&self.key, &self.id, i, last)?;
-            self.tags.push(tag);
-            self.writer()?
-                .write_all(last)
-                .map_err(|e| Error::io(&self.out.label, e))?;
-            self.sealed += last.len() as u64;
-        }
+        self.seal_write(tail)?;
         // Everything to the file (the unaligned end through the page cache): the writer is
         // done, reads come from the file from now on.
-        let w = self.file.take().ok_or_else(|| Error::Invalid {
-            path: self.label.clone(),
-            reason: "the stream is finished already".into(),
-        })?;
+        let w = self.file.take().ok_or_else(|| self.finished_already())?;
         let written = w.finish().map_err(|e| Error::io(&self.out.label, e))?;
         debug_assert_eq!(self.tags.len() as u64, n);
         // The kernel file's permissions, as `stage_file` gives a shadow.

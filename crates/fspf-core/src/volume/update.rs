@@ -164,24 +164,6 @@ impl FileUpdate {
         self.mtime = Some(ns);
     }
 
-    /// Committed bytes at `pos..pos + dst.len()` (all below `min(valid, base_size)`), verified.
-    fn read_base(&mut self, dst: &mut [u8], mut pos: u64) -> Result<()> {
-        let mut done = 0;
-        while done < dst.len() {
-            let n = self.base.read_at(&mut dst[done..], pos)?;
-            if n == 0 {
-                return Err(Error::SizeMismatch {
-                    path: self.label.clone(),
-                    expected: self.base_size,
-                    actual: pos,
-                });
-            }
-            done += n;
-            pos += n as u64;
-        }
-        Ok(())
-    }
-
     /// Current content of chunk `i` (its length under the current size).
     fn chunk(&mut self, i: u64) -> Result<Vec<u8>> {
         if let Some(d) = self.dirty.get(&i) {
@@ -193,7 +175,7 @@ impl FileUpdate {
         let lim = self.valid.min(self.base_size);
         if start < lim {
             let k = ((lim - start) as usize).min(v.len());
-            self.read_base(&mut v[..k], start)?;
+            self.base.read_exact_at(&mut v[..k], start)?;
         }
         Ok(v)
     }
@@ -219,7 +201,7 @@ impl FileUpdate {
                     0
                 };
                 if k > 0 {
-                    self.read_base(&mut buf[at..at + k], pos)?;
+                    self.base.read_exact_at(&mut buf[at..at + k], pos)?;
                 }
                 buf[at + k..at + take].fill(0);
             }
@@ -409,7 +391,15 @@ impl StagedUpdate {
         let root = self.root();
         let jp = store::journal_path(fspf, &self.id, &root);
         let full = jp.full();
-        let bytes = std::fs::read(&full).map_err(|e| Error::io(&full, e))?;
+        let f = kernel_fs::open_regular_rw(jp.base(), jp.rel()).map_err(|e| match e {
+            kernel_fs::OpenError::Io(e) => Error::io(&full, e),
+            kernel_fs::OpenError::NotRegular(kind) => Error::NotRegular {
+                path: full.display().to_string(),
+                kind,
+            },
+        })?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut &f, &mut bytes).map_err(|e| Error::io(&full, e))?;
         let damaged = |reason: String| Error::JournalDamaged {
             path: self.path.to_string(),
             journal: full.display().to_string(),
@@ -425,13 +415,6 @@ impl StagedUpdate {
         for (at, b) in &self.direct.0 {
             j.write(Target::Data, *at, b);
         }
-        let f = kernel_fs::open_regular_rw(jp.base(), jp.rel()).map_err(|e| match e {
-            kernel_fs::OpenError::Io(e) => Error::io(&full, e),
-            kernel_fs::OpenError::NotRegular(kind) => Error::NotRegular {
-                path: full.display().to_string(),
-                kind,
-            },
-        })?;
         let out = j.encode(&root);
         f.write_all_at(&out, 0)
             .and_then(|_| f.set_len(out.len() as u64))

@@ -477,13 +477,15 @@ fn a_255_byte_name_could_not_be_staged_and_was_lost_at_unmount() {
     assert_eq!(stdout(&o), "long\n");
 }
 
-/// SIGTERM (or Ctrl-C) to a foreground `fspf mount` unmounted nothing and lost what was staged
-/// since the last commit; it now unmounts, so the session ends through its final commit, and the
-/// tag file names the new state.
-#[test]
-fn sigterm_to_the_daemon_lost_what_was_written_since_the_last_commit() {
-    let (env, kt) = data_volume();
-    let mut daemon = Command::new(FSPF)
+/// A mutable mount of `data_volume`'s fspf at `mnt` by a daemon in the foreground (its tag file
+/// `tag`, a commit every `commit_ms`, `vars` in its environment), once the mount shows.
+fn foreground_daemon(
+    env: &Env,
+    kt: &KeyTag,
+    commit_ms: &str,
+    vars: &[(&str, &str)],
+) -> std::process::Child {
+    let daemon = Command::new(FSPF)
         .args([
             "mount",
             "fspf.pb",
@@ -499,8 +501,9 @@ fn sigterm_to_the_daemon_lost_what_was_written_since_the_last_commit() {
             "--tag-file",
             "tag",
             "--commit-ms",
-            "600000",
+            commit_ms,
         ])
+        .envs(vars.iter().copied())
         .current_dir(env.root())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -514,6 +517,16 @@ fn sigterm_to_the_daemon_lost_what_was_written_since_the_last_commit() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    daemon
+}
+
+/// SIGTERM (or Ctrl-C) to a foreground `fspf mount` unmounted nothing and lost what was staged
+/// since the last commit; it now unmounts, so the session ends through its final commit, and the
+/// tag file names the new state.
+#[test]
+fn sigterm_to_the_daemon_lost_what_was_written_since_the_last_commit() {
+    let (env, kt) = data_volume();
+    let mut daemon = foreground_daemon(&env, &kt, "600000", &[]);
     // Written and closed, not fsync'd; the commit interval is ten minutes away.
     fs::write(env.path("mnt/data/late.txt"), "late\n").unwrap();
     let o = Command::new("kill")
@@ -1112,38 +1125,7 @@ fn fuse_a_large_append_to_a_committed_file_is_committed_in_pieces() {
 fn fuse_a_stream_held_open_without_sync_was_never_committed_by_the_interval() {
     use std::io::Write;
     let (env, kt) = data_volume();
-    let mut daemon = Command::new(FSPF)
-        .args([
-            "mount",
-            "fspf.pb",
-            "mnt",
-            "--key-file",
-            "key",
-            "--tag",
-            &kt.tag,
-        ])
-        .args([
-            "--mutable",
-            "--foreground",
-            "--tag-file",
-            "tag",
-            "--commit-ms",
-            "100",
-        ])
-        .env("FSPF_FUSE_STREAM_GRACE_MS", "300")
-        .current_dir(env.root())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !env.path("mnt/data/hello.txt").exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the mount did not appear"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut daemon = foreground_daemon(&env, &kt, "100", &[("FSPF_FUSE_STREAM_GRACE_MS", "300")]);
     let block: Vec<u8> = (0..1 << 20).map(|i| (i % 233) as u8).collect();
     let mut f = fs::File::create(env.path("mnt/data/stream")).unwrap();
     for _ in 0..40 {
