@@ -1142,6 +1142,7 @@ impl Filesystem for FspfFs {
         if let Err(e) = st.commit() {
             eprintln!("fspf mount: final commit failed (errno {e}): changes since the last commit are lost");
         }
+        self.anchor.settle();
     }
 
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {

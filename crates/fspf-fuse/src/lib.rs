@@ -145,7 +145,26 @@ impl Anchor for DaemonAnchor {
             current: t,
             pending: None,
         };
-        self.write_tag_file(&[t])
+        let Some(p) = &self.tag_file else {
+            return Ok(());
+        };
+        // Not synced: the announce before it is durable and names this state too; the next
+        // announce or the settle at unmount makes it durable.
+        fspf_core::session::publish_tag_file(p, t).map_err(|e| {
+            eprintln!("fspf mount: cannot write the tag file: {e}");
+            ViewError::Io
+        })
+    }
+}
+
+impl DaemonAnchor {
+    /// Make the tag file name the current tag alone, durably (at unmount).
+    pub fn settle(&self) {
+        if let Some(p) = &self.tag_file {
+            if let Err(e) = fspf_core::session::settle_tag_file(p, self.current()) {
+                eprintln!("fspf mount: cannot write the tag file: {e}");
+            }
+        }
     }
 }
 

@@ -128,7 +128,15 @@ impl Anchor {
     /// After the commit point (or on finding a crashed committer's commit on disk): `t` alone.
     pub fn publish(&self, t: Tag) -> Result<(), c_int> {
         self.write_bytes(&t.0)?;
-        self.write_tag_file(&[t])
+        let Some(p) = &self.tag_file else {
+            return Ok(());
+        };
+        // Not synced: the announce before it is durable and names this state too; the next
+        // announce or `fspf run`'s settle at the end makes it durable.
+        fspf_core::session::publish_tag_file(p, t).map_err(|e| {
+            crate::say(format!("cannot write the tag file: {e}"));
+            libc::EIO
+        })
     }
 
     /// Write the tag file (`fspf_core::session::write_tag_file`). A user who finds two lines

@@ -84,10 +84,21 @@ impl AnchorState {
 
 /// Write a tag file, the durable copy of an [`Anchor`] outside the run: one tag per line (two
 /// while a commit is in flight: a reader may trust either), overwritten in place with one
-/// `fdatasync` ([`crate::volume::overwrite_file_durably`]; it is written twice per commit).
+/// `fdatasync` ([`crate::volume::overwrite_file_durably`]). A commit announces through it
+/// before its commit point; [`publish_tag_file`] follows after it.
 pub fn write_tag_file(path: &std::path::Path, tags: &[Tag]) -> crate::Result<()> {
     let text: String = tags.iter().map(|t| format!("{t}\n")).collect();
     crate::volume::overwrite_file_durably(path, text.as_bytes(), 0o600)
+}
+
+/// After a commit point: the tag file names `tag` alone, overwritten in place **without**
+/// `fdatasync`. The durable content is the announce before it (both tags, either of which a
+/// reader may trust), until the next commit's announce or [`settle_tag_file`] (the end of a
+/// run, an unmount) makes it durable: a process that dies leaves the write in the page cache,
+/// and only a power loss can bring back the announce (THREAT-MODEL.md, "The trusted channel
+/// for the tag"). Saves one device flush per commit.
+pub fn publish_tag_file(path: &std::path::Path, tag: Tag) -> crate::Result<()> {
+    crate::volume::overwrite_file(path, format!("{tag}\n").as_bytes(), 0o600)
 }
 
 /// Make the tag file at `path` name `tag` alone, durably: when it already does (the run's last

@@ -21,7 +21,9 @@ pub use log::{log_limit, log_path, DiskState, LOG_MIN_LIMIT};
 pub use moves::PreparedMove;
 pub use orphans::{CleanReport, Orphan, OrphanKind};
 pub use store::{held_fds, FspfLock, WriterGuard, WRITER_FD_BASE};
-pub use store::{is_fspf_internal, overwrite_file_durably, sync_filesystems, write_file_durably};
+pub use store::{
+    is_fspf_internal, overwrite_file, overwrite_file_durably, sync_filesystems, write_file_durably,
+};
 pub use stream::StreamStage;
 pub use update::{FileUpdate, StagedUpdate};
 pub use verify::Finding;

@@ -431,6 +431,17 @@ pub fn write_file_durably(path: &Path, content: &[u8], mode: u32) -> Result<()> 
 /// and the next open fails closed, never trusting a wrong tag). A reader that reads it while it
 /// is being written may see a mix of both contents; it fails to parse it and reads again.
 pub fn overwrite_file_durably(path: &Path, content: &[u8], mode: u32) -> Result<()> {
+    overwrite_in_place(path, content, mode, true)
+}
+
+/// [`overwrite_file_durably`] without its `fdatasync` (a missing file or another name for it
+/// is still replaced durably): for a tag file's publish after a commit point, whose durable
+/// predecessor already names the same state.
+pub fn overwrite_file(path: &Path, content: &[u8], mode: u32) -> Result<()> {
+    overwrite_in_place(path, content, mode, false)
+}
+
+fn overwrite_in_place(path: &Path, content: &[u8], mode: u32, durable: bool) -> Result<()> {
     let f = match OpenOptions::new()
         .write(true)
         .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
@@ -455,7 +466,10 @@ pub fn overwrite_file_durably(path: &Path, content: &[u8], mode: u32) -> Result<
         }
         f.write_all_at(content, 0)?;
         f.set_len(content.len() as u64)?;
-        f.sync_data().map(|()| true)
+        if durable {
+            f.sync_data()?;
+        }
+        Ok(true)
     })();
     match res {
         Ok(true) => Ok(()),
@@ -665,7 +679,21 @@ mod tests {
     /// someone made: that name is replaced instead) and never follows a symlink.
     #[test]
     fn a_tag_file_is_overwritten_in_place_but_never_through_another_name() {
+        for durable in [true, false] {
+            tag_file_overwrite(durable);
+        }
+    }
+
+    /// [`overwrite_file_durably`] (`durable`) or [`overwrite_file`], the publish's.
+    fn tag_file_overwrite(durable: bool) {
         use std::os::unix::fs::MetadataExt;
+        let overwrite_file_durably = |p: &Path, c: &[u8], m: u32| {
+            if durable {
+                overwrite_file_durably(p, c, m)
+            } else {
+                overwrite_file(p, c, m)
+            }
+        };
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("tag");
         overwrite_file_durably(&p, b"a\n", 0o600).unwrap();
