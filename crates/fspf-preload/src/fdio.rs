@@ -11,8 +11,19 @@ pub unsafe fn do_read(fd: c_int, h: &Handle, buf: *mut u8, n: size_t, off: Optio
     let f = h.lock().unwrap_or_else(|e| e.into_inner());
     if f.touched.is_some() {
         drop(f);
-        if let Err(e) = files::load_unloaded_for(h) {
-            return fail_isize(e);
+        // What this read covers is loaded first (a buffer may hold parts unloaded).
+        if let Some(b) = files::buffer_of(h) {
+            let at = match off {
+                Some(o) => o,
+                // SAFETY: reading the offset of the program's description of the buffer.
+                None => match unsafe { real::lseek(fd, 0, libc::SEEK_CUR) } {
+                    o if o >= 0 => o as u64,
+                    _ => return -1,
+                },
+            };
+            if let Err(e) = crate::opening::load_holes_of(&b, at, at.saturating_add(n as u64)) {
+                return fail_isize(e);
+            }
         }
         return match off {
             // SAFETY: the program's buffer of n bytes; fd is a description of the buffer.
@@ -81,13 +92,6 @@ pub unsafe fn do_write(
     let mut kill_suid = None;
     let mut buffer = None;
     let append;
-    // A write that may land below the end needs what is there (descriptions that can are
-    // made only on loaded buffers; `fcntl(F_SETFL)` may take O_APPEND away later).
-    if !h.lock().unwrap_or_else(|e| e.into_inner()).append {
-        if let Err(e) = files::load_unloaded_for(h) {
-            return fail_isize(e);
-        }
-    }
     let touched = {
         let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
         if !f.write {
@@ -132,9 +136,19 @@ pub unsafe fn do_write(
     if off.is_some_and(|o| o.saturating_add(n as u64) > files::MAX_BUFFER_LEN) {
         return fail_isize(libc::EFBIG);
     }
+    // A buffer with unloaded parts: what the write covers only partly is loaded first, and
+    // the write lands under the buffer's lock, recorded as seen (`opening::before_write`).
+    let lazy = match &buffer {
+        Some(b) => match crate::opening::before_write(b, fd, off, n as u64, append) {
+            Ok(l) => l,
+            Err(e) => return fail_isize(e),
+        },
+        None => None,
+    };
     t.store(true, Ordering::Relaxed);
-    // A buffer whose changes are tracked is written under its lock, so that the offset read
-    // back after the write is where this write ended (no other hooked write in between).
+    // A buffer is written under its lock: the offset read back after the write of a tracked
+    // one is where this write ended (no other hooked write in between), and no load of an
+    // unloaded part runs in between.
     let mut g = buffer
         .as_ref()
         .map(|b| b.lock().unwrap_or_else(|e| e.into_inner()));
@@ -145,13 +159,22 @@ pub unsafe fn do_write(
             g.track = None;
         }
     }
-    let g = g.as_mut().filter(|g| g.track.is_some());
     let w = match off {
         // SAFETY: the program's n bytes; fd is a description of the buffer.
         Some(o) => unsafe { real::pwrite(fd, buf.cast(), n, o as off_t) },
         // SAFETY: as above.
         None => unsafe { real::write(fd, buf.cast(), n) },
     };
+    if let (Some((_, filled)), Some(g)) = (&lazy, g.as_ref()) {
+        // (A short write filled an unknown part: counted again.)
+        g.record_seen(match w {
+            w if w as usize == n => Some(*filled),
+            w if w <= 0 => Some(0),
+            _ => None,
+        });
+    }
+    drop(lazy);
+    let g = g.as_mut().filter(|g| g.track.is_some());
     if let Some(g) = g {
         if w > 0 {
             let at = match off {
@@ -173,12 +196,23 @@ pub unsafe fn do_write(
     w
 }
 
+/// Truncate (or extend) the file behind `h` to `len` (`ftruncate`, `truncate`, an allocation
+/// past the end). What stays in the block of the new end is loaded first when parts of the
+/// buffer are unloaded (`opening::before_truncate`; to 0 nothing stays).
+pub fn truncate_handle(h: &Handle, len: u64) -> Result<(), c_int> {
+    let _lazy = match files::buffer_of(h) {
+        Some(b) => crate::opening::before_truncate(&b, len)?,
+        None => None,
+    };
+    h.lock().unwrap_or_else(|e| e.into_inner()).set_len(len)
+}
+
 pub fn do_seek(fd: c_int, h: &Handle, off: i64, whence: c_int) -> i64 {
     let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
     if f.touched.is_some() {
         drop(f);
         if matches!(whence, libc::SEEK_DATA | libc::SEEK_HOLE) {
-            // The kernel would report the unloaded prefix as a hole.
+            // The kernel would report unloaded parts as holes.
             if let Err(e) = files::load_unloaded_for(h) {
                 set_errno(e);
                 return -1;

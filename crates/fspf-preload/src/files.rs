@@ -67,21 +67,31 @@ pub struct WriteBuf {
     /// shield then compares the buffer with the committed state instead. `None` once the
     /// buffer is mapped writable and shared (writes through a map need not move the times).
     pub track: Option<Track>,
-    /// This process's view of the buffer's unloaded prefix: bytes `[0, n)` of an append-only
-    /// buffer may not have been loaded (they are a hole in the memfd and equal the committed
-    /// file); `0`: the whole content is in the buffer. The buffer file's [`UNLOADED_XATTR`] is
-    /// the truth every process of the run shares: a process that loads the prefix removes it,
-    /// so this hint can only be stale in the safe direction (checked again before use).
+    /// This process's view of the buffer's unloaded offset: below `n`, the holes of the memfd
+    /// were never loaded and equal the committed file (`opening::leave_unloaded`); `0`: the
+    /// whole content is in the buffer. The buffer file's [`UNLOADED_XATTR`] is the truth every
+    /// process of the run shares: a process that loads everything removes it, so this hint can
+    /// only be stale in the safe direction (checked again before use).
     pub unloaded: AtomicU64,
 }
 
-/// Extended attribute on a buffer's file (memfd or the run's shared buffer) whose first bytes
-/// were not loaded: their count, in decimal. Set before the buffer is complete
+/// Extended attribute on a buffer's file (memfd or the run's shared buffer) with parts not
+/// loaded: the offset below which its holes are unloaded content, in decimal. Set before the buffer is complete
 /// (`runbuf::loaded`), removed under [`UnloadedLock`] by whoever loads them.
 const UNLOADED_XATTR: &std::ffi::CStr = c"user.fspf.unloaded";
 
+/// While part of a buffer is unloaded: the buffer file's size and modification time (16 bytes,
+/// little-endian) after the last change the shield made or saw (a hooked write or truncation,
+/// a load), in every process of the run. A change by anything else (a raw system call) moves
+/// them: it may have written into an unloaded hole, whose other bytes would then be zeros the
+/// shield cannot tell from content, so the buffer is refused from then on ([`UNSEEN_XATTR`]).
+/// (The change time is left out: setting this attribute moves it.)
+const SEEN_XATTR: &std::ffi::CStr = c"user.fspf.seen";
+/// Set once a change the shield did not see was found while part of the buffer is unloaded.
+const UNSEEN_XATTR: &std::ffi::CStr = c"user.fspf.unseen";
+
 /// An OFD write lock on one byte far past any buffer's end, serialising the loads of a
-/// buffer's unloaded prefix between the processes holding it (independent of the `flock`
+/// buffer's unloaded parts (and the changes while there are some) between the processes holding it (independent of the `flock`
 /// that `runbuf` holds shared on the same file, and of the program's own locks, which the
 /// shield takes elsewhere: `locks.rs`).
 pub struct UnloadedLock(c_int);
@@ -135,7 +145,7 @@ impl Drop for UnloadedLock {
     }
 }
 
-/// The unloaded prefix recorded on buffer file `fd` ([`UNLOADED_XATTR`]); 0 when none.
+/// The unloaded offset recorded on buffer file `fd` ([`UNLOADED_XATTR`]); 0 when none.
 pub fn unloaded_on_file(fd: c_int) -> u64 {
     let mut v = [0u8; 24];
     // SAFETY: reading an attribute of our own fd into a local buffer of that length.
@@ -185,7 +195,7 @@ impl WriteBuf {
         }
     }
 
-    /// The bytes `[0, n)` of this buffer that are not loaded (0: none), after checking the
+    /// The offset below which this buffer's holes are unloaded (0: none), after checking the
     /// buffer file when this process's hint says there may be some.
     pub fn unloaded(&self) -> u64 {
         if self.unloaded.load(Ordering::Relaxed) == 0 {
@@ -196,8 +206,8 @@ impl WriteBuf {
         n
     }
 
-    /// Leave `[0, n)` unloaded (a hole equal to the committed file): recorded on the buffer
-    /// file for every process that shares it. False when the file system cannot record it
+    /// Leave the holes below `n` unloaded (equal to the committed file): recorded on the
+    /// buffer file for every process that shares it. False when the file system cannot record it
     /// (user extended attributes on tmpfs need Linux 6.6): the caller loads everything.
     pub fn mark_unloaded(&self, n: u64) -> bool {
         let v = n.to_string();
@@ -221,9 +231,163 @@ impl WriteBuf {
     /// The whole content is in the buffer now (loaded, or rewritten whole).
     pub fn mark_loaded(&self) {
         if self.unloaded.swap(0, Ordering::Relaxed) != 0 {
-            // SAFETY: removing an attribute of our own fd.
-            unsafe { real::fremovexattr(self.fd, UNLOADED_XATTR.as_ptr()) };
+            // SAFETY: removing attributes of our own fd.
+            unsafe {
+                real::fremovexattr(self.fd, UNLOADED_XATTR.as_ptr());
+                real::fremovexattr(self.fd, SEEN_XATTR.as_ptr());
+                real::fremovexattr(self.fd, UNSEEN_XATTR.as_ptr());
+            }
         }
+    }
+
+    /// The unit the buffer file allocates in (`st_blksize`: the page, or a huge page).
+    pub fn page_size(&self) -> Option<u64> {
+        // SAFETY: fstat of our own fd into a local buffer.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { real::fstat(self.fd, &mut st) } != 0 {
+            return None;
+        }
+        Some(st.st_blksize as u64)
+    }
+
+    /// The buffer file's size and modification time now ([`SEEN_XATTR`]).
+    fn stat_seen(&self) -> Option<(u64, u64)> {
+        // SAFETY: fstat of our own fd into a local buffer.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { real::fstat(self.fd, &mut st) } != 0 {
+            return None;
+        }
+        let t = (st.st_mtime as u64)
+            .wrapping_mul(1_000_000_000)
+            .wrapping_add(st.st_mtime_nsec as u64);
+        Some((st.st_size as u64, t))
+    }
+
+    /// What [`WriteBuf::record_seen`] recorded last: size, modification time, loaded bytes below
+    /// the unloaded end.
+    fn recorded_seen(&self) -> Option<(u64, u64, u64)> {
+        let mut v = [0u8; 24];
+        // SAFETY: reading an attribute of our own fd into a local buffer of its length.
+        let n = unsafe {
+            real::fgetxattr(self.fd, SEEN_XATTR.as_ptr(), v.as_mut_ptr().cast(), v.len())
+        };
+        if n != 24 {
+            return None;
+        }
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&v[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(w)
+        };
+        Some((word(0), word(1), word(2)))
+    }
+
+    /// Bytes of `[0, n)` that are not holes (loaded or written).
+    fn data_below(&self, n: u64) -> u64 {
+        let mut sum = 0;
+        let mut at = 0u64;
+        while at < n {
+            // SAFETY: seeking our own fd (the buffer's own description).
+            let d = unsafe { real::lseek(self.fd, at as i64, libc::SEEK_DATA) };
+            if d < 0 || d as u64 >= n {
+                break;
+            }
+            // SAFETY: as above.
+            let h = unsafe { real::lseek(self.fd, d, libc::SEEK_HOLE) };
+            let end = if h < 0 { n } else { (h as u64).min(n) };
+            sum += end - d as u64;
+            at = end.max(d as u64 + 1);
+        }
+        sum
+    }
+
+    /// Record the buffer file as it is now as seen, while part of it is unloaded (under
+    /// [`UnloadedLock`], after a change the shield made that filled `filled` bytes of holes
+    /// below the unloaded end; `None`: count them again, after the end moved).
+    pub fn record_seen(&self, filled: Option<u64>) {
+        let n = self.unloaded();
+        if n == 0 {
+            return;
+        }
+        let below = match (filled, self.recorded_seen()) {
+            (Some(f), Some((_, _, b))) => (b + f).min(n),
+            _ => self.data_below(n),
+        };
+        if let Some((size, t)) = self.stat_seen() {
+            let mut v = [0u8; 24];
+            v[..8].copy_from_slice(&size.to_le_bytes());
+            v[8..16].copy_from_slice(&t.to_le_bytes());
+            v[16..].copy_from_slice(&below.to_le_bytes());
+            // SAFETY: setting an attribute on our own fd from a local buffer.
+            unsafe { real::fsetxattr(self.fd, SEEN_XATTR.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
+        }
+    }
+
+    /// Something changed the buffer unseen while part of it is unloaded, and wrote into an
+    /// unloaded hole (now, or earlier: the finding is recorded on the buffer file for every
+    /// process). A change the shield did not see that filled no hole (a raw write appended, or
+    /// over loaded bytes) is accepted and recorded as seen. Under [`UnloadedLock`].
+    pub fn changed_unseen(&self) -> bool {
+        let n = self.unloaded();
+        if n == 0 {
+            return false;
+        }
+        // SAFETY: asking for an attribute's presence on our own fd.
+        if unsafe { real::fgetxattr(self.fd, UNSEEN_XATTR.as_ptr(), std::ptr::null_mut(), 0) } >= 0
+        {
+            return true;
+        }
+        let recorded = self.recorded_seen();
+        let now = self.stat_seen();
+        match (recorded, now) {
+            (Some((size, t, _)), Some(now)) if (size, t) == now => return false,
+            (Some((_, _, below)), Some(_)) if self.data_below(n) == below => {
+                self.record_seen(Some(0));
+                return false;
+            }
+            _ => {}
+        }
+        // SAFETY: setting an attribute on our own fd.
+        unsafe { real::fsetxattr(self.fd, UNSEEN_XATTR.as_ptr(), c"1".as_ptr().cast(), 1, 0) };
+        // Said once (the attribute above marks it), always: changes are lost because of it.
+        crate::say(format!(
+            "{}: written into a part the shield had not loaded by a write it did not see (a raw system call?): the file can no longer be read or committed from this run (FSPF_LAZY_RDWR=0 loads such files whole at their open)",
+            self.path
+        ));
+        true
+    }
+
+    /// The unloaded holes of the buffer within `[from, to)` (page-aligned, in order).
+    pub fn holes_in(&self, from: u64, to: u64) -> Vec<(u64, u64)> {
+        let to = to.min(self.unloaded());
+        let mut out = Vec::new();
+        let mut at = from;
+        while at < to {
+            // SAFETY: seeking our own fd (the buffer's own description: its offset is ours).
+            let h = unsafe { real::lseek(self.fd, at as i64, libc::SEEK_HOLE) };
+            if h < 0 || h as u64 >= to {
+                break;
+            }
+            // SAFETY: as above.
+            let d = unsafe { real::lseek(self.fd, h, libc::SEEK_DATA) };
+            let end = if d < 0 { to } else { (d as u64).min(to) };
+            out.push((h as u64, end));
+            at = end;
+        }
+        out
+    }
+
+    /// Is any of `[from, to)` an unloaded hole?
+    pub fn hole_in(&self, from: u64, to: u64) -> bool {
+        let to = to.min(self.unloaded());
+        if from >= to {
+            return false;
+        }
+        // SAFETY: seeking our own fd (the buffer's own description).
+        let h = unsafe { real::lseek(self.fd, from as i64, libc::SEEK_HOLE) };
+        h >= 0 && (h as u64) < to
     }
 
     /// The memfd's size and times now (see [`Track::print`]).
@@ -386,11 +550,11 @@ impl WriteBuf {
     }
 
     pub fn read_at(&self, out: &mut [u8], off: u64) -> Result<usize, c_int> {
-        if !out.is_empty() && off < self.unloaded() {
-            // Every path that reads the content loads the prefix first
-            // (`opening::load_unloaded`): this would return zeros for committed bytes.
+        if !out.is_empty() && self.hole_in(off, off.saturating_add(out.len() as u64)) {
+            // Every path that reads the content loads what it reads first
+            // (`opening::load_holes`): this would return zeros for committed bytes.
             log(format!(
-                "{}: read of the buffer's unloaded prefix at {off} refused",
+                "{}: read of an unloaded part of the buffer at {off} refused",
                 self.path
             ));
             return Err(libc::EIO);
@@ -434,7 +598,7 @@ impl WriteBuf {
             return Err(crate::errno());
         }
         if len == 0 {
-            // Nothing is left of an unloaded prefix.
+            // Nothing is left unloaded.
             self.mark_loaded();
         }
         self.touched.store(true, Ordering::Relaxed);
@@ -898,7 +1062,16 @@ impl OpenFile {
             // Written unseen since the last tracked change (see `fdio::do_write`).
             g.track = None;
         }
+        // Parts unloaded: changed and recorded as seen under the buffer's lock (a no-op when
+        // `opening::before_truncate` holds it already: the same description).
+        let _lazy = if g.unloaded() > 0 {
+            Some(UnloadedLock::take(g.fd)?)
+        } else {
+            None
+        };
         g.set_len(len)?;
+        // (Under the lock of `opening::before_truncate` when parts are unloaded.)
+        g.record_seen(None);
         g.note_len(len);
         Ok(())
     }

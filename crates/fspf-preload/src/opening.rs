@@ -173,16 +173,10 @@ fn load_buffer(inner: &mut Inner, ep: &EmbedPath, b: &WriteBuf) -> Result<(), c_
 const LOAD_BLOCK: usize = 1 << 20;
 
 /// Fill `b`, a new buffer of `ep` opened `O_WRONLY | O_APPEND`, with only the end of the file
-/// when that is safe: the last partial chunk is loaded, the rest is left a hole recorded as
-/// unloaded (`WriteBuf::unloaded`), so appending to a large log costs what is appended, not a
-/// load of the file into memory. `false`: not such a case (the caller loads everything).
-///
-/// Safe when the file is format 2 (its updates are tracked byte ranges or a diff from the
-/// unloaded end on, both past the prefix), large (buffers of at most `HASH_MAX` are hashed
-/// whole), and every description of the buffer is write-only and appends: the program can
-/// neither read the prefix nor write into it, and whatever else would (a read, a non-appending
-/// description, a truncation, a map, a whole-version seal) loads it first
-/// ([`load_unloaded`]).
+/// ([`leave_unloaded`]), so appending to a large log costs what is appended, not a load of the
+/// file into memory. `false`: not such a case (the caller tries [`load_lazily`], then loads
+/// everything). Safe when the file is format 2 (its updates are tracked byte ranges or a diff
+/// that skips the holes) and large (buffers of at most `HASH_MAX` are hashed whole).
 fn load_tail(inner: &mut Inner, ep: &EmbedPath, b: &WriteBuf, flags: c_int) -> Result<bool, c_int> {
     if flags & libc::O_ACCMODE != libc::O_WRONLY
         || flags & libc::O_APPEND == 0
@@ -206,15 +200,69 @@ fn load_tail(inner: &mut Inner, ep: &EmbedPath, b: &WriteBuf, flags: c_int) -> R
     if chunk == 0 || size <= files::HASH_MAX {
         return Ok(false);
     }
-    let from = size / chunk * chunk;
+    leave_unloaded(inner, ep, b, size, chunk)
+}
+
+/// Leave the file's content unloaded but for its last block (`size` bytes; regions of
+/// `chunk`-byte chunks): the buffer gets the file's length, the blocks below the last are a
+/// hole recorded as unloaded, and whatever reads or partly overwrites a part loads that part
+/// first ([`load_holes`]). Every hole is then equal to the committed file; every loaded or
+/// written page holds content. `false`: the buffer file cannot record it (the caller loads
+/// everything).
+fn leave_unloaded(
+    inner: &mut Inner,
+    ep: &EmbedPath,
+    b: &WriteBuf,
+    size: u64,
+    chunk: u64,
+) -> Result<bool, c_int> {
+    let from = size / block_of(chunk) * block_of(chunk);
+    // Holes must be page-sized: on a tmpfs with huge pages a small write would allocate (and
+    // zero) a 2 MiB page around it, and zeros would pass for content.
+    if b.page_size() != Some(PAGE) {
+        return Ok(false);
+    }
     b.set_len(size)?;
-    if !b.mark_unloaded(from) {
+    if from == 0 || !b.mark_unloaded(from) {
         b.set_len(0)?;
         return Ok(false);
     }
     let mut r = open_kernel(inner, ep)?;
     load_range(ep, &mut r, b, from, size)?;
+    b.record_seen(None);
     Ok(true)
+}
+
+/// What the shield loads at least at a time: whole pages (a hole is page-sized) of whole
+/// chunks (a chunk is sealed from the buffer whole).
+fn block_of(chunk: u64) -> u64 {
+    chunk.max(PAGE)
+}
+const PAGE: u64 = 4096;
+
+/// [`leave_unloaded`] for a buffer opened to read and write, or to write without appending,
+/// when the file is format 2 and larger than `HASH_MAX` (and `FSPF_LAZY_RDWR` is not `0`):
+/// opening a 1 GiB database no longer loads 1 GiB into memory (issue 8, bounded memory).
+fn load_lazily(inner: &mut Inner, ep: &EmbedPath, b: &WriteBuf) -> Result<bool, c_int> {
+    if std::env::var_os("FSPF_LAZY_RDWR").is_some_and(|v| v == "0") {
+        return Ok(false);
+    }
+    let Some(vol) = inner.s.vol() else {
+        return Ok(false);
+    };
+    let chunk = vol.region_for(ep).map_or(0, |r| r.chunk_len as u64);
+    let size = match vol.lookup(ep).map(|e| e.into_owned().kind) {
+        Some(FileKind::File {
+            size,
+            root: Some(_),
+            ..
+        }) => size,
+        _ => return Ok(false),
+    };
+    if chunk == 0 || size <= files::HASH_MAX {
+        return Ok(false);
+    }
+    leave_unloaded(inner, ep, b, size, chunk)
 }
 
 /// Copy the verified plaintext `[from, to)` of `r` into `b`.
@@ -227,7 +275,7 @@ fn load_range(
 ) -> Result<(), c_int> {
     if r.size() < to {
         log(format!(
-            "{ep}: the committed file is shorter ({} bytes) than the buffer's unloaded prefix ({to})",
+            "{ep}: the committed file is shorter ({} bytes) than the buffer's unloaded part ending at {to}",
             r.size()
         ));
         return Err(libc::EIO);
@@ -244,24 +292,45 @@ fn load_range(
     Ok(())
 }
 
-/// Load the prefix a buffer left unloaded ([`load_tail`]) from the committed file, once for
-/// every process that shares the buffer: under the buffer's [`files::UnloadedLock`], and only
-/// if the buffer file still says it is unloaded (another holder may have loaded it, and written
-/// it since). Called before anything reads the buffer's content or writes below its end other
-/// than by appending.
+/// Load everything a buffer left unloaded ([`leave_unloaded`]): before a whole-version seal,
+/// a map, an `exec` that may run a program the hooks do not see, `SEEK_DATA`/`SEEK_HOLE`.
 pub fn load_unloaded(inner: &mut Inner, b: &mut WriteBuf) -> Result<(), c_int> {
+    load_holes(inner, b, 0, u64::MAX)
+}
+
+/// Load the unloaded holes of `b` within `[from, to)` from the committed file (verified), once
+/// for every process that shares the buffer: under the buffer's [`files::UnloadedLock`], each
+/// hole found anew under it (another holder may have loaded it, and written it since). A
+/// buffer changed unseen while holes remain is refused (`EIO`, `WriteBuf::changed_unseen`).
+pub fn load_holes(inner: &mut Inner, b: &mut WriteBuf, from: u64, to: u64) -> Result<(), c_int> {
     if b.unloaded() == 0 {
         return Ok(());
     }
     let _lock = files::UnloadedLock::take(b.fd)?;
+    load_holes_locked(inner, b, from, to)
+}
+
+/// [`load_holes`] under the buffer's lock, which the caller holds.
+fn load_holes_locked(inner: &mut Inner, b: &mut WriteBuf, from: u64, to: u64) -> Result<(), c_int> {
     let n = b.unloaded();
-    if n > 0 {
+    if n == 0 {
+        return Ok(());
+    }
+    if b.changed_unseen() {
+        return Err(libc::EIO);
+    }
+    let holes = b.holes_in(from, to.min(n));
+    if !holes.is_empty() {
         // Loading changes the buffer file's times, not its content: what was clean or
         // tracked before stays so.
         let tracked = b.tracked().is_some();
         let clean = b.fingerprint().ok() == Some(b.print);
         let mut r = open_kernel(inner, &b.path)?;
-        load_range(&b.path, &mut r, b, 0, n)?;
+        let filled = holes.iter().map(|(h, d)| d - h).sum();
+        for (h, d) in holes {
+            load_range(&b.path, &mut r, b, h, d)?;
+        }
+        b.record_seen(Some(filled));
         let now = b.stat_now();
         if let (true, Some(t), Some(p)) = (tracked, b.track.as_mut(), now) {
             t.print = p;
@@ -272,8 +341,125 @@ pub fn load_unloaded(inner: &mut Inner, b: &mut WriteBuf) -> Result<(), c_int> {
             b.print = b.fingerprint()?;
         }
     }
-    b.mark_loaded();
+    if from == 0 && to >= n && !b.hole_in(0, n) {
+        b.mark_loaded();
+    }
     Ok(())
+}
+
+/// The loads a hooked write needs before it lands (the caller then writes under the returned
+/// lock, holding the buffer's mutex, and records the write as seen with the returned count of
+/// hole bytes it fills): the unloaded parts of the
+/// blocks the write of `len` bytes at `off` (the description's offset when `None`, the end
+/// when `append`) covers only partly. `None`: nothing is unloaded.
+pub fn before_write(
+    b: &Arc<Mutex<WriteBuf>>,
+    fd: c_int,
+    off: Option<u64>,
+    len: u64,
+    append: bool,
+) -> Result<Option<(files::UnloadedLock, u64)>, c_int> {
+    if unloaded_hint(b) {
+        return Ok(None);
+    }
+    let sh = shield::get();
+    let mut inner = sh.lock();
+    let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+    if g.unloaded() == 0 {
+        return Ok(None);
+    }
+    let lock = files::UnloadedLock::take(g.fd)?;
+    let at = if append {
+        g.len()
+    } else {
+        match off {
+            Some(o) => o,
+            // SAFETY: reading the description's offset (the program's fd of this buffer).
+            None => match unsafe { real::lseek(fd, 0, libc::SEEK_CUR) } {
+                o if o >= 0 => o as u64,
+                _ => return Err(crate::errno()),
+            },
+        }
+    };
+    let a = block_of(chunk_of(&inner, &g.path));
+    let end = at.saturating_add(len);
+    for p in [at, end] {
+        if !p.is_multiple_of(a) {
+            load_holes_locked(&mut inner, &mut g, p / a * a, p / a * a + a)?;
+        }
+    }
+    if g.changed_unseen() {
+        return Err(libc::EIO);
+    }
+    // The whole pages the write covers that are holes now: filled by the write.
+    let filled = g.holes_in(at, end).iter().map(|(h, d)| d - h).sum();
+    Ok(Some((lock, filled)))
+}
+
+/// Before a hooked truncation to `len`: the unloaded part of the block that will hold the new
+/// end is loaded, and a cut below the unloaded part leaves only what lies below the new end's
+/// block unloaded. The caller truncates under the returned lock. `None`: nothing is unloaded.
+pub fn before_truncate(
+    b: &Arc<Mutex<WriteBuf>>,
+    len: u64,
+) -> Result<Option<files::UnloadedLock>, c_int> {
+    if unloaded_hint(b) {
+        return Ok(None);
+    }
+    let sh = shield::get();
+    let mut inner = sh.lock();
+    let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+    if g.unloaded() == 0 {
+        return Ok(None);
+    }
+    let lock = files::UnloadedLock::take(g.fd)?;
+    let n = g.unloaded();
+    if len < n {
+        let a = block_of(chunk_of(&inner, &g.path));
+        let from = len / a * a;
+        load_holes_locked(&mut inner, &mut g, from, len)?;
+        if from == 0 {
+            g.mark_loaded();
+        } else if !g.mark_unloaded(from) {
+            return Err(libc::EIO);
+        }
+    } else if g.changed_unseen() {
+        return Err(libc::EIO);
+    }
+    Ok(Some(lock))
+}
+
+/// Load the unloaded holes of `[from, to)` of `b` (a hooked read's range).
+pub fn load_holes_of(b: &Arc<Mutex<WriteBuf>>, from: u64, to: u64) -> Result<(), c_int> {
+    if unloaded_hint(b) {
+        return Ok(());
+    }
+    let sh = shield::get();
+    let mut inner = sh.lock();
+    let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+    // Whole blocks: every hole then starts and ends on a block (chunk) boundary, so a diff
+    // skips holes as whole chunks.
+    let a = block_of(chunk_of(&inner, &g.path));
+    let to = to.div_ceil(a).saturating_mul(a);
+    load_holes(&mut inner, &mut g, from / a * a, to)
+}
+
+/// This process's hint says nothing is unloaded (stale only in the safe direction).
+fn unloaded_hint(b: &Arc<Mutex<WriteBuf>>) -> bool {
+    b.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .unloaded
+        .load(Ordering::Relaxed)
+        == 0
+}
+
+/// The chunk length of `ep`'s region (0 when unknown).
+fn chunk_of(inner: &Inner, ep: &EmbedPath) -> u64 {
+    inner
+        .s
+        .vol()
+        .and_then(|v| v.region_for(ep).map(|r| r.chunk_len as u64))
+        .unwrap_or(0)
 }
 
 /// [`load_unloaded`] for a buffer the caller holds no lock of (the shield's lock is taken
@@ -301,13 +487,11 @@ fn read_body(
     mode: u32,
     mtime: i64,
 ) -> Result<Body, c_int> {
-    // (A description that reads a buffer needs all of it: the kernel serves its reads.)
+    // (A description that reads a buffer loads what it reads, when it reads it: `fdio`.)
     if let Some(b) = inner.live.get(ep).filter(|b| live_is_current(b)).cloned() {
-        load_unloaded(inner, &mut b.lock().unwrap_or_else(|e| e.into_inner()))?;
         return Ok(Body::Buf(b));
     }
     if let Some(b) = join_existing(inner, ep, mode, mtime) {
-        load_unloaded(inner, &mut b.lock().unwrap_or_else(|e| e.into_inner()))?;
         return Ok(Body::Buf(b));
     }
     let vol = inner.s.vol().ok_or(libc::EACCES)?;
@@ -501,7 +685,9 @@ fn shield_open_depth(
                         // A joined buffer is current as it is; a new one is filled first.
                         if !joined {
                             if flags & libc::O_TRUNC == 0 {
-                                if !load_tail(&mut inner, &ep, &b, flags)? {
+                                if !load_tail(&mut inner, &ep, &b, flags)?
+                                    && !load_lazily(&mut inner, &ep, &b)?
+                                {
                                     load_buffer(&mut inner, &ep, &b)?;
                                 }
                                 // The version it starts from: appends to it can be rebased onto a
@@ -531,13 +717,10 @@ fn shield_open_depth(
                 };
                 {
                     let mut g = buf.lock().unwrap_or_else(|e| e.into_inner());
+                    // (A description that can read the buffer or write into it loads what it
+                    // reads or partly overwrites when it does: `fdio`.)
                     if flags & libc::O_TRUNC != 0 {
                         g.set_len(0)?;
-                    } else if flags & libc::O_ACCMODE != libc::O_WRONLY
-                        || flags & libc::O_APPEND == 0
-                    {
-                        // A description that can read the buffer, or write into it.
-                        load_unloaded(&mut inner, &mut g)?;
                     }
                     g.writers += 1;
                 }
@@ -668,11 +851,8 @@ pub fn refresh_path(inner: &mut Inner, ep: &EmbedPath) -> Result<(), c_int> {
         Err(_) => return Ok(()),
     };
     // Another process of the run may be writing it in the run's shared buffer: read that.
+    // (It replaces readable bodies, which load what they read: `fdio`.)
     let joined = join_existing(inner, ep, mode, mtime);
-    if let Some(b) = &joined {
-        // (It replaces readable bodies.)
-        load_unloaded(inner, &mut b.lock().unwrap_or_else(|e| e.into_inner()))?;
-    }
     for h in files::all_handles() {
         let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
         if &f.path == ep && matches!(f.body, Body::Kernel(_) | Body::Mem(_)) {

@@ -877,6 +877,18 @@ impl Shield {
         if !inner.s.updatable(&b.path) {
             return Ok(false);
         }
+        // A buffer with unloaded parts is staged under its lock (no other process loads or
+        // writes it meanwhile), and refused if something changed it unseen: a raw write into a
+        // hole would leave zeros the shield cannot tell from content.
+        let _lazy = if b.unloaded() > 0 {
+            let l = crate::files::UnloadedLock::take(b.fd)?;
+            if b.changed_unseen() {
+                return Err(libc::EIO);
+            }
+            Some(l)
+        } else {
+            None
+        };
         // Taken before the content is read: a write after it makes the buffer dirty again.
         let before = b.stat_now();
         let print = b.fingerprint()?;
@@ -897,7 +909,7 @@ impl Shield {
                 .stage_update(&b.path, v, print.0, &written, meta, read),
             None => inner
                 .s
-                .stage_diff(&b.path, print.0, b.unloaded(), meta, read),
+                .stage_diff(&b.path, print.0, &b.holes_in(0, u64::MAX), meta, read),
         }
         .map_err(errno_of)?;
         let Some(t) = staged else {

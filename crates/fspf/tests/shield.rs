@@ -3039,6 +3039,8 @@ fn a_write_that_bypassed_the_hooks_into_a_tracked_buffer_is_not_lost() {
     let mut w = big_world(n);
     // A hooked write, then one by raw system call that no hook sees: the buffer's times
     // tell the shield that its record of changes is incomplete, and it seals a whole version.
+    // (With the file loaded whole at the open: a raw write into a part never loaded fails
+    // the commit instead, `a_raw_write_into_a_part_never_loaded_fails_the_commit_and_never_commits_zeros`.)
     let script = r#"
 import ctypes, os
 libc = ctypes.CDLL(None, use_errno=True)
@@ -3049,7 +3051,14 @@ n = libc.syscall(18, fd, buf, ctypes.c_size_t(12), ctypes.c_long(1_500_000))
 assert n == 12, n
 os.close(fd)
 "#;
-    ok(&w.run_mut(&["python3", "-c", script]), "update");
+    ok(
+        &run_mut_env(
+            &mut w,
+            &[("FSPF_LAZY_RDWR", "0")],
+            &["python3", "-c", script],
+        ),
+        "update",
+    );
     let mut want = big_expected(n);
     want[100..106].copy_from_slice(b"hooked");
     want[1_500_000..1_500_012].copy_from_slice(b"RAWRAWRAWRAW");
@@ -3290,11 +3299,12 @@ assert allocated(fd) <= 64 << 10, allocated(fd)
 fd2 = os.open('/data/big', os.O_WRONLY | os.O_APPEND)
 os.write(fd2, b'second ')
 assert allocated(fd) <= 64 << 10, allocated(fd)
-# A reader needs all of it: opening one loads the rest.
+# A reader loads what it reads, when it reads it: all of it here.
 want = pattern(n) + b'hooked pwrite raw second '
 with open('/data/big', 'rb') as r:
-    assert allocated(fd) >= n, allocated(fd)
+    assert allocated(fd) <= 64 << 10, allocated(fd)
     assert r.read() == want
+    assert allocated(fd) >= n, allocated(fd)
 os.write(fd, b'end')
 os.close(fd2)
 os.close(fd)
@@ -3424,7 +3434,7 @@ fn big_changed_by(n: usize, env: &[(&str, &str)], script: &str) -> World {
     let env: Vec<_> = env
         .iter()
         .copied()
-        .chain([("FSPF_LAZY_APPEND", "0")])
+        .chain([("FSPF_LAZY_APPEND", "0"), ("FSPF_LAZY_RDWR", "0")])
         .collect();
     let script = format!("{ALLOCATED_PY}{script}");
     ok(
@@ -3456,6 +3466,212 @@ os.close(fd)
         want[1_000_000..1_000_003].copy_from_slice(b"RAW");
         want[200..203].copy_from_slice(b"two");
         assert!(read_big(&w) == want, "{env:?}: the unseen write is kept");
+    }
+}
+
+#[test]
+fn opening_a_large_file_to_read_and_write_loads_only_what_is_read_or_partly_written() {
+    need("python3");
+    for env in BUFFER_MODES {
+        let n = 3 << 20;
+        let mut w = big_world(n);
+        let script = format!(
+            "{ALLOCATED_PY}{}",
+            r#"
+n = 3 << 20
+want = bytearray(pattern(n))
+fd = os.open('/data/big', os.O_RDWR)
+# Opened: only the last block is in memory.
+assert allocated(fd) <= 64 << 10, allocated(fd)
+# A read loads what it reads (whole blocks around it).
+assert os.pread(fd, 100, 1_000_003) == want[1_000_003:1_000_103]
+# A write loads the blocks it covers only partly; whole blocks it covers are not loaded.
+os.pwrite(fd, b'partial', 2_000_005)
+want[2_000_005:2_000_012] = b'partial'
+os.pwrite(fd, b'W' * 8192, 1 << 20)
+want[1 << 20:(1 << 20) + 8192] = b'W' * 8192
+os.lseek(fd, 700_001, os.SEEK_SET)
+os.write(fd, b'at the offset')
+want[700_001:700_014] = b'at the offset'
+assert allocated(fd) <= 128 << 10, allocated(fd)
+# Another description shares the buffer and reads through its holes.
+with open('/data/big', 'rb') as r:
+    r.seek(1_999_990)
+    assert r.read(40) == want[1_999_990:2_000_030]
+# A child writes the shared buffer; the parent reads what it wrote and what it did not.
+pid = os.fork()
+if pid == 0:
+    os.pwrite(fd, b'child', 2_200_001)
+    os._exit(0)
+assert os.waitpid(pid, 0)[1] == 0
+want[2_200_001:2_200_006] = b'child'
+assert os.pread(fd, 30, 2_199_990) == want[2_199_990:2_200_020]
+# A commit in the middle, then a cut inside a part never loaded, then more writes.
+os.fsync(fd)
+os.ftruncate(fd, 2_500_003)
+del want[2_500_003:]
+os.pwrite(fd, b'after', 10)
+want[10:15] = b'after'
+assert allocated(fd) <= 256 << 10, allocated(fd)
+os.close(fd)
+"#
+        );
+        let o = run_mut_env(&mut w, env, &["python3", "-c", &script]);
+        ok(&o, "read-write");
+        let mut want = big_expected(n);
+        want[2_000_005..2_000_012].copy_from_slice(b"partial");
+        want[1 << 20..(1 << 20) + 8192].fill(b'W');
+        want[700_001..700_014].copy_from_slice(b"at the offset");
+        want[2_200_001..2_200_006].copy_from_slice(b"child");
+        want.truncate(2_500_003);
+        want[10..15].copy_from_slice(b"after");
+        let got = read_big(&w);
+        assert!(
+            got == want,
+            "{env:?}: {} bytes read back, want {}; first difference at {:?}",
+            got.len(),
+            want.len(),
+            got.iter().zip(&want).position(|(a, b)| a != b)
+        );
+        // The same script with the file loaded whole at its open fails its first check.
+        let mut w2 = big_world(n);
+        let env2: Vec<_> = env
+            .iter()
+            .copied()
+            .chain([("FSPF_LAZY_RDWR", "0")])
+            .collect();
+        let o = run_mut_env(&mut w2, &env2, &["python3", "-c", &script]);
+        assert!(
+            !o.status.success()
+                && String::from_utf8_lossy(&o.stderr).contains("AssertionError: 3145728"),
+            "{env:?}: loaded whole, the first allocation check must fail: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+/// `truncate(PATH)` opens the file write-only, which now leaves it unloaded; the cut went past
+/// the loading of the new end's block and the commit refused the hole it left (pjdfstest
+/// `truncate/00.t`, test 5).
+#[test]
+fn a_truncation_by_path_inside_the_unloaded_part_of_a_large_file_failed_its_commit() {
+    need("python3");
+    for env in BUFFER_MODES {
+        let n = 3 << 20;
+        let mut w = big_world(n);
+        ok(
+            &run_mut_env(
+                &mut w,
+                env,
+                &[
+                    "python3",
+                    "-c",
+                    "import os; os.truncate('/data/big', 1_234_567)",
+                ],
+            ),
+            "truncate",
+        );
+        let mut want = big_expected(n);
+        want.truncate(1_234_567);
+        assert!(read_big(&w) == want, "{env:?}: cut by path");
+    }
+}
+
+/// SQLite reads and rewrites pages of a 4 MB database opened read-write, which the shield no
+/// longer loads whole: every transaction is kept and the database stays sound.
+#[test]
+fn a_large_sqlite_database_opened_read_write_without_loading_it_keeps_every_transaction() {
+    need("python3");
+    for env in BUFFER_MODES {
+        let mut w = data_world();
+        let create = "import sqlite3\nc = sqlite3.connect('/data/t.db', isolation_level=None)\nc.execute('CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER, pad BLOB)')\nc.execute('BEGIN')\nc.execute('WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM r WHERE i < 4000) INSERT INTO t SELECT i, 0, randomblob(1000) FROM r')\nc.execute('COMMIT')\n";
+        ok(&w.run_mut(&["python3", "-c", create]), "create");
+        let update = "import random, sqlite3\nc = sqlite3.connect('/data/t.db', isolation_level=None)\nrng = random.Random(7)\nfor _ in range(300):\n    c.execute('BEGIN')\n    assert c.execute('UPDATE t SET v = v + 1 WHERE id = ?', (rng.randint(1, 4000),)).rowcount == 1\n    c.execute('COMMIT')\n";
+        ok(
+            &run_mut_env(&mut w, env, &["python3", "-c", update]),
+            "update",
+        );
+        let check = "import sqlite3\nc = sqlite3.connect('/data/t.db')\nprint(c.execute('SELECT sum(v), count(*) FROM t').fetchone(), c.execute('PRAGMA integrity_check').fetchone()[0])\n";
+        let o = w.run(&["python3", "-c", check]);
+        ok(&o, "check");
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            "(300, 4000) ok",
+            "{env:?}"
+        );
+        assert!(
+            std::fs::metadata(w.path("vol/t.db")).expect("db").len() > 2 << 20,
+            "a database larger than HASH_MAX"
+        );
+    }
+}
+
+#[test]
+fn a_raw_write_into_a_part_never_loaded_fails_the_commit_and_never_commits_zeros() {
+    need("python3");
+    for env in BUFFER_MODES {
+        let n = 2 << 20;
+        let mut w = big_world(n);
+        // A raw write into a part that was read (loaded) is kept like any unseen write.
+        let script = format!(
+            "{ALLOCATED_PY}{}",
+            r#"
+fd = os.open('/data/big', os.O_RDWR)
+os.pread(fd, 10, 1_000_000)
+os.lseek(fd, 1_000_002, os.SEEK_SET)
+raw_write(fd, b'RAW')
+os.pwrite(fd, b'two', 200)
+os.close(fd)
+"#
+        );
+        ok(
+            &run_mut_env(&mut w, env, &["python3", "-c", &script]),
+            "raw write into a loaded part",
+        );
+        let mut want = big_expected(n);
+        want[1_000_002..1_000_005].copy_from_slice(b"RAW");
+        want[200..203].copy_from_slice(b"two");
+        assert!(
+            read_big(&w) == want,
+            "{env:?}: the raw write into a loaded part is kept"
+        );
+        // One into a part never loaded: the other bytes of its page would be zeros, not the
+        // file's. Nothing of it is committed; the program's close and the run fail.
+        let script = format!(
+            "{ALLOCATED_PY}{}",
+            r#"
+fd = os.open('/data/big', os.O_RDWR)
+os.pwrite(fd, b'one', 100)
+os.lseek(fd, 1_500_001, os.SEEK_SET)
+raw_write(fd, b'HOLE')
+try:
+    os.pwrite(fd, b'three', 300)
+    raise SystemExit('a write after it succeeded')
+except OSError as e:
+    assert e.errno == 5, e
+try:
+    os.close(fd)
+    raise SystemExit('the close committed')
+except OSError as e:
+    assert e.errno == 5, e
+print('refused')
+"#
+        );
+        let o = run_mut_env(&mut w, env, &["python3", "-c", &script]);
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("refused"),
+            "{env:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("a write it did not see"),
+            "{env:?}: the reason is reported: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            read_big(&w) == want,
+            "{env:?}: nothing of the refused buffer is committed"
+        );
     }
 }
 

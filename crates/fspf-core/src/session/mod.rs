@@ -833,14 +833,14 @@ impl<A: Anchor> Session<A> {
     /// Like [`Session::stage_update`] for a buffer whose writes this frontend could not all
     /// see (other processes write it, or a shared map): the chunks that differ from the
     /// committed state (read and verified) are the update. Costs a read of the whole file, but
-    /// writes only what differs. `from`: the buffer is known to equal the committed file below
-    /// this offset (a multiple of the chunk length: a prefix the frontend never loaded), which
-    /// is neither read nor compared.
+    /// writes only what differs. `equal`: ranges in which the buffer is known to equal the
+    /// committed file (parts the frontend never loaded: sorted, disjoint, whole chunks within
+    /// both lengths), which are neither read nor compared.
     pub fn stage_diff(
         &mut self,
         path: &EmbedPath,
         len: u64,
-        from: u64,
+        equal: &[(u64, u64)],
         meta: VersionMeta,
         mut read: impl FnMut(&mut [u8], u64) -> std::io::Result<()>,
     ) -> Result<Option<i64>, ViewError> {
@@ -869,48 +869,69 @@ impl<A: Anchor> Session<A> {
             let block = (DIFF_BLOCK / c).max(1) * c;
             let (mut mine, mut theirs) = (vec![0u8; block], vec![0u8; block]);
             let common = len.min(size);
-            if from > common || !from.is_multiple_of(c as u64) {
-                return Err(crate::Error::io(
-                    path.to_string(),
-                    std::io::Error::other(format!(
-                        "the buffer's unloaded prefix ({from} bytes) is not a whole-chunk prefix of the committed file ({size} bytes) and of the buffer ({len} bytes)"
-                    )),
-                ));
-            }
-            let mut off = from;
-            while off < len {
-                let take = (len - off).min(block as u64) as usize;
-                read(&mut mine[..take], off).map_err(io)?;
-                // Past the committed end everything is new.
-                let same_end = common.saturating_sub(off).min(take as u64) as usize;
-                let mut done = 0;
-                while done < same_end {
-                    let n = r.read_at(&mut theirs[done..same_end], off + done as u64)?;
-                    if n == 0 {
-                        break;
-                    }
-                    done += n;
-                }
-                for (k, (a, b)) in mine[..take]
-                    .chunks(c)
-                    .zip(theirs[..take].chunks(c))
-                    .enumerate()
+            let mut last = 0u64;
+            for &(a, b) in equal {
+                if a < last
+                    || b < a
+                    || b > common
+                    || !a.is_multiple_of(c as u64)
+                    || !b.is_multiple_of(c as u64)
                 {
-                    let at = off + (k * c) as u64;
-                    let differs = (k * c) + a.len() > same_end || a != b;
-                    if !differs {
-                        continue;
-                    }
-                    total += a.len() as u64;
-                    if total > UPDATE_MAX {
-                        return Ok(None);
-                    }
-                    match w.writes.last_mut() {
-                        Some((o, v)) if *o + v.len() as u64 == at => v.extend_from_slice(a),
-                        _ => w.writes.push((at, a.to_vec())),
-                    }
+                    return Err(crate::Error::io(
+                        path.to_string(),
+                        std::io::Error::other(format!(
+                            "the buffer's unloaded part {a}..{b} is not whole chunks within the committed file ({size} bytes) and the buffer ({len} bytes)"
+                        )),
+                    ));
                 }
-                off += take as u64;
+                last = b;
+            }
+            // The ranges compared: everything but `equal`.
+            let mut todo = Vec::new();
+            let mut at = 0u64;
+            for &(a, b) in equal {
+                if a > at {
+                    todo.push((at, a));
+                }
+                at = b;
+            }
+            todo.push((at, len));
+            for (from, to) in todo {
+                let mut off = from;
+                while off < to {
+                    let take = (to - off).min(block as u64) as usize;
+                    read(&mut mine[..take], off).map_err(io)?;
+                    // Past the committed end everything is new.
+                    let same_end = common.saturating_sub(off).min(take as u64) as usize;
+                    let mut done = 0;
+                    while done < same_end {
+                        let n = r.read_at(&mut theirs[done..same_end], off + done as u64)?;
+                        if n == 0 {
+                            break;
+                        }
+                        done += n;
+                    }
+                    for (k, (a, b)) in mine[..take]
+                        .chunks(c)
+                        .zip(theirs[..take].chunks(c))
+                        .enumerate()
+                    {
+                        let at = off + (k * c) as u64;
+                        let differs = (k * c) + a.len() > same_end || a != b;
+                        if !differs {
+                            continue;
+                        }
+                        total += a.len() as u64;
+                        if total > UPDATE_MAX {
+                            return Ok(None);
+                        }
+                        match w.writes.last_mut() {
+                            Some((o, v)) if *o + v.len() as u64 == at => v.extend_from_slice(a),
+                            _ => w.writes.push((at, a.to_vec())),
+                        }
+                    }
+                    off += take as u64;
+                }
             }
             Ok(Some(w))
         })();

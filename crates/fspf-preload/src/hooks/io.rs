@@ -490,12 +490,6 @@ unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: c_ulong, is64: bool) -> c_int
         },
         libc::F_SETFL => {
             if let Some(h) = files::get(fd) {
-                if arg as c_int & libc::O_APPEND == 0 {
-                    // Writes through it may land below the end, some unseen (stdio).
-                    if let Err(e) = files::load_unloaded_for(&h) {
-                        return fail(e);
-                    }
-                }
                 h.lock().unwrap_or_else(|e| e.into_inner()).append =
                     arg as c_int & libc::O_APPEND != 0;
             }
@@ -585,14 +579,7 @@ fn truncate_fd(h: &Handle, len: off_t) -> c_int {
     if len < 0 {
         return fail(libc::EINVAL);
     }
-    if len > 0 {
-        // What stays below the new end must be in the buffer (to 0: nothing stays).
-        if let Err(e) = files::load_unloaded_for(h) {
-            return fail(e);
-        }
-    }
-    let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
-    match f.set_len(len as u64) {
+    match crate::fdio::truncate_handle(h, len as u64) {
         Ok(()) => 0,
         Err(e) => fail(e),
     }
@@ -622,9 +609,9 @@ fn allocate(h: &Handle, off: off_t, len: off_t) -> c_int {
         return libc::EINVAL;
     }
     let end = (off + len) as u64;
-    let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
-    if f.size() < end {
-        if let Err(e) = f.set_len(end) {
+    let size = h.lock().unwrap_or_else(|e| e.into_inner()).size();
+    if size < end {
+        if let Err(e) = crate::fdio::truncate_handle(h, end) {
             return e;
         }
     }

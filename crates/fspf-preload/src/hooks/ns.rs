@@ -264,10 +264,7 @@ unsafe fn truncate_common(
                 Err(e) => return fail(e),
             };
             let r = match files::get(fd) {
-                Some(h) => {
-                    let mut f = h.lock().unwrap_or_else(|e| e.into_inner());
-                    f.set_len(len.max(0) as u64)
-                }
+                Some(h) => crate::fdio::truncate_handle(&h, len.max(0) as u64),
                 None => Err(libc::EBADF),
             };
             if let Some(h) = files::remove(fd) {
