@@ -440,8 +440,13 @@ pub fn load_holes_of(b: &Arc<Mutex<WriteBuf>>, from: u64, to: u64) -> Result<(),
     // Whole blocks: every hole then starts and ends on a block (chunk) boundary, so a diff
     // skips holes as whole chunks.
     let a = block_of(chunk_of(&inner, &g.path));
-    let to = to.div_ceil(a).saturating_mul(a);
-    load_holes(&mut inner, &mut g, from / a * a, to)
+    let (from, to) = (from / a * a, to.div_ceil(a).saturating_mul(a));
+    // Holes only ever shrink: none in the range now, none later (loaded bytes are content
+    // whatever happened elsewhere, so a read needs no lock then).
+    if !g.hole_in(from, to) {
+        return Ok(());
+    }
+    load_holes(&mut inner, &mut g, from, to)
 }
 
 /// This process's hint says nothing is unloaded (stale only in the safe direction).
