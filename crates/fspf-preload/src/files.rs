@@ -73,6 +73,14 @@ pub struct WriteBuf {
     /// process of the run shares: a process that loads everything removes it, so this hint can
     /// only be stale in the safe direction (checked again before use).
     pub unloaded: AtomicU64,
+    /// Ranges of the buffer this process found not to be holes: holes only ever shrink (they
+    /// are loaded or written, never made again while the buffer lives), so a range found once
+    /// stays so, and [`WriteBuf::hole_in`] asks the kernel (whose `SEEK_HOLE` walks every page
+    /// of a data run) once per range and process.
+    known_data: Mutex<BTreeMap<u64, u64>>,
+    /// The verified reader of the committed version holes are loaded from, kept while that
+    /// version is the committed one (`opening::load_holes`).
+    pub hole_reader: Option<(fspf_core::Version, KernelReader)>,
 }
 
 /// Extended attribute on a buffer's file (memfd or the run's shared buffer) with parts not
@@ -192,6 +200,8 @@ impl WriteBuf {
             mirror: false,
             track: None,
             unloaded: AtomicU64::new(0),
+            known_data: Mutex::new(BTreeMap::new()),
+            hole_reader: None,
         }
     }
 
@@ -385,9 +395,39 @@ impl WriteBuf {
         if from >= to {
             return false;
         }
+        let mut known = self.known_data.lock().unwrap_or_else(|e| e.into_inner());
+        if known
+            .range(..=from)
+            .next_back()
+            .is_some_and(|(_, &end)| end >= to)
+        {
+            return false;
+        }
         // SAFETY: seeking our own fd (the buffer's own description).
         let h = unsafe { real::lseek(self.fd, from as i64, libc::SEEK_HOLE) };
-        h >= 0 && (h as u64) < to
+        if h < 0 {
+            return true;
+        }
+        let h = h as u64;
+        if h > from {
+            // [from, h) is data, and stays so; joined with a known range it extends.
+            let start = match known.range(..=from).next_back() {
+                Some((&s, &e)) if e >= from => s,
+                _ => from,
+            };
+            let end = known
+                .range(start..=h)
+                .map(|(_, &e)| e)
+                .max()
+                .unwrap_or(h)
+                .max(h);
+            let inside: Vec<u64> = known.range(start..=h).map(|(&s, _)| s).collect();
+            for k in inside {
+                known.remove(&k);
+            }
+            known.insert(start, end);
+        }
+        h < to
     }
 
     /// The memfd's size and times now (see [`Track::print`]).

@@ -325,11 +325,22 @@ fn load_holes_locked(inner: &mut Inner, b: &mut WriteBuf, from: u64, to: u64) ->
         // tracked before stays so.
         let tracked = b.tracked().is_some();
         let clean = b.fingerprint().ok() == Some(b.print);
-        let mut r = open_kernel(inner, &b.path)?;
+        // One reader per committed version: its verified tree pages serve every later load.
+        let current = inner
+            .s
+            .vol()
+            .and_then(|v| v.lookup(&b.path))
+            .and_then(|e| e.kind.version());
+        let mut r = match (b.hole_reader.take(), current) {
+            (Some((v, r)), Some(c)) if v == c => (v, r),
+            (_, Some(c)) => (c, open_kernel(inner, &b.path)?),
+            (_, None) => return Err(libc::EIO),
+        };
         let filled = holes.iter().map(|(h, d)| d - h).sum();
         for (h, d) in holes {
-            load_range(&b.path, &mut r, b, h, d)?;
+            load_range(&b.path, &mut r.1, b, h, d)?;
         }
+        b.hole_reader = Some(r);
         b.record_seen(Some(filled));
         let now = b.stat_now();
         if let (true, Some(t), Some(p)) = (tracked, b.track.as_mut(), now) {
@@ -446,8 +457,19 @@ pub fn load_holes_of(b: &Arc<Mutex<WriteBuf>>, from: u64, to: u64) -> Result<(),
     if !g.hole_in(from, to) {
         return Ok(());
     }
-    load_holes(&mut inner, &mut g, from, to)
+    // A hole is loaded in windows of at least READ_WINDOW: reading a file in small pieces
+    // costs one verified read per window, not per piece.
+    let w = READ_WINDOW.max(a);
+    load_holes(
+        &mut inner,
+        &mut g,
+        from / w * w,
+        to.div_ceil(w).saturating_mul(w),
+    )
 }
+
+/// The least a hooked read loads of a hole around what it reads (a multiple of every block).
+const READ_WINDOW: u64 = 64 << 10;
 
 /// This process's hint says nothing is unloaded (stale only in the safe direction).
 fn unloaded_hint(b: &Arc<Mutex<WriteBuf>>) -> bool {
