@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# rdwr.sh - what opening a large protected file to read and write costs under the in-process
+# shield (issue 8, "bounded memory"): the open, and the buffer the run keeps in memory after a
+# few reads and writes, with the file left unloaded where it was not used (the default) and
+# loaded whole at its open (FSPF_LAZY_RDWR=0, what every such open did before), in one run.
+#
+# Usage (as root or not, from anywhere in the repo):   bash bench/rdwr.sh
+# Knobs (env):  SIZE_MB=1024     size of the file (MiB)
+#               OPS=100          random 4 KiB pwrite, then as many random 4 KiB pread
+#               RUNS=3           runs per mode; every number is the median of RUNS
+#               BENCH_BASE=/var/tmp   where the volume's kernel directory lives
+#               SKIP_BUILD=1     use target/release as is
+# What is timed: os.open(F, O_RDWR) in the real python3 interpreter binary (not a pyenv shim),
+# under `fspf run --mutable`, with time.perf_counter around the call. Memory: the kernel's
+# allocation of the buffer (st_blocks of the program's descriptor, by a raw fstat the shield
+# does not see), after the reads and writes.
+set -Eeuo pipefail
+SIZE_MB=${SIZE_MB:-1024}
+OPS=${OPS:-100}
+RUNS=${RUNS:-3}
+BENCH_BASE=${BENCH_BASE:-/var/tmp}
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "FATAL: $*"; exit 1; }
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+FSPF="$REPO/target/release/fspf"
+if [[ -z ${SKIP_BUILD:-} ]]; then
+  (cd "$REPO" && cargo build --release --workspace -q) || die "cargo build --release failed"
+fi
+[[ -x $FSPF && -f $REPO/target/release/libfspf_preload.so ]] || die "build with 'cargo build --release --workspace'"
+command -v python3 >/dev/null || die "python3 required"
+PY=$(realpath "$(python3 -c 'import sys; print(sys.executable)')")
+W=$(mktemp -d "$BENCH_BASE/rdwr.XXXXXX")
+trap 'rm -rf "$W"' EXIT
+V="$W/vol"
+mkdir -p "$V"
+F="$W/fspf.pb"
+"$FSPF" create "$F" >/dev/null
+"$FSPF" addr "$F" / --kernel / --not-protected >/dev/null
+"$FSPF" addr "$F" "$V" --encrypted --kernel "$V" >/dev/null
+out=$("$FSPF" encrypt "$F")
+awk '{print $11}' <<<"$out" > "$W/key"
+awk '{print $9}' <<<"$out" > "$W/tag"
+run() { "$FSPF" run --fspf "$F" --key-file "$W/key" --tag "$(head -1 "$W/tag")" --mutable --tag-file "$W/tag" -- "$@"; }
+log "writing a $SIZE_MB MiB protected file"
+run dd if=/dev/urandom of="$V/big" bs=1M count="$SIZE_MB" conv=fsync status=none
+cat > "$W/rdwr.py" <<'EOF'
+import ctypes, os, random, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+def allocated(fd):
+    st = ctypes.create_string_buffer(144)
+    assert libc.syscall(5, fd, st) == 0, ctypes.get_errno()
+    return int.from_bytes(st.raw[64:72], 'little') * 512
+path, ops, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+t0 = time.perf_counter()
+fd = os.open(path, os.O_RDWR)
+t1 = time.perf_counter()
+rng = random.Random(seed)
+blocks = os.fstat(fd).st_size // 4096
+for _ in range(ops):
+    os.pwrite(fd, os.urandom(4096), rng.randrange(blocks) * 4096)
+for _ in range(ops):
+    assert len(os.pread(fd, 4096, rng.randrange(blocks) * 4096)) == 4096
+print("%.3f %.1f" % ((t1 - t0) * 1000, allocated(fd) / 2**20))
+os.close(fd)
+EOF
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+declare -A OPEN MEM
+for mode in lazy whole; do
+  o=(); m=()
+  for ((i=0; i<RUNS; i++)); do
+    if [[ $mode == whole ]]; then
+      r=$(FSPF_LAZY_RDWR=0 run "$PY" "$W/rdwr.py" "$V/big" "$OPS" "$i")
+    else
+      r=$(run "$PY" "$W/rdwr.py" "$V/big" "$OPS" "$i")
+    fi
+    o+=("${r% *}"); m+=("${r#* }")
+  done
+  OPEN[$mode]=$(median "${o[@]}"); MEM[$mode]=$(median "${m[@]}")
+  log "$mode: open ${o[*]} ms, buffer ${m[*]} MiB"
+done
+printf '\n%-38s %12s %16s\n' "O_RDWR open of a $SIZE_MB MiB file" "open ms" "buffer MiB"
+printf '%-38s %12s %16s\n' "fspf (default: unloaded until used)" "${OPEN[lazy]}" "${MEM[lazy]}"
+printf '%-38s %12s %16s\n' "fspf, FSPF_LAZY_RDWR=0 (loaded whole)" "${OPEN[whole]}" "${MEM[whole]}"
+printf '(after %d random 4 KiB writes and %d reads; medians of %d)\n' "$OPS" "$OPS" "$RUNS"
