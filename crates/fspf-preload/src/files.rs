@@ -375,15 +375,14 @@ impl WriteBuf {
         let mut out = Vec::new();
         let mut at = from;
         while at < to {
-            // SAFETY: seeking our own fd (the buffer's own description: its offset is ours).
-            let h = unsafe { real::lseek(self.fd, at as i64, libc::SEEK_HOLE) };
-            if h < 0 || h as u64 >= to {
+            let h = self.next_hole(at);
+            if h >= to {
                 break;
             }
-            // SAFETY: as above.
-            let d = unsafe { real::lseek(self.fd, h, libc::SEEK_DATA) };
+            // SAFETY: seeking our own fd (the buffer's own description: its offset is ours).
+            let d = unsafe { real::lseek(self.fd, h as i64, libc::SEEK_DATA) };
             let end = if d < 0 { to } else { (d as u64).min(to) };
-            out.push((h as u64, end));
+            out.push((h, end));
             at = end;
         }
         out
@@ -392,42 +391,37 @@ impl WriteBuf {
     /// Is any of `[from, to)` an unloaded hole?
     pub fn hole_in(&self, from: u64, to: u64) -> bool {
         let to = to.min(self.unloaded());
-        if from >= to {
-            return false;
-        }
+        from < to && self.next_hole(from) < to
+    }
+
+    /// The first hole of the memfd at or after `at` (its length when there is none). What lies
+    /// before it is recorded in [`WriteBuf::known_data`] and not asked again.
+    fn next_hole(&self, at: u64) -> u64 {
         let mut known = self.known_data.lock().unwrap_or_else(|e| e.into_inner());
-        if known
-            .range(..=from)
-            .next_back()
-            .is_some_and(|(_, &end)| end >= to)
-        {
-            return false;
-        }
-        // SAFETY: seeking our own fd (the buffer's own description).
-        let h = unsafe { real::lseek(self.fd, from as i64, libc::SEEK_HOLE) };
+        let at = match known.range(..=at).next_back() {
+            Some((_, &end)) if end > at => end,
+            _ => at,
+        };
+        // SAFETY: seeking our own fd (the buffer's own description: its offset is ours).
+        let h = unsafe { real::lseek(self.fd, at as i64, libc::SEEK_HOLE) };
         if h < 0 {
-            return true;
+            return at;
         }
         let h = h as u64;
-        if h > from {
-            // [from, h) is data, and stays so; joined with a known range it extends.
-            let start = match known.range(..=from).next_back() {
-                Some((&s, &e)) if e >= from => s,
-                _ => from,
+        if h > at {
+            // [at, h) is data, and stays so; joined with the known ranges it touches.
+            let start = match known.range(..=at).next_back() {
+                Some((&s, &e)) if e >= at => s,
+                _ => at,
             };
-            let end = known
-                .range(start..=h)
-                .map(|(_, &e)| e)
-                .max()
-                .unwrap_or(h)
-                .max(h);
-            let inside: Vec<u64> = known.range(start..=h).map(|(&s, _)| s).collect();
-            for k in inside {
-                known.remove(&k);
+            let inside: Vec<(u64, u64)> = known.range(start..=h).map(|(&s, &e)| (s, e)).collect();
+            let end = inside.iter().map(|&(_, e)| e).fold(h, u64::max);
+            for (s, _) in inside {
+                known.remove(&s);
             }
             known.insert(start, end);
         }
-        h < to
+        h
     }
 
     /// The memfd's size and times now (see [`Track::print`]).
