@@ -10,10 +10,11 @@
 #               RUNS=3           runs per mode; every number is the median of RUNS
 #               BENCH_BASE=/var/tmp   where the volume's kernel directory lives
 #               SKIP_BUILD=1     use target/release as is
-# What is timed: os.open(F, O_RDWR) in the real python3 interpreter binary (not a pyenv shim),
-# under `fspf run --mutable`, with time.perf_counter around the call. Memory: the kernel's
-# allocation of the buffer (st_blocks of the program's descriptor, by a raw fstat the shield
-# does not see), after the reads and writes.
+# What is timed: in the real python3 interpreter binary (not a pyenv shim), under `fspf run
+# --mutable`, with time.perf_counter: os.open(F, O_RDWR); the first 64 MiB read twice in 4 KiB
+# preads (read1 loads, read2 reads what is loaded); 5 000 unaligned 4 KiB pwrites into them.
+# Memory: the kernel's allocation of the buffer (st_blocks of the program's descriptor, by a raw
+# fstat the shield does not see), after OPS random writes and reads.
 set -Eeuo pipefail
 SIZE_MB=${SIZE_MB:-1024}
 OPS=${OPS:-100}
@@ -60,25 +61,45 @@ for _ in range(ops):
     os.pwrite(fd, os.urandom(4096), rng.randrange(blocks) * 4096)
 for _ in range(ops):
     assert len(os.pread(fd, 4096, rng.randrange(blocks) * 4096)) == 4096
-print("%.3f %.1f" % ((t1 - t0) * 1000, allocated(fd) / 2**20))
+mem = allocated(fd) / 2**20
+# The first 64 MiB read twice in 4 KiB preads, then 5 000 unaligned 4 KiB pwrites into them.
+span = min(64 << 20, blocks * 4096)
+passes = []
+for _ in range(2):
+    t = time.perf_counter()
+    off = 0
+    while off < span:
+        off += len(os.pread(fd, 4096, off))
+    passes.append(time.perf_counter() - t)
+b = os.urandom(4096)
+t = time.perf_counter()
+for _ in range(5000):
+    os.pwrite(fd, b, rng.randrange(span // 4096 - 1) * 4096 + 100)
+w = time.perf_counter() - t
+print("%.3f %.1f %.3f %.3f %.3f" % ((t1 - t0) * 1000, mem, passes[0], passes[1], w))
 os.close(fd)
 EOF
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-declare -A OPEN MEM
+declare -A RES
 for mode in lazy whole; do
-  o=(); m=()
+  declare -a c0=() c1=() c2=() c3=() c4=()
   for ((i=0; i<RUNS; i++)); do
     if [[ $mode == whole ]]; then
       r=$(FSPF_LAZY_RDWR=0 run "$PY" "$W/rdwr.py" "$V/big" "$OPS" "$i")
     else
       r=$(run "$PY" "$W/rdwr.py" "$V/big" "$OPS" "$i")
     fi
-    o+=("${r% *}"); m+=("${r#* }")
+    read -r a b c d e <<<"$r"
+    c0+=("$a"); c1+=("$b"); c2+=("$c"); c3+=("$d"); c4+=("$e")
   done
-  OPEN[$mode]=$(median "${o[@]}"); MEM[$mode]=$(median "${m[@]}")
-  log "$mode: open ${o[*]} ms, buffer ${m[*]} MiB"
+  RES[$mode]="$(median "${c0[@]}") $(median "${c1[@]}") $(median "${c2[@]}") $(median "${c3[@]}") $(median "${c4[@]}")"
+  log "$mode: ${RES[$mode]}"
 done
-printf '\n%-38s %12s %16s\n' "O_RDWR open of a $SIZE_MB MiB file" "open ms" "buffer MiB"
-printf '%-38s %12s %16s\n' "fspf (default: unloaded until used)" "${OPEN[lazy]}" "${MEM[lazy]}"
-printf '%-38s %12s %16s\n' "fspf, FSPF_LAZY_RDWR=0 (loaded whole)" "${OPEN[whole]}" "${MEM[whole]}"
-printf '(after %d random 4 KiB writes and %d reads; medians of %d)\n' "$OPS" "$OPS" "$RUNS"
+FMT='%-38s %9s %11s %11s %11s %11s\n'
+printf "\n$FMT" "O_RDWR open of a $SIZE_MB MiB file" "open ms" "buffer MiB" "read1 s" "read2 s" "writes s"
+# shellcheck disable=SC2086  # the five numbers are words
+printf "$FMT" "fspf (default: unloaded until used)" ${RES[lazy]}
+# shellcheck disable=SC2086
+printf "$FMT" "fspf, FSPF_LAZY_RDWR=0 (loaded whole)" ${RES[whole]}
+printf '(buffer: after %d random 4 KiB writes and %d reads; read1/read2: the first 64 MiB in 4 KiB\n' "$OPS" "$OPS"
+printf ' preads, twice; writes: 5 000 unaligned 4 KiB pwrites into them; medians of %d)\n' "$RUNS"
