@@ -184,6 +184,17 @@ fn load_tail(inner: &mut Inner, ep: &EmbedPath, b: &WriteBuf, flags: c_int) -> R
     {
         return Ok(false);
     }
+    leave_unloaded(inner, ep, b)
+}
+
+/// Leave the content of `ep`, a format-2 file larger than `HASH_MAX` (its updates are tracked
+/// byte ranges or a diff that skips holes; smaller buffers are hashed whole), unloaded but for
+/// its last block: the buffer gets the file's length, the blocks below the last are a hole
+/// recorded as unloaded, and whatever reads or partly overwrites a part loads that part first
+/// ([`load_holes`]). Every hole is then equal to the committed file; every loaded or written
+/// page holds content. `false`: not such a file, or the buffer file cannot record it (the
+/// caller loads everything).
+fn leave_unloaded(inner: &mut Inner, ep: &EmbedPath, b: &WriteBuf) -> Result<bool, c_int> {
     let Some(vol) = inner.s.vol() else {
         return Ok(false);
     };
@@ -200,22 +211,6 @@ fn load_tail(inner: &mut Inner, ep: &EmbedPath, b: &WriteBuf, flags: c_int) -> R
     if chunk == 0 || size <= files::HASH_MAX {
         return Ok(false);
     }
-    leave_unloaded(inner, ep, b, size, chunk)
-}
-
-/// Leave the file's content unloaded but for its last block (`size` bytes; regions of
-/// `chunk`-byte chunks): the buffer gets the file's length, the blocks below the last are a
-/// hole recorded as unloaded, and whatever reads or partly overwrites a part loads that part
-/// first ([`load_holes`]). Every hole is then equal to the committed file; every loaded or
-/// written page holds content. `false`: the buffer file cannot record it (the caller loads
-/// everything).
-fn leave_unloaded(
-    inner: &mut Inner,
-    ep: &EmbedPath,
-    b: &WriteBuf,
-    size: u64,
-    chunk: u64,
-) -> Result<bool, c_int> {
     let from = size / block_of(chunk) * block_of(chunk);
     // Holes must be page-sized: on a tmpfs with huge pages a small write would allocate (and
     // zero) a 2 MiB page around it, and zeros would pass for content.
@@ -240,29 +235,14 @@ fn block_of(chunk: u64) -> u64 {
 }
 const PAGE: u64 = 4096;
 
-/// [`leave_unloaded`] for a buffer opened to read and write, or to write without appending,
-/// when the file is format 2 and larger than `HASH_MAX` (and `FSPF_LAZY_RDWR` is not `0`):
-/// opening a 1 GiB database no longer loads 1 GiB into memory (issue 8, bounded memory).
+/// [`leave_unloaded`] for a buffer opened to read and write, or to write without appending
+/// (unless `FSPF_LAZY_RDWR` is `0`): opening a 1 GiB database no longer loads 1 GiB into memory
+/// (issue 8, bounded memory).
 fn load_lazily(inner: &mut Inner, ep: &EmbedPath, b: &WriteBuf) -> Result<bool, c_int> {
     if std::env::var_os("FSPF_LAZY_RDWR").is_some_and(|v| v == "0") {
         return Ok(false);
     }
-    let Some(vol) = inner.s.vol() else {
-        return Ok(false);
-    };
-    let chunk = vol.region_for(ep).map_or(0, |r| r.chunk_len as u64);
-    let size = match vol.lookup(ep).map(|e| e.into_owned().kind) {
-        Some(FileKind::File {
-            size,
-            root: Some(_),
-            ..
-        }) => size,
-        _ => return Ok(false),
-    };
-    if chunk == 0 || size <= files::HASH_MAX {
-        return Ok(false);
-    }
-    leave_unloaded(inner, ep, b, size, chunk)
+    leave_unloaded(inner, ep, b)
 }
 
 /// Copy the verified plaintext `[from, to)` of `r` into `b`.
