@@ -159,16 +159,22 @@ pub unsafe fn do_write(
             g.track = None;
         }
     }
+    // The whole pages of a partly unloaded buffer that this write fills (counted under the
+    // buffer's mutex: no other thread's write lands in between).
+    let filled: u64 = match (&lazy, g.as_ref()) {
+        (Some((_, r)), Some(g)) => g.holes_in(r.start, r.end).iter().map(|(h, d)| d - h).sum(),
+        _ => 0,
+    };
     let w = match off {
         // SAFETY: the program's n bytes; fd is a description of the buffer.
         Some(o) => unsafe { real::pwrite(fd, buf.cast(), n, o as off_t) },
         // SAFETY: as above.
         None => unsafe { real::write(fd, buf.cast(), n) },
     };
-    if let (Some((_, filled)), Some(g)) = (&lazy, g.as_ref()) {
+    if let (Some(_), Some(g)) = (&lazy, g.as_ref()) {
         // (A short write filled an unknown part: counted again.)
         g.record_seen(match w {
-            w if w as usize == n => Some(*filled),
+            w if w as usize == n => Some(filled),
             w if w <= 0 => Some(0),
             _ => None,
         });

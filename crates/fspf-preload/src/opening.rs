@@ -339,8 +339,8 @@ fn load_holes_locked(inner: &mut Inner, b: &mut WriteBuf, from: u64, to: u64) ->
 }
 
 /// The loads a hooked write needs before it lands (the caller then writes under the returned
-/// lock, holding the buffer's mutex, and records the write as seen with the returned count of
-/// hole bytes it fills): the unloaded parts of the
+/// lock, holding the buffer's mutex, and records the write as seen with the hole bytes it
+/// fills in the returned range, counted under that mutex): the unloaded parts of the
 /// blocks the write of `len` bytes at `off` (the description's offset when `None`, the end
 /// when `append`) covers only partly. `None`: nothing is unloaded.
 pub fn before_write(
@@ -349,7 +349,7 @@ pub fn before_write(
     off: Option<u64>,
     len: u64,
     append: bool,
-) -> Result<Option<(files::UnloadedLock, u64)>, c_int> {
+) -> Result<Option<(files::UnloadedLock, std::ops::Range<u64>)>, c_int> {
     if unloaded_hint(b) {
         return Ok(None);
     }
@@ -382,9 +382,7 @@ pub fn before_write(
     if g.changed_unseen() {
         return Err(libc::EIO);
     }
-    // The whole pages the write covers that are holes now: filled by the write.
-    let filled = g.holes_in(at, end).iter().map(|(h, d)| d - h).sum();
-    Ok(Some((lock, filled)))
+    Ok(Some((lock, at..end)))
 }
 
 /// Before a hooked truncation to `len`: the unloaded part of the block that will hold the new
