@@ -136,22 +136,20 @@ pub unsafe fn do_write(
     if off.is_some_and(|o| o.saturating_add(n as u64) > files::MAX_BUFFER_LEN) {
         return fail_isize(libc::EFBIG);
     }
-    // A buffer with unloaded parts: what the write covers only partly is loaded first, and
-    // the write lands under the buffer's lock, recorded as seen (`opening::before_write`).
-    let lazy = match &buffer {
-        Some(b) => match crate::opening::before_write(b, fd, off, n as u64, append) {
-            Ok(l) => l,
-            Err(e) => return fail_isize(e),
-        },
-        None => None,
-    };
-    t.store(true, Ordering::Relaxed);
     // A buffer is written under its lock: the offset read back after the write of a tracked
     // one is where this write ended (no other hooked write in between), and no load of an
-    // unloaded part runs in between.
-    let mut g = buffer
-        .as_ref()
-        .map(|b| b.lock().unwrap_or_else(|e| e.into_inner()));
+    // unloaded part runs in between. With unloaded parts, what the write covers only partly
+    // is loaded first, and the write lands under the buffer's unloaded lock too, recorded as
+    // seen (`opening::before_write`, which takes both in the lock order).
+    let (mut g, lazy) = match &buffer {
+        Some(b) => match crate::opening::before_write(b, fd, off, n as u64, append) {
+            Ok(Some((g, lock, range))) => (Some(g), Some((lock, range))),
+            Ok(None) => (Some(b.lock().unwrap_or_else(|e| e.into_inner())), None),
+            Err(e) => return fail_isize(e),
+        },
+        None => (None, None),
+    };
+    t.store(true, Ordering::Relaxed);
     if let Some(g) = g.as_mut().filter(|g| g.track.is_some()) {
         // Something wrote the buffer unseen since the last tracked change: the record is
         // incomplete from now on (not only until this write's stat).
@@ -206,10 +204,15 @@ pub unsafe fn do_write(
 /// past the end). What stays in the block of the new end is loaded first when parts of the
 /// buffer are unloaded (`opening::before_truncate`; to 0 nothing stays).
 pub fn truncate_handle(h: &Handle, len: u64) -> Result<(), c_int> {
-    let _lazy = match files::buffer_of(h) {
-        Some(b) => crate::opening::before_truncate(&b, len)?,
-        None => None,
+    let (buffer, write) = {
+        let f = h.lock().unwrap_or_else(|e| e.into_inner());
+        (files::buffer_of_body(&f.body), f.write)
     };
+    if let (Some(b), true) = (buffer, write) {
+        if let Some((mut g, _lock)) = crate::opening::before_truncate(&b, len)? {
+            return files::set_len_locked(&mut g, len);
+        }
+    }
     h.lock().unwrap_or_else(|e| e.into_inner()).set_len(len)
 }
 

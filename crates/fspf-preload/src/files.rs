@@ -81,6 +81,9 @@ pub struct WriteBuf {
     /// The verified reader of the committed version holes are loaded from, kept while that
     /// version is the committed one (`opening::load_holes`).
     pub hole_reader: Option<(fspf_core::Version, KernelReader)>,
+    /// This process's own open description of the buffer file for [`UnloadedLock`] (pid, fd):
+    /// see [`WriteBuf::lock_fd`].
+    lock_desc: Mutex<(u32, c_int)>,
 }
 
 /// Extended attribute on a buffer's file (memfd or the run's shared buffer) with parts not
@@ -99,10 +102,18 @@ const SEEN_XATTR: &std::ffi::CStr = c"user.fspf.seen";
 const UNSEEN_XATTR: &std::ffi::CStr = c"user.fspf.unseen";
 
 /// An OFD write lock on one byte far past any buffer's end, serialising the loads of a
-/// buffer's unloaded parts (and the changes while there are some) between the processes holding it (independent of the `flock`
-/// that `runbuf` holds shared on the same file, and of the program's own locks, which the
-/// shield takes elsewhere: `locks.rs`).
+/// buffer's unloaded parts (and the changes while there are some) between the processes and
+/// threads holding it (independent of the `flock` that `runbuf` holds shared on the same
+/// file, and of the program's own locks, which the shield takes elsewhere: `locks.rs`). An OFD
+/// lock belongs to an open description, which every thread of a process shares (and one
+/// thread's unlock would release it for all): within a process the threads take turns here
+/// first. A thread that holds it may take it again (the truncation paths do).
+/// Lock order: the shield's lock, then a buffer's mutex, then this.
 pub struct UnloadedLock(c_int);
+
+/// Per lock description of this process: the thread holding it and how many times.
+static HOLDS: Mutex<BTreeMap<c_int, (std::thread::ThreadId, usize)>> = Mutex::new(BTreeMap::new());
+static FREED: std::sync::Condvar = std::sync::Condvar::new();
 
 impl UnloadedLock {
     const AT: i64 = i64::MAX - 1;
@@ -118,6 +129,20 @@ impl UnloadedLock {
     }
 
     pub fn take(fd: c_int) -> Result<UnloadedLock, c_int> {
+        let me = std::thread::current().id();
+        let mut holds = HOLDS.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match holds.get_mut(&fd) {
+                Some((t, n)) if *t == me => {
+                    *n += 1;
+                    return Ok(UnloadedLock(fd));
+                }
+                Some(_) => holds = FREED.wait(holds).unwrap_or_else(|e| e.into_inner()),
+                None => break,
+            }
+        }
+        holds.insert(fd, (me, 1));
+        drop(holds);
         let mut fl = Self::flock(libc::F_WRLCK);
         loop {
             // SAFETY: F_OFD_SETLKW with a pointer to a local struct flock.
@@ -133,6 +158,9 @@ impl UnloadedLock {
             }
             let e = crate::errno();
             if e != libc::EINTR {
+                let mut holds = HOLDS.lock().unwrap_or_else(|e| e.into_inner());
+                holds.remove(&fd);
+                FREED.notify_all();
                 return Err(e);
             }
         }
@@ -141,6 +169,15 @@ impl UnloadedLock {
 
 impl Drop for UnloadedLock {
     fn drop(&mut self) {
+        let mut holds = HOLDS.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((_, n)) = holds.get_mut(&self.0) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        holds.remove(&self.0);
         let mut fl = Self::flock(libc::F_UNLCK);
         // SAFETY: F_OFD_SETLK with a pointer to a local struct flock, on the fd we locked.
         unsafe {
@@ -150,6 +187,7 @@ impl Drop for UnloadedLock {
                 &mut fl as *mut libc::flock as libc::c_ulong,
             )
         };
+        FREED.notify_all();
     }
 }
 
@@ -202,6 +240,7 @@ impl WriteBuf {
             unloaded: AtomicU64::new(0),
             known_data: Mutex::new(BTreeMap::new()),
             hole_reader: None,
+            lock_desc: Mutex::new((0, -1)),
         }
     }
 
@@ -248,6 +287,26 @@ impl WriteBuf {
                 real::fremovexattr(self.fd, UNSEEN_XATTR.as_ptr());
             }
         }
+    }
+
+    /// An open description of the buffer file that is this process's own, for
+    /// [`UnloadedLock`]: OFD locks exclude other descriptions only, and a child made by `fork`
+    /// shares its parent's description of `fd` (their locks would not exclude each other). Made
+    /// at a process's first lock, and again when the program closed or replaced its number.
+    pub fn lock_fd(&self) -> Result<c_int, c_int> {
+        let pid = std::process::id();
+        let mut d = self.lock_desc.lock().unwrap_or_else(|e| e.into_inner());
+        if d.0 == pid && d.1 >= 0 && same_file(d.1, self.fd) {
+            return Ok(d.1);
+        }
+        if d.0 == pid && d.1 >= 0 {
+            // Ours, but the program closed or replaced the number: leave it to the program.
+            d.1 = -1;
+        }
+        // (A number inherited from the parent's process is left open: the program may hold it.)
+        let fd = move_high(self.reopen(libc::O_RDWR | libc::O_CLOEXEC)?, true);
+        *d = (pid, fd);
+        Ok(fd)
     }
 
     /// The unit the buffer file allocates in (`st_blksize`: the page, or a huge page).
@@ -728,8 +787,23 @@ impl WriteBuf {
     }
 }
 
+/// Do `a` and `b` name the same file?
+fn same_file(a: c_int, b: c_int) -> bool {
+    // SAFETY: fstat of two fds into local buffers.
+    let (mut sa, mut sb): (libc::stat, libc::stat) =
+        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    // SAFETY: as above.
+    let ok = unsafe { real::fstat(a, &mut sa) == 0 && real::fstat(b, &mut sb) == 0 };
+    ok && (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+}
+
 impl Drop for WriteBuf {
     fn drop(&mut self) {
+        let d = *self.lock_desc.lock().unwrap_or_else(|e| e.into_inner());
+        if d.0 == std::process::id() && d.1 >= 0 && same_file(d.1, self.fd) {
+            // SAFETY: closing this process's lock description of the buffer.
+            unsafe { real::close(d.1) };
+        }
         forget_own(self.fd);
         if self.mirror {
             crate::runbuf::release(&self.path, self.fd);
@@ -898,12 +972,37 @@ pub struct OpenFile {
 
 pub type Handle = Arc<Mutex<OpenFile>>;
 
-/// The write buffer behind a description, if it has one.
-pub fn buffer_of(h: &Handle) -> Option<Arc<Mutex<WriteBuf>>> {
-    match &h.lock().unwrap_or_else(|e| e.into_inner()).body {
+/// Set the length of buffer `g` (whose mutex the caller holds) for a description that may
+/// write it: a hooked truncation or allocation.
+pub fn set_len_locked(g: &mut WriteBuf, len: u64) -> Result<(), c_int> {
+    if g.track.is_some() && g.tracked().is_none() {
+        // Written unseen since the last tracked change (see `fdio::do_write`).
+        g.track = None;
+    }
+    // Parts unloaded: changed and recorded as seen under the buffer's unloaded lock (taken
+    // again by the thread that holds it for `opening::before_truncate`).
+    let _lazy = if g.unloaded() > 0 {
+        Some(UnloadedLock::take(g.lock_fd()?)?)
+    } else {
+        None
+    };
+    g.set_len(len)?;
+    g.record_seen(None);
+    g.note_len(len);
+    Ok(())
+}
+
+/// The write buffer of a description's body, if it has one.
+pub fn buffer_of_body(body: &Body) -> Option<Arc<Mutex<WriteBuf>>> {
+    match body {
         Body::Buf(b) => Some(b.clone()),
         _ => None,
     }
+}
+
+/// The write buffer behind a description, if it has one.
+pub fn buffer_of(h: &Handle) -> Option<Arc<Mutex<WriteBuf>>> {
+    buffer_of_body(&h.lock().unwrap_or_else(|e| e.into_inner()).body)
 }
 
 /// Before the content of `h`'s buffer is read, or written other than by appending: load what it
@@ -1092,22 +1191,7 @@ impl OpenFile {
             return Err(libc::EINVAL);
         }
         let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
-        if g.track.is_some() && g.tracked().is_none() {
-            // Written unseen since the last tracked change (see `fdio::do_write`).
-            g.track = None;
-        }
-        // Parts unloaded: changed and recorded as seen under the buffer's lock (a no-op when
-        // `opening::before_truncate` holds it already: the same description).
-        let _lazy = if g.unloaded() > 0 {
-            Some(UnloadedLock::take(g.fd)?)
-        } else {
-            None
-        };
-        g.set_len(len)?;
-        // (Under the lock of `opening::before_truncate` when parts are unloaded.)
-        g.record_seen(None);
-        g.note_len(len);
-        Ok(())
+        set_len_locked(&mut g, len)
     }
 
     pub fn node(&self) -> Node {

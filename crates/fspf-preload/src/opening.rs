@@ -286,7 +286,7 @@ pub fn load_holes(inner: &mut Inner, b: &mut WriteBuf, from: u64, to: u64) -> Re
     if b.unloaded() == 0 {
         return Ok(());
     }
-    let _lock = files::UnloadedLock::take(b.fd)?;
+    let _lock = files::UnloadedLock::take(b.lock_fd()?)?;
     load_holes_locked(inner, b, from, to)
 }
 
@@ -338,18 +338,26 @@ fn load_holes_locked(inner: &mut Inner, b: &mut WriteBuf, from: u64, to: u64) ->
     Ok(())
 }
 
-/// The loads a hooked write needs before it lands (the caller then writes under the returned
-/// lock, holding the buffer's mutex, and records the write as seen with the hole bytes it
-/// fills in the returned range, counted under that mutex): the unloaded parts of the
+/// The loads a hooked write needs before it lands (the caller then writes holding the returned
+/// buffer mutex and lock, and records the write as seen with the hole bytes it fills in the
+/// returned range): the unloaded parts of the
 /// blocks the write of `len` bytes at `off` (the description's offset when `None`, the end
 /// when `append`) covers only partly. `None`: nothing is unloaded.
+#[allow(clippy::type_complexity)]
 pub fn before_write(
     b: &Arc<Mutex<WriteBuf>>,
     fd: c_int,
     off: Option<u64>,
     len: u64,
     append: bool,
-) -> Result<Option<(files::UnloadedLock, std::ops::Range<u64>)>, c_int> {
+) -> Result<
+    Option<(
+        std::sync::MutexGuard<'_, WriteBuf>,
+        files::UnloadedLock,
+        std::ops::Range<u64>,
+    )>,
+    c_int,
+> {
     if unloaded_hint(b) {
         return Ok(None);
     }
@@ -359,7 +367,7 @@ pub fn before_write(
     if g.unloaded() == 0 {
         return Ok(None);
     }
-    let lock = files::UnloadedLock::take(g.fd)?;
+    let lock = files::UnloadedLock::take(g.lock_fd()?)?;
     let at = if append {
         g.len()
     } else {
@@ -382,16 +390,18 @@ pub fn before_write(
     if g.changed_unseen() {
         return Err(libc::EIO);
     }
-    Ok(Some((lock, at..end)))
+    drop(inner);
+    Ok(Some((g, lock, at..end)))
 }
 
 /// Before a hooked truncation to `len`: the unloaded part of the block that will hold the new
 /// end is loaded, and a cut below the unloaded part leaves only what lies below the new end's
-/// block unloaded. The caller truncates under the returned lock. `None`: nothing is unloaded.
+/// block unloaded. The caller truncates holding the returned buffer mutex and lock. `None`:
+/// nothing is unloaded.
 pub fn before_truncate(
     b: &Arc<Mutex<WriteBuf>>,
     len: u64,
-) -> Result<Option<files::UnloadedLock>, c_int> {
+) -> Result<Option<(std::sync::MutexGuard<'_, WriteBuf>, files::UnloadedLock)>, c_int> {
     if unloaded_hint(b) {
         return Ok(None);
     }
@@ -401,7 +411,7 @@ pub fn before_truncate(
     if g.unloaded() == 0 {
         return Ok(None);
     }
-    let lock = files::UnloadedLock::take(g.fd)?;
+    let lock = files::UnloadedLock::take(g.lock_fd()?)?;
     let n = g.unloaded();
     if len < n {
         let a = block_of(chunk_of(&inner, &g.path));
@@ -415,7 +425,8 @@ pub fn before_truncate(
     } else if g.changed_unseen() {
         return Err(libc::EIO);
     }
-    Ok(Some(lock))
+    drop(inner);
+    Ok(Some((g, lock)))
 }
 
 /// Load the unloaded holes of `[from, to)` of `b` (a hooked read's range).

@@ -881,7 +881,7 @@ impl Shield {
         // writes it meanwhile), and refused if something changed it unseen: a raw write into a
         // hole would leave zeros the shield cannot tell from content.
         let _lazy = if b.unloaded() > 0 {
-            let l = crate::files::UnloadedLock::take(b.fd)?;
+            let l = crate::files::UnloadedLock::take(b.lock_fd()?)?;
             if b.changed_unseen() {
                 return Err(libc::EIO);
             }

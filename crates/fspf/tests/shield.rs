@@ -3550,6 +3550,79 @@ os.close(fd)
     }
 }
 
+/// Threads of two processes read and write their own parts of one partly unloaded buffer at
+/// once (parts that share blocks at their edges, writes of any length and offset): every byte
+/// written is committed, every byte not written is the file's, and every read returns what the
+/// writer's model says. The buffer's lock was an OFD lock on a description that a forked child
+/// and every thread share: a write in progress in one of them looked like a write the shield
+/// did not see to another, and the buffer was refused (`EIO`).
+#[test]
+fn a_forked_writer_of_a_partly_unloaded_file_was_refused_as_an_unseen_write() {
+    need("python3");
+    for env in BUFFER_MODES {
+        let n = 3 << 20;
+        let mut w = big_world(n);
+        let models = w.p("models");
+        std::fs::create_dir_all(&models).expect("models");
+        let script = format!(
+            "{ALLOCATED_PY}MODELS = {models:?}\n{}",
+            r#"
+import random, threading
+n = 3 << 20
+part = 400_001
+base = pattern(n)
+fd = os.open('/data/big', os.O_RDWR)
+def work(k, failures):
+    lo, hi = k * part, min((k + 1) * part, n)
+    model = bytearray(base[lo:hi])
+    rng = random.Random(k)
+    for i in range(300):
+        at = rng.randrange(lo, hi)
+        ln = min(rng.randrange(1, 10_000), hi - at)
+        data = rng.randbytes(ln)
+        os.pwrite(fd, data, at)
+        model[at - lo:at - lo + ln] = data
+        if i % 7 == 0:
+            a = rng.randrange(lo, hi)
+            b = min(hi, a + rng.randrange(1, 20_000))
+            if os.pread(fd, b - a, a) != model[a - lo:b - lo]:
+                failures.append((k, i))
+    open('%s/%d' % (MODELS, k), 'wb').write(model)
+def run(ks):
+    failures = []
+    ts = [threading.Thread(target=work, args=(k, failures)) for k in ks]
+    for t in ts: t.start()
+    for t in ts: t.join()
+    assert not failures, failures
+pid = os.fork()
+if pid == 0:
+    run([5, 6])
+    os._exit(0)
+run([0, 1, 2, 3, 4])
+assert os.waitpid(pid, 0)[1] == 0
+os.close(fd)
+"#
+        );
+        ok(
+            &run_mut_env(&mut w, env, &["python3", "-c", &script]),
+            "threads",
+        );
+        let mut want = big_expected(n);
+        let part = 400_001;
+        for k in 0..7 {
+            let m = std::fs::read(format!("{models}/{k}")).expect("model");
+            want[k * part..k * part + m.len()].copy_from_slice(&m);
+        }
+        let got = read_big(&w);
+        assert!(
+            got == want,
+            "{env:?}: first difference at {:?}",
+            got.iter().zip(&want).position(|(a, b)| a != b)
+        );
+        std::fs::remove_dir_all(&models).expect("models");
+    }
+}
+
 /// `truncate(PATH)` opens the file write-only, which now leaves it unloaded; the cut went past
 /// the loading of the new end's block and the commit refused the hole it left (pjdfstest
 /// `truncate/00.t`, test 5).
