@@ -87,15 +87,17 @@ pub struct WriteBuf {
 }
 
 /// Extended attribute on a buffer's file (memfd or the run's shared buffer) with parts not
-/// loaded: the offset below which its holes are unloaded content, in decimal. Set before the buffer is complete
-/// (`runbuf::loaded`), removed under [`UnloadedLock`] by whoever loads them.
+/// loaded: the offset below which its holes are unloaded content, in decimal. Set before the
+/// buffer is complete (`runbuf::loaded`), moved down by a truncation below it, removed under
+/// [`UnloadedLock`] by whoever loads everything.
 const UNLOADED_XATTR: &std::ffi::CStr = c"user.fspf.unloaded";
 
-/// While part of a buffer is unloaded: the buffer file's size and modification time (16 bytes,
-/// little-endian) after the last change the shield made or saw (a hooked write or truncation,
-/// a load), in every process of the run. A change by anything else (a raw system call) moves
-/// them: it may have written into an unloaded hole, whose other bytes would then be zeros the
-/// shield cannot tell from content, so the buffer is refused from then on ([`UNSEEN_XATTR`]).
+/// While part of a buffer is unloaded: the buffer file's size, its modification time (ns) and
+/// the bytes below the unloaded offset that are not holes (3 x u64, little-endian), after the
+/// last change the shield made or saw (a hooked write or truncation, a load), in every process
+/// of the run. A change by anything else (a raw system call) moves the first two; if it also
+/// filled a hole (the third no longer matches), the hole's other bytes are zeros the shield
+/// cannot tell from content, and the buffer is refused from then on ([`UNSEEN_XATTR`]).
 /// (The change time is left out: setting this attribute moves it.)
 const SEEN_XATTR: &std::ffi::CStr = c"user.fspf.seen";
 /// Set once a change the shield did not see was found while part of the buffer is unloaded.
