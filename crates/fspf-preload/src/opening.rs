@@ -358,16 +358,9 @@ pub fn before_write(
     )>,
     c_int,
 > {
-    if unloaded_hint(b) {
+    let Some((mut inner, mut g, lock)) = lock_unloaded(b)? else {
         return Ok(None);
-    }
-    let sh = shield::get();
-    let mut inner = sh.lock();
-    let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
-    if g.unloaded() == 0 {
-        return Ok(None);
-    }
-    let lock = files::UnloadedLock::take(g.lock_fd()?)?;
+    };
     let at = if append {
         g.len()
     } else {
@@ -402,16 +395,9 @@ pub fn before_truncate(
     b: &Arc<Mutex<WriteBuf>>,
     len: u64,
 ) -> Result<Option<(std::sync::MutexGuard<'_, WriteBuf>, files::UnloadedLock)>, c_int> {
-    if unloaded_hint(b) {
+    let Some((mut inner, mut g, lock)) = lock_unloaded(b)? else {
         return Ok(None);
-    }
-    let sh = shield::get();
-    let mut inner = sh.lock();
-    let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
-    if g.unloaded() == 0 {
-        return Ok(None);
-    }
-    let lock = files::UnloadedLock::take(g.lock_fd()?)?;
+    };
     let n = g.unloaded();
     if len < n {
         let a = block_of(chunk_of(&inner, &g.path));
@@ -427,6 +413,31 @@ pub fn before_truncate(
     }
     drop(inner);
     Ok(Some((g, lock)))
+}
+
+/// The shield's lock, `b`'s mutex and its unloaded lock, in that order, if part of `b` is
+/// unloaded (`None`: nothing is, and nothing is held).
+#[allow(clippy::type_complexity)]
+fn lock_unloaded(
+    b: &Arc<Mutex<WriteBuf>>,
+) -> Result<
+    Option<(
+        std::sync::MutexGuard<'static, Inner>,
+        std::sync::MutexGuard<'_, WriteBuf>,
+        files::UnloadedLock,
+    )>,
+    c_int,
+> {
+    if unloaded_hint(b) {
+        return Ok(None);
+    }
+    let inner = shield::get().lock();
+    let g = b.lock().unwrap_or_else(|e| e.into_inner());
+    if g.unloaded() == 0 {
+        return Ok(None);
+    }
+    let lock = files::UnloadedLock::take(g.lock_fd()?)?;
+    Ok(Some((inner, g, lock)))
 }
 
 /// Load the unloaded holes of `[from, to)` of `b` (a hooked read's range).
