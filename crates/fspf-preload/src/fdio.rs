@@ -13,15 +13,9 @@ pub unsafe fn do_read(fd: c_int, h: &Handle, buf: *mut u8, n: size_t, off: Optio
         drop(f);
         // What this read covers is loaded first (a buffer may hold parts unloaded).
         if let Some(b) = files::buffer_of(h) {
-            let at = match off {
-                Some(o) => o,
-                // SAFETY: reading the offset of the program's description of the buffer.
-                None => match unsafe { real::lseek(fd, 0, libc::SEEK_CUR) } {
-                    o if o >= 0 => o as u64,
-                    _ => return -1,
-                },
-            };
-            if let Err(e) = crate::opening::load_holes_of(&b, at, at.saturating_add(n as u64)) {
+            let loaded = access_offset(fd, off)
+                .and_then(|at| crate::opening::load_holes_of(&b, at, at.saturating_add(n as u64)));
+            if let Err(e) = loaded {
                 return fail_isize(e);
             }
         }
@@ -198,6 +192,19 @@ pub unsafe fn do_write(
         }
     }
     w
+}
+
+/// Where an access through the program's description `fd` of a buffer lands: `off`, or the
+/// description's offset.
+pub fn access_offset(fd: c_int, off: Option<u64>) -> Result<u64, c_int> {
+    match off {
+        Some(o) => Ok(o),
+        // SAFETY: reading the offset of the program's description of the buffer.
+        None => match unsafe { real::lseek(fd, 0, libc::SEEK_CUR) } {
+            o if o >= 0 => Ok(o as u64),
+            _ => Err(crate::errno()),
+        },
+    }
 }
 
 /// Truncate (or extend) the file behind `h` to `len` (`ftruncate`, `truncate`, an allocation

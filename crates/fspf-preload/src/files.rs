@@ -83,7 +83,7 @@ pub struct WriteBuf {
     pub hole_reader: Option<(fspf_core::Version, KernelReader)>,
     /// This process's own open description of the buffer file for [`UnloadedLock`] (pid, fd):
     /// see [`WriteBuf::lock_fd`].
-    lock_desc: Mutex<(u32, c_int)>,
+    lock_desc: Mutex<LockDesc>,
 }
 
 /// Extended attribute on a buffer's file (memfd or the run's shared buffer) with parts not
@@ -242,7 +242,7 @@ impl WriteBuf {
             unloaded: AtomicU64::new(0),
             known_data: Mutex::new(BTreeMap::new()),
             hole_reader: None,
-            lock_desc: Mutex::new((0, -1)),
+            lock_desc: Mutex::new(LockDesc::default()),
         }
     }
 
@@ -255,6 +255,14 @@ impl WriteBuf {
         let n = unloaded_on_file(self.fd);
         self.unloaded.store(n, Ordering::Relaxed);
         n
+    }
+
+    /// This process's view of the unloaded offset without reading the buffer file again: what
+    /// [`WriteBuf::unloaded`] last read, or this process set. For the helpers below, called
+    /// under [`UnloadedLock`] after the caller read [`WriteBuf::unloaded`] (which changes only
+    /// under that lock, and only downwards once the buffer is made).
+    fn unloaded_hint(&self) -> u64 {
+        self.unloaded.load(Ordering::Relaxed)
     }
 
     /// Leave the holes below `n` unloaded (equal to the committed file): recorded on the
@@ -298,38 +306,28 @@ impl WriteBuf {
     pub fn lock_fd(&self) -> Result<c_int, c_int> {
         let pid = std::process::id();
         let mut d = self.lock_desc.lock().unwrap_or_else(|e| e.into_inner());
-        if d.0 == pid && d.1 >= 0 && same_file(d.1, self.fd) {
-            return Ok(d.1);
+        if let Some(fd) = d.ours(pid) {
+            return Ok(fd);
         }
-        if d.0 == pid && d.1 >= 0 {
-            // Ours, but the program closed or replaced the number: leave it to the program.
-            d.1 = -1;
-        }
-        // (A number inherited from the parent's process is left open: the program may hold it.)
+        // (A number the program closed or replaced, or inherited from the parent's process, is
+        // left to the program.)
         let fd = move_high(self.reopen(libc::O_RDWR | libc::O_CLOEXEC)?, true);
-        *d = (pid, fd);
+        *d = LockDesc {
+            pid,
+            fd,
+            file: file_id(fd),
+        };
         Ok(fd)
     }
 
     /// The unit the buffer file allocates in (`st_blksize`: the page, or a huge page).
     pub fn page_size(&self) -> Option<u64> {
-        // SAFETY: fstat of our own fd into a local buffer.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        if unsafe { real::fstat(self.fd, &mut st) } != 0 {
-            return None;
-        }
-        Some(st.st_blksize as u64)
+        fstat_of(self.fd).map(|st| st.st_blksize as u64)
     }
 
     /// The buffer file's size and modification time now ([`SEEN_XATTR`]).
     fn stat_seen(&self) -> Option<(u64, u64)> {
-        // SAFETY: fstat of our own fd into a local buffer.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        if unsafe { real::fstat(self.fd, &mut st) } != 0 {
-            return None;
-        }
+        let st = fstat_of(self.fd)?;
         let t = (st.st_mtime as u64)
             .wrapping_mul(1_000_000_000)
             .wrapping_add(st.st_mtime_nsec as u64);
@@ -357,28 +355,14 @@ impl WriteBuf {
 
     /// Bytes of `[0, n)` that are not holes (loaded or written).
     fn data_below(&self, n: u64) -> u64 {
-        let mut sum = 0;
-        let mut at = 0u64;
-        while at < n {
-            // SAFETY: seeking our own fd (the buffer's own description).
-            let d = unsafe { real::lseek(self.fd, at as i64, libc::SEEK_DATA) };
-            if d < 0 || d as u64 >= n {
-                break;
-            }
-            // SAFETY: as above.
-            let h = unsafe { real::lseek(self.fd, d, libc::SEEK_HOLE) };
-            let end = if h < 0 { n } else { (h as u64).min(n) };
-            sum += end - d as u64;
-            at = end.max(d as u64 + 1);
-        }
-        sum
+        n - self.holes_in(0, n).iter().map(|(h, d)| d - h).sum::<u64>()
     }
 
     /// Record the buffer file as it is now as seen, while part of it is unloaded (under
     /// [`UnloadedLock`], after a change the shield made that filled `filled` bytes of holes
     /// below the unloaded end; `None`: count them again, after the end moved).
     pub fn record_seen(&self, filled: Option<u64>) {
-        let n = self.unloaded();
+        let n = self.unloaded_hint();
         if n == 0 {
             return;
         }
@@ -401,7 +385,7 @@ impl WriteBuf {
     /// process). A change the shield did not see that filled no hole (a raw write appended, or
     /// over loaded bytes) is accepted and recorded as seen. Under [`UnloadedLock`].
     pub fn changed_unseen(&self) -> bool {
-        let n = self.unloaded();
+        let n = self.unloaded_hint();
         if n == 0 {
             return false;
         }
@@ -432,7 +416,7 @@ impl WriteBuf {
 
     /// The unloaded holes of the buffer within `[from, to)` (page-aligned, in order).
     pub fn holes_in(&self, from: u64, to: u64) -> Vec<(u64, u64)> {
-        let to = to.min(self.unloaded());
+        let to = to.min(self.unloaded_hint());
         let mut out = Vec::new();
         let mut at = from;
         while at < to {
@@ -487,13 +471,7 @@ impl WriteBuf {
 
     /// The memfd's size and times now (see [`Track::print`]).
     pub fn stat_now(&self) -> Option<(u64, u64)> {
-        // SAFETY: fstat of our own fd into a local buffer.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        if unsafe { real::fstat(self.fd, &mut st) } != 0 {
-            return None;
-        }
-        Some((st.st_size as u64, stat_print(&st)))
+        fstat_of(self.fd).map(|st| (st.st_size as u64, stat_print(&st)))
     }
 
     /// The buffer now equals a committed or staged state: track changes from here, if this
@@ -723,12 +701,7 @@ impl WriteBuf {
     /// hands out fine-grained times to files whose times were queried (multigrain timestamps),
     /// so a write after a fingerprint changes it.
     pub fn fingerprint(&self) -> Result<(u64, u64), c_int> {
-        // SAFETY: fstat of our own fd into a local buffer.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        if unsafe { real::fstat(self.fd, &mut st) } != 0 {
-            return Err(crate::errno());
-        }
+        let st = fstat_of(self.fd).ok_or_else(crate::errno)?;
         let size = st.st_size as u64;
         if size <= HASH_MAX {
             let c = self.contents()?;
@@ -789,22 +762,41 @@ impl WriteBuf {
     }
 }
 
-/// Do `a` and `b` name the same file?
-fn same_file(a: c_int, b: c_int) -> bool {
-    // SAFETY: fstat of two fds into local buffers.
-    let (mut sa, mut sb): (libc::stat, libc::stat) =
-        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
-    // SAFETY: as above.
-    let ok = unsafe { real::fstat(a, &mut sa) == 0 && real::fstat(b, &mut sb) == 0 };
-    ok && (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+/// A process's own open description of a buffer file ([`WriteBuf::lock_fd`]).
+#[derive(Default)]
+struct LockDesc {
+    pid: u32,
+    fd: c_int,
+    /// The file it was opened on (device, inode).
+    file: Option<(u64, u64)>,
+}
+
+impl LockDesc {
+    /// The description's fd, if this process made it and the number still names it.
+    fn ours(&self, pid: u32) -> Option<c_int> {
+        (self.pid == pid && self.file.is_some() && file_id(self.fd) == self.file).then_some(self.fd)
+    }
+}
+
+/// `fstat` of `fd` (the shield's own), unseen by the hooks.
+fn fstat_of(fd: c_int) -> Option<libc::stat> {
+    // SAFETY: a plain C struct; all-zero is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat into the local buffer above.
+    (unsafe { real::fstat(fd, &mut st) } == 0).then_some(st)
+}
+
+/// The file `fd` names (device, inode).
+fn file_id(fd: c_int) -> Option<(u64, u64)> {
+    fstat_of(fd).map(|st| (st.st_dev, st.st_ino))
 }
 
 impl Drop for WriteBuf {
     fn drop(&mut self) {
-        let d = *self.lock_desc.lock().unwrap_or_else(|e| e.into_inner());
-        if d.0 == std::process::id() && d.1 >= 0 && same_file(d.1, self.fd) {
+        let d = self.lock_desc.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(fd) = d.ours(std::process::id()) {
             // SAFETY: closing this process's lock description of the buffer.
-            unsafe { real::close(d.1) };
+            unsafe { real::close(fd) };
         }
         forget_own(self.fd);
         if self.mirror {

@@ -364,24 +364,20 @@ pub fn before_write(
     let at = if append {
         g.len()
     } else {
-        match off {
-            Some(o) => o,
-            // SAFETY: reading the description's offset (the program's fd of this buffer).
-            None => match unsafe { real::lseek(fd, 0, libc::SEEK_CUR) } {
-                o if o >= 0 => o as u64,
-                _ => return Err(crate::errno()),
-            },
-        }
+        crate::fdio::access_offset(fd, off)?
     };
     let a = block_of(chunk_of(&inner, &g.path));
     let end = at.saturating_add(len);
-    for p in [at, end] {
-        if !p.is_multiple_of(a) {
-            load_holes_locked(&mut inner, &mut g, p / a * a, p / a * a + a)?;
-        }
-    }
-    if g.changed_unseen() {
+    let edges: Vec<u64> = [at, end]
+        .into_iter()
+        .filter(|p| !p.is_multiple_of(a))
+        .collect();
+    // (Each load checks for a change unseen first.)
+    if edges.is_empty() && g.changed_unseen() {
         return Err(libc::EIO);
+    }
+    for p in edges {
+        load_holes_locked(&mut inner, &mut g, p / a * a, p / a * a + a)?;
     }
     drop(inner);
     Ok(Some((g, lock, at..end)))

@@ -202,6 +202,31 @@ pub struct AppendDelta {
     pub delta: Vec<u8>,
 }
 
+/// The ranges of `[0, len)` that [`Session::stage_diff`] compares: all but `equal` (sorted,
+/// disjoint, whole `chunk`s below `common`, else an error naming the first that is not).
+fn compared_ranges(
+    equal: &[(u64, u64)],
+    chunk: u64,
+    common: u64,
+    len: u64,
+) -> Result<Vec<(u64, u64)>, String> {
+    let mut todo = Vec::new();
+    let mut at = 0u64;
+    for &(a, b) in equal {
+        if a < at || b < a || b > common || !a.is_multiple_of(chunk) || !b.is_multiple_of(chunk) {
+            return Err(format!(
+                "the buffer's unloaded part {a}..{b} is not whole chunks"
+            ));
+        }
+        if a > at {
+            todo.push((at, a));
+        }
+        at = b;
+    }
+    todo.push((at, len));
+    Ok(todo)
+}
+
 /// Changes larger than this (bytes written since the last commit) are staged as a whole new
 /// version instead of an in-place update: an update holds what it changed in memory.
 pub const UPDATE_MAX: u64 = 64 << 20;
@@ -869,33 +894,14 @@ impl<A: Anchor> Session<A> {
             let block = (DIFF_BLOCK / c).max(1) * c;
             let (mut mine, mut theirs) = (vec![0u8; block], vec![0u8; block]);
             let common = len.min(size);
-            let mut last = 0u64;
-            for &(a, b) in equal {
-                if a < last
-                    || b < a
-                    || b > common
-                    || !a.is_multiple_of(c as u64)
-                    || !b.is_multiple_of(c as u64)
-                {
-                    return Err(crate::Error::io(
-                        path.to_string(),
-                        std::io::Error::other(format!(
-                            "the buffer's unloaded part {a}..{b} is not whole chunks within the committed file ({size} bytes) and the buffer ({len} bytes)"
-                        )),
-                    ));
-                }
-                last = b;
-            }
-            // The ranges compared: everything but `equal`.
-            let mut todo = Vec::new();
-            let mut at = 0u64;
-            for &(a, b) in equal {
-                if a > at {
-                    todo.push((at, a));
-                }
-                at = b;
-            }
-            todo.push((at, len));
+            let todo = compared_ranges(equal, c as u64, common, len).map_err(|reason| {
+                crate::Error::io(
+                    path.to_string(),
+                    std::io::Error::other(format!(
+                        "{reason}, within the committed file ({size} bytes) and the buffer ({len} bytes)"
+                    )),
+                )
+            })?;
             for (from, to) in todo {
                 let mut off = from;
                 while off < to {
@@ -903,14 +909,7 @@ impl<A: Anchor> Session<A> {
                     read(&mut mine[..take], off).map_err(io)?;
                     // Past the committed end everything is new.
                     let same_end = common.saturating_sub(off).min(take as u64) as usize;
-                    let mut done = 0;
-                    while done < same_end {
-                        let n = r.read_at(&mut theirs[done..same_end], off + done as u64)?;
-                        if n == 0 {
-                            break;
-                        }
-                        done += n;
-                    }
+                    r.read_exact_at(&mut theirs[..same_end], off)?;
                     for (k, (a, b)) in mine[..take]
                         .chunks(c)
                         .zip(theirs[..take].chunks(c))

@@ -626,6 +626,17 @@ fn new_directories_truncation_and_symlinks_showed_stale_times() {
     assert_eq!(v[2], 1_500_000_000, "the symlink's own mtime");
 }
 
+/// A mutable mount whose `/data/big` holds `n` bytes of a pattern (returned), written through
+/// it and committed: mounted again, so it is a committed format-2 file and nothing is buffered.
+fn mounted_with_big(n: usize) -> (Mounted, Vec<u8>) {
+    let mut m = Mounted::new(true);
+    let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+    fs::write(m.m("data/big"), &data).unwrap();
+    m.umount();
+    m.mount(true);
+    (m, data)
+}
+
 /// A large file changed through the mount while a reader holds it open: the change is an
 /// in-place update (the kernel file keeps its inode), the open reader sees the new bytes, and
 /// everything reads back after a remount.
@@ -633,12 +644,8 @@ fn new_directories_truncation_and_symlinks_showed_stale_times() {
 fn fuse_a_large_file_is_updated_in_place_and_an_open_reader_follows() {
     use std::io::{Read, Seek, SeekFrom, Write};
     use std::os::unix::fs::{FileExt, MetadataExt};
-    let mut m = Mounted::new(true);
     let n = 2 << 20;
-    let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
-    fs::write(m.m("data/big"), &data).unwrap();
-    m.umount();
-    m.mount(true);
+    let (mut m, data) = mounted_with_big(n);
     let kernel = m.env.path("vol/big");
     let ino = fs::metadata(&kernel).unwrap().ino();
     let mut reader = fs::File::open(m.m("data/big")).unwrap();
@@ -920,12 +927,8 @@ impl PeakBuffers {
 #[test]
 fn fuse_a_writer_of_a_large_file_holds_what_it_wrote_not_the_file() {
     use std::os::unix::fs::FileExt;
-    let mut m = Mounted::new(true);
     let n = 8 << 20;
-    let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
-    fs::write(m.m("data/big"), &data).unwrap();
-    m.umount();
-    m.mount(true);
+    let (mut m, data) = mounted_with_big(n);
     let (pid, _) = daemon_of(&m);
     let mut want = data.clone();
     let f = fs::OpenOptions::new()
