@@ -195,10 +195,10 @@ fn load_tail(inner: &mut Inner, ep: &EmbedPath, b: &WriteBuf, flags: c_int) -> R
 /// page holds content. `false`: not such a file, or the buffer file cannot record it (the
 /// caller loads everything).
 fn leave_unloaded(inner: &mut Inner, ep: &EmbedPath, b: &WriteBuf) -> Result<bool, c_int> {
+    let chunk = chunk_of(inner, ep);
     let Some(vol) = inner.s.vol() else {
         return Ok(false);
     };
-    let chunk = vol.region_for(ep).map_or(0, |r| r.chunk_len as u64);
     // (A format-2 file: its entry has a tree root.)
     let size = match vol.lookup(ep).map(|e| e.into_owned().kind) {
         Some(FileKind::File {
