@@ -741,6 +741,21 @@ impl<A: Anchor> Session<A> {
         })
     }
 
+    /// [`Session::stream_file`] for a stream several processes write
+    /// (`volume::Volume::stream_file_shared`); they go on with it through
+    /// `volume::Volume::resume_stream`.
+    pub fn stream_file_shared(
+        &mut self,
+        path: &EmbedPath,
+    ) -> Result<Option<crate::volume::StreamStage>, ViewError> {
+        let region = self.region_of(path).ok_or(ViewError::Untrusted)?.clone();
+        self.ensure_parent(&region, path);
+        self.vol_ok()?.stream_file_shared(path).map_err(|e| {
+            (self.cfg.log)(&format!("{path}: starting a sealed stream failed: {e}"));
+            ViewError::of_io(&e)
+        })
+    }
+
     /// Queue the version `stream` sealed, with `tail` (the rest of the file, encrypted in
     /// place) sealed after it, as [`Session::stage_put`] queues one.
     pub fn stage_streamed(

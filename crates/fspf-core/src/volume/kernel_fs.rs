@@ -239,6 +239,18 @@ pub enum OpenError {
     NotRegular(&'static str),
 }
 
+impl OpenError {
+    /// As an I/O error (a non-regular file is `InvalidData`).
+    pub fn into_io(self) -> io::Error {
+        match self {
+            OpenError::Io(e) => e,
+            OpenError::NotRegular(k) => {
+                io::Error::new(io::ErrorKind::InvalidData, format!("a {k}, not a regular file"))
+            }
+        }
+    }
+}
+
 impl From<io::Error> for OpenError {
     fn from(e: io::Error) -> Self {
         OpenError::Io(e)

@@ -5,6 +5,14 @@
 //! whole content would make (same layout, one epoch, the tree built at [`StreamStage::finish`]),
 //! and nothing is visible until it is committed. Reads of the sealed part come back from the
 //! shadow, authenticated with the tags kept in memory (16 + 8 bytes per chunk).
+//!
+//! A *shared* stream ([`Volume::stream_file_shared`]) serves frontends whose writers are several
+//! processes (the in-process shield): its shadow is written in place at each chunk's offset
+//! (nothing is held back in a writer's buffer), dropping one leaves its shadow, and another
+//! process goes on with it from its [`StreamState`] and its tags ([`Volume::resume_stream`]).
+//! Every chunk index is sealed at most once per stream (one random epoch per stream), whoever
+//! seals it: the caller records how far sealing went before it seals, and never resumes a
+//! stream whose record is past what it knows was sealed.
 use super::commit::{Output, StagedFile};
 use super::direct::DirectWriter;
 use super::{kernel_fs, store, KernelPath, Volume};
@@ -20,6 +28,24 @@ use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+/// Where a stream writes its shadow.
+enum Sink {
+    /// Appended in order through a buffered (direct I/O where possible) writer.
+    Direct(DirectWriter),
+    /// Written in place at each chunk's offset (shared streams).
+    At(File),
+}
+
+/// What another process needs to go on with a shared stream, beside its tags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamState {
+    pub id: FileId,
+    pub epoch: [u8; EPOCH_LEN],
+    pub chunk_len: u32,
+    /// Plaintext bytes sealed (whole chunks).
+    pub sealed: u64,
+}
+
 /// A version being sealed as it is written.
 pub struct StreamStage {
     path: EmbedPath,
@@ -32,7 +58,7 @@ pub struct StreamStage {
     out: Output,
     /// The shadow, written in order (direct I/O where the file system takes it, as
     /// `stage_file` writes large versions), and a second description to read it back.
-    file: Option<DirectWriter>,
+    file: Option<Sink>,
     reader: File,
     loc: KernelPath,
     tags: Vec<[u8; crypto::TAG_LEN]>,
@@ -40,6 +66,8 @@ pub struct StreamStage {
     sealed: u64,
     /// Set once the shadow is finished or removed.
     done: bool,
+    /// A shared stream: dropping it leaves the shadow (another process may go on with it).
+    shared: bool,
     writer: Arc<store::WriterGuard>,
 }
 
@@ -47,13 +75,26 @@ impl Volume {
     /// Start a new version of the encrypted kernel-region file `path`, sealed as it is
     /// written. `Ok(None)`: not an encrypted kernel region (the caller stages it whole).
     pub fn stream_file(&self, path: &EmbedPath) -> Result<Option<StreamStage>> {
-        let Some(region) = self.region_for(path) else {
-            return Ok(None);
-        };
+        self.start_stream(path, false)
+    }
+
+    /// [`Volume::stream_file`] for a stream that several processes write
+    /// ([`StreamState`], [`Volume::resume_stream`]).
+    pub fn stream_file_shared(&self, path: &EmbedPath) -> Result<Option<StreamStage>> {
+        self.start_stream(path, true)
+    }
+
+    /// The region key and kernel location of `path`, if it is in an encrypted kernel region.
+    fn stream_target(&self, path: &EmbedPath) -> Option<(&crypto::RegionKey, KernelPath, u32)> {
+        let region = self.region_for(path)?;
         let (Protection::Encrypted, Some(rkey)) = (region.protection, region.key.as_ref()) else {
-            return Ok(None);
+            return None;
         };
-        let Some(loc) = KernelPath::of(region, path) else {
+        Some((rkey, KernelPath::of(region, path)?, region.chunk_len))
+    }
+
+    fn start_stream(&self, path: &EmbedPath, shared: bool) -> Result<Option<StreamStage>> {
+        let Some((rkey, loc, chunk_len)) = self.stream_target(path) else {
             return Ok(None);
         };
         let id = FileId::random()?;
@@ -63,6 +104,39 @@ impl Volume {
         let tree_key = crypto::tree_key(rkey, &id)?;
         let writer = self.writer_guard()?;
         let out = Output::shadow(&loc, &id, path)?;
+        if shared {
+            let made = (|| {
+                let mut w = kernel_fs::create_new_at(&out.dir, &out.name, 0o600, rustix::fs::OFlags::empty())?;
+                w.write_all(&ct::header2(&id))?;
+                let r = reopen_shadow(&out)?;
+                Ok::<_, std::io::Error>((w, r))
+            })();
+            let (w, reader) = match made {
+                Ok(x) => x,
+                Err(e) => {
+                    out.remove();
+                    return Err(Error::io(&out.label, e));
+                }
+            };
+            return Ok(Some(StreamStage {
+                label: path.to_string(),
+                path: path.clone(),
+                id,
+                chunk_len,
+                epoch,
+                key,
+                tree_key,
+                out,
+                file: Some(Sink::At(w)),
+                reader,
+                loc,
+                tags: Vec::new(),
+                sealed: 0,
+                done: false,
+                shared: true,
+                writer,
+            }));
+        }
         let direct = super::direct::worthwhile_at(&out.dir);
         let open = |d: bool| {
             let extra = if d && direct {
@@ -76,11 +150,7 @@ impl Volume {
         };
         let made = DirectWriter::create_with(open).and_then(|mut w| {
             w.write_all(&ct::header2(&id))?;
-            let r = kernel_fs::open_regular_at(&out.dir, &out.name).map_err(|e| match e {
-                kernel_fs::OpenError::Io(e) => e,
-                kernel_fs::OpenError::NotRegular(_) => std::io::ErrorKind::InvalidData.into(),
-            })?;
-            Ok((w, r))
+            Ok((w, reopen_shadow(&out)?))
         });
         let (file, reader) = match made {
             Ok(x) => x,
@@ -94,20 +164,83 @@ impl Volume {
             path: path.clone(),
             label,
             id,
-            chunk_len: region.chunk_len,
+            chunk_len,
             epoch,
             key,
             tree_key,
             out,
-            file: Some(file),
+            file: Some(Sink::Direct(file)),
             reader,
             loc,
             tags: Vec::new(),
             sealed: 0,
             done: false,
+            shared: false,
             writer,
         }))
     }
+
+    /// Go on with the shared stream of `path` that another process started
+    /// ([`Volume::stream_file_shared`]), from its `state` and the tags of its sealed chunks.
+    /// The shadow must be there (a regular file, never through a symlink).
+    pub fn resume_stream(
+        &self,
+        path: &EmbedPath,
+        state: &StreamState,
+        tags: Vec<[u8; crypto::TAG_LEN]>,
+    ) -> Result<StreamStage> {
+        let label = path.to_string();
+        let invalid = |reason: String| Error::Invalid {
+            path: label.clone(),
+            reason,
+        };
+        let (rkey, loc, chunk_len) = self
+            .stream_target(path)
+            .ok_or_else(|| invalid("not in an encrypted kernel region".into()))?;
+        let c = u64::from(chunk_len);
+        if state.chunk_len != chunk_len
+            || !state.sealed.is_multiple_of(c)
+            || tags.len() as u64 != state.sealed / c
+        {
+            return Err(invalid(format!(
+                "a stream record of {} bytes in {}-byte chunks with {} tags does not fit the region",
+                state.sealed,
+                state.chunk_len,
+                tags.len()
+            )));
+        }
+        let key = crypto::epoch_chunk_key(rkey, &state.id, &state.epoch)?;
+        let tree_key = crypto::tree_key(rkey, &state.id)?;
+        let writer = self.writer_guard()?;
+        let out = Output::shadow(&loc, &state.id, path)?;
+        let open = kernel_fs::open_regular_rw_at(&out.dir, &out.name)
+            .map_err(kernel_fs::OpenError::into_io)
+            .and_then(|w| Ok((w, reopen_shadow(&out)?)));
+        let (w, reader) = open.map_err(|e| Error::io(&out.label, e))?;
+        Ok(StreamStage {
+            path: path.clone(),
+            label,
+            id: state.id,
+            chunk_len,
+            epoch: state.epoch,
+            key,
+            tree_key,
+            out,
+            file: Some(Sink::At(w)),
+            reader,
+            loc,
+            tags,
+            sealed: state.sealed,
+            done: false,
+            shared: true,
+            writer,
+        })
+    }
+}
+
+/// A second, read-only description of a shadow, to read it back.
+fn reopen_shadow(out: &Output) -> std::io::Result<File> {
+    kernel_fs::open_regular_at(&out.dir, &out.name).map_err(kernel_fs::OpenError::into_io)
 }
 
 impl StreamStage {
@@ -124,6 +257,49 @@ impl StreamStage {
     /// [`StreamStage::finish`] made its version.
     pub fn finished(&self) -> bool {
         self.done
+    }
+
+    /// What another process needs to go on with this (shared) stream, beside its tags.
+    pub fn state(&self) -> StreamState {
+        StreamState {
+            id: self.id,
+            epoch: self.epoch,
+            chunk_len: self.chunk_len,
+            sealed: self.sealed,
+        }
+    }
+
+    /// The tags of the sealed chunks from chunk `first` on.
+    pub fn tags_from(&self, first: u64) -> &[[u8; crypto::TAG_LEN]] {
+        self.tags.get(first as usize..).unwrap_or(&[])
+    }
+
+    /// Another process sealed the chunks after this one's (a shared stream): take their tags,
+    /// `sealed` being the new end.
+    pub fn caught_up(&mut self, sealed: u64, tags: &[[u8; crypto::TAG_LEN]]) -> Result<()> {
+        let c = u64::from(self.chunk_len);
+        if sealed != self.sealed + tags.len() as u64 * c {
+            return Err(Error::Invalid {
+                path: self.label.clone(),
+                reason: format!(
+                    "{} new tags do not take the stream from {} to {sealed} bytes",
+                    tags.len(),
+                    self.sealed
+                ),
+            });
+        }
+        self.tags.extend_from_slice(tags);
+        self.sealed = sealed;
+        Ok(())
+    }
+
+    /// Remove the shadow: the stream is given up (for a shared one, by every process).
+    pub fn discard(&mut self) {
+        self.file = None;
+        if !self.done {
+            self.out.remove();
+        }
+        self.done = true;
     }
 
     /// Seal the next bytes of the file, `data` (whole chunks: a multiple of the chunk length;
@@ -151,10 +327,13 @@ impl StreamStage {
             let tag = ct::seal_chunk2(&self.key, &self.id, first + k as u64, chunk)?;
             self.tags.push(tag);
         }
-        if let Some(w) = self.file.as_mut() {
-            w.write_all(data)
-                .map_err(|e| Error::io(&self.out.label, e))?;
-        }
+        let at = ft::chunk_offset(self.chunk_len, first).unwrap_or(u64::MAX);
+        let wrote = match self.file.as_mut() {
+            Some(Sink::Direct(w)) => w.write_all(data),
+            Some(Sink::At(f)) => f.write_all_at(data, at),
+            None => Ok(()),
+        };
+        wrote.map_err(|e| Error::io(&self.out.label, e))?;
         self.sealed += data.len() as u64;
         Ok(())
     }
@@ -169,9 +348,10 @@ impl StreamStage {
     /// Ciphertext at shadow offset `at`: from the file, or from the writer's buffer for what
     /// it has not written yet.
     fn read_sealed(&self, out: &mut [u8], at: u64) -> std::io::Result<()> {
-        let Some((pos, pending)) = self.file.as_ref().map(|w| w.unwritten()) else {
+        let Some(Sink::Direct(w)) = self.file.as_ref() else {
             return self.reader.read_exact_at(out, at);
         };
+        let (pos, pending) = w.unwritten();
         let end = at + out.len() as u64;
         let on_disk = (pos.saturating_sub(at) as usize).min(out.len());
         if on_disk > 0 {
@@ -248,8 +428,10 @@ impl StreamStage {
         self.seal_write(tail)?;
         // Everything to the file (the unaligned end through the page cache): the writer is
         // done, reads come from the file from now on.
-        let w = self.file.take().ok_or_else(|| self.finished_already())?;
-        let written = w.finish().map_err(|e| Error::io(&self.out.label, e))?;
+        let written = match self.file.take().ok_or_else(|| self.finished_already())? {
+            Sink::Direct(w) => w.finish().map_err(|e| Error::io(&self.out.label, e))?,
+            Sink::At(f) => f,
+        };
         debug_assert_eq!(self.tags.len() as u64, n);
         // The kernel file's permissions, as `stage_file` gives a shadow.
         let file_mode = match mode & 0o777 {
@@ -300,7 +482,7 @@ impl StreamStage {
 impl Drop for StreamStage {
     /// A stream that was not finished leaves nothing: its shadow is removed.
     fn drop(&mut self) {
-        if !self.done {
+        if !self.done && !self.shared {
             self.out.remove();
         }
     }
@@ -385,7 +567,10 @@ mod tests {
         ));
         s.read_at(&mut out, 4 * c as u64).unwrap();
         // The chunk split between the file and the writer's buffer reads back whole.
-        let pos = s.file.as_ref().unwrap().unwritten().0;
+        let Some(Sink::Direct(w)) = s.file.as_ref() else {
+            panic!("a stream_file stream writes through a DirectWriter");
+        };
+        let pos = w.unwritten().0;
         let i = (pos - 24) / c as u64;
         s.read_at(&mut out, i * c as u64).unwrap();
         assert!(out[..] == buf_plain[i as usize * c..(i as usize + 1) * c]);
@@ -395,5 +580,49 @@ mod tests {
             .unwrap()
             .flatten()
             .all(|e| !e.file_name().to_string_lossy().contains(".fspf-")));
+    }
+
+    /// A shared stream survives the drop of the process's handle: another goes on from its
+    /// state and tags, a third catches up with what the second sealed, and the version made
+    /// reads back as written. A stream record that does not fit is refused, and a discarded
+    /// stream leaves no shadow.
+    #[test]
+    fn a_shared_stream_is_taken_over_from_its_state_and_tags() {
+        let (d, _p, mut v) = test_volume(&[("/a", b"a")]);
+        let ep = EmbedPath::parse("/s").unwrap();
+        let data = pattern(500_000);
+        let mut s = v.stream_file_shared(&ep).unwrap().unwrap();
+        let c = s.chunk_len() as usize;
+        s.push(&mut data[..20 * c].to_vec()).unwrap();
+        let st = s.state();
+        let tags = s.tags_from(0).to_vec();
+        let shadow = s.out.label.clone();
+        drop(s);
+        assert!(shadow.exists(), "a shared stream's shadow stays");
+        let mut bad = st;
+        bad.sealed += 1;
+        assert!(v.resume_stream(&ep, &bad, tags.clone()).is_err());
+        let mut b = v.resume_stream(&ep, &st, tags.clone()).unwrap();
+        let mut c3 = v.resume_stream(&ep, &st, tags).unwrap();
+        b.push(&mut data[20 * c..50 * c].to_vec()).unwrap();
+        let new_tags = b.tags_from(20).to_vec();
+        assert!(c3.caught_up(b.sealed() - c as u64, &new_tags).is_err());
+        c3.caught_up(b.sealed(), &new_tags).unwrap();
+        drop(b);
+        let mut back = vec![0u8; 3 * c];
+        c3.read_at(&mut back, 19 * c as u64).unwrap();
+        assert!(back == data[19 * c..22 * c]);
+        let mut tail = data[50 * c..].to_vec();
+        let staged = c3.finish(&v, &mut tail, 0o600).unwrap();
+        let tag = v.tag();
+        v.commit(vec![Change::Put(staged)], Some(tag)).unwrap();
+        assert!(read_all(&v, &ep) == data);
+
+        let mut gone = v.stream_file_shared(&ep).unwrap().unwrap();
+        gone.push(&mut data[..c].to_vec()).unwrap();
+        let shadow = gone.out.label.clone();
+        gone.discard();
+        assert!(!shadow.exists());
+        drop(d);
     }
 }
