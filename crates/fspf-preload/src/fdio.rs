@@ -11,20 +11,26 @@ pub unsafe fn do_read(fd: c_int, h: &Handle, buf: *mut u8, n: size_t, off: Optio
     let f = h.lock().unwrap_or_else(|e| e.into_inner());
     if f.touched.is_some() {
         drop(f);
-        // What this read covers is loaded first (a buffer may hold parts unloaded).
-        if let Some(b) = files::buffer_of(h) {
-            let loaded = access_offset(fd, off)
-                .and_then(|at| crate::opening::load_holes_of(&b, at, at.saturating_add(n as u64)));
-            if let Err(e) = loaded {
-                return fail_isize(e);
-            }
-        }
-        return match off {
+        // What this read covers is loaded first (a buffer may hold parts unloaded); a
+        // streamable buffer is read under its locks (a stream's piece makes holes).
+        let b = files::buffer_of(h);
+        let locks = match &b {
+            Some(b) => match access_offset(fd, off)
+                .and_then(|at| crate::opening::before_read(b, at, n as u64))
+            {
+                Ok(l) => l,
+                Err(e) => return fail_isize(e),
+            },
+            None => None,
+        };
+        let r = match off {
             // SAFETY: the program's buffer of n bytes; fd is a description of the buffer.
             Some(o) => unsafe { real::pread(fd, buf.cast(), n, o as off_t) },
             // SAFETY: as above.
             None => unsafe { real::read(fd, buf.cast(), n) },
         };
+        drop(locks);
+        return r;
     }
     let pos = off.unwrap_or(f.offset);
     if n == 0 {
@@ -135,13 +141,17 @@ pub unsafe fn do_write(
     // unloaded part runs in between. With unloaded parts, what the write covers only partly
     // is loaded first, and the write lands under the buffer's unloaded lock too, recorded as
     // seen (`opening::before_write`, which takes both in the lock order).
-    let (mut g, lazy) = match &buffer {
+    let (mut g, lazy, mut streaming) = match &buffer {
         Some(b) => match crate::opening::before_write(b, fd, off, n as u64, append) {
-            Ok(Some((g, lock, range))) => (Some(g), Some((lock, range))),
-            Ok(None) => (Some(b.lock().unwrap_or_else(|e| e.into_inner())), None),
+            Ok(Some(l)) => (Some(l.g), Some((l.lock, l.range)), l.inner),
+            Ok(None) => (
+                Some(b.lock().unwrap_or_else(|e| e.into_inner())),
+                None,
+                None,
+            ),
             Err(e) => return fail_isize(e),
         },
-        None => (None, None),
+        None => (None, None, None),
     };
     t.store(true, Ordering::Relaxed);
     if let Some(g) = g.as_mut().filter(|g| g.track.is_some()) {
@@ -171,7 +181,12 @@ pub unsafe fn do_write(
             _ => None,
         });
     }
+    if let (Some(inner), Some(g), true) = (streaming.as_mut(), g.as_mut(), w > 0) {
+        // Seal what is buffered past the stream's end, if enough (`stream.rs`).
+        crate::stream::after_write(inner, g);
+    }
     drop(lazy);
+    drop(streaming);
     let g = g.as_mut().filter(|g| g.track.is_some());
     if let Some(g) = g {
         if w > 0 {
@@ -229,7 +244,7 @@ pub fn do_seek(fd: c_int, h: &Handle, off: i64, whence: c_int) -> i64 {
         drop(f);
         if matches!(whence, libc::SEEK_DATA | libc::SEEK_HOLE) {
             // The kernel would report unloaded parts as holes.
-            if let Err(e) = files::load_unloaded_for(h) {
+            if let Err(e) = files::load_unloaded_for(h, false) {
                 set_errno(e);
                 return -1;
             }

@@ -84,6 +84,18 @@ pub struct WriteBuf {
     /// This process's own open description of the buffer file for [`UnloadedLock`] (pid, fd):
     /// see [`WriteBuf::lock_fd`].
     lock_desc: Mutex<LockDesc>,
+    /// A stream may seal this buffer while it is written (`stream.rs`; the buffer file carries
+    /// its record): every hooked access takes the buffer's [`UnloadedLock`], and holes may be
+    /// made again (by a stream's pieces), so what this process knew of them is checked against
+    /// the record's generation.
+    pub streamable: bool,
+    /// This process's handle on the buffer's stream, when it sealed or resumed it.
+    pub stream: Option<fspf_core::volume::StreamStage>,
+    /// The record generation [`WriteBuf::known_data`] is valid for.
+    pub stream_gen: u64,
+    /// The stream was finished and staged (its sealed end, and the lock held until the commit
+    /// that makes its holes committed content).
+    pub stream_staged: Option<(u64, UnloadedLock)>,
 }
 
 /// Extended attribute on a buffer's file (memfd or the run's shared buffer) with parts not
@@ -243,13 +255,25 @@ impl WriteBuf {
             known_data: Mutex::new(BTreeMap::new()),
             hole_reader: None,
             lock_desc: Mutex::new(LockDesc::default()),
+            streamable: false,
+            stream: None,
+            stream_gen: 0,
+            stream_staged: None,
         }
+    }
+
+    /// Forget the ranges found to be data (a stream's piece made holes again).
+    pub fn forget_known_data(&self) {
+        self.known_data
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// The offset below which this buffer's holes are unloaded (0: none), after checking the
     /// buffer file when this process's hint says there may be some.
     pub fn unloaded(&self) -> u64 {
-        if self.unloaded.load(Ordering::Relaxed) == 0 {
+        if self.unloaded.load(Ordering::Relaxed) == 0 && !self.streamable {
             return 0;
         }
         let n = unloaded_on_file(self.fd);
@@ -566,6 +590,7 @@ impl WriteBuf {
         b.mirror = true;
         if joined {
             b.unloaded.store(unloaded_on_file(b.fd), Ordering::Relaxed);
+            b.streamable = crate::stream::is_streamable(b.fd);
             b.print = b.fingerprint()?;
         }
         Ok(b)
@@ -595,6 +620,7 @@ impl WriteBuf {
             b.mirror = crate::runbuf::hold(own);
         }
         b.unloaded.store(unloaded_on_file(own), Ordering::Relaxed);
+        b.streamable = b.mirror && crate::stream::is_streamable(own);
         b.print = b.fingerprint()?;
         Ok(b)
     }
@@ -1001,10 +1027,10 @@ pub fn buffer_of(h: &Handle) -> Option<Arc<Mutex<WriteBuf>>> {
 
 /// Before the content of `h`'s buffer is read, or written other than by appending: load what it
 /// left unloaded (`opening::load_unloaded`). Takes the shield's lock: call it without the
-/// description's.
-pub fn load_unloaded_for(h: &Handle) -> Result<(), c_int> {
+/// description's. `map`: for a map, after which no stream seals the buffer again (`stream.rs`).
+pub fn load_unloaded_for(h: &Handle, map: bool) -> Result<(), c_int> {
     match buffer_of(h) {
-        Some(b) => crate::opening::load_unloaded_of(&b),
+        Some(b) => crate::opening::load_unloaded_of(&b, map),
         None => Ok(()),
     }
 }

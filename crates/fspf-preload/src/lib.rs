@@ -23,6 +23,7 @@ mod real;
 mod runbuf;
 mod shield;
 mod stdio;
+mod stream;
 mod umask;
 
 use std::cell::Cell;

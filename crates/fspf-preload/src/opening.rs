@@ -275,6 +275,16 @@ fn load_range(
 /// Load everything a buffer left unloaded ([`leave_unloaded`]): before a whole-version seal,
 /// a map, an `exec` that may run a program the hooks do not see, `SEEK_DATA`/`SEEK_HOLE`.
 pub fn load_unloaded(inner: &mut Inner, b: &mut WriteBuf) -> Result<(), c_int> {
+    load_all(inner, b, false)
+}
+
+/// [`load_unloaded`]; a stream sealing the buffer while written is read back and given up
+/// (`never`: for good, a shared map reads the buffer's memory without the hooks).
+fn load_all(inner: &mut Inner, b: &mut WriteBuf, never: bool) -> Result<(), c_int> {
+    if b.streamable {
+        let _lock = files::UnloadedLock::take(b.lock_fd()?)?;
+        crate::stream::load_back(inner, b, never)?;
+    }
     load_holes(inner, b, 0, u64::MAX)
 }
 
@@ -350,37 +360,50 @@ pub fn before_write(
     off: Option<u64>,
     len: u64,
     append: bool,
-) -> Result<
-    Option<(
-        std::sync::MutexGuard<'_, WriteBuf>,
-        files::UnloadedLock,
-        std::ops::Range<u64>,
-    )>,
-    c_int,
-> {
-    let Some((mut inner, mut g, lock)) = lock_unloaded(b)? else {
-        return Ok(None);
-    };
-    let at = if append {
-        g.len()
+) -> Result<Option<WriteLocks<'_>>, c_int> {
+    // (An append lands at the end, never below a stream's sealed part.)
+    let from = if append {
+        u64::MAX
     } else {
         crate::fdio::access_offset(fd, off)?
     };
-    let a = block_of(chunk_of(&inner, &g.path));
+    let Some((inner, mut g, lock)) = lock_access(b, from, None)? else {
+        return Ok(None);
+    };
+    let at = if append { g.len() } else { from };
     let end = at.saturating_add(len);
-    let edges: Vec<u64> = [at, end]
-        .into_iter()
-        .filter(|p| !p.is_multiple_of(a))
-        .collect();
-    // (Each load checks for a change unseen first.)
-    if edges.is_empty() && g.changed_unseen() {
-        return Err(libc::EIO);
+    let mut inner = inner;
+    if g.unloaded() > 0 {
+        let a = block_of(chunk_of(&inner, &g.path));
+        let edges: Vec<u64> = [at, end]
+            .into_iter()
+            .filter(|p| !p.is_multiple_of(a))
+            .collect();
+        // (Each load checks for a change unseen first.)
+        if edges.is_empty() && g.changed_unseen() {
+            return Err(libc::EIO);
+        }
+        for p in edges {
+            load_holes_locked(&mut inner, &mut g, p / a * a, p / a * a + a)?;
+        }
     }
-    for p in edges {
-        load_holes_locked(&mut inner, &mut g, p / a * a, p / a * a + a)?;
-    }
-    drop(inner);
-    Ok(Some((g, lock, at..end)))
+    // A streamable buffer keeps the shield's lock for what follows the write (`stream.rs`).
+    let inner = if g.streamable { Some(inner) } else { None };
+    Ok(Some(WriteLocks {
+        inner,
+        g,
+        lock,
+        range: at..end,
+    }))
+}
+
+/// What a hooked write holds while it writes a buffer with unloaded parts, or a streamable
+/// one: the buffer's mutex and lock, and for a streamable one the shield's lock (taken first).
+pub struct WriteLocks<'a> {
+    pub inner: Option<std::sync::MutexGuard<'static, Inner>>,
+    pub g: std::sync::MutexGuard<'a, WriteBuf>,
+    pub lock: files::UnloadedLock,
+    pub range: std::ops::Range<u64>,
 }
 
 /// Before a hooked truncation to `len`: the unloaded part of the block that will hold the new
@@ -391,13 +414,18 @@ pub fn before_truncate(
     b: &Arc<Mutex<WriteBuf>>,
     len: u64,
 ) -> Result<Option<(std::sync::MutexGuard<'_, WriteBuf>, files::UnloadedLock)>, c_int> {
-    let Some((mut inner, mut g, lock)) = lock_unloaded(b)? else {
+    let Some((mut inner, mut g, lock)) = lock_access(b, 0, Some(len))? else {
         return Ok(None);
     };
     let n = g.unloaded();
     if len < n {
         let a = block_of(chunk_of(&inner, &g.path));
-        let from = len / a * a;
+        // (A buffer of at most HASH_MAX bytes is hashed whole: it keeps no hole.)
+        let from = if len <= files::HASH_MAX {
+            0
+        } else {
+            len / a * a
+        };
         load_holes_locked(&mut inner, &mut g, from, len)?;
         if from == 0 {
             g.mark_loaded();
@@ -412,10 +440,13 @@ pub fn before_truncate(
 }
 
 /// The shield's lock, `b`'s mutex and its unloaded lock, in that order, if part of `b` is
-/// unloaded (`None`: nothing is, and nothing is held).
+/// unloaded or `b` is streamable (`None`: neither, and nothing is held). An access from `from`
+/// on (or a cut to `cut`) that reaches below a stream's sealed part commits it first.
 #[allow(clippy::type_complexity)]
-fn lock_unloaded(
+fn lock_access(
     b: &Arc<Mutex<WriteBuf>>,
+    from: u64,
+    cut: Option<u64>,
 ) -> Result<
     Option<(
         std::sync::MutexGuard<'static, Inner>,
@@ -427,13 +458,91 @@ fn lock_unloaded(
     if unloaded_hint(b) {
         return Ok(None);
     }
-    let inner = shield::get().lock();
-    let g = b.lock().unwrap_or_else(|e| e.into_inner());
-    if g.unloaded() == 0 {
+    let sh = shield::get();
+    let mut inner = sh.lock();
+    // (Once committed, the stream's part is committed content: the second round holds.)
+    for _ in 0..3 {
+        let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+        if !g.streamable {
+            if g.unloaded() == 0 {
+                return Ok(None);
+            }
+            let lock = files::UnloadedLock::take(g.lock_fd()?)?;
+            return Ok(Some((inner, g, lock)));
+        }
+        let lock = files::UnloadedLock::take(g.lock_fd()?)?;
+        let r = crate::stream::current(&mut g)?;
+        let first = match cut {
+            Some(len) => crate::stream::before_cut(&mut inner, &mut g, len)?,
+            None => crate::stream::must_settle(&r, from),
+        };
+        if !first {
+            return Ok(Some((inner, g, lock)));
+        }
+        drop(lock);
+        drop(g);
+        settle(sh, &mut inner, b)?;
+    }
+    Err(libc::EIO)
+}
+
+/// Commit the stream of `b` (a commit point of this process: every changed buffer is staged
+/// and committed), so its sealed part becomes committed content the holes load from; one that
+/// this process cannot commit (not its live buffer of the path) is read back into the buffer.
+fn settle(sh: &Shield, inner: &mut Inner, b: &Arc<Mutex<WriteBuf>>) -> Result<(), c_int> {
+    let live = {
+        let g = b.lock().unwrap_or_else(|e| e.into_inner());
+        inner.live.get(&g.path).is_some_and(|x| Arc::ptr_eq(x, b))
+    };
+    if live {
+        sh.commit(inner)?;
+    }
+    let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = files::UnloadedLock::take(g.lock_fd()?)?;
+    crate::stream::load_back(inner, &mut g, false)
+}
+
+/// Before a hooked read of `n` bytes at `at`: the unloaded holes it covers are loaded; for a
+/// streamable buffer (whose holes a stream's piece may make again) the returned locks are held
+/// while the read runs.
+pub fn before_read(
+    b: &Arc<Mutex<WriteBuf>>,
+    at: u64,
+    n: u64,
+) -> Result<Option<ReadLocks<'_>>, c_int> {
+    let streamable = b.lock().unwrap_or_else(|e| e.into_inner()).streamable;
+    if !streamable {
+        load_holes_of(b, at, at.saturating_add(n))?;
         return Ok(None);
     }
-    let lock = files::UnloadedLock::take(g.lock_fd()?)?;
-    Ok(Some((inner, g, lock)))
+    let Some((mut inner, mut g, lock)) = lock_access(b, at, None)? else {
+        return Ok(None);
+    };
+    if g.unloaded() > 0 {
+        let a = block_of(chunk_of(&inner, &g.path));
+        let w = READ_WINDOW.max(a);
+        let to = at.saturating_add(n).div_ceil(a).saturating_mul(a);
+        if g.hole_in(at / a * a, to) {
+            load_holes_locked(
+                &mut inner,
+                &mut g,
+                at / w * w,
+                to.div_ceil(w).saturating_mul(w),
+            )?;
+        }
+    }
+    Ok(Some(ReadLocks {
+        _inner: inner,
+        _g: g,
+        _lock: lock,
+    }))
+}
+
+/// What a hooked read of a streamable buffer holds while it reads.
+pub struct ReadLocks<'a> {
+    _inner: std::sync::MutexGuard<'static, Inner>,
+    _g: std::sync::MutexGuard<'a, WriteBuf>,
+    _lock: files::UnloadedLock,
 }
 
 /// Load the unloaded holes of `[from, to)` of `b` (a hooked read's range).
@@ -469,11 +578,8 @@ const READ_WINDOW: u64 = 64 << 10;
 
 /// This process's hint says nothing is unloaded (stale only in the safe direction).
 fn unloaded_hint(b: &Arc<Mutex<WriteBuf>>) -> bool {
-    b.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .unloaded
-        .load(Ordering::Relaxed)
-        == 0
+    let g = b.lock().unwrap_or_else(|e| e.into_inner());
+    g.unloaded.load(Ordering::Relaxed) == 0 && !g.streamable
 }
 
 /// The chunk length of `ep`'s region (0 when unknown).
@@ -487,19 +593,14 @@ fn chunk_of(inner: &Inner, ep: &EmbedPath) -> u64 {
 
 /// [`load_unloaded`] for a buffer the caller holds no lock of (the shield's lock is taken
 /// first, as everywhere). Cheap when the buffer is loaded.
-pub fn load_unloaded_of(b: &Arc<Mutex<WriteBuf>>) -> Result<(), c_int> {
-    if b.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .unloaded
-        .load(Ordering::Relaxed)
-        == 0
-    {
+pub fn load_unloaded_of(b: &Arc<Mutex<WriteBuf>>, never: bool) -> Result<(), c_int> {
+    if unloaded_hint(b) {
         return Ok(());
     }
     let sh = shield::get();
     let mut inner = sh.lock();
     let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
-    load_unloaded(&mut inner, &mut g)
+    load_all(&mut inner, &mut g, never)
 }
 
 /// Read-only body for `ep`; `verify` checks every chunk now (small files only).
@@ -732,6 +833,7 @@ fn shield_open_depth(
                             b.mark_sealed_print(print);
                             b.start_tracking();
                             if b.mirror {
+                                crate::stream::mark_streamable(&inner, &mut b);
                                 crate::runbuf::loaded(b.fd);
                             }
                         }
@@ -743,6 +845,14 @@ fn shield_open_depth(
                     // (A description that can read the buffer or write into it loads what it
                     // reads or partly overwrites when it does: `fdio`.)
                     if flags & libc::O_TRUNC != 0 {
+                        // (Another holder's stream of it is dropped: nothing of it stays.)
+                        let _lock = if g.streamable {
+                            let l = files::UnloadedLock::take(g.lock_fd()?)?;
+                            crate::stream::before_cut(&mut inner, &mut g, 0)?;
+                            Some(l)
+                        } else {
+                            None
+                        };
                         g.set_len(0)?;
                     }
                     g.writers += 1;
@@ -775,6 +885,7 @@ fn shield_open_depth(
                 return Err(libc::EEXIST);
             }
             if b.mirror && !joined {
+                crate::stream::mark_streamable(&inner, &mut b);
                 crate::runbuf::loaded(b.fd);
             }
             b.owner = Some(owner);

@@ -385,3 +385,45 @@ pub fn renamed(from: &EmbedPath, to: &EmbedPath) {
         }
     }
 }
+
+/// The side file of a stream (`stream.rs`: the tags of its sealed chunks) in the run's buffer
+/// directory, by the stream's name; made new with `create`. `None`: no directory, or no such
+/// file.
+pub fn side_file(name: &str, create: bool) -> Option<c_int> {
+    let dir = dir_fd();
+    if dir < 0 {
+        return None;
+    }
+    let c = CString::new(name).ok()?;
+    let fl = libc::O_RDWR
+        | libc::O_NOFOLLOW
+        | libc::O_CLOEXEC
+        | if create {
+            libc::O_CREAT | libc::O_EXCL
+        } else {
+            0
+        };
+    // SAFETY: NUL-terminated relative name below our directory fd.
+    let fd = unsafe { real::openat(dir, c.as_ptr(), fl, 0o600) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: moving our fd out of the program's way (close-on-exec, as opened).
+    let high = unsafe { real::fcntl(fd, libc::F_DUPFD_CLOEXEC, DIR_FD_BASE as libc::c_ulong) };
+    if high < 0 {
+        return Some(fd);
+    }
+    // SAFETY: closing the low number of our own fd.
+    unsafe { real::close(fd) };
+    Some(high)
+}
+
+/// Remove the side file `name` ([`side_file`]).
+pub fn remove_side_file(name: &str) {
+    let dir = dir_fd();
+    let Ok(c) = CString::new(name) else { return };
+    if dir >= 0 {
+        // SAFETY: NUL-terminated relative name below our directory fd.
+        unsafe { real::unlinkat(dir, c.as_ptr(), 0) };
+    }
+}

@@ -802,7 +802,9 @@ impl Shield {
     /// Seal a buffer whose content changed: into memory for ephemeral regions, as a staged
     /// version otherwise.
     pub fn finish(&self, inner: &mut Inner, b: &mut WriteBuf) -> Result<(), c_int> {
-        if !b.needs_seal() {
+        if b.stream_staged.is_some()
+            || !(b.needs_seal() || (b.streamable && crate::stream::is_active(b.fd)))
+        {
             return Ok(());
         }
         if b.mirror && !crate::runbuf::still_current(&b.path, b.fd) {
@@ -817,6 +819,10 @@ impl Shield {
             mtime: b.mtime_set.then_some(b.mtime),
             owner: b.owner,
         };
+        // A stream sealed while written: the rest of the buffer is its tail (`stream.rs`).
+        if !eph && crate::stream::finish(inner, b, meta)? {
+            return Ok(());
+        }
         if !eph && self.stage_tracked(inner, b, meta)? {
             return Ok(());
         }
@@ -969,7 +975,13 @@ impl Shield {
         let eph = self.is_ephemeral(&inner, &b.path);
         let path = b.path.clone();
         let clean = !b.pending && !b.touched.load(std::sync::atomic::Ordering::Relaxed);
+        // A stream staged holds the buffer's lock until its commit: that is now.
+        let streamed = b.stream_staged.is_some();
         drop(b);
+        if streamed {
+            self.commit(&mut inner)?;
+            return r;
+        }
         // Ephemeral files now live sealed in the tree; a clean kernel buffer nobody holds may
         // go stale (another process of the run may commit the path): drop both from `live`.
         if eph || (clean && Arc::strong_count(buf) <= 2) {
@@ -1015,12 +1027,28 @@ impl Shield {
         res
     }
 
+    /// Buffers whose stream was staged but whose commit failed (nothing is queued any more)
+    /// read it back and give it up (`stream::not_committed`).
+    fn streams_not_committed(inner: &mut Inner) {
+        if inner.s.has_queued() {
+            return;
+        }
+        let bufs: Vec<_> = inner.live.values().cloned().collect();
+        for b in bufs {
+            let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+            if g.stream_staged.is_some() {
+                crate::stream::not_committed(inner, &mut g);
+            }
+        }
+    }
+
     /// After the session committed (here or inside a rename or symlink): buffers still open go
     /// on from what was committed. A rebased one takes the merged contents, and each records
     /// its committed version as its new base.
     pub fn after_commit(inner: &mut Inner) {
         let c = inner.s.take_committed();
         if !c.any {
+            Self::streams_not_committed(inner);
             return;
         }
         let mut merged = c.merged;
@@ -1041,6 +1069,8 @@ impl Shield {
                 g.start_tracking();
             }
             g.version = Some(id);
+            // A stream's sealed part is committed content now.
+            crate::stream::committed(&mut g);
             if !g.shared {
                 g.base = Some((id, size));
                 g.append_only
@@ -1050,6 +1080,7 @@ impl Shield {
         for b in inner.live.values() {
             b.lock().unwrap_or_else(|e| e.into_inner()).pending = false;
         }
+        Self::streams_not_committed(inner);
         inner.live.retain(|_, b| Arc::strong_count(b) > 1);
     }
 }

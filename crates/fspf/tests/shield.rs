@@ -3767,3 +3767,261 @@ os.close(fd)
         assert!(read_big(&w) == want, "{env:?}: the pwrite appended");
     }
 }
+
+// ---- Large files sealed while written (crates/fspf-preload/src/stream.rs) ----
+
+/// Streams start at 2 MiB buffered here (64 MiB by default), so small files exercise them.
+const STREAM_2MB: &[(&str, &str)] = &[("FSPF_STREAM_MB", "2")];
+
+/// The byte at `i` of the files the stream tests write.
+const STREAM_PY: &str = r#"
+MB = 1 << 20
+def piece(i, n=MB):
+    return bytes(((i * 131 + k // 4096) % 251) for k in range(0, n, 4096)) * 4096 if n == MB else bytes([i % 251]) * n
+"#;
+
+fn stream_piece(i: usize) -> Vec<u8> {
+    let mb = 1 << 20;
+    let mut v = Vec::with_capacity(mb);
+    for k in (0..mb).step_by(4096) {
+        v.push(((i * 131 + k / 4096) % 251) as u8);
+    }
+    v.repeat(4096)
+}
+
+/// The plaintext of embed path `p`, read back through a new run.
+fn read_back(w: &World, p: &str) -> Vec<u8> {
+    let script = format!("import sys; sys.stdout.buffer.write(open('{p}','rb').read())");
+    let o = w.run(&["python3", "-c", &script]);
+    ok(&o, "read back");
+    o.stdout
+}
+
+/// Issue 8 (bounded memory): a new 24 MiB file written in 1 MiB writes is sealed in pieces as
+/// it is written; the run's buffer never holds more than the threshold and a write. The same
+/// script with streams off holds the whole file (its check fails). No shadow is left.
+#[test]
+fn a_new_large_file_is_sealed_while_written_and_never_held_whole() {
+    need("python3");
+    let script = format!(
+        "{ALLOCATED_PY}{STREAM_PY}{}",
+        r#"
+fd = os.open('/data/s', os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+peak = 0
+for i in range(24):
+    os.write(fd, piece(i))
+    peak = max(peak, allocated(fd))
+assert peak <= 4 * MB, peak
+os.close(fd)
+print('peak', peak)
+"#
+    );
+    let mut w = data_world();
+    let o = run_mut_env(&mut w, STREAM_2MB, &["python3", "-c", &script]);
+    ok(&o, "streamed write");
+    let want: Vec<u8> = (0..24).flat_map(stream_piece).collect();
+    assert!(read_back(&w, "/data/s") == want, "the content read back");
+    let left: Vec<_> = std::fs::read_dir(w.path("vol"))
+        .expect("vol")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".fspf-"))
+        .collect();
+    assert!(left.is_empty(), "shadows left: {left:?}");
+    // Streams off: the buffer holds the file.
+    let mut w2 = data_world();
+    let o = run_mut_env(
+        &mut w2,
+        &[("FSPF_STREAM_MB", "0")],
+        &["python3", "-c", &script],
+    );
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("AssertionError"),
+        "held whole, the check must fail: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A file being sealed while written is read, overwritten and cut below its sealed part, read
+/// by a second description and a forked child's append, and mapped at the end: every read
+/// returns what the program's model says, and the committed file equals it.
+#[test]
+fn a_file_sealed_while_written_reads_writes_and_cuts_below_its_sealed_part() {
+    need("python3");
+    let script = format!(
+        "{ALLOCATED_PY}{STREAM_PY}{}",
+        r#"
+import mmap
+want = bytearray()
+fd = os.open('/data/s', os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+for i in range(12):
+    os.write(fd, piece(i)); want += piece(i)
+assert allocated(fd) <= 4 * MB, allocated(fd)
+# Below the sealed part: a read, then writes (the stream is committed first).
+assert os.pread(fd, 100, 5) == bytes(want[5:105])
+os.pwrite(fd, b'HEADER', 100); want[100:106] = b'HEADER'
+os.pwrite(fd, b'middle', 5 * MB + 3); want[5 * MB + 3:5 * MB + 9] = b'middle'
+os.ftruncate(fd, 9 * MB + 5); del want[9 * MB + 5:]
+os.lseek(fd, 0, os.SEEK_END)
+for i in range(12, 18):
+    os.write(fd, piece(i)); want += piece(i)
+with open('/data/s', 'rb') as r:
+    assert r.read() == bytes(want)
+pid = os.fork()
+if pid == 0:
+    os.write(fd, piece(40))
+    os._exit(0)
+assert os.waitpid(pid, 0)[1] == 0
+want += piece(40)
+# A new stream in a file that was emptied.
+os.ftruncate(fd, 0); want = bytearray()
+os.lseek(fd, 0, os.SEEK_SET)
+for i in range(20, 30):
+    os.write(fd, piece(i)); want += piece(i)
+assert allocated(fd) <= 4 * MB, allocated(fd)
+m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+assert m[:] == bytes(want)
+m.close()
+os.write(fd, b'end'); want += b'end'
+os.close(fd)
+print(len(want))
+"#
+    );
+    let mut w = data_world();
+    let o = run_mut_env(&mut w, STREAM_2MB, &["python3", "-c", &script]);
+    ok(&o, "streamed file");
+    let mut want: Vec<u8> = (20..30).flat_map(stream_piece).collect();
+    want.extend_from_slice(b"end");
+    let got = read_back(&w, "/data/s");
+    assert!(
+        got == want,
+        "{} bytes read back, want {}; first difference at {:?}",
+        got.len(),
+        want.len(),
+        got.iter().zip(&want).position(|(a, b)| a != b)
+    );
+}
+
+/// The stream's state is the run's, not its writer's: a writer killed with `kill -9` after
+/// pieces were sealed leaves them, and the next process of the run that opens the file goes on
+/// with the stream and commits the killed writer's bytes with its own.
+#[test]
+fn a_stream_whose_writer_was_killed_is_finished_by_the_next_process() {
+    need("python3");
+    need("sh");
+    let mut w = data_world();
+    let (ready, vol) = (w.p("ready"), w.p("vol"));
+    let writer = format!(
+        "{STREAM_PY}{}",
+        r#"
+import os, time, sys
+fd = os.open('/data/k', os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+for i in range(10):
+    os.write(fd, piece(i))
+open(sys.argv[1], 'w').close()
+time.sleep(60)
+"#
+    );
+    let next = "import os\nfd = os.open('/data/k', os.O_WRONLY | os.O_CREAT | os.O_APPEND)\nos.write(fd, b'tail')\nos.close(fd)\n";
+    let o = run_mut_env(
+        &mut w,
+        STREAM_2MB,
+        &[
+            "sh",
+            "-c",
+            "python3 -c \"$1\" \"$3\" & while [ ! -e \"$3\" ]; do sleep 0.05; done; ls -a \"$4\"; kill -9 $!; wait; python3 -c \"$2\"",
+            "sh",
+            &writer,
+            next,
+            &ready,
+            &vol,
+        ],
+    );
+    ok(&o, "killed writer, next process");
+    assert!(
+        stdout(&o).contains(".k.fspf-"),
+        "the killed writer had sealed pieces: {}",
+        stdout(&o)
+    );
+    let mut want: Vec<u8> = (0..10).flat_map(stream_piece).collect();
+    want.extend_from_slice(b"tail");
+    let got = read_back(&w, "/data/k");
+    assert!(
+        got == want,
+        "{} bytes read back, want {}",
+        got.len(),
+        want.len()
+    );
+}
+
+/// A chunk of a stream's shadow changed on storage before its commit (the attacker has the disk
+/// while the program writes): the version committed is refused when read, never returned as
+/// garbage, and so is the read that commits it.
+#[test]
+fn a_stream_chunk_changed_on_storage_before_its_commit_is_refused() {
+    need("python3");
+    let mut w = data_world();
+    let (ready, go) = (w.p("ready"), w.p("go"));
+    let script = format!(
+        "{STREAM_PY}{}",
+        r#"
+import os, sys, time
+fd = os.open('/data/t', os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+for i in range(10):
+    os.write(fd, piece(i))
+open(sys.argv[1], 'w').close()
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.02)
+try:
+    os.pread(fd, 4096, 5 * 4096)
+    print('read back')
+except OSError as e:
+    print('refused', e.errno)
+os.close(fd)
+"#
+    );
+    let anchor = w.anchor_with(&w.tag.clone());
+    let mut c = shielded::fspf_run(
+        w.dir.path(),
+        &w.fspf,
+        &anchor,
+        true,
+        None,
+        &["python3", "-c", &script, &ready, &go],
+    );
+    let child = c
+        .envs(STREAM_2MB.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let t0 = std::time::Instant::now();
+    while !std::path::Path::new(&ready).exists() {
+        assert!(t0.elapsed().as_secs() < 60, "the writer never got ready");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let shadow = std::fs::read_dir(w.path("vol"))
+        .expect("vol")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().contains(".t.fspf-"))
+        .expect("the stream's shadow");
+    let mut d = std::fs::read(&shadow).expect("shadow");
+    d[24 + 5 * 4096 + 7] ^= 1;
+    std::fs::write(&shadow, &d).expect("tamper");
+    std::fs::write(&go, b"").expect("go");
+    let o = child.wait_with_output().expect("wait");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("refused 5"),
+        "the read after the tampering: {out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    w.tag = w.tag_on_disk();
+    let o = w.run(&["cat", "/data/t"]);
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("Input/output error"),
+        "the committed file with the changed chunk: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

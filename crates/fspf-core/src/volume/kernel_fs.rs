@@ -244,9 +244,10 @@ impl OpenError {
     pub fn into_io(self) -> io::Error {
         match self {
             OpenError::Io(e) => e,
-            OpenError::NotRegular(k) => {
-                io::Error::new(io::ErrorKind::InvalidData, format!("a {k}, not a regular file"))
-            }
+            OpenError::NotRegular(k) => io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a {k}, not a regular file"),
+            ),
         }
     }
 }

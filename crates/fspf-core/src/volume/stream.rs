@@ -106,7 +106,12 @@ impl Volume {
         let out = Output::shadow(&loc, &id, path)?;
         if shared {
             let made = (|| {
-                let mut w = kernel_fs::create_new_at(&out.dir, &out.name, 0o600, rustix::fs::OFlags::empty())?;
+                let mut w = kernel_fs::create_new_at(
+                    &out.dir,
+                    &out.name,
+                    0o600,
+                    rustix::fs::OFlags::empty(),
+                )?;
                 w.write_all(&ct::header2(&id))?;
                 let r = reopen_shadow(&out)?;
                 Ok::<_, std::io::Error>((w, r))

@@ -870,7 +870,7 @@ unsafe fn mmap_shielded(
     off: off_t,
 ) -> *mut c_void {
     // A map reads (or is) the buffer's memory.
-    if let Err(e) = files::load_unloaded_for(h) {
+    if let Err(e) = files::load_unloaded_for(h, true) {
         return map_failed(e);
     }
     if flags & libc::MAP_SHARED != 0 && prot & libc::PROT_WRITE != 0 {
