@@ -181,9 +181,9 @@ pub unsafe fn do_write(
             _ => None,
         });
     }
-    if let (Some(inner), Some(g), true) = (streaming.as_mut(), g.as_mut(), w > 0) {
+    if let (Some((inner, r)), Some(g), true) = (streaming.as_mut(), g.as_mut(), w > 0) {
         // Seal what is buffered past the stream's end, if enough (`stream.rs`).
-        crate::stream::after_write(inner, g);
+        crate::stream::after_write(inner, g, *r, w as u64);
     }
     drop(lazy);
     drop(streaming);

@@ -91,8 +91,11 @@ pub struct WriteBuf {
     pub streamable: bool,
     /// This process's handle on the buffer's stream, when it sealed or resumed it.
     pub stream: Option<fspf_core::volume::StreamStage>,
-    /// The record generation [`WriteBuf::known_data`] is valid for.
+    /// The record generation [`WriteBuf::known_data`] and the `unloaded` hint are valid for
+    /// (the unloaded offset only rises with a new generation).
     pub stream_gen: u64,
+    /// Bytes this process wrote since it last looked whether a piece is due.
+    pub stream_unchecked: u64,
     /// The stream was finished and staged (its sealed end, and the lock held until the commit
     /// that makes its holes committed content).
     pub stream_staged: Option<(u64, UnloadedLock)>,
@@ -258,6 +261,7 @@ impl WriteBuf {
             streamable: false,
             stream: None,
             stream_gen: 0,
+            stream_unchecked: 0,
             stream_staged: None,
         }
     }
@@ -273,7 +277,7 @@ impl WriteBuf {
     /// The offset below which this buffer's holes are unloaded (0: none), after checking the
     /// buffer file when this process's hint says there may be some.
     pub fn unloaded(&self) -> u64 {
-        if self.unloaded.load(Ordering::Relaxed) == 0 && !self.streamable {
+        if self.unloaded.load(Ordering::Relaxed) == 0 {
             return 0;
         }
         let n = unloaded_on_file(self.fd);

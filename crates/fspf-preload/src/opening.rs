@@ -362,18 +362,21 @@ pub fn before_write(
     append: bool,
 ) -> Result<Option<WriteLocks<'_>>, c_int> {
     // (An append lands at the end, never below a stream's sealed part.)
-    let from = if append {
-        u64::MAX
-    } else {
-        crate::fdio::access_offset(fd, off)?
+    let at_of = |g: &WriteBuf| {
+        if append {
+            Ok(g.len())
+        } else {
+            crate::fdio::access_offset(fd, off)
+        }
     };
-    let Some((inner, mut g, lock)) = lock_access(b, from, None)? else {
+    let Some((mut inner, mut g, lock, record)) = lock_access(b, &at_of, None)? else {
         return Ok(None);
     };
-    let at = if append { g.len() } else { from };
-    let end = at.saturating_add(len);
-    let mut inner = inner;
+    let mut range = 0..0;
     if g.unloaded() > 0 {
+        let at = at_of(&g)?;
+        let end = at.saturating_add(len);
+        range = at..end;
         let a = block_of(chunk_of(&inner, &g.path));
         let edges: Vec<u64> = [at, end]
             .into_iter()
@@ -388,19 +391,20 @@ pub fn before_write(
         }
     }
     // A streamable buffer keeps the shield's lock for what follows the write (`stream.rs`).
-    let inner = if g.streamable { Some(inner) } else { None };
+    let inner = record.map(|r| (inner, r));
     Ok(Some(WriteLocks {
         inner,
         g,
         lock,
-        range: at..end,
+        range,
     }))
 }
 
 /// What a hooked write holds while it writes a buffer with unloaded parts, or a streamable
 /// one: the buffer's mutex and lock, and for a streamable one the shield's lock (taken first).
 pub struct WriteLocks<'a> {
-    pub inner: Option<std::sync::MutexGuard<'static, Inner>>,
+    /// With the stream record read under the locks.
+    pub inner: Option<(std::sync::MutexGuard<'static, Inner>, crate::stream::Record)>,
     pub g: std::sync::MutexGuard<'a, WriteBuf>,
     pub lock: files::UnloadedLock,
     pub range: std::ops::Range<u64>,
@@ -414,7 +418,8 @@ pub fn before_truncate(
     b: &Arc<Mutex<WriteBuf>>,
     len: u64,
 ) -> Result<Option<(std::sync::MutexGuard<'_, WriteBuf>, files::UnloadedLock)>, c_int> {
-    let Some((mut inner, mut g, lock)) = lock_access(b, 0, Some(len))? else {
+    let Some((mut inner, mut g, lock, _)) = lock_access(b, &|_: &WriteBuf| Ok(0), Some(len))?
+    else {
         return Ok(None);
     };
     let n = g.unloaded();
@@ -443,15 +448,16 @@ pub fn before_truncate(
 /// unloaded or `b` is streamable (`None`: neither, and nothing is held). An access from `from`
 /// on (or a cut to `cut`) that reaches below a stream's sealed part commits it first.
 #[allow(clippy::type_complexity)]
-fn lock_access(
-    b: &Arc<Mutex<WriteBuf>>,
-    from: u64,
+fn lock_access<'a>(
+    b: &'a Arc<Mutex<WriteBuf>>,
+    from: &dyn Fn(&WriteBuf) -> Result<u64, c_int>,
     cut: Option<u64>,
 ) -> Result<
     Option<(
         std::sync::MutexGuard<'static, Inner>,
-        std::sync::MutexGuard<'_, WriteBuf>,
+        std::sync::MutexGuard<'a, WriteBuf>,
         files::UnloadedLock,
+        Option<crate::stream::Record>,
     )>,
     c_int,
 > {
@@ -468,16 +474,26 @@ fn lock_access(
                 return Ok(None);
             }
             let lock = files::UnloadedLock::take(g.lock_fd()?)?;
-            return Ok(Some((inner, g, lock)));
+            return Ok(Some((inner, g, lock, None)));
         }
         let lock = files::UnloadedLock::take(g.lock_fd()?)?;
         let r = crate::stream::current(&mut g)?;
         let first = match cut {
             Some(len) => crate::stream::before_cut(&mut inner, &mut g, len)?,
-            None => crate::stream::must_settle(&r, from),
+            None => match r {
+                // (Where the access lands is asked only when a stream has sealed a part.)
+                Some(rec) if crate::stream::has_sealed(&rec) => {
+                    crate::stream::must_settle(&r, from(&g)?)
+                }
+                _ => false,
+            },
         };
         if !first {
-            return Ok(Some((inner, g, lock)));
+            let r = match cut {
+                Some(_) => crate::stream::current(&mut g)?,
+                None => r,
+            };
+            return Ok(Some((inner, g, lock, r)));
         }
         drop(lock);
         drop(g);
@@ -515,7 +531,7 @@ pub fn before_read(
         load_holes_of(b, at, at.saturating_add(n))?;
         return Ok(None);
     }
-    let Some((mut inner, mut g, lock)) = lock_access(b, at, None)? else {
+    let Some((mut inner, mut g, lock, _)) = lock_access(b, &|_: &WriteBuf| Ok(at), None)? else {
         return Ok(None);
     };
     if g.unloaded() > 0 {

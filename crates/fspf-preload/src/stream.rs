@@ -36,6 +36,7 @@ use fspf_core::session::VersionMeta;
 use fspf_core::volume::StreamState;
 use fspf_core::{FileId, Protection, RegionKind};
 use libc::c_int;
+use std::sync::atomic::Ordering;
 
 /// The stream record on a streamable buffer's file: phase (1 byte), generation, file id, epoch,
 /// chunk length, sealed end, how far sealing may have gone (little-endian).
@@ -229,6 +230,8 @@ pub fn current(g: &mut WriteBuf) -> Result<Option<Record>, c_int> {
     };
     if r.gen != g.stream_gen {
         g.forget_known_data();
+        g.unloaded
+            .store(crate::files::unloaded_on_file(g.fd), Ordering::Relaxed);
         g.stream_gen = r.gen;
     }
     if r.phase == Phase::Lost {
@@ -352,12 +355,18 @@ fn handle<'a>(
     g.stream.as_mut().ok_or(libc::EIO)
 }
 
-/// After a hooked write, under the shield's lock, the buffer's mutex and its lock: start the
-/// stream, or seal the next pieces, when the buffer holds more than [`threshold`] bytes past
-/// its end. A failure gives the stream up (the buffer holds everything again) and is logged:
-/// the write itself succeeded.
-pub fn after_write(inner: &mut Inner, g: &mut WriteBuf) {
-    if let Err(e) = grow(inner, g) {
+/// After a hooked write of `n` bytes, under the shield's lock, the buffer's mutex and its lock
+/// (`r`: the record read under them): start the stream, or seal the next pieces, when the
+/// buffer holds more than [`threshold`] bytes past its end (looked at once per [`CHECK_EVERY`]
+/// bytes this process writes). A failure gives the stream up (the buffer holds everything
+/// again) and is logged: the write itself succeeded.
+pub fn after_write(inner: &mut Inner, g: &mut WriteBuf, r: Record, n: u64) {
+    g.stream_unchecked += n;
+    if g.stream_unchecked < CHECK_EVERY {
+        return;
+    }
+    g.stream_unchecked = 0;
+    if let Err(e) = grow(inner, g, r) {
         log(format!(
             "{}: sealing while written stopped (errno {e})",
             g.path
@@ -370,10 +379,10 @@ pub fn after_write(inner: &mut Inner, g: &mut WriteBuf) {
     }
 }
 
-fn grow(inner: &mut Inner, g: &mut WriteBuf) -> Result<(), c_int> {
-    let Some(mut r) = current(g)? else {
-        return Ok(());
-    };
+/// How much a process writes between two looks at whether a piece is due.
+const CHECK_EVERY: u64 = 1 << 20;
+
+fn grow(inner: &mut Inner, g: &mut WriteBuf, mut r: Record) -> Result<(), c_int> {
     let len = g.len();
     let t = threshold();
     match r.phase {
@@ -413,13 +422,18 @@ fn grow(inner: &mut Inner, g: &mut WriteBuf) -> Result<(), c_int> {
     r.high = end;
     put(g, &mut r)?;
     let mut seen = g.stat_now();
-    let mut piece = vec![0u8; PIECE.min(end - r.state.sealed) as usize];
+    // (Placed in memory as the piece lies in the shadow, so its whole blocks go to the device
+    // straight from it: `piece_misalignment`.)
+    let mut raw = vec![0u8; PIECE.min(end - r.state.sealed) as usize + 8192];
+    let base = raw.as_ptr().align_offset(4096);
     while r.state.sealed < end {
         let at = r.state.sealed;
         let n = (end - at).min(PIECE) as usize;
-        g.read_exact_at(&mut piece[..n], at)?;
+        let o = base + fspf_core::volume::piece_misalignment(r.state.chunk_len, at / c);
+        let piece = &mut raw[o..o + n];
+        g.read_exact_at(piece, at)?;
         let s = handle(inner, g, &r)?;
-        s.push(&mut piece[..n]).map_err(|e| {
+        s.push(piece).map_err(|e| {
             log(format!("stream: {e}"));
             libc::EIO
         })?;
@@ -499,6 +513,11 @@ fn give_up(inner: &mut Inner, g: &mut WriteBuf, r: &mut Record, then: Phase) -> 
     }
     *r = Record::with_phase(r.gen, then);
     put(g, r)
+}
+
+/// Does the stream `r` names hold a sealed part (an access below it must settle it)?
+pub fn has_sealed(r: &Record) -> bool {
+    r.phase == Phase::Active && r.state.sealed > 0
 }
 
 /// Before an access to `[from, to)` of a streamable buffer (under its locks): must the stream

@@ -32,8 +32,73 @@ use std::sync::Arc;
 enum Sink {
     /// Appended in order through a buffered (direct I/O where possible) writer.
     Direct(DirectWriter),
-    /// Written in place at each chunk's offset (shared streams).
-    At(File),
+    /// Written in place at each chunk's offset (shared streams); the whole aligned blocks of a
+    /// piece through a second description opened with `O_DIRECT` where the file system takes
+    /// it (as a whole-version seal writes a large file), the unaligned edges through the page
+    /// cache (the blocks direct writes touch are never in it).
+    At(File, Option<File>),
+}
+
+/// `O_DIRECT` writes need offsets, lengths and memory aligned to this (512 B or 4 KiB sectors).
+const DIRECT_ALIGN: u64 = 4096;
+
+/// Open the shadow a second time with `O_DIRECT` for a shared stream's aligned writes, when
+/// that is worthwhile and allowed.
+fn open_direct(out: &Output) -> Option<File> {
+    if !super::direct::worthwhile_at(&out.dir) {
+        return None;
+    }
+    rustix::fs::openat(
+        &out.dir,
+        &out.name,
+        rustix::fs::OFlags::WRONLY
+            | rustix::fs::OFlags::DIRECT
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .ok()
+    .map(File::from)
+}
+
+/// Write `data` at `at`: its whole aligned blocks with `direct` (from `data` itself when its
+/// memory is aligned like the file offsets, else from an aligned copy), the edges with `file`.
+/// A direct write the file system refuses (`EINVAL`) goes through the page cache.
+fn write_at(file: &File, direct: Option<&File>, data: &[u8], at: u64) -> std::io::Result<()> {
+    let end = at + data.len() as u64;
+    let lo = at.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+    let hi = end / DIRECT_ALIGN * DIRECT_ALIGN;
+    let Some(d) = direct.filter(|_| hi > lo) else {
+        return file.write_all_at(data, at);
+    };
+    let (a, b) = ((lo - at) as usize, (hi - at) as usize);
+    let mid = &data[a..b];
+    let wrote = if (mid.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN as usize) {
+        d.write_all_at(mid, lo)
+    } else {
+        let mut raw = vec![0u8; mid.len() + DIRECT_ALIGN as usize];
+        let o = raw.as_ptr().align_offset(DIRECT_ALIGN as usize);
+        raw[o..o + mid.len()].copy_from_slice(mid);
+        d.write_all_at(&raw[o..o + mid.len()], lo)
+    };
+    match wrote {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc_einval()) => file.write_all_at(mid, lo)?,
+        Err(e) => return Err(e),
+    }
+    file.write_all_at(&data[..a], at)?;
+    file.write_all_at(&data[b..], hi)
+}
+
+fn libc_einval() -> i32 {
+    rustix::io::Errno::INVAL.raw_os_error()
+}
+
+/// Where the memory of a shared stream's piece of chunks from `first` on should start, modulo
+/// [`DIRECT_ALIGN`], for its whole blocks to be written straight from it: the offset of chunk
+/// `first` in the file, modulo the alignment.
+pub fn piece_misalignment(chunk_len: u32, first: u64) -> usize {
+    (ft::chunk_offset(chunk_len, first).unwrap_or(0) % DIRECT_ALIGN) as usize
 }
 
 /// What another process needs to go on with a shared stream, beside its tags.
@@ -114,9 +179,10 @@ impl Volume {
                 )?;
                 w.write_all(&ct::header2(&id))?;
                 let r = reopen_shadow(&out)?;
-                Ok::<_, std::io::Error>((w, r))
+                let d = open_direct(&out);
+                Ok::<_, std::io::Error>((w, r, d))
             })();
-            let (w, reader) = match made {
+            let (w, reader, direct) = match made {
                 Ok(x) => x,
                 Err(e) => {
                     out.remove();
@@ -132,7 +198,7 @@ impl Volume {
                 key,
                 tree_key,
                 out,
-                file: Some(Sink::At(w)),
+                file: Some(Sink::At(w, direct)),
                 reader,
                 loc,
                 tags: Vec::new(),
@@ -222,6 +288,7 @@ impl Volume {
             .map_err(kernel_fs::OpenError::into_io)
             .and_then(|w| Ok((w, reopen_shadow(&out)?)));
         let (w, reader) = open.map_err(|e| Error::io(&out.label, e))?;
+        let direct = open_direct(&out);
         Ok(StreamStage {
             path: path.clone(),
             label,
@@ -231,7 +298,7 @@ impl Volume {
             key,
             tree_key,
             out,
-            file: Some(Sink::At(w)),
+            file: Some(Sink::At(w, direct)),
             reader,
             loc,
             tags,
@@ -335,7 +402,7 @@ impl StreamStage {
         let at = ft::chunk_offset(self.chunk_len, first).unwrap_or(u64::MAX);
         let wrote = match self.file.as_mut() {
             Some(Sink::Direct(w)) => w.write_all(data),
-            Some(Sink::At(f)) => f.write_all_at(data, at),
+            Some(Sink::At(f, d)) => write_at(f, d.as_ref(), data, at),
             None => Ok(()),
         };
         wrote.map_err(|e| Error::io(&self.out.label, e))?;
@@ -435,7 +502,7 @@ impl StreamStage {
         // done, reads come from the file from now on.
         let written = match self.file.take().ok_or_else(|| self.finished_already())? {
             Sink::Direct(w) => w.finish().map_err(|e| Error::io(&self.out.label, e))?,
-            Sink::At(f) => f,
+            Sink::At(f, _) => f,
         };
         debug_assert_eq!(self.tags.len() as u64, n);
         // The kernel file's permissions, as `stage_file` gives a shadow.
