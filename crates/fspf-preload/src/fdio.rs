@@ -141,7 +141,7 @@ pub unsafe fn do_write(
     // unloaded part runs in between. With unloaded parts, what the write covers only partly
     // is loaded first, and the write lands under the buffer's unloaded lock too, recorded as
     // seen (`opening::before_write`, which takes both in the lock order).
-    let (mut g, lazy, mut streaming) = match &buffer {
+    let (mut g, lazy, streaming) = match &buffer {
         Some(b) => match crate::opening::before_write(b, fd, off, n as u64, append) {
             Ok(Some(l)) => (Some(l.g), Some((l.lock, l.range)), l.inner),
             Ok(None) => (
@@ -181,14 +181,7 @@ pub unsafe fn do_write(
             _ => None,
         });
     }
-    if let (Some((inner, r)), Some(g), true) = (streaming.as_mut(), g.as_mut(), w > 0) {
-        // Seal what is buffered past the stream's end, if enough (`stream.rs`).
-        crate::stream::after_write(inner, g, *r, w as u64);
-    }
-    drop(lazy);
-    drop(streaming);
-    let g = g.as_mut().filter(|g| g.track.is_some());
-    if let Some(g) = g {
+    if let Some(g) = g.as_mut().filter(|g| g.track.is_some()) {
         if w > 0 {
             let at = match off {
                 // (Linux's pwrite on an O_APPEND description appends, whatever the offset.)
@@ -205,6 +198,13 @@ pub unsafe fn do_write(
                 None => g.track = None,
             }
         }
+    }
+    if let (Some((inner, r)), Some(g), Some((lock, _)), Some(b), true) =
+        (streaming, g, lazy, buffer.as_ref(), w > 0)
+    {
+        // Seal what is buffered past a stream's end, or commit what is buffered past the
+        // unloaded part, if enough (`stream.rs`).
+        crate::opening::after_write(b, inner, g, lock, r, w as u64);
     }
     w
 }

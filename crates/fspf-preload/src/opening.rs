@@ -400,6 +400,45 @@ pub fn before_write(
     }))
 }
 
+/// After a hooked write of `n` bytes to a streamable buffer, with what it held while it wrote:
+/// a stream's next pieces are sealed, or, when the buffer holds more than the stream threshold
+/// above a committed part left unloaded, the buffer is committed (a commit point) and what it
+/// committed punched out, so appending to a large file, or going on writing one after a commit
+/// point, holds at most about the threshold too.
+pub fn after_write<'a>(
+    b: &'a Arc<Mutex<WriteBuf>>,
+    mut inner: std::sync::MutexGuard<'static, Inner>,
+    mut g: std::sync::MutexGuard<'a, WriteBuf>,
+    lock: files::UnloadedLock,
+    r: crate::stream::Record,
+    n: u64,
+) {
+    if !crate::stream::after_write(&mut inner, &mut g, r, n) {
+        return;
+    }
+    let block = block_of(chunk_of(&inner, &g.path));
+    let Ok(Some(r)) = crate::stream::current(&mut g) else {
+        return;
+    };
+    let Some(end) = crate::stream::commit_due(&g, &r, block) else {
+        return;
+    };
+    let u = g.unloaded();
+    let path = g.path.clone();
+    // (The buffer's lock stays held: nothing writes it between the commit and the punch.)
+    drop(g);
+    if let Err(e) = shield::get().commit(&mut inner) {
+        log(format!(
+            "{path}: the commit of a buffer past its threshold failed (errno {e})"
+        ));
+        return;
+    }
+    let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+    crate::stream::punch_committed(&inner, &mut g, u, end);
+    drop(g);
+    drop(lock);
+}
+
 /// What a hooked write holds while it writes a buffer with unloaded parts, or a streamable
 /// one: the buffer's mutex and lock, and for a streamable one the shield's lock (taken first).
 pub struct WriteLocks<'a> {

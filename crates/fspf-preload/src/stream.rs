@@ -360,10 +360,11 @@ fn handle<'a>(
 /// buffer holds more than [`threshold`] bytes past its end (looked at once per [`CHECK_EVERY`]
 /// bytes this process writes). A failure gives the stream up (the buffer holds everything
 /// again) and is logged: the write itself succeeded.
-pub fn after_write(inner: &mut Inner, g: &mut WriteBuf, r: Record, n: u64) {
+/// `false`: not looked at this time.
+pub fn after_write(inner: &mut Inner, g: &mut WriteBuf, r: Record, n: u64) -> bool {
     g.stream_unchecked += n;
     if g.stream_unchecked < CHECK_EVERY {
-        return;
+        return false;
     }
     g.stream_unchecked = 0;
     if let Err(e) = grow(inner, g, r) {
@@ -377,6 +378,61 @@ pub fn after_write(inner: &mut Inner, g: &mut WriteBuf, r: Record, n: u64) {
             }
         }
     }
+    true
+}
+
+/// A buffer without a stream whose part below its unloaded offset is committed content (a
+/// stream committed at a commit point, or a large file opened to append or to read and write)
+/// and which holds more than [`threshold`] bytes above that offset: the end (whole blocks of
+/// `block` bytes) up to which a commit now, then a punch, would leave it holding nothing of
+/// them (`punch_committed`).
+pub fn commit_due(g: &WriteBuf, r: &Record, block: u64) -> Option<u64> {
+    let t = threshold();
+    if r.phase != Phase::Idle || t == 0 || g.mapped_shared || g.detached || block == 0 {
+        return None;
+    }
+    let u = g.unloaded();
+    let len = g.len();
+    if u == 0 || len < u.saturating_add(t) {
+        return None;
+    }
+    Some(len / block * block).filter(|&e| e > u)
+}
+
+/// After the commit that [`commit_due`] asked for (under the buffer's lock, held across it):
+/// if the buffer is what was committed (nothing wrote it since, seen or unseen) and its
+/// unloaded offset is still `u`, punch `[u, end)` out and leave it unloaded, committed content
+/// the holes load from.
+pub fn punch_committed(inner: &Inner, g: &mut WriteBuf, u: u64, end: u64) {
+    let committed = inner
+        .s
+        .vol()
+        .and_then(|v| v.lookup(&g.path))
+        .and_then(|e| match e.kind {
+            fspf_core::FileKind::File { size, .. } => Some(size),
+            _ => None,
+        });
+    if g.unloaded() != u
+        || end <= u
+        || g.pending
+        || g.needs_seal()
+        || g.changed_unseen()
+        || committed.is_none_or(|size| size < end)
+    {
+        return;
+    }
+    let Some(mut r) = read(g.fd) else { return };
+    if punch(g.fd, u, end - u).is_err() || !g.mark_unloaded(end) {
+        return;
+    }
+    g.record_seen(None);
+    if let Ok(p) = g.fingerprint() {
+        g.print = p;
+    }
+    if let (Some(now), Some(t)) = (g.stat_now(), g.track.as_mut()) {
+        t.print = now;
+    }
+    let _ = put(g, &mut r);
 }
 
 /// How much a process writes between two looks at whether a piece is due.
