@@ -811,6 +811,7 @@ impl Shield {
             // Another process of the run unlinked or renamed the file: sealing this copy would
             // bring the removed name back.
             b.detached = true;
+            crate::stream::discard(inner, b);
             return Ok(());
         }
         let eph = inner.s.is_ephemeral(&b.path);

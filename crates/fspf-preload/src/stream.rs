@@ -606,6 +606,19 @@ pub fn before_cut(inner: &mut Inner, g: &mut WriteBuf, len: u64) -> Result<bool,
     Ok(false)
 }
 
+/// The buffer's file is gone (unlinked or replaced while written): its stream, if any, goes
+/// too (shadow and tags).
+pub fn discard(inner: &mut Inner, g: &mut WriteBuf) {
+    if !g.streamable {
+        return;
+    }
+    if let Ok(fd) = g.lock_fd() {
+        if let Ok(_lock) = UnloadedLock::take(fd) {
+            let _ = before_cut(inner, g, 0);
+        }
+    }
+}
+
 /// Everything in the buffer (a map, `SEEK_DATA`, adoption after `exec`, a whole seal): an
 /// active stream is read back and given up; `never`: no stream starts again (a shared map
 /// reads the buffer's memory without the hooks).

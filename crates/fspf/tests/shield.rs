@@ -3821,6 +3821,24 @@ print('peak', peak)
     ok(&o, "streamed write");
     let want: Vec<u8> = (0..24).flat_map(stream_piece).collect();
     assert!(read_back(&w, "/data/s") == want, "the content read back");
+    // A file unlinked while it is sealed leaves nothing of its stream.
+    let unlinked = format!(
+        "{STREAM_PY}{}",
+        r#"
+import os
+fd = os.open('/data/u', os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+for i in range(8):
+    os.write(fd, piece(i))
+os.unlink('/data/u')
+os.write(fd, piece(9))
+os.close(fd)
+assert not os.path.exists('/data/u')
+"#
+    );
+    ok(
+        &run_mut_env(&mut w, STREAM_2MB, &["python3", "-c", &unlinked]),
+        "unlinked while sealed",
+    );
     let left: Vec<_> = std::fs::read_dir(w.path("vol"))
         .expect("vol")
         .flatten()
