@@ -142,14 +142,18 @@ pub unsafe fn do_write(
     // is loaded first, and the write lands under the buffer's unloaded lock too, recorded as
     // seen (`opening::before_write`, which takes both in the lock order).
     let (mut g, lazy, streaming) = match &buffer {
-        Some(b) => match crate::opening::before_write(b, fd, off, n as u64, append) {
-            Ok(Some(l)) => (Some(l.g), Some((l.lock, l.range)), l.inner),
-            Ok(None) => (
-                Some(b.lock().unwrap_or_else(|e| e.into_inner())),
-                None,
-                None,
-            ),
-            Err(e) => return fail_isize(e),
+        Some(b) => loop {
+            match crate::opening::before_write(b, fd, off, n as u64, append) {
+                Ok(Some(l)) => break (Some(l.g), Some((l.lock, l.range)), l.inner),
+                Ok(None) => {
+                    let g = b.lock().unwrap_or_else(|e| e.into_inner());
+                    // (Another thread may have made it streamable meanwhile: then its locks.)
+                    if !g.streamable {
+                        break (Some(g), None, None);
+                    }
+                }
+                Err(e) => return fail_isize(e),
+            }
         },
         None => (None, None, None),
     };
@@ -199,12 +203,23 @@ pub unsafe fn do_write(
             }
         }
     }
-    if let (Some((inner, r)), Some(g), Some((lock, _)), Some(b), true) =
-        (streaming, g, lazy, buffer.as_ref(), w > 0)
-    {
-        // Seal what is buffered past a stream's end, or commit what is buffered past the
-        // unloaded part, if enough (`stream.rs`).
-        crate::opening::after_write(b, inner, g, lock, r, w as u64);
+    match (streaming, g, lazy, buffer.as_ref()) {
+        (Some((inner, r)), Some(g), Some((lock, _)), Some(b)) if w > 0 => {
+            // Seal what is buffered past a stream's end, or commit what is buffered past the
+            // unloaded part, if enough (`stream.rs`).
+            crate::opening::after_write(b, inner, g, lock, r, w as u64);
+        }
+        (None, Some(mut g), lazy, Some(b)) if w > 0 && g.mirror => {
+            // A buffer of the run that is not streamable yet: every MiB, is it large now?
+            g.stream_unchecked += w as u64;
+            if g.stream_unchecked >= crate::stream::CHECK_EVERY {
+                g.stream_unchecked = 0;
+                drop(lazy);
+                drop(g);
+                crate::opening::maybe_stream(b);
+            }
+        }
+        _ => {}
     }
     w
 }

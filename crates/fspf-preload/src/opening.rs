@@ -568,7 +568,12 @@ pub fn before_read(
     let streamable = b.lock().unwrap_or_else(|e| e.into_inner()).streamable;
     if !streamable {
         load_holes_of(b, at, at.saturating_add(n))?;
-        return Ok(None);
+        let g = b.lock().unwrap_or_else(|e| e.into_inner());
+        if !g.streamable {
+            // (The run's buffer is read under its mutex: a thread that makes it streamable,
+            // and then punches pieces out of it, waits for the read.)
+            return Ok(g.mirror.then_some(ReadLocks::Buf(g)));
+        }
     }
     let Some((mut inner, mut g, lock, _)) = lock_access(b, &|_: &WriteBuf| Ok(at), None)? else {
         return Ok(None);
@@ -586,18 +591,44 @@ pub fn before_read(
             )?;
         }
     }
-    Ok(Some(ReadLocks {
-        _inner: inner,
-        _g: g,
-        _lock: lock,
-    }))
+    Ok(Some(ReadLocks::All(inner, g, lock)))
 }
 
-/// What a hooked read of a streamable buffer holds while it reads.
-pub struct ReadLocks<'a> {
-    _inner: std::sync::MutexGuard<'static, Inner>,
-    _g: std::sync::MutexGuard<'a, WriteBuf>,
-    _lock: files::UnloadedLock,
+/// What a hooked read of a buffer of the run holds while it reads: its mutex, or for a
+/// streamable one all its locks.
+#[allow(dead_code)]
+pub enum ReadLocks<'a> {
+    Buf(std::sync::MutexGuard<'a, WriteBuf>),
+    All(
+        std::sync::MutexGuard<'static, Inner>,
+        std::sync::MutexGuard<'a, WriteBuf>,
+        files::UnloadedLock,
+    ),
+}
+
+/// A hooked write to a buffer of the run that is not streamable (yet) saw this process write
+/// another [`crate::stream::CHECK_EVERY`] bytes: if it is now large (past the stream threshold,
+/// or past it above a committed part left unloaded) and this process is its only holder, make
+/// it streamable and start a stream or commit and punch (`stream.rs`).
+pub fn maybe_stream(b: &Arc<Mutex<WriteBuf>>) {
+    let sh = shield::get();
+    let inner = sh.lock();
+    let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+    let t = crate::stream::threshold();
+    if g.streamable || !g.mirror || t == 0 || g.len() < g.unloaded().saturating_add(t) {
+        return;
+    }
+    let Ok(lock) = g.lock_fd().and_then(files::UnloadedLock::take) else {
+        return;
+    };
+    if !crate::stream::make_streamable(&inner, &mut g) {
+        return;
+    }
+    let Ok(Some(r)) = crate::stream::current(&mut g) else {
+        return;
+    };
+    g.stream_unchecked = crate::stream::CHECK_EVERY;
+    after_write(b, inner, g, lock, r, 0);
 }
 
 /// Load the unloaded holes of `[from, to)` of `b` (a hooked read's range).
@@ -888,7 +919,6 @@ fn shield_open_depth(
                             b.mark_sealed_print(print);
                             b.start_tracking();
                             if b.mirror {
-                                crate::stream::mark_streamable(&inner, &mut b);
                                 crate::runbuf::loaded(b.fd);
                             }
                         }
@@ -940,7 +970,6 @@ fn shield_open_depth(
                 return Err(libc::EEXIST);
             }
             if b.mirror && !joined {
-                crate::stream::mark_streamable(&inner, &mut b);
                 crate::runbuf::loaded(b.fd);
             }
             b.owner = Some(owner);

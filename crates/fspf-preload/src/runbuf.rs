@@ -93,6 +93,7 @@ pub fn is_buffer_file(fd: c_int) -> bool {
 
 /// Hold the shared buffer behind our own description `fd` like any other holder.
 pub fn hold(fd: c_int) -> bool {
+    mark_holder(fd);
     flock(fd, libc::LOCK_SH)
 }
 
@@ -115,6 +116,7 @@ pub fn fork_spares(fds: &[c_int]) -> Vec<(c_int, c_int)> {
             unsafe { real::close(spare) };
             continue;
         }
+        mark_holder(spare);
         out.push((fd, spare));
     }
     out
@@ -161,6 +163,48 @@ fn make_parents(dir: c_int, rel: &[u8]) {
     }
 }
 
+/// Every holder of a buffer also holds an OFD read lock on this byte through its own
+/// description: a process that finds no other description holding it ([`sole_holder`]) is the
+/// buffer's only holder (`stream.rs` starts a stream only then).
+const HOLD_AT: i64 = i64::MAX - 2;
+
+fn hold_lock(kind: c_int) -> libc::flock {
+    // SAFETY: a plain C struct; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = HOLD_AT;
+    fl.l_len = 1;
+    fl
+}
+
+/// Mark our description `fd` of a buffer as a holder's ([`HOLD_AT`]).
+fn mark_holder(fd: c_int) {
+    let mut fl = hold_lock(libc::F_RDLCK);
+    // SAFETY: F_OFD_SETLK with a pointer to a local struct flock, on our own fd.
+    unsafe {
+        real::fcntl(
+            fd,
+            libc::F_OFD_SETLK,
+            &mut fl as *mut libc::flock as libc::c_ulong,
+        )
+    };
+}
+
+/// Does no description but our `fd` hold the buffer (no other process of the run has it)?
+pub fn sole_holder(fd: c_int) -> bool {
+    let mut fl = hold_lock(libc::F_WRLCK);
+    // SAFETY: F_OFD_GETLK with a pointer to a local struct flock, on our own fd.
+    let r = unsafe {
+        real::fcntl(
+            fd,
+            libc::F_OFD_GETLK,
+            &mut fl as *mut libc::flock as libc::c_ulong,
+        )
+    };
+    r == 0 && fl.l_type == libc::F_UNLCK as libc::c_short
+}
+
 fn flock(fd: c_int, op: c_int) -> bool {
     loop {
         // SAFETY: flock on our own fd.
@@ -202,6 +246,7 @@ pub fn open(ep: &EmbedPath) -> Option<Opened> {
                 abandon(ep, fd);
                 return None;
             }
+            mark_holder(fd);
             return Some(Opened::Created(fd));
         }
         match crate::errno() {
@@ -233,6 +278,7 @@ fn join(dir: c_int, rel: &CString, fl: c_int) -> Option<c_int> {
         unsafe { real::close(fd) };
         return None;
     }
+    mark_holder(fd);
     Some(fd)
 }
 

@@ -820,6 +820,13 @@ impl Shield {
             mtime: b.mtime_set.then_some(b.mtime),
             owner: b.owner,
         };
+        // A streamable buffer is sealed under its lock: no other process starts a stream in it
+        // and punches out what this seal reads.
+        let _streamable = if b.streamable {
+            Some(crate::files::UnloadedLock::take(b.lock_fd()?)?)
+        } else {
+            None
+        };
         // A stream sealed while written: the rest of the buffer is its tail (`stream.rs`).
         if !eph && crate::stream::finish(inner, b, meta)? {
             return Ok(());

@@ -198,25 +198,35 @@ pub fn is_active(fd: c_int) -> bool {
     read(fd).is_some_and(|r| r.phase == Phase::Active)
 }
 
-/// Make a new buffer of the run's shared directory streamable, before any other process can
-/// hold it (under `runbuf`'s creation lock): a file of an encrypted kernel region, in a buffer
-/// file with page-sized holes that records extended attributes.
-pub fn mark_streamable(inner: &Inner, b: &mut WriteBuf) {
-    if !b.mirror || threshold() == 0 {
-        return;
+/// Make a buffer of the run streamable (under its lock): a file of an encrypted kernel region,
+/// in a buffer file with page-sized holes that records extended attributes, held by this
+/// process alone. The record is set first, then the holders are counted: a process that joins
+/// meanwhile either is counted (and the record removed again) or finds the record, and takes
+/// the buffer's lock at every access from then on, as this one does.
+pub fn make_streamable(inner: &Inner, g: &mut WriteBuf) -> bool {
+    if !g.mirror || threshold() == 0 || g.mapped_shared || g.detached || read(g.fd).is_some() {
+        return false;
     }
     let fits = inner
         .s
         .vol()
-        .and_then(|v| v.region_for(&b.path))
+        .and_then(|v| v.region_for(&g.path))
         .is_some_and(|r| {
             matches!(r.kind, RegionKind::Kernel(_))
                 && r.protection == Protection::Encrypted
                 && r.key.is_some()
         });
-    if fits && b.page_size() == Some(4096) && write(b.fd, &Record::idle(0)).is_ok() {
-        b.streamable = true;
+    if !fits || g.page_size() != Some(4096) || write(g.fd, &Record::idle(0)).is_err() {
+        return false;
     }
+    if !crate::runbuf::sole_holder(g.fd) {
+        // SAFETY: removing an attribute of our own fd.
+        unsafe { real::fremovexattr(g.fd, XATTR.as_ptr()) };
+        return false;
+    }
+    g.streamable = true;
+    g.stream_gen = 0;
+    true
 }
 
 /// Called under the buffer's lock at every access: the record, with what this process knew
@@ -436,7 +446,7 @@ pub fn punch_committed(inner: &Inner, g: &mut WriteBuf, u: u64, end: u64) {
 }
 
 /// How much a process writes between two looks at whether a piece is due.
-const CHECK_EVERY: u64 = 1 << 20;
+pub const CHECK_EVERY: u64 = 1 << 20;
 
 fn grow(inner: &mut Inner, g: &mut WriteBuf, mut r: Record) -> Result<(), c_int> {
     let len = g.len();
