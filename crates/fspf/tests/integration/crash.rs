@@ -2,7 +2,9 @@
 //!
 //! A python writer under `fspf run --mutable --tag-file T` creates, appends to, overwrites,
 //! truncates, renames and unlinks files of an encrypted kernel region, fsyncing each change (and
-//! the directory after a rename or unlink); some writes are deliberately never fsynced. Before
+//! the directory after a rename or unlink); some writes are deliberately never fsynced, and some
+//! are large (2-3.5 MB, with streams starting at 2 MiB: sealed while written, or appended in
+//! committed pieces). Before
 //! each change it logs its intent (`I seq path sha256|-`), and after the fsync returned `D seq`,
 //! to a file outside every protected region. The test kills it with SIGKILL after a random delay
 //! — alternately the whole process group (`fspf run` too: a crash of everything, so nothing
@@ -94,11 +96,26 @@ seq = 0
 while True:
     seq += 1
     present = sorted(state)
-    ops = ['create', 'nosync']
+    ops = ['create', 'nosync', 'big']
     if present:
-        ops += ['append', 'overwrite', 'truncate', 'rename', 'unlink']
+        ops += ['append', 'overwrite', 'truncate', 'rename', 'unlink', 'bigappend']
     op = rnd.choice(ops)
-    if op in ('create', 'nosync'):
+    if op in ('big', 'bigappend'):
+        # Large enough to be sealed while written (the writer runs with FSPF_STREAM_MB=2):
+        # a new file streamed in pieces, or an append committed and punched past the threshold.
+        n = rnd.choice(NAMES) if op == 'big' else rnd.choice(present)
+        b = rnd.randbytes(rnd.randint(2_200_000, 3_500_000))
+        new = b if op == 'big' else state[n] + b
+        note('I', seq, n, digest(new))
+        fl = os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if op == 'big' else os.O_APPEND)
+        fd = os.open(path(n), fl, 0o644)
+        for k in range(0, len(b), 262144):
+            write_all(fd, b[k:k + 262144])
+        os.fsync(fd)
+        note('D', seq)
+        os.close(fd)
+        state[n] = new
+    elif op in ('create', 'nosync'):
         n, new = rnd.choice(NAMES), data()
         note('I', seq, n, digest(new))
         fd = os.open(path(n), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -339,6 +356,9 @@ fn start_writer(
     if private {
         cmd.env("FSPF_SHARED_BUFFERS", "0");
     }
+    // Streams start at 2 MiB (64 by default), so the writer's large files are sealed while
+    // written and its large appends committed in pieces.
+    cmd.env("FSPF_STREAM_MB", "2");
     start(cmd)
 }
 
