@@ -209,8 +209,8 @@ pub unsafe fn do_write(
             // unloaded part, if enough (`stream.rs`).
             crate::opening::after_write(b, inner, g, lock, r, w as u64);
         }
-        (None, Some(mut g), lazy, Some(b)) if w > 0 && g.mirror => {
-            // A buffer of the run that is not streamable yet: every MiB, is it large now?
+        (None, Some(mut g), lazy, Some(b)) if w > 0 && (g.mirror || !g.shared) => {
+            // A buffer that is not streamable yet: every MiB, is it large now?
             g.stream_unchecked += w as u64;
             if g.stream_unchecked >= crate::stream::CHECK_EVERY {
                 g.stream_unchecked = 0;

@@ -570,9 +570,9 @@ pub fn before_read(
         load_holes_of(b, at, at.saturating_add(n))?;
         let g = b.lock().unwrap_or_else(|e| e.into_inner());
         if !g.streamable {
-            // (The run's buffer is read under its mutex: a thread that makes it streamable,
-            // and then punches pieces out of it, waits for the read.)
-            return Ok(g.mirror.then_some(ReadLocks::Buf(g)));
+            // (Read under its mutex: a thread that makes it streamable, and then punches
+            // pieces out of it, waits for the read.)
+            return Ok(Some(ReadLocks::Buf(g)));
         }
     }
     let Some((mut inner, mut g, lock, _)) = lock_access(b, &|_: &WriteBuf| Ok(at), None)? else {
@@ -615,7 +615,7 @@ pub fn maybe_stream(b: &Arc<Mutex<WriteBuf>>) {
     let inner = sh.lock();
     let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
     let t = crate::stream::threshold();
-    if g.streamable || !g.mirror || t == 0 || g.len() < g.unloaded().saturating_add(t) {
+    if g.streamable || t == 0 || g.len() < g.unloaded().saturating_add(t) {
         return;
     }
     let Ok(lock) = g.lock_fd().and_then(files::UnloadedLock::take) else {

@@ -204,7 +204,9 @@ pub fn is_active(fd: c_int) -> bool {
 /// meanwhile either is counted (and the record removed again) or finds the record, and takes
 /// the buffer's lock at every access from then on, as this one does.
 pub fn make_streamable(inner: &Inner, g: &mut WriteBuf) -> bool {
-    if !g.mirror || threshold() == 0 || g.mapped_shared || g.detached || read(g.fd).is_some() {
+    // (A private buffer never inherited by another process is this process's alone.)
+    let alone = if g.mirror { true } else { !g.shared };
+    if !alone || threshold() == 0 || g.mapped_shared || g.detached || read(g.fd).is_some() {
         return false;
     }
     let fits = inner
@@ -219,7 +221,7 @@ pub fn make_streamable(inner: &Inner, g: &mut WriteBuf) -> bool {
     if !fits || g.page_size() != Some(4096) || write(g.fd, &Record::idle(0)).is_err() {
         return false;
     }
-    if !crate::runbuf::sole_holder(g.fd) {
+    if g.mirror && !crate::runbuf::sole_holder(g.fd) {
         // SAFETY: removing an attribute of our own fd.
         unsafe { real::fremovexattr(g.fd, XATTR.as_ptr()) };
         return false;
@@ -466,12 +468,15 @@ fn grow(inner: &mut Inner, g: &mut WriteBuf, mut r: Record) -> Result<(), c_int>
                 high: 0,
             };
             let mut s = s;
-            let Some(fd) = crate::runbuf::side_file(&next.side_name(), true) else {
-                s.discard();
-                return put(g, &mut Record::with_phase(r.gen, Phase::Off));
-            };
-            // SAFETY: closing our own fd.
-            unsafe { real::close(fd) };
+            // (A private buffer's stream is this process's alone: its tags stay in its handle.)
+            if g.mirror {
+                let Some(fd) = crate::runbuf::side_file(&next.side_name(), true) else {
+                    s.discard();
+                    return put(g, &mut Record::with_phase(r.gen, Phase::Off));
+                };
+                // SAFETY: closing our own fd.
+                unsafe { real::close(fd) };
+            }
             g.stream = Some(s);
             put(g, &mut next)?;
             r = next;
@@ -504,7 +509,9 @@ fn grow(inner: &mut Inner, g: &mut WriteBuf, mut r: Record) -> Result<(), c_int>
             libc::EIO
         })?;
         let tags = s.tags_from(at / c).to_vec();
-        write_tags(&r, at / c, &tags)?;
+        if g.mirror {
+            write_tags(&r, at / c, &tags)?;
+        }
         // Nothing wrote the buffer meanwhile (hooked writers wait for the lock): a change
         // now is a write the hooks did not see, which the piece would lose.
         if g.stat_now() != seen {

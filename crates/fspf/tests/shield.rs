@@ -3816,7 +3816,15 @@ os.close(fd)
 print('peak', peak)
 "#
     );
+    // (Private buffers too: a process's own buffer streams as long as no other holds it.)
+    let private: Vec<_> = STREAM_2MB
+        .iter()
+        .copied()
+        .chain([("FSPF_SHARED_BUFFERS", "0")])
+        .collect();
     let mut w = data_world();
+    let o = run_mut_env(&mut w, &private, &["python3", "-c", &script]);
+    ok(&o, "streamed write, private buffer");
     let o = run_mut_env(&mut w, STREAM_2MB, &["python3", "-c", &script]);
     ok(&o, "streamed write");
     let want: Vec<u8> = (0..24).flat_map(stream_piece).collect();
@@ -4073,7 +4081,14 @@ os.close(fd)
 assert peak <= 5 * MB, ('appending', peak)
 "#
     );
+    let private: Vec<_> = STREAM_2MB
+        .iter()
+        .copied()
+        .chain([("FSPF_SHARED_BUFFERS", "0")])
+        .collect();
     let mut w = data_world();
+    let o = run_mut_env(&mut w, &private, &["python3", "-c", &script]);
+    ok(&o, "append and write on, private buffer");
     let o = run_mut_env(&mut w, STREAM_2MB, &["python3", "-c", &script]);
     ok(&o, "append and write on");
     let want: Vec<u8> = (0..54).flat_map(stream_piece).collect();
