@@ -105,7 +105,13 @@ while True:
         # a new file streamed in pieces, or an append committed and punched past the threshold.
         n = rnd.choice(NAMES) if op == 'big' else rnd.choice(present)
         b = rnd.randbytes(rnd.randint(2_200_000, 3_500_000))
-        new = b if op == 'big' else state[n] + b
+        base = b'' if op == 'big' else state[n]
+        new = base + b
+        # A write past the threshold may be committed before the fsync (as a kernel file
+        # system writes dirty pages back): every prefix the writes leave may be what a kill
+        # finds (a state logged before the final one is not acceptable once this is fsynced).
+        for k in range(0, len(b), 262144):
+            note('I', seq, n, digest(base + b[:k]))
         note('I', seq, n, digest(new))
         fl = os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if op == 'big' else os.O_APPEND)
         fd = os.open(path(n), fl, 0o644)
