@@ -4113,3 +4113,24 @@ assert peak <= 5 * MB, ('appending', peak)
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// A large file opened to read and write (left unloaded but for its last block) and cut to at
+/// most 1 MiB kept holes below the new end, but a buffer that small is hashed whole at its
+/// commit, and reading the holes failed: the close failed with `EIO` and the cut was lost.
+#[test]
+fn a_cut_of_a_lazily_loaded_file_to_at_most_1_mib_failed_its_commit() {
+    need("python3");
+    for env in BUFFER_MODES {
+        let n = 3 << 20;
+        let mut w = big_world(n);
+        let script = "import os\nfd = os.open('/data/big', os.O_RDWR)\nos.ftruncate(fd, 500_001)\nos.pwrite(fd, b'end', 500_001)\nos.close(fd)\n";
+        ok(
+            &run_mut_env(&mut w, env, &["python3", "-c", script]),
+            "cut to 500 001 bytes",
+        );
+        let mut want = big_expected(n);
+        want.truncate(500_001);
+        want.extend_from_slice(b"end");
+        assert!(read_big(&w) == want, "{env:?}: the file after the cut");
+    }
+}
