@@ -3773,6 +3773,31 @@ os.close(fd)
 /// Streams start at 2 MiB buffered here (64 MiB by default), so small files exercise them.
 const STREAM_2MB: &[(&str, &str)] = &[("FSPF_STREAM_MB", "2")];
 
+/// [`STREAM_2MB`] with private buffers (`FSPF_SHARED_BUFFERS=0`).
+fn stream_2mb_private() -> Vec<(&'static str, &'static str)> {
+    STREAM_2MB
+        .iter()
+        .copied()
+        .chain([("FSPF_SHARED_BUFFERS", "0")])
+        .collect()
+}
+
+/// `script` run in a fresh world with streams off (files held whole) must fail with `needle`
+/// on its stderr: its memory check is one that only streams pass.
+fn fails_with_streams_off(script: &str, needle: &str) {
+    let mut w = data_world();
+    let o = run_mut_env(
+        &mut w,
+        &[("FSPF_STREAM_MB", "0")],
+        &["python3", "-c", script],
+    );
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains(needle),
+        "held whole, the check must fail: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// The byte at `i` of the files the stream tests write.
 const STREAM_PY: &str = r#"
 MB = 1 << 20
@@ -3817,13 +3842,8 @@ print('peak', peak)
 "#
     );
     // (Private buffers too: a process's own buffer streams as long as no other holds it.)
-    let private: Vec<_> = STREAM_2MB
-        .iter()
-        .copied()
-        .chain([("FSPF_SHARED_BUFFERS", "0")])
-        .collect();
     let mut w = data_world();
-    let o = run_mut_env(&mut w, &private, &["python3", "-c", &script]);
+    let o = run_mut_env(&mut w, &stream_2mb_private(), &["python3", "-c", &script]);
     ok(&o, "streamed write, private buffer");
     let o = run_mut_env(&mut w, STREAM_2MB, &["python3", "-c", &script]);
     ok(&o, "streamed write");
@@ -3855,17 +3875,7 @@ assert not os.path.exists('/data/u')
         .collect();
     assert!(left.is_empty(), "shadows left: {left:?}");
     // Streams off: the buffer holds the file.
-    let mut w2 = data_world();
-    let o = run_mut_env(
-        &mut w2,
-        &[("FSPF_STREAM_MB", "0")],
-        &["python3", "-c", &script],
-    );
-    assert!(
-        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("AssertionError"),
-        "held whole, the check must fail: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    fails_with_streams_off(&script, "AssertionError");
 }
 
 /// A file being sealed while written is read, overwritten and cut below its sealed part, read
@@ -4081,13 +4091,8 @@ os.close(fd)
 assert peak <= 5 * MB, ('appending', peak)
 "#
     );
-    let private: Vec<_> = STREAM_2MB
-        .iter()
-        .copied()
-        .chain([("FSPF_SHARED_BUFFERS", "0")])
-        .collect();
     let mut w = data_world();
-    let o = run_mut_env(&mut w, &private, &["python3", "-c", &script]);
+    let o = run_mut_env(&mut w, &stream_2mb_private(), &["python3", "-c", &script]);
     ok(&o, "append and write on, private buffer");
     let o = run_mut_env(&mut w, STREAM_2MB, &["python3", "-c", &script]);
     ok(&o, "append and write on");
@@ -4101,17 +4106,7 @@ assert peak <= 5 * MB, ('appending', peak)
         got.iter().zip(&want).position(|(a, b)| a != b)
     );
     // Streams off: the part written after the fsync is held (the check fails).
-    let mut w2 = data_world();
-    let o = run_mut_env(
-        &mut w2,
-        &[("FSPF_STREAM_MB", "0")],
-        &["python3", "-c", &script],
-    );
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("after fsync"),
-        "held, the check must fail: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    fails_with_streams_off(&script, "after fsync");
 }
 
 /// A large file opened to read and write (left unloaded but for its last block) and cut to at
