@@ -61,15 +61,18 @@ def fsync_dir(n):
         os.close(fd)
 note('P', os.getpid())
 rnd = random.Random(seed)
-if mode == 'fill':
+if mode in ('fill', 'fillbig'):
     i = 0
     try:
         while i < 1000:
-            n, b = 'fill%d' % i, rnd.randbytes(65536)
+            # fillbig: 3 MiB files in 256 KiB writes (sealed while written past 2 MiB).
+            size = 65536 if mode == 'fill' else 3 << 20
+            n, b = 'fill%d' % i, rnd.randbytes(size)
             note('I', i, n, digest(b))
             fd = os.open(path(n), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                write_all(fd, b)
+                for k in range(0, len(b), 262144):
+                    write_all(fd, b[k:k + 262144])
                 os.fsync(fd)
                 note('D', i)
             finally:
@@ -558,11 +561,12 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Fill a 2 MiB kernel directory (and, with `fspf_on_it`, put `fspf.pb` there too) until a
-/// write fails; what was fsynced before must stay readable and verified.
-fn full_disk(fspf_on_it: bool) {
+/// Fill a kernel directory of `size` (and, with `fspf_on_it`, put `fspf.pb` there too) with the
+/// files of the writer's `mode` until a write fails; what was fsynced before must stay readable
+/// and verified.
+fn full_disk(fspf_on_it: bool, mode: &str, size: &str) {
     let env = Env::new();
-    let small = Tmpfs::mount(env.path("small"), "2m");
+    let small = Tmpfs::mount(env.path("small"), size);
     let kernel = small.dir.join("k");
     fs::create_dir_all(&kernel).expect("kernel dir");
     let mut anchor = writable_world(&env, &kernel);
@@ -579,7 +583,7 @@ fn full_disk(fspf_on_it: bool) {
     let log = env.path("fill.log");
     let tag_file = env.path("tag-file");
     let py = real_python().to_str().expect("utf-8").to_string();
-    let run = start(fspf_run(
+    let mut cmd = fspf_run(
         env.root(),
         &fspf_for_run,
         &anchor,
@@ -591,9 +595,11 @@ fn full_disk(fspf_on_it: bool) {
             WRITER_PY,
             log.to_str().expect("utf-8"),
             "7",
-            "fill",
+            mode,
         ],
-    ));
+    );
+    cmd.env("FSPF_STREAM_MB", "2");
+    let run = start(cmd);
     let fin = run.finish(Instant::now() + Duration::from_secs(120));
     let wlog = WriterLog::read(&log);
     let stderr = String::from_utf8_lossy(&fin.stderr).into_owned();
@@ -604,7 +610,7 @@ fn full_disk(fspf_on_it: bool) {
     );
     let error = wlog.error.clone().unwrap_or_else(|| {
         panic!(
-            "the writer filled 2 MiB with {} fsynced 64 KiB files and never saw an error ({:?}); stderr: {stderr}",
+            "the writer filled {size} with {} fsynced files ({mode}) and never saw an error ({:?}); stderr: {stderr}",
             wlog.done.len(),
             fin.ended
         )
@@ -621,7 +627,7 @@ fn full_disk(fspf_on_it: bool) {
     );
     assert!(
         !wlog.done.is_empty(),
-        "not a single 64 KiB file fitted into 2 MiB: {error}; stderr: {stderr}"
+        "not a single file ({mode}) fitted into {size}: {error}; stderr: {stderr}"
     );
     let tag = fs::read_to_string(&tag_file)
         .unwrap_or_else(|e| panic!("fspf run wrote no tag file ({e}); stderr: {stderr}"));
@@ -661,10 +667,19 @@ fn full_disk(fspf_on_it: bool) {
 
 #[test]
 fn a_full_kernel_dir_fails_writes_with_enospc_and_keeps_what_was_fsynced() {
-    full_disk(false);
+    full_disk(false, "fill", "2m");
 }
 
 #[test]
 fn a_full_disk_under_the_fspf_too_fails_writes_and_keeps_what_was_fsynced() {
-    full_disk(true);
+    full_disk(true, "fill", "2m");
+}
+
+/// 3 MiB files sealed while written (streams at 2 MiB) into 8 MiB: a piece that does not fit
+/// gives the stream up (the file is held whole again), and the `fsync` that seals it fails with
+/// `ENOSPC`; what was fsynced before stays, and no shadow of the failed file is committed.
+#[test]
+fn a_full_disk_while_large_files_are_sealed_as_written_fails_with_enospc_and_keeps_what_was_fsynced(
+) {
+    full_disk(false, "fillbig", "8m");
 }
