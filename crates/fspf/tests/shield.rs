@@ -3814,6 +3814,17 @@ fn stream_piece(i: usize) -> Vec<u8> {
     v.repeat(4096)
 }
 
+/// `got` equals `want`, or the failure says where they first differ.
+fn same_bytes(got: &[u8], want: &[u8]) {
+    assert!(
+        got == want,
+        "{} bytes read back, want {}; first difference at {:?}",
+        got.len(),
+        want.len(),
+        got.iter().zip(want).position(|(a, b)| a != b)
+    );
+}
+
 /// The plaintext of embed path `p`, read back through a new run.
 fn read_back(w: &World, p: &str) -> Vec<u8> {
     let script = format!("import sys; sys.stdout.buffer.write(open('{p}','rb').read())");
@@ -3929,13 +3940,7 @@ print(len(want))
     let mut want: Vec<u8> = (20..30).flat_map(stream_piece).collect();
     want.extend_from_slice(b"end");
     let got = read_back(&w, "/data/s");
-    assert!(
-        got == want,
-        "{} bytes read back, want {}; first difference at {:?}",
-        got.len(),
-        want.len(),
-        got.iter().zip(&want).position(|(a, b)| a != b)
-    );
+    same_bytes(&got, &want);
 }
 
 /// The stream's state is the run's, not its writer's: a writer killed with `kill -9` after
@@ -4098,13 +4103,7 @@ assert peak <= 5 * MB, ('appending', peak)
     ok(&o, "append and write on");
     let want: Vec<u8> = (0..54).flat_map(stream_piece).collect();
     let got = read_back(&w, "/data/s");
-    assert!(
-        got == want,
-        "{} bytes read back, want {}; first difference at {:?}",
-        got.len(),
-        want.len(),
-        got.iter().zip(&want).position(|(a, b)| a != b)
-    );
+    same_bytes(&got, &want);
     // Streams off: the part written after the fsync is held (the check fails).
     fails_with_streams_off(&script, "after fsync");
 }
