@@ -662,6 +662,15 @@ impl WriteBuf {
             ));
             return Err(libc::EIO);
         }
+        if self.streamable && !out.is_empty() && off < crate::stream::sealed_end(self.fd) {
+            // Likewise below a stream's sealed part (its pages are punched out): every path
+            // that reads there commits the stream or reads it back first.
+            log(format!(
+                "{}: read below the part sealed while written at {off} refused",
+                self.path
+            ));
+            return Err(libc::EIO);
+        }
         // SAFETY: reading into the caller's buffer from our own fd.
         let n = unsafe { real::pread(self.fd, out.as_mut_ptr().cast(), out.len(), off as i64) };
         if n < 0 {

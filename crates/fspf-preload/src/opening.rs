@@ -594,8 +594,8 @@ pub fn before_read(
     Ok(Some(ReadLocks::All(inner, g, lock)))
 }
 
-/// What a hooked read of a buffer of the run holds while it reads: its mutex, or for a
-/// streamable one all its locks.
+/// What a hooked read of a buffer holds while it reads: its mutex, or for a streamable one all
+/// its locks (held, never read: dropping them releases them).
 #[allow(dead_code)]
 pub enum ReadLocks<'a> {
     Buf(std::sync::MutexGuard<'a, WriteBuf>),

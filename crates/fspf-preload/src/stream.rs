@@ -192,6 +192,13 @@ pub fn is_streamable(fd: c_int) -> bool {
     read(fd).is_some()
 }
 
+/// Where the sealed part of buffer file `fd`'s stream ends (0: no stream holds any of it).
+pub fn sealed_end(fd: c_int) -> u64 {
+    read(fd)
+        .filter(|r| r.phase == Phase::Active)
+        .map_or(0, |r| r.state.sealed)
+}
+
 /// Does a stream hold part of buffer file `fd` (which must be committed even when this process
 /// did not write it: its writer may be gone)?
 pub fn is_active(fd: c_int) -> bool {
