@@ -23,24 +23,15 @@ BENCH_BASE=${BENCH_BASE:-/var/tmp}
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "FATAL: $*"; exit 1; }
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-FSPF="$REPO/target/release/fspf"
-if [[ -z ${SKIP_BUILD:-} ]]; then
-  (cd "$REPO" && cargo build --release --workspace -q) || die "cargo build --release failed"
-fi
-[[ -x $FSPF && -f $REPO/target/release/libfspf_preload.so ]] || die "build with 'cargo build --release --workspace'"
-command -v python3 >/dev/null || die "python3 required"
-PY=$(realpath "$(python3 -c 'import sys; print(sys.executable)')")
+. "$REPO/bench/lib.sh"
+release_build
+real_python
 W=$(mktemp -d "$BENCH_BASE/rdwr.XXXXXX")
 trap 'rm -rf "$W"' EXIT
 V="$W/vol"
 mkdir -p "$V"
 F="$W/fspf.pb"
-"$FSPF" create "$F" >/dev/null
-"$FSPF" addr "$F" / --kernel / --not-protected >/dev/null
-"$FSPF" addr "$F" "$V" --encrypted --kernel "$V" >/dev/null
-out=$("$FSPF" encrypt "$F")
-awk '{print $11}' <<<"$out" > "$W/key"
-awk '{print $9}' <<<"$out" > "$W/tag"
+encrypted_volume "$W" "$V"
 run() { "$FSPF" run --fspf "$F" --key-file "$W/key" --tag "$(head -1 "$W/tag")" --mutable --tag-file "$W/tag" -- "$@"; }
 log "writing a $SIZE_MB MiB protected file"
 run dd if=/dev/urandom of="$V/big" bs=1M count="$SIZE_MB" conv=fsync status=none

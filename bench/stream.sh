@@ -22,26 +22,17 @@ BENCH_BASE=${BENCH_BASE:-/var/tmp}
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "FATAL: $*"; exit 1; }
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-FSPF="$REPO/target/release/fspf"
-if [[ -z ${SKIP_BUILD:-} ]]; then
-  (cd "$REPO" && cargo build --release --workspace -q) || die "cargo build --release failed"
-fi
-[[ -x $FSPF && -f $REPO/target/release/libfspf_preload.so ]] || die "build with 'cargo build --release --workspace'"
-command -v python3 >/dev/null || die "python3 required"
+. "$REPO/bench/lib.sh"
+release_build
 [[ -x /usr/bin/time ]] || die "GNU time required (apt-get install time)"
-PY=$(realpath "$(python3 -c 'import sys; print(sys.executable)')")
+real_python
 W=$(mktemp -d "$BENCH_BASE/stream.XXXXXX")
 trap 'kill $SAMPLER 2>/dev/null || true; rm -rf "$W"' EXIT
 SAMPLER=
 V="$W/vol"
 mkdir -p "$V" "$W/native"
 F="$W/fspf.pb"
-"$FSPF" create "$F" >/dev/null
-"$FSPF" addr "$F" / --kernel / --not-protected >/dev/null
-"$FSPF" addr "$F" "$V" --encrypted --kernel "$V" >/dev/null
-out=$("$FSPF" encrypt "$F")
-awk '{print $11}' <<<"$out" > "$W/key"
-awk '{print $9}' <<<"$out" > "$W/tag"
+encrypted_volume "$W" "$V"
 SRC="$W/src"
 head -c $((SIZE_MB << 20)) /dev/urandom > "$SRC"
 cat "$SRC" > /dev/null

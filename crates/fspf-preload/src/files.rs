@@ -136,13 +136,7 @@ impl UnloadedLock {
     const AT: i64 = i64::MAX - 1;
 
     fn flock(kind: c_int) -> libc::flock {
-        // SAFETY: a plain C struct; all-zero is a valid value.
-        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = kind as libc::c_short;
-        fl.l_whence = libc::SEEK_SET as libc::c_short;
-        fl.l_start = Self::AT;
-        fl.l_len = 1;
-        fl
+        byte_lock(kind, Self::AT)
     }
 
     pub fn take(fd: c_int) -> Result<UnloadedLock, c_int> {
@@ -682,20 +676,11 @@ impl WriteBuf {
 
     /// Write `data` at `off`: content the shield loads or replaces, never a program's write
     /// (those go through the program's descriptions), so the append tracking is left alone.
-    pub fn write_all_at(&self, mut data: &[u8], mut off: u64) -> Result<(), c_int> {
+    pub fn write_all_at(&self, data: &[u8], off: u64) -> Result<(), c_int> {
         if off.saturating_add(data.len() as u64) > MAX_BUFFER_LEN {
             return Err(libc::EFBIG);
         }
-        while !data.is_empty() {
-            // SAFETY: writing our buffer to our own fd.
-            let n = unsafe { real::pwrite(self.fd, data.as_ptr().cast(), data.len(), off as i64) };
-            if n <= 0 {
-                return Err(if n < 0 { crate::errno() } else { libc::EIO });
-            }
-            data = &data[n as usize..];
-            off += n as u64;
-        }
-        Ok(())
+        pwrite_all(self.fd, data, off)
     }
 
     pub fn set_len(&self, len: u64) -> Result<(), c_int> {
@@ -818,6 +803,62 @@ impl LockDesc {
 }
 
 /// `fstat` of `fd` (the shield's own), unseen by the hooks.
+/// Write all of `data` at `off` to our own `fd` (glibc's `pwrite`, not the hook), again after
+/// a short write or `EINTR`.
+pub fn pwrite_all(fd: c_int, mut data: &[u8], mut off: u64) -> Result<(), c_int> {
+    while !data.is_empty() {
+        // SAFETY: writing the caller's bytes to our own fd.
+        let n = unsafe { real::pwrite(fd, data.as_ptr().cast(), data.len(), off as i64) };
+        match n {
+            n if n > 0 => {
+                data = &data[n as usize..];
+                off += n as u64;
+            }
+            0 => return Err(libc::EIO),
+            _ if crate::errno() == libc::EINTR => {}
+            _ => return Err(crate::errno()),
+        }
+    }
+    Ok(())
+}
+
+/// Fill `out` from `off` of our own `fd` (glibc's `pread`); `EIO` at its end.
+pub fn pread_exact(fd: c_int, out: &mut [u8], mut off: u64) -> Result<(), c_int> {
+    let mut done = 0;
+    while done < out.len() {
+        // SAFETY: reading into the rest of the caller's buffer from our own fd.
+        let n = unsafe {
+            real::pread(
+                fd,
+                out[done..].as_mut_ptr().cast(),
+                out.len() - done,
+                off as i64,
+            )
+        };
+        match n {
+            n if n > 0 => {
+                done += n as usize;
+                off += n as u64;
+            }
+            0 => return Err(libc::EIO),
+            _ if crate::errno() == libc::EINTR => {}
+            _ => return Err(crate::errno()),
+        }
+    }
+    Ok(())
+}
+
+/// A one-byte `struct flock` of type `kind` at `at` (the OFD locks on a buffer's file).
+pub fn byte_lock(kind: c_int, at: i64) -> libc::flock {
+    // SAFETY: a plain C struct; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = at;
+    fl.l_len = 1;
+    fl
+}
+
 fn fstat_of(fd: c_int) -> Option<libc::stat> {
     // SAFETY: a plain C struct; all-zero is a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };

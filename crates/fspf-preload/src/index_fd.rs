@@ -121,23 +121,10 @@ pub fn sealed_memfd(name: &std::ffi::CStr, bytes: &[u8]) -> Result<c_int, c_int>
     if fd < 0 {
         return Err(crate::errno());
     }
-    let mut off = 0usize;
-    while off < bytes.len() {
-        // SAFETY: writing our buffer to our memfd.
-        let n = unsafe {
-            real::pwrite(
-                fd,
-                bytes[off..].as_ptr().cast(),
-                bytes.len() - off,
-                off as i64,
-            )
-        };
-        if n <= 0 {
-            // SAFETY: closing our memfd.
-            unsafe { real::close(fd) };
-            return Err(libc::EIO);
-        }
-        off += n as usize;
+    if crate::files::pwrite_all(fd, bytes, 0).is_err() {
+        // SAFETY: closing our memfd.
+        unsafe { real::close(fd) };
+        return Err(libc::EIO);
     }
     // SAFETY: sealing our memfd against any change.
     if unsafe { real::fcntl(fd, libc::F_ADD_SEALS, SEALS as libc::c_ulong) } != 0 {

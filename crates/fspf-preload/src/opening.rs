@@ -565,15 +565,21 @@ pub fn before_read(
     at: u64,
     n: u64,
 ) -> Result<Option<ReadLocks<'_>>, c_int> {
-    let streamable = b.lock().unwrap_or_else(|e| e.into_inner()).streamable;
-    if !streamable {
+    // (Read under its mutex: a thread that makes it streamable, and then punches pieces out
+    // of it, waits for the read.)
+    let g = b.lock().unwrap_or_else(|e| e.into_inner());
+    if !g.streamable {
+        if g.unloaded.load(Ordering::Relaxed) == 0 {
+            return Ok(Some(ReadLocks::Buf(g)));
+        }
+        drop(g);
         load_holes_of(b, at, at.saturating_add(n))?;
         let g = b.lock().unwrap_or_else(|e| e.into_inner());
         if !g.streamable {
-            // (Read under its mutex: a thread that makes it streamable, and then punches
-            // pieces out of it, waits for the read.)
             return Ok(Some(ReadLocks::Buf(g)));
         }
+    } else {
+        drop(g);
     }
     let Some((mut inner, mut g, lock, _)) = lock_access(b, &|_: &WriteBuf| Ok(at), None)? else {
         return Ok(None);

@@ -168,19 +168,9 @@ fn make_parents(dir: c_int, rel: &[u8]) {
 /// buffer's only holder (`stream.rs` starts a stream only then).
 const HOLD_AT: i64 = i64::MAX - 2;
 
-fn hold_lock(kind: c_int) -> libc::flock {
-    // SAFETY: a plain C struct; all-zero is a valid value.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = HOLD_AT;
-    fl.l_len = 1;
-    fl
-}
-
 /// Mark our description `fd` of a buffer as a holder's ([`HOLD_AT`]).
 fn mark_holder(fd: c_int) {
-    let mut fl = hold_lock(libc::F_RDLCK);
+    let mut fl = crate::files::byte_lock(libc::F_RDLCK, HOLD_AT);
     // SAFETY: F_OFD_SETLK with a pointer to a local struct flock, on our own fd.
     unsafe {
         real::fcntl(
@@ -193,7 +183,7 @@ fn mark_holder(fd: c_int) {
 
 /// Does no description but our `fd` hold the buffer (no other process of the run has it)?
 pub fn sole_holder(fd: c_int) -> bool {
-    let mut fl = hold_lock(libc::F_WRLCK);
+    let mut fl = crate::files::byte_lock(libc::F_WRLCK, HOLD_AT);
     // SAFETY: F_OFD_GETLK with a pointer to a local struct flock, on our own fd.
     let r = unsafe {
         real::fcntl(

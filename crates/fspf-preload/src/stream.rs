@@ -34,7 +34,7 @@ use crate::{log, real};
 use fspf_core::crypto::{EPOCH_LEN, TAG_LEN};
 use fspf_core::session::VersionMeta;
 use fspf_core::volume::StreamState;
-use fspf_core::{FileId, Protection, RegionKind};
+use fspf_core::FileId;
 use libc::c_int;
 use std::sync::atomic::Ordering;
 
@@ -216,15 +216,7 @@ pub fn make_streamable(inner: &Inner, g: &mut WriteBuf) -> bool {
     if !alone || threshold() == 0 || g.mapped_shared || g.detached || read(g.fd).is_some() {
         return false;
     }
-    let fits = inner
-        .s
-        .vol()
-        .and_then(|v| v.region_for(&g.path))
-        .is_some_and(|r| {
-            matches!(r.kind, RegionKind::Kernel(_))
-                && r.protection == Protection::Encrypted
-                && r.key.is_some()
-        });
+    let fits = inner.s.vol().is_some_and(|v| v.can_stream(&g.path));
     if !fits || g.page_size() != Some(4096) || write(g.fd, &Record::idle(0)).is_err() {
         return false;
     }
@@ -272,7 +264,7 @@ fn read_tags(r: &Record, from: u64, to: u64) -> Result<Vec<[u8; TAG_LEN]>, c_int
     let mut raw = vec![0u8; n * TAG_LEN];
     if n > 0 {
         let fd = crate::runbuf::side_file(&r.side_name(), false).ok_or(libc::EIO)?;
-        let res = read_exact_fd(fd, &mut raw, from * TAG_LEN as u64);
+        let res = crate::files::pread_exact(fd, &mut raw, from * TAG_LEN as u64);
         // SAFETY: closing our own fd.
         unsafe { real::close(fd) };
         res?;
@@ -287,55 +279,10 @@ fn read_tags(r: &Record, from: u64, to: u64) -> Result<Vec<[u8; TAG_LEN]>, c_int
         .collect())
 }
 
-fn read_exact_fd(fd: c_int, out: &mut [u8], mut off: u64) -> Result<(), c_int> {
-    let mut done = 0;
-    while done < out.len() {
-        // SAFETY: reading into the rest of a local buffer of that length.
-        let n = unsafe {
-            real::pread(
-                fd,
-                out[done..].as_mut_ptr().cast(),
-                out.len() - done,
-                off as libc::off_t,
-            )
-        };
-        match n {
-            n if n > 0 => {
-                done += n as usize;
-                off += n as u64;
-            }
-            0 => return Err(libc::EIO),
-            _ if crate::errno() == libc::EINTR => {}
-            _ => return Err(crate::errno()),
-        }
-    }
-    Ok(())
-}
-
 fn write_tags(r: &Record, first: u64, tags: &[[u8; TAG_LEN]]) -> Result<(), c_int> {
     let fd = crate::runbuf::side_file(&r.side_name(), false).ok_or(libc::EIO)?;
     let raw: Vec<u8> = tags.iter().flatten().copied().collect();
-    let mut done = 0;
-    let mut res = Ok(());
-    while done < raw.len() {
-        // SAFETY: writing the rest of a local buffer.
-        let n = unsafe {
-            real::pwrite(
-                fd,
-                raw[done..].as_ptr().cast(),
-                raw.len() - done,
-                (first * TAG_LEN as u64 + done as u64) as libc::off_t,
-            )
-        };
-        if n > 0 {
-            done += n as usize;
-        } else if n < 0 && crate::errno() == libc::EINTR {
-            continue;
-        } else {
-            res = Err(if n < 0 { crate::errno() } else { libc::EIO });
-            break;
-        }
-    }
+    let res = crate::files::pwrite_all(fd, &raw, first * TAG_LEN as u64);
     // SAFETY: closing our own fd.
     unsafe { real::close(fd) };
     res
@@ -555,42 +502,59 @@ fn punch(fd: c_int, at: u64, len: u64) -> Result<(), c_int> {
 /// Read the stream's sealed part back into the buffer and give the stream up (`then`: the
 /// phase the record takes; a stream that cannot be read back is lost, and the buffer refused).
 fn give_up(inner: &mut Inner, g: &mut WriteBuf, r: &mut Record, then: Phase) -> Result<(), c_int> {
-    let sealed = r.state.sealed;
-    let back = (|| {
-        handle(inner, g, r)?;
-        let s = g.stream.take().ok_or(libc::EIO)?;
-        let mut block = vec![0u8; PIECE.min(sealed) as usize];
-        let mut off = 0;
-        let mut res = Ok(());
-        while off < sealed {
-            let n = (sealed - off).min(PIECE) as usize;
-            if let Err(e) = s.read_at(&mut block[..n], off) {
-                log(format!("{}: stream read back: {e}", g.path));
-                res = Err(libc::EIO);
-                break;
-            }
-            if let Err(e) = g.write_all_at(&block[..n], off) {
-                res = Err(e);
-                break;
-            }
-            off += n as u64;
+    match read_back(inner, g, r) {
+        Ok(()) => drop_stream(inner, g, r, then),
+        Err(e) => {
+            crate::say(format!(
+                "{}: the part sealed while it was written could not be read back: the file can no longer be read or committed from this run",
+                g.path
+            ));
+            let _ = drop_stream(inner, g, r, Phase::Lost);
+            Err(e)
         }
-        g.stream = Some(s);
-        res
-    })();
-    if let Some(mut s) = g.stream.take() {
+    }
+}
+
+/// Copy the sealed part of the stream `r` names back into the buffer (authenticated).
+fn read_back(inner: &mut Inner, g: &mut WriteBuf, r: &Record) -> Result<(), c_int> {
+    let sealed = r.state.sealed;
+    handle(inner, g, r)?;
+    let s = g.stream.take().ok_or(libc::EIO)?;
+    let mut block = vec![0u8; PIECE.min(sealed) as usize];
+    let mut off = 0;
+    let mut res = Ok(());
+    while off < sealed && res.is_ok() {
+        let n = (sealed - off).min(PIECE) as usize;
+        res = match s.read_at(&mut block[..n], off) {
+            Ok(()) => g.write_all_at(&block[..n], off),
+            Err(e) => {
+                log(format!("{}: stream read back: {e}", g.path));
+                Err(libc::EIO)
+            }
+        };
+        off += n as u64;
+    }
+    g.stream = Some(s);
+    res
+}
+
+/// Give the stream `r` names up: its shadow and tags go (whichever process started it), and the
+/// record takes the phase `then`.
+fn drop_stream(
+    inner: &mut Inner,
+    g: &mut WriteBuf,
+    r: &mut Record,
+    then: Phase,
+) -> Result<(), c_int> {
+    // (Another process's stream, or one this process's handle is behind on: resumed to find
+    // its shadow; one that cannot be resumed has no shadow left to remove.)
+    let _ = handle(inner, g, r);
+    // (Only a handle on this stream: one left from an earlier stream may name a version that
+    // another process committed.)
+    if let Some(mut s) = g.stream.take().filter(|s| s.state().id == r.state.id) {
         s.discard();
     }
     crate::runbuf::remove_side_file(&r.side_name());
-    if let Err(e) = back {
-        crate::say(format!(
-            "{}: the part sealed while it was written could not be read back: the file can no longer be read or committed from this run",
-            g.path
-        ));
-        *r = Record::with_phase(r.gen, Phase::Lost);
-        let _ = put(g, r);
-        return Err(e);
-    }
     *r = Record::with_phase(r.gen, then);
     put(g, r)
 }
@@ -618,15 +582,7 @@ pub fn before_cut(inner: &mut Inner, g: &mut WriteBuf, len: u64) -> Result<bool,
     if len > 0 {
         return Ok(true);
     }
-    // (Another process's stream: its shadow goes too.)
-    if handle(inner, g, &r).is_ok() {
-        if let Some(mut s) = g.stream.take() {
-            s.discard();
-        }
-    }
-    crate::runbuf::remove_side_file(&r.side_name());
-    r = Record::with_phase(r.gen, Phase::Idle);
-    put(g, &mut r)?;
+    drop_stream(inner, g, &mut r, Phase::Idle)?;
     Ok(false)
 }
 
@@ -675,11 +631,7 @@ pub fn finish(inner: &mut Inner, g: &mut WriteBuf, meta: VersionMeta) -> Result<
     }
     if g.detached {
         // Unlinked or replaced while written: nothing of it is committed.
-        if let Some(mut s) = g.stream.take() {
-            s.discard();
-        }
-        crate::runbuf::remove_side_file(&r.side_name());
-        return put(g, &mut Record::with_phase(r.gen, Phase::Off)).map(|_| false);
+        return drop_stream(inner, g, &mut r, Phase::Off).map(|_| false);
     }
     if r.high != r.state.sealed {
         // Sealing was interrupted: what it may have sealed is never sealed again.
@@ -695,11 +647,7 @@ pub fn finish(inner: &mut Inner, g: &mut WriteBuf, meta: VersionMeta) -> Result<
             "{}: written below the part sealed while it was written by a write the shield did not see (a raw system call?): the file can no longer be committed from this run",
             g.path
         ));
-        if let Some(mut s) = g.stream.take() {
-            s.discard();
-        }
-        crate::runbuf::remove_side_file(&r.side_name());
-        let _ = put(g, &mut Record::with_phase(r.gen, Phase::Lost));
+        let _ = drop_stream(inner, g, &mut r, Phase::Lost);
         return Err(libc::EIO);
     }
     let before = g.stat_now();

@@ -3526,13 +3526,7 @@ os.close(fd)
         want.truncate(2_500_003);
         want[10..15].copy_from_slice(b"after");
         let got = read_big(&w);
-        assert!(
-            got == want,
-            "{env:?}: {} bytes read back, want {}; first difference at {:?}",
-            got.len(),
-            want.len(),
-            got.iter().zip(&want).position(|(a, b)| a != b)
-        );
+        same_bytes(&got, &want, &format!("{env:?}"));
         // The same script with the file loaded whole at its open fails its first check.
         let mut w2 = big_world(n);
         let env2: Vec<_> = env
@@ -3614,11 +3608,7 @@ os.close(fd)
             want[k * part..k * part + m.len()].copy_from_slice(&m);
         }
         let got = read_big(&w);
-        assert!(
-            got == want,
-            "{env:?}: first difference at {:?}",
-            got.iter().zip(&want).position(|(a, b)| a != b)
-        );
+        same_bytes(&got, &want, &format!("{env:?}"));
         std::fs::remove_dir_all(&models).expect("models");
     }
 }
@@ -3815,10 +3805,10 @@ fn stream_piece(i: usize) -> Vec<u8> {
 }
 
 /// `got` equals `want`, or the failure says where they first differ.
-fn same_bytes(got: &[u8], want: &[u8]) {
+fn same_bytes(got: &[u8], want: &[u8], what: &str) {
     assert!(
         got == want,
-        "{} bytes read back, want {}; first difference at {:?}",
+        "{what}: {} bytes read back, want {}; first difference at {:?}",
         got.len(),
         want.len(),
         got.iter().zip(want).position(|(a, b)| a != b)
@@ -3940,7 +3930,7 @@ print(len(want))
     let mut want: Vec<u8> = (20..30).flat_map(stream_piece).collect();
     want.extend_from_slice(b"end");
     let got = read_back(&w, "/data/s");
-    same_bytes(&got, &want);
+    same_bytes(&got, &want, "read back");
 }
 
 /// The stream's state is the run's, not its writer's: a writer killed with `kill -9` after
@@ -4103,7 +4093,7 @@ assert peak <= 5 * MB, ('appending', peak)
     ok(&o, "append and write on");
     let want: Vec<u8> = (0..54).flat_map(stream_piece).collect();
     let got = read_back(&w, "/data/s");
-    same_bytes(&got, &want);
+    same_bytes(&got, &want, "read back");
     // Streams off: the part written after the fsync is held (the check fails).
     fails_with_streams_off(&script, "after fsync");
 }

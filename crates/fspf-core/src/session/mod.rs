@@ -733,12 +733,7 @@ impl<A: Anchor> Session<A> {
         &mut self,
         path: &EmbedPath,
     ) -> Result<Option<crate::volume::StreamStage>, ViewError> {
-        let region = self.region_of(path).ok_or(ViewError::Untrusted)?.clone();
-        self.ensure_parent(&region, path);
-        self.vol_ok()?.stream_file(path).map_err(|e| {
-            (self.cfg.log)(&format!("{path}: starting a sealed stream failed: {e}"));
-            ViewError::of_io(&e)
-        })
+        self.start_stream(path, false)
     }
 
     /// [`Session::stream_file`] for a stream several processes write
@@ -748,9 +743,23 @@ impl<A: Anchor> Session<A> {
         &mut self,
         path: &EmbedPath,
     ) -> Result<Option<crate::volume::StreamStage>, ViewError> {
+        self.start_stream(path, true)
+    }
+
+    fn start_stream(
+        &mut self,
+        path: &EmbedPath,
+        shared: bool,
+    ) -> Result<Option<crate::volume::StreamStage>, ViewError> {
         let region = self.region_of(path).ok_or(ViewError::Untrusted)?.clone();
         self.ensure_parent(&region, path);
-        self.vol_ok()?.stream_file_shared(path).map_err(|e| {
+        let vol = self.vol_ok()?;
+        let started = if shared {
+            vol.stream_file_shared(path)
+        } else {
+            vol.stream_file(path)
+        };
+        started.map_err(|e| {
             (self.cfg.log)(&format!("{path}: starting a sealed stream failed: {e}"));
             ViewError::of_io(&e)
         })

@@ -149,6 +149,11 @@ impl Volume {
         self.start_stream(path, true)
     }
 
+    /// Can `path` be sealed while it is written (a file of an encrypted kernel region)?
+    pub fn can_stream(&self, path: &EmbedPath) -> bool {
+        self.stream_target(path).is_some()
+    }
+
     /// The region key and kernel location of `path`, if it is in an encrypted kernel region.
     fn stream_target(&self, path: &EmbedPath) -> Option<(&crypto::RegionKey, KernelPath, u32)> {
         let region = self.region_for(path)?;
