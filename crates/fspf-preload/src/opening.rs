@@ -519,12 +519,10 @@ fn lock_access<'a>(
         let r = crate::stream::current(&mut g)?;
         let first = match cut {
             Some(len) => crate::stream::before_cut(&mut inner, &mut g, len)?,
-            None => match r {
-                // (Where the access lands is asked only when a stream has sealed a part.)
-                Some(rec) if crate::stream::has_sealed(&rec) => {
-                    crate::stream::must_settle(&r, from(&g)?)
-                }
-                _ => false,
+            // (Where the access lands is asked only when a stream has sealed a part.)
+            None => match crate::stream::sealed_part(&r) {
+                Some(end) => from(&g)? < end,
+                None => false,
             },
         };
         if !first {

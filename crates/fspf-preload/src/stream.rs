@@ -559,15 +559,11 @@ fn drop_stream(
     put(g, r)
 }
 
-/// Does the stream `r` names hold a sealed part (an access below it must settle it)?
-pub fn has_sealed(r: &Record) -> bool {
-    r.phase == Phase::Active && r.state.sealed > 0
-}
-
-/// Before an access to `[from, to)` of a streamable buffer (under its locks): must the stream
-/// be committed first (the access reaches below its sealed end)?
-pub fn must_settle(r: &Option<Record>, from: u64) -> bool {
-    r.is_some_and(|r| r.phase == Phase::Active && from < r.state.sealed)
+/// Where the sealed part of the stream `r` names ends, if it has one (an access below it must
+/// commit the stream first).
+pub fn sealed_part(r: &Option<Record>) -> Option<u64> {
+    r.filter(|r| r.phase == Phase::Active && r.state.sealed > 0)
+        .map(|r| r.state.sealed)
 }
 
 /// A cut to `len` of a buffer whose stream is active: to 0 the stream is dropped (nothing of

@@ -63,12 +63,13 @@ fn open_direct(out: &Output) -> Option<File> {
 
 /// Write `data` at `at`: its whole aligned blocks with `direct` (from `data` itself when its
 /// memory is aligned like the file offsets, else from an aligned copy), the edges with `file`.
-/// A direct write the file system refuses (`EINVAL`) goes through the page cache.
-fn write_at(file: &File, direct: Option<&File>, data: &[u8], at: u64) -> std::io::Result<()> {
+/// A direct write the file system refuses (`EINVAL`) goes through the page cache, and `direct`
+/// is dropped for the writes after it.
+fn write_at(file: &File, direct: &mut Option<File>, data: &[u8], at: u64) -> std::io::Result<()> {
     let end = at + data.len() as u64;
     let lo = at.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
     let hi = end / DIRECT_ALIGN * DIRECT_ALIGN;
-    let Some(d) = direct.filter(|_| hi > lo) else {
+    let Some(d) = direct.as_ref().filter(|_| hi > lo) else {
         return file.write_all_at(data, at);
     };
     let (a, b) = ((lo - at) as usize, (hi - at) as usize);
@@ -83,7 +84,10 @@ fn write_at(file: &File, direct: Option<&File>, data: &[u8], at: u64) -> std::io
     };
     match wrote {
         Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc_einval()) => file.write_all_at(mid, lo)?,
+        Err(e) if e.raw_os_error() == Some(libc_einval()) => {
+            *direct = None;
+            file.write_all_at(mid, lo)?
+        }
         Err(e) => return Err(e),
     }
     file.write_all_at(&data[..a], at)?;
@@ -407,7 +411,7 @@ impl StreamStage {
         let at = ft::chunk_offset(self.chunk_len, first).unwrap_or(u64::MAX);
         let wrote = match self.file.as_mut() {
             Some(Sink::Direct(w)) => w.write_all(data),
-            Some(Sink::At(f, d)) => write_at(f, d.as_ref(), data, at),
+            Some(Sink::At(f, d)) => write_at(f, d, data, at),
             None => Ok(()),
         };
         wrote.map_err(|e| Error::io(&self.out.label, e))?;
