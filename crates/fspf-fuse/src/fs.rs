@@ -1142,6 +1142,11 @@ impl Filesystem for FspfFs {
         if let Err(e) = st.commit() {
             eprintln!("fspf mount: final commit failed (errno {e}): changes since the last commit are lost");
         }
+        if let Err(e) = st.s.settle_journals() {
+            eprintln!(
+                "fspf mount: could not settle update journals ({e:?}): the next open applies them"
+            );
+        }
         self.anchor.settle();
     }
 

@@ -1118,6 +1118,9 @@ pub fn at_exit() -> bool {
         ));
         return false;
     }
+    // Applied update journals: the files they changed are made durable and the journals go
+    // (a failure leaves them for the next open, which applies them again if needed).
+    let _ = inner.s.settle_journals();
     // Everything is committed: the run's shared buffers this process was the last to hold go
     // (exit closes their fds, but runs no destructor).
     for b in inner.live.values() {

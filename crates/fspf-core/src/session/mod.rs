@@ -493,6 +493,16 @@ impl<A: Anchor> Session<A> {
         self.vol.as_ref()
     }
 
+    /// Make the files whose update journals this session applied durable and remove those
+    /// journals (FORMAT.md §5b): at exit and unmount. Until then a crash is recovered from the
+    /// journals, so nothing committed depends on it.
+    pub fn settle_journals(&self) -> Result<(), ViewError> {
+        match &self.vol {
+            Some(v) => v.settle_journals().map_err(|e| ViewError::of_io(&e)),
+            None => Ok(()),
+        }
+    }
+
     fn vol_ok(&self) -> Result<&Volume, ViewError> {
         self.vol.as_ref().ok_or(ViewError::Untrusted)
     }

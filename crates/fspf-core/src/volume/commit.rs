@@ -148,8 +148,10 @@ impl Volume {
             return Ok(());
         }
         let opts = self.opts;
+        let pending = std::mem::take(&mut self.pending);
         *self = store::open(&self.path, self.key.clone(), Some(trusted))?;
         self.opts = opts;
+        self.pending = pending;
         Ok(())
     }
 
@@ -214,7 +216,10 @@ pub(crate) fn roll_forward(
 ) -> Result<()> {
     roll_forward_at(dir, name, id);
     match root {
-        Some(r) => super::update::apply_journal(fspf, dir, name, id, r, label),
+        Some(r) => {
+            use super::update::{apply_chain, ApplyMode};
+            apply_chain(fspf, dir, name, id, r, label, ApplyMode::Recover).map(drop)
+        }
         None => Ok(()),
     }
 }
@@ -673,10 +678,7 @@ impl Volume {
             if !live {
                 continue;
             }
-            if let Some((dir, name)) = self.kernel_path(&u.path).and_then(|l| l.parent().ok()) {
-                let label = u.path.to_string();
-                let _ = roll_forward(&self.path, &dir, &name, &u.id, Some(&root), &label);
-            }
+            let _ = self.apply_committed(&u.path, &u.id, &root, u.journal_len);
         }
         // Outboards of versions no longer referenced are garbage now that the commit is durable.
         // A version's id is listed at one path at most, and every path whose entry changed is

@@ -69,6 +69,18 @@ pub struct Volume {
     /// describes (`None`: removed), from the log and this process's commits. Every read
     /// consults it before the index.
     overlay: std::collections::BTreeMap<EmbedPath, Option<FileEntry>>,
+    /// Format-2 files whose update journals this volume applied without making the files
+    /// durable yet (FORMAT.md §5b, chains): settled at [`update::PENDING_MAX`] journals, at a
+    /// later update that writes in place, and by [`Volume::settle_journals`].
+    pending: std::sync::Mutex<std::collections::HashMap<crypto::FileId, PendingJournals>>,
+}
+
+/// The applied, not yet durable journals of one file (see [`Volume::settle_journals`]).
+#[derive(Debug, Clone)]
+struct PendingJournals {
+    path: EmbedPath,
+    count: u32,
+    bytes: u64,
 }
 
 /// How a [`Volume`] seals, verifies and syncs: options of the volume a frontend opens
@@ -121,6 +133,7 @@ impl Volume {
             writer: Default::default(),
             log: Default::default(),
             overlay: Default::default(),
+            pending: Default::default(),
         };
         // Under the update lock: the orphan cleanup removes temporaries only while holding it.
         let _lock = FspfLock::acquire(&v.path)?;
@@ -196,6 +209,7 @@ impl Volume {
             writer: Default::default(),
             log: Default::default(),
             overlay: Default::default(),
+            pending: Default::default(),
         })
     }
 
@@ -235,6 +249,7 @@ impl Volume {
             writer: Default::default(),
             log: self.log,
             overlay: Default::default(),
+            pending: Default::default(),
         }))
     }
 

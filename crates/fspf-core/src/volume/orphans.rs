@@ -156,6 +156,8 @@ impl Volume {
                 _ => None,
             })
             .collect();
+        // A committed entry's journal, and the applied ones its chain continues, are kept
+        // (FORMAT.md §5b).
         let journals: HashSet<(FileId, [u8; 32])> = self
             .meta
             .files
@@ -166,13 +168,17 @@ impl Volume {
                 } => Some((*id, *r)),
                 _ => None,
             })
+            .flat_map(|(id, r)| {
+                let mut roots = super::update::chain_roots(&self.path, &id, &r);
+                roots.push(r);
+                roots.into_iter().map(move |x| (id, x))
+            })
             .collect();
         let trees = self.tree_dir();
         if let (Ok(rd), Some(tname)) = (std::fs::read_dir(&trees), trees.file_name()) {
             for e in rd.flatten() {
                 let name = e.file_name();
                 if let Some(j) = journal_name(name.as_encoded_bytes()) {
-                    // A committed entry's journal is applied by the next open, never removed.
                     if !journals.contains(&j) {
                         out.push(Orphan {
                             kind: OrphanKind::Journal,

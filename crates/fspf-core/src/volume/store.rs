@@ -302,6 +302,7 @@ fn open_checkpoint(path: &Path, key: Option<VolumeKey>) -> Result<Volume> {
             checkpoint_version: h.version,
         },
         overlay: Default::default(),
+        pending: Default::default(),
     })
 }
 

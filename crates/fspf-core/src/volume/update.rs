@@ -54,6 +54,8 @@ pub struct StagedUpdate {
     pub entry: FileEntry,
     /// The journal, `FSPF.trees/<id>.<new root>.journal`.
     pub journal: PathBuf,
+    /// Its length in bytes.
+    pub journal_len: u64,
     /// Sealed chunks wholly past the committed data's end (appended): written straight to the
     /// data file by the commit, before its commit point, instead of to the journal
     /// (FORMAT.md §5b), so that an append is written once.
@@ -99,6 +101,95 @@ impl StagedUpdate {
 }
 
 impl Volume {
+    /// Whether this volume applied journals of file `id` that are not durable yet.
+    pub(crate) fn journals_pending(&self, id: &FileId) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id)
+    }
+
+    /// After a commit: apply the journals that lead to the committed root `root` of `path`
+    /// (file `id`) and keep them until the file is settled; settle it at the limits.
+    pub(crate) fn apply_committed(
+        &self,
+        path: &EmbedPath,
+        id: &FileId,
+        root: &[u8; 32],
+        journal_len: u64,
+    ) -> Result<()> {
+        let Some((dir, name)) = self.kernel_path(path).and_then(|l| l.parent().ok()) else {
+            return Ok(());
+        };
+        let label = path.to_string();
+        super::commit::roll_forward_at(&dir, &name, id);
+        let kept = apply_chain(&self.path, &dir, &name, id, root, &label, ApplyMode::Defer)?;
+        let full = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if !kept {
+                p.remove(id);
+                return Ok(());
+            }
+            let e = p.entry(*id).or_insert_with(|| super::PendingJournals {
+                path: path.clone(),
+                count: 0,
+                bytes: 0,
+            });
+            e.path = path.clone();
+            e.count += 1;
+            e.bytes += journal_len;
+            e.count >= PENDING_MAX || e.bytes >= PENDING_MAX_BYTES
+        };
+        if full {
+            self.settle_file(path, id, root)?;
+        }
+        Ok(())
+    }
+
+    /// Make file `id` at `path` durable up to its root `root` and remove the journals that led
+    /// there (applying any not applied in this boot).
+    pub(crate) fn settle_file(&self, path: &EmbedPath, id: &FileId, root: &[u8; 32]) -> Result<()> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        let Some((dir, name)) = self.kernel_path(path).and_then(|l| l.parent().ok()) else {
+            return Ok(());
+        };
+        let label = path.to_string();
+        apply_chain(&self.path, &dir, &name, id, root, &label, ApplyMode::Settle).map(drop)
+    }
+
+    /// Make every file whose journals this volume applied durable and remove those journals
+    /// (at a session's end: the frontends call it at exit and unmount). A file since replaced
+    /// or moved keeps its journals for the next update or open of it.
+    pub fn settle_journals(&self) -> Result<()> {
+        let all: Vec<(FileId, EmbedPath)> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(id, p)| (id, p.path))
+            .collect();
+        let mut first = Ok(());
+        for (id, path) in all {
+            let root = match self.lookup(&path).map(|e| e.kind.clone()) {
+                Some(FileKind::File {
+                    id: i,
+                    root: Some(r),
+                    ..
+                }) if i == id => r,
+                _ => continue,
+            };
+            if let Err(e) = self.settle_file(&path, &id, &root) {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+
     /// Open the listed file `path` for an in-place update. `Ok(None)` when it is not a
     /// format-2 file of a kernel region (the caller writes a whole new version instead).
     pub fn update_file(&self, path: &EmbedPath) -> Result<Option<FileUpdate>> {
@@ -289,7 +380,7 @@ impl FileUpdate {
         crypto::random_bytes(&mut epoch)?;
         let key = crypto::epoch_chunk_key(&self.region, &self.id, &epoch)?;
         let mut changed = BTreeMap::new();
-        let mut j = Journal::new(self.id);
+        let mut j = Journal::new(self.id, None);
         let mut direct = Direct::default();
         j.set_len(Target::Data, ft::data_len(self.size).unwrap_or(u64::MAX));
         // Chunks that start at or past the committed data's end overwrite nothing a reader of
@@ -321,6 +412,17 @@ impl FileUpdate {
             );
         }
         let writer = vol.writer_guard()?;
+        // Chain this journal to the applied ones of earlier updates that are not durable yet
+        // (FORMAT.md §5b), or make those durable first and start a chain: always when chunks are
+        // written in place before the commit point (a replay of older journals would cut or
+        // overwrite them), and at this volume's first update of the file (another process's
+        // chain is ended, so that chains stay short). An update that changed nothing has the
+        // root it began from, the name of the journal before it: that one is settled too.
+        if direct.0.is_empty() && root != self.base_root && vol.journals_pending(&self.id) {
+            j.prev = Some(self.base_root);
+        } else {
+            vol.settle_file(&self.path, &self.id, &self.base_root)?;
+        }
         let jp = store::journal_path(&vol.path, &self.id, &root);
         let bytes = j.encode(&root);
         let full = jp.full();
@@ -350,6 +452,7 @@ impl FileUpdate {
             base_root: self.base_root,
             entry,
             journal: full,
+            journal_len: bytes.len() as u64,
             direct: Arc::new(direct),
             _writer: writer,
         })
@@ -405,8 +508,9 @@ impl StagedUpdate {
             journal: full.display().to_string(),
             reason,
         };
-        let mut j = Journal::new(self.id);
-        for r in parse_journal(&bytes, &self.id, &root).map_err(damaged)? {
+        let parsed = parse_journal(&bytes, &self.id, &root).map_err(damaged)?;
+        let mut j = Journal::new(self.id, parsed.prev);
+        for r in parsed.records {
             match r {
                 Record::Len(t, len) => j.set_len(t, len),
                 Record::Write(t, at, b) => j.write(t, at, b),
@@ -439,16 +543,35 @@ enum Target {
 /// A journal being built: lengths first, then writes (FORMAT.md §5b).
 struct Journal {
     id: FileId,
+    /// The root of the journal this one continues (FORMAT.md §5b, chains); `None`: the first
+    /// of its chain (the committed state before it is durable in the files).
+    prev: Option<[u8; 32]>,
     lens: Vec<(Target, u64)>,
     writes: Vec<(Target, u64, Vec<u8>)>,
 }
 
-const JOURNAL_MAGIC: [u8; 8] = *b"FSPFJ\x02\0\0";
+/// Journal format 3 (chained, with an applied mark); format 2 journals are still applied.
+const JOURNAL_MAGIC: [u8; 8] = *b"FSPFJ\x03\0\0";
+const JOURNAL_MAGIC_V2: [u8; 8] = *b"FSPFJ\x02\0\0";
+/// Where a format-3 journal holds the boot id of the boot in which it was applied (16 bytes,
+/// zeros until then; not covered by the checksum).
+const APPLIED_AT: usize = 8;
+/// Header of a format-3 journal: magic, applied mark, file id, root, previous root, count.
+const HEAD3: usize = 8 + 16 + 16 + 32 + 32 + 8;
+/// Header of a format-2 journal: magic, file id, root, count.
+const HEAD2: usize = 8 + 16 + 32 + 8;
+/// A chain longer than this is refused as damaged (a writer settles at [`PENDING_MAX`]).
+const CHAIN_MAX: usize = 4096;
+/// Applied journals a volume keeps per file before it makes the file durable and removes them.
+pub(crate) const PENDING_MAX: u32 = 64;
+/// Bytes of applied journals a volume keeps per file before it does the same.
+pub(crate) const PENDING_MAX_BYTES: u64 = 32 << 20;
 
 impl Journal {
-    fn new(id: FileId) -> Journal {
+    fn new(id: FileId, prev: Option<[u8; 32]>) -> Journal {
         Journal {
             id,
+            prev,
             lens: Vec::new(),
             writes: Vec::new(),
         }
@@ -469,8 +592,10 @@ impl Journal {
     fn encode(&self, root: &[u8; 32]) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(&JOURNAL_MAGIC);
+        out.extend_from_slice(&[0u8; 16]);
         out.extend_from_slice(&self.id.0);
         out.extend_from_slice(root);
+        out.extend_from_slice(&self.prev.unwrap_or([0; 32]));
         let count = (self.lens.len() + self.writes.len()) as u64;
         out.extend_from_slice(&count.to_le_bytes());
         let code = |t: Target, w: bool| match (t, w) {
@@ -502,27 +627,90 @@ enum Record<'a> {
     Write(Target, u64, &'a [u8]),
 }
 
+/// A parsed journal: the root it continues and its records.
+struct Parsed<'a> {
+    prev: Option<[u8; 32]>,
+    records: Vec<Record<'a>>,
+}
+
+/// The header fields a chain walk needs.
+struct Head {
+    /// Boot id of the boot in which the journal was applied (format 3 only).
+    applied: Option<[u8; 16]>,
+    prev: Option<[u8; 32]>,
+}
+
+fn nonzero(b: &[u8]) -> Option<[u8; 32]> {
+    let r: [u8; 32] = b.try_into().ok()?;
+    (r != [0; 32]).then_some(r)
+}
+
+/// Read the header of journal `f` (of file `id` at `root`).
+fn read_head(f: &File, id: &FileId, root: &[u8; 32]) -> std::result::Result<Head, String> {
+    let mut h = [0u8; HEAD3];
+    let mut got = 0;
+    while got < h.len() {
+        match f.read_at(&mut h[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let h = &h[..got];
+    let (ids, prev, applied) = match h.get(..8) {
+        Some(m) if m == JOURNAL_MAGIC && h.len() == HEAD3 => {
+            let a: [u8; 16] = h[8..24].try_into().unwrap_or_default();
+            (
+                &h[24..72],
+                nonzero(&h[72..104]),
+                (a != [0; 16]).then_some(a),
+            )
+        }
+        Some(m) if m == JOURNAL_MAGIC_V2 && h.len() >= HEAD2 => (&h[8..56], None, None),
+        _ => return Err("bad magic or shorter than its header".into()),
+    };
+    if ids[..16] != id.0 || ids[16..48] != root[..] {
+        return Err("names another file or root".into());
+    }
+    Ok(Head { applied, prev })
+}
+
 fn parse_journal<'a>(
     b: &'a [u8],
     id: &FileId,
     root: &[u8; 32],
-) -> std::result::Result<Vec<Record<'a>>, String> {
-    const HEAD: usize = 8 + 16 + 32 + 8;
-    if b.len() < HEAD + 32 {
+) -> std::result::Result<Parsed<'a>, String> {
+    let v3 = b.get(..8) == Some(&JOURNAL_MAGIC[..]);
+    let head = if v3 { HEAD3 } else { HEAD2 };
+    if b.len() < head + 32 {
         return Err("shorter than its header".into());
     }
     let (body, sum) = b.split_at(b.len() - 32);
-    if blake3::hash(body).as_bytes() != sum {
+    let mut h = blake3::Hasher::new();
+    if v3 {
+        // The applied mark is written after the checksum: it counts as zeros.
+        h.update(&body[..APPLIED_AT]);
+        h.update(&[0u8; 16]);
+        h.update(&body[APPLIED_AT + 16..]);
+    } else {
+        h.update(body);
+    }
+    if h.finalize().as_bytes() != sum {
         return Err("checksum mismatch (torn or modified)".into());
     }
-    if body[..8] != JOURNAL_MAGIC {
+    let (ids, prev) = if v3 {
+        (&body[24..72], nonzero(&body[72..104]))
+    } else if body[..8] == JOURNAL_MAGIC_V2 {
+        (&body[8..56], None)
+    } else {
         return Err("bad magic".into());
-    }
-    if body[8..24] != id.0 || body[24..56] != root[..] {
+    };
+    if ids[..16] != id.0 || ids[16..48] != root[..] {
         return Err("names another file or root".into());
     }
-    let count = u64::from_le_bytes(body[56..64].try_into().unwrap_or_default());
-    let mut at = HEAD;
+    let count = u64::from_le_bytes(body[head - 8..head].try_into().unwrap_or_default());
+    let mut at = head;
     let mut out = Vec::new();
     for _ in 0..count {
         let Some(h) = body.get(at..at + 17) else {
@@ -552,49 +740,180 @@ fn parse_journal<'a>(
     if at != body.len() {
         return Err("bytes after the last record".into());
     }
+    Ok(Parsed { prev, records: out })
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`): the page cache of one boot survives any
+/// process's death, so a journal applied in this boot needs no second application until the
+/// machine restarts. `None` where it cannot be read: journals are then made durable at once.
+fn boot_id() -> Option<[u8; 16]> {
+    static ID: std::sync::OnceLock<Option<[u8; 16]>> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        let s = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        let h: String = s.trim().chars().filter(|c| *c != '-').collect();
+        let v = hex::decode(h).ok()?;
+        let id: [u8; 16] = v.try_into().ok()?;
+        (id != [0; 16]).then_some(id)
+    })
+}
+
+/// What [`apply_chain`] does with the journals it finds.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum ApplyMode {
+    /// On open (recovery): apply what this boot has not applied; if anything was, make the
+    /// files durable and remove the chain.
+    Recover,
+    /// After a commit: apply and mark; the journals stay until the file is settled.
+    Defer,
+    /// Make the files durable and remove the whole chain (applying what is not applied).
+    Settle,
+}
+
+/// One journal of a chain, newest first.
+struct Link {
+    file: File,
+    root: [u8; 32],
+    applied: bool,
+}
+
+fn journal_err(label: &str, full: &Path, e: kernel_fs::OpenError) -> Error {
+    match e {
+        kernel_fs::OpenError::Io(e) => Error::kernel(label, full.to_path_buf(), e),
+        kernel_fs::OpenError::NotRegular(kind) => Error::NotRegular {
+            path: format!("{label}: journal {}", full.display()),
+            kind,
+        },
+    }
+}
+
+/// Open the journal of file `id` at `root` (read-write where allowed: the applier marks it).
+fn open_journal(fspf: &Path, id: &FileId, root: &[u8; 32], label: &str) -> Result<Option<File>> {
+    let jp = store::journal_path(fspf, id, root);
+    let ro = |e: &std::io::Error| {
+        use rustix::io::Errno;
+        [Errno::ACCESS, Errno::ROFS, Errno::PERM]
+            .iter()
+            .any(|x| e.raw_os_error() == Some(x.raw_os_error()))
+    };
+    match kernel_fs::open_regular_rw(jp.base(), jp.rel()) {
+        Ok(f) => Ok(Some(f)),
+        Err(kernel_fs::OpenError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(kernel_fs::OpenError::Io(e)) if ro(&e) => {
+            match kernel_fs::open_regular(jp.base(), jp.rel()) {
+                Ok(f) => Ok(Some(f)),
+                Err(kernel_fs::OpenError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Ok(None)
+                }
+                Err(e) => Err(journal_err(label, &jp.full(), e)),
+            }
+        }
+        Err(e) => Err(journal_err(label, &jp.full(), e)),
+    }
+}
+
+/// The chain of journals that ends at `root` (newest first): each names the root it continues,
+/// and the walk stops where that journal does not exist. With `all` false it also stops at
+/// the first journal applied in this boot (it and everything before it are applied).
+fn walk_chain(
+    fspf: &Path,
+    id: &FileId,
+    root: &[u8; 32],
+    label: &str,
+    all: bool,
+) -> Result<Vec<Link>> {
+    let boot = boot_id();
+    let mut out: Vec<Link> = Vec::new();
+    let mut r = *root;
+    loop {
+        let Some(file) = open_journal(fspf, id, &r, label)? else {
+            break;
+        };
+        let full = store::journal_path(fspf, id, &r).full();
+        let damaged = |reason: String| Error::JournalDamaged {
+            path: label.into(),
+            journal: full.display().to_string(),
+            reason,
+        };
+        if out.len() >= CHAIN_MAX || out.iter().any(|l| l.root == r) {
+            return Err(damaged("its chain is cyclic or too long".into()));
+        }
+        let head = read_head(&file, id, &r).map_err(damaged)?;
+        let applied = boot.is_some() && head.applied == boot;
+        if applied && !all {
+            break;
+        }
+        out.push(Link {
+            file,
+            root: r,
+            applied,
+        });
+        match head.prev {
+            Some(p) => r = p,
+            None => break,
+        }
+    }
     Ok(out)
 }
 
-/// Apply the journal of file `id` at root `root` to the data file `dir`/`name` and the tree,
-/// if the journal exists; then remove it. Serialised on the journal's own `flock`: whoever
-/// comes second finds it unlinked and does nothing.
-pub(crate) fn apply_journal(
+/// Apply the journals of file `id` that lead to its committed root `root` to the data file
+/// `dir`/`name` and its tree, oldest first (FORMAT.md §5b); `mode` says what happens after.
+/// Returns whether journals were left in place (applied, not yet durable: [`ApplyMode::Defer`]).
+/// Each application is serialised on the journal's own `flock`: whoever comes second finds it
+/// unlinked or marked applied and does nothing.
+pub(crate) fn apply_chain(
     fspf: &Path,
     dir: &std::os::fd::OwnedFd,
     name: &std::ffi::OsStr,
     id: &FileId,
     root: &[u8; 32],
     label: &str,
-) -> Result<()> {
-    let jp = store::journal_path(fspf, id, root);
-    let full = jp.full();
-    let f = match kernel_fs::open_regular(jp.base(), jp.rel()) {
-        Ok(f) => f,
-        Err(kernel_fs::OpenError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(())
-        }
-        Err(kernel_fs::OpenError::Io(e)) => return Err(Error::kernel(label, full, e)),
-        Err(kernel_fs::OpenError::NotRegular(kind)) => {
-            return Err(Error::NotRegular {
-                path: format!("{label}: journal {}", full.display()),
-                kind,
-            })
-        }
+    mode: ApplyMode,
+) -> Result<bool> {
+    let boot = boot_id();
+    let mode = match (mode, boot) {
+        (ApplyMode::Defer, None) => ApplyMode::Settle,
+        (m, _) => m,
     };
-    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
-        .map_err(|e| Error::io(&full, e.into()))?;
-    let st = rustix::fs::fstat(&f).map_err(|e| Error::io(&full, e.into()))?;
-    if st.st_nlink == 0 {
-        return Ok(());
+    let chain = walk_chain(fspf, id, root, label, mode == ApplyMode::Settle)?;
+    if chain.is_empty() {
+        return Ok(false);
     }
-    let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut &f, &mut bytes).map_err(|e| Error::io(&full, e))?;
-    let damaged = |reason: String| Error::JournalDamaged {
-        path: label.into(),
-        journal: full.display().to_string(),
-        reason,
+    let mut files: Option<(File, File)> = None;
+    for l in chain.iter().rev().filter(|l| !l.applied) {
+        apply_one(fspf, dir, name, id, l, label, boot, &mut files)?;
+    }
+    if mode == ApplyMode::Defer {
+        return Ok(true);
+    }
+    let (data, tree) = match files {
+        Some(f) => f,
+        None => open_targets(fspf, dir, name, id, label)?,
     };
-    let records = parse_journal(&bytes, id, root).map_err(damaged)?;
+    // fdatasync: the chunks, pages and lengths are what the committed root needs; the files'
+    // times are not part of the state.
+    data.sync_data().map_err(|e| Error::io(label, e))?;
+    tree.sync_data().map_err(|e| Error::io(label, e))?;
+    // Everything up to `root` is durable: the whole chain goes (applied journals before the
+    // unapplied suffix too).
+    let all = if mode == ApplyMode::Settle {
+        chain
+    } else {
+        walk_chain(fspf, id, root, label, true)?
+    };
+    for l in &all {
+        let jp = store::journal_path(fspf, id, &l.root);
+        let _ = kernel_fs::remove_beneath(jp.base(), jp.rel(), false);
+    }
+    Ok(false)
+}
+
+fn open_targets(
+    fspf: &Path,
+    dir: &std::os::fd::OwnedFd,
+    name: &std::ffi::OsStr,
+    id: &FileId,
+    label: &str,
+) -> Result<(File, File)> {
     let data = kernel_fs::open_regular_rw_at(dir, name).map_err(|e| match e {
         kernel_fs::OpenError::Io(e) => Error::io(label, e),
         kernel_fs::OpenError::NotRegular(kind) => Error::NotRegular {
@@ -603,25 +922,74 @@ pub(crate) fn apply_journal(
         },
     })?;
     let tree = store::open_tree_rw(fspf, id, label)?;
-    let file = |t: Target| -> &File {
-        match t {
-            Target::Data => &data,
-            Target::Tree => &tree,
-        }
+    Ok((data, tree))
+}
+
+/// Apply one journal under its `flock` and mark it applied in this boot.
+#[allow(clippy::too_many_arguments)]
+fn apply_one(
+    fspf: &Path,
+    dir: &std::os::fd::OwnedFd,
+    name: &std::ffi::OsStr,
+    id: &FileId,
+    l: &Link,
+    label: &str,
+    boot: Option<[u8; 16]>,
+    files: &mut Option<(File, File)>,
+) -> Result<()> {
+    let full = store::journal_path(fspf, id, &l.root).full();
+    let f = &l.file;
+    rustix::fs::flock(f, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| Error::io(&full, e.into()))?;
+    let unlock = || {
+        let _ = rustix::fs::flock(f, rustix::fs::FlockOperation::Unlock);
     };
-    for r in &records {
+    let st = rustix::fs::fstat(f).map_err(|e| Error::io(&full, e.into()))?;
+    let damaged = |reason: String| Error::JournalDamaged {
+        path: label.into(),
+        journal: full.display().to_string(),
+        reason,
+    };
+    if st.st_nlink == 0
+        || boot.is_some() && read_head(f, id, &l.root).map_err(damaged)?.applied == boot
+    {
+        unlock();
+        return Ok(());
+    }
+    let mut bytes = vec![0u8; usize::try_from(st.st_size).unwrap_or(0)];
+    f.read_exact_at(&mut bytes, 0)
+        .map_err(|e| Error::io(&full, e))?;
+    let parsed = parse_journal(&bytes, id, &l.root).map_err(damaged)?;
+    if files.is_none() {
+        *files = Some(open_targets(fspf, dir, name, id, label)?);
+    }
+    let Some((data, tree)) = files.as_ref() else {
+        return Err(damaged("no data file".into()));
+    };
+    for r in &parsed.records {
         let res = match r {
-            Record::Len(t, len) => file(*t).set_len(*len),
-            Record::Write(t, at, b) => file(*t).write_all_at(b, *at),
+            Record::Len(Target::Data, len) => data.set_len(*len),
+            Record::Len(Target::Tree, len) => tree.set_len(*len),
+            Record::Write(Target::Data, at, b) => data.write_all_at(b, *at),
+            Record::Write(Target::Tree, at, b) => tree.write_all_at(b, *at),
         };
         res.map_err(|e| Error::io(label, e))?;
     }
-    // fdatasync: the chunks, pages and lengths are what the committed root needs; the files'
-    // times are not part of the state.
-    data.sync_data().map_err(|e| Error::io(label, e))?;
-    tree.sync_data().map_err(|e| Error::io(label, e))?;
-    let _ = kernel_fs::remove_beneath(jp.base(), jp.rel(), false);
+    // The mark is a page-cache write like the application itself: one boot sees both; after a
+    // restart the mark names another boot and the journal is applied again.
+    if let (Some(b), true) = (boot, bytes.get(..8) == Some(&JOURNAL_MAGIC[..])) {
+        f.write_all_at(&b, APPLIED_AT as u64)
+            .map_err(|e| Error::io(&full, e))?;
+    }
+    unlock();
     Ok(())
+}
+
+/// Roots of the journals in the chain that ends at `root` (orphan cleanup keeps them).
+pub(crate) fn chain_roots(fspf: &Path, id: &FileId, root: &[u8; 32]) -> Vec<[u8; 32]> {
+    walk_chain(fspf, id, root, "", true)
+        .map(|c| c.into_iter().map(|l| l.root).collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -880,7 +1248,12 @@ mod tests {
         let tag = v.tag();
         v.commit(vec![Change::Update(s.clone())], Some(tag))
             .unwrap();
-        assert!(!s.journal.exists(), "applied and removed");
+        // Applied, marked with this boot's id, kept until the file is settled.
+        let marked = std::fs::read(&s.journal).unwrap();
+        assert_eq!(&marked[8..24], &boot_id().unwrap()[..]);
+        assert_eq!(&marked[..8], &journal[..8]);
+        v.settle_journals().unwrap();
+        assert!(!s.journal.exists(), "settled and removed");
         let (new_data, new_tree) = (std::fs::read(&data).unwrap(), std::fs::read(&tree).unwrap());
         // Crash after the commit point, before the journal was applied, or half way: the
         // appended chunks were made durable before the commit point (FORMAT.md §5b).
@@ -932,7 +1305,7 @@ mod tests {
         std::fs::write(&tree, &old_tree).unwrap();
         assert!(matches!(read_all(&v, &f), Err(Error::TreeAuth { .. })));
         // A journal that was tampered with is refused, and nothing is applied.
-        let mut j = Journal::new(s.id);
+        let mut j = Journal::new(s.id, None);
         j.set_len(Target::Data, 1);
         let mut bytes = j.encode(&s.root());
         let k = bytes.len() - 40;
@@ -1097,6 +1470,171 @@ mod tests {
         let s = commit_update(&mut v, u);
         assert_eq!(s.root(), s.base_root, "nothing changed: the same root");
         assert!(read_all(&v, &f).unwrap() == big);
+    }
+
+    /// Journals of `f` in the volume's tree directory.
+    fn journals(v: &Volume) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = std::fs::read_dir(v.tree_dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "journal"))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// What a restart does to an applied journal: its mark names another boot.
+    fn forget_marks(v: &Volume) {
+        for j in journals(v) {
+            let mut b = std::fs::read(&j).unwrap();
+            b[8..24].copy_from_slice(&[0xee; 16]);
+            std::fs::write(&j, &b).unwrap();
+        }
+    }
+
+    /// The data and tree writes after the commit point are not synced at once: a chain of
+    /// applied journals stays, and after a restart (the page cache lost: the files as they
+    /// were before the chain) the chain is applied again, oldest first.
+    #[test]
+    fn applied_journals_are_kept_until_settled_and_replayed_in_order_after_a_restart() {
+        let mut model = pattern(300_000, 21);
+        let (d, _p, mut v) = test_volume(&[("/f", &model)]);
+        let f = ep("/f");
+        let (data, tree) = files_of(&d, &v, &f);
+        let (old_data, old_tree) = (std::fs::read(&data).unwrap(), std::fs::read(&tree).unwrap());
+        // Overlapping writes (later ones must win) and a cut inside the file (journaled).
+        let steps: [(usize, usize, u8); 4] = [
+            (10_000, 9_000, 1),
+            (14_000, 4_096, 2),
+            (200_000, 50_000, 3),
+            (12_000, 3_000, 4),
+        ];
+        for (at, len, seed) in steps {
+            let mut u = v.update_file(&f).unwrap().unwrap();
+            let b = pattern(len, seed);
+            u.write_at(&b, at as u64).unwrap();
+            model[at..at + len].copy_from_slice(&b);
+            commit_update(&mut v, u);
+        }
+        let mut u = v.update_file(&f).unwrap().unwrap();
+        u.set_len(250_001).unwrap();
+        model.truncate(250_001);
+        commit_update(&mut v, u);
+        assert_eq!(journals(&v).len(), 5, "one applied journal per update");
+        assert!(read_all(&v, &f).unwrap() == model);
+        // A restart: the files as before the first update, the marks of another boot.
+        std::fs::write(&data, &old_data).unwrap();
+        std::fs::write(&tree, &old_tree).unwrap();
+        forget_marks(&v);
+        assert!(read_all(&v, &f).unwrap() == model, "the chain replayed");
+        assert!(journals(&v).is_empty(), "replayed, made durable, removed");
+        // Settling makes the files durable and removes the chain.
+        let mut u = v.update_file(&f).unwrap().unwrap();
+        u.write_at(b"x", 5).unwrap();
+        model[5] = b'x';
+        commit_update(&mut v, u);
+        assert_eq!(journals(&v).len(), 1);
+        v.settle_journals().unwrap();
+        assert!(journals(&v).is_empty());
+        assert!(read_all(&v, &f).unwrap() == model);
+    }
+
+    /// A chain replayed after a restart must not cut or overwrite chunks that a later update
+    /// wrote in place before its commit point: such an update ends the chain first.
+    #[test]
+    fn an_append_after_a_cut_was_lost_when_an_older_chain_was_replayed() {
+        let mut model = pattern(300_000, 22);
+        let (_d, _p, mut v) = test_volume(&[("/f", &model)]);
+        let f = ep("/f");
+        let mut u = v.update_file(&f).unwrap().unwrap();
+        u.write_at(&pattern(4096, 7), 290_000).unwrap();
+        model[290_000..294_096].copy_from_slice(&pattern(4096, 7));
+        commit_update(&mut v, u);
+        let mut u = v.update_file(&f).unwrap().unwrap();
+        u.set_len(100_000).unwrap();
+        model.truncate(100_000);
+        commit_update(&mut v, u);
+        assert_eq!(journals(&v).len(), 2);
+        // The append's chunks go in place (past the committed end): the chain is settled.
+        let mut u = v.update_file(&f).unwrap().unwrap();
+        let tail = pattern(200_000, 8);
+        u.write_at(&tail, 100_000).unwrap();
+        model.extend_from_slice(&tail);
+        let s = u.stage(&v).unwrap();
+        assert!(!s.direct.0.is_empty());
+        assert!(
+            journals(&v) == vec![s.journal.clone()],
+            "the older chain is gone"
+        );
+        let tag = v.tag();
+        v.commit(vec![Change::Update(s)], Some(tag)).unwrap();
+        // A restart replays only the append's journal, which starts a chain.
+        forget_marks(&v);
+        assert!(read_all(&v, &f).unwrap() == model);
+    }
+
+    #[test]
+    fn a_volume_keeps_at_most_pending_max_journals_per_file() {
+        let mut model = pattern(300_000, 23);
+        let (_d, _p, mut v) = test_volume(&[("/f", &model)]);
+        let f = ep("/f");
+        for k in 0..(PENDING_MAX as usize + 6) {
+            let mut u = v.update_file(&f).unwrap().unwrap();
+            let at = (k * 4096) % 290_000;
+            u.write_at(&[k as u8; 100], at as u64).unwrap();
+            model[at..at + 100].fill(k as u8);
+            commit_update(&mut v, u);
+            assert!(journals(&v).len() <= PENDING_MAX as usize);
+        }
+        forget_marks(&v);
+        assert!(read_all(&v, &f).unwrap() == model);
+    }
+
+    /// Journals are untrusted: a chain whose links loop is refused, not walked forever.
+    #[test]
+    fn a_journal_chain_that_loops_is_refused() {
+        let model = pattern(300_000, 24);
+        let (_d, _p, mut v) = test_volume(&[("/f", &model)]);
+        let f = ep("/f");
+        let mut u = v.update_file(&f).unwrap().unwrap();
+        u.write_at(b"abc", 7).unwrap();
+        let s = commit_update(&mut v, u);
+        // Rewritten to continue itself, unmarked (checksums are unkeyed: anyone can).
+        let mut j = Journal::new(s.id, Some(s.root()));
+        j.set_len(Target::Data, 1);
+        std::fs::write(&s.journal, j.encode(&s.root())).unwrap();
+        assert!(matches!(
+            read_all(&v, &f),
+            Err(Error::JournalDamaged { .. })
+        ));
+    }
+
+    /// Orphan cleanup removes journals no committed root reaches, never a chain's.
+    #[test]
+    fn orphan_cleanup_keeps_the_applied_journals_of_a_chain() {
+        let mut model = pattern(300_000, 25);
+        let (_d, _p, mut v) = test_volume(&[("/f", &model)]);
+        let f = ep("/f");
+        for k in 0..3u8 {
+            let mut u = v.update_file(&f).unwrap().unwrap();
+            u.write_at(&[k; 10], 1000 * u64::from(k)).unwrap();
+            model[1000 * k as usize..1000 * k as usize + 10].fill(k);
+            commit_update(&mut v, u);
+        }
+        let before = journals(&v);
+        assert_eq!(before.len(), 3);
+        let orphan = v.tree_dir().join(format!(
+            "{}.{}.journal",
+            hex::encode([1u8; 16]),
+            hex::encode([2u8; 32])
+        ));
+        std::fs::write(&orphan, b"junk").unwrap();
+        let lock = Volume::lock(&v.path).unwrap();
+        v.clean_orphans(&lock).unwrap();
+        assert!(journals(&v) == before, "the chain stays, the orphan goes");
+        forget_marks(&v);
+        assert!(read_all(&v, &f).unwrap() == model);
     }
 
     #[test]
