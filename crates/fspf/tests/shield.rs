@@ -3032,6 +3032,48 @@ os.close(fd)
     }
 }
 
+/// Update journals of the files a run changed in place, in `dir` (recursively).
+fn journals_below(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(journals_below(&p));
+        } else if p.extension().is_some_and(|x| x == "journal") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The data and tree files of an in-place update are synced when the file is settled, not at
+/// each commit (FORMAT.md §5b, chains): a run that ends settles them and leaves no journal.
+#[test]
+fn a_run_that_updated_a_file_in_place_settles_its_journals_at_exit() {
+    need("python3");
+    let n = 2 << 20;
+    let mut w = big_world(n);
+    let script = r#"
+import os
+fd = os.open('/data/big', os.O_RDWR)
+for k in range(20):
+    os.pwrite(fd, bytes([65 + k]) * 100, 4096 * k * 7)
+    os.fdatasync(fd)
+os.close(fd)
+"#;
+    ok(
+        &run_mut_env(&mut w, &[], &["python3", "-c", script]),
+        "update",
+    );
+    let left = journals_below(w.dir.path());
+    assert!(left.is_empty(), "journals left after the run: {left:?}");
+    let mut want = big_expected(n);
+    for k in 0..20usize {
+        want[4096 * k * 7..4096 * k * 7 + 100].fill(65 + k as u8);
+    }
+    assert!(read_big(&w) == want, "content after the updates");
+}
+
 #[test]
 fn a_write_that_bypassed_the_hooks_into_a_tracked_buffer_is_not_lost() {
     need("python3");
