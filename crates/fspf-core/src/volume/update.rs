@@ -404,12 +404,22 @@ impl FileUpdate {
         })?;
         let (pages, root) = ct::update_pages(&tkey, tree, &changed, n)?;
         j.set_len(Target::Tree, ft::tree_pages(n) * ft::PAGE_LEN as u64);
+        // While the chunk count stays, every page keeps its position, and the journal holds only
+        // the bytes that differ from the committed page (a changed chunk's entry is 32 bytes,
+        // its page 4 KiB). Bytes no journal of a chain changes are the same in every state,
+        // so a replay of byte ranges is as exact as one of whole pages (FORMAT.md §5b).
+        let same_shape = n == chunk_count(self.base_size, c);
         for ((l, p), pg) in &pages {
-            j.write(
-                Target::Tree,
-                ft::page_pos(n, *l, *p) * ft::PAGE_LEN as u64,
-                &pg[..],
-            );
+            let at = ft::page_pos(n, *l, *p) * ft::PAGE_LEN as u64;
+            let old = same_shape.then(|| tree.page(*l, *p).ok()).flatten();
+            match old {
+                Some(o) => {
+                    for (a, b) in changed_runs(&o[..], &pg[..]) {
+                        j.write(Target::Tree, at + a as u64, &pg[a..b]);
+                    }
+                }
+                None => j.write(Target::Tree, at, &pg[..]),
+            }
         }
         let writer = vol.writer_guard()?;
         // Chain this journal to the applied ones of earlier updates that are not durable yet
@@ -531,6 +541,29 @@ impl From<StagedUpdate> for Change {
     fn from(s: StagedUpdate) -> Change {
         Change::Update(s)
     }
+}
+
+/// The byte ranges `[a, b)` in which `new` differs from `old` (same length), runs closer than
+/// a journal record's header (17 bytes) joined.
+fn changed_runs(old: &[u8], new: &[u8]) -> Vec<(usize, usize)> {
+    const JOIN: usize = 17;
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    let mut i = 0;
+    while i < new.len() {
+        if old[i] == new[i] {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < new.len() && old[i] != new[i] {
+            i += 1;
+        }
+        match out.last_mut() {
+            Some(last) if start - last.1 < JOIN => last.1 = i,
+            _ => out.push((start, i)),
+        }
+    }
+    out
 }
 
 /// What a journal record writes to.
@@ -1537,6 +1570,33 @@ mod tests {
         assert_eq!(journals(&v).len(), 1);
         v.settle_journals().unwrap();
         assert!(journals(&v).is_empty());
+        assert!(read_all(&v, &f).unwrap() == model);
+    }
+
+    /// An overwrite journals the chunk and the tree entries that changed (32 bytes per level),
+    /// not whole 4 KiB pages; replayed over the committed files it gives the new state.
+    #[test]
+    fn an_overwrite_journals_the_changed_tree_entries_not_whole_pages() {
+        let mut model = pattern(2_000_000, 27);
+        let (d, _p, mut v) = test_volume(&[("/f", &model)]);
+        let f = ep("/f");
+        let (data, tree) = files_of(&d, &v, &f);
+        let (old_data, old_tree) = (std::fs::read(&data).unwrap(), std::fs::read(&tree).unwrap());
+        let mut u = v.update_file(&f).unwrap().unwrap();
+        u.write_at(b"0123456789", 1_000_000).unwrap();
+        model[1_000_000..1_000_010].copy_from_slice(b"0123456789");
+        let s = commit_update(&mut v, u);
+        // Two levels (489 chunks): the chunk, and one 32-byte entry in each of two pages.
+        let chunk = 4096 + 17;
+        let entries = 2 * (32 + 17);
+        assert!(
+            s.journal_len <= (HEAD3 + 2 * 17 + chunk + entries + 32) as u64,
+            "journal of {} bytes",
+            s.journal_len
+        );
+        std::fs::write(&data, &old_data).unwrap();
+        std::fs::write(&tree, &old_tree).unwrap();
+        forget_marks(&v);
         assert!(read_all(&v, &f).unwrap() == model);
     }
 
