@@ -912,10 +912,11 @@ pub(crate) fn apply_chain(
         return Ok(false);
     }
     let mut files: Option<(File, File)> = None;
+    let mut all_marked = true;
     for l in chain.iter().rev().filter(|l| !l.applied) {
-        apply_one(fspf, dir, name, id, l, label, boot, &mut files)?;
+        all_marked &= apply_one(fspf, dir, name, id, l, label, boot, &mut files)?;
     }
-    if mode == ApplyMode::Defer {
+    if mode == ApplyMode::Defer && all_marked {
         return Ok(true);
     }
     let (data, tree) = match files {
@@ -931,6 +932,7 @@ pub(crate) fn apply_chain(
     let all = if mode == ApplyMode::Settle {
         chain
     } else {
+        // Recover, or a Defer whose journal could not be marked: everything up to `root`.
         walk_chain(fspf, id, root, label, true)?
     };
     for l in &all {
@@ -958,7 +960,8 @@ fn open_targets(
     Ok((data, tree))
 }
 
-/// Apply one journal under its `flock` and mark it applied in this boot.
+/// Apply one journal under its `flock` and mark it applied in this boot; whether it is marked
+/// (or was applied, or removed, by another process).
 #[allow(clippy::too_many_arguments)]
 fn apply_one(
     fspf: &Path,
@@ -969,7 +972,7 @@ fn apply_one(
     label: &str,
     boot: Option<[u8; 16]>,
     files: &mut Option<(File, File)>,
-) -> Result<()> {
+) -> Result<bool> {
     let full = store::journal_path(fspf, id, &l.root).full();
     let f = &l.file;
     rustix::fs::flock(f, rustix::fs::FlockOperation::LockExclusive)
@@ -987,7 +990,7 @@ fn apply_one(
         || boot.is_some() && read_head(f, id, &l.root).map_err(damaged)?.applied == boot
     {
         unlock();
-        return Ok(());
+        return Ok(true);
     }
     let mut bytes = vec![0u8; usize::try_from(st.st_size).unwrap_or(0)];
     f.read_exact_at(&mut bytes, 0)
@@ -1009,13 +1012,15 @@ fn apply_one(
         res.map_err(|e| Error::io(label, e))?;
     }
     // The mark is a page-cache write like the application itself: one boot sees both; after a
-    // restart the mark names another boot and the journal is applied again.
-    if let (Some(b), true) = (boot, bytes.get(..8) == Some(&JOURNAL_MAGIC[..])) {
-        f.write_all_at(&b, APPLIED_AT as u64)
-            .map_err(|e| Error::io(&full, e))?;
-    }
+    // restart the mark names another boot and the journal is applied again. A journal that
+    // cannot be marked (a format-2 one, or one this process may only read) is not left to
+    // others: the caller makes the files durable and removes the chain at once.
+    let marked = match (boot, bytes.get(..8) == Some(&JOURNAL_MAGIC[..])) {
+        (Some(b), true) => f.write_all_at(&b, APPLIED_AT as u64).is_ok(),
+        _ => false,
+    };
     unlock();
-    Ok(())
+    Ok(marked)
 }
 
 /// Roots of the journals in the chain that ends at `root` (orphan cleanup keeps them).
