@@ -147,7 +147,13 @@ impl DiskState {
     /// Bytes of log after the record whose tag is `t` (after the header when `t` is the
     /// checkpoint's); `None` when `t` is not in the log.
     pub(crate) fn log_after(&self, t: Tag) -> Option<u64> {
-        let len = self.log.as_ref().map_or(0, |b| b.len()) as u64;
+        // The end of the last complete record: past it lie zeros (preallocated) or a torn tail.
+        let len = match &self.log {
+            Some(b) => framing::frames(b, LOG_HEADER_LEN)
+                .last()
+                .map_or(LOG_HEADER_LEN, |f| f.end) as u64,
+            None => 0,
+        };
         if t == self.checkpoint {
             return Some(len.saturating_sub(LOG_HEADER_LEN as u64));
         }
@@ -268,14 +274,20 @@ impl Volume {
             Err(_) => return Ok(false),
         };
         let len = f.metadata().map_or(0, |m| m.len());
-        if len != self.log.end {
+        if len < self.log.end {
             return Ok(false);
         }
         let mut t = [0u8; TAG_LEN];
-        let Some(r) = framing::tag_range(len as usize) else {
+        let Some(r) = framing::tag_range(self.log.end as usize) else {
             return Ok(false);
         };
-        Ok(f.read_exact_at(&mut t, r.start as u64).is_ok() && t == self.tag.0)
+        if f.read_exact_at(&mut t, r.start as u64).is_err() || t != self.tag.0 {
+            return Ok(false);
+        }
+        // Past this volume's last record the file holds zeros (preallocated, FORMAT.md §5c)
+        // unless another writer appended since: a record's length field is never zero.
+        let mut n = [0u8; 4];
+        Ok(len == self.log.end || f.read_exact_at(&mut n, self.log.end).is_ok() && n == [0; 4])
     }
 
     /// The tag of the state on disk (keyless, like [`Volume::read_tag`]), in O(1) when it is
@@ -431,10 +443,18 @@ impl Volume {
             (self.log.end, record)
         };
         let new_end = at + bytes.len() as u64;
-        let res = f
-            .write_all_at(&bytes, at)
-            .and_then(|()| f.set_len(new_end))
-            .and_then(|()| f.sync_data());
+        // The record goes over zeros preallocated in LOG_PREALLOC steps: the file's length (an
+        // inode write at every fdatasync) changes once per step, not at every commit. Nothing
+        // is truncated: past the new record lie zeros or a torn record, which readers skip.
+        let res = f.metadata().and_then(|m| {
+            if m.len() < new_end {
+                let target = new_end.div_ceil(LOG_PREALLOC) * LOG_PREALLOC;
+                let zeros = vec![0u8; usize::try_from(target - m.len()).unwrap_or(0)];
+                f.write_all_at(&zeros, m.len())?;
+            }
+            f.write_all_at(&bytes, at)?;
+            f.sync_data()
+        });
         if let Err(e) = res {
             // Best effort: no half-written or unsynced record stays visible as the state.
             let _ = f.set_len(if created { 0 } else { self.log.end });
@@ -448,6 +468,9 @@ impl Volume {
         Ok(())
     }
 }
+
+/// Step in which the log file is extended with zeros ahead of its records (FORMAT.md §5c).
+const LOG_PREALLOC: u64 = 64 << 10;
 
 /// Open (create) the log for writing: never through a symlink, only a regular file. Returns
 /// whether it was created.

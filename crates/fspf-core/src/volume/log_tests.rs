@@ -53,9 +53,14 @@ fn a_commit_appends_one_small_record_and_the_last_record_is_the_tag() {
     let (fx, mut v) = Fx::new();
     let checkpoint = fs::read(&fx.p).unwrap();
     let t1 = mkdir(&mut v, "/a");
-    let len1 = fs::metadata(fx.log()).unwrap().len();
+    let file1 = fs::metadata(fx.log()).unwrap().len();
+    let len1 = logical(&fs::read(fx.log()).unwrap()).len() as u64;
     let t2 = mkdir(&mut v, "/a/b");
-    let len2 = fs::metadata(fx.log()).unwrap().len();
+    let file2 = fs::metadata(fx.log()).unwrap().len();
+    let len2 = logical(&fs::read(fx.log()).unwrap()).len() as u64;
+    // Records are written over zeros preallocated in 64 KiB steps: the file's length (an
+    // inode write at every fdatasync) did not change.
+    assert_eq!((file1, file2), (64 << 10, 64 << 10));
     // The checkpoint is untouched; the log holds a header and two records of ~100 bytes.
     assert_eq!(fs::read(&fx.p).unwrap(), checkpoint);
     let rec = len2 - len1;
@@ -99,8 +104,15 @@ fn three(fx: &Fx, v: &mut Volume) -> ([Tag; 3], Vec<u8>) {
     let a = mkdir(v, "/x");
     let b = mkdir(v, "/y");
     let c = mkdir(v, "/z");
-    let _ = fx;
-    ([a, b, c], fs::read(fx.log()).unwrap())
+    ([a, b, c], logical(&fs::read(fx.log()).unwrap()))
+}
+
+/// The log up to its last complete record (past it: preallocated zeros, FORMAT.md §5c).
+fn logical(log: &[u8]) -> Vec<u8> {
+    let end = frames(log, LOG_HEADER_LEN)
+        .last()
+        .map_or(LOG_HEADER_LEN, |f| f.end);
+    log[..end].to_vec()
 }
 
 fn records(log: &[u8]) -> Vec<std::ops::Range<usize>> {
@@ -336,10 +348,16 @@ fn is_current_on_disk_answers_without_reading_the_log_and_never_wrongly_yes() {
         .unwrap();
     let o = fx.open(t3).unwrap();
     assert!(o.lookup(&p("/b")).is_some() && o.lookup(&p("/c")).is_some());
-    // A torn tail after its record: not known (the log is read).
-    let mut f = fs::OpenOptions::new().append(true).open(fx.log()).unwrap();
-    std::io::Write::write_all(&mut f, b"torn").unwrap();
+    // A torn record after its own (in the preallocated zeros): not known (the log is read).
+    let end = logical(&fs::read(fx.log()).unwrap()).len() as u64;
+    let f = fs::OpenOptions::new().write(true).open(fx.log()).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"torn", end).unwrap();
     assert!(!v.is_current_on_disk().unwrap());
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0; 4], end).unwrap();
+    assert!(
+        v.is_current_on_disk().unwrap(),
+        "zeros after its record: its own state"
+    );
     // A checkpoint by another writer: no longer current.
     let mut x = fx.open(t3).unwrap();
     x.save().unwrap();
