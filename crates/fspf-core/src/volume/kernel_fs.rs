@@ -263,15 +263,18 @@ impl From<rustix::io::Errno> for OpenError {
     }
 }
 
-/// Check that an fd opened with `O_NONBLOCK` is a regular file, then make it blocking.
-pub fn require_regular(fd: OwnedFd) -> Result<File, OpenError> {
+/// Check that an fd opened with `O_NONBLOCK` is a regular file, then make it blocking (all its
+/// `F_SETFL` status flags are cleared: callers open without `O_APPEND` or `O_DIRECT`).
+pub(crate) fn require_regular(fd: OwnedFd) -> Result<File, OpenError> {
     let st = rustix::fs::fstat(&fd)?;
     let ft = FileType::from_raw_mode(st.st_mode);
     if ft != FileType::RegularFile {
         return Err(OpenError::NotRegular(kind_name(ft)));
     }
-    let fl = rustix::fs::fcntl_getfl(&fd)?;
-    rustix::fs::fcntl_setfl(&fd, fl - OFlags::NONBLOCK)?;
+    // Clear O_NONBLOCK: every opener here passes no other flag that F_SETFL changes (no
+    // O_APPEND, O_DIRECT, O_NOATIME, O_ASYNC), so no F_GETFL is needed (one system call less per
+    // open; a commit opens about a dozen files).
+    rustix::fs::fcntl_setfl(&fd, OFlags::empty())?;
     Ok(File::from(fd))
 }
 

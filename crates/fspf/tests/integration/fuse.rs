@@ -688,6 +688,50 @@ fn fuse_a_large_file_is_updated_in_place_and_an_open_reader_follows() {
     m.verify();
 }
 
+/// Update journals in the volume's tree directory.
+fn journal_files(m: &Mounted) -> Vec<PathBuf> {
+    fs::read_dir(m.env.path("fspf.pb.trees"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "journal"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The daemon applies an in-place update's journal without syncing the file and keeps the
+/// journal until the file is settled (FORMAT.md §5b, chains): the unmount settles, and leaves
+/// no journal and the updated content.
+#[test]
+fn fuse_in_place_updates_keep_their_journals_until_the_unmount_settles_them() {
+    use std::os::unix::fs::FileExt;
+    let n = 2 << 20;
+    let (mut m, data) = mounted_with_big(n);
+    let mut want = data.clone();
+    {
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(m.m("data/big"))
+            .unwrap();
+        for k in 0..5usize {
+            let at = 100_000 + k * 300_000;
+            f.write_all_at(&[b'a' + k as u8; 64], at as u64).unwrap();
+            want[at..at + 64].fill(b'a' + k as u8);
+            f.sync_all().unwrap();
+        }
+    }
+    assert!(
+        !journal_files(&m).is_empty(),
+        "applied journals are kept while mounted"
+    );
+    m.umount();
+    assert!(journal_files(&m).is_empty(), "{:?}", journal_files(&m));
+    m.mount(false);
+    assert!(fs::read(m.m("data/big")).unwrap() == want);
+    m.verify();
+}
+
 /// Read opens of an unchanged committed version keep the kernel's page cache of it
 /// (`FOPEN_KEEP_CACHE`); every change through the mount (rewrite, rename over it, an in-place
 /// update of a format-2 file, a truncation) shows at the next read, never a stale page.
