@@ -162,7 +162,9 @@ impl Volume {
 
     /// Make every file whose journals this volume applied durable and remove those journals
     /// (at a session's end: the frontends call it at exit and unmount). A file since replaced
-    /// or moved keeps its journals for the next update or open of it.
+    /// or moved keeps its journals for the next update or open of it. Up to
+    /// [`SETTLE_EACH_MAX`] files are synced one by one (two `fdatasync`s each); more take one
+    /// `syncfs` per file system for all of them.
     pub fn settle_journals(&self) -> Result<()> {
         let all: Vec<(FileId, EmbedPath)> = self
             .pending
@@ -171,20 +173,69 @@ impl Volume {
             .drain()
             .map(|(id, p)| (id, p.path))
             .collect();
+        let live: Vec<(FileId, EmbedPath, [u8; 32])> = all
+            .into_iter()
+            .filter_map(
+                |(id, path)| match self.lookup(&path).map(|e| e.kind.clone()) {
+                    Some(FileKind::File {
+                        id: i,
+                        root: Some(r),
+                        ..
+                    }) if i == id => Some((id, path, r)),
+                    _ => None,
+                },
+            )
+            .collect();
         let mut first = Ok(());
-        for (id, path) in all {
-            let root = match self.lookup(&path).map(|e| e.kind.clone()) {
-                Some(FileKind::File {
-                    id: i,
-                    root: Some(r),
-                    ..
-                }) if i == id => r,
-                _ => continue,
+        let mut keep = |r: Result<()>| {
+            if let (Err(e), true) = (r, first.is_ok()) {
+                first = Err(e);
+            }
+        };
+        if live.len() <= SETTLE_EACH_MAX {
+            for (id, path, root) in &live {
+                keep(self.settle_file(path, id, root));
+            }
+            return first;
+        }
+        // Anything not applied in this boot is applied first (normally nothing), then every
+        // file system holding a data file or the trees is synced once, then the chains go.
+        let mut dirs: Vec<PathBuf> = vec![self.tree_dir()];
+        let mut synced: Vec<(&FileId, &EmbedPath, &[u8; 32])> = Vec::new();
+        for (id, path, root) in &live {
+            let Some(loc) = self.kernel_path(path) else {
+                continue;
             };
-            if let Err(e) = self.settle_file(&path, &id, &root) {
-                if first.is_ok() {
-                    first = Err(e);
+            let Ok((dir, name)) = loc.parent() else {
+                continue;
+            };
+            let label = path.to_string();
+            match apply_chain(&self.path, &dir, &name, id, root, &label, ApplyMode::Defer) {
+                Ok(true) => {
+                    if let Some(d) = loc.full().parent() {
+                        dirs.push(d.to_path_buf());
+                    }
+                    synced.push((id, path, root));
                 }
+                // Settled already (no boot id, or a journal that could not be marked).
+                Ok(false) => {}
+                Err(e) => keep(Err(e)),
+            }
+        }
+        if let Err(e) = store::sync_filesystems(dirs.iter().map(|d| d.as_path())) {
+            keep(Err(e));
+            return first;
+        }
+        for (id, path, root) in &synced {
+            let label = path.to_string();
+            match walk_chain(&self.path, id, root, &label, true) {
+                Ok(chain) => {
+                    for l in &chain {
+                        let jp = store::journal_path(&self.path, id, &l.root);
+                        let _ = kernel_fs::remove_beneath(jp.base(), jp.rel(), false);
+                    }
+                }
+                Err(e) => keep(Err(e)),
             }
         }
         first
@@ -599,6 +650,8 @@ const CHAIN_MAX: usize = 4096;
 pub(crate) const PENDING_MAX: u32 = 64;
 /// Bytes of applied journals a volume keeps per file before it does the same.
 pub(crate) const PENDING_MAX_BYTES: u64 = 32 << 20;
+/// [`Volume::settle_journals`] syncs at most this many files one by one; more by `syncfs`.
+pub(crate) const SETTLE_EACH_MAX: usize = 8;
 
 impl Journal {
     fn new(id: FileId, prev: Option<[u8; 32]>) -> Journal {
@@ -854,6 +907,18 @@ fn walk_chain(
     label: &str,
     all: bool,
 ) -> Result<Vec<Link>> {
+    walk_chain_from(fspf, id, root, label, all, &mut false)
+}
+
+/// [`walk_chain`]; `applied_stop` is set when it stopped at a journal applied in this boot.
+fn walk_chain_from(
+    fspf: &Path,
+    id: &FileId,
+    root: &[u8; 32],
+    label: &str,
+    all: bool,
+    applied_stop: &mut bool,
+) -> Result<Vec<Link>> {
     let boot = boot_id();
     let mut out: Vec<Link> = Vec::new();
     let mut r = *root;
@@ -873,6 +938,7 @@ fn walk_chain(
         let head = read_head(&file, id, &r).map_err(damaged)?;
         let applied = boot.is_some() && head.applied == boot;
         if applied && !all {
+            *applied_stop = true;
             break;
         }
         out.push(Link {
@@ -890,7 +956,8 @@ fn walk_chain(
 
 /// Apply the journals of file `id` that lead to its committed root `root` to the data file
 /// `dir`/`name` and its tree, oldest first (FORMAT.md §5b); `mode` says what happens after.
-/// Returns whether journals were left in place (applied, not yet durable: [`ApplyMode::Defer`]).
+/// Returns whether journals were left in place (applied, not yet durable: [`ApplyMode::Defer`],
+/// also when another process applied them).
 /// Each application is serialised on the journal's own `flock`: whoever comes second finds it
 /// unlinked or marked applied and does nothing.
 pub(crate) fn apply_chain(
@@ -907,9 +974,18 @@ pub(crate) fn apply_chain(
         (ApplyMode::Defer, None) => ApplyMode::Settle,
         (m, _) => m,
     };
-    let chain = walk_chain(fspf, id, root, label, mode == ApplyMode::Settle)?;
+    let mut applied_stop = false;
+    let chain = walk_chain_from(
+        fspf,
+        id,
+        root,
+        label,
+        mode == ApplyMode::Settle,
+        &mut applied_stop,
+    )?;
     if chain.is_empty() {
-        return Ok(false);
+        // Nothing to apply; journals applied in this boot stay in place unless settling.
+        return Ok(applied_stop && mode == ApplyMode::Defer);
     }
     let mut files: Option<(File, File)> = None;
     let mut all_marked = true;
@@ -1603,6 +1679,33 @@ mod tests {
         std::fs::write(&tree, &old_tree).unwrap();
         forget_marks(&v);
         assert!(read_all(&v, &f).unwrap() == model);
+    }
+
+    /// More than [`SETTLE_EACH_MAX`] files with applied journals are settled with one `syncfs`:
+    /// afterwards no journal is left and every file reads its committed content.
+    #[test]
+    fn many_files_with_applied_journals_are_settled_together() {
+        let n = SETTLE_EACH_MAX + 4;
+        let mut models: Vec<Vec<u8>> = (0..n).map(|k| pattern(100_000, k as u8)).collect();
+        let names: Vec<String> = (0..n).map(|k| format!("/f{k}")).collect();
+        let files: Vec<(&str, &[u8])> = names
+            .iter()
+            .zip(&models)
+            .map(|(p, m)| (p.as_str(), m.as_slice()))
+            .collect();
+        let (_d, _p, mut v) = test_volume(&files);
+        for (k, name) in names.iter().enumerate() {
+            let mut u = v.update_file(&ep(name)).unwrap().unwrap();
+            u.write_at(b"settled", 50_000).unwrap();
+            models[k][50_000..50_007].copy_from_slice(b"settled");
+            commit_update(&mut v, u);
+        }
+        assert_eq!(journals(&v).len(), n);
+        v.settle_journals().unwrap();
+        assert!(journals(&v).is_empty());
+        for (name, m) in names.iter().zip(&models) {
+            assert!(read_all(&v, &ep(name)).unwrap() == *m, "{name}");
+        }
     }
 
     /// A chain replayed after a restart must not cut or overwrite chunks that a later update
