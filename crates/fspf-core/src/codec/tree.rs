@@ -262,6 +262,12 @@ impl<O: ReadAt> TreeReader<O> {
         })
     }
 
+    /// The tree file's bytes at `at` as they are (unverified: an updater diffs its new pages
+    /// against them, and whatever it writes is verified by every later read).
+    pub fn read_raw(&self, buf: &mut [u8], at: u64) -> Result<()> {
+        self.file.read_exact_at(buf, at).map_err(|e| self.io(e))
+    }
+
     pub fn chunks(&self) -> u64 {
         self.n
     }

@@ -454,22 +454,26 @@ impl FileUpdate {
             reason: "not a format-2 file".into(),
         })?;
         let (pages, root) = ct::update_pages(&tkey, tree, &changed, n)?;
-        j.set_len(Target::Tree, ft::tree_pages(n) * ft::PAGE_LEN as u64);
-        // While the chunk count stays, every page keeps its position, and the journal holds only
-        // the bytes that differ from the committed page (a changed chunk's entry is 32 bytes,
-        // its page 4 KiB). Bytes no journal of a chain changes are the same in every state,
-        // so a replay of byte ranges is as exact as one of whole pages (FORMAT.md §5b).
-        let same_shape = n == chunk_count(self.base_size, c);
+        // A page is journaled as the byte ranges in which it differs from what the committed
+        // tree file holds at its position (a changed chunk's entry is 32 bytes of its 4 KiB
+        // page; a new page of one entry after an append is one entry): past the committed
+        // length the file is first cut to that length, so that what lies there are zeros.
+        // Bytes no journal of a chain changes are the same in every state of it, so a replay of
+        // byte ranges is as exact as one of whole pages (FORMAT.md §5b).
+        let page = ft::PAGE_LEN as u64;
+        let old_len = ft::tree_pages(chunk_count(self.base_size, c)) * page;
+        let new_len = ft::tree_pages(n) * page;
+        if new_len > old_len {
+            j.set_len(Target::Tree, old_len);
+        }
+        j.set_len(Target::Tree, new_len);
         for ((l, p), pg) in &pages {
-            let at = ft::page_pos(n, *l, *p) * ft::PAGE_LEN as u64;
-            let old = same_shape.then(|| tree.page(*l, *p).ok()).flatten();
-            match old {
-                Some(o) => {
-                    for (a, b) in changed_runs(&o[..], &pg[..]) {
-                        j.write(Target::Tree, at + a as u64, &pg[a..b]);
-                    }
-                }
-                None => j.write(Target::Tree, at, &pg[..]),
+            let at = ft::page_pos(n, *l, *p) * page;
+            let mut base = [0u8; ft::PAGE_LEN];
+            let have = old_len.saturating_sub(at).min(page) as usize;
+            tree.read_raw(&mut base[..have], at)?;
+            for (a, b) in changed_runs(&base, &pg[..]) {
+                j.write(Target::Tree, at + a as u64, &pg[a..b]);
             }
         }
         let writer = vol.writer_guard()?;
@@ -1705,6 +1709,42 @@ mod tests {
         assert!(journals(&v).is_empty());
         for (name, m) in names.iter().zip(&models) {
             assert!(read_all(&v, &ep(name)).unwrap() == *m, "{name}");
+        }
+    }
+
+    /// An append that adds a chunk and a tree level journals the entries of its new pages, not
+    /// the pages; replayed over the committed tree it gives the new tree.
+    #[test]
+    fn an_append_that_grows_the_tree_journals_entries_not_pages() {
+        let mut model = pattern(128 * 4096, 28);
+        let (d, _p, mut v) = test_volume(&[("/f", &model)]);
+        let f = ep("/f");
+        let (_data, tree) = files_of(&d, &v, &f);
+        let old_tree = std::fs::read(&tree).unwrap();
+        assert_eq!(old_tree.len(), 4096, "one page");
+        let mut u = v.update_file(&f).unwrap().unwrap();
+        u.write_at(b"line\n", model.len() as u64).unwrap();
+        model.extend_from_slice(b"line\n");
+        let s = commit_update(&mut v, u);
+        // Pages: level 0 page 1 (one entry) and the new top (two entries), both past the
+        // committed end: 3 entries and record headers, where whole pages were 8 KiB.
+        assert!(s.journal_len < 600, "journal of {} bytes", s.journal_len);
+        let new_tree = std::fs::read(&tree).unwrap();
+        assert_eq!(new_tree.len(), 3 * 4096);
+        // A restart before the tree's pages were written back: the committed (old) tree, or one
+        // with bytes past its committed end, replayed to exactly the new tree.
+        let journal = std::fs::read(&s.journal).unwrap();
+        for leftover in [0usize, 9000] {
+            let mut t = old_tree.clone();
+            t.resize(4096 + leftover, 0xAB);
+            std::fs::write(&tree, &t).unwrap();
+            std::fs::write(&s.journal, &journal).unwrap();
+            forget_marks(&v);
+            assert!(read_all(&v, &f).unwrap() == model, "leftover {leftover}");
+            assert!(
+                std::fs::read(&tree).unwrap() == new_tree,
+                "leftover {leftover}"
+            );
         }
     }
 
