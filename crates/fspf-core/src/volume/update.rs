@@ -56,6 +56,9 @@ pub struct StagedUpdate {
     pub journal: PathBuf,
     /// Its length in bytes.
     pub journal_len: u64,
+    /// False for an update that changed nothing (its root is the committed one): it wrote no
+    /// journal, and `journal` names the committed state's, which is not its to remove.
+    pub(crate) has_journal: bool,
     /// Sealed chunks wholly past the committed data's end (appended): written straight to the
     /// data file by the commit, before its commit point, instead of to the journal
     /// (FORMAT.md §5b), so that an append is written once.
@@ -96,7 +99,9 @@ impl StagedUpdate {
 
     /// Remove the journal of an update that will not be committed.
     pub fn discard(&self) {
-        let _ = std::fs::remove_file(&self.journal);
+        if self.has_journal {
+            let _ = std::fs::remove_file(&self.journal);
+        }
     }
 }
 
@@ -477,20 +482,45 @@ impl FileUpdate {
             }
         }
         let writer = vol.writer_guard()?;
+        let jp = store::journal_path(&vol.path, &self.id, &root);
+        let full = jp.full();
+        let now = now_ns();
+        let mut entry = self.entry.clone();
+        entry.kind = FileKind::File {
+            id: self.id,
+            size: self.size,
+            root: Some(root),
+        };
+        entry.mtime_ns = self.mtime.unwrap_or(now);
+        entry.ctime_ns = now;
+        if root == self.base_root {
+            // Nothing changed (what a comparison stages for an unchanged file): no journal. One
+            // named after this root is the committed state's (a chain not yet settled): it is
+            // neither replaced nor removed by this update (a kill while it was being replaced
+            // left a damaged journal of the committed root).
+            return Ok(StagedUpdate {
+                path: self.path,
+                id: self.id,
+                base_root: self.base_root,
+                entry,
+                journal: full,
+                journal_len: 0,
+                has_journal: false,
+                direct: Arc::new(direct),
+                _writer: writer,
+            });
+        }
         // Chain this journal to the applied ones of earlier updates that are not durable yet
         // (FORMAT.md §5b), or make those durable first and start a chain: always when chunks are
         // written in place before the commit point (a replay of older journals would cut or
         // overwrite them), and at this volume's first update of the file (another process's
-        // chain is ended, so that chains stay short). An update that changed nothing has the
-        // root it began from, the name of the journal before it: that one is settled too.
-        if direct.0.is_empty() && root != self.base_root && vol.journals_pending(&self.id) {
+        // chain is ended, so that chains stay short).
+        if direct.0.is_empty() && vol.journals_pending(&self.id) {
             j.prev = Some(self.base_root);
         } else {
             vol.settle_file(&self.path, &self.id, &self.base_root)?;
         }
-        let jp = store::journal_path(&vol.path, &self.id, &root);
         let bytes = j.encode(&root);
-        let full = jp.full();
         // A journal for exactly this root cannot exist (its epoch is new); a leftover of an
         // identical name is replaced.
         let _ = kernel_fs::remove_beneath(jp.base(), jp.rel(), false);
@@ -502,15 +532,6 @@ impl FileUpdate {
         f.write_all(&bytes)
             .and_then(|_| f.sync_data())
             .map_err(|e| Error::io(&full, e))?;
-        let now = now_ns();
-        let mut entry = self.entry.clone();
-        entry.kind = FileKind::File {
-            id: self.id,
-            size: self.size,
-            root: Some(root),
-        };
-        entry.mtime_ns = self.mtime.unwrap_or(now);
-        entry.ctime_ns = now;
         Ok(StagedUpdate {
             path: self.path,
             id: self.id,
@@ -518,6 +539,7 @@ impl FileUpdate {
             entry,
             journal: full,
             journal_len: bytes.len() as u64,
+            has_journal: true,
             direct: Arc::new(direct),
             _writer: writer,
         })
@@ -1829,6 +1851,40 @@ mod tests {
         std::fs::write(&s.journal, &v2).unwrap();
         assert!(read_all(&v, &f).unwrap() == new);
         assert!(!s.journal.exists());
+    }
+
+    /// An update that changed nothing has the committed root, so its journal had the committed
+    /// state's name: staging it replaced the committed journal (a kill in between left it empty:
+    /// "journal damaged", found by the crash loop), and discarding it removed that journal.
+    #[test]
+    fn an_update_that_changed_nothing_replaced_the_committed_journal() {
+        let mut model = pattern(300_000, 29);
+        let (d, _p, mut v) = test_volume(&[("/f", &model)]);
+        let f = ep("/f");
+        let (data, tree) = files_of(&d, &v, &f);
+        let (old_data, old_tree) = (std::fs::read(&data).unwrap(), std::fs::read(&tree).unwrap());
+        let mut u = v.update_file(&f).unwrap().unwrap();
+        u.write_at(b"kept", 70_000).unwrap();
+        model[70_000..70_004].copy_from_slice(b"kept");
+        let s1 = commit_update(&mut v, u);
+        let committed = std::fs::read(&s1.journal).unwrap();
+        // Nothing written: the same root, no journal of its own.
+        let s2 = v.update_file(&f).unwrap().unwrap().stage(&v).unwrap();
+        assert_eq!(s2.root(), s1.root());
+        assert_eq!(std::fs::read(&s1.journal).unwrap(), committed, "untouched");
+        s2.discard();
+        assert_eq!(
+            std::fs::read(&s1.journal).unwrap(),
+            committed,
+            "not removed"
+        );
+        // Committed too, it leaves the chain as it was: a restart still replays it.
+        let tag = v.tag();
+        v.commit(vec![Change::Update(s2)], Some(tag)).unwrap();
+        std::fs::write(&data, &old_data).unwrap();
+        std::fs::write(&tree, &old_tree).unwrap();
+        forget_marks(&v);
+        assert!(read_all(&v, &f).unwrap() == model);
     }
 
     /// Journals are untrusted: a chain whose links loop is refused, not walked forever.
