@@ -693,6 +693,7 @@ impl Volume {
             .collect();
         for id in garbage.into_iter().filter(|i| !live.contains(i)) {
             store::remove_tree(&self.path, &id);
+            self.drop_journals(&id);
         }
         Ok(self.tag)
     }

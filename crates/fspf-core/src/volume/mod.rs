@@ -79,6 +79,8 @@ pub struct Volume {
 #[derive(Debug, Clone)]
 struct PendingJournals {
     path: EmbedPath,
+    /// The root of the last journal applied (where its chain ends).
+    root: [u8; 32],
     count: u32,
     bytes: u64,
 }

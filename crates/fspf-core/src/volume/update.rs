@@ -137,10 +137,12 @@ impl Volume {
             }
             let e = p.entry(*id).or_insert_with(|| super::PendingJournals {
                 path: path.clone(),
+                root: *root,
                 count: 0,
                 bytes: 0,
             });
             e.path = path.clone();
+            e.root = *root;
             e.count += 1;
             e.bytes += journal_len;
             e.count >= PENDING_MAX || e.bytes >= PENDING_MAX_BYTES
@@ -149,6 +151,25 @@ impl Volume {
             self.settle_file(path, id, root)?;
         }
         Ok(())
+    }
+
+    /// After a commit replaced or removed file version `id`: its applied journals describe no
+    /// committed file any more and go (no sync: nothing committed needs them).
+    pub(crate) fn drop_journals(&self, id: &FileId) {
+        let Some(p) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)
+        else {
+            return;
+        };
+        if let Ok(chain) = walk_chain(&self.path, id, &p.root, &p.path.to_string(), true) {
+            for l in &chain {
+                let jp = store::journal_path(&self.path, id, &l.root);
+                let _ = kernel_fs::remove_beneath(jp.base(), jp.rel(), false);
+            }
+        }
     }
 
     /// Make file `id` at `path` durable up to its root `root` and remove the journals that led
@@ -1885,6 +1906,26 @@ mod tests {
         std::fs::write(&tree, &old_tree).unwrap();
         forget_marks(&v);
         assert!(read_all(&v, &f).unwrap() == model);
+    }
+
+    /// A file updated in place and then replaced by a whole new version (or removed) left its
+    /// applied journals behind for good: the commit that drops a version drops them.
+    #[test]
+    fn applied_journals_of_a_replaced_or_removed_file_were_left_behind() {
+        let model = pattern(300_000, 30);
+        let (_d, _p, mut v) = test_volume(&[("/f", &model), ("/g", &model)]);
+        for name in ["/f", "/g"] {
+            let mut u = v.update_file(&ep(name)).unwrap().unwrap();
+            u.write_at(b"x", 10).unwrap();
+            commit_update(&mut v, u);
+        }
+        assert_eq!(journals(&v).len(), 2);
+        let s = v.stage_file(&ep("/f"), 3, 0o644, &mut &b"new"[..]).unwrap();
+        let tag = v.tag();
+        v.commit(vec![Change::Put(s), Change::Remove(ep("/g"))], Some(tag))
+            .unwrap();
+        assert!(journals(&v).is_empty(), "{:?}", journals(&v));
+        assert_eq!(read_all(&v, &ep("/f")).unwrap(), b"new");
     }
 
     /// Journals are untrusted: a chain whose links loop is refused, not walked forever.
