@@ -40,15 +40,13 @@ BENCH_BASE=${BENCH_BASE:-/dev/shm}
 RESULTS_FILE=${RESULTS_FILE:-}
 PW="addf-bench-password"   # throwaway password for a throwaway gocryptfs
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "FATAL: $*"; exit 1; }
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$REPO/bench/lib.sh"
 [[ $EUID -eq 0 ]] || die "run as root (needs apt-get and /dev/fuse for gocryptfs)"
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 FSPF="$REPO/target/release/fspf"
 
 # ---------------------------------------------------------------- install + build
-. "$REPO/bench/lib.sh"
 install_missing gocryptfs=gocryptfs fusermount3=fuse3 openssl=openssl b3sum=b3sum python3=python3 \
   mountpoint=util-linux
 command -v python3 >/dev/null || die "python3 required"

@@ -1,4 +1,7 @@
-# lib.sh - shared by the bench scripts (sourced; the caller defines `log`).
+# lib.sh - shared by the bench scripts (sourced first: REPO=<repo root>; . "$REPO/bench/lib.sh").
+
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "FATAL: $*"; exit 1; }
 
 # install_missing CMD=PKG...: apt-get install the package of every command that is missing (as
 # root, on Debian); a package that cannot be installed is logged and whatever needs it skipped.
@@ -19,7 +22,7 @@ install_missing() {
 }
 
 # release_build: build the release workspace (unless SKIP_BUILD is set) and set FSPF to its fspf
-# binary; the caller defines `die` and REPO.
+# binary (REPO is the caller's).
 release_build() {
   FSPF="$REPO/target/release/fspf"
   if [[ -z ${SKIP_BUILD:-} ]]; then

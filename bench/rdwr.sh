@@ -20,8 +20,6 @@ SIZE_MB=${SIZE_MB:-1024}
 OPS=${OPS:-100}
 RUNS=${RUNS:-3}
 BENCH_BASE=${BENCH_BASE:-/var/tmp}
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "FATAL: $*"; exit 1; }
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 . "$REPO/bench/lib.sh"
 release_build

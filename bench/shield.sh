@@ -49,16 +49,14 @@ SHIELD_MODE=${SHIELD_MODE:-run}
 RESULTS_FILE=${RESULTS_FILE:-}
 PW="shield-bench-password"   # throwaway password for a throwaway gocryptfs
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "FATAL: $*"; exit 1; }
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$REPO/bench/lib.sh"
 [[ $EUID -eq 0 ]] || die "run as root (needs apt-get, /dev/fuse, drop_caches)"
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 FSPF="$REPO/target/release/fspf"
 PRELOAD="$REPO/target/release/libfspf_preload.so"
 
 # ---------------------------------------------------------------- install + build
-. "$REPO/bench/lib.sh"
 install_missing gocryptfs=gocryptfs fusermount3=fuse3 fio=fio python3=python3 mountpoint=util-linux
 command -v python3 >/dev/null || die "python3 required"
 command -v fio >/dev/null || die "fio required"

@@ -19,8 +19,6 @@ set -Eeuo pipefail
 SIZE_MB=${SIZE_MB:-1024}
 RUNS=${RUNS:-3}
 BENCH_BASE=${BENCH_BASE:-/var/tmp}
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "FATAL: $*"; exit 1; }
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 . "$REPO/bench/lib.sh"
 release_build

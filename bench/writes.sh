@@ -83,8 +83,8 @@ KEEP_GOING=${KEEP_GOING:-1}
 RESULTS_FILE=${RESULTS_FILE:-}
 PW="writes-bench-password"   # throwaway password for throwaway gocryptfs volumes
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "FATAL: $*"; exit 1; }
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$REPO/bench/lib.sh"
 [[ $EUID -eq 0 ]] || die "run as root (needs apt-get, /dev/fuse)"
 for c in $COLUMNS_LIST; do
   [[ " append randw sqlite fsync50k seqW smC " == *" $c "* ]] || die "unknown workload '$c' in COLUMNS_LIST"
@@ -94,12 +94,10 @@ for k in SIZE_MB DB_MB TXNS RAND_OPS NBIG FSYNC_REPS NFILES RUNS STEP_TIMEOUT; d
 done
 want() { [[ " $COLUMNS_LIST " == *" $1 "* ]]; }
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 FSPF="$REPO/target/release/fspf"
 PRELOAD="$REPO/target/release/libfspf_preload.so"
 
 # ---------------------------------------------------------------- install + build
-. "$REPO/bench/lib.sh"
 install_missing gocryptfs=gocryptfs fusermount3=fuse3 python3=python3 gcc=gcc mountpoint=util-linux \
   findmnt=util-linux lsblk=util-linux /usr/bin/time=time
 command -v python3 >/dev/null || die "python3 required"

@@ -131,12 +131,12 @@ impl DiskState {
     /// The tag of the current state (keyless: the last complete record's, else the
     /// checkpoint's; nothing is authenticated).
     pub fn tag(&self) -> Tag {
-        match &self.log {
-            Some(b) => framing::frames(b, LOG_HEADER_LEN)
-                .last()
-                .map_or(self.checkpoint, |f| f.tag),
-            None => self.checkpoint,
-        }
+        self.last_record().map_or(self.checkpoint, |f| f.tag)
+    }
+
+    /// The log's last complete record: past it lie zeros (preallocated) or a torn tail.
+    fn last_record(&self) -> Option<Frame> {
+        framing::frames(self.log.as_ref()?, LOG_HEADER_LEN).last()
     }
 
     /// The checkpoint's tag.
@@ -147,11 +147,8 @@ impl DiskState {
     /// Bytes of log after the record whose tag is `t` (after the header when `t` is the
     /// checkpoint's); `None` when `t` is not in the log.
     pub(crate) fn log_after(&self, t: Tag) -> Option<u64> {
-        // The end of the last complete record: past it lie zeros (preallocated) or a torn tail.
         let len = match &self.log {
-            Some(b) => framing::frames(b, LOG_HEADER_LEN)
-                .last()
-                .map_or(LOG_HEADER_LEN, |f| f.end) as u64,
+            Some(_) => self.last_record().map_or(LOG_HEADER_LEN, |f| f.end) as u64,
             None => 0,
         };
         if t == self.checkpoint {

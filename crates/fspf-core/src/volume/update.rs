@@ -56,9 +56,6 @@ pub struct StagedUpdate {
     pub journal: PathBuf,
     /// Its length in bytes.
     pub journal_len: u64,
-    /// False for an update that changed nothing (its root is the committed one): it wrote no
-    /// journal, and `journal` names the committed state's, which is not its to remove.
-    pub(crate) has_journal: bool,
     /// Sealed chunks wholly past the committed data's end (appended): written straight to the
     /// data file by the commit, before its commit point, instead of to the journal
     /// (FORMAT.md §5b), so that an append is written once.
@@ -99,19 +96,29 @@ impl StagedUpdate {
 
     /// Remove the journal of an update that will not be committed.
     pub fn discard(&self) {
-        if self.has_journal {
+        // An update that changed nothing (its root is the committed one) wrote no journal:
+        // `journal` names the committed state's, which is not its to remove.
+        if self.root() != self.base_root {
             let _ = std::fs::remove_file(&self.journal);
         }
     }
 }
 
 impl Volume {
+    fn pending_map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<FileId, super::PendingJournals>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The directory and name of the data file of the listed file `path`.
+    fn data_file_at(&self, path: &EmbedPath) -> Option<(std::os::fd::OwnedFd, std::ffi::OsString)> {
+        self.kernel_path(path).and_then(|l| l.parent().ok())
+    }
+
     /// Whether this volume applied journals of file `id` that are not durable yet.
     pub(crate) fn journals_pending(&self, id: &FileId) -> bool {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(id)
+        self.pending_map().contains_key(id)
     }
 
     /// After a commit: apply the journals that lead to the committed root `root` of `path`
@@ -123,14 +130,14 @@ impl Volume {
         root: &[u8; 32],
         journal_len: u64,
     ) -> Result<()> {
-        let Some((dir, name)) = self.kernel_path(path).and_then(|l| l.parent().ok()) else {
+        let Some((dir, name)) = self.data_file_at(path) else {
             return Ok(());
         };
         let label = path.to_string();
         super::commit::roll_forward_at(&dir, &name, id);
         let kept = apply_chain(&self.path, &dir, &name, id, root, &label, ApplyMode::Defer)?;
         let full = {
-            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let mut p = self.pending_map();
             if !kept {
                 p.remove(id);
                 return Ok(());
@@ -156,30 +163,17 @@ impl Volume {
     /// After a commit replaced or removed file version `id`: its applied journals describe no
     /// committed file any more and go (no sync: nothing committed needs them).
     pub(crate) fn drop_journals(&self, id: &FileId) {
-        let Some(p) = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id)
-        else {
+        let Some(p) = self.pending_map().remove(id) else {
             return;
         };
-        if let Ok(chain) = walk_chain(&self.path, id, &p.root, &p.path.to_string(), true) {
-            for l in &chain {
-                let jp = store::journal_path(&self.path, id, &l.root);
-                let _ = kernel_fs::remove_beneath(jp.base(), jp.rel(), false);
-            }
-        }
+        let _ = remove_chain(&self.path, id, &p.root, &p.path.to_string());
     }
 
     /// Make file `id` at `path` durable up to its root `root` and remove the journals that led
     /// there (applying any not applied in this boot).
     pub(crate) fn settle_file(&self, path: &EmbedPath, id: &FileId, root: &[u8; 32]) -> Result<()> {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
-        let Some((dir, name)) = self.kernel_path(path).and_then(|l| l.parent().ok()) else {
+        self.pending_map().remove(id);
+        let Some((dir, name)) = self.data_file_at(path) else {
             return Ok(());
         };
         let label = path.to_string();
@@ -193,9 +187,7 @@ impl Volume {
     /// `syncfs` per file system for all of them.
     pub fn settle_journals(&self) -> Result<()> {
         let all: Vec<(FileId, EmbedPath)> = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .pending_map()
             .drain()
             .map(|(id, p)| (id, p.path))
             .collect();
@@ -253,16 +245,7 @@ impl Volume {
             return first;
         }
         for (id, path, root) in &synced {
-            let label = path.to_string();
-            match walk_chain(&self.path, id, root, &label, true) {
-                Ok(chain) => {
-                    for l in &chain {
-                        let jp = store::journal_path(&self.path, id, &l.root);
-                        let _ = kernel_fs::remove_beneath(jp.base(), jp.rel(), false);
-                    }
-                }
-                Err(e) => keep(Err(e)),
-            }
+            keep(remove_chain(&self.path, id, root, &path.to_string()));
         }
         first
     }
@@ -526,7 +509,6 @@ impl FileUpdate {
                 entry,
                 journal: full,
                 journal_len: 0,
-                has_journal: false,
                 direct: Arc::new(direct),
                 _writer: writer,
             });
@@ -560,7 +542,6 @@ impl FileUpdate {
             entry,
             journal: full,
             journal_len: bytes.len() as u64,
-            has_journal: true,
             direct: Arc::new(direct),
             _writer: writer,
         })
@@ -947,25 +928,14 @@ fn open_journal(fspf: &Path, id: &FileId, root: &[u8; 32], label: &str) -> Resul
 /// The chain of journals that ends at `root` (newest first): each names the root it continues,
 /// and the walk stops where that journal does not exist. With `all` false it also stops at
 /// the first journal applied in this boot (it and everything before it are applied).
+/// The second value: whether the walk stopped at a journal applied in this boot.
 fn walk_chain(
     fspf: &Path,
     id: &FileId,
     root: &[u8; 32],
     label: &str,
     all: bool,
-) -> Result<Vec<Link>> {
-    walk_chain_from(fspf, id, root, label, all, &mut false)
-}
-
-/// [`walk_chain`]; `applied_stop` is set when it stopped at a journal applied in this boot.
-fn walk_chain_from(
-    fspf: &Path,
-    id: &FileId,
-    root: &[u8; 32],
-    label: &str,
-    all: bool,
-    applied_stop: &mut bool,
-) -> Result<Vec<Link>> {
+) -> Result<(Vec<Link>, bool)> {
     let boot = boot_id();
     let mut out: Vec<Link> = Vec::new();
     let mut r = *root;
@@ -985,8 +955,7 @@ fn walk_chain_from(
         let head = read_head(&file, id, &r).map_err(damaged)?;
         let applied = boot.is_some() && head.applied == boot;
         if applied && !all {
-            *applied_stop = true;
-            break;
+            return Ok((out, true));
         }
         out.push(Link {
             file,
@@ -998,7 +967,22 @@ fn walk_chain_from(
             None => break,
         }
     }
-    Ok(out)
+    Ok((out, false))
+}
+
+/// Remove the journals `links` of file `id` (once what they hold is durable, or needed by no
+/// committed state).
+fn unlink_links(fspf: &Path, id: &FileId, links: &[Link]) {
+    for l in links {
+        let jp = store::journal_path(fspf, id, &l.root);
+        let _ = kernel_fs::remove_beneath(jp.base(), jp.rel(), false);
+    }
+}
+
+/// Remove the whole chain of file `id` that ends at `root`.
+fn remove_chain(fspf: &Path, id: &FileId, root: &[u8; 32], label: &str) -> Result<()> {
+    unlink_links(fspf, id, &walk_chain(fspf, id, root, label, true)?.0);
+    Ok(())
 }
 
 /// Apply the journals of file `id` that lead to its committed root `root` to the data file
@@ -1021,15 +1005,7 @@ pub(crate) fn apply_chain(
         (ApplyMode::Defer, None) => ApplyMode::Settle,
         (m, _) => m,
     };
-    let mut applied_stop = false;
-    let chain = walk_chain_from(
-        fspf,
-        id,
-        root,
-        label,
-        mode == ApplyMode::Settle,
-        &mut applied_stop,
-    )?;
+    let (chain, applied_stop) = walk_chain(fspf, id, root, label, mode == ApplyMode::Settle)?;
     if chain.is_empty() {
         // Nothing to apply; journals applied in this boot stay in place unless settling.
         return Ok(applied_stop && mode == ApplyMode::Defer);
@@ -1050,17 +1026,12 @@ pub(crate) fn apply_chain(
     // times are not part of the state.
     data.sync_data().map_err(|e| Error::io(label, e))?;
     tree.sync_data().map_err(|e| Error::io(label, e))?;
-    // Everything up to `root` is durable: the whole chain goes (applied journals before the
-    // unapplied suffix too).
-    let all = if mode == ApplyMode::Settle {
-        chain
+    // Everything up to `root` is durable: the whole chain goes (for Recover, or a Defer whose
+    // journal could not be marked, the applied journals before the unapplied suffix too).
+    if mode == ApplyMode::Settle {
+        unlink_links(fspf, id, &chain);
     } else {
-        // Recover, or a Defer whose journal could not be marked: everything up to `root`.
-        walk_chain(fspf, id, root, label, true)?
-    };
-    for l in &all {
-        let jp = store::journal_path(fspf, id, &l.root);
-        let _ = kernel_fs::remove_beneath(jp.base(), jp.rel(), false);
+        remove_chain(fspf, id, root, label)?;
     }
     Ok(false)
 }
@@ -1149,7 +1120,7 @@ fn apply_one(
 /// Roots of the journals in the chain that ends at `root` (orphan cleanup keeps them).
 pub(crate) fn chain_roots(fspf: &Path, id: &FileId, root: &[u8; 32]) -> Vec<[u8; 32]> {
     walk_chain(fspf, id, root, "", true)
-        .map(|c| c.into_iter().map(|l| l.root).collect())
+        .map(|(c, _)| c.into_iter().map(|l| l.root).collect())
         .unwrap_or_default()
 }
 
