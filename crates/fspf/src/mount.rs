@@ -264,8 +264,8 @@ pub fn umount(a: UmountArgs) -> Result<i32> {
     }
     if mutable {
         if let Some(t) = tag_file.and_then(|p| std::fs::read_to_string(p).ok()) {
-            match t.lines().last() {
-                Some(l) => println!("{}", l.trim()),
+            match fspf_core::session::tag_file_lines(&t).last() {
+                Some(l) => println!("{l}"),
                 None => bail!("the mount's tag file is empty"),
             }
         }

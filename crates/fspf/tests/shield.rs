@@ -3046,8 +3046,32 @@ fn journals_below(dir: &std::path::Path) -> Vec<PathBuf> {
     out
 }
 
+/// Marks (`user.fspf.mark`: boot id, applied root, durable root) of the chunk trees below
+/// `dir` (FORMAT.md §5b, "Journals in the log").
+fn tree_marks_below(dir: &std::path::Path) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(tree_marks_below(&p));
+        } else if p.extension().is_none()
+            && p.parent()
+                .is_some_and(|d| d.extension().is_some_and(|x| x == "trees"))
+        {
+            let f = std::fs::File::open(&p).expect("tree");
+            let mut b = vec![0u8; 80];
+            if let Ok(n) = rustix::fs::fgetxattr(&f, "user.fspf.mark", &mut b[..]) {
+                b.truncate(n);
+                out.push(b);
+            }
+        }
+    }
+    out
+}
+
 /// The data and tree files of an in-place update are synced when the file is settled, not at
-/// each commit (FORMAT.md §5b, chains): a run that ends settles them and leaves no journal.
+/// each commit (FORMAT.md §5b, chains): a run that ends settles them (the tree's mark names
+/// the committed root as durable) and leaves no journal file.
 #[test]
 fn a_run_that_updated_a_file_in_place_settles_its_journals_at_exit() {
     need("python3");
@@ -3067,6 +3091,15 @@ os.close(fd)
     );
     let left = journals_below(w.dir.path());
     assert!(left.is_empty(), "journals left after the run: {left:?}");
+    let marks = tree_marks_below(w.dir.path());
+    assert!(!marks.is_empty(), "the journals were in the log");
+    for m in &marks {
+        assert_eq!(
+            m[16..48],
+            m[48..80],
+            "settled: applied and durable at one root"
+        );
+    }
     let mut want = big_expected(n);
     for k in 0..20usize {
         want[4096 * k * 7..4096 * k * 7 + 100].fill(65 + k as u8);

@@ -2,16 +2,23 @@
 //! §5c). Framing and associated data only; no I/O, no keys.
 //!
 //! ```text
-//! header   "FSPFLOG" 0x03 (8) | tag of the checkpoint (the FSPF file) it continues (16)
+//! header   "FSPFLOG" 0x04 (8) | tag of the checkpoint (the FSPF file) it continues (16)
+//!          (0x03: a log of an older writer, whose records carry no journals)
 //! record   n u32 LE | nonce (12) | AES-256-GCM ciphertext (n) | GCM tag (16) | check (8)
 //!          AAD   = "FSPFLOG" 0x03 || tag of the previous record (the checkpoint's for the
-//!                  first) || n u32 LE
+//!                  first) || n u32 LE  (the same in both versions)
 //!          check = BLAKE3 (unkeyed) of the record's n + 32 bytes before it, first 8 bytes:
 //!                  tells a torn append from a complete record without the key
 //! ```
 use crate::crypto::{Tag, NONCE_LEN, TAG_LEN};
 
-pub const LOG_MAGIC: [u8; 8] = *b"FSPFLOG\x03";
+/// Magic of the logs this version writes: records may carry update journals (FORMAT.md §5c).
+pub const LOG_MAGIC: [u8; 8] = *b"FSPFLOG\x04";
+/// Magic of a log written before records carried journals: still read, and continued without
+/// journals (a reader of that version would not apply them).
+pub const LOG_MAGIC_V3: [u8; 8] = *b"FSPFLOG\x03";
+/// The associated data's prefix (the version-3 magic, in both versions).
+const AAD_MAGIC: [u8; 8] = LOG_MAGIC_V3;
 pub const LOG_HEADER_LEN: usize = 24;
 /// Bytes of a record besides its ciphertext: length, nonce, GCM tag, check.
 pub const RECORD_OVERHEAD: usize = 4 + NONCE_LEN + TAG_LEN + CHECK_LEN;
@@ -34,21 +41,31 @@ pub fn header(base: &Tag) -> [u8; LOG_HEADER_LEN] {
     h
 }
 
-/// The checkpoint tag a log's header names, if `bytes` start with a log header.
+/// The checkpoint tag a log's header names, if `bytes` start with a log header (either
+/// version).
 pub fn parse_header(bytes: &[u8]) -> Option<Tag> {
-    let h = bytes.get(..LOG_HEADER_LEN)?;
-    if h[..8] != LOG_MAGIC {
-        return None;
-    }
+    header_version(bytes)?;
     let mut t = [0u8; TAG_LEN];
-    t.copy_from_slice(&h[8..]);
+    t.copy_from_slice(bytes.get(8..LOG_HEADER_LEN)?);
     Some(Tag(t))
+}
+
+/// The version of a log header (3 or 4), if `bytes` start with one.
+pub fn header_version(bytes: &[u8]) -> Option<u8> {
+    let h = bytes.get(..LOG_HEADER_LEN)?;
+    if h[..8] == LOG_MAGIC {
+        Some(4)
+    } else if h[..8] == LOG_MAGIC_V3 {
+        Some(3)
+    } else {
+        None
+    }
 }
 
 /// Associated data of a record of `n` ciphertext bytes following the state with tag `prev`.
 pub fn aad(prev: &Tag, n: u32) -> [u8; 8 + TAG_LEN + 4] {
     let mut a = [0u8; 8 + TAG_LEN + 4];
-    a[..8].copy_from_slice(&LOG_MAGIC);
+    a[..8].copy_from_slice(&AAD_MAGIC);
     a[8..8 + TAG_LEN].copy_from_slice(&prev.0);
     a[8 + TAG_LEN..].copy_from_slice(&n.to_le_bytes());
     a
@@ -164,6 +181,11 @@ mod tests {
         assert_eq!(parse_header(&log), Some(Tag([9; 16])));
         assert_eq!(parse_header(&log[..23]), None);
         assert_eq!(parse_header(b"FSPFLOG\x02aaaaaaaaaaaaaaaa"), None);
+        assert_eq!(header_version(&log), Some(4));
+        let mut v3 = log.clone();
+        v3[..8].copy_from_slice(&LOG_MAGIC_V3);
+        assert_eq!(header_version(&v3), Some(3));
+        assert_eq!(parse_header(&v3), Some(Tag([9; 16])));
     }
 
     #[test]

@@ -32,6 +32,13 @@ pub struct LogRecordPb {
     /// Paths no longer listed (each exactly; not their subtrees).
     #[prost(bytes = "vec", repeated, tag = "3")]
     pub removed: Vec<Vec<u8>>,
+    /// Update journals of format-2 files changed by this commit (FORMAT.md §5b, "Journals in
+    /// the log"), each a format-3 journal; only in version-4 logs.
+    #[prost(bytes = "vec", repeated, tag = "4")]
+    pub journals: Vec<Vec<u8>>,
+    /// Bytes of journals in the log's records up to and including this one.
+    #[prost(uint64, tag = "5")]
+    pub journal_bytes: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -156,19 +156,45 @@ impl Volume {
     }
 
     /// Make the changes in `tx` durable: one record appended to the metadata log, or a new
-    /// checkpoint (the whole fspf) when the log is full or the fspf is not sealed.
-    fn persist(&mut self, tx: &Tx, announce: &mut dyn FnMut(Tag) -> Result<()>) -> Result<()> {
+    /// checkpoint (the whole fspf) when the log is full or the fspf is not sealed. The journals
+    /// of `updates` still in memory go into the record (FORMAT.md §5b, "Journals in the log")
+    /// where the log takes them, else to their files first.
+    fn persist(
+        &mut self,
+        tx: &Tx,
+        updates: &[&super::update::StagedUpdate],
+        announce: &mut dyn FnMut(Tag) -> Result<()>,
+    ) -> Result<()> {
         // A rough size of the record: each entry is a path and at most ~100 bytes.
         let estimate: u64 = tx
             .touched
             .iter()
             .map(|p| p.as_bytes().len() as u64 + 128)
             .sum();
-        if !self.opts.log || !self.log_enabled() || !self.log_has_room(estimate) {
+        let inline: Vec<std::sync::Arc<[u8]>> =
+            updates.iter().filter_map(|u| u.inline_bytes()).collect();
+        let logging = self.opts.log && self.log_enabled();
+        let carry = logging && !inline.is_empty() && self.log_takes_journals();
+        let jlen: u64 = if carry {
+            inline.iter().map(|j| j.len() as u64).sum()
+        } else {
+            0
+        };
+        let materialize =
+            |fspf: &Path| -> Result<()> { updates.iter().try_for_each(|u| u.materialize(fspf)) };
+        if !logging || !self.log_has_room(estimate, jlen) {
+            materialize(&self.path)?;
+            // The checkpoint replaces the log: the chains through its journals are made
+            // durable first (their journals go with the log).
+            self.settle_log_chains()?;
             return self.save_announced(announce).map(drop);
         }
+        if !carry {
+            materialize(&self.path)?;
+        }
         self.meta.generation += 1;
-        if let Err(e) = self.append_log(&tx.touched, announce) {
+        let journals = if carry { inline } else { Vec::new() };
+        if let Err(e) = self.append_log(&tx.touched, &journals, announce) {
             self.meta.generation -= 1;
             return Err(e);
         }
@@ -208,6 +234,7 @@ pub(crate) fn roll_forward_at(dir: &OwnedFd, name: &OsStr, id: &FileId) {
 /// of that root left by an interrupted commit is applied (FORMAT.md §5, §5b).
 pub(crate) fn roll_forward(
     fspf: &Path,
+    log: &super::update::LogJournals,
     dir: &OwnedFd,
     name: &OsStr,
     id: &FileId,
@@ -218,7 +245,7 @@ pub(crate) fn roll_forward(
     match root {
         Some(r) => {
             use super::update::{apply_chain, ApplyMode};
-            apply_chain(fspf, dir, name, id, r, label, ApplyMode::Recover).map(drop)
+            apply_chain(fspf, log, dir, name, id, r, label, ApplyMode::Recover).map(drop)
         }
         None => Ok(()),
     }
@@ -649,10 +676,25 @@ impl Volume {
                 return Err(e);
             }
         }
-        if let Err(e) = self.persist(&tx, announce) {
+        if let Err(e) = self.persist(&tx, &updates, announce) {
             self.rollback(tx);
             cleanup(&changes);
             return Err(e);
+        }
+        // What the log now carries: the journals still in memory went into the record, and a
+        // file with a chain in the log keeps its path and root current.
+        for u in &updates {
+            if let Some(b) = u.inline_bytes() {
+                self.logj.insert(u.path.clone(), b);
+            }
+        }
+        if self.logj.has_files() {
+            let entries: Vec<(EmbedPath, FileEntry)> = tx
+                .touched
+                .iter()
+                .filter_map(|p| self.lookup(p).map(|e| (p.clone(), e.into_owned())))
+                .collect();
+            self.logj.entries(entries.iter().map(|(p, e)| (p, e)));
         }
         // Independent renames; in parallel because a large `addf` moves tens of thousands of
         // shadows and this is otherwise its longest serial step. A failed rename is harmless:

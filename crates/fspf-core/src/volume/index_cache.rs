@@ -68,6 +68,9 @@ pub fn write(vol: &Volume) -> Result<()> {
     let Some(vk) = vol.key() else {
         return Ok(());
     };
+    // The cache stands for log records whose journals its readers will not learn: the chains
+    // through them are made durable first (FORMAT.md §5b, "Journals in the log").
+    vol.settle_log_chains()?;
     let index = vol.build_index()?;
     // The state the index describes: this volume's, or the older one of the frozen index it
     // is backed by (its log records are replayed on top of it).

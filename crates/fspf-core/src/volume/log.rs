@@ -38,6 +38,11 @@ pub(crate) struct LogPos {
     /// Format version of the checkpoint: only a version-3 checkpoint is continued by a log
     /// (an older reader would not see the log, FORMAT.md §8).
     pub checkpoint_version: u16,
+    /// Version of the log's header (4: its records may carry journals; 3: an older writer's
+    /// log, continued without them); 0 while unknown or no log.
+    pub log_version: u8,
+    /// Bytes of journals in the log's records up to `end` (those this volume applied).
+    pub journal_bytes: u64,
 }
 
 /// `FSPF.log` beside `fspf`.
@@ -166,6 +171,8 @@ impl DiskState {
 struct Opened {
     removed: Vec<EmbedPath>,
     put: Vec<(EmbedPath, FileEntry)>,
+    journals: Vec<Vec<u8>>,
+    journal_bytes: u64,
     generation: u64,
     tag: Tag,
     end: u64,
@@ -202,10 +209,14 @@ impl Volume {
                     end: 0,
                     checkpoint_len: cp_len,
                     checkpoint_version: version,
+                    log_version: 0,
+                    journal_bytes: 0,
                 };
             }
             return Ok(c == self.tag);
         };
+        let mut replay_prev = self.tag;
+        let mut skip_first = false;
         let from = if self.tag == c {
             LOG_HEADER_LEN as u64
         } else {
@@ -219,15 +230,42 @@ impl Volume {
             if ours {
                 self.log.end
             } else {
-                match framing::frames(b, LOG_HEADER_LEN).find(|f| f.tag == self.tag) {
-                    Some(f) => f.end as u64,
+                // Opened from the record that made this state (its entries are not applied
+                // again): it tells the journals it carries and the log's journal bytes so far,
+                // which a volume over a frozen index does not know.
+                let mut prev = c;
+                let mut found = None;
+                for f in framing::frames(b, LOG_HEADER_LEN) {
+                    if f.tag == self.tag {
+                        found = Some((f.start as u64, prev));
+                        break;
+                    }
+                    prev = f.tag;
+                }
+                match found {
+                    Some((start, p)) => {
+                        replay_prev = p;
+                        skip_first = true;
+                        start
+                    }
                     None => return Ok(false),
                 }
             }
         };
         let has_log = bytes.is_some();
+        let log_version = bytes
+            .as_deref()
+            .and_then(framing::header_version)
+            .unwrap_or(0);
+        let journal_bytes_before = if from == LOG_HEADER_LEN as u64 {
+            // From the checkpoint on: what this volume knew of another log is stale.
+            self.logj.clear();
+            0
+        } else {
+            self.log.journal_bytes
+        };
         let opened = match bytes {
-            Some(mut b) => self.open_records(&key, &mut b, from, self.tag)?,
+            Some(mut b) => self.open_records(&key, &mut b, from, replay_prev)?,
             None => Vec::new(),
         };
         let end = match opened.last() {
@@ -236,7 +274,21 @@ impl Volume {
             None if !has_log => 0,
             None => from,
         };
-        for o in opened {
+        let journal_bytes = opened
+            .last()
+            .map_or(journal_bytes_before, |o| o.journal_bytes);
+        let path = log_path(&self.path);
+        for (i, o) in opened.into_iter().enumerate() {
+            self.logj
+                .record(o.journals, &o.put)
+                .map_err(|reason| Error::LogDamaged {
+                    path: path.clone(),
+                    offset: o.end,
+                    reason,
+                })?;
+            if i == 0 && skip_first {
+                continue;
+            }
             for p in o.removed {
                 self.raw_set(p, None);
             }
@@ -251,6 +303,8 @@ impl Volume {
             end,
             checkpoint_len: cp_len,
             checkpoint_version: version,
+            log_version,
+            journal_bytes,
         };
         Ok(true)
     }
@@ -339,6 +393,8 @@ impl Volume {
             out.push(Opened {
                 removed,
                 put,
+                journals: rec.journals,
+                journal_bytes: rec.journal_bytes,
                 generation: rec.generation,
                 tag: f.tag,
                 end: f.end as u64,
@@ -354,13 +410,24 @@ impl Volume {
         self.key.is_some()
     }
 
-    /// Would a record of about `len` bytes still fit in the log before the next checkpoint?
-    pub(crate) fn log_has_room(&self, len: u64) -> bool {
+    /// Would a record of about `len` bytes of entries and `journals` bytes of journals still
+    /// fit in the log before the next checkpoint? Entries count against [`log_limit`],
+    /// journals against [`LOG_JOURNALS_MAX`].
+    pub(crate) fn log_has_room(&self, len: u64, journals: u64) -> bool {
         let at = self.log.end.max(LOG_HEADER_LEN as u64);
-        len as usize <= framing::MAX_RECORD
+        let entries_at = at.saturating_sub(self.log.journal_bytes);
+        len + journals <= framing::MAX_RECORD as u64
             && self.log.base.is_some()
             && self.log.checkpoint_version >= VERSION_3
-            && at + len + framing::RECORD_OVERHEAD as u64 <= log_limit(self.log.checkpoint_len)
+            && entries_at + len + framing::RECORD_OVERHEAD as u64
+                <= log_limit(self.log.checkpoint_len)
+            && self.log.journal_bytes + journals <= LOG_JOURNALS_MAX
+    }
+
+    /// May the next record carry journals? Only in a version-4 log (or a new one) and where
+    /// the marks that tell applied journals of the log apart can be kept.
+    pub(crate) fn log_takes_journals(&self) -> bool {
+        (self.log.end == 0 || self.log.log_version >= 4) && self.logj.marks_supported(&self.path)
     }
 
     /// Append the record of a commit that changed the entries at `touched` (their current
@@ -369,6 +436,7 @@ impl Volume {
     pub(crate) fn append_log(
         &mut self,
         touched: &std::collections::BTreeSet<EmbedPath>,
+        journals: &[std::sync::Arc<[u8]>],
         announce: &mut dyn FnMut(Tag) -> Result<()>,
     ) -> Result<()> {
         let key = self.key.clone().ok_or(Error::KeyRequired {
@@ -378,8 +446,11 @@ impl Volume {
             .log
             .base
             .ok_or_else(|| Error::Other("log position unknown".into()))?;
+        let jlen: u64 = journals.iter().map(|j| j.len() as u64).sum();
         let mut rec = LogRecordPb {
             generation: self.meta.generation,
+            journals: journals.iter().map(|j| j.to_vec()).collect(),
+            journal_bytes: self.log.journal_bytes + jlen,
             ..Default::default()
         };
         for p in touched {
@@ -462,9 +533,18 @@ impl Volume {
         }
         self.tag = Tag(tag);
         self.log.end = new_end;
+        self.log.journal_bytes += jlen;
+        if created {
+            self.log.log_version = 4;
+        }
         Ok(())
     }
 }
+
+/// Bytes of journals the records of one log may carry before the next commit writes a
+/// checkpoint (which makes their files durable first): what every process that opens the
+/// volume decrypts beside the entries.
+pub const LOG_JOURNALS_MAX: u64 = 1 << 20;
 
 /// Step in which the log file is extended with zeros ahead of its records (FORMAT.md §5c).
 const LOG_PREALLOC: u64 = 64 << 10;

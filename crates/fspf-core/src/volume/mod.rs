@@ -73,6 +73,9 @@ pub struct Volume {
     /// durable yet (FORMAT.md §5b, chains): settled at [`update::PENDING_MAX`] journals, at a
     /// later update that writes in place, and by [`Volume::settle_journals`].
     pending: std::sync::Mutex<std::collections::HashMap<crypto::FileId, PendingJournals>>,
+    /// Update journals the current log's records carry, and the files whose chains run
+    /// through them (FORMAT.md §5b, "Journals in the log").
+    logj: update::LogJournals,
 }
 
 /// The applied, not yet durable journals of one file (see [`Volume::settle_journals`]).
@@ -136,6 +139,7 @@ impl Volume {
             log: Default::default(),
             overlay: Default::default(),
             pending: Default::default(),
+            logj: Default::default(),
         };
         // Under the update lock: the orphan cleanup removes temporaries only while holding it.
         let _lock = FspfLock::acquire(&v.path)?;
@@ -212,12 +216,17 @@ impl Volume {
             log: Default::default(),
             overlay: Default::default(),
             pending: Default::default(),
+            logj: Default::default(),
         })
     }
 
     /// The frozen index of this volume's current state, for the processes it starts (the
     /// bytes hold the region keys: keep them in memory the run trusts, like the key).
     pub fn build_index(&self) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+        // Its readers learn only the log's later records: the journals of the records it
+        // stands for are applied first (best effort: a file that cannot be fixed up here fails
+        // its reader's verification, as it would have failed this process's).
+        let _ = self.apply_log_chains(false);
         match (&self.index, self.index_bytes) {
             (Some(_), Some(b)) if self.overlay.is_empty() => {
                 Ok(zeroize::Zeroizing::new(b.to_vec()))
@@ -252,6 +261,7 @@ impl Volume {
             log: self.log,
             overlay: Default::default(),
             pending: Default::default(),
+            logj: self.logj.clone(),
         }))
     }
 
@@ -486,8 +496,10 @@ impl Volume {
         FspfLock::acquire(path)
     }
 
-    /// Seal and atomically replace the fspf on disk; returns the new tag.
+    /// Seal and atomically replace the fspf on disk; returns the new tag. The chains through
+    /// the journals of the log it replaces are made durable first.
     pub fn save(&mut self) -> Result<Tag> {
+        self.settle_log_chains()?;
         self.save_announced(&mut |_| Ok(()))
     }
 
@@ -638,7 +650,7 @@ impl Volume {
         let tree = root
             .as_ref()
             .filter(|_| region.protection == Protection::Encrypted);
-        commit::roll_forward(&self.path, &dir, &name, &id, tree, &label)?;
+        commit::roll_forward(&self.path, &self.logj, &dir, &name, &id, tree, &label)?;
         let data = kernel_fs::open_regular_at(&dir, &name)
             .map_err(|e| Error::kernel_open(&label, kernel.full(), e))?;
         self.reader_over(region, path, &id, size, root.as_ref(), data)

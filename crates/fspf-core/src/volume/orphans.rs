@@ -169,7 +169,7 @@ impl Volume {
                 _ => None,
             })
             .flat_map(|(id, r)| {
-                let mut roots = super::update::chain_roots(&self.path, &id, &r);
+                let mut roots = super::update::chain_roots(&self.path, &self.logj, &id, &r);
                 roots.push(r);
                 roots.into_iter().map(move |x| (id, x))
             })

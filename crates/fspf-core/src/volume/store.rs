@@ -300,9 +300,12 @@ fn open_checkpoint(path: &Path, key: Option<VolumeKey>) -> Result<Volume> {
             end: 0,
             checkpoint_len,
             checkpoint_version: h.version,
+            log_version: 0,
+            journal_bytes: 0,
         },
         overlay: Default::default(),
         pending: Default::default(),
+        logj: Default::default(),
     })
 }
 
@@ -413,7 +416,10 @@ fn checkpointed(v: &mut Volume, tag: Tag, len: u64) {
         end: 0,
         checkpoint_len: len,
         checkpoint_version: CURRENT_VERSION,
+        log_version: 0,
+        journal_bytes: 0,
     };
+    v.logj.clear();
     let _ = fs::remove_file(super::log::log_path(&v.path));
 }
 

@@ -16,7 +16,7 @@ use crate::format::layout::{chunk_count, chunk_plain_len};
 use crate::format::metadata::{now_ns, FileEntry, FileKind, Protection};
 use crate::format::tree as ft;
 use crate::policy::EmbedPath;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -52,10 +52,13 @@ pub struct StagedUpdate {
     pub base_root: [u8; 32],
     /// The entry after the update (new size, root and times).
     pub entry: FileEntry,
-    /// The journal, `FSPF.trees/<id>.<new root>.journal`.
+    /// The journal, `FSPF.trees/<id>.<new root>.journal`, once written to a file.
     pub journal: PathBuf,
     /// Its length in bytes.
     pub journal_len: u64,
+    /// The journal while it is only in memory (at most [`LOG_JOURNAL_MAX`] bytes): the commit
+    /// puts it into its log record, or writes it to `journal` first ([`StagedUpdate::materialize`]).
+    pub(crate) inline: Arc<std::sync::Mutex<Option<Arc<[u8]>>>>,
     /// Sealed chunks wholly past the committed data's end (appended): written straight to the
     /// data file by the commit, before its commit point, instead of to the journal
     /// (FORMAT.md §5b), so that an append is written once.
@@ -97,11 +100,49 @@ impl StagedUpdate {
     /// Remove the journal of an update that will not be committed.
     pub fn discard(&self) {
         // An update that changed nothing (its root is the committed one) wrote no journal:
-        // `journal` names the committed state's, which is not its to remove.
-        if self.root() != self.base_root {
+        // `journal` names the committed state's, which is not its to remove. One still in
+        // memory has no file.
+        if self.root() != self.base_root && self.inline_bytes().is_none() {
             let _ = std::fs::remove_file(&self.journal);
         }
     }
+
+    /// The journal, while it is only in memory.
+    pub(crate) fn inline_bytes(&self) -> Option<Arc<[u8]>> {
+        self.inline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Write the journal to its file and make it durable, if it is still only in memory: before
+    /// a commit that does not carry it in its log record.
+    pub(crate) fn materialize(&self, fspf: &Path) -> Result<()> {
+        let mut g = self.inline.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(b) = g.as_ref() else {
+            return Ok(());
+        };
+        write_journal_file(fspf, &self.id, &self.root(), b)?;
+        *g = None;
+        Ok(())
+    }
+}
+
+/// Write journal `bytes` of file `id` at `root` to `FSPF.trees/<id>.<root>.journal`, durably.
+fn write_journal_file(fspf: &Path, id: &FileId, root: &[u8; 32], bytes: &[u8]) -> Result<()> {
+    let jp = store::journal_path(fspf, id, root);
+    let full = jp.full();
+    // A journal for exactly this root cannot exist (its epoch is new); a leftover of an
+    // identical name is replaced.
+    let _ = kernel_fs::remove_beneath(jp.base(), jp.rel(), false);
+    let (dir, name) = jp.parent().map_err(|e| Error::io(&full, e))?;
+    let mut f = kernel_fs::create_new_at(&dir, &name, 0o600, rustix::fs::OFlags::empty())
+        .map_err(|e| Error::io(&full, e))?;
+    // fdatasync: the journal's data and length; its times do not matter (an fsync would
+    // also force a file-system journal commit for them).
+    f.write_all(bytes)
+        .and_then(|_| f.sync_data())
+        .map_err(|e| Error::io(&full, e))
 }
 
 impl Volume {
@@ -135,7 +176,16 @@ impl Volume {
         };
         let label = path.to_string();
         super::commit::roll_forward_at(&dir, &name, id);
-        let kept = apply_chain(&self.path, &dir, &name, id, root, &label, ApplyMode::Defer)?;
+        let kept = apply_chain(
+            &self.path,
+            &self.logj,
+            &dir,
+            &name,
+            id,
+            root,
+            &label,
+            ApplyMode::Defer,
+        )?;
         let full = {
             let mut p = self.pending_map();
             if !kept {
@@ -166,7 +216,7 @@ impl Volume {
         let Some(p) = self.pending_map().remove(id) else {
             return;
         };
-        let _ = remove_chain(&self.path, id, &p.root, &p.path.to_string());
+        let _ = remove_chain(&self.path, &self.logj, id, &p.root, &p.path.to_string());
     }
 
     /// Make file `id` at `path` durable up to its root `root` and remove the journals that led
@@ -177,7 +227,17 @@ impl Volume {
             return Ok(());
         };
         let label = path.to_string();
-        apply_chain(&self.path, &dir, &name, id, root, &label, ApplyMode::Settle).map(drop)
+        apply_chain(
+            &self.path,
+            &self.logj,
+            &dir,
+            &name,
+            id,
+            root,
+            &label,
+            ApplyMode::Settle,
+        )
+        .map(drop)
     }
 
     /// Make every file whose journals this volume applied durable and remove those journals
@@ -228,7 +288,16 @@ impl Volume {
                 continue;
             };
             let label = path.to_string();
-            match apply_chain(&self.path, &dir, &name, id, root, &label, ApplyMode::Defer) {
+            match apply_chain(
+                &self.path,
+                &self.logj,
+                &dir,
+                &name,
+                id,
+                root,
+                &label,
+                ApplyMode::Defer,
+            ) {
                 Ok(true) => {
                     if let Some(d) = loc.full().parent() {
                         dirs.push(d.to_path_buf());
@@ -245,9 +314,58 @@ impl Volume {
             return first;
         }
         for (id, path, root) in &synced {
-            keep(remove_chain(&self.path, id, root, &path.to_string()));
+            keep(remove_chain(
+                &self.path,
+                &self.logj,
+                id,
+                root,
+                &path.to_string(),
+            ));
         }
         first
+    }
+
+    /// Apply the chains that run through the log's journals to the files they belong to, as
+    /// [`ApplyMode::Defer`] does (`durable` false: before a frozen index of this state is
+    /// handed to other processes, which learn only the log's later records), or make them
+    /// durable ([`ApplyMode::Settle`]: before a checkpoint replaces the log, or an index cache
+    /// on disk stands for it). A file replaced or moved since is skipped: the chain belongs to
+    /// the data file only while that still holds the version.
+    pub(crate) fn apply_log_chains(&self, durable: bool) -> Result<()> {
+        let files: Vec<(FileId, (EmbedPath, [u8; 32]))> = self
+            .logj
+            .files
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        for (id, (path, root)) in files {
+            let Some((dir, name)) = self.data_file_at(&path) else {
+                continue;
+            };
+            let is_it = kernel_fs::open_regular_at(&dir, &name).is_ok_and(|f| {
+                let mut h = [0u8; 24];
+                f.read_exact_at(&mut h, 0).is_ok() && h == ct::header2(&id)
+            });
+            if !is_it {
+                continue;
+            }
+            let label = path.to_string();
+            let mode = if durable {
+                self.pending_map().remove(&id);
+                ApplyMode::Settle
+            } else {
+                ApplyMode::Defer
+            };
+            apply_chain(
+                &self.path, &self.logj, &dir, &name, &id, &root, &label, mode,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// [`Volume::apply_log_chains`], durably: before a checkpoint replaces the log.
+    pub(crate) fn settle_log_chains(&self) -> Result<()> {
+        self.apply_log_chains(true)
     }
 
     /// Open the listed file `path` for an in-place update. `Ok(None)` when it is not a
@@ -509,6 +627,7 @@ impl FileUpdate {
                 entry,
                 journal: full,
                 journal_len: 0,
+                inline: Default::default(),
                 direct: Arc::new(direct),
                 _writer: writer,
             });
@@ -524,24 +643,23 @@ impl FileUpdate {
             vol.settle_file(&self.path, &self.id, &self.base_root)?;
         }
         let bytes = j.encode(&root);
-        // A journal for exactly this root cannot exist (its epoch is new); a leftover of an
-        // identical name is replaced.
-        let _ = kernel_fs::remove_beneath(jp.base(), jp.rel(), false);
-        let (dir, name) = jp.parent().map_err(|e| Error::io(&full, e))?;
-        let mut f = kernel_fs::create_new_at(&dir, &name, 0o600, rustix::fs::OFlags::empty())
-            .map_err(|e| Error::io(&full, e))?;
-        // fdatasync: the journal's data and length; its times do not matter (an fsync would
-        // also force a file-system journal commit for them).
-        f.write_all(&bytes)
-            .and_then(|_| f.sync_data())
-            .map_err(|e| Error::io(&full, e))?;
+        let journal_len = bytes.len() as u64;
+        // A small journal stays in memory for the commit's log record (FORMAT.md §5b,
+        // "Journals in the log"); a larger one is a file now.
+        let inline = if bytes.len() <= LOG_JOURNAL_MAX {
+            Some(Arc::from(bytes))
+        } else {
+            write_journal_file(&vol.path, &self.id, &root, &bytes)?;
+            None
+        };
         Ok(StagedUpdate {
             path: self.path,
             id: self.id,
             base_root: self.base_root,
             entry,
             journal: full,
-            journal_len: bytes.len() as u64,
+            journal_len,
+            inline: Arc::new(std::sync::Mutex::new(inline)),
             direct: Arc::new(direct),
             _writer: writer,
         })
@@ -583,6 +701,38 @@ impl StagedUpdate {
         let root = self.root();
         let jp = store::journal_path(fspf, &self.id, &root);
         let full = jp.full();
+        let damaged = |reason: String| Error::JournalDamaged {
+            path: self.path.to_string(),
+            journal: full.display().to_string(),
+            reason,
+        };
+        let with_direct = |bytes: &[u8]| -> Result<Vec<u8>> {
+            let parsed = parse_journal(bytes, &self.id, &root).map_err(damaged)?;
+            let mut j = Journal::new(self.id, parsed.prev);
+            for r in parsed.records {
+                match r {
+                    Record::Len(t, len) => j.set_len(t, len),
+                    Record::Write(t, at, b) => j.write(t, at, b),
+                }
+            }
+            for (at, b) in &self.direct.0 {
+                j.write(Target::Data, *at, b);
+            }
+            Ok(j.encode(&root))
+        };
+        {
+            let mut g = self.inline.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(b) = g.as_ref() {
+                let out = with_direct(b)?;
+                if out.len() <= LOG_JOURNAL_MAX {
+                    *g = Some(Arc::from(out));
+                } else {
+                    write_journal_file(fspf, &self.id, &root, &out)?;
+                    *g = None;
+                }
+                return Ok(());
+            }
+        }
         let f = kernel_fs::open_regular_rw(jp.base(), jp.rel()).map_err(|e| match e {
             kernel_fs::OpenError::Io(e) => Error::io(&full, e),
             kernel_fs::OpenError::NotRegular(kind) => Error::NotRegular {
@@ -592,23 +742,7 @@ impl StagedUpdate {
         })?;
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut &f, &mut bytes).map_err(|e| Error::io(&full, e))?;
-        let damaged = |reason: String| Error::JournalDamaged {
-            path: self.path.to_string(),
-            journal: full.display().to_string(),
-            reason,
-        };
-        let parsed = parse_journal(&bytes, &self.id, &root).map_err(damaged)?;
-        let mut j = Journal::new(self.id, parsed.prev);
-        for r in parsed.records {
-            match r {
-                Record::Len(t, len) => j.set_len(t, len),
-                Record::Write(t, at, b) => j.write(t, at, b),
-            }
-        }
-        for (at, b) in &self.direct.0 {
-            j.write(Target::Data, *at, b);
-        }
-        let out = j.encode(&root);
+        let out = with_direct(&bytes)?;
         f.write_all_at(&out, 0)
             .and_then(|_| f.set_len(out.len() as u64))
             .and_then(|_| f.sync_data())
@@ -871,6 +1005,165 @@ fn boot_id() -> Option<[u8; 16]> {
     })
 }
 
+/// Largest journal a commit carries in its log record (FORMAT.md §5b, "Journals in the log");
+/// a larger one is written to a journal file.
+pub(crate) const LOG_JOURNAL_MAX: usize = 64 << 10;
+
+/// The journals the records of the current log carry (FORMAT.md §5b, "Journals in the log"),
+/// and the files whose chains may run through them: what a volume learns from the records it
+/// applies and the commits it makes, forgotten when a checkpoint replaces the log (every such
+/// chain is made durable first, [`Volume::settle_log_chains`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LogJournals {
+    /// Format-3 journals by (file id, root).
+    journals: HashMap<(FileId, [u8; 32]), Arc<[u8]>>,
+    /// Files with a journal in the log: the path and root of their last committed entry.
+    files: HashMap<FileId, (EmbedPath, [u8; 32])>,
+    /// Whether the tree directory keeps extended attributes (the marks): probed once.
+    marks: std::sync::OnceLock<bool>,
+}
+
+impl LogJournals {
+    fn get(&self, id: &FileId, root: &[u8; 32]) -> Option<Arc<[u8]>> {
+        self.journals.get(&(*id, *root)).cloned()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.journals.clear();
+        self.files.clear();
+    }
+
+    /// Are there files whose chains run through the log's journals?
+    pub(crate) fn has_files(&self) -> bool {
+        !self.files.is_empty()
+    }
+
+    /// The journals of one record, with the entries it puts: each journal's file and root are
+    /// the ones an entry of the same record names.
+    pub(crate) fn record(
+        &mut self,
+        journals: Vec<Vec<u8>>,
+        put: &[(EmbedPath, FileEntry)],
+    ) -> std::result::Result<(), String> {
+        self.entries(put.iter().map(|(p, e)| (p, e)));
+        for j in journals {
+            let (id, root) = journal_names(&j).ok_or("a journal with a bad header")?;
+            let path = put
+                .iter()
+                .find(|(_, e)| {
+                    matches!(e.kind, FileKind::File { id: i, root: Some(r), .. } if i == id && r == root)
+                })
+                .map(|(p, _)| p.clone())
+                .ok_or("a journal whose entry is not in its record")?;
+            self.insert(path, j.into());
+        }
+        Ok(())
+    }
+
+    /// A journal a commit of this volume carried in its record.
+    pub(crate) fn insert(&mut self, path: EmbedPath, bytes: Arc<[u8]>) {
+        if let Some((id, root)) = journal_names(&bytes) {
+            self.journals.insert((id, root), bytes);
+            self.files.insert(id, (path, root));
+        }
+    }
+
+    /// Entries put by a record or a commit: a file with a chain in the log keeps its path and
+    /// root current (a rename, an update journaled in a file).
+    pub(crate) fn entries<'a>(
+        &mut self,
+        put: impl Iterator<Item = (&'a EmbedPath, &'a FileEntry)>,
+    ) {
+        if self.files.is_empty() {
+            return;
+        }
+        for (p, e) in put {
+            if let FileKind::File {
+                id, root: Some(r), ..
+            } = &e.kind
+            {
+                if let Some(f) = self.files.get_mut(id) {
+                    *f = (p.clone(), *r);
+                }
+            }
+        }
+    }
+
+    /// Can the file system of `fspf`'s tree directory keep the marks that tell which journals
+    /// of the log are applied? Without them journals are written to files, as before.
+    pub(crate) fn marks_supported(&self, fspf: &Path) -> bool {
+        *self.marks.get_or_init(|| {
+            let dir = store::tree_dir(fspf);
+            let Ok(d) = File::open(&dir) else {
+                return false;
+            };
+            let mut b = [0u8; MARK_LEN];
+            match rustix::fs::fgetxattr(&d, MARK_XATTR, &mut b[..]) {
+                Ok(_) => true,
+                Err(e) => e == rustix::io::Errno::NODATA,
+            }
+        })
+    }
+}
+
+/// File id and root a format-3 journal's header names.
+fn journal_names(b: &[u8]) -> Option<(FileId, [u8; 32])> {
+    if b.get(..8)? != JOURNAL_MAGIC || b.len() < HEAD3 {
+        return None;
+    }
+    let id = FileId(b[24..40].try_into().ok()?);
+    let root: [u8; 32] = b[40..72].try_into().ok()?;
+    Some((id, root))
+}
+
+/// Extended attribute of a chunk tree file (`FSPF.trees/<id>`) naming the journals of the log
+/// applied to the file (FORMAT.md §5b): log journals have no file of their own to mark.
+const MARK_XATTR: &str = "user.fspf.mark";
+const MARK_LEN: usize = 16 + 32 + 32;
+
+/// A tree file's mark: the newest journal applied in boot `boot`, and the newest root the
+/// data and tree files are durable at (synced before the mark was written).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Mark {
+    boot: [u8; 16],
+    applied: [u8; 32],
+    durable: [u8; 32],
+}
+
+impl Mark {
+    fn read(tree: &File) -> Mark {
+        let mut b = [0u8; MARK_LEN];
+        match rustix::fs::fgetxattr(tree, MARK_XATTR, &mut b[..]) {
+            Ok(MARK_LEN) => Mark {
+                boot: b[..16].try_into().unwrap_or_default(),
+                applied: b[16..48].try_into().unwrap_or_default(),
+                durable: b[48..].try_into().unwrap_or_default(),
+            },
+            _ => Mark::default(),
+        }
+    }
+
+    fn of_tree(fspf: &Path, id: &FileId) -> Mark {
+        match store::open_tree(fspf, id, "") {
+            Ok(Some(t)) => Mark::read(&t),
+            _ => Mark::default(),
+        }
+    }
+
+    fn write(&self, tree: &File) -> bool {
+        let mut b = [0u8; MARK_LEN];
+        b[..16].copy_from_slice(&self.boot);
+        b[16..48].copy_from_slice(&self.applied);
+        b[48..].copy_from_slice(&self.durable);
+        rustix::fs::fsetxattr(tree, MARK_XATTR, &b, rustix::fs::XattrFlags::empty()).is_ok()
+    }
+
+    /// Is the journal of the log with root `r` applied: in this boot, or durably?
+    fn covers(&self, boot: Option<[u8; 16]>, r: &[u8; 32]) -> bool {
+        (boot == Some(self.boot) && self.applied == *r) || self.durable == *r
+    }
+}
+
 /// What [`apply_chain`] does with the journals it finds.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum ApplyMode {
@@ -883,9 +1176,17 @@ pub(crate) enum ApplyMode {
     Settle,
 }
 
+/// Where a journal of a chain lies.
+enum Src {
+    /// A journal file (it carries its own applied mark).
+    File(File),
+    /// A journal carried by a log record (the tree file's mark tells whether it is applied).
+    Log(Arc<[u8]>),
+}
+
 /// One journal of a chain, newest first.
 struct Link {
-    file: File,
+    src: Src,
     root: [u8; 32],
     applied: bool,
 }
@@ -926,11 +1227,13 @@ fn open_journal(fspf: &Path, id: &FileId, root: &[u8; 32], label: &str) -> Resul
 }
 
 /// The chain of journals that ends at `root` (newest first): each names the root it continues,
-/// and the walk stops where that journal does not exist. With `all` false it also stops at
-/// the first journal applied in this boot (it and everything before it are applied).
-/// The second value: whether the walk stopped at a journal applied in this boot.
+/// found among the log's journals (`log`) or as a journal file; the walk stops where that
+/// journal is neither. With `all` false it also stops at the first journal applied in this
+/// boot or durably (it and everything before it are applied).
+/// The second value: whether the walk stopped at an applied journal.
 fn walk_chain(
     fspf: &Path,
+    log: &LogJournals,
     id: &FileId,
     root: &[u8; 32],
     label: &str,
@@ -938,31 +1241,46 @@ fn walk_chain(
 ) -> Result<(Vec<Link>, bool)> {
     let boot = boot_id();
     let mut out: Vec<Link> = Vec::new();
+    let mut mark: Option<Mark> = None;
+    // Journals are applied oldest first: past an applied one, every older one is applied (the
+    // tree's mark names only the newest).
+    let mut seen_applied = false;
     let mut r = *root;
     loop {
-        let Some(file) = open_journal(fspf, id, &r, label)? else {
-            break;
-        };
-        let full = store::journal_path(fspf, id, &r).full();
+        let full = || store::journal_path(fspf, id, &r).full();
         let damaged = |reason: String| Error::JournalDamaged {
             path: label.into(),
-            journal: full.display().to_string(),
+            journal: full().display().to_string(),
             reason,
         };
         if out.len() >= CHAIN_MAX || out.iter().any(|l| l.root == r) {
             return Err(damaged("its chain is cyclic or too long".into()));
         }
-        let head = read_head(&file, id, &r).map_err(damaged)?;
-        let applied = boot.is_some() && head.applied == boot;
+        let (src, prev, applied) = match log.get(id, &r) {
+            Some(b) => {
+                let m = *mark.get_or_insert_with(|| Mark::of_tree(fspf, id));
+                let prev = b.get(72..104).and_then(nonzero);
+                (Src::Log(b), prev, m.covers(boot, &r))
+            }
+            None => {
+                let Some(file) = open_journal(fspf, id, &r, label)? else {
+                    break;
+                };
+                let head = read_head(&file, id, &r).map_err(damaged)?;
+                let applied = boot.is_some() && head.applied == boot;
+                (Src::File(file), head.prev, applied)
+            }
+        };
         if applied && !all {
             return Ok((out, true));
         }
+        seen_applied |= applied;
         out.push(Link {
-            file,
+            src,
             root: r,
-            applied,
+            applied: seen_applied,
         });
-        match head.prev {
+        match prev {
             Some(p) => r = p,
             None => break,
         }
@@ -970,18 +1288,24 @@ fn walk_chain(
     Ok((out, false))
 }
 
-/// Remove the journals `links` of file `id` (once what they hold is durable, or needed by no
-/// committed state).
+/// Remove the journal files among `links` of file `id` (once what they hold is durable, or
+/// needed by no committed state); journals of the log go with the log.
 fn unlink_links(fspf: &Path, id: &FileId, links: &[Link]) {
-    for l in links {
+    for l in links.iter().filter(|l| matches!(l.src, Src::File(_))) {
         let jp = store::journal_path(fspf, id, &l.root);
         let _ = kernel_fs::remove_beneath(jp.base(), jp.rel(), false);
     }
 }
 
 /// Remove the whole chain of file `id` that ends at `root`.
-fn remove_chain(fspf: &Path, id: &FileId, root: &[u8; 32], label: &str) -> Result<()> {
-    unlink_links(fspf, id, &walk_chain(fspf, id, root, label, true)?.0);
+fn remove_chain(
+    fspf: &Path,
+    log: &LogJournals,
+    id: &FileId,
+    root: &[u8; 32],
+    label: &str,
+) -> Result<()> {
+    unlink_links(fspf, id, &walk_chain(fspf, log, id, root, label, true)?.0);
     Ok(())
 }
 
@@ -989,10 +1313,13 @@ fn remove_chain(fspf: &Path, id: &FileId, root: &[u8; 32], label: &str) -> Resul
 /// `dir`/`name` and its tree, oldest first (FORMAT.md §5b); `mode` says what happens after.
 /// Returns whether journals were left in place (applied, not yet durable: [`ApplyMode::Defer`],
 /// also when another process applied them).
-/// Each application is serialised on the journal's own `flock`: whoever comes second finds it
-/// unlinked or marked applied and does nothing.
+/// A journal file's application is serialised on its own `flock`: whoever comes second finds
+/// it unlinked or marked applied and does nothing. Journals of the log have no file of their
+/// own: a chain with any is applied under the tree file's `flock`, walked again under it.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn apply_chain(
     fspf: &Path,
+    log: &LogJournals,
     dir: &std::os::fd::OwnedFd,
     name: &std::ffi::OsStr,
     id: &FileId,
@@ -1005,15 +1332,57 @@ pub(crate) fn apply_chain(
         (ApplyMode::Defer, None) => ApplyMode::Settle,
         (m, _) => m,
     };
-    let (chain, applied_stop) = walk_chain(fspf, id, root, label, mode == ApplyMode::Settle)?;
+    let all = mode == ApplyMode::Settle;
+    let (mut chain, mut applied_stop) = walk_chain(fspf, log, id, root, label, all)?;
+    let mut files: Option<(File, File)> = None;
+    let has_log = chain.iter().any(|l| matches!(l.src, Src::Log(_)));
+    if has_log && chain.iter().any(|l| !l.applied) {
+        let (data, tree) = open_targets(fspf, dir, name, id, label)?;
+        rustix::fs::flock(&tree, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| Error::io(label, e.into()))?;
+        (chain, applied_stop) = walk_chain(fspf, log, id, root, label, all)?;
+        files = Some((data, tree));
+    }
     if chain.is_empty() {
         // Nothing to apply; journals applied in this boot stay in place unless settling.
         return Ok(applied_stop && mode == ApplyMode::Defer);
     }
-    let mut files: Option<(File, File)> = None;
     let mut all_marked = true;
+    let mut applied_log = false;
     for l in chain.iter().rev().filter(|l| !l.applied) {
-        all_marked &= apply_one(fspf, dir, name, id, l, label, boot, &mut files)?;
+        match &l.src {
+            Src::File(f) => {
+                all_marked &= apply_one(fspf, dir, name, id, f, &l.root, label, boot, &mut files)?;
+            }
+            Src::Log(b) => {
+                let full = store::journal_path(fspf, id, &l.root).full();
+                let parsed =
+                    parse_journal(b, id, &l.root).map_err(|reason| Error::JournalDamaged {
+                        path: label.into(),
+                        journal: format!("{} (in the log)", full.display()),
+                        reason,
+                    })?;
+                apply_records(fspf, dir, name, id, &parsed, label, &mut files)?;
+                applied_log = true;
+            }
+        }
+    }
+    // The tree's mark names the newest journal applied in this boot: written after the
+    // writes it vouches for, in the same page cache.
+    if applied_log || has_log {
+        let marked = match (&files, boot) {
+            (Some((_, tree)), Some(b)) => {
+                let old = Mark::read(tree);
+                Mark {
+                    boot: b,
+                    applied: *root,
+                    durable: old.durable,
+                }
+                .write(tree)
+            }
+            _ => false,
+        };
+        all_marked &= marked || !applied_log;
     }
     if mode == ApplyMode::Defer && all_marked {
         return Ok(true);
@@ -1026,12 +1395,21 @@ pub(crate) fn apply_chain(
     // times are not part of the state.
     data.sync_data().map_err(|e| Error::io(label, e))?;
     tree.sync_data().map_err(|e| Error::io(label, e))?;
+    if has_log {
+        // Written after the syncs: a mark that reaches the disk names a durable state.
+        Mark {
+            boot: boot.unwrap_or_default(),
+            applied: *root,
+            durable: *root,
+        }
+        .write(&tree);
+    }
     // Everything up to `root` is durable: the whole chain goes (for Recover, or a Defer whose
     // journal could not be marked, the applied journals before the unapplied suffix too).
     if mode == ApplyMode::Settle {
         unlink_links(fspf, id, &chain);
     } else {
-        remove_chain(fspf, id, root, label)?;
+        remove_chain(fspf, log, id, root, label)?;
     }
     Ok(false)
 }
@@ -1054,21 +1432,49 @@ fn open_targets(
     Ok((data, tree))
 }
 
-/// Apply one journal under its `flock` and mark it applied in this boot; whether it is marked
-/// (or was applied, or removed, by another process).
+/// Write a parsed journal's records to the data and tree files (opened on first use).
+fn apply_records(
+    fspf: &Path,
+    dir: &std::os::fd::OwnedFd,
+    name: &std::ffi::OsStr,
+    id: &FileId,
+    parsed: &Parsed<'_>,
+    label: &str,
+    files: &mut Option<(File, File)>,
+) -> Result<()> {
+    if files.is_none() {
+        *files = Some(open_targets(fspf, dir, name, id, label)?);
+    }
+    let Some((data, tree)) = files.as_ref() else {
+        return Err(Error::Other(format!("{label}: no data file")));
+    };
+    for r in &parsed.records {
+        let res = match r {
+            Record::Len(Target::Data, len) => data.set_len(*len),
+            Record::Len(Target::Tree, len) => tree.set_len(*len),
+            Record::Write(Target::Data, at, b) => data.write_all_at(b, *at),
+            Record::Write(Target::Tree, at, b) => tree.write_all_at(b, *at),
+        };
+        res.map_err(|e| Error::io(label, e))?;
+    }
+    Ok(())
+}
+
+/// Apply one journal file `f` (of root `root`) under its `flock` and mark it applied in this
+/// boot; whether it is marked (or was applied, or removed, by another process).
 #[allow(clippy::too_many_arguments)]
 fn apply_one(
     fspf: &Path,
     dir: &std::os::fd::OwnedFd,
     name: &std::ffi::OsStr,
     id: &FileId,
-    l: &Link,
+    f: &File,
+    root: &[u8; 32],
     label: &str,
     boot: Option<[u8; 16]>,
     files: &mut Option<(File, File)>,
 ) -> Result<bool> {
-    let full = store::journal_path(fspf, id, &l.root).full();
-    let f = &l.file;
+    let full = store::journal_path(fspf, id, root).full();
     rustix::fs::flock(f, rustix::fs::FlockOperation::LockExclusive)
         .map_err(|e| Error::io(&full, e.into()))?;
     let unlock = || {
@@ -1081,7 +1487,7 @@ fn apply_one(
         reason,
     };
     if st.st_nlink == 0
-        || boot.is_some() && read_head(f, id, &l.root).map_err(damaged)?.applied == boot
+        || boot.is_some() && read_head(f, id, root).map_err(damaged)?.applied == boot
     {
         unlock();
         return Ok(true);
@@ -1089,22 +1495,8 @@ fn apply_one(
     let mut bytes = vec![0u8; usize::try_from(st.st_size).unwrap_or(0)];
     f.read_exact_at(&mut bytes, 0)
         .map_err(|e| Error::io(&full, e))?;
-    let parsed = parse_journal(&bytes, id, &l.root).map_err(damaged)?;
-    if files.is_none() {
-        *files = Some(open_targets(fspf, dir, name, id, label)?);
-    }
-    let Some((data, tree)) = files.as_ref() else {
-        return Err(damaged("no data file".into()));
-    };
-    for r in &parsed.records {
-        let res = match r {
-            Record::Len(Target::Data, len) => data.set_len(*len),
-            Record::Len(Target::Tree, len) => tree.set_len(*len),
-            Record::Write(Target::Data, at, b) => data.write_all_at(b, *at),
-            Record::Write(Target::Tree, at, b) => tree.write_all_at(b, *at),
-        };
-        res.map_err(|e| Error::io(label, e))?;
-    }
+    let parsed = parse_journal(&bytes, id, root).map_err(damaged)?;
+    apply_records(fspf, dir, name, id, &parsed, label, files)?;
     // The mark is a page-cache write like the application itself: one boot sees both; after a
     // restart the mark names another boot and the journal is applied again. A journal that
     // cannot be marked (a format-2 one, or one this process may only read) is not left to
@@ -1117,9 +1509,14 @@ fn apply_one(
     Ok(marked)
 }
 
-/// Roots of the journals in the chain that ends at `root` (orphan cleanup keeps them).
-pub(crate) fn chain_roots(fspf: &Path, id: &FileId, root: &[u8; 32]) -> Vec<[u8; 32]> {
-    walk_chain(fspf, id, root, "", true)
+/// Roots of the journal files in the chain that ends at `root` (orphan cleanup keeps them).
+pub(crate) fn chain_roots(
+    fspf: &Path,
+    log: &LogJournals,
+    id: &FileId,
+    root: &[u8; 32],
+) -> Vec<[u8; 32]> {
+    walk_chain(fspf, log, id, root, "", true)
         .map(|(c, _)| c.into_iter().map(|l| l.root).collect())
         .unwrap_or_default()
 }
@@ -1145,6 +1542,14 @@ mod tests {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
             .collect()
+    }
+
+    /// Stage `u` with its journal in a file, as a commit that does not carry it in a log
+    /// record has it (these tests' volumes are unsealed: every commit is a checkpoint).
+    fn staged(u: FileUpdate, v: &Volume) -> StagedUpdate {
+        let s = u.stage(v).unwrap();
+        s.materialize(&v.path).unwrap();
+        s
     }
 
     fn commit_update(v: &mut Volume, u: FileUpdate) -> StagedUpdate {
@@ -1249,13 +1654,13 @@ mod tests {
         let (_d, _p, mut v) = test_volume(&[("/f", &big)]);
         let mut u = v.update_file(&ep("/f")).unwrap().unwrap();
         u.write_at(b"hello", 4_000_000).unwrap();
-        let s = u.stage(&v).unwrap();
+        let s = staged(u, &v);
         let jlen = std::fs::metadata(&s.journal).unwrap().len();
         // one 4 KiB chunk, three tree pages (levels 0..2 above 2 048 chunks: 2), headers
         assert!(jlen < 4 * 4096 + 1024, "journal of {jlen} bytes");
         let mut u = v.update_file(&ep("/f")).unwrap().unwrap();
         u.write_at(b"line\n", 8 << 20).unwrap();
-        let s2 = u.stage(&v).unwrap();
+        let s2 = staged(u, &v);
         let jlen = std::fs::metadata(&s2.journal).unwrap().len();
         assert!(jlen < 4 * 4096 + 1024, "append journal of {jlen} bytes");
         s2.discard();
@@ -1275,7 +1680,7 @@ mod tests {
         let tail = pattern(3 << 20, 9);
         let mut u = v.update_file(&ep("/f")).unwrap().unwrap();
         u.write_at(&tail, big.len() as u64).unwrap();
-        let s = u.stage(&v).unwrap();
+        let s = staged(u, &v);
         let jlen = std::fs::metadata(&s.journal).unwrap().len();
         // (The last old chunk, and the tree pages: about one per 128 new chunks.)
         assert!(
@@ -1306,7 +1711,7 @@ mod tests {
         let (data, _) = files_of(&d, &v, &ep("/f"));
         let mut u = v.update_file(&ep("/f")).unwrap().unwrap();
         u.write_at(&pattern(1 << 20, 1), big.len() as u64).unwrap();
-        let s = u.stage(&v).unwrap();
+        let s = staged(u, &v);
         let loc = std::fs::File::open(data.parent().unwrap()).unwrap();
         let dir: std::os::fd::OwnedFd = loc.into();
         let name = data.file_name().unwrap().to_owned();
@@ -1340,7 +1745,7 @@ mod tests {
         let tail = pattern(200_000, 2);
         let mut u = v.update_file(&ep("/f")).unwrap().unwrap();
         u.write_at(&tail, big.len() as u64).unwrap();
-        let s = u.stage(&v).unwrap();
+        let s = staged(u, &v);
         let before = std::fs::metadata(&s.journal).unwrap().len();
         s.write_direct(&v.path, None).unwrap();
         let after = std::fs::metadata(&s.journal).unwrap().len();
@@ -1372,7 +1777,7 @@ mod tests {
         new.resize(250_004, 0);
         new[250_000..].copy_from_slice(b"tail");
         // Staged, not committed: the journal exists, nothing else changed.
-        let s = u.stage(&v).unwrap();
+        let s = staged(u, &v);
         assert!(s.journal.exists());
         assert_eq!(std::fs::read(&data).unwrap(), old_data);
         assert!(read_all(&v, &f).unwrap() == old);
@@ -1454,7 +1859,7 @@ mod tests {
         std::fs::write(&tree, &new_tree).unwrap();
         let mut u = v.update_file(&f).unwrap().unwrap();
         u.write_at(b"second", 0).unwrap();
-        let s2 = u.stage(&v).unwrap();
+        let s2 = staged(u, &v);
         let stale = std::fs::read(&s2.journal).unwrap();
         let tag = v.tag();
         v.commit(vec![Change::Update(s2.clone())], Some(tag))
@@ -1565,7 +1970,7 @@ mod tests {
         let f = ep("/f");
         let mut u = v.update_file(&f).unwrap().unwrap();
         u.write_at(b"x", 1).unwrap();
-        let lost = u.stage(&v).unwrap();
+        let lost = staged(u, &v);
         let lost_path = lost.journal.clone();
         drop(lost); // a writer that died before its commit
         let orphans = v.orphans();
@@ -1783,7 +2188,7 @@ mod tests {
         let tail = pattern(200_000, 8);
         u.write_at(&tail, 100_000).unwrap();
         model.extend_from_slice(&tail);
-        let s = u.stage(&v).unwrap();
+        let s = staged(u, &v);
         assert!(!s.direct.0.is_empty());
         assert!(
             journals(&v) == vec![s.journal.clone()],
@@ -1826,7 +2231,7 @@ mod tests {
         u.write_at(&pattern(9000, 3), 20_000).unwrap();
         let mut new = old.clone();
         new[20_000..29_000].copy_from_slice(&pattern(9000, 3));
-        let s = u.stage(&v).unwrap();
+        let s = staged(u, &v);
         let v3 = std::fs::read(&s.journal).unwrap();
         let tag = v.tag();
         v.commit(vec![Change::Update(s.clone())], Some(tag))
@@ -1861,7 +2266,7 @@ mod tests {
         let s1 = commit_update(&mut v, u);
         let committed = std::fs::read(&s1.journal).unwrap();
         // Nothing written: the same root, no journal of its own.
-        let s2 = v.update_file(&f).unwrap().unwrap().stage(&v).unwrap();
+        let s2 = staged(v.update_file(&f).unwrap().unwrap(), &v);
         assert_eq!(s2.root(), s1.root());
         assert_eq!(std::fs::read(&s1.journal).unwrap(), committed, "untouched");
         s2.discard();
@@ -1968,8 +2373,8 @@ mod tests {
         let mut b = v.update_file(&f).unwrap().unwrap();
         a.write_at(b"aaaa", 10).unwrap();
         b.write_at(b"bbbb", 99_000).unwrap();
-        let sa = a.stage(&v).unwrap();
-        let sb = b.stage(&v).unwrap();
+        let sa = staged(a, &v);
+        let sb = staged(b, &v);
         let tag = v.tag();
         v.commit(vec![Change::Update(sa)], Some(tag)).unwrap();
         let tag = v.tag();
@@ -1993,7 +2398,7 @@ mod tests {
             let mut u = v.update_file(&f).unwrap().unwrap();
             u.write_at(&[i], 5).unwrap();
             // The same chunk staged and dropped (a crash before the commit) and staged again.
-            let dropped = u.stage(&v).unwrap();
+            let dropped = staged(u, &v);
             dropped.discard();
             let mut u = v.update_file(&f).unwrap().unwrap();
             u.write_at(&[i], 5).unwrap();
@@ -2020,5 +2425,303 @@ mod tests {
             .unwrap();
             assert!(epochs.insert(r.entry(0).unwrap().epoch), "epoch reused");
         }
+    }
+}
+
+/// Journals carried by log records (FORMAT.md §5b, "Journals in the log"): a sealed volume
+/// that commits through the log, as the frontends do.
+#[cfg(test)]
+mod log_journal_tests {
+    use super::*;
+    use crate::volume::log::log_path;
+    use crate::volume::test_volume;
+
+    fn ep(s: &str) -> EmbedPath {
+        EmbedPath::parse(s).unwrap()
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed))
+            .collect()
+    }
+
+    struct Fx {
+        d: tempfile::TempDir,
+        p: PathBuf,
+        key: crate::crypto::VolumeKey,
+    }
+
+    impl Fx {
+        /// `/f` holding `data` in a sealed volume that commits through the log.
+        fn new(data: &[u8]) -> (Fx, Volume) {
+            let (d, p, mut v) = test_volume(&[("/f", data)]);
+            let (t, key) = v.encrypt().unwrap();
+            let fx = Fx { d, p, key };
+            let v = fx.open(t);
+            (fx, v)
+        }
+        fn open(&self, t: crate::Tag) -> Volume {
+            let mut v = Volume::open(&self.p, Some(self.key.clone()), Some(t)).unwrap();
+            let mut o = v.options();
+            o.log = true;
+            v.set_options(o);
+            v
+        }
+        fn data(&self) -> PathBuf {
+            self.d.path().join("vol/f")
+        }
+        fn tree(&self, v: &Volume) -> PathBuf {
+            let FileKind::File { id, .. } = v.lookup(&ep("/f")).unwrap().kind else {
+                panic!()
+            };
+            store::tree_path(&v.path, &id).full()
+        }
+        fn journal_files(&self, v: &Volume) -> usize {
+            std::fs::read_dir(v.tree_dir())
+                .unwrap()
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "journal"))
+                .count()
+        }
+    }
+
+    fn read_all(v: &Volume) -> Result<Vec<u8>> {
+        let mut r = v.open_file(&ep("/f"))?;
+        let mut out = vec![0u8; r.size() as usize];
+        let mut off = 0;
+        while off < out.len() {
+            let n = r.read_at(&mut out[off..], off as u64)?;
+            assert!(n > 0);
+            off += n;
+        }
+        Ok(out)
+    }
+
+    fn update(v: &mut Volume, model: &mut Vec<u8>, at: usize, bytes: &[u8]) -> StagedUpdate {
+        let mut u = v.update_file(&ep("/f")).unwrap().unwrap();
+        u.write_at(bytes, at as u64).unwrap();
+        if model.len() < at + bytes.len() {
+            model.resize(at + bytes.len(), 0);
+        }
+        model[at..at + bytes.len()].copy_from_slice(bytes);
+        let s = u.stage(v).unwrap();
+        let t = v.tag();
+        v.commit(vec![Change::Update(s.clone())], Some(t)).unwrap();
+        s
+    }
+
+    /// A writer killed before it applied its journal left no mark.
+    fn unmarked(tree: &Path) {
+        assert!(Mark::default().write(&File::open(tree).unwrap()));
+    }
+
+    /// What a machine's restart does to a tree file's mark: it names another boot.
+    fn other_boot(tree: &Path) {
+        let f = File::open(tree).unwrap();
+        let mut m = Mark::read(&f);
+        m.boot = [0xee; 16];
+        assert!(m.write(&f));
+    }
+
+    #[test]
+    fn a_small_update_carries_its_journal_in_the_log_record_and_writes_no_journal_file() {
+        let mut model = pattern(300_000, 1);
+        let (fx, mut v) = Fx::new(&model);
+        for (i, at) in [10_000usize, 12_000, 200_000, 10_500]
+            .into_iter()
+            .enumerate()
+        {
+            update(&mut v, &mut model, at, &pattern(5_000, i as u8));
+            assert_eq!(fx.journal_files(&v), 0, "no journal file");
+            assert!(read_all(&v).unwrap() == model, "update {i}");
+        }
+        let t = v.tag();
+        drop(v);
+        let v = fx.open(t);
+        assert!(read_all(&v).unwrap() == model, "another reader");
+        v.settle_journals().unwrap();
+        assert!(read_all(&v).unwrap() == model);
+    }
+
+    #[test]
+    fn a_checkpoint_makes_the_chains_of_the_log_durable_before_the_log_goes() {
+        let mut model = pattern(300_000, 2);
+        let (fx, mut v) = Fx::new(&model);
+        for i in 0..3u8 {
+            update(
+                &mut v,
+                &mut model,
+                1_000 + 7_000 * i as usize,
+                &pattern(3_000, i),
+            );
+        }
+        // A checkpoint replaces the log: the chain is applied and synced first.
+        v.save().unwrap();
+        assert!(!log_path(&fx.p).exists() || v.log.end == 0);
+        assert!(read_all(&v).unwrap() == model);
+        let m = Mark::read(&File::open(fx.tree(&v)).unwrap());
+        let FileKind::File { root: Some(r), .. } = v.lookup(&ep("/f")).unwrap().kind else {
+            panic!()
+        };
+        assert_eq!(m.durable, r, "durable at the committed root");
+        // Updates go on after the checkpoint, in a new log.
+        for i in 3..6u8 {
+            update(
+                &mut v,
+                &mut model,
+                2_000 + 9_000 * i as usize,
+                &pattern(3_000, i),
+            );
+            assert!(read_all(&v).unwrap() == model);
+        }
+        let t = v.tag();
+        drop(v);
+        let v = fx.open(t);
+        assert!(read_all(&v).unwrap() == model, "another reader");
+    }
+
+    /// At [`PENDING_MAX`] journals a file is settled; its chain in the log was walked to the
+    /// start with only the newest journal counted as applied (the tree's mark names only that
+    /// one), and the older ones were applied again over the newer writes.
+    #[test]
+    fn a_settle_at_the_pending_limit_applied_older_journals_of_the_log_over_newer_ones() {
+        let mut model = pattern(1_000_000, 2);
+        let (fx, mut v) = Fx::new(&model);
+        for i in 0..PENDING_MAX as usize + 6 {
+            // Overlapping writes: an older journal applied again changes what a newer wrote.
+            let at = (i * 7919 * 64) % 900_000;
+            update(&mut v, &mut model, at, &pattern(6_000, i as u8));
+            let got = read_all(&v).unwrap_or_else(|e| panic!("update {i}: {e}"));
+            assert!(got == model, "update {i}");
+        }
+        let _ = fx;
+    }
+
+    /// A writer killed after its commit point and before it applied the journal: the next
+    /// reader finds the journal in the log record, applies it and makes the files durable.
+    #[test]
+    fn a_journal_in_the_log_left_unapplied_by_a_crash_is_applied_by_the_next_reader() {
+        let mut model = pattern(300_000, 3);
+        let (fx, mut v) = Fx::new(&model);
+        let old = (
+            std::fs::read(fx.data()).unwrap(),
+            std::fs::read(fx.tree(&v)).unwrap(),
+        );
+        let s = update(&mut v, &mut model, 100_000, &pattern(9_000, 7));
+        assert_eq!(fx.journal_files(&v), 0);
+        // The state after the kill: the record is durable, the files are as before it.
+        std::fs::write(fx.data(), &old.0).unwrap();
+        std::fs::write(fx.tree(&v), &old.1).unwrap();
+        unmarked(&fx.tree(&v));
+        let t = v.tag();
+        drop(v);
+        let v = fx.open(t);
+        assert!(read_all(&v).unwrap() == model, "applied on open");
+        let m = Mark::read(&File::open(fx.tree(&v)).unwrap());
+        assert_eq!(m.durable, s.root(), "and made durable");
+    }
+
+    /// After a restart (the page cache lost: the files as before the chain, the tree's mark of
+    /// another boot) the chain in the log is applied again, oldest first.
+    #[test]
+    fn journals_in_the_log_are_replayed_in_order_after_a_restart() {
+        let mut model = pattern(300_000, 4);
+        let (fx, mut v) = Fx::new(&model);
+        let old = (
+            std::fs::read(fx.data()).unwrap(),
+            std::fs::read(fx.tree(&v)).unwrap(),
+        );
+        for (i, at) in [10_000usize, 12_000, 200_000, 11_000]
+            .into_iter()
+            .enumerate()
+        {
+            update(&mut v, &mut model, at, &pattern(6_000, 40 + i as u8));
+        }
+        let mut u = v.update_file(&ep("/f")).unwrap().unwrap();
+        u.set_len(250_001).unwrap();
+        model.truncate(250_001);
+        let s = u.stage(&v).unwrap();
+        let t = v.tag();
+        v.commit(vec![Change::Update(s)], Some(t)).unwrap();
+        assert!(read_all(&v).unwrap() == model);
+        std::fs::write(fx.data(), &old.0).unwrap();
+        std::fs::write(fx.tree(&v), &old.1).unwrap();
+        other_boot(&fx.tree(&v));
+        let t = v.tag();
+        drop(v);
+        let v = fx.open(t);
+        assert!(read_all(&v).unwrap() == model, "the chain replayed");
+    }
+
+    /// A chunk or tree page rolled back under a journal of the log that the mark calls
+    /// applied is detected, never read as data.
+    #[test]
+    fn a_chunk_rolled_back_under_an_applied_journal_of_the_log_is_detected() {
+        let mut model = pattern(300_000, 5);
+        let (fx, mut v) = Fx::new(&model);
+        let old = (
+            std::fs::read(fx.data()).unwrap(),
+            std::fs::read(fx.tree(&v)).unwrap(),
+        );
+        update(&mut v, &mut model, 50_000, &pattern(4_096, 9));
+        std::fs::write(fx.data(), &old.0).unwrap();
+        assert!(read_all(&v).is_err(), "old chunk under the new tree");
+        let t = v.tag();
+        let v2 = fx.open(t);
+        assert!(read_all(&v2).is_err(), "and for another reader");
+        std::fs::write(fx.tree(&v), &old.1).unwrap();
+        assert!(read_all(&v2).is_err(), "old tree under the new root");
+    }
+
+    /// An index cache stands for log records whose journals its readers do not learn: the
+    /// chains through them are applied and made durable before it is written.
+    #[test]
+    fn an_index_cache_is_written_only_over_durable_chains() {
+        let mut model = pattern(300_000, 6);
+        let (fx, mut v) = Fx::new(&model);
+        let old = (
+            std::fs::read(fx.data()).unwrap(),
+            std::fs::read(fx.tree(&v)).unwrap(),
+        );
+        let s = update(&mut v, &mut model, 70_000, &pattern(5_000, 3));
+        let t = v.tag();
+        drop(v);
+        // Left unapplied by a killed writer; a later process writes the cache.
+        std::fs::write(fx.data(), &old.0).unwrap();
+        std::fs::write(fx.tree(&fx.open(t)), &old.1).unwrap();
+        unmarked(&fx.tree(&fx.open(t)));
+        let v = Volume::open(&fx.p, Some(fx.key.clone()), Some(t)).unwrap();
+        crate::volume::index_cache::write(&v).unwrap();
+        let m = Mark::read(&File::open(fx.tree(&v)).unwrap());
+        assert_eq!(m.durable, s.root());
+        drop(v);
+        let v = Volume::open_cached(&fx.p, fx.key.clone(), t).unwrap();
+        assert!(v.is_indexed(), "read through the cache");
+        assert!(read_all(&v).unwrap() == model);
+    }
+
+    /// A log of an older writer (version 3) is continued without journals in its records:
+    /// that writer's readers would not apply them.
+    #[test]
+    fn a_version_3_log_is_continued_with_journal_files() {
+        let mut model = pattern(300_000, 8);
+        let (fx, mut v) = Fx::new(&model);
+        update(&mut v, &mut model, 1_000, &pattern(100, 1));
+        assert_eq!(fx.journal_files(&v), 0);
+        let t = v.tag();
+        drop(v);
+        let lp = log_path(&fx.p);
+        let mut b = std::fs::read(&lp).unwrap();
+        b[..8].copy_from_slice(&crate::format::log::LOG_MAGIC_V3);
+        std::fs::write(&lp, &b).unwrap();
+        let mut v = fx.open(t);
+        let s = update(&mut v, &mut model, 2_000, &pattern(100, 2));
+        assert!(s.journal.exists(), "a journal file");
+        assert!(read_all(&v).unwrap() == model);
+        assert_eq!(
+            &std::fs::read(&lp).unwrap()[..8],
+            &crate::format::log::LOG_MAGIC_V3
+        );
     }
 }

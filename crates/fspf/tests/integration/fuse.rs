@@ -700,9 +700,28 @@ fn journal_files(m: &Mounted) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// The daemon applies an in-place update's journal without syncing the file and keeps the
-/// journal until the file is settled (FORMAT.md §5b, chains): the unmount settles, and leaves
-/// no journal and the updated content.
+/// The marks (`user.fspf.mark`: boot id, applied root, durable root) of the chunk trees in
+/// the volume's tree directory (FORMAT.md §5b, "Journals in the log").
+fn tree_marks(m: &Mounted) -> Vec<Vec<u8>> {
+    fs::read_dir(m.env.path("fspf.pb.trees"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_none())
+        .filter_map(|p| {
+            let f = fs::File::open(&p).unwrap();
+            let mut b = vec![0u8; 80];
+            let n = rustix::fs::fgetxattr(&f, "user.fspf.mark", &mut b[..]).ok()?;
+            b.truncate(n);
+            Some(b)
+        })
+        .collect()
+}
+
+/// The daemon applies an in-place update's journal (carried by the commit's log record)
+/// without syncing the file and keeps the chain until the file is settled (FORMAT.md §5b,
+/// chains): the unmount settles it (the tree's mark then names the committed root as durable)
+/// and leaves the updated content.
 #[test]
 fn fuse_in_place_updates_keep_their_journals_until_the_unmount_settles_them() {
     use std::os::unix::fs::FileExt;
@@ -721,12 +740,18 @@ fn fuse_in_place_updates_keep_their_journals_until_the_unmount_settles_them() {
             f.sync_all().unwrap();
         }
     }
-    assert!(
-        !journal_files(&m).is_empty(),
-        "applied journals are kept while mounted"
+    assert!(journal_files(&m).is_empty(), "the journals are in the log");
+    let marks = tree_marks(&m);
+    assert_eq!(marks.len(), 1, "{marks:?}");
+    assert_ne!(
+        marks[0][16..48],
+        marks[0][48..80],
+        "applied while mounted, not durable yet"
     );
     m.umount();
     assert!(journal_files(&m).is_empty(), "{:?}", journal_files(&m));
+    let marks = tree_marks(&m);
+    assert_eq!(marks[0][16..48], marks[0][48..80], "settled at the unmount");
     m.mount(false);
     assert!(fs::read(m.m("data/big")).unwrap() == want);
     m.verify();
@@ -1192,7 +1217,13 @@ fn fuse_a_stream_held_open_without_sync_was_never_committed_by_the_interval() {
         .arg(env.path("mnt"))
         .status();
     let tags = fs::read_to_string(env.path("tag")).unwrap();
-    let tag = tags.lines().last().unwrap().trim().to_string();
+    // The last tag named (the file is padded with empty lines while mounted).
+    let tag = tags
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap()
+        .to_string();
     let o = env.run([
         "cat",
         "fspf.pb",
