@@ -11,14 +11,19 @@
 #   journal-new   create a new 16.6 KB file + write + fdatasync, then unlink it (an update journal)
 #   journal-slot  overwrite 16.6 KB at offset 0 of an existing file + fdatasync (no new inode)
 #   anchor        the tag file's announce: overwrite 66 bytes + ftruncate(66) + fdatasync, then the
-#                 publish (33 bytes + ftruncate(33), not synced): the size changes every commit
+#                 publish (33 bytes + ftruncate(33), not synced): the size changed every commit
+#                 (session 22)
+#   anchor-fixed  the same with the publish padded to 66 bytes: the size never changes (now)
 #   log           append a 155-byte record + fdatasync (the commit point)
 #   log-prealloc  the same record written over zeros preallocated in 64 KiB steps + fdatasync
 #                 (the file's size changes once per 64 KiB)
+#   log-journal   log-prealloc with a 4.6 KB record: the journal of one 4 KiB overwrite in it
 #   data+tree     overwrite 4 KiB in two other files + fdatasync each (what a commit synced after
 #                 applying its journal before journals were chained; now once per settle)
-#   commit-now    journal-new + anchor + log (one in-place update commit today)
-#   commit-before commit-now + data+tree (the same commit before deferred application)
+#   commit-s21    journal-new + anchor + log + data+tree (session 21: applied and synced at once)
+#   commit-s22    journal-new + anchor + log-prealloc (session 22: deferred application)
+#   commit-now    anchor-fixed + log-journal (the journal in the log record, the tag file's
+#                 length kept: one in-place update commit today)
 import os, random, statistics, sys, time
 
 root = sys.argv[1] if len(sys.argv) > 1 else "/var/tmp"
@@ -75,6 +80,14 @@ def anchor(i):
     os.ftruncate(tag, 33)
 
 
+def anchor_fixed(i):
+    os.pwrite(tag, b"a" * 66, 0)
+    os.ftruncate(tag, 66)
+    os.fdatasync(tag)
+    os.pwrite(tag, b"b" * 33 + b"\n" * 33, 0)
+    os.ftruncate(tag, 66)
+
+
 def log_append(i):
     os.pwrite(log, b"r" * 155, log_end[0])
     log_end[0] += 155
@@ -85,14 +98,25 @@ pre = os.open(os.path.join(d, "prelog"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o
 pre_end = [0, 0]  # record end, file length
 
 
-def log_prealloc(i):
-    end = pre_end[0] + 155
-    if end > pre_end[1]:
+def prealloc_append(rec):
+    end = pre_end[0] + len(rec)
+    while end > pre_end[1]:
         os.pwrite(pre, b"\0" * (64 << 10), pre_end[1])
         pre_end[1] += 64 << 10
-    os.pwrite(pre, b"r" * 155, pre_end[0])
+    os.pwrite(pre, rec, pre_end[0])
     pre_end[0] = end
     os.fdatasync(pre)
+
+
+def log_prealloc(i):
+    prealloc_append(b"r" * 155)
+
+
+jrec = os.urandom(4600)
+
+
+def log_journal(i):
+    prealloc_append(jrec)
 
 
 def data_tree(i):
@@ -101,15 +125,22 @@ def data_tree(i):
         os.fdatasync(f)
 
 
-def commit_now(i):
+def commit_s21(i):
     journal_new(i)
     anchor(i)
     log_append(i)
-
-
-def commit_before(i):
-    commit_now(i)
     data_tree(i)
+
+
+def commit_s22(i):
+    journal_new(i)
+    anchor(i)
+    log_prealloc(i)
+
+
+def commit_now(i):
+    anchor_fixed(i)
+    log_journal(i)
 
 
 rows = [
@@ -117,11 +148,14 @@ rows = [
     ("journal-new", journal_new),
     ("journal-slot", journal_slot),
     ("anchor", anchor),
+    ("anchor-fixed", anchor_fixed),
     ("log", log_append),
     ("log-prealloc", log_prealloc),
+    ("log-journal", log_journal),
     ("data+tree", data_tree),
+    ("commit-s21", commit_s21),
+    ("commit-s22", commit_s22),
     ("commit-now", commit_now),
-    ("commit-before", commit_before),
 ]
 res = {name: [] for name, _ in rows}
 try:

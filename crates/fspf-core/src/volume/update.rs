@@ -115,6 +115,12 @@ impl StagedUpdate {
             .clone()
     }
 
+    /// Drop the journal if it is still only in memory: the commit makes no state with its root
+    /// (a later change of the same batch replaced or removed the file).
+    pub(crate) fn forget_inline(&self) {
+        *self.inline.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Write the journal to its file and make it durable, if it is still only in memory: before
     /// a commit that does not carry it in its log record.
     pub(crate) fn materialize(&self, fspf: &Path) -> Result<()> {
@@ -2723,5 +2729,38 @@ mod log_journal_tests {
             &std::fs::read(&lp).unwrap()[..8],
             &crate::format::log::LOG_MAGIC_V3
         );
+    }
+
+    /// An update and the removal of its file in one batch: the record carried the update's
+    /// journal with no entry of its root, and every later open refused the log as damaged.
+    #[test]
+    fn a_record_carried_the_journal_of_a_file_removed_in_the_same_batch() {
+        let mut model = pattern(300_000, 9);
+        let (fx, mut v) = Fx::new(&model);
+        let mut u = v.update_file(&ep("/f")).unwrap().unwrap();
+        u.write_at(b"gone", 10).unwrap();
+        let s = u.stage(&v).unwrap();
+        let t = v.tag();
+        v.commit(vec![Change::Update(s), Change::Remove(ep("/f"))], Some(t))
+            .unwrap();
+        assert!(v.lookup(&ep("/f")).is_none());
+        let t = v.tag();
+        let v = Volume::open(&fx.p, Some(fx.key.clone()), Some(t));
+        assert!(v.is_ok(), "{:?}", v.err());
+        // And an update followed by a new version of the same path.
+        let (fx, mut v) = Fx::new(&model);
+        let mut u = v.update_file(&ep("/f")).unwrap().unwrap();
+        u.write_at(b"old", 10).unwrap();
+        let s = u.stage(&v).unwrap();
+        model.truncate(1000);
+        let put = v
+            .stage_file(&ep("/f"), model.len() as u64, 0o644, &mut &model[..])
+            .unwrap();
+        let t = v.tag();
+        v.commit(vec![Change::Update(s), Change::Put(put)], Some(t))
+            .unwrap();
+        let t = v.tag();
+        let v = fx.open(t);
+        assert!(read_all(&v).unwrap() == model);
     }
 }
