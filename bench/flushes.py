@@ -11,9 +11,7 @@
 #   journal-new   create a new 16.6 KB file + write + fdatasync, then unlink it (an update journal)
 #   journal-slot  overwrite 16.6 KB at offset 0 of an existing file + fdatasync (no new inode)
 #   anchor        the tag file's announce: overwrite 66 bytes + ftruncate(66) + fdatasync, then the
-#                 publish (33 bytes + ftruncate(33), not synced): the size changed every commit
-#                 (session 22)
-#   anchor-fixed  the same with the publish padded to 66 bytes: the size never changes (now)
+#                 publish (33 bytes + ftruncate(33), not synced)
 #   log           append a 155-byte record + fdatasync (the commit point)
 #   log-prealloc  the same record written over zeros preallocated in 64 KiB steps + fdatasync
 #                 (the file's size changes once per 64 KiB)
@@ -22,8 +20,8 @@
 #                 applying its journal before journals were chained; now once per settle)
 #   commit-s21    journal-new + anchor + log + data+tree (session 21: applied and synced at once)
 #   commit-s22    journal-new + anchor + log-prealloc (session 22: deferred application)
-#   commit-now    anchor-fixed + log-journal (the journal in the log record, the tag file's
-#                 length kept: one in-place update commit today)
+#   commit-now    anchor + log-journal (the journal in the log record: one in-place update
+#                 commit today)
 import os, random, statistics, sys, time
 
 root = sys.argv[1] if len(sys.argv) > 1 else "/var/tmp"
@@ -80,14 +78,6 @@ def anchor(i):
     os.ftruncate(tag, 33)
 
 
-def anchor_fixed(i):
-    os.pwrite(tag, b"a" * 66, 0)
-    os.ftruncate(tag, 66)
-    os.fdatasync(tag)
-    os.pwrite(tag, b"b" * 33 + b"\n" * 33, 0)
-    os.ftruncate(tag, 66)
-
-
 def log_append(i):
     os.pwrite(log, b"r" * 155, log_end[0])
     log_end[0] += 155
@@ -139,7 +129,7 @@ def commit_s22(i):
 
 
 def commit_now(i):
-    anchor_fixed(i)
+    anchor(i)
     log_journal(i)
 
 
@@ -148,7 +138,6 @@ rows = [
     ("journal-new", journal_new),
     ("journal-slot", journal_slot),
     ("anchor", anchor),
-    ("anchor-fixed", anchor_fixed),
     ("log", log_append),
     ("log-prealloc", log_prealloc),
     ("log-journal", log_journal),

@@ -264,7 +264,7 @@ pub fn umount(a: UmountArgs) -> Result<i32> {
     }
     if mutable {
         if let Some(t) = tag_file.and_then(|p| std::fs::read_to_string(p).ok()) {
-            match fspf_core::session::tag_file_lines(&t).last() {
+            match t.lines().map(str::trim).rfind(|l| !l.is_empty()) {
                 Some(l) => println!("{l}"),
                 None => bail!("the mount's tag file is empty"),
             }

@@ -82,56 +82,29 @@ impl AnchorState {
     }
 }
 
-/// Length of a tag file while a run or mount commits: two tag lines (33 bytes each). A single
-/// tag is padded to it with empty lines, so that the file's length stays the same from one
-/// commit to the next: an `fdatasync` after a write that changed a file's length also writes
-/// its inode (`bench/flushes.py`: 1.33x a native overwrite + `fdatasync` with the length
-/// changing at every commit, 0.72x without).
-pub const TAG_FILE_LEN: usize = 2 * 33;
-
-/// The text of a tag file naming `tags`: one tag per line, padded with empty lines to
-/// [`TAG_FILE_LEN`].
-fn tag_file_text(tags: &[Tag]) -> String {
-    let mut text: String = tags.iter().map(|t| format!("{t}\n")).collect();
-    while text.len() < TAG_FILE_LEN {
-        text.push('\n');
-    }
-    text
-}
-
-/// The tags a tag file names: its non-empty lines, trimmed (a tag file is padded with empty
-/// lines while a run or mount goes on, [`TAG_FILE_LEN`]).
-pub fn tag_file_lines(text: &str) -> Vec<&str> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect()
-}
-
 /// Write a tag file, the durable copy of an [`Anchor`] outside the run: one tag per line (two
-/// while a commit is in flight: a reader may trust either), padded with empty lines to
-/// [`TAG_FILE_LEN`], overwritten in place with one `fdatasync`
-/// ([`crate::volume::overwrite_file_durably`]). A commit announces through it before its
-/// commit point; [`publish_tag_file`] follows after it.
+/// while a commit is in flight: a reader may trust either), overwritten in place with one
+/// `fdatasync` ([`crate::volume::overwrite_file_durably`]). A commit announces through it
+/// before its commit point; [`publish_tag_file`] follows after it.
 pub fn write_tag_file(path: &std::path::Path, tags: &[Tag]) -> crate::Result<()> {
-    crate::volume::overwrite_file_durably(path, tag_file_text(tags).as_bytes(), 0o600)
+    let text: String = tags.iter().map(|t| format!("{t}\n")).collect();
+    crate::volume::overwrite_file_durably(path, text.as_bytes(), 0o600)
 }
 
-/// After a commit point: the tag file names `tag` alone (padded to [`TAG_FILE_LEN`], the
-/// announce's length), overwritten in place **without** `fdatasync`. The durable content is the
-/// announce before it (both tags, either of which a reader may trust), until the next commit's
-/// announce or [`settle_tag_file`] (the end of a run, an unmount) makes it durable: a process
-/// that dies leaves the write in the page cache, and only a power loss can bring back the
-/// announce (THREAT-MODEL.md, "The trusted channel for the tag"). Saves one device flush per
-/// commit.
+/// After a commit point: the tag file names `tag` alone, overwritten in place **without**
+/// `fdatasync`. The durable content is the announce before it (both tags, either of which a
+/// reader may trust), until the next commit's announce or [`settle_tag_file`] (the end of a
+/// run, an unmount) makes it durable: a process that dies leaves the write in the page cache,
+/// and only a power loss can bring back the announce (THREAT-MODEL.md, "The trusted channel
+/// for the tag"). Saves one device flush per commit.
 pub fn publish_tag_file(path: &std::path::Path, tag: Tag) -> crate::Result<()> {
-    crate::volume::overwrite_file(path, tag_file_text(&[tag]).as_bytes(), 0o600)
+    crate::volume::overwrite_file(path, format!("{tag}\n").as_bytes(), 0o600)
 }
 
 /// Make the tag file at `path` name `tag` alone, durably: when it already does (the run's last
 /// committer wrote it), only its data is synced (nothing to write back when it is on disk
-/// already); else it is overwritten with the one tag line, unpadded, and synced. For `fspf run`,
-/// before the program starts and after it ends, and for `fspf mount` at the unmount.
+/// already); else it is written as [`write_tag_file`] does. For `fspf run`, before the program
+/// starts and after it ends.
 pub fn settle_tag_file(path: &std::path::Path, tag: Tag) -> crate::Result<()> {
     use std::io::Read;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -154,7 +127,7 @@ pub fn settle_tag_file(path: &std::path::Path, tag: Tag) -> crate::Result<()> {
         Some(f) => f
             .sync_data()
             .map_err(|e| crate::Error::io(path.display().to_string(), e)),
-        None => crate::volume::overwrite_file_durably(path, want.as_bytes(), 0o600),
+        None => write_tag_file(path, &[tag]),
     }
 }
 

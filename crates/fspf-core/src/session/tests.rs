@@ -541,28 +541,3 @@ fn a_rename_changed_the_inode_number_of_the_entry_and_its_children() {
         Some(p("/d/src/f").default_ino())
     );
 }
-
-#[test]
-fn a_tag_file_changed_its_length_at_every_commit() {
-    // The announce (two tags) and the publish (one) used to differ in length, so the next
-    // announce's `fdatasync` also wrote the file's inode; now every commit keeps the length.
-    let d = tempfile::tempdir().unwrap();
-    let f = d.path().join("tag");
-    let (a, b, c) = (Tag([1; 16]), Tag([2; 16]), Tag([3; 16]));
-    settle_tag_file(&f, a).unwrap();
-    assert_eq!(std::fs::read_to_string(&f).unwrap(), format!("{a}\n"));
-    write_tag_file(&f, &[a, b]).unwrap();
-    let announced = std::fs::read_to_string(&f).unwrap();
-    assert_eq!(announced.len(), TAG_FILE_LEN);
-    assert_eq!(tag_file_lines(&announced), [a.to_hex(), b.to_hex()]);
-    publish_tag_file(&f, b).unwrap();
-    let published = std::fs::read_to_string(&f).unwrap();
-    assert_eq!(published.len(), TAG_FILE_LEN, "{published:?}");
-    assert_eq!(tag_file_lines(&published), [b.to_hex()]);
-    assert_eq!(published.trim(), b.to_hex(), "$(cat FILE) gives the tag");
-    write_tag_file(&f, &[b, c]).unwrap();
-    assert_eq!(std::fs::metadata(&f).unwrap().len(), TAG_FILE_LEN as u64);
-    // The end of a run leaves the one tag alone, without padding.
-    settle_tag_file(&f, c).unwrap();
-    assert_eq!(std::fs::read_to_string(&f).unwrap(), format!("{c}\n"));
-}
