@@ -133,6 +133,13 @@ pub(crate) fn say(msg: impl std::fmt::Display) {
     unsafe { real::write(2, line.as_ptr().cast(), line.len()) };
 }
 
+extern "C" {
+    /// aws-lc's CPU feature detection (`crypto/fipsmodule/cpucap`), under aws-lc-sys's symbol
+    /// prefix: linking fails, rather than the shield silently running slow, if an upgrade of
+    /// aws-lc-sys renames it.
+    fn aws_lc_0_47_0_OPENSSL_cpuid_setup();
+}
+
 extern "C" fn constructor(
     _argc: libc::c_int,
     _argv: *mut *mut libc::c_char,
@@ -141,6 +148,13 @@ extern "C" fn constructor(
     if std::env::var_os("SCONE_FSPF").is_none() {
         return;
     }
+    // aws-lc records the CPU's features (AES-NI, VAES, PCLMUL) in its own constructor, which
+    // the dynamic linker may run after this one: keys set up before it (the shield's, below)
+    // took the portable code, many times slower (found in a profile of a shielded process
+    // decrypting log records with `aes_nohw_*`). Recording them twice is harmless.
+    // SAFETY: aws-lc's `OPENSSL_cpuid_setup` takes no arguments, only executes `cpuid`/`xgetbv`
+    // and writes aws-lc's own capability words; nothing else runs in this process yet.
+    unsafe { aws_lc_0_47_0_OPENSSL_cpuid_setup() };
     let Some(_g) = enter_always() else { return };
     LOG.store(
         std::env::var_os("FSPF_LOG").is_some_and(|v| v == "1"),

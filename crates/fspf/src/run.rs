@@ -392,7 +392,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
         .as_ref()
         .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
     if let Some(p) = &tag_file {
-        fspf_core::session::settle_tag_file(p, tag)?;
+        fspf_core::session::start_tag_file(p, tag)?;
     }
     let anchor = memfd("fspf-anchor", &tag.0)?;
     // The frozen index of this state: the run's shielded processes map it instead of parsing
@@ -473,8 +473,12 @@ pub fn run(a: RunArgs) -> Result<i32> {
         .with_context(|| format!("starting {}", a.argv[0]))?;
     drop(key_fd);
     let final_tag = settle(&fspf, anchor)?;
-    if let Some(p) = &tag_file {
-        fspf_core::session::settle_tag_file(p, final_tag)?;
+    match &tag_file {
+        // Nothing committed: the file names the tag as at the start (`start_tag_file`), and
+        // what of it is durable names that state too.
+        Some(_) if final_tag == tag => {}
+        Some(p) => fspf_core::session::settle_tag_file(p, final_tag)?,
+        None => {}
     }
     if let (Some(k), true) = (&key, final_tag != tag) {
         // The next run starts from the index cache and replays the log after it: after a run

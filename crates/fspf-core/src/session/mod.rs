@@ -106,6 +106,18 @@ pub fn publish_tag_file(path: &std::path::Path, tag: Tag) -> crate::Result<()> {
 /// already); else it is written as [`write_tag_file`] does. For `fspf run`, before the program
 /// starts and after it ends.
 pub fn settle_tag_file(path: &std::path::Path, tag: Tag) -> crate::Result<()> {
+    settle_tag_file_with(path, tag, true)
+}
+
+/// [`settle_tag_file`] at the start of a run: a file that already names `tag` alone is left as
+/// it is, not synced. Nothing is lost if that content is not durable yet (the previous run was
+/// killed after a publish): what is durable is the announce before it, which names this
+/// state too, and the run's first commit announces durably before its commit point.
+pub fn start_tag_file(path: &std::path::Path, tag: Tag) -> crate::Result<()> {
+    settle_tag_file_with(path, tag, false)
+}
+
+fn settle_tag_file_with(path: &std::path::Path, tag: Tag, sync: bool) -> crate::Result<()> {
     use std::io::Read;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let want = format!("{tag}\n");
@@ -124,6 +136,7 @@ pub fn settle_tag_file(path: &std::path::Path, tag: Tag) -> crate::Result<()> {
         (got == want.as_bytes()).then_some(f)
     })();
     match same {
+        Some(_) if !sync => Ok(()),
         Some(f) => f
             .sync_data()
             .map_err(|e| crate::Error::io(path.display().to_string(), e)),

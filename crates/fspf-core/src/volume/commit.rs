@@ -737,7 +737,8 @@ impl Volume {
             if !live {
                 continue;
             }
-            let _ = self.apply_committed(&u.path, &u.id, &root, u.journal_len);
+            let in_file = u.inline_bytes().is_none();
+            let _ = self.apply_committed(&u.path, &u.id, &root, u.journal_len, in_file);
         }
         // Outboards of versions no longer referenced are garbage now that the commit is durable.
         // A version's id is listed at one path at most, and every path whose entry changed is

@@ -99,6 +99,8 @@ pub struct DiskState {
     checkpoint_len: u64,
     version: u16,
     log: Option<Vec<u8>>,
+    /// The log's complete records, walked once (each walk hashes every record's bytes).
+    frames: Vec<Frame>,
 }
 
 impl DiskState {
@@ -117,11 +119,16 @@ impl DiskState {
             };
             let again = super::store::read_checkpoint_tag(fspf)?;
             if again == (c, len, version) {
+                let frames = log
+                    .as_deref()
+                    .map(|b| framing::frames(b, LOG_HEADER_LEN).collect())
+                    .unwrap_or_default();
                 return Ok(DiskState {
                     checkpoint: c,
                     checkpoint_len: len,
                     version,
                     log,
+                    frames,
                 });
             }
             last = Some(again.0);
@@ -141,7 +148,7 @@ impl DiskState {
 
     /// The log's last complete record: past it lie zeros (preallocated) or a torn tail.
     fn last_record(&self) -> Option<Frame> {
-        framing::frames(self.log.as_ref()?, LOG_HEADER_LEN).last()
+        self.frames.last().cloned()
     }
 
     /// The checkpoint's tag.
@@ -159,8 +166,10 @@ impl DiskState {
         if t == self.checkpoint {
             return Some(len.saturating_sub(LOG_HEADER_LEN as u64));
         }
-        let b = self.log.as_ref()?;
-        let end = framing::frames(b, LOG_HEADER_LEN)
+        self.log.as_ref()?;
+        let end = self
+            .frames
+            .iter()
             .find(|f| f.tag == t)
             .map(|f| f.end as u64);
         end.map(|e| len - e)
@@ -197,6 +206,7 @@ impl Volume {
             checkpoint_len: cp_len,
             version,
             log: bytes,
+            frames,
         } = st;
         let Some(key) = self
             .key
@@ -235,7 +245,7 @@ impl Volume {
                 // which a volume over a frozen index does not know.
                 let mut prev = c;
                 let mut found = None;
-                for f in framing::frames(b, LOG_HEADER_LEN) {
+                for f in &frames {
                     if f.tag == self.tag {
                         found = Some((f.start as u64, prev));
                         break;
@@ -265,7 +275,13 @@ impl Volume {
             self.log.journal_bytes
         };
         let opened = match bytes {
-            Some(mut b) => self.open_records(&key, &mut b, from, replay_prev)?,
+            Some(mut b) => {
+                let todo: Vec<Frame> = frames
+                    .into_iter()
+                    .filter(|f| f.start as u64 >= from)
+                    .collect();
+                self.open_records(&key, &mut b, todo, replay_prev)?
+            }
             None => Vec::new(),
         };
         let end = match opened.last() {
@@ -350,15 +366,14 @@ impl Volume {
         Ok(DiskState::read(&self.path)?.tag())
     }
 
-    /// The records of `bytes` from `from` on, chained from `prev`, opened and checked.
+    /// The records `frames` of `bytes`, chained from `prev`, opened and checked.
     fn open_records(
         &self,
         key: &VolumeKey,
         bytes: &mut [u8],
-        from: u64,
+        frames: Vec<Frame>,
         mut prev: Tag,
     ) -> Result<Vec<Opened>> {
-        let frames: Vec<Frame> = framing::frames(bytes, from as usize).collect();
         if frames.is_empty() {
             return Ok(Vec::new());
         }
@@ -412,7 +427,7 @@ impl Volume {
 
     /// Would a record of about `len` bytes of entries and `journals` bytes of journals still
     /// fit in the log before the next checkpoint? Entries count against [`log_limit`],
-    /// journals against [`LOG_JOURNALS_MAX`].
+    /// journals against [`log_journals_limit`].
     pub(crate) fn log_has_room(&self, len: u64, journals: u64) -> bool {
         let at = self.log.end.max(LOG_HEADER_LEN as u64);
         let entries_at = at.saturating_sub(self.log.journal_bytes);
@@ -421,7 +436,7 @@ impl Volume {
             && self.log.checkpoint_version >= VERSION_3
             && entries_at + len + framing::RECORD_OVERHEAD as u64
                 <= log_limit(self.log.checkpoint_len)
-            && self.log.journal_bytes + journals <= LOG_JOURNALS_MAX
+            && self.log.journal_bytes + journals <= log_journals_limit(self.log.checkpoint_len)
     }
 
     /// May the next record carry journals? Only in a version-4 log (or a new one) and where
@@ -542,9 +557,13 @@ impl Volume {
 }
 
 /// Bytes of journals the records of one log may carry before the next commit writes a
-/// checkpoint (which makes their files durable first): what every process that opens the
-/// volume decrypts beside the entries.
-pub const LOG_JOURNALS_MAX: u64 = 1 << 20;
+/// checkpoint (which makes their files durable first): twice the entries' [`log_limit`], at
+/// least 256 KiB. Every process that opens the volume reads and checks the whole log, and
+/// decrypts the records after its index: journals make the log longer, this bounds by how
+/// much (a 1 MiB budget cost a shielded `echo >> F` about a millisecond of hashing).
+pub fn log_journals_limit(checkpoint_len: u64) -> u64 {
+    2 * log_limit(checkpoint_len)
+}
 
 /// Step in which the log file is extended with zeros ahead of its records (FORMAT.md §5c).
 const LOG_PREALLOC: u64 = 64 << 10;

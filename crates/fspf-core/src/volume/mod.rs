@@ -86,6 +86,9 @@ struct PendingJournals {
     root: [u8; 32],
     count: u32,
     bytes: u64,
+    /// Whether a journal of the chain is a file (else all are in the log's records, which keep
+    /// them until a checkpoint: the session's end need not sync the file).
+    in_files: bool,
 }
 
 /// How a [`Volume`] seals, verifies and syncs: options of the volume a frontend opens

@@ -170,12 +170,14 @@ impl Volume {
 
     /// After a commit: apply the journals that lead to the committed root `root` of `path`
     /// (file `id`) and keep them until the file is settled; settle it at the limits.
+    /// `in_file`: the commit's journal is a file, not in its log record.
     pub(crate) fn apply_committed(
         &self,
         path: &EmbedPath,
         id: &FileId,
         root: &[u8; 32],
         journal_len: u64,
+        in_file: bool,
     ) -> Result<()> {
         let Some((dir, name)) = self.data_file_at(path) else {
             return Ok(());
@@ -203,11 +205,13 @@ impl Volume {
                 root: *root,
                 count: 0,
                 bytes: 0,
+                in_files: false,
             });
             e.path = path.clone();
             e.root = *root;
             e.count += 1;
             e.bytes += journal_len;
+            e.in_files |= in_file;
             e.count >= PENDING_MAX || e.bytes >= PENDING_MAX_BYTES
         };
         if full {
@@ -248,13 +252,17 @@ impl Volume {
 
     /// Make every file whose journals this volume applied durable and remove those journals
     /// (at a session's end: the frontends call it at exit and unmount). A file since replaced
-    /// or moved keeps its journals for the next update or open of it. Up to
+    /// or moved keeps its journals for the next update or open of it. A chain whose journals
+    /// are all in the log's records is left to the log, which keeps them until a checkpoint
+    /// or an index cache settles them (FORMAT.md §5b): the writes applied reach the disk by
+    /// the kernel's writeback, and a restart before that replays them. Up to
     /// [`SETTLE_EACH_MAX`] files are synced one by one (two `fdatasync`s each); more take one
     /// `syncfs` per file system for all of them.
     pub fn settle_journals(&self) -> Result<()> {
         let all: Vec<(FileId, EmbedPath)> = self
             .pending_map()
             .drain()
+            .filter(|(_, p)| p.in_files)
             .map(|(id, p)| (id, p.path))
             .collect();
         let live: Vec<(FileId, EmbedPath, [u8; 32])> = all
@@ -570,12 +578,17 @@ impl FileUpdate {
         // Chunks that start at or past the committed data's end overwrite nothing a reader of
         // the committed state uses: the commit writes them in place before its commit point.
         let committed_end = ft::data_len(self.base_size).unwrap_or(u64::MAX);
+        // A small update keeps even those in its journal (FORMAT.md §5b): a journal of at most
+        // LOG_JOURNAL_MAX rides in the commit's log record, where chunks written in place
+        // before the commit point would cost the data file's own `fdatasync`, and a settle of
+        // the file's chain before them.
+        let journal_appends = todo.len() as u64 * u64::from(c) <= LOG_JOURNAL_MAX as u64 / 2;
         for i in todo {
             let mut chunk = self.chunk(i)?;
             let tag = ct::seal_chunk2(&key, &self.id, i, &mut chunk)?;
             changed.insert(i, ChunkEntry { epoch, tag });
             let at = ft::chunk_offset(c, i).unwrap_or(u64::MAX);
-            if at >= committed_end && !chunk.is_empty() {
+            if at >= committed_end && !chunk.is_empty() && !journal_appends {
                 direct.push(at, &chunk);
             } else {
                 j.write(Target::Data, at, &chunk);
@@ -643,7 +656,12 @@ impl FileUpdate {
         // written in place before the commit point (a replay of older journals would cut or
         // overwrite them), and at this volume's first update of the file (another process's
         // chain is ended, so that chains stay short).
-        if direct.0.is_empty() && vol.journals_pending(&self.id) {
+        // A chain whose last journal is in the log is continued too, whoever wrote it: its
+        // length is bounded by the log's (a checkpoint settles it), and a walk stops at the
+        // first journal applied in this boot.
+        let continues =
+            vol.journals_pending(&self.id) || vol.logj.get(&self.id, &self.base_root).is_some();
+        if direct.0.is_empty() && continues {
             j.prev = Some(self.base_root);
         } else {
             vol.settle_file(&self.path, &self.id, &self.base_root)?;
@@ -2762,5 +2780,63 @@ mod log_journal_tests {
         let t = v.tag();
         let v = fx.open(t);
         assert!(read_all(&v).unwrap() == model);
+    }
+
+    /// A small append is journaled, not written in place before the commit point: the journal
+    /// rides in the record, and no settle of the file's chain comes first.
+    #[test]
+    fn a_small_append_rides_in_the_log_record_with_its_chunks() {
+        let mut model = pattern(300_000, 10);
+        let (fx, mut v) = Fx::new(&model);
+        update(&mut v, &mut model, 1_000, &pattern(100, 1));
+        let mut u = v.update_file(&ep("/f")).unwrap().unwrap();
+        u.write_at(b"line\n", model.len() as u64).unwrap();
+        model.extend_from_slice(b"line\n");
+        let s = u.stage(&v).unwrap();
+        assert!(
+            s.direct.0.is_empty(),
+            "nothing written in place before the commit point"
+        );
+        assert!(s.inline_bytes().is_some());
+        let t = v.tag();
+        v.commit(vec![Change::Update(s.clone())], Some(t)).unwrap();
+        assert!(s.inline_bytes().is_some(), "carried by the record");
+        assert_eq!(fx.journal_files(&v), 0);
+        assert!(read_all(&v).unwrap() == model);
+    }
+
+    /// A chain in the log is continued by the next writer (another volume, as another process
+    /// or run would be), and after a restart the whole of it is replayed.
+    #[test]
+    fn a_chain_in_the_log_is_continued_by_the_next_writer_and_replayed_whole_after_a_restart() {
+        let mut model = pattern(300_000, 11);
+        let (fx, mut v) = Fx::new(&model);
+        let old = (
+            std::fs::read(fx.data()).unwrap(),
+            std::fs::read(fx.tree(&v)).unwrap(),
+        );
+        update(&mut v, &mut model, 5_000, &pattern(3_000, 1));
+        let a = update(&mut v, &mut model, 6_000, &pattern(3_000, 2));
+        let t = v.tag();
+        drop(v);
+        let mut w = fx.open(t);
+        let b = update(&mut w, &mut model, 5_500, &pattern(3_000, 3));
+        let jb = w.logj.get(&b.id, &b.root()).unwrap();
+        assert_eq!(
+            jb.get(72..104),
+            Some(&a.root()[..]),
+            "continues the other writer's chain"
+        );
+        assert!(read_all(&w).unwrap() == model);
+        std::fs::write(fx.data(), &old.0).unwrap();
+        std::fs::write(fx.tree(&w), &old.1).unwrap();
+        other_boot(&fx.tree(&w));
+        let t = w.tag();
+        drop(w);
+        let v = fx.open(t);
+        assert!(
+            read_all(&v).unwrap() == model,
+            "all three replayed in order"
+        );
     }
 }
