@@ -2501,6 +2501,25 @@ mod log_journal_tests {
             };
             store::tree_path(&v.path, &id).full()
         }
+        /// The data and tree files of `/f` as they are now.
+        fn files(&self, v: &Volume) -> (Vec<u8>, Vec<u8>) {
+            (
+                std::fs::read(self.data()).unwrap(),
+                std::fs::read(self.tree(v)).unwrap(),
+            )
+        }
+        /// Put the data and tree files of `/f` back as `old` (what a lost page cache, or a
+        /// kill before the application, leaves).
+        fn restore(&self, v: &Volume, old: &(Vec<u8>, Vec<u8>)) {
+            std::fs::write(self.data(), &old.0).unwrap();
+            std::fs::write(self.tree(v), &old.1).unwrap();
+        }
+        /// `v` dropped and the volume opened again at its tag (another process).
+        fn reopen(&self, v: Volume) -> Volume {
+            let t = v.tag();
+            drop(v);
+            self.open(t)
+        }
         fn journal_files(&self, v: &Volume) -> usize {
             std::fs::read_dir(v.tree_dir())
                 .unwrap()
@@ -2560,9 +2579,7 @@ mod log_journal_tests {
             assert_eq!(fx.journal_files(&v), 0, "no journal file");
             assert!(read_all(&v).unwrap() == model, "update {i}");
         }
-        let t = v.tag();
-        drop(v);
-        let v = fx.open(t);
+        let v = fx.reopen(v);
         assert!(read_all(&v).unwrap() == model, "another reader");
         v.settle_journals().unwrap();
         assert!(read_all(&v).unwrap() == model);
@@ -2599,9 +2616,7 @@ mod log_journal_tests {
             );
             assert!(read_all(&v).unwrap() == model);
         }
-        let t = v.tag();
-        drop(v);
-        let v = fx.open(t);
+        let v = fx.reopen(v);
         assert!(read_all(&v).unwrap() == model, "another reader");
     }
 
@@ -2628,19 +2643,13 @@ mod log_journal_tests {
     fn a_journal_in_the_log_left_unapplied_by_a_crash_is_applied_by_the_next_reader() {
         let mut model = pattern(300_000, 3);
         let (fx, mut v) = Fx::new(&model);
-        let old = (
-            std::fs::read(fx.data()).unwrap(),
-            std::fs::read(fx.tree(&v)).unwrap(),
-        );
+        let old = fx.files(&v);
         let s = update(&mut v, &mut model, 100_000, &pattern(9_000, 7));
         assert_eq!(fx.journal_files(&v), 0);
         // The state after the kill: the record is durable, the files are as before it.
-        std::fs::write(fx.data(), &old.0).unwrap();
-        std::fs::write(fx.tree(&v), &old.1).unwrap();
+        fx.restore(&v, &old);
         unmarked(&fx.tree(&v));
-        let t = v.tag();
-        drop(v);
-        let v = fx.open(t);
+        let v = fx.reopen(v);
         assert!(read_all(&v).unwrap() == model, "applied on open");
         let m = Mark::read(&File::open(fx.tree(&v)).unwrap());
         assert_eq!(m.durable, s.root(), "and made durable");
@@ -2652,10 +2661,7 @@ mod log_journal_tests {
     fn journals_in_the_log_are_replayed_in_order_after_a_restart() {
         let mut model = pattern(300_000, 4);
         let (fx, mut v) = Fx::new(&model);
-        let old = (
-            std::fs::read(fx.data()).unwrap(),
-            std::fs::read(fx.tree(&v)).unwrap(),
-        );
+        let old = fx.files(&v);
         for (i, at) in [10_000usize, 12_000, 200_000, 11_000]
             .into_iter()
             .enumerate()
@@ -2669,12 +2675,9 @@ mod log_journal_tests {
         let t = v.tag();
         v.commit(vec![Change::Update(s)], Some(t)).unwrap();
         assert!(read_all(&v).unwrap() == model);
-        std::fs::write(fx.data(), &old.0).unwrap();
-        std::fs::write(fx.tree(&v), &old.1).unwrap();
+        fx.restore(&v, &old);
         other_boot(&fx.tree(&v));
-        let t = v.tag();
-        drop(v);
-        let v = fx.open(t);
+        let v = fx.reopen(v);
         assert!(read_all(&v).unwrap() == model, "the chain replayed");
     }
 
@@ -2684,10 +2687,7 @@ mod log_journal_tests {
     fn a_chunk_rolled_back_under_an_applied_journal_of_the_log_is_detected() {
         let mut model = pattern(300_000, 5);
         let (fx, mut v) = Fx::new(&model);
-        let old = (
-            std::fs::read(fx.data()).unwrap(),
-            std::fs::read(fx.tree(&v)).unwrap(),
-        );
+        let old = fx.files(&v);
         update(&mut v, &mut model, 50_000, &pattern(4_096, 9));
         std::fs::write(fx.data(), &old.0).unwrap();
         assert!(read_all(&v).is_err(), "old chunk under the new tree");
@@ -2704,10 +2704,7 @@ mod log_journal_tests {
     fn an_index_cache_is_written_only_over_durable_chains() {
         let mut model = pattern(300_000, 6);
         let (fx, mut v) = Fx::new(&model);
-        let old = (
-            std::fs::read(fx.data()).unwrap(),
-            std::fs::read(fx.tree(&v)).unwrap(),
-        );
+        let old = fx.files(&v);
         let s = update(&mut v, &mut model, 70_000, &pattern(5_000, 3));
         let t = v.tag();
         drop(v);
@@ -2811,10 +2808,7 @@ mod log_journal_tests {
     fn a_chain_in_the_log_is_continued_by_the_next_writer_and_replayed_whole_after_a_restart() {
         let mut model = pattern(300_000, 11);
         let (fx, mut v) = Fx::new(&model);
-        let old = (
-            std::fs::read(fx.data()).unwrap(),
-            std::fs::read(fx.tree(&v)).unwrap(),
-        );
+        let old = fx.files(&v);
         update(&mut v, &mut model, 5_000, &pattern(3_000, 1));
         let a = update(&mut v, &mut model, 6_000, &pattern(3_000, 2));
         let t = v.tag();
@@ -2828,12 +2822,9 @@ mod log_journal_tests {
             "continues the other writer's chain"
         );
         assert!(read_all(&w).unwrap() == model);
-        std::fs::write(fx.data(), &old.0).unwrap();
-        std::fs::write(fx.tree(&w), &old.1).unwrap();
+        fx.restore(&w, &old);
         other_boot(&fx.tree(&w));
-        let t = w.tag();
-        drop(w);
-        let v = fx.open(t);
+        let v = fx.reopen(w);
         assert!(
             read_all(&v).unwrap() == model,
             "all three replayed in order"
