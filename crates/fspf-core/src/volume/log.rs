@@ -242,22 +242,26 @@ impl Volume {
             } else {
                 // Opened from the record that made this state (its entries are not applied
                 // again): it tells the journals it carries and the log's journal bytes so far,
-                // which a volume over a frozen index does not know.
+                // which a volume over a frozen index does not know. Not a large one (an
+                // import's thousands of entries): what it would tell only saves work (the
+                // index's maker applied its chains, FORMAT.md §5b), and opening it costs
+                // what the index saved.
                 let mut prev = c;
                 let mut found = None;
                 for f in &frames {
                     if f.tag == self.tag {
-                        found = Some((f.start as u64, prev));
+                        found = Some((f, prev));
                         break;
                     }
                     prev = f.tag;
                 }
                 match found {
-                    Some((start, p)) => {
+                    Some((f, p)) if f.n as usize <= REOPEN_MAX => {
                         replay_prev = p;
                         skip_first = true;
-                        start
+                        f.start as u64
                     }
+                    Some((f, _)) => f.end as u64,
                     None => return Ok(false),
                 }
             }
@@ -564,6 +568,10 @@ impl Volume {
 pub fn log_journals_limit(checkpoint_len: u64) -> u64 {
     2 * log_limit(checkpoint_len)
 }
+
+/// Largest record a volume over a frozen index opens again to learn the journals of the state
+/// it starts from ([`Volume::catch_up_to`]).
+const REOPEN_MAX: usize = 256 << 10;
 
 /// Step in which the log file is extended with zeros ahead of its records (FORMAT.md §5c).
 const LOG_PREALLOC: u64 = 64 << 10;
