@@ -473,12 +473,10 @@ pub fn run(a: RunArgs) -> Result<i32> {
         .with_context(|| format!("starting {}", a.argv[0]))?;
     drop(key_fd);
     let final_tag = settle(&fspf, anchor)?;
-    match &tag_file {
-        // Nothing committed: the file names the tag as at the start (`start_tag_file`), and
-        // what of it is durable names that state too.
-        Some(_) if final_tag == tag => {}
-        Some(p) => fspf_core::session::settle_tag_file(p, final_tag)?,
-        None => {}
+    // Nothing committed: the file names the tag as at the start (`start_tag_file`), and what
+    // of it is durable names that state too.
+    if let (Some(p), true) = (&tag_file, final_tag != tag) {
+        fspf_core::session::settle_tag_file(p, final_tag)?;
     }
     if let (Some(k), true) = (&key, final_tag != tag) {
         // The next run starts from the index cache and replays the log after it: after a run

@@ -173,19 +173,21 @@ impl Volume {
             .sum();
         // An update whose root no entry of the batch ends with (the file was replaced or
         // removed later in the same batch) needs no journal: the state never names its root.
-        let ends: std::collections::HashSet<(FileId, [u8; 32])> = tx
-            .touched
-            .iter()
-            .filter_map(|p| match self.lookup(p).map(|e| e.kind.clone()) {
-                Some(FileKind::File {
-                    id, root: Some(r), ..
-                }) => Some((id, r)),
-                _ => None,
-            })
-            .collect();
-        for u in updates {
-            if !ends.contains(&(u.id, u.root())) {
-                u.forget_inline();
+        if !updates.is_empty() {
+            let ends: std::collections::HashSet<(FileId, [u8; 32])> = tx
+                .touched
+                .iter()
+                .filter_map(|p| match self.lookup(p).map(|e| e.kind.clone()) {
+                    Some(FileKind::File {
+                        id, root: Some(r), ..
+                    }) => Some((id, r)),
+                    _ => None,
+                })
+                .collect();
+            for u in updates {
+                if !ends.contains(&(u.id, u.root())) {
+                    u.forget_inline();
+                }
             }
         }
         let inline: Vec<std::sync::Arc<[u8]>> =

@@ -71,7 +71,7 @@ pub fn write(vol: &Volume) -> Result<()> {
     // The cache stands for log records whose journals its readers will not learn: the chains
     // through them are made durable first (FORMAT.md §5b, "Journals in the log").
     vol.settle_log_chains()?;
-    let index = vol.build_index()?;
+    let index = vol.index_of_state()?;
     // The state the index describes: this volume's, or the older one of the frozen index it
     // is backed by (its log records are replayed on top of it).
     let tag = crate::format::index::FrozenIndex::open(&index)?.tag();

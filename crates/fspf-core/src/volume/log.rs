@@ -226,7 +226,6 @@ impl Volume {
             return Ok(c == self.tag);
         };
         let mut replay_prev = self.tag;
-        let mut skip_first = false;
         let from = if self.tag == c {
             LOG_HEADER_LEN as u64
         } else {
@@ -258,7 +257,6 @@ impl Volume {
                 match found {
                     Some((f, p)) if f.n as usize <= REOPEN_MAX => {
                         replay_prev = p;
-                        skip_first = true;
                         f.start as u64
                     }
                     Some((f, _)) => f.end as u64,
@@ -298,7 +296,8 @@ impl Volume {
             .last()
             .map_or(journal_bytes_before, |o| o.journal_bytes);
         let path = log_path(&self.path);
-        for (i, o) in opened.into_iter().enumerate() {
+        let start = self.tag;
+        for o in opened {
             self.logj
                 .record(o.journals, &o.put)
                 .map_err(|reason| Error::LogDamaged {
@@ -306,7 +305,8 @@ impl Volume {
                     offset: o.end,
                     reason,
                 })?;
-            if i == 0 && skip_first {
+            if o.tag == start {
+                // The record that made this volume's state, opened for its journals only.
                 continue;
             }
             for p in o.removed {

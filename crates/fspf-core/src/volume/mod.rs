@@ -230,6 +230,11 @@ impl Volume {
         // stands for are applied first (best effort: a file that cannot be fixed up here fails
         // its reader's verification, as it would have failed this process's).
         let _ = self.apply_log_chains(false);
+        self.index_of_state()
+    }
+
+    /// The frozen index of this volume's state, as it is (no journal applied first).
+    pub(crate) fn index_of_state(&self) -> Result<zeroize::Zeroizing<Vec<u8>>> {
         match (&self.index, self.index_bytes) {
             (Some(_), Some(b)) if self.overlay.is_empty() => {
                 Ok(zeroize::Zeroizing::new(b.to_vec()))

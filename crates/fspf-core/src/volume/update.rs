@@ -134,6 +134,15 @@ impl StagedUpdate {
     }
 }
 
+/// The format-2 data file `dir`/`name`, opened for writing, if its header names file version
+/// `id` (else it moved, or another version replaced it).
+fn data_file_of(dir: &std::os::fd::OwnedFd, name: &std::ffi::OsStr, id: &FileId) -> Option<File> {
+    let f = kernel_fs::open_regular_rw_at(dir, name).ok()?;
+    let mut h = [0u8; 24];
+    f.read_exact_at(&mut h, 0).ok()?;
+    (h == ct::header2(id)).then_some(f)
+}
+
 /// Write journal `bytes` of file `id` at `root` to `FSPF.trees/<id>.<root>.journal`, durably.
 fn write_journal_file(fspf: &Path, id: &FileId, root: &[u8; 32], bytes: &[u8]) -> Result<()> {
     let jp = store::journal_path(fspf, id, root);
@@ -163,6 +172,19 @@ impl Volume {
         self.kernel_path(path).and_then(|l| l.parent().ok())
     }
 
+    /// [`apply_chain`] over this volume's fspf and the journals its log carries.
+    fn apply(
+        &self,
+        dir: &std::os::fd::OwnedFd,
+        name: &std::ffi::OsStr,
+        id: &FileId,
+        root: &[u8; 32],
+        label: &str,
+        mode: ApplyMode,
+    ) -> Result<bool> {
+        apply_chain(&self.path, &self.logj, dir, name, id, root, label, mode)
+    }
+
     /// Whether this volume applied journals of file `id` that are not durable yet.
     pub(crate) fn journals_pending(&self, id: &FileId) -> bool {
         self.pending_map().contains_key(id)
@@ -184,16 +206,7 @@ impl Volume {
         };
         let label = path.to_string();
         super::commit::roll_forward_at(&dir, &name, id);
-        let kept = apply_chain(
-            &self.path,
-            &self.logj,
-            &dir,
-            &name,
-            id,
-            root,
-            &label,
-            ApplyMode::Defer,
-        )?;
+        let kept = self.apply(&dir, &name, id, root, &label, ApplyMode::Defer)?;
         let full = {
             let mut p = self.pending_map();
             if !kept {
@@ -237,17 +250,8 @@ impl Volume {
             return Ok(());
         };
         let label = path.to_string();
-        apply_chain(
-            &self.path,
-            &self.logj,
-            &dir,
-            &name,
-            id,
-            root,
-            &label,
-            ApplyMode::Settle,
-        )
-        .map(drop)
+        self.apply(&dir, &name, id, root, &label, ApplyMode::Settle)
+            .map(drop)
     }
 
     /// Make every file whose journals this volume applied durable and remove those journals
@@ -302,16 +306,7 @@ impl Volume {
                 continue;
             };
             let label = path.to_string();
-            match apply_chain(
-                &self.path,
-                &self.logj,
-                &dir,
-                &name,
-                id,
-                root,
-                &label,
-                ApplyMode::Defer,
-            ) {
+            match self.apply(&dir, &name, id, root, &label, ApplyMode::Defer) {
                 Ok(true) => {
                     if let Some(d) = loc.full().parent() {
                         dirs.push(d.to_path_buf());
@@ -356,11 +351,7 @@ impl Volume {
             let Some((dir, name)) = self.data_file_at(&path) else {
                 continue;
             };
-            let is_it = kernel_fs::open_regular_at(&dir, &name).is_ok_and(|f| {
-                let mut h = [0u8; 24];
-                f.read_exact_at(&mut h, 0).is_ok() && h == ct::header2(&id)
-            });
-            if !is_it {
+            if data_file_of(&dir, &name, &id).is_none() {
                 continue;
             }
             let label = path.to_string();
@@ -370,9 +361,7 @@ impl Volume {
             } else {
                 ApplyMode::Defer
             };
-            apply_chain(
-                &self.path, &self.logj, &dir, &name, &id, &root, &label, mode,
-            )?;
+            self.apply(&dir, &name, &id, &root, &label, mode)?;
         }
         Ok(())
     }
@@ -704,12 +693,7 @@ impl StagedUpdate {
             return Ok(());
         }
         let label = self.path.to_string();
-        let data = at.and_then(|(dir, name)| {
-            let f = kernel_fs::open_regular_rw_at(dir, name).ok()?;
-            let mut h = [0u8; 24];
-            f.read_exact_at(&mut h, 0).ok()?;
-            (h == ct::header2(&self.id)).then_some(f)
-        });
+        let data = at.and_then(|(dir, name)| data_file_of(dir, name, &self.id));
         let Some(data) = data else {
             return self.journal_direct(fspf);
         };
@@ -1254,7 +1238,8 @@ fn open_journal(fspf: &Path, id: &FileId, root: &[u8; 32], label: &str) -> Resul
 /// found among the log's journals (`log`) or as a journal file; the walk stops where that
 /// journal is neither. With `all` false it also stops at the first journal applied in this
 /// boot or durably (it and everything before it are applied).
-/// The second value: whether the walk stopped at an applied journal.
+/// The second value: whether the walk stopped at an applied journal. `mark`: the tree's mark
+/// when the caller read it already (else it is read at the first journal of the log).
 fn walk_chain(
     fspf: &Path,
     log: &LogJournals,
@@ -1262,10 +1247,10 @@ fn walk_chain(
     root: &[u8; 32],
     label: &str,
     all: bool,
+    mut mark: Option<Mark>,
 ) -> Result<(Vec<Link>, bool)> {
     let boot = boot_id();
     let mut out: Vec<Link> = Vec::new();
-    let mut mark: Option<Mark> = None;
     // Journals are applied oldest first: past an applied one, every older one is applied (the
     // tree's mark names only the newest).
     let mut seen_applied = false;
@@ -1329,7 +1314,11 @@ fn remove_chain(
     root: &[u8; 32],
     label: &str,
 ) -> Result<()> {
-    unlink_links(fspf, id, &walk_chain(fspf, log, id, root, label, true)?.0);
+    unlink_links(
+        fspf,
+        id,
+        &walk_chain(fspf, log, id, root, label, true, None)?.0,
+    );
     Ok(())
 }
 
@@ -1357,14 +1346,17 @@ pub(crate) fn apply_chain(
         (m, _) => m,
     };
     let all = mode == ApplyMode::Settle;
-    let (mut chain, mut applied_stop) = walk_chain(fspf, log, id, root, label, all)?;
+    let (mut chain, mut applied_stop) = walk_chain(fspf, log, id, root, label, all, None)?;
     let mut files: Option<(File, File)> = None;
     let has_log = chain.iter().any(|l| matches!(l.src, Src::Log(_)));
+    // The tree's mark as read under the lock (its durable root is kept when it is rewritten).
+    let mut mark = Mark::default();
     if has_log && chain.iter().any(|l| !l.applied) {
         let (data, tree) = open_targets(fspf, dir, name, id, label)?;
         rustix::fs::flock(&tree, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| Error::io(label, e.into()))?;
-        (chain, applied_stop) = walk_chain(fspf, log, id, root, label, all)?;
+        mark = Mark::read(&tree);
+        (chain, applied_stop) = walk_chain(fspf, log, id, root, label, all, Some(mark))?;
         files = Some((data, tree));
     }
     if chain.is_empty() {
@@ -1393,17 +1385,14 @@ pub(crate) fn apply_chain(
     }
     // The tree's mark names the newest journal applied in this boot: written after the
     // writes it vouches for, in the same page cache.
-    if applied_log || has_log {
+    if has_log {
         let marked = match (&files, boot) {
-            (Some((_, tree)), Some(b)) => {
-                let old = Mark::read(tree);
-                Mark {
-                    boot: b,
-                    applied: *root,
-                    durable: old.durable,
-                }
-                .write(tree)
+            (Some((_, tree)), Some(b)) => Mark {
+                boot: b,
+                applied: *root,
+                durable: mark.durable,
             }
+            .write(tree),
             _ => false,
         };
         all_marked &= marked || !applied_log;
@@ -1540,7 +1529,7 @@ pub(crate) fn chain_roots(
     id: &FileId,
     root: &[u8; 32],
 ) -> Vec<[u8; 32]> {
-    walk_chain(fspf, log, id, root, "", true)
+    walk_chain(fspf, log, id, root, "", true, None)
         .map(|(c, _)| c.into_iter().map(|l| l.root).collect())
         .unwrap_or_default()
 }
@@ -1597,6 +1586,23 @@ mod tests {
             d.path().join("vol").join(&p.to_string()[1..]),
             store::tree_path(&v.path, &id).full(),
         )
+    }
+
+    /// [`files_of`] with what the two files hold now.
+    fn saved_files(
+        d: &tempfile::TempDir,
+        v: &Volume,
+        p: &EmbedPath,
+    ) -> (PathBuf, PathBuf, Vec<u8>, Vec<u8>) {
+        let (data, tree) = files_of(d, v, p);
+        let (od, ot) = (std::fs::read(&data).unwrap(), std::fs::read(&tree).unwrap());
+        (data, tree, od, ot)
+    }
+
+    /// Put the data and tree files back as they were (a lost page cache after a restart).
+    fn put_back(data: &Path, tree: &Path, old_data: &[u8], old_tree: &[u8]) {
+        std::fs::write(data, old_data).unwrap();
+        std::fs::write(tree, old_tree).unwrap();
     }
 
     #[test]
@@ -1791,8 +1797,7 @@ mod tests {
         let old = pattern(200_000, 4);
         let (d, _p, mut v) = test_volume(&[("/f", &old)]);
         let f = ep("/f");
-        let (data, tree) = files_of(&d, &v, &f);
-        let (old_data, old_tree) = (std::fs::read(&data).unwrap(), std::fs::read(&tree).unwrap());
+        let (data, tree, old_data, old_tree) = saved_files(&d, &v, &f);
         let mut u = v.update_file(&f).unwrap().unwrap();
         u.write_at(&pattern(10_000, 9), 150_000).unwrap();
         u.write_at(b"tail", 250_000).unwrap();
@@ -1847,8 +1852,7 @@ mod tests {
         let old = pattern(200_000, 5);
         let (d, _p, mut v) = test_volume(&[("/f", &old)]);
         let f = ep("/f");
-        let (data, tree) = files_of(&d, &v, &f);
-        let (old_data, old_tree) = (std::fs::read(&data).unwrap(), std::fs::read(&tree).unwrap());
+        let (data, tree, old_data, old_tree) = saved_files(&d, &v, &f);
         let mut u = v.update_file(&f).unwrap().unwrap();
         u.write_at(b"new bytes", 8192).unwrap();
         let s = commit_update(&mut v, u);
@@ -1862,8 +1866,7 @@ mod tests {
             Err(Error::ChunkAuth { chunk: 2, .. })
         ));
         // The whole tree rolled back with the chunk: the root no longer matches.
-        std::fs::write(&data, &old_data).unwrap();
-        std::fs::write(&tree, &old_tree).unwrap();
+        put_back(&data, &tree, &old_data, &old_tree);
         assert!(matches!(read_all(&v, &f), Err(Error::TreeAuth { .. })));
         // A journal that was tampered with is refused, and nothing is applied.
         let mut j = Journal::new(s.id, None);
@@ -2062,8 +2065,7 @@ mod tests {
         let mut model = pattern(300_000, 21);
         let (d, _p, mut v) = test_volume(&[("/f", &model)]);
         let f = ep("/f");
-        let (data, tree) = files_of(&d, &v, &f);
-        let (old_data, old_tree) = (std::fs::read(&data).unwrap(), std::fs::read(&tree).unwrap());
+        let (data, tree, old_data, old_tree) = saved_files(&d, &v, &f);
         // Overlapping writes (later ones must win) and a cut inside the file (journaled).
         let steps: [(usize, usize, u8); 4] = [
             (10_000, 9_000, 1),
@@ -2085,8 +2087,7 @@ mod tests {
         assert_eq!(journals(&v).len(), 5, "one applied journal per update");
         assert!(read_all(&v, &f).unwrap() == model);
         // A restart: the files as before the first update, the marks of another boot.
-        std::fs::write(&data, &old_data).unwrap();
-        std::fs::write(&tree, &old_tree).unwrap();
+        put_back(&data, &tree, &old_data, &old_tree);
         forget_marks(&v);
         assert!(read_all(&v, &f).unwrap() == model, "the chain replayed");
         assert!(journals(&v).is_empty(), "replayed, made durable, removed");
@@ -2108,8 +2109,7 @@ mod tests {
         let mut model = pattern(2_000_000, 27);
         let (d, _p, mut v) = test_volume(&[("/f", &model)]);
         let f = ep("/f");
-        let (data, tree) = files_of(&d, &v, &f);
-        let (old_data, old_tree) = (std::fs::read(&data).unwrap(), std::fs::read(&tree).unwrap());
+        let (data, tree, old_data, old_tree) = saved_files(&d, &v, &f);
         let mut u = v.update_file(&f).unwrap().unwrap();
         u.write_at(b"0123456789", 1_000_000).unwrap();
         model[1_000_000..1_000_010].copy_from_slice(b"0123456789");
@@ -2122,8 +2122,7 @@ mod tests {
             "journal of {} bytes",
             s.journal_len
         );
-        std::fs::write(&data, &old_data).unwrap();
-        std::fs::write(&tree, &old_tree).unwrap();
+        put_back(&data, &tree, &old_data, &old_tree);
         forget_marks(&v);
         assert!(read_all(&v, &f).unwrap() == model);
     }
@@ -2249,8 +2248,7 @@ mod tests {
         let old = pattern(300_000, 26);
         let (d, _p, mut v) = test_volume(&[("/f", &old)]);
         let f = ep("/f");
-        let (data, tree) = files_of(&d, &v, &f);
-        let (old_data, old_tree) = (std::fs::read(&data).unwrap(), std::fs::read(&tree).unwrap());
+        let (data, tree, old_data, old_tree) = saved_files(&d, &v, &f);
         let mut u = v.update_file(&f).unwrap().unwrap();
         u.write_at(&pattern(9000, 3), 20_000).unwrap();
         let mut new = old.clone();
@@ -2267,8 +2265,7 @@ mod tests {
         v2.extend_from_slice(&v3[HEAD3 - 8..v3.len() - 32]);
         let sum = blake3::hash(&v2);
         v2.extend_from_slice(sum.as_bytes());
-        std::fs::write(&data, &old_data).unwrap();
-        std::fs::write(&tree, &old_tree).unwrap();
+        put_back(&data, &tree, &old_data, &old_tree);
         std::fs::write(&s.journal, &v2).unwrap();
         assert!(read_all(&v, &f).unwrap() == new);
         assert!(!s.journal.exists());
@@ -2282,8 +2279,7 @@ mod tests {
         let mut model = pattern(300_000, 29);
         let (d, _p, mut v) = test_volume(&[("/f", &model)]);
         let f = ep("/f");
-        let (data, tree) = files_of(&d, &v, &f);
-        let (old_data, old_tree) = (std::fs::read(&data).unwrap(), std::fs::read(&tree).unwrap());
+        let (data, tree, old_data, old_tree) = saved_files(&d, &v, &f);
         let mut u = v.update_file(&f).unwrap().unwrap();
         u.write_at(b"kept", 70_000).unwrap();
         model[70_000..70_004].copy_from_slice(b"kept");
@@ -2302,8 +2298,7 @@ mod tests {
         // Committed too, it leaves the chain as it was: a restart still replays it.
         let tag = v.tag();
         v.commit(vec![Change::Update(s2)], Some(tag)).unwrap();
-        std::fs::write(&data, &old_data).unwrap();
-        std::fs::write(&tree, &old_tree).unwrap();
+        put_back(&data, &tree, &old_data, &old_tree);
         forget_marks(&v);
         assert!(read_all(&v, &f).unwrap() == model);
     }
