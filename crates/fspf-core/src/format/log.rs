@@ -2,8 +2,8 @@
 //! §5c). Framing and associated data only; no I/O, no keys.
 //!
 //! ```text
-//! header   "FSPFLOG" 0x04 (8) | tag of the checkpoint (the FSPF file) it continues (16)
-//!          (0x03: a log of an older writer, whose records carry no journals)
+//! header   "FSPFLOG" 0x05 (8) | tag of the checkpoint (the FSPF file) it continues (16)
+//!          (0x04: records carry no files; 0x03: records carry no journals either)
 //! record   n u32 LE | nonce (12) | AES-256-GCM ciphertext (n) | GCM tag (16) | check (8)
 //!          AAD   = "FSPFLOG" 0x03 || tag of the previous record (the checkpoint's for the
 //!                  first) || n u32 LE  (the same in both versions)
@@ -12,8 +12,12 @@
 //! ```
 use crate::crypto::{Tag, NONCE_LEN, TAG_LEN};
 
-/// Magic of the logs this version writes: records may carry update journals (FORMAT.md §5c).
-pub const LOG_MAGIC: [u8; 8] = *b"FSPFLOG\x04";
+/// Magic of the logs this version writes: records may carry update journals and small files
+/// (FORMAT.md §5c).
+pub const LOG_MAGIC: [u8; 8] = *b"FSPFLOG\x05";
+/// Magic of a log written before records carried files: still read, and continued without
+/// files (a reader of that version would not know them).
+pub const LOG_MAGIC_V4: [u8; 8] = *b"FSPFLOG\x04";
 /// Magic of a log written before records carried journals: still read, and continued without
 /// journals (a reader of that version would not apply them).
 pub const LOG_MAGIC_V3: [u8; 8] = *b"FSPFLOG\x03";
@@ -50,10 +54,12 @@ pub fn parse_header(bytes: &[u8]) -> Option<Tag> {
     Some(Tag(t))
 }
 
-/// The version of a log header (3 or 4), if `bytes` start with one.
+/// The version of a log header (3, 4 or 5), if `bytes` start with one.
 pub fn header_version(bytes: &[u8]) -> Option<u8> {
     let h = bytes.get(..LOG_HEADER_LEN)?;
     if h[..8] == LOG_MAGIC {
+        Some(5)
+    } else if h[..8] == LOG_MAGIC_V4 {
         Some(4)
     } else if h[..8] == LOG_MAGIC_V3 {
         Some(3)
@@ -181,7 +187,11 @@ mod tests {
         assert_eq!(parse_header(&log), Some(Tag([9; 16])));
         assert_eq!(parse_header(&log[..23]), None);
         assert_eq!(parse_header(b"FSPFLOG\x02aaaaaaaaaaaaaaaa"), None);
-        assert_eq!(header_version(&log), Some(4));
+        assert_eq!(header_version(&log), Some(5));
+        let mut v4 = log.clone();
+        v4[..8].copy_from_slice(&LOG_MAGIC_V4);
+        assert_eq!(header_version(&v4), Some(4));
+        assert_eq!(parse_header(&v4), Some(Tag([9; 16])));
         let mut v3 = log.clone();
         v3[..8].copy_from_slice(&LOG_MAGIC_V3);
         assert_eq!(header_version(&v3), Some(3));

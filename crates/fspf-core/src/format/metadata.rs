@@ -36,9 +36,17 @@ pub struct LogRecordPb {
     /// the log"), each a format-3 journal; only in version-4 logs.
     #[prost(bytes = "vec", repeated, tag = "4")]
     pub journals: Vec<Vec<u8>>,
-    /// Bytes of journals in the log's records up to and including this one.
+    /// Bytes of journals and files in the log's records up to and including this one.
     #[prost(uint64, tag = "5")]
     pub journal_bytes: u64,
+    /// Whole format-1 versions (the data file's bytes) of small files this record puts
+    /// (FORMAT.md §5b, "Files in the log"); only in version-5 logs.
+    #[prost(bytes = "vec", repeated, tag = "6")]
+    pub files: Vec<Vec<u8>>,
+    /// The boot id of the writer's machine, in a record that carries files: they are written
+    /// again from the record only after a restart.
+    #[prost(bytes = "vec", tag = "7")]
+    pub boot: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

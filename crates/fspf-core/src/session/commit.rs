@@ -3,7 +3,9 @@
 //!
 //! 1. Kernel side before the commit: files removed or renamed move to shadow names
 //!    (crash-safe, [`crate::volume::moves`]).
-//! 2. One `syncfs` per kernel region touched: staged shadows and those moves are durable.
+//! 2. One `syncfs` per kernel region touched: staged shadows and those moves are durable
+//!    (small new versions ride in the log record instead and need none; a few removals need
+//!    only an `fsync` of their directories).
 //! 3. Under the run's anchor lock: settle a crashed committer's announced tag; then under the
 //!    fspf's lock file (other runs, the CLI): rebase append-only versions onto what another
 //!    process of the run committed meanwhile, write the new fspf to a temporary, announce its
@@ -20,6 +22,10 @@ use crate::volume::{Change, KernelPath, PreparedMove};
 use crate::{Tag, Volume};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+
+/// Removals moved aside before one commit whose directories are synced one by one; more are
+/// made durable with one `syncfs` per region.
+const MOVES_SYNCED_BY_DIR: usize = 8;
 
 /// What commits since the frontend last asked made of the files it may hold open.
 #[derive(Debug, Default)]
@@ -69,16 +75,26 @@ impl<A: Anchor> Session<A> {
         // are removed once the commit is durable.
         let mut preps = Vec::new();
         let mut gone_dirs: Vec<(EmbedPath, KernelPath)> = Vec::new();
+        // Removals with nothing to make durable before the commit point: a directory (removed
+        // after it), or a file moved aside whose directory is synced below.
+        let mut settled: BTreeSet<EmbedPath> = BTreeSet::new();
         for c in &changes {
             if let Change::Remove(p) = c {
                 if self.pending.removed.get(p) == Some(&true) {
+                    settled.insert(p.clone());
                     if let Some(k) = vol.kernel_path(p) {
                         gone_dirs.push((p.clone(), k));
                     }
                 } else if let Ok(Some(m)) = vol.prepare_remove(p) {
                     preps.push(m);
+                    settled.insert(p.clone());
                 }
             }
+        }
+        // A few moves: their directories are synced; many: one `syncfs` per region instead.
+        let sync_moves = preps.len() <= MOVES_SYNCED_BY_DIR;
+        if !sync_moves {
+            settled.clear();
         }
         let fspf = self.cfg.fspf.clone();
         let fail = |preps: Vec<PreparedMove>, changes: &[Change], why: &str, e: ViewError| {
@@ -90,9 +106,21 @@ impl<A: Anchor> Session<A> {
             Err(e)
         };
         let mut roots: BTreeSet<PathBuf> = BTreeSet::new();
+        // Small new versions ride in the commit's log record instead (FORMAT.md §5b, "Files in
+        // the log"): their shadows need no sync before the commit point.
+        if vol.log_takes_files() {
+            for c in &mut changes {
+                match c {
+                    Change::Put(s) if s.may_ride_in_log() => s.defer_sync(),
+                    _ => {}
+                }
+            }
+        }
         for c in &changes {
             let p = match c {
+                Change::Put(s) if s.unsynced => None,
                 Change::Put(s) => Some(&s.path),
+                Change::Remove(p) if settled.contains(p) => None,
                 // Removals and renames of files moved the kernel file to a shadow name before
                 // this commit: that rename must be durable before the fspf names the new state.
                 Change::Remove(p) | Change::Rename { from: p, .. } => Some(p),
@@ -110,6 +138,12 @@ impl<A: Anchor> Session<A> {
                     let why = format!("{}: syncfs: {e}", r.display());
                     return fail(preps, &changes, &why, ViewError::Io);
                 }
+            }
+        }
+        if sync_moves {
+            if let Some(e) = preps.iter().find_map(|m| m.sync().err()) {
+                let why = format!("a removed file's directory: fsync: {e}");
+                return fail(preps, &changes, &why, ViewError::Io);
             }
         }
         // The run's committers serialise on the anchor's lock (storage cannot remove it); the

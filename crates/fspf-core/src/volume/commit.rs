@@ -41,11 +41,51 @@ pub struct StagedFile {
     /// Held from before the shadow was created until this version is committed or dropped,
     /// so the orphan cleanup never takes the shadow for an orphan.
     pub(crate) _writer: Arc<store::WriterGuard>,
+    /// The shadow's length when it is an encrypted format-1 version (its data file is all
+    /// there is of it), which may ride in a log record when small (FORMAT.md §5b).
+    pub(crate) whole_len: Option<u64>,
+    /// The caller did not make the shadow durable before the commit (no `syncfs`): the commit
+    /// carries it in its log record, or syncs it before the commit point.
+    pub(crate) unsynced: bool,
 }
+
+/// Largest encrypted format-1 version (its data file) a log record carries whole instead of
+/// the commit syncing its shadow first (FORMAT.md §5b, "Files in the log"). Each one makes
+/// the log longer, which every process opening the volume reads, and brings the next
+/// checkpoint nearer.
+pub const FILE_IN_LOG_MAX: u64 = 32 << 10;
 
 impl StagedFile {
     fn shadow_name(&self) -> &OsStr {
         self.shadow.file_name().unwrap_or_default()
+    }
+
+    /// May this version ride in the commit's log record instead of being made durable before
+    /// it (FORMAT.md §5b, "Files in the log")? Small encrypted format-1 versions only.
+    pub fn may_ride_in_log(&self) -> bool {
+        self.whole_len.is_some_and(|n| n <= FILE_IN_LOG_MAX)
+    }
+
+    /// The caller leaves the shadow unsynced: the commit carries it in its log record (or, when
+    /// the record cannot take it, syncs it before the commit point).
+    pub fn defer_sync(&mut self) {
+        self.unsynced = true;
+    }
+
+    /// The shadow's bytes, if they are the whole version this entry names.
+    fn read_whole(&self) -> Option<Arc<[u8]>> {
+        let n = usize::try_from(self.whole_len?).ok()?;
+        let FileKind::File { id, .. } = &self.entry.kind else {
+            return None;
+        };
+        let (dir, _) = self.loc.parent().ok()?;
+        let f = kernel_fs::open_regular_at(&dir, self.shadow_name()).ok()?;
+        let mut b = vec![0u8; n];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 0).ok()?;
+        let whole = f.metadata().ok()?.len() == n as u64
+            && b.get(..8) == Some(&crate::format::layout::ENC_MAGIC[..])
+            && b.get(8..24) == Some(&id.0[..]);
+        whole.then(|| b.into())
     }
 
     /// Remove the shadow and the outboard of a version that will not be committed.
@@ -163,8 +203,9 @@ impl Volume {
         &mut self,
         tx: &Tx,
         updates: &[&super::update::StagedUpdate],
+        unsynced: &[&StagedFile],
         announce: &mut dyn FnMut(Tag) -> Result<()>,
-    ) -> Result<()> {
+    ) -> Result<Vec<(EmbedPath, Arc<[u8]>)>> {
         // A rough size of the record: each entry is a path and at most ~100 bytes.
         let estimate: u64 = tx
             .touched
@@ -199,25 +240,46 @@ impl Volume {
         } else {
             0
         };
+        // Small new versions whose shadows the caller left unsynced ride in the record, whole;
+        // any the record cannot take are synced before the commit point.
+        let mut versions: Vec<(EmbedPath, Arc<[u8]>)> = Vec::new();
+        let mut to_sync: Vec<&StagedFile> = Vec::new();
+        let takes_files = logging && self.log_takes_files();
+        for s in unsynced {
+            match s.may_ride_in_log().then(|| s.read_whole()).flatten() {
+                Some(b) if takes_files => versions.push((s.path.clone(), b)),
+                _ => to_sync.push(s),
+            }
+        }
+        let flen: u64 = versions.iter().map(|(_, b)| b.len() as u64).sum();
         let materialize =
             |fspf: &Path| -> Result<()> { updates.iter().try_for_each(|u| u.materialize(fspf)) };
-        if !logging || !self.log_has_room(estimate, jlen) {
+        let sync_shadows = |files: &[&StagedFile]| -> Result<()> {
+            if files.is_empty() {
+                return Ok(());
+            }
+            store::sync_filesystems(files.iter().map(|s| s.loc.base()))
+        };
+        if !logging || !self.log_has_room(estimate, jlen + flen) {
+            sync_shadows(unsynced)?;
             materialize(&self.path)?;
-            // The checkpoint replaces the log: the chains through its journals are made
-            // durable first (their journals go with the log).
+            // The checkpoint replaces the log: the chains through its journals and the
+            // versions it carries are made durable first (they go with the log).
             self.settle_log_chains()?;
-            return self.save_announced(announce).map(drop);
+            return self.save_announced(announce).map(|_| Vec::new());
         }
+        sync_shadows(&to_sync)?;
         if !carry {
             materialize(&self.path)?;
         }
         self.meta.generation += 1;
         let journals = if carry { inline } else { Vec::new() };
-        if let Err(e) = self.append_log(&tx.touched, &journals, announce) {
+        let files: Vec<Arc<[u8]>> = versions.iter().map(|(_, b)| b.clone()).collect();
+        if let Err(e) = self.append_log(&tx.touched, &journals, &files, announce) {
             self.meta.generation -= 1;
             return Err(e);
         }
-        Ok(())
+        Ok(versions)
     }
 }
 
@@ -486,6 +548,16 @@ impl Volume {
             seal_version(self, region, path, id, size, mode, src, Some(&out), true)
                 .inspect_err(|_| out.remove())?;
         let shadow = out.label;
+        let whole_len = match (&entry.kind, region.protection, &outboard) {
+            (
+                FileKind::File {
+                    size, root: None, ..
+                },
+                Protection::Encrypted,
+                None,
+            ) => crate::format::layout::enc_file_len(*size, region.chunk_len),
+            _ => None,
+        };
         Ok(StagedFile {
             path: path.clone(),
             entry,
@@ -494,6 +566,8 @@ impl Volume {
             loc,
             outboard,
             _writer: writer,
+            whole_len,
+            unsynced: false,
         })
     }
 
@@ -695,17 +769,24 @@ impl Volume {
                 return Err(e);
             }
         }
-        if let Err(e) = self.persist(&tx, &updates, announce) {
-            self.rollback(tx);
-            cleanup(&changes);
-            return Err(e);
-        }
-        // What the log now carries: the journals still in memory went into the record, and a
-        // file with a chain in the log keeps its path and root current.
+        let unsynced: Vec<&StagedFile> = post.iter().filter(|s| s.unsynced).copied().collect();
+        let carried = match self.persist(&tx, &updates, &unsynced, announce) {
+            Ok(c) => c,
+            Err(e) => {
+                self.rollback(tx);
+                cleanup(&changes);
+                return Err(e);
+            }
+        };
+        // What the log now carries: the journals still in memory and the small versions went
+        // into the record, and a file with a chain in the log keeps its path and root current.
         for u in &updates {
             if let Some(b) = u.inline_bytes() {
                 self.logj.insert(u.path.clone(), b);
             }
+        }
+        for (p, b) in carried {
+            self.logj.insert_version(p, b);
         }
         if self.logj.has_files() {
             let entries: Vec<(EmbedPath, FileEntry)> = tx

@@ -308,6 +308,8 @@ impl Volume {
                         kernel: loc.full(),
                         loc,
                         outboard,
+                        whole_len: None,
+                        unsynced: false,
                         _writer: writer.clone(),
                     })))
                 }

@@ -181,6 +181,8 @@ struct Opened {
     removed: Vec<EmbedPath>,
     put: Vec<(EmbedPath, FileEntry)>,
     journals: Vec<Vec<u8>>,
+    files: Vec<Vec<u8>>,
+    boot: Vec<u8>,
     journal_bytes: u64,
     generation: u64,
     tag: Tag,
@@ -299,7 +301,7 @@ impl Volume {
         let start = self.tag;
         for o in opened {
             self.logj
-                .record(o.journals, &o.put)
+                .record(o.journals, o.files, &o.boot, &o.put)
                 .map_err(|reason| Error::LogDamaged {
                     path: path.clone(),
                     offset: o.end,
@@ -413,6 +415,8 @@ impl Volume {
                 removed,
                 put,
                 journals: rec.journals,
+                files: rec.files,
+                boot: rec.boot,
                 journal_bytes: rec.journal_bytes,
                 generation: rec.generation,
                 tag: f.tag,
@@ -449,6 +453,16 @@ impl Volume {
         (self.log.end == 0 || self.log.log_version >= 4) && self.logj.marks_supported(&self.path)
     }
 
+    /// May the next record carry whole small files (FORMAT.md §5b, "Files in the log")? Only
+    /// in a version-5 log (or a new one) of a volume that commits through the log.
+    pub fn log_takes_files(&self) -> bool {
+        self.opts.log
+            && self.log_enabled()
+            && self.log.base.is_some()
+            && (self.log.end == 0 || self.log.log_version >= 5)
+            && super::update::boot_id().is_some()
+    }
+
     /// Append the record of a commit that changed the entries at `touched` (their current
     /// values are recorded; a path no longer listed as removed). `announce` learns the new tag
     /// before the commit point, which is the record being durable (fdatasync).
@@ -456,6 +470,7 @@ impl Volume {
         &mut self,
         touched: &std::collections::BTreeSet<EmbedPath>,
         journals: &[std::sync::Arc<[u8]>],
+        files: &[std::sync::Arc<[u8]>],
         announce: &mut dyn FnMut(Tag) -> Result<()>,
     ) -> Result<()> {
         let key = self.key.clone().ok_or(Error::KeyRequired {
@@ -465,10 +480,15 @@ impl Volume {
             .log
             .base
             .ok_or_else(|| Error::Other("log position unknown".into()))?;
-        let jlen: u64 = journals.iter().map(|j| j.len() as u64).sum();
+        let jlen: u64 = journals.iter().chain(files).map(|j| j.len() as u64).sum();
         let mut rec = LogRecordPb {
             generation: self.meta.generation,
             journals: journals.iter().map(|j| j.to_vec()).collect(),
+            files: files.iter().map(|f| f.to_vec()).collect(),
+            boot: match (files.is_empty(), super::update::boot_id()) {
+                (false, Some(b)) => b.to_vec(),
+                _ => Vec::new(),
+            },
             journal_bytes: self.log.journal_bytes + jlen,
             ..Default::default()
         };
@@ -554,7 +574,7 @@ impl Volume {
         self.log.end = new_end;
         self.log.journal_bytes += jlen;
         if created {
-            self.log.log_version = 4;
+            self.log.log_version = 5;
         }
         Ok(())
     }

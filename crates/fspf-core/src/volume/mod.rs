@@ -659,6 +659,9 @@ impl Volume {
             .as_ref()
             .filter(|_| region.protection == Protection::Encrypted);
         commit::roll_forward(&self.path, &self.logj, &dir, &name, &id, tree, &label)?;
+        if root.is_none() {
+            self.restore_version(&dir, &name, &id, &label, false)?;
+        }
         let data = kernel_fs::open_regular_at(&dir, &name)
             .map_err(|e| Error::kernel_open(&label, kernel.full(), e))?;
         self.reader_over(region, path, &id, size, root.as_ref(), data)

@@ -564,13 +564,48 @@ fn open_lock_file(fspf: &Path, suffix: &str) -> Result<(File, PathBuf)> {
 #[derive(Debug)]
 pub struct FspfLock {
     _file: File,
+    held: (u64, u64, std::thread::ThreadId),
 }
+
+/// The `FSPF.lock`s held, by lock file (device, inode) and thread: a thread that holds one
+/// must not wait for it again (a second file description would wait for the first forever).
+static LOCKS_HELD: std::sync::Mutex<Vec<(u64, u64, std::thread::ThreadId)>> =
+    std::sync::Mutex::new(Vec::new());
 
 impl FspfLock {
     pub fn acquire(fspf: &Path) -> Result<FspfLock> {
+        use std::os::unix::fs::MetadataExt;
         let (f, lp) = open_lock_file(fspf, ".lock")?;
         f.lock().map_err(|e| Error::io(&lp, e))?;
-        Ok(FspfLock { _file: f })
+        let m = f.metadata().map_err(|e| Error::io(&lp, e))?;
+        let held = (m.dev(), m.ino(), std::thread::current().id());
+        LOCKS_HELD
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(held);
+        Ok(FspfLock { _file: f, held })
+    }
+
+    /// Does the calling thread hold `FSPF.lock` of `fspf`?
+    pub(crate) fn held_here(fspf: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(m) = fs::metadata(sibling(fspf, ".lock")) else {
+            return false;
+        };
+        let me = (m.dev(), m.ino(), std::thread::current().id());
+        LOCKS_HELD
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&me)
+    }
+}
+
+impl Drop for FspfLock {
+    fn drop(&mut self) {
+        let mut held = LOCKS_HELD.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = held.iter().position(|h| *h == self.held) {
+            held.swap_remove(i);
+        }
     }
 }
 

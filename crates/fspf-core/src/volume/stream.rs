@@ -555,6 +555,8 @@ impl StreamStage {
             kernel: self.loc.full(),
             loc: self.loc.clone(),
             outboard: Some(tree_path),
+            whole_len: None,
+            unsynced: false,
             _writer: self.writer.clone(),
         })
     }

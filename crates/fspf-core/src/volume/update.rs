@@ -363,12 +363,93 @@ impl Volume {
             };
             self.apply(&dir, &name, &id, &root, &label, mode)?;
         }
+        // Versions the log carries whole, where the state still lists them.
+        for (id, path) in self.logj.versions() {
+            let listed = matches!(
+                self.lookup(&path).map(|e| e.kind.clone()),
+                Some(FileKind::File { id: i, root: None, .. }) if i == id
+            );
+            if let (true, Some((dir, name))) = (listed, self.data_file_at(&path)) {
+                self.restore_version(&dir, &name, &id, &path.to_string(), durable)?;
+            }
+        }
         Ok(())
     }
 
     /// [`Volume::apply_log_chains`], durably: before a checkpoint replaces the log.
     pub(crate) fn settle_log_chains(&self) -> Result<()> {
         self.apply_log_chains(true)
+    }
+
+    /// Make the kernel file `name` in `dir` hold version `id`, which a record of the log
+    /// carries whole (FORMAT.md §5b, "Files in the log"): a power loss after the commit point
+    /// may have left it (or its shadow) lost or torn. Compared first (the common case: it is
+    /// in place). Written again from the record only after a restart of the machine (within
+    /// the boot that wrote the record, the page cache holds the shadow or the file even after
+    /// the writer was killed, and a difference is a change on disk, which the read then
+    /// detects), under `FSPF.lock`, and only while this volume's state is the one on disk, so
+    /// that a process that has not caught up never puts an older version over a newer one.
+    /// `durable`: synced as well (before the log that carries it goes). Versions the log does
+    /// not carry: nothing to do.
+    pub(crate) fn restore_version(
+        &self,
+        dir: &std::os::fd::OwnedFd,
+        name: &std::ffi::OsStr,
+        id: &FileId,
+        label: &str,
+        durable: bool,
+    ) -> Result<()> {
+        let Some(CarriedVersion {
+            bytes,
+            boot: written_in,
+            ..
+        }) = self.logj.version(id)
+        else {
+            return Ok(());
+        };
+        let io = |e: std::io::Error| Error::io(label, e);
+        let in_place = |dir: &std::os::fd::OwnedFd| -> Option<File> {
+            let f = kernel_fs::open_regular_at(dir, name).ok()?;
+            if f.metadata().ok()?.len() != bytes.len() as u64 {
+                return None;
+            }
+            let mut b = vec![0u8; bytes.len()];
+            f.read_exact_at(&mut b, 0).ok()?;
+            (b[..] == bytes[..]).then_some(f)
+        };
+        if let Some(f) = in_place(dir) {
+            if durable {
+                f.sync_data().map_err(io)?;
+                kernel_fs::sync_dir_fd(dir).map_err(io)?;
+            }
+            return Ok(());
+        }
+        if written_in.is_some() && written_in == boot_id() {
+            return Ok(());
+        }
+        let _lock = if store::FspfLock::held_here(&self.path) {
+            None
+        } else {
+            Some(store::FspfLock::acquire(&self.path)?)
+        };
+        if !self.is_current_on_disk()? || in_place(dir).is_some() {
+            return Ok(());
+        }
+        let tmp = super::commit::shadow_name(name, id);
+        let _ = rustix::fs::unlinkat(dir, &tmp, rustix::fs::AtFlags::empty());
+        let mut f =
+            kernel_fs::create_new_at(dir, &tmp, 0o600, rustix::fs::OFlags::empty()).map_err(io)?;
+        let written = f
+            .write_all(&bytes)
+            .and_then(|_| if durable { f.sync_data() } else { Ok(()) });
+        if let Err(e) = written.and_then(|_| kernel_fs::rename_at(dir, &tmp, name)) {
+            let _ = rustix::fs::unlinkat(dir, &tmp, rustix::fs::AtFlags::empty());
+            return Err(io(e));
+        }
+        if durable {
+            kernel_fs::sync_dir_fd(dir).map_err(io)?;
+        }
+        Ok(())
     }
 
     /// Open the listed file `path` for an in-place update. `Ok(None)` when it is not a
@@ -1002,7 +1083,7 @@ fn parse_journal<'a>(
 /// This boot's id (`/proc/sys/kernel/random/boot_id`): the page cache of one boot survives any
 /// process's death, so a journal applied in this boot needs no second application until the
 /// machine restarts. `None` where it cannot be read: journals are then made durable at once.
-fn boot_id() -> Option<[u8; 16]> {
+pub(crate) fn boot_id() -> Option<[u8; 16]> {
     static ID: std::sync::OnceLock<Option<[u8; 16]>> = std::sync::OnceLock::new();
     *ID.get_or_init(|| {
         let s = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
@@ -1027,8 +1108,21 @@ pub(crate) struct LogJournals {
     journals: HashMap<(FileId, [u8; 32]), Arc<[u8]>>,
     /// Files with a journal in the log: the path and root of their last committed entry.
     files: HashMap<FileId, (EmbedPath, [u8; 32])>,
+    /// Whole format-1 versions carried by the log's records (FORMAT.md §5b, "Files in the
+    /// log"): the path of the version's last committed entry, its data file's bytes and the
+    /// boot its record was written in.
+    versions: HashMap<FileId, CarriedVersion>,
     /// Whether the tree directory keeps extended attributes (the marks): probed once.
     marks: std::sync::OnceLock<bool>,
+}
+
+/// A whole version a record of the log carries: the path of its last committed entry, its
+/// data file's bytes, and the boot its record was written in.
+#[derive(Debug, Clone)]
+pub(crate) struct CarriedVersion {
+    path: EmbedPath,
+    pub(crate) bytes: Arc<[u8]>,
+    pub(crate) boot: Option<[u8; 16]>,
 }
 
 impl LogJournals {
@@ -1039,21 +1133,91 @@ impl LogJournals {
     pub(crate) fn clear(&mut self) {
         self.journals.clear();
         self.files.clear();
+        self.versions.clear();
     }
 
-    /// Are there files whose chains run through the log's journals?
+    /// Are there files whose chains run through the log's journals, or versions the log
+    /// carries whole?
     pub(crate) fn has_files(&self) -> bool {
-        !self.files.is_empty()
+        !self.files.is_empty() || !self.versions.is_empty()
     }
 
-    /// The journals of one record, with the entries it puts: each journal's file and root are
-    /// the ones an entry of the same record names.
+    /// The data file's bytes of version `id`, if a record of the log carries it, and the boot
+    /// that record was written in.
+    pub(crate) fn version(&self, id: &FileId) -> Option<CarriedVersion> {
+        self.versions.get(id).cloned()
+    }
+
+    /// The versions the log carries: id and path of its last entry.
+    pub(crate) fn versions(&self) -> Vec<(FileId, EmbedPath)> {
+        self.versions
+            .iter()
+            .map(|(id, v)| (*id, v.path.clone()))
+            .collect()
+    }
+
+    /// A whole version (format 1, `bytes` its data file) this process's commit carried in its
+    /// record for `path`.
+    pub(crate) fn insert_version(&mut self, path: EmbedPath, bytes: Arc<[u8]>) {
+        if let Some(id) = version_id(&bytes) {
+            self.versions.insert(
+                id,
+                CarriedVersion {
+                    path,
+                    bytes,
+                    boot: boot_id(),
+                },
+            );
+        }
+    }
+
+    /// What a restart of the machine does: the versions' records name another boot.
+    #[cfg(test)]
+    pub(crate) fn restarted(&mut self) {
+        for v in self.versions.values_mut() {
+            v.boot = Some([0xee; 16]);
+        }
+    }
+
+    /// The journals and whole versions of one record, with the entries it puts: each
+    /// journal's file and root, and each version's id, are the ones an entry of the same
+    /// record names.
     pub(crate) fn record(
         &mut self,
         journals: Vec<Vec<u8>>,
+        versions: Vec<Vec<u8>>,
+        boot: &[u8],
         put: &[(EmbedPath, FileEntry)],
     ) -> std::result::Result<(), String> {
         self.entries(put.iter().map(|(p, e)| (p, e)));
+        let boot: Option<[u8; 16]> = match boot.len() {
+            0 => None,
+            _ => Some(
+                boot.try_into()
+                    .map_err(|_| "a boot id of the wrong length")?,
+            ),
+        };
+        if !versions.is_empty() && boot.is_none() {
+            return Err("files without the boot id of their writer".into());
+        }
+        for v in versions {
+            let id = version_id(&v).ok_or("a file with a bad header")?;
+            let path = put
+                .iter()
+                .find(
+                    |(_, e)| matches!(e.kind, FileKind::File { id: i, root: None, .. } if i == id),
+                )
+                .map(|(p, _)| p.clone())
+                .ok_or("a file whose entry is not in its record")?;
+            self.versions.insert(
+                id,
+                CarriedVersion {
+                    path,
+                    bytes: v.into(),
+                    boot,
+                },
+            );
+        }
         for j in journals {
             let (id, root) = journal_names(&j).ok_or("a journal with a bad header")?;
             let path = put
@@ -1082,17 +1246,24 @@ impl LogJournals {
         &mut self,
         put: impl Iterator<Item = (&'a EmbedPath, &'a FileEntry)>,
     ) {
-        if self.files.is_empty() {
+        if !self.has_files() {
             return;
         }
         for (p, e) in put {
-            if let FileKind::File {
-                id, root: Some(r), ..
-            } = &e.kind
-            {
-                if let Some(f) = self.files.get_mut(id) {
-                    *f = (p.clone(), *r);
+            match &e.kind {
+                FileKind::File {
+                    id, root: Some(r), ..
+                } => {
+                    if let Some(f) = self.files.get_mut(id) {
+                        *f = (p.clone(), *r);
+                    }
                 }
+                FileKind::File { id, root: None, .. } => {
+                    if let Some(v) = self.versions.get_mut(id) {
+                        v.path = p.clone();
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -1112,6 +1283,14 @@ impl LogJournals {
             }
         })
     }
+}
+
+/// The file id a format-1 encrypted data file's header names.
+fn version_id(b: &[u8]) -> Option<FileId> {
+    if b.get(..8)? != crate::format::layout::ENC_MAGIC {
+        return None;
+    }
+    Some(FileId(b.get(8..24)?.try_into().ok()?))
 }
 
 /// File id and root a format-3 journal's header names.
@@ -2824,5 +3003,208 @@ mod log_journal_tests {
             read_all(&v).unwrap() == model,
             "all three replayed in order"
         );
+    }
+
+    /// Files in the log (FORMAT.md §5b): small new versions whose shadows the caller did not
+    /// sync ride whole in the commit's record.
+    mod files_in_the_log {
+        use super::*;
+        use crate::volume::commit::StagedFile;
+
+        fn stage(v: &Volume, path: &str, data: &[u8]) -> StagedFile {
+            let mut s = v
+                .stage_file(&ep(path), data.len() as u64, 0o644, &mut &data[..])
+                .unwrap();
+            assert!(s.may_ride_in_log());
+            s.defer_sync();
+            s
+        }
+
+        fn commit(v: &mut Volume, changes: Vec<Change>) {
+            let t = v.tag();
+            v.commit(changes, Some(t)).unwrap();
+        }
+
+        fn put(v: &mut Volume, path: &str, data: &[u8]) {
+            let s = stage(v, path, data);
+            commit(v, vec![Change::Put(s)]);
+        }
+
+        fn read(v: &Volume, path: &str) -> Result<Vec<u8>> {
+            let mut r = v.open_file(&ep(path))?;
+            let mut out = vec![0u8; r.size() as usize];
+            let mut off = 0;
+            while off < out.len() {
+                let n = r.read_at(&mut out[off..], off as u64)?;
+                assert!(n > 0);
+                off += n;
+            }
+            Ok(out)
+        }
+
+        fn id_of(v: &Volume, path: &str) -> FileId {
+            match v.lookup(&ep(path)).unwrap().kind {
+                FileKind::File { id, .. } => id,
+                _ => panic!(),
+            }
+        }
+
+        fn kernel(fx: &Fx, path: &str) -> PathBuf {
+            fx.d.path().join("vol").join(&path[1..])
+        }
+
+        /// A power loss that kept the record and lost or tore the file (or its unpublished
+        /// shadow): after the restart the next reader writes the file from the record. Within
+        /// the boot that wrote it, a changed copy is a change on disk and detected.
+        #[test]
+        fn a_small_new_file_rides_in_the_record_and_is_restored_from_it_after_a_restart() {
+            let (fx, mut v) = Fx::new(&pattern(300_000, 1));
+            let data = pattern(9_000, 7);
+            let log_before = std::fs::metadata(log_path(&fx.p)).map_or(0, |m| m.len());
+            let end_before = v.log.end;
+            let s = stage(&v, "/s", &data);
+            commit(&mut v, vec![Change::Put(s)]);
+            assert!(v.log.end - end_before > 9_000, "the record holds the file");
+            assert!(v.logj.version(&id_of(&v, "/s")).is_some());
+            assert!(std::fs::metadata(log_path(&fx.p)).unwrap().len() >= log_before);
+            let on_disk = std::fs::read(kernel(&fx, "/s")).unwrap();
+            assert!(read(&v, "/s").unwrap() == data);
+            // Lost: within this boot an error, after a restart restored from the log.
+            std::fs::remove_file(kernel(&fx, "/s")).unwrap();
+            let mut v = fx.reopen(v);
+            assert!(read(&v, "/s").is_err(), "within the boot: detected");
+            v.logj.restarted();
+            assert!(read(&v, "/s").unwrap() == data, "restored when lost");
+            assert!(std::fs::read(kernel(&fx, "/s")).unwrap() == on_disk);
+            // Torn: the right length, zeros where the data did not reach the disk.
+            let mut torn = on_disk.clone();
+            torn[100..].fill(0);
+            std::fs::write(kernel(&fx, "/s"), &torn).unwrap();
+            let mut v = fx.reopen(v);
+            assert!(read(&v, "/s").is_err(), "within the boot: detected");
+            v.logj.restarted();
+            assert!(read(&v, "/s").unwrap() == data, "restored when torn");
+            // A torn shadow left unpublished: rolled forward, then restored.
+            let sh =
+                crate::volume::commit::shadow_name(std::ffi::OsStr::new("s"), &id_of(&v, "/s"));
+            std::fs::write(fx.d.path().join("vol").join(&sh), &torn[..50]).unwrap();
+            std::fs::remove_file(kernel(&fx, "/s")).unwrap();
+            let mut v = fx.reopen(v);
+            v.logj.restarted();
+            assert!(
+                read(&v, "/s").unwrap() == data,
+                "restored over a torn shadow"
+            );
+            assert!(!fx.d.path().join("vol").join(&sh).exists());
+        }
+
+        /// A process that has not caught up with a newer version of the file must not put the
+        /// version it knows from the log back over it.
+        #[test]
+        fn a_reader_behind_never_restores_an_older_version_over_a_newer_one() {
+            let (fx, mut v) = Fx::new(&pattern(300_000, 2));
+            let a = pattern(5_000, 1);
+            let b = pattern(6_000, 2);
+            put(&mut v, "/s", &a);
+            let mut behind = fx.open(v.tag());
+            behind.logj.restarted();
+            put(&mut v, "/s", &b);
+            let newer = std::fs::read(kernel(&fx, "/s")).unwrap();
+            assert!(read(&behind, "/s").is_err(), "its version is gone");
+            assert!(
+                std::fs::read(kernel(&fx, "/s")).unwrap() == newer,
+                "left alone"
+            );
+            assert!(read(&v, "/s").unwrap() == b);
+        }
+
+        /// A checkpoint replaces the log: the files it carries are written where lost (after a
+        /// restart) and made durable first, and read without it afterwards.
+        #[test]
+        fn a_checkpoint_makes_the_files_of_the_log_durable_before_the_log_goes() {
+            let (fx, mut v) = Fx::new(&pattern(300_000, 3));
+            let data = pattern(7_000, 5);
+            put(&mut v, "/s", &data);
+            std::fs::remove_file(kernel(&fx, "/s")).unwrap();
+            v.logj.restarted();
+            v.save().unwrap();
+            assert!(
+                v.logj.version(&id_of(&v, "/s")).is_none(),
+                "the log is gone"
+            );
+            assert!(read(&v, "/s").unwrap() == data);
+            let v = fx.reopen(v);
+            assert!(read(&v, "/s").unwrap() == data, "without the log");
+        }
+
+        /// A commit whose record has no room left writes a checkpoint: the shadows it would
+        /// have carried are synced instead, and the file reads.
+        #[test]
+        fn a_checkpoint_commit_syncs_the_shadows_it_does_not_carry() {
+            let (fx, mut v) = Fx::new(&pattern(300_000, 4));
+            let mut last = Vec::new();
+            for i in 0..40u8 {
+                last = pattern(20_000, i);
+                put(&mut v, "/s", &last);
+            }
+            let v = fx.reopen(v);
+            assert!(read(&v, "/s").unwrap() == last);
+        }
+
+        /// An index cache stands for records whose files its readers do not learn: they are
+        /// written and made durable before it is.
+        #[test]
+        fn an_index_cache_is_written_only_over_durable_files_of_the_log() {
+            let (fx, mut v) = Fx::new(&pattern(300_000, 6));
+            let data = pattern(3_000, 9);
+            put(&mut v, "/s", &data);
+            let t = v.tag();
+            std::fs::remove_file(kernel(&fx, "/s")).unwrap();
+            v.logj.restarted();
+            crate::volume::index_cache::write(&v).unwrap();
+            drop(v);
+            let v = Volume::open_cached(&fx.p, fx.key.clone(), t).unwrap();
+            assert!(v.is_indexed(), "read through the cache");
+            assert!(read(&v, "/s").unwrap() == data);
+        }
+
+        /// A version-4 log (an older writer's readers would not know files in records) is
+        /// continued with synced shadows.
+        #[test]
+        fn a_version_4_log_is_continued_without_files_in_its_records() {
+            let (fx, mut v) = Fx::new(&pattern(300_000, 8));
+            put(&mut v, "/s", b"first");
+            let t = v.tag();
+            drop(v);
+            let lp = log_path(&fx.p);
+            let mut b = std::fs::read(&lp).unwrap();
+            b[..8].copy_from_slice(&crate::format::log::LOG_MAGIC_V4);
+            std::fs::write(&lp, &b).unwrap();
+            let mut v = fx.open(t);
+            assert!(!v.log_takes_files());
+            put(&mut v, "/s", b"second");
+            assert!(v.logj.version(&id_of(&v, "/s")).is_none());
+            let v = fx.reopen(v);
+            assert_eq!(read(&v, "/s").unwrap(), b"second");
+            assert_eq!(
+                &std::fs::read(&lp).unwrap()[..8],
+                &crate::format::log::LOG_MAGIC_V4
+            );
+        }
+
+        /// A record that carries a file no entry of it puts is refused as damaged (only the
+        /// volume key makes records; this is what a bug in a writer would leave).
+        #[test]
+        fn a_record_carrying_a_file_no_entry_of_it_names_is_damaged() {
+            let (fx, mut v) = Fx::new(&pattern(300_000, 9));
+            let stray = stage(&v, "/s", b"never listed");
+            let bytes: Arc<[u8]> = std::fs::read(&stray.shadow).unwrap().into();
+            let touched: std::collections::BTreeSet<EmbedPath> = [ep("/f")].into();
+            v.append_log(&touched, &[], &[bytes], &mut |_| Ok(()))
+                .unwrap();
+            let t = v.tag();
+            let e = Volume::open(&fx.p, Some(fx.key.clone()), Some(t)).unwrap_err();
+            assert!(matches!(e, Error::LogDamaged { .. }), "{e}");
+        }
     }
 }
