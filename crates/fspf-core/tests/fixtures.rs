@@ -1,4 +1,5 @@
-//! Frozen fixtures of every format version (`testdata/fspf/v1/`, `v2/`, `v3/`, never regenerated): the
+//! Frozen fixtures of every format version (`testdata/fspf/v1/`, `v2/`, `v3/`, and `v3-log4/`,
+//! `v3-log5/` for the metadata log's versions; never regenerated): the
 //! good tree must keep opening with its recorded key and tag and serve the same plaintext; every
 //! `broken/<defect>/` copy must keep failing, in the way its name says.
 //!
@@ -12,6 +13,11 @@ use std::path::{Path, PathBuf};
 /// The frozen tree of format version `v` in the checkout.
 fn fixture_dir_of(v: u32) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../../testdata/fspf/v{v}"))
+}
+
+/// The frozen tree `testdata/fspf/<name>` in the checkout.
+fn fixture_named(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../../testdata/fspf/{name}"))
 }
 
 /// Key and tag from version `v`'s `keytag` (the `fspf encrypt` line: awk `$11` and `$9`).
@@ -367,4 +373,91 @@ fn every_broken_v3_copy_fails_as_its_name_says() {
     broken.case("records_swapped", &damaged);
     broken.case("record_replayed", &damaged);
     broken.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Format v3 with a version-4 log (journals in its records) and a version-5 log (small files in
+// its records as well): FORMAT.md §5b, §5c.
+
+/// A copy of the fixture tree `src` in a temporary directory: reading applies the log's
+/// journals (the checkout has no `user.fspf.mark`) and writes the files, which must not touch
+/// the checkout.
+fn copy_tree(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}
+
+/// The version-`logv` log fixture's `state` ("" for the good tree, or `crashed/<name>`),
+/// copied into `tmp` and opened with the fixture's anchor, its region re-pointed at the copy.
+fn open_log_fixture(logv: u32, state: &str, tmp: &Path) -> fspf_core::Result<Volume> {
+    let name = format!("v3-log{logv}");
+    copy_tree(&fixture_named(&name).join(state), tmp);
+    let line = std::fs::read_to_string(fixture_named(&name).join("keytag")).expect("keytag");
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let (key, tag) = (
+        VolumeKey::from_hex(w[10]).unwrap(),
+        Tag::from_hex(w[8]).unwrap(),
+    );
+    let mut vol = Volume::open(&tmp.join("fspf.pb"), Some(key), Some(tag))?;
+    vol.rebase_kernel_paths(Path::new(&format!("/tmp/fspf-fixture-{name}")), tmp);
+    Ok(vol)
+}
+
+fn big_log() -> Vec<u8> {
+    let mut b: Vec<u8> = (0..300_000u32)
+        .map(|i| ((i * 37 + 11) % 251) as u8)
+        .collect();
+    b[200_000..200_016].copy_from_slice(b"updated in place");
+    b
+}
+
+fn check_log_fixture(v: &Volume) {
+    assert!(read(v, "/enc/big").unwrap() == big_log());
+    assert_eq!(read(v, "/enc/small.txt").unwrap(), b"a small file\n");
+    assert_eq!(read(v, "/enc/new.txt").unwrap(), b"carried by the log\n");
+    let findings = v.verify();
+    assert!(findings.is_empty(), "{findings:?}");
+}
+
+#[test]
+fn v3_fixtures_with_version_4_and_5_logs_open_and_serve_the_same_plaintext() {
+    for logv in [4, 5] {
+        let magic =
+            std::fs::read(fixture_named(&format!("v3-log{logv}")).join("fspf.pb.log")).unwrap();
+        assert_eq!(
+            &magic[..8],
+            &[b"FSPFLOG".as_slice(), &[logv as u8]].concat()[..]
+        );
+        for state in ["", "crashed/before_apply"] {
+            let tmp = tempfile::tempdir().unwrap();
+            let v = open_log_fixture(logv, state, tmp.path())
+                .unwrap_or_else(|e| panic!("log {logv} {state}: {e}"));
+            check_log_fixture(&v);
+        }
+    }
+}
+
+#[test]
+fn a_file_of_a_version_5_log_lost_by_a_power_loss_is_restored_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = open_log_fixture(5, "crashed/before_publish", tmp.path()).unwrap();
+    let made_in = std::fs::read_to_string(fixture_named("v3-log5").join(".made-in-boot")).unwrap();
+    let now = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    if made_in.trim() == now.trim() {
+        // The boot that wrote the record: its page cache held the file, so its absence is a
+        // change on disk.
+        let e = read(&v, "/enc/new.txt").unwrap_err();
+        assert!(matches!(e, Error::Missing { .. }), "{e}");
+    } else {
+        check_log_fixture(&v);
+        assert!(tmp.path().join("enc/new.txt").is_file(), "written again");
+    }
 }
