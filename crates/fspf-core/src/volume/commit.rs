@@ -240,15 +240,28 @@ impl Volume {
         } else {
             0
         };
-        // Small new versions whose shadows the caller left unsynced ride in the record, whole;
-        // any the record cannot take are synced before the commit point.
+        // Small new versions whose shadows the caller left unsynced ride in the record, whole,
+        // when they all fit in what the log has left (a batch of many files does not: it is
+        // synced and recorded as before, instead of bringing a checkpoint per batch); any the
+        // record does not take are synced before the commit point.
         let mut versions: Vec<(EmbedPath, Arc<[u8]>)> = Vec::new();
         let mut to_sync: Vec<&StagedFile> = Vec::new();
-        let takes_files = logging && self.log_takes_files();
+        let want: u64 = unsynced
+            .iter()
+            .filter(|s| s.may_ride_in_log())
+            .filter_map(|s| s.whole_len)
+            .sum();
+        let ride = want > 0
+            && logging
+            && self.log_takes_files()
+            && self.log_has_room(estimate, jlen + want);
         for s in unsynced {
-            match s.may_ride_in_log().then(|| s.read_whole()).flatten() {
-                Some(b) if takes_files => versions.push((s.path.clone(), b)),
-                _ => to_sync.push(s),
+            let whole = (ride && s.may_ride_in_log())
+                .then(|| s.read_whole())
+                .flatten();
+            match whole {
+                Some(b) => versions.push((s.path.clone(), b)),
+                None => to_sync.push(s),
             }
         }
         let flen: u64 = versions.iter().map(|(_, b)| b.len() as u64).sum();

@@ -3151,6 +3151,31 @@ mod log_journal_tests {
             assert!(read(&v, "/s").unwrap() == last);
         }
 
+        /// A batch of small files larger than the log has room for (a shield commits 500 files
+        /// at a time): the files did not fit in the record, and the commit wrote a whole
+        /// checkpoint at every such batch instead of syncing them and appending a record.
+        #[test]
+        fn a_batch_of_small_files_too_large_for_the_log_wrote_a_checkpoint() {
+            let (fx, mut v) = Fx::new(&pattern(300_000, 7));
+            let checkpoint = std::fs::read(&fx.p).unwrap();
+            let end_before = v.log.end;
+            let files: Vec<(String, Vec<u8>)> = (0..200u32)
+                .map(|i| (format!("/b{i}"), pattern(3_000, i as u8)))
+                .collect();
+            let changes = files
+                .iter()
+                .map(|(p, d)| Change::Put(stage(&v, p, d)))
+                .collect();
+            commit(&mut v, changes);
+            assert!(std::fs::read(&fx.p).unwrap() == checkpoint, "no checkpoint");
+            assert!(v.log.end > end_before, "a record appended");
+            assert!(v.logj.versions().is_empty(), "without the files");
+            let v = fx.reopen(v);
+            for (p, d) in &files {
+                assert!(read(&v, p).unwrap() == *d, "{p}");
+            }
+        }
+
         /// An index cache stands for records whose files its readers do not learn: they are
         /// written and made durable before it is.
         #[test]
