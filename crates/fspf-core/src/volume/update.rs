@@ -1718,7 +1718,8 @@ mod tests {
     use super::*;
     use crate::volume::test_volume;
 
-    fn read_all(v: &Volume, p: &EmbedPath) -> Result<Vec<u8>> {
+    /// The committed content of `p`, read through `v` and verified.
+    pub(super) fn read_all(v: &Volume, p: &EmbedPath) -> Result<Vec<u8>> {
         let mut r = v.open_file(p)?;
         let mut out = vec![0u8; r.size() as usize];
         let mut off = 0;
@@ -2704,15 +2705,7 @@ mod log_journal_tests {
     }
 
     fn read_all(v: &Volume) -> Result<Vec<u8>> {
-        let mut r = v.open_file(&ep("/f"))?;
-        let mut out = vec![0u8; r.size() as usize];
-        let mut off = 0;
-        while off < out.len() {
-            let n = r.read_at(&mut out[off..], off as u64)?;
-            assert!(n > 0);
-            off += n;
-        }
-        Ok(out)
+        super::tests::read_all(v, &ep("/f"))
     }
 
     fn update(v: &mut Volume, model: &mut Vec<u8>, at: usize, bytes: &[u8]) -> StagedUpdate {
@@ -3031,15 +3024,7 @@ mod log_journal_tests {
         }
 
         fn read(v: &Volume, path: &str) -> Result<Vec<u8>> {
-            let mut r = v.open_file(&ep(path))?;
-            let mut out = vec![0u8; r.size() as usize];
-            let mut off = 0;
-            while off < out.len() {
-                let n = r.read_at(&mut out[off..], off as u64)?;
-                assert!(n > 0);
-                off += n;
-            }
-            Ok(out)
+            super::super::tests::read_all(v, &ep(path))
         }
 
         fn id_of(v: &Volume, path: &str) -> FileId {
