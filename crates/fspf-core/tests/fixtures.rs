@@ -22,7 +22,12 @@ fn fixture_named(name: &str) -> PathBuf {
 
 /// Key and tag from version `v`'s `keytag` (the `fspf encrypt` line: awk `$11` and `$9`).
 fn keytag_of(v: u32) -> (VolumeKey, Tag) {
-    let line = std::fs::read_to_string(fixture_dir_of(v).join("keytag")).expect("keytag");
+    keytag_in(&fixture_dir_of(v))
+}
+
+/// Key and tag from the `keytag` of the fixture tree `dir`.
+fn keytag_in(dir: &Path) -> (VolumeKey, Tag) {
+    let line = std::fs::read_to_string(dir.join("keytag")).expect("keytag");
     let w: Vec<&str> = line.split_whitespace().collect();
     (
         VolumeKey::from_hex(w[10]).expect("key"),
@@ -400,12 +405,7 @@ fn copy_tree(src: &Path, dst: &Path) {
 fn open_log_fixture(logv: u32, state: &str, tmp: &Path) -> fspf_core::Result<Volume> {
     let name = format!("v3-log{logv}");
     copy_tree(&fixture_named(&name).join(state), tmp);
-    let line = std::fs::read_to_string(fixture_named(&name).join("keytag")).expect("keytag");
-    let w: Vec<&str> = line.split_whitespace().collect();
-    let (key, tag) = (
-        VolumeKey::from_hex(w[10]).unwrap(),
-        Tag::from_hex(w[8]).unwrap(),
-    );
+    let (key, tag) = keytag_in(&fixture_named(&name));
     let mut vol = Volume::open(&tmp.join("fspf.pb"), Some(key), Some(tag))?;
     vol.rebase_kernel_paths(Path::new(&format!("/tmp/fspf-fixture-{name}")), tmp);
     Ok(vol)

@@ -251,10 +251,7 @@ impl Volume {
             .filter(|s| s.may_ride_in_log())
             .filter_map(|s| s.whole_len)
             .sum();
-        let ride = want > 0
-            && logging
-            && self.log_takes_files()
-            && self.log_has_room(estimate, jlen + want);
+        let ride = want > 0 && self.log_takes_files() && self.log_has_room(estimate, jlen + want);
         for s in unsynced {
             let whole = (ride && s.may_ride_in_log())
                 .then(|| s.read_whole())

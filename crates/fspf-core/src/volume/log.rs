@@ -38,10 +38,12 @@ pub(crate) struct LogPos {
     /// Format version of the checkpoint: only a version-3 checkpoint is continued by a log
     /// (an older reader would not see the log, FORMAT.md §8).
     pub checkpoint_version: u16,
-    /// Version of the log's header (4: its records may carry journals; 3: an older writer's
-    /// log, continued without them); 0 while unknown or no log.
+    /// Version of the log's header (5: its records may carry journals and small files; 4: an
+    /// older writer's log, continued without files; 3: without journals either); 0 while
+    /// unknown or no log.
     pub log_version: u8,
-    /// Bytes of journals in the log's records up to `end` (those this volume applied).
+    /// Bytes of journals and files in the log's records up to `end` (those this volume
+    /// applied).
     pub journal_bytes: u64,
 }
 
@@ -580,9 +582,9 @@ impl Volume {
     }
 }
 
-/// Bytes of journals the records of one log may carry before the next commit writes a
-/// checkpoint (which makes their files durable first): twice the entries' [`log_limit`], at
-/// least 256 KiB. Every process that opens the volume reads and checks the whole log, and
+/// Bytes of journals and small files the records of one log may carry before the next commit
+/// writes a checkpoint (which makes their files durable first): twice the entries'
+/// [`log_limit`], at least 256 KiB. Every process that opens the volume reads and checks the whole log, and
 /// decrypts the records after its index: journals make the log longer, this bounds by how
 /// much (a 1 MiB budget cost a shielded `echo >> F` about a millisecond of hashing).
 pub fn log_journals_limit(checkpoint_len: u64) -> u64 {

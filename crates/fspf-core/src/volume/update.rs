@@ -383,12 +383,12 @@ impl Volume {
 
     /// Make the kernel file `name` in `dir` hold version `id`, which a record of the log
     /// carries whole (FORMAT.md §5b, "Files in the log"): a power loss after the commit point
-    /// may have left it (or its shadow) lost or torn. Compared first (the common case: it is
-    /// in place). Written again from the record only after a restart of the machine (within
-    /// the boot that wrote the record, the page cache holds the shadow or the file even after
-    /// the writer was killed, and a difference is a change on disk, which the read then
-    /// detects), under `FSPF.lock`, and only while this volume's state is the one on disk, so
-    /// that a process that has not caught up never puts an older version over a newer one.
+    /// may have left it (or its shadow) lost or torn. Only after a restart of the machine
+    /// (within the boot that wrote the record, the page cache holds the shadow or the file even
+    /// after the writer was killed, and a difference is a change on disk, which the read then
+    /// detects) is it compared with the record, and written again from it where it differs,
+    /// under `FSPF.lock`, and only while this volume's state is the one on disk, so that a
+    /// process that has not caught up never puts an older version over a newer one.
     /// `durable`: synced as well (before the log that carries it goes). Versions the log does
     /// not carry: nothing to do.
     pub(crate) fn restore_version(
@@ -408,6 +408,19 @@ impl Volume {
             return Ok(());
         };
         let io = |e: std::io::Error| Error::io(label, e);
+        let sync = |f: &File| -> Result<()> {
+            f.sync_data().map_err(io)?;
+            kernel_fs::sync_dir_fd(dir).map_err(io)
+        };
+        // In the boot that wrote the record, the file is where its writer put it (the page
+        // cache): nothing to compare, and a difference is a change on disk that its read
+        // detects. A settle makes what is there durable.
+        if written_in.is_some() && written_in == boot_id() {
+            return match kernel_fs::open_regular_at(dir, name) {
+                Ok(f) if durable => sync(&f),
+                _ => Ok(()),
+            };
+        }
         let in_place = |dir: &std::os::fd::OwnedFd| -> Option<File> {
             let f = kernel_fs::open_regular_at(dir, name).ok()?;
             if f.metadata().ok()?.len() != bytes.len() as u64 {
@@ -418,14 +431,7 @@ impl Volume {
             (b[..] == bytes[..]).then_some(f)
         };
         if let Some(f) = in_place(dir) {
-            if durable {
-                f.sync_data().map_err(io)?;
-                kernel_fs::sync_dir_fd(dir).map_err(io)?;
-            }
-            return Ok(());
-        }
-        if written_in.is_some() && written_in == boot_id() {
-            return Ok(());
+            return if durable { sync(&f) } else { Ok(()) };
         }
         let _lock = if store::FspfLock::held_here(&self.path) {
             None
