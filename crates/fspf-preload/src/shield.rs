@@ -319,29 +319,16 @@ pub fn init() -> bool {
         }
     }
     let mut index_fd = -1;
-    let mut retries = 0;
-    let (vol, trusted) = loop {
-        // A committer of this run killed inside its commit window leaves two trusted tags: the
-        // one on disk is the one to open (either is a state the run committed).
-        let trusted = match anchor_tag {
-            Some(st) if st.pending.is_some() => Some(
-                Volume::read_tag(&fspf)
-                    .ok()
-                    .and_then(|d| st.accepts(d))
-                    .unwrap_or(st.current),
-            ),
-            Some(st) => Some(st.current),
-            None => env_tag,
-        };
+    let open = |trusted: Option<Tag>, index_fd: &mut c_int| {
         // The run's frozen index, when it matches the trusted tag: nothing to parse (O(1) start).
         let inherited = match (&problem, trusted) {
             (None, Some(t)) => crate::index_fd::inherited(&fspf, key.clone(), t),
             _ => None,
         };
-        let vol = match (&problem, inherited) {
+        match (&problem, inherited) {
             (Some(p), _) => Err(p.clone()),
             (None, Some((v, fd))) => {
-                index_fd = fd;
+                *index_fd = fd;
                 v.check_usable().map(|_| v).map_err(|e| e.to_string())
             }
             (None, None) => match (&key, trusted) {
@@ -350,19 +337,19 @@ pub fn init() -> bool {
             }
             .and_then(|v| v.check_usable().map(|_| v))
             .map_err(|e| e.to_string()),
-        };
-        // Another process of the run may have committed between the read of the anchor and
-        // the open (the fspf on disk is then newer than the tag read): read the anchor again
-        // and open what it names now. Only a moved anchor is retried, and only so often.
-        if vol.is_err() && anchor_fd >= 0 && retries < 32 {
-            let now = read_fd(anchor_fd).and_then(|b| AnchorState::parse(&b));
-            if now.is_some() && now != anchor_tag {
-                anchor_tag = now;
-                retries += 1;
-                continue;
-            }
         }
-        break (vol, trusted);
+    };
+    let (vol, trusted) = match anchor_tag {
+        Some(st) => {
+            let (vol, t) = fspf_core::session::join_run(
+                st,
+                || read_fd(anchor_fd).and_then(|b| AnchorState::parse(&b)),
+                || Volume::read_tag(&fspf).ok(),
+                |t| open(Some(t), &mut index_fd),
+            );
+            (vol, Some(t))
+        }
+        None => (open(env_tag, &mut index_fd), env_tag),
     };
     let vol = match vol {
         Ok(mut v) => {

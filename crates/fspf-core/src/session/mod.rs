@@ -82,6 +82,47 @@ impl AnchorState {
     }
 }
 
+/// How often a process joining a run opens the fspf again when another process of the run
+/// committed meanwhile ([`join_run`]).
+pub const JOIN_RETRIES: usize = 32;
+
+/// Open the state a process joining a run must see: the anchor's current tag, or, during a
+/// commit in flight (two tags), whichever of the two is on disk (`disk_tag`). Another process of
+/// the run may commit between the read of the anchor and the open (the fspf on disk is then
+/// newer than the tag read), so a failed open is tried again, at most [`JOIN_RETRIES`] times,
+/// with the anchor read anew (`read_anchor`): when it moved, and when it names a commit in
+/// flight, whose commit point changes the disk without moving the anchor. Returns the open's
+/// result and the tag it was asked for.
+pub fn join_run<V, E>(
+    mut anchor: AnchorState,
+    mut read_anchor: impl FnMut() -> Option<AnchorState>,
+    mut disk_tag: impl FnMut() -> Option<Tag>,
+    mut open: impl FnMut(Tag) -> Result<V, E>,
+) -> (Result<V, E>, Tag) {
+    let mut retries = 0;
+    loop {
+        // A committer killed inside its commit window leaves two trusted tags: the one on disk
+        // is the one to open (either is a state the run committed).
+        let trusted = match anchor.pending {
+            Some(_) => disk_tag()
+                .and_then(|d| anchor.accepts(d))
+                .unwrap_or(anchor.current),
+            None => anchor.current,
+        };
+        let r = open(trusted);
+        if r.is_err() && retries < JOIN_RETRIES {
+            if let Some(now) = read_anchor() {
+                if now != anchor || now.pending.is_some() {
+                    anchor = now;
+                    retries += 1;
+                    continue;
+                }
+            }
+        }
+        return (r, trusted);
+    }
+}
+
 /// Write a tag file, the durable copy of an [`Anchor`] outside the run: one tag per line (two
 /// while a commit is in flight: a reader may trust either), overwritten in place with one
 /// `fdatasync` ([`crate::volume::overwrite_file_durably`]). A commit announces through it

@@ -541,3 +541,54 @@ fn a_rename_changed_the_inode_number_of_the_entry_and_its_children() {
         Some(p("/d/src/f").default_ino())
     );
 }
+
+/// A process joined the run while another committed: it read the anchor with a commit in flight
+/// (two tags), found the old state on disk, and the commit point passed before it opened. The
+/// anchor still named the same two tags, so the start was not tried again and the process
+/// refused the fspf ("tag mismatch"), failing every file access: a `cat` in a shell loop read
+/// nothing, and the loop's counter started again from zero.
+#[test]
+fn a_process_joining_during_a_commit_refused_the_state_the_commit_point_made() {
+    use std::cell::Cell;
+    let (t1, t2) = (Tag([1; 16]), Tag([2; 16]));
+    let in_flight = AnchorState {
+        current: t1,
+        pending: Some(t2),
+    };
+    let disk = Cell::new(t1);
+    let opens = Cell::new(0);
+    let (r, trusted) = join_run(
+        in_flight,
+        || Some(in_flight),
+        || Some(disk.get()),
+        |t| {
+            opens.set(opens.get() + 1);
+            // The commit point passes between the read of the disk's tag and the open.
+            disk.set(t2);
+            if t == disk.get() {
+                Ok(())
+            } else {
+                Err("tag mismatch")
+            }
+        },
+    );
+    assert_eq!(r, Ok(()), "opened after {} tries", opens.get());
+    assert_eq!(trusted, t2);
+    // A disk that holds neither trusted tag is still refused, after a bounded number of tries.
+    let opens = Cell::new(0);
+    let (r, _) = join_run(
+        in_flight,
+        || Some(in_flight),
+        || Some(Tag([3; 16])),
+        |t| {
+            opens.set(opens.get() + 1);
+            if t == Tag([3; 16]) {
+                Ok(())
+            } else {
+                Err("tag mismatch")
+            }
+        },
+    );
+    assert_eq!(r, Err("tag mismatch"));
+    assert!(opens.get() <= JOIN_RETRIES + 1);
+}
