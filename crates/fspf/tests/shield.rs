@@ -2517,12 +2517,13 @@ fn two_sqlite3_processes_lost_increments_without_cross_process_locks() {
         "no transaction failed: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+    let writers = String::from_utf8_lossy(&o.stderr).into_owned();
     let o = w.run(&["sqlite3", "/data/c.db", "SELECT n FROM t"]);
     ok(&o, "read the counter");
     assert_eq!(
         stdout(&o).trim(),
         "80",
-        "every increment of both processes is kept"
+        "every increment of both processes is kept (the writers said: {writers})"
     );
 }
 
@@ -2566,7 +2567,8 @@ fn flock_and_lockf_did_not_exclude_other_processes() {
     assert_eq!(
         stdout(&o),
         "120\n120\n",
-        "flock excluded the other processes"
+        "flock excluded the other processes: {}",
+        String::from_utf8_lossy(&o.stderr)
     );
     // lockf and fcntl record locks from Python, each process keeping its fd open: after taking
     // the lock a process reads what the previous holder wrote through its own fd.
@@ -2585,7 +2587,12 @@ for i in range(100):
         format!("echo 0 > /data/count; {pyb} count.py & {pyb} count.py & wait; cat /data/count");
     let o = w.sh_tagged("bash", &script);
     ok(&o, "lockf writers");
-    assert_eq!(stdout(&o), "200", "lockf excluded the other process");
+    assert_eq!(
+        stdout(&o),
+        "200",
+        "lockf excluded the other process: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]

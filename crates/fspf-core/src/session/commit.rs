@@ -159,22 +159,25 @@ impl<A: Anchor> Session<A> {
                 );
             }
         };
-        let trusted = match self.settle_anchor() {
-            Ok(t) => t,
-            Err(e) => {
-                let why = "the fspf on disk is not the one this run trusts";
-                return fail(preps, &changes, why, e);
-            }
-        };
         let lock = match Volume::lock(&self.cfg.fspf) {
             Ok(l) => l,
             Err(e) => return fail(preps, &changes, &e.to_string(), ViewError::Io),
+        };
+        // Under both locks: one look at the disk serves the settle and the commit.
+        let (trusted, mut current) = match self.settle_anchor_locked(Some(&lock)) {
+            Ok(t) => t,
+            Err(e) => {
+                drop(lock);
+                let why = "the fspf on disk is not the one this run trusts";
+                return fail(preps, &changes, why, e);
+            }
         };
         // Appends onto a file another process of the run changed since this one loaded it:
         // look at the run's current state and rebase them onto it.
         let mut merged = BTreeMap::new();
         if !appends.is_empty() || !updates.is_empty() {
             if self.vol.as_ref().is_some_and(|v| v.tag() != trusted) {
+                current = None;
                 let _ = self.follow(trusted);
             }
             merged = self.rebase_appends(&mut changes, &appends);
@@ -203,7 +206,7 @@ impl<A: Anchor> Session<A> {
         let Some(vol) = self.vol.as_mut() else {
             return fail(preps, &[], "no volume", ViewError::Untrusted);
         };
-        match vol.commit_announced(changes, Some(trusted), &mut announce) {
+        match vol.commit_announced(changes, Some(trusted), current, &mut announce) {
             Ok(t) => {
                 self.anchor.after_commit_point();
                 if let Err(e) = self.anchor.publish(t) {

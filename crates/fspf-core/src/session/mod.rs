@@ -688,13 +688,23 @@ impl<A: Anchor> Session<A> {
     /// disk (it passed the commit point), make it the current one. Err when the disk holds
     /// neither trusted tag (a rollback or a forgery).
     fn settle_anchor(&self) -> Result<Tag, ViewError> {
+        self.settle_anchor_locked(None).map(|(t, _)| t)
+    }
+
+    /// [`Session::settle_anchor`]; under the fspf's `lock` (a commit), also what the look at
+    /// the disk found for the commit that follows ([`Volume::disk_tag_locked`]).
+    fn settle_anchor_locked<'l>(
+        &self,
+        lock: Option<&'l crate::volume::FspfLock>,
+    ) -> Result<(Tag, Option<crate::volume::CurrentOnDisk<'l>>), ViewError> {
         let st = self.anchor.read().ok_or(ViewError::Untrusted)?;
         // Before every commit: in O(1) when the disk holds this session's own state.
-        let disk = match self.vol.as_ref() {
-            Some(v) => v.disk_tag(),
-            None => Volume::read_tag(&self.cfg.fspf),
+        let disk = match (self.vol.as_ref(), lock) {
+            (Some(v), Some(l)) => v.disk_tag_locked(l),
+            (Some(v), None) => v.disk_tag().map(|t| (t, None)),
+            (None, _) => Volume::read_tag(&self.cfg.fspf).map(|t| (t, None)),
         };
-        let disk = disk.map_err(|e| {
+        let (disk, current) = disk.map_err(|e| {
             (self.cfg.log)(&format!("cannot read the fspf's tag: {e}"));
             ViewError::Untrusted
         })?;
@@ -708,7 +718,7 @@ impl<A: Anchor> Session<A> {
         if st.pending.is_some() || t != st.current {
             self.anchor.publish(t)?;
         }
-        Ok(t)
+        Ok((t, current))
     }
 
     /// Is a batch full (the frontend should commit now)?

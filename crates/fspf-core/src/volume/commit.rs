@@ -163,9 +163,20 @@ impl Volume {
     /// Bring this volume to the state on disk before changing it. If another process committed
     /// since, the state on disk is accepted only if its tag is `trusted` (the run's trust
     /// anchor); the changes are then merged onto it.
-    fn follow_disk(&mut self, trusted: Option<Tag>) -> Result<()> {
+    ///
+    /// `current`: what a look at the disk under the same lock found ([`Volume::disk_tag_locked`]);
+    /// when it found this volume's own state, the disk is not looked at again, and the log it
+    /// opened is returned for the commit's record.
+    fn follow_disk(
+        &mut self,
+        trusted: Option<Tag>,
+        current: Option<super::CurrentOnDisk<'_>>,
+    ) -> Result<Option<super::log::OpenLog>> {
+        if let Some(log) = current.and_then(|c| c.log_for(self.tag)) {
+            return Ok(Some(log));
+        }
         if self.is_current_on_disk()? {
-            return Ok(());
+            return Ok(None);
         }
         let st = super::log::DiskState::read(&self.path)?;
         let disk = st.tag();
@@ -179,20 +190,20 @@ impl Volume {
             if self.log.base.is_none() && self.log_enabled() && !self.catch_up_to(st)? {
                 return Err(mismatch);
             }
-            return Ok(());
+            return Ok(None);
         }
         let Some(trusted) = trusted.filter(|t| *t == disk) else {
             return Err(mismatch);
         };
         if self.catch_up_to(st)? && self.tag == trusted {
-            return Ok(());
+            return Ok(None);
         }
         let opts = self.opts;
         let pending = std::mem::take(&mut self.pending);
         *self = store::open(&self.path, self.key.clone(), Some(trusted))?;
         self.opts = opts;
         self.pending = pending;
-        Ok(())
+        Ok(None)
     }
 
     /// Make the changes in `tx` durable: one record appended to the metadata log, or a new
@@ -204,6 +215,7 @@ impl Volume {
         tx: &Tx,
         updates: &[&super::update::StagedUpdate],
         unsynced: &[&StagedFile],
+        open_log: Option<super::log::OpenLog>,
         announce: &mut dyn FnMut(Tag) -> Result<()>,
     ) -> Result<Vec<(EmbedPath, Arc<[u8]>)>> {
         // A rough size of the record: each entry is a path and at most ~100 bytes.
@@ -285,7 +297,7 @@ impl Volume {
         self.meta.generation += 1;
         let journals = if carry { inline } else { Vec::new() };
         let files: Vec<Arc<[u8]>> = versions.iter().map(|(_, b)| b.clone()).collect();
-        if let Err(e) = self.append_log(&tx.touched, &journals, &files, announce) {
+        if let Err(e) = self.append_log(&tx.touched, &journals, &files, open_log, announce) {
             self.meta.generation -= 1;
             return Err(e);
         }
@@ -586,17 +598,20 @@ impl Volume {
     /// If another process committed since this volume was opened, the on-disk fspf is accepted only
     /// when its tag equals `trusted_tag` (the run's trust anchor); changes are merged onto it.
     pub fn commit(&mut self, changes: Vec<Change>, trusted_tag: Option<Tag>) -> Result<Tag> {
-        self.commit_announced(changes, trusted_tag, &mut |_| Ok(()))
+        self.commit_announced(changes, trusted_tag, None, &mut |_| Ok(()))
     }
 
     /// [`Volume::commit`], calling `announce(new_tag)` once the new fspf is durable in its temp
     /// file and before it replaces the old one (the commit point). A trust anchor records the
     /// new tag there beside the old one, so that a crash between the commit point and the
     /// anchor's update leaves a state the anchor accepts (P9); an `Err` aborts the commit.
+    /// `current`: what the caller's look at the disk under the same lock found
+    /// ([`Volume::disk_tag_locked`]), so that the commit does not look again.
     pub fn commit_announced(
         &mut self,
         changes: Vec<Change>,
         trusted_tag: Option<Tag>,
+        current: Option<super::CurrentOnDisk<'_>>,
         announce: &mut dyn FnMut(Tag) -> Result<()>,
     ) -> Result<Tag> {
         let fspf = self.path.clone();
@@ -609,10 +624,13 @@ impl Volume {
                 }
             }
         };
-        if let Err(e) = self.follow_disk(trusted_tag) {
-            cleanup(&changes);
-            return Err(e);
-        }
+        let open_log = match self.follow_disk(trusted_tag, current) {
+            Ok(l) => l,
+            Err(e) => {
+                cleanup(&changes);
+                return Err(e);
+            }
+        };
         // The changes go through `tx`, which remembers what each replaced: O(changes), on
         // either backing (a volume over a frozen index is not parsed).
         let mut tx = Tx::default();
@@ -780,7 +798,7 @@ impl Volume {
             }
         }
         let unsynced: Vec<&StagedFile> = post.iter().filter(|s| s.unsynced).copied().collect();
-        let carried = match self.persist(&tx, &updates, &unsynced, announce) {
+        let carried = match self.persist(&tx, &updates, &unsynced, open_log, announce) {
             Ok(c) => c,
             Err(e) => {
                 self.rollback(tx);

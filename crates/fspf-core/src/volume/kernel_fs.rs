@@ -328,6 +328,17 @@ pub fn open_regular_path(p: &Path) -> Result<File, OpenError> {
     require_regular(fd)
 }
 
+/// Open the existing regular file at the plain path `p` for reading and writing, never through
+/// a symlink (`O_NONBLOCK`: a FIFO in its place must not block the open).
+pub fn open_rw_existing_path(p: &Path) -> Result<File, OpenError> {
+    let fd = rustix::fs::open(
+        p,
+        OFlags::RDWR | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    require_regular(fd)
+}
+
 /// Open the file at the plain path `p` for reading and writing, creating it (0600) if missing,
 /// or only if missing with `create_new`: never through a symlink, only a regular file
 /// (`O_NONBLOCK`: a FIFO in its place must not block the open). For the fspf's lock files and

@@ -47,6 +47,30 @@ pub(crate) struct LogPos {
     pub journal_bytes: u64,
 }
 
+/// The log, open, with its length, as a look under the fspf's lock found it.
+#[derive(Debug)]
+pub(crate) struct OpenLog {
+    pub file: File,
+    pub len: u64,
+}
+
+/// What [`Volume::disk_tag_locked`] found under `FSPF.lock`: the disk holds the volume's own
+/// state (tag `tag`), and the log is open for writing. Valid while that lock is held (it
+/// borrows it), for the one commit it is handed to.
+#[derive(Debug)]
+pub struct CurrentOnDisk<'l> {
+    tag: Tag,
+    log: OpenLog,
+    _lock: std::marker::PhantomData<&'l super::FspfLock>,
+}
+
+impl CurrentOnDisk<'_> {
+    /// The open log, if the volume still has the state that was found on disk.
+    pub(crate) fn log_for(self, tag: Tag) -> Option<OpenLog> {
+        (self.tag == tag).then_some(self.log)
+    }
+}
+
 /// `FSPF.log` beside `fspf`.
 pub fn log_path(fspf: &Path) -> PathBuf {
     super::store::sibling(fspf, ".log")
@@ -337,32 +361,45 @@ impl Volume {
     /// the one its position names and the log ends right after its own record (O(1): two
     /// small reads and a `stat`). `false` means "not known": the caller reads the log.
     pub fn is_current_on_disk(&self) -> Result<bool> {
+        Ok(self.current_log(false)?.is_some())
+    }
+
+    /// [`Volume::is_current_on_disk`], keeping the log it looked at open (for writing with
+    /// `write`) with its length.
+    fn current_log(&self, write: bool) -> Result<Option<OpenLog>> {
         let (Some(base), true) = (self.log.base, self.log.end > 0) else {
-            return Ok(false);
+            return Ok(None);
         };
         let (c, _, _) = super::store::read_checkpoint_tag(&self.path)?;
         if c != base {
-            return Ok(false);
+            return Ok(None);
         }
-        let f = match kernel_fs::open_regular_path(&log_path(&self.path)) {
-            Ok(f) => f,
-            Err(_) => return Ok(false),
+        let p = log_path(&self.path);
+        let opened = if write {
+            kernel_fs::open_rw_existing_path(&p)
+        } else {
+            kernel_fs::open_regular_path(&p)
+        };
+        let Ok(f) = opened else {
+            return Ok(None);
         };
         let len = f.metadata().map_or(0, |m| m.len());
         if len < self.log.end {
-            return Ok(false);
+            return Ok(None);
         }
         let mut t = [0u8; TAG_LEN];
         let Some(r) = framing::tag_range(self.log.end as usize) else {
-            return Ok(false);
+            return Ok(None);
         };
         if f.read_exact_at(&mut t, r.start as u64).is_err() || t != self.tag.0 {
-            return Ok(false);
+            return Ok(None);
         }
         // Past this volume's last record the file holds zeros (preallocated, FORMAT.md §5c)
         // unless another writer appended since: a record's length field is never zero.
         let mut n = [0u8; 4];
-        Ok(len == self.log.end || f.read_exact_at(&mut n, self.log.end).is_ok() && n == [0; 4])
+        let current =
+            len == self.log.end || f.read_exact_at(&mut n, self.log.end).is_ok() && n == [0; 4];
+        Ok(current.then_some(OpenLog { file: f, len }))
     }
 
     /// The tag of the state on disk (keyless, like [`Volume::read_tag`]), in O(1) when it is
@@ -372,6 +409,25 @@ impl Volume {
             return Ok(self.tag);
         }
         Ok(DiskState::read(&self.path)?.tag())
+    }
+
+    /// [`Volume::disk_tag`] under the fspf's lock, for a commit under the same lock: when the
+    /// disk holds this volume's own state, the answer says so and keeps the log open, and
+    /// [`Volume::commit_announced`] given it neither looks at the disk again nor opens the log
+    /// again (one look per commit instead of two).
+    pub fn disk_tag_locked<'l>(
+        &self,
+        _lock: &'l super::FspfLock,
+    ) -> Result<(Tag, Option<CurrentOnDisk<'l>>)> {
+        if let Some(log) = self.current_log(true)? {
+            let proof = CurrentOnDisk {
+                tag: self.tag,
+                log,
+                _lock: std::marker::PhantomData,
+            };
+            return Ok((self.tag, Some(proof)));
+        }
+        Ok((DiskState::read(&self.path)?.tag(), None))
     }
 
     /// The records `frames` of `bytes`, chained from `prev`, opened and checked.
@@ -473,6 +529,7 @@ impl Volume {
         touched: &std::collections::BTreeSet<EmbedPath>,
         journals: &[std::sync::Arc<[u8]>],
         files: &[std::sync::Arc<[u8]>],
+        open: Option<OpenLog>,
         announce: &mut dyn FnMut(Tag) -> Result<()>,
     ) -> Result<()> {
         let key = self.key.clone().ok_or(Error::KeyRequired {
@@ -526,7 +583,14 @@ impl Volume {
                 Err(e) => return Err(Error::io(&p, e)),
             }
         }
-        let (f, created) = open_log_rw(&p)?;
+        // The log a look under the lock found current is written through as it was opened.
+        let (f, created, len) = match open.filter(|_| self.log.end > 0) {
+            Some(o) => (o.file, false, Some(o.len)),
+            None => {
+                let (f, created) = open_log_rw(&p)?;
+                (f, created, None)
+            }
+        };
         if self.log.end == 0 && !created {
             return Err(Error::Other(format!(
                 "{}: created by another writer while the fspf was locked",
@@ -555,15 +619,17 @@ impl Volume {
         // The record goes over zeros preallocated in LOG_PREALLOC steps: the file's length (an
         // inode write at every fdatasync) changes once per step, not at every commit. Nothing
         // is truncated: past the new record lie zeros or a torn record, which readers skip.
-        let res = f.metadata().and_then(|m| {
-            if m.len() < new_end {
-                let target = new_end.div_ceil(LOG_PREALLOC) * LOG_PREALLOC;
-                let zeros = vec![0u8; usize::try_from(target - m.len()).unwrap_or(0)];
-                f.write_all_at(&zeros, m.len())?;
-            }
-            f.write_all_at(&bytes, at)?;
-            f.sync_data()
-        });
+        let res = len
+            .map_or_else(|| f.metadata().map(|m| m.len()), Ok)
+            .and_then(|len| {
+                if len < new_end {
+                    let target = new_end.div_ceil(LOG_PREALLOC) * LOG_PREALLOC;
+                    let zeros = vec![0u8; usize::try_from(target - len).unwrap_or(0)];
+                    f.write_all_at(&zeros, len)?;
+                }
+                f.write_all_at(&bytes, at)?;
+                f.sync_data()
+            });
         if let Err(e) = res {
             // Best effort: no half-written or unsynced record stays visible as the state.
             let _ = f.set_len(if created { 0 } else { self.log.end });

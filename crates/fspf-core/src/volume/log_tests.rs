@@ -363,3 +363,53 @@ fn is_current_on_disk_answers_without_reading_the_log_and_never_wrongly_yes() {
     x.save().unwrap();
     assert!(!v.is_current_on_disk().unwrap());
 }
+
+#[test]
+fn a_commit_given_the_look_under_its_lock_appends_through_the_log_that_look_opened() {
+    let (fx, mut v) = Fx::new();
+    mkdir(&mut v, "/a");
+    let lock = Volume::lock(&fx.p).unwrap();
+    let (disk, current) = v.disk_tag_locked(&lock).unwrap();
+    assert_eq!(disk, v.tag());
+    let current = current.expect("the disk holds this volume's state");
+    let t = v.tag();
+    let t2 = v
+        .commit_announced(
+            vec![Change::PutEntry(p("/b"), FileEntry::test_dir())],
+            Some(t),
+            Some(current),
+            &mut |_| Ok(()),
+        )
+        .unwrap();
+    drop(lock);
+    // The record is on disk: another reader opens the new state, with both entries.
+    let w = fx.open(t2).unwrap();
+    assert!(w.lookup(&p("/a")).is_some() && w.lookup(&p("/b")).is_some());
+    assert!(v.is_current_on_disk().unwrap());
+    // Once another writer appended, the look finds no state of its own to hand on.
+    let mut w = w;
+    mkdir(&mut w, "/c");
+    let lock = Volume::lock(&fx.p).unwrap();
+    let (disk, current) = v.disk_tag_locked(&lock).unwrap();
+    assert_eq!(disk, w.tag());
+    assert!(current.is_none());
+    drop(lock);
+    // A look whose volume moved on since is not used: the commit looks at the disk itself.
+    let lock = Volume::lock(&fx.p).unwrap();
+    let (_, current) = w.disk_tag_locked(&lock).unwrap();
+    let current = current.expect("w's own state");
+    assert_ne!(v.tag(), w.tag());
+    let t4 = v
+        .commit_announced(
+            vec![Change::PutEntry(p("/d"), FileEntry::test_dir())],
+            Some(w.tag()),
+            Some(current),
+            &mut |_| Ok(()),
+        )
+        .unwrap();
+    drop(lock);
+    let x = fx.open(t4).unwrap();
+    for d in ["/a", "/b", "/c", "/d"] {
+        assert!(x.lookup(&p(d)).is_some(), "{d}");
+    }
+}

@@ -17,7 +17,7 @@ mod verify;
 pub use commit::{Change, StagedFile};
 pub use import::{ImportOptions, ImportReport};
 pub use kernel_fs::KernelPath;
-pub use log::{log_limit, log_path, DiskState, LOG_MIN_LIMIT};
+pub use log::{log_limit, log_path, CurrentOnDisk, DiskState, LOG_MIN_LIMIT};
 pub use moves::PreparedMove;
 pub use orphans::{CleanReport, Orphan, OrphanKind};
 pub use store::{held_fds, FspfLock, WriterGuard, WRITER_FD_BASE};

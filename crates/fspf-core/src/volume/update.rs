@@ -3216,7 +3216,7 @@ mod log_journal_tests {
             let stray = stage(&v, "/s", b"never listed");
             let bytes: Arc<[u8]> = std::fs::read(&stray.shadow).unwrap().into();
             let touched: std::collections::BTreeSet<EmbedPath> = [ep("/f")].into();
-            v.append_log(&touched, &[], &[bytes], &mut |_| Ok(()))
+            v.append_log(&touched, &[], &[bytes], None, &mut |_| Ok(()))
                 .unwrap();
             let t = v.tag();
             let e = Volume::open(&fx.p, Some(fx.key.clone()), Some(t)).unwrap_err();
