@@ -6,10 +6,12 @@
 //! 2. One `syncfs` per kernel region touched: staged shadows and those moves are durable
 //!    (small new versions ride in the log record instead and need none; a few removals need
 //!    only an `fsync` of their directories).
-//! 3. Under the run's anchor lock: settle a crashed committer's announced tag; then under the
-//!    fspf's lock file (other runs, the CLI): rebase append-only versions onto what another
-//!    process of the run committed meanwhile, write the new fspf to a temporary, announce its
-//!    tag in the anchor, rename it into place (the commit point), publish the tag alone.
+//! 3. Under the run's anchor lock and the fspf's lock file (other runs, the CLI): settle a
+//!    crashed committer's announced tag (one look at the disk, which the commit then trusts
+//!    instead of looking again: [`crate::volume::Volume::disk_tag_locked`]); rebase
+//!    append-only versions onto what another process of the run committed meanwhile, write the
+//!    new fspf to a temporary, announce its tag in the anchor, rename it into place (the
+//!    commit point), publish the tag alone.
 //! 4. Kernel side after the commit: shadows of moved files are renamed to their names,
 //!    directories removed by the batch are removed.
 //!
