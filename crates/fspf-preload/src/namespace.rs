@@ -106,7 +106,8 @@ pub(crate) fn do_mknod(
         };
     }
     let (owner, mode) = creating(sh, inner, &ep, mode, true, false)?;
-    sh.stage_buffers(inner)?;
+    let (staged, _run_lock) = sh.stage_for_commit(inner);
+    staged?;
     let r = inner.s.mknod(
         &Live(&inner.live),
         &ep,
@@ -143,8 +144,11 @@ pub(crate) fn do_rename(
     }
     // A rename in a kernel region commits what is queued first: this process's changed
     // buffers are part of it.
+    let mut _run_lock = None;
     if !inner.s.is_ephemeral(&from) {
-        sh.stage_buffers(inner)?;
+        let (staged, l) = sh.stage_for_commit(inner);
+        _run_lock = l;
+        staged?;
     }
     let r = inner.s.rename(&Live(&inner.live), &from, &to, flags);
     Shield::after_commit(inner);
@@ -168,8 +172,11 @@ pub(crate) fn do_symlink(sh: &Shield, target: &[u8], ep: EmbedPath) -> Result<()
     let mut g = sh.lock();
     let inner = &mut *g;
     let (owner, _) = creating(sh, inner, &ep, 0o777, false, false)?;
+    let mut _run_lock = None;
     if !inner.s.is_ephemeral(&ep) {
-        sh.stage_buffers(inner)?;
+        let (staged, l) = sh.stage_for_commit(inner);
+        _run_lock = l;
+        staged?;
     }
     let r = inner.s.symlink(
         &Live(&inner.live),

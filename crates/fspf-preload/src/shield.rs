@@ -1005,10 +1005,55 @@ impl Shield {
         res
     }
 
+    /// Stage every dirty kernel buffer for a commit. When the queue holds something and this
+    /// process holds buffers the run shares (`runbuf.rs`), the run's commit lock (the
+    /// anchor's) is taken, and a shared buffer whose content another process changed since
+    /// its snapshot was staged is staged again under it: snapshots of a shared file are then
+    /// committed in the order they were taken, so a snapshot taken before another process's
+    /// newer one can never be committed after it and take the file back (regression
+    /// `a_shared_buffers_older_snapshot_was_committed_after_a_newer_one`). The lock returned is
+    /// held until the session has committed (the session takes it again, which a POSIX record
+    /// lock allows its holder). Buffers that stream their seal (`stream.rs`) hold their own
+    /// lock across their commit and are not staged again here (that order would deadlock).
+    pub fn stage_for_commit(
+        &self,
+        inner: &mut Inner,
+    ) -> (Result<(), c_int>, Option<crate::anchor::AnchorLock>) {
+        let mut res = self.stage_buffers(inner);
+        pause_after_stage_for_tests();
+        let shared: Vec<_> = inner
+            .live
+            .values()
+            .filter(|b| {
+                let g = b.lock().unwrap_or_else(|e| e.into_inner());
+                g.mirror && !g.streamable && !g.detached
+            })
+            .cloned()
+            .collect();
+        if shared.is_empty() || !inner.s.has_queued() {
+            return (res, None);
+        }
+        let Ok(lock) = self.anchor.lock() else {
+            // The session's commit fails the same way (the anchor cannot be locked).
+            return (res, None);
+        };
+        for b in shared {
+            let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
+            if inner.s.is_ephemeral(&g.path) || !g.changed_since_seal() {
+                continue;
+            }
+            g.touched.store(true, Ordering::Relaxed);
+            if let Err(e) = self.finish(inner, &mut g) {
+                res = Err(e);
+            }
+        }
+        (res, Some(lock))
+    }
+
     /// Stage every dirty kernel buffer and commit the queue (fsync, fork/exec, exit, batches):
     /// the protocol is the session's (`fspf_core::session`).
     pub fn commit(&self, inner: &mut Inner) -> Result<(), c_int> {
-        let res = self.stage_buffers(inner);
+        let (res, _run_lock) = self.stage_for_commit(inner);
         let r = inner.s.commit().map_err(errno_of);
         if r.is_err() {
             // What was staged is lost: no buffer's tracked changes describe its difference
@@ -1077,6 +1122,23 @@ impl Shield {
         }
         Self::streams_not_committed(inner);
         inner.live.retain(|_, b| Arc::strong_count(b) > 1);
+    }
+}
+
+/// Fault injection for the tests: `FSPF_TEST_PAUSE_AFTER_STAGE=MS` makes every commit of this
+/// process wait MS milliseconds after staging its buffers, before it takes the run's commit
+/// lock: the window in which another process's newer snapshot of a shared file can be
+/// committed first.
+fn pause_after_stage_for_tests() {
+    static MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let ms = *MS.get_or_init(|| {
+        std::env::var("FSPF_TEST_PAUSE_AFTER_STAGE")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    });
+    if ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
 

@@ -1531,12 +1531,21 @@ pub(crate) fn apply_chain(
         (m, _) => m,
     };
     let all = mode == ApplyMode::Settle;
-    let (mut chain, mut applied_stop) = walk_chain(fspf, log, id, root, label, all, None)?;
+    // Right after a commit whose record carries the chain's newest journal, that journal is
+    // not applied yet (unless another process of the run applied it meanwhile, which the walk
+    // under the lock sees): the walk without the lock, which would read the tree's mark through
+    // a file of its own, is skipped.
+    let fresh = mode == ApplyMode::Defer && log.get(id, root).is_some();
+    let (mut chain, mut applied_stop) = if fresh {
+        (Vec::new(), false)
+    } else {
+        walk_chain(fspf, log, id, root, label, all, None)?
+    };
     let mut files: Option<(File, File)> = None;
-    let has_log = chain.iter().any(|l| matches!(l.src, Src::Log(_)));
+    let has_log = fresh || chain.iter().any(|l| matches!(l.src, Src::Log(_)));
     // The tree's mark as read under the lock (its durable root is kept when it is rewritten).
     let mut mark = Mark::default();
-    if has_log && chain.iter().any(|l| !l.applied) {
+    if fresh || (has_log && chain.iter().any(|l| !l.applied)) {
         let (data, tree) = open_targets(fspf, dir, name, id, label)?;
         rustix::fs::flock(&tree, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| Error::io(label, e.into()))?;
