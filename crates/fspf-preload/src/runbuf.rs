@@ -10,10 +10,12 @@
 //! in WAL mode with several processes (its `-shm` index is a shared map), two writers of one log,
 //! a reader of a file another process is writing.
 //!
-//! * The first opener creates the file (`O_EXCL`) and fills it with the verified plaintext under
-//!   an exclusive `flock` (mode 0 until it is complete, then 0600), then holds it shared; later
-//!   openers take it shared, so they wait until it is complete. A creator that fails to load
-//!   removes it; one killed while loading leaves it incomplete, and the next opener removes it.
+//! * The first opener creates the file unnamed (`O_TMPFILE`), takes an exclusive `flock` on it,
+//!   links it into place (failing if another opener was first) and fills it with the verified
+//!   plaintext (mode 0 until it is complete, then 0600), then holds it shared; later openers
+//!   take it shared, so they wait until it is complete. A named buffer is thus never unlocked
+//!   before it is complete unless its creator died: a creator that fails to load removes it;
+//!   one killed while loading leaves it incomplete and unlocked, and the next opener removes it.
 //! * The last holder (its exclusive `flock` succeeds) removes it when it drops its buffer, after
 //!   sealing what needs sealing; a holder killed with `kill -9` leaves it, and the next opener
 //!   joins it with the killed process's writes, as a page cache keeps a killed writer's writes.
@@ -209,7 +211,8 @@ fn flock(fd: c_int, op: c_int) -> bool {
 
 /// What `open` found.
 pub enum Opened {
-    /// This process created the buffer: fill it, then call [`loaded`] (or [`abandon`]).
+    /// This process created the buffer: fill it, then call [`loaded`] (or [`release`] it: a
+    /// creator that could not fill it is its only holder, and removes it).
     Created(c_int),
     /// Another process of the run holds it, complete: use it as it is.
     Joined(c_int),
@@ -227,21 +230,13 @@ pub fn open(ep: &EmbedPath) -> Option<Opened> {
     // other than root cannot open it before its creator made it 0600) while we look.
     let mut waits = 0u64;
     for _ in 0..64 {
-        // Mode 0: incomplete until `loaded` makes it 0600 (a creator killed while loading
-        // leaves a buffer that no one may join).
-        // SAFETY: NUL-terminated relative path below our directory fd.
-        let fd = unsafe { real::openat(dir, rel.as_ptr(), fl | libc::O_CREAT | libc::O_EXCL, 0) };
-        if fd >= 0 {
-            if !flock(fd, libc::LOCK_EX) {
-                abandon(ep, fd);
-                return None;
+        match create_locked(dir, &rel) {
+            Ok(fd) => {
+                mark_holder(fd);
+                return Some(Opened::Created(fd));
             }
-            mark_holder(fd);
-            return Some(Opened::Created(fd));
-        }
-        match crate::errno() {
-            libc::ENOENT => make_parents(dir, rel.as_bytes()),
-            libc::EEXIST => {
+            Err(libc::ENOENT) => make_parents(dir, rel.as_bytes()),
+            Err(libc::EEXIST) => {
                 if let Some(fd) = join(dir, &rel, fl) {
                     return Some(Opened::Joined(fd));
                 }
@@ -249,10 +244,75 @@ pub fn open(ep: &EmbedPath) -> Option<Opened> {
                 waits += 1;
                 std::thread::sleep(std::time::Duration::from_millis(waits.min(20)));
             }
-            _ => return None,
+            Err(_) => return None,
         }
     }
     None
+}
+
+/// A new buffer file at `rel`, locked exclusively before it has a name: an unnamed file
+/// (`O_TMPFILE`, mode 0: incomplete until [`loaded`] makes it 0600), locked, then linked into
+/// place (`EEXIST`: another process made it first). A process that finds a buffer unlocked and
+/// incomplete may therefore take it for the remains of a creator that died while filling it
+/// and remove it; a buffer created with its name first and locked next could be removed that
+/// way by a second opener before its creator locked it, and the two then wrote two buffers of
+/// one file (regression `a_second_process_removed_the_buffer_its_creator_had_not_locked_yet`).
+fn create_locked(dir: c_int, rel: &CString) -> Result<c_int, c_int> {
+    let bytes = rel.as_bytes();
+    let parent = match bytes.iter().rposition(|&c| c == b'/') {
+        Some(i) => CString::new(&bytes[..i]).map_err(|_| libc::EINVAL)?,
+        None => c".".to_owned(),
+    };
+    // SAFETY: NUL-terminated relative directory path below our directory fd.
+    let fd = unsafe {
+        real::openat(
+            dir,
+            parent.as_ptr(),
+            libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(crate::errno());
+    }
+    pause_creating_for_tests();
+    let named = flock(fd, libc::LOCK_EX)
+        && CString::new(format!("/proc/self/fd/{fd}")).is_ok_and(|p| {
+            // SAFETY: NUL-terminated paths: our own unnamed file (through /proc) and a relative
+            // name below our directory fd.
+            unsafe {
+                real::linkat(
+                    libc::AT_FDCWD,
+                    p.as_ptr(),
+                    dir,
+                    rel.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                ) == 0
+            }
+        });
+    if named {
+        return Ok(fd);
+    }
+    let e = crate::errno();
+    // SAFETY: closing our own unnamed file (it goes with its last fd).
+    unsafe { real::close(fd) };
+    Err(if e == 0 { libc::EIO } else { e })
+}
+
+/// Fault injection for the tests: `FSPF_TEST_PAUSE_CREATING_BUFFER=MS` makes this process wait
+/// MS milliseconds while it creates a buffer of the run, the window in which another process
+/// finds the buffer before its creator locked it.
+fn pause_creating_for_tests() {
+    static MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let ms = *MS.get_or_init(|| {
+        std::env::var("FSPF_TEST_PAUSE_CREATING_BUFFER")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    });
+    if ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 /// Join an existing buffer: wait for its creator to finish loading. None when it went away
@@ -356,19 +416,6 @@ pub fn loaded(fd: c_int) {
     // SAFETY: fchmod of our own fd.
     unsafe { real::fchmod(fd, 0o600) };
     flock(fd, libc::LOCK_SH);
-}
-
-/// The creator could not fill the buffer: remove it (waiting joiners see it gone) and close it.
-pub fn abandon(ep: &EmbedPath, fd: c_int) {
-    let dir = dir_fd();
-    if let Some(rel) = rel(ep) {
-        if still_named(dir, &rel, fd) {
-            // SAFETY: NUL-terminated relative path below our directory fd.
-            unsafe { real::unlinkat(dir, rel.as_ptr(), 0) };
-        }
-    }
-    // SAFETY: closing our own fd (drops its lock).
-    unsafe { real::close(fd) };
 }
 
 /// This process drops its buffer of `ep`: the last holder removes it.

@@ -2627,6 +2627,31 @@ f = open('/data/f', 'r+'); time.sleep(0.5); f.seek(0); f.write('2'); f.flush()\"
     );
 }
 
+/// A process created the run's buffer of a file and, before it locked it, a second process
+/// opening the file found it, took it for the remains of a creator that died while filling it,
+/// removed it and made its own: the two processes then wrote two buffers of one file, and one
+/// of them was thrown away at its commit (two `lockf` writers of a counter each counted on
+/// their own, 300 of 400). A buffer is now locked before it has a name.
+#[test]
+fn a_second_process_removed_the_buffer_its_creator_had_not_locked_yet() {
+    need("bash");
+    let mut w = data_world();
+    let py = python_bin();
+    let script = format!(
+        "FSPF_TEST_PAUSE_CREATING_BUFFER=600 {py} -c \"import time
+f = open('/data/log', 'a'); time.sleep(0.3); f.write('one\\n'); f.flush(); time.sleep(0.4)\" &
+        sleep 0.2
+        {py} -c \"import time
+f = open('/data/log', 'a'); time.sleep(0.9); f.write('two\\n'); f.flush()\" &
+        wait"
+    );
+    let o = w.sh_tagged("bash", &script);
+    ok(&o, "two appenders");
+    let o = w.run_tagged(&[], &["cat", "/data/log"]);
+    ok(&o, "read the log");
+    assert_eq!(stdout(&o), "one\ntwo\n", "both appends are kept");
+}
+
 #[test]
 fn a_process_started_while_another_committed_refused_the_fspf() {
     need("bash");
