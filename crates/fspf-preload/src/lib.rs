@@ -126,6 +126,21 @@ pub(crate) fn log(msg: impl std::fmt::Display) {
     }
 }
 
+/// Fault injection for the tests: wait as many milliseconds as the environment variable `name`
+/// says (read once per process into `ms`; unset or 0: no wait). The variables widen a race's
+/// window so that its regression test fails without the fix every time.
+pub(crate) fn pause_for_tests(name: &str, ms: &std::sync::OnceLock<u64>) {
+    let ms = *ms.get_or_init(|| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    });
+    if ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
 /// One line to stderr, always (fatal setup problems).
 pub(crate) fn say(msg: impl std::fmt::Display) {
     let line = format!("fspf-preload[{}]: {msg}\n", std::process::id());

@@ -299,20 +299,12 @@ fn create_locked(dir: c_int, rel: &CString) -> Result<c_int, c_int> {
     Err(if e == 0 { libc::EIO } else { e })
 }
 
-/// Fault injection for the tests: `FSPF_TEST_PAUSE_CREATING_BUFFER=MS` makes this process wait
-/// MS milliseconds while it creates a buffer of the run, the window in which another process
-/// finds the buffer before its creator locked it.
+/// `FSPF_TEST_PAUSE_CREATING_BUFFER=MS`: this process waits MS milliseconds while it creates a
+/// buffer of the run (the window in which another process used to find the buffer before its
+/// creator locked it).
 fn pause_creating_for_tests() {
     static MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let ms = *MS.get_or_init(|| {
-        std::env::var("FSPF_TEST_PAUSE_CREATING_BUFFER")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    });
-    if ms > 0 {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-    }
+    crate::pause_for_tests("FSPF_TEST_PAUSE_CREATING_BUFFER", &MS);
 }
 
 /// Join an existing buffer: wait for its creator to finish loading. None when it went away

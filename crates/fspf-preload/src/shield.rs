@@ -1125,21 +1125,12 @@ impl Shield {
     }
 }
 
-/// Fault injection for the tests: `FSPF_TEST_PAUSE_AFTER_STAGE=MS` makes every commit of this
-/// process wait MS milliseconds after staging its buffers, before it takes the run's commit
-/// lock: the window in which another process's newer snapshot of a shared file can be
-/// committed first.
+/// `FSPF_TEST_PAUSE_AFTER_STAGE=MS`: every commit of this process waits MS milliseconds after
+/// staging its buffers, before it takes the run's commit lock (the window in which another
+/// process's newer snapshot of a shared file can be committed first).
 fn pause_after_stage_for_tests() {
     static MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let ms = *MS.get_or_init(|| {
-        std::env::var("FSPF_TEST_PAUSE_AFTER_STAGE")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    });
-    if ms > 0 {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-    }
+    crate::pause_for_tests("FSPF_TEST_PAUSE_AFTER_STAGE", &MS);
 }
 
 /// At exit: finish every open writer (exit closes its fds) and commit. False if that failed.

@@ -320,20 +320,20 @@ pub fn open_regular_rw(base: &Path, rel: &Path) -> Result<File, OpenError> {
 /// Open a file by plain path like [`open_regular`] (no symlink as its last component, nothing
 /// but a regular file): for the fspf itself, whose directory is the caller's.
 pub fn open_regular_path(p: &Path) -> Result<File, OpenError> {
-    let fd = rustix::fs::open(
-        p,
-        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    require_regular(fd)
+    open_path_as(p, OFlags::RDONLY)
 }
 
-/// Open the existing regular file at the plain path `p` for reading and writing, never through
-/// a symlink (`O_NONBLOCK`: a FIFO in its place must not block the open).
+/// [`open_regular_path`] for reading and writing (an existing file: nothing is created).
 pub fn open_rw_existing_path(p: &Path) -> Result<File, OpenError> {
+    open_path_as(p, OFlags::RDWR)
+}
+
+/// Open the regular file at the plain path `p` with `access`, never through a symlink
+/// (`O_NONBLOCK`: a FIFO in its place must not block the open).
+fn open_path_as(p: &Path, access: OFlags) -> Result<File, OpenError> {
     let fd = rustix::fs::open(
         p,
-        OFlags::RDWR | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        access | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
     require_regular(fd)
