@@ -745,20 +745,6 @@ impl WriteBuf {
         self.fingerprint().ok().is_none_or(|p| p != self.print)
     }
 
-    /// Has the content changed since it was last sealed (or loaded), by whichever process of
-    /// the run? Unlike [`WriteBuf::needs_seal`], this process's own writes that the last seal
-    /// holds do not count. A large buffer mapped shared cannot tell (writes through the map
-    /// leave its times alone): it counts as changed.
-    pub fn changed_since_seal(&self) -> bool {
-        if self.detached {
-            return false;
-        }
-        match self.fingerprint() {
-            Ok(p) => p != self.print || (self.mapped_shared && p.0 > HASH_MAX),
-            Err(_) => true,
-        }
-    }
-
     /// Record `content` as the sealed (or loaded) state.
     pub fn mark_sealed(&mut self, content: &[u8]) {
         self.touched.store(false, Ordering::Relaxed);

@@ -144,12 +144,13 @@ pub(crate) fn do_rename(
     }
     // A rename in a kernel region commits what is queued first: this process's changed
     // buffers are part of it.
-    let mut _run_lock = None;
-    if !inner.s.is_ephemeral(&from) {
-        let (staged, l) = sh.stage_for_commit(inner);
-        _run_lock = l;
+    let _run_lock = if inner.s.is_ephemeral(&from) {
+        None
+    } else {
+        let (staged, lock) = sh.stage_for_commit(inner);
         staged?;
-    }
+        lock
+    };
     let r = inner.s.rename(&Live(&inner.live), &from, &to, flags);
     Shield::after_commit(inner);
     r.map_err(errno_of)?;
@@ -172,12 +173,13 @@ pub(crate) fn do_symlink(sh: &Shield, target: &[u8], ep: EmbedPath) -> Result<()
     let mut g = sh.lock();
     let inner = &mut *g;
     let (owner, _) = creating(sh, inner, &ep, 0o777, false, false)?;
-    let mut _run_lock = None;
-    if !inner.s.is_ephemeral(&ep) {
-        let (staged, l) = sh.stage_for_commit(inner);
-        _run_lock = l;
+    let _run_lock = if inner.s.is_ephemeral(&ep) {
+        None
+    } else {
+        let (staged, lock) = sh.stage_for_commit(inner);
         staged?;
-    }
+        lock
+    };
     let r = inner.s.symlink(
         &Live(&inner.live),
         target,

@@ -989,10 +989,9 @@ impl Shield {
         r
     }
 
-    /// Stage every dirty kernel buffer (before a commit). Err: the first staging failure; the
-    /// others are still staged.
-    pub fn stage_buffers(&self, inner: &mut Inner) -> Result<(), c_int> {
-        let bufs: Vec<_> = inner.live.values().cloned().collect();
+    /// Stage the dirty kernel buffers among `bufs`. Err: a staging failure; the others are
+    /// still staged.
+    fn stage_each(&self, inner: &mut Inner, bufs: &[Arc<Mutex<WriteBuf>>]) -> Result<(), c_int> {
         let mut res = Ok(());
         for b in bufs {
             let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
@@ -1005,49 +1004,34 @@ impl Shield {
         res
     }
 
-    /// Stage every dirty kernel buffer for a commit. When the queue holds something and this
-    /// process holds buffers the run shares (`runbuf.rs`), the run's commit lock (the
-    /// anchor's) is taken, and a shared buffer whose content another process changed since
-    /// its snapshot was staged is staged again under it: snapshots of a shared file are then
-    /// committed in the order they were taken, so a snapshot taken before another process's
-    /// newer one can never be committed after it and take the file back (regression
-    /// `a_shared_buffers_older_snapshot_was_committed_after_a_newer_one`). The lock returned is
-    /// held until the session has committed (the session takes it again, which a POSIX record
-    /// lock allows its holder). Buffers that stream their seal (`stream.rs`) hold their own
-    /// lock across their commit and are not staged again here (that order would deadlock).
+    /// Stage every dirty kernel buffer for a commit. The buffers this process shares with
+    /// others of the run (`runbuf.rs`) are staged under the run's commit lock (the anchor's),
+    /// which is returned, to be held until the session has committed (the session takes it
+    /// again, which a POSIX record lock allows its holder): a snapshot of a shared file is then
+    /// committed before any other process can take a newer one, so an older snapshot can never
+    /// be committed after a newer one and take the file back (regression
+    /// `a_shared_buffers_older_snapshot_was_committed_after_a_newer_one`; a snapshot this
+    /// process took earlier, at a close, is staged again here when the file changed since).
+    /// Buffers that stream their seal (`stream.rs`) hold their own lock across their commit
+    /// and are staged before the run's lock is taken (the other order would deadlock).
     pub fn stage_for_commit(
         &self,
         inner: &mut Inner,
     ) -> (Result<(), c_int>, Option<crate::anchor::AnchorLock>) {
-        let mut res = self.stage_buffers(inner);
+        let (shared, own): (Vec<_>, Vec<_>) = inner.live.values().cloned().partition(|b| {
+            let g = b.lock().unwrap_or_else(|e| e.into_inner());
+            g.mirror && !g.streamable && !g.detached
+        });
+        let res = self.stage_each(inner, &own);
         pause_after_stage_for_tests();
-        let shared: Vec<_> = inner
-            .live
-            .values()
-            .filter(|b| {
-                let g = b.lock().unwrap_or_else(|e| e.into_inner());
-                g.mirror && !g.streamable && !g.detached
-            })
-            .cloned()
-            .collect();
-        if shared.is_empty() || !inner.s.has_queued() {
+        if shared.is_empty() {
             return (res, None);
         }
-        let Ok(lock) = self.anchor.lock() else {
-            // The session's commit fails the same way (the anchor cannot be locked).
-            return (res, None);
-        };
-        for b in shared {
-            let mut g = b.lock().unwrap_or_else(|e| e.into_inner());
-            if inner.s.is_ephemeral(&g.path) || !g.changed_since_seal() {
-                continue;
-            }
-            g.touched.store(true, Ordering::Relaxed);
-            if let Err(e) = self.finish(inner, &mut g) {
-                res = Err(e);
-            }
-        }
-        (res, Some(lock))
+        // Without the lock the session's commit fails the same way (the anchor cannot be
+        // locked): the buffers are staged all the same, as before any commit.
+        let lock = self.anchor.lock().ok();
+        let shared_res = self.stage_each(inner, &shared);
+        (res.and(shared_res), lock)
     }
 
     /// Stage every dirty kernel buffer and commit the queue (fsync, fork/exec, exit, batches):

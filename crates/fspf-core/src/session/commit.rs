@@ -166,7 +166,9 @@ impl<A: Anchor> Session<A> {
             Err(e) => return fail(preps, &changes, &e.to_string(), ViewError::Io),
         };
         // Under both locks: one look at the disk serves the settle and the commit.
-        let (trusted, mut current) = match self.settle_anchor_locked(Some(&lock)) {
+        // (A volume that follows another process's commit below no longer has the state that
+        // look found: the commit then looks again, `CurrentOnDisk::log_for`.)
+        let (trusted, current) = match self.settle_anchor_locked(Some(&lock)) {
             Ok(t) => t,
             Err(e) => {
                 drop(lock);
@@ -179,7 +181,6 @@ impl<A: Anchor> Session<A> {
         let mut merged = BTreeMap::new();
         if !appends.is_empty() || !updates.is_empty() {
             if self.vol.as_ref().is_some_and(|v| v.tag() != trusted) {
-                current = None;
                 let _ = self.follow(trusted);
             }
             merged = self.rebase_appends(&mut changes, &appends);
