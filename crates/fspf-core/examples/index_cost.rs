@@ -115,6 +115,7 @@ fn metadata(n: usize) -> Result<Metadata, Box<dyn std::error::Error>> {
         meta.files.insert(
             EmbedPath::parse(&p)?,
             FileEntry {
+                links: Vec::new(),
                 kind,
                 mode: 0o644,
                 mtime_ns: 0,

@@ -33,6 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         v.metadata_mut()?.files.insert(
             p,
             FileEntry {
+                links: Vec::new(),
                 kind,
                 mode: 0o644,
                 mtime_ns: 0,

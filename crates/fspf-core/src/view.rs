@@ -115,11 +115,15 @@ pub struct Node {
     /// Change time (ns since the epoch), when the view knows it; else the modification time
     /// applies (frontends report the later of the two).
     pub ctime: Option<i64>,
+    /// Names of a regular or special file (1 + its hard links); 1 for other kinds (frontends
+    /// count a directory's links themselves).
+    pub nlink: u64,
 }
 
 impl Node {
     fn dir(mode: u32, kernel: Option<KernelPath>, mtime: Option<i64>) -> Node {
         Node {
+            nlink: 1,
             kind: NodeKind::Dir,
             size: 4096,
             mode,
@@ -136,6 +140,7 @@ impl Node {
         let mtime = (e.mtime_ns != 0).then_some(e.mtime_ns);
         let mut n = match &e.kind {
             FileKind::File { size, .. } => Node {
+                nlink: 1,
                 kind: NodeKind::File,
                 size: *size,
                 mode: e.mode,
@@ -147,6 +152,7 @@ impl Node {
             },
             FileKind::Dir => Node::dir(e.mode, kernel, mtime),
             FileKind::Symlink(t) => Node {
+                nlink: 1,
                 kind: NodeKind::Symlink(t.clone()),
                 size: t.len() as u64,
                 mode: 0o777,
@@ -168,8 +174,23 @@ impl Node {
                 owner: None,
                 ino: None,
                 ctime: None,
+                nlink: 1,
+            },
+            // Lookups resolve a hard link to its target first ([`View::lookup`]); an
+            // unresolved one shows as an empty file without content.
+            FileKind::Link(_) => Node {
+                kind: NodeKind::File,
+                size: 0,
+                mode: e.mode,
+                kernel: None,
+                mtime,
+                owner: None,
+                ino: None,
+                ctime: None,
+                nlink: 1,
             },
         };
+        n.nlink = e.nlink();
         n.owner = e.owner;
         n.ino = e.ino;
         n.ctime = (e.ctime_ns != 0).then_some(e.ctime_ns);
@@ -294,8 +315,28 @@ impl View<'_> {
             .any(|r| &r.embed_point != ep && r.embed_point.starts_with(ep))
     }
 
-    /// What is at `ep` (no symlink followed). O(log n) in the volume.
+    /// The path whose entry holds what `ep` names: a hard link's target, else `ep` itself.
+    /// O(log n).
+    pub fn canonical(&self, ep: &EmbedPath) -> EmbedPath {
+        self.link_target(ep).unwrap_or_else(|| ep.clone())
+    }
+
+    /// The target of the hard link at `ep`, if a visible hard link is listed there.
+    pub fn link_target(&self, ep: &EmbedPath) -> Option<EmbedPath> {
+        if self.pending.hidden(ep) || self.pending.new_dirs.contains_key(ep) {
+            return None;
+        }
+        match self.vol.lookup(ep)?.into_owned().kind {
+            FileKind::Link(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// What is at `ep` (no symlink followed; a hard link shows its target). O(log n) in the
+    /// volume.
     pub fn lookup(&self, ep: &EmbedPath) -> Result<Node, ViewError> {
+        let target = self.link_target(ep);
+        let ep = target.as_ref().unwrap_or(ep);
         let mut n = self.lookup_kind(ep)?;
         if let Some(o) = self.pending.owners.get(ep) {
             n.owner = Some(*o);
@@ -317,7 +358,9 @@ impl View<'_> {
         };
         let kernel = KernelPath::of(region, ep);
         if let Some(o) = self.frontend.open_file(ep) {
+            let nlink = self.vol.lookup(ep).map_or(1, |e| e.nlink());
             return Ok(Node {
+                nlink,
                 kind: NodeKind::File,
                 size: o.size,
                 mode: o.mode,
@@ -332,6 +375,7 @@ impl View<'_> {
             return match self.frontend.ephemeral(ep) {
                 Some(EphemeralNode::Dir { mode, mtime }) => Ok(Node::dir(mode, None, Some(mtime))),
                 Some(EphemeralNode::File { size, mode, mtime }) => Ok(Node {
+                    nlink: 1,
                     kind: NodeKind::File,
                     size,
                     mode,
@@ -529,6 +573,7 @@ mod tests {
             chunk_len: 4096,
         });
         let file = |n: u8, size: u64| FileEntry {
+            links: Vec::new(),
             kind: FileKind::File {
                 id: FileId([n; 16]),
                 size,
@@ -544,6 +589,7 @@ mod tests {
         m.files.insert(
             p("/data/d"),
             FileEntry {
+                links: Vec::new(),
                 kind: FileKind::Dir,
                 mode: 0o750,
                 mtime_ns: 0,
@@ -556,6 +602,7 @@ mod tests {
         m.files.insert(
             p("/data/l"),
             FileEntry {
+                links: Vec::new(),
                 kind: FileKind::Symlink(b"d".to_vec()),
                 mode: 0o777,
                 mtime_ns: 0,

@@ -403,6 +403,7 @@ fn touching_a_directory_changes_its_times_and_nothing_else() {
     let mut f = Fixture::new();
     let dir = ep("/enc/d");
     let entry = FileEntry {
+        links: Vec::new(),
         kind: FileKind::Dir,
         mode: 0o700,
         mtime_ns: 100,

@@ -4,7 +4,7 @@
 use crate::DaemonAnchor;
 use fspf_core::format::metadata::{Owner, SpecialKind};
 use fspf_core::session::{
-    move_tree, EphemeralContent, OpenFiles, Session, VersionMeta, Written, MAX_FILE_LEN,
+    move_tree, EphemeralContent, OpenFiles, Renamed, Session, VersionMeta, Written, MAX_FILE_LEN,
 };
 use fspf_core::view::{Node, NodeKind, OpenFile, ViewError};
 use fspf_core::volume::{KernelReader, StreamStage};
@@ -818,9 +818,24 @@ impl State {
 
     /// After a session call that may have committed (rename, symlink, mknod): buffers follow the
     /// commit, then the call's own result.
-    fn committed(&mut self, r: Result<(), ViewError>) -> Result<(), c_int> {
+    fn committed<T>(&mut self, r: Result<T, ViewError>) -> Result<T, c_int> {
         self.after_commit();
         r.map_err(ViewError::errno)
+    }
+
+    /// The file at `from` now lives at `to` (a rename, or a file with hard links whose name
+    /// went): its buffers and inode move; whatever was at `to` is gone.
+    fn moved(&mut self, from: &EmbedPath, to: &EmbedPath) {
+        let replaced = move_tree(&mut self.live, from, to, |dest, b| {
+            lock(b).path = dest.clone();
+        });
+        for (_, b) in replaced {
+            lock(&b).detached = true;
+        }
+        if let Some(&i) = self.inodes.by_path.get(from) {
+            self.changed(i);
+        }
+        self.inodes.rename(from, to);
     }
 
     fn commit(&mut self) -> Result<(), c_int> {
@@ -929,13 +944,14 @@ impl FspfFs {
 
     fn attr(&self, st: &State, ino: u64, n: &Node) -> FileAttr {
         let mut rdev = 0;
+        let nlink = u32::try_from(n.nlink).unwrap_or(u32::MAX);
         let (kind, nlink) = match n.kind {
-            NodeKind::File => (FileType::RegularFile, 1),
+            NodeKind::File => (FileType::RegularFile, nlink),
             NodeKind::Dir => (FileType::Directory, 2),
             NodeKind::Symlink(_) => (FileType::Symlink, 1),
             NodeKind::Special { kind, rdev: r } => {
                 rdev = r as u32;
-                (file_type(kind), 1)
+                (file_type(kind), nlink)
             }
         };
         let times = st.times.get(&ino).copied().unwrap_or_default();
@@ -970,10 +986,13 @@ impl FspfFs {
         p.join(name.as_bytes()).map_err(|_| libc::EINVAL)
     }
 
-    /// Lookup of `ep` and its attributes.
+    /// Lookup of `ep` and its attributes. A hard link is its target's inode.
     fn entry(&self, st: &mut State, ep: &EmbedPath) -> Result<FileAttr, c_int> {
         let n = st.s.lookup(&Live(&st.live), ep).map_err(ViewError::errno)?;
-        let ino = st.inodes.ino(ep);
+        let ino = match st.s.link_target(&Live(&st.live), ep) {
+            Some(t) => st.inodes.ino(&t),
+            None => st.inodes.ino(ep),
+        };
         Ok(self.attr(st, ino, &n))
     }
 
@@ -1353,6 +1372,32 @@ impl Filesystem for FspfFs {
         self.remove(parent, name, true, reply)
     }
 
+    fn link(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        newparent: u64,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let r = (|| -> Result<FileAttr, c_int> {
+            let target = st.inodes.path(ino).cloned().ok_or(libc::ENOENT)?;
+            let ep = Self::child(st, newparent, newname)?;
+            if !st.s.is_ephemeral(&ep) {
+                // The file's written bytes are staged, so the link names a listed version.
+                st.stage_all()?;
+            }
+            let r = st.s.link(&Live(&st.live), &target, &ep, now_ns());
+            st.committed(r)?;
+            st.changed(ino);
+            st.dir_changed(newparent);
+            self.entry(st, &ep)
+        })();
+        reply_entry(reply, r)
+    }
+
     fn symlink(
         &mut self,
         req: &Request<'_>,
@@ -1401,20 +1446,28 @@ impl Filesystem for FspfFs {
                 st.stage_all()?;
             }
             let r = st.s.rename(&Live(&st.live), &from, &to, flags);
-            st.committed(r)?;
-            if from == to {
-                return Ok(());
+            let kept = match st.committed(r)? {
+                Renamed::Nothing => return Ok(()),
+                Renamed::Moved { kept } => kept,
+            };
+            if let Some(k) = kept {
+                // The replaced file had hard links: it lives on at one of them.
+                st.moved(&to, &k);
             }
-            let replaced = move_tree(&mut st.live, &from, &to, |dest, b| {
-                lock(b).path = dest.clone();
-            });
-            for (_, b) in replaced {
-                lock(&b).detached = true;
+            let target = st.s.canonical(&Live(&st.live), &to);
+            if target != to {
+                // A hard link moved: the file it names changed status.
+                if let Some(&i) = st.inodes.by_path.get(&target) {
+                    st.changed(i);
+                }
+                // Whatever had its own inode and buffers at `to` is gone.
+                if let Some(i) = st.inodes.by_path.remove(&to) {
+                    st.inodes.by_ino.remove(&i);
+                }
+                st.detach(&to);
+            } else {
+                st.moved(&from, &to);
             }
-            if let Some(&i) = st.inodes.by_path.get(&from) {
-                st.changed(i);
-            }
-            st.inodes.rename(&from, &to);
             st.dir_changed(parent);
             st.dir_changed(newparent);
             Ok(())
@@ -1670,6 +1723,10 @@ impl Filesystem for FspfFs {
                 // The listing does not say which kind; `lookup` does.
                 ChildKind::Special => FileType::NamedPipe,
             };
+            let p = match kind {
+                ChildKind::File | ChildKind::Special => st.s.canonical(&Live(&st.live), &p),
+                _ => p,
+            };
             entries.push((st.inodes.ino(&p), t, name));
         }
         for (i, (ino, t, name)) in entries.into_iter().enumerate().skip(offset.max(0) as usize) {
@@ -1805,10 +1862,15 @@ impl FspfFs {
         let st = &mut *guard;
         let r = (|| -> Result<(), c_int> {
             let ep = Self::child(st, parent, name)?;
-            st.s.unlink(&Live(&st.live), &ep, dir)
-                .map_err(ViewError::errno)?;
-            st.detach(&ep);
-            if let Some(&i) = st.inodes.by_path.get(&ep) {
+            let target = st.s.link_target(&Live(&st.live), &ep);
+            let kept = st.s.unlink(&Live(&st.live), &ep, dir);
+            match st.committed(kept)? {
+                // The file had hard links: it lives on at one of them.
+                Some(k) => st.moved(&ep, &k),
+                None => st.detach(&ep),
+            }
+            // The file lost a name (its link count, its status change time).
+            if let Some(&i) = st.inodes.by_path.get(target.as_ref().unwrap_or(&ep)) {
                 st.changed(i);
             }
             st.dir_changed(parent);

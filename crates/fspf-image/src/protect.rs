@@ -257,6 +257,7 @@ impl Head {
 
 fn entry(kind: FileKind) -> FileEntry {
     FileEntry {
+        links: Vec::new(),
         kind,
         mode: 0,
         mtime_ns: 0,

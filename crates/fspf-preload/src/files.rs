@@ -1270,6 +1270,7 @@ impl OpenFile {
 
     pub fn node(&self) -> Node {
         Node {
+            nlink: 1,
             kind: if matches!(self.body, Body::Dir) {
                 NodeKind::Dir
             } else {
@@ -1351,12 +1352,12 @@ pub fn fill_stat(ep: &EmbedPath, node: &Node, started: i64, st: &mut libc::stat)
     st.st_dev = SHIELD_DEV;
     st.st_ino = node.ino.unwrap_or_else(|| ino_of(ep));
     let (ty, nlink) = match node.kind {
-        NodeKind::File => (libc::S_IFREG, 1),
+        NodeKind::File => (libc::S_IFREG, node.nlink),
         NodeKind::Dir => (libc::S_IFDIR, 2),
         NodeKind::Symlink(_) => (libc::S_IFLNK, 1),
         NodeKind::Special { kind, rdev } => {
             st.st_rdev = rdev;
-            (kind.file_type(), 1)
+            (kind.file_type(), node.nlink)
         }
     };
     if let Some(o) = node.owner {

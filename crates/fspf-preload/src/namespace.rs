@@ -15,18 +15,46 @@ fn detach_live(inner: &mut Inner, ep: &EmbedPath) {
     }
 }
 
+/// This process's buffers (and the run's shared ones) of the file at `from` now belong to
+/// `to` (a rename, or a file whose name went and which lives on at one of its hard links).
+fn moved_live(inner: &mut Inner, from: &EmbedPath, to: &EmbedPath) {
+    let replaced = fspf_core::session::move_tree(&mut inner.live, from, to, |dest, b| {
+        b.lock().unwrap_or_else(|e| e.into_inner()).path = dest.clone();
+    });
+    for (_, b) in replaced {
+        b.lock().unwrap_or_else(|e| e.into_inner()).detached = true;
+    }
+    crate::runbuf::renamed(from, to);
+}
+
 pub(crate) fn do_unlink(sh: &Shield, ep: EmbedPath, dir: bool) -> Result<(), c_int> {
     let mut g = sh.lock();
     let inner = &mut *g;
-    if let Ok(n) = sh.lookup(inner, &ep) {
-        crate::perm::check_dir_change(sh, inner, &ep, Some(&n))?;
+    let node = sh.lookup(inner, &ep);
+    if let Ok(n) = &node {
+        crate::perm::check_dir_change(sh, inner, &ep, Some(n))?;
     }
-    inner
-        .s
-        .unlink(&Live(&inner.live), &ep, dir)
-        .map_err(errno_of)?;
-    detach_live(inner, &ep);
-    crate::runbuf::unlinked(&ep, dir);
+    // One name of a file with several: committed at once, under the run's commit lock, with
+    // this process's buffers staged first.
+    let names = !dir && node.as_ref().is_ok_and(|n| n.nlink > 1);
+    let _run_lock = if names && !inner.s.is_ephemeral(&ep) {
+        let (staged, lock) = sh.stage_for_commit(inner);
+        staged?;
+        lock
+    } else {
+        None
+    };
+    let r = inner.s.unlink(&Live(&inner.live), &ep, dir);
+    if names {
+        Shield::after_commit(inner);
+    }
+    match r.map_err(errno_of)? {
+        Some(kept) => moved_live(inner, &ep, &kept),
+        None => {
+            detach_live(inner, &ep);
+            crate::runbuf::unlinked(&ep, dir);
+        }
+    }
     // Queued like writes and committed at the same points (fsync, fork/exec, exit, batches):
     // `rm -r` of N files costs one commit, not N.
     if inner.s.batch_full() {
@@ -153,18 +181,45 @@ pub(crate) fn do_rename(
     };
     let r = inner.s.rename(&Live(&inner.live), &from, &to, flags);
     Shield::after_commit(inner);
-    r.map_err(errno_of)?;
-    if from == to {
-        return Ok(());
+    let kept = match r.map_err(errno_of)? {
+        fspf_core::session::Renamed::Nothing => return Ok(()),
+        fspf_core::session::Renamed::Moved { kept } => kept,
+    };
+    if let Some(k) = kept {
+        // The replaced file had hard links: it lives on at one of them.
+        moved_live(inner, &to, &k);
     }
-    let replaced = fspf_core::session::move_tree(&mut inner.live, &from, &to, |dest, b| {
-        b.lock().unwrap_or_else(|e| e.into_inner()).path = dest.clone();
-    });
-    for (_, b) in replaced {
-        b.lock().unwrap_or_else(|e| e.into_inner()).detached = true;
+    match inner.s.link_target(&Live(&inner.live), &to) {
+        // A hard link moved: buffers are its file's, not the name's; a file it replaced is gone.
+        Some(_) => {
+            detach_live(inner, &to);
+            crate::runbuf::unlinked(&to, false);
+        }
+        None => moved_live(inner, &from, &to),
     }
-    crate::runbuf::renamed(&from, &to);
     Ok(())
+}
+
+/// A hard link at `ep` to the file `target` names (symlinks already followed or not, as the
+/// caller asked): an fspf entry, committed at once with this process's buffers.
+pub(crate) fn do_link(sh: &Shield, target: EmbedPath, ep: EmbedPath) -> Result<(), c_int> {
+    let mut g = sh.lock();
+    let inner = &mut *g;
+    if sh.lookup(inner, &ep).is_err() {
+        crate::perm::check_dir_change(sh, inner, &ep, None)?;
+    }
+    let _run_lock = if inner.s.is_ephemeral(&ep) {
+        None
+    } else {
+        let (staged, lock) = sh.stage_for_commit(inner);
+        staged?;
+        lock
+    };
+    let r = inner
+        .s
+        .link(&Live(&inner.live), &target, &ep, crate::shield::now());
+    Shield::after_commit(inner);
+    r.map_err(errno_of)
 }
 
 /// A symlink in a kernel region is an fspf entry (committed at once; nothing is written next to

@@ -800,6 +800,9 @@ fn shield_open_depth(
     if !sh.is_ephemeral(&inner, &ep) {
         sh.refresh(&mut inner)?;
     }
+    // The route named the file as this process knew it before following the anchor: a hard
+    // link another process made since names its file, which buffers are keyed by.
+    let ep = inner.s.canonical(&shield::Live(&inner.live), &ep);
     crate::perm::check_search(sh, &inner, &ep)?;
     let found = sh.lookup(&inner, &ep);
     let (body, node_mode, kernel, write) = match found {

@@ -461,6 +461,8 @@ impl Shield {
     }
 
     /// Route `path` (relative paths against `dirfd` or the cwd).
+    /// Where `path` goes; a protected hard link is its target's path (everything but the
+    /// namespace calls acts on the file, which its buffers and locks are keyed by).
     pub fn route(&self, dirfd: c_int, path: *const libc::c_char) -> Route {
         if path.is_null() {
             return Route::Pass;
@@ -471,8 +473,24 @@ impl Shield {
         self.route_bytes(&inner, dirfd, p)
     }
 
+    /// Where `path` goes, as a name: a hard link is not replaced by its target (unlink,
+    /// rename and the new name of link).
+    pub fn route_name(&self, dirfd: c_int, path: *const libc::c_char) -> Route {
+        if path.is_null() {
+            return Route::Pass;
+        }
+        // SAFETY: the program passed a NUL-terminated path (non-null checked above).
+        let p = unsafe { CStr::from_ptr(path) }.to_bytes();
+        let inner = self.lock();
+        self.route_depth(&inner, dirfd, p, 0)
+    }
+
+    /// [`Shield::route`] of a path given as bytes.
     pub fn route_bytes(&self, inner: &Inner, dirfd: c_int, p: &[u8]) -> Route {
-        self.route_depth(inner, dirfd, p, 0)
+        match self.route_depth(inner, dirfd, p, 0) {
+            Route::Shield(ep) => Route::Shield(inner.s.canonical(&Live(&inner.live), &ep)),
+            r => r,
+        }
     }
 
     /// Does `ep` (following symlinks of the last component) name something other than a

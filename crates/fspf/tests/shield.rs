@@ -4258,3 +4258,44 @@ fn a_cut_of_a_lazily_loaded_file_to_at_most_1_mib_failed_its_commit() {
         assert!(read_big(&w) == want, "{env:?}: the file after the cut");
     }
 }
+
+/// Hard links were refused (`EPERM`) under the shield and every link count was 1. Now `ln`
+/// makes another name of the file: one content, one inode, its link count, across processes and
+/// runs; a write or `chmod` through one name shows through the others.
+#[test]
+fn hard_links_under_the_shield_are_one_file_under_several_names() {
+    need("sh");
+    let mut w = data_world();
+    let o = w.run_mut(&[
+        "sh",
+        "-c",
+        "set -e; cd /data; echo one > a; ln a b; ln b c; echo two >> c; chmod 600 b; \
+         stat -c '%h %i %a' a b c; cat a",
+    ]);
+    ok(&o, "ln, append and chmod through links");
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("3 ") && lines[0].ends_with(" 600"),
+        "{out}"
+    );
+    assert_eq!(lines[0], lines[1]);
+    assert_eq!(lines[1], lines[2]);
+    assert_eq!(&lines[3..], ["one", "two"]);
+    // Another run: the first name goes, the file lives on; two names of one file do not rename.
+    let o = w.run_mut(&[
+        "sh",
+        "-c",
+        "set -e; cd /data; rm a; perl -e 'rename \"c\", \"b\" or die \"$!\"'; stat -c '%h' b c; \
+         cat c; perl -e 'link \"/data\", \"/data/dir\" or die \"$!\n\"' 2>&1 || true",
+    ]);
+    ok(&o, "rm the first name, mv between names");
+    assert!(
+        stdout(&o).starts_with("2\n2\none\ntwo\n") && stdout(&o).contains("not permitted"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(!w.path("vol/a").exists() && !w.path("vol/c").exists());
+    let o = w.run(&["cat", "/data/b"]);
+    assert_eq!(stdout(&o), "one\ntwo\n");
+}

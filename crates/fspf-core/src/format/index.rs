@@ -7,8 +7,8 @@
 //!
 //! ```text
 //!  0  magic        "FSPFIDX\0"
-//!  8  version      u32 = 5 (1 had no mtime_ns, 2 no owners and special files, 3 no inode
-//!                    numbers, 4 no ctime_ns)
+//!  8  version      u32 = 6 (1 had no mtime_ns, 2 no owners and special files, 3 no inode
+//!                    numbers, 4 no ctime_ns, 5 no hard links)
 //! 12  entry_count  u32
 //! 16  tag          [16]  tag of the fspf the index was built from
 //! 32  regions_len  u32
@@ -17,13 +17,15 @@
 //! 48  regions      MetadataPb (protobuf) with the generation and regions, no files
 //!     offsets      entry_count x u32: where entry i's record starts within `records`
 //!     records      one per entry, in tree order:
-//!                  path_len u32 | path | kind u8 (1 file, 2 dir, 3 symlink, 4 special) |
+//!                  path_len u32 | path | kind u8 (1 file, 2 dir, 3 symlink, 4 special, 5 link) |
 //!                    mode u16 | mtime_ns i64 | ctime_ns i64 | owned u8 (0 or 1) |
 //!                    owned: uid u32 | gid u32 |
 //!                    ino u64 (0: none recorded) |
 //!                    file:    file id [16] | size u64 | root_len u8 (0 or 32) | root
 //!                    symlink: target_len u32 | target
 //!                    special: special u8 (1 fifo, 2 char, 3 block, 4 socket) | rdev u64
+//!                    link:    target_len u32 | target
+//!                  file and special: link_count u32 | link_count x (len u32 | path)
 //! ```
 //!
 //! **Tree order** ([`tree_order`]): paths compare byte by byte with `/` ranked below every other
@@ -48,12 +50,13 @@ use std::collections::BTreeMap;
 use zeroize::{Zeroize, Zeroizing};
 
 pub const INDEX_MAGIC: [u8; 8] = *b"FSPFIDX\0";
-pub const INDEX_VERSION: u32 = 5;
+pub const INDEX_VERSION: u32 = 6;
 const HEADER_LEN: usize = 48;
 const KIND_FILE: u8 = 1;
 const KIND_DIR: u8 = 2;
 const KIND_SYMLINK: u8 = 3;
 const KIND_SPECIAL: u8 = 4;
+const KIND_LINK: u8 = 5;
 const ROOT_LEN: usize = 32;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -135,6 +138,7 @@ pub fn build_index(meta: &Metadata, tag: Tag) -> Result<Zeroizing<Vec<u8>>, Inde
             FileKind::Dir => KIND_DIR,
             FileKind::Symlink(_) => KIND_SYMLINK,
             FileKind::Special { .. } => KIND_SPECIAL,
+            FileKind::Link(_) => KIND_LINK,
         };
         records.push(kind);
         // Parsing masks modes to permission bits, so they fit 16 bits.
@@ -171,6 +175,22 @@ pub fn build_index(meta: &Metadata, tag: Tag) -> Result<Zeroizing<Vec<u8>>, Inde
             FileKind::Special { kind, rdev } => {
                 records.push(kind.code() as u8);
                 records.extend_from_slice(&rdev.to_le_bytes());
+            }
+            FileKind::Link(t) => {
+                let t = t.as_bytes();
+                let len = u32::try_from(t.len()).map_err(too_large("a path"))?;
+                records.extend_from_slice(&len.to_le_bytes());
+                records.extend_from_slice(t);
+            }
+        }
+        if matches!(e.kind, FileKind::File { .. } | FileKind::Special { .. }) {
+            let n = u32::try_from(e.links.len()).map_err(too_large("a link count"))?;
+            records.extend_from_slice(&n.to_le_bytes());
+            for l in &e.links {
+                let l = l.as_bytes();
+                let len = u32::try_from(l.len()).map_err(too_large("a path"))?;
+                records.extend_from_slice(&len.to_le_bytes());
+                records.extend_from_slice(l);
             }
         }
     }
@@ -521,6 +541,16 @@ impl<'a> Iterator for FrozenChildren<'a> {
                     KIND_DIR => ChildKind::Dir,
                     KIND_SYMLINK => ChildKind::Symlink,
                     KIND_SPECIAL => ChildKind::Special,
+                    KIND_LINK => {
+                        let e = parse_entry(&mut Cursor(rest))?;
+                        let entries = self.entries;
+                        ChildKind::of(&e.kind, |t| {
+                            let (p, rest) = entries.record(entries.lower_bound(t.as_bytes()))?;
+                            (p == t.as_bytes())
+                                .then(|| parse_entry(&mut Cursor(rest)))?
+                                .map(|e| e.kind)
+                        })
+                    }
                     _ => return None,
                 };
                 (below, kind)
@@ -590,12 +620,24 @@ fn parse_entry(c: &mut Cursor<'_>) -> Option<FileEntry> {
             kind: SpecialKind::from_code(u32::from(c.u8()?))?,
             rdev: c.u64()?,
         },
+        KIND_LINK => {
+            let len = usize::try_from(c.u32()?).ok()?;
+            FileKind::Link(EmbedPath::from_bytes(c.take(len)?).ok()?)
+        }
         _ => return None,
     };
     if mode & !0o7777 != 0 {
         return None;
     }
+    let mut links = Vec::new();
+    if matches!(kind, FileKind::File { .. } | FileKind::Special { .. }) {
+        for _ in 0..c.u32()? {
+            let len = usize::try_from(c.u32()?).ok()?;
+            links.push(EmbedPath::from_bytes(c.take(len)?).ok()?);
+        }
+    }
     Some(FileEntry {
+        links,
         kind,
         mode,
         mtime_ns,
@@ -661,6 +703,7 @@ mod tests {
     }
     fn file(n: u8) -> FileEntry {
         FileEntry {
+            links: Vec::new(),
             kind: FileKind::File {
                 id: FileId([n; FILE_ID_LEN]),
                 size: u64::from(n) * 1000,
@@ -726,6 +769,7 @@ mod tests {
         m.files.insert(
             p("/link"),
             FileEntry {
+                links: Vec::new(),
                 kind: FileKind::Symlink(b"/a/b/c".to_vec()),
                 mode: 0o777,
                 mtime_ns: 0,
@@ -734,6 +778,37 @@ mod tests {
                 ctime_ns: 0,
             },
         );
+        // Hard links: two names of `/a/b/c`, listed in other directories; one of a fifo.
+        m.files.get_mut(&p("/a/b/c")).unwrap().links = vec![p("/hard"), p("/a/b-c/h")];
+        let fifo = FileEntry {
+            links: vec![p("/a/fifo2")],
+            kind: FileKind::Special {
+                kind: crate::format::metadata::SpecialKind::Fifo,
+                rdev: 0,
+            },
+            mode: 0o600,
+            mtime_ns: 0,
+            owner: None,
+            ino: Some(9),
+            ctime_ns: 0,
+        };
+        m.files.insert(p("/a/fifo"), fifo);
+        for (l, t) in [
+            ("/hard", "/a/b/c"),
+            ("/a/b-c/h", "/a/b/c"),
+            ("/a/fifo2", "/a/fifo"),
+        ] {
+            let e = FileEntry {
+                links: Vec::new(),
+                kind: FileKind::Link(p(t)),
+                mode: 0,
+                mtime_ns: 0,
+                owner: None,
+                ino: None,
+                ctime_ns: 0,
+            };
+            m.files.insert(p(l), e);
+        }
         m
     }
 
@@ -752,7 +827,10 @@ mod tests {
                     out.entry(rest[..i].to_vec()).or_insert(ChildKind::Dir);
                 }
                 None => {
-                    out.insert(rest.to_vec(), ChildKind::of(&e.kind));
+                    out.insert(
+                        rest.to_vec(),
+                        ChildKind::of(&e.kind, |t| m.files.get(t).map(|e| e.kind.clone())),
+                    );
                 }
             }
         }
@@ -834,12 +912,16 @@ mod tests {
             "a-b:File",
             "a.b:File",
             "ab:File",
+            "hard:File",
             "implied:Dir",
             "link:Symlink",
         ];
         assert_eq!(names(ix.children(&EmbedPath::root())), root);
         assert_eq!(names(m.children(&EmbedPath::root())), root);
-        assert_eq!(names(ix.children(&p("/a"))), ["b:Dir", "b-c:Dir"]);
+        // A hard link is listed with its target's kind.
+        let a = ["b:Dir", "b-c:Dir", "fifo:Special", "fifo2:Special"];
+        assert_eq!(names(ix.children(&p("/a"))), a);
+        assert_eq!(names(m.children(&p("/a"))), a);
         assert_eq!(names(m.children(&p("/implied"))), ["x:Dir", "x-y:File"]);
         assert_eq!(names(ix.children(&p("/implied"))), ["x:Dir", "x-y:File"]);
         assert!(ix.children(&p("/a-b")).next().is_none());
@@ -996,8 +1078,12 @@ mod tests {
             IndexError::UnsupportedVersion(4)
         );
         assert_eq!(
-            with(8, &6u32.to_le_bytes()),
-            IndexError::UnsupportedVersion(6)
+            with(8, &5u32.to_le_bytes()),
+            IndexError::UnsupportedVersion(5)
+        );
+        assert_eq!(
+            with(8, &7u32.to_le_bytes()),
+            IndexError::UnsupportedVersion(7)
         );
         assert!(matches!(
             with(12, &u32::MAX.to_le_bytes()),
@@ -1084,6 +1170,7 @@ mod tests {
         let ino = any::<Option<u64>>().prop_map(|i| i.filter(|&n| n != 0));
         (kind, 0u32..0o10000, any::<i64>(), owner, ino, any::<i64>()).prop_map(
             |(kind, mode, mtime_ns, owner, ino, ctime_ns)| FileEntry {
+                links: Vec::new(),
                 kind,
                 mode,
                 mtime_ns,

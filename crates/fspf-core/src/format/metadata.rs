@@ -111,6 +111,10 @@ pub struct FileEntryPb {
     /// 0 = not recorded (older writers: readers show the modification time).
     #[prost(int64, tag = "15")]
     pub ctime_ns: i64,
+    /// Kinds 1 and 4: the other names of this file (kind-5 entries that name this one as their
+    /// `target`), so the file has `1 + links.len()` hard links.
+    #[prost(bytes = "vec", repeated, tag = "16")]
+    pub links: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +191,10 @@ pub enum FileKind {
         kind: SpecialKind,
         rdev: u64,
     },
+    /// Another name (a hard link) of the regular or special file listed at this path, which
+    /// lists this name among its `links`. Nothing is on disk at this name; everything but the
+    /// name (content, mode, owner, times, inode number) is the target's.
+    Link(EmbedPath),
 }
 
 /// The kinds of special files an entry can name.
@@ -294,6 +302,16 @@ pub struct FileEntry {
     /// Change time in nanoseconds since the epoch: when the content or any metadata (mode,
     /// owner, times, name) last changed; 0 = not recorded (then the modification time applies).
     pub ctime_ns: i64,
+    /// Regular and special files: the paths of their other names ([`FileKind::Link`] entries),
+    /// in the order they were made. Empty for other kinds.
+    pub links: Vec<EmbedPath>,
+}
+
+impl FileEntry {
+    /// The number of names of this entry (`st_nlink` of a non-directory).
+    pub fn nlink(&self) -> u64 {
+        1 + self.links.len() as u64
+    }
 }
 
 #[cfg(test)]
@@ -301,6 +319,7 @@ impl FileEntry {
     /// A directory entry with fixed times (tests).
     pub(crate) fn test_dir() -> FileEntry {
         FileEntry {
+            links: Vec::new(),
             kind: FileKind::Dir,
             mode: 0o755,
             mtime_ns: 1,
@@ -316,6 +335,7 @@ impl FileEntry {
     pub fn new_file(id: FileId, size: u64, root: Option<[u8; 32]>, mode: u32) -> FileEntry {
         let now = now_ns();
         FileEntry {
+            links: Vec::new(),
             kind: FileKind::File { id, size, root },
             mode: mode & 0o7777,
             mtime_ns: now,
@@ -394,7 +414,26 @@ pub fn entry_from_pb(f: FileEntryPb, regions: &[Region]) -> Result<(EmbedPath, F
                 .ok_or_else(|| format!("{path}: unknown special kind {}", f.special))?,
             rdev: f.rdev,
         },
+        5 => {
+            let t = EmbedPath::from_bytes(&f.target)
+                .map_err(|e| format!("{path}: link target: {e}"))?;
+            if t == path {
+                return Err(format!("{path}: a hard link to itself"));
+            }
+            FileKind::Link(t)
+        }
         k => return Err(format!("{path}: unknown file kind {k}")),
+    };
+    let links = match &kind {
+        FileKind::File { .. } | FileKind::Special { .. } => f
+            .links
+            .iter()
+            .map(|l| EmbedPath::from_bytes(l).map_err(|e| format!("{path}: link: {e}")))
+            .collect::<Result<Vec<_>, _>>()?,
+        _ if !f.links.is_empty() => {
+            return Err(format!("{path}: links on an entry that cannot have them"))
+        }
+        _ => Vec::new(),
     };
     Ok((
         path,
@@ -408,8 +447,43 @@ pub fn entry_from_pb(f: FileEntryPb, regions: &[Region]) -> Result<(EmbedPath, F
             }),
             ino: (f.ino != 0).then_some(f.ino),
             ctime_ns: f.ctime_ns,
+            links,
         },
     ))
+}
+
+/// Hard links are consistent: every link entry names a regular or special file of its own
+/// region that lists it, and every listed link is such an entry naming its file back.
+pub fn check_links(
+    files: &BTreeMap<EmbedPath, FileEntry>,
+    regions: &[Region],
+) -> Result<(), String> {
+    for (p, e) in files {
+        for l in &e.links {
+            match files.get(l).map(|e| &e.kind) {
+                Some(FileKind::Link(t)) if t == p => {}
+                _ => {
+                    return Err(format!(
+                        "{p}: lists {l} as a hard link, which does not name it"
+                    ))
+                }
+            }
+        }
+        if let FileKind::Link(t) = &e.kind {
+            let target = files.get(t);
+            let listed = target.is_some_and(|te| {
+                matches!(te.kind, FileKind::File { .. } | FileKind::Special { .. })
+                    && te.links.contains(p)
+            });
+            if !listed {
+                return Err(format!("{p}: a hard link to {t}, which does not list it"));
+            }
+            if region_index_in(regions, p) != region_index_in(regions, t) {
+                return Err(format!("{p}: a hard link to {t} in another region"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// An entry as its wire struct.
@@ -444,7 +518,12 @@ pub fn entry_to_pb(p: &EmbedPath, e: &FileEntry) -> FileEntryPb {
             pb.special = kind.code();
             pb.rdev = *rdev;
         }
+        FileKind::Link(t) => {
+            pb.kind = 5;
+            pb.target = t.as_bytes().to_vec();
+        }
     }
+    pb.links = e.links.iter().map(|l| l.as_bytes().to_vec()).collect();
     pb
 }
 
@@ -562,6 +641,7 @@ impl Metadata {
             return Err(format!("{}: listed twice", w[0].0));
         }
         let files: BTreeMap<EmbedPath, FileEntry> = files.into_iter().collect();
+        check_links(&files, &regions)?;
         Ok(Metadata {
             generation: pb.generation,
             regions,
@@ -601,7 +681,10 @@ impl Metadata {
             match rest.iter().position(|&c| c == b'/') {
                 // `/` itself, when listing the root.
                 None if rest.is_empty() => {}
-                None => out.push((rest, ChildKind::of(&e.kind))),
+                None => out.push((
+                    rest,
+                    ChildKind::of(&e.kind, |t| self.files.get(t).map(|e| e.kind.clone())),
+                )),
                 Some(i) => {
                     let name = &rest[..i];
                     probe.clear();
@@ -709,6 +792,7 @@ mod tests {
         m.files.insert(
             p("/a/fifo"),
             FileEntry {
+                links: Vec::new(),
                 kind: FileKind::Special {
                     kind: SpecialKind::Fifo,
                     rdev: 0,
@@ -723,6 +807,7 @@ mod tests {
         m.files.insert(
             p("/a/dev"),
             FileEntry {
+                links: Vec::new(),
                 kind: FileKind::Special {
                     kind: SpecialKind::Block,
                     rdev: 0x0801,
@@ -757,6 +842,76 @@ mod tests {
             ..Default::default()
         };
         assert!(Metadata::from_pb(bad).unwrap_err().contains("special kind"));
+    }
+
+    fn link_pb(path: &str, target: &str) -> FileEntryPb {
+        FileEntryPb {
+            path: path.as_bytes().to_vec(),
+            kind: 5,
+            target: target.as_bytes().to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn two_regions(files: Vec<FileEntryPb>) -> MetadataPb {
+        let region = |e: &str| RegionPb {
+            embed_point: e.as_bytes().to_vec(),
+            kind: 2,
+            protection: 3,
+            key: vec![1; 32],
+            chunk_len: 4096,
+            ..Default::default()
+        };
+        MetadataPb {
+            format_version: 3,
+            regions: vec![region("/"), region("/r")],
+            files,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn hard_links_round_trip_and_inconsistent_ones_are_refused() {
+        let mut a = file_pb("/a", 3);
+        a.links = vec![b"/b".to_vec(), b"/d/c".to_vec()];
+        let good = two_regions(vec![a.clone(), link_pb("/b", "/a"), link_pb("/d/c", "/a")]);
+        let m = Metadata::from_pb(good).unwrap();
+        let p = |s: &str| EmbedPath::parse(s).unwrap();
+        assert_eq!(m.files[&p("/a")].nlink(), 3);
+        assert_eq!(m.files[&p("/b")].kind, FileKind::Link(p("/a")));
+        let back =
+            Metadata::from_pb(MetadataPb::decode(&*m.to_pb().encode_to_vec()).unwrap()).unwrap();
+        assert_eq!(back, m);
+        let refused = |files: Vec<FileEntryPb>, what: &str| {
+            let e = Metadata::from_pb(two_regions(files)).unwrap_err();
+            assert!(e.contains(what), "{what}: {e}");
+        };
+        // A link its target does not list, or to nothing.
+        refused(
+            vec![file_pb("/a", 1), link_pb("/b", "/a")],
+            "/b: a hard link to /a",
+        );
+        refused(vec![link_pb("/b", "/a")], "/b: a hard link to /a");
+        // A listed link that is not a link to the file.
+        let mut a1 = file_pb("/a", 1);
+        a1.links = vec![b"/b".to_vec()];
+        refused(vec![a1.clone(), file_pb("/b", 1)], "/a: lists /b");
+        refused(vec![a1.clone()], "/a: lists /b");
+        // A link to a link, to a directory, to itself, across regions.
+        let mut l = link_pb("/b", "/a");
+        l.links = vec![b"/c".to_vec()];
+        refused(vec![a1.clone(), l], "links on an entry");
+        let dir = FileEntryPb {
+            path: b"/dir".to_vec(),
+            kind: 2,
+            links: vec![b"/b".to_vec()],
+            ..Default::default()
+        };
+        refused(vec![dir, link_pb("/b", "/dir")], "links on an entry");
+        refused(vec![link_pb("/b", "/b")], "to itself");
+        let mut a2 = file_pb("/a", 1);
+        a2.links = vec![b"/r/b".to_vec()];
+        refused(vec![a2, link_pb("/r/b", "/a")], "another region");
     }
 
     /// Regression: a listed size whose on-disk size (header + size + 16 per chunk) does not fit
@@ -845,6 +1000,7 @@ mod tests {
             m.files.insert(
                 EmbedPath::parse(p).unwrap(),
                 FileEntry {
+                    links: Vec::new(),
                     kind: FileKind::Dir,
                     mode: 0,
                     mtime_ns: 0,
@@ -877,6 +1033,7 @@ mod tests {
             m.files.insert(
                 EmbedPath::parse(p).unwrap(),
                 FileEntry {
+                    links: Vec::new(),
                     kind,
                     mode: 0,
                     mtime_ns: 0,

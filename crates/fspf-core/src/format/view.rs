@@ -16,12 +16,18 @@ pub enum ChildKind {
 }
 
 impl ChildKind {
-    pub fn of(kind: &FileKind) -> ChildKind {
+    /// The kind a listing shows for an entry of `kind`; a hard link shows its target's
+    /// (`target` looks it up; a regular file if it is not listed, which parsing refuses).
+    pub fn of(kind: &FileKind, target: impl FnOnce(&EmbedPath) -> Option<FileKind>) -> ChildKind {
         match kind {
             FileKind::File { .. } => ChildKind::File,
             FileKind::Dir => ChildKind::Dir,
             FileKind::Symlink(_) => ChildKind::Symlink,
             FileKind::Special { .. } => ChildKind::Special,
+            FileKind::Link(t) => match target(t) {
+                Some(FileKind::Special { .. }) => ChildKind::Special,
+                _ => ChildKind::File,
+            },
         }
     }
 }

@@ -127,7 +127,10 @@ impl<A: Anchor> Session<A> {
                 // this commit: that rename must be durable before the fspf names the new state.
                 Change::Remove(p) | Change::Rename { from: p, .. } => Some(p),
                 // An update's journal is fsync'd when staged, beside the fspf.
-                Change::PutEntry(..) | Change::Touch { .. } | Change::Update(_) => None,
+                Change::PutEntry(..)
+                | Change::Touch { .. }
+                | Change::Update(_)
+                | Change::Link { .. } => None,
             };
             if let Some(RegionKind::Kernel(k)) = p.and_then(|p| vol.region_for(p)).map(|r| &r.kind)
             {

@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use commit::Committed;
-pub use namespace::RENAME_NOREPLACE;
+pub use namespace::{Renamed, RENAME_NOREPLACE};
 
 /// What a run's trust anchor holds: the tag the run trusts and, during a commit, the tag of the
 /// fspf about to replace it.

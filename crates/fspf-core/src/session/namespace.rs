@@ -14,6 +14,16 @@ use crate::volume::{kernel_fs, Change, KernelPath};
 /// `renameat2` flag: fail with [`ViewError::Exists`] if the destination exists.
 pub const RENAME_NOREPLACE: u32 = 1;
 
+/// What a rename did, for the frontend's buffers and inodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renamed {
+    /// Nothing changed: `from` and `to` are one path, or two names of one file.
+    Nothing,
+    /// `from` moved to `to`. `kept`: the file `to` named had hard links, and moved first to
+    /// this one of them, where it lives on.
+    Moved { kept: Option<EmbedPath> },
+}
+
 impl<A: Anchor> Session<A> {
     /// Reload before a change when the anchor moved (kernel regions only).
     fn fresh(&mut self, ep: &EmbedPath) -> Result<bool, ViewError> {
@@ -45,15 +55,100 @@ impl<A: Anchor> Session<A> {
         self.queue.push(Change::Touch { dir, ns: now });
     }
 
+    /// The path whose entry holds what `ep` names: a hard link's target, else `ep`. Frontends
+    /// key their buffers and inodes by it.
+    pub fn canonical(&self, open: &dyn OpenFiles, ep: &EmbedPath) -> EmbedPath {
+        self.link_target(open, ep).unwrap_or_else(|| ep.clone())
+    }
+
+    /// The target of the hard link listed at `ep`, if one is (and not removed since).
+    pub fn link_target(&self, open: &dyn OpenFiles, ep: &EmbedPath) -> Option<EmbedPath> {
+        let fe = super::Joined {
+            open,
+            eph: &self.eph,
+            queued: &self.queued,
+        };
+        self.view(&fe).ok()?.link_target(ep)
+    }
+
+    /// The other names of the file listed at `ep` (its hard links), committed.
+    fn links_of(&self, ep: &EmbedPath) -> Vec<EmbedPath> {
+        match self.vol.as_ref().and_then(|v| v.lookup(ep)) {
+            Some(e) if !self.pending.hidden(ep) => e.into_owned().links,
+            _ => Vec::new(),
+        }
+    }
+
+    /// A hard link at `link` to what `target` names (a regular or special file; hard links
+    /// followed, symlinks not): an fspf entry only, committed at once. A directory or symlink
+    /// cannot be linked ([`ViewError::NotPermitted`]), nor anything in an ephemeral region;
+    /// another region is [`ViewError::CrossDevice`]. The frontend stages its buffers before,
+    /// so that a file being written is listed.
+    pub fn link(
+        &mut self,
+        open: &dyn OpenFiles,
+        target: &EmbedPath,
+        link: &EmbedPath,
+        now: i64,
+    ) -> Result<(), ViewError> {
+        let (rt, rl) = (
+            self.region_of(target).map(|r| r.embed_point.clone()),
+            self.region_of(link).map(|r| r.embed_point.clone()),
+        );
+        if rt != rl {
+            return Err(ViewError::CrossDevice);
+        }
+        if self.fresh(link)? {
+            return Err(ViewError::NotPermitted);
+        }
+        let node = self.lookup(open, target)?;
+        match node.kind {
+            NodeKind::File | NodeKind::Special { .. } => {}
+            NodeKind::Dir | NodeKind::Symlink(_) => return Err(ViewError::NotPermitted),
+        }
+        self.check_new_name(open, link)?;
+        self.check_writable(link)?;
+        let target = self.canonical(open, target);
+        // The target's queued version and entries first: the link names a listed file.
+        self.commit()?;
+        self.queue.push(Change::Link {
+            link: link.clone(),
+            target,
+            ns: now,
+        });
+        self.touch_parent(link);
+        self.commit()
+    }
+
     /// Remove the file (`dir == false`) or empty directory (`dir == true`) at `ep`. The
-    /// frontend drops its buffers at or below `ep` after this succeeded.
+    /// frontend drops its buffers at or below `ep` after this succeeded; `Some(p)`: `ep` was
+    /// a file with hard links, which now lives on at `p` (one of them, committed at once): the
+    /// frontend moves its buffers from `ep` to `p` instead.
     pub fn unlink(
         &mut self,
         open: &dyn OpenFiles,
         ep: &EmbedPath,
         dir: bool,
-    ) -> Result<(), ViewError> {
+    ) -> Result<Option<EmbedPath>, ViewError> {
         let eph = self.fresh(ep)?;
+        if !dir && !eph {
+            if self.link_target(open, ep).is_some() {
+                // One name of a file: the link goes, the file's link count with it (at once).
+                self.check_writable(ep)?;
+                self.commit()?;
+                self.queue.push(Change::Remove(ep.clone()));
+                self.touch_parent(ep);
+                self.commit()?;
+                return Ok(None);
+            }
+            if let Some(next) = self.links_of(ep).first().cloned() {
+                // A file with other names: it moves to the first of them.
+                self.check_writable(ep)?;
+                self.rename_same_file(open, ep, &next)?;
+                self.touch_parent(ep);
+                return Ok(Some(next));
+            }
+        }
         let node = self.lookup(open, ep)?;
         match (&node.kind, dir) {
             (NodeKind::Dir, false) => return Err(ViewError::IsDir),
@@ -71,7 +166,7 @@ impl<A: Anchor> Session<A> {
         self.check_writable(ep)?;
         if eph {
             remove_tree(&mut self.eph, ep);
-            return Ok(());
+            return Ok(None);
         }
         self.pending.new_dirs.remove(ep);
         remove_tree(&mut self.queued, ep);
@@ -82,7 +177,7 @@ impl<A: Anchor> Session<A> {
         self.pending.removed.insert(ep.clone(), dir);
         self.queue.push(Change::Remove(ep.clone()));
         self.touch_parent(ep);
-        Ok(())
+        Ok(None)
     }
 
     /// The owner and mode of a new object at `ep` made by `uid`/`gid`, as Linux gives them: the
@@ -157,6 +252,7 @@ impl<A: Anchor> Session<A> {
         self.queue.push(Change::PutEntry(
             ep.clone(),
             FileEntry {
+                links: Vec::new(),
                 kind: FileKind::Dir,
                 mode,
                 mtime_ns: now,
@@ -188,6 +284,7 @@ impl<A: Anchor> Session<A> {
         }
         self.check_new_name(open, ep)?;
         let entry = FileEntry {
+            links: Vec::new(),
             kind: FileKind::Special { kind, rdev },
             mode: mode & 0o7777,
             mtime_ns: now,
@@ -208,6 +305,7 @@ impl<A: Anchor> Session<A> {
         owner: Owner,
         now: i64,
     ) -> Result<(), ViewError> {
+        let ep = &self.canonical(open, ep);
         let node = self.lookup(open, ep)?;
         if self.is_ephemeral(ep) {
             return Err(ViewError::NotPermitted);
@@ -233,14 +331,15 @@ impl<A: Anchor> Session<A> {
 
     /// Rename `from` to `to` (`flags`: [`RENAME_NOREPLACE`]). In kernel regions everything
     /// queued is committed first (the frontend stages its buffers before), then the rename.
-    /// The frontend moves its buffers from `from` to `to` after this succeeded.
+    /// The frontend moves its buffers from `from` to `to` after this succeeded (first from
+    /// `to` to the name the replaced file kept, if it kept one: [`Renamed::Moved`]).
     pub fn rename(
         &mut self,
         open: &dyn OpenFiles,
         from: &EmbedPath,
         to: &EmbedPath,
         flags: u32,
-    ) -> Result<(), ViewError> {
+    ) -> Result<Renamed, ViewError> {
         if flags & !RENAME_NOREPLACE != 0 {
             return Err(ViewError::Invalid);
         }
@@ -254,8 +353,52 @@ impl<A: Anchor> Session<A> {
         let eph = self.fresh(from)?;
         let node = self.lookup(open, from)?;
         if from == to {
-            return Ok(());
+            return Ok(Renamed::Nothing);
         }
+        let mut kept = None;
+        if !eph && node.kind != NodeKind::Dir && self.lookup(open, to).is_ok() {
+            let (cf, ct) = (self.canonical(open, from), self.canonical(open, to));
+            if cf == ct {
+                // Two names of one file: nothing happens (POSIX).
+                return Ok(Renamed::Nothing);
+            }
+            if flags & RENAME_NOREPLACE == 0 && &ct == to {
+                // A file with other names is replaced: it lives on at the first of them.
+                if let Some(next) = self.links_of(&ct).first().cloned() {
+                    self.check_writable(from)?;
+                    self.rename_same_file(open, &ct, &next)?;
+                    kept = Some(next);
+                }
+            }
+        }
+        self.rename_checked(open, from, to, flags, eph, node)?;
+        Ok(Renamed::Moved { kept })
+    }
+
+    /// Move the file listed at `from` (which has hard links) to `link`, one of its links, so
+    /// that `from` can go: its kernel file moves as in a rename, the link's entry is replaced,
+    /// the other links name `link`.
+    fn rename_same_file(
+        &mut self,
+        open: &dyn OpenFiles,
+        from: &EmbedPath,
+        link: &EmbedPath,
+    ) -> Result<(), ViewError> {
+        let node = self.lookup(open, from)?;
+        self.rename_checked(open, from, link, 0, false, node)
+    }
+
+    /// [`Session::rename`] once hard links are dealt with (`node`: what `from` names).
+    fn rename_checked(
+        &mut self,
+        open: &dyn OpenFiles,
+        from: &EmbedPath,
+        to: &EmbedPath,
+        flags: u32,
+        eph: bool,
+        node: crate::view::Node,
+    ) -> Result<(), ViewError> {
+        let rf = self.region_of(from).map(|r| r.embed_point.clone());
         if to.starts_with(from) {
             return Err(ViewError::Invalid);
         }
@@ -291,11 +434,18 @@ impl<A: Anchor> Session<A> {
             move_tree(&mut self.eph, from, to, |_, _| {});
             return Ok(());
         }
+        // A hard link has nothing on disk: a file it replaces is moved aside as in a removal.
+        let from_link = self.link_target(open, from).is_some();
         // Everything queued before the rename is committed under the old names first.
         self.commit()?;
         // A file: linked to its new name's shadow and moved to its own around the commit
         // (crash-safe, `volume::moves`); a directory is renamed after the commit.
-        let prep = self.vol_ok()?.prepare_rename(from, to).map_err(|e| {
+        let vol = self.vol_ok()?;
+        let prep = match from_link {
+            true => vol.prepare_remove(to),
+            false => vol.prepare_rename(from, to),
+        };
+        let prep = prep.map_err(|e| {
             (self.cfg.log)(&format!("{from}: {e}"));
             ViewError::Io
         })?;
@@ -327,7 +477,7 @@ impl<A: Anchor> Session<A> {
         self.touch_parent(from);
         self.touch_parent(to);
         self.commit()?;
-        if let (Some(a), Some(b)) = (kf, kt) {
+        if let (Some(a), Some(b), false) = (kf, kt, from_link) {
             // Same region, same base; creates b's parents; follows no symlink below the base.
             let _ = kernel_fs::rename_beneath(a.base(), a.rel(), b.rel());
         }
@@ -351,6 +501,7 @@ impl<A: Anchor> Session<A> {
         self.refresh()?;
         self.check_new_name(open, ep)?;
         let entry = FileEntry {
+            links: Vec::new(),
             kind: FileKind::Symlink(target.to_vec()),
             mode: 0o777,
             mtime_ns: now,
@@ -370,6 +521,7 @@ impl<A: Anchor> Session<A> {
         let mut e = match self.vol_ok()?.lookup(ep) {
             Some(e) => e.into_owned(),
             None => FileEntry {
+                links: Vec::new(),
                 kind: FileKind::Dir,
                 mode,
                 mtime_ns: now,
@@ -421,6 +573,7 @@ impl<A: Anchor> Session<A> {
         mode: u32,
         now: i64,
     ) -> Result<(), ViewError> {
+        let ep = &self.canonical(open, ep);
         let mode = mode & 0o7777;
         let node = self.lookup(open, ep)?;
         if matches!(node.kind, NodeKind::Symlink(_)) {
@@ -456,6 +609,7 @@ impl<A: Anchor> Session<A> {
                 }
                 // An implied directory (only paths below it are listed): record it.
                 None => FileEntry {
+                    links: Vec::new(),
                     kind: FileKind::Dir,
                     mode,
                     mtime_ns: now,
@@ -479,6 +633,7 @@ impl<A: Anchor> Session<A> {
         ep: &EmbedPath,
         ns: i64,
     ) -> Result<(), ViewError> {
+        let ep = &self.canonical(open, ep);
         let node = self.lookup(open, ep)?;
         if matches!(node.kind, NodeKind::Symlink(_)) {
             return Ok(());

@@ -1,6 +1,6 @@
 //! The session against a real volume in a temporary directory and an anchor in memory.
 use super::*;
-use crate::format::metadata::Owner;
+use crate::format::metadata::{Owner, SpecialKind};
 use crate::view::NodeKind;
 use crate::volume::RegionSpec;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -591,4 +591,294 @@ fn a_process_joining_during_a_commit_refused_the_state_the_commit_point_made() {
     );
     assert_eq!(r, Err("tag mismatch"));
     assert!(opens.get() <= JOIN_RETRIES + 1);
+}
+
+/// The names listed in the committed fspf (re-parsed from disk, so `check_links` ran).
+fn committed_links(f: &Fixture, path: &str) -> Vec<String> {
+    let v = f.session(false);
+    let e = v.vol().unwrap().lookup(&p(path)).unwrap().into_owned();
+    e.links.iter().map(|l| l.to_string()).collect()
+}
+
+#[test]
+fn hard_links_share_content_mode_and_inode_and_count_their_names() {
+    let f = Fixture::new();
+    let mut s = f.session(true);
+    let o = &NoOpenFiles;
+    put(&mut s, "/d/a", b"one");
+    s.commit().unwrap();
+    s.link(o, &p("/d/a"), &p("/d/b"), 7).unwrap();
+    // A link to a link names the file.
+    s.link(o, &p("/d/b"), &p("/d/c"), 8).unwrap();
+    for n in ["/d/a", "/d/b", "/d/c"] {
+        let node = s.lookup(o, &p(n)).unwrap();
+        assert_eq!(
+            (node.kind, node.nlink, node.size),
+            (NodeKind::File, 3, 3),
+            "{n}"
+        );
+    }
+    assert_eq!(s.canonical(o, &p("/d/c")), p("/d/a"));
+    assert_eq!(names(&s, "/d"), ["a", "b", "c"]);
+    // A mode set through one name shows through all; a new version through one name is read
+    // through the others.
+    s.chmod(o, &p("/d/c"), 0o600, 9).unwrap();
+    s.commit().unwrap();
+    assert_eq!(s.lookup(o, &p("/d/b")).unwrap().mode, 0o600);
+    put(&mut s, "/d/a", b"two!");
+    s.commit().unwrap();
+    assert_eq!(f.committed("/d/b").unwrap(), b"two!");
+    assert_eq!(committed_links(&f, "/d/a"), ["/d/b", "/d/c"]);
+    // Nothing is on disk for a link.
+    assert!(!f.dir.path().join("vol/b").exists());
+    let r = f.session(false);
+    assert_eq!(r.lookup(o, &p("/d/c")).unwrap().nlink, 3);
+    assert_eq!(
+        r.lookup(o, &p("/d/c")).unwrap().ino,
+        r.lookup(o, &p("/d/a")).unwrap().ino
+    );
+}
+
+#[test]
+fn removing_a_files_first_name_moves_it_to_a_link_and_the_last_name_removes_it() {
+    let f = Fixture::new();
+    let mut s = f.session(true);
+    let o = &NoOpenFiles;
+    put(&mut s, "/d/a", b"data");
+    s.commit().unwrap();
+    let ino = s.lookup(o, &p("/d/a")).unwrap().ino;
+    s.link(o, &p("/d/a"), &p("/d/b"), 1).unwrap();
+    s.link(o, &p("/d/a"), &p("/d/c"), 1).unwrap();
+    assert_eq!(s.unlink(o, &p("/d/a"), false), Ok(Some(p("/d/b"))));
+    assert_eq!(s.lookup(o, &p("/d/a")), Err(ViewError::NotFound));
+    assert_eq!(s.lookup(o, &p("/d/c")).unwrap().nlink, 2);
+    assert_eq!(f.committed("/d/b").unwrap(), b"data");
+    assert_eq!(f.committed("/d/c").unwrap(), b"data");
+    assert!(f.dir.path().join("vol/b").exists());
+    assert!(!f.dir.path().join("vol/a").exists());
+    assert_eq!(committed_links(&f, "/d/b"), ["/d/c"]);
+    // The inode number a program saw stays.
+    let n = f.session(false).lookup(o, &p("/d/c")).unwrap();
+    assert_eq!(
+        n.ino.unwrap_or(p("/d/a").default_ino()),
+        ino.unwrap_or(p("/d/a").default_ino())
+    );
+    // Removing a link leaves the file; the last name removes it.
+    assert_eq!(s.unlink(o, &p("/d/c"), false), Ok(None));
+    assert_eq!(s.lookup(o, &p("/d/b")).unwrap().nlink, 1);
+    assert!(committed_links(&f, "/d/b").is_empty());
+    assert_eq!(s.unlink(o, &p("/d/b"), false), Ok(None));
+    s.commit().unwrap();
+    assert!(f.session(false).vol().unwrap().files().is_empty());
+    assert!(!f.dir.path().join("vol/b").exists());
+}
+
+#[test]
+fn renames_keep_hard_links_consistent() {
+    let f = Fixture::new();
+    let mut s = f.session(true);
+    let o = &NoOpenFiles;
+    s.mkdir(o, &p("/d/x"), 0o755, None, 1).unwrap();
+    put(&mut s, "/d/x/f", b"f");
+    put(&mut s, "/d/g", b"g");
+    s.commit().unwrap();
+    s.link(o, &p("/d/x/f"), &p("/d/out"), 1).unwrap();
+    s.link(o, &p("/d/x/f"), &p("/d/x/in"), 1).unwrap();
+    // Two names of one file: nothing happens.
+    assert_eq!(
+        s.rename(o, &p("/d/out"), &p("/d/x/f"), 0),
+        Ok(Renamed::Nothing)
+    );
+    assert_eq!(s.lookup(o, &p("/d/out")).unwrap().nlink, 3);
+    // A directory holding the file and one link moves: both follow, the outside link too.
+    assert_eq!(
+        s.rename(o, &p("/d/x"), &p("/d/y"), 0),
+        Ok(Renamed::Moved { kept: None })
+    );
+    assert_eq!(s.canonical(o, &p("/d/out")), p("/d/y/f"));
+    assert_eq!(s.canonical(o, &p("/d/y/in")), p("/d/y/f"));
+    assert_eq!(committed_links(&f, "/d/y/f"), ["/d/out", "/d/y/in"]);
+    assert_eq!(f.committed("/d/out").unwrap(), b"f");
+    // A link moves by name.
+    s.rename(o, &p("/d/out"), &p("/d/out2"), 0).unwrap();
+    assert_eq!(committed_links(&f, "/d/y/f"), ["/d/out2", "/d/y/in"]);
+    // Another file moved over a link: the link goes, the file it named stays.
+    s.rename(o, &p("/d/g"), &p("/d/y/in"), 0).unwrap();
+    assert_eq!(f.committed("/d/y/in").unwrap(), b"g");
+    assert_eq!(committed_links(&f, "/d/y/f"), ["/d/out2"]);
+    // Another file moved over a file with a link: it lives on at the link.
+    put(&mut s, "/d/h", b"h");
+    s.commit().unwrap();
+    assert_eq!(
+        s.rename(o, &p("/d/h"), &p("/d/y/f"), 0),
+        Ok(Renamed::Moved {
+            kept: Some(p("/d/out2"))
+        })
+    );
+    assert_eq!(f.committed("/d/y/f").unwrap(), b"h");
+    assert_eq!(f.committed("/d/out2").unwrap(), b"f");
+    assert_eq!(s.lookup(o, &p("/d/out2")).unwrap().nlink, 1);
+    // Every state on the way parsed again from disk (links checked); the files verify.
+    assert!(f.session(false).vol().unwrap().verify().is_empty());
+}
+
+#[test]
+fn hard_links_are_refused_where_the_kernel_refuses_them() {
+    let f = Fixture::new();
+    let mut s = f.session(true);
+    let o = &NoOpenFiles;
+    put(&mut s, "/d/a", b"a");
+    s.mkdir(o, &p("/d/dir"), 0o755, None, 1).unwrap();
+    s.symlink(o, b"a", &p("/d/sym"), None, 1).unwrap();
+    s.commit().unwrap();
+    assert_eq!(
+        s.link(o, &p("/d/dir"), &p("/d/l"), 1),
+        Err(ViewError::NotPermitted)
+    );
+    assert_eq!(
+        s.link(o, &p("/d/sym"), &p("/d/l"), 1),
+        Err(ViewError::NotPermitted)
+    );
+    assert_eq!(
+        s.link(o, &p("/d/a"), &p("/l"), 1),
+        Err(ViewError::CrossDevice)
+    );
+    assert_eq!(
+        s.link(o, &p("/d/a"), &p("/d/dir"), 1),
+        Err(ViewError::Exists)
+    );
+    assert_eq!(
+        s.link(o, &p("/d/none"), &p("/d/l"), 1),
+        Err(ViewError::NotFound)
+    );
+    assert_eq!(
+        s.link(o, &p("/d/a"), &p("/d/no/l"), 1),
+        Err(ViewError::NotFound)
+    );
+    let mut ro = f.session(false);
+    assert_eq!(
+        ro.link(o, &p("/d/a"), &p("/d/l"), 1),
+        Err(ViewError::ReadOnly)
+    );
+    // A fifo can have links (an entry only).
+    s.mknod(o, &p("/d/fifo"), SpecialKind::Fifo, 0, 0o644, None, 1)
+        .unwrap();
+    s.link(o, &p("/d/fifo"), &p("/d/fifo2"), 1).unwrap();
+    let n = f.session(false).lookup(o, &p("/d/fifo2")).unwrap();
+    assert_eq!(
+        (n.nlink, matches!(n.kind, NodeKind::Special { .. })),
+        (2, true)
+    );
+}
+
+/// Random sequences of writes, links, removals and renames (of files, of links, of a directory
+/// holding some of them) agree with a model of names and files: every name reads its file's
+/// content and shows its link count, in the session and after a fresh open from disk (which
+/// checks the links both ways), and the volume verifies.
+#[test]
+fn random_hard_link_sequences_agree_with_a_model_of_names_and_files() {
+    for seed in 1..=6u64 {
+        let f = Fixture::new();
+        let mut s = f.session(true);
+        let o = &NoOpenFiles;
+        s.mkdir(o, &p("/d/s1"), 0o755, None, 1).unwrap();
+        s.commit().unwrap();
+        let mut dir = "s1";
+        // name (relative to /d, with `S` for the directory) -> file number; file -> content.
+        let mut names: BTreeMap<String, u32> = BTreeMap::new();
+        let mut content: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+        let all = ["a", "b", "c", "S/x", "S/y"];
+        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let path = |n: &str, dir: &str| p(&format!("/d/{}", n.replace('S', dir)));
+        // The most names one file had at once: the sequence must have made links.
+        let mut most = 0;
+        for step in 0..200u32 {
+            let r = next();
+            let a = all[(r % 5) as usize];
+            let b = all[((r >> 8) % 5) as usize];
+            let (pa, pb) = (path(a, dir), path(b, dir));
+            let what = format!("seed {seed} step {step}");
+            match (r >> 16) % 8 {
+                0 | 1 => {
+                    let data = format!("{what} {a}").into_bytes();
+                    let target = s.canonical(o, &pa);
+                    put(&mut s, &target.to_string(), &data);
+                    let fnum = *names.entry(a.to_string()).or_insert(step);
+                    content.insert(fnum, data);
+                }
+                2..=4 => {
+                    let r = s.link(o, &pa, &pb, 5);
+                    match (names.get(a).copied(), names.contains_key(b)) {
+                        (Some(fnum), false) if a != b => {
+                            r.unwrap_or_else(|e| panic!("{what}: link {a} {b}: {e:?}"));
+                            names.insert(b.to_string(), fnum);
+                        }
+                        _ => assert!(r.is_err(), "{what}: link {a} {b} should fail"),
+                    }
+                }
+                5 => {
+                    let r = s.unlink(o, &pa, false);
+                    match names.remove(a) {
+                        Some(_) => {
+                            r.unwrap_or_else(|e| panic!("{what}: unlink {a}: {e:?}"));
+                        }
+                        None => assert!(r.is_err(), "{what}: unlink {a} should fail"),
+                    }
+                }
+                6 => {
+                    let r = s.rename(o, &pa, &pb, 0);
+                    match names.get(a).copied() {
+                        Some(fa) => {
+                            r.unwrap_or_else(|e| panic!("{what}: rename {a} {b}: {e:?}"));
+                            if a != b && names.get(b) != Some(&fa) {
+                                names.remove(a);
+                                names.insert(b.to_string(), fa);
+                            }
+                        }
+                        None => assert!(r.is_err(), "{what}: rename {a} {b} should fail"),
+                    }
+                }
+                _ => {
+                    let other = if dir == "s1" { "s2" } else { "s1" };
+                    s.rename(o, &p(&format!("/d/{dir}")), &p(&format!("/d/{other}")), 0)
+                        .unwrap_or_else(|e| panic!("{what}: rename dir: {e:?}"));
+                    dir = other;
+                }
+            }
+            content.retain(|fnum, _| names.values().any(|v| v == fnum));
+            let count = |fnum: u32| names.values().filter(|&&v| v == fnum).count() as u64;
+            for n in all {
+                match names.get(n) {
+                    Some(&fnum) => {
+                        let node = s.lookup(o, &path(n, dir)).unwrap();
+                        assert_eq!(node.nlink, count(fnum), "{what}: nlink of {n}");
+                        most = most.max(node.nlink);
+                    }
+                    None => assert!(s.lookup(o, &path(n, dir)).is_err(), "{what}: {n} absent"),
+                }
+            }
+            if step % 10 == 9 {
+                s.commit().unwrap();
+                let fresh = f.session(false);
+                for (n, &fnum) in &names {
+                    let got = f.committed(&path(n, dir).to_string());
+                    assert_eq!(got.as_ref(), content.get(&fnum), "{what}: content of {n}");
+                    assert_eq!(
+                        fresh.lookup(o, &path(n, dir)).unwrap().nlink,
+                        count(fnum),
+                        "{what}: committed nlink of {n}"
+                    );
+                }
+                let findings = fresh.vol().unwrap().verify();
+                assert!(findings.is_empty(), "{what}: {findings:?}");
+            }
+        }
+        assert!(most >= 3, "seed {seed}: at most {most} names");
+    }
 }

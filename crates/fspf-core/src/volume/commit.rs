@@ -124,7 +124,16 @@ pub enum Change {
     Remove(EmbedPath),
     /// Move an entry (and, for a directory, everything below it). The file id, hence the key,
     /// is kept: a rename re-encrypts nothing. The caller renames the kernel object after the commit.
+    /// Hard links follow: a moved file's links name its new path, a moved link is listed under
+    /// its new one. A file moved over one of its own links takes that name (the link goes).
     Rename { from: EmbedPath, to: EmbedPath },
+    /// A hard link at `link` (a free name) to the regular or special file listed at `target`,
+    /// whose change time moves to `ns`. Nothing changes on disk.
+    Link {
+        link: EmbedPath,
+        target: EmbedPath,
+        ns: i64,
+    },
     /// An entry was made in or removed from directory `dir` at `ns`: its modification and change
     /// times move to `ns` (never back). Only those two fields change, so a concurrent `chmod` of
     /// the directory by another process is kept; an implied directory (only paths below it are
@@ -152,6 +161,98 @@ impl Volume {
         tx.touched.insert(path.clone());
         tx.undo.push((path.clone(), old.clone()));
         old
+    }
+
+    /// Change the entry at `path` in place within `tx` (nothing if none is listed there).
+    fn tx_edit(&mut self, tx: &mut Tx, path: &EmbedPath, f: impl FnOnce(&mut FileEntry)) {
+        if let Some(mut e) = self.lookup(path).map(|e| e.into_owned()) {
+            f(&mut e);
+            self.tx_set(tx, path, Some(e));
+        }
+    }
+
+    /// Set the entry at `path` to `v`, keeping hard links consistent: links are changed only by
+    /// [`Change::Link`], removals and renames, so a new version or entry (a mode, a time)
+    /// keeps the links listed now, whatever the entry it was made from listed; a replaced link is
+    /// no longer listed by its target (whose change time moves). Refuses to drop a file whose
+    /// links stay.
+    fn tx_replace(
+        &mut self,
+        tx: &mut Tx,
+        path: &EmbedPath,
+        mut v: Option<FileEntry>,
+    ) -> Result<Option<FileEntry>> {
+        let old = self.lookup(path).map(|e| e.into_owned());
+        let file = |k: &FileKind| matches!(k, FileKind::File { .. } | FileKind::Special { .. });
+        if let Some(n) = &mut v {
+            if file(&n.kind) {
+                n.links = match &old {
+                    Some(o) if file(&o.kind) => o.links.clone(),
+                    _ => Vec::new(),
+                };
+            }
+        }
+        match &old {
+            Some(FileEntry {
+                kind: FileKind::Link(t),
+                ..
+            }) if !matches!(&v, Some(FileEntry { kind: FileKind::Link(t2), .. }) if t2 == t) => {
+                let now = crate::format::metadata::now_ns();
+                self.tx_edit(tx, t, |e| {
+                    e.links.retain(|l| l != path);
+                    e.ctime_ns = e.ctime_ns.max(now);
+                });
+            }
+            Some(o) if !o.links.is_empty() && !v.as_ref().is_some_and(|n| file(&n.kind)) => {
+                return Err(Error::Invalid {
+                    path: path.to_string(),
+                    reason: "removed while it still has hard links".into(),
+                });
+            }
+            _ => {}
+        }
+        Ok(self.tx_set(tx, path, v))
+    }
+
+    /// After entries below `from` moved below `to` (`moved`: their old paths): the links of a
+    /// moved file name its new path, and a moved link is listed under its new one, wherever the
+    /// other side lies.
+    fn relink_moved(&mut self, tx: &mut Tx, from: &EmbedPath, to: &EmbedPath, moved: &[EmbedPath]) {
+        let rebase = |p: &EmbedPath| p.rebased(from, to).unwrap_or_else(|| p.clone());
+        for k in moved {
+            let dest = rebase(k);
+            let Some(e) = self.lookup(&dest).map(|e| e.into_owned()) else {
+                continue;
+            };
+            match &e.kind {
+                FileKind::Link(t) => {
+                    let t2 = rebase(t);
+                    if &t2 != t {
+                        self.tx_edit(tx, &dest, |e| e.kind = FileKind::Link(t2.clone()));
+                    } else {
+                        self.tx_edit(tx, t, |e| {
+                            for l in &mut e.links {
+                                if l == k {
+                                    *l = dest.clone();
+                                }
+                            }
+                        });
+                    }
+                }
+                _ if !e.links.is_empty() => {
+                    let links: Vec<EmbedPath> = e.links.iter().map(rebase).collect();
+                    for (old, new) in e.links.iter().zip(&links) {
+                        if old == new {
+                            self.tx_edit(tx, new, |l| l.kind = FileKind::Link(dest.clone()));
+                        }
+                    }
+                    if links != e.links {
+                        self.tx_edit(tx, &dest, |e| e.links = links);
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 
     fn rollback(&mut self, tx: Tx) {
@@ -638,6 +739,8 @@ impl Volume {
         // Updates to apply after the commit point, and the first one that no longer fits.
         let mut updates: Vec<&super::update::StagedUpdate> = Vec::new();
         let mut conflict: Option<&super::update::StagedUpdate> = None;
+        // A change that would leave hard links inconsistent (the frontends never queue one).
+        let mut invalid: Option<Error> = None;
         // Shadows to move into place once the commit is durable.
         let mut post: Vec<&StagedFile> = Vec::new();
         // Versions staged and then removed within this batch: never published, shadows dropped.
@@ -649,12 +752,15 @@ impl Volume {
         for c in &changes {
             match c {
                 Change::Put(s) => {
-                    if let Some(FileEntry {
-                        kind: FileKind::File { id, .. },
-                        ..
-                    }) = self.tx_set(&mut tx, &s.path, Some(s.entry.clone()))
-                    {
-                        garbage.push(id);
+                    match self.tx_replace(&mut tx, &s.path, Some(s.entry.clone())) {
+                        Ok(Some(FileEntry {
+                            kind: FileKind::File { id, .. },
+                            ..
+                        })) => garbage.push(id),
+                        Ok(_) => {}
+                        Err(e) => {
+                            invalid.get_or_insert(e);
+                        }
                     }
                     match post_index.entry(&s.path) {
                         std::collections::hash_map::Entry::Occupied(o) => {
@@ -668,13 +774,48 @@ impl Volume {
                         }
                     }
                 }
-                Change::PutEntry(p, e) => {
-                    if let Some(FileEntry {
+                Change::PutEntry(p, e) => match self.tx_replace(&mut tx, p, Some(e.clone())) {
+                    Ok(Some(FileEntry {
                         kind: FileKind::File { id, .. },
                         ..
-                    }) = self.tx_set(&mut tx, p, Some(e.clone()))
-                    {
-                        garbage.push(id);
+                    })) => garbage.push(id),
+                    Ok(_) => {}
+                    Err(e) => {
+                        invalid.get_or_insert(e);
+                    }
+                },
+                Change::Link { link, target, ns } => {
+                    let free = self.lookup(link).is_none();
+                    match self.lookup(target).map(|e| e.into_owned()) {
+                        Some(mut e)
+                            if free
+                                && matches!(
+                                    e.kind,
+                                    FileKind::File { .. } | FileKind::Special { .. }
+                                ) =>
+                        {
+                            e.links.push(link.clone());
+                            e.ctime_ns = e.ctime_ns.max(*ns);
+                            self.tx_set(&mut tx, target, Some(e));
+                            let l = FileEntry {
+                                kind: FileKind::Link(target.clone()),
+                                mode: 0,
+                                mtime_ns: 0,
+                                owner: None,
+                                ino: None,
+                                ctime_ns: 0,
+                                links: Vec::new(),
+                            };
+                            self.tx_set(&mut tx, link, Some(l));
+                        }
+                        _ => {
+                            invalid.get_or_insert(Error::Invalid {
+                                path: link.to_string(),
+                                reason: format!(
+                                    "a hard link to {target}, which is not a listed file, or the name is taken"
+                                ),
+                            });
+                        }
                     }
                 }
                 Change::Remove(p) => {
@@ -686,13 +827,24 @@ impl Volume {
                         keep
                     });
                     post_index = post.iter().enumerate().map(|(i, s)| (&s.path, i)).collect();
-                    for k in self.paths_below(p) {
-                        if let Some(FileEntry {
-                            kind: FileKind::File { id, .. },
-                            ..
-                        }) = self.tx_set(&mut tx, &k, None)
-                        {
-                            garbage.push(id);
+                    let below = self.paths_below(p);
+                    for k in &below {
+                        // Links below `p` go with it; a file whose links stay is refused.
+                        if let Some(mut e) = self.lookup(k).map(|e| e.into_owned()) {
+                            if !e.links.is_empty() {
+                                e.links.retain(|l| !l.starts_with(p));
+                                self.tx_set(&mut tx, k, Some(e));
+                            }
+                        }
+                        match self.tx_replace(&mut tx, k, None) {
+                            Ok(Some(FileEntry {
+                                kind: FileKind::File { id, .. },
+                                ..
+                            })) => garbage.push(id),
+                            Ok(_) => {}
+                            Err(e) => {
+                                invalid.get_or_insert(e);
+                            }
                         }
                     }
                 }
@@ -714,6 +866,7 @@ impl Volume {
                             // stays what it is.
                             let mut n = u.entry.clone();
                             n.ino = e.ino;
+                            n.links = e.links;
                             self.tx_set(&mut tx, &u.path, Some(n));
                             updates.push(u);
                         }
@@ -735,6 +888,7 @@ impl Volume {
                             .is_some_and(|r| &r.embed_point == dir);
                         if !root && self.has_below(dir) {
                             let e = FileEntry {
+                                links: Vec::new(),
                                 kind: FileKind::Dir,
                                 mode: 0o755,
                                 mtime_ns: *ns,
@@ -748,14 +902,29 @@ impl Volume {
                 },
                 Change::Rename { from, to } => {
                     let now = crate::format::metadata::now_ns();
-                    for k in self.paths_below(from) {
+                    let moved = self.paths_below(from);
+                    // The name moved over: a link goes (its target no longer lists it, even
+                    // when the target is what moves), a file with links must have lost them.
+                    if from != to && !moved.is_empty() {
+                        match self.tx_replace(&mut tx, to, None) {
+                            Ok(Some(FileEntry {
+                                kind: FileKind::File { id, .. },
+                                ..
+                            })) => garbage.push(id),
+                            Ok(_) => {}
+                            Err(e) => {
+                                invalid.get_or_insert(e);
+                            }
+                        }
+                    }
+                    for k in &moved {
                         let Some(dest) = k.rebased(from, to) else {
                             continue;
                         };
-                        if let Some(mut e) = self.tx_set(&mut tx, &k, None) {
+                        if let Some(mut e) = self.tx_set(&mut tx, k, None) {
                             // The entry keeps the inode number it showed (FORMAT.md §2).
                             e.ino.get_or_insert_with(|| k.default_ino());
-                            if &k == from {
+                            if k == from {
                                 // A rename changes the moved object's status, as on Linux.
                                 e.ctime_ns = now;
                             }
@@ -768,8 +937,14 @@ impl Volume {
                             }
                         }
                     }
+                    self.relink_moved(&mut tx, from, to, &moved);
                 }
             }
+        }
+        if let Some(e) = invalid {
+            self.rollback(tx);
+            cleanup(&changes);
+            return Err(e);
         }
         if let Some(u) = conflict {
             let current = match self.lookup(&u.path).map(|e| e.kind.clone()) {

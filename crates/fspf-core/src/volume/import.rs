@@ -212,6 +212,7 @@ impl Volume {
                     Ok(Some(Change::PutEntry(
                         path.clone(),
                         FileEntry {
+                            links: Vec::new(),
                             kind: FileKind::Dir,
                             mode: *mode,
                             mtime_ns: source_mtime(&opts.source.join(rel)),
@@ -250,6 +251,7 @@ impl Volume {
                     Ok(Some(Change::PutEntry(
                         path.clone(),
                         FileEntry {
+                            links: Vec::new(),
                             kind: FileKind::Symlink(target.clone()),
                             mode: 0o777,
                             mtime_ns: source_mtime(&opts.source.join(rel)),
@@ -351,7 +353,7 @@ impl Volume {
                         }
                         FileKind::Dir => report.dirs += 1,
                         FileKind::Symlink(_) => report.symlinks += 1,
-                        FileKind::Special { .. } => {}
+                        FileKind::Special { .. } | FileKind::Link(_) => {}
                     }
                 }
                 _ => {}

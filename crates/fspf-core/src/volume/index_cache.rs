@@ -216,6 +216,7 @@ mod tests {
         v.set_options(o);
         assert_eq!(cache_lag(&p), Some(0));
         let dir = crate::format::metadata::FileEntry {
+            links: Vec::new(),
             kind: crate::FileKind::Dir,
             mode: 0o755,
             mtime_ns: 1,

@@ -435,7 +435,9 @@ impl Volume {
                         continue;
                     };
                     let kind = match self.lookup(&child) {
-                        Some(e) => Some(crate::format::view::ChildKind::of(&e.kind)),
+                        Some(e) => Some(crate::format::view::ChildKind::of(&e.kind, |t| {
+                            self.lookup(t).map(|e| e.into_owned().kind)
+                        })),
                         None if self.has_below(&child) => Some(crate::format::view::ChildKind::Dir),
                         None => None,
                     };
@@ -631,6 +633,16 @@ impl Volume {
 
     /// Open a listed regular file of a kernel region for verified reading.
     pub fn open_file(&self, path: &EmbedPath) -> Result<KernelReader> {
+        // A hard link reads its target's file (a target is never a link itself: parsing
+        // refuses that).
+        if let Some(FileKind::Link(t)) = self.lookup(path).map(|e| e.into_owned().kind) {
+            if self
+                .lookup(&t)
+                .is_some_and(|e| !matches!(e.kind, FileKind::Link(_)))
+            {
+                return self.open_file(&t);
+            }
+        }
         let region = self.region_for(path).ok_or_else(|| Error::NoRegion {
             path: path.to_string(),
         })?;

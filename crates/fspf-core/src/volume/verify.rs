@@ -162,8 +162,9 @@ impl Volume {
                 }
                 Err(e) => Err(refused(e, "listed symlink is missing on disk")),
             },
-            // An entry only: nothing is kept on disk for it.
-            FileKind::Special { .. } => Ok(()),
+            // Entries only: nothing is kept on disk for them (a hard link reads its target's
+            // file, which is checked at the target's path).
+            FileKind::Special { .. } | FileKind::Link(_) => Ok(()),
         }
     }
 

@@ -27,11 +27,30 @@ pub(crate) unsafe fn by_route(
     real: impl Fn(c_int, *const c_char) -> c_int,
     shielded: impl FnOnce(&'static Shield, EmbedPath) -> c_int,
 ) -> c_int {
+    // SAFETY: this function's contract.
+    unsafe { by_route_as(false, dirfd, path, real, shielded) }
+}
+
+/// [`by_route`] of a name: a hard link is not replaced by its target ([`Shield::route_name`]).
+///
+/// # Safety
+/// `path` must be what the program passed to the hook (a C string, or null).
+pub(crate) unsafe fn by_route_as(
+    name: bool,
+    dirfd: c_int,
+    path: *const c_char,
+    real: impl Fn(c_int, *const c_char) -> c_int,
+    shielded: impl FnOnce(&'static Shield, EmbedPath) -> c_int,
+) -> c_int {
     let Some(g) = crate::enter() else {
         return real(dirfd, path);
     };
     let sh = shield::get();
-    match sh.route(dirfd, path) {
+    let route = match name {
+        true => sh.route_name(dirfd, path),
+        false => sh.route(dirfd, path),
+    };
+    match route {
         Route::Pass => {
             drop(g);
             real(dirfd, path)

@@ -39,7 +39,7 @@ unsafe fn unlink_common(
     let dir = flags & libc::AT_REMOVEDIR != 0;
     // SAFETY: `p` is the program's argument.
     unsafe {
-        super::by_route(d, p, real_call, |sh, ep| {
+        super::by_route_as(true, d, p, real_call, |sh, ep| {
             // As the kernel: `rmdir("d/.")` is EINVAL, `rmdir("d/..")` ENOTEMPTY (never a
             // removal of `d` or of its parent); `unlink` of either names a directory.
             match (dot_last(p), dir) {
@@ -83,7 +83,7 @@ pub unsafe extern "C" fn remove(p: *const c_char) -> c_int {
         return unsafe { real::remove(p) };
     };
     let sh = shield::get();
-    match sh.route(libc::AT_FDCWD, p) {
+    match sh.route_name(libc::AT_FDCWD, p) {
         Route::Pass => {
             drop(g);
             // SAFETY: the caller's arguments, unchanged, to glibc's own `remove` (resolved
@@ -179,7 +179,7 @@ unsafe fn rename_common(
             }
         };
     }
-    let (ra, rb) = (sh.route(da, a), sh.route(db, b));
+    let (ra, rb) = (sh.route_name(da, a), sh.route_name(db, b));
     // SAFETY: the program's path arguments (routed above, so NUL-terminated strings).
     let dots = unsafe { dot_last(a).is_some() || dot_last(b).is_some() };
     match (ra, rb) {
@@ -428,8 +428,8 @@ pub unsafe extern "C" fn getcwd(buf: *mut c_char, size: size_t) -> *mut c_char {
     out
 }
 
-/// Hard links cannot be expressed in the fspf (each entry is its own version): `EPERM`, the
-/// errno of file systems without hard links.
+/// A hard link between protected paths is an fspf entry (`namespace::do_link`); between a
+/// protected path and any other, `EXDEV`.
 unsafe fn link_common(da: c_int, a: *const c_char, db: c_int, b: *const c_char, f: c_int) -> c_int {
     let Some(g) = enter() else {
         // SAFETY: the caller's arguments, unchanged, to glibc's own `linkat` (resolved
@@ -437,9 +437,25 @@ unsafe fn link_common(da: c_int, a: *const c_char, db: c_int, b: *const c_char, 
         return unsafe { real::linkat(da, a, db, b, f) };
     };
     let sh = shield::get();
-    match (sh.route(da, a), sh.route(db, b)) {
+    if f & !(libc::AT_SYMLINK_FOLLOW | libc::AT_EMPTY_PATH) != 0 {
+        return fail(libc::EINVAL);
+    }
+    match (sh.route(da, a), sh.route_name(db, b)) {
         (Route::Deny(e), _) | (_, Route::Deny(e)) => fail(e),
-        (Route::Shield(_), _) | (_, Route::Shield(_)) => fail(libc::EPERM),
+        (Route::Shield(x), Route::Shield(y)) => {
+            let follow = f & libc::AT_SYMLINK_FOLLOW != 0;
+            let x = match super::stat::resolve(x, follow) {
+                Ok((x, Ok(_))) => x,
+                // A symlink leading out of the protected regions.
+                Ok((_, Err(_))) => return fail(libc::EXDEV),
+                Err(e) => return fail(e),
+            };
+            match crate::namespace::do_link(sh, x, y) {
+                Ok(()) => 0,
+                Err(e) => fail(e),
+            }
+        }
+        (Route::Shield(_), _) | (_, Route::Shield(_)) => fail(libc::EXDEV),
         (Route::Pass, Route::Pass) => {
             drop(g);
             // SAFETY: the caller's arguments, unchanged, to glibc's own `linkat` (resolved

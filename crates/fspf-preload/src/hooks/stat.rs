@@ -32,7 +32,8 @@ pub(crate) fn resolve(
     if !sh.is_ephemeral(&inner, &ep) {
         sh.refresh(&mut inner)?;
     }
-    let mut ep = ep;
+    // A hard link made by another process since the route was taken names its file.
+    let mut ep = inner.s.canonical(&crate::shield::Live(&inner.live), &ep);
     for _ in 0..crate::shield::MAX_SYMLINKS {
         let n = sh.lookup(&inner, &ep)?;
         match (&n.kind, follow) {
@@ -103,6 +104,7 @@ fn fd_node(h: &files::Handle) -> (EmbedPath, Node) {
     if let Ok(n) = sh.lookup(&inner, &path) {
         node.ino = n.ino;
         node.ctime = n.ctime;
+        node.nlink = n.nlink;
     }
     (path, node)
 }

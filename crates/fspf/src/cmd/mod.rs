@@ -172,15 +172,16 @@ pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) ->
     let mut failures = 0;
     let mut dir_modes: Vec<(std::path::PathBuf, u32)> = Vec::new();
     let mut files = 0;
-    for p in v.paths_below(&ep) {
-        let e = &v.files()[&p];
-        let p = &p;
+    // Hard links to make once everything else is exported: (name, target's embed path).
+    let mut links: Vec<(std::path::PathBuf, EmbedPath)> = Vec::new();
+    // Where the entry at `p` lands.
+    let dest_of = |p: &EmbedPath, dir: bool| -> Result<std::path::PathBuf> {
         let rel = p.strip_prefix(&ep).unwrap_or_default();
-        let dest = if rel.is_empty() {
-            match e.kind {
+        Ok(if rel.is_empty() {
+            match dir {
                 // A single file or symlink exported by its own path lands inside OUTDIR.
-                FileKind::Dir => outdir.to_path_buf(),
-                _ => outdir.join(std::ffi::OsStr::from_bytes(p.file_name())),
+                true => outdir.to_path_buf(),
+                false => outdir.join(std::ffi::OsStr::from_bytes(p.file_name())),
             }
         } else {
             outdir.join(
@@ -189,7 +190,12 @@ pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) ->
                     .to_path_buf()
                     .strip_prefix("/")?,
             )
-        };
+        })
+    };
+    for p in v.paths_below(&ep) {
+        let e = &v.files()[&p];
+        let p = &p;
+        let dest = dest_of(p, matches!(e.kind, FileKind::Dir))?;
         let res: Result<()> = (|| {
             match &e.kind {
                 FileKind::Dir => {
@@ -243,38 +249,23 @@ pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) ->
                     )?;
                 }
                 FileKind::File { .. } => {
-                    if let Some(d) = dest.parent() {
-                        std::fs::create_dir_all(d)?;
-                    }
-                    let mut r = v.open_file(p)?;
-                    let tmp = dest.with_file_name(format!(
-                        ".{}.fspf-export",
-                        dest.file_name().unwrap_or_default().to_string_lossy()
-                    ));
-                    let res = (|| -> Result<()> {
-                        let f = std::fs::OpenOptions::new()
-                            .write(true)
-                            .create(true)
-                            .truncate(true)
-                            .mode(0o600)
-                            .open(&tmp)?;
-                        let mut w = std::io::BufWriter::new(f);
-                        r.copy_to(&mut w)?;
-                        let f = w.into_inner().map_err(|e| e.into_error())?;
-                        f.set_permissions(std::fs::Permissions::from_mode(if e.mode == 0 {
-                            0o600
-                        } else {
-                            e.mode
-                        }))?;
-                        f.sync_all()?;
-                        std::fs::rename(&tmp, &dest)?;
-                        Ok(())
-                    })();
-                    if res.is_err() {
-                        let _ = std::fs::remove_file(&tmp);
-                    }
-                    res?;
+                    export_file(&v, p, e.mode, &dest)?;
                     files += 1;
+                }
+                // Another name of a file: a hard link once the file is exported, if it is
+                // (below); a copy when the file lies outside what is exported.
+                FileKind::Link(t) if t.starts_with(&ep) => links.push((dest.clone(), t.clone())),
+                FileKind::Link(t) => {
+                    let te = v.lookup(t).map(|e| e.into_owned());
+                    match te {
+                        Some(te) if matches!(te.kind, FileKind::File { .. }) => {
+                            export_file(&v, t, te.mode, &dest)?;
+                            files += 1;
+                        }
+                        _ => anyhow::bail!(
+                            "{p}: a hard link to {t}, which is not a regular file here"
+                        ),
+                    }
                 }
             }
             Ok(())
@@ -287,6 +278,20 @@ pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) ->
             } else {
                 eprintln!("fspf: error: {p}: {msg}");
             }
+        }
+    }
+    for (dest, t) in links {
+        let src = dest_of(&t, false)?;
+        let _ = std::fs::remove_file(&dest);
+        if let Err(err) = std::fs::hard_link(&src, &dest) {
+            failures += 1;
+            eprintln!(
+                "fspf: error: {}: hard link to {}: {err}",
+                dest.display(),
+                src.display()
+            );
+        } else {
+            files += 1;
         }
     }
     // Deepest first, so a read-only parent does not block its children.
@@ -305,4 +310,45 @@ pub fn export(fspf: &Path, embed_point: &str, outdir: &Path, kt: &KeyTagArgs) ->
     }
     println!("Exported {files} files below {ep} to {}", outdir.display());
     Ok(0)
+}
+
+/// Write the plaintext of the file listed at `src` to `dest` (through a temporary beside it,
+/// synced, then renamed), with `mode`.
+fn export_file(
+    v: &fspf_core::Volume,
+    src: &EmbedPath,
+    mode: u32,
+    dest: &std::path::Path,
+) -> Result<()> {
+    if let Some(d) = dest.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let mut r = v.open_file(src)?;
+    let tmp = dest.with_file_name(format!(
+        ".{}.fspf-export",
+        dest.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let res = (|| -> Result<()> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let mut w = std::io::BufWriter::new(f);
+        r.copy_to(&mut w)?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.set_permissions(std::fs::Permissions::from_mode(if mode == 0 {
+            0o600
+        } else {
+            mode
+        }))?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dest)?;
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
 }

@@ -106,6 +106,7 @@ pub fn run(a: ShowArgs) -> Result<i32> {
                     FileKind::Dir => ("dir", None, None),
                     FileKind::Symlink(t) => ("symlink", None, Some(String::from_utf8_lossy(t).into_owned())),
                     FileKind::Special { kind, .. } => (special_name(*kind), None, None),
+                    FileKind::Link(t) => ("link", None, Some(t.to_string())),
                 };
                 serde_json::json!({"path": p.to_string(), "kind": kind, "size": size, "mode": format!("{:o}", e.mode), "target": target,
                     "region": v.region_for(p).map(|r| r.embed_point.to_string())})
@@ -179,6 +180,7 @@ pub fn run(a: ShowArgs) -> Result<i32> {
                 rdev,
                 e.mode
             ),
+            FileKind::Link(t) => println!("  {:<40} link => {t}", p.to_string()),
         }
     }
     Ok(0)

@@ -1247,3 +1247,49 @@ fn fuse_a_stream_held_open_without_sync_was_never_committed_by_the_interval() {
     assert!(n >= 8 << 20, "{n} bytes committed");
     assert!(o.stdout.chunks(1 << 20).all(|c| c == &block[..c.len()]));
 }
+
+/// Hard links were refused (`EPERM`) and every link count was 1: `ln`, `cp -al`, package
+/// managers and pjdfstest's `link/*` failed. Now a file has several names, one inode, one
+/// content, and its link count; they survive a remount.
+#[test]
+fn fuse_hard_links_are_one_file_under_several_names_and_survive_a_remount() {
+    let mut m = Mounted::new(true);
+    let st = |m: &Mounted, p: &str| {
+        let o = m.sh(&format!("stat -c '%h %i %a' {p}"));
+        assert!(o.status.success(), "stat {p}: {}", stderr(&o));
+        stdout(&o).trim().to_string()
+    };
+    let o = m.sh(
+        "set -e; cd data; echo one > a; mkdir sub; ln a b; ln b sub/c; echo two >> b; \
+         chmod 600 sub/c",
+    );
+    ok(&o, "ln, append through a link, chmod through another");
+    let a = st(&m, "data/a");
+    assert!(a.starts_with("3 ") && a.ends_with(" 600"), "{a}");
+    assert_eq!(st(&m, "data/b"), a);
+    assert_eq!(st(&m, "data/sub/c"), a);
+    assert_eq!(stdout(&m.sh("cat data/sub/c")), "one\ntwo\n");
+    // The first name goes: the file lives on under the others.
+    ok(&m.sh("rm data/a"), "rm the first name");
+    assert!(st(&m, "data/b").starts_with("2 "));
+    m.umount();
+    m.verify();
+    assert_eq!(stdout(&m.cat("/data/sub/c")), "one\ntwo\n");
+    assert!(!m.env.path("vol/a").exists() && !m.env.path("vol/sub/c").exists());
+    m.mount(true);
+    assert!(st(&m, "data/sub/c").starts_with("2 "));
+    // Two names of one file: `mv` changes nothing; a directory cannot be linked.
+    // (`mv` refuses two names of one file itself: the call.)
+    ok(
+        &m.sh("perl -e 'rename \"data/sub/c\", \"data/b\" or die \"$!\"'"),
+        "rename between two names of one file",
+    );
+    assert!(st(&m, "data/sub/c").starts_with("2 "));
+    let o = m.sh("perl -e 'link \"data/sub\", \"data/sub2\" or die \"$!\n\"'");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not permitted"), "{}", stderr(&o));
+    ok(&m.sh("rm data/b data/sub/c"), "rm the last names");
+    m.umount();
+    m.verify();
+    assert!(!m.cat("/data/b").status.success());
+}
