@@ -498,6 +498,11 @@ struct State {
     /// same version keeps the kernel's page cache of it (`FOPEN_KEEP_CACHE`, pages this daemon
     /// verified); any other open invalidates it, and an open for writing forgets the entry.
     cached: HashMap<u64, fspf_core::Version>,
+    /// Open handles by inode.
+    opens: HashMap<u64, u32>,
+    /// Inodes whose last name went while they were open: their attributes as `fstat` shows
+    /// them until the last handle closes (no links).
+    gone: HashMap<u64, FileAttr>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -883,6 +888,8 @@ impl FspfFs {
                 times: HashMap::new(),
                 read_buf: Vec::new(),
                 cached: HashMap::new(),
+                opens: HashMap::new(),
+                gone: HashMap::new(),
             })),
             anchor,
             root,
@@ -1083,14 +1090,22 @@ impl FspfFs {
         Ok(Handle::Kernel(Box::new(r)))
     }
 
-    fn add_handle(st: &mut State, h: Handle) -> u64 {
+    fn add_handle(st: &mut State, ino: u64, h: Handle) -> u64 {
+        *st.opens.entry(ino).or_default() += 1;
         let fh = st.next_fh;
         st.next_fh += 1;
         st.handles.insert(fh, h);
         fh
     }
 
-    fn release_handle(&self, st: &mut State, fh: u64) -> Result<(), c_int> {
+    fn release_handle(&self, st: &mut State, ino: u64, fh: u64) -> Result<(), c_int> {
+        if let Some(n) = st.opens.get_mut(&ino) {
+            *n -= 1;
+            if *n == 0 {
+                st.opens.remove(&ino);
+                st.gone.remove(&ino);
+            }
+        }
         let Some(Handle::Buf { buf, write: true }) = st.handles.remove(&fh) else {
             return Ok(());
         };
@@ -1175,14 +1190,24 @@ impl Filesystem for FspfFs {
         reply_entry(reply, r)
     }
 
-    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+    fn getattr(&mut self, _req: &Request<'_>, ino: u64, fh: Option<u64>, reply: ReplyAttr) {
         let mut st = self.state();
-        let Some(ep) = st.inodes.path(ino).cloned() else {
-            return reply.error(libc::ENOENT);
+        let r = match st.inodes.path(ino).cloned() {
+            Some(ep) => self.entry(&mut st, &ep),
+            None => Err(libc::ENOENT),
         };
-        match self.entry(&mut st, &ep) {
-            Ok(a) => reply.attr(&TTL, &a),
-            Err(e) => reply.error(e),
+        match (r, st.gone.get(&ino).copied()) {
+            (Ok(a), _) => reply.attr(&TTL, &a),
+            // An open file without a name (`fstat` after `unlink`): no links, and the size its
+            // handle sees.
+            (Err(libc::ENOENT), Some(mut a)) => {
+                if let Some(Handle::Buf { buf, .. }) = fh.and_then(|f| st.handles.get(&f)) {
+                    a.size = lock(buf).len;
+                    a.blocks = a.size.div_ceil(512);
+                }
+                reply.attr(&TTL, &a)
+            }
+            (Err(e), _) => reply.error(e),
         }
     }
 
@@ -1503,6 +1528,7 @@ impl Filesystem for FspfFs {
                     lock(&b).writers += 1;
                     let fh = Self::add_handle(
                         st,
+                        ino,
                         Handle::Buf {
                             buf: b,
                             write: true,
@@ -1531,7 +1557,7 @@ impl Filesystem for FspfFs {
             } else {
                 st.cached.remove(&ino);
             }
-            Ok((Self::add_handle(st, h), keep))
+            Ok((Self::add_handle(st, ino, h), keep))
         })();
         match r {
             Ok((fh, keep)) => reply.opened(fh, keep),
@@ -1649,7 +1675,7 @@ impl Filesystem for FspfFs {
     fn release(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
+        ino: u64,
         fh: u64,
         _flags: i32,
         _lock_owner: Option<u64>,
@@ -1657,7 +1683,7 @@ impl Filesystem for FspfFs {
         reply: ReplyEmpty,
     ) {
         let mut st = self.state();
-        match self.release_handle(&mut st, fh) {
+        match self.release_handle(&mut st, ino, fh) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -1804,7 +1830,8 @@ impl Filesystem for FspfFs {
                     write: true,
                 }
             };
-            let fh = Self::add_handle(st, h);
+            let ino = st.inodes.ino(&ep);
+            let fh = Self::add_handle(st, ino, h);
             st.dir_changed(parent);
             Ok((self.entry(st, &ep)?, fh))
         })();
@@ -1863,6 +1890,11 @@ impl FspfFs {
         let r = (|| -> Result<(), c_int> {
             let ep = Self::child(st, parent, name)?;
             let target = st.s.link_target(&Live(&st.live), &ep);
+            // An open file losing its last name: `fstat` of its handles still answers.
+            let before = match st.inodes.by_path.get(target.as_ref().unwrap_or(&ep)) {
+                Some(i) if st.opens.contains_key(i) => self.entry(st, &ep).ok(),
+                _ => None,
+            };
             let kept = st.s.unlink(&Live(&st.live), &ep, dir);
             match st.committed(kept)? {
                 // The file had hard links: it lives on at one of them.
@@ -1872,6 +1904,11 @@ impl FspfFs {
             // The file lost a name (its link count, its status change time).
             if let Some(&i) = st.inodes.by_path.get(target.as_ref().unwrap_or(&ep)) {
                 st.changed(i);
+            }
+            if let Some(mut a) = before.filter(|a| a.nlink <= 1) {
+                a.nlink = 0;
+                a.ctime = SystemTime::now();
+                st.gone.insert(a.ino, a);
             }
             st.dir_changed(parent);
             st.mark();

@@ -4296,6 +4296,34 @@ fn hard_links_under_the_shield_are_one_file_under_several_names() {
         stdout(&o)
     );
     assert!(!w.path("vol/a").exists() && !w.path("vol/c").exists());
-    let o = w.run(&["cat", "/data/b"]);
+    let o = w.run(&["cat", "/data/b", "/data/c"]);
+    assert_eq!(stdout(&o), "one\ntwo\none\ntwo\n");
+    // Attack: a file put on disk at a link's name (nothing is stored there) is never read
+    // through the name, and `verify` reports it.
+    std::fs::copy(w.path("vol/hello.txt"), w.path("vol/c")).expect("plant");
+    let o = w.run(&["cat", "/data/c"]);
     assert_eq!(stdout(&o), "one\ntwo\n");
+    let v = Command::new(fspf_bin())
+        .args(["verify", "fspf.pb", "--key", &w.key, "--tag", &w.tag])
+        .current_dir(w.path(""))
+        .output()
+        .expect("verify");
+    assert_eq!(v.status.code(), Some(1), "{}", stdout(&v));
+    assert!(stdout(&v).contains("/data/c"), "{}", stdout(&v));
+}
+
+/// `fstat` of an open file whose last name was removed showed one link; the kernel shows none.
+#[test]
+fn fstat_of_an_open_file_whose_name_was_removed_showed_a_link() {
+    need("perl");
+    let mut w = data_world();
+    let o = w.run_mut(&[
+        "sh",
+        "-c",
+        "set -e; printf hello > /data/x; \
+         perl -e 'open(my $r, \"<\", \"/data/x\") or die \"$!\"; unlink \"/data/x\" or die \"$!\"; \
+                  my @r = stat($r) or die \"$!\"; print \"$r[3] $r[7]\\n\"'",
+    ]);
+    ok(&o, "stat of an open unlinked file");
+    assert_eq!(stdout(&o), "0 5\n");
 }

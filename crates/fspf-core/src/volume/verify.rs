@@ -163,8 +163,16 @@ impl Volume {
                 Err(e) => Err(refused(e, "listed symlink is missing on disk")),
             },
             // Entries only: nothing is kept on disk for them (a hard link reads its target's
-            // file, which is checked at the target's path).
-            FileKind::Special { .. } | FileKind::Link(_) => Ok(()),
+            // file, which is checked at the target's path), so anything there was put there
+            // behind the fspf's back (it is never read, but it is not what the fspf lists).
+            FileKind::Special { .. } | FileKind::Link(_) => {
+                match kernel_fs::stat_beneath(kp.base(), kp.rel()) {
+                    Ok(_) => Err(problem(
+                        "an object on disk where the fspf lists an entry that has none",
+                    )),
+                    Err(_) => Ok(()),
+                }
+            }
         }
     }
 

@@ -101,10 +101,15 @@ fn fd_node(h: &files::Handle) -> (EmbedPath, Node) {
     };
     let sh = shield::get();
     let inner = sh.lock();
-    if let Ok(n) = sh.lookup(&inner, &path) {
-        node.ino = n.ino;
-        node.ctime = n.ctime;
-        node.nlink = n.nlink;
+    match sh.lookup(&inner, &path) {
+        Ok(n) => {
+            node.ino = n.ino;
+            node.ctime = n.ctime;
+            node.nlink = n.nlink;
+        }
+        // Its last name went while it was open (`fstat` after `unlink`): no links.
+        Err(libc::ENOENT) => node.nlink = 0,
+        Err(_) => {}
     }
     (path, node)
 }

@@ -1293,3 +1293,26 @@ fn fuse_hard_links_are_one_file_under_several_names_and_survive_a_remount() {
     m.verify();
     assert!(!m.cat("/data/b").status.success());
 }
+
+/// `fstat` of an open file whose last name was removed failed with `ENOENT` (the daemon
+/// answered by the removed path); the kernel shows such a file with no links, and the size its
+/// handle sees.
+#[test]
+fn fstat_of_an_open_file_whose_name_was_removed_failed() {
+    let py = crate::shielded::real_python();
+    let m = Mounted::new(true);
+    let script = "import os\n\
+        open('data/x', 'w').write('hello'); open('data/y', 'w').write('abc')\n\
+        r = os.open('data/x', os.O_RDONLY); w = os.open('data/y', os.O_WRONLY | os.O_APPEND)\n\
+        os.unlink('data/x'); os.unlink('data/y'); os.write(w, b'defg')\n\
+        a = os.fstat(r); b = os.fstat(w)\n\
+        print(a.st_nlink, a.st_size, b.st_nlink, b.st_size)\n";
+    let o = Command::new(py)
+        .arg("-c")
+        .arg(script)
+        .current_dir(m.env.path("mnt"))
+        .output()
+        .expect("python");
+    ok(&o, "fstat of open unlinked files");
+    assert_eq!(stdout(&o), "0 5 0 7\n");
+}
