@@ -1,5 +1,5 @@
 //! Frozen fixtures of every format version (`testdata/fspf/v1/`, `v2/`, `v3/`, and `v3-log4/`,
-//! `v3-log5/` for the metadata log's versions; never regenerated): the
+//! `v3-log5/` for the metadata log's versions, `v3-links/` for hard links; never regenerated): the
 //! good tree must keep opening with its recorded key and tag and serve the same plaintext; every
 //! `broken/<defect>/` copy must keep failing, in the way its name says.
 //!
@@ -460,4 +460,55 @@ fn a_file_of_a_version_5_log_lost_by_a_power_loss_is_restored_after_a_restart() 
         check_log_fixture(&v);
         assert!(tmp.path().join("enc/new.txt").is_file(), "written again");
     }
+}
+
+/// The hard-link fixture's tree `state` ("" or `broken/<name>`), copied into `tmp` and opened
+/// with the fixture's anchor, its region re-pointed at the copy.
+fn open_links_fixture(state: &str, tmp: &Path) -> fspf_core::Result<Volume> {
+    copy_tree(&fixture_named("v3-links").join(state), tmp);
+    let (key, tag) = keytag_in(&fixture_named("v3-links"));
+    let mut vol = Volume::open(&tmp.join("fspf.pb"), Some(key), Some(tag))?;
+    vol.rebase_kernel_paths(Path::new("/tmp/fspf-fixture-v3-links"), tmp);
+    Ok(vol)
+}
+
+#[test]
+fn v3_fixture_with_hard_links_opens_and_serves_one_file_under_its_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = open_links_fixture("", tmp.path()).unwrap();
+    let content = b"shared content\nmore\n";
+    assert_eq!(read(&v, "/enc/b").unwrap(), content);
+    assert_eq!(read(&v, "/enc/e/c").unwrap(), content);
+    assert_eq!(read(&v, "/enc/solo").unwrap(), b"alone\n");
+    let entry = |p: &str| {
+        v.lookup(&EmbedPath::parse(p).unwrap())
+            .unwrap()
+            .into_owned()
+    };
+    let b = entry("/enc/b");
+    assert_eq!(b.nlink(), 2);
+    assert_eq!(b.links, [EmbedPath::parse("/enc/e/c").unwrap()]);
+    assert_eq!(
+        entry("/enc/e/c").kind,
+        FileKind::Link(EmbedPath::parse("/enc/b").unwrap())
+    );
+    assert_eq!(entry("/enc/p").nlink(), 2);
+    assert!(!tmp.path().join("enc/a").exists() && !tmp.path().join("enc/e/c").exists());
+    let findings = v.verify();
+    assert!(findings.is_empty(), "{findings:?}");
+}
+
+#[test]
+fn every_broken_hard_link_copy_fails_as_its_name_says() {
+    let mut broken = Broken::of(fixture_named("v3-links").join("broken"));
+    broken.case("planted", &|_| {
+        let tmp = tempfile::tempdir().unwrap();
+        let v = open_links_fixture("broken/planted", tmp.path()).unwrap();
+        // Never read through the link's name ...
+        assert_eq!(read(&v, "/enc/e/c").unwrap(), b"shared content\nmore\n");
+        // ... and reported.
+        let f = v.verify();
+        assert!(has_finding(&f, "/enc/e/c", "an object on disk"), "{f:?}");
+    });
+    broken.finish();
 }
