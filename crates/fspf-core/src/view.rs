@@ -507,7 +507,10 @@ impl View<'_> {
                     v.extend_from_slice(&b[end..]);
                     return Some(Ok(v));
                 }
-                Some(FileKind::File { .. }) => return Some(Err(ViewError::NotDir)),
+                // A file, special file or hard link (never a directory) in a directory position.
+                Some(FileKind::File { .. } | FileKind::Special { .. } | FileKind::Link(_)) => {
+                    return Some(Err(ViewError::NotDir))
+                }
                 _ => {}
             }
         }

@@ -437,12 +437,24 @@ unsafe fn link_common(da: c_int, a: *const c_char, db: c_int, b: *const c_char, 
         return unsafe { real::linkat(da, a, db, b, f) };
     };
     let sh = shield::get();
+    if a.is_null() || b.is_null() {
+        drop(g);
+        // SAFETY: glibc's own `linkat` with the caller's arguments: the kernel answers EFAULT
+        // for the null path without reading anything.
+        return unsafe { real::linkat(da, a, db, b, f) };
+    }
     if f & !(libc::AT_SYMLINK_FOLLOW | libc::AT_EMPTY_PATH) != 0 {
         return fail(libc::EINVAL);
     }
     match (sh.route(da, a), sh.route_name(db, b)) {
         (Route::Deny(e), _) | (_, Route::Deny(e)) => fail(e),
         (Route::Shield(x), Route::Shield(y)) => {
+            // A prefix that is not a directory, or that denies search: as the kernel.
+            for ep in [&x, &y] {
+                if let Err(e) = crate::perm::check_search(sh, &sh.lock(), ep) {
+                    return fail(e);
+                }
+            }
             let follow = f & libc::AT_SYMLINK_FOLLOW != 0;
             let x = match super::stat::resolve(x, follow) {
                 Ok((x, Ok(_))) => x,

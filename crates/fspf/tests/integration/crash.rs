@@ -1,8 +1,9 @@
 //! Crash safety of the shield's writes (P9 for `fspf run --mutable`), and a full disk.
 //!
 //! A python writer under `fspf run --mutable --tag-file T` creates, appends to, overwrites,
-//! truncates, renames and unlinks files of an encrypted kernel region, fsyncing each change (and
-//! the directory after a rename or unlink); some writes are deliberately never fsynced, and some
+//! truncates, renames, hard-links and unlinks files of an encrypted kernel region, fsyncing each
+//! change (and the directory after a rename, link or unlink; a change through one name of a file
+//! is logged for all its names); some writes are deliberately never fsynced, and some
 //! are large (2-3.5 MB, with streams starting at 2 MiB: sealed while written, or appended in
 //! committed pieces). Before
 //! each change it logs its intent (`I seq path sha256|-`), and after the fsync returned `D seq`,
@@ -84,12 +85,26 @@ if mode in ('fill', 'fillbig'):
     sys.exit(4)
 NAMES = ['f0', 'f1', 'f2', 'f3', 'd/g0', 'd/g1']
 state = {}
+# Which file each name is (hard links: names of one file share it), by inode number (a file
+# with one name is its own).
+grp = {}
 for n in NAMES:
     try:
         with open(path(n), 'rb') as f:
             state[n] = f.read()
+            st = os.fstat(f.fileno())
+            grp[n] = st.st_ino if st.st_nlink > 1 else ('alone', n)
     except FileNotFoundError:
         pass
+def names_of(n):
+    # Every name of the file `n` names (a write through one changes all).
+    return [m for m in state if grp[m] == grp[n]]
+def wrote(seq, n, new):
+    # Log and record a change of the file named `n`: every name of it shows it.
+    for m in names_of(n):
+        note('I', seq, m, digest(new))
+    for m in names_of(n):
+        state[m] = new
 note('R')
 # 70000 and 300000: format 2 (more than 16 chunks), changed in place by the later operations.
 SIZES = [0, 1, 100, 4095, 4096, 4097, 10000, 70000, 300000]
@@ -102,20 +117,28 @@ while True:
     ops = ['create', 'nosync', 'big']
     if present:
         ops += ['append', 'overwrite', 'truncate', 'rename', 'unlink', 'bigappend']
+    if present and len(present) < len(NAMES):
+        ops += ['link']
     op = rnd.choice(ops)
+    if op in ('create', 'nosync', 'big'):
+        n = rnd.choice(NAMES)
+        if n not in state:
+            grp[n] = ('new', seq)
     if op in ('big', 'bigappend'):
         # Large enough to be sealed while written (the writer runs with FSPF_STREAM_MB=2):
         # a new file streamed in pieces, or an append committed and punched past the threshold.
-        n = rnd.choice(NAMES) if op == 'big' else rnd.choice(present)
+        n = n if op == 'big' else rnd.choice(present)
         b = rnd.randbytes(rnd.randint(2_200_000, 3_500_000))
-        base = b'' if op == 'big' else state[n]
+        base = b'' if op == 'big' else state.get(n, b'')
         new = base + b
         # A write past the threshold may be committed before the fsync (as a kernel file
         # system writes dirty pages back): every prefix the writes leave may be what a kill
         # finds (a state logged before the final one is not acceptable once this is fsynced).
+        state.setdefault(n, b'')
         for k in range(0, len(b), 262144):
-            note('I', seq, n, digest(base + b[:k]))
-        note('I', seq, n, digest(new))
+            for m in names_of(n):
+                note('I', seq, m, digest(base + b[:k]))
+        wrote(seq, n, new)
         fl = os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if op == 'big' else os.O_APPEND)
         fd = os.open(path(n), fl, 0o644)
         for k in range(0, len(b), 262144):
@@ -123,20 +146,30 @@ while True:
         os.fsync(fd)
         note('D', seq)
         os.close(fd)
-        state[n] = new
     elif op in ('create', 'nosync'):
-        n, new = rnd.choice(NAMES), data()
-        note('I', seq, n, digest(new))
+        new = data()
+        state.setdefault(n, b'')
+        wrote(seq, n, new)
         fd = os.open(path(n), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         write_all(fd, new)
         if op == 'create':
             os.fsync(fd)
             note('D', seq)
         os.close(fd)
-        state[n] = new
+    elif op == 'link':
+        src = rnd.choice(present)
+        dst = rnd.choice([n for n in NAMES if n not in state])
+        note('I', seq, dst, digest(state[src]))
+        os.link(path(src), path(dst))
+        fsync_dir(dst)
+        note('D', seq)
+        state[dst] = state[src]
+        grp[dst] = grp[src]
     elif op == 'rename':
         src = rnd.choice(present)
         dst = rnd.choice([n for n in NAMES if n != src])
+        if dst in state and grp[dst] == grp[src]:
+            continue  # two names of one file: rename does nothing
         note('I', seq, src, '-')
         note('I', seq, dst, digest(state[src]))
         os.rename(path(src), path(dst))
@@ -144,6 +177,7 @@ while True:
         fsync_dir(dst)
         note('D', seq)
         state[dst] = state.pop(src)
+        grp[dst] = grp.pop(src)
     elif op == 'unlink':
         n = rnd.choice(present)
         note('I', seq, n, '-')
@@ -151,6 +185,7 @@ while True:
         fsync_dir(n)
         note('D', seq)
         del state[n]
+        del grp[n]
     else:
         n = rnd.choice(present)
         old = state[n]
@@ -167,7 +202,7 @@ while True:
             size = rnd.randint(0, len(old) + 5000)
             new = old[:size] + b'\0' * (size - len(old))
             fd = os.open(path(n), os.O_WRONLY)
-        note('I', seq, n, digest(new))
+        wrote(seq, n, new)
         if op == 'truncate':
             os.ftruncate(fd, size)
         else:
@@ -175,7 +210,6 @@ while True:
         os.fsync(fd)
         note('D', seq)
         os.close(fd)
-        state[n] = new
 "#;
 
 /// The six paths the writer uses, below `/data`.
