@@ -338,6 +338,14 @@ impl View<'_> {
         let target = self.link_target(ep);
         let ep = target.as_ref().unwrap_or(ep);
         let mut n = self.lookup_kind(ep)?;
+        // Kernel regions: the number every process shows for it (unique among the entries).
+        if self
+            .vol
+            .region_for(ep)
+            .is_some_and(|r| r.kind != RegionKind::Ephemeral)
+        {
+            n.ino = Some(self.vol.ino_of(ep, n.ino));
+        }
         if let Some(o) = self.pending.owners.get(ep) {
             n.owner = Some(*o);
         }
@@ -358,7 +366,9 @@ impl View<'_> {
         };
         let kernel = KernelPath::of(region, ep);
         if let Some(o) = self.frontend.open_file(ep) {
-            let nlink = self.vol.lookup(ep).map_or(1, |e| e.nlink());
+            let listed = self.vol.lookup(ep);
+            let nlink = listed.as_ref().map_or(1, |e| e.nlink());
+            let ino = listed.and_then(|e| e.ino);
             return Ok(Node {
                 nlink,
                 kind: NodeKind::File,
@@ -367,7 +377,7 @@ impl View<'_> {
                 kernel,
                 mtime: Some(o.mtime),
                 owner: o.owner,
-                ino: None,
+                ino,
                 ctime: None,
             });
         }

@@ -4327,3 +4327,27 @@ fn fstat_of_an_open_file_whose_name_was_removed_showed_a_link() {
     ok(&o, "stat of an open unlinked file");
     assert_eq!(stdout(&o), "0 5\n");
 }
+
+/// After `mv app.log app.log.1` and a new `app.log`, both showed one inode number (the renamed
+/// file keeps the number of its old name, and a new file there got the same): `cp` refused
+/// ("are the same file"), and `tar` or `rsync -H` would have stored one as a hard link of the
+/// other.
+#[test]
+fn a_new_file_at_a_renamed_files_old_name_had_its_inode_number() {
+    need("sh");
+    let mut w = data_world();
+    let o = w.run_mut(&[
+        "sh",
+        "-c",
+        "set -e; cd /data; echo old > app.log; mv app.log app.log.1; echo new > app.log; \
+         stat -c %i app.log app.log.1; cp app.log app.log.1; cat app.log.1",
+    ]);
+    ok(&o, "log rotation");
+    let out = stdout(&o);
+    let l: Vec<&str> = out.lines().collect();
+    assert_ne!(l[0], l[1], "{out}");
+    assert_eq!(l[2], "new");
+    // The numbers stay what they were in the next run.
+    let o = w.run(&["stat", "-c", "%i", "/data/app.log", "/data/app.log.1"]);
+    assert_eq!(stdout(&o).lines().collect::<Vec<_>>(), [l[0], l[1]]);
+}

@@ -7,13 +7,14 @@
 //!
 //! ```text
 //!  0  magic        "FSPFIDX\0"
-//!  8  version      u32 = 6 (1 had no mtime_ns, 2 no owners and special files, 3 no inode
-//!                    numbers, 4 no ctime_ns, 5 no hard links)
+//!  8  version      u32 = 7 (1 had no mtime_ns, 2 no owners and special files, 3 no inode
+//!                    numbers, 4 no ctime_ns, 5 no hard links, 6 no inode table)
 //! 12  entry_count  u32
 //! 16  tag          [16]  tag of the fspf the index was built from
 //! 32  regions_len  u32
 //! 36  records_len  u32
-//! 40  reserved     [8]   zero
+//! 40  ino_count    u32   entries that record an inode number
+//! 44  reserved     [4]   zero
 //! 48  regions      MetadataPb (protobuf) with the generation and regions, no files
 //!     offsets      entry_count x u32: where entry i's record starts within `records`
 //!     records      one per entry, in tree order:
@@ -26,6 +27,8 @@
 //!                    special: special u8 (1 fifo, 2 char, 3 block, 4 socket) | rdev u64
 //!                    link:    target_len u32 | target
 //!                  file and special: link_count u32 | link_count x (len u32 | path)
+//!     inos         ino_count x (ino u64 | entry u32): the recorded inode numbers, sorted by
+//!                  number (then entry), with the entry that records each
 //! ```
 //!
 //! **Tree order** ([`tree_order`]): paths compare byte by byte with `/` ranked below every other
@@ -50,7 +53,7 @@ use std::collections::BTreeMap;
 use zeroize::{Zeroize, Zeroizing};
 
 pub const INDEX_MAGIC: [u8; 8] = *b"FSPFIDX\0";
-pub const INDEX_VERSION: u32 = 6;
+pub const INDEX_VERSION: u32 = 7;
 const HEADER_LEN: usize = 48;
 const KIND_FILE: u8 = 1;
 const KIND_DIR: u8 = 2;
@@ -126,7 +129,12 @@ pub fn build_index(meta: &Metadata, tag: Tag) -> Result<Zeroizing<Vec<u8>>, Inde
 
     let mut offsets = Vec::with_capacity(entries.len() * 4);
     let mut records = Vec::new();
-    for (path, e) in &entries {
+    let mut inos: Vec<(u64, u32)> = Vec::new();
+    for (i, (path, e)) in entries.iter().enumerate() {
+        if let Some(ino) = e.ino {
+            let i = u32::try_from(i).map_err(too_large("the entry count"))?;
+            inos.push((ino, i));
+        }
         let off = u32::try_from(records.len()).map_err(too_large("records"))?;
         offsets.extend_from_slice(&off.to_le_bytes());
         let path = path.as_bytes();
@@ -206,10 +214,17 @@ pub fn build_index(meta: &Metadata, tag: Tag) -> Result<Zeroizing<Vec<u8>>, Inde
     out.extend_from_slice(&regions_len.to_le_bytes());
     let records_len = u32::try_from(records.len()).map_err(too_large("records"))?;
     out.extend_from_slice(&records_len.to_le_bytes());
-    out.extend_from_slice(&[0; 8]);
+    inos.sort_unstable();
+    let ino_count = u32::try_from(inos.len()).map_err(too_large("the inode table"))?;
+    out.extend_from_slice(&ino_count.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&regions);
     out.extend_from_slice(&offsets);
     out.extend_from_slice(&records);
+    for (ino, i) in inos {
+        out.extend_from_slice(&ino.to_le_bytes());
+        out.extend_from_slice(&i.to_le_bytes());
+    }
     Ok(out)
 }
 
@@ -220,7 +235,12 @@ pub struct FrozenIndex<'a> {
     generation: u64,
     regions: Vec<Region>,
     entries: Entries<'a>,
+    /// `ino_count` x (ino u64, entry u32), sorted.
+    inos: &'a [u8],
 }
+
+/// Bytes per row of the inode table.
+const INO_ROW: usize = 12;
 
 impl<'a> FrozenIndex<'a> {
     /// Check the header, that the sections add up to exactly `bytes.len()`, and parse the
@@ -243,13 +263,15 @@ impl<'a> FrozenIndex<'a> {
         let tag: [u8; TAG_LEN] = h.array().ok_or_else(short)?;
         let regions_len = h.u32().ok_or_else(short)?;
         let records_len = h.u32().ok_or_else(short)?;
-        if h.array::<8>().ok_or_else(short)? != [0; 8] {
+        let ino_count = h.u32().ok_or_else(short)?;
+        if h.array::<4>().ok_or_else(short)? != [0; 4] {
             return Err(IndexError::Reserved);
         }
         let expected = HEADER_LEN as u64
             + u64::from(regions_len)
             + 4 * u64::from(count)
-            + u64::from(records_len);
+            + u64::from(records_len)
+            + INO_ROW as u64 * u64::from(ino_count);
         if expected != bytes.len() as u64 {
             return Err(IndexError::LengthMismatch {
                 expected,
@@ -265,7 +287,10 @@ impl<'a> FrozenIndex<'a> {
         let (regions, rest) = rest
             .split_at_checked(regions_len as usize)
             .ok_or_else(mismatch)?;
-        let (offsets, records) = rest.split_at_checked(count * 4).ok_or_else(mismatch)?;
+        let (offsets, rest) = rest.split_at_checked(count * 4).ok_or_else(mismatch)?;
+        let (records, inos) = rest
+            .split_at_checked(records_len as usize)
+            .ok_or_else(mismatch)?;
         let pb = MetadataPb::decode(regions).map_err(|e| IndexError::Regions(e.to_string()))?;
         if !pb.files.is_empty() {
             return Err(IndexError::Regions(
@@ -282,7 +307,29 @@ impl<'a> FrozenIndex<'a> {
                 records,
                 count,
             },
+            inos,
         })
+    }
+
+    /// Paths of the entries that record inode number `ino` (normally none or one). O(log n).
+    pub fn with_ino(&self, ino: u64) -> impl Iterator<Item = &'a [u8]> + '_ {
+        let rows = self.inos.len() / INO_ROW;
+        let row = |i: usize| {
+            let mut c = Cursor(self.inos.get(i * INO_ROW..)?);
+            Some((c.u64()?, c.u32()?))
+        };
+        let (mut lo, mut hi) = (0, rows);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if row(mid).is_some_and(|(n, _)| n < ino) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        (lo..rows)
+            .map_while(move |i| row(i).filter(|&(n, _)| n == ino))
+            .filter_map(move |(_, e)| self.entries.path(usize::try_from(e).ok()?))
     }
 
     /// Tag of the fspf this index was built from; compare it with the run's current tag.
@@ -366,7 +413,42 @@ impl<'a> FrozenIndex<'a> {
     /// increasing tree order. O(n); for tests, fuzzing and diagnostics, never needed to query.
     pub fn validate(&self) -> Result<(), IndexError> {
         self.iter().try_for_each(|r| r.map(drop))?;
-        self.entries.check_end()
+        self.entries.check_end()?;
+        // The inode table: sorted, each row naming an entry that records that number, and
+        // every recorded number in it.
+        let bad = |reason| IndexError::Entry {
+            index: self.entries.count,
+            reason,
+        };
+        let mut prev: Option<(u64, u32)> = None;
+        let mut rows = 0usize;
+        for chunk in self.inos.chunks(INO_ROW) {
+            let mut c = Cursor(chunk);
+            let (ino, e) = (
+                c.u64().ok_or(bad("inode table"))?,
+                c.u32().ok_or(bad("inode table"))?,
+            );
+            if prev.is_some_and(|p| p >= (ino, e)) {
+                return Err(bad("inode table out of order"));
+            }
+            prev = Some((ino, e));
+            let (_, rest) = self
+                .entries
+                .record(e as usize)
+                .ok_or(bad("inode table names no entry"))?;
+            if parse_entry(&mut Cursor(rest)).and_then(|x| x.ino) != Some(ino) {
+                return Err(bad("inode table disagrees with its entry"));
+            }
+            rows += 1;
+        }
+        let recorded = self
+            .iter()
+            .filter(|r| matches!(r, Ok((_, e)) if e.ino.is_some()))
+            .count();
+        if rows != recorded {
+            return Err(bad("inode table misses recorded numbers"));
+        }
+        Ok(())
     }
 
     /// The full `Metadata` back (what a process needs to commit). O(n log n), validating.
@@ -1078,13 +1160,17 @@ mod tests {
             IndexError::UnsupportedVersion(4)
         );
         assert_eq!(
-            with(8, &5u32.to_le_bytes()),
-            IndexError::UnsupportedVersion(5)
+            with(8, &6u32.to_le_bytes()),
+            IndexError::UnsupportedVersion(6)
         );
         assert_eq!(
-            with(8, &7u32.to_le_bytes()),
-            IndexError::UnsupportedVersion(7)
+            with(8, &8u32.to_le_bytes()),
+            IndexError::UnsupportedVersion(8)
         );
+        assert!(matches!(
+            with(40, &u32::MAX.to_le_bytes()),
+            IndexError::LengthMismatch { .. }
+        ));
         assert!(matches!(
             with(12, &u32::MAX.to_le_bytes()),
             IndexError::LengthMismatch { .. }

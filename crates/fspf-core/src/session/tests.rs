@@ -525,7 +525,9 @@ fn a_rename_changed_the_inode_number_of_the_entry_and_its_children() {
     put(&mut s, "/d/src/f", b"content");
     s.commit().unwrap();
     let before = s.lookup(o, &p("/d/src/f")).unwrap();
-    assert_eq!(before.ino, None);
+    // Nothing recorded: the path's own number.
+    assert_eq!(before.ino, Some(p("/d/src/f").default_ino()));
+    assert_eq!(s.vol().unwrap().lookup(&p("/d/src/f")).unwrap().ino, None);
     let dir_before = p("/d/src").default_ino();
     s.rename(o, &p("/d/src"), &p("/d/dst"), 0).unwrap();
     let fresh = f.session(false);
@@ -881,4 +883,39 @@ fn random_hard_link_sequences_agree_with_a_model_of_names_and_files() {
         }
         assert!(most >= 3, "seed {seed}: at most {most} names");
     }
+}
+
+/// A file renamed away from a name keeps the inode number it showed there (the name's own);
+/// a new file made at that name showed the same number, so `cp`, `tar` and `rsync -H` took
+/// two different files for one (log rotation: `mv app.log app.log.1`, then a new `app.log`).
+#[test]
+fn a_new_file_at_a_renamed_files_old_name_showed_the_same_inode_number() {
+    let f = Fixture::new();
+    let mut s = f.session(true);
+    let o = &NoOpenFiles;
+    // What `stat` shows: the recorded number, else the path's.
+    let ino = |s: &Session<Arc<MemAnchor>>, path: &str| {
+        let n = s.lookup(o, &p(path)).unwrap();
+        n.ino.unwrap_or(p(path).default_ino())
+    };
+    put(&mut s, "/d/app.log", b"old");
+    s.commit().unwrap();
+    let first = ino(&s, "/d/app.log");
+    assert_eq!(first, p("/d/app.log").default_ino());
+    s.rename(o, &p("/d/app.log"), &p("/d/app.log.1"), 0)
+        .unwrap();
+    assert_eq!(ino(&s, "/d/app.log.1"), first);
+    put(&mut s, "/d/app.log", b"new");
+    let shown = ino(&s, "/d/app.log");
+    assert_ne!(shown, first, "before the commit");
+    s.commit().unwrap();
+    let fresh = f.session(false);
+    assert_eq!(ino(&fresh, "/d/app.log"), shown);
+    assert_eq!(ino(&fresh, "/d/app.log.1"), first);
+    // The new file keeps its number once the old one is gone, and through a rename.
+    s.unlink(o, &p("/d/app.log.1"), false).unwrap();
+    s.commit().unwrap();
+    assert_eq!(ino(&s, "/d/app.log"), shown);
+    s.rename(o, &p("/d/app.log"), &p("/d/moved"), 0).unwrap();
+    assert_eq!(ino(&f.session(false), "/d/moved"), shown);
 }

@@ -184,6 +184,16 @@ impl Volume {
     ) -> Result<Option<FileEntry>> {
         let old = self.lookup(path).map(|e| e.into_owned());
         let file = |k: &FileKind| matches!(k, FileKind::File { .. } | FileKind::Special { .. });
+        // A new name whose own number another entry records (a file renamed away from it)
+        // records the one it shows instead ([`Volume::ino_of`]).
+        if let (None, Some(n)) = (&old, &mut v) {
+            if n.ino.is_none() && !matches!(n.kind, FileKind::Link(_)) {
+                let shown = self.ino_of(path, None);
+                if shown != path.default_ino() {
+                    n.ino = Some(shown);
+                }
+            }
+        }
         if let Some(n) = &mut v {
             if file(&n.kind) {
                 n.links = match &old {
@@ -921,9 +931,13 @@ impl Volume {
                         let Some(dest) = k.rebased(from, to) else {
                             continue;
                         };
+                        let shown = self.lookup(k).map(|e| self.ino_of(k, e.ino));
                         if let Some(mut e) = self.tx_set(&mut tx, k, None) {
-                            // The entry keeps the inode number it showed (FORMAT.md §2).
-                            e.ino.get_or_insert_with(|| k.default_ino());
+                            // The entry keeps the inode number it showed (FORMAT.md §2); a
+                            // hard link shows its target's and records none.
+                            if !matches!(e.kind, FileKind::Link(_)) {
+                                e.ino = e.ino.or(shown);
+                            }
                             if k == from {
                                 // A rename changes the moved object's status, as on Linux.
                                 e.ctime_ns = now;

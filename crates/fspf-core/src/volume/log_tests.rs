@@ -257,6 +257,8 @@ fn a_volume_over_an_index_with_the_log_applied_reads_as_the_parsed_volume() {
         }
         for q in &probe {
             assert_eq!(ix.lookup(q), parsed.lookup(q), "{q}");
+            let shown = |v: &Volume| v.ino_of(q, v.lookup(q).and_then(|e| e.ino));
+            assert_eq!(shown(ix), shown(parsed), "{q}");
             assert_eq!(ix.has_below(q), parsed.has_below(q), "{q}");
             assert_eq!(
                 ix.children(q).collect::<Vec<_>>(),
@@ -412,4 +414,55 @@ fn a_commit_given_the_look_under_its_lock_appends_through_the_log_that_look_open
     for d in ["/a", "/b", "/c", "/d"] {
         assert!(x.lookup(&p(d)).is_some(), "{d}");
     }
+}
+
+/// The numbers entries record, over a frozen index and its overlay as over a parsed volume: a
+/// directory renamed away from `/x` records `/x`'s own number, so a new `/x` shows another,
+/// and records it; once the renamed one is gone, the number is free again.
+#[test]
+fn an_indexed_volume_knows_which_inode_numbers_its_entries_record() {
+    let (fx, mut v) = Fx::new();
+    mkdir(&mut v, "/x");
+    let own = p("/x").default_ino();
+    let t = v.tag();
+    v.commit(
+        vec![Change::Rename {
+            from: p("/x"),
+            to: p("/y"),
+        }],
+        Some(t),
+    )
+    .unwrap();
+    mkdir(&mut v, "/x");
+    let new_x = v.lookup(&p("/x")).unwrap().ino.expect("recorded");
+    assert_ne!(new_x, own);
+    assert_eq!(v.lookup(&p("/y")).unwrap().ino, Some(own));
+    let bytes: &'static [u8] = Box::leak(v.build_index().unwrap().to_vec().into_boxed_slice());
+    crate::format::index::FrozenIndex::open(bytes)
+        .unwrap()
+        .validate()
+        .unwrap();
+    let mut ix = logging(Volume::from_index(&fx.p, Some(fx.key.clone()), bytes).unwrap());
+    assert!(ix.is_indexed());
+    assert!(ix.ino_recorded(own) && ix.ino_recorded(new_x));
+    assert!(!ix.ino_recorded(p("/z").default_ino()));
+    // /z shows its own number; the overlay's removal of /y frees /x's.
+    assert_eq!(ix.ino_of(&p("/z"), None), p("/z").default_ino());
+    let t = ix.tag();
+    ix.commit(vec![Change::Remove(p("/y"))], Some(t)).unwrap();
+    assert!(ix.is_indexed());
+    assert!(!ix.ino_recorded(own));
+    assert_eq!(ix.ino_of(&p("/x2"), None), p("/x2").default_ino());
+    let t = ix.tag();
+    ix.commit(
+        vec![Change::PutEntry(p("/w"), {
+            let mut e = FileEntry::test_dir();
+            e.ino = Some(p("/q").default_ino());
+            e
+        })],
+        Some(t),
+    )
+    .unwrap();
+    assert!(ix.ino_recorded(p("/q").default_ino()));
+    assert_ne!(ix.ino_of(&p("/q"), None), p("/q").default_ino());
 }

@@ -76,6 +76,10 @@ pub struct Volume {
     /// Update journals the current log's records carry, and the files whose chains run
     /// through them (FORMAT.md §5b, "Journals in the log").
     logj: update::LogJournals,
+    /// How many entries record each inode number, among the parsed entries (or, over a frozen
+    /// index, the overlay's; the index has its own table). Built on first use, then kept up to
+    /// date by [`Volume::raw_set`].
+    recorded: std::sync::OnceLock<std::collections::HashMap<u64, u32>>,
 }
 
 /// The applied, not yet durable journals of one file (see [`Volume::settle_journals`]).
@@ -143,6 +147,7 @@ impl Volume {
             overlay: Default::default(),
             pending: Default::default(),
             logj: Default::default(),
+            recorded: Default::default(),
         };
         // Under the update lock: the orphan cleanup removes temporaries only while holding it.
         let _lock = FspfLock::acquire(&v.path)?;
@@ -220,6 +225,7 @@ impl Volume {
             overlay: Default::default(),
             pending: Default::default(),
             logj: Default::default(),
+            recorded: Default::default(),
         })
     }
 
@@ -270,6 +276,7 @@ impl Volume {
             overlay: Default::default(),
             pending: Default::default(),
             logj: self.logj.clone(),
+            recorded: Default::default(),
         }))
     }
 
@@ -332,16 +339,76 @@ impl Volume {
 
     /// Set (or, with `None`, remove) the entry at `path` in whichever backing holds them.
     pub(crate) fn raw_set(&mut self, path: EmbedPath, v: Option<FileEntry>) -> Option<FileEntry> {
-        if self.index.is_some() {
+        let added = v.as_ref().and_then(|e| e.ino);
+        let (old, gone) = if self.index.is_some() {
             let old = self.lookup(&path).map(|e| e.into_owned());
-            self.overlay.insert(path, v);
-            old
+            let before = self.overlay.insert(path, v).flatten();
+            (old, before.and_then(|e| e.ino))
         } else {
-            match v {
+            let old = match v {
                 Some(e) => self.meta.files.insert(path, e),
                 None => self.meta.files.remove(&path),
+            };
+            let gone = old.as_ref().and_then(|e| e.ino);
+            (old, gone)
+        };
+        if let Some(m) = self.recorded.get_mut() {
+            if let Some(i) = gone {
+                if let Some(n) = m.get_mut(&i) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            if let Some(i) = added {
+                *m.entry(i).or_default() += 1;
             }
         }
+        old
+    }
+
+    /// Does a listed entry record inode number `ino`? O(log n) over a frozen index; the parsed
+    /// entries are counted once, at the first call.
+    pub fn ino_recorded(&self, ino: u64) -> bool {
+        let counted = self.recorded.get_or_init(|| {
+            let mut m = std::collections::HashMap::new();
+            let entries: Box<dyn Iterator<Item = &FileEntry>> = match &self.index {
+                Some(_) => Box::new(self.overlay.values().flatten()),
+                None => Box::new(self.meta.files.values()),
+            };
+            for i in entries.filter_map(|e| e.ino) {
+                *m.entry(i).or_default() += 1;
+            }
+            m
+        });
+        if counted.get(&ino).is_some_and(|&n| n > 0) {
+            return true;
+        }
+        match &self.index {
+            // An entry of the index counts unless the overlay replaced it (then it was counted
+            // above if it still records the number).
+            Some(ix) => ix
+                .with_ino(ino)
+                .any(|p| EmbedPath::from_bytes(p).is_ok_and(|p| !self.overlay.contains_key(&p))),
+            None => false,
+        }
+    }
+
+    /// The inode number of the entry at `path` (or of a new one there), given the number it
+    /// records: that one, else the path's own ([`EmbedPath::default_ino`]) unless another
+    /// entry records it (a file renamed away from `path` keeps the number it showed there),
+    /// then the first of a fixed sequence derived from it that none records. Every process
+    /// computes the same number from the same state. FORMAT.md §2, inode numbers.
+    pub fn ino_of(&self, path: &EmbedPath, recorded: Option<u64>) -> u64 {
+        if let Some(i) = recorded {
+            return i;
+        }
+        let mut h = path.default_ino();
+        for _ in 0..64 {
+            if !self.ino_recorded(h) {
+                break;
+            }
+            h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) | 1;
+        }
+        h
     }
 
     /// Re-point kernel regions whose kernel path lies under `from` to the same place under
@@ -388,6 +455,7 @@ impl Volume {
             self.index_bytes = None;
             self.overlay.clear();
             self.meta = m;
+            self.recorded = Default::default();
         }
         Ok(())
     }

@@ -306,6 +306,7 @@ fn open_checkpoint(path: &Path, key: Option<VolumeKey>) -> Result<Volume> {
         overlay: Default::default(),
         pending: Default::default(),
         logj: Default::default(),
+        recorded: Default::default(),
     })
 }
 

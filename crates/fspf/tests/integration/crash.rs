@@ -24,7 +24,8 @@
 //! the current state. Iterations: `FSPF_CRASH_ITERS` (default 8), seed: `FSPF_CRASH_SEED` (it
 //! fixes the writer's operations and the delays; the kills still land where the scheduler puts
 //! them). `FSPF_CRASH_ITERS=200 cargo test --release -p fspf --test integration crash:: --
-//! --nocapture` prints one `crash loop: …` line with the counts.
+//! --nocapture` prints one `crash loop: …` line with the counts; `FSPF_CRASH_KEEP_LOGS=DIR`
+//! keeps every iteration's writer log there.
 //!
 //! The full-disk tests mount a 2 MiB tmpfs as the kernel dir (and once for `fspf.pb` too): the
 //! writer fsyncs 64 KiB files until a call fails; that call must fail with ENOSPC, the run's
@@ -477,6 +478,11 @@ fn writer_killed_at_random_points_keeps_every_fsynced_write() {
             "iteration {it}: fspf run did not end after the writer was killed"
         );
         let wlog = WriterLog::read(&log);
+        if let Ok(keep) = std::env::var("FSPF_CRASH_KEEP_LOGS") {
+            // For a failure's post-mortem: every iteration's writer log.
+            let _ = fs::create_dir_all(&keep);
+            let _ = fs::copy(&log, Path::new(&keep).join(format!("writer-{it}.log")));
+        }
         assert!(
             wlog.ready,
             "iteration {it}: the writer never started: {}",
