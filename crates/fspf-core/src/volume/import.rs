@@ -29,6 +29,8 @@ pub struct ImportReport {
     pub files: u64,
     pub dirs: u64,
     pub symlinks: u64,
+    /// Names recorded as hard links of a file recorded in the same import.
+    pub links: u64,
     pub bytes: u64,
     /// Source paths not recorded, with the reason.
     pub skipped: Vec<(PathBuf, String)>,
@@ -51,6 +53,8 @@ enum Job {
         path: EmbedPath,
         target: Vec<u8>,
     },
+    /// Another name of a file recorded by this import (a hard link in the source).
+    Link { path: EmbedPath, target: EmbedPath },
 }
 
 /// Modification time of `m` in nanoseconds since the epoch.
@@ -109,6 +113,9 @@ impl Volume {
         }
         let mut report = ImportReport::default();
         let mut jobs = Vec::new();
+        // The first name recorded of each source file with several (device, inode).
+        let mut first_names: std::collections::HashMap<(u64, u64), EmbedPath> =
+            std::collections::HashMap::new();
         for ent in walkdir::WalkDir::new(&opts.source)
             .follow_links(false)
             .sort_by_file_name()
@@ -128,12 +135,38 @@ impl Volume {
             if ft.is_dir() {
                 jobs.push(Job::Dir { rel, path, mode });
             } else if ft.is_file() {
-                jobs.push(Job::File {
-                    rel,
-                    path,
-                    size: md.len(),
-                    mode,
-                });
+                // A source hard link of a file recorded here becomes a hard link (FORMAT.md §2,
+                // kind 5) when the ciphertext goes to OUTPUT_DIR (nothing is written for it
+                // there), the name is free in the fspf and on disk, and both lie in one region;
+                // otherwise it is recorded as a file of its own, as before.
+                let key = (md.dev(), md.ino());
+                let first = (md.nlink() > 1)
+                    .then(|| first_names.get(&key))
+                    .flatten()
+                    .filter(|t| self.meta.region_index(t) == self.meta.region_index(&path))
+                    .cloned();
+                let free = self.lookup(&path).is_none()
+                    && opts
+                        .output
+                        .as_ref()
+                        .is_some_and(|o| kernel_fs::stat_beneath(o, &rel).is_err());
+                let listed = self.lookup(&path).map(|e| e.into_owned().kind);
+                match first {
+                    // Recorded by an earlier `addf` of the same tree: nothing changes.
+                    Some(target) if listed == Some(FileKind::Link(target.clone())) => {}
+                    Some(target) if free => jobs.push(Job::Link { path, target }),
+                    _ => {
+                        if md.nlink() > 1 {
+                            first_names.entry(key).or_insert_with(|| path.clone());
+                        }
+                        jobs.push(Job::File {
+                            rel,
+                            path,
+                            size: md.len(),
+                            mode,
+                        });
+                    }
+                }
             } else if ft.is_symlink() {
                 let t = fs::read_link(ent.path()).map_err(|e| Error::io(ent.path(), e))?;
                 jobs.push(Job::Symlink {
@@ -151,7 +184,10 @@ impl Volume {
         // Every path must land in a protected kernel region.
         let mut any_protected = false;
         for j in &jobs {
-            let (Job::File { path, .. } | Job::Dir { path, .. } | Job::Symlink { path, .. }) = j;
+            let (Job::File { path, .. }
+            | Job::Dir { path, .. }
+            | Job::Symlink { path, .. }
+            | Job::Link { path, .. }) = j;
             let region = self.region_for(path).ok_or_else(|| Error::NoRegion {
                 path: path.to_string(),
             })?;
@@ -221,6 +257,17 @@ impl Volume {
                             ino: None,
                         },
                     )))
+                }
+                Job::Link { path, target } => {
+                    if self.region_for(path).map(|r| r.protection) == Some(Protection::NotProtected)
+                    {
+                        return Ok(None);
+                    }
+                    Ok(Some(Change::Link {
+                        link: path.clone(),
+                        target: target.clone(),
+                        ns: 0,
+                    }))
                 }
                 Job::Symlink { rel, path, target } => {
                     if self.region_for(path).map(|r| r.protection) == Some(Protection::NotProtected)
@@ -356,6 +403,7 @@ impl Volume {
                         FileKind::Special { .. } | FileKind::Link(_) => {}
                     }
                 }
+                Change::Link { .. } => report.links += 1,
                 _ => {}
             }
         }

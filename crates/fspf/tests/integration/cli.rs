@@ -1025,3 +1025,47 @@ fn fspf_binary_copied_alone_could_not_run_programs() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("writable only by it"), "{}", stderr(&o));
 }
+
+/// `addf` recorded every hard link of the source as a file of its own (its own id and
+/// ciphertext): now, with OUTPUT_DIR, the other names of a file are hard links of it
+/// (FORMAT.md §2, kind 5; nothing written for them), an `addf` of the same tree again keeps
+/// them, and an authenticated import in place still records each name as a file.
+#[test]
+fn addf_records_the_sources_hard_links_as_hard_links() {
+    let env = Env::new();
+    env.write("src/a", pattern(10_000, 1));
+    env.write("src/solo", b"alone\n");
+    fs::hard_link(env.path("src/a"), env.path("src/b")).unwrap();
+    env.mkdir("src/sub");
+    fs::hard_link(env.path("src/a"), env.path("src/sub/c")).unwrap();
+    env.mkdir("vol");
+    env.two_regions("/data", "-e", "vol");
+    for _ in 0..2 {
+        env.ok(["addf", "fspf.pb", "/data", "src", "vol"]);
+    }
+    assert!(env.path("vol/a").exists());
+    assert!(!env.path("vol/b").exists() && !env.path("vol/sub/c").exists());
+    let kt = env.encrypt(None);
+    let show = env.ok(["show", "fspf.pb", "--key", &kt.key]);
+    assert!(
+        show.contains("/data/b") && show.contains("link => /data/a"),
+        "{show}"
+    );
+    for name in ["/data/a", "/data/b", "/data/sub/c"] {
+        let o = env.run(["cat", "fspf.pb", name, "--key", &kt.key, "--tag", &kt.tag]);
+        assert_eq!(o.stdout, pattern(10_000, 1), "{name}");
+    }
+    env.ok(["verify", "fspf.pb", "--key", &kt.key, "--tag", &kt.tag]);
+    // Authenticated in place: the names stay files on disk, so each is a file in the fspf.
+    let env2 = Env::new();
+    env2.write("src/a", b"same\n");
+    fs::hard_link(env2.path("src/a"), env2.path("src/b")).unwrap();
+    env2.ok(["create", "fspf.pb"]);
+    env2.ok(["addr", "fspf.pb", "/", "--kernel", "/", "-n"]);
+    let src = env2.p("src");
+    env2.ok(["addr", "fspf.pb", "/auth", "-a", "--kernel", &src]);
+    env2.ok(["addf", "fspf.pb", "/auth", "src"]);
+    let show = env2.ok(["show", "fspf.pb"]);
+    assert!(!show.contains("link =>"), "{show}");
+    env2.ok(["verify", "fspf.pb"]);
+}
