@@ -139,12 +139,17 @@ impl Node {
     pub fn of_entry(e: &FileEntry, kernel: Option<KernelPath>) -> Node {
         let mtime = (e.mtime_ns != 0).then_some(e.mtime_ns);
         let mut n = match &e.kind {
-            FileKind::File { size, .. } => Node {
+            // Lookups resolve a hard link to its target first ([`View::lookup`]); an
+            // unresolved one shows as an empty file without content.
+            FileKind::File { .. } | FileKind::Link(_) => Node {
                 nlink: 1,
                 kind: NodeKind::File,
-                size: *size,
+                size: match e.kind {
+                    FileKind::File { size, .. } => size,
+                    _ => 0,
+                },
                 mode: e.mode,
-                kernel,
+                kernel: kernel.filter(|_| matches!(e.kind, FileKind::File { .. })),
                 mtime,
                 owner: None,
                 ino: None,
@@ -167,19 +172,6 @@ impl Node {
                     kind: *kind,
                     rdev: *rdev,
                 },
-                size: 0,
-                mode: e.mode,
-                kernel: None,
-                mtime,
-                owner: None,
-                ino: None,
-                ctime: None,
-                nlink: 1,
-            },
-            // Lookups resolve a hard link to its target first ([`View::lookup`]); an
-            // unresolved one shows as an empty file without content.
-            FileKind::Link(_) => Node {
-                kind: NodeKind::File,
                 size: 0,
                 mode: e.mode,
                 kernel: None,
@@ -323,7 +315,11 @@ impl View<'_> {
 
     /// The target of the hard link at `ep`, if a visible hard link is listed there.
     pub fn link_target(&self, ep: &EmbedPath) -> Option<EmbedPath> {
-        if self.pending.hidden(ep) || self.pending.new_dirs.contains_key(ep) {
+        // Most volumes have none: then no name costs a lookup here.
+        if !self.vol.has_links()
+            || self.pending.hidden(ep)
+            || self.pending.new_dirs.contains_key(ep)
+        {
             return None;
         }
         match self.vol.lookup(ep)?.into_owned().kind {
@@ -335,9 +331,26 @@ impl View<'_> {
     /// What is at `ep` (no symlink followed; a hard link shows its target). O(log n) in the
     /// volume.
     pub fn lookup(&self, ep: &EmbedPath) -> Result<Node, ViewError> {
-        let target = self.link_target(ep);
+        self.lookup_at(ep).map(|(_, n)| n)
+    }
+
+    /// [`View::lookup`], and the target when `ep` is a hard link (the path the file is listed
+    /// at): one lookup in the volume for a name that is not a link.
+    pub fn lookup_at(&self, ep: &EmbedPath) -> Result<(Option<EmbedPath>, Node), ViewError> {
+        let mut link = None;
+        let (target, mut n) = match self.lookup_kind(ep, &mut link) {
+            Err(_) if link.is_some() => {
+                let t = link.take().unwrap_or_else(|| ep.clone());
+                let n = self.lookup_kind(&t, &mut link)?;
+                if link.is_some() {
+                    // A link to a link: parsing refuses it.
+                    return Err(ViewError::Io);
+                }
+                (Some(t), n)
+            }
+            r => (None, r?),
+        };
         let ep = target.as_ref().unwrap_or(ep);
-        let mut n = self.lookup_kind(ep)?;
         // Kernel regions: the number every process shows for it (unique among the entries).
         if self
             .vol
@@ -352,10 +365,12 @@ impl View<'_> {
         if let Some(&c) = self.pending.ctimes.get(ep) {
             n.ctime = n.ctime.max(Some(c));
         }
-        Ok(n)
+        Ok((target, n))
     }
 
-    fn lookup_kind(&self, ep: &EmbedPath) -> Result<Node, ViewError> {
+    /// What the entries at `ep` make of it. A hard link listed there is not followed: `link`
+    /// is set to its target, and the result is an error.
+    fn lookup_kind(&self, ep: &EmbedPath, link: &mut Option<EmbedPath>) -> Result<Node, ViewError> {
         let Some(region) = self.vol.region_for(ep) else {
             // Outside every region: only the directories that lead to an embed point exist
             // (`/` of a volume whose one region is `/data`).
@@ -411,6 +426,12 @@ impl View<'_> {
             return Err(ViewError::NotFound);
         }
         match self.vol.lookup(ep) {
+            Some(e) if matches!(e.kind, FileKind::Link(_)) => {
+                if let FileKind::Link(t) = e.into_owned().kind {
+                    *link = Some(t);
+                }
+                Err(ViewError::NotFound)
+            }
             Some(e) => {
                 let mut n = Node::of_entry(&e, kernel);
                 if !matches!(n.kind, NodeKind::Symlink(_)) {

@@ -995,11 +995,10 @@ impl FspfFs {
 
     /// Lookup of `ep` and its attributes. A hard link is its target's inode.
     fn entry(&self, st: &mut State, ep: &EmbedPath) -> Result<FileAttr, c_int> {
-        let n = st.s.lookup(&Live(&st.live), ep).map_err(ViewError::errno)?;
-        let ino = match st.s.link_target(&Live(&st.live), ep) {
-            Some(t) => st.inodes.ino(&t),
-            None => st.inodes.ino(ep),
-        };
+        let (target, n) =
+            st.s.lookup_at(&Live(&st.live), ep)
+                .map_err(ViewError::errno)?;
+        let ino = st.inodes.ino(target.as_ref().unwrap_or(ep));
         Ok(self.attr(st, ino, &n))
     }
 

@@ -15,6 +15,21 @@ fn detach_live(inner: &mut Inner, ep: &EmbedPath) {
     }
 }
 
+/// Before a namespace change that commits at once in a kernel region (`commits`): this
+/// process's buffers staged, and the run's commit lock, held until the caller's commit ends.
+fn staged_for_commit(
+    sh: &Shield,
+    inner: &mut Inner,
+    commits: bool,
+) -> Result<Option<crate::anchor::AnchorLock>, c_int> {
+    if !commits {
+        return Ok(None);
+    }
+    let (staged, lock) = sh.stage_for_commit(inner);
+    staged?;
+    Ok(lock)
+}
+
 /// This process's buffers (and the run's shared ones) of the file at `from` now belong to
 /// `to` (a rename, or a file whose name went and which lives on at one of its hard links).
 fn moved_live(inner: &mut Inner, from: &EmbedPath, to: &EmbedPath) {
@@ -37,13 +52,8 @@ pub(crate) fn do_unlink(sh: &Shield, ep: EmbedPath, dir: bool) -> Result<(), c_i
     // One name of a file with several: committed at once, under the run's commit lock, with
     // this process's buffers staged first.
     let names = !dir && node.as_ref().is_ok_and(|n| n.nlink > 1);
-    let _run_lock = if names && !inner.s.is_ephemeral(&ep) {
-        let (staged, lock) = sh.stage_for_commit(inner);
-        staged?;
-        lock
-    } else {
-        None
-    };
+    let commits = names && !inner.s.is_ephemeral(&ep);
+    let _run_lock = staged_for_commit(sh, inner, commits)?;
     let r = inner.s.unlink(&Live(&inner.live), &ep, dir);
     if names {
         Shield::after_commit(inner);
@@ -134,8 +144,7 @@ pub(crate) fn do_mknod(
         };
     }
     let (owner, mode) = creating(sh, inner, &ep, mode, true, false)?;
-    let (staged, _run_lock) = sh.stage_for_commit(inner);
-    staged?;
+    let _run_lock = staged_for_commit(sh, inner, true)?;
     let r = inner.s.mknod(
         &Live(&inner.live),
         &ep,
@@ -172,13 +181,8 @@ pub(crate) fn do_rename(
     }
     // A rename in a kernel region commits what is queued first: this process's changed
     // buffers are part of it.
-    let _run_lock = if inner.s.is_ephemeral(&from) {
-        None
-    } else {
-        let (staged, lock) = sh.stage_for_commit(inner);
-        staged?;
-        lock
-    };
+    let commits = !inner.s.is_ephemeral(&from);
+    let _run_lock = staged_for_commit(sh, inner, commits)?;
     let r = inner.s.rename(&Live(&inner.live), &from, &to, flags);
     Shield::after_commit(inner);
     let kept = match r.map_err(errno_of)? {
@@ -208,13 +212,8 @@ pub(crate) fn do_link(sh: &Shield, target: EmbedPath, ep: EmbedPath) -> Result<(
     if sh.lookup(inner, &ep).is_err() {
         crate::perm::check_dir_change(sh, inner, &ep, None)?;
     }
-    let _run_lock = if inner.s.is_ephemeral(&ep) {
-        None
-    } else {
-        let (staged, lock) = sh.stage_for_commit(inner);
-        staged?;
-        lock
-    };
+    let commits = !inner.s.is_ephemeral(&ep);
+    let _run_lock = staged_for_commit(sh, inner, commits)?;
     let r = inner
         .s
         .link(&Live(&inner.live), &target, &ep, crate::shield::now());
@@ -228,13 +227,8 @@ pub(crate) fn do_symlink(sh: &Shield, target: &[u8], ep: EmbedPath) -> Result<()
     let mut g = sh.lock();
     let inner = &mut *g;
     let (owner, _) = creating(sh, inner, &ep, 0o777, false, false)?;
-    let _run_lock = if inner.s.is_ephemeral(&ep) {
-        None
-    } else {
-        let (staged, lock) = sh.stage_for_commit(inner);
-        staged?;
-        lock
-    };
+    let commits = !inner.s.is_ephemeral(&ep);
+    let _run_lock = staged_for_commit(sh, inner, commits)?;
     let r = inner.s.symlink(
         &Live(&inner.live),
         target,

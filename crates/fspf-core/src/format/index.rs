@@ -14,7 +14,7 @@
 //! 32  regions_len  u32
 //! 36  records_len  u32
 //! 40  ino_count    u32   entries that record an inode number
-//! 44  reserved     [4]   zero
+//! 44  link_count   u32   hard-link entries (kind 5)
 //! 48  regions      MetadataPb (protobuf) with the generation and regions, no files
 //!     offsets      entry_count x u32: where entry i's record starts within `records`
 //!     records      one per entry, in tree order:
@@ -73,8 +73,6 @@ pub enum IndexError {
     UnsupportedVersion(u32),
     #[error("metadata index: its header adds up to {expected} bytes, but it has {actual}")]
     LengthMismatch { expected: u64, actual: usize },
-    #[error("metadata index: reserved header bytes are not zero")]
-    Reserved,
     #[error("metadata index: regions: {0}")]
     Regions(String),
     #[error("metadata index: entry {index}: {reason}")]
@@ -217,7 +215,12 @@ pub fn build_index(meta: &Metadata, tag: Tag) -> Result<Zeroizing<Vec<u8>>, Inde
     inos.sort_unstable();
     let ino_count = u32::try_from(inos.len()).map_err(too_large("the inode table"))?;
     out.extend_from_slice(&ino_count.to_le_bytes());
-    out.extend_from_slice(&[0; 4]);
+    let links = entries
+        .iter()
+        .filter(|(_, e)| matches!(e.kind, FileKind::Link(_)))
+        .count();
+    let link_count = u32::try_from(links).map_err(too_large("the link count"))?;
+    out.extend_from_slice(&link_count.to_le_bytes());
     out.extend_from_slice(&regions);
     out.extend_from_slice(&offsets);
     out.extend_from_slice(&records);
@@ -237,6 +240,8 @@ pub struct FrozenIndex<'a> {
     entries: Entries<'a>,
     /// `ino_count` x (ino u64, entry u32), sorted.
     inos: &'a [u8],
+    /// How many entries are hard links.
+    link_count: u32,
 }
 
 /// Bytes per row of the inode table.
@@ -264,9 +269,7 @@ impl<'a> FrozenIndex<'a> {
         let regions_len = h.u32().ok_or_else(short)?;
         let records_len = h.u32().ok_or_else(short)?;
         let ino_count = h.u32().ok_or_else(short)?;
-        if h.array::<4>().ok_or_else(short)? != [0; 4] {
-            return Err(IndexError::Reserved);
-        }
+        let link_count = h.u32().ok_or_else(short)?;
         let expected = HEADER_LEN as u64
             + u64::from(regions_len)
             + 4 * u64::from(count)
@@ -308,7 +311,13 @@ impl<'a> FrozenIndex<'a> {
                 count,
             },
             inos,
+            link_count,
         })
+    }
+
+    /// Are any entries hard links?
+    pub fn has_links(&self) -> bool {
+        self.link_count > 0
     }
 
     /// Paths of the entries that record inode number `ino` (normally none or one). O(log n).
@@ -447,6 +456,13 @@ impl<'a> FrozenIndex<'a> {
             .count();
         if rows != recorded {
             return Err(bad("inode table misses recorded numbers"));
+        }
+        let links = self
+            .iter()
+            .filter(|r| matches!(r, Ok((_, e)) if matches!(e.kind, FileKind::Link(_))))
+            .count();
+        if links != self.link_count as usize {
+            return Err(bad("link count disagrees with the entries"));
         }
         Ok(())
     }
@@ -1179,7 +1195,10 @@ mod tests {
             with(36, &u32::MAX.to_le_bytes()),
             IndexError::LengthMismatch { .. }
         ));
-        assert_eq!(with(44, &[1]), IndexError::Reserved);
+        // The link count is checked by validation (lookups only use it as a hint).
+        let mut v = bytes.clone();
+        v[44] ^= 1;
+        assert!(FrozenIndex::open(&v).unwrap().validate().is_err());
         assert!(matches!(
             with(HEADER_LEN, &[0xff; 4]),
             IndexError::Regions(_)

@@ -601,6 +601,21 @@ impl<A: Anchor> Session<A> {
         self.view(&fe)?.lookup(ep)
     }
 
+    /// [`Session::lookup`], and the target when `ep` is a hard link (the path frontends key
+    /// the file by), in one lookup.
+    pub fn lookup_at(
+        &self,
+        open: &dyn OpenFiles,
+        ep: &EmbedPath,
+    ) -> Result<(Option<EmbedPath>, Node), ViewError> {
+        let fe = Joined {
+            open,
+            eph: &self.eph,
+            queued: &self.queued,
+        };
+        self.view(&fe)?.lookup_at(ep)
+    }
+
     /// Entries of directory `ep`, sorted by name, without `.`/`..`.
     pub fn children(&self, open: &dyn OpenFiles, ep: &EmbedPath) -> Vec<(Vec<u8>, ChildKind)> {
         let fe = Joined {

@@ -224,6 +224,28 @@ impl Volume {
         Ok(self.tx_set(tx, path, v))
     }
 
+    /// [`Volume::tx_replace`] in the commit's loop: the id of a version it replaced becomes
+    /// garbage once the commit is durable; the first refusal is kept, to fail the commit.
+    fn tx_replace_into(
+        &mut self,
+        tx: &mut Tx,
+        path: &EmbedPath,
+        v: Option<FileEntry>,
+        garbage: &mut Vec<FileId>,
+        invalid: &mut Option<Error>,
+    ) {
+        match self.tx_replace(tx, path, v) {
+            Ok(Some(FileEntry {
+                kind: FileKind::File { id, .. },
+                ..
+            })) => garbage.push(id),
+            Ok(_) => {}
+            Err(e) => {
+                invalid.get_or_insert(e);
+            }
+        }
+    }
+
     /// After entries below `from` moved below `to` (`moved`: their old paths): the links of a
     /// moved file name its new path, and a moved link is listed under its new one, wherever the
     /// other side lies.
@@ -762,16 +784,8 @@ impl Volume {
         for c in &changes {
             match c {
                 Change::Put(s) => {
-                    match self.tx_replace(&mut tx, &s.path, Some(s.entry.clone())) {
-                        Ok(Some(FileEntry {
-                            kind: FileKind::File { id, .. },
-                            ..
-                        })) => garbage.push(id),
-                        Ok(_) => {}
-                        Err(e) => {
-                            invalid.get_or_insert(e);
-                        }
-                    }
+                    let e = Some(s.entry.clone());
+                    self.tx_replace_into(&mut tx, &s.path, e, &mut garbage, &mut invalid);
                     match post_index.entry(&s.path) {
                         std::collections::hash_map::Entry::Occupied(o) => {
                             let slot = &mut post[*o.get()];
@@ -784,16 +798,10 @@ impl Volume {
                         }
                     }
                 }
-                Change::PutEntry(p, e) => match self.tx_replace(&mut tx, p, Some(e.clone())) {
-                    Ok(Some(FileEntry {
-                        kind: FileKind::File { id, .. },
-                        ..
-                    })) => garbage.push(id),
-                    Ok(_) => {}
-                    Err(e) => {
-                        invalid.get_or_insert(e);
-                    }
-                },
+                Change::PutEntry(p, e) => {
+                    let e = Some(e.clone());
+                    self.tx_replace_into(&mut tx, p, e, &mut garbage, &mut invalid);
+                }
                 Change::Link { link, target, ns } => {
                     let free = self.lookup(link).is_none();
                     match self.lookup(target).map(|e| e.into_owned()) {
@@ -846,16 +854,7 @@ impl Volume {
                                 self.tx_set(&mut tx, k, Some(e));
                             }
                         }
-                        match self.tx_replace(&mut tx, k, None) {
-                            Ok(Some(FileEntry {
-                                kind: FileKind::File { id, .. },
-                                ..
-                            })) => garbage.push(id),
-                            Ok(_) => {}
-                            Err(e) => {
-                                invalid.get_or_insert(e);
-                            }
-                        }
+                        self.tx_replace_into(&mut tx, k, None, &mut garbage, &mut invalid);
                     }
                 }
                 Change::Update(u) => {
@@ -916,16 +915,7 @@ impl Volume {
                     // The name moved over: a link goes (its target no longer lists it, even
                     // when the target is what moves), a file with links must have lost them.
                     if from != to && !moved.is_empty() {
-                        match self.tx_replace(&mut tx, to, None) {
-                            Ok(Some(FileEntry {
-                                kind: FileKind::File { id, .. },
-                                ..
-                            })) => garbage.push(id),
-                            Ok(_) => {}
-                            Err(e) => {
-                                invalid.get_or_insert(e);
-                            }
-                        }
+                        self.tx_replace_into(&mut tx, to, None, &mut garbage, &mut invalid);
                     }
                     for k in &moved {
                         let Some(dest) = k.rebased(from, to) else {

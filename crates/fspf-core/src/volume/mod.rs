@@ -80,6 +80,9 @@ pub struct Volume {
     /// index, the overlay's; the index has its own table). Built on first use, then kept up to
     /// date by [`Volume::raw_set`].
     recorded: std::sync::OnceLock<std::collections::HashMap<u64, u32>>,
+    /// How many hard-link entries there are among the parsed entries (or the overlay's);
+    /// counted at the first use, then kept up to date by [`Volume::raw_set`].
+    links: std::sync::OnceLock<usize>,
 }
 
 /// The applied, not yet durable journals of one file (see [`Volume::settle_journals`]).
@@ -148,6 +151,7 @@ impl Volume {
             pending: Default::default(),
             logj: Default::default(),
             recorded: Default::default(),
+            links: Default::default(),
         };
         // Under the update lock: the orphan cleanup removes temporaries only while holding it.
         let _lock = FspfLock::acquire(&v.path)?;
@@ -226,6 +230,7 @@ impl Volume {
             pending: Default::default(),
             logj: Default::default(),
             recorded: Default::default(),
+            links: Default::default(),
         })
     }
 
@@ -277,6 +282,7 @@ impl Volume {
             pending: Default::default(),
             logj: self.logj.clone(),
             recorded: Default::default(),
+            links: Default::default(),
         }))
     }
 
@@ -340,18 +346,33 @@ impl Volume {
     /// Set (or, with `None`, remove) the entry at `path` in whichever backing holds them.
     pub(crate) fn raw_set(&mut self, path: EmbedPath, v: Option<FileEntry>) -> Option<FileEntry> {
         let added = v.as_ref().and_then(|e| e.ino);
-        let (old, gone) = if self.index.is_some() {
+        let link = |e: &Option<FileEntry>| {
+            matches!(
+                e,
+                Some(FileEntry {
+                    kind: FileKind::Link(_),
+                    ..
+                })
+            )
+        };
+        let is_link = link(&v);
+        let (old, gone, was_link) = if self.index.is_some() {
             let old = self.lookup(&path).map(|e| e.into_owned());
             let before = self.overlay.insert(path, v).flatten();
-            (old, before.and_then(|e| e.ino))
+            let was = link(&before);
+            (old, before.and_then(|e| e.ino), was)
         } else {
             let old = match v {
                 Some(e) => self.meta.files.insert(path, e),
                 None => self.meta.files.remove(&path),
             };
             let gone = old.as_ref().and_then(|e| e.ino);
-            (old, gone)
+            let was = link(&old);
+            (old, gone, was)
         };
+        if let Some(n) = self.links.get_mut() {
+            *n = n.saturating_sub(usize::from(was_link)) + usize::from(is_link);
+        }
         if let Some(m) = self.recorded.get_mut() {
             if let Some(i) = gone {
                 if let Some(n) = m.get_mut(&i) {
@@ -363,6 +384,23 @@ impl Volume {
             }
         }
         old
+    }
+
+    /// May any entry be a hard link? False only when none is (then no name needs resolving).
+    /// O(1) after the first call, which counts the parsed entries (an index counts its own).
+    pub fn has_links(&self) -> bool {
+        if self.index.as_ref().is_some_and(|ix| ix.has_links()) {
+            return true;
+        }
+        *self.links.get_or_init(|| {
+            let entries: Box<dyn Iterator<Item = &FileEntry>> = match &self.index {
+                Some(_) => Box::new(self.overlay.values().flatten()),
+                None => Box::new(self.meta.files.values()),
+            };
+            entries
+                .filter(|e| matches!(e.kind, FileKind::Link(_)))
+                .count()
+        }) > 0
     }
 
     /// Does a listed entry record inode number `ino`? O(log n) over a frozen index; the parsed
@@ -456,6 +494,7 @@ impl Volume {
             self.overlay.clear();
             self.meta = m;
             self.recorded = Default::default();
+            self.links = Default::default();
         }
         Ok(())
     }

@@ -307,6 +307,7 @@ fn open_checkpoint(path: &Path, key: Option<VolumeKey>) -> Result<Volume> {
         pending: Default::default(),
         logj: Default::default(),
         recorded: Default::default(),
+        links: Default::default(),
     })
 }
 

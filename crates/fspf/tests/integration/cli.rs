@@ -1056,6 +1056,15 @@ fn addf_records_the_sources_hard_links_as_hard_links() {
         assert_eq!(o.stdout, pattern(10_000, 1), "{name}");
     }
     env.ok(["verify", "fspf.pb", "--key", &kt.key, "--tag", &kt.tag]);
+    // `export` makes them hard links again.
+    env.ok([
+        "export", "fspf.pb", "/data", "out", "--key", &kt.key, "--tag", &kt.tag,
+    ]);
+    let ino = |rel: &str| fs::metadata(env.path(rel)).unwrap().ino();
+    assert_eq!(ino("out/a"), ino("out/b"));
+    assert_eq!(ino("out/a"), ino("out/sub/c"));
+    assert_eq!(fs::metadata(env.path("out/a")).unwrap().nlink(), 3);
+    assert_eq!(env.read("out/sub/c"), pattern(10_000, 1));
     // Authenticated in place: the names stay files on disk, so each is a file in the fspf.
     let env2 = Env::new();
     env2.write("src/a", b"same\n");
