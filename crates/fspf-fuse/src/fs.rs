@@ -1480,18 +1480,13 @@ impl Filesystem for FspfFs {
             }
             let target = st.s.canonical(&Live(&st.live), &to);
             if target != to {
-                // A hard link moved: the file it names changed status.
+                // A hard link moved: the file it names changed status. (Nothing is keyed by
+                // the link's name, so the move below only drops what `to` held.)
                 if let Some(&i) = st.inodes.by_path.get(&target) {
                     st.changed(i);
                 }
-                // Whatever had its own inode and buffers at `to` is gone.
-                if let Some(i) = st.inodes.by_path.remove(&to) {
-                    st.inodes.by_ino.remove(&i);
-                }
-                st.detach(&to);
-            } else {
-                st.moved(&from, &to);
             }
+            st.moved(&from, &to);
             st.dir_changed(parent);
             st.dir_changed(newparent);
             Ok(())

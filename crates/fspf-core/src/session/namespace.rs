@@ -73,7 +73,8 @@ impl<A: Anchor> Session<A> {
 
     /// The other names of the file listed at `ep` (its hard links), committed.
     fn links_of(&self, ep: &EmbedPath) -> Vec<EmbedPath> {
-        match self.vol.as_ref().and_then(|v| v.lookup(ep)) {
+        let vol = self.vol.as_ref().filter(|v| v.has_links());
+        match vol.and_then(|v| v.lookup(ep)) {
             Some(e) if !self.pending.hidden(ep) => e.into_owned().links,
             _ => Vec::new(),
         }
@@ -133,9 +134,9 @@ impl<A: Anchor> Session<A> {
         let eph = self.fresh(ep)?;
         if !dir && !eph {
             if self.link_target(open, ep).is_some() {
-                // One name of a file: the link goes, the file's link count with it (at once).
+                // One name of a file: the link goes, the file's link count with it (at once,
+                // with whatever is queued).
                 self.check_writable(ep)?;
-                self.commit()?;
                 self.queue.push(Change::Remove(ep.clone()));
                 self.touch_parent(ep);
                 self.commit()?;
@@ -145,7 +146,6 @@ impl<A: Anchor> Session<A> {
                 // A file with other names: it moves to the first of them.
                 self.check_writable(ep)?;
                 self.rename_same_file(open, ep, &next)?;
-                self.touch_parent(ep);
                 return Ok(Some(next));
             }
         }

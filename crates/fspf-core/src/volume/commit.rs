@@ -182,6 +182,13 @@ impl Volume {
         path: &EmbedPath,
         mut v: Option<FileEntry>,
     ) -> Result<Option<FileEntry>> {
+        // Without links, and with the name's own inode number free, the entry it replaces
+        // decides nothing: no lookup beside the one `tx_set` makes.
+        let new_ino = v.as_ref().is_some_and(|n| n.ino.is_none());
+        let decides = self.has_links() || (new_ino && self.ino_recorded(path.default_ino()));
+        if !decides {
+            return Ok(self.tx_set(tx, path, v));
+        }
         let old = self.lookup(path).map(|e| e.into_owned());
         let file = |k: &FileKind| matches!(k, FileKind::File { .. } | FileKind::Special { .. });
         // A new name whose own number another entry records (a file renamed away from it)
@@ -848,11 +855,13 @@ impl Volume {
                     let below = self.paths_below(p);
                     for k in &below {
                         // Links below `p` go with it; a file whose links stay is refused.
-                        if let Some(mut e) = self.lookup(k).map(|e| e.into_owned()) {
-                            if !e.links.is_empty() {
-                                e.links.retain(|l| !l.starts_with(p));
-                                self.tx_set(&mut tx, k, Some(e));
-                            }
+                        let listed = match self.has_links() {
+                            true => self.lookup(k).map(|e| e.into_owned()),
+                            false => None,
+                        };
+                        if let Some(mut e) = listed.filter(|e| !e.links.is_empty()) {
+                            e.links.retain(|l| !l.starts_with(p));
+                            self.tx_set(&mut tx, k, Some(e));
                         }
                         self.tx_replace_into(&mut tx, k, None, &mut garbage, &mut invalid);
                     }
@@ -921,12 +930,13 @@ impl Volume {
                         let Some(dest) = k.rebased(from, to) else {
                             continue;
                         };
-                        let shown = self.lookup(k).map(|e| self.ino_of(k, e.ino));
                         if let Some(mut e) = self.tx_set(&mut tx, k, None) {
                             // The entry keeps the inode number it showed (FORMAT.md §2); a
-                            // hard link shows its target's and records none.
-                            if !matches!(e.kind, FileKind::Link(_)) {
-                                e.ino = e.ino.or(shown);
+                            // hard link shows its target's and records none. (An entry that
+                            // records none counts for no number, so the one it showed is the
+                            // same with it gone.)
+                            if e.ino.is_none() && !matches!(e.kind, FileKind::Link(_)) {
+                                e.ino = Some(self.ino_of(k, None));
                             }
                             if k == from {
                                 // A rename changes the moved object's status, as on Linux.
@@ -941,7 +951,9 @@ impl Volume {
                             }
                         }
                     }
-                    self.relink_moved(&mut tx, from, to, &moved);
+                    if self.has_links() {
+                        self.relink_moved(&mut tx, from, to, &moved);
+                    }
                 }
             }
         }

@@ -145,17 +145,23 @@ impl Volume {
                     .flatten()
                     .filter(|t| self.meta.region_index(t) == self.meta.region_index(&path))
                     .cloned();
-                let free = self.lookup(&path).is_none()
-                    && opts
-                        .output
-                        .as_ref()
-                        .is_some_and(|o| kernel_fs::stat_beneath(o, &rel).is_err());
-                let listed = self.lookup(&path).map(|e| e.into_owned().kind);
-                match first {
-                    // Recorded by an earlier `addf` of the same tree: nothing changes.
-                    Some(target) if listed == Some(FileKind::Link(target.clone())) => {}
-                    Some(target) if free => jobs.push(Job::Link { path, target }),
-                    _ => {
+                // Only a further name of a source file is looked up.
+                let link_to = match first {
+                    None => None,
+                    Some(target) => match self.lookup(&path).map(|e| e.into_owned().kind) {
+                        // Recorded by an earlier `addf` of the same tree: nothing changes.
+                        Some(FileKind::Link(t)) if t == target => continue,
+                        Some(_) => None,
+                        None => opts
+                            .output
+                            .as_ref()
+                            .is_some_and(|o| kernel_fs::stat_beneath(o, &rel).is_err())
+                            .then_some(target),
+                    },
+                };
+                match link_to {
+                    Some(target) => jobs.push(Job::Link { path, target }),
+                    None => {
                         if md.nlink() > 1 {
                             first_names.entry(key).or_insert_with(|| path.clone());
                         }
