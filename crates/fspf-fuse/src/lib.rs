@@ -43,6 +43,11 @@ pub struct Config {
     pub allow_other: bool,
     /// Where the current tag is kept (rewritten atomically after every commit).
     pub tag_file: Option<PathBuf>,
+    /// The tag file is the user's durable anchor (`--tag-file`): each announce before a commit
+    /// point is synced, so that after a power loss it names the state on disk. `false` for the
+    /// file `fspf mount` keeps for `fspf umount` in a runtime directory: written, not synced
+    /// (one device flush less per commit).
+    pub tag_file_durable: bool,
     /// Staged changes are committed at the latest this long after they were made.
     pub commit_interval: Duration,
 }
@@ -57,6 +62,7 @@ impl Config {
             region: None,
             allow_other: false,
             tag_file: None,
+            tag_file_durable: true,
             commit_interval: Duration::from_secs(1),
         }
     }
@@ -94,16 +100,19 @@ impl std::error::Error for MountError {}
 pub struct DaemonAnchor {
     state: Mutex<AnchorState>,
     tag_file: Option<PathBuf>,
+    /// Announces are synced ([`Config::tag_file_durable`]).
+    durable: bool,
 }
 
 impl DaemonAnchor {
-    fn new(tag: Tag, tag_file: Option<PathBuf>) -> DaemonAnchor {
+    fn new(tag: Tag, tag_file: Option<PathBuf>, durable: bool) -> DaemonAnchor {
         DaemonAnchor {
             state: Mutex::new(AnchorState {
                 current: tag,
                 pending: None,
             }),
             tag_file,
+            durable,
         }
     }
 
@@ -112,12 +121,18 @@ impl DaemonAnchor {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).current
     }
 
-    /// Write the tag file (`fspf_core::session::write_tag_file`).
+    /// Write the tag file (`fspf_core::session::write_tag_file`; not synced when it is only
+    /// the channel to `fspf umount`, `mirror_tag_file`).
     fn write_tag_file(&self, tags: &[Tag]) -> Result<(), ViewError> {
         let Some(p) = &self.tag_file else {
             return Ok(());
         };
-        fspf_core::session::write_tag_file(p, tags).map_err(|e| {
+        let written = if self.durable {
+            fspf_core::session::write_tag_file(p, tags)
+        } else {
+            fspf_core::session::mirror_tag_file(p, tags)
+        };
+        written.map_err(|e| {
             eprintln!("fspf mount: cannot write the tag file: {e}");
             ViewError::Io
         })
@@ -189,7 +204,11 @@ fn build(cfg: &Config) -> Result<fs::FspfFs, MountError> {
         }
         None => EmbedPath::root(),
     };
-    let anchor = Arc::new(DaemonAnchor::new(vol.tag(), cfg.tag_file.clone()));
+    let anchor = Arc::new(DaemonAnchor::new(
+        vol.tag(),
+        cfg.tag_file.clone(),
+        cfg.tag_file_durable,
+    ));
     anchor
         .write_tag_file(&[vol.tag()])
         .map_err(|_| MountError::Mount(std::io::Error::other("cannot write the tag file")))?;

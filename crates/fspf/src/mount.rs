@@ -175,6 +175,9 @@ fn daemon(
     cfg.mutable = a.mutable;
     cfg.allow_other = a.allow_other;
     cfg.tag_file = Some(tag_file.clone());
+    // The file kept for `fspf umount` is a channel on this boot, not an anchor that outlives a
+    // power loss (that is what `--tag-file` is for): its announces are not synced.
+    cfg.tag_file_durable = a.tag_file.is_some();
     cfg.commit_interval = Duration::from_millis(a.commit_ms.max(1));
     cfg.region = match &a.region {
         Some(r) => Some(EmbedPath::parse(r).with_context(|| format!("--region {r}"))?),

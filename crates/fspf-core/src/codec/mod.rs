@@ -117,8 +117,11 @@ const BATCH_BYTES: usize = 4 << 20;
 fn batch_chunks(chunk_len: u32) -> usize {
     (BATCH_BYTES / chunk_len as usize).max(1)
 }
-/// In sequential mode, batches of at least this many bytes are sealed on two scoped threads
-/// (below it, spawning the thread costs more than sealing the half it would take).
+/// Batches of at least this many bytes are sealed (or hashed) in parallel: on two scoped threads
+/// without a pool, on the pool with one. Below it, handing work to another thread costs more
+/// than the work: a pool job sent from a thread outside the pool wakes a sleeping worker and
+/// waits for it (up to a millisecond on an idle core of a VM), which a small file's commit in
+/// the FUSE daemon paid at every `fsync` (bench/RESULTS.md, session 27).
 const PAR_MIN_BYTES: usize = 512 << 10;
 
 /// Nonce of chunk `index`: 8-byte big-endian index at bytes 3..11, last-chunk flag in byte 11.
@@ -312,9 +315,10 @@ impl BatchSealer<'_> {
             tag.copy_from_slice(&t);
             Ok(())
         };
-        if !self.threads.pool {
+        if !self.threads.pool || len < PAR_MIN_BYTES {
             // No pool (see [`Threads::pool`]): a batch of several chunks is split in two halves,
             // the second sealed on a scoped thread (joined here, so nothing survives a fork).
+            // A small batch is sealed here, pool or not.
             let chunks = len.div_ceil(slot);
             if chunks >= 2 && len >= PAR_MIN_BYTES {
                 let mid = chunks / 2 * slot;
@@ -397,7 +401,7 @@ pub fn seal_authenticated_with(
                 let idx = first + i as u64;
                 key.leaf(idx, idx + 1 == n, p)
             };
-            if !threads.pool {
+            if !threads.pool || (want as usize) < PAR_MIN_BYTES {
                 plain[..want as usize]
                     .chunks(c)
                     .enumerate()

@@ -40,6 +40,54 @@ pub struct Committed {
     pub merged: BTreeMap<EmbedPath, Vec<u8>>,
 }
 
+/// Files this batch removes and then writes again under the same name (SQLite's `-journal` of
+/// the next transaction, a log rotated in place): every change naming the path is a removal or
+/// a new whole version, the first a removal and the last a version. Their old kernel file need
+/// not move aside before the commit: the last version's shadow is renamed over it after the
+/// commit point, and until then the old state (the old file at its name) stays readable.
+pub(super) fn removed_then_written(changes: &[Change]) -> BTreeSet<EmbedPath> {
+    // Per path: (the first change is a removal, the last is a version, all are one of the two).
+    let mut seen: BTreeMap<&EmbedPath, (bool, bool, bool)> = BTreeMap::new();
+    let mut others: Vec<&EmbedPath> = Vec::new();
+    for c in changes {
+        match c {
+            Change::Remove(p) => {
+                let v = seen.entry(p).or_insert((true, false, true));
+                v.1 = false;
+            }
+            Change::Put(s) => {
+                let v = seen.entry(&s.path).or_insert((false, true, true));
+                v.1 = true;
+            }
+            // A rename in the batch might move the name or a directory above it: keep the
+            // general protocol.
+            Change::Rename { .. } => return BTreeSet::new(),
+            Change::Link { link, target, .. } => others.extend([link, target]),
+            Change::PutEntry(p, _) => others.push(p),
+            Change::Update(u) => others.push(&u.path),
+            Change::Touch { .. } => {}
+        }
+    }
+    for p in others {
+        if let Some(v) = seen.get_mut(p) {
+            v.2 = false;
+        }
+    }
+    // A removal of a directory above the name (`rm -r d; mkdir d; echo > d/f`) too.
+    let removed: Vec<&EmbedPath> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Remove(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    seen.into_iter()
+        .filter(|(_, (first_removed, last_written, only))| *first_removed && *last_written && *only)
+        .filter(|(p, _)| !removed.iter().any(|q| q != p && p.starts_with(q)))
+        .map(|(p, _)| p.clone())
+        .collect()
+}
+
 /// Remove the shadows (and outboards) of changes that will not be committed.
 fn cleanup_staged(fspf: &std::path::Path, changes: &[Change]) {
     for c in changes {
@@ -80,9 +128,15 @@ impl<A: Anchor> Session<A> {
         // Removals with nothing to make durable before the commit point: a directory (removed
         // after it), or a file moved aside whose directory is synced below.
         let mut settled: BTreeSet<EmbedPath> = BTreeSet::new();
+        let rewritten = removed_then_written(&changes);
         for c in &changes {
             if let Change::Remove(p) = c {
-                if self.pending.removed.get(p) == Some(&true) {
+                if rewritten.contains(p) {
+                    // The new version's shadow replaces the old file by its rename after the
+                    // commit point, as it replaces any older version: nothing to move aside
+                    // (and no directory to sync) before it.
+                    settled.insert(p.clone());
+                } else if self.pending.removed.get(p) == Some(&true) {
                     settled.insert(p.clone());
                     if let Some(k) = vol.kernel_path(p) {
                         gone_dirs.push((p.clone(), k));

@@ -132,6 +132,15 @@ pub fn write_tag_file(path: &std::path::Path, tags: &[Tag]) -> crate::Result<()>
     crate::volume::overwrite_file_durably(path, text.as_bytes(), 0o600)
 }
 
+/// [`write_tag_file`] without its `fdatasync`: for a tag file that is a channel to another
+/// process on this boot (the one `fspf mount` keeps for `fspf umount` when no `--tag-file` was
+/// given, in a runtime directory), not a durable anchor. A killed writer leaves it in the page
+/// cache, so it still names the state on disk; a power loss may leave an older content.
+pub fn mirror_tag_file(path: &std::path::Path, tags: &[Tag]) -> crate::Result<()> {
+    let text: String = tags.iter().map(|t| format!("{t}\n")).collect();
+    crate::volume::overwrite_file(path, text.as_bytes(), 0o600)
+}
+
 /// After a commit point: the tag file names `tag` alone, overwritten in place **without**
 /// `fdatasync`. The durable content is the announce before it (both tags, either of which a
 /// reader may trust), until the next commit's announce or [`settle_tag_file`] (the end of a

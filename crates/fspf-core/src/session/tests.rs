@@ -919,3 +919,59 @@ fn a_new_file_at_a_renamed_files_old_name_showed_the_same_inode_number() {
     s.rename(o, &p("/d/app.log"), &p("/d/moved"), 0).unwrap();
     assert_eq!(ino(&f.session(false), "/d/moved"), shown);
 }
+
+#[test]
+fn a_file_removed_and_written_again_in_one_batch_replaces_the_old_one_in_place() {
+    let f = Fixture::new();
+    let mut s = f.session(true);
+    put(&mut s, "/d/j", b"first transaction's journal");
+    put(&mut s, "/d/k", b"k");
+    s.commit().unwrap();
+    // SQLite: the journal is removed at the end of a transaction and made again by the next.
+    s.unlink(&NoOpenFiles, &p("/d/j"), false).unwrap();
+    put(&mut s, "/d/j", b"second");
+    assert_eq!(
+        super::commit::removed_then_written(&s.queue),
+        BTreeSet::from([p("/d/j")])
+    );
+    s.commit().unwrap();
+    assert_eq!(f.committed("/d/j").as_deref(), Some(&b"second"[..]));
+    let mut on_disk: Vec<_> = std::fs::read_dir(f.dir.path().join("vol"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    on_disk.sort();
+    assert_eq!(on_disk, ["j", "k"]);
+    assert!(f.session(false).vol().unwrap().verify().is_empty());
+
+    // Not when the name was written first, when the last change removes it, when a rename is in
+    // the batch or when a directory above it goes.
+    put(&mut s, "/d/j", b"third");
+    s.unlink(&NoOpenFiles, &p("/d/j"), false).unwrap();
+    put(&mut s, "/d/j", b"fourth");
+    s.unlink(&NoOpenFiles, &p("/d/k"), false).unwrap();
+    put(&mut s, "/d/k", b"k2");
+    s.unlink(&NoOpenFiles, &p("/d/k"), false).unwrap();
+    assert!(super::commit::removed_then_written(&s.queue).is_empty());
+    s.commit().unwrap();
+    assert_eq!(f.committed("/d/j").as_deref(), Some(&b"fourth"[..]));
+    assert_eq!(f.committed("/d/k"), None);
+    s.unlink(&NoOpenFiles, &p("/d/j"), false).unwrap();
+    put(&mut s, "/d/j", b"fifth");
+    put(&mut s, "/d/m", b"m");
+    s.rename(&NoOpenFiles, &p("/d/m"), &p("/d/n"), 0).unwrap();
+    assert!(super::commit::removed_then_written(&s.queue).is_empty());
+    s.commit().unwrap();
+    s.mkdir(&NoOpenFiles, &p("/d/t"), 0o755, None, 1).unwrap();
+    put(&mut s, "/d/t/f", b"f");
+    s.commit().unwrap();
+    s.unlink(&NoOpenFiles, &p("/d/t/f"), false).unwrap();
+    s.unlink(&NoOpenFiles, &p("/d/t"), true).unwrap();
+    s.mkdir(&NoOpenFiles, &p("/d/t"), 0o755, None, 2).unwrap();
+    put(&mut s, "/d/t/f", b"f again");
+    assert!(super::commit::removed_then_written(&s.queue).is_empty());
+    s.commit().unwrap();
+    assert_eq!(f.committed("/d/t/f").as_deref(), Some(&b"f again"[..]));
+    assert_eq!(f.committed("/d/j").as_deref(), Some(&b"fifth"[..]));
+    assert!(f.session(false).vol().unwrap().verify().is_empty());
+}

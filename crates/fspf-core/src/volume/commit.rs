@@ -112,6 +112,9 @@ impl StagedFile {
     }
 }
 
+/// Committed shadows renamed into place in parallel (on the pool) from this many on.
+const PARALLEL_RENAMES_MIN: usize = 64;
+
 /// One change to the fspf.
 #[derive(Debug, Clone)]
 pub enum Change {
@@ -1019,8 +1022,10 @@ impl Volume {
         // shadows and this is otherwise its longest serial step. A failed rename is harmless:
         // the committed shadow stays and `roll_forward` moves it on the next open.
         // Not in the preload shield: its processes fork, and a rayon pool does not survive fork.
+        // A few renames stay on this thread: a pool job sent from outside the pool wakes a
+        // worker and waits for it, which costs more than a rename.
         let rename = |s: &&StagedFile| s.publish();
-        if !self.opts.threads.pool {
+        if !self.opts.threads.pool || post.len() < PARALLEL_RENAMES_MIN {
             post.iter().for_each(rename);
         } else {
             post.par_iter().for_each(rename);
