@@ -80,6 +80,27 @@ enum Class {
     Encrypted,
 }
 
+/// The whiteout member name that hides the tar member `name` (`a/b/c` -> `a/b/.wh.c`).
+fn whiteout_name(name: &[u8]) -> Vec<u8> {
+    let trimmed = name.strip_suffix(b"/").unwrap_or(name);
+    let cut = trimmed
+        .iter()
+        .rposition(|&b| b == b'/')
+        .map_or(0, |i| i + 1);
+    let mut w = trimmed[..cut].to_vec();
+    w.extend_from_slice(b".wh.");
+    w.extend_from_slice(&trimmed[cut..]);
+    w
+}
+
+/// `a` and `b` lie in one region (a hard link may only name a file of its own region).
+fn same_region(vol: &Volume, a: &EmbedPath, b: &EmbedPath) -> bool {
+    match (vol.region_for(a), vol.region_for(b)) {
+        (Some(x), Some(y)) => x.embed_point == y.embed_point,
+        _ => false,
+    }
+}
+
 fn class_of(vol: &Volume, p: &EmbedPath) -> Class {
     match vol.region_for(p) {
         Some(r) if r.kind == RegionKind::Ephemeral => Class::Pass,
@@ -550,6 +571,35 @@ pub fn protect(opts: &ProtectOptions) -> Result<Protected> {
                         }
                         if class != Class::Pass && (record || class == Class::Encrypted) {
                             match sealed.get(&t) {
+                                // In an encrypted region (whose layers are rewritten anyway) a
+                                // hard link is recorded as one (FORMAT.md §2, kind 5): one file
+                                // under two names, as the shields make them, and nothing stored
+                                // at the link's name. The member becomes a whiteout of its name,
+                                // so that a lower layer's file there does not show either.
+                                Some((_, true))
+                                    if class == Class::Encrypted
+                                        && same_region(&vol, &ep, &EmbedPath::from_bytes(&t)?) =>
+                                {
+                                    if record {
+                                        report.0 += 1;
+                                        let target = EmbedPath::from_bytes(&t)?;
+                                        listed.insert(ep, entry(FileKind::Link(target)));
+                                    }
+                                    if let Some(w) = sink.as_mut() {
+                                        let name = whiteout_name(&head.name);
+                                        let mut m = head.member(0);
+                                        m.name = &name;
+                                        m.kind = tar::EntryType::Regular;
+                                        m.link = None;
+                                        m.dev = None;
+                                        write_header(w, &m).map_err(werr)?;
+                                    }
+                                    changed = true;
+                                    continue;
+                                }
+                                // Elsewhere the layer keeps its bytes (an authenticated layer
+                                // stays shareable with the image it came from), so the name
+                                // holds the file on disk: an entry sharing the target's content.
                                 Some((fe, true)) => {
                                     if record {
                                         report.0 += 1;

@@ -286,7 +286,9 @@ pub fn verify(image_path: &Path, key: VolumeKey, tag: Option<Tag>) -> Result<Ver
     let mut missing: Vec<String> = vol
         .files()
         .iter()
-        .filter(|(p, e)| !matches!(e.kind, FileKind::Dir) && !seen.contains(*p))
+        // A hard link (kind 5) has nothing stored at its name: its file is checked at the
+        // file's name, and the fspf's parse checked that the two name each other.
+        .filter(|(p, e)| !matches!(e.kind, FileKind::Dir | FileKind::Link(_)) && !seen.contains(*p))
         .filter(|(p, _)| {
             vol.region_for(p)
                 .is_some_and(|r| r.kind != RegionKind::Ephemeral)

@@ -519,14 +519,30 @@ impl Volume {
 
     /// Record `entries` (from [`Volume::seal_stream`], and directories, symlinks and special
     /// files) in one commit, replacing whatever was at their paths. Returns the new tag.
+    ///
+    /// A hard link is given as its entry (`FileKind::Link(target)`, the target among `entries`
+    /// or listed already): it is recorded after every other entry, and its target lists it
+    /// (FORMAT.md §2); a target's own `links` are ignored.
     pub fn record(&mut self, entries: Vec<(EmbedPath, FileEntry)>) -> Result<crate::Tag> {
         self.ensure_loaded()?;
         self.meta.check_usable()?;
         let tag = self.tag();
-        let changes = entries
-            .into_iter()
-            .map(|(p, e)| Change::PutEntry(p, e))
-            .collect();
+        let mut links = Vec::new();
+        let mut changes: Vec<Change> = Vec::with_capacity(entries.len());
+        for (p, mut e) in entries {
+            match e.kind {
+                FileKind::Link(target) => links.push(Change::Link {
+                    link: p,
+                    target,
+                    ns: 0,
+                }),
+                _ => {
+                    e.links.clear();
+                    changes.push(Change::PutEntry(p, e));
+                }
+            }
+        }
+        changes.extend(links);
         // A checkpoint: an image carries the fspf file alone.
         let log = std::mem::replace(&mut self.opts.log, false);
         let t = self.commit(changes, Some(tag));

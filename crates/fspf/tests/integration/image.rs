@@ -408,6 +408,25 @@ fn image_protect_lists_what_the_container_sees_whiteouts_opaque_dirs_replaced_fi
     }
     assert_eq!(files["/etc/a"]["size"], 2);
     assert_eq!(files["/app/secret.txt"]["size"], 21);
+    // A hard link of an encrypted region is one (kind 5), nothing stored at its name (a
+    // whiteout instead of the member); in an authenticated region, whose layer keeps its bytes,
+    // it stays an entry sharing the file's content.
+    assert_eq!(files["/app/h2"]["kind"], "link", "{:?}", files["/app/h2"]);
+    assert_eq!(files["/app/h2"]["target"], "/app/h1");
+    assert_eq!(files["/app/h1"]["kind"], "file");
+    assert_eq!(files["/lib/link"]["kind"], "file");
+    let members = |i: usize| -> Vec<String> {
+        let l = oci.layer(i);
+        tar::Archive::new(&l[..])
+            .entries()
+            .unwrap()
+            .map(|e| String::from_utf8_lossy(&e.unwrap().path_bytes()).into_owned())
+            .collect()
+    };
+    let l1 = members(1);
+    assert!(l1.iter().any(|n| n == "app/.wh.h2"), "{l1:?}");
+    assert!(!l1.iter().any(|n| n == "app/h2"), "{l1:?}");
+    assert!(l1.iter().any(|n| n == "lib/link"), "{l1:?}");
     // The wrapped entrypoint runs the image's own command under the shield.
     let cfg = oci.config();
     let ep: Vec<String> = serde_json::from_value(cfg["config"]["Entrypoint"].clone()).unwrap();
@@ -509,6 +528,22 @@ fn image_verify_detects_every_tampering_even_with_all_digests_fixed() {
                         .file("app/added", b"not ciphertext")
                         .bytes(),
                 )
+            }),
+        ),
+        (
+            "a file planted at a hard link's name (fspf ciphertext of the file it links)",
+            "/app/h2",
+            Box::new(|o: &Oci| {
+                let l1 = o.layer(1);
+                let mut ar = tar::Archive::new(&l1[..]);
+                let mut h1 = Vec::new();
+                for e in ar.entries().unwrap() {
+                    let mut e = e.unwrap();
+                    if &*e.path_bytes() == b"app/h1" {
+                        e.read_to_end(&mut h1).unwrap();
+                    }
+                }
+                o.insert_layer(2, &Layer::default().file("app/h2", &h1).bytes())
             }),
         ),
         (
