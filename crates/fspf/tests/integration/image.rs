@@ -359,6 +359,19 @@ fn listed(env: &Env, oci: &Oci, key: &str, tag: &str) -> std::collections::BTree
         .collect()
 }
 
+/// The bytes of member `name` of the tar `layer` (empty when it has none).
+fn member_bytes(layer: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in tar::Archive::new(layer).entries().unwrap() {
+        let mut e = e.unwrap();
+        if &*e.path_bytes() == name {
+            out.clear();
+            e.read_to_end(&mut out).unwrap();
+        }
+    }
+    out
+}
+
 fn verify(env: &Env, image: &str) -> std::process::Output {
     env.run([
         "image",
@@ -487,15 +500,7 @@ fn image_verify_detects_every_tampering_even_with_all_digests_fixed() {
             "two encrypted files swapped",
             "/app/keep.txt",
             Box::new(|o: &Oci| {
-                let l0 = o.layer(0);
-                let mut ar = tar::Archive::new(&l0[..]);
-                let mut old_secret = Vec::new();
-                for e in ar.entries().unwrap() {
-                    let mut e = e.unwrap();
-                    if &*e.path_bytes() == b"app/secret.txt" {
-                        e.read_to_end(&mut old_secret).unwrap();
-                    }
-                }
+                let old_secret = member_bytes(&o.layer(0), b"app/secret.txt");
                 o.edit_layer(0, |n, c| {
                     Some(if n == "app/keep.txt" {
                         old_secret.clone()
@@ -534,15 +539,7 @@ fn image_verify_detects_every_tampering_even_with_all_digests_fixed() {
             "a file planted at a hard link's name (fspf ciphertext of the file it links)",
             "/app/h2",
             Box::new(|o: &Oci| {
-                let l1 = o.layer(1);
-                let mut ar = tar::Archive::new(&l1[..]);
-                let mut h1 = Vec::new();
-                for e in ar.entries().unwrap() {
-                    let mut e = e.unwrap();
-                    if &*e.path_bytes() == b"app/h1" {
-                        e.read_to_end(&mut h1).unwrap();
-                    }
-                }
+                let h1 = member_bytes(&o.layer(1), b"app/h1");
                 o.insert_layer(2, &Layer::default().file("app/h2", &h1).bytes())
             }),
         ),
