@@ -468,6 +468,13 @@ impl Inodes {
         self.by_ino.get(&ino)
     }
 
+    /// The entry at `p` is gone (removed): its number names nothing any more. Returns it.
+    fn forget(&mut self, p: &EmbedPath) -> Option<u64> {
+        let i = self.by_path.remove(p)?;
+        self.by_ino.remove(&i);
+        Some(i)
+    }
+
     /// `from` (and everything below it) is now `to`; what was at `to` is gone.
     fn rename(&mut self, from: &EmbedPath, to: &EmbedPath) {
         let by_ino = &mut self.by_ino;
@@ -548,7 +555,7 @@ fn ns_of(t: TimeOrNow) -> i64 {
 }
 
 /// A core error as an errno: data that failed verification is `EIO`, never garbage.
-fn core_errno(ep: &EmbedPath, e: &fspf_core::Error) -> c_int {
+fn core_errno(ep: &dyn std::fmt::Display, e: &fspf_core::Error) -> c_int {
     if crate::debug() || e.is_integrity() {
         eprintln!("fspf mount: {ep}: {e}");
     }
@@ -1126,7 +1133,12 @@ impl FspfFs {
     }
 }
 
-fn read_handle(h: &mut Handle, ep: &EmbedPath, out: &mut [u8], off: u64) -> Result<usize, c_int> {
+fn read_handle(
+    h: &mut Handle,
+    ep: &dyn std::fmt::Display,
+    out: &mut [u8],
+    off: u64,
+) -> Result<usize, c_int> {
     let mut done = 0;
     while done < out.len() {
         let o = off + done as u64;
@@ -1221,7 +1233,7 @@ impl Filesystem for FspfFs {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        _fh: Option<u64>,
+        fh: Option<u64>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
@@ -1231,7 +1243,41 @@ impl Filesystem for FspfFs {
         let mut guard = self.state();
         let st = &mut *guard;
         let Some(ep) = st.inodes.path(ino).cloned() else {
-            return reply.error(libc::ENOENT);
+            // An open file whose last name went: `fsync`, `ftruncate`, `fchmod` of it, and the
+            // times the kernel sends when it is synced or closed, change what `fstat` shows.
+            let Some(mut a) = st.gone.get(&ino).copied() else {
+                return reply.error(libc::ENOENT);
+            };
+            let buf = match fh.and_then(|f| st.handles.get(&f)) {
+                Some(Handle::Buf { buf, .. }) => Some(buf.clone()),
+                _ => None,
+            };
+            if let Some(len) = size {
+                if let Some(b) = &buf {
+                    if let Err(e) = lock(b).set_len(len) {
+                        return reply.error(e.raw_os_error().unwrap_or(libc::EIO));
+                    }
+                }
+                a.size = len;
+            }
+            if let Some(m) = mode {
+                a.perm = (m & 0o7777) as u16;
+            }
+            a.uid = uid.unwrap_or(a.uid);
+            a.gid = gid.unwrap_or(a.gid);
+            if let Some(t) = mtime {
+                a.mtime = time_of(ns_of(t));
+            }
+            if let Some(t) = atime {
+                a.atime = time_of(ns_of(t));
+            }
+            a.ctime = SystemTime::now();
+            if let Some(b) = &buf {
+                a.size = lock(b).len;
+            }
+            a.blocks = a.size.div_ceil(512);
+            st.gone.insert(ino, a);
+            return reply.attr(&TTL, &a);
         };
         let r = (|| -> Result<FileAttr, c_int> {
             if uid.is_some() || gid.is_some() {
@@ -1578,8 +1624,11 @@ impl Filesystem for FspfFs {
             s,
             ..
         } = &mut *guard;
-        let Some(ep) = inodes.path(ino) else {
-            return reply.error(libc::ENOENT);
+        // (A file whose last name went is still read through its handles.)
+        let ep = inodes.path(ino);
+        let name: &dyn std::fmt::Display = match ep {
+            Some(ep) => ep,
+            None => &"an open file whose name is gone",
         };
         let Some(h) = handles.get_mut(&fh) else {
             return reply.error(libc::EBADF);
@@ -1590,14 +1639,14 @@ impl Filesystem for FspfFs {
         }
         let out = &mut read_buf[..size as usize];
         let off = offset.max(0) as u64;
-        let mut r = read_handle(h, ep, out, off);
+        let mut r = read_handle(h, name, out, off);
         // A format-2 file this daemon updated in place since the handle was opened: the
         // handle's reader knows the old root. Read the committed state (once).
-        if let (Err(_), Handle::Kernel(k)) = (&r, &mut *h) {
+        if let (Err(_), Handle::Kernel(k), Some(ep)) = (&r, &mut *h, ep) {
             if k.tree_mut().is_some() {
                 if let Some(fresh) = s.vol().and_then(|v| v.open_file(ep).ok()) {
                     *h = Handle::Kernel(Box::new(fresh));
-                    r = read_handle(h, ep, out, off);
+                    r = read_handle(h, name, out, off);
                 }
             }
         }
@@ -1890,11 +1939,18 @@ impl FspfFs {
                 _ => None,
             };
             let kept = st.s.unlink(&Live(&st.live), &ep, dir);
-            match st.committed(kept)? {
+            let gone = match st.committed(kept)? {
                 // The file had hard links: it lives on at one of them.
-                Some(k) => st.moved(&ep, &k),
-                None => st.detach(&ep),
-            }
+                Some(k) => {
+                    st.moved(&ep, &k);
+                    false
+                }
+                None => {
+                    st.detach(&ep);
+                    // Not a name of a file that lives on under another.
+                    target.is_none()
+                }
+            };
             // The file lost a name (its link count, its status change time).
             if let Some(&i) = st.inodes.by_path.get(target.as_ref().unwrap_or(&ep)) {
                 st.changed(i);
@@ -1903,6 +1959,15 @@ impl FspfFs {
                 a.nlink = 0;
                 a.ctime = SystemTime::now();
                 st.gone.insert(a.ino, a);
+            }
+            if gone {
+                // Its inode number goes with it: a file made at the same path gets a new one,
+                // never the number (and so the kernel inode and page cache) of the removed file
+                // that is still open (SQLite's WAL, removed by one process and made again by
+                // another while a third still holds the old one).
+                if let Some(i) = st.inodes.forget(&ep) {
+                    st.cached.remove(&i);
+                }
             }
             st.dir_changed(parent);
             st.mark();

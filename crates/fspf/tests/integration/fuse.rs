@@ -1316,3 +1316,31 @@ fn fstat_of_an_open_file_whose_name_was_removed_failed() {
     ok(&o, "fstat of open unlinked files");
     assert_eq!(stdout(&o), "0 5 0 7\n");
 }
+
+/// An open file whose last name was removed, and a new file made at the same path: `fsync`,
+/// `ftruncate` and `close` of the old one failed with `ENOENT` (the daemon looked its inode up
+/// by the removed path; `fsync` and `close` send the file's times), and the new file got the
+/// old one's inode number, so the kernel took both for one file (SQLite with two processes
+/// lost increments when one removed the WAL another was about to sync).
+#[test]
+fn fsync_of_an_open_file_whose_name_was_removed_failed_and_a_new_file_there_shared_its_inode() {
+    let py = crate::shielded::real_python();
+    let m = Mounted::new(true);
+    let script = "import os\n\
+        old = os.open('data/x', os.O_CREAT | os.O_RDWR, 0o644); os.write(old, b'hello')\n\
+        os.unlink('data/x')\n\
+        new = os.open('data/x', os.O_CREAT | os.O_RDWR, 0o644); os.write(new, b'new')\n\
+        os.write(old, b' world'); os.fsync(old); os.ftruncate(old, 8)\n\
+        a = os.fstat(old); b = os.fstat(new)\n\
+        print(a.st_ino != b.st_ino, a.st_nlink, a.st_size, os.pread(old, 100, 0).decode())\n\
+        os.close(old); os.fsync(new); os.close(new)\n\
+        print(open('data/x').read())\n";
+    let o = Command::new(py)
+        .arg("-c")
+        .arg(script)
+        .current_dir(m.env.path("mnt"))
+        .output()
+        .expect("python");
+    ok(&o, "sync, truncate and close of an open unlinked file");
+    assert_eq!(stdout(&o), "True 0 8 hello wo\nnew\n");
+}
