@@ -10,8 +10,10 @@ use fspf_core::view::{Node, NodeKind, OpenFile, ViewError};
 use fspf_core::volume::{KernelReader, StreamStage};
 use fspf_core::{ChildKind, EmbedPath, Tag};
 use fuser::{
-    FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
 };
 use libc::c_int;
 use std::collections::{BTreeMap, HashMap};
@@ -85,7 +87,16 @@ struct Buf {
     /// Kept after the version is staged (it reads the sealed part back) until the commit moves
     /// the buffer onto the committed version.
     stream: Option<Stream>,
+    /// The ranges written to a new (or emptied) buffer, while they are few: its first range,
+    /// when it starts at 0, is what a stream may seal ([`Buf::filled`]). Writes that the
+    /// kernel sent in order may be served out of order by the session threads, and a range
+    /// not written yet must not be sealed as zeros. `None`: written out of order (held whole
+    /// until it is committed).
+    order: Option<Written>,
 }
+
+/// A new buffer written with more gaps than this is not written in order.
+const ORDER_GAPS: usize = 64;
 
 /// The thread sealing a piece of a stream: it hands the stream back with the piece's outcome.
 type PieceJob = std::thread::JoinHandle<Option<(StreamStage, Result<(), c_int>)>>;
@@ -213,7 +224,14 @@ impl Buf {
             written: None,
             under: None,
             stream: None,
+            order: Some(Written::new(0)),
         })
+    }
+
+    /// The end of the bytes written from 0 without a gap (a new file's sealable part).
+    fn filled(&self) -> u64 {
+        let first = self.order.as_ref().and_then(|o| o.ranges.first());
+        first.filter(|r| r.0 == 0).map_or(0, |r| r.1).min(self.len)
     }
 
     /// Bring the sealed part of a stream back into the memfd and drop the stream (a write or
@@ -357,6 +375,12 @@ impl Buf {
         if let Some(u) = &mut self.under {
             u.holds.add(off, data.len() as u64);
         }
+        if let Some(o) = &mut self.order {
+            o.add(off, data.len() as u64);
+            if o.ranges.len() > ORDER_GAPS {
+                self.order = None;
+            }
+        }
         Ok(())
     }
 
@@ -384,6 +408,9 @@ impl Buf {
         }
         if let Some(u) = &mut self.under {
             u.holds.set_len(len);
+        }
+        if let Some(o) = &mut self.order {
+            o.set_len(len);
         }
         // A size change moves the modification time, as a write does.
         self.mtime = now_ns();
@@ -419,8 +446,9 @@ impl std::io::Read for BufReader<'_> {
 
 type Shared = Arc<Mutex<Buf>>;
 
-fn lock(b: &Shared) -> MutexGuard<'_, Buf> {
-    b.lock().unwrap_or_else(|e| e.into_inner())
+/// A buffer's (or a reader's) lock; a panic of another holder does not make it unusable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The daemon's buffers as the session's view sees them.
@@ -443,15 +471,27 @@ impl OpenFiles for Live<'_> {
     }
 }
 
+/// An open file. Cloned out of the handle table ([`Handles`]) by the request that uses it, so
+/// that a `read` runs without holding the table or the [`State`] lock: a reader is locked on
+/// its own (two reads of one handle take turns; reads of different handles run at once).
+#[derive(Clone)]
 enum Handle {
-    Kernel(Box<KernelReader>),
-    Mem(Box<fspf_core::volume::memory::MemReader>),
+    Kernel(Arc<Mutex<KernelReader>>),
+    Mem(Arc<Mutex<fspf_core::volume::memory::MemReader>>),
     Plain(Arc<Vec<u8>>),
     /// A buffer: written through this handle when `write`, else read from it.
     Buf {
         buf: Shared,
         write: bool,
     },
+}
+
+/// Open file handles by number: apart from [`State`] so that a `read` of a verified reader
+/// finds its handle without the State lock (and so is not held up by a commit).
+#[derive(Default)]
+struct Handles {
+    map: HashMap<u64, Handle>,
+    next: u64,
 }
 
 /// Inode numbers for embed paths (stable for the life of the mount; renames move them).
@@ -500,8 +540,6 @@ impl Inodes {
 struct State {
     s: Session<Arc<DaemonAnchor>>,
     live: BTreeMap<EmbedPath, Shared>,
-    handles: HashMap<u64, Handle>,
-    next_fh: u64,
     inodes: Inodes,
     /// When the oldest uncommitted change was made.
     since: Option<std::time::Instant>,
@@ -509,8 +547,6 @@ struct State {
     /// (`ctime`), access times set by `utimensat`, and directory modification times moved by
     /// entries made or removed in them.
     times: HashMap<u64, Times>,
-    /// Where `read` requests are served from.
-    read_buf: Vec<u8>,
     /// The committed version each inode was last opened for reading at: a read open of the
     /// same version keeps the kernel's page cache of it (`FOPEN_KEEP_CACHE`, pages this daemon
     /// verified); any other open invalidates it, and an open for writing forgets the entry.
@@ -529,17 +565,40 @@ struct Times {
     ctime: i64,
 }
 
-/// The filesystem fuser drives.
+/// The filesystem fuser drives, from several session threads at once.
+///
+/// Locks, always taken in this order (a thread holding one never waits for one above it):
+/// 1. [`State`] (`st`): the session, the inode table, the buffers' map; held by every request
+///    but a `read`, for its whole duration (the committer thread takes it too);
+/// 2. the handle table (`handles`): held only to add, remove or clone out a handle;
+/// 3. a handle's reader (`Handle::Kernel`, `Handle::Mem`);
+/// 4. a buffer ([`Buf`]), taken after the State lock; a `read` or `write` of it may let the
+///    State lock go while it keeps the buffer's (see [`FspfFs::read`], [`FspfFs::write`]).
 pub(crate) struct FspfFs {
     st: Arc<Mutex<State>>,
+    handles: Mutex<Handles>,
     anchor: Arc<DaemonAnchor>,
     root: EmbedPath,
     uid: u32,
     gid: u32,
     started: i64,
-    ready: Option<Box<dyn FnOnce(Tag) + Send>>,
-    /// Keeps the session thread polling between close requests (`spin.rs`).
+    ready: Mutex<Option<Ready>>,
+    /// Keeps a session thread polling between close requests (`spin.rs`).
     spin: Arc<crate::spin::Spin>,
+}
+
+/// What runs once the mount is in place (`mount_foreground`'s `ready`).
+type Ready = Box<dyn FnOnce(Tag) + Send>;
+
+thread_local! {
+    /// Where this session thread serves `read` requests from (grown, never cleared: only what
+    /// was read is sent).
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A libc errno as fuser's.
+fn eno(e: c_int) -> Errno {
+    Errno::from_i32(e)
 }
 
 fn now_ns() -> i64 {
@@ -721,10 +780,10 @@ impl State {
                 None => return Ok(()),
             }
         }
+        let filled = g.filled();
         let Buf {
             stream: Some(st),
             file,
-            len,
             ..
         } = g
         else {
@@ -733,7 +792,7 @@ impl State {
         // One piece at a time: the one before it is done first.
         let s = st.settle()?;
         let c = u64::from(s.chunk_len());
-        let target = *len / c * c;
+        let target = filled / c * c;
         if target <= s.sealed() {
             return Ok(());
         }
@@ -898,22 +957,23 @@ impl FspfFs {
             st: Arc::new(Mutex::new(State {
                 s,
                 live: BTreeMap::new(),
-                handles: HashMap::new(),
-                next_fh: 1,
                 inodes,
                 since: None,
                 times: HashMap::new(),
-                read_buf: Vec::new(),
                 cached: HashMap::new(),
                 opens: HashMap::new(),
                 gone: HashMap::new(),
             })),
+            handles: Mutex::new(Handles {
+                map: HashMap::new(),
+                next: 1,
+            }),
             anchor,
             root,
             uid: rustix::process::geteuid().as_raw(),
             gid: rustix::process::getegid().as_raw(),
             started: now_ns(),
-            ready: None,
+            ready: Mutex::new(None),
             spin: crate::spin::Spin::new(),
         }
     }
@@ -926,8 +986,8 @@ impl FspfFs {
         self.anchor.clone()
     }
 
-    pub(crate) fn on_init(&mut self, f: Box<dyn FnOnce(Tag) + Send>) {
-        self.ready = Some(f);
+    pub(crate) fn on_init(&mut self, f: Ready) {
+        *self.ready.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(f);
     }
 
     /// A thread that commits staged changes at most `every` after they were made.
@@ -966,6 +1026,16 @@ impl FspfFs {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The handle table (after the State lock, when both are held).
+    fn handles(&self) -> MutexGuard<'_, Handles> {
+        self.handles.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The handle `fh` (cloned out of the table).
+    fn handle(&self, fh: u64) -> Option<Handle> {
+        self.handles().map.get(&fh).cloned()
+    }
+
     fn attr(&self, st: &State, ino: u64, n: &Node) -> FileAttr {
         let mut rdev = 0;
         let nlink = u32::try_from(n.nlink).unwrap_or(u32::MAX);
@@ -982,7 +1052,7 @@ impl FspfFs {
         let m = times.mtime.or(n.mtime).unwrap_or(self.started);
         let t = time_of(m);
         FileAttr {
-            ino,
+            ino: INodeNo(ino),
             size: n.size,
             blocks: n.size.div_ceil(512),
             atime: time_of(times.atime.unwrap_or(m)),
@@ -1053,11 +1123,11 @@ impl FspfFs {
                 holds: Written::new(b.len),
             });
         } else {
-            let mut h = self.reader(st, ep)?;
+            let h = self.reader(st, ep)?;
             let mut chunk = vec![0u8; 1 << 20];
             let mut off = 0u64;
             loop {
-                let k = read_handle(&mut h, ep, &mut chunk, off)?;
+                let k = read_handle(&h, ep, &mut chunk, off)?;
                 if k == 0 {
                     break;
                 }
@@ -1098,19 +1168,20 @@ impl FspfFs {
         if st.s.is_ephemeral(ep) {
             return match st.s.open_ephemeral(ep).map_err(ViewError::errno)? {
                 EphemeralContent::Plain(d) => Ok(Handle::Plain(d)),
-                EphemeralContent::Sealed(r) => Ok(Handle::Mem(r)),
+                EphemeralContent::Sealed(r) => Ok(Handle::Mem(Arc::new(Mutex::new(*r)))),
             };
         }
         let vol = st.s.vol().ok_or(libc::EACCES)?;
         let r = vol.open_file(ep).map_err(|e| core_errno(ep, &e))?;
-        Ok(Handle::Kernel(Box::new(r)))
+        Ok(Handle::Kernel(Arc::new(Mutex::new(r))))
     }
 
-    fn add_handle(st: &mut State, ino: u64, h: Handle) -> u64 {
+    fn add_handle(&self, st: &mut State, ino: u64, h: Handle) -> u64 {
         *st.opens.entry(ino).or_default() += 1;
-        let fh = st.next_fh;
-        st.next_fh += 1;
-        st.handles.insert(fh, h);
+        let mut hs = self.handles();
+        let fh = hs.next;
+        hs.next += 1;
+        hs.map.insert(fh, h);
         fh
     }
 
@@ -1122,7 +1193,8 @@ impl FspfFs {
                 st.gone.remove(&ino);
             }
         }
-        let Some(Handle::Buf { buf, write: true }) = st.handles.remove(&fh) else {
+        let removed = self.handles().map.remove(&fh);
+        let Some(Handle::Buf { buf, write: true }) = removed else {
             return Ok(());
         };
         let last = {
@@ -1143,32 +1215,15 @@ impl FspfFs {
     }
 }
 
-fn read_handle(
-    h: &mut Handle,
-    ep: &dyn std::fmt::Display,
+/// Fill `out` from `off` with `read` (a reader's `read_at`), up to the end of the file.
+fn fill<E>(
     out: &mut [u8],
     off: u64,
-) -> Result<usize, c_int> {
+    mut read: impl FnMut(&mut [u8], u64) -> Result<usize, E>,
+) -> Result<usize, E> {
     let mut done = 0;
     while done < out.len() {
-        let o = off + done as u64;
-        let n = match h {
-            Handle::Kernel(r) => r
-                .read_at(&mut out[done..], o)
-                .map_err(|e| core_errno(ep, &e))?,
-            Handle::Mem(r) => r
-                .read_at(&mut out[done..], o)
-                .map_err(|e| core_errno(ep, &e))?,
-            Handle::Plain(d) => {
-                let start = (o as usize).min(d.len());
-                let n = (d.len() - start).min(out.len() - done);
-                out[done..done + n].copy_from_slice(&d[start..start + n]);
-                n
-            }
-            Handle::Buf { buf, .. } => lock(buf)
-                .read_at(&mut out[done..], o)
-                .map_err(|_| libc::EIO)?,
-        };
+        let n = read(&mut out[done..], off + done as u64)?;
         if n == 0 {
             break;
         }
@@ -1177,16 +1232,124 @@ fn read_handle(
     Ok(done)
 }
 
+/// Bytes `[off, off + out.len())` of what `h` reads (fewer at its end); a core error is
+/// reported ([`core_errno`]) under the name `ep`.
+fn read_handle(
+    h: &Handle,
+    ep: &dyn std::fmt::Display,
+    out: &mut [u8],
+    off: u64,
+) -> Result<usize, c_int> {
+    match h {
+        Handle::Kernel(r) => read_kernel(&mut lock(r), out, off).map_err(|e| core_errno(ep, &e)),
+        Handle::Mem(r) => {
+            let mut r = lock(r);
+            fill(out, off, |b, o| r.read_at(b, o)).map_err(|e| core_errno(ep, &e))
+        }
+        Handle::Plain(d) => {
+            let start = (off.min(d.len() as u64)) as usize;
+            let n = (d.len() - start).min(out.len());
+            out[..n].copy_from_slice(&d[start..start + n]);
+            Ok(n)
+        }
+        Handle::Buf { buf, .. } => {
+            let mut g = lock(buf);
+            fill(out, off, |b, o| g.read_at(b, o)).map_err(|_| libc::EIO)
+        }
+    }
+}
+
+fn read_kernel(r: &mut KernelReader, out: &mut [u8], off: u64) -> fspf_core::Result<usize> {
+    fill(out, off, |b, o| r.read_at(b, o))
+}
+
+/// What a write into a buffer leaves to do, under the State lock (neither in an ephemeral
+/// region, which the caller checks).
+enum AfterWrite {
+    /// A new file written in order holds [`STREAM_PIECE`] not sealed yet: seal its whole
+    /// chunks, so that the daemon holds at most about that much of it.
+    Stream,
+    /// A committed file had [`STREAM_PIECE`] written since it was staged: commit them.
+    Commit,
+}
+
+impl FspfFs {
+    fn after_write(g: &Buf) -> Option<AfterWrite> {
+        let unsealed = g
+            .filled()
+            .saturating_sub(g.stream.as_ref().map_or(0, |s| s.end()));
+        if unsealed >= STREAM_PIECE
+            && g.under.is_none()
+            && g.base.is_none()
+            && !g.stream.as_ref().is_some_and(|s| s.finished())
+        {
+            Some(AfterWrite::Stream)
+        } else if g.unstaged >= STREAM_PIECE && g.under.is_some() {
+            Some(AfterWrite::Commit)
+        } else {
+            None
+        }
+    }
+
+    /// Bytes of an open file for a `read` request (see [`Filesystem::read`] for the locks).
+    fn read_at(&self, ino: u64, h: &Handle, out: &mut [u8], off: u64) -> Result<usize, c_int> {
+        let first = match h {
+            Handle::Kernel(r) => read_kernel(&mut lock(r), out, off),
+            Handle::Mem(r) => {
+                let mut r = lock(r);
+                fill(out, off, |b, o| r.read_at(b, o))
+            }
+            Handle::Plain(_) => return read_handle(h, &"", out, off),
+            Handle::Buf { buf, .. } => {
+                let st = self.state();
+                let mut g = lock(buf);
+                drop(st);
+                return fill(out, off, |b, o| g.read_at(b, o)).map_err(|_| libc::EIO);
+            }
+        };
+        let e = match first {
+            Ok(n) => return Ok(n),
+            Err(e) => e,
+        };
+        // A failure is looked at under the State lock: a commit that was under way is over.
+        let st = self.state();
+        let ep = st.inodes.path(ino);
+        let name: &dyn std::fmt::Display = match ep {
+            Some(ep) => ep,
+            None => &"an open file whose name is gone",
+        };
+        if let Handle::Kernel(r) = h {
+            let mut r = lock(r);
+            // A format-2 file this daemon updated in place since the handle was opened (or
+            // while this read ran without the State lock): the handle's reader knows the old
+            // root. Read the committed state, once, here under the State lock (no update can
+            // run meanwhile); the handle keeps the fresh reader.
+            if r.tree_mut().is_some() {
+                if let Some(fresh) = ep.and_then(|ep| st.s.vol()?.open_file(ep).ok()) {
+                    *r = fresh;
+                    return read_kernel(&mut r, out, off).map_err(|e| core_errno(name, &e));
+                }
+            }
+        }
+        Err(core_errno(name, &e))
+    }
+}
+
 impl Filesystem for FspfFs {
-    fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), c_int> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
         // The kernel keeps written pages and sends them in large writes (at close, fsync, or
         // when it writes back), not one request per `write(2)`. FSPF_FUSE_WRITEBACK=0: off.
         if std::env::var_os("FSPF_FUSE_WRITEBACK").is_none_or(|v| v != "0") {
-            let _ = config.add_capabilities(fuser::consts::FUSE_WRITEBACK_CACHE);
+            let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
         }
-        if let Some(f) = self.ready.take() {
+        let ready = self
+            .ready
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(f) = ready {
             f(self.anchor.current());
         }
         Ok(())
@@ -1205,13 +1368,15 @@ impl Filesystem for FspfFs {
         self.anchor.settle();
     }
 
-    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let parent = parent.0;
         let mut st = self.state();
         let r = Self::child(&st, parent, name).and_then(|ep| self.entry(&mut st, &ep));
         reply_entry(reply, r)
     }
 
-    fn getattr(&mut self, _req: &Request<'_>, ino: u64, fh: Option<u64>, reply: ReplyAttr) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ino = ino.0;
         let mut st = self.state();
         let r = match st.inodes.path(ino).cloned() {
             Some(ep) => self.entry(&mut st, &ep),
@@ -1222,20 +1387,20 @@ impl Filesystem for FspfFs {
             // An open file without a name (`fstat` after `unlink`): no links, and the size its
             // handle sees.
             (Err(libc::ENOENT), Some(mut a)) => {
-                if let Some(Handle::Buf { buf, .. }) = fh.and_then(|f| st.handles.get(&f)) {
-                    a.size = lock(buf).len;
+                if let Some(Handle::Buf { buf, .. }) = fh.and_then(|f| self.handle(f.0)) {
+                    a.size = lock(&buf).len;
                     a.blocks = a.size.div_ceil(512);
                 }
                 reply.attr(&TTL, &a)
             }
-            (Err(e), _) => reply.error(e),
+            (Err(e), _) => reply.error(eno(e)),
         }
     }
 
     fn setattr(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
+        &self,
+        _req: &Request,
+        ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
         gid: Option<u32>,
@@ -1243,29 +1408,30 @@ impl Filesystem for FspfFs {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        fh: Option<u64>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
-        _flags: Option<u32>,
+        _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let ino = ino.0;
         let mut guard = self.state();
         let st = &mut *guard;
         let Some(ep) = st.inodes.path(ino).cloned() else {
             // An open file whose last name went: `fsync`, `ftruncate`, `fchmod` of it, and the
             // times the kernel sends when it is synced or closed, change what `fstat` shows.
             let Some(mut a) = st.gone.get(&ino).copied() else {
-                return reply.error(libc::ENOENT);
+                return reply.error(Errno::ENOENT);
             };
-            let buf = match fh.and_then(|f| st.handles.get(&f)) {
-                Some(Handle::Buf { buf, .. }) => Some(buf.clone()),
+            let buf = match fh.and_then(|f| self.handle(f.0)) {
+                Some(Handle::Buf { buf, .. }) => Some(buf),
                 _ => None,
             };
             if let Some(len) = size {
                 if let Some(b) = &buf {
                     if let Err(e) = lock(b).set_len(len) {
-                        return reply.error(e.raw_os_error().unwrap_or(libc::EIO));
+                        return reply.error(eno(e.raw_os_error().unwrap_or(libc::EIO)));
                     }
                 }
                 a.size = len;
@@ -1362,26 +1528,26 @@ impl Filesystem for FspfFs {
         })();
         match r {
             Ok(a) => reply.attr(&TTL, &a),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(eno(e)),
         }
     }
 
-    fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let st = self.state();
-        let Some(ep) = st.inodes.path(ino) else {
-            return reply.error(libc::ENOENT);
+        let Some(ep) = st.inodes.path(ino.0) else {
+            return reply.error(Errno::ENOENT);
         };
         match st.s.lookup(&Live(&st.live), ep).map(|n| n.kind) {
             Ok(NodeKind::Symlink(t)) => reply.data(&t),
-            Ok(_) => reply.error(libc::EINVAL),
-            Err(e) => reply.error(e.errno()),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(eno(e.errno())),
         }
     }
 
     fn mknod(
-        &mut self,
-        req: &Request<'_>,
-        parent: u64,
+        &self,
+        req: &Request,
+        parent: INodeNo,
         name: &OsStr,
         mode: u32,
         umask: u32,
@@ -1391,8 +1557,9 @@ impl Filesystem for FspfFs {
         let special = match (SpecialKind::from_mode(mode), mode & libc::S_IFMT) {
             (None, libc::S_IFREG) => None,
             (Some(k), _) => Some(k),
-            (None, _) => return reply.error(libc::EINVAL),
+            (None, _) => return reply.error(Errno::EINVAL),
         };
+        let parent = parent.0;
         let mut guard = self.state();
         let st = &mut *guard;
         let r = Self::child(st, parent, name).and_then(|ep| {
@@ -1423,14 +1590,15 @@ impl Filesystem for FspfFs {
     }
 
     fn mkdir(
-        &mut self,
-        req: &Request<'_>,
-        parent: u64,
+        &self,
+        req: &Request,
+        parent: INodeNo,
         name: &OsStr,
         mode: u32,
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let parent = parent.0;
         let mut guard = self.state();
         let st = &mut *guard;
         let r = Self::child(st, parent, name).and_then(|ep| {
@@ -1444,22 +1612,23 @@ impl Filesystem for FspfFs {
         reply_entry(reply, r)
     }
 
-    fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        self.remove(parent, name, false, reply)
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent.0, name, false, reply)
     }
 
-    fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        self.remove(parent, name, true, reply)
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent.0, name, true, reply)
     }
 
     fn link(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        newparent: u64,
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let (ino, newparent) = (ino.0, newparent.0);
         let mut guard = self.state();
         let st = &mut *guard;
         let r = (|| -> Result<FileAttr, c_int> {
@@ -1479,13 +1648,14 @@ impl Filesystem for FspfFs {
     }
 
     fn symlink(
-        &mut self,
-        req: &Request<'_>,
-        parent: u64,
+        &self,
+        req: &Request,
+        parent: INodeNo,
         link_name: &OsStr,
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let parent = parent.0;
         let mut guard = self.state();
         let st = &mut *guard;
         let r = Self::child(st, parent, link_name).and_then(|ep| {
@@ -1508,15 +1678,16 @@ impl Filesystem for FspfFs {
     }
 
     fn rename(
-        &mut self,
-        _req: &Request<'_>,
-        parent: u64,
+        &self,
+        _req: &Request,
+        parent: INodeNo,
         name: &OsStr,
-        newparent: u64,
+        newparent: INodeNo,
         newname: &OsStr,
-        flags: u32,
+        flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let (parent, newparent, flags) = (parent.0, newparent.0, flags.bits());
         let mut guard = self.state();
         let st = &mut *guard;
         let r = (|| -> Result<(), c_int> {
@@ -1549,14 +1720,15 @@ impl Filesystem for FspfFs {
         })();
         match r {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(eno(e)),
         }
     }
 
-    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let (ino, flags) = (ino.0, flags.0);
         let mut guard = self.state();
         let st = &mut *guard;
-        let r = (|| -> Result<(u64, u32), c_int> {
+        let r = (|| -> Result<(u64, FopenFlags), c_int> {
             let ep = st.inodes.path(ino).cloned().ok_or(libc::ENOENT)?;
             let n =
                 st.s.lookup(&Live(&st.live), &ep)
@@ -1576,7 +1748,7 @@ impl Filesystem for FspfFs {
                 let b = self.buffer(st, &ep, trunc)?;
                 if write {
                     lock(&b).writers += 1;
-                    let fh = Self::add_handle(
+                    let fh = self.add_handle(
                         st,
                         ino,
                         Handle::Buf {
@@ -1584,20 +1756,20 @@ impl Filesystem for FspfFs {
                             write: true,
                         },
                     );
-                    return Ok((fh, 0));
+                    return Ok((fh, FopenFlags::empty()));
                 }
                 st.stage(&b)?;
             }
             let h = self.reader(st, &ep)?;
             // A committed version read before through this mount: the kernel's pages of it are
             // still its verified plaintext (every change through the mount goes through them).
-            let mut keep = 0;
+            let mut keep = FopenFlags::empty();
             if let Handle::Kernel(_) = &h {
                 let v = st.s.vol().and_then(|v| v.lookup(&ep)?.kind.version());
                 match v {
                     Some(v) => {
                         if st.cached.insert(ino, v) == Some(v) {
-                            keep = fuser::consts::FOPEN_KEEP_CACHE;
+                            keep = FopenFlags::FOPEN_KEEP_CACHE;
                         }
                     }
                     None => {
@@ -1607,116 +1779,109 @@ impl Filesystem for FspfFs {
             } else {
                 st.cached.remove(&ino);
             }
-            Ok((Self::add_handle(st, ino, h), keep))
+            Ok((self.add_handle(st, ino, h), keep))
         })();
         match r {
-            Ok((fh, keep)) => reply.opened(fh, keep),
-            Err(e) => reply.error(e),
+            Ok((fh, keep)) => reply.opened(FileHandle(fh), keep),
+            Err(e) => reply.error(eno(e)),
         }
     }
 
+    /// Served without the State lock wherever it can be: a verified reader (a kernel file, a
+    /// sealed ephemeral file) or an ephemeral plaintext is read holding only its own lock, so
+    /// that reads of different files decrypt at once on different session threads, and a
+    /// commit does not hold them up. A buffer is locked under the State lock (no commit is then
+    /// under way: its committed part, read through `Buf::under`, may be updated in place only
+    /// by a commit, which stages the buffer under its lock first) and read after the State lock
+    /// is let go.
     fn read(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        fh: u64,
-        offset: i64,
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
         size: u32,
-        _flags: i32,
-        _lock_owner: Option<u64>,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let mut guard = self.state();
-        let State {
-            handles,
-            inodes,
-            read_buf,
-            s,
-            ..
-        } = &mut *guard;
-        // (A file whose last name went is still read through its handles.)
-        let ep = inodes.path(ino);
-        let name: &dyn std::fmt::Display = match ep {
-            Some(ep) => ep,
-            None => &"an open file whose name is gone",
+        self.spin.touch();
+        let Some(h) = self.handle(fh.0) else {
+            return reply.error(Errno::EBADF);
         };
-        let Some(h) = handles.get_mut(&fh) else {
-            return reply.error(libc::EBADF);
-        };
-        // One buffer for every read (grown, never cleared: only what was read is sent).
-        if read_buf.len() < size as usize {
-            read_buf.resize(size as usize, 0);
-        }
-        let out = &mut read_buf[..size as usize];
-        let off = offset.max(0) as u64;
-        let mut r = read_handle(h, name, out, off);
-        // A format-2 file this daemon updated in place since the handle was opened: the
-        // handle's reader knows the old root. Read the committed state (once).
-        if let (Err(_), Handle::Kernel(k), Some(ep)) = (&r, &mut *h, ep) {
-            if k.tree_mut().is_some() {
-                if let Some(fresh) = s.vol().and_then(|v| v.open_file(ep).ok()) {
-                    *h = Handle::Kernel(Box::new(fresh));
-                    r = read_handle(h, name, out, off);
-                }
+        READ_BUF.with_borrow_mut(|buf| {
+            if buf.len() < size as usize {
+                buf.resize(size as usize, 0);
             }
-        }
-        match r {
-            Ok(n) => reply.data(&out[..n]),
-            Err(e) => reply.error(e),
-        }
+            let out = &mut buf[..size as usize];
+            match self.read_at(ino.0, &h, out, offset) {
+                Ok(n) => reply.data(&out[..n]),
+                Err(e) => reply.error(eno(e)),
+            }
+        })
     }
 
+    /// The State lock is held to find the buffer, to move the inode's change time and to lock
+    /// the buffer; the bytes are written into it after the State lock is let go (with the
+    /// buffer's lock held: no commit can stage it meanwhile). What may follow, sealing a piece
+    /// of a stream or committing a large writer's bytes, takes the State lock again first.
     fn write(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        fh: u64,
-        offset: i64,
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
         data: &[u8],
-        _write_flags: u32,
-        _flags: i32,
-        _lock_owner: Option<u64>,
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let mut st = self.state();
-        st.changed(ino);
-        let Some(Handle::Buf { buf, write: true }) = st.handles.get(&fh) else {
-            return reply.error(libc::EBADF);
+        st.changed(ino.0);
+        let Some(Handle::Buf { buf, write: true }) = self.handle(fh.0) else {
+            return reply.error(Errno::EBADF);
         };
-        let buf = buf.clone();
         let mut g = lock(&buf);
+        drop(st);
         // A write moves the modification time, also past one a program set before it.
         g.mtime = now_ns();
         g.mtime_set = false;
-        if let Err(e) = g.write_at(data, offset.max(0) as u64) {
-            return reply.error(e.raw_os_error().unwrap_or(libc::EIO));
+        if let Err(e) = g.write_at(data, offset) {
+            return reply.error(eno(e.raw_os_error().unwrap_or(libc::EIO)));
         }
-        // A new file written in order: seal its whole chunks as they complete, so that the
-        // daemon holds at most about `STREAM_PIECE` of it.
-        let unsealed = g.len - g.stream.as_ref().map_or(0, |s| s.end());
-        if unsealed >= STREAM_PIECE
-            && g.under.is_none()
-            && g.base.is_none()
-            && !g.stream.as_ref().is_some_and(|s| s.finished())
-            && !st.s.is_ephemeral(&g.path)
-        {
-            if let Err(e) = st.stream_more(&mut g) {
-                eprintln!(
-                    "fspf mount: {}: sealing while written failed (errno {e}); it stays in memory",
-                    g.path
-                );
+        let next = Self::after_write(&g);
+        drop(g);
+        if next.is_some() {
+            // In lock order: the State, then the buffer; what the write left is looked at again.
+            let mut st = self.state();
+            let (next, ephemeral) = {
+                let g = lock(&buf);
+                (Self::after_write(&g), st.s.is_ephemeral(&g.path))
+            };
+            match next {
+                _ if ephemeral => {}
+                Some(AfterWrite::Stream) => {
+                    let mut g = lock(&buf);
+                    if let Err(e) = st.stream_more(&mut g) {
+                        eprintln!(
+                            "fspf mount: {}: sealing while written failed (errno {e}); it stays in memory",
+                            g.path
+                        );
+                    }
+                }
+                Some(AfterWrite::Commit) => {
+                    // A committed file written on (a large file across a commit): what was
+                    // written is committed now as an in-place update (appended chunks are
+                    // written once), so the buffer holds at most about this much and no commit
+                    // has to seal the file whole again.
+                    let r = st.stage(&buf).and_then(|()| st.commit());
+                    if let Err(e) = r {
+                        eprintln!("fspf mount: committing a large writer's bytes failed (errno {e}); they stay in memory");
+                    }
+                }
+                None => {}
             }
-        } else if g.unstaged >= STREAM_PIECE && g.under.is_some() && !st.s.is_ephemeral(&g.path) {
-            // A committed file written on (a large file across a commit): what was written
-            // is committed now as an in-place update (appended chunks are written once), so
-            // the buffer holds at most about this much and no commit has to seal the file
-            // whole again.
-            drop(g);
-            let r = st.stage(&buf).and_then(|()| st.commit());
-            if let Err(e) = r {
-                eprintln!("fspf mount: committing a large writer's bytes failed (errno {e}); they stay in memory");
-            }
-            return reply.written(data.len() as u32);
         }
         reply.written(data.len() as u32);
     }
@@ -1725,67 +1890,75 @@ impl Filesystem for FspfFs {
     /// kernel has written its dirty pages back before it sends `FLUSH`. `ENOSYS` tells the kernel
     /// so once: it stops sending `FLUSH` (one request less per `close`; it still writes the
     /// pages back first).
-    fn flush(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _lock: u64, reply: ReplyEmpty) {
-        reply.error(libc::ENOSYS);
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        fh: u64,
-        _flags: i32,
-        _lock_owner: Option<u64>,
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         let mut st = self.state();
-        match self.release_handle(&mut st, ino, fh) {
+        match self.release_handle(&mut st, ino.0, fh.0) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(eno(e)),
         }
     }
 
     fn fsync(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        _fh: u64,
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
         let mut st = self.state();
         match st.commit() {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(eno(e)),
         }
     }
 
-    fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let mut guard = self.state();
         let st = &mut *guard;
-        let Some(ep) = st.inodes.path(ino).cloned() else {
-            return reply.error(libc::ENOENT);
+        let Some(ep) = st.inodes.path(ino.0).cloned() else {
+            return reply.error(Errno::ENOENT);
         };
         match st.s.lookup(&Live(&st.live), &ep) {
-            Ok(n) if n.kind == NodeKind::Dir => reply.opened(0, 0),
-            Ok(_) => reply.error(libc::ENOTDIR),
-            Err(e) => reply.error(e.errno()),
+            Ok(n) if n.kind == NodeKind::Dir => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(eno(e.errno())),
         }
     }
 
     fn readdir(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        _fh: u64,
-        offset: i64,
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let ino = ino.0;
         let mut guard = self.state();
         let st = &mut *guard;
         let Some(ep) = st.inodes.path(ino).cloned() else {
-            return reply.error(libc::ENOENT);
+            return reply.error(Errno::ENOENT);
         };
         let parent = if ep == self.root {
             1
@@ -1812,27 +1985,35 @@ impl Filesystem for FspfFs {
             };
             entries.push((st.inodes.ino(&p), t, name));
         }
-        for (i, (ino, t, name)) in entries.into_iter().enumerate().skip(offset.max(0) as usize) {
-            if reply.add(ino, (i + 1) as i64, t, OsStr::from_bytes(&name)) {
+        let skip = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, (ino, t, name)) in entries.into_iter().enumerate().skip(skip) {
+            if reply.add(INodeNo(ino), (i + 1) as u64, t, OsStr::from_bytes(&name)) {
                 break;
             }
         }
         reply.ok();
     }
 
-    fn fsyncdir(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _ds: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ds: bool,
+        reply: ReplyEmpty,
+    ) {
         let mut st = self.state();
         match st.commit() {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(eno(e)),
         }
     }
 
-    fn statfs(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyStatfs) {
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
         let st = self.state();
         let dir = st
             .inodes
-            .path(ino)
+            .path(ino.0)
             .and_then(|ep| st.s.region_of(ep))
             .and_then(|r| match &r.kind {
                 fspf_core::RegionKind::Kernel(k) => Some(k.clone()),
@@ -1842,6 +2023,8 @@ impl Filesystem for FspfFs {
                 st.s.vol()
                     .and_then(|v| v.path().parent().map(Path::to_path_buf))
             });
+        // The kernel directory's figures, read without the State lock.
+        drop(st);
         match dir.map(rustix::fs::statvfs) {
             Some(Ok(v)) => reply.statfs(
                 v.f_blocks,
@@ -1858,15 +2041,16 @@ impl Filesystem for FspfFs {
     }
 
     fn create(
-        &mut self,
-        req: &Request<'_>,
-        parent: u64,
+        &self,
+        req: &Request,
+        parent: INodeNo,
         name: &OsStr,
         mode: u32,
         umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let parent = parent.0;
         let mut guard = self.state();
         let st = &mut *guard;
         let r = (|| -> Result<(FileAttr, u64), c_int> {
@@ -1888,13 +2072,15 @@ impl Filesystem for FspfFs {
                 }
             };
             let ino = st.inodes.ino(&ep);
-            let fh = Self::add_handle(st, ino, h);
+            let fh = self.add_handle(st, ino, h);
             st.dir_changed(parent);
             Ok((self.entry(st, &ep)?, fh))
         })();
         match r {
-            Ok((a, fh)) => reply.created(&TTL, &a, 0, fh, 0),
-            Err(e) => reply.error(e),
+            Ok((a, fh)) => {
+                reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::empty())
+            }
+            Err(e) => reply.error(eno(e)),
         }
     }
 }
@@ -1924,7 +2110,7 @@ impl FspfFs {
     fn new_owner(
         &self,
         st: &State,
-        req: &Request<'_>,
+        req: &Request,
         ep: &EmbedPath,
         mode: u32,
         dir: bool,
@@ -1941,7 +2127,7 @@ impl FspfFs {
         )
     }
 
-    fn remove(&mut self, parent: u64, name: &OsStr, dir: bool, reply: ReplyEmpty) {
+    fn remove(&self, parent: u64, name: &OsStr, dir: bool, reply: ReplyEmpty) {
         let mut guard = self.state();
         let st = &mut *guard;
         let r = (|| -> Result<(), c_int> {
@@ -1972,7 +2158,16 @@ impl FspfFs {
             if let Some(mut a) = before.filter(|a| a.nlink <= 1) {
                 a.nlink = 0;
                 a.ctime = SystemTime::now();
-                st.gone.insert(a.ino, a);
+                st.gone.insert(a.ino.0, a);
+            }
+            if gone {
+                // Its inode number goes with it: a file made at the same path gets a new one,
+                // never the number (and so the kernel inode and page cache) of the removed file
+                // that is still open (SQLite's WAL, removed by one process and made again by
+                // another while a third still holds the old one).
+                if let Some(i) = st.inodes.forget(&ep) {
+                    st.cached.remove(&i);
+                }
             }
             if gone {
                 // Its inode number goes with it: a file made at the same path gets a new one,
@@ -1992,7 +2187,7 @@ impl FspfFs {
         })();
         match r {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(eno(e)),
         }
     }
 }
@@ -2009,7 +2204,7 @@ fn file_type(k: SpecialKind) -> FileType {
 
 fn reply_entry(reply: ReplyEntry, r: Result<FileAttr, c_int>) {
     match r {
-        Ok(a) => reply.entry(&TTL, &a, 0),
-        Err(e) => reply.error(e),
+        Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+        Err(e) => reply.error(eno(e)),
     }
 }

@@ -50,6 +50,12 @@ pub struct Config {
     pub tag_file_durable: bool,
     /// Staged changes are committed at the latest this long after they were made.
     pub commit_interval: Duration,
+    /// Session threads serving requests (default 2; 0 counts as 1; `FSPF_FUSE_THREADS` in the
+    /// environment overrides it). Each reads requests from a `/dev/fuse` descriptor of its own
+    /// (`FUSE_DEV_IOC_CLONE`). Reads of open files run at once on them without the daemon's
+    /// one state lock; writes hold it to find their buffer, every other request throughout
+    /// (docs/FUSE.md, "Threads").
+    pub threads: usize,
 }
 
 impl Config {
@@ -64,6 +70,7 @@ impl Config {
             tag_file: None,
             tag_file_durable: true,
             commit_interval: Duration::from_secs(1),
+            threads: 2,
         }
     }
 }
@@ -228,9 +235,10 @@ fn build(cfg: &Config) -> Result<fs::FspfFs, MountError> {
     Ok(fs::FspfFs::new(session, anchor, root))
 }
 
-fn options(cfg: &Config) -> Vec<fuser::MountOption> {
+fn options(cfg: &Config) -> fuser::Config {
     use fuser::MountOption as O;
-    let mut o = vec![
+    let mut c = fuser::Config::default();
+    c.mount_options = vec![
         O::FSName(format!("fspf:{}", cfg.fspf.display())),
         O::Subtype("fspf".into()),
         O::DefaultPermissions,
@@ -238,14 +246,33 @@ fn options(cfg: &Config) -> Vec<fuser::MountOption> {
         O::NoDev,
         O::NoSuid,
     ];
-    if cfg.allow_other {
-        o.push(O::AllowOther);
-    }
-    o
+    c.acl = if cfg.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    // `FSPF_FUSE_THREADS` in the daemon's environment overrides the configuration.
+    let threads = std::env::var("FSPF_FUSE_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(cfg.threads)
+        .max(1);
+    // Each thread but one reads from a clone of the session's descriptor, opened from
+    // `/dev/fuse` again: when that cannot be opened, one thread serves the session (the spin
+    // needs descriptors of their own, see `spin.rs`: threads never share one).
+    let clonable = threads == 1
+        || std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .is_ok();
+    c.n_threads = Some(if clonable { threads } else { 1 });
+    c.clone_fd = true;
+    c
 }
 
-/// The FUSE session of `fs` mounted at `mountpoint`, with its `/dev/fuse` descriptor lent to
-/// the filesystem's [`spin::Spin`].
+/// The FUSE session of `fs` mounted at `mountpoint` (the kernel's `INIT` answered: `init` has
+/// run), with its `/dev/fuse` descriptor lent to the filesystem's [`spin::Spin`].
 fn session(
     fs: fs::FspfFs,
     mountpoint: &Path,
@@ -254,18 +281,22 @@ fn session(
     use std::os::fd::AsFd;
     let spin = fs.spin();
     let se = fuser::Session::new(fs, mountpoint, &options(cfg))?;
-    // Without the duplicate (no descriptors left) the session thread just sleeps between
-    // requests, as it did before.
+    // The session's own descriptor: the one its last thread reads from (the others read from
+    // clones, which stay blocking). Without the duplicate (no descriptors left) that thread
+    // just sleeps between requests, as the others do.
     if let Ok(fd) = se.as_fd().try_clone_to_owned() {
         spin.attach(fd);
     }
     Ok(se)
 }
 
-/// A mounted volume served by a background thread; unmounted (and its changes committed) when
+/// A mounted volume served by background threads; unmounted (and its changes committed) when
 /// dropped or by [`Mounted::unmount`].
 pub struct Mounted {
-    session: Option<fuser::BackgroundSession>,
+    /// The thread running the session (which runs its worker threads and, once they end,
+    /// `destroy`: the final commit).
+    session: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    unmounter: Option<fuser::SessionUnmounter>,
     spin: Arc<spin::Spin>,
     anchor: Arc<DaemonAnchor>,
     stop: Arc<AtomicBool>,
@@ -291,8 +322,21 @@ impl Mounted {
 
     fn finish(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(mut u) = self.unmounter.take() {
+            // Should it fail (the mount is busy), the session ends when it is unmounted.
+            if let Err(e) = u.unmount() {
+                eprintln!(
+                    "fspf mount: unmounting {} failed: {e}; waiting for it to be unmounted",
+                    self.mountpoint.display()
+                );
+            }
+        }
         if let Some(s) = self.session.take() {
-            s.join();
+            match s.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => eprintln!("fspf mount: the session ended with an error: {e}"),
+                Err(_) => eprintln!("fspf mount: the session thread panicked"),
+            }
         }
         self.spin.stop();
         if let Some(c) = self.committer.take() {
@@ -307,21 +351,27 @@ impl Drop for Mounted {
     }
 }
 
-/// Mount `cfg` at `mountpoint`, served by a background thread.
+/// Mount `cfg` at `mountpoint`, served by background threads.
 pub fn mount(cfg: &Config, mountpoint: &Path) -> Result<Mounted, MountError> {
     let fs = build(cfg)?;
     let anchor = fs.anchor();
     let (stop, committer) = fs.spawn_committer(cfg.commit_interval);
     let spin = fs.spin();
-    let session = session(fs, mountpoint, cfg)
-        .and_then(|se| se.spawn())
-        .map_err(|e| {
-            stop.store(true, Ordering::Relaxed);
-            spin.stop();
-            MountError::Mount(e)
-        })?;
+    let started = session(fs, mountpoint, cfg).and_then(|mut se| {
+        let unmounter = se.unmount_callable();
+        let t = std::thread::Builder::new()
+            .name("fspf-fuse".into())
+            .spawn(move || se.run())?;
+        Ok((t, unmounter))
+    });
+    let (session, unmounter) = started.map_err(|e| {
+        stop.store(true, Ordering::Relaxed);
+        spin.stop();
+        MountError::Mount(e)
+    })?;
     Ok(Mounted {
         session: Some(session),
+        unmounter: Some(unmounter),
         spin,
         anchor,
         stop,
@@ -330,9 +380,9 @@ pub fn mount(cfg: &Config, mountpoint: &Path) -> Result<Mounted, MountError> {
     })
 }
 
-/// Mount `cfg` at `mountpoint` and serve it on this thread until it is unmounted
-/// (`fusermount3 -u`, `fspf umount`); `ready` runs once the mount is in place. Returns the final
-/// tag.
+/// Mount `cfg` at `mountpoint` and serve it until it is unmounted (`fusermount3 -u`,
+/// `fspf umount`): this thread waits for the session's threads; `ready` runs once the mount is
+/// in place. Returns the final tag.
 pub fn mount_foreground(
     cfg: &Config,
     mountpoint: &Path,
@@ -364,7 +414,7 @@ pub fn mount_foreground(
         });
     }
     let spin = fs.spin();
-    let r = session(fs, mountpoint, cfg).and_then(|mut se| se.run());
+    let r = session(fs, mountpoint, cfg).and_then(|se| se.run());
     spin.stop();
     stop.store(true, Ordering::Relaxed);
     let _ = committer.join();

@@ -1,16 +1,27 @@
-//! Keeps the session thread awake while requests come close together.
+//! Keeps one session thread awake while requests come close together.
 //!
 //! A program that waits for each reply before its next request (a `pread` loop, `cat` of many
-//! small files, SQLite) pays for waking the daemon at every request: the session thread sleeps
+//! small files, SQLite) pays for waking the daemon at every request: a session thread sleeps
 //! in `read(/dev/fuse)`, and waking a sleeping thread on an idle core of a VM cost more than
 //! serving a 4 KiB read (fio, 4 KiB random reads of a 1 GiB file: 13 600/s; 37 000 with the
 //! descriptor non-blocking for good; 30 000 with this; gocryptfs, whose Go runtime spins before
 //! it parks, 25 000-29 000).
 //!
-//! So each request puts `/dev/fuse` in non-blocking mode ([`Spin::touch`]): `fuser`'s session
-//! loop then retries its `read` at once on `EAGAIN` instead of sleeping. A watchdog thread puts
-//! the descriptor back in blocking mode once no request came for [`WINDOW`], so an idle mount
-//! sleeps. The cost: up to one core busy for `WINDOW` after the last request of a burst.
+//! So each request puts the session's `/dev/fuse` descriptor in non-blocking mode
+//! ([`Spin::touch`]): the thread reading it then retries its `read` at once on `EAGAIN` (fuser's
+//! loop does) instead of sleeping. A watchdog thread puts the descriptor back in blocking mode
+//! once no request came for [`WINDOW`], so an idle mount sleeps. The cost: one core busy for
+//! up to `WINDOW` after the last request of a burst.
+//!
+//! With several session threads only one polls. `O_NONBLOCK` belongs to an open file
+//! description, and each thread but one reads from a description of its own (fuser's
+//! `clone_fd`: `/dev/fuse` opened again and bound to the session by `FUSE_DEV_IOC_CLONE`), which
+//! stays blocking; the descriptor lent to [`Spin::attach`] duplicates the session's own, which
+//! one thread reads. The kernel queues every request once for all of them: the polling thread
+//! takes the next request as soon as it is free, and a sleeping one is woken for a request
+//! that arrives while it is busy (the kernel also wakes a sleeping thread for requests the
+//! polling one takes first; that thread finds nothing and sleeps again). Threads sharing one
+//! description (fuser's default) would all poll: up to a core each.
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -18,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
 
-/// How long the session thread keeps polling after the last request.
+/// How long the polling thread keeps polling after the last request.
 pub const WINDOW: Duration = Duration::from_millis(2);
 
 #[derive(Default)]
@@ -30,8 +41,8 @@ struct Mode {
 }
 
 pub struct Spin {
-    /// A duplicate of the session's `/dev/fuse` descriptor: the same open file description, so
-    /// its status flags are the session's.
+    /// A duplicate of the session's own `/dev/fuse` descriptor: the same open file description,
+    /// so its status flags are those the thread reading it sees (and no other thread).
     fd: OnceLock<OwnedFd>,
     start: Instant,
     /// Nanoseconds after `start` of the last request.
@@ -79,7 +90,7 @@ impl Spin {
     }
 
     /// Serve the session whose `/dev/fuse` descriptor `fd` duplicates: start the watchdog.
-    /// Without a call to `attach`, `touch` does nothing (the session thread just sleeps).
+    /// Without a call to `attach`, `touch` does nothing (every session thread just sleeps).
     /// Without a watchdog (no thread could start) it does nothing either.
     pub fn attach(self: &Arc<Spin>, fd: OwnedFd) {
         if self.fd.get().is_some() {
@@ -94,7 +105,7 @@ impl Spin {
         }
     }
 
-    /// A request came in: keep the session thread polling until `WINDOW` after it.
+    /// A request came in: keep the polling thread polling until `WINDOW` after it.
     pub fn touch(&self) {
         self.last.store(self.now(), Ordering::Relaxed);
         if self.spinning.load(Ordering::Relaxed) || self.fd.get().is_none() {

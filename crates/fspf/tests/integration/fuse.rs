@@ -49,6 +49,8 @@ pub(crate) struct Mounted {
     key: String,
     tag: String,
     mounted: bool,
+    /// More arguments of `fspf mount`.
+    extra: Vec<String>,
 }
 
 impl Mounted {
@@ -59,6 +61,7 @@ impl Mounted {
             key: kt.key,
             tag: kt.tag,
             mounted: false,
+            extra: Vec::new(),
         };
         m.mount(mutable);
         m
@@ -81,6 +84,7 @@ impl Mounted {
         }
         // Other users reach the mount too (the tests run as root, which may allow that).
         args.push("--allow-other".into());
+        args.extend(self.extra.iter().cloned());
         let out = self.env.ok(&args);
         assert!(out.starts_with("Mounted "), "{out}");
         self.mounted = true;
@@ -858,8 +862,22 @@ fn fuse_a_file_written_through_the_mount_reads_back_its_committed_content() {
 }
 
 /// The daemon of `m`: the process with a `/dev/fuse` descriptor whose command line names this
-/// volume's fspf. Returns its pid and that descriptor's number.
-fn daemon_of(m: &Mounted) -> (u32, String) {
+/// volume's fspf, once its session threads run (`fspf mount` returns when the kernel's INIT is
+/// answered; they start right after). Returns its pid and the numbers of its `/dev/fuse`
+/// descriptors (the session's, its duplicate lent to the spin, and one clone per further
+/// session thread).
+fn daemon_of(m: &Mounted) -> (u32, Vec<String>) {
+    let (pid, _) = find_daemon(m);
+    for _ in 0..500 {
+        if !session_threads(pid).is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    find_daemon(m)
+}
+
+fn find_daemon(m: &Mounted) -> (u32, Vec<String>) {
     let fspf = m.env.path("fspf.pb");
     let fspf = fspf.to_string_lossy();
     for p in fs::read_dir("/proc").expect("/proc").flatten() {
@@ -875,27 +893,45 @@ fn daemon_of(m: &Mounted) -> (u32, String) {
         if !fspf.starts_with(&*cwd.to_string_lossy()) && !cmd.contains(&*fspf) {
             continue;
         }
-        for fd in fs::read_dir(format!("/proc/{pid}/fd"))
+        let fds: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
             .into_iter()
             .flatten()
             .flatten()
-        {
-            if fs::read_link(fd.path()).is_ok_and(|t| t == Path::new("/dev/fuse")) {
-                return (pid, fd.file_name().to_string_lossy().into_owned());
-            }
+            .filter(|fd| fs::read_link(fd.path()).is_ok_and(|t| t == Path::new("/dev/fuse")))
+            .map(|fd| fd.file_name().to_string_lossy().into_owned())
+            .collect();
+        if !fds.is_empty() {
+            return (pid, fds);
         }
     }
     panic!("no daemon serving {fspf}");
 }
 
-/// Is the daemon's `/dev/fuse` descriptor in non-blocking mode (`O_NONBLOCK` in its fdinfo)?
-fn polling(pid: u32, fd: &str) -> bool {
+/// Is the daemon's `/dev/fuse` descriptor `fd` in non-blocking mode (`O_NONBLOCK` in its
+/// fdinfo)?
+fn nonblocking(pid: u32, fd: &str) -> bool {
     let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).expect("fdinfo");
     let flags = info
         .lines()
         .find_map(|l| l.strip_prefix("flags:"))
         .expect("flags line");
     u32::from_str_radix(flags.trim(), 8).expect("octal flags") & 0o4000 != 0
+}
+
+/// Is one of the daemon's `/dev/fuse` descriptors in non-blocking mode (a thread polls)?
+fn polling(pid: u32, fds: &[String]) -> bool {
+    fds.iter().any(|fd| nonblocking(pid, fd))
+}
+
+/// The names of the daemon's threads that serve FUSE requests (fuser's `fuser-N`).
+fn session_threads(pid: u32) -> Vec<String> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .filter(|c| c.starts_with("fuser-"))
+        .collect()
 }
 
 /// CPU time of `pid` so far, in clock ticks (utime + stime).
@@ -912,7 +948,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[test]
 fn fuse_the_daemon_polls_while_requests_come_close_together_and_sleeps_when_idle() {
     let m = Mounted::new(false);
-    let (pid, fd) = daemon_of(&m);
+    let (pid, fds) = daemon_of(&m);
     let file = m.m("data/hello.txt");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
@@ -925,9 +961,13 @@ fn fuse_the_daemon_polls_while_requests_come_close_together_and_sleeps_when_idle
         })
     };
     let mut seen = false;
+    let mut others_sleep = false;
     for _ in 0..200 {
-        if polling(pid, &fd) {
+        if polling(pid, &fds) {
             seen = true;
+            // One thread polls; the others read descriptors of their own, which stay
+            // blocking (they sleep between requests).
+            others_sleep = fds.iter().any(|fd| !nonblocking(pid, fd));
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
@@ -938,9 +978,14 @@ fn fuse_the_daemon_polls_while_requests_come_close_together_and_sleeps_when_idle
         seen,
         "the session thread never polled during a burst of requests"
     );
+    assert!(
+        others_sleep,
+        "every session thread polled: {} /dev/fuse descriptors, all non-blocking",
+        fds.len()
+    );
     std::thread::sleep(std::time::Duration::from_millis(50));
     assert!(
-        !polling(pid, &fd),
+        !polling(pid, &fds),
         "still polling 50 ms after the last request"
     );
     let before = cpu_ticks(pid);
@@ -1073,6 +1118,7 @@ fn fuse_the_mount_root_of_a_volume_without_a_root_region_was_not_found() {
         key: kt.key,
         tag: kt.tag,
         mounted: true,
+        extra: Vec::new(),
     };
     let names: Vec<_> = fs::read_dir(m.env.path("mnt"))
         .expect("the mount's root")
@@ -1343,4 +1389,120 @@ fn fsync_of_an_open_file_whose_name_was_removed_failed_and_a_new_file_there_shar
         .expect("python");
     ok(&o, "sync, truncate and close of an open unlinked file");
     assert_eq!(stdout(&o), "True 0 8 hello wo\nnew\n");
+}
+
+/// The daemon serves requests on several threads (`fspf_fuse::Config::threads`, 2 by default):
+/// two large protected files read at once both come back whole, and a read of an open file is
+/// served while a commit holds the daemon's state lock (here: blocked in opening the tag file,
+/// which the test made a fifo). A single-threaded daemon answered that read only once the
+/// commit was over.
+#[test]
+fn fuse_requests_are_served_by_several_threads_at_once() {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::sync::mpsc;
+    use std::time::Duration;
+    let n = 16 << 20;
+    let mut m = Mounted::new(true);
+    let a: Vec<u8> = pattern(n, 1);
+    let b: Vec<u8> = pattern(n, 2);
+    fs::write(m.m("data/a"), &a).unwrap();
+    fs::write(m.m("data/b"), &b).unwrap();
+    m.umount();
+    let tag_file = m.env.path("tag");
+    m.extra = vec!["--tag-file".into(), tag_file.to_string_lossy().into_owned()];
+    m.mount(true);
+    let (pid, _) = daemon_of(&m);
+    // (`daemon_of` waits for the first session thread; the others start right after it.)
+    let mut threads = session_threads(pid);
+    for _ in 0..100 {
+        if threads.len() >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        threads = session_threads(pid);
+    }
+    assert!(
+        threads.len() >= 2,
+        "the daemon serves requests on {threads:?}"
+    );
+    // Two large files read at once, each by a thread of its own.
+    let readers: Vec<_> = [("data/a", a.clone()), ("data/b", b.clone())]
+        .into_iter()
+        .map(|(rel, want)| {
+            let p = m.m(rel);
+            std::thread::spawn(move || fs::read(&p).map(|got| got == want))
+        })
+        .collect();
+    for r in readers {
+        assert!(r.join().expect("reader").expect("read"), "wrong bytes");
+    }
+    // A file open for reading (O_DIRECT: every read reaches the daemon).
+    let reader = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(m.m("data/a"))
+        .unwrap();
+    let mut head = vec![0u8; 4096];
+    reader.read_exact_at(&mut head, 0).unwrap();
+    assert!(head == a[..4096]);
+    // The next commit blocks in opening the tag file (a fifo nobody reads), holding the state.
+    fs::remove_file(&tag_file).unwrap();
+    let st = Command::new("mkfifo").arg(&tag_file).status().unwrap();
+    assert!(st.success(), "mkfifo");
+    let w = m.m("data/w");
+    let (done_tx, done_rx) = mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        let r = fs::File::create(&w).and_then(|f| {
+            use std::io::Write;
+            (&f).write_all(b"w")?;
+            f.sync_all()
+        });
+        let _ = done_tx.send(());
+        r
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        done_rx.try_recv().is_err(),
+        "the fsync did not wait for the tag file: the commit did not block"
+    );
+    // Meanwhile a read of the open file is served.
+    let (read_tx, read_rx) = mpsc::channel();
+    let want = a[8 << 20..(8 << 20) + (256 << 10)].to_vec();
+    let read = std::thread::spawn(move || {
+        let mut got = vec![0u8; 256 << 10];
+        let r = reader
+            .read_exact_at(&mut got, 8 << 20)
+            .map(|()| got == want);
+        let _ = read_tx.send(r.is_ok_and(|same| same));
+    });
+    let served = read_rx.recv_timeout(Duration::from_secs(10));
+    let commit_still_blocked = done_rx.try_recv().is_err();
+    // Let the commit go on (a reader of the fifo): it finds a fifo, not a file, and fails.
+    // The fifo keeps a reader until it is gone, so that no later commit blocks in it.
+    let fifo = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&tag_file)
+        .unwrap();
+    let _ = writer.join().expect("writer");
+    fs::remove_file(&tag_file).unwrap();
+    drop(fifo);
+    let _ = read.join();
+    assert_eq!(
+        served,
+        Ok(true),
+        "a read of an open file waited for a commit"
+    );
+    assert!(
+        commit_still_blocked,
+        "the read was served only after the commit"
+    );
+    // The mount goes on: a commit writes the tag file again, and the files read back.
+    fs::write(m.m("data/w2"), "w2").unwrap();
+    fs::File::open(m.m("data")).unwrap().sync_all().unwrap();
+    assert!(fs::metadata(&tag_file).unwrap().is_file());
+    m.umount();
+    m.mount(false);
+    assert!(fs::read(m.m("data/b")).unwrap() == b);
+    assert_eq!(fs::read_to_string(m.m("data/w2")).unwrap(), "w2");
 }
