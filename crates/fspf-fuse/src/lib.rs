@@ -190,6 +190,14 @@ impl DaemonAnchor {
     }
 }
 
+/// The journals and small new versions the daemon's log carries before a checkpoint, at least
+/// (`VolumeOptions::log_journals`). A SQLite transaction in the default rollback-journal mode
+/// puts its `-journal` (a few KiB) into two records: with the in-process shield's 256 KiB, a
+/// checkpoint (the whole fspf sealed again, a `syncfs`) came every 15 transactions or so. The
+/// daemon reads its log once, at the mount; a process that opens the volume later reads it once
+/// too, and its first commit writes a checkpoint.
+const LOG_JOURNALS: u64 = 4 << 20;
+
 /// Open the volume and build the filesystem (not yet mounted).
 fn build(cfg: &Config) -> Result<fs::FspfFs, MountError> {
     // Staged files are not fsync'd one by one: the session's commit makes them durable with one
@@ -197,6 +205,7 @@ fn build(cfg: &Config) -> Result<fs::FspfFs, MountError> {
     let opts = VolumeOptions {
         sync_each_file: false,
         log: true,
+        log_journals: LOG_JOURNALS,
         ..VolumeOptions::default()
     };
     let vol =

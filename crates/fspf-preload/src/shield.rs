@@ -239,6 +239,7 @@ pub fn init() -> bool {
         },
         sync_each_file: false,
         log: true,
+        log_journals: 0,
     };
     crate::umask::init();
     // Absolute now: the program may chdir before the shield reloads or commits.

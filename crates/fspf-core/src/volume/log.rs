@@ -502,7 +502,8 @@ impl Volume {
             && self.log.checkpoint_version >= VERSION_3
             && entries_at + len + framing::RECORD_OVERHEAD as u64
                 <= log_limit(self.log.checkpoint_len)
-            && self.log.journal_bytes + journals <= log_journals_limit(self.log.checkpoint_len)
+            && self.log.journal_bytes + journals
+                <= log_journals_limit(self.log.checkpoint_len).max(self.opts.log_journals)
     }
 
     /// May the next record carry journals? Only in a version-4 log (or a new one) and where

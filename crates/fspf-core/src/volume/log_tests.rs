@@ -3,6 +3,7 @@
 use super::*;
 use crate::format::log::{frames, LOG_HEADER_LEN};
 use crate::format::metadata::FileEntry;
+use crate::volume::log::log_journals_limit;
 use std::fs;
 
 struct Fx {
@@ -465,4 +466,20 @@ fn an_indexed_volume_knows_which_inode_numbers_its_entries_record() {
     .unwrap();
     assert!(ix.ino_recorded(p("/q").default_ino()));
     assert_ne!(ix.ino_of(&p("/q"), None), p("/q").default_ino());
+}
+
+#[test]
+fn a_writer_that_reads_its_log_once_lets_journals_fill_more_of_it() {
+    let (_fx, mut v) = Fx::new();
+    mkdir(&mut v, "/a");
+    let budget = log_journals_limit(v.log.checkpoint_len);
+    assert_eq!(budget, 2 * LOG_MIN_LIMIT);
+    assert!(v.log_has_room(100, budget - 1000));
+    assert!(!v.log_has_room(100, budget + 1));
+    // The FUSE daemon's budget (VolumeOptions::log_journals).
+    let mut o = v.options();
+    o.log_journals = 4 << 20;
+    v.set_options(o);
+    assert!(v.log_has_room(100, 3 << 20));
+    assert!(!v.log_has_room(100, (4 << 20) + 1));
 }

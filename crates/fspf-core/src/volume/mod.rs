@@ -111,6 +111,11 @@ pub struct VolumeOptions {
     /// When false (the CLI's commands), every commit writes a checkpoint, so that the fspf
     /// file alone holds the state (`addf`'s output is copied into images as one file).
     pub log: bool,
+    /// Journals and small files the log may carry before a checkpoint, at least (beside
+    /// [`log::log_journals_limit`], FORMAT.md §5c). Every process that opens the volume reads
+    /// the whole log, so the in-process shield keeps the default (0: that limit alone); the FUSE
+    /// daemon, which opens it once, takes more and checkpoints less often.
+    pub log_journals: u64,
 }
 
 impl Default for VolumeOptions {
@@ -119,6 +124,7 @@ impl Default for VolumeOptions {
             threads: Threads::default(),
             sync_each_file: true,
             log: false,
+            log_journals: 0,
         }
     }
 }
