@@ -112,6 +112,11 @@ impl StagedFile {
     }
 }
 
+/// Small new versions ride in one record only up to this many bytes in all: a batch of many
+/// (`cp -r`) is written once, synced with one `syncfs`, rather than twice (log and file), and
+/// does not fill a large log budget (`VolumeOptions::log_journals`) in a few commits.
+const FILES_IN_RECORD_MAX: u64 = 256 << 10;
+
 /// Committed shadows renamed into place in parallel (on the pool) from this many on.
 const PARALLEL_RENAMES_MIN: usize = 64;
 
@@ -406,7 +411,10 @@ impl Volume {
             .filter(|s| s.may_ride_in_log())
             .filter_map(|s| s.whole_len)
             .sum();
-        let ride = want > 0 && self.log_takes_files() && self.log_has_room(estimate, jlen + want);
+        let ride = want > 0
+            && want <= FILES_IN_RECORD_MAX
+            && self.log_takes_files()
+            && self.log_has_room(estimate, jlen + want);
         for s in unsynced {
             let whole = (ride && s.may_ride_in_log())
                 .then(|| s.read_whole())
