@@ -131,16 +131,16 @@ impl<A: Anchor> Session<A> {
         let rewritten = removed_then_written(&changes);
         for c in &changes {
             if let Change::Remove(p) = c {
-                if rewritten.contains(p) {
-                    // The new version's shadow replaces the old file by its rename after the
-                    // commit point, as it replaces any older version: nothing to move aside
-                    // (and no directory to sync) before it.
-                    settled.insert(p.clone());
-                } else if self.pending.removed.get(p) == Some(&true) {
+                if self.pending.removed.get(p) == Some(&true) {
                     settled.insert(p.clone());
                     if let Some(k) = vol.kernel_path(p) {
                         gone_dirs.push((p.clone(), k));
                     }
+                } else if rewritten.contains(p) {
+                    // A file: the new version's shadow replaces it by its rename after the
+                    // commit point, as it replaces any older version. Nothing to move aside
+                    // (and no directory to sync) before it.
+                    settled.insert(p.clone());
                 } else if let Ok(Some(m)) = vol.prepare_remove(p) {
                     preps.push(m);
                     settled.insert(p.clone());

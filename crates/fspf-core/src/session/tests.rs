@@ -973,5 +973,13 @@ fn a_file_removed_and_written_again_in_one_batch_replaces_the_old_one_in_place()
     s.commit().unwrap();
     assert_eq!(f.committed("/d/t/f").as_deref(), Some(&b"f again"[..]));
     assert_eq!(f.committed("/d/j").as_deref(), Some(&b"fifth"[..]));
+    // A directory removed and a file made at its name: the directory goes as before.
+    s.mkdir(&NoOpenFiles, &p("/d/e"), 0o755, None, 3).unwrap();
+    s.commit().unwrap();
+    s.unlink(&NoOpenFiles, &p("/d/e"), true).unwrap();
+    put(&mut s, "/d/e", b"a file now");
+    s.commit().unwrap();
+    assert_eq!(f.committed("/d/e").as_deref(), Some(&b"a file now"[..]));
+    assert!(f.dir.path().join("vol/e").is_file());
     assert!(f.session(false).vol().unwrap().verify().is_empty());
 }
