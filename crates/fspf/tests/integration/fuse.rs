@@ -1340,12 +1340,21 @@ fn fuse_hard_links_are_one_file_under_several_names_and_survive_a_remount() {
     assert!(!m.cat("/data/b").status.success());
 }
 
+/// `script` run by the real Python interpreter in the mount's directory.
+fn python_in_mount(m: &Mounted, script: &str) -> std::process::Output {
+    Command::new(crate::shielded::real_python())
+        .arg("-c")
+        .arg(script)
+        .current_dir(m.env.path("mnt"))
+        .output()
+        .expect("python")
+}
+
 /// `fstat` of an open file whose last name was removed failed with `ENOENT` (the daemon
 /// answered by the removed path); the kernel shows such a file with no links, and the size its
 /// handle sees.
 #[test]
 fn fstat_of_an_open_file_whose_name_was_removed_failed() {
-    let py = crate::shielded::real_python();
     let m = Mounted::new(true);
     let script = "import os\n\
         open('data/x', 'w').write('hello'); open('data/y', 'w').write('abc')\n\
@@ -1353,12 +1362,7 @@ fn fstat_of_an_open_file_whose_name_was_removed_failed() {
         os.unlink('data/x'); os.unlink('data/y'); os.write(w, b'defg')\n\
         a = os.fstat(r); b = os.fstat(w)\n\
         print(a.st_nlink, a.st_size, b.st_nlink, b.st_size)\n";
-    let o = Command::new(py)
-        .arg("-c")
-        .arg(script)
-        .current_dir(m.env.path("mnt"))
-        .output()
-        .expect("python");
+    let o = python_in_mount(&m, script);
     ok(&o, "fstat of open unlinked files");
     assert_eq!(stdout(&o), "0 5 0 7\n");
 }
@@ -1370,7 +1374,6 @@ fn fstat_of_an_open_file_whose_name_was_removed_failed() {
 /// lost increments when one removed the WAL another was about to sync).
 #[test]
 fn fsync_of_an_open_file_whose_name_was_removed_failed_and_a_new_file_there_shared_its_inode() {
-    let py = crate::shielded::real_python();
     let m = Mounted::new(true);
     let script = "import os\n\
         old = os.open('data/x', os.O_CREAT | os.O_RDWR, 0o644); os.write(old, b'hello')\n\
@@ -1381,12 +1384,7 @@ fn fsync_of_an_open_file_whose_name_was_removed_failed_and_a_new_file_there_shar
         print(a.st_ino != b.st_ino, a.st_nlink, a.st_size, os.pread(old, 100, 0).decode())\n\
         os.close(old); os.fsync(new); os.close(new)\n\
         print(open('data/x').read())\n";
-    let o = Command::new(py)
-        .arg("-c")
-        .arg(script)
-        .current_dir(m.env.path("mnt"))
-        .output()
-        .expect("python");
+    let o = python_in_mount(&m, script);
     ok(&o, "sync, truncate and close of an open unlinked file");
     assert_eq!(stdout(&o), "True 0 8 hello wo\nnew\n");
 }
