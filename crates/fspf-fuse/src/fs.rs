@@ -165,26 +165,20 @@ fn punch(file: &File, off: u64, len: u64) {
     );
 }
 
-/// The page size direct I/O aligns to (`fspf_core::volume::piece_misalignment`'s modulus).
-const PAGE: usize = 4096;
-
 /// Seal `file`'s bytes from `s`'s end to `target` (whole chunks) into `s`, and punch what was
 /// sealed out of `file` (a piece of a stream, on its own thread).
 fn seal_piece(mut s: StreamStage, file: File, target: u64) -> (StreamStage, Result<(), c_int>) {
     let c = u64::from(s.chunk_len());
     let start = s.sealed();
     let cap = ((1 << 20) / c).max(1) as usize * c as usize;
-    // One page of slack: each block starts where its memory lines up with its offset in the
-    // shadow modulo a page (`piece_misalignment`), so that its whole pages are written with
-    // direct I/O straight from it rather than from an aligned copy.
-    let mut raw = vec![0u8; cap + PAGE];
+    // Each block lies in memory as it lies in the shadow (`piece_in`): its whole pages are
+    // written with direct I/O straight from it.
+    let mut raw = vec![0u8; cap + fspf_core::volume::PIECE_SLACK];
     let mut r = Ok(());
     while s.sealed() < target {
         let off = s.sealed();
         let n = (cap as u64).min(target - off) as usize;
-        let want = fspf_core::volume::piece_misalignment(s.chunk_len(), off / c);
-        let o = (want + PAGE - raw.as_ptr() as usize % PAGE) % PAGE;
-        let block = &mut raw[o..o + n];
+        let block = fspf_core::volume::piece_in(&mut raw, s.chunk_len(), off / c, n);
         if file.read_exact_at(block, off).is_err() {
             r = Err(libc::EIO);
             break;

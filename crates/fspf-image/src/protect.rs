@@ -570,6 +570,7 @@ pub fn protect(opts: &ProtectOptions) -> Result<Protected> {
                             continue;
                         }
                         if class != Class::Pass && (record || class == Class::Encrypted) {
+                            let tp = EmbedPath::from_bytes(&t)?;
                             match sealed.get(&t) {
                                 // In an encrypted region (whose layers are rewritten anyway) a
                                 // hard link is recorded as one (FORMAT.md §2, kind 5): one file
@@ -578,12 +579,11 @@ pub fn protect(opts: &ProtectOptions) -> Result<Protected> {
                                 // so that a lower layer's file there does not show either.
                                 Some((_, true))
                                     if class == Class::Encrypted
-                                        && same_region(&vol, &ep, &EmbedPath::from_bytes(&t)?) =>
+                                        && same_region(&vol, &ep, &tp) =>
                                 {
                                     if record {
                                         report.0 += 1;
-                                        let target = EmbedPath::from_bytes(&t)?;
-                                        listed.insert(ep, entry(FileKind::Link(target)));
+                                        listed.insert(ep, entry(FileKind::Link(tp)));
                                     }
                                     if let Some(w) = sink.as_mut() {
                                         let name = whiteout_name(&head.name);

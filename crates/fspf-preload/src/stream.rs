@@ -448,14 +448,13 @@ fn grow(inner: &mut Inner, g: &mut WriteBuf, mut r: Record) -> Result<(), c_int>
     put(g, &mut r)?;
     let mut seen = g.stat_now();
     // (Placed in memory as the piece lies in the shadow, so its whole blocks go to the device
-    // straight from it: `piece_misalignment`.)
-    let mut raw = vec![0u8; PIECE.min(end - r.state.sealed) as usize + 8192];
-    let base = raw.as_ptr().align_offset(4096);
+    // straight from it: `piece_in`.)
+    let mut raw =
+        vec![0u8; PIECE.min(end - r.state.sealed) as usize + fspf_core::volume::PIECE_SLACK];
     while r.state.sealed < end {
         let at = r.state.sealed;
         let n = (end - at).min(PIECE) as usize;
-        let o = base + fspf_core::volume::piece_misalignment(r.state.chunk_len, at / c);
-        let piece = &mut raw[o..o + n];
+        let piece = fspf_core::volume::piece_in(&mut raw, r.state.chunk_len, at / c, n);
         g.read_exact_at(piece, at)?;
         let s = handle(inner, g, &r)?;
         s.push(piece).map_err(|e| {

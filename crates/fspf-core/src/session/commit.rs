@@ -46,45 +46,45 @@ pub struct Committed {
 /// not move aside before the commit: the last version's shadow is renamed over it after the
 /// commit point, and until then the old state (the old file at its name) stays readable.
 pub(super) fn removed_then_written(changes: &[Change]) -> BTreeSet<EmbedPath> {
-    // Per path: (the first change is a removal, the last is a version, all are one of the two).
-    let mut seen: BTreeMap<&EmbedPath, (bool, bool, bool)> = BTreeMap::new();
-    let mut others: Vec<&EmbedPath> = Vec::new();
+    // Per path named by removals and versions: is the last of them a version?
+    let mut last_written: BTreeMap<&EmbedPath, bool> = BTreeMap::new();
+    let mut first_removed: BTreeSet<&EmbedPath> = BTreeSet::new();
+    let mut removed: BTreeSet<&EmbedPath> = BTreeSet::new();
+    // Paths some other change names: they keep the general protocol.
+    let mut other: BTreeSet<&EmbedPath> = BTreeSet::new();
     for c in changes {
         match c {
             Change::Remove(p) => {
-                let v = seen.entry(p).or_insert((true, false, true));
-                v.1 = false;
+                if !last_written.contains_key(p) {
+                    first_removed.insert(p);
+                }
+                removed.insert(p);
+                last_written.insert(p, false);
             }
             Change::Put(s) => {
-                let v = seen.entry(&s.path).or_insert((false, true, true));
-                v.1 = true;
+                last_written.insert(&s.path, true);
             }
-            // A rename in the batch might move the name or a directory above it: keep the
-            // general protocol.
+            // A rename in the batch might move the name or a directory above it.
             Change::Rename { .. } => return BTreeSet::new(),
-            Change::Link { link, target, .. } => others.extend([link, target]),
-            Change::PutEntry(p, _) => others.push(p),
-            Change::Update(u) => others.push(&u.path),
+            Change::Link { link, target, .. } => other.extend([link, target]),
+            Change::PutEntry(p, _) => {
+                other.insert(p);
+            }
+            Change::Update(u) => {
+                other.insert(&u.path);
+            }
             Change::Touch { .. } => {}
         }
     }
-    for p in others {
-        if let Some(v) = seen.get_mut(p) {
-            v.2 = false;
-        }
-    }
-    // A removal of a directory above the name (`rm -r d; mkdir d; echo > d/f`) too.
-    let removed: Vec<&EmbedPath> = changes
+    // Nor when a directory above the name is removed (`rm -r d; mkdir d; echo > d/f`).
+    let above_removed = |p: &EmbedPath| {
+        std::iter::successors(p.parent(), |d| d.parent()).any(|d| removed.contains(&d))
+    };
+    last_written
         .iter()
-        .filter_map(|c| match c {
-            Change::Remove(p) => Some(p),
-            _ => None,
-        })
-        .collect();
-    seen.into_iter()
-        .filter(|(_, (first_removed, last_written, only))| *first_removed && *last_written && *only)
-        .filter(|(p, _)| !removed.iter().any(|q| q != p && p.starts_with(q)))
-        .map(|(p, _)| p.clone())
+        .filter(|(p, &w)| w && first_removed.contains(*p) && !other.contains(*p))
+        .filter(|(p, _)| !above_removed(p))
+        .map(|(p, _)| (*p).clone())
         .collect()
 }
 

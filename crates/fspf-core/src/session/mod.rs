@@ -128,8 +128,12 @@ pub fn join_run<V, E>(
 /// `fdatasync` ([`crate::volume::overwrite_file_durably`]). A commit announces through it
 /// before its commit point; [`publish_tag_file`] follows after it.
 pub fn write_tag_file(path: &std::path::Path, tags: &[Tag]) -> crate::Result<()> {
-    let text: String = tags.iter().map(|t| format!("{t}\n")).collect();
-    crate::volume::overwrite_file_durably(path, text.as_bytes(), 0o600)
+    crate::volume::overwrite_file_durably(path, tag_lines(tags).as_bytes(), 0o600)
+}
+
+/// A tag file's content: one tag per line.
+fn tag_lines(tags: &[Tag]) -> String {
+    tags.iter().map(|t| format!("{t}\n")).collect()
 }
 
 /// [`write_tag_file`] without its `fdatasync`: for a tag file that is a channel to another
@@ -137,8 +141,7 @@ pub fn write_tag_file(path: &std::path::Path, tags: &[Tag]) -> crate::Result<()>
 /// given, in a runtime directory), not a durable anchor. A killed writer leaves it in the page
 /// cache, so it still names the state on disk; a power loss may leave an older content.
 pub fn mirror_tag_file(path: &std::path::Path, tags: &[Tag]) -> crate::Result<()> {
-    let text: String = tags.iter().map(|t| format!("{t}\n")).collect();
-    crate::volume::overwrite_file(path, text.as_bytes(), 0o600)
+    crate::volume::overwrite_file(path, tag_lines(tags).as_bytes(), 0o600)
 }
 
 /// After a commit point: the tag file names `tag` alone, overwritten in place **without**
@@ -148,7 +151,7 @@ pub fn mirror_tag_file(path: &std::path::Path, tags: &[Tag]) -> crate::Result<()
 /// and only a power loss can bring back the announce (THREAT-MODEL.md, "The trusted channel
 /// for the tag"). Saves one device flush per commit.
 pub fn publish_tag_file(path: &std::path::Path, tag: Tag) -> crate::Result<()> {
-    crate::volume::overwrite_file(path, format!("{tag}\n").as_bytes(), 0o600)
+    mirror_tag_file(path, &[tag])
 }
 
 /// Make the tag file at `path` name `tag` alone, durably: when it already does (the run's last
@@ -170,7 +173,7 @@ pub fn start_tag_file(path: &std::path::Path, tag: Tag) -> crate::Result<()> {
 fn settle_tag_file_with(path: &std::path::Path, tag: Tag, sync: bool) -> crate::Result<()> {
     use std::io::Read;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let want = format!("{tag}\n");
+    let want = tag_lines(&[tag]);
     let same = (|| {
         let mut f = std::fs::OpenOptions::new()
             .read(true)

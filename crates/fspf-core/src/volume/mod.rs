@@ -24,7 +24,7 @@ pub use store::{held_fds, FspfLock, WriterGuard, WRITER_FD_BASE};
 pub use store::{
     is_fspf_internal, overwrite_file, overwrite_file_durably, sync_filesystems, write_file_durably,
 };
-pub use stream::{piece_misalignment, StreamStage, StreamState};
+pub use stream::{piece_in, StreamStage, StreamState, PIECE_SLACK};
 pub use update::{FileUpdate, StagedUpdate};
 pub use verify::Finding;
 

@@ -98,11 +98,24 @@ fn libc_einval() -> i32 {
     rustix::io::Errno::INVAL.raw_os_error()
 }
 
-/// Where the memory of a shared stream's piece of chunks from `first` on should start, modulo
+/// Where the memory of a stream's piece of chunks from `first` on should start, modulo
 /// [`DIRECT_ALIGN`], for its whole blocks to be written straight from it: the offset of chunk
 /// `first` in the file, modulo the alignment.
-pub fn piece_misalignment(chunk_len: u32, first: u64) -> usize {
+fn piece_misalignment(chunk_len: u32, first: u64) -> usize {
     (ft::chunk_offset(chunk_len, first).unwrap_or(0) % DIRECT_ALIGN) as usize
+}
+
+/// Bytes a buffer of pieces needs beyond the longest piece it holds ([`piece_in`]).
+pub const PIECE_SLACK: usize = 2 * DIRECT_ALIGN as usize;
+
+/// The `n` bytes of `raw` (at least `n + PIECE_SLACK` long) where a piece of chunks from `first`
+/// on is to be read before [`StreamStage::push`]: its memory lines up with its offset in the
+/// shadow ([`piece_misalignment`]), so that its whole blocks are written with direct I/O
+/// straight from it rather than from an aligned copy.
+pub fn piece_in(raw: &mut [u8], chunk_len: u32, first: u64, n: usize) -> &mut [u8] {
+    let a = DIRECT_ALIGN as usize;
+    let o = (a - raw.as_ptr() as usize % a) % a + piece_misalignment(chunk_len, first);
+    &mut raw[o..o + n]
 }
 
 /// What another process needs to go on with a shared stream, beside its tags.
