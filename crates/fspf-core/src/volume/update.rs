@@ -590,8 +590,13 @@ impl FileUpdate {
             let i = pos / c;
             let s = (pos - i * c) as usize;
             let take = ((end - pos) as usize).min(c as usize - s);
+            let whole = chunk_plain_len(self.size, self.chunk_len, i) as usize;
             let mut chunk = match self.dirty.remove(&i) {
                 Some(d) => d,
+                // The write replaces the chunk's every byte: what it held is not needed (nor
+                // read: a 4 KiB page of a database written over costs no read and no
+                // decryption of the page it replaces, nor of the reader's window around it).
+                None if s == 0 && take == whole => vec![0u8; whole],
                 None => self.chunk(i)?,
             };
             let from = (pos - off) as usize;
@@ -1871,6 +1876,52 @@ mod tests {
         let (key, tag, p) = (v.key().cloned(), v.tag(), v.path.clone());
         let v2 = Volume::open(&p, key, Some(tag)).unwrap();
         assert!(read_all(&v2, &f).unwrap() == model);
+    }
+
+    /// A write that covers whole chunks (SQLite's 4 KiB pages, `randw`) needs nothing of what
+    /// they held: the update neither reads nor decrypts them. Shown with a damaged chunk on
+    /// disk: written over whole, the update succeeds and reads back as written; written in
+    /// part, its old bytes are needed and the damage is reported.
+    #[test]
+    fn a_write_of_whole_chunks_read_and_decrypted_the_chunks_it_replaced() {
+        let mut model = pattern(300_000, 4);
+        let (d, _p, mut v) = test_volume(&[("/f", &model)]);
+        let f = ep("/f");
+        let c = v.update_file(&f).unwrap().unwrap().chunk_len as usize;
+        let (data, _tree) = files_of(&d, &v, &f);
+        let mut bytes = std::fs::read(&data).unwrap();
+        for i in [3u64, 7] {
+            let at = ft::chunk_offset(c as u32, i).unwrap() as usize;
+            bytes[at + 40] ^= 1;
+        }
+        std::fs::write(&data, &bytes).unwrap();
+
+        let mut u = v.update_file(&f).unwrap().unwrap();
+        let page = pattern(c, 77);
+        u.write_at(&page, 3 * c as u64).unwrap();
+        // The last chunk, whole, as the file grows past it: also nothing to read.
+        let tail = pattern(c + 10, 78);
+        let last = (model.len() / c) as u64;
+        u.write_at(&tail, last * c as u64).unwrap();
+        commit_update(&mut v, u);
+        model[3 * c..4 * c].copy_from_slice(&page);
+        model.truncate(last as usize * c);
+        model.extend_from_slice(&tail);
+        let mut r = v.open_file(&f).unwrap();
+        let mut got = vec![0u8; c];
+        assert_eq!(r.read_at(&mut got, 3 * c as u64).unwrap(), c);
+        assert!(
+            got == model[3 * c..4 * c],
+            "the chunk written over reads as written"
+        );
+        let mut got = vec![0u8; tail.len()];
+        r.read_exact_at(&mut got, last * c as u64).unwrap();
+        assert!(got == tail);
+
+        // Part of the other damaged chunk: its old bytes are needed, and refused.
+        let mut u = v.update_file(&f).unwrap().unwrap();
+        let e = u.write_at(b"part", 7 * c as u64 + 10).unwrap_err();
+        assert!(e.is_integrity(), "{e}");
     }
 
     #[test]
