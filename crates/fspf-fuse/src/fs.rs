@@ -550,6 +550,8 @@ struct State {
     /// Inodes whose last name went while they were open: their attributes as `fstat` shows
     /// them until the last handle closes (no links).
     gone: HashMap<u64, FileAttr>,
+    /// Small new files closed since the last commit and left for it to stage ([`small_new`]).
+    closed_small: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -822,13 +824,66 @@ impl State {
     }
 
     fn stage_all_with(&mut self, streams: Streams) -> Result<(), c_int> {
+        let mut r = self.stage_small();
         let bufs: Vec<Shared> = self.live.values().cloned().collect();
-        let mut r = Ok(());
         for b in bufs {
             if let Err(e) = self.stage_with(&b, streams) {
                 r = Err(e);
             }
         }
+        r
+    }
+
+    /// Stage the small new files nobody holds open ([`small_new`]) in one call, which seals
+    /// them and writes their shadows on the pool.
+    fn stage_small(&mut self) -> Result<(), c_int> {
+        self.closed_small = 0;
+        let mut small = Vec::new();
+        for b in self.live.values() {
+            let mut g = lock(b);
+            if small_new(&g) && !self.s.is_ephemeral(&g.path) {
+                // (Nobody writes it meanwhile: a write needs an open handle, and an open the
+                // State lock this holds.)
+                let meta = VersionMeta {
+                    mode: g.mode,
+                    mtime: g.mtime_set.then_some(g.mtime),
+                    owner: g.owner,
+                };
+                match g.contents() {
+                    Ok(data) => small.push((b.clone(), g.path.clone(), meta, data)),
+                    // Left to `stage_one`, which reports it.
+                    Err(_) => continue,
+                }
+            }
+        }
+        if small.is_empty() {
+            return Ok(());
+        }
+        let files: Vec<(EmbedPath, VersionMeta, &[u8])> = small
+            .iter()
+            .map(|(_, p, m, d)| (p.clone(), *m, &d[..]))
+            .collect();
+        let staged = self.s.stage_puts(&files);
+        let mut r = Ok(());
+        for ((b, path, _, data), t) in small.iter().zip(staged) {
+            let mut g = lock(b);
+            match t {
+                Ok(t) => {
+                    g.mtime = t;
+                    g.written = Some(Written::new(data.len() as u64));
+                    g.unstaged = 0;
+                    g.dirty = false;
+                }
+                Err(e) => {
+                    let e = e.errno();
+                    eprintln!(
+                        "fspf mount: {path}: cannot stage the new version (errno {e}); it stays in memory"
+                    );
+                    r = Err(e);
+                }
+            }
+        }
+        self.mark();
         r
     }
 
@@ -957,6 +1012,7 @@ impl FspfFs {
                 cached: HashMap::new(),
                 opens: HashMap::new(),
                 gone: HashMap::new(),
+                closed_small: 0,
             })),
             handles: Mutex::new(Handles {
                 map: HashMap::new(),
@@ -1197,6 +1253,21 @@ impl FspfFs {
             g.writers == 0
         };
         if last {
+            // A small new file is staged with the others at the commit (`stage_all_with`),
+            // which writes their shadows together (on the pool), not one at a time while the
+            // program waits for its next request.
+            let small = {
+                let g = lock(&buf);
+                small_new(&g) && !st.s.is_ephemeral(&g.path)
+            };
+            if small {
+                st.closed_small += 1;
+                st.mark();
+                if st.s.batch_full_with(st.closed_small) {
+                    st.commit()?;
+                }
+                return Ok(());
+            }
             st.stage(&buf)?;
             if st.s.batch_full() {
                 st.commit()?;
@@ -1207,6 +1278,22 @@ impl FspfFs {
         }
         Ok(())
     }
+}
+
+/// Largest new file a close leaves for the commit to stage with the others ([`small_new`]):
+/// the size of files that ride in a commit's log record (FORMAT.md §5b).
+const SMALL_NEW_MAX: u64 = 32 << 10;
+
+/// A new file nobody holds open, not staged yet, of at most [`SMALL_NEW_MAX`] bytes, all in
+/// its memfd: staged at the commit, with the others ([`State::stage_small`]).
+fn small_new(g: &Buf) -> bool {
+    g.dirty
+        && !g.detached
+        && g.writers == 0
+        && g.base.is_none()
+        && g.under.is_none()
+        && g.stream.is_none()
+        && g.len <= SMALL_NEW_MAX
 }
 
 /// Fill `out` from `off` with `read` (a reader's `read_at`), up to the end of the file.

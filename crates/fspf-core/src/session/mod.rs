@@ -308,6 +308,10 @@ pub const MAX_FILE_LEN: u64 = 1 << 40;
 /// Appends larger than this are not kept for a rebase (the later committer then wins).
 pub const APPEND_REBASE_MAX: u64 = 64 << 20;
 
+/// [`Session::stage_puts`] of fewer files than this stays on the calling thread (a pool job sent
+/// from outside the pool wakes a worker and waits for it: more than sealing a small file costs).
+const STAGE_PUTS_PARALLEL_MIN: usize = 16;
+
 /// What a staged version records besides its content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VersionMeta {
@@ -750,7 +754,14 @@ impl<A: Anchor> Session<A> {
 
     /// Is a batch full (the frontend should commit now)?
     pub fn batch_full(&self) -> bool {
-        self.queue.len() >= self.cfg.batch_files || self.staged_bytes >= self.cfg.batch_bytes
+        self.batch_full_with(0)
+    }
+
+    /// [`Session::batch_full`] counting `files` more that the frontend holds for the commit
+    /// to stage ([`Session::stage_puts`]).
+    pub fn batch_full_with(&self, files: usize) -> bool {
+        self.queue.len() + files >= self.cfg.batch_files
+            || self.staged_bytes >= self.cfg.batch_bytes
     }
 
     /// Anything queued for the next commit?
@@ -824,6 +835,48 @@ impl<A: Anchor> Session<A> {
     ) -> Result<i64, ViewError> {
         let staged = self.stage(path, size, meta.mode, src)?;
         self.queue_put(path, staged, size, meta, append)
+    }
+
+    /// [`Session::stage_put`] of several whole files held in memory (a frontend's small files
+    /// closed since the last commit), with the sealing and the writing of their shadows spread
+    /// over the thread pool when the volume uses one. Queued in the order given; one result
+    /// per file, as `stage_put` gives it.
+    pub fn stage_puts(
+        &mut self,
+        files: &[(EmbedPath, VersionMeta, &[u8])],
+    ) -> Vec<Result<i64, ViewError>> {
+        use rayon::prelude::*;
+        for (path, _, _) in files {
+            if let Some(region) = self.region_of(path).cloned() {
+                self.ensure_parent(&region, path);
+            }
+        }
+        let staged: Vec<crate::Result<crate::volume::StagedFile>> = match self.vol.as_ref() {
+            None => return files.iter().map(|_| Err(ViewError::Untrusted)).collect(),
+            Some(vol) => {
+                let one = |(path, meta, data): &(EmbedPath, VersionMeta, &[u8])| {
+                    let mut src: &[u8] = data;
+                    vol.stage_file(path, data.len() as u64, meta.mode, &mut src)
+                };
+                if vol.options().threads.pool && files.len() >= STAGE_PUTS_PARALLEL_MIN {
+                    files.par_iter().map(one).collect()
+                } else {
+                    files.iter().map(one).collect()
+                }
+            }
+        };
+        files
+            .iter()
+            .zip(staged)
+            .map(|((path, meta, data), s)| {
+                let s = match s {
+                    Ok(s) => s,
+                    // As `stage`: once more, after making the directory again.
+                    Err(_) => self.stage(path, data.len() as u64, meta.mode, || *data)?,
+                };
+                self.queue_put(path, s, data.len() as u64, *meta, None)
+            })
+            .collect()
     }
 
     /// Start a new version of the kernel file `path` that is sealed while it is written

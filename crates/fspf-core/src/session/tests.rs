@@ -983,3 +983,43 @@ fn a_file_removed_and_written_again_in_one_batch_replaces_the_old_one_in_place()
     assert!(f.dir.path().join("vol/e").is_file());
     assert!(f.session(false).vol().unwrap().verify().is_empty());
 }
+
+/// Several small files staged in one call (sealed and written on the pool, then queued in the
+/// order given) commit as one `stage_put` each would: in a new directory too, and superseding a
+/// version of the same file queued before.
+#[test]
+fn small_files_staged_together_commit_as_if_staged_one_by_one() {
+    let f = Fixture::new();
+    for pool in [false, true] {
+        let mut s = f.session(true);
+        if let Some(v) = s.vol.as_mut() {
+            let mut o = v.options();
+            o.threads.pool = pool;
+            v.set_options(o);
+        }
+        put(&mut s, "/d/a0", b"first version");
+        let bodies: Vec<(String, Vec<u8>)> = (0..40)
+            .map(|i| {
+                let dir = if i % 2 == 0 { "/d" } else { "/d/new/deeper" };
+                (
+                    format!("{dir}/a{i}"),
+                    format!("{pool} {i}\n").repeat(i + 1).into_bytes(),
+                )
+            })
+            .collect();
+        let files: Vec<(EmbedPath, VersionMeta, &[u8])> = bodies
+            .iter()
+            .map(|(path, b)| (p(path), meta(0o640), &b[..]))
+            .collect();
+        let staged = s.stage_puts(&files);
+        assert!(staged.iter().all(|r| r.is_ok()), "{staged:?}");
+        s.commit().unwrap();
+        for (path, b) in &bodies {
+            assert_eq!(
+                f.committed(path).as_deref(),
+                Some(&b[..]),
+                "{path} (pool {pool})"
+            );
+        }
+    }
+}

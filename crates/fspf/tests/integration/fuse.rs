@@ -1504,3 +1504,70 @@ fn fuse_requests_are_served_by_several_threads_at_once() {
     assert!(fs::read(m.m("data/b")).unwrap() == b);
     assert_eq!(fs::read_to_string(m.m("data/w2")).unwrap(), "w2");
 }
+
+/// Small new files are staged by the commit, together (their shadows written on the daemon's
+/// pool), not one by one at their close: after the closes and before a commit, nothing of them
+/// is on disk; renames and removals made meanwhile are what the commit records.
+#[test]
+fn fuse_small_files_closed_are_staged_together_by_the_commit() {
+    let mut m = Mounted::new(true);
+    m.umount();
+    // No commit by the interval during the test: only the directory's `fsync` below.
+    m.env.ok([
+        "mount",
+        "fspf.pb",
+        "mnt",
+        "--key-file",
+        "key",
+        "--tag",
+        &m.tag,
+        "--commit-ms",
+        "600000",
+        "--mutable",
+    ]);
+    m.mounted = true;
+    fs::create_dir(m.m("data/s")).unwrap();
+    let body = |i: usize| format!("small file {i}\n").repeat(i + 1).into_bytes();
+    for i in 0..20 {
+        fs::write(m.m(&format!("data/s/f{i}")), body(i)).unwrap();
+    }
+    // (A close's release reaches the daemon after the close returns: give it time.)
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let on_disk = |m: &Mounted| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(m.env.path("vol/s"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(
+        on_disk(&m).is_empty(),
+        "staged at the close: {:?}",
+        on_disk(&m)
+    );
+    // Read back before the commit, from the daemon's buffers.
+    assert_eq!(fs::read(m.m("data/s/f7")).unwrap(), body(7));
+    fs::rename(m.m("data/s/f1"), m.m("data/s/g1")).unwrap();
+    fs::remove_file(m.m("data/s/f2")).unwrap();
+    fs::File::open(m.m("data/s")).unwrap().sync_all().unwrap();
+    let mut want: Vec<String> = (0..20)
+        .filter(|i| *i != 1 && *i != 2)
+        .map(|i| format!("f{i}"))
+        .chain(["g1".to_string()])
+        .collect();
+    want.sort();
+    assert_eq!(on_disk(&m), want, "the commit wrote each file at its name");
+    m.umount();
+    m.verify();
+    m.mount(true);
+    for i in (0..20).filter(|i| *i != 1 && *i != 2) {
+        assert_eq!(
+            fs::read(m.m(&format!("data/s/f{i}"))).unwrap(),
+            body(i),
+            "f{i}"
+        );
+    }
+    assert_eq!(fs::read(m.m("data/s/g1")).unwrap(), body(1));
+    assert!(!m.m("data/s/f1").exists() && !m.m("data/s/f2").exists());
+}
