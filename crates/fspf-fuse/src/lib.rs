@@ -198,6 +198,27 @@ impl DaemonAnchor {
 /// too, and its first commit writes a checkpoint.
 const LOG_JOURNALS: u64 = 4 << 20;
 
+/// Raise this process's soft limit on open files to its hard limit. The daemon holds a memfd
+/// per file buffer (up to a batch of 500 files between commits) and two descriptors per open
+/// protected file; under the soft limit many systems start services with (1 024, or less), a
+/// `cp -r` failed with `EIO` once the buffers had used it up. Nothing in the daemon uses
+/// `select`, which the soft limit protects. Best effort: an error leaves the limit as it was.
+/// Only in a daemon of its own (`mount_foreground`): `fspf run --mount-namespace` serves the
+/// mount from the process that then starts the program, which keeps the limit it was given.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: l.maximum,
+                maximum: l.maximum,
+            },
+        );
+    }
+}
+
 /// Open the volume and build the filesystem (not yet mounted).
 fn build(cfg: &Config) -> Result<fs::FspfFs, MountError> {
     // Staged files are not fsync'd one by one: the session's commit makes them durable with one
@@ -397,6 +418,7 @@ pub fn mount_foreground(
     mountpoint: &Path,
     ready: impl FnOnce(Tag) + Send + 'static,
 ) -> Result<Tag, MountError> {
+    raise_open_files_limit();
     let mut fs = build(cfg)?;
     let anchor = fs.anchor();
     fs.on_init(Box::new(ready));

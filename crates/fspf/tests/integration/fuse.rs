@@ -1571,3 +1571,48 @@ fn fuse_small_files_closed_are_staged_together_by_the_commit() {
     assert_eq!(fs::read(m.m("data/s/g1")).unwrap(), body(1));
     assert!(!m.m("data/s/f1").exists() && !m.m("data/s/f2").exists());
 }
+
+/// The daemon holds a memfd per file buffer (a batch of up to 500 files between commits): one
+/// started under a low soft limit on open files (as services often are) failed every further
+/// create with `EIO` once the buffers had used the limit up (the 54th small file under 64).
+/// It raises its soft limit to the hard one.
+#[test]
+fn a_daemon_started_with_a_low_open_file_limit_failed_with_eio_after_fifty_files() {
+    let mut m = Mounted::new(true);
+    m.umount();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 64 && exec \"$@\"")
+        .arg("sh")
+        .arg(FSPF)
+        .args([
+            "mount",
+            "fspf.pb",
+            "mnt",
+            "--key-file",
+            "key",
+            "--tag",
+            &m.tag,
+            "--commit-ms",
+            "600000",
+            "--mutable",
+        ])
+        .current_dir(m.env.root())
+        .output()
+        .expect("sh");
+    ok(&out, "fspf mount under ulimit -Sn 64");
+    m.mounted = true;
+    for i in 0..200 {
+        fs::write(m.m(&format!("data/f{i}")), format!("file {i}\n"))
+            .unwrap_or_else(|e| panic!("file {i}: {e}"));
+    }
+    m.umount();
+    m.verify();
+    m.mount(true);
+    for i in [0, 63, 199] {
+        assert_eq!(
+            fs::read_to_string(m.m(&format!("data/f{i}"))).unwrap(),
+            format!("file {i}\n")
+        );
+    }
+}
