@@ -552,6 +552,8 @@ struct State {
     gone: HashMap<u64, FileAttr>,
     /// Small new files closed since the last commit and left for it to stage ([`small_new`]).
     closed_small: usize,
+    /// Descriptors held in reserve ([`State::new_buffer`]).
+    reserve: Vec<File>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -590,6 +592,22 @@ thread_local! {
     /// Where this session thread serves `read` requests from (grown, never cleared: only what
     /// was read is sent).
     static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Descriptors kept open (on `/dev/null`) so that a commit can still run when buffers have used
+/// up the limit on open files: a commit opens the log, lock files, directories and shadows.
+const FD_RESERVE: usize = 16;
+
+fn reserve() -> Vec<File> {
+    (0..FD_RESERVE)
+        .map_while(|_| File::open("/dev/null").ok())
+        .collect()
+}
+
+/// The errno of a failed system call of the daemon's own (no descriptor or memory left for a
+/// buffer: `EMFILE`, `ENFILE`, `ENOMEM`, which the program should see as such), else `EIO`.
+fn os_errno(e: &std::io::Error) -> c_int {
+    e.raw_os_error().unwrap_or(libc::EIO)
 }
 
 /// A libc errno as fuser's.
@@ -834,6 +852,25 @@ impl State {
         r
     }
 
+    /// A new, empty buffer for `ep`. Out of descriptors (each buffer holds a memfd), the
+    /// reserve is let go and what is staged or waiting is committed, which drops the buffers
+    /// nobody writes; then once more. Still none: `EMFILE` (or `ENFILE`) for the program.
+    fn new_buffer(&mut self, ep: &EmbedPath, mode: u32, mtime: i64) -> Result<Buf, c_int> {
+        match Buf::new(ep.clone(), mode, mtime) {
+            Ok(b) => Ok(b),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                self.reserve.clear();
+                let committed = self.commit();
+                self.reserve = reserve();
+                if let Err(c) = committed {
+                    eprintln!("fspf mount: out of descriptors, and the commit that would free some failed (errno {c})");
+                }
+                Buf::new(ep.clone(), mode, mtime).map_err(|e| os_errno(&e))
+            }
+            Err(e) => Err(os_errno(&e)),
+        }
+    }
+
     /// Stage the small new files nobody holds open ([`small_new`]) in one call, which seals
     /// them and writes their shadows on the pool.
     fn stage_small(&mut self) -> Result<(), c_int> {
@@ -1013,6 +1050,7 @@ impl FspfFs {
                 opens: HashMap::new(),
                 gone: HashMap::new(),
                 closed_small: 0,
+                reserve: reserve(),
             })),
             handles: Mutex::new(Handles {
                 map: HashMap::new(),
@@ -1152,8 +1190,7 @@ impl FspfFs {
         if n.kind != NodeKind::File {
             return Err(libc::EISDIR);
         }
-        let mut b =
-            Buf::new(ep.clone(), n.mode, n.mtime.unwrap_or(self.started)).map_err(|_| libc::EIO)?;
+        let mut b = st.new_buffer(ep, n.mode, n.mtime.unwrap_or(self.started))?;
         b.owner = n.owner;
         if truncate {
             // O_TRUNC of an existing file moves its modification time (POSIX), even when empty.
@@ -2177,7 +2214,7 @@ impl FspfFs {
     ) -> Result<Shared, c_int> {
         st.s.check_new_name(&Live(&st.live), ep)
             .map_err(ViewError::errno)?;
-        let mut b = Buf::new(ep.clone(), mode & 0o7777, now_ns()).map_err(|_| libc::EIO)?;
+        let mut b = st.new_buffer(ep, mode & 0o7777, now_ns())?;
         b.dirty = true;
         b.owner = Some(owner);
         let b = Arc::new(Mutex::new(b));

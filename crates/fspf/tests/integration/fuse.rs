@@ -1616,3 +1616,48 @@ fn a_daemon_started_with_a_low_open_file_limit_failed_with_eio_after_fifty_files
         );
     }
 }
+
+/// A daemon whose hard limit on open files was used up by its buffers (a memfd each) answered
+/// every further create with `EIO`, as if data were damaged. It now commits what is staged or
+/// waiting when it runs out (which lets the buffers nobody writes go), from descriptors it keeps
+/// in reserve for that, and creates go on; if none come free, the program sees `EMFILE`.
+#[test]
+fn a_daemon_out_of_descriptors_failed_every_create_with_eio() {
+    let mut m = Mounted::new(true);
+    m.umount();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 64 && exec \"$@\"")
+        .arg("sh")
+        .arg(FSPF)
+        .args([
+            "mount",
+            "fspf.pb",
+            "mnt",
+            "--key-file",
+            "key",
+            "--tag",
+            &m.tag,
+            "--commit-ms",
+            "600000",
+            "--mutable",
+        ])
+        .current_dir(m.env.root())
+        .output()
+        .expect("sh");
+    ok(&out, "fspf mount under ulimit -n 64");
+    m.mounted = true;
+    for i in 0..300 {
+        fs::write(m.m(&format!("data/f{i}")), format!("file {i}\n"))
+            .unwrap_or_else(|e| panic!("file {i}: {e}"));
+    }
+    m.umount();
+    m.verify();
+    m.mount(true);
+    for i in [0, 53, 54, 150, 299] {
+        assert_eq!(
+            fs::read_to_string(m.m(&format!("data/f{i}"))).unwrap(),
+            format!("file {i}\n")
+        );
+    }
+}
