@@ -43,6 +43,11 @@ fn data_volume() -> (Env, KeyTag) {
     (env, kt)
 }
 
+/// `fspf mount` of the test volume at `mnt`, trusting `tag` (more options follow).
+fn mount_args(tag: &str) -> [&str; 7] {
+    ["mount", "fspf.pb", "mnt", "--key-file", "key", "--tag", tag]
+}
+
 /// A volume with `/data` encrypted (kernel dir `vol`) holding `hello.txt`, mounted at `mnt`.
 pub(crate) struct Mounted {
     env: Env,
@@ -68,17 +73,11 @@ impl Mounted {
     }
 
     fn mount(&mut self, mutable: bool) {
-        let mut args = vec![
-            "mount".to_string(),
-            "fspf.pb".into(),
-            "mnt".into(),
-            "--key-file".into(),
-            "key".into(),
-            "--tag".into(),
-            self.tag.clone(),
-            "--commit-ms".into(),
-            "100".into(),
-        ];
+        let mut args: Vec<String> = mount_args(&self.tag)
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        args.extend(["--commit-ms".into(), "100".into()]);
         if mutable {
             args.push("--mutable".into());
         }
@@ -490,15 +489,7 @@ fn foreground_daemon(
     vars: &[(&str, &str)],
 ) -> std::process::Child {
     let daemon = Command::new(FSPF)
-        .args([
-            "mount",
-            "fspf.pb",
-            "mnt",
-            "--key-file",
-            "key",
-            "--tag",
-            &kt.tag,
-        ])
+        .args(mount_args(&kt.tag))
         .args([
             "--mutable",
             "--foreground",
@@ -1510,22 +1501,8 @@ fn fuse_requests_are_served_by_several_threads_at_once() {
 /// is on disk; renames and removals made meanwhile are what the commit records.
 #[test]
 fn fuse_small_files_closed_are_staged_together_by_the_commit() {
-    let mut m = Mounted::new(true);
-    m.umount();
     // No commit by the interval during the test: only the directory's `fsync` below.
-    m.env.ok([
-        "mount",
-        "fspf.pb",
-        "mnt",
-        "--key-file",
-        "key",
-        "--tag",
-        &m.tag,
-        "--commit-ms",
-        "600000",
-        "--mutable",
-    ]);
-    m.mounted = true;
+    let mut m = mounted_without_interval("");
     fs::create_dir(m.m("data/s")).unwrap();
     let body = |i: usize| format!("small file {i}\n").repeat(i + 1).into_bytes();
     for i in 0..20 {
@@ -1572,49 +1549,34 @@ fn fuse_small_files_closed_are_staged_together_by_the_commit() {
     assert!(!m.m("data/s/f1").exists() && !m.m("data/s/f2").exists());
 }
 
+/// A mutable mount that commits only when asked (no commit by the interval during a test), its
+/// daemon started by `sh -c "{shell}exec fspf mount …"` (e.g. `ulimit -Sn 64 && `).
+fn mounted_without_interval(shell: &str) -> Mounted {
+    let mut m = Mounted::new(true);
+    m.umount();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{shell}exec \"$@\""))
+        .arg("sh")
+        .arg(FSPF)
+        .args(mount_args(&m.tag))
+        .args(["--commit-ms", "600000", "--mutable"])
+        .current_dir(m.env.root())
+        .output()
+        .expect("sh");
+    ok(&out, &format!("fspf mount under `{shell}`"));
+    m.mounted = true;
+    m
+}
+
 /// The daemon holds a memfd per file buffer (a batch of up to 500 files between commits): one
 /// started under a low soft limit on open files (as services often are) failed every further
 /// create with `EIO` once the buffers had used the limit up (the 54th small file under 64).
 /// It raises its soft limit to the hard one.
 #[test]
 fn a_daemon_started_with_a_low_open_file_limit_failed_with_eio_after_fifty_files() {
-    let mut m = Mounted::new(true);
-    m.umount();
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -Sn 64 && exec \"$@\"")
-        .arg("sh")
-        .arg(FSPF)
-        .args([
-            "mount",
-            "fspf.pb",
-            "mnt",
-            "--key-file",
-            "key",
-            "--tag",
-            &m.tag,
-            "--commit-ms",
-            "600000",
-            "--mutable",
-        ])
-        .current_dir(m.env.root())
-        .output()
-        .expect("sh");
-    ok(&out, "fspf mount under ulimit -Sn 64");
-    m.mounted = true;
-    for i in 0..200 {
-        fs::write(m.m(&format!("data/f{i}")), format!("file {i}\n"))
-            .unwrap_or_else(|e| panic!("file {i}: {e}"));
-    }
-    m.umount();
-    m.verify();
-    m.mount(true);
-    for i in [0, 63, 199] {
-        assert_eq!(
-            fs::read_to_string(m.m(&format!("data/f{i}"))).unwrap(),
-            format!("file {i}\n")
-        );
-    }
+    let mut m = mounted_without_interval("ulimit -Sn 64 && ");
+    small_files_survive_a_remount(&mut m, 200);
 }
 
 /// A daemon whose hard limit on open files was used up by its buffers (a memfd each) answered
@@ -1623,38 +1585,20 @@ fn a_daemon_started_with_a_low_open_file_limit_failed_with_eio_after_fifty_files
 /// in reserve for that, and creates go on; if none come free, the program sees `EMFILE`.
 #[test]
 fn a_daemon_out_of_descriptors_failed_every_create_with_eio() {
-    let mut m = Mounted::new(true);
-    m.umount();
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -n 64 && exec \"$@\"")
-        .arg("sh")
-        .arg(FSPF)
-        .args([
-            "mount",
-            "fspf.pb",
-            "mnt",
-            "--key-file",
-            "key",
-            "--tag",
-            &m.tag,
-            "--commit-ms",
-            "600000",
-            "--mutable",
-        ])
-        .current_dir(m.env.root())
-        .output()
-        .expect("sh");
-    ok(&out, "fspf mount under ulimit -n 64");
-    m.mounted = true;
-    for i in 0..300 {
+    let mut m = mounted_without_interval("ulimit -n 64 && ");
+    small_files_survive_a_remount(&mut m, 300);
+}
+
+/// Write `n` small files through `m`, unmount, verify, mount again and read them back.
+fn small_files_survive_a_remount(m: &mut Mounted, n: usize) {
+    for i in 0..n {
         fs::write(m.m(&format!("data/f{i}")), format!("file {i}\n"))
             .unwrap_or_else(|e| panic!("file {i}: {e}"));
     }
     m.umount();
     m.verify();
     m.mount(true);
-    for i in [0, 53, 54, 150, 299] {
+    for i in 0..n {
         assert_eq!(
             fs::read_to_string(m.m(&format!("data/f{i}"))).unwrap(),
             format!("file {i}\n")
