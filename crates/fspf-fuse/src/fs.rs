@@ -1011,6 +1011,7 @@ impl State {
 
     fn commit_with(&mut self, streams: Streams) -> Result<(), c_int> {
         let staged = self.stage_all_with(streams);
+        let frees_room = self.s.removes_anything();
         let r = self.s.commit().map_err(ViewError::errno);
         if r.is_err() {
             // What was staged is lost: no record of writes is relative to a committed state.
@@ -1020,6 +1021,17 @@ impl State {
         }
         self.after_commit();
         r?;
+        if frees_room && matches!(staged, Err(libc::ENOSPC | libc::EDQUOT)) {
+            // A file that found no room may find it now: the commit just removed what the
+            // program removed to make room (`rm` of a large file, then `fsync` again, as on a
+            // plain file system, where the removal frees its blocks at once). Once more.
+            let again = self.stage_all_with(streams);
+            if self.s.has_queued() {
+                self.s.commit().map_err(ViewError::errno)?;
+                self.after_commit();
+            }
+            return again;
+        }
         staged
     }
 

@@ -769,6 +769,11 @@ impl<A: Anchor> Session<A> {
         !self.queue.is_empty()
     }
 
+    /// Does the next commit remove a file or directory (and so free room on its file system)?
+    pub fn removes_anything(&self) -> bool {
+        self.queue.iter().any(|c| matches!(c, Change::Remove(_)))
+    }
+
     /// Seal `data` as the new content of the ephemeral file `ep` (in memory).
     pub fn put_ephemeral(
         &mut self,

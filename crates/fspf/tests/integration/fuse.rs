@@ -1605,3 +1605,72 @@ fn small_files_survive_a_remount(m: &mut Mounted, n: usize) {
         );
     }
 }
+
+/// Unmounts (lazily) a tmpfs mounted for a test.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A file that found no room on the kernel side (`fsync` answered `ENOSPC`) still found none
+/// after the program removed another file to make room: the removal was queued behind the
+/// failed stage and freed nothing until the next commit. As on a plain file system, the second
+/// `fsync` now succeeds.
+#[test]
+fn fsync_after_removing_a_file_to_make_room_still_failed_with_enospc() {
+    need_fuse();
+    let env = Env::new();
+    env.write("src/hello.txt", "Hello World\n");
+    env.mkdir("vol");
+    env.mkdir("mnt");
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(env.path("vol"))
+        .status()
+        .expect("mount");
+    assert!(
+        st.success(),
+        "mount a tmpfs of 8 MiB (the tests run as root)"
+    );
+    env.two_regions("/data", "-e", "vol");
+    env.ok(["addf", "fspf.pb", "/data", "src", "vol"]);
+    let kt = env.encrypt(None);
+    env.write("key", &kt.key);
+    let mut args = mount_args(&kt.tag).to_vec();
+    args.extend(["--commit-ms", "600000", "--mutable"]);
+    env.ok(&args);
+    let mut m = Mounted {
+        env,
+        key: kt.key,
+        tag: kt.tag,
+        mounted: true,
+        extra: Vec::new(),
+    };
+    // (Dropped first: the tmpfs goes before the mount and the test's directory.)
+    let _tmpfs = Tmpfs(m.env.path("vol"));
+    let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let put = |name: &str| -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = fs::File::create(m.m(name))?;
+        f.write_all(&body)?;
+        f.sync_all()
+    };
+    put("data/a").unwrap();
+    put("data/b").unwrap();
+    let e = put("data/c").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    fs::remove_file(m.m("data/a")).unwrap();
+    fs::File::open(m.m("data/c"))
+        .unwrap()
+        .sync_all()
+        .expect("fsync after a removal made room");
+    m.umount();
+    m.verify();
+    m.mount(true);
+    assert!(fs::read(m.m("data/c")).unwrap() == body);
+    assert!(fs::read(m.m("data/b")).unwrap() == body);
+    assert!(!m.m("data/a").exists());
+}
