@@ -1056,7 +1056,8 @@ impl Shield {
     /// Stage every dirty kernel buffer and commit the queue (fsync, fork/exec, exit, batches):
     /// the protocol is the session's (`fspf_core::session`).
     pub fn commit(&self, inner: &mut Inner) -> Result<(), c_int> {
-        let (res, _run_lock) = self.stage_for_commit(inner);
+        let (res, run_lock) = self.stage_for_commit(inner);
+        let frees_room = inner.s.removes_anything();
         let r = inner.s.commit().map_err(errno_of);
         if r.is_err() {
             // What was staged is lost: no buffer's tracked changes describe its difference
@@ -1066,7 +1067,14 @@ impl Shield {
             }
         }
         Self::after_commit(inner);
+        drop(run_lock);
         r?;
+        if frees_room && matches!(res, Err(libc::ENOSPC | libc::EDQUOT)) {
+            // A file that found no room may find it now: this commit removed what the program
+            // removed to make room (`rm` of a large file, then `fsync` again, as on a plain
+            // file system). Once more (the queue holds no removal now, so only once).
+            return self.commit(inner);
+        }
         res
     }
 

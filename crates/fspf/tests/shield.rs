@@ -4351,3 +4351,66 @@ fn a_new_file_at_a_renamed_files_old_name_had_its_inode_number() {
     let o = w.run(&["stat", "-c", "%i", "/data/app.log", "/data/app.log.1"]);
     assert_eq!(stdout(&o).lines().collect::<Vec<_>>(), [l[0], l[1]]);
 }
+
+/// A file that found no room on the kernel side (`fsync` answered `ENOSPC`) still found none
+/// after the program removed another file to make room: the removal was queued behind the
+/// failed stage and freed nothing until the next commit. As on a plain file system, the second
+/// `fsync` now succeeds (the FUSE shield's twin: `fsync_after_removing_a_file_to_make_room_…`).
+#[test]
+fn fsync_after_removing_a_file_to_make_room_still_failed_with_enospc() {
+    let mut w = World::new();
+    std::fs::create_dir_all(w.path("vol")).expect("vol");
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(w.path("vol"))
+        .status()
+        .expect("mount");
+    assert!(
+        st.success(),
+        "mount a tmpfs of 8 MiB (the tests run as root)"
+    );
+    struct Tmpfs(PathBuf);
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _tmpfs = Tmpfs(w.path("vol"));
+    w.create();
+    w.addr(&["/", "--kernel", "/", "--not-protected"]);
+    w.addr(&["/data", "--encrypted", "--kernel", &w.p("vol")]);
+    w.encrypt();
+    let script = r#"
+import os
+body = bytes(i % 251 for i in range(3_000_000))
+def put(n):
+    fd = os.open(n, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    os.write(fd, body)
+    try:
+        os.fsync(fd)
+        print(n, "ok")
+    except OSError as e:
+        print(n, e.errno)
+    return fd
+put("/data/a"); put("/data/b"); fd = put("/data/c")
+os.remove("/data/a")
+os.fsync(fd)
+print("again ok")
+"#;
+    let o = w.run_mut(&[&python_bin(), "-c", script]);
+    ok(&o, "writer");
+    assert_eq!(
+        stdout(&o),
+        format!(
+            "/data/a ok\n/data/b ok\n/data/c {}\nagain ok\n",
+            libc::ENOSPC
+        )
+    );
+    let o = w.run(&[
+        &python_bin(),
+        "-c",
+        "import sys; sys.stdout.write(str(len(open('/data/c','rb').read())))",
+    ]);
+    ok(&o, "reader");
+    assert_eq!(stdout(&o), "3000000");
+}
