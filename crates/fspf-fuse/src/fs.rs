@@ -1010,8 +1010,31 @@ impl State {
     }
 
     fn commit_with(&mut self, streams: Streams) -> Result<(), c_int> {
+        let (committed, staged) = self.commit_parts(streams);
+        committed?;
+        staged
+    }
+
+    /// Stage every changed buffer and commit: the commit's own outcome, and the stages' (a
+    /// buffer that could not be staged stays in memory, changed, for the next commit).
+    fn commit_parts(&mut self, streams: Streams) -> (Result<(), c_int>, Result<(), c_int>) {
         let staged = self.stage_all_with(streams);
         let frees_room = self.s.removes_anything();
+        if let Err(e) = self.commit_queue() {
+            return (Err(e), staged);
+        }
+        if frees_room && matches!(staged, Err(libc::ENOSPC | libc::EDQUOT)) {
+            // A file that found no room may find it now: the commit just removed what the
+            // program removed to make room (`rm` of a large file, then `fsync` again, as on a
+            // plain file system, where the removal frees its blocks at once). Once more.
+            let again = self.stage_all_with(streams);
+            return (self.commit_queue(), again);
+        }
+        (Ok(()), staged)
+    }
+
+    /// Commit what is queued.
+    fn commit_queue(&mut self) -> Result<(), c_int> {
         let r = self.s.commit().map_err(ViewError::errno);
         if r.is_err() {
             // What was staged is lost: no record of writes is relative to a committed state.
@@ -1020,19 +1043,18 @@ impl State {
             }
         }
         self.after_commit();
-        r?;
-        if frees_room && matches!(staged, Err(libc::ENOSPC | libc::EDQUOT)) {
-            // A file that found no room may find it now: the commit just removed what the
-            // program removed to make room (`rm` of a large file, then `fsync` again, as on a
-            // plain file system, where the removal frees its blocks at once). Once more.
-            let again = self.stage_all_with(streams);
-            if self.s.has_queued() {
-                self.s.commit().map_err(ViewError::errno)?;
-                self.after_commit();
-            }
-            return again;
-        }
-        staged
+        r
+    }
+
+    /// Does inode `ino` have changes no commit holds yet (its buffer's stage failed)?
+    fn unstaged(&self, ino: u64) -> bool {
+        self.inodes
+            .path(ino)
+            .and_then(|p| self.live.get(p))
+            .is_some_and(|b| {
+                let g = lock(b);
+                g.dirty && !g.detached
+            })
     }
 
     fn detach(&mut self, ep: &EmbedPath) {
@@ -2051,13 +2073,20 @@ impl Filesystem for FspfFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
         let mut st = self.state();
-        match st.commit() {
+        let (committed, staged) = st.commit_parts(Streams::Finish);
+        // The commit is the whole daemon's, but the answer is this file's: another file that
+        // found no room (a large one that stays in memory) fails its own `fsync`, not this one's.
+        let r = committed.and_then(|()| match staged {
+            Err(e) if st.unstaged(ino.0) => Err(e),
+            _ => Ok(()),
+        });
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(eno(e)),
         }

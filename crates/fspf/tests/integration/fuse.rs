@@ -59,6 +59,17 @@ pub(crate) struct Mounted {
 }
 
 impl Mounted {
+    /// The test volume in `env`, which the caller mounted at `mnt` with `kt`.
+    fn already(env: Env, kt: KeyTag) -> Mounted {
+        Mounted {
+            env,
+            key: kt.key,
+            tag: kt.tag,
+            mounted: true,
+            extra: Vec::new(),
+        }
+    }
+
     pub(crate) fn new(mutable: bool) -> Mounted {
         let (env, kt) = data_volume();
         let mut m = Mounted {
@@ -1104,13 +1115,7 @@ fn fuse_the_mount_root_of_a_volume_without_a_root_region_was_not_found() {
         "--allow-other",
     ]);
     assert!(out.starts_with("Mounted "), "{out}");
-    let m = Mounted {
-        env,
-        key: kt.key,
-        tag: kt.tag,
-        mounted: true,
-        extra: Vec::new(),
-    };
+    let m = Mounted::already(env, kt);
     let names: Vec<_> = fs::read_dir(m.env.path("mnt"))
         .expect("the mount's root")
         .flatten()
@@ -1615,26 +1620,21 @@ impl Drop for Tmpfs {
     }
 }
 
-/// A file that found no room on the kernel side (`fsync` answered `ENOSPC`) still found none
-/// after the program removed another file to make room: the removal was queued behind the
-/// failed stage and freed nothing until the next commit. As on a plain file system, the second
-/// `fsync` now succeeds.
-#[test]
-fn fsync_after_removing_a_file_to_make_room_still_failed_with_enospc() {
+/// A mutable mount without the commit interval whose kernel directory `vol` is a tmpfs of
+/// `size` (e.g. `8m`); the tmpfs is unmounted when the guard drops (before the mount).
+fn mounted_on_tmpfs(size: &str) -> (Mounted, Tmpfs) {
     need_fuse();
     let env = Env::new();
     env.write("src/hello.txt", "Hello World\n");
     env.mkdir("vol");
     env.mkdir("mnt");
     let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
         .arg(env.path("vol"))
         .status()
         .expect("mount");
-    assert!(
-        st.success(),
-        "mount a tmpfs of 8 MiB (the tests run as root)"
-    );
+    assert!(st.success(), "mount a tmpfs (the tests run as root)");
+    let tmpfs = Tmpfs(env.path("vol"));
     env.two_regions("/data", "-e", "vol");
     env.ok(["addf", "fspf.pb", "/data", "src", "vol"]);
     let kt = env.encrypt(None);
@@ -1642,25 +1642,28 @@ fn fsync_after_removing_a_file_to_make_room_still_failed_with_enospc() {
     let mut args = mount_args(&kt.tag).to_vec();
     args.extend(["--commit-ms", "600000", "--mutable"]);
     env.ok(&args);
-    let mut m = Mounted {
-        env,
-        key: kt.key,
-        tag: kt.tag,
-        mounted: true,
-        extra: Vec::new(),
-    };
-    // (Dropped first: the tmpfs goes before the mount and the test's directory.)
-    let _tmpfs = Tmpfs(m.env.path("vol"));
+    (Mounted::already(env, kt), tmpfs)
+}
+
+/// Write `body` to `name` in `m` and `fsync` it.
+fn put_synced(m: &Mounted, name: &str, body: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = fs::File::create(m.m(name))?;
+    f.write_all(body)?;
+    f.sync_all()
+}
+
+/// A file that found no room on the kernel side (`fsync` answered `ENOSPC`) still found none
+/// after the program removed another file to make room: the removal was queued behind the
+/// failed stage and freed nothing until the next commit. As on a plain file system, the second
+/// `fsync` now succeeds.
+#[test]
+fn fsync_after_removing_a_file_to_make_room_still_failed_with_enospc() {
+    let (mut m, _tmpfs) = mounted_on_tmpfs("8m");
     let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-    let put = |name: &str| -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = fs::File::create(m.m(name))?;
-        f.write_all(&body)?;
-        f.sync_all()
-    };
-    put("data/a").unwrap();
-    put("data/b").unwrap();
-    let e = put("data/c").unwrap_err();
+    put_synced(&m, "data/a", &body).unwrap();
+    put_synced(&m, "data/b", &body).unwrap();
+    let e = put_synced(&m, "data/c", &body).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
     fs::remove_file(m.m("data/a")).unwrap();
     fs::File::open(m.m("data/c"))
@@ -1673,4 +1676,24 @@ fn fsync_after_removing_a_file_to_make_room_still_failed_with_enospc() {
     assert!(fs::read(m.m("data/c")).unwrap() == body);
     assert!(fs::read(m.m("data/b")).unwrap() == body);
     assert!(!m.m("data/a").exists());
+}
+
+/// The daemon's commit stages every changed file: one that found no room (a large file that
+/// stays in memory) made every other file's `fsync` answer `ENOSPC` too, though they were
+/// committed. Each `fsync` now answers for its own file.
+#[test]
+fn fsync_of_a_small_file_failed_with_enospc_because_a_large_one_found_no_room() {
+    let (mut m, _tmpfs) = mounted_on_tmpfs("8m");
+    let big = vec![7u8; 20 << 20];
+    let e = put_synced(&m, "data/big", &big).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    put_synced(&m, "data/small", b"fits\n").expect("fsync of a file that fits");
+    // The large file is still there, whole, in memory.
+    assert!(fs::read(m.m("data/big")).unwrap() == big);
+    fs::remove_file(m.m("data/big")).unwrap();
+    m.umount();
+    m.verify();
+    m.mount(true);
+    assert_eq!(fs::read(m.m("data/small")).unwrap(), b"fits\n");
+    assert!(!m.m("data/big").exists());
 }
