@@ -1056,6 +1056,14 @@ impl Shield {
     /// Stage every dirty kernel buffer and commit the queue (fsync, fork/exec, exit, batches):
     /// the protocol is the session's (`fspf_core::session`).
     pub fn commit(&self, inner: &mut Inner) -> Result<(), c_int> {
+        let (committed, staged) = self.commit_parts(inner);
+        committed?;
+        staged
+    }
+
+    /// [`Shield::commit`]'s two outcomes: the commit's own, and the stages' (a buffer that could
+    /// not be staged stays as it is, changed, for the next commit point).
+    pub fn commit_parts(&self, inner: &mut Inner) -> (Result<(), c_int>, Result<(), c_int>) {
         let (res, run_lock) = self.stage_for_commit(inner);
         let frees_room = inner.s.removes_anything();
         let r = inner.s.commit().map_err(errno_of);
@@ -1068,14 +1076,13 @@ impl Shield {
         }
         Self::after_commit(inner);
         drop(run_lock);
-        r?;
-        if frees_room && matches!(res, Err(libc::ENOSPC | libc::EDQUOT)) {
+        if r.is_ok() && frees_room && matches!(res, Err(libc::ENOSPC | libc::EDQUOT)) {
             // A file that found no room may find it now: this commit removed what the program
             // removed to make room (`rm` of a large file, then `fsync` again, as on a plain
             // file system). Once more (the queue holds no removal now, so only once).
-            return self.commit(inner);
+            return self.commit_parts(inner);
         }
-        res
+        (r, res)
     }
 
     /// Buffers whose stream was staged but whose commit failed (nothing is queued any more)

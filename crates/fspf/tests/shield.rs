@@ -4352,12 +4352,17 @@ fn a_new_file_at_a_renamed_files_old_name_had_its_inode_number() {
     assert_eq!(stdout(&o).lines().collect::<Vec<_>>(), [l[0], l[1]]);
 }
 
-/// A file that found no room on the kernel side (`fsync` answered `ENOSPC`) still found none
-/// after the program removed another file to make room: the removal was queued behind the
-/// failed stage and freed nothing until the next commit. As on a plain file system, the second
-/// `fsync` now succeeds (the FUSE shield's twin: `fsync_after_removing_a_file_to_make_room_…`).
-#[test]
-fn fsync_after_removing_a_file_to_make_room_still_failed_with_enospc() {
+/// Unmounts (lazily) a tmpfs mounted for a test.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A world with `/data` encrypted in `vol`, a tmpfs of 8 MiB (unmounted when the guard drops).
+fn world_on_a_small_tmpfs() -> (World, Tmpfs) {
     let mut w = World::new();
     std::fs::create_dir_all(w.path("vol")).expect("vol");
     let st = Command::new("mount")
@@ -4369,21 +4374,18 @@ fn fsync_after_removing_a_file_to_make_room_still_failed_with_enospc() {
         st.success(),
         "mount a tmpfs of 8 MiB (the tests run as root)"
     );
-    struct Tmpfs(PathBuf);
-    impl Drop for Tmpfs {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _tmpfs = Tmpfs(w.path("vol"));
+    let guard = Tmpfs(w.path("vol"));
     w.create();
     w.addr(&["/", "--kernel", "/", "--not-protected"]);
     w.addr(&["/data", "--encrypted", "--kernel", &w.p("vol")]);
     w.encrypt();
-    let script = r#"
+    (w, guard)
+}
+
+/// Python that writes `body` to a file and `fsync`s it, printing `NAME ok` or `NAME ERRNO`.
+const PUT_PY: &str = r#"
 import os
-body = bytes(i % 251 for i in range(3_000_000))
-def put(n):
+def put(n, body):
     fd = os.open(n, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
     os.write(fd, body)
     try:
@@ -4392,12 +4394,26 @@ def put(n):
     except OSError as e:
         print(n, e.errno)
     return fd
-put("/data/a"); put("/data/b"); fd = put("/data/c")
+"#;
+
+/// A file that found no room on the kernel side (`fsync` answered `ENOSPC`) still found none
+/// after the program removed another file to make room: the removal was queued behind the
+/// failed stage and freed nothing until the next commit. As on a plain file system, the second
+/// `fsync` now succeeds (the FUSE shield's twin has the same name).
+#[test]
+fn fsync_after_removing_a_file_to_make_room_still_failed_with_enospc() {
+    let (mut w, _tmpfs) = world_on_a_small_tmpfs();
+    let script = format!(
+        "{PUT_PY}{}",
+        r#"
+body = bytes(i % 251 for i in range(3_000_000))
+put("/data/a", body); put("/data/b", body); fd = put("/data/c", body)
 os.remove("/data/a")
 os.fsync(fd)
 print("again ok")
-"#;
-    let o = w.run_mut(&[&python_bin(), "-c", script]);
+"#
+    );
+    let o = w.run_mut(&[&python_bin(), "-c", &script]);
     ok(&o, "writer");
     assert_eq!(
         stdout(&o),
@@ -4413,4 +4429,29 @@ print("again ok")
     ]);
     ok(&o, "reader");
     assert_eq!(stdout(&o), "3000000");
+}
+
+/// A process's commit stages every file it changed: one that found no room (a large file that
+/// stays in its buffer) made every other file's `fsync` answer `ENOSPC` too, though they were
+/// committed. Each `fsync` now answers for its own file.
+#[test]
+fn fsync_of_a_small_file_failed_with_enospc_because_a_large_one_found_no_room() {
+    let (mut w, _tmpfs) = world_on_a_small_tmpfs();
+    let script = format!(
+        "{PUT_PY}{}",
+        r#"
+big = put("/data/big", b"x" * (20 << 20))
+put("/data/small", b"fits\n")
+os.ftruncate(big, 0)
+"#
+    );
+    let o = w.run_mut(&[&python_bin(), "-c", &script]);
+    ok(&o, "writer");
+    assert_eq!(
+        stdout(&o),
+        format!("/data/big {}\n/data/small ok\n", libc::ENOSPC)
+    );
+    let o = w.run(&["cat", "/data/small"]);
+    ok(&o, "reader");
+    assert_eq!(stdout(&o), "fits\n");
 }

@@ -658,10 +658,18 @@ pub unsafe extern "C" fn posix_fallocate64(fd: c_int, off: off_t, len: off_t) ->
 /// fsync/fdatasync of any shielded fd, read-only ones included, commits everything queued:
 /// POSIX makes the file's data durable whichever descriptor is synced, and a writer that closed
 /// its fd may have left the file's new version queued (only staged, not committed).
-fn sync_fd(_h: &Handle) -> c_int {
+/// The commit is the process's, but the answer is this file's: another file that found no
+/// room (a large one that stays in its buffer) fails its own `fsync`, not this one's. (For a
+/// descriptor without a buffer of its own, any stage's failure is reported.)
+fn sync_fd(h: &Handle) -> c_int {
     let sh = shield::get();
     let mut inner = sh.lock();
-    match sh.commit(&mut inner) {
+    let (committed, staged) = sh.commit_parts(&mut inner);
+    let mine = || {
+        crate::files::buffer_of(h)
+            .is_none_or(|b| b.lock().unwrap_or_else(|e| e.into_inner()).needs_seal())
+    };
+    match committed.and(staged.or_else(|e| if mine() { Err(e) } else { Ok(()) })) {
         Ok(()) => 0,
         Err(e) => fail(e),
     }
