@@ -412,6 +412,24 @@ impl Buf {
         Ok(())
     }
 
+    /// What a version staged from this buffer records besides its content.
+    fn meta(&self) -> VersionMeta {
+        VersionMeta {
+            mode: self.mode,
+            mtime: self.mtime_set.then_some(self.mtime),
+            owner: self.owner,
+        }
+    }
+
+    /// The buffer's content is staged now, as a version recorded at time `t`: what is written
+    /// from here on is relative to it.
+    fn staged_as(&mut self, t: i64) {
+        self.mtime = t;
+        self.written = Some(Written::new(self.len));
+        self.unstaged = 0;
+        self.dirty = false;
+    }
+
     fn contents(&mut self) -> std::io::Result<Vec<u8>> {
         let mut v = vec![0u8; self.len as usize];
         self.read_under(&mut v, 0)?;
@@ -715,11 +733,7 @@ impl State {
             }
             return Ok(());
         } else {
-            let meta = VersionMeta {
-                mode: g.mode,
-                mtime: g.mtime_set.then_some(g.mtime),
-                owner: g.owner,
-            };
+            let meta = g.meta();
             let len = g.len;
             // A stream: the rest of the file is its tail, and the version is made.
             let mut streamed = None;
@@ -769,13 +783,9 @@ impl State {
                         .map_err(ViewError::errno)?
                 }
             };
-            g.mtime = t;
-            // What is written from here on is relative to the state just staged.
-            g.written = Some(Written::new(len));
-            g.unstaged = 0;
+            g.staged_as(t);
             self.mark();
         }
-        g.dirty = false;
         Ok(())
     }
 
@@ -878,39 +888,26 @@ impl State {
         let mut small = Vec::new();
         for b in self.live.values() {
             let mut g = lock(b);
-            if small_new(&g) && !self.s.is_ephemeral(&g.path) {
+            if self.waits_for_commit(&g) {
                 // (Nobody writes it meanwhile: a write needs an open handle, and an open the
-                // State lock this holds.)
-                let meta = VersionMeta {
-                    mode: g.mode,
-                    mtime: g.mtime_set.then_some(g.mtime),
-                    owner: g.owner,
-                };
-                match g.contents() {
-                    Ok(data) => small.push((b.clone(), g.path.clone(), meta, data)),
-                    // Left to `stage_one`, which reports it.
-                    Err(_) => continue,
+                // State lock this holds.) A content that cannot be read is left to
+                // `stage_one`, which reports it.
+                if let Ok(data) = g.contents() {
+                    small.push((b.clone(), g.path.clone(), g.meta(), data));
                 }
             }
         }
         if small.is_empty() {
             return Ok(());
         }
-        let files: Vec<(EmbedPath, VersionMeta, &[u8])> = small
-            .iter()
-            .map(|(_, p, m, d)| (p.clone(), *m, &d[..]))
-            .collect();
+        let files: Vec<(&EmbedPath, VersionMeta, &[u8])> =
+            small.iter().map(|(_, p, m, d)| (p, *m, &d[..])).collect();
         let staged = self.s.stage_puts(&files);
         let mut r = Ok(());
-        for ((b, path, _, data), t) in small.iter().zip(staged) {
+        for ((b, path, _, _), t) in small.iter().zip(staged) {
             let mut g = lock(b);
             match t {
-                Ok(t) => {
-                    g.mtime = t;
-                    g.written = Some(Written::new(data.len() as u64));
-                    g.unstaged = 0;
-                    g.dirty = false;
-                }
+                Ok(t) => g.staged_as(t),
                 Err(e) => {
                     let e = e.errno();
                     eprintln!(
@@ -1044,6 +1041,11 @@ impl State {
         }
         self.after_commit();
         r
+    }
+
+    /// Does the buffer `g` wait for the commit to stage it ([`small_new`], not ephemeral)?
+    fn waits_for_commit(&self, g: &Buf) -> bool {
+        small_new(g) && !self.s.is_ephemeral(&g.path)
     }
 
     /// Does inode `ino` have changes no commit holds yet (its buffer's stage failed)?
@@ -1327,11 +1329,7 @@ impl FspfFs {
             // A small new file is staged with the others at the commit (`stage_all_with`),
             // which writes their shadows together (on the pool), not one at a time while the
             // program waits for its next request.
-            let small = {
-                let g = lock(&buf);
-                small_new(&g) && !st.s.is_ephemeral(&g.path)
-            };
-            if small {
+            if st.waits_for_commit(&lock(&buf)) {
                 st.closed_small += 1;
                 st.mark();
                 if st.s.batch_full_with(st.closed_small) {
@@ -1583,7 +1581,7 @@ impl Filesystem for FspfFs {
             if let Some(len) = size {
                 if let Some(b) = &buf {
                     if let Err(e) = lock(b).set_len(len) {
-                        return reply.error(eno(e.raw_os_error().unwrap_or(libc::EIO)));
+                        return reply.error(eno(os_errno(&e)));
                     }
                 }
                 a.size = len;
@@ -1634,8 +1632,7 @@ impl Filesystem for FspfFs {
                 let b = self.buffer(st, &ep, false)?;
                 let idle = {
                     let mut g = lock(&b);
-                    g.set_len(len)
-                        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+                    g.set_len(len).map_err(|e| os_errno(&e))?;
                     g.writers == 0
                 };
                 if idle {
@@ -2000,7 +1997,7 @@ impl Filesystem for FspfFs {
         g.mtime = now_ns();
         g.mtime_set = false;
         if let Err(e) = g.write_at(data, offset) {
-            return reply.error(eno(e.raw_os_error().unwrap_or(libc::EIO)));
+            return reply.error(eno(os_errno(&e)));
         }
         let next = Self::after_write(&g);
         drop(g);

@@ -12,7 +12,7 @@ fn fspf_bin() -> PathBuf {
 // suite (`tests/integration/shielded.rs`).
 #[path = "integration/shielded.rs"]
 mod shielded;
-use shielded::{need, preload, real_python};
+use shielded::{need, preload, real_python, Tmpfs};
 
 fn ok(o: &Output, what: &str) {
     assert!(
@@ -4352,29 +4352,11 @@ fn a_new_file_at_a_renamed_files_old_name_had_its_inode_number() {
     assert_eq!(stdout(&o).lines().collect::<Vec<_>>(), [l[0], l[1]]);
 }
 
-/// Unmounts (lazily) a tmpfs mounted for a test.
-struct Tmpfs(PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// A world with `/data` encrypted in `vol`, a tmpfs of 8 MiB (unmounted when the guard drops).
 fn world_on_a_small_tmpfs() -> (World, Tmpfs) {
     let mut w = World::new();
     std::fs::create_dir_all(w.path("vol")).expect("vol");
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-        .arg(w.path("vol"))
-        .status()
-        .expect("mount");
-    assert!(
-        st.success(),
-        "mount a tmpfs of 8 MiB (the tests run as root)"
-    );
-    let guard = Tmpfs(w.path("vol"));
+    let guard = Tmpfs::mount(&w.path("vol"), "8m");
     w.create();
     w.addr(&["/", "--kernel", "/", "--not-protected"]);
     w.addr(&["/data", "--encrypted", "--kernel", &w.p("vol")]);

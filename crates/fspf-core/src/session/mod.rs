@@ -848,7 +848,7 @@ impl<A: Anchor> Session<A> {
     /// per file, as `stage_put` gives it.
     pub fn stage_puts(
         &mut self,
-        files: &[(EmbedPath, VersionMeta, &[u8])],
+        files: &[(&EmbedPath, VersionMeta, &[u8])],
     ) -> Vec<Result<i64, ViewError>> {
         use rayon::prelude::*;
         for (path, _, _) in files {
@@ -859,7 +859,7 @@ impl<A: Anchor> Session<A> {
         let staged: Vec<crate::Result<crate::volume::StagedFile>> = match self.vol.as_ref() {
             None => return files.iter().map(|_| Err(ViewError::Untrusted)).collect(),
             Some(vol) => {
-                let one = |(path, meta, data): &(EmbedPath, VersionMeta, &[u8])| {
+                let one = |(path, meta, data): &(&EmbedPath, VersionMeta, &[u8])| {
                     let mut src: &[u8] = data;
                     vol.stage_file(path, data.len() as u64, meta.mode, &mut src)
                 };

@@ -1007,9 +1007,11 @@ fn small_files_staged_together_commit_as_if_staged_one_by_one() {
                 )
             })
             .collect();
-        let files: Vec<(EmbedPath, VersionMeta, &[u8])> = bodies
+        let paths: Vec<EmbedPath> = bodies.iter().map(|(path, _)| p(path)).collect();
+        let files: Vec<(&EmbedPath, VersionMeta, &[u8])> = bodies
             .iter()
-            .map(|(path, b)| (p(path), meta(0o640), &b[..]))
+            .zip(&paths)
+            .map(|((_, b), path)| (path, meta(0o640), &b[..]))
             .collect();
         let staged = s.stage_puts(&files);
         assert!(staged.iter().all(|r| r.is_ok()), "{staged:?}");

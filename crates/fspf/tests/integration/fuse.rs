@@ -4,6 +4,7 @@
 //! `mmap`). A test whose precondition is missing (no `/dev/fuse`, no `fusermount3`, no busybox)
 //! fails; `.ci/run` installs what they need.
 use crate::harness::*;
+use crate::shielded::Tmpfs;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -1611,15 +1612,6 @@ fn small_files_survive_a_remount(m: &mut Mounted, n: usize) {
     }
 }
 
-/// Unmounts (lazily) a tmpfs mounted for a test.
-struct Tmpfs(PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// A mutable mount without the commit interval whose kernel directory `vol` is a tmpfs of
 /// `size` (e.g. `8m`); the tmpfs is unmounted when the guard drops (before the mount).
 fn mounted_on_tmpfs(size: &str) -> (Mounted, Tmpfs) {
@@ -1628,13 +1620,7 @@ fn mounted_on_tmpfs(size: &str) -> (Mounted, Tmpfs) {
     env.write("src/hello.txt", "Hello World\n");
     env.mkdir("vol");
     env.mkdir("mnt");
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(env.path("vol"))
-        .status()
-        .expect("mount");
-    assert!(st.success(), "mount a tmpfs (the tests run as root)");
-    let tmpfs = Tmpfs(env.path("vol"));
+    let tmpfs = Tmpfs::mount(&env.path("vol"), size);
     env.two_regions("/data", "-e", "vol");
     env.ok(["addf", "fspf.pb", "/data", "src", "vol"]);
     let kt = env.encrypt(None);
