@@ -5,10 +5,12 @@
 //! made it, the seals forbid any change after it was written, and it names the tag it was built
 //! from, which must be the tag the run trusts now (otherwise the fspf is parsed as before).
 use crate::real;
+use fspf_core::volume::index_cache::{self, PagedCache};
 use fspf_core::{Tag, Volume, VolumeKey};
 use libc::c_int;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 const NAME: &std::ffi::CStr = c"fspf-index";
 const SEALS: c_int =
@@ -61,15 +63,76 @@ fn map(fd: c_int, len: usize) -> Option<&'static [u8]> {
     Some(unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) })
 }
 
-/// A volume over the inherited index, when there is one, it is sealed, and the state it
-/// describes, with the metadata log's later records applied, is the one with tag `trusted`.
-/// Returns the volume and the (relocated) fd.
+/// The shield's own descriptor of the run's index cache (a close-on-exec copy of the inherited
+/// one, which a program cannot close or replace: `hooks::io`), from which this process reads
+/// the cache's pages; -1 when it reads none.
+static PAGED_FD: AtomicI32 = AtomicI32::new(-1);
+
+pub fn paged_fd() -> c_int {
+    PAGED_FD.load(Ordering::Relaxed)
+}
+
+/// Before the program dup2()s onto `target`: move our cache descriptor out of its way.
+pub fn protect_paged_fd(target: c_int) {
+    let fd = paged_fd();
+    if target < 0 || target != fd {
+        return;
+    }
+    // SAFETY: duplicating our own fd.
+    let n = unsafe { real::fcntl(fd, libc::F_DUPFD_CLOEXEC, (target + 1) as libc::c_ulong) };
+    if n >= 0 {
+        PAGED_FD.store(n, Ordering::Relaxed);
+    }
+}
+
+/// The run's sealed index cache (`fspf run` hands its file over when it served, checked whole),
+/// read a page at a time through a private copy of `fd`.
+fn paged(fd: c_int, key: &VolumeKey) -> Option<&'static PagedCache> {
+    // SAFETY: fstat of an inherited fd into a local buffer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { real::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return None;
+    }
+    // SAFETY: duplicating an inherited fd (close-on-exec: children get the inheritable one).
+    let own = unsafe { real::fcntl(fd, libc::F_DUPFD_CLOEXEC, INDEX_FD_BASE as libc::c_ulong) };
+    if own < 0 {
+        return None;
+    }
+    PAGED_FD.store(own, Ordering::Relaxed);
+    let read_at = Box::new(|at: u64, buf: &mut [u8]| {
+        crate::files::pread_exact(paged_fd(), buf, at).map_err(std::io::Error::from_raw_os_error)
+    });
+    match PagedCache::open(
+        read_at,
+        st.st_size as u64,
+        key,
+        false,
+        index_cache::stop_on_damage,
+    ) {
+        Some(c) => Some(Box::leak(Box::new(c))),
+        None => {
+            PAGED_FD.store(-1, Ordering::Relaxed);
+            // SAFETY: closing our own copy.
+            unsafe { real::close(own) };
+            None
+        }
+    }
+}
+
+/// A volume over the inherited index, when there is one (a sealed memfd, or the run's index
+/// cache) and the state it describes, with the metadata log's later records applied, is the
+/// one with tag `trusted`. Returns the volume and the (relocated) fd.
 pub fn inherited(fspf: &Path, key: Option<VolumeKey>, trusted: Tag) -> Option<(Volume, c_int)> {
     let v = std::env::var("FSPF_INDEX_FD").ok()?;
     let fd: c_int = v.trim().parse().ok()?;
-    let len = sealed_index(fd)?;
-    let bytes = map(fd, len)?;
-    let mut vol = Volume::from_index(fspf, key, bytes).ok()?;
+    let mut vol = match sealed_index(fd) {
+        Some(len) => Volume::from_index(fspf, key, map(fd, len)?).ok()?,
+        None => {
+            let c = paged(fd, key.as_ref()?)?;
+            Volume::from_paged(fspf, key, c).ok()?
+        }
+    };
     // An index of the trusted state itself is used without reading the disk (the log's
     // position is looked up at the first commit); an older one catches up through the log.
     if vol.tag() != trusted && !matches!(vol.catch_up(), Ok(true)) {

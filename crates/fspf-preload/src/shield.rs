@@ -689,6 +689,7 @@ impl Shield {
         if target < 0 {
             return;
         }
+        crate::index_fd::protect_paged_fd(target);
         if target == self.anchor_fd() {
             // No commit of this process may hold the anchor's record lock while its old number
             // is closed (closing any fd of the memfd drops the process's locks on it).

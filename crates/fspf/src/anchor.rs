@@ -114,6 +114,14 @@ fn env_for(fspf: &Path, name: &str) -> Option<zeroize::Zeroizing<String>> {
     (!v.trim().is_empty() && env_applies_to(fspf)).then_some(v)
 }
 
+/// What `fspf run` opens: key, tag, volume, and the index cache file its processes read.
+pub type RunOpen = (
+    Option<VolumeKey>,
+    Option<Tag>,
+    Volume,
+    Option<std::fs::File>,
+);
+
 impl KeyTagArgs {
     /// The key for `fspf`: `--key-file`, `--key`, or `SCONE_FSPF_KEY` (if it applies to `fspf`).
     pub fn volume_key(&self, fspf: &Path) -> Result<Option<VolumeKey>> {
@@ -157,6 +165,28 @@ impl KeyTagArgs {
         };
         vol.check_usable()?;
         Ok((key, tag, vol))
+    }
+
+    /// [`KeyTagArgs::open_for_run`] for `fspf run`: with key and tag, the index cache (when
+    /// it serves) is read a page at a time, and its file comes back for the run's processes,
+    /// which read their pages from it too (`index_cache::PagedCache`).
+    pub fn open_for_shielded_run(&self, fspf: &Path) -> Result<RunOpen> {
+        let key = self.volume_key(fspf)?;
+        let tag = self.expected_tag(fspf)?;
+        let (vol, cache) = match (&key, tag) {
+            (Some(k), Some(t)) => {
+                let (v, c) = fspf_core::volume::index_cache::open_for_run(
+                    fspf,
+                    k.clone(),
+                    t,
+                    fspf_core::volume::index_cache::stop_on_damage,
+                )?;
+                (v, c.map(|(_, f)| f))
+            }
+            _ => (Volume::open(fspf, key.clone(), tag)?, None),
+        };
+        vol.check_usable()?;
+        Ok((key, tag, vol, cache))
     }
 
     /// Open `fspf` with the given key and, when given, check its tag.

@@ -377,7 +377,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
         bail!("no fspf given: use --fspf FSPF or set SCONE_FSPF");
     };
     let fspf = std::path::absolute(&fspf).unwrap_or(fspf);
-    let (key, tag, vol) = a.kt.open_for_run(&fspf)?;
+    let (key, tag, vol, cache) = a.kt.open_for_shielded_run(&fspf)?;
     if tag.is_none() && vol.is_encrypted() {
         eprintln!(
             "fspf: warning: no --tag (or SCONE_FSPF_TAG) given: freshness of {} is not checked",
@@ -397,9 +397,16 @@ pub fn run(a: RunArgs) -> Result<i32> {
     let anchor = memfd("fspf-anchor", &tag.0)?;
     // The frozen index of this state: the run's shielded processes map it instead of parsing
     // the fspf each (their start then costs nothing in the volume's size).
-    let index = match vol.index_bytes() {
-        Some(b) => sealed_memfd("fspf-index", b)?,
-        None => sealed_memfd("fspf-index", &vol.build_index()?)?,
+    // When the sealed index cache served (checked whole), the processes read its pages from
+    // the file this process opened, only those they need: a start costs no copy of the index.
+    let index: OwnedFd = match (cache, vol.index_bytes()) {
+        (Some(f), _) => {
+            rustix::io::fcntl_setfd(&f, rustix::io::FdFlags::empty())
+                .context("passing the index cache to the program")?;
+            f.into()
+        }
+        (None, Some(b)) => sealed_memfd("fspf-index", b)?,
+        (None, None) => sealed_memfd("fspf-index", &vol.build_index()?)?,
     };
     let key_fd = match &key {
         Some(k) => Some(memfd("fspf-key", k.to_hex().as_bytes())?),

@@ -4437,3 +4437,103 @@ os.ftruncate(big, 0)
     ok(&o, "reader");
     assert_eq!(stdout(&o), "fits\n");
 }
+
+/// A world whose /data holds `n` small files, `d{i % 10}/f{i}` holding `file {i}\n`, with its
+/// index cache written by a first run.
+fn many_files_world(n: usize) -> World {
+    let mut w = World::new();
+    for i in 0..n {
+        w.write(
+            &format!("data-original/d{}/f{i}", i % 10),
+            format!("file {i}\n").as_bytes(),
+        );
+    }
+    std::fs::create_dir_all(w.path("vol")).expect("vol");
+    w.create();
+    w.addr(&["/", "--kernel", "/", "--not-protected"]);
+    w.addr(&["/data", "--encrypted", "--kernel", &w.p("vol")]);
+    w.cli(&["addf", "fspf.pb", "/data", "data-original", &w.p("vol")]);
+    w.encrypt();
+    ok(&w.run(&["true"]), "a first run writes the index cache");
+    assert!(w.path("fspf.pb.index").exists(), "no index cache written");
+    w
+}
+
+#[test]
+fn a_run_decrypted_and_copied_the_whole_index_cache_at_every_start() {
+    let w = many_files_world(3000);
+    // The run's processes read the pages they need from the cache file itself; before, the
+    // launcher decrypted all of it and copied it into a memfd for them, at every start.
+    let o = w.run(&[
+        "sh",
+        "-c",
+        "readlink /proc/self/fd/$FSPF_INDEX_FD; cat /data/d7/f2997",
+    ]);
+    ok(&o, "run");
+    let out = stdout(&o);
+    assert_eq!(
+        out,
+        format!("{}\nfile 2997\n", w.p("fspf.pb.index")),
+        "the index the run's processes read"
+    );
+}
+
+#[test]
+fn an_index_cache_changed_during_a_run_stops_the_process_that_reads_it() {
+    use std::io::{BufRead, Write};
+    let w = many_files_world(3000);
+    let cache = w.path("fspf.pb.index");
+    let mut c = shielded::fspf_run(
+        w.dir.path(),
+        &w.fspf,
+        &w.anchor_with(&w.tag),
+        false,
+        None,
+        &["sh", "-c", "echo ready; read x; cat /data/d7/f2997"],
+    );
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("fspf run");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("ready");
+    assert_eq!(line, "ready\n");
+    // The run checked the cache whole at its start; now every page but the first changes,
+    // in place (the run reads the same file).
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&cache)
+            .expect("cache");
+        let len = f.metadata().expect("len").len();
+        let (head, stride) = (52u64, 4096u64 + 16);
+        let mut at = head + stride + 7;
+        while at < len {
+            let mut b = [0u8; 1];
+            f.read_exact_at(&mut b, at).expect("read");
+            f.write_all_at(&[b[0] ^ 0x40], at).expect("flip");
+            at += stride;
+        }
+    }
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"\n")
+        .expect("go");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).expect("rest");
+    let o = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "the run succeeded over a changed cache"
+    );
+    assert!(err.contains("index cache no longer opens"), "stderr: {err}");
+    assert!(!rest.contains("file"), "read past a changed cache: {rest}");
+}

@@ -231,6 +231,135 @@ pub fn build_index(meta: &Metadata, tag: Tag) -> Result<Zeroizing<Vec<u8>>, Inde
     Ok(out)
 }
 
+/// An index's bytes read on demand, a page at a time (the sealed index cache read lazily,
+/// `volume::index_cache::PagedCache`). A byte range asked for is always one item of the
+/// layout (the header, the regions, one offset, one record, one inode row), so a source can
+/// keep each range that crosses a page boundary as one joined copy.
+pub trait PageSource: std::fmt::Debug + Send + Sync {
+    /// Length of the index in bytes.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Bytes `off .. off + n`, kept for the source's life; `None` past the end or when the
+    /// bytes cannot be read.
+    fn slice(&self, off: usize, n: usize) -> Option<&[u8]>;
+}
+
+/// A [`PageSource`] over pages of `page` bytes that `fetch(k)` yields on first use (the last
+/// page may be shorter) and that are kept for the source's life. A range that crosses a page
+/// boundary is joined once and kept too, under the first boundary it crosses: items of the
+/// layout do not overlap, so no two ranges asked for cross the same boundary first (one that
+/// does, from damaged offsets, answers `None`). No I/O here: `fetch` brings it.
+pub struct LazyPages<F> {
+    len: usize,
+    page: usize,
+    fetch: F,
+    pages: Box<[std::sync::OnceLock<Option<Page>>]>,
+    joins: Box<[std::sync::OnceLock<Option<Joined>>]>,
+}
+
+/// A page's bytes, once fetched.
+type Page = Box<[u8]>;
+
+/// A range kept joined: where it starts, and its bytes.
+type Joined = (usize, Box<[u8]>);
+
+impl<F: Fn(usize) -> Option<Box<[u8]>>> LazyPages<F> {
+    /// `len` bytes in pages of `page` bytes (at least 1).
+    pub fn new(len: usize, page: usize, fetch: F) -> LazyPages<F> {
+        let page = page.max(1);
+        let n = len.div_ceil(page).max(1);
+        LazyPages {
+            len,
+            page,
+            fetch,
+            pages: (0..n).map(|_| std::sync::OnceLock::new()).collect(),
+            joins: (0..n).map(|_| std::sync::OnceLock::new()).collect(),
+        }
+    }
+
+    /// Page `k`, fetched once; `None` if it cannot be read or has the wrong length.
+    pub fn page(&self, k: usize) -> Option<&[u8]> {
+        let want = self
+            .len
+            .min((k + 1) * self.page)
+            .checked_sub(k * self.page)?;
+        self.pages
+            .get(k)?
+            .get_or_init(|| (self.fetch)(k).filter(|p| p.len() == want))
+            .as_deref()
+    }
+
+    /// How many pages have been fetched so far.
+    pub fn fetched(&self) -> usize {
+        self.pages.iter().filter(|p| p.get().is_some()).count()
+    }
+}
+
+impl<F> std::fmt::Debug for LazyPages<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyPages")
+            .field("len", &self.len)
+            .field("page", &self.page)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F: Fn(usize) -> Option<Box<[u8]>> + Send + Sync> PageSource for LazyPages<F> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn slice(&self, off: usize, n: usize) -> Option<&[u8]> {
+        let end = off.checked_add(n)?;
+        if end > self.len {
+            return None;
+        }
+        let (first, last) = (off / self.page, end.saturating_sub(1).max(off) / self.page);
+        if first == last {
+            let at = off - first * self.page;
+            return self.page(first)?.get(at..at + n);
+        }
+        let joined = self.joins.get(first)?.get_or_init(|| {
+            let mut b = Vec::with_capacity(n);
+            for k in first..=last {
+                let p = self.page(k)?;
+                let from = off.saturating_sub(k * self.page);
+                let to = (end - k * self.page).min(p.len());
+                b.extend_from_slice(p.get(from..to)?);
+            }
+            Some((off, b.into_boxed_slice()))
+        });
+        match joined {
+            Some((o, b)) if *o == off && b.len() == n => Some(b),
+            _ => None,
+        }
+    }
+}
+
+/// Where an index's bytes are: in one slice, or in a [`PageSource`].
+#[derive(Debug, Clone, Copy)]
+enum Src<'a> {
+    Flat(&'a [u8]),
+    Paged(&'a dyn PageSource),
+}
+
+impl<'a> Src<'a> {
+    fn len(self) -> usize {
+        match self {
+            Src::Flat(b) => b.len(),
+            Src::Paged(p) => p.len(),
+        }
+    }
+    fn slice(self, off: usize, n: usize) -> Option<&'a [u8]> {
+        match self {
+            Src::Flat(b) => b.get(off..off.checked_add(n)?),
+            Src::Paged(p) => p.slice(off, n),
+        }
+    }
+}
+
 /// An index opened in place. Holds the parsed regions (few) and borrows everything else.
 #[derive(Debug)]
 pub struct FrozenIndex<'a> {
@@ -238,8 +367,9 @@ pub struct FrozenIndex<'a> {
     generation: u64,
     regions: Vec<Region>,
     entries: Entries<'a>,
-    /// `ino_count` x (ino u64, entry u32), sorted.
-    inos: &'a [u8],
+    /// Where the inode table starts: `ino_rows` x (ino u64, entry u32), sorted.
+    inos_at: usize,
+    ino_rows: usize,
     /// How many entries are hard links.
     link_count: u32,
 }
@@ -251,15 +381,25 @@ impl<'a> FrozenIndex<'a> {
     /// Check the header, that the sections add up to exactly `bytes.len()`, and parse the
     /// regions. Nothing proportional to the number of entries is read or allocated.
     pub fn open(bytes: &'a [u8]) -> Result<FrozenIndex<'a>, IndexError> {
-        let (header, rest) = bytes
-            .split_at_checked(HEADER_LEN)
-            .ok_or(IndexError::Truncated { len: bytes.len() })?;
+        Self::open_src(Src::Flat(bytes))
+    }
+
+    /// [`FrozenIndex::open`] over bytes read on demand: reads the header and the regions.
+    pub fn open_paged(src: &'a dyn PageSource) -> Result<FrozenIndex<'a>, IndexError> {
+        Self::open_src(Src::Paged(src))
+    }
+
+    fn open_src(src: Src<'a>) -> Result<FrozenIndex<'a>, IndexError> {
+        let total = src.len();
+        let header = src
+            .slice(0, HEADER_LEN)
+            .ok_or(IndexError::Truncated { len: total })?;
         let mut h = Cursor(header);
         if h.take(INDEX_MAGIC.len()) != Some(&INDEX_MAGIC[..]) {
             return Err(IndexError::BadMagic);
         }
         // The header is HEADER_LEN bytes long, so these reads succeed.
-        let short = || IndexError::Truncated { len: bytes.len() };
+        let short = || IndexError::Truncated { len: total };
         let version = h.u32().ok_or_else(short)?;
         if version != INDEX_VERSION {
             return Err(IndexError::UnsupportedVersion(version));
@@ -275,25 +415,24 @@ impl<'a> FrozenIndex<'a> {
             + 4 * u64::from(count)
             + u64::from(records_len)
             + INO_ROW as u64 * u64::from(ino_count);
-        if expected != bytes.len() as u64 {
+        if expected != total as u64 {
             return Err(IndexError::LengthMismatch {
                 expected,
-                actual: bytes.len(),
+                actual: total,
             });
         }
-        // The lengths add up to `bytes.len()`, so each fits a usize and the splits succeed.
+        // The lengths add up to `total`, so each fits a usize and the sums do not overflow.
         let mismatch = || IndexError::LengthMismatch {
             expected,
-            actual: bytes.len(),
+            actual: total,
         };
         let count = usize::try_from(count).map_err(|_| mismatch())?;
-        let (regions, rest) = rest
-            .split_at_checked(regions_len as usize)
-            .ok_or_else(mismatch)?;
-        let (offsets, rest) = rest.split_at_checked(count * 4).ok_or_else(mismatch)?;
-        let (records, inos) = rest
-            .split_at_checked(records_len as usize)
-            .ok_or_else(mismatch)?;
+        let regions_len = usize::try_from(regions_len).map_err(|_| mismatch())?;
+        let records_len = usize::try_from(records_len).map_err(|_| mismatch())?;
+        let regions = src.slice(HEADER_LEN, regions_len).ok_or_else(mismatch)?;
+        let offsets = HEADER_LEN + regions_len;
+        let records = offsets + count * 4;
+        let inos_at = records + records_len;
         let pb = MetadataPb::decode(regions).map_err(|e| IndexError::Regions(e.to_string()))?;
         if !pb.files.is_empty() {
             return Err(IndexError::Regions(
@@ -306,11 +445,14 @@ impl<'a> FrozenIndex<'a> {
             generation: meta.generation,
             regions: meta.regions,
             entries: Entries {
+                src,
                 offsets,
                 records,
+                records_len,
                 count,
             },
-            inos,
+            inos_at,
+            ino_rows: ino_count as usize,
             link_count,
         })
     }
@@ -322,23 +464,26 @@ impl<'a> FrozenIndex<'a> {
 
     /// Paths of the entries that record inode number `ino` (normally none or one). O(log n).
     pub fn with_ino(&self, ino: u64) -> impl Iterator<Item = &'a [u8]> + '_ {
-        let rows = self.inos.len() / INO_ROW;
-        let row = |i: usize| {
-            let mut c = Cursor(self.inos.get(i * INO_ROW..)?);
-            Some((c.u64()?, c.u32()?))
-        };
+        let rows = self.ino_rows;
         let (mut lo, mut hi) = (0, rows);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            if row(mid).is_some_and(|(n, _)| n < ino) {
+            if self.ino_row(mid).is_some_and(|(n, _)| n < ino) {
                 lo = mid + 1;
             } else {
                 hi = mid;
             }
         }
         (lo..rows)
-            .map_while(move |i| row(i).filter(|&(n, _)| n == ino))
+            .map_while(move |i| self.ino_row(i).filter(|&(n, _)| n == ino))
             .filter_map(move |(_, e)| self.entries.path(usize::try_from(e).ok()?))
+    }
+
+    /// Row `i` of the inode table: (inode number, entry).
+    fn ino_row(&self, i: usize) -> Option<(u64, u32)> {
+        let at = self.inos_at.checked_add(i.checked_mul(INO_ROW)?)?;
+        let mut c = Cursor(self.entries.src.slice(at, INO_ROW)?);
+        Some((c.u64()?, c.u32()?))
     }
 
     /// Tag of the fspf this index was built from; compare it with the run's current tag.
@@ -431,12 +576,8 @@ impl<'a> FrozenIndex<'a> {
         };
         let mut prev: Option<(u64, u32)> = None;
         let mut rows = 0usize;
-        for chunk in self.inos.chunks(INO_ROW) {
-            let mut c = Cursor(chunk);
-            let (ino, e) = (
-                c.u64().ok_or(bad("inode table"))?,
-                c.u32().ok_or(bad("inode table"))?,
-            );
+        for row in 0..self.ino_rows {
+            let (ino, e) = self.ino_row(row).ok_or(bad("inode table"))?;
             if prev.is_some_and(|p| p >= (ino, e)) {
                 return Err(bad("inode table out of order"));
             }
@@ -485,19 +626,45 @@ impl<'a> FrozenIndex<'a> {
 /// for bytes that do not parse.
 #[derive(Debug, Clone, Copy)]
 struct Entries<'a> {
-    offsets: &'a [u8],
-    records: &'a [u8],
+    src: Src<'a>,
+    /// Where the offset table starts in the index.
+    offsets: usize,
+    /// Where the records start, and their length in all.
+    records: usize,
+    records_len: usize,
     count: usize,
 }
 
 impl<'a> Entries<'a> {
-    /// Path of entry `i` and the bytes after it.
+    /// Where record `i` starts within the records.
+    fn offset(&self, i: usize) -> Option<usize> {
+        if i >= self.count {
+            return None;
+        }
+        let b = self
+            .src
+            .slice(self.offsets.checked_add(i.checked_mul(4)?)?, 4)?;
+        usize::try_from(Cursor(b).u32()?).ok()
+    }
+
+    /// Start and end of record `i` within the records: records lie back to back, so it ends
+    /// where the next one starts (the last one at the end of the records).
+    fn span(&self, i: usize) -> Option<(usize, usize)> {
+        let off = self.offset(i)?;
+        let end = if i + 1 < self.count {
+            self.offset(i + 1)?
+        } else {
+            self.records_len
+        };
+        (off <= end && end <= self.records_len).then_some((off, end))
+    }
+
+    /// Path of entry `i` and the rest of its record.
     fn record(&self, i: usize) -> Option<(&'a [u8], &'a [u8])> {
         #[cfg(test)]
         probes::count();
-        let at = i.checked_mul(4)?;
-        let off = Cursor(self.offsets.get(at..)?).u32()?;
-        let mut c = Cursor(self.records.get(usize::try_from(off).ok()?..)?);
+        let (off, end) = self.span(i)?;
+        let mut c = Cursor(self.src.slice(self.records.checked_add(off)?, end - off)?);
         let len = c.u32()?;
         let path = c.take(usize::try_from(len).ok()?)?;
         Some((path, c.0))
@@ -572,15 +739,18 @@ impl<'a> Entries<'a> {
         prev: &mut Option<&'a [u8]>,
     ) -> Result<(EmbedPath, FileEntry), IndexError> {
         let bad = |reason| IndexError::Entry { index, reason };
-        let off = Cursor(self.offsets.get(index * 4..).ok_or(bad("no offset"))?)
-            .u32()
-            .ok_or(bad("no offset"))?;
-        if usize::try_from(off).ok() != Some(*next_off) {
+        let (off, end) = self
+            .span(index)
+            .ok_or(bad("offset out of order or past the end"))?;
+        if off != *next_off {
             return Err(bad("record is not where the previous one ends"));
         }
         let (p, rest) = self.record(index).ok_or(bad("path runs past the end"))?;
         let mut c = Cursor(rest);
         let entry = parse_entry(&mut c).ok_or(bad("malformed entry"))?;
+        if !c.0.is_empty() {
+            return Err(bad("bytes after the entry"));
+        }
         let path = EmbedPath::from_bytes(p).map_err(|_| bad("path is not an embed path"))?;
         if path.as_bytes() != p {
             return Err(bad("path is not normalised"));
@@ -589,25 +759,15 @@ impl<'a> Entries<'a> {
             return Err(bad("paths out of order or listed twice"));
         }
         *prev = Some(p);
-        *next_off = self.records.len() - c.0.len();
+        *next_off = end;
         Ok((path, entry))
     }
 
     /// After the last record: nothing may follow it.
     fn check_end(&self) -> Result<(), IndexError> {
-        let end = match self.count.checked_sub(1) {
-            None => 0,
-            Some(last) => {
-                let (_, rest) = self.record(last).ok_or(IndexError::Entry {
-                    index: last,
-                    reason: "path runs past the end",
-                })?;
-                let mut c = Cursor(rest);
-                parse_entry(&mut c);
-                self.records.len() - c.0.len()
-            }
-        };
-        if end != self.records.len() {
+        // The last record ends at the end of the records by its span, and `checked_record`
+        // checks that its entry fills it exactly; without entries there are no records.
+        if self.count == 0 && self.records_len != 0 {
             return Err(IndexError::Entry {
                 index: self.count,
                 reason: "bytes after the last record",
@@ -954,6 +1114,35 @@ mod tests {
     fn assert_views_agree(m: &Metadata) {
         let bytes = build_index(m, TAG).unwrap();
         let ix = FrozenIndex::open(&bytes).unwrap();
+        assert_index_answers(m, &ix);
+        // The same index read a page at a time, with pages so small that items cross them.
+        for page in [1, 7, 64] {
+            let paged = paged(&bytes, page);
+            let ix = FrozenIndex::open_paged(&paged).unwrap();
+            assert_index_answers(m, &ix);
+            ix.validate().unwrap();
+            assert_eq!(&ix.to_metadata().unwrap(), m, "paged by {page}");
+            for (k, e) in &m.files {
+                assert_eq!(ix.get(k).as_ref(), Some(e), "paged by {page}: {k}");
+                if let Some(n) = e.ino {
+                    assert!(
+                        ix.with_ino(n).any(|p| p == k.as_bytes()),
+                        "paged: ino of {k}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// `bytes` as a [`PageSource`] of `page`-byte pages.
+    fn paged(bytes: &[u8], page: usize) -> LazyPages<impl Fn(usize) -> Option<Box<[u8]>> + '_> {
+        LazyPages::new(bytes.len(), page, move |k| {
+            let from = k * page;
+            Some(bytes.get(from..(from + page).min(bytes.len()))?.into())
+        })
+    }
+
+    fn assert_index_answers(m: &Metadata, ix: &FrozenIndex<'_>) {
         for d in dirs_to_list(m) {
             let want = reference_children(m, &d);
             assert_eq!(listed(ix.children(&d)), want, "index, children of {d}");
@@ -1134,6 +1323,53 @@ mod tests {
         );
         let (below, reads) = probes::during(|| ix.has_below(&p("/c/x99")));
         assert!(below && reads <= 2 * log_n + 2, "has_below: {reads} reads");
+    }
+
+    #[test]
+    fn a_lookup_in_a_paged_index_fetches_a_few_pages_not_the_index() {
+        let mut m = meta([]);
+        for i in 0..60_000 {
+            m.files.insert(p(&format!("/d{}/f{i}", i % 100)), file(1));
+        }
+        let bytes = build_index(&m, TAG).unwrap();
+        let pages = paged(&bytes, 4096);
+        let total = bytes.len().div_ceil(4096);
+        let ix = FrozenIndex::open_paged(&pages).unwrap();
+        assert!(pages.fetched() <= 1, "open: {} pages", pages.fetched());
+        assert_eq!(ix.get(&p("/d7/f10007")), Some(file(1)));
+        assert_eq!(ix.get(&p("/d7/f10008")), None);
+        let log_n = (usize::BITS - ix.len().leading_zeros()) as usize;
+        // Each probe of the binary searches: one offset and one record, each on a page.
+        let n = pages.fetched();
+        assert!(
+            n <= 4 * log_n + 2,
+            "two lookups fetched {n} of {total} pages"
+        );
+        assert!(total > 500, "{total} pages");
+    }
+
+    #[test]
+    fn a_page_that_cannot_be_read_answers_nothing_and_does_not_panic() {
+        let m = tricky();
+        let bytes = build_index(&m, TAG).unwrap();
+        for bad in 1..bytes.len().div_ceil(64) {
+            let pages = LazyPages::new(bytes.len(), 64, |k| {
+                let from = k * 64;
+                (k != bad).then(|| bytes[from..(from + 64).min(bytes.len())].into())
+            });
+            let Ok(ix) = FrozenIndex::open_paged(&pages) else {
+                continue;
+            };
+            assert!(
+                ix.validate().is_err(),
+                "page {bad} missing, yet the index validates"
+            );
+            for k in m.files.keys() {
+                if let Some(e) = ix.get(k) {
+                    assert_eq!(Some(&e), m.files.get(k));
+                }
+            }
+        }
     }
 
     #[test]

@@ -217,18 +217,38 @@ impl Volume {
     /// index into [`Metadata`] (O(n)).
     pub fn from_index(path: &Path, key: Option<VolumeKey>, bytes: &'static [u8]) -> Result<Volume> {
         let ix = crate::format::index::FrozenIndex::open(bytes)?;
+        Ok(Volume::over(path, key, ix, Some(bytes)))
+    }
+
+    /// [`Volume::from_index`] over an index read a page at a time (the sealed index cache,
+    /// `index_cache::PagedCache`): a lookup reads the pages it touches.
+    pub fn from_paged(
+        path: &Path,
+        key: Option<VolumeKey>,
+        src: &'static dyn crate::format::index::PageSource,
+    ) -> Result<Volume> {
+        let ix = crate::format::index::FrozenIndex::open_paged(src)?;
+        Ok(Volume::over(path, key, ix, None))
+    }
+
+    fn over(
+        path: &Path,
+        key: Option<VolumeKey>,
+        ix: crate::format::index::FrozenIndex<'static>,
+        bytes: Option<&'static [u8]>,
+    ) -> Volume {
         let meta = Metadata {
             generation: ix.generation(),
             regions: ix.regions().to_vec(),
             files: Default::default(),
         };
-        Ok(Volume {
+        Volume {
             path: store::absolute(path),
             key,
             tag: ix.tag(),
             meta,
             index: Some(ix),
-            index_bytes: Some(bytes),
+            index_bytes: bytes,
             opts: VolumeOptions::default(),
             writer: Default::default(),
             log: Default::default(),
@@ -237,7 +257,7 @@ impl Volume {
             logj: Default::default(),
             recorded: Default::default(),
             links: Default::default(),
-        })
+        }
     }
 
     /// The frozen index of this volume's current state, for the processes it starts (the

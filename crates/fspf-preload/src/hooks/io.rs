@@ -224,6 +224,7 @@ fn is_own_fd(fd: c_int) -> bool {
         && (fd == sh.anchor_fd()
             || fd == sh.key_fd()
             || fd == sh.index_fd()
+            || fd == crate::index_fd::paged_fd()
             || files::is_own(fd)
             || crate::locks::is_own(fd)
             || fd == crate::runbuf::dir_fd()
