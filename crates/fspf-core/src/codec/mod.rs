@@ -644,6 +644,16 @@ impl<R: ReadAt, O: ReadAt> ProtectedReader<R, O> {
         self.size
     }
 
+    /// Hint that bytes `offset .. offset + len` of the data file are needed soon
+    /// ([`ReadAt::will_need`]).
+    pub fn will_need_data(&self, offset: u64, len: u64) {
+        match &self.codec {
+            FileCodec::Encrypted { data, .. }
+            | FileCodec::Authenticated { data, .. }
+            | FileCodec::Tree { data, .. } => data.will_need(offset, len),
+        }
+    }
+
     /// The verified chunk tree of a format-2 file (an update reads its pages through it).
     pub fn tree_mut(&mut self) -> Option<&mut tree::TreeReader<O>> {
         match &mut self.codec {

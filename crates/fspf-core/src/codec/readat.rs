@@ -6,6 +6,9 @@ use std::io;
 pub trait ReadAt: Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
     fn len(&self) -> io::Result<u64>;
+    /// A hint that `len` bytes at `offset` are read or partly overwritten soon, so that a file
+    /// system may start reading them now (default: nothing).
+    fn will_need(&self, _offset: u64, _len: u64) {}
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {
             match self.read_at(buf, offset) {

@@ -674,6 +674,15 @@ impl crate::codec::ReadAt for TrackedFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         std::os::unix::fs::FileExt::read_at(&self.file, buf, offset)
     }
+    fn will_need(&self, offset: u64, len: u64) {
+        // Only a hint: a file system that ignores it costs the later write its read.
+        let _ = rustix::fs::fadvise(
+            &self.file,
+            offset,
+            std::num::NonZeroU64::new(len),
+            rustix::fs::Advice::WillNeed,
+        );
+    }
     fn len(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }

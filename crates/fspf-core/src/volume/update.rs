@@ -637,6 +637,7 @@ impl FileUpdate {
     /// write all of it with the new lengths to the journal (fsync'd). Nothing on disk that a
     /// reader uses changes before the commit.
     pub fn stage(mut self, vol: &Volume) -> Result<StagedUpdate> {
+        const BLOCK: u64 = 4096;
         let c = self.chunk_len;
         let n = chunk_count(self.size, c);
         // Chunks whose content changed without a write: a new or shortened last chunk, and
@@ -664,6 +665,7 @@ impl FileUpdate {
         // before the commit point would cost the data file's own `fdatasync`, and a settle of
         // the file's chain before them.
         let journal_appends = todo.len() as u64 * u64::from(c) <= LOG_JOURNAL_MAX as u64 / 2;
+        let mut hint: Option<(u64, u64)> = None;
         for i in todo {
             let mut chunk = self.chunk(i)?;
             let tag = ct::seal_chunk2(&key, &self.id, i, &mut chunk)?;
@@ -672,8 +674,27 @@ impl FileUpdate {
             if at >= committed_end && !chunk.is_empty() && !journal_appends {
                 direct.push(at, &chunk);
             } else {
+                // Applied in place after the commit point: a chunk does not start or end on a
+                // 4 KiB block of the data file (its 24-byte header shifts them), so the file
+                // system reads the blocks it overwrites in part. Asked for now, they are read
+                // while the commit syncs, not after it (runs of chunks: one hint).
+                let (from, to) = (
+                    at & !(BLOCK - 1),
+                    at.saturating_add(chunk.len() as u64).next_multiple_of(BLOCK),
+                );
+                match hint.as_mut() {
+                    Some((_, end)) if *end >= from => *end = to.max(*end),
+                    _ => {
+                        if let Some((a, b)) = hint.replace((from, to)) {
+                            self.base.will_need_data(a, b - a);
+                        }
+                    }
+                }
                 j.write(Target::Data, at, &chunk);
             }
+        }
+        if let Some((a, b)) = hint {
+            self.base.will_need_data(a, b - a);
         }
         let tkey = crypto::tree_key(&self.region, &self.id)?;
         let tree = self.base.tree_mut().ok_or_else(|| Error::Invalid {
