@@ -680,7 +680,8 @@ impl FileUpdate {
                 // while the commit syncs, not after it (runs of chunks: one hint).
                 let (from, to) = (
                     at & !(BLOCK - 1),
-                    at.saturating_add(chunk.len() as u64).next_multiple_of(BLOCK),
+                    at.saturating_add(chunk.len() as u64)
+                        .next_multiple_of(BLOCK),
                 );
                 match hint.as_mut() {
                     Some((_, end)) if *end >= from => *end = to.max(*end),

@@ -771,9 +771,14 @@ unsafe fn any_write_all(fd: c_int, mut buf: &[u8], mut off: Option<u64>) -> Resu
 
 /// Copy up to `n` bytes from `i` to `o` through the shield; offsets as in copy_file_range.
 unsafe fn emulate_copy(i: c_int, io: *mut off_t, o: c_int, oo: *mut off_t, n: size_t) -> ssize_t {
-    let mut buf = vec![0u8; n.clamp(1, 1 << 20)];
+    // Small at first (`cp` asks for far more than a small file holds, and a zeroed 1 MiB per
+    // call cost more than the copy), doubled while reads fill it, up to 1 MiB.
+    let mut buf = vec![0u8; n.clamp(1, 64 << 10)];
     let mut total: usize = 0;
     while total < n {
+        if total > 0 && total >= buf.len() && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 2, 0);
+        }
         let want = (n - total).min(buf.len());
         // SAFETY: io/oo are null or valid pointers provided by the program.
         let in_off = (!io.is_null()).then(|| unsafe { *io } as u64);
